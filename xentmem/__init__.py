@@ -1,0 +1,3 @@
+"""xentmem: Xen transcendent memory and guest self-ballooning in user space."""
+
+__version__ = "0.1.0"

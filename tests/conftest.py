@@ -1,0 +1,1 @@
+"""Shared pytest configuration.  Fixture modules live in ``tests/fakes`` (importable as ``fakes``)."""

@@ -13,6 +13,8 @@ import uuid as uuid_mod
 from enum import IntEnum
 from typing import NamedTuple
 
+from xentmem.errors import AbiError
+
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 ZERO_PAGE = bytes(PAGE_SIZE)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from xentmem.errors import ParamError
 
@@ -52,11 +52,11 @@ class Param:
     default: Any
     doc: str
     writable: bool = False
-    min: Optional[int] = None
-    max: Optional[int] = None
-    choices: Optional[tuple[Any, ...]] = None
+    min: int | None = None
+    max: int | None = None
+    choices: tuple[Any, ...] | None = None
     unit: str = ""
-    parse: Optional[Callable[[str], Any]] = None
+    parse: Callable[[str], Any] | None = None
     accepts: str = ""
 
     def accepted(self) -> str:

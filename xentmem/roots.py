@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 DEFAULT_RUN_DIR = "/run/xentmem"
 BALLOON_SYSFS = "devices/system/xen_memory/xen_memory0"
@@ -20,9 +19,9 @@ class Roots:
     """Where the guest's system files live.  ``root`` is ``/`` on a real system."""
 
     root: Path = Path("/")
-    run_dir: Optional[Path] = None
+    run_dir: Path | None = None
     #: A xenstored Unix socket; when unset a guest uses ``xenbus_dev``.
-    xenstore_socket: Optional[Path] = None
+    xenstore_socket: Path | None = None
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @classmethod

@@ -1,0 +1,224 @@
+"""The cleancache frontend: clean file pages into ephemeral tmem pools, with lazy init.
+
+Follows ``mm/cleancache.c`` (3.11-4.2) and the cleancache half of ``drivers/xen/tmem.c``.
+Each filesystem gets a *fake* pool id when it is mounted; while no backend is loaded the
+fake id maps to "no backend" and the filesystem is recorded.  When a backend registers,
+every recorded filesystem gets a real pool, in mount order, and the data path starts.
+
+Two departures from 3.x, both deliberate: there is no 32-filesystem limit (4.3 removed it
+too), and fake ids are never reused, so a stale id can never reach another filesystem's pool.
+Counters keep the debugfs names but count what happened: a put with no backend is not a put.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from xentmem.abi import (
+    PAGE_SIZE,
+    POOL_PRIVATE_EPHEMERAL,
+    POOL_SHARED_EPHEMERAL,
+    PRIVATE_UUID,
+    TMEM_DONE,
+    U32_MAX,
+    PoolUuid,
+    rc_name,
+)
+from xentmem.backend import Backend
+from xentmem.errors import AbiError, BackendError
+from xentmem.frontends.keys import FileKey, filekey_oid
+
+log = logging.getLogger(__name__)
+
+FAKE_FS_POOLID_OFFSET = 1000
+FS_NO_BACKEND = -1
+
+
+@dataclass
+class _Filesystem:
+    fake_id: int
+    uuid: PoolUuid | None  # None: private pool (init_fs); else shared (init_shared_fs)
+    real_id: int = FS_NO_BACKEND
+
+    @property
+    def flags(self) -> int:
+        return POOL_PRIVATE_EPHEMERAL if self.uuid is None else POOL_SHARED_EPHEMERAL
+
+
+class Cleancache:
+    """Cleancache.  Thread-safe: one lock guards the fs map and backend calls."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._ops: Backend | None = None
+        self._filesystems: dict[int, _Filesystem] = {}
+        self._next_fake_id = FAKE_FS_POOLID_OFFSET
+        # debugfs names (/sys/kernel/debug/cleancache/) plus failed_puts.
+        self.succ_gets = 0
+        self.failed_gets = 0
+        self.puts = 0
+        self.invalidates = 0
+        self.failed_puts = 0
+
+    # -- registration -----------------------------------------------------------------------
+
+    @property
+    def ops(self) -> Backend | None:
+        return self._ops
+
+    def register_ops(self, ops: Backend) -> None:
+        """``cleancache_register_ops``: give each recorded filesystem a real pool, in order."""
+        with self._lock:
+            if self._ops is not None:
+                raise BackendError(f"cleancache already has a backend ({self._ops.name})")
+            for fs in self._filesystems.values():
+                if fs.real_id == FS_NO_BACKEND:
+                    fs.real_id = self._new_pool(ops, fs)
+            self._ops = ops
+
+    def unregister_ops(self) -> int:
+        """Drop every ephemeral pool; the filesystems go back to "recorded, to be replayed".
+
+        Returns the number of pools dropped.  Clean pages are only a cache, so nothing is lost.
+        """
+        with self._lock:
+            ops = self._ops
+            if ops is None:
+                return 0
+            dropped = 0
+            for fs in self._filesystems.values():
+                if fs.real_id >= 0:
+                    ops.destroy_pool(fs.real_id)
+                    dropped += 1
+                fs.real_id = FS_NO_BACKEND
+            self._ops = None
+            return dropped
+
+    @staticmethod
+    def _new_pool(ops: Backend, fs: _Filesystem) -> int:
+        rc = ops.new_pool(fs.uuid or PRIVATE_UUID, fs.flags)
+        if rc < 0:
+            log.warning("cleancache: backend %s refused a pool for fs %d: %s",
+                        ops.name, fs.fake_id, rc_name(rc))
+        return rc
+
+    # -- filesystems --------------------------------------------------------------------------
+
+    def init_fs(self) -> int:
+        """A filesystem was mounted: its (fake) pool id."""
+        return self._init(None)
+
+    def init_shared_fs(self, uuid: PoolUuid) -> int:
+        """A clustered filesystem (ocfs2) was mounted: a shared pool named by its uuid."""
+        return self._init(uuid)
+
+    def _init(self, uuid: PoolUuid | None) -> int:
+        with self._lock:
+            fs = _Filesystem(self._next_fake_id, uuid)
+            self._next_fake_id += 1
+            if self._ops is not None:
+                fs.real_id = self._new_pool(self._ops, fs)
+            self._filesystems[fs.fake_id] = fs
+            return fs.fake_id
+
+    def real_pool_id(self, fake_id: int) -> int:
+        """The backend's pool id behind a fake id (-1 while no backend or if refused)."""
+        with self._lock:
+            return self._fs(fake_id).real_id
+
+    def _fs(self, fake_id: int) -> _Filesystem:
+        try:
+            return self._filesystems[fake_id]
+        except KeyError:
+            raise AbiError(f"no cleancache filesystem with pool id {fake_id}") from None
+
+    def invalidate_fs(self, fake_id: int) -> None:
+        """The filesystem was unmounted: destroy its pool and forget its id."""
+        with self._lock:
+            fs = self._fs(fake_id)
+            del self._filesystems[fake_id]
+            if self._ops is not None and fs.real_id >= 0:
+                self._ops.destroy_pool(fs.real_id)
+
+    # -- data path ----------------------------------------------------------------------------
+
+    def get_page(self, fake_id: int, key: FileKey, index: int) -> bytes | None:
+        """The clean page, or None for a miss (never stale data)."""
+        oid = filekey_oid(key)
+        with self._lock:
+            fs = self._fs(fake_id)
+            ops = self._ops
+            if ops is None or fs.real_id < 0 or not 0 <= index <= U32_MAX:
+                self.failed_gets += 1
+                return None
+            rc, data = ops.get_page(fs.real_id, oid, index)
+            if rc == TMEM_DONE and data is not None:
+                self.succ_gets += 1
+                return data
+            self.failed_gets += 1
+            return None
+
+    def put_page(self, fake_id: int, key: FileKey, index: int, page: bytes) -> bool:
+        """Offer a clean page; True if the backend kept it (the kernel ignores the answer)."""
+        if len(page) != PAGE_SIZE:
+            raise AbiError(f"a page is {PAGE_SIZE} bytes, got {len(page)}")
+        oid = filekey_oid(key)
+        with self._lock:
+            fs = self._fs(fake_id)
+            ops = self._ops
+            if ops is None or fs.real_id < 0 or not 0 <= index <= U32_MAX:
+                return False
+            self.puts += 1
+            if ops.put_page(fs.real_id, oid, index, page) == TMEM_DONE:
+                return True
+            self.failed_puts += 1
+            return False
+
+    def invalidate_page(self, fake_id: int, key: FileKey, index: int) -> None:
+        """The page changed or went away: the cached copy must not be returned again."""
+        oid = filekey_oid(key)
+        with self._lock:
+            fs = self._fs(fake_id)
+            ops = self._ops
+            if ops is not None and fs.real_id >= 0 and 0 <= index <= U32_MAX:
+                ops.flush_page(fs.real_id, oid, index)
+                self.invalidates += 1
+
+    def invalidate_inode(self, fake_id: int, key: FileKey) -> None:
+        """The file was truncated or deleted: flush its whole object (not counted, as 3.x)."""
+        oid = filekey_oid(key)
+        with self._lock:
+            fs = self._fs(fake_id)
+            ops = self._ops
+            if ops is not None and fs.real_id >= 0:
+                ops.flush_object(fs.real_id, oid)
+
+    # -- reporting ----------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "succ_gets": self.succ_gets,
+            "failed_gets": self.failed_gets,
+            "puts": self.puts,
+            "invalidates": self.invalidates,
+            "failed_puts": self.failed_puts,
+        }
+
+    def describe(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "registered": self._ops is not None,
+                "filesystems": [
+                    {
+                        "fake_id": fs.fake_id,
+                        "real_id": fs.real_id,
+                        "shared": fs.uuid is not None,
+                        "uuid": str(fs.uuid) if fs.uuid is not None else None,
+                        "flags": f"{fs.flags:#010x}",
+                    }
+                    for fs in self._filesystems.values()
+                ],
+            }

@@ -120,41 +120,48 @@ class Shim:
 
     # -- load / unload --------------------------------------------------------------------------
 
-    def load(self, name: str, params: Mapping[str, Any] | None = None) -> Backend:
-        """Load backend ``name`` with module params; nothing changes if anything is refused."""
+    def load(
+        self, backend: str | type[Backend], params: Mapping[str, Any] | None = None
+    ) -> Backend:
+        """Load a backend (by entry-point name, or a class) with module params.
+
+        Nothing changes if anything is refused: params are all validated, the backend probed
+        and connected before the frontends see it.
+        """
         with self._lock:
             if self._backend is not None:
                 raise BackendError(f"backend {self._backend.name!r} is already loaded; "
                                    "unload it first")
-            cls = registry.backend_class(name)
+            cls = registry.backend_class(backend) if isinstance(backend, str) else backend
+            name = cls.name
             values = self.resolve_params(cls, params)
             flags = {k: values[k] for k in SHIM_PARAMS}
             backend_values = {k: v for k, v in values.items() if k not in SHIM_PARAMS}
             cls.probe(self.roots)
-            backend = cls(backend_values, roots=self.roots, clock=self.clock)
-            backend.connect()
+            instance = cls(backend_values, roots=self.roots, clock=self.clock)
+            instance.connect()
             try:
                 if flags["frontswap"]:
                     self.frontswap.register_ops(
-                        backend,
+                        instance,
                         writethrough=flags["frontswap_writethrough"],
                         exclusive_gets=flags["frontswap_exclusive_gets"],
                     )
                     log.info("xentmem: frontswap enabled, RAM provided by %s", name)
                 if flags["cleancache"]:
-                    self.cleancache.register_ops(backend)
+                    self.cleancache.register_ops(instance)
                     log.info("xentmem: cleancache enabled, RAM provided by %s", name)
             except Exception:
-                self._rollback(backend)
+                self._rollback(instance)
                 raise
             if not flags["frontswap"]:
                 # xen_tmem_init: "no point driving pages to swap" without frontswap.
                 flags["selfballooning"] = flags["selfshrinking"] = False
             self._flags = MappingProxyType(flags)
-            self._backend = backend
+            self._backend = instance
             for listener in list(self._listeners):
                 self._notify("backend_loaded", listener)
-            return backend
+            return instance
 
     def _rollback(self, backend: Backend) -> None:
         for frontend in (self.cleancache, self.frontswap):

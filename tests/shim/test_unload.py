@@ -1,0 +1,113 @@
+"""Unloading a backend loses no persistent page; loading another replays every pool."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from fakes.recording_backend import OtherBackend, RecordingBackend
+
+from xentmem.cmdline import BootParams
+from xentmem.errors import BackendError, UnloadRefused
+from xentmem.frontends import FileBacking, MemoryBacking
+from xentmem.roots import Roots
+from xentmem.shim import Shim
+
+
+def page(n: int) -> bytes:
+    return n.to_bytes(4, "little") * 1024
+
+
+@pytest.fixture
+def shim(tmp_path: Path) -> Shim:
+    return Shim(roots=Roots(root=tmp_path), boot=BootParams())
+
+
+def test_unload_repatriates_then_another_backend_replays(shim: Shim, tmp_path: Path) -> None:
+    fs = shim.cleancache.init_fs()
+    shim.frontswap.init(0, MemoryBacking(512))
+    shim.frontswap.init(1, FileBacking(tmp_path / "swap1", 512))
+    first = shim.load(RecordingBackend)
+    for off in range(300):
+        assert shim.frontswap.store(off % 2, off, page(off)) == 0
+    shim.cleancache.put_page(fs, 9, 9, page(9))
+    assert shim.frontswap.curr_pages() == 300
+
+    summary = shim.unload()
+
+    assert summary == {"backend": "recording", "repatriated": 300, "pools_dropped": 1}
+    assert first.removed and first.pages == {}
+    assert shim.backend is None
+    assert shim.frontswap.curr_pages() == 0
+    for off in range(300):  # every page readable from its backing store
+        assert shim.frontswap.load(off % 2, off) == page(off)
+    assert os.path.getsize(tmp_path / "swap1") == 512 * 4096
+    assert shim.cleancache.real_pool_id(fs) == -1
+    assert shim.cleancache.get_page(fs, 9, 9) is None  # a miss, never stale
+
+    second = shim.load(OtherBackend)
+    assert [c[0] for c in second.calls].count("new_pool") == 2
+    assert shim.cleancache.real_pool_id(fs) >= 0
+    assert shim.frontswap.store(1, 7, page(70)) == 0
+    assert shim.frontswap.load(1, 7) == page(70)
+    assert shim.frontswap.load(0, 8) == page(8)
+
+
+def test_unload_refused_when_pages_cannot_come_back(shim: Shim) -> None:
+    shim.frontswap.init(0, MemoryBacking(64))
+    backend = shim.load(RecordingBackend)
+    for off in range(10):
+        shim.frontswap.store(0, off, page(off))
+    backend.fail_gets = True
+
+    with pytest.raises(UnloadRefused, match="could not be repatriated"):
+        shim.unload()
+
+    assert shim.backend is backend and not backend.removed
+    assert shim.frontswap.curr_pages() == 10
+    backend.fail_gets = False
+    for off in range(10):
+        assert shim.frontswap.load(0, off) == page(off)
+    shim.unload()
+    assert [shim.frontswap.load(0, off) for off in range(10)] == [page(o) for o in range(10)]
+
+
+def test_unload_refused_when_backing_store_is_full(shim: Shim, tmp_path: Path) -> None:
+    class FullBacking(MemoryBacking):
+        def write(self, offset: int, data: bytes) -> None:
+            raise BackendError("device full")
+
+    shim.frontswap.init(0, FullBacking(8))
+    shim.load(RecordingBackend)
+    assert shim.frontswap.store(0, 1, page(1)) == 0
+    with pytest.raises(UnloadRefused, match="device full"):
+        shim.unload()
+    assert shim.frontswap.load(0, 1) == page(1)
+
+
+def test_second_load_refused_while_loaded(shim: Shim) -> None:
+    shim.load(RecordingBackend)
+    with pytest.raises(BackendError, match="already loaded"):
+        shim.load(OtherBackend)
+
+
+def test_unload_without_backend_is_an_error(shim: Shim) -> None:
+    with pytest.raises(BackendError, match="no backend"):
+        shim.unload()
+
+
+def test_listeners_hear_load_and_unload(shim: Shim) -> None:
+    events: list[str] = []
+
+    class Listener:
+        def backend_loaded(self, s: Shim) -> None:
+            events.append("loaded:" + s.backend.name)
+
+        def backend_unloading(self, s: Shim) -> None:
+            events.append("unloading:" + s.backend.name)
+
+    shim.add_listener(Listener())
+    shim.load(RecordingBackend)
+    shim.unload()
+    assert events == ["loaded:recording", "unloading:recording"]

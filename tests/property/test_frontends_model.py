@@ -1,0 +1,160 @@
+"""Random operation sequences against the frontends over ``zcache``, checked against a model.
+
+The model is the simplest thing that is right: a dict of what each swap slot holds and a dict of
+the latest clean page offered for each file page.  The invariants are the project's promises:
+a persistent (swap) page is never lost while it is valid, and an ephemeral (cleancache) get
+returns the latest page put or a miss — never stale data — across evictions, shrinks, unloads
+and loads of backends.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from pathlib import Path
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from xentmem.abi import ZERO_PAGE, PoolUuid
+from xentmem.cmdline import BootParams
+from xentmem.frontends import MemoryBacking
+from xentmem.roots import Roots
+from xentmem.shim import Shim
+
+SWAP_TYPES = (0, 1)
+SWAP_SLOTS = 96
+FILES = (11, 12, 13)
+INDEXES = 6
+
+
+def make_page(kind: int, seed: int) -> bytes:
+    """Pages of every compressibility: zero, text-like, and incompressible."""
+    if kind == 0:
+        return ZERO_PAGE
+    if kind == 1:
+        words = [b"tmem", b"page", b"swap", b"xen ", b"pool", str(seed).encode()]
+        rng = random.Random(seed)
+        return b"".join(rng.choice(words) for _ in range(2048))[:4096].ljust(4096, b".")
+    return random.Random(seed).randbytes(4096)
+
+
+pages = st.builds(make_page, st.integers(0, 2), st.integers(0, 7))
+
+
+class FrontendsModel(RuleBasedStateMachine):
+    @initialize()
+    def start(self) -> None:
+        self.tmp = tempfile.TemporaryDirectory()
+        self.shim = Shim(roots=Roots(root=Path(self.tmp.name)), boot=BootParams())
+        self.swap: dict[tuple[int, int], bytes] = {}
+        self.clean: dict[tuple[int, int, int], bytes] = {}
+        for swap_type in SWAP_TYPES:
+            self.shim.frontswap.init(swap_type, MemoryBacking(SWAP_SLOTS))
+        self.private_fs = self.shim.cleancache.init_fs()
+        self.shared_fs = self.shim.cleancache.init_shared_fs(PoolUuid(7, 7))
+        self.loaded = False
+
+    def teardown(self) -> None:
+        if hasattr(self, "tmp"):
+            self.tmp.cleanup()
+
+    # -- backend life cycle ------------------------------------------------------------------
+
+    @precondition(lambda self: not self.loaded)
+    @rule(capacity_mb=st.sampled_from(["1", "2"]))
+    def load(self, capacity_mb: str) -> None:
+        self.shim.load("zcache", {"capacity": capacity_mb})
+        self.loaded = True
+
+    @precondition(lambda self: self.loaded)
+    @rule()
+    def unload(self) -> None:
+        self.shim.unload()
+        self.loaded = False
+        self.clean.clear()  # ephemeral pools are dropped: every later get must miss
+
+    # -- frontswap -----------------------------------------------------------------------------
+
+    @rule(swap_type=st.sampled_from(SWAP_TYPES), offset=st.integers(0, SWAP_SLOTS - 1), page=pages)
+    def store(self, swap_type: int, offset: int, page: bytes) -> None:
+        self.shim.frontswap.store(swap_type, offset, page)
+        self.swap[(swap_type, offset)] = page
+
+    @rule(swap_type=st.sampled_from(SWAP_TYPES), offset=st.integers(0, SWAP_SLOTS - 1))
+    def load_page(self, swap_type: int, offset: int) -> None:
+        assert self.shim.frontswap.load(swap_type, offset) == self.swap.get((swap_type, offset))
+
+    @rule(swap_type=st.sampled_from(SWAP_TYPES), offset=st.integers(0, SWAP_SLOTS - 1))
+    def invalidate_swap_page(self, swap_type: int, offset: int) -> None:
+        self.shim.frontswap.invalidate_page(swap_type, offset)
+        self.swap.pop((swap_type, offset), None)
+
+    @rule(swap_type=st.sampled_from(SWAP_TYPES))
+    def swapoff_swapon(self, swap_type: int) -> None:
+        self.shim.frontswap.invalidate_area(swap_type)
+        self.shim.frontswap.init(swap_type, MemoryBacking(SWAP_SLOTS))
+        for key in [k for k in self.swap if k[0] == swap_type]:
+            del self.swap[key]
+
+    @rule(target=st.integers(0, 64))
+    def shrink(self, target: int) -> None:
+        self.shim.frontswap.shrink(target)
+        assert self.shim.frontswap.curr_pages() <= max(target, 0) or not self.loaded
+
+    # -- cleancache ----------------------------------------------------------------------------
+
+    def _fs(self, shared: bool) -> int:
+        return self.shared_fs if shared else self.private_fs
+
+    @rule(
+        shared=st.booleans(), ino=st.sampled_from(FILES), index=st.integers(0, INDEXES), page=pages
+    )
+    def put(self, shared: bool, ino: int, index: int, page: bytes) -> None:
+        self.shim.cleancache.put_page(self._fs(shared), ino, index, page)
+        if self.loaded:
+            self.clean[(int(shared), ino, index)] = page
+
+    @rule(shared=st.booleans(), ino=st.sampled_from(FILES), index=st.integers(0, INDEXES))
+    def get(self, shared: bool, ino: int, index: int) -> None:
+        got = self.shim.cleancache.get_page(self._fs(shared), ino, index)
+        key = (int(shared), ino, index)
+        assert got is None or got == self.clean.get(key), "stale or foreign data from cleancache"
+        if got is not None and not shared:
+            del self.clean[key]  # private ephemeral gets are exclusive
+
+    @rule(shared=st.booleans(), ino=st.sampled_from(FILES), index=st.integers(0, INDEXES))
+    def invalidate_page(self, shared: bool, ino: int, index: int) -> None:
+        self.shim.cleancache.invalidate_page(self._fs(shared), ino, index)
+        self.clean.pop((int(shared), ino, index), None)
+
+    @rule(shared=st.booleans(), ino=st.sampled_from(FILES))
+    def invalidate_inode(self, shared: bool, ino: int) -> None:
+        self.shim.cleancache.invalidate_inode(self._fs(shared), ino)
+        for key in [k for k in self.clean if k[:2] == (int(shared), ino)]:
+            del self.clean[key]
+
+    # -- invariants ----------------------------------------------------------------------------
+
+    @invariant()
+    def swap_pages_all_there(self) -> None:
+        if not hasattr(self, "shim"):
+            return
+        for (swap_type, offset), page in self.swap.items():
+            assert self.shim.frontswap.load(swap_type, offset) == page
+
+
+FrontendsModel.TestCase.settings = settings(
+    max_examples=60,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestFrontendsModel = FrontendsModel.TestCase

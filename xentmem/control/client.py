@@ -1,0 +1,274 @@
+"""A Python client of ``xentmemd``'s control socket, for the CLI and any program outside the daemon.
+
+::
+
+    from xentmem.control import ControlClient, ControlError
+
+    with ControlClient("/run/xentmem/control.sock", timeout=5.0) as daemon:
+        print(daemon.status()["backend"])
+        daemon.param_set("capacity", "128M")
+        fs = daemon.cleancache.init_fs()
+        daemon.cleancache.put_page(fs, 42, 0, page)        # inode 42, page 0
+        swap = daemon.frontswap.init(pages=1024, backing="file")
+        daemon.frontswap.store(swap, 7, page)
+
+The page API mirrors the shim's frontends (:class:`~xentmem.frontends.Cleancache`,
+:class:`~xentmem.frontends.Frontswap`), so code written against them in process moves to the
+socket by swapping the object.  Every failure is a :class:`ControlError` with a stable ``code``
+(see :mod:`xentmem.control.protocol`); every wait is bounded by ``timeout``.
+
+One connection is kept open and reused; calls from several threads are serialised on it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from xentmem.control import protocol
+from xentmem.control.protocol import (
+    MAX_RESPONSE_BYTES,
+    PROTOCOL,
+    TIMEOUT,
+    UNAVAILABLE,
+    ControlError,
+    decode_response,
+    encode_bytes,
+    encode_file_key,
+    encode_request,
+)
+
+FileKey = Any  # int (inode), bytes (file handle) or a 3-tuple of u64 words (oid)
+
+
+def default_socket_path() -> str:
+    """``$XENTMEM_SOCKET`` if set, else ``/run/xentmem/control.sock``."""
+    return os.environ.get("XENTMEM_SOCKET") or protocol.DEFAULT_SOCKET_PATH
+
+
+class ControlClient:
+    """A connection to one daemon.  Use as a context manager, or call :meth:`close`."""
+
+    def __init__(self, socket_path: str | os.PathLike[str] | None = None,
+                 timeout: float = 10.0) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be > 0 seconds")
+        self.socket_path = os.fspath(socket_path) if socket_path else default_socket_path()
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._buffer = b""
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self.cleancache = CleancacheClient(self)
+        self.frontswap = FrontswapClient(self)
+
+    # -- connection -----------------------------------------------------------------------------
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            finally:
+                self._sock = None
+                self._buffer = b""
+
+    def _connect(self) -> socket.socket:
+        if self._sock is not None:
+            return self._sock
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except socket.timeout:
+            sock.close()
+            raise ControlError(TIMEOUT, f"{self.socket_path}: connect timed out after "
+                                        f"{self.timeout:g}s") from None
+        except OSError as exc:
+            sock.close()
+            reason = exc.strerror or str(exc)
+            raise ControlError(UNAVAILABLE, f"cannot reach xentmemd at {self.socket_path}: "
+                                            f"{reason} (is the daemon running?)") from None
+        self._sock = sock
+        return sock
+
+    def _read_line(self, sock: socket.socket) -> bytes:
+        while b"\n" not in self._buffer:
+            if len(self._buffer) > MAX_RESPONSE_BYTES:
+                raise ControlError(PROTOCOL, f"answer longer than {MAX_RESPONSE_BYTES} bytes")
+            chunk = sock.recv(256 * 1024)
+            if not chunk:
+                raise ControlError(UNAVAILABLE, "xentmemd closed the connection")
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def call(self, op: str, **args: Any) -> Any:
+        """Send one request and return its ``result``; a ControlError for an error reply.
+
+        Arguments must be JSON-ready (the convenience methods base64 pages for you).  A
+        connection that failed mid-request is closed, so the next call reconnects.
+        """
+        with self._lock:
+            request_id = next(self._ids)
+            line = encode_request(op, args, request_id)
+            for attempt in (1, 2):
+                fresh = self._sock is None
+                sock = self._connect()
+                try:
+                    sock.sendall(line)
+                    return decode_response(self._read_line(sock), request_id)
+                except socket.timeout:
+                    self._drop()
+                    raise ControlError(TIMEOUT, f"no answer to {op!r} from xentmemd within "
+                                                f"{self.timeout:g}s") from None
+                except (BrokenPipeError, ConnectionResetError) as exc:
+                    self._drop()
+                    # A kept-alive connection the daemon closed while idle: retry once, fresh.
+                    if fresh or attempt == 2:
+                        raise ControlError(UNAVAILABLE, f"xentmemd dropped the connection: "
+                                                        f"{exc}") from None
+                except ControlError as exc:
+                    if exc.code in (UNAVAILABLE, PROTOCOL):
+                        self._drop()
+                        if exc.code == UNAVAILABLE and not fresh and attempt == 1:
+                            continue
+                    raise
+                except OSError as exc:
+                    self._drop()
+                    raise ControlError(UNAVAILABLE, f"talking to xentmemd failed: {exc}") from None
+            raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- the daemon -----------------------------------------------------------------------------
+
+    def hello(self) -> dict[str, Any]:
+        return self.call("hello")
+
+    def status(self) -> dict[str, Any]:
+        return self.call("status")
+
+    def params_list(self) -> list[dict[str, Any]]:
+        return self.call("params.list")
+
+    def param_get(self, name: str) -> dict[str, Any]:
+        return self.call("params.get", name=name)
+
+    def param_set(self, name: str, value: Any) -> dict[str, Any]:
+        """Set a backend param or a selfballoon knob; ``value`` typed or as sysfs text."""
+        return self.call("params.set", name=name, value=value)
+
+    def backends(self) -> list[dict[str, Any]]:
+        return self.call("backends")
+
+    def load(self, name: str = "auto", params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        args: dict[str, Any] = {"name": name}
+        if params:
+            args["params"] = dict(params)
+        return self.call("backend.load", **args)
+
+    def unload(self) -> dict[str, Any]:
+        return self.call("backend.unload")
+
+    def pools(self) -> dict[str, Any]:
+        return self.call("pools")
+
+    def stats(self) -> dict[str, Any]:
+        return self.call("stats")
+
+    def balloon(self, limit: int | None = None) -> dict[str, Any]:
+        return self.call("balloon") if limit is None else self.call("balloon", limit=limit)
+
+    def metrics(self) -> str:
+        """The Prometheus text, ready to serve or write to a textfile."""
+        return self.call("metrics")["text"]
+
+    def reload(self) -> dict[str, Any]:
+        return self.call("config.reload")
+
+
+class CleancacheClient:
+    """The cleancache page API over the socket, named as :class:`~xentmem.frontends.Cleancache`."""
+
+    def __init__(self, client: ControlClient) -> None:
+        self._client = client
+
+    def init_fs(self) -> int:
+        return self._client.call("cleancache.init_fs")["pool_id"]
+
+    def init_shared_fs(self, uuid: Any) -> int:
+        return self._client.call("cleancache.init_shared_fs", uuid=str(uuid))["pool_id"]
+
+    def put_page(self, pool_id: int, key: FileKey, index: int, page: bytes) -> bool:
+        return self._client.call("cleancache.put_page", pool_id=pool_id,
+                                 key=encode_file_key(key), index=index,
+                                 data=encode_bytes(page))["stored"]
+
+    def get_page(self, pool_id: int, key: FileKey, index: int) -> bytes | None:
+        data = self._client.call("cleancache.get_page", pool_id=pool_id,
+                                 key=encode_file_key(key), index=index)["data"]
+        return None if data is None else protocol.decode_bytes(data)
+
+    def invalidate_page(self, pool_id: int, key: FileKey, index: int) -> None:
+        self._client.call("cleancache.invalidate_page", pool_id=pool_id,
+                          key=encode_file_key(key), index=index)
+
+    def invalidate_inode(self, pool_id: int, key: FileKey) -> None:
+        self._client.call("cleancache.invalidate_inode", pool_id=pool_id,
+                          key=encode_file_key(key))
+
+    def invalidate_fs(self, pool_id: int) -> None:
+        self._client.call("cleancache.invalidate_fs", pool_id=pool_id)
+
+
+class FrontswapClient:
+    """The frontswap page API over the socket, named as :class:`~xentmem.frontends.Frontswap`.
+
+    ``init`` differs from the in-process one: the daemon creates the backing store itself
+    (memory, or a file in its run directory), so the caller gives a size, not a store.
+    """
+
+    def __init__(self, client: ControlClient) -> None:
+        self._client = client
+
+    def init(self, pages: int, backing: str = "memory", swap_type: int | None = None) -> int:
+        """Create a swap area; returns its swap type."""
+        args: dict[str, Any] = {"pages": pages, "backing": backing}
+        if swap_type is not None:
+            args["type"] = swap_type
+        return self._client.call("frontswap.init", **args)["type"]
+
+    def store(self, swap_type: int, offset: int, page: bytes) -> int:
+        """0 if tmem took the page, -1 if it went to the backing store (the kernel's answer)."""
+        return self._client.call("frontswap.store", type=swap_type, offset=offset,
+                                 data=encode_bytes(page))["rc"]
+
+    def load(self, swap_type: int, offset: int) -> bytes | None:
+        data = self._client.call("frontswap.load", type=swap_type, offset=offset)["data"]
+        return None if data is None else protocol.decode_bytes(data)
+
+    def invalidate_page(self, swap_type: int, offset: int) -> None:
+        self._client.call("frontswap.invalidate_page", type=swap_type, offset=offset)
+
+    def invalidate_area(self, swap_type: int) -> None:
+        self._client.call("frontswap.invalidate_area", type=swap_type)
+
+    def shrink(self, target_pages: int) -> int:
+        return self._client.call("frontswap.shrink", target_pages=target_pages)["moved"]
+
+    def curr_pages(self) -> int:
+        return self._client.call("frontswap.curr_pages")["pages"]

@@ -1,0 +1,333 @@
+"""``xentmemd``: the composition root and the main loop.
+
+Start: read and check the config (a bad one exits with status 78, EX_CONFIG, naming file,
+line and key), build the shim with the self-balloon service as its listener, choose and load
+the backend (the loops start lazily with it), open the control socket, tell systemd READY.
+
+Run: the main thread waits on the signal flags with a timeout and does what is due: a
+WATCHDOG ping, the metrics textfile, a STATUS line; SIGHUP reloads the config (a bad file is
+logged and the old config kept).
+
+Stop (SIGTERM/SIGINT): STOPPING=1, then in order the balloon loops, the backend (unloaded with
+its swap pages repatriated to their backing stores, which are saved), then the sockets.  The
+exit status is 0 only if nothing was left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from xentmem import __version__, registry
+from xentmem.clock import Clock, SystemClock
+from xentmem.daemon import balloon as balloon_mod
+from xentmem.daemon import config as config_mod
+from xentmem.daemon import handlers
+from xentmem.daemon.choice import Resolve
+from xentmem.daemon.config import DEFAULT_CONFIG, Config, ConfigSchema
+from xentmem.daemon.core import Daemon
+from xentmem.daemon.logs import set_level, setup_logging
+from xentmem.daemon.notify import Notifier
+from xentmem.daemon.server import ControlServer, ServerError
+from xentmem.daemon.signals import SignalFlags
+from xentmem.errors import ConfigError, XentmemError
+from xentmem.metrics import write_textfile
+from xentmem.roots import Roots
+
+log = logging.getLogger("xentmem.daemon")
+
+EX_OK = 0
+EX_FAILURE = 1
+EX_USAGE = 2
+EX_CONFIG = 78  # sysexits.h: the unit can say RestartPreventExitStatus=78
+#: How often the STATUS= line (and the debug log line) is refreshed.
+STATUS_INTERVAL_S = 60.0
+
+
+@dataclass
+class Task:
+    """Something the main loop does every ``interval_s`` (first after one interval)."""
+
+    name: str
+    interval_s: float
+    action: Callable[[], None]
+    due: float = 0.0
+
+
+class Schedule:
+    """The main loop's timetable, on an injected clock."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._tasks: dict[str, Task] = {}
+
+    def every(self, name: str, interval_s: float | None, action: Callable[[], None]) -> None:
+        """Add, replace or (with ``None``) remove a task."""
+        if interval_s is None or interval_s <= 0:
+            self._tasks.pop(name, None)
+            return
+        self._tasks[name] = Task(name, interval_s, action, self._clock.monotonic() + interval_s)
+
+    def names(self) -> list[str]:
+        return sorted(self._tasks)
+
+    def timeout(self, ceiling_s: float) -> float:
+        """Seconds until the next task is due (at most ``ceiling_s``)."""
+        now = self._clock.monotonic()
+        nearest = min((t.due for t in self._tasks.values()), default=now + ceiling_s)
+        return max(0.0, min(ceiling_s, nearest - now))
+
+    def run_due(self) -> list[str]:
+        """Run every task that is due; a failing task is logged and stays scheduled."""
+        now = self._clock.monotonic()
+        ran = []
+        for task in list(self._tasks.values()):
+            if now + 1e-9 >= task.due:
+                task.due = now + task.interval_s
+                try:
+                    task.action()
+                except Exception:
+                    log.exception("main loop task %s failed", task.name)
+                ran.append(task.name)
+        return ran
+
+
+class Application:
+    """The daemon process: config, daemon core, control socket, signals, sd_notify."""
+
+    def __init__(
+        self,
+        *,
+        roots: Roots,
+        config_path: Path,
+        config_missing_ok: bool,
+        overrides: Sequence[str] = (),
+        clock: Clock | None = None,
+        notifier: Notifier | None = None,
+        signals: SignalFlags | None = None,
+        resolve: Resolve = registry.backend_class,
+        make_balloon: Callable[..., Any] = balloon_mod.make_balloon,
+    ) -> None:
+        self.roots = roots
+        self.config_path = config_path
+        self.config_missing_ok = config_missing_ok
+        self.overrides = tuple(overrides)
+        self.clock = clock or SystemClock()
+        self.notifier = notifier or Notifier(None)
+        self.signals = signals or SignalFlags()
+        self.resolve = resolve
+        self._make_balloon = make_balloon
+        self.schedule = Schedule(self.clock)
+        self.daemon: Daemon | None = None
+        self.server: ControlServer | None = None
+
+    # -- start ------------------------------------------------------------------------------------
+
+    def read_config(self) -> Config:
+        schema = ConfigSchema(balloon_mod.knob_params(),
+                              lambda name: self.resolve(name).params)
+        return config_mod.load(self.config_path, schema, self.overrides,
+                               missing_ok=self.config_missing_ok)
+
+    def start(self) -> None:
+        """Everything up to READY; raises ConfigError/XentmemError/ServerError on failure."""
+        config = self.read_config()
+        set_level(config.daemon["log_level"])
+        log.info("xentmemd %s starting: config %s, root %s, run dir %s", __version__,
+                 config.path or f"{self.config_path} (absent: defaults)", self.roots.root,
+                 self.roots.run)
+        balloon = self._make_balloon(self.roots, self.clock, config.knobs)
+        self.daemon = Daemon(
+            roots=self.roots, clock=self.clock, config=config, balloon=balloon,
+            config_path=self.config_path, overrides=self.overrides,
+            config_missing_ok=self.config_missing_ok, resolve=self.resolve,
+            on_settings=self.apply_settings,
+        )
+        self.roots.run.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self.daemon.load()
+        daemon = self.daemon
+        self.server = ControlServer(
+            self.roots.run / "control.sock",
+            lambda line: handlers.handle_line(daemon, line),
+            mode=config.daemon["control_mode"], group=config.daemon["control_group"],
+        )
+        self.server.start()
+        self._schedule_tasks(config.daemon)
+        self.daemon.state = "running"
+        self.notifier.ready(self.daemon.summary_line())
+        log.info("ready: %s", self.daemon.summary_line())
+
+    def _schedule_tasks(self, settings: Mapping[str, Any]) -> None:
+        self.schedule.every("watchdog", self.notifier.watchdog_interval_s, self.notifier.watchdog)
+        self.schedule.every("status", STATUS_INTERVAL_S, self._status)
+        textfile = settings["metrics_textfile"]
+        self.schedule.every("metrics", settings["metrics_interval"] if textfile else None,
+                            self.write_metrics)
+
+    def apply_settings(self, settings: Mapping[str, Any]) -> None:
+        """The daemon's own settings after a reload: log level, socket access, metrics."""
+        set_level(settings["log_level"])
+        if self.server is not None:
+            try:
+                self.server.set_access(settings["control_mode"], settings["control_group"])
+            except (OSError, ServerError) as exc:
+                log.error("config: control socket access unchanged: %s", exc)
+        self._schedule_tasks(settings)
+
+    # -- run --------------------------------------------------------------------------------------
+
+    def _status(self) -> None:
+        assert self.daemon is not None
+        line = self.daemon.summary_line()
+        self.notifier.status(line)
+        log.debug("status: %s", line)
+
+    def write_metrics(self) -> None:
+        assert self.daemon is not None
+        target = self.daemon.config.daemon["metrics_textfile"]
+        if target:
+            write_textfile(Path(target), self.daemon.metrics_text())
+
+    def reload(self) -> None:
+        assert self.daemon is not None
+        self.notifier.reloading()
+        try:
+            self.daemon.reload_config()
+        except (ConfigError, XentmemError) as exc:
+            log.error("config reload refused, the old config stays in force: %s", exc)
+        self.notifier.send("READY=1", f"STATUS={self.daemon.summary_line()}")
+
+    def run(self, max_wait_s: float = STATUS_INTERVAL_S) -> None:
+        """The main loop: until SIGTERM/SIGINT (``signals.terminate``)."""
+        flags = self.signals
+        while not flags.terminate.is_set():
+            self.clock.wait(flags.wake, self.schedule.timeout(max_wait_s))
+            flags.wake.clear()
+            if flags.terminate.is_set():
+                break
+            if flags.take_reload():
+                self.reload()
+            self.schedule.run_due()
+
+    # -- stop -------------------------------------------------------------------------------------
+
+    def shutdown(self) -> int:
+        """Loops, backend (repatriating), then sockets; the exit status."""
+        self.notifier.stopping("stopping: repatriating swap pages")
+        status = EX_OK
+        if self.daemon is not None:
+            summary = self.daemon.shutdown()
+            if not summary["clean"]:
+                status = EX_FAILURE
+            if self.daemon.config.daemon["metrics_textfile"]:
+                try:
+                    self.write_metrics()
+                except OSError as exc:
+                    log.error("metrics textfile: %s", exc)
+        if self.server is not None:
+            self.server.stop()
+        self.notifier.close()
+        log.info("xentmemd stopped")
+        return status
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xentmemd",
+        description="Transcendent memory and self-ballooning for a Xen guest, in user space.",
+        epilog="Precedence: -o and other flags > the config file > the kernel command line "
+               "(deprecated) > defaults.  SIGHUP re-reads the config; SIGTERM stops cleanly.",
+    )
+    parser.add_argument("--config", help=f"config file (.toml, or modprobe-style lines in any "
+                                          f"other file); default {DEFAULT_CONFIG} under --root, "
+                                          "which may be absent")
+    parser.add_argument("--root", help="system root for /proc, /sys and /etc (default / or "
+                                       "$XENTMEM_ROOT)")
+    parser.add_argument("--run-dir", help="run directory for the control socket and swap "
+                                          "areas (default /run/xentmem under --root)")
+    parser.add_argument("--xenstore-socket", help="xenstored Unix socket (default: the xenbus "
+                                                  "device, or $XENSTORED_PATH)")
+    parser.add_argument("--backend", help="backend to load: auto, zcache, xen, ...")
+    parser.add_argument("--log-level", choices=config_mod.LOG_LEVELS)
+    parser.add_argument("--control-group", help="group allowed on the control socket (0660)")
+    parser.add_argument("--control-mode", help="control socket mode in octal")
+    parser.add_argument("--metrics-textfile", help="node_exporter textfile to write")
+    parser.add_argument("-o", "--option", action="append", default=[], metavar="[SECTION.]K=V",
+                        help="a param, flag or knob (repeatable): capacity=64M, "
+                             "tmem.cleancache=0, selfballoon_interval=10")
+    parser.add_argument("--check-config", action="store_true",
+                        help="check the configuration, print it, and exit")
+    parser.add_argument("--version", action="version", version=f"xentmemd {__version__}")
+    return parser
+
+
+def overrides_of(args: argparse.Namespace) -> list[str]:
+    """The flags as ``-o`` words (named flags first, so an explicit -o wins)."""
+    words = []
+    for flag, key in (("backend", "backend"), ("log_level", "log_level"),
+                      ("control_group", "control_group"), ("control_mode", "control_mode"),
+                      ("metrics_textfile", "metrics_textfile")):
+        value = getattr(args, flag)
+        if value is not None:
+            words.append(f"daemon.{key}={value}")
+    return words + list(args.option)
+
+
+def application_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None
+                          ) -> Application:
+    env = os.environ if env is None else env
+    root = Path(args.root or env.get("XENTMEM_ROOT") or "/")
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    xenstore = args.xenstore_socket or env.get("XENSTORED_PATH")
+    roots = Roots(root=root, run_dir=run_dir,
+                  xenstore_socket=Path(xenstore) if xenstore else None)
+    if args.config:
+        config_path, missing_ok = Path(args.config), False
+    else:
+        config_path, missing_ok = roots.under(DEFAULT_CONFIG), True
+    return Application(roots=roots, config_path=config_path, config_missing_ok=missing_ok,
+                       overrides=overrides_of(args), notifier=Notifier.from_env(env))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level or "info")
+    app = application_from_args(args)
+    if args.check_config:
+        try:
+            config = app.read_config()
+        except ConfigError as exc:
+            print(f"xentmemd: {exc}", file=sys.stderr)
+            return EX_CONFIG
+        print(f"{config.path or app.config_path}: ok")
+        for key, where in sorted(config.origins.items()):
+            print(f"  {key} (from {where})")
+        return EX_OK
+    app.signals.install()
+    try:
+        app.start()
+    except ConfigError as exc:
+        log.error("refusing to start: %s", exc)
+        app.shutdown()
+        return EX_CONFIG
+    except (XentmemError, ServerError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        app.shutdown()
+        return EX_FAILURE
+    try:
+        app.run()
+    finally:
+        status = app.shutdown()
+    return status
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

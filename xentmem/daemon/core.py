@@ -1,0 +1,395 @@
+"""What ``xentmemd`` holds and does: the shim (frontends + backend), the balloon loops, the
+swap areas of the page API, and the configuration in force.
+
+Every control op ends in a method here, so the socket layer (:mod:`.handlers`,
+:mod:`.server`) only translates, and tests can drive the daemon in process.  Methods return
+plain JSON-ready data and raise the project's errors; a refused change leaves everything as
+it was.  One lock serialises the operations that change the configuration of the shim
+(load, unload, params, reload); the page path goes straight to the frontends, which have
+their own locks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable
+
+from xentmem import __version__, registry
+from xentmem.backend import Backend
+from xentmem.clock import Clock
+from xentmem.daemon.balloon import BalloonHooks
+from xentmem.daemon.choice import BackendChoice, Resolve, choose_backend
+from xentmem.daemon.config import (
+    DAEMON_PARAMS,
+    Config,
+    ConfigSchema,
+)
+from xentmem.daemon.config import (
+    load as load_config,
+)
+from xentmem.daemon.swap import SwapAreas
+from xentmem.errors import BackendError, ConfigError, ParamError, UnloadRefused, XentmemError
+from xentmem.metrics import collect, render, write_atomically
+from xentmem.params import ParamSet
+from xentmem.roots import Roots
+from xentmem.shim import SHIM_PARAMS, Shim
+
+log = logging.getLogger(__name__)
+
+STARTING, RUNNING, STOPPING, STOPPED = "starting", "running", "stopping", "stopped"
+SHUTDOWN_FILE = "shutdown.json"
+#: How long shutdown waits for requests already running to finish.
+DRAIN_TIMEOUT_S = 10.0
+LOOP_STOP_TIMEOUT_S = 10.0
+
+
+class UnknownName(XentmemError, LookupError):
+    """A param, backend, pool or swap type that does not exist (``not_found`` on the wire)."""
+
+
+class Daemon:
+    """The daemon's state and operations (no sockets, no signals: see :mod:`.app`)."""
+
+    def __init__(
+        self,
+        *,
+        roots: Roots,
+        clock: Clock,
+        config: Config,
+        balloon: BalloonHooks,
+        config_path: Path | None = None,
+        overrides: tuple[str, ...] = (),
+        config_missing_ok: bool = False,
+        resolve: Resolve = registry.backend_class,
+        on_settings: Callable[[Mapping[str, Any]], None] | None = None,
+    ) -> None:
+        self.roots = roots
+        self.clock = clock
+        self.config = config
+        self.config_path = config_path
+        self.overrides = overrides
+        self.config_missing_ok = config_missing_ok
+        self.balloon = balloon
+        self.resolve = resolve
+        self.on_settings = on_settings
+        self.shim = Shim(roots=roots, clock=clock)
+        if balloon.listener is not None:
+            self.shim.add_listener(balloon.listener)
+        self.swap = SwapAreas(self.shim.frontswap, roots.run / "swap")
+        self.choice: BackendChoice | None = None
+        self.state = STARTING
+        self.started_at = clock.monotonic()
+        self._lock = threading.RLock()
+        self._work = threading.Condition()
+        self._in_flight = 0
+
+    # -- schema -----------------------------------------------------------------------------------
+
+    def schema(self) -> ConfigSchema:
+        return ConfigSchema(self.balloon.knob_params, lambda name: self.resolve(name).params)
+
+    # -- request accounting (so shutdown can drain) ------------------------------------------------
+
+    def begin(self, mutates: bool) -> bool:
+        """Count a request in; False if it changes state and the daemon is stopping."""
+        with self._work:
+            if mutates and self.state in (STOPPING, STOPPED):
+                return False
+            self._in_flight += 1
+            return True
+
+    def end(self) -> None:
+        with self._work:
+            self._in_flight -= 1
+            self._work.notify_all()
+
+    def _drain(self, timeout_s: float) -> bool:
+        with self._work:
+            return self._work.wait_for(lambda: self._in_flight == 0, timeout_s)
+
+    # -- backend ----------------------------------------------------------------------------------
+
+    def load(self, name: str | None = None, params: Mapping[str, Any] | None = None
+             ) -> dict[str, Any]:
+        """Load ``name`` (default: the configured backend) with config params under ``params``."""
+        with self._lock:
+            if self.shim.backend is not None:
+                raise BackendError(f"backend {self.shim.backend.name!r} is already loaded; "
+                                   "unload it first")
+            requested = name or self.config.backend
+            choice = choose_backend(requested, self.roots, self.resolve)
+            explicit = self.config.load_params(choice.chosen)
+            explicit.update(params or {})
+            log.info("backend %s chosen (%s): %s", choice.chosen, choice.requested, choice.reason)
+            self.shim.load(choice.backend_class, explicit)
+            self.choice = choice
+            log.info("backend %s loaded with %s", choice.chosen,
+                     ", ".join(f"{k}={v}" for k, v in sorted(self.shim.params().items())))
+            return {"backend": choice.chosen, "params": self.shim.params(),
+                    "choice": choice.describe()}
+
+    def unload(self) -> dict[str, Any]:
+        with self._lock:
+            if self.shim.backend is None:
+                raise BackendError("no backend is loaded")
+            result = self.shim.unload()
+            self.choice = None
+            return result
+
+    def backends(self) -> list[dict[str, Any]]:
+        loaded = self.shim.backend.name if self.shim.backend is not None else None
+        out = []
+        for name in registry.available():
+            row: dict[str, Any] = {"name": name, "loaded": name == loaded}
+            try:
+                cls = self.resolve(name)
+            except XentmemError as exc:
+                row.update(summary="", error=str(exc), params=[])
+            else:
+                row.update(summary=cls.summary, params=[p.describe() for p in cls.params.values()])
+            out.append(row)
+        return out
+
+    # -- params -----------------------------------------------------------------------------------
+
+    def params_list(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        flags = self.shim.flags
+        for name, param in SHIM_PARAMS.items():
+            row = param.describe()
+            row.update(section="tmem", value=flags[name], writable=False)
+            rows.append(row)
+        backend = self.shim.backend
+        if backend is not None:
+            for name, param in backend.params.items():
+                row = param.describe()
+                row.update(section="backend", backend=backend.name,
+                           value=backend.values.get(name))
+                rows.append(row)
+        for row in self.balloon.describe_knobs():
+            rows.append({**row, "section": "selfballoon"})
+        return rows
+
+    def param_get(self, name: str) -> dict[str, Any]:
+        for row in self.params_list():
+            if row["name"] == name:
+                return row
+        raise UnknownName(self._unknown_param(name))
+
+    def _unknown_param(self, name: str) -> str:
+        where = "" if self.shim.backend is not None else " (no backend is loaded)"
+        return f"unknown param {name!r}{where}; see params.list"
+
+    def param_set(self, name: str, value: Any) -> dict[str, Any]:
+        with self._lock:
+            backend = self.shim.backend
+            if name in SHIM_PARAMS:
+                self.shim.set_param(name, value)  # raises: read-only module param
+            if backend is not None and name in backend.params:
+                previous = backend.values.get(name)
+                typed = self.shim.set_param(name, value)
+                log.info("param %s: %r -> %r", name, previous, typed)
+                return {"name": name, "section": "backend", "value": typed, "previous": previous}
+            if name in self.balloon.knob_params:
+                previous = self.balloon.get_knob(name)
+                typed = self.balloon.update_knobs({name: value})[name]
+                log.info("knob %s: %r -> %r", name, previous, typed)
+                return {"name": name, "section": "selfballoon", "value": typed,
+                        "previous": previous}
+            raise UnknownName(self._unknown_param(name))
+
+    # -- reporting --------------------------------------------------------------------------------
+
+    def uptime_s(self) -> float:
+        return max(0.0, self.clock.monotonic() - self.started_at)
+
+    def status(self) -> dict[str, Any]:
+        shim = self.shim.status()
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "state": self.state,
+            "uptime_s": round(self.uptime_s(), 3),
+            "config": str(self.config.path) if self.config.path else None,
+            "run_dir": str(self.roots.run),
+            "root": str(self.roots.root),
+            "backend": shim["backend"],
+            "backend_choice": self.choice.describe() if self.choice else None,
+            "flags": shim["flags"],
+            "cleancache": shim["cleancache"],
+            "frontswap": shim["frontswap"],
+            "balloon": self.balloon.status(limit=1),
+        }
+
+    def pools(self) -> dict[str, Any]:
+        backend = self.shim.backend
+        cleancache = []
+        for fs in self.shim.cleancache.describe()["filesystems"]:
+            row = dict(fs)
+            row["pool_id"] = row.pop("fake_id")
+            cleancache.append(row)
+        return {
+            "backend": backend.name if backend is not None else None,
+            "cleancache": cleancache,
+            "frontswap": self.shim.frontswap.describe(),
+            "backend_pools": backend.pools() if backend is not None else [],
+        }
+
+    def stats(self) -> dict[str, Any]:
+        return self.shim.stats()
+
+    def metrics_text(self) -> str:
+        backend = self.shim.backend
+        return render(collect(
+            backend=backend.name if backend is not None else None,
+            stats=self.shim.stats(),
+            balloon=self.balloon.figures(),
+            swap_areas=self.shim.frontswap.describe()["swap_types"],
+            uptime_s=self.uptime_s(),
+        ))
+
+    def summary_line(self) -> str:
+        """One line for systemd's STATUS= and the log."""
+        backend = self.shim.backend
+        if backend is None:
+            return "no backend loaded"
+        balloon = self.balloon.figures()
+        loops = "balloon loop running" if balloon.get("running") else "balloon loop off"
+        return (f"backend {backend.name}; {self.shim.frontswap.curr_pages()} swap pages in tmem; "
+                f"{loops}")
+
+    # -- configuration ----------------------------------------------------------------------------
+
+    def reload_config(self) -> dict[str, Any]:
+        """Re-read the config; apply what may change now, name what needs an unload/load.
+
+        The new file is checked whole first (ConfigError: nothing changes).  What changed in
+        the file since it was last read is applied: run-time-writable backend params, knobs and
+        the daemon's own settings.  Values set over the socket for keys the file did not
+        change are kept.  If applying a backend param fails, those applied are rolled back.
+        """
+        with self._lock:
+            if self.config_path is None:
+                raise ConfigError("the daemon was started without a config file path")
+            new = load_config(self.config_path, self.schema(), self.overrides,
+                              missing_ok=self.config_missing_ok)
+            old = self.config
+            applied: list[str] = []
+            needs_reload: list[str] = []
+            if new.backend != old.backend:
+                needs_reload.append("daemon.backend")
+            self._apply_backend_changes(old, new, applied, needs_reload)
+            knob_changes = _changed(old.knobs, new.knobs, self.balloon.knob_params)
+            if knob_changes:
+                self.balloon.update_knobs(knob_changes)
+                applied.extend(f"selfballoon.{k}" for k in knob_changes)
+            settings = {k for k in DAEMON_PARAMS if k != "backend"
+                        and old.daemon.get(k) != new.daemon.get(k)}
+            self.config = new
+            if settings and self.on_settings is not None:
+                self.on_settings(new.daemon)
+            applied.extend(f"daemon.{k}" for k in sorted(settings))
+            for key in needs_reload:
+                log.warning("config: %s changed; it takes effect at the next load "
+                            "(xentmem unload && xentmem load)", key)
+            log.info("config reloaded from %s: %s", self.config_path,
+                     ", ".join(applied) if applied else "nothing to apply")
+            return {"config": str(self.config_path), "applied": applied,
+                    "needs_reload": needs_reload}
+
+    def _apply_backend_changes(self, old: Config, new: Config, applied: list[str],
+                               needs_reload: list[str]) -> None:
+        backend = self.shim.backend
+        if backend is None:
+            return
+        cls: type[Backend] = type(backend)
+        before = old.load_params(backend.name)
+        after = new.load_params(backend.name)
+        target = self.shim.resolve_params(cls, after)  # defaults < boot < file < -o
+        changed = [k for k in set(before) | set(after) if before.get(k, _MISSING) !=
+                   after.get(k, _MISSING)]
+        writable: dict[str, Any] = {}
+        for key in sorted(changed):
+            param = cls.params.get(key)
+            if key in SHIM_PARAMS or param is None or not param.writable:
+                if key in SHIM_PARAMS and self.shim.flags.get(key) == target[key]:
+                    continue
+                if param is not None and backend.values.get(key) == target[key]:
+                    continue
+                needs_reload.append(f"{'tmem' if key in SHIM_PARAMS else backend.name}.{key}")
+            elif backend.values.get(key) != target[key]:
+                writable[key] = target[key]
+        done: list[tuple[str, Any]] = []
+        try:
+            for key, value in writable.items():
+                previous = backend.values.get(key)
+                self.shim.set_param(key, value)
+                done.append((key, previous))
+        except ParamError as exc:
+            for key, previous in reversed(done):
+                self.shim.set_param(key, previous)
+            raise ConfigError(f"{self.config_path}: [{backend.name}] {exc}") from None
+        applied.extend(f"{backend.name}.{k}" for k in writable)
+
+    # -- shutdown ---------------------------------------------------------------------------------
+
+    def shutdown(self) -> dict[str, Any]:
+        """Stop the loops, unload (repatriating swap pages), save the swap maps; in that order.
+
+        Returns (and writes to ``<run_dir>/shutdown.json``) what happened; ``clean`` is False
+        if any swap page could not be brought back from the backend.
+        """
+        with self._work:
+            self.state = STOPPING
+        if not self._drain(DRAIN_TIMEOUT_S):
+            log.error("shutdown: requests still running after %.0fs; going on", DRAIN_TIMEOUT_S)
+        summary: dict[str, Any] = {"clean": True, "backend": None, "repatriated": 0}
+        if not self.balloon.stop(LOOP_STOP_TIMEOUT_S):
+            log.error("shutdown: the balloon loop did not stop in time")
+        with self._lock:
+            backend = self.shim.backend
+            if backend is not None:
+                summary["backend"] = backend.name
+                try:
+                    result = self.shim.unload()
+                    summary["repatriated"] = result["repatriated"]
+                    summary["pools_dropped"] = result["pools_dropped"]
+                except UnloadRefused as exc:
+                    summary["clean"] = False
+                    summary["error"] = str(exc)
+                    log.error("shutdown: %s", exc)
+            summary["frontswap_curr_pages"] = self.shim.frontswap.curr_pages()
+            tmem_pages = {a["type"]: a["tmem_pages"]
+                          for a in self.shim.frontswap.describe()["swap_types"]}
+            areas = self.swap.save_maps()
+            for area in areas:
+                area["tmem_pages"] = tmem_pages.get(area["type"], 0)
+            summary["areas"] = areas
+            self.swap.close()
+        self.state = STOPPED
+        try:
+            self.roots.run.mkdir(parents=True, exist_ok=True)
+            write_atomically(self.roots.run / SHUTDOWN_FILE,
+                             json.dumps(summary, indent=2).encode("utf-8"), 0o600)
+        except OSError as exc:
+            log.error("shutdown: cannot write %s: %s", SHUTDOWN_FILE, exc)
+        log.info("shutdown: %s, %d swap pages repatriated, %d area(s) saved",
+                 "clean" if summary["clean"] else "NOT CLEAN", summary["repatriated"], len(areas))
+        return summary
+
+
+_MISSING = object()
+
+
+def _changed(old: Mapping[str, Any], new: Mapping[str, Any], params: ParamSet) -> dict[str, Any]:
+    """Keys whose value differs between two configs; a dropped key goes back to its default."""
+    out: dict[str, Any] = {}
+    for key in set(old) | set(new):
+        if old.get(key, _MISSING) != new.get(key, _MISSING):
+            out[key] = new[key] if key in new else params[key].default
+    return out

@@ -46,8 +46,9 @@ zcache2 debugfs list that applies to a store without zbud frames or radix trees;
 unless ``detailed_stats`` is on.  The counters that would cost something on every op (the
 ``*_max`` high-water marks and the flush totals) are kept by wrappers that are swapped in as
 instance attributes when the param is switched on, so the lean ops are the very same code
-when it is off.  Everything else is counted in branches the op takes anyway (a zero page, an
-eviction, a failure).  Callers must look the ops up on the backend at each call (the
+when it is off.  Everything else costs at most a comparison of the page's stored size (zero
+pages, poor compression) or is counted on paths that are slow anyway (evictions, failures,
+duplicates).  Callers must look the ops up on the backend at each call (the
 frontends do: ``ops.put_page(...)``), not keep bound methods, for a switch to take effect.
 
 The ephemeral LRU is one OrderedDict keyed by ``(object, index)``: objects hash by identity,

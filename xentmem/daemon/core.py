@@ -175,9 +175,31 @@ class Daemon:
             rows.append({**row, "section": "selfballoon"})
         return rows
 
+    def _locate(self, name: str) -> tuple[str, str]:
+        """``[section.]name`` -> (section, name).  An unqualified name that two sections
+        declare (``selfballooning`` is a shim flag and a knob) means the one that can change
+        at run time: the backend's param, else the knob, else the shim flag."""
+        section, dot, key = name.rpartition(".")
+        backend = self.shim.backend
+        if dot:
+            if backend is not None and section == backend.name:
+                section = "backend"
+            if section not in ("tmem", "backend", "selfballoon"):
+                raise UnknownName(f"unknown param section {section!r} in {name!r}; sections: "
+                                  "tmem, backend (or the backend's name), selfballoon")
+            return section, key
+        if backend is not None and key in backend.params:
+            return "backend", key
+        if key in self.balloon.knob_params:
+            return "selfballoon", key
+        if key in SHIM_PARAMS:
+            return "tmem", key
+        raise UnknownName(self._unknown_param(name))
+
     def param_get(self, name: str) -> dict[str, Any]:
+        section, key = self._locate(name)
         for row in self.params_list():
-            if row["name"] == name:
+            if row["name"] == key and row["section"] == section:
                 return row
         raise UnknownName(self._unknown_param(name))
 
@@ -186,22 +208,25 @@ class Daemon:
         return f"unknown param {name!r}{where}; see params.list"
 
     def param_set(self, name: str, value: Any) -> dict[str, Any]:
+        """Set a backend param or a knob; a shim flag is refused (read-only module param)."""
         with self._lock:
+            section, key = self._locate(name)
             backend = self.shim.backend
-            if name in SHIM_PARAMS:
-                self.shim.set_param(name, value)  # raises: read-only module param
-            if backend is not None and name in backend.params:
-                previous = backend.values.get(name)
-                typed = self.shim.set_param(name, value)
-                log.info("param %s: %r -> %r", name, previous, typed)
-                return {"name": name, "section": "backend", "value": typed, "previous": previous}
-            if name in self.balloon.knob_params:
-                previous = self.balloon.get_knob(name)
-                typed = self.balloon.update_knobs({name: value})[name]
-                log.info("knob %s: %r -> %r", name, previous, typed)
-                return {"name": name, "section": "selfballoon", "value": typed,
-                        "previous": previous}
-            raise UnknownName(self._unknown_param(name))
+            if section == "tmem":
+                self.shim.set_param(key, value)  # raises: read-only module param
+            if section == "backend":
+                if backend is None or key not in backend.params:
+                    raise UnknownName(self._unknown_param(name))
+                previous = backend.values.get(key)
+                typed = self.shim.set_param(key, value)
+                log.info("param %s: %r -> %r", key, previous, typed)
+                return {"name": key, "section": "backend", "value": typed, "previous": previous}
+            if key not in self.balloon.knob_params:
+                raise UnknownName(self._unknown_param(name))
+            previous = self.balloon.get_knob(key)
+            typed = self.balloon.update_knobs({key: value})[key]
+            log.info("knob %s: %r -> %r", key, previous, typed)
+            return {"name": key, "section": "selfballoon", "value": typed, "previous": previous}
 
     # -- reporting --------------------------------------------------------------------------------
 

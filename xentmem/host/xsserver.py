@@ -44,7 +44,6 @@ import os
 import selectors
 import signal
 import socket
-import struct
 import sys
 import threading
 from collections import deque
@@ -496,9 +495,6 @@ class XsServer:
             log.warning(
                 "domain %d tried to feed us %d bytes: dropped", conn.domid, item.header.length
             )
-            # Reset rather than close politely: the client sees ECONNRESET, as with C.
-            with contextlib.suppress(OSError):
-                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self._close(conn)
 
     def _flush(self, conn: _Connection) -> None:

@@ -1,0 +1,224 @@
+"""The self-balloon knobs: the kernel's sysfs files, same names, defaults and validation.
+
+``/sys/devices/system/xen_memory/xen_memory0/selfballoon/`` had nine files (tmem.md §2.5).
+Their stores took a base-10 number (``kstrtoul``), refused 0 for the numeric ones and anything
+but 0/1 for the two switches.  The same rules are declared here once, as a
+:class:`~xentmem.params.ParamSet`, and a :class:`KnobStore` hands the loop an immutable
+:class:`Knobs` snapshot that is swapped whole on every accepted change, so a tick never sees
+half of an update and a refused value changes nothing.
+
+Improvement over the kernel: ``selfballoon_min_usable_mb`` and ``selfballoon_reserved_mb``
+could never be set back to 0 (their "automatic" value) through sysfs.  Here the word ``auto``
+(or :meth:`KnobStore.reset`) does that: ``min_usable_mb=auto`` means the piecewise floor,
+``reserved_mb=auto`` means 10 % of RAM as measured when the loop started (``PAGES2MB(totalram /
+10)``, like ``xen_selfballoon_init``).  Inside, automatic is ``None``.
+
+The pressure-guard knobs (:mod:`.guard`) are not the kernel's; the guard is off by default so
+the kernel's behaviour stays exact.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from xentmem.errors import ParamError
+from xentmem.params import Param, ParamSet
+
+#: The kernel stores every knob in an ``unsigned int``; larger values were silently truncated.
+#: We refuse them instead.
+UINT_MAX = 2**32 - 1
+AUTO = "auto"
+
+
+def parse_switch(text: str) -> bool:
+    """The kernel's switch stores: ``kstrtoul`` then exactly 0 or 1."""
+    word = text.strip()
+    if word not in ("0", "1", "+0", "+1"):
+        raise ValueError(f"{text!r} is not 0 or 1")
+    return word.endswith("1")
+
+
+def parse_count(text: str) -> int:
+    """``kstrtoul(buf, 10)``: decimal digits, an optional ``+``, surrounding whitespace."""
+    word = text.strip()
+    digits = word[1:] if word.startswith("+") else word
+    if not digits.isascii() or not digits.isdigit():
+        raise ValueError(f"{text!r} is not a base-10 number")
+    return int(digits, 10)
+
+
+def parse_count_or_auto(text: str) -> int | None:
+    """A count, or the word ``auto`` (the automatic value, ``None``)."""
+    if text.strip().lower() == AUTO:
+        return None
+    return parse_count(text)
+
+
+def _switch(name: str, default: bool, doc: str) -> Param:
+    return Param(name, bool, default, doc, writable=True, parse=parse_switch, accepts="0 or 1")
+
+
+def _count(name: str, default: int, doc: str, unit: str = "") -> Param:
+    return Param(
+        name, int, default, doc, writable=True, min=1, max=UINT_MAX, unit=unit, parse=parse_count
+    )
+
+
+def _count_or_auto(name: str, doc: str) -> Param:
+    return Param(
+        name,
+        int,
+        None,
+        doc,
+        writable=True,
+        min=1,
+        max=UINT_MAX,
+        unit="MiB",
+        parse=parse_count_or_auto,
+        accepts=f"an integer >= 1 and <= {UINT_MAX}, or '{AUTO}' for the automatic value",
+    )
+
+
+SELFBALLOON_PARAMS = ParamSet(
+    _switch("selfballooning", True,
+            "self-ballooning on (1) or off (0); set from the tmem.selfballooning flag at load"),
+    _count("selfballoon_interval", 5, "seconds between two ticks of the worker", unit="s"),
+    _count("selfballoon_downhysteresis", 8,
+           "divisor of the excess when shrinking: give back 1/N of it per tick"),
+    _count("selfballoon_uphysteresis", 1,
+           "divisor of the shortfall when growing: 1 jumps straight to the goal"),
+    _count_or_auto("selfballoon_min_usable_mb",
+                   "never balloon below totalreserve + this; auto = the kernel's piecewise floor"),
+    _count_or_auto("selfballoon_reserved_mb",
+                   "added to the goal (room for slab and caches); auto = 10% of RAM at start"),
+    _switch("frontswap_selfshrinking", True,
+            "frontswap self-shrinking on (1) or off (0); set from tmem.selfshrinking at load"),
+    _count("frontswap_hysteresis", 20, "shrink frontswap by 1/N per shrink step"),
+    _count("frontswap_inertia", 3,
+           "ticks of calm frontswap before a shrink step; setting it restarts the countdown"),
+    _switch("pressure_guard", False,
+            "beyond the kernel: while PSI shows memory stalls, never shrink, grow to the goal"),
+    _count("pressure_guard_stall_us_per_s", 10000,
+           "stall time per second (PSI 'some') above which the guest counts as stalling",
+           unit="us/s"),
+    _count("pressure_guard_poll_ms", 1000,
+           "how often the guard reads PSI between ticks", unit="ms"),
+)
+
+#: The names the kernel had in sysfs (the rest are the guard's).
+KERNEL_KNOBS = tuple(list(SELFBALLOON_PARAMS)[:9])
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """An immutable snapshot of every knob, as the policy sees it."""
+
+    selfballooning: bool = True
+    selfballoon_interval: int = 5
+    selfballoon_downhysteresis: int = 8
+    selfballoon_uphysteresis: int = 1
+    selfballoon_min_usable_mb: int | None = None
+    selfballoon_reserved_mb: int | None = None
+    frontswap_selfshrinking: bool = True
+    frontswap_hysteresis: int = 20
+    frontswap_inertia: int = 3
+    pressure_guard: bool = False
+    pressure_guard_stall_us_per_s: int = 10000
+    pressure_guard_poll_ms: int = 1000
+    #: Not a knob: ``reserved_mb``'s automatic value, measured when the loop started.
+    auto_reserved_mb: int = 0
+
+    @property
+    def reserved_mb(self) -> int:
+        """The ``selfballoon_reserved_mb`` in force (the automatic value when ``None``)."""
+        explicit = self.selfballoon_reserved_mb
+        return self.auto_reserved_mb if explicit is None else explicit
+
+    def values(self) -> dict[str, Any]:
+        """The knob values by name (``None`` = automatic)."""
+        data = asdict(self)
+        del data["auto_reserved_mb"]
+        return data
+
+
+def _snapshot(values: Mapping[str, Any], auto_reserved_mb: int) -> Knobs:
+    return Knobs(**dict(values), auto_reserved_mb=auto_reserved_mb)
+
+
+class KnobStore:
+    """The knobs in force: validated changes, swapped in whole, readable from any thread."""
+
+    params = SELFBALLOON_PARAMS
+
+    def __init__(self, values: Mapping[str, Any] | None = None, *, auto_reserved_mb: int = 0):
+        checked = self.params.validate(dict(values or {}), owner="selfballoon")
+        self._lock = threading.Lock()
+        self._knobs = _snapshot(checked, auto_reserved_mb)
+
+    def snapshot(self) -> Knobs:
+        """The current snapshot; it never changes (a change makes a new one)."""
+        return self._knobs
+
+    def get(self, name: str) -> Any:
+        """One knob's value (``None`` for automatic); unknown names are a ParamError."""
+        self.params.lookup(name, owner="selfballoon")
+        return getattr(self._knobs, name)
+
+    def set(self, name: str, value: Any) -> Knobs:
+        """Set one knob from a string (``"8"``, ``"auto"``) or a typed value."""
+        return self.update({name: value})
+
+    def update(self, values: Mapping[str, Any]) -> Knobs:
+        """Set several knobs at once: all are checked first, a refusal changes nothing."""
+        with self._lock:
+            current = self._knobs
+            checked = self.params.validate(
+                dict(values), owner="selfballoon", base=current.values()
+            )
+            self._knobs = _snapshot(checked, current.auto_reserved_mb)
+            return self._knobs
+
+    def reset(self, name: str) -> Knobs:
+        """Back to the default; for the two ``_mb`` knobs that is the automatic value."""
+        param = self.params.lookup(name, owner="selfballoon")
+        with self._lock:
+            self._knobs = replace(self._knobs, **{name: param.default})
+            return self._knobs
+
+    def set_auto_reserved_mb(self, mb: int) -> Knobs:
+        """Record ``reserved_mb``'s automatic value (done once, when the loop starts)."""
+        if mb < 0:
+            raise ParamError(f"automatic reserved_mb must be >= 0, got {mb}")
+        with self._lock:
+            self._knobs = replace(self._knobs, auto_reserved_mb=mb)
+            return self._knobs
+
+    def show(self, name: str) -> str:
+        """The value as text: the number, or ``auto (N)`` with the value in force."""
+        value = self.get(name)
+        knobs = self._knobs
+        if value is None:
+            if name == "selfballoon_reserved_mb":
+                return f"{AUTO} ({knobs.auto_reserved_mb})"
+            return AUTO
+        if isinstance(value, bool):
+            return str(int(value))
+        return str(value)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Each knob's declaration plus its value, for ``params list`` and the control socket."""
+        knobs = self._knobs
+        out = []
+        for name, param in self.params.items():
+            row = param.describe()
+            row["value"] = getattr(knobs, name)
+            row["shown"] = self.show(name)
+            out.append(row)
+        return out
+
+
+def knob_names() -> tuple[str, ...]:
+    return tuple(f.name for f in fields(Knobs) if f.name != "auto_reserved_mb")

@@ -1,0 +1,85 @@
+"""``frontswap_selfshrink()``: bring swap pages back from tmem, slowly, once the swap is calm.
+
+Pure: the kernel's function-local statics (``cur_frontswap_pages`` and the inertia counter)
+are a :class:`ShrinkState` passed in and returned, never mutated.
+
+Which kernel this follows: the later one ([L-SB-FINAL], Gelma/linux @37655622fe50).  After each
+shrink the counter is reset to ``frontswap_inertia``, so with the default inertia of 3 a shrink
+happens every third tick while frontswap stays calm.  3.1-3.11 did not reset it and shrank on
+every tick once the counter had reached 0; the reset is the behaviour the driver ended with and
+the gentler one, and the sequences in the tests pin it.
+
+``frontswap_inertia`` written through sysfs also set the counter to the new value at once
+(``store_frontswap_inertia``).  Knob changes reach us as a new snapshot at the next tick, so
+the state remembers the inertia it last saw and applies the same reset when it changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+REASON_EMPTY = "empty"  # nothing in frontswap: reset the counter
+REASON_GROWING = "growing"  # more than last tick: reset the counter
+REASON_INERTIA = "inertia"  # calm, but not for long enough yet
+REASON_SHRINK = "shrink"  # calm for ``inertia`` ticks: shrink by 1/hysteresis
+
+
+@dataclass(frozen=True)
+class ShrinkState:
+    """The kernel's statics: pages seen last tick and the countdown to the next shrink."""
+
+    cur_pages: int = 0
+    inertia_counter: int = 0
+    #: The ``frontswap_inertia`` this state last saw; ``None`` before the first step.
+    inertia_seen: int | None = None
+
+
+@dataclass(frozen=True)
+class ShrinkDecision:
+    """What one step decided: ``target_pages`` to pass to ``frontswap_shrink``, or ``None``."""
+
+    state: ShrinkState
+    target_pages: int | None
+    reason: str
+    curr_pages: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "curr_pages": self.curr_pages,
+            "target_pages": self.target_pages,
+            "reason": self.reason,
+            "inertia_counter": self.state.inertia_counter,
+        }
+
+
+def shrink_target(cur_pages: int, hysteresis: int) -> int:
+    """The next frontswap size: 1/hysteresis less, or 0 once at most ``hysteresis`` pages."""
+    if hysteresis < 1:
+        raise ValueError("frontswap_hysteresis must be >= 1")
+    if cur_pages <= hysteresis:
+        return 0
+    return cur_pages - cur_pages // hysteresis
+
+
+def next_shrink(
+    state: ShrinkState, curr_pages: int, *, hysteresis: int, inertia: int
+) -> ShrinkDecision:
+    """One ``frontswap_selfshrink()`` step given ``frontswap_curr_pages()`` now."""
+    if inertia < 1:
+        raise ValueError("frontswap_inertia must be >= 1")
+    counter = state.inertia_counter
+    if state.inertia_seen is not None and inertia != state.inertia_seen:
+        counter = inertia  # store_frontswap_inertia: frontswap_inertia_counter = val
+    last = state.cur_pages
+    if curr_pages == 0 or curr_pages > last:
+        reason = REASON_EMPTY if curr_pages == 0 else REASON_GROWING
+        new = ShrinkState(cur_pages=curr_pages, inertia_counter=inertia, inertia_seen=inertia)
+        return ShrinkDecision(new, None, reason, curr_pages)
+    if counter:
+        counter -= 1
+        if counter:
+            new = ShrinkState(curr_pages, counter, inertia)
+            return ShrinkDecision(new, None, REASON_INERTIA, curr_pages)
+    target = shrink_target(curr_pages, hysteresis)
+    new = ShrinkState(cur_pages=curr_pages, inertia_counter=inertia, inertia_seen=inertia)
+    return ShrinkDecision(new, target, REASON_SHRINK, curr_pages)

@@ -1,0 +1,237 @@
+"""Lazy start: the worker runs while a tmem backend is loaded and the flags allow it.
+
+:class:`SelfballoonService` is a listener of the shim (``shim.add_listener(service)``).  On
+``backend_loaded`` it applies the rules of ``xen_tmem_init`` and ``xen_selfballoon_init``:
+
+* nothing in dom0 (``control_d`` in ``/proc/xen/capabilities``), not even self-shrinking;
+* both jobs off without frontswap ("no point driving pages to swap");
+* ``selfballooning`` / ``frontswap_selfshrinking`` knobs set from the shim's
+  ``selfballooning`` / ``selfshrinking`` flags; nothing starts if both end up off;
+* ``reserved_mb``'s automatic value measured now: 10 % of MemTotal.
+
+then starts the worker thread.  ``backend_unloading`` stops it and joins it with a timeout.
+The shim is duck-typed (``flags``, ``frontswap``, ``roots``) and never imported here.
+
+Unlike the kernel, switching a knob back on after a refused start (dom0, no frontswap) does not
+start a worker: the kernel's sysfs files existed even then and could, by accident, start it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from xentmem_selfballoon.actuator import FrontswapControl, Publisher
+from xentmem_selfballoon.inputs import InputError, is_control_domain, read_meminfo
+from xentmem_selfballoon.knobs import KnobStore
+from xentmem_selfballoon.loop import DEFAULT_HISTORY, SelfballoonLoop, TickRecord
+from xentmem_selfballoon.policy import auto_reserved_mb
+
+from xentmem.clock import Clock, SystemClock
+from xentmem.roots import Roots
+
+log = logging.getLogger(__name__)
+
+DEFAULT_JOIN_TIMEOUT_S = 5.0
+
+
+class ShimLike(Protocol):
+    """What the service needs from ``xentmem.shim.Shim``."""
+
+    @property
+    def flags(self) -> Mapping[str, Any]: ...
+
+    @property
+    def frontswap(self) -> FrontswapControl: ...
+
+    @property
+    def roots(self) -> Roots: ...
+
+
+class SelfballoonService:
+    """Starts and stops the self-balloon worker with the shim's backend."""
+
+    def __init__(
+        self,
+        *,
+        knobs: KnobStore | None = None,
+        clock: Clock | None = None,
+        publisher: Publisher | None = None,
+        roots: Roots | None = None,
+        history_len: int = DEFAULT_HISTORY,
+        join_timeout_s: float = DEFAULT_JOIN_TIMEOUT_S,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self._knobs = knobs or KnobStore()
+        self._clock = clock or SystemClock()
+        self._publisher = publisher
+        self._roots = roots  # overrides shim.roots when given
+        self._history_len = history_len
+        self._join_timeout_s = join_timeout_s
+        self._log = logger or log
+        self._lock = threading.Lock()
+        self._loop: SelfballoonLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._why_not: str | None = "no backend loaded"
+
+    # -- shim listener -----------------------------------------------------------------------------
+
+    def backend_loaded(self, shim: ShimLike) -> None:
+        """Start the worker if the flags allow it (``xen_selfballoon_init``)."""
+        roots = self._roots or shim.roots
+        flags = shim.flags
+        frontswap_on = bool(flags.get("frontswap", False))
+        balloon_on = bool(flags.get("selfballooning", False)) and frontswap_on
+        shrink_on = bool(flags.get("selfshrinking", False)) and frontswap_on
+        reason = None
+        try:
+            if is_control_domain(roots):
+                reason = "disabled for domain0"
+        except InputError as exc:
+            reason = f"cannot tell whether this is dom0: {exc}"
+        if reason is None and not frontswap_on:
+            reason = "frontswap is off (no point driving pages to swap)"
+        elif reason is None and not (balloon_on or shrink_on):
+            reason = "selfballooning and selfshrinking flags are off"
+        if reason is not None:
+            self._refuse(reason)
+            return
+        self.start(roots=roots, frontswap=shim.frontswap, selfballooning=balloon_on,
+                   selfshrinking=shrink_on)
+
+    def backend_unloading(self, shim: ShimLike) -> None:
+        """Stop the worker before the backend goes."""
+        self.stop()
+        self._why_not = "no backend loaded"
+
+    # -- start / stop ------------------------------------------------------------------------------
+
+    def start(
+        self,
+        *,
+        roots: Roots,
+        frontswap: FrontswapControl | None,
+        selfballooning: bool,
+        selfshrinking: bool,
+    ) -> bool:
+        """Start the worker thread; False (and logged) if it could not start."""
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                self._log.info("selfballoon: already running")
+                return True
+            try:
+                totalram = read_meminfo(roots).totalram_pages
+            except InputError as exc:
+                self._refuse_locked(f"cannot measure RAM for reserved_mb: {exc}")
+                return False
+            self._knobs.set_auto_reserved_mb(auto_reserved_mb(totalram))
+            self._knobs.update(
+                {"selfballooning": selfballooning, "frontswap_selfshrinking": selfshrinking}
+            )
+            loop = SelfballoonLoop(
+                roots,
+                self._knobs,
+                clock=self._clock,
+                frontswap=frontswap,
+                publisher=self._publisher,
+                history_len=self._history_len,
+                logger=self._log,
+            )
+            stop = threading.Event()
+            thread = threading.Thread(
+                target=self._run, args=(loop, stop), name="xentmem-selfballoon", daemon=True
+            )
+            self._loop, self._stop, self._thread = loop, stop, thread
+            self._why_not = None
+            if selfballooning:
+                self._log.info("selfballoon: initializing selfballooning (reserved_mb %s)",
+                               self._knobs.show("selfballoon_reserved_mb"))
+            if selfshrinking:
+                self._log.info("selfballoon: initializing frontswap selfshrinking")
+            thread.start()
+            return True
+
+    def _run(self, loop: SelfballoonLoop, stop: threading.Event) -> None:
+        try:
+            loop.run(stop)
+        except Exception:  # the loop catches per tick; this is a bug in the loop itself
+            self._log.exception("selfballoon: worker died")
+            self._why_not = "worker died (see log)"
+
+    def stop(self, timeout_s: float | None = None) -> bool:
+        """Stop and join the worker; True if it is gone (or was not running)."""
+        with self._lock:
+            thread = self._thread
+            if thread is None:
+                return True
+            self._stop.set()
+            thread.join(self._join_timeout_s if timeout_s is None else timeout_s)
+            if thread.is_alive():
+                self._log.error("selfballoon: worker did not stop within the timeout")
+                return False
+            self._thread = None
+            self._why_not = "stopped"
+            self._log.info("selfballoon: stopped")
+            return True
+
+    def _refuse(self, reason: str) -> None:
+        with self._lock:
+            self._refuse_locked(reason)
+
+    def _refuse_locked(self, reason: str) -> None:
+        self._why_not = reason
+        self._log.info("selfballoon: not started: %s", reason)
+
+    # -- what the daemon reads -------------------------------------------------------------
+
+    @property
+    def knobs(self) -> KnobStore:
+        return self._knobs
+
+    @property
+    def running(self) -> bool:
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    @property
+    def loop(self) -> SelfballoonLoop | None:
+        """The current (or last) worker, for its history and counters."""
+        return self._loop
+
+    def running_jobs(self) -> tuple[str, ...]:
+        """The kernel's jobs that are on: ``selfballooning``, ``frontswap_selfshrinking``."""
+        if not self.running:
+            return ()
+        knobs = self._knobs.snapshot()
+        jobs = []
+        if knobs.selfballooning:
+            jobs.append("selfballooning")
+        if knobs.frontswap_selfshrinking:
+            jobs.append("frontswap_selfshrinking")
+        return tuple(jobs)
+
+    def history(self) -> tuple[TickRecord, ...]:
+        loop = self._loop
+        return loop.history() if loop is not None else ()
+
+    def last(self) -> TickRecord | None:
+        loop = self._loop
+        return loop.last() if loop is not None else None
+
+    def status(self) -> dict[str, Any]:
+        """A plain dict for ``xentmem balloon`` (and its ``--json``)."""
+        loop = self._loop
+        last = self.last()
+        return {
+            "running": self.running,
+            "jobs": list(self.running_jobs()),
+            "not_running_because": None if self.running else self._why_not,
+            "report_only": loop.actuator.report_only if loop is not None else None,
+            "knobs": {name: self._knobs.show(name) for name in self._knobs.params},
+            "last": last.as_dict() if last is not None else None,
+            "history": [r.as_dict() for r in self.history()],
+            "counters": loop.counters() if loop is not None else {},
+        }

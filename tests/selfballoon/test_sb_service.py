@@ -1,0 +1,185 @@
+"""Lazy start: the worker starts and stops with the shim's backend, as the flags say."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sb_fakes import FakeShim, GuestTree, RecordingPublisher, StepClock
+from xentmem_selfballoon.knobs import KnobStore
+from xentmem_selfballoon.service import SelfballoonService
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> GuestTree:
+    t = GuestTree(tmp_path)
+    t.set_target_kb(2097152)
+    t.write(mem_total_kb=2030676, committed_kb=1048576, current_kb=2097152)
+    return t
+
+
+def service(clock: StepClock | None = None, **kw: object) -> SelfballoonService:
+    return SelfballoonService(clock=clock or StepClock(), join_timeout_s=5.0, **kw)  # type: ignore[arg-type]
+
+
+def test_default_flags_start_both_jobs_and_unload_stops(tree: GuestTree) -> None:
+    clock = StepClock()
+    svc = service(clock)
+    shim = FakeShim(tree.roots)
+    shim.add_listener(svc)
+    assert not svc.running
+    shim.load()
+    try:
+        assert svc.running
+        assert svc.running_jobs() == ("selfballooning", "frontswap_selfshrinking")
+        # reserved_mb's automatic value was measured at start: 507669 // 10 >> 8
+        assert svc.knobs.snapshot().auto_reserved_mb == 198
+        clock.wait_entered(1)
+        clock.step()  # one tick
+        last = svc.last()
+        assert last is not None and last.error is None and last.target_kb == 2001936
+    finally:
+        shim.unload()
+    assert not svc.running
+    assert svc.status()["not_running_because"] == "no backend loaded"
+    # the history survives the stop, for `xentmem balloon`
+    assert len(svc.history()) == 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "dom0", "reason"),
+    [
+        ({"frontswap": False}, False, "frontswap is off"),
+        ({"selfballooning": False, "selfshrinking": False}, False, "flags are off"),
+        ({}, True, "domain0"),
+        ({"selfballooning": False}, True, "domain0"),  # not even self-shrinking in dom0
+    ],
+)
+def test_flags_that_keep_the_worker_off(
+    tmp_path: Path, flags: dict[str, bool], dom0: bool, reason: str
+) -> None:
+    t = GuestTree(tmp_path, dom0=dom0)
+    t.write(mem_total_kb=2030676, committed_kb=1048576, current_kb=2097152)
+    svc = service()
+    shim = FakeShim(t.roots, flags)
+    shim.add_listener(svc)
+    shim.load()
+    assert not svc.running
+    assert reason in svc.status()["not_running_because"]
+    shim.unload()
+
+
+@pytest.mark.parametrize(
+    ("flags", "jobs"),
+    [
+        ({"selfshrinking": False}, ("selfballooning",)),
+        ({"selfballooning": False}, ("frontswap_selfshrinking",)),
+    ],
+)
+def test_one_job_only(tree: GuestTree, flags: dict[str, bool], jobs: tuple[str, ...]) -> None:
+    svc = service()
+    shim = FakeShim(tree.roots, flags)
+    shim.add_listener(svc)
+    shim.load()
+    try:
+        assert svc.running_jobs() == jobs
+        knobs = svc.knobs.snapshot()
+        assert (knobs.selfballooning, knobs.frontswap_selfshrinking) == (
+            "selfballooning" in jobs, "frontswap_selfshrinking" in jobs)
+    finally:
+        shim.unload()
+
+
+def test_reload_after_a_refused_unload_restarts(tree: GuestTree) -> None:
+    clock = StepClock()
+    svc = service(clock)
+    shim = FakeShim(tree.roots)
+    shim.add_listener(svc)
+    shim.load()
+    shim.unload()
+    shim.load()  # what the shim does when an unload is refused
+    try:
+        assert svc.running
+    finally:
+        assert svc.stop()
+    assert not svc.running
+
+
+def test_knob_set_while_running_reaches_the_next_tick(tree: GuestTree) -> None:
+    clock = StepClock()
+    pub = RecordingPublisher()
+    svc = service(clock, publisher=pub, knobs=KnobStore({"selfballoon_interval": "3"}))
+    shim = FakeShim(tree.roots, {"selfshrinking": False})
+    shim.add_listener(svc)
+    shim.load()
+    try:
+        clock.wait_entered(1)
+        clock.step()
+        first = svc.last()
+        svc.knobs.set("selfballoon_downhysteresis", "1")
+        clock.step()
+        second = svc.last()
+    finally:
+        shim.unload()
+    assert first is not None and second is not None
+    assert first.balloon is not None and second.balloon is not None
+    # the files did not change; only the divisor did: down 8 then down 1 (straight to goal)
+    assert first.balloon.target_pages == 483865
+    assert second.balloon.target_pages == second.balloon.goal_pages == 317232
+    assert clock.waits[:2] == [3.0, 3.0]  # the interval set before start was kept
+    assert pub.latest()["data/selfballoon/goal_kb"] == str(317232 * 4)
+
+
+def test_unreadable_meminfo_at_start_does_not_start(tmp_path: Path) -> None:
+    t = GuestTree(tmp_path)  # no meminfo written
+    svc = service()
+    shim = FakeShim(t.roots)
+    shim.add_listener(svc)
+    shim.load()
+    assert not svc.running
+    assert "reserved_mb" in svc.status()["not_running_because"]
+
+
+def test_status_is_plain_data(tree: GuestTree) -> None:
+    import json
+
+    clock = StepClock()
+    svc = service(clock)
+    shim = FakeShim(tree.roots)
+    shim.add_listener(svc)
+    shim.load()
+    try:
+        clock.wait_entered(1)
+        clock.step()
+        status = svc.status()
+    finally:
+        shim.unload()
+    assert status["running"] is True
+    assert status["knobs"]["selfballoon_reserved_mb"] == "auto (198)"
+    assert status["last"]["target_kb"] == 2001936
+    assert status["report_only"] is False
+    json.dumps(status)
+
+
+def test_with_the_real_shim(tree: GuestTree) -> None:
+    shim_mod = pytest.importorskip("xentmem.shim")
+    backend_mod = pytest.importorskip("fakes.recording_backend")
+    cmdline = pytest.importorskip("xentmem.cmdline")
+    clock = StepClock()
+    svc = service(clock)
+    shim = shim_mod.Shim(roots=tree.roots, boot=cmdline.BootParams())
+    shim.add_listener(svc)
+    shim.load(backend_mod.RecordingBackend, {"frontswap": True})
+    try:
+        assert svc.running_jobs() == ("selfballooning", "frontswap_selfshrinking")
+        clock.wait_entered(1)
+        clock.step()
+        last = svc.last()
+        assert last is not None and last.error is None and last.shrink is not None
+        assert last.shrink.reason == "empty"  # nothing in frontswap yet
+    finally:
+        shim.unload()
+    assert not svc.running
+    shim.load(backend_mod.RecordingBackend, {"frontswap": False})
+    assert not svc.running and "frontswap is off" in svc.status()["not_running_because"]
+    shim.unload()

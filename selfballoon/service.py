@@ -5,15 +5,22 @@
 
 * nothing in dom0 (``control_d`` in ``/proc/xen/capabilities``), not even self-shrinking;
 * both jobs off without frontswap ("no point driving pages to swap");
-* ``selfballooning`` / ``frontswap_selfshrinking`` knobs set from the shim's
-  ``selfballooning`` / ``selfshrinking`` flags; nothing starts if both end up off;
+* a job whose shim flag (``selfballooning`` / ``selfshrinking``) is off has its run-time
+  knob (``selfballooning`` / ``frontswap_selfshrinking``) switched off; nothing starts if both
+  flags are off;
 * ``reserved_mb``'s automatic value measured now: 10 % of MemTotal.
 
 then starts the worker thread.  ``backend_unloading`` stops it and joins it with a timeout.
 The shim is duck-typed (``flags``, ``frontswap``, ``roots``) and never imported here.
 
-Unlike the kernel, switching a knob back on after a refused start (dom0, no frontswap) does not
-start a worker: the kernel's sysfs files existed even then and could, by accident, start it.
+Two choices differ from the kernel, whose init simply overwrote the two run-time switches
+(there was no configuration before it):
+
+* a flag that is on leaves its knob as configured, so ``selfballooning=0`` in the daemon's
+  config keeps the job off (the worker runs and idles until the knob is set to 1); a knob that
+  a flag switched off is switched back on when a later load has the flag on;
+* switching a knob on after a refused start (dom0, no frontswap) does not start a worker: the
+  kernel's sysfs files existed even then and could, by accident, start it.
 """
 
 from __future__ import annotations
@@ -76,6 +83,7 @@ class SelfballoonService:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._why_not: str | None = "no backend loaded"
+        self._forced_off: set[str] = set()
 
     # -- shim listener -----------------------------------------------------------------------------
 
@@ -117,7 +125,10 @@ class SelfballoonService:
         selfballooning: bool,
         selfshrinking: bool,
     ) -> bool:
-        """Start the worker thread; False (and logged) if it could not start."""
+        """Start the worker thread; False (and logged) if it could not start.
+
+        ``selfballooning`` / ``selfshrinking`` say whether the shim's flags allow each job.
+        """
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 self._log.info("selfballoon: already running")
@@ -128,9 +139,8 @@ class SelfballoonService:
                 self._refuse_locked(f"cannot measure RAM for reserved_mb: {exc}")
                 return False
             self._knobs.set_auto_reserved_mb(auto_reserved_mb(totalram))
-            self._knobs.update(
-                {"selfballooning": selfballooning, "frontswap_selfshrinking": selfshrinking}
-            )
+            self._apply_flags({"selfballooning": selfballooning,
+                               "frontswap_selfshrinking": selfshrinking})
             loop = SelfballoonLoop(
                 roots,
                 self._knobs,
@@ -146,13 +156,28 @@ class SelfballoonService:
             )
             self._loop, self._stop, self._thread = loop, stop, thread
             self._why_not = None
-            if selfballooning:
+            knobs = self._knobs.snapshot()
+            if knobs.selfballooning:
                 self._log.info("selfballoon: initializing selfballooning (reserved_mb %s)",
                                self._knobs.show("selfballoon_reserved_mb"))
-            if selfshrinking:
+            if knobs.frontswap_selfshrinking:
                 self._log.info("selfballoon: initializing frontswap selfshrinking")
             thread.start()
             return True
+
+    def _apply_flags(self, allowed: Mapping[str, bool]) -> None:
+        """A flag that is off switches its knob off; one that is on undoes that, if we did it."""
+        changes: dict[str, bool] = {}
+        for knob, flag_on in allowed.items():
+            if not flag_on:
+                if self._knobs.get(knob):
+                    self._forced_off.add(knob)
+                changes[knob] = False
+            elif knob in self._forced_off:
+                self._forced_off.discard(knob)
+                changes[knob] = True
+        if changes:
+            self._knobs.update(changes)
 
     def _run(self, loop: SelfballoonLoop, stop: threading.Event) -> None:
         try:

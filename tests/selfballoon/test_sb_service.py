@@ -183,3 +183,32 @@ def test_with_the_real_shim(tree: GuestTree) -> None:
     shim.load(backend_mod.RecordingBackend, {"frontswap": False})
     assert not svc.running and "frontswap is off" in svc.status()["not_running_because"]
     shim.unload()
+
+
+def test_a_configured_knob_is_kept_when_the_flag_allows(tree: GuestTree) -> None:
+    svc = service(knobs=KnobStore({"selfballooning": "0"}))
+    shim = FakeShim(tree.roots)
+    shim.add_listener(svc)
+    shim.load()
+    try:
+        assert svc.running  # the worker runs; the knob can switch ballooning on at run time
+        assert svc.running_jobs() == ("frontswap_selfshrinking",)
+        assert svc.knobs.get("selfballooning") is False
+    finally:
+        shim.unload()
+
+
+def test_a_knob_switched_off_by_a_flag_comes_back_with_the_flag(tree: GuestTree) -> None:
+    svc = service()
+    off = FakeShim(tree.roots, {"selfballooning": False})
+    off.add_listener(svc)
+    off.load()
+    assert svc.knobs.get("selfballooning") is False
+    off.unload()
+    on = FakeShim(tree.roots)
+    on.add_listener(svc)
+    on.load()
+    try:
+        assert svc.running_jobs() == ("selfballooning", "frontswap_selfshrinking")
+    finally:
+        on.unload()

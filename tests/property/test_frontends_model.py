@@ -16,6 +16,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
+    Bundle,
     RuleBasedStateMachine,
     initialize,
     invariant,
@@ -31,8 +32,8 @@ from xentmem.shim import Shim
 
 SWAP_TYPES = (0, 1)
 SWAP_SLOTS = 96
-FILES = (11, 12, 13)
-INDEXES = 6
+FILES = (11, 12)
+INDEXES = 2
 
 
 def make_page(kind: int, seed: int) -> bytes:
@@ -50,8 +51,10 @@ pages = st.builds(make_page, st.integers(0, 2), st.integers(0, 7))
 
 
 class FrontendsModel(RuleBasedStateMachine):
-    @initialize()
-    def start(self) -> None:
+    #: Keys a put has touched, so invalidations and gets aim where data may be cached.
+    put_keys = Bundle("put_keys")
+    @initialize(capacity_mb=st.sampled_from(["1", "2"]))
+    def start(self, capacity_mb: str) -> None:
         self.tmp = tempfile.TemporaryDirectory()
         self.shim = Shim(roots=Roots(root=Path(self.tmp.name)), boot=BootParams())
         self.swap: dict[tuple[int, int], bytes] = {}
@@ -60,7 +63,8 @@ class FrontendsModel(RuleBasedStateMachine):
             self.shim.frontswap.init(swap_type, MemoryBacking(SWAP_SLOTS))
         self.private_fs = self.shim.cleancache.init_fs()
         self.shared_fs = self.shim.cleancache.init_shared_fs(PoolUuid(7, 7))
-        self.loaded = False
+        self.shim.load("zcache", {"capacity": capacity_mb})
+        self.loaded = True
 
     def teardown(self) -> None:
         if hasattr(self, "tmp"):
@@ -104,10 +108,10 @@ class FrontendsModel(RuleBasedStateMachine):
         for key in [k for k in self.swap if k[0] == swap_type]:
             del self.swap[key]
 
-    @rule(target=st.integers(0, 64))
-    def shrink(self, target: int) -> None:
-        self.shim.frontswap.shrink(target)
-        assert self.shim.frontswap.curr_pages() <= max(target, 0) or not self.loaded
+    @rule(target_pages=st.integers(0, 64))
+    def shrink(self, target_pages: int) -> None:
+        self.shim.frontswap.shrink(target_pages)
+        assert self.shim.frontswap.curr_pages() <= target_pages
 
     # -- cleancache ----------------------------------------------------------------------------
 
@@ -115,12 +119,25 @@ class FrontendsModel(RuleBasedStateMachine):
         return self.shared_fs if shared else self.private_fs
 
     @rule(
-        shared=st.booleans(), ino=st.sampled_from(FILES), index=st.integers(0, INDEXES), page=pages
+        target=put_keys,
+        shared=st.booleans(),
+        ino=st.sampled_from(FILES),
+        index=st.integers(0, INDEXES),
+        page=pages,
     )
-    def put(self, shared: bool, ino: int, index: int, page: bytes) -> None:
+    def put(self, shared: bool, ino: int, index: int, page: bytes) -> tuple[bool, int, int]:
         self.shim.cleancache.put_page(self._fs(shared), ino, index, page)
         if self.loaded:
             self.clean[(int(shared), ino, index)] = page
+        return shared, ino, index
+
+    @rule(key=put_keys)
+    def get_put_key(self, key: tuple[bool, int, int]) -> None:
+        self.get(*key)
+
+    @rule(key=put_keys)
+    def invalidate_put_key(self, key: tuple[bool, int, int]) -> None:
+        self.invalidate_page(*key)
 
     @rule(shared=st.booleans(), ino=st.sampled_from(FILES), index=st.integers(0, INDEXES))
     def get(self, shared: bool, ino: int, index: int) -> None:
@@ -152,8 +169,8 @@ class FrontendsModel(RuleBasedStateMachine):
 
 
 FrontendsModel.TestCase.settings = settings(
-    max_examples=60,
-    stateful_step_count=40,
+    max_examples=150,
+    stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )

@@ -17,6 +17,8 @@ MAX_SWAP_TYPE = (U64_MAX >> SWIZ_BITS)
 
 def filekey_oid(key: FileKey) -> Oid:
     """``*(struct tmem_oid *)&cleancache_filekey``: inode in word 0, or the handle's bytes."""
+    if type(key) is int and 0 <= key <= U64_MAX:  # the common case, kept cheap (hot path)
+        return tuple.__new__(Oid, (key, 0, 0))
     if isinstance(key, Oid):
         return key
     if isinstance(key, int) and not isinstance(key, bool):

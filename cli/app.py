@@ -1,0 +1,139 @@
+"""The object every command gets in ``ctx.obj``: where the daemon is, and how to leave.
+
+Commands never build a client or print an error themselves.  They ask :meth:`App.call` for
+a result and hand the dict they built to :meth:`App.emit`; every failure goes through
+:meth:`App.abort`, so the whole CLI has one way to say what went wrong (one line on stderr)
+and one table of exit codes:
+
+* 0: done;
+* 1: the daemon refused or failed (its message is shown as it sent it);
+* 2: usage error (click's own code: bad option, missing argument);
+* 3: the daemon cannot be reached (not running, wrong socket, no permission, no answer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, NoReturn, Protocol
+
+import click
+
+from xentmem.control import protocol
+from xentmem.control.protocol import ControlError
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+#: The client-side codes that mean "no daemon to talk to", not "the daemon said no".
+UNREACHABLE_CODES = frozenset({protocol.UNAVAILABLE, protocol.TIMEOUT})
+
+HOW_TO_START = ("start it with `xentmem run` (foreground) or `systemctl start xentmem`, "
+                "or point --socket / XENTMEM_SOCKET at its socket")
+
+
+class Client(Protocol):
+    """What the CLI needs of :class:`xentmem.control.ControlClient` (a test may pass a fake)."""
+
+    def call(self, op: str, **args: Any) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+ClientFactory = Callable[[str, float], Client]
+
+
+def control_client(socket_path: str, timeout: float) -> Client:
+    """The real client; imported here so ``--help`` works even if the import is slow."""
+    from xentmem.control.client import ControlClient
+
+    return ControlClient(socket_path, timeout=timeout)
+
+
+class App:
+    """The socket path, the timeout and a lazily opened client, shared by every command."""
+
+    def __init__(
+        self,
+        socket_path: str,
+        timeout: float,
+        client_factory: ClientFactory = control_client,
+    ) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+        self._client_factory = client_factory
+        self._client: Client | None = None
+
+    # -- talking to the daemon ----------------------------------------------------------------
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = self._client_factory(self.socket_path, self.timeout)
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def call(self, op: str, **args: Any) -> Any:
+        """The daemon's result for ``op``, or an abort with one clear line."""
+        try:
+            return self.client.call(op, **args)
+        except ControlError as exc:
+            if exc.code in UNREACHABLE_CODES:
+                self.abort(self.unreachable_message(exc), EXIT_UNREACHABLE)
+            self.abort(f"{exc.message} [{exc.code}]")
+
+    def unreachable_message(self, exc: ControlError) -> str:
+        """Say why there is no daemon to talk to, and what to do about it."""
+        path = self.socket_path
+        if exc.code == protocol.TIMEOUT:
+            return (f"xentmemd at {path} did not answer within {self.timeout:g}s "
+                    "(busy or stuck; try a larger --timeout)")
+        try:
+            os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return f"xentmemd is not running (no socket at {path}); {HOW_TO_START}"
+        except PermissionError:
+            return (f"permission denied on the way to {path}: its directory is closed to "
+                    "this user; run as the daemon's user (root for the system service)")
+        except OSError as error:
+            return f"cannot reach xentmemd at {path}: {error.strerror or error}"
+        if not os.access(path, os.R_OK | os.W_OK):
+            return (f"permission denied on {path}: the socket is owner-only; run as its owner "
+                    "(root for the system service) or ask for the socket's group")
+        return f"xentmemd is not running ({exc.message}); {HOW_TO_START}"
+
+    # -- output ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def abort(message: str, code: int = EXIT_ERROR) -> NoReturn:
+        """One line on stderr, then exit with ``code``: the only way a command fails."""
+        click.echo(f"xentmem: error: {message}", err=True)
+        raise click.exceptions.Exit(code)
+
+    @staticmethod
+    def status(message: str) -> None:
+        """Progress and notes for a human: stderr, so stdout stays pure data."""
+        click.echo(message, err=True)
+
+    @staticmethod
+    def emit(data: Any, *, as_json: bool, render: Callable[[Any], str]) -> None:
+        """Print ``data`` to stdout: as one line of JSON, or through ``render`` as text."""
+        if as_json:
+            click.echo(json.dumps(data, sort_keys=True, separators=(",", ":")))
+        else:
+            text = render(data)
+            if text:
+                click.echo(text)
+
+
+def json_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``--json``: the same data the table shows, as one line of JSON (flag ``as_json``)."""
+    return click.option(
+        "--json", "as_json", is_flag=True,
+        help="Print the result as one line of JSON (the same data the table shows).",
+    )(function)

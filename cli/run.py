@@ -1,0 +1,260 @@
+"""``xentmem run``: the daemon in this terminal, for a first look (the README's main command).
+
+It starts ``xentmemd`` in the foreground with defaults that work without root (a run dir
+under ``$XDG_RUNTIME_DIR``, or a new temporary one), waits until the daemon reports READY the
+way it would to systemd, and then prints what a newcomer needs: which backend it picked and
+why, what the balloon does, where the control socket is, and the commands to try from a
+second terminal.  The daemon's own log lines follow on stderr; Ctrl-C stops it cleanly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any, Callable
+
+import click
+from xentmem_cli.app import EXIT_ERROR, App
+from xentmem_cli.backend import complete_backend
+from xentmem_cli.foreground import ForegroundDaemon
+
+from xentmem.clock import SystemClock
+from xentmem.control.protocol import DEFAULT_SOCKET_PATH, SOCKET_NAME, ControlError
+
+SYSTEM_RUN_DIR = Path(DEFAULT_SOCKET_PATH).parent
+#: The daemon loads its backend and opens its socket in well under a second; this is slack.
+DEFAULT_START_TIMEOUT_S = 60.0
+#: Environment that describes *our* place under systemd; the child's stderr is a terminal.
+SERVICE_ENV = ("JOURNAL_STREAM", "INVOCATION_ID")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: How long to let the daemon stop cleanly if this process itself fails.
+EMERGENCY_STOP_TIMEOUT_S = 30.0
+
+
+def default_run_dir(euid: int, env: dict[str, str] | os._Environ[str]) -> tuple[Path, str]:
+    """Where the daemon's socket goes, and why there.
+
+    root: ``/run/xentmem``, as under systemd.  Anyone else: ``$XDG_RUNTIME_DIR/xentmem``
+    (private to the user, cleaned at logout), else a new private temporary directory.
+    """
+    if euid == 0:
+        return SYSTEM_RUN_DIR, "root: the system run directory"
+    runtime = env.get("XDG_RUNTIME_DIR")
+    if runtime and Path(runtime).is_dir() and os.access(runtime, os.W_OK):
+        return Path(runtime) / "xentmem", "not root: under $XDG_RUNTIME_DIR"
+    return Path(tempfile.mkdtemp(prefix="xentmem-run-")), "not root: a new temporary directory"
+
+
+def daemon_command(run_dir: Path, *, config: str | None, backend: str | None,
+                   log_level: str | None, options: tuple[str, ...],
+                   extra: tuple[str, ...]) -> list[str]:
+    """``xentmemd`` with the same interpreter as this CLI, so the two never disagree."""
+    argv = [sys.executable, "-m", "xentmem.daemon.app", "--run-dir", str(run_dir)]
+    if config is not None:
+        argv += ["--config", config]
+    if backend is not None:
+        argv += ["--backend", backend]
+    if log_level is not None:
+        argv += ["--log-level", log_level]
+    for word in options:
+        argv += ["-o", word]
+    return argv + list(extra)
+
+
+def child_env(parent: dict[str, str] | os._Environ[str], stderr_is_tty: bool) -> dict[str, str]:
+    env = dict(parent)
+    if stderr_is_tty:
+        # Journal-style log lines (no timestamps) only make sense when stderr is the journal.
+        for name in SERVICE_ENV:
+            env.pop(name, None)
+    return env
+
+
+def describe_ready(status: dict[str, Any] | None, pid: int, socket_path: Path) -> list[str]:
+    """The lines printed once the daemon is ready."""
+    lines = [f"xentmemd is ready (pid {pid})"]
+    if status is not None:
+        choice = status.get("backend_choice") or {}
+        backend = status.get("backend") or {}
+        name = backend.get("name") if isinstance(backend, dict) else None
+        how = f"{choice.get('requested')}: {choice.get('reason')}" if choice else ""
+        lines.append(f"  backend: {name or 'none loaded'}" + (f" ({how})" if how else ""))
+        balloon = status.get("balloon")
+        if isinstance(balloon, dict):
+            lines.append("  balloon: " + balloon_summary(balloon))
+    lines.append(f"  socket:  {socket_path}")
+    lines.append("In another terminal:")
+    if str(socket_path) != DEFAULT_SOCKET_PATH:
+        lines.append(f"  export XENTMEM_SOCKET={socket_path}")
+    lines += [
+        "  xentmem status         # backend, flags, frontends",
+        "  xentmem params list    # every flag, param and knob; xentmem params set NAME VALUE",
+        "  xentmem stats          # counters",
+        "  xentmem balloon        # goal, target, floor and the last decisions",
+        "Ctrl-C stops it (swap pages held in tmem go back to their backing stores first).",
+    ]
+    return lines
+
+
+def balloon_summary(balloon: dict[str, Any]) -> str:
+    if not balloon.get("running"):
+        why = balloon.get("not_running_because")
+        return "not running" + (f" ({why})" if why else "")
+    jobs = balloon.get("jobs")
+    text = "running" + (f" ({', '.join(jobs)})" if jobs else "")
+    if balloon.get("report_only"):
+        text += ", report-only: it computes targets but does not move the balloon"
+    return text
+
+
+@contextmanager
+def forwarded_signals(on_signal: Callable[[int], None]) -> Iterator[None]:
+    """Route Ctrl-C, SIGTERM and SIGHUP to ``on_signal`` while the daemon runs."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        on_signal(signum)
+
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def ready_status(socket_path: Path, timeout: float) -> dict[str, Any] | None:
+    """The daemon's status for the banner; None (and the banner without it) on any error."""
+    from xentmem.control.client import ControlClient
+
+    try:
+        with ControlClient(socket_path, timeout=timeout) as client:
+            return client.status()
+    except ControlError:
+        return None
+
+
+def already_running(socket_path: Path) -> bool:
+    from xentmem.control.client import ControlClient
+
+    if not socket_path.exists():
+        return False
+    try:
+        with ControlClient(socket_path, timeout=2.0) as client:
+            client.hello()
+    except ControlError:
+        return False
+    return True
+
+
+@click.command(context_settings={"ignore_unknown_options": True})
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the socket goes [default: /run/xentmem as root, else "
+                   "$XDG_RUNTIME_DIR/xentmem or a new temporary directory].")
+@click.option("--config", type=click.Path(dir_okay=False),
+              help="Config file [default: /etc/xentmem/xentmem.toml if present].")
+@click.option("--backend", shell_complete=complete_backend,
+              help="Backend to load: auto (xen on a Xen guest with a tmem host, else "
+                   "zcache), zcache, xen, ...  [default: from the config, else auto]")
+@click.option("--log-level", type=click.Choice(("debug", "info", "warning", "error")),
+              help="How much the daemon says [default: info].")
+@click.option("-o", "--option", "options", multiple=True, metavar="NAME=VALUE",
+              help="A param, flag or knob for the daemon (repeatable): capacity=64M.")
+@click.option("--start-timeout", type=click.FloatRange(min=0.0, min_open=True),
+              default=DEFAULT_START_TIMEOUT_S, show_default=True, metavar="SECONDS",
+              help="Give up if the daemon is not ready by then.")
+@click.argument("daemon_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- XENTMEMD_ARGS]")
+@click.pass_obj
+def run(app: App, *, run_dir: Path | None, config: str | None, backend: str | None,
+        log_level: str | None, options: tuple[str, ...], start_timeout: float,
+        daemon_args: tuple[str, ...]) -> None:
+    """Run the daemon in this terminal and show what it does (Ctrl-C stops it).
+
+    Without Xen it runs on the local zcache store and the balloon only reports.  Arguments
+    after -- go to xentmemd unchanged (see `python -m xentmem.daemon.app --help`).
+    """
+    if run_dir is None:
+        run_dir, why = default_run_dir(os.geteuid(), os.environ)
+    else:
+        why = "--run-dir"
+    socket_path = run_dir / SOCKET_NAME
+    if already_running(socket_path):
+        app.abort(f"a xentmemd already answers on {socket_path}; stop it first or pick "
+                  "another --run-dir")
+    argv = daemon_command(run_dir, config=config, backend=backend, log_level=log_level,
+                          options=options, extra=daemon_args)
+    app.status(f"xentmem run: starting xentmemd in the foreground, run dir {run_dir} ({why})")
+    daemon = ForegroundDaemon(argv, child_env(os.environ, sys.stderr.isatty()))
+    code = supervise(app, daemon, socket_path, start_timeout)
+    if code != 0:
+        raise click.exceptions.Exit(code)
+
+
+def supervise(app: App, daemon: ForegroundDaemon, socket_path: Path,
+              start_timeout: float) -> int:
+    """Start, announce READY, echo STATUS changes, forward stop signals; the exit status."""
+    clock = SystemClock()
+    presses: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        presses.append(signum)
+        if len(presses) == 1:
+            app.status("xentmem run: stopping xentmemd (unloading the backend, repatriating "
+                       "swap pages); Ctrl-C again kills it at once")
+            daemon.signal(signal.SIGTERM)
+        else:
+            app.status("xentmem run: killing xentmemd; pages it held only in tmem are lost")
+            daemon.signal(signal.SIGKILL)
+
+    with forwarded_signals(on_signal):
+        pid = daemon.start()
+        try:
+            return _watch(app, daemon, pid, socket_path, start_timeout, clock, presses)
+        finally:
+            # Only reached with the daemon alive if this process failed: stop it, in order.
+            alive = daemon.process is not None and daemon.process.poll() is None
+            if alive and daemon.stop(EMERGENCY_STOP_TIMEOUT_S) is None:
+                daemon.kill()
+            daemon.close()
+
+
+def _watch(app: App, daemon: ForegroundDaemon, pid: int, socket_path: Path,
+           start_timeout: float, clock: SystemClock, presses: list[int]) -> int:
+    deadline = clock.monotonic() + start_timeout
+    ready = False
+    last_status: str | None = None
+    for event in daemon.events():
+        if event.exit_code is not None:
+            return _exited(app, event.exit_code, ready)
+        note = event.notification
+        if note is not None and note.ready and not ready:
+            ready = True
+            last_status = note.status
+            status = ready_status(socket_path, app.timeout)
+            for line in describe_ready(status, pid, socket_path):
+                app.status(line)
+        elif note is not None and note.status and note.status != last_status:
+            last_status = note.status
+            if ready:
+                app.status(f"xentmem run: {note.status}")
+        if not ready and not presses and clock.monotonic() > deadline:
+            app.status(f"xentmem run: xentmemd not ready after {start_timeout:g}s; stopping it")
+            presses.append(signal.SIGTERM)
+            daemon.signal(signal.SIGTERM)
+    raise AssertionError("events() ends with the exit event")  # pragma: no cover
+
+
+def _exited(app: App, code: int, ready: bool) -> int:
+    if code < 0:
+        app.status(f"xentmem run: xentmemd was killed by signal {-code}")
+        return 128 - code
+    if not ready:
+        app.abort(f"xentmemd exited with status {code} before it was ready "
+                  "(its messages are above)", code or EXIT_ERROR)
+    app.status(f"xentmem run: xentmemd stopped (exit status {code})")
+    return code

@@ -1,0 +1,186 @@
+"""``systemd/xentmem.service``: systemd accepts it, and it says what the daemon needs.
+
+``systemd-analyze verify`` checks that the ``ExecStart=`` binary exists, so the shipped unit
+is verified unchanged inside a temporary root that holds the installed ``xentmemd`` at the
+path the unit names, ``kill`` for ``ExecReload=`` and a copy of this machine's unit
+directory (for ``multi-user.target`` and friends).  verify only warns, with exit 0, about an
+unknown key or a bad value, so any output at all fails the test.
+"""
+
+from __future__ import annotations
+
+import configparser
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+UNIT = ROOT / "systemd" / "xentmem.service"
+SYSTEM_UNIT_DIRS = (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system"))
+ANALYZE = shutil.which("systemd-analyze")
+needs_analyze = pytest.mark.skipif(ANALYZE is None,
+                                   reason="systemd-analyze is not installed (apt install systemd)")
+
+
+def directives(path: Path) -> dict[str, dict[str, list[str]]]:
+    """section -> key -> every value assigned, in order (keys repeat in unit files)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] | None = None
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        assert current is not None, f"{line!r} before any section"
+        key, sep, value = line.partition("=")
+        assert sep, f"not a directive: {line!r}"
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+@pytest.fixture(scope="module")
+def unit() -> dict[str, dict[str, list[str]]]:
+    return directives(UNIT)
+
+
+def one(unit: dict[str, dict[str, list[str]]], section: str, key: str) -> str:
+    values = unit[section].get(key)
+    assert values, f"[{section}] {key}= is missing"
+    assert len(values) == 1, f"[{section}] {key}= is set {len(values)} times"
+    return values[0]
+
+
+def installed_daemon() -> Path:
+    """The ``xentmemd`` console script of the environment running the tests."""
+    beside = Path(sys.executable).with_name("xentmemd")
+    found = beside if beside.exists() else shutil.which("xentmemd")
+    if found is None:
+        pytest.fail("xentmemd is not installed in this environment (pip install -e .)")
+    return Path(found)
+
+
+@pytest.fixture(scope="module")
+def install_root(tmp_path_factory: pytest.TempPathFactory,
+                 unit: dict[str, dict[str, list[str]]]) -> Iterator[Path]:
+    """A root with the unit installed as a package would install it."""
+    root = tmp_path_factory.mktemp("root")
+    (root / "etc/systemd/system").mkdir(parents=True)
+    shutil.copy(UNIT, root / "etc/systemd/system/xentmem.service")
+    for command in (one(unit, "Service", "ExecStart"), one(unit, "Service", "ExecReload")):
+        binary = Path(command.split()[0].lstrip("-@:+!"))
+        source = installed_daemon() if binary.name == "xentmemd" else shutil.which(binary.name)
+        assert source is not None, f"{binary.name} not found to install at {binary}"
+        target = root / binary.relative_to("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+    system_dir = next((d for d in SYSTEM_UNIT_DIRS if (d / "multi-user.target").exists()), None)
+    if system_dir is None:
+        pytest.skip("this machine has no systemd unit directory to verify against")
+    shutil.copytree(system_dir, root / "usr/lib/systemd/system", symlinks=True)
+    yield root
+
+
+@needs_analyze
+def test_systemd_analyze_verify_passes_on_the_shipped_unit(install_root: Path) -> None:
+    result = subprocess.run(
+        [ANALYZE, "verify", f"--root={install_root}", "xentmem.service"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout + result.stderr == "", result.stdout + result.stderr
+
+
+@needs_analyze
+def test_verify_would_catch_a_bad_directive(install_root: Path, tmp_path: Path) -> None:
+    """The check above can fail: the same set-up with one bad value produces output."""
+    broken = install_root / "etc/systemd/system/xentmem-broken.service"
+    broken.write_text(UNIT.read_text().replace("ProtectSystem=strict", "ProtectSystem=sideways"))
+    try:
+        result = subprocess.run(
+            [ANALYZE, "verify", f"--root={install_root}", broken.name],
+            capture_output=True, text=True, timeout=60,
+        )
+    finally:
+        broken.unlink()
+    assert "sideways" in result.stdout + result.stderr
+
+
+@needs_analyze
+def test_security_exposure_stays_low(install_root: Path) -> None:
+    """``systemd-analyze security`` scores 0 (locked down) to 10; we keep it at or under 2.0."""
+    result = subprocess.run(
+        [ANALYZE, "security", "--offline=yes", f"--root={install_root}", "--threshold=20",
+         "--no-pager", "xentmem.service"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_notify_ready_watchdog_and_restart(unit: dict[str, dict[str, list[str]]]) -> None:
+    assert one(unit, "Service", "Type") == "notify"
+    assert one(unit, "Service", "NotifyAccess") == "main"
+    assert one(unit, "Service", "Restart") == "on-failure"
+    assert one(unit, "Service", "WatchdogSec").rstrip("s").isdigit()
+    assert one(unit, "Service", "ExecReload") == "/bin/kill -HUP $MAINPID"
+    assert one(unit, "Service", "ExecStart").split()[0] == "/usr/bin/xentmemd"
+    assert one(unit, "Install", "WantedBy") == "multi-user.target"
+
+
+def test_ordering_after_xenbus_never_blocks_a_machine_without_xen(
+    unit: dict[str, dict[str, list[str]]],
+) -> None:
+    after = " ".join(unit["Unit"]["After"]).split()
+    assert "proc-xen.mount" in after and "xenstored.service" in after
+    # Wants= (not Requires=/BindsTo=): a missing or skipped proc-xen.mount is no failure.
+    assert "proc-xen.mount" in " ".join(unit["Unit"].get("Wants", []))
+    for hard in ("Requires", "Requisite", "BindsTo"):
+        assert hard not in unit["Unit"], f"{hard}= would stop the unit where Xen is absent"
+    conditions = [k for k in unit["Unit"] if k.startswith(("Condition", "Assert"))]
+    assert conditions == [], "the daemon falls back to zcache: no condition may refuse a start"
+
+
+def test_hardening_keeps_the_balloon_writable(unit: dict[str, dict[str, list[str]]]) -> None:
+    service = unit["Service"]
+    assert one(unit, "Service", "ProtectSystem") == "strict"
+    assert one(unit, "Service", "ProtectKernelTunables") == "yes"
+    # "-": the directory is absent off Xen, and a missing path must not fail the start.
+    assert service["ReadWritePaths"] == ["-/sys/devices/system/xen_memory"]
+    assert one(unit, "Service", "RuntimeDirectory") == "xentmem"
+    # writing target_kb is capable(CAP_SYS_ADMIN) in the balloon driver; nothing else is kept.
+    assert one(unit, "Service", "CapabilityBoundingSet") == "CAP_SYS_ADMIN"
+    assert "User" not in service and "DynamicUser" not in service  # root owns target_kb
+    assert "PrivateUsers" not in service  # would make CAP_SYS_ADMIN useless on the host
+    for key in ("NoNewPrivileges", "PrivateTmp", "ProtectKernelModules", "ProtectKernelLogs",
+                "ProtectControlGroups", "LockPersonality", "MemoryDenyWriteExecute",
+                "RestrictRealtime", "RestrictSUIDSGID", "RestrictNamespaces", "PrivateNetwork"):
+        assert one(unit, "Service", key) == "yes", key
+    assert one(unit, "Service", "ProtectHome") in ("yes", "read-only", "tmpfs")
+    assert one(unit, "Service", "RestrictAddressFamilies") == "AF_UNIX"
+    assert service["SystemCallFilter"][0] == "@system-service"
+    assert one(unit, "Service", "SystemCallArchitectures") == "native"
+
+
+def test_devices_allow_xenbus_and_keep_proc_readable(
+    unit: dict[str, dict[str, list[str]]],
+) -> None:
+    service = unit["Service"]
+    # PrivateDevices=yes would hide /dev/xen/xenbus; the device ACL allows exactly it.
+    assert one(unit, "Service", "PrivateDevices") == "no"
+    assert one(unit, "Service", "DevicePolicy") == "closed"
+    assert service["DeviceAllow"] == ["/dev/xen/xenbus rw"]
+    # The balloon reads /proc/meminfo, /proc/zoneinfo and /proc/pressure/memory.
+    assert service.get("ProcSubset", ["all"]) == ["all"]
+
+
+def test_the_file_parses_as_plain_ini() -> None:
+    """No duplicate sections or stray text a packager's tooling might choke on."""
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string(UNIT.read_text())
+    assert parser.sections() == ["Unit", "Service", "Install"]

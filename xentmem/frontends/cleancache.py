@@ -52,7 +52,7 @@ class Cleancache:
     """Cleancache.  Thread-safe: one lock guards the fs map and backend calls."""
 
     def __init__(self) -> None:
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()  # never taken twice: no method calls another under it
         self._ops: Backend | None = None
         self._filesystems: dict[int, _Filesystem] = {}
         self._next_fake_id = FAKE_FS_POOLID_OFFSET
@@ -146,18 +146,19 @@ class Cleancache:
     # -- data path ----------------------------------------------------------------------------
 
     def get_page(self, fake_id: int, key: FileKey, index: int) -> bytes | None:
-        """The clean page, or None for a miss (never stale data)."""
+        """The clean page, or None for a miss (never stale data).  A hot path: kept flat."""
         oid = filekey_oid(key)
         with self._lock:
-            fs = self._fs(fake_id)
+            fs = self._filesystems.get(fake_id)
+            if fs is None:
+                raise AbiError(f"no cleancache filesystem with pool id {fake_id}")
+            real_id = fs.real_id
             ops = self._ops
-            if ops is None or fs.real_id < 0 or not 0 <= index <= U32_MAX:
-                self.failed_gets += 1
-                return None
-            rc, data = ops.get_page(fs.real_id, oid, index)
-            if rc == TMEM_DONE and data is not None:
-                self.succ_gets += 1
-                return data
+            if ops is not None and real_id >= 0 and 0 <= index <= U32_MAX:
+                rc, data = ops.get_page(real_id, oid, index)
+                if rc == TMEM_DONE:
+                    self.succ_gets += 1
+                    return data
             self.failed_gets += 1
             return None
 
@@ -167,12 +168,15 @@ class Cleancache:
             raise AbiError(f"a page is {PAGE_SIZE} bytes, got {len(page)}")
         oid = filekey_oid(key)
         with self._lock:
-            fs = self._fs(fake_id)
+            fs = self._filesystems.get(fake_id)
+            if fs is None:
+                raise AbiError(f"no cleancache filesystem with pool id {fake_id}")
+            real_id = fs.real_id
             ops = self._ops
-            if ops is None or fs.real_id < 0 or not 0 <= index <= U32_MAX:
+            if ops is None or real_id < 0 or not 0 <= index <= U32_MAX:
                 return False
             self.puts += 1
-            if ops.put_page(fs.real_id, oid, index, page) == TMEM_DONE:
+            if ops.put_page(real_id, oid, index, page) == TMEM_DONE:
                 return True
             self.failed_puts += 1
             return False

@@ -202,3 +202,20 @@ def start_daemon(tmp_path: Path) -> Iterator[Any]:
     for process in started:
         if process.proc.poll() is None:
             process.stop()
+
+
+@pytest.fixture
+def make_daemon(tmp_path: Path, fake_root: Path) -> Iterator[Any]:
+    """``make_daemon(config_text=None, suffix=".toml", overrides=(), real_balloon=True)``:
+    an in-process daemon core over the fake root; shut down at teardown."""
+    made: list[Daemon] = []
+
+    def make(config_text: str | None = None, **kw: Any) -> Daemon:
+        daemon = build_daemon(tmp_path, fake_root, config_text, **kw)
+        made.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in made:
+        if daemon.state != "stopped":
+            daemon.shutdown()

@@ -161,7 +161,8 @@ class ConfigSchema:
                     params = self.section_params(entry.section)
                     typed = params.lookup(entry.key, owner=entry.section).coerce(entry.value)
             except ParamError as exc:
-                raise ConfigError(f"{entry.where}: [{entry.section}] {entry.key}: {exc}") from None
+                # ParamError messages name the key already ("capacity: ...", "unknown param").
+                raise ConfigError(f"{entry.where}: [{entry.section}] {exc}") from None
             if entry.section == DAEMON_SECTION:
                 daemon[entry.key] = typed
             elif entry.section == TMEM_SECTION:
@@ -207,6 +208,8 @@ def _toml_key_line(text: str, table: tuple[str, ...], key: str) -> int | None:
         line = raw.split("#", 1)[0].strip()
         if line.startswith("[") and line.endswith("]") and not line.startswith("[["):
             current = tuple(p.strip().strip('"').strip("'") for p in line[1:-1].split("."))
+            if current == (*table, key):  # the key names a table: its header line
+                return number
             continue
         name, sep, _ = line.partition("=")
         if sep and current == table and name.strip().strip('"').strip("'") == key:

@@ -116,6 +116,22 @@ class ControlClient:
         line, _, self._buffer = self._buffer.partition(b"\n")
         return line
 
+    def _salvage(self, sock: socket.socket) -> bytes | None:
+        """A line the daemon sent before it closed the connection, if one is waiting."""
+        try:
+            sock.setblocking(False)
+            while b"\n" not in self._buffer and len(self._buffer) <= MAX_RESPONSE_BYTES:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                self._buffer += chunk
+        except OSError:
+            pass
+        if b"\n" not in self._buffer:
+            return None
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
+
     # -- requests -------------------------------------------------------------------------------
 
     def call(self, op: str, **args: Any) -> Any:
@@ -138,7 +154,10 @@ class ControlClient:
                     raise ControlError(TIMEOUT, f"no answer to {op!r} from xentmemd within "
                                                 f"{self.timeout:g}s") from None
                 except (BrokenPipeError, ConnectionResetError) as exc:
+                    said = self._salvage(sock)
                     self._drop()
+                    if said is not None:  # the daemon explained before closing (busy)
+                        return decode_response(said, request_id)
                     # A kept-alive connection the daemon closed while idle: retry once, fresh.
                     if fresh or attempt == 2:
                         raise ControlError(UNAVAILABLE, f"xentmemd dropped the connection: "

@@ -388,7 +388,10 @@ def decode_response(untrusted_line: bytes, expected_id: Any = None) -> Any:
         raise ControlError(PROTOCOL, f"daemon sent a line that is not JSON: {exc}") from None
     if not isinstance(untrusted, dict) or untrusted.get("v") != PROTOCOL_VERSION:
         raise ControlError(PROTOCOL, "daemon answered in another protocol version")
-    if expected_id is not None and untrusted.get("id") != expected_id:
+    # An error with no id is about the connection (busy, a line it could not read): it is
+    # the answer to whatever was asked.
+    connection_error = untrusted.get("id") is None and untrusted.get("ok") is False
+    if expected_id is not None and untrusted.get("id") != expected_id and not connection_error:
         raise ControlError(PROTOCOL, f"answer to request {untrusted.get('id')!r} while waiting "
                                      f"for {expected_id!r}")
     if untrusted.get("ok") is True:

@@ -118,11 +118,11 @@ class Daemon:
              ) -> dict[str, Any]:
         """Load ``name`` (default: the configured backend) with config params under ``params``."""
         with self._lock:
+            requested = name or self.config.backend
+            choice = choose_backend(requested, self.roots, self.resolve)
             if self.shim.backend is not None:
                 raise BackendError(f"backend {self.shim.backend.name!r} is already loaded; "
                                    "unload it first")
-            requested = name or self.config.backend
-            choice = choose_backend(requested, self.roots, self.resolve)
             explicit = self.config.load_params(choice.chosen)
             explicit.update(params or {})
             log.info("backend %s chosen (%s): %s", choice.chosen, choice.requested, choice.reason)

@@ -1,0 +1,268 @@
+"""The control socket in process: error replies that change nothing, concurrent clients,
+bounded requests, the busy limit, access modes, and the client's own failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from xentmem.control import ControlClient, ControlError, protocol
+from xentmem.daemon import handlers
+from xentmem.daemon.core import Daemon
+from xentmem.daemon.server import ControlServer, ServerError
+
+PAGE = 4096
+
+
+@dataclass
+class Served:
+    daemon: Daemon
+    server: ControlServer
+
+
+@pytest.fixture
+def served(tmp_path: Path, make_daemon) -> Any:
+    """A daemon core with zcache loaded (loops off), served on a socket in tmp_path."""
+    daemon = make_daemon(None, overrides=("selfballooning=0", "selfshrinking=0"))
+    daemon.load("zcache", {"capacity": "16M"})
+    daemon.state = "running"
+    server = ControlServer(tmp_path / "run" / "control.sock",
+                           lambda line: handlers.handle_line(daemon, line), max_clients=4)
+    server.start()
+    yield Served(daemon, server)
+    server.stop()
+
+
+def raw_exchange(path: Path, payload: bytes, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """Send raw bytes, read reply lines until the daemon closes or goes quiet."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return [json.loads(line) for line in data.splitlines() if line]
+
+
+def snapshot(client: ControlClient) -> Any:
+    status = client.status()
+    for volatile in ("uptime_s",):
+        status.pop(volatile)
+    status["balloon"].pop("history", None)
+    return status, client.params_list(), client.stats(), client.pools()
+
+
+@pytest.mark.parametrize(
+    ("op", "args", "code"),
+    [
+        ("reboot", {}, protocol.UNKNOWN_OP),
+        ("params.set", {"name": "capacity", "value": "lots"}, protocol.BAD_VALUE),
+        ("params.set", {"name": "capacity", "value": "99T"}, protocol.BAD_VALUE),
+        ("params.set", {"name": "max_pools", "value": 2}, protocol.BAD_VALUE),
+        ("params.set", {"name": "cleancache", "value": 0}, protocol.BAD_VALUE),
+        ("params.set", {"name": "selfballoon_interval", "value": 0}, protocol.BAD_VALUE),
+        ("params.set", {"name": "nosuch", "value": 1}, protocol.NOT_FOUND),
+        ("params.set", {"name": "bogus.capacity", "value": "1M"}, protocol.NOT_FOUND),
+        ("params.get", {"name": "nosuch"}, protocol.NOT_FOUND),
+        ("params.set", {"name": "capacity"}, protocol.BAD_ARGS),
+        ("backend.load", {"name": "zcache"}, protocol.BACKEND_ERROR),
+        ("backend.load", {"name": "nosuch"}, protocol.NOT_FOUND),
+        ("cleancache.put_page", {"pool_id": 5, "key": 1, "index": 0,
+                                 "data": protocol.encode_bytes(bytes(PAGE))}, protocol.NOT_FOUND),
+        ("frontswap.store", {"type": 3, "offset": 0,
+                             "data": protocol.encode_bytes(bytes(PAGE))}, protocol.NOT_FOUND),
+        ("frontswap.init", {"pages": 0}, protocol.BAD_VALUE),
+        ("frontswap.init", {"pages": 1 << 30}, protocol.BAD_VALUE),
+        ("frontswap.init", {"pages": 8, "backing": "/etc/passwd"}, protocol.BAD_VALUE),
+        ("frontswap.init", {"pages": 8, "type": 99}, protocol.BAD_VALUE),
+        ("frontswap.shrink", {"target_pages": "all"}, protocol.BAD_ARGS),
+        ("cleancache.init_shared_fs", {"uuid": "not-a-uuid"}, protocol.BAD_VALUE),
+    ],
+)
+def test_refused_requests_change_nothing(served: Any, op: str, args: dict, code: str) -> None:
+    server = served.server
+    with ControlClient(server.path, timeout=5) as client:
+        before = snapshot(client)
+        with pytest.raises(ControlError) as caught:
+            client.call(op, **args)
+        assert caught.value.code == code, caught.value.message
+        assert caught.value.message
+        assert snapshot(client) == before
+
+
+def test_page_errors_inside_an_area_change_nothing(served: Any) -> None:
+    server = served.server
+    with ControlClient(server.path, timeout=5) as client:
+        swap = client.frontswap.init(pages=4)
+        client.frontswap.store(swap, 1, b"a" * PAGE)
+        before = snapshot(client)
+        for call in (lambda: client.frontswap.store(swap, 4, b"b" * PAGE),      # past the end
+                     lambda: client.frontswap.store(swap, 1, b"short"),         # not a page
+                     lambda: client.frontswap.init(pages=4, swap_type=swap)):   # type taken
+            with pytest.raises(ControlError) as caught:
+                call()
+            assert caught.value.code == protocol.BAD_VALUE
+        assert snapshot(client) == before
+        assert client.frontswap.load(swap, 1) == b"a" * PAGE
+
+
+def test_malformed_lines_get_error_replies_and_the_connection_goes_on(served: Any) -> None:
+    server = served.server
+    replies = raw_exchange(server.path, b"garbage\n\n[]\n"
+                           b'{"v":1,"id":"x","op":"nope"}\n{"v":7,"id":3,"op":"status"}\n'
+                           b'{"v":1,"id":9,"op":"frontswap.curr_pages"}\n')
+    assert [r["ok"] for r in replies] == [False, False, False, False, True]
+    assert [r.get("error", {}).get("code") for r in replies[:4]] == [
+        protocol.BAD_REQUEST, protocol.BAD_REQUEST, protocol.UNKNOWN_OP,
+        protocol.UNSUPPORTED_VERSION]
+    assert replies[2]["id"] == "x" and replies[3]["id"] == 3
+    assert replies[4] == {"v": 1, "id": 9, "ok": True, "result": {"pages": 0}}
+
+
+def test_an_overlong_line_is_refused_and_the_connection_closed(served: Any) -> None:
+    server = served.server
+    payload = b'{"v":1,"op":"status","id":"' + b"x" * (protocol.MAX_REQUEST_BYTES + 10)
+    replies = raw_exchange(server.path, payload)
+    assert len(replies) == 1
+    assert replies[0]["error"]["code"] == protocol.BAD_REQUEST
+    assert "longer than" in replies[0]["error"]["message"]
+
+
+def test_concurrent_clients_each_get_their_own_answers(served: Any) -> None:
+    daemon, server = served.daemon, served.server
+    with ControlClient(server.path, timeout=5) as setup:
+        areas = [setup.frontswap.init(pages=64) for _ in range(4)]
+    errors: list[BaseException] = []
+
+    def worker(swap_type: int) -> None:
+        try:
+            with ControlClient(server.path, timeout=10) as client:
+                for offset in range(64):
+                    data = bytes([swap_type, offset]) * (PAGE // 2)
+                    client.frontswap.store(swap_type, offset, data)
+                for offset in range(64):
+                    assert client.frontswap.load(swap_type, offset) == \
+                        bytes([swap_type, offset]) * (PAGE // 2)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in areas]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    assert daemon.shim.frontswap.stats()["succ_stores"] == 4 * 64
+
+
+def test_one_client_shared_by_threads(served: Any) -> None:
+    server = served.server
+    results: list[int] = []
+    with ControlClient(server.path, timeout=5) as client:
+        threads = [threading.Thread(target=lambda: results.append(
+            client.frontswap.curr_pages())) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+    assert results == [0] * 8
+
+
+def test_busy_beyond_max_clients(served: Any) -> None:
+    server = served.server
+    held = [ControlClient(server.path, timeout=5) for _ in range(4)]
+    try:
+        for client in held:
+            client.hello()
+        with pytest.raises(ControlError) as caught:
+            ControlClient(server.path, timeout=5).hello()
+        assert caught.value.code == protocol.BUSY
+    finally:
+        for client in held:
+            client.close()
+
+
+def test_socket_is_owner_only_and_can_be_opened_to_a_group(served: Any) -> None:
+    server = served.server
+    assert stat.S_IMODE(os.stat(server.path).st_mode) == 0o600
+    server.set_access(0, str(os.getgid()))
+    info = os.stat(server.path)
+    assert stat.S_IMODE(info.st_mode) == 0o660 and info.st_gid == os.getgid()
+    with pytest.raises(ServerError, match="does not exist"):
+        server.set_access(0, "no-such-group-xentmem")
+    assert stat.S_IMODE(os.stat(server.path).st_mode) == 0o660  # unchanged
+
+
+def test_a_second_server_on_the_same_path_is_refused(served: Any) -> None:
+    server = served.server
+    with pytest.raises(ServerError, match="another xentmemd"):
+        ControlServer(server.path, lambda line: b"").start()
+
+
+def test_a_stale_socket_is_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "control.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nobody listens
+    server = ControlServer(path, lambda line: protocol.encode_result(None, "pong"))
+    server.start()
+    try:
+        assert raw_exchange(path, b'{"v":1,"op":"hello"}\n')[0]["result"] == "pong"
+    finally:
+        server.stop()
+    assert not path.exists()
+
+
+def test_requests_that_change_state_are_refused_while_stopping(served: Any) -> None:
+    daemon, server = served.daemon, served.server
+    with ControlClient(server.path, timeout=5) as client:
+        daemon.state = "stopping"
+        with pytest.raises(ControlError) as caught:
+            client.frontswap.init(pages=4)
+        assert caught.value.code == protocol.SHUTTING_DOWN
+        assert client.status()["state"] == "stopping"  # reads still answer
+        daemon.state = "running"
+
+
+def test_client_failures_are_control_errors(tmp_path: Path) -> None:
+    with pytest.raises(ControlError) as caught:
+        ControlClient(tmp_path / "absent.sock", timeout=1).status()
+    assert caught.value.code == protocol.UNAVAILABLE
+    assert "is the daemon running" in caught.value.message
+
+    # A daemon that never answers: the client's timeout ends the wait.
+    path = tmp_path / "mute.sock"
+    mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    mute.bind(str(path))
+    mute.listen(1)
+    try:
+        with pytest.raises(ControlError) as caught:
+            ControlClient(path, timeout=0.2).status()
+        assert caught.value.code == protocol.TIMEOUT
+    finally:
+        mute.close()
+    with pytest.raises(ValueError):
+        ControlClient(path, timeout=0)
+
+
+def test_client_reconnects_after_the_daemon_dropped_an_idle_connection(served: Any) -> None:
+    server = served.server
+    with ControlClient(server.path, timeout=5) as client:
+        client.hello()
+        assert client._sock is not None
+        client._sock.shutdown(socket.SHUT_RDWR)  # as if the daemon had closed it
+        assert client.frontswap.curr_pages() == 0

@@ -176,7 +176,7 @@ def run(app: App, *, run_dir: Path | None, config: str | None, backend: str | No
     """Run the daemon in this terminal and show what it does (Ctrl-C stops it).
 
     Without Xen it runs on the local zcache store and the balloon only reports.  Arguments
-    after -- go to xentmemd unchanged (see `python -m xentmem.daemon.app --help`).
+    after -- go to xentmemd unchanged (see `xentmemd --help`).
     """
     if run_dir is None:
         run_dir, why = default_run_dir(os.geteuid(), os.environ)

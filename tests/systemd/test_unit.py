@@ -132,6 +132,12 @@ def test_notify_ready_watchdog_and_restart(unit: dict[str, dict[str, list[str]]]
     assert one(unit, "Install", "WantedBy") == "multi-user.target"
 
 
+def test_a_refused_config_is_not_restarted_in_a_loop(unit: dict[str, dict[str, list[str]]]) -> None:
+    from xentmem.daemon.app import EX_CONFIG
+
+    assert one(unit, "Service", "RestartPreventExitStatus") == str(EX_CONFIG)
+
+
 def test_ordering_after_xenbus_never_blocks_a_machine_without_xen(
     unit: dict[str, dict[str, list[str]]],
 ) -> None:
@@ -174,8 +180,9 @@ def test_devices_allow_xenbus_and_keep_proc_readable(
     assert one(unit, "Service", "PrivateDevices") == "no"
     assert one(unit, "Service", "DevicePolicy") == "closed"
     assert service["DeviceAllow"] == ["/dev/xen/xenbus rw"]
-    # The balloon reads /proc/meminfo, /proc/zoneinfo and /proc/pressure/memory.
-    assert service.get("ProcSubset", ["all"]) == ["all"]
+    # A fresh /proc would hide /proc/xen (xenfs: capabilities tells dom0 from a guest) and,
+    # with ProcSubset=pid, /proc/meminfo, zoneinfo and pressure/memory.
+    assert "ProcSubset" not in service and "ProtectProc" not in service
 
 
 def test_the_file_parses_as_plain_ini() -> None:

@@ -1,0 +1,210 @@
+"""``xentmem run``: the daemon in the foreground, as a newcomer starts it."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from xentmem_cli.foreground import Notification
+from xentmem_cli.main import cli
+from xentmem_cli.run import (
+    SYSTEM_RUN_DIR,
+    balloon_summary,
+    child_env,
+    daemon_command,
+    default_run_dir,
+    describe_ready,
+)
+
+WAIT_S = 30.0
+
+
+# -- the pieces ------------------------------------------------------------------------------------
+
+def test_run_dir_for_root_is_the_system_one() -> None:
+    assert default_run_dir(0, {"XDG_RUNTIME_DIR": "/run/user/0"})[0] == SYSTEM_RUN_DIR
+    assert Path("/run/xentmem") == SYSTEM_RUN_DIR
+
+
+def test_run_dir_for_a_user_is_under_xdg_runtime_dir(tmp_path: Path) -> None:
+    run_dir, why = default_run_dir(1000, {"XDG_RUNTIME_DIR": str(tmp_path)})
+    assert run_dir == tmp_path / "xentmem"
+    assert "XDG_RUNTIME_DIR" in why
+
+
+def test_run_dir_without_xdg_is_a_new_private_temp_dir(tmp_path: Path) -> None:
+    first, why = default_run_dir(1000, {"XDG_RUNTIME_DIR": str(tmp_path / "missing")})
+    second, _ = default_run_dir(1000, {})
+    try:
+        assert first != second
+        for made in (first, second):
+            assert made.is_dir() and (made.stat().st_mode & 0o777) == 0o700
+        assert "temporary" in why
+    finally:
+        first.rmdir()
+        second.rmdir()
+
+
+def test_daemon_command_passes_everything_through(tmp_path: Path) -> None:
+    argv = daemon_command(tmp_path, config="/etc/x.toml", backend="zcache", log_level="debug",
+                          options=("capacity=64M", "selfballoon_interval=10"),
+                          extra=("--root", "/fake"))
+    assert argv == [sys.executable, "-m", "xentmem.daemon.app", "--run-dir", str(tmp_path),
+                    "--config", "/etc/x.toml", "--backend", "zcache", "--log-level", "debug",
+                    "-o", "capacity=64M", "-o", "selfballoon_interval=10", "--root", "/fake"]
+    assert daemon_command(tmp_path, config=None, backend=None, log_level=None, options=(),
+                          extra=()) == [sys.executable, "-m", "xentmem.daemon.app",
+                                        "--run-dir", str(tmp_path)]
+
+
+def test_child_env_drops_journal_markers_only_for_a_terminal() -> None:
+    parent = {"JOURNAL_STREAM": "8:123", "INVOCATION_ID": "abc", "HOME": "/root"}
+    assert child_env(parent, stderr_is_tty=True) == {"HOME": "/root"}
+    assert child_env(parent, stderr_is_tty=False) == parent
+
+
+def test_notification_parse() -> None:
+    note = Notification.parse(b"READY=1\nSTATUS=backend zcache; 0 pages\nMAINPID=42\n")
+    assert note.ready and not note.stopping
+    assert note.status == "backend zcache; 0 pages"
+    assert note.fields["MAINPID"] == "42"
+    odd = Notification.parse(b"garbage\n=x\nBAD KEY=1\nSTOPPING=1\n\xff=1")
+    assert dict(odd.fields) == {"STOPPING": "1"}
+    assert odd.stopping and not odd.ready and odd.status is None
+
+
+def test_ready_banner_tells_a_newcomer_what_to_do_next(tmp_path: Path) -> None:
+    status = {
+        "backend": {"name": "zcache"},
+        "backend_choice": {"requested": "auto", "chosen": "zcache", "reason": "no Xen"},
+        "balloon": {"running": True, "jobs": ["selfballooning"], "report_only": True},
+    }
+    socket_path = tmp_path / "control.sock"
+    lines = describe_ready(status, 42, socket_path)
+    assert lines[:4] == [
+        "xentmemd is ready (pid 42)",
+        "  backend: zcache (auto: no Xen)",
+        "  balloon: running (selfballooning), report-only: it computes targets but does not "
+        "move the balloon",
+        f"  socket:  {socket_path}",
+    ]
+    assert f"  export XENTMEM_SOCKET={socket_path}" in lines
+    assert any(line.startswith("  xentmem status") for line in lines)
+    assert lines[-1].startswith("Ctrl-C stops it")
+    default = describe_ready(None, 7, SYSTEM_RUN_DIR / "control.sock")
+    assert not any("export" in line for line in default)
+    assert balloon_summary({"running": False, "not_running_because": "dom0"}) == (
+        "not running (dom0)")
+
+
+# -- the command, end to end -----------------------------------------------------------------------
+
+class LineReader:
+    """The lines of a pipe, read on a thread, each waited for with a timeout."""
+
+    def __init__(self, stream: Any) -> None:
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream: Any) -> None:
+        for raw in stream:
+            self.lines.put(raw.rstrip("\n"))
+        self.lines.put(None)
+
+    def until(self, predicate: Any, timeout_s: float = WAIT_S) -> str:
+        while True:
+            try:
+                line = self.lines.get(timeout=timeout_s)
+            except queue.Empty:
+                raise AssertionError(f"nothing matching within {timeout_s}s: {self.seen}") from None
+            if line is None:
+                raise AssertionError(f"stream ended first: {self.seen}")
+            self.seen.append(line)
+            if predicate(line):
+                return line
+
+    def rest(self) -> list[str]:
+        self._thread.join(timeout=WAIT_S)
+        while True:
+            line = self.lines.get_nowait() if not self.lines.empty() else None
+            if line is None:
+                return self.seen
+            self.seen.append(line)
+
+
+def console_script() -> str:
+    return str(Path(sys.executable).with_name("xentmem"))
+
+
+@pytest.fixture
+def run_process(tmp_path: Path, fake_root: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    """``xentmem run`` in its own session (a terminal's foreground job), on a fake root."""
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("XENTMEM_SOCKET", "NOTIFY_SOCKET")}
+    proc = subprocess.Popen(
+        [console_script(), "run", "--run-dir", str(run_dir), "--", "--root", str(fake_root)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True,
+    )
+    yield proc, run_dir
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(WAIT_S)
+
+
+def test_run_shows_the_socket_then_stops_cleanly_on_ctrl_c(
+    run_process: tuple[subprocess.Popen[str], Path], xentmem_at: Any,
+) -> None:
+    proc, run_dir = run_process
+    stderr = LineReader(proc.stderr)
+    ready = stderr.until(lambda line: line.startswith("xentmemd is ready"))
+    daemon_pid = int(ready.split("pid ")[1].rstrip(")"))
+    socket_line = stderr.until(lambda line: line.startswith("  socket:"))
+    socket_path = Path(socket_line.split(None, 1)[1])
+    assert socket_path == run_dir / "control.sock"
+    stderr.until(lambda line: line == f"  export XENTMEM_SOCKET={socket_path}")
+
+    status = xentmem_at(socket_path).json("status")
+    assert status["pid"] == daemon_pid
+    assert status["backend"]["name"] == "zcache"
+
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+    assert proc.wait(WAIT_S) == 0
+    lines = stderr.rest()
+    assert "xentmem run: xentmemd stopped (exit status 0)" in lines
+    assert any("stopping xentmemd" in line for line in lines)
+    assert proc.stdout is not None and proc.stdout.read() == ""  # status only, on stderr
+    with pytest.raises(ProcessLookupError):
+        os.kill(daemon_pid, 0)
+    assert not socket_path.exists()
+
+
+def test_run_reports_a_daemon_that_fails_to_start(
+    tmp_path: Path, fake_root: Path, runner: Any,
+) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[selfballoon]\nselfballoon_interval = 0\n")
+    result = runner.invoke(cli, ["run", "--run-dir", str(tmp_path / "run"), "--config",
+                                 str(bad), "--", "--root", str(fake_root)],
+                           prog_name="xentmem")
+    assert result.exit_code == 78, result.output  # EX_CONFIG, passed on
+    assert result.stderr.splitlines()[-1] == (
+        "xentmem: error: xentmemd exited with status 78 before it was ready "
+        "(its messages are above)")
+
+
+def test_run_refuses_a_run_dir_where_a_daemon_answers(
+    daemon: Any, runner: Any, assert_error: Any,
+) -> None:
+    result = runner.invoke(cli, ["run", "--run-dir", str(daemon.run_dir)], prog_name="xentmem")
+    assert_error(result, 1, f"a xentmemd already answers on {daemon.socket}")

@@ -59,12 +59,18 @@ START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 20.0
 
 
-def resolve(name: str) -> type:
-    try:
-        return TEST_BACKENDS[name]
-    except KeyError:
-        raise ParamError(f"unknown backend {name!r}; available backends: "
-                         + ", ".join(TEST_BACKENDS)) from None
+def resolver(extra: dict[str, type] | None = None) -> Any:
+    """The daemon's name -> backend class seam over :data:`TEST_BACKENDS` plus ``extra``."""
+    table = {**TEST_BACKENDS, **(extra or {})}
+
+    def resolve(name: str) -> type:
+        try:
+            return table[name]
+        except KeyError:
+            raise ParamError(f"unknown backend {name!r}; available backends: "
+                             + ", ".join(table)) from None
+
+    return resolve
 
 
 def make_root(base: Path, cmdline: str = "ro quiet") -> Path:
@@ -85,7 +91,7 @@ def fake_root(tmp_path: Path) -> Path:
 
 def build_daemon(tmp_path: Path, root: Path, config_text: str | None = None, *,
                  suffix: str = ".toml", overrides: tuple[str, ...] = (),
-                 real_balloon: bool = True) -> Daemon:
+                 real_balloon: bool = True, backends: dict[str, type] | None = None) -> Daemon:
     """An in-process daemon core (no socket, no signals) over ``root``."""
     roots = Roots(root=root, run_dir=tmp_path / "run")
     path = tmp_path / f"xentmem{suffix}"
@@ -98,6 +104,7 @@ def build_daemon(tmp_path: Path, root: Path, config_text: str | None = None, *,
         knobs_schema = knob_params()
     else:
         knobs_schema = NoBalloon("test").knob_params
+    resolve = resolver(backends)
     schema = ConfigSchema(knobs_schema, lambda name: resolve(name).params)
     config = load(path, schema, overrides, missing_ok=config_text is None)
     balloon = make_balloon(roots, clock, config.knobs) if real_balloon else NoBalloon("test")
@@ -206,7 +213,8 @@ def start_daemon(tmp_path: Path) -> Iterator[Any]:
 
 @pytest.fixture
 def make_daemon(tmp_path: Path, fake_root: Path) -> Iterator[Any]:
-    """``make_daemon(config_text=None, suffix=".toml", overrides=(), real_balloon=True)``:
+    """``make_daemon(config_text=None, suffix=".toml", overrides=(), real_balloon=True,
+    backends=None)``:
     an in-process daemon core over the fake root; shut down at teardown."""
     made: list[Daemon] = []
 

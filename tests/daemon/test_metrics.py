@@ -1,0 +1,84 @@
+"""The Prometheus text: names, types, labels, escaping, and the atomic textfile."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from xentmem.metrics import Family, collect, render, write_textfile
+
+STATS = {
+    "cleancache": {"succ_gets": 3, "failed_gets": 1, "puts": 5, "invalidates": 0,
+                   "failed_puts": 0},
+    "frontswap": {"loads": 2, "succ_stores": 7, "failed_stores": 1, "invalidates": 0,
+                  "failed_loads": 0, "repatriated": 4, "backing_writes": 1, "curr_pages": 3},
+    "backend": {"pages": 4, "zbytes": 900},
+    "backend_detailed": {},
+}
+BALLOON = {"running": True, "report_only": True, "cur_pages": 512000, "goal_pages": 140000,
+           "floor_pages": 60000, "committed_pages": 128000, "target_pages": 400000,
+           "target_kb": 1600000, "counters": {"ticks": 12, "errors": 1}}
+
+
+def test_render_exact_text() -> None:
+    family = Family("xentmem_x", "gauge", 'help with \\ and\nnewline')
+    family.add(1, a='q"uote', b="back\\slash\n").add(2.5)
+    assert render([family, Family("xentmem_empty", "counter", "no samples")]) == (
+        '# HELP xentmem_x help with \\\\ and\\nnewline\n'
+        "# TYPE xentmem_x gauge\n"
+        'xentmem_x{a="q\\"uote",b="back\\\\slash\\n"} 1\n'
+        "xentmem_x 2.5\n"
+    )
+
+
+def test_collect_counters_and_balloon_figures() -> None:
+    text = render(collect(backend="zcache", stats=STATS, balloon=BALLOON,
+                          swap_areas=[{"type": 0, "kind": "FileBacking", "pages": 64,
+                                       "used": 2, "tmem_pages": 3}], uptime_s=5.0))
+    lines = set(text.splitlines())
+    for expected in (
+        "# TYPE xentmem_frontend_events_total counter",
+        'xentmem_frontend_events_total{frontend="cleancache",event="succ_gets"} 3',
+        'xentmem_frontend_events_total{frontend="frontswap",event="repatriated"} 4',
+        'xentmem_frontswap_tmem_pages{backend="zcache"} 3',
+        'xentmem_backend_loaded{backend="zcache"} 1',
+        "# TYPE xentmem_backend_stat untyped",
+        'xentmem_backend_stat{backend="zcache",stat="zbytes"} 900',
+        'xentmem_swap_area_used_pages{type="0",backing="FileBacking"} 2',
+        "xentmem_balloon_running 1",
+        "xentmem_balloon_report_only 1",
+        f"xentmem_balloon_goal_bytes {140000 * 4096}",
+        f"xentmem_balloon_floor_bytes {60000 * 4096}",
+        f"xentmem_balloon_driver_target_bytes {1600000 * 1024}",
+        'xentmem_balloon_loop_events_total{event="ticks"} 12',
+        "xentmem_daemon_uptime_seconds 5.0",
+    ):
+        assert expected in lines, expected
+    assert "xentmem_backend_stat_detailed" not in text  # empty: left out
+    for line in text.splitlines():
+        assert line.startswith(("# HELP xentmem_", "# TYPE xentmem_", "xentmem_")), line
+    # every family announces HELP then TYPE before its samples
+    seen_type = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            seen_type.add(line.split()[2])
+        elif not line.startswith("#"):
+            assert line.split("{")[0].split(" ")[0] in seen_type, line
+
+
+def test_no_backend_and_no_balloon() -> None:
+    text = render(collect(backend=None, stats={"cleancache": {}, "frontswap": {}},
+                          balloon={"running": False}))
+    assert 'xentmem_backend_loaded{backend="none"} 0' in text
+    assert "xentmem_balloon_running 0" in text
+    assert "xentmem_balloon_goal_bytes" not in text
+
+
+def test_textfile_is_replaced_atomically(tmp_path: Path) -> None:
+    target = tmp_path / "xentmem.prom"
+    target.write_text("old\n")
+    inode = os.stat(target).st_ino
+    write_textfile(target, "new\n")
+    assert target.read_text() == "new\n"
+    assert os.stat(target).st_ino != inode  # renamed over, never rewritten in place
+    assert [p.name for p in tmp_path.iterdir()] == ["xentmem.prom"]

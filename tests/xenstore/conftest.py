@@ -1,0 +1,29 @@
+"""The xenstore peers' fixtures (see ``fakes.xenstore_hosts``), and a hang guard.
+
+pyxs has calls that can block forever (a dead router thread, ``Monitor.wait()``); a test
+here that hangs is killed with a traceback instead of stalling the run.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+from collections.abc import Iterator
+
+import pytest
+from fakes.xenstore_hosts import (  # noqa: F401  (fixtures, registered by import)
+    c_xenstored_peer,
+    make_xs_server,
+    oxenstored_peer,
+    pyxs_su,
+    xenstore_host,
+    xs_server,
+)
+
+HANG_GUARD_S = 120
+
+
+@pytest.fixture(autouse=True)
+def _hang_guard() -> Iterator[None]:
+    faulthandler.dump_traceback_later(HANG_GUARD_S, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from typing import Any, Callable, NoReturn, Protocol
 
 import click
@@ -105,7 +106,21 @@ class App:
         if not os.access(path, os.R_OK | os.W_OK):
             return (f"permission denied on {path}: the socket is owner-only; run as its owner "
                     "(root for the system service) or ask for the socket's group")
-        return f"xentmemd is not running ({exc.message}); {HOW_TO_START}"
+        if not self._accepts_connections():
+            return f"xentmemd is not running (stale socket at {path}); {HOW_TO_START}"
+        return f"xentmemd at {path} broke off: {exc.message}"
+
+    def _accepts_connections(self) -> bool:
+        """Whether anything listens on the socket (a crashed daemon leaves a dead file)."""
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(self.timeout)
+        try:
+            probe.connect(self.socket_path)
+        except OSError:
+            return False
+        finally:
+            probe.close()
+        return True
 
     # -- output ---------------------------------------------------------------------------------
 

@@ -226,11 +226,12 @@ def supervise(app: App, daemon: ForegroundDaemon, socket_path: Path,
 def _watch(app: App, daemon: ForegroundDaemon, pid: int, socket_path: Path,
            start_timeout: float, clock: SystemClock, presses: list[int]) -> int:
     deadline = clock.monotonic() + start_timeout
-    ready = False
+    ready = timed_out = False
     last_status: str | None = None
     for event in daemon.events():
         if event.exit_code is not None:
-            return _exited(app, event.exit_code, ready)
+            return _exited(app, event.exit_code, ready=ready,
+                           timed_out=start_timeout if timed_out else None)
         note = event.notification
         if note is not None and note.ready and not ready:
             ready = True
@@ -243,18 +244,22 @@ def _watch(app: App, daemon: ForegroundDaemon, pid: int, socket_path: Path,
             if ready:
                 app.status(f"xentmem run: {note.status}")
         if not ready and not presses and clock.monotonic() > deadline:
-            app.status(f"xentmem run: xentmemd not ready after {start_timeout:g}s; stopping it")
+            timed_out = True
             presses.append(signal.SIGTERM)
             daemon.signal(signal.SIGTERM)
     raise AssertionError("events() ends with the exit event")  # pragma: no cover
 
 
-def _exited(app: App, code: int, ready: bool) -> int:
-    if code < 0:
-        app.status(f"xentmem run: xentmemd was killed by signal {-code}")
-        return 128 - code
+def _exited(app: App, code: int, *, ready: bool, timed_out: float | None) -> int:
+    """Say how the daemon ended; the status to exit with (128+N for signal N, as a shell)."""
+    how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+    status = 128 - code if code < 0 else code
+    if timed_out is not None:
+        app.abort(f"xentmemd was not ready within {timed_out:g}s, so it was stopped "
+                  f"(it {how}; its messages are above)", EXIT_ERROR)
     if not ready:
-        app.abort(f"xentmemd exited with status {code} before it was ready "
-                  "(its messages are above)", code or EXIT_ERROR)
-    app.status(f"xentmem run: xentmemd stopped (exit status {code})")
-    return code
+        app.abort(f"xentmemd {how} before it was ready (its messages are above)",
+                  status or EXIT_ERROR)
+    app.status(f"xentmem run: xentmemd stopped (exit status {code})" if code >= 0
+               else f"xentmem run: xentmemd {how}")
+    return status

@@ -5,6 +5,7 @@ Exit codes: 1 the daemon refused, 2 usage error (click), 3 the daemon cannot be 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -60,7 +61,8 @@ def test_stale_socket_file_means_not_running(
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(path))  # bound, never listening: what a crashed daemon leaves behind
     stale.close()
-    assert_error(xentmem_at(path)("status"), 3, "xentmemd is not running", "xentmem run")
+    assert_error(xentmem_at(path)("status"), 3, f"xentmemd is not running (stale socket at {path})",
+                 "xentmem run")
 
 
 @pytest.fixture
@@ -89,6 +91,59 @@ def silent_daemon(tmp_path: Path) -> Iterator[Path]:
     for conn in held:
         conn.close()
     server.close()
+
+
+@pytest.fixture
+def rude_daemon(tmp_path: Path) -> Iterator[Any]:
+    """``rude_daemon(reply)``: a socket whose peer reads one request, sends ``reply``, hangs up."""
+    servers: list[tuple[socket.socket, threading.Thread]] = []
+
+    def start(reply: bytes) -> Path:
+        path = tmp_path / f"rude-{len(servers)}.sock"
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(str(path))
+        server.listen(4)
+        server.settimeout(10)
+
+        def serve() -> None:  # one connection: a fresh one that fails is not retried
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn, contextlib.suppress(OSError):  # the client may hang up first
+                conn.settimeout(10)
+                conn.recv(65536)
+                conn.sendall(reply)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        return path
+
+    yield start
+    for server, thread in servers:
+        server.close()
+        thread.join(timeout=10)
+
+
+def test_a_garbled_answer_is_a_protocol_error(rude_daemon: Any, xentmem_at: Any,
+                                              assert_error: Any) -> None:
+    assert_error(xentmem_at(rude_daemon(b"this is not json\n"))("status"), 1,
+                 "not JSON", "[protocol]")
+
+
+def test_an_answer_in_another_protocol_version(rude_daemon: Any, xentmem_at: Any,
+                                               assert_error: Any) -> None:
+    reply = b'{"v": 99, "id": 1, "ok": true, "result": {}}\n'
+    assert_error(xentmem_at(rude_daemon(reply))("status"), 1, "another protocol version",
+                 "[protocol]")
+
+
+def test_a_daemon_that_hangs_up_without_answering(rude_daemon: Any, xentmem_at: Any,
+                                                  assert_error: Any) -> None:
+    path = rude_daemon(b"")
+    assert_error(xentmem_at(path)("status"), 3, f"xentmemd at {path} broke off",
+                 "closed the connection")
 
 
 def test_no_answer_within_the_timeout(

@@ -208,3 +208,17 @@ def test_run_refuses_a_run_dir_where_a_daemon_answers(
 ) -> None:
     result = runner.invoke(cli, ["run", "--run-dir", str(daemon.run_dir)], prog_name="xentmem")
     assert_error(result, 1, f"a xentmemd already answers on {daemon.socket}")
+
+
+def test_run_gives_up_on_a_daemon_that_never_gets_ready(
+    tmp_path: Path, runner: Any, monkeypatch: pytest.MonkeyPatch, assert_error: Any,
+) -> None:
+    """A daemon that says nothing is stopped after --start-timeout, with one clear line."""
+    silent = [sys.executable, "-c", "import time; time.sleep(60)"]
+    monkeypatch.setattr("xentmem_cli.run.daemon_command", lambda *a, **k: silent)
+    result = runner.invoke(cli, ["run", "--run-dir", str(tmp_path / "run"),
+                                 "--start-timeout", "0.5"], prog_name="xentmem")
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines()[-1] == (
+        "xentmem: error: xentmemd was not ready within 0.5s, so it was stopped "
+        "(it was killed by signal 15; its messages are above)")

@@ -21,6 +21,7 @@ from typing import Any, Callable, NoReturn, Protocol
 import click
 
 from xentmem.control import protocol
+from xentmem.control.client import ControlClient
 from xentmem.control.protocol import ControlError
 
 EXIT_ERROR = 1
@@ -35,7 +36,7 @@ HOW_TO_START = ("start it with `xentmem run` (foreground) or `systemctl start xe
 
 
 class Client(Protocol):
-    """What the CLI needs of :class:`xentmem.control.ControlClient` (a test may pass a fake)."""
+    """What the CLI needs of :class:`xentmem.control.ControlClient`."""
 
     def call(self, op: str, **args: Any) -> Any: ...
 
@@ -46,9 +47,7 @@ ClientFactory = Callable[[str, float], Client]
 
 
 def control_client(socket_path: str, timeout: float) -> Client:
-    """The real client; imported here so ``--help`` works even if the import is slow."""
-    from xentmem.control.client import ControlClient
-
+    """The client of the control socket (the default factory)."""
     return ControlClient(socket_path, timeout=timeout)
 
 

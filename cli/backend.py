@@ -15,6 +15,7 @@ from click.shell_completion import CompletionItem
 from xentmem_cli import render
 from xentmem_cli.app import App, json_option
 
+from xentmem import registry
 from xentmem.errors import ParamError
 from xentmem.params import parse_assignments
 
@@ -25,8 +26,6 @@ def complete_backend(
     ctx: click.Context, param: click.Parameter, incomplete: str
 ) -> list[CompletionItem]:
     """``auto`` and the backends installed here (the entry points the daemon also reads)."""
-    from xentmem import registry
-
     names = [AUTO, *registry.available()]
     return [CompletionItem(name) for name in names if name.startswith(incomplete)]
 

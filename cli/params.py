@@ -16,6 +16,9 @@ from click.shell_completion import CompletionItem
 from xentmem_cli import render
 from xentmem_cli.app import App, json_option
 
+from xentmem.control.client import ControlClient
+from xentmem.control.protocol import ControlError
+
 SECTIONS = ("tmem", "backend", "selfballoon")
 LIST_COLUMNS = ("name", "section", "value", "default", "writable", "unit")
 #: How long completion may wait for the daemon before offering nothing.
@@ -26,9 +29,6 @@ def complete_param_name(
     ctx: click.Context, param: click.Parameter, incomplete: str
 ) -> list[CompletionItem]:
     """Param names from the running daemon; nothing (never an error) if it is not there."""
-    from xentmem.control.client import ControlClient
-    from xentmem.control.protocol import ControlError
-
     root = ctx.find_root()
     socket_path = root.params.get("socket_path")
     try:

@@ -25,6 +25,7 @@ from xentmem_cli.backend import complete_backend
 from xentmem_cli.foreground import ForegroundDaemon
 
 from xentmem.clock import SystemClock
+from xentmem.control.client import ControlClient
 from xentmem.control.protocol import DEFAULT_SOCKET_PATH, SOCKET_NAME, ControlError
 
 SYSTEM_RUN_DIR = Path(DEFAULT_SOCKET_PATH).parent
@@ -130,8 +131,6 @@ def forwarded_signals(on_signal: Callable[[int], None]) -> Iterator[None]:
 
 def ready_status(socket_path: Path, timeout: float) -> dict[str, Any] | None:
     """The daemon's status for the banner; None (and the banner without it) on any error."""
-    from xentmem.control.client import ControlClient
-
     try:
         with ControlClient(socket_path, timeout=timeout) as client:
             return client.status()
@@ -140,8 +139,7 @@ def ready_status(socket_path: Path, timeout: float) -> dict[str, Any] | None:
 
 
 def already_running(socket_path: Path) -> bool:
-    from xentmem.control.client import ControlClient
-
+    """Whether a daemon answers on ``socket_path`` (then a second one must not start)."""
     if not socket_path.exists():
         return False
     try:

@@ -54,9 +54,11 @@ def default_run_dir(euid: int, env: dict[str, str] | os._Environ[str]) -> tuple[
 
 def daemon_command(run_dir: Path, *, config: str | None, backend: str | None,
                    log_level: str | None, options: tuple[str, ...],
-                   extra: tuple[str, ...]) -> list[str]:
+                   extra: tuple[str, ...], root: str | None = None) -> list[str]:
     """``xentmemd`` with the same interpreter as this CLI, so the two never disagree."""
     argv = [sys.executable, "-m", "xentmem.daemon.app", "--run-dir", str(run_dir)]
+    if root is not None:
+        argv += ["--root", root]
     if config is not None:
         argv += ["--config", config]
     if backend is not None:
@@ -154,6 +156,10 @@ def already_running(socket_path: Path) -> bool:
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where the socket goes [default: /run/xentmem as root, else "
                    "$XDG_RUNTIME_DIR/xentmem or a new temporary directory].")
+@click.option("--root", envvar="XENTMEM_ROOT", show_envvar=True,
+              type=click.Path(file_okay=False, exists=True),
+              help="A system root to read /proc, /sys and /etc from instead of / (a test "
+                   "tree or a copy of another guest's files).")
 @click.option("--config", type=click.Path(dir_okay=False),
               help="Config file [default: /etc/xentmem/xentmem.toml if present].")
 @click.option("--backend", shell_complete=complete_backend,
@@ -168,7 +174,8 @@ def already_running(socket_path: Path) -> bool:
               help="Give up if the daemon is not ready by then.")
 @click.argument("daemon_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- XENTMEMD_ARGS]")
 @click.pass_obj
-def run(app: App, *, run_dir: Path | None, config: str | None, backend: str | None,
+def run(app: App, *, run_dir: Path | None, root: str | None, config: str | None,
+        backend: str | None,
         log_level: str | None, options: tuple[str, ...], start_timeout: float,
         daemon_args: tuple[str, ...]) -> None:
     """Run the daemon in this terminal and show what it does (Ctrl-C stops it).
@@ -185,7 +192,7 @@ def run(app: App, *, run_dir: Path | None, config: str | None, backend: str | No
         app.abort(f"a xentmemd already answers on {socket_path}; stop it first or pick "
                   "another --run-dir")
     argv = daemon_command(run_dir, config=config, backend=backend, log_level=log_level,
-                          options=options, extra=daemon_args)
+                          options=options, extra=daemon_args, root=root)
     app.status(f"xentmem run: starting xentmemd in the foreground, run dir {run_dir} ({why})")
     daemon = ForegroundDaemon(argv, child_env(os.environ, sys.stderr.isatty()))
     code = supervise(app, daemon, socket_path, start_timeout)

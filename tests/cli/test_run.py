@@ -56,10 +56,11 @@ def test_run_dir_without_xdg_is_a_new_private_temp_dir(tmp_path: Path) -> None:
 def test_daemon_command_passes_everything_through(tmp_path: Path) -> None:
     argv = daemon_command(tmp_path, config="/etc/x.toml", backend="zcache", log_level="debug",
                           options=("capacity=64M", "selfballoon_interval=10"),
-                          extra=("--root", "/fake"))
+                          extra=("--xenstore-socket", "/xs"), root="/fake")
     assert argv == [sys.executable, "-m", "xentmem.daemon.app", "--run-dir", str(tmp_path),
-                    "--config", "/etc/x.toml", "--backend", "zcache", "--log-level", "debug",
-                    "-o", "capacity=64M", "-o", "selfballoon_interval=10", "--root", "/fake"]
+                    "--root", "/fake", "--config", "/etc/x.toml", "--backend", "zcache",
+                    "--log-level", "debug", "-o", "capacity=64M", "-o",
+                    "selfballoon_interval=10", "--xenstore-socket", "/xs"]
     assert daemon_command(tmp_path, config=None, backend=None, log_level=None, options=(),
                           extra=()) == [sys.executable, "-m", "xentmem.daemon.app",
                                         "--run-dir", str(tmp_path)]
@@ -152,7 +153,7 @@ def run_process(tmp_path: Path, fake_root: Path) -> Iterator[tuple[subprocess.Po
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("XENTMEM_SOCKET", "NOTIFY_SOCKET")}
     proc = subprocess.Popen(
-        [console_script(), "run", "--run-dir", str(run_dir), "--", "--root", str(fake_root)],
+        [console_script(), "run", "--run-dir", str(run_dir), "--root", str(fake_root)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         start_new_session=True,
     )

@@ -309,7 +309,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EX_CONFIG
         print(f"{config.path or app.config_path}: ok")
         for key, where in sorted(config.origins.items()):
-            print(f"  {key} (from {where})")
+            section, _, name = key.partition(".")
+            value = {"daemon": config.daemon, "tmem": config.tmem,
+                     "selfballoon": config.knobs}.get(section)
+            shown = (value or {}).get(name, config.backend_params.get(section, {}).get(name))
+            print(f"  {key} = {shown!r} (from {where})")
         return EX_OK
     app.signals.install()
     try:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from xentmem.backend import Backend
-from xentmem.errors import BackendError, BackendUnsupported, ParamError
+from xentmem.errors import BackendError, BackendUnsupported, ParamError, XentmemError
 from xentmem.roots import Roots
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,10 @@ def choose_backend(requested: str, roots: Roots, resolve: Resolve) -> BackendCho
             cls.probe(roots)
         except BackendUnsupported as exc:
             skipped.append(f"{name}: {exc}")
+            continue
+        except (XentmemError, OSError) as exc:  # a probe that broke: say so, try the next
+            log.warning("auto: probing %s failed: %s", name, exc)
+            skipped.append(f"{name}: probe failed: {exc}")
             continue
         if name == "xen":
             reason = "a Xen guest with a reachable tmem host"

@@ -47,6 +47,7 @@ import pytest
 import pyxs
 from fakes.xs_peer import RealPeer, unavailable_reason
 
+from xentmem.clock import Clock
 from xentmem.host.xsserver import XsServer, toolstack_nodes
 from xentmem.host.xsstore import Limits, home_path
 from xentmem.host.xswire import Packet, PacketReader
@@ -406,10 +407,10 @@ def make_xs_server() -> Iterator[Callable[..., XsServer]]:
     servers: list[XsServer] = []
     dirs: list[Path] = []
 
-    def make(*, limits: Limits | None = None) -> XsServer:
+    def make(*, limits: Limits | None = None, clock: Clock | None = None) -> XsServer:
         directory = _short_tmpdir("xs-")
         dirs.append(directory)
-        server = XsServer(directory, limits=limits).start()
+        server = XsServer(directory, limits=limits, clock=clock).start()
         servers.append(server)
         return server
 

@@ -92,6 +92,10 @@ DOM0_SOCKET_NAME = "socket"
 #: A peer that stops reading is dropped once this much output waits for it.
 MAX_PENDING_OUTPUT = 16 << 20
 RECV_CHUNK = 65536
+#: Longest select() without anything to do; a stop request wakes the loop at once anyway.
+IDLE_POLL_S = 1.0
+#: Longest select() while delayed replies are queued.
+DELAYED_POLL_S = 0.05
 
 
 def guest_socket_name(domid: int) -> str:
@@ -251,6 +255,8 @@ class XsServer:
         self.clock = clock or SystemClock()
         self.dom0_socket = self.directory / DOM0_SOCKET_NAME
         self._lock = threading.RLock()
+        self._handled = threading.Condition(self._lock)
+        self._requests_seen = 0
         self._store = Store(self.limits)
         self._domains: dict[int, _Domain] = {0: _Domain(0)}
         self._connections: list[_Connection] = []
@@ -372,6 +378,18 @@ class XsServer:
                 out[path] = (node.value, str(node.perms))
             return out
 
+    @property
+    def requests_seen(self) -> int:
+        """Requests read so far, swallowed ones included."""
+        with self._lock:
+            return self._requests_seen
+
+    def wait_requests_seen(self, count: int, timeout: float) -> bool:
+        """Wait until ``count`` requests have been read (a test's sync point, e.g. to know
+        that muted requests were swallowed); False on timeout."""
+        with self._handled:
+            return self._handled.wait_for(lambda: self._requests_seen >= count, timeout)
+
     def watch_count(self, domid: int) -> int:
         """Watches registered by ``domid``'s connections (to check clean-up in tests)."""
         with self._lock:
@@ -407,6 +425,7 @@ class XsServer:
                         self._on_ready(key, mask)
                     self._release_due()
                     self._sync_selector()
+                    self._handled.notify_all()
         except Exception:  # the loop must not die silently: log, then stop serving
             log.exception("xenstore server loop crashed")
             self._stop.set()
@@ -415,8 +434,10 @@ class XsServer:
         with self._lock:
             dues = [c.delayed[0][0] for c in self._connections if c.delayed]
         if not dues:
-            return 1.0
-        return max(0.0, min(min(dues) - self.clock.monotonic(), 1.0))
+            return IDLE_POLL_S
+        # Poll often while replies are held back: the clock may be a test's FakeClock,
+        # which jumps without waking anybody.
+        return max(0.0, min(min(dues) - self.clock.monotonic(), DELAYED_POLL_S))
 
     def _on_ready(self, key: selectors.SelectorKey, mask: int) -> None:
         if key.data == "waker":
@@ -597,6 +618,7 @@ class XsServer:
         return Caller(conn.domid, privileged=conn.domid == 0, target=target)
 
     def _handle(self, conn: _Connection, request: Packet) -> None:
+        self._requests_seen += 1
         if conn.domid in self.faults.muted:
             log.debug("fault: swallowed %s from domain %d", request.op_name, conn.domid)
             return

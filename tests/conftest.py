@@ -1,1 +1,4 @@
-"""Shared pytest configuration.  Fixture modules live in ``tests/fakes`` (importable as ``fakes``)."""
+"""Shared pytest configuration.
+
+Fixture modules live in ``tests/fakes`` (importable as ``fakes``).
+"""

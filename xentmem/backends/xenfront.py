@@ -1,0 +1,456 @@
+"""The guest half of the tmem split driver: handshake, then one message at a time.
+
+:class:`TmemFrontend` is what Linux calls a xenbus frontend device.  It finds its own domid and
+the backend the host service named in ``device/tmem/0/backend``, walks the XenbusState
+handshake with the host (``docs/protocol.md`` has the sequence), and then exchanges messages:
+:meth:`TmemFrontend.exchange` sends one batch of ops and returns the host's results.
+
+A message goes out as pipelined writes (its spill chunks, then its message node) and the
+answer comes back as a watch event whose path, for a small reply, *is* the reply; a spilled
+reply costs one more pipelined read.  Everything read back is untrusted: the reply's name is
+parsed against the grammar, its sequence must be the one sent (a late answer to an abandoned
+request is counted and ignored), its crc must match, and :func:`~xentmem.tmemwire.decode_reply`
+checks every value against the op it answers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from xentmem.abi import Oid, XenbusState
+from xentmem.clock import SystemClock
+from xentmem.errors import BackendError, XenStoreError
+from xentmem.tmemwire import (
+    BE_CHUNK_BYTES,
+    BE_FEATURE_LZ4,
+    BE_INLINE_BYTES,
+    BE_MAX_CHUNKS,
+    BE_MAX_OPS,
+    BE_REPLY_INLINE_BYTES,
+    BE_VERSIONS,
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_INLINE_BYTES,
+    ERROR_NODE,
+    FE_BACKEND,
+    FE_BACKEND_ID,
+    FE_VERSION,
+    MAX_CHUNK_BYTES,
+    MAX_CHUNKS_LIMIT,
+    MAX_INLINE_BYTES,
+    MAX_OPS_LIMIT,
+    MIN_CHUNK_BYTES,
+    REQ_DATA_DIR,
+    REQ_DIR,
+    RSP_DATA_DIR,
+    RSP_DIR,
+    STATE,
+    SUPPORTED_VERSIONS,
+    Envelope,
+    Limits,
+    WireError,
+    WireOp,
+    WireResult,
+    backend_path,
+    decode_reply,
+    encode_request,
+    frame,
+    frontend_path,
+    parse_domid,
+    parse_name,
+    parse_uint,
+    reply_size_bound,
+    request_slot,
+    unframe,
+)
+from xentmem.xs import Op, Pending, WatchQueue, XsError, XsSession
+
+log = logging.getLogger(__name__)
+
+_STATE_TOKEN = b"xentmem-otherend-state"
+_RSP_TOKEN = b"xentmem-rsp"
+#: How long a reply wait runs before it looks at the acks of its own writes, so a refused
+#: write (quota, permissions) fails the message at once instead of after the full timeout.
+_ACK_CHECK_S = 0.05
+
+
+class ChannelTimeout(XenStoreError):
+    """The host did not answer a message within the timeout."""
+
+
+class Disconnected(XenStoreError):
+    """The host left the Connected state (closing, or gone); no op can be served."""
+
+
+@dataclass
+class FrontendCounters:
+    messages: int = 0
+    inline_messages: int = 0
+    spilled_messages: int = 0
+    inline_replies: int = 0
+    spilled_replies: int = 0
+    text_sent: int = 0
+    text_received: int = 0
+    ignored_replies: int = 0
+    rejected_replies: int = 0
+    timeouts: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Negotiated:
+    version: int
+    limits: Limits
+    lz4: bool
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+def _state_of(untrusted: bytes | None) -> XenbusState:
+    """An unreadable or nonsense state is Unknown, as xenbus_read_driver_state has it."""
+    if untrusted is None:
+        return XenbusState.UNKNOWN
+    try:
+        return XenbusState(parse_uint(untrusted.decode("ascii", "replace"),
+                                      low=0, high=8, what="state"))
+    except WireError:
+        return XenbusState.UNKNOWN
+
+
+def find_domid(xs: XsSession) -> int:
+    """Our own domid: the ``domid`` node of our home (a relative read)."""
+    untrusted = xs.read_optional(b"domid")
+    if untrusted is None:
+        raise BackendError("cannot find this guest's domid: no 'domid' node in its xenstore "
+                           "home (is this a Xen guest with a toolstack-made home?)")
+    try:
+        return parse_domid(untrusted.decode("ascii", "replace"))
+    except WireError as exc:
+        raise BackendError(f"this guest's 'domid' node is unusable: {exc}") from None
+
+
+def find_backend(xs: XsSession, domid: int) -> tuple[int, str]:
+    """The backend domid and area the host named in our frontend area; checked, not trusted."""
+    fe = frontend_path(domid)
+    untrusted_path = xs.read_optional(f"{fe}/{FE_BACKEND}".encode())
+    untrusted_id = xs.read_optional(f"{fe}/{FE_BACKEND_ID}".encode())
+    if untrusted_path is None or untrusted_id is None:
+        raise BackendError(f"no tmem device: {fe} has no backend; the host's tmem service "
+                           "(xentmem-hostd) has not set this guest up")
+    try:
+        backend_domid = parse_domid(untrusted_id.decode("ascii", "replace"))
+    except WireError as exc:
+        raise BackendError(f"{fe}/{FE_BACKEND_ID}: {exc}") from None
+    expected = backend_path(backend_domid, domid)
+    if untrusted_path.rstrip(b"\x00") != expected.encode():
+        raise BackendError(f"{fe}/{FE_BACKEND} names {untrusted_path[:80]!r}; expected "
+                           f"{expected}")
+    return backend_domid, expected
+
+
+class TmemFrontend:
+    """One tmem device of this guest, from handshake to close."""
+
+    def __init__(self, xs: XsSession, *, timeout: float, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 inline_bytes: int = DEFAULT_INLINE_BYTES) -> None:
+        self.xs = xs
+        self.timeout = timeout
+        self.clock = SystemClock()
+        self.own_limits = Limits(chunk_bytes=chunk_bytes, inline_bytes=inline_bytes,
+                                 reply_inline_bytes=MAX_INLINE_BYTES,
+                                 max_chunks=MAX_CHUNKS_LIMIT, max_ops=MAX_OPS_LIMIT)
+        self.domid = -1
+        self.backend_domid = -1
+        self.nodename = ""
+        self.otherend = ""
+        self.state = XenbusState.UNKNOWN
+        self.otherend_state = XenbusState.UNKNOWN
+        self.negotiated: Negotiated | None = None
+        #: Why the device stopped working (the host left Connected), or "".
+        self.broken = ""
+        self.counters = FrontendCounters()
+        self._seq = 0
+        self._state_events: WatchQueue | None = None
+        self._rsp_events: WatchQueue | None = None
+        self._rsp_prefix = b""
+
+    # -- handshake ----------------------------------------------------------------------------
+
+    def connect(self) -> Negotiated:
+        """Initialising -> (host InitWait) -> Initialised -> (host Connected) -> Connected."""
+        self.domid = find_domid(self.xs)
+        self.backend_domid, self.otherend = find_backend(self.xs, self.domid)
+        self.nodename = frontend_path(self.domid)
+        self._rsp_prefix = f"{self.otherend}/{RSP_DIR}/".encode()
+        self._state_events = self.xs.watch(f"{self.otherend}/{STATE}".encode(), _STATE_TOKEN)
+        self._rsp_events = self.xs.watch(f"{self.otherend}/{RSP_DIR}".encode(), _RSP_TOKEN)
+        self._clean_own_messages()
+        self.broken = ""
+        self.state = self._read_state(self.nodename)
+        self.switch_state(XenbusState.INITIALISING)
+        self.wait_otherend({XenbusState.INIT_WAIT})
+        self.negotiated = self._negotiate()
+        self._write(FE_VERSION, str(self.negotiated.version))
+        self.switch_state(XenbusState.INITIALISED)
+        self.wait_otherend({XenbusState.CONNECTED}, closed_is_fatal=True)
+        self.switch_state(XenbusState.CONNECTED)
+        self._seq = 0
+        log.info("xen: tmem device %s connected to %s (version %d, %d ops/message)",
+                 self.nodename, self.otherend, self.negotiated.version,
+                 self.negotiated.limits.max_ops)
+        return self.negotiated
+
+    def close(self) -> None:
+        """Closing -> (host Closed) -> Closed; never waits past the timeout, never raises."""
+        try:
+            if self.state in (XenbusState.CONNECTED, XenbusState.INITIALISED,
+                              XenbusState.INITIALISING):
+                self.switch_state(XenbusState.CLOSING)
+                try:
+                    self.wait_otherend({XenbusState.CLOSED})
+                except BackendError as exc:
+                    log.warning("xen: host did not confirm the close: %s", exc)
+                self.switch_state(XenbusState.CLOSED)
+            for token in (_STATE_TOKEN, _RSP_TOKEN):
+                self.xs.unwatch(token)
+        except XenStoreError as exc:
+            log.warning("xen: closing %s: %s", self.nodename, exc)
+
+    def switch_state(self, state: XenbusState) -> None:
+        """``xenbus_switch_state``: nothing if unchanged; never recreates a vanished node."""
+        if state == self.state:
+            return
+        path = f"{self.nodename}/{STATE}".encode()
+
+        def body(tx: int) -> None:
+            if self.xs.read_optional(path, tx=tx) is None:
+                raise BackendError(f"{path.decode()} vanished; the host removed the device")
+            self.xs.write(path, str(int(state)).encode(), tx=tx)
+
+        self.xs.transaction(body)
+        self.state = state
+
+    def wait_otherend(self, wanted: set[XenbusState], *,
+                      closed_is_fatal: bool = False) -> XenbusState:
+        """Wait for the host's state to reach one of ``wanted``.
+
+        With ``closed_is_fatal`` a host in Closing/Closed has refused us (its ``error`` node
+        says why); otherwise that is a state left from an earlier session, which the host
+        leaves once it sees our Initialising.
+        """
+        assert self._state_events is not None
+        deadline = self.clock.monotonic() + self.timeout
+        while True:
+            self.otherend_state = self._read_state(self.otherend)
+            if self.otherend_state in wanted:
+                return self.otherend_state
+            remaining = deadline - self.clock.monotonic()
+            if closed_is_fatal and self.otherend_state in (XenbusState.CLOSING,
+                                                           XenbusState.CLOSED):
+                untrusted_error = self.xs.read_optional(f"{self.otherend}/{ERROR_NODE}".encode())
+                why = (untrusted_error or b"no reason given")[:200].decode("ascii", "replace")
+                raise BackendError(f"tmem host closed the device {self.otherend}: {why}")
+            if remaining <= 0 or self._state_events.get(remaining) is None:
+                wanted_names = "/".join(s.strstate() for s in sorted(wanted))
+                raise BackendError(
+                    f"tmem host at {self.otherend} stayed {self.otherend_state.strstate()} "
+                    f"for {self.timeout:g}s (waiting for {wanted_names}); is xentmem-hostd "
+                    "running?")
+
+    def _read_state(self, area: str) -> XenbusState:
+        return _state_of(self.xs.read_optional(f"{area}/{STATE}".encode()))
+
+    def _write(self, node: str, value: str) -> None:
+        self.xs.write(f"{self.nodename}/{node}".encode(), value.encode())
+
+    def _negotiate(self) -> Negotiated:
+        def node(name: str) -> str | None:
+            untrusted = self.xs.read_optional(f"{self.otherend}/{name}".encode())
+            return None if untrusted is None else untrusted.decode("ascii", "replace")
+
+        try:
+            untrusted_versions = (node(BE_VERSIONS) or "").split()
+            offered = {parse_uint(v, low=0, high=255, what=BE_VERSIONS)
+                       for v in untrusted_versions[:16]}
+            common = [v for v in SUPPORTED_VERSIONS if v in offered]
+            if not common:
+                raise BackendError(f"tmem host speaks versions {sorted(offered)}; this guest "
+                                   f"speaks {list(SUPPORTED_VERSIONS)}")
+            host = Limits(
+                chunk_bytes=parse_uint(node(BE_CHUNK_BYTES) or "", low=MIN_CHUNK_BYTES,
+                                       high=MAX_CHUNK_BYTES, what=BE_CHUNK_BYTES),
+                inline_bytes=parse_uint(node(BE_INLINE_BYTES) or "0", low=0,
+                                        high=MAX_INLINE_BYTES, what=BE_INLINE_BYTES),
+                reply_inline_bytes=parse_uint(node(BE_REPLY_INLINE_BYTES) or "0", low=0,
+                                              high=MAX_INLINE_BYTES,
+                                              what=BE_REPLY_INLINE_BYTES),
+                max_chunks=parse_uint(node(BE_MAX_CHUNKS) or "", low=1, high=MAX_CHUNKS_LIMIT,
+                                      what=BE_MAX_CHUNKS),
+                max_ops=parse_uint(node(BE_MAX_OPS) or "", low=1, high=MAX_OPS_LIMIT,
+                                   what=BE_MAX_OPS),
+            )
+            lz4 = node(BE_FEATURE_LZ4) == "1"
+        except WireError as exc:
+            raise BackendError(f"tmem host's features in {self.otherend} are unusable: "
+                               f"{exc}") from None
+        limits = self.own_limits.meet(host)
+        if limits.body_capacity() < reply_size_bound([WireOp.get_page(0, Oid(0), 0)]):
+            raise BackendError(f"tmem host's limits ({limits}) cannot carry one page")
+        return Negotiated(common[0], limits, lz4)
+
+    def _clean_own_messages(self) -> None:
+        """Drop request nodes a previous session left behind (they are ours to delete)."""
+        try:
+            self.xs.rm(f"{self.nodename}/{REQ_DIR}".encode())
+        except XsError as exc:
+            if exc.name != "ENOENT":
+                raise
+
+    # -- messages -----------------------------------------------------------------------------
+
+    @property
+    def limits(self) -> Limits:
+        if self.negotiated is None:
+            raise BackendError("tmem device not connected")
+        return self.negotiated.limits
+
+    def exchange(self, ops: Sequence[WireOp]) -> list[WireResult]:
+        """Send ``ops`` as one message; their results, or ChannelTimeout / Disconnected /
+        WireError (a malformed reply) / XenStoreError (xenstore refused us)."""
+        if self.broken or self.state != XenbusState.CONNECTED:
+            raise Disconnected(self.broken or f"tmem device {self.nodename or '?'} is not "
+                               "connected")
+        self._check_otherend()
+        limits = self.limits
+        self._seq += 1
+        seq = self._seq
+        framed = frame(seq, encode_request(ops), limits, reply=False)
+        nodename = self.nodename
+        requests = [(Op.WRITE, f"{nodename}/{REQ_DATA_DIR}/{i}\0{value}".encode(), "write chunk")
+                    for i, value in framed.chunks]
+        message_path = (f"{nodename}/{REQ_DIR}/{request_slot(seq)}/"
+                        f"{framed.envelope.name}").encode()
+        requests.append((Op.WRITE, message_path + b"\0" + framed.value.encode(),
+                         f"write message {seq}"))
+        writes = self.xs.send_many(requests)
+        counters = self.counters
+        counters.messages += 1
+        if framed.envelope.chunks:
+            counters.spilled_messages += 1
+        else:
+            counters.inline_messages += 1
+        counters.text_sent += len(framed.envelope.inline) + len(framed.value) + sum(
+            len(v) for _, v in framed.chunks)
+        try:
+            envelope = self._await_reply(seq, writes, limits)
+        except ChannelTimeout:
+            counters.timeouts += 1
+            self._abandon(message_path)
+            raise
+        body = self._reply_body(envelope, limits)
+        try:
+            results = decode_reply(body, ops)
+        except WireError as exc:
+            counters.rejected_replies += 1
+            raise WireError(f"reply {seq} from {self.otherend} rejected: {exc}") from None
+        for pending in writes:  # answered long ago; a refusal now means a confused host
+            self.xs.wait(pending)
+        return results
+
+    def _await_reply(self, seq: int, writes: list[Pending], limits: Limits) -> Envelope:
+        assert self._rsp_events is not None
+        deadline = self.clock.monotonic() + self.timeout
+        acks_checked = False
+        prefix = self._rsp_prefix
+        while True:
+            remaining = deadline - self.clock.monotonic()
+            if remaining <= 0:
+                raise ChannelTimeout(
+                    f"no reply from the tmem host at {self.otherend} to message {seq} within "
+                    f"{self.timeout:g}s (is xentmem-hostd running?)")
+            wait = remaining if acks_checked else min(remaining, _ACK_CHECK_S)
+            event = self._rsp_events.get(wait)
+            if event is None:
+                if not acks_checked:
+                    acks_checked = True
+                    for pending in writes:
+                        self.xs.poll(pending)  # raises XsError if xenstore refused a write
+                self._check_otherend()
+                continue
+            untrusted_path: bytes = event.path
+            if not untrusted_path.startswith(prefix):
+                continue  # the directory itself (registration, bulk removal)
+            untrusted_name = untrusted_path[len(prefix):].decode("ascii", "replace")
+            try:
+                envelope = parse_name(untrusted_name, limits, reply=True)
+            except WireError as exc:
+                self.counters.rejected_replies += 1
+                log.warning("xen: ignoring malformed reply node from %s: %s", self.otherend, exc)
+                continue
+            if envelope.seq != seq:
+                if envelope.seq > seq:
+                    self.counters.rejected_replies += 1
+                    log.warning("xen: reply %d from %s answers no request sent (expected %d)",
+                                envelope.seq, self.otherend, seq)
+                else:
+                    self.counters.ignored_replies += 1
+                continue
+            return envelope
+
+    def _reply_body(self, envelope: Envelope, limits: Limits) -> bytes:
+        counters = self.counters
+        counters.text_received += len(envelope.inline)
+        if not envelope.chunks:
+            counters.inline_replies += 1
+            untrusted_value, untrusted_chunks = None, []
+        else:
+            counters.spilled_replies += 1
+            otherend = self.otherend
+            reads = self.xs.send_many(
+                [(Op.READ, f"{otherend}/{RSP_DIR}/{envelope.name}\0".encode(), "read reply")]
+                + [(Op.READ, f"{otherend}/{RSP_DATA_DIR}/{i}\0".encode(), "read reply chunk")
+                   for i in range(1, envelope.chunks)])
+            deadline = self.clock.monotonic() + self.timeout
+            try:
+                raw = [self.xs.wait(p, deadline) for p in reads]
+            except XsError as exc:
+                counters.rejected_replies += 1
+                raise WireError(f"reply {envelope.seq}: reading its chunks failed: {exc}") from None
+            texts = [r.decode("ascii", "replace") for r in raw]
+            counters.text_received += sum(len(t) for t in texts)
+            untrusted_value, untrusted_chunks = texts[0], texts[1:]
+        try:
+            return unframe(envelope, untrusted_value, untrusted_chunks, limits)
+        except WireError as exc:
+            counters.rejected_replies += 1
+            raise WireError(f"reply {envelope.seq} from {self.otherend} rejected: {exc}") from None
+
+    def _check_otherend(self) -> None:
+        """Notice the host leaving Connected (its state watch fired) without a read per op."""
+        assert self._state_events is not None
+        if self._state_events.get_nowait() is None:
+            return
+        while self._state_events.get_nowait() is not None:
+            pass
+        self.otherend_state = self._read_state(self.otherend)
+        if self.otherend_state == XenbusState.CONNECTED:
+            return
+        # The host closed or restarted: its store (our pools and pages) is gone, so the device
+        # stays closed until the backend is loaded again (a fresh handshake, fresh pools).
+        self.broken = (f"tmem host at {self.otherend} went {self.otherend_state.strstate()}; "
+                       "the device is closed (unload and load the backend to reconnect)")
+        log.error("xen: %s", self.broken)
+        try:
+            self.switch_state(XenbusState.CLOSED)
+        except (XenStoreError, BackendError):
+            log.debug("could not mark %s closed", self.nodename, exc_info=True)
+        raise Disconnected(self.broken)
+
+    def _abandon(self, message_path: bytes) -> None:
+        """Delete our unanswered request node so it cannot pile up against our quota."""
+        try:
+            self.xs.send_rm(message_path)
+        except XenStoreError:
+            log.debug("could not remove abandoned %s", message_path, exc_info=True)

@@ -52,13 +52,22 @@ mkdir -p "$STAGE"
 # ---------------------------------------------------------------- python payload
 # Wheels are built from a copy of the tree: an in-tree build would leave build/lib
 # behind, and setuptools would package files from it that were deleted since.
+# The project's files as git sees them: tracked plus untracked-but-not-ignored (so a
+# .venv or build/ in the tree never gets in), minus tests/ and files deleted on disk.
+project_files() {
+    if git -C "$REPO" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+        (cd "$REPO" && git ls-files -z --cached --others --exclude-standard -- . ':!tests' |
+            while IFS= read -r -d '' f; do [ -f "$f" ] && printf '%s\0' "$f"; done)
+    else
+        (cd "$REPO" && find . \( -name .git -o -name .venv -o -name tests -o -name build \
+            -o -name '*.egg-info' -o -name __pycache__ \) -prune -o -type f -print0)
+    fi
+}
+
 build_site_packages() {
     local src=$STAGE/src wheels=$STAGE/wheels site=$STAGE/site
     mkdir -p "$src" "$wheels" "$site"
-    tar -C "$REPO" --exclude=./.git --exclude=./build --exclude=./dist --exclude=./tests \
-        --exclude='*.egg-info' --exclude=__pycache__ --exclude=.pytest_cache \
-        --exclude=.ruff_cache --exclude=.hypothesis --exclude=./bench/results -cf - . |
-        tar -C "$src" -xf -
+    project_files | (cd "$REPO" && cpio -pdm0 --quiet "$src")
     # The project, and pyxs (a wheel today; `pip wheel` also builds it if only an
     # sdist is offered), become wheels that the binary-only install below accepts.
     "$BUILD_PYTHON" -m pip wheel -q --disable-pip-version-check --no-deps -w "$wheels" "$src" pyxs

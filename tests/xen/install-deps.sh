@@ -5,7 +5,7 @@
 # dpkg-query) it returns at once without touching apt, so CI pays for apt only
 # on a fresh machine.  --no-install-recommends keeps the download near 100 MB.
 #
-# Env: XENTMEM_APT_UPDATE=always|auto|never  (auto: update only when installing)
+# Env: XENTMEM_APT_UPDATE=0  skip `apt-get update` (when the lists are known to be fresh)
 set -euo pipefail
 
 PACKAGES=(
@@ -16,6 +16,7 @@ PACKAGES=(
     linux-image-amd64               # the dom0 and domU kernel + its Xen modules
     busybox-static cpio gzip kmod   # initramfs userland, packing, depmod
     python3                         # Debian's /usr/bin/python3.11, copied into the images
+    python3-venv                    # .ci/run's `python3 -m venv` (ensurepip) on a fresh machine
     libgcc-s1                       # xl dlopen()s libgcc_s.so.1 (pthread_cancel)
     gcc libc6-dev                   # the xenstored peer tests build an LD_PRELOAD shim
 )
@@ -42,7 +43,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt_opts=(-q -y -o Dpkg::Use-Pty=0 -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
 start=$(date +%s)
-if [ "${XENTMEM_APT_UPDATE:-auto}" != never ]; then
+if [ "${XENTMEM_APT_UPDATE:-1}" != 0 ]; then
     apt-get "${apt_opts[@]}" update >/dev/null
 fi
 echo "install-deps: installing ${missing[*]}"

@@ -362,6 +362,8 @@ class XenBackend(Backend):
                         self._queue.remove(slot)
                         slot.result = WireResult(_ETIMEDOUT)
                         self._counts["queue_timeouts"] += 1
+                        self._last_error = (f"an op waited {self._timeout_s:g}s for the "
+                                            "channel to the tmem host")
                 break
             try:
                 with self._lock:

@@ -73,6 +73,8 @@ _RSP_TOKEN = b"xentmem-rsp"
 #: How long a reply wait runs before it looks at the acks of its own writes, so a refused
 #: write (quota, permissions) fails the message at once instead of after the full timeout.
 _ACK_CHECK_S = 0.05
+#: How often a long reply wait looks at the host's state (it may have closed meanwhile).
+_STATE_CHECK_S = 0.25
 
 
 class ChannelTimeout(XenStoreError):
@@ -370,14 +372,14 @@ class TmemFrontend:
                 raise ChannelTimeout(
                     f"no reply from the tmem host at {self.otherend} to message {seq} within "
                     f"{self.timeout:g}s (is xentmem-hostd running?)")
-            wait = remaining if acks_checked else min(remaining, _ACK_CHECK_S)
+            wait = min(remaining, _STATE_CHECK_S if acks_checked else _ACK_CHECK_S)
             event = self._rsp_events.get(wait)
             if event is None:
                 if not acks_checked:
                     acks_checked = True
                     for pending in writes:
                         self.xs.poll(pending)  # raises XsError if xenstore refused a write
-                self._check_otherend()
+                self._check_otherend()  # the host may have closed while we wait
                 continue
             untrusted_path: bytes = event.path
             if not untrusted_path.startswith(prefix):

@@ -129,8 +129,18 @@ class HostService:
                 os.close(fd)
 
     def run(self, on_idle: Any = None) -> None:
-        """Serve until :meth:`stop`; XsConnectionLost (xenstore went away) ends it too."""
+        """Serve until :meth:`stop`; XsConnectionLost (xenstore went away) ends it too.
+
+        After a stop, :meth:`run` may be called again: events that arrived meanwhile wait
+        in the connection and are served then.
+        """
         self.ready.set()
+        try:
+            self._loop(on_idle)
+        finally:
+            self._stop.clear()
+
+    def _loop(self, on_idle: Any) -> None:
         while not self._stop.is_set():
             fds = [self.conn.fileno(), self._wake_r]
             if self.control is not None:
@@ -179,7 +189,13 @@ class HostService:
 
     def scan(self) -> None:
         """Set up a device for every guest home not yet served."""
-        for untrusted_name in self.conn.directory("/local/domain"):
+        try:
+            untrusted_names = self.conn.directory("/local/domain")
+        except XsError as exc:
+            if exc.name != "ENOENT":
+                raise
+            untrusted_names = []  # no guest was ever built here
+        for untrusted_name in untrusted_names:
             try:
                 domid = parse_domid(untrusted_name.decode("ascii", "replace"))
             except WireError:

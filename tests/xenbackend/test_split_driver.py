@@ -1,0 +1,437 @@
+"""The ``xen`` backend end to end, through pyxs, against our xenstore server and Debian's real C
+and OCaml xenstored (``xenstore_host``), with the host service in front of each."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import pyxs
+from fakes.xenstore_hosts import close_client, outcome
+from xenhost import TIMEOUT_MS, TmemHost, wait_for_node
+
+from xentmem.abi import (
+    EEMPTY,
+    EFROZEN,
+    PAGE_SIZE,
+    POOL_PRIVATE_EPHEMERAL,
+    POOL_PRIVATE_PERSISTENT,
+    POOL_SHARED_EPHEMERAL,
+    PRIVATE_UUID,
+    Oid,
+    PoolUuid,
+    XenbusState,
+)
+from xentmem.backends.xen import XenBackend
+from xentmem.clock import FakeClock
+from xentmem.cmdline import BootParams
+from xentmem.errors import BackendUnsupported
+from xentmem.frontends import MemoryBacking
+from xentmem.host.control import HostControlClient
+from xentmem.roots import Roots
+from xentmem.shim import Shim
+
+TEXT = (b"def put_page(pool, oid, index, page):\n    return backend.put(pool, oid, index)\n"
+        * 60)[:PAGE_SIZE]
+PAGES = {
+    "zero": bytes(PAGE_SIZE),
+    "one-byte": bytes(PAGE_SIZE - 1) + b"\x01",
+    "text": TEXT,
+    "half-random": os.urandom(PAGE_SIZE // 2) + bytes(PAGE_SIZE // 2),
+    "random": os.urandom(PAGE_SIZE),
+    "trailing-nul": b"x" * 100 + bytes(PAGE_SIZE - 100),
+}
+
+
+@contextmanager
+def connected(roots: Roots, **params: Any) -> Iterator[XenBackend]:
+    backend = XenBackend({"timeout_ms": TIMEOUT_MS, **params}, roots=roots)
+    backend.connect()
+    try:
+        yield backend
+    finally:
+        backend.remove()
+
+
+def read(host: TmemHost, path: str) -> bytes:
+    return host.xs.dom0.read(path.encode())
+
+
+def listing(host: TmemHost, domid: int) -> dict[str, Any]:
+    with HostControlClient(host.control_path, timeout=10) as control:
+        return control.call("list", domid=domid)
+
+
+# -- the handshake ----------------------------------------------------------------------------
+
+
+def test_handshake_creates_both_areas_and_steps_through_the_states(tmem_host: TmemHost) -> None:
+    roots = tmem_host.guest(5)
+    fe, be = "/local/domain/5/device/tmem/0", "/local/domain/0/backend/tmem/5/0"
+    # The host set both areas up before the guest did anything, as a toolstack would.
+    assert read(tmem_host, f"{be}/state") == b"%d" % XenbusState.INIT_WAIT
+    assert read(tmem_host, f"{fe}/state") == b"%d" % XenbusState.INITIALISING
+    assert read(tmem_host, f"{fe}/backend") == be.encode()
+    assert read(tmem_host, f"{be}/frontend") == fe.encode()
+    assert tmem_host.xs.dom0.get_perms(fe.encode())[0] == b"n5"  # the guest owns it
+    assert tmem_host.xs.dom0.get_perms(be.encode()) == [b"n0", b"r5"]  # the guest reads it
+
+    with connected(roots) as backend:
+        assert read(tmem_host, f"{fe}/state") == b"%d" % XenbusState.CONNECTED
+        assert read(tmem_host, f"{be}/state") == b"%d" % XenbusState.CONNECTED
+        assert read(tmem_host, f"{fe}/version") == b"1"
+        info = backend.describe()
+        assert (info["domid"], info["state"], info["otherend_state"]) == (5, "Connected",
+                                                                          "Connected")
+        assert info["version"] == 1
+    # remove(): Closing -> the host drops the pools and goes Closed -> Closed.
+    assert read(tmem_host, f"{fe}/state") == b"%d" % XenbusState.CLOSED
+    assert read(tmem_host, f"{be}/state") == b"%d" % XenbusState.CLOSED
+
+    with connected(roots) as again:  # a second load starts a fresh session
+        assert again.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT) == 0
+
+
+def test_probe_finds_the_host_and_refuses_without_one(tmem_host: TmemHost) -> None:
+    roots = tmem_host.guest(5)
+    XenBackend.probe(roots)
+    tmem_host.stop()
+    tmem_host.xs.dom0.delete(b"/local/domain/0/backend/tmem/5")
+    with pytest.raises(BackendUnsupported, match="tmem host"):
+        XenBackend.probe(roots)
+    tmem_host.xs.dom0.delete(b"/local/domain/5/device/tmem")
+    with pytest.raises(BackendUnsupported, match="no tmem device"):
+        XenBackend.probe(roots)
+
+
+# -- the operations ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["unbatched", "batched"])
+def test_every_op_answers_with_the_hypercalls_values(tmem_host: TmemHost, batch: bool) -> None:
+    roots = tmem_host.guest(5)
+    with connected(roots, batch=batch) as b:
+        pers = b.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        eph = b.new_pool(PRIVATE_UUID, POOL_PRIVATE_EPHEMERAL)
+        assert (pers, eph) == (0, 1)
+        assert b.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT | 0x100) == -errno.EPERM
+        assert b.new_pool(PRIVATE_UUID, 0x00000000) == -errno.EPERM  # spec version 0
+
+        oid = Oid(42, 7, 9)
+        assert b.get_page(pers, oid, 0) == (-EEMPTY, None)  # a pool holding nothing
+        assert b.put_page(pers, oid, 0, TEXT) == 1
+        assert b.put_page(pers, oid, 1, PAGES["random"]) == 1
+        assert b.get_page(pers, oid, 0) == (1, TEXT)
+        assert b.get_page(pers, oid, 0) == (1, TEXT)  # persistent gets are not exclusive
+        assert b.get_page(pers, oid, 5) == (0, None)
+        assert b.flush_page(pers, oid, 0) == 1
+        if not batch:  # batched private flushes are posted: 1 means "on its way"
+            assert b.flush_page(pers, oid, 0) == 0
+        assert b.get_page(pers, oid, 0) == (0, None)
+        assert b.flush_object(pers, oid) == 1
+        assert b.get_page(pers, oid, 1) == (-EEMPTY, None)
+
+        assert b.put_page(eph, oid, 3, TEXT) == 1
+        assert b.get_page(eph, oid, 3) == (1, TEXT)
+        assert b.get_page(eph, oid, 3) == (-EEMPTY, None)  # private ephemeral: exclusive
+
+        assert b.put_page(9, oid, 0, TEXT) == -errno.ENODEV
+        assert b.get_page(9, oid, 0) == (-errno.ENODEV, None)
+        assert b.destroy_pool(9) == 0
+        assert b.destroy_pool(eph) == 1
+        assert b.destroy_pool(eph) == 0
+        more = [b.new_pool(PRIVATE_UUID, POOL_PRIVATE_EPHEMERAL) for _ in range(16)]
+        assert more[:15] == list(range(1, 16)) and more[15] == -errno.EPERM  # 16 per domain
+
+
+def test_freeze_shared_auth_and_weights_through_the_control_socket(tmem_host: TmemHost) -> None:
+    roots = tmem_host.guest(5)
+    uuid = PoolUuid.from_uuid("12345678-9abc-def0-1122-334455667788")
+    with connected(roots, batch=False) as b, \
+            HostControlClient(tmem_host.control_path, timeout=10) as control:
+        unauthorised = b.new_pool(uuid, POOL_SHARED_EPHEMERAL)
+        control.call("shared-auth", domid=5, uuid=str(uuid), auth=True)
+        shared = b.new_pool(uuid, POOL_SHARED_EPHEMERAL)
+        pools = {p["pool_id"]: p for p in control.call("list", domid=5)["clients"][0]["pools"]}
+        assert pools[unauthorised]["shared"] is False  # silently private without authorisation
+        assert pools[shared]["shared"] is True
+
+        assert b.put_page(shared, Oid(1), 0, TEXT) == 1
+        control.call("freeze", domid=5)
+        assert b.put_page(shared, Oid(1), 1, TEXT) == -EFROZEN  # a new put
+        assert b.put_page(shared, Oid(1), 0, TEXT) == 1  # a duplicate put is allowed
+        assert b.flush_page(shared, Oid(1), 0) == -EFROZEN  # flushed, but says frozen
+        assert b.get_page(shared, Oid(1), 0) == (-EEMPTY, None)
+        control.call("thaw", domid="all")
+        assert b.put_page(shared, Oid(1), 1, TEXT) == 1
+        control.call("set", domid=5, weight=3, compress=False)
+        client = control.call("list", domid=5)["clients"][0]
+        assert (client["weight"], client["compress"], client["frozen"]) == (3, False, False)
+        assert control.call("freeable") == {"freeable_mb": 0}
+
+
+def test_pools_registered_before_the_backend_are_replayed(tmem_host: TmemHost) -> None:
+    roots = tmem_host.guest(5)
+    shim = Shim(roots=roots, boot=BootParams())
+    fs = shim.cleancache.init_fs()
+    shim.frontswap.init(0, MemoryBacking(64))
+    assert shim.cleancache.put_page(fs, 11, 0, TEXT) is False  # no backend yet
+    assert shim.frontswap.store(0, 3, PAGES["random"]) == -1  # goes to the backing store
+
+    shim.load("xen", {"timeout_ms": TIMEOUT_MS})
+    try:
+        pools = listing(tmem_host, 5)["clients"][0]["pools"]
+        assert [(p["pool_id"], p["persistent"]) for p in pools] == [(0, True), (1, False)]
+        assert shim.frontswap.pool_id == 0 and shim.cleancache.real_pool_id(fs) == 1
+
+        assert shim.cleancache.put_page(fs, 11, 0, TEXT) is True
+        assert shim.cleancache.get_page(fs, 11, 0) == TEXT
+        assert shim.cleancache.get_page(fs, 11, 0) is None  # exclusive
+        assert shim.frontswap.store(0, 40, PAGES["half-random"]) == 0
+        assert shim.frontswap.load(0, 40) == PAGES["half-random"]
+        assert shim.frontswap.load(0, 3) == PAGES["random"]  # from before the backend
+        assert listing(tmem_host, 5)["clients"][0]["persistent_pages"] == 1
+    finally:
+        shim.unload()
+    assert tmem_host.xs.dom0.read(b"/local/domain/0/backend/tmem/5/0/state") == b"6"
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["unbatched", "batched"])
+def test_pages_of_every_compressibility_round_trip(tmem_host: TmemHost, batch: bool) -> None:
+    roots = tmem_host.guest(5)
+    with connected(roots, batch=batch) as b:
+        pers = b.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        eph = b.new_pool(PRIVATE_UUID, POOL_PRIVATE_EPHEMERAL)
+        for i, page in enumerate(PAGES.values()):
+            assert b.put_page(pers, Oid(i), i, page) == 1
+            assert b.put_page(eph, Oid(i), i, page) == 1
+        for i, (name, page) in enumerate(PAGES.items()):
+            assert b.get_page(pers, Oid(i), i) == (1, page), name
+            assert b.get_page(eph, Oid(i), i) == (1, page), name
+        stats = b.stats()
+        assert stats["spilled_messages"] >= 1 and stats["inline_messages"] >= 1
+        assert stats["rejected_replies"] == 0
+
+
+def test_a_batch_carries_posted_ops_with_the_next_synchronous_one(tmem_host: TmemHost) -> None:
+    roots = tmem_host.guest(5)
+    with connected(roots, batch=True, batch_delay_ms=1000) as b:
+        eph = b.new_pool(PRIVATE_UUID, POOL_PRIVATE_EPHEMERAL)
+        before = b.stats()["messages"]
+        for i in range(6):
+            assert b.put_page(eph, Oid(1), i, PAGES["text"] if i % 2 else PAGES["zero"]) == 1
+        assert b.get_page(eph, Oid(1), 5) == (1, PAGES["text"])
+        assert b.stats()["messages"] - before == 1  # six posted puts and the get: one message
+        assert b.get_page(eph, Oid(1), 4) == (1, PAGES["zero"])
+
+
+def test_concurrent_callers_share_messages(tmem_host: TmemHost) -> None:
+    roots = tmem_host.guest(5)
+    with connected(roots, batch=True) as b:
+        pers = b.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        for i in range(32):
+            assert b.put_page(pers, Oid(2), i, TEXT[i:] + TEXT[:i]) == 1
+        errors: list[str] = []
+
+        def reader(first: int) -> None:
+            for i in range(first, 32, 4):
+                if b.get_page(pers, Oid(2), i) != (1, TEXT[i:] + TEXT[:i]):
+                    errors.append(f"page {i}")
+
+        before = b.stats()["messages"]
+        threads = [threading.Thread(target=reader, args=(t,)) for t in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors
+        assert b.stats()["messages"] - before <= 32
+
+
+# -- failures ---------------------------------------------------------------------------------
+
+
+def test_a_host_that_stops_answering_times_out_and_ops_fail_fast(tmem_host: TmemHost) -> None:
+    roots = tmem_host.guest(5)
+    clock = FakeClock(100.0)
+    backend = XenBackend({"timeout_ms": 300, "stall_backoff_ms": 1000, "batch": True},
+                         roots=roots, clock=clock)
+    backend.connect()
+    try:
+        pers = backend.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        eph = backend.new_pool(PRIVATE_UUID, POOL_PRIVATE_EPHEMERAL)
+        assert backend.put_page(eph, Oid(1), 0, TEXT) == 1  # posted...
+        assert backend.get_page(pers, Oid(1), 0) == (-EEMPTY, None)  # ...and sent with this
+        tmem_host.halt()
+
+        assert backend.put_page(pers, Oid(1), 0, TEXT) == -errno.ETIMEDOUT
+        assert "no reply from the tmem host" in backend.describe()["last_error"]
+        assert backend.stats()["timeouts"] == 1
+        # Within the backoff every op fails at once; a flush is kept for later.
+        assert backend.get_page(eph, Oid(1), 0) == (-errno.ETIMEDOUT, None)
+        assert backend.flush_page(eph, Oid(1), 0) == 1
+        assert backend.stats()["failed_fast"] == 1 and backend.stats()["timeouts"] == 1
+
+        clock.advance(1.5)  # the backoff is over: the host is tried (and fails) again
+        assert backend.get_page(pers, Oid(1), 0) == (-errno.ETIMEDOUT, None)
+        assert backend.stats()["timeouts"] == 2
+
+        # The host comes back: after the (doubled) backoff the kept flush goes first.
+        tmem_host.resume()
+        clock.advance(2.5)
+        assert backend.get_page(eph, Oid(1), 0) in ((0, None), (-EEMPTY, None))
+        assert backend.stats()["redelivered_flushes"] >= 1
+        assert backend.put_page(pers, Oid(1), 2, TEXT) == 1
+    finally:
+        backend.remove()
+
+
+def test_a_restarted_host_closes_the_guest_until_it_reloads(tmem_host: TmemHost) -> None:
+    roots = tmem_host.guest(5)
+    with connected(roots) as b:
+        pers = b.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        assert b.put_page(pers, Oid(1), 0, TEXT) == 1
+        tmem_host.stop()  # the service goes away (Closed) and its store with it
+        tmem_host.start()  # a new instance: the guest's pools are gone
+        assert b.get_page(pers, Oid(1), 0) == (-errno.ENODEV, None)
+        assert "unload and load" in b.describe()["broken"]
+    with connected(roots) as again:
+        assert again.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT) == 0
+
+
+def test_guests_cannot_touch_each_others_areas(tmem_host: TmemHost) -> None:
+    r5, r6 = tmem_host.guest(5), tmem_host.guest(6)
+    with connected(r5) as b5:
+        pool = b5.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        assert b5.put_page(pool, Oid(1), 0, TEXT) == 1
+        g6 = tmem_host.client(r6)
+        fe5, be5 = b"/local/domain/5/device/tmem/0", b"/local/domain/0/backend/tmem/5/0"
+        assert outcome(lambda: g6.read(fe5 + b"/state")) == "EACCES"
+        assert outcome(lambda: g6.write(fe5 + b"/req/1/1@0@00000000@AQ", b"x")) == "EACCES"
+        assert outcome(lambda: g6.read(be5 + b"/state")) == "EACCES"
+        assert outcome(lambda: g6.list(be5 + b"/rsp")) == "EACCES"
+        # Its own backend area is readable but not writable; device/ is not its to write.
+        assert outcome(lambda: g6.read(b"/local/domain/0/backend/tmem/6/0/state")) == "OK"
+        assert outcome(lambda: g6.write(b"/local/domain/0/backend/tmem/6/0/rsp/x",
+                                        b"x")) == "EACCES"
+        assert outcome(lambda: g6.write(b"device/vif", b"x")) == "EACCES"
+        close_client(g6)  # a real daemon's emulated guest ring takes one connection at a time
+        # Through the service, guest 6's pool 0 is its own (none yet), never guest 5's.
+        with connected(r6) as b6:
+            assert b6.get_page(pool, Oid(1), 0) == (-errno.ENODEV, None)
+            mine = b6.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+            assert b6.get_page(mine, Oid(1), 0) == (-EEMPTY, None)
+        assert b5.get_page(pool, Oid(1), 0) == (1, TEXT)
+
+
+def test_released_guests_lose_their_device_and_pages(tmem_host: TmemHost) -> None:
+    roots = tmem_host.guest(5)
+    with connected(roots, batch=False) as b:
+        assert b.put_page(b.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT), Oid(1), 0,
+                          TEXT) == 1
+    tmem_host.xs.release(5)
+    wait_for_node(tmem_host.xs.dom0, b"/local/domain/0/backend/tmem/5", gone=True)
+    with HostControlClient(tmem_host.control_path, timeout=10) as control:
+        assert control.call("list")["clients"] == []
+
+
+# -- a host that lies -------------------------------------------------------------------------
+
+
+class RogueHost:
+    """Answers the guest's next request as dom0 with whatever the test wants."""
+
+    def __init__(self, host: TmemHost, domid: int) -> None:
+        self.dom0: pyxs.Client = host.xs.client()
+        self.monitor = self.dom0.monitor()
+        self.req = f"/local/domain/{domid}/device/tmem/0/req".encode()
+        self.be = f"/local/domain/0/backend/tmem/{domid}/0"
+        self.monitor.watch(self.req, b"rogue")
+        self.monitor.events.get(timeout=10)
+
+    def next_seq(self) -> int:
+        while True:
+            path = self.monitor.events.get(timeout=10).path
+            name = path.rsplit(b"/", 1)[-1].decode()
+            if "@" in name and path.count(b"/") == self.req.count(b"/") + 2:
+                return int(name.split("@")[0])
+
+    def reply(self, name: str, value: bytes = b"-", chunks: dict[int, bytes] | None = None) -> None:
+        for i, chunk in (chunks or {}).items():
+            self.dom0.write(f"{self.be}/rsp-data/{i}".encode(), chunk)
+        self.dom0.write(f"{self.be}/rsp/{name}".encode(), value)
+
+
+def _reply_text(body: bytes) -> tuple[str, int]:
+    import zlib
+
+    from xentmem.tmemwire import to_text
+
+    text = to_text(body)
+    return text, zlib.crc32(text.encode())
+
+
+@pytest.mark.parametrize("lie", ["garbage-crc", "bad-rc", "wrong-count", "bad-page",
+                                 "foreign-chunk", "stale-then-garbage"])
+def test_malformed_replies_are_rejected_with_a_clear_error(tmem_host: TmemHost, lie: str) -> None:
+    import struct
+
+    roots = tmem_host.guest(5)
+    with connected(roots, batch=False, timeout_ms=4000) as b:
+        pool = b.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        tmem_host.halt()
+        rogue = RogueHost(tmem_host, 5)
+        result: list[Any] = []
+        op = threading.Thread(target=lambda: result.append(
+            b.get_page(pool, Oid(1), 0) if lie == "bad-page" else b.put_page(pool, Oid(1), 0,
+                                                                             TEXT)))
+        op.start()
+        seq = rogue.next_seq()
+        if lie == "garbage-crc":
+            rogue.reply(f"{seq}@0@00000000@AQID")
+        elif lie == "bad-rc":  # PUT_PAGE can return 1, 0 or -errno, never 7
+            text, crc = _reply_text(struct.pack("<BBi", 1, 1, 0) + struct.pack("<iI", 7, 0))
+            rogue.reply(f"{seq}@0@{crc:08x}@{text}")
+        elif lie == "wrong-count":
+            text, crc = _reply_text(struct.pack("<BBi", 1, 2, 0) + struct.pack("<iI", 1, 0) * 2)
+            rogue.reply(f"{seq}@0@{crc:08x}@{text}")
+        elif lie == "bad-page":  # a "found" page that is 100 raw bytes
+            text, crc = _reply_text(struct.pack("<BBi", 1, 1, 0) + struct.pack("<iI", 1, 100)
+                                    + b"x" * 100)
+            rogue.reply(f"{seq}@0@{crc:08x}@{text}")
+        elif lie == "foreign-chunk":
+            text, crc = _reply_text(struct.pack("<BBi", 1, 1, 0) + struct.pack("<iI", 1, 0))
+            rogue.reply(f"{seq}@2@{crc:08x}@", text.encode(), {1: f"{seq + 1}@AAAA".encode()})
+        else:  # an answer to an old request is ignored; the real answer is garbage
+            rogue.reply(f"{seq - 1}@0@00000000@AQID")
+            rogue.reply(f"{seq}@0@00000000@AQID")
+        op.join(10)
+        assert result == ([(-errno.EIO, None)] if lie == "bad-page" else [-errno.EIO])
+        error = b.describe()["last_error"]
+        assert f"reply {seq}" in error and "rejected" in error
+        assert b.stats()["rejected_replies"] == 1
+        rogue.monitor.unwatch(rogue.req, b"rogue")
+        tmem_host.resume()  # so that remove() gets its Closed at once
+
+
+def test_a_reply_to_no_request_is_rejected_and_the_op_times_out(tmem_host: TmemHost) -> None:
+    roots = tmem_host.guest(5)
+    with connected(roots, batch=False, timeout_ms=500) as b:
+        pool = b.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        tmem_host.halt()
+        rogue = RogueHost(tmem_host, 5)
+        result: list[int] = []
+        op = threading.Thread(target=lambda: result.append(b.put_page(pool, Oid(1), 0, TEXT)))
+        op.start()
+        seq = rogue.next_seq()
+        rogue.reply(f"{seq + 3}@0@00000000@AQID")  # answers a request never sent
+        op.join(10)
+        assert result == [-errno.ETIMEDOUT]
+        assert b.stats()["rejected_replies"] == 1
+        rogue.monitor.unwatch(rogue.req, b"rogue")
+        tmem_host.resume()

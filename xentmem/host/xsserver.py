@@ -86,7 +86,7 @@ from xentmem.host.xswire import (
     watch_event,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("xentmem.host.xsserver")  # also under python -m
 
 DOM0_SOCKET_NAME = "socket"
 #: A peer that stops reading is dropped once this much output waits for it.

@@ -37,6 +37,7 @@ import contextlib
 import errno
 import itertools
 import queue
+import shutil
 import socket
 import tempfile
 from collections.abc import Callable, Iterator
@@ -384,9 +385,7 @@ class RealHost(XenstoreHost):
             for domid in list(self._proxies):
                 self._stop_proxy(domid)
                 self.peer.revive(domid)
-            for path in self._guest_dir.iterdir():
-                path.unlink()
-            self._guest_dir.rmdir()
+            shutil.rmtree(self._guest_dir, ignore_errors=True)
 
 
 _scratch_ids = itertools.count(1)

@@ -1,4 +1,4 @@
-"""The xenstore peers' fixtures (see ``fakes.xenstore_hosts``), and a hang guard.
+"""A hang guard for the xenstore tests (the peers' fixtures are registered in tests/conftest.py).
 
 pyxs has calls that can block forever (a dead router thread, ``Monitor.wait()``); a test
 here that hangs is killed with a traceback instead of stalling the run.
@@ -10,14 +10,6 @@ import faulthandler
 from collections.abc import Iterator
 
 import pytest
-from fakes.xenstore_hosts import (  # noqa: F401  (fixtures, registered by import)
-    c_xenstored_peer,
-    make_xs_server,
-    oxenstored_peer,
-    pyxs_su,
-    xenstore_host,
-    xs_server,
-)
 
 HANG_GUARD_S = 120
 

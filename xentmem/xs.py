@@ -150,19 +150,27 @@ class _SocketTransport:
 
 
 class _OneWriteConnection(PacketConnection):
-    """Sends a packet (or several) in one write; pyxs writes header and payload apart.
+    """Sends a whole packet in one write; pyxs writes header and payload apart.
 
     Half the system calls per request, and the xenbus device is handed whole messages.
     """
 
-    def send(self, packet: Packet) -> None:
-        self.send_raw(_frame(packet))
+    #: Whether several packets may go in one write.  The kernel's xenbus device takes one
+    #: message per write(2) (more is EINVAL); a socket is a byte stream.
+    coalesce = True
 
-    def send_raw(self, data: bytes) -> None:
+    def send(self, packet: Packet) -> None:
+        self.send_frames([_frame(packet)])
+
+    def send_frames(self, frames: list[bytes]) -> None:
         if not self.is_connected:
             raise PyXSConnectionError("not connected")
         try:
-            self.transport.send(data)
+            if self.coalesce:
+                self.transport.send(b"".join(frames))
+            else:
+                for data in frames:
+                    self.transport.send(data)
         except OSError as exc:
             if exc.errno in (errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE):
                 self.close()
@@ -185,6 +193,8 @@ class XenbusDevConnection(_OneWriteConnection):
     It is deliberately not a ``pyxs.connection.XenBusConnection``: pyxs refuses ``Monitor``
     over that class, while the device itself delivers watch events fine on current kernels.
     """
+
+    coalesce = False
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
@@ -318,7 +328,7 @@ class XsSession:
         return Pending(rvar, op, what)
 
     def send_many(self, requests: list[tuple[int, bytes, str]]) -> list[Pending]:
-        """Send several requests in one write (pipelined); collect each with :meth:`wait`.
+        """Send several requests at once (pipelined); collect each with :meth:`wait`.
 
         The replies are matched by pyxs's router as for any request: the reply variables are
         registered under the router's send lock before the bytes go out, exactly as
@@ -337,7 +347,7 @@ class XsSession:
                 frames.append(_frame(packet))
                 pendings.append(Pending(rvar, op, what))
             try:
-                self._connection.send_raw(b"".join(frames))
+                self._connection.send_frames(frames)
             except (PyXSError, OSError) as exc:
                 raise XsConnectionLost(f"sending to xenstore failed: {exc}") from None
         return pendings

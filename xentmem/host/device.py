@@ -71,7 +71,6 @@ log = logging.getLogger(__name__)
 
 #: Replies left in ``rsp/`` before it is cleared (dom0's own area: no quota applies).
 REPLIES_KEPT = 32
-_NODE_NAME = re.compile(r"[A-Za-z0-9_@-]{1,1024}")
 _LEADING_SEQ = re.compile(r"(0|[1-9][0-9]{0,18})@")
 _PERM_RE = re.compile(rb"([nrwb])([0-9]{1,5})")
 
@@ -353,7 +352,7 @@ class GuestDevice:
         """A watch event under the guest's ``req/``: serve the message it names, if new."""
         if self.state != XenbusState.CONNECTED or not untrusted_path.startswith(self._req_prefix):
             return
-        untrusted_rest = untrusted_path[len(self._req_prefix):].decode("ascii", "replace")
+        untrusted_rest = untrusted_path[len(self._req_prefix) :].decode("ascii", "replace")
         untrusted_slot, sep, untrusted_name = untrusted_rest.partition("/")
         if not sep or "/" in untrusted_name:
             return  # the directory itself, a slot directory, or something deeper
@@ -362,7 +361,7 @@ class GuestDevice:
             if untrusted_slot != request_slot(envelope.seq):
                 raise WireError(f"message {envelope.seq} in slot {untrusted_slot[:8]!r}")
         except WireError as exc:
-            self._malformed(untrusted_slot, untrusted_name, exc)
+            self._malformed(untrusted_name, exc)
             return
         if envelope.seq <= self.last_seq:
             return  # our own removal of a consumed request, or a replay
@@ -440,17 +439,26 @@ class GuestDevice:
             self.counters.replies_spilled += 1
         self.last_reply = name
 
-    def _malformed(self, untrusted_slot: str, untrusted_name: str, exc: WireError) -> None:
-        """A request node that is not a message: an error reply if it has a new seq."""
+    def _malformed(self, untrusted_name: str, exc: WireError) -> None:
+        """A request node that is not a message: an error reply if it has a new seq.
+
+        The node is left for the next bulk removal of ``req/`` (counted as served), so its
+        removal raises no event of its own that would be reported again.
+        """
+        match = _LEADING_SEQ.match(untrusted_name)
+        if match is None or int(match[1]) <= self.last_seq:
+            if match is None:
+                self.counters.malformed += 1
+                log.warning("domain %d: request node %r is not a message: %s", self.domid,
+                            untrusted_name[:60], exc)
+                self._consumed()
+            return  # a node seen before (its removal), or a replay
         self.counters.malformed += 1
         log.warning("domain %d: malformed request node %r: %s", self.domid,
                     untrusted_name[:60], exc)
-        match = _LEADING_SEQ.match(untrusted_name)
-        if match is not None and int(match[1]) > self.last_seq:
-            self.last_seq = int(match[1])
-            self._reply(self.last_seq, [], -errno.EINVAL)
-        if _NODE_NAME.fullmatch(untrusted_slot) and _NODE_NAME.fullmatch(untrusted_name):
-            self.conn.post_rm(f"{self.otherend}/{REQ_DIR}/{untrusted_slot}/{untrusted_name}")
+        self.last_seq = int(match[1])
+        self._consumed()
+        self._reply(self.last_seq, [], -errno.EINVAL)
 
     def describe(self) -> dict[str, object]:
         return {

@@ -37,6 +37,7 @@ import psutil
 from xentmem.abi import TmemOp
 from xentmem.backends.capacity import ACCEPTED as CAPACITY_ACCEPTED
 from xentmem.backends.capacity import capacity_bytes, parse_capacity
+from xentmem.clock import SystemClock
 from xentmem.host.control import (
     BAD_ARGS,
     DEFAULT_SOCKET,
@@ -495,16 +496,27 @@ def _serve(service: HostService, notifier: Any = None) -> None:
         sorted(service.devices) or "none yet",
         service.store.capacity_bytes >> 20,
     )
-    watchdog = notifier.watchdog_interval_s if notifier is not None else None
+    on_idle = None
     if notifier is not None:
         notifier.ready(f"serving {len(service.devices)} guests")
+        interval = notifier.watchdog_interval_s
+        if interval:
+            clock = SystemClock()
+            last = [clock.monotonic()]
+
+            def on_idle() -> None:  # at most one ping per interval, however busy the loop
+                if clock.monotonic() - last[0] >= interval:
+                    notifier.send("WATCHDOG=1")
+                    last[0] = clock.monotonic()
+
     try:
-        service.run(on_idle=(lambda: notifier.send("WATCHDOG=1")) if watchdog else None)
+        service.run(on_idle=on_idle)
     except XsConnectionLost as exc:
         click.echo(f"xentmem-hostd: lost xenstore: {exc}", err=True)
-        sys.exit(1)
-    finally:
         service.close()
+        sys.exit(1)
+    service.close()
+    log.info("xentmem-hostd stopped")
 
 
 @cli.command(name="list")

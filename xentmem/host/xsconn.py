@@ -26,7 +26,6 @@ from typing import Callable, TypeVar
 from xentmem.clock import SystemClock
 from xentmem.host.xswire import (
     NUL,
-    MalformedPacket,
     OversizedPacket,
     Packet,
     PacketReader,
@@ -53,8 +52,9 @@ def default_xenstore_path() -> tuple[str, str]:
     rundir = os.environ.get("XENSTORED_RUNDIR")
     if rundir:
         return "socket", os.path.join(rundir, "socket")
-    if Path(DEFAULT_SOCKET).exists():
-        return "socket", DEFAULT_SOCKET
+    for candidate in (DEFAULT_SOCKET, "/run/xenstored/socket"):
+        if Path(candidate).exists():
+            return "socket", candidate
     return "device", DEFAULT_XENBUS
 
 
@@ -133,20 +133,19 @@ class XsConn:
         return self._next_id
 
     def flush(self) -> None:
-        """Write every buffered request in one go."""
+        """Write every buffered request: in one go on a socket, one per write(2) on the
+        xenbus device (the kernel takes one message per write; more is EINVAL)."""
         if not self._out:
             return
-        data = b"".join(self._out)
-        self._out.clear()
+        frames = self._out
+        self._out = []
         try:
             if self._sock is not None:
-                self._sock.sendall(data)
+                self._sock.sendall(b"".join(frames))
             else:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(self._fd, view) :]
-        except MalformedPacket:
-            raise
+                for frame in frames:
+                    if os.write(self._fd, frame) != len(frame):
+                        raise OSError(f"short write of a {len(frame)}-byte message")
         except OSError as exc:
             self.close()
             raise XsConnectionLost(f"writing to xenstore at {self.path}: {exc}") from None

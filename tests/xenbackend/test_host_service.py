@@ -1,0 +1,263 @@
+"""The host service from the outside: a hostile or broken guest, the control socket, the CLI,
+the local demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import zlib
+from pathlib import Path
+
+import pytest
+import pyxs
+from click.testing import CliRunner
+from xenhost import WAIT_S, TmemHost, wait_for_node
+
+from xentmem.abi import POOL_PRIVATE_PERSISTENT, PRIVATE_UUID, Oid
+from xentmem.backends.xen import XenBackend
+from xentmem.host.control import ControlError, HostControlClient
+from xentmem.host.service import cli
+from xentmem.roots import Roots
+from xentmem.tmemwire import (
+    Limits,
+    WireOp,
+    decode_reply,
+    encode_request,
+    frame,
+    parse_name,
+    to_text,
+    unframe,
+)
+
+TEXT = (b"static void tmem_flush(struct pool *pool, struct oid *oid);\n" * 70)[:4096]
+LIMITS = Limits()
+
+
+class HandGuest:
+    """A guest that speaks the protocol by hand through raw pyxs calls (hostile on demand)."""
+
+    def __init__(self, host: TmemHost, domid: int) -> None:
+        self.roots = host.guest(domid)
+        self.c: pyxs.Client = host.client(self.roots)
+        self.fe = f"/local/domain/{domid}/device/tmem/0"
+        self.be = f"/local/domain/0/backend/tmem/{domid}/0"
+        self.monitor = self.c.monitor()
+        self.monitor.watch(f"{self.be}/state".encode(), b"state")
+        self.monitor.watch(f"{self.be}/rsp".encode(), b"rsp")
+
+    def state(self, node: str) -> int:
+        return int(self.c.read(f"{node}/state".encode()))
+
+    def wait_state(self, wanted: int) -> None:
+        for _ in range(100):
+            if self.state(self.be) == wanted:
+                return
+            self.monitor.events.get(timeout=WAIT_S)
+        raise AssertionError(f"backend never reached state {wanted}")
+
+    def connect(self) -> None:
+        """The documented handshake, step by step."""
+        self.c.write(f"{self.fe}/state".encode(), b"1")
+        self.wait_state(2)
+        assert self.c.read(f"{self.be}/versions".encode()) == b"1"
+        self.c.write(f"{self.fe}/version".encode(), b"1")
+        self.c.write(f"{self.fe}/state".encode(), b"3")
+        self.wait_state(4)
+        self.c.write(f"{self.fe}/state".encode(), b"4")
+
+    def send(self, slot_and_name: str, value: bytes = b"-") -> None:
+        self.c.write(f"{self.fe}/req/{slot_and_name}".encode(), value)
+
+    def reply(self, seq: int) -> bytes:
+        """The body of the reply to ``seq`` (waits for its event)."""
+        prefix = f"{self.be}/rsp/".encode()
+        for _ in range(200):
+            event = self.monitor.events.get(timeout=WAIT_S)
+            if not event.path.startswith(prefix):
+                continue
+            envelope = parse_name(event.path[len(prefix):].decode(), LIMITS, reply=True)
+            if envelope.seq != seq:
+                continue
+            value = self.c.read(event.path).decode() if envelope.chunks else None
+            chunks = [self.c.read(f"{self.be}/rsp-data/{i}".encode()).decode()
+                      for i in range(1, envelope.chunks)]
+            return unframe(envelope, value, chunks, LIMITS)
+        raise AssertionError(f"no reply {seq}")
+
+
+def status_of(body: bytes) -> int:
+    return struct.unpack_from("<BBi", body)[2]
+
+
+def test_malformed_requests_get_an_error_or_are_dropped_and_the_service_lives_on(
+        tmem_host: TmemHost) -> None:
+    g = HandGuest(tmem_host, 5)
+    g.connect()
+    g.send("1/1@0@00000000@AQID")  # bad crc
+    assert status_of(g.reply(1)) == -22
+    garbage = to_text(b"\x01\x07not a request")
+    g.send(f"2/2@0@{zlib.crc32(garbage.encode()):08x}@{garbage}")
+    assert status_of(g.reply(2)) == -22
+    g.send("5/3@0@00000000@AQID")  # the wrong slot for seq 3
+    assert status_of(g.reply(3)) == -22
+    g.send("4/4@3@00000000@", b"AAAA")  # spilled, but its chunks were never written
+    assert status_of(g.reply(4)) == -5
+    g.send("0/garbage-without-a-seq")  # nothing to answer: dropped
+    g.send("1/x/deeper")  # not a message node at all: ignored
+    body = encode_request([WireOp.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT),
+                           WireOp(99, 0, Oid(0), 0)])  # an op the hypercall does not know
+    framed = frame(9, body, LIMITS, reply=False)
+    g.send(f"1/{framed.envelope.name}", framed.value.encode() or b"-")
+    results = decode_reply(g.reply(9), decode_request_ops(body))
+    assert [r.rc for r in results] == [0, -38]  # the pool, then -ENOSYS
+    served = tmem_host.service.devices[5].counters  # type: ignore[union-attr]
+    assert (served.malformed, served.failed_messages, served.messages) == (4, 1, 4)
+
+
+def decode_request_ops(body: bytes) -> list[WireOp]:
+    from xentmem.tmemwire import decode_request
+
+    return decode_request(body)
+
+
+def test_a_guest_whose_area_another_domain_may_write_is_refused(tmem_host: TmemHost) -> None:
+    roots = tmem_host.guest(5)
+    guest = tmem_host.client(roots)
+    fe = b"/local/domain/5/device/tmem/0"
+    guest.set_perms(fe, [b"n5", b"r0", b"w6"])  # the guest lets domain 6 write its requests
+    from fakes.xenstore_hosts import close_client
+
+    close_client(guest)
+    backend = XenBackend({"timeout_ms": 5000}, roots=roots)
+    from xentmem.errors import BackendError
+
+    with pytest.raises(BackendError, match="writable by domains \\[6\\]"):
+        backend.connect()
+
+
+@pytest.fixture
+def ours(make_xs_server, tmp_path: Path):
+    """The host service over our own server only: for what does not depend on the daemon."""
+    from fakes.xenstore_hosts import OurHost
+
+    host = TmemHost(OurHost(make_xs_server(), "/xentmem-test/cli"), tmp_path, 64 << 20)
+    host.start()
+    try:
+        yield host
+    finally:
+        host.clean()
+        host.xs.close()
+
+
+def test_control_commands_mirror_xl_tmem(ours: TmemHost) -> None:
+    roots = ours.guest(5)
+    backend = XenBackend({"timeout_ms": 5000, "batch": False}, roots=roots)
+    backend.connect()
+    try:
+        pool = backend.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        assert backend.put_page(pool, Oid(1), 0, TEXT) == 1
+        runner = CliRunner()
+        base = ["--control", str(ours.control_path)]
+
+        result = runner.invoke(cli, [*base, "list", "--json"])
+        assert result.exit_code == 0, result.output
+        listing = json.loads(result.output)
+        assert listing["clients"][0]["domid"] == 5
+        assert listing["clients"][0]["pools"][0]["pages"] == 1
+        assert listing["devices"][0]["state"] == "Connected"
+
+        result = runner.invoke(cli, [*base, "list"])
+        assert result.exit_code == 0 and "domain 5: weight=0 compress=1 frozen=0" in result.output
+        assert "pool 0: persistent pages=1" in result.output
+
+        assert runner.invoke(cli, [*base, "freeze", "5"]).exit_code == 0
+        assert backend.put_page(pool, Oid(1), 1, TEXT) == -1000
+        assert runner.invoke(cli, [*base, "thaw", "all"]).exit_code == 0
+        result = runner.invoke(cli, [*base, "set", "5", "-w", "4", "--no-compress"])
+        assert json.loads(result.output) == {"domids": [5], "weight": 4, "compress": False}
+        result = runner.invoke(cli, [*base, "shared-auth", "5", "-u",
+                                     "12345678-9abc-def0-1122-334455667788", "-A", "1"])
+        assert result.exit_code == 0, result.output
+        assert runner.invoke(cli, [*base, "shared-auth", "all", "-A", "0"]).exit_code == 0
+        result = runner.invoke(cli, [*base, "freeable"])
+        assert result.exit_code == 0 and result.output.strip() == "0"
+        client = json.loads(runner.invoke(cli, [*base, "list", "5", "--json"]).output)
+        assert client["clients"][0]["auth"] == ["12345678-9abc-def0-1122-334455667788"]
+        assert client["shared_auth"] is False
+
+        bad = runner.invoke(cli, [*base, "set", "5"])
+        assert bad.exit_code == 2 and "weight" in bad.output
+        bad = runner.invoke(cli, [*base, "list", "77"])
+        assert bad.exit_code == 1 and "no tmem client" in bad.output
+    finally:
+        backend.remove()
+
+
+def test_the_control_socket_refuses_bad_requests(ours: TmemHost) -> None:
+    with HostControlClient(ours.control_path, timeout=5) as control:
+        for op, args, code in (("nope", {}, "unknown_op"),
+                               ("set", {"domid": 5}, "bad_args"),
+                               ("set", {"domid": -1, "weight": 1}, "bad_args"),
+                               ("freeze", {"domid": 5, "extra": 1}, "bad_args"),
+                               ("shared-auth", {"domid": 5, "auth": True, "uuid": "x"},
+                                "bad_args")):
+            with pytest.raises(ControlError) as caught:
+                control.call(op, **args)
+            assert caught.value.code == code
+        assert control.call("hello")["service"] == "xentmem-hostd"
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as raw:
+        raw.settimeout(5)
+        raw.connect(str(ours.control_path))
+        raw.sendall(b"this is not json\n")
+        answer = json.loads(raw.makefile().readline())
+        assert answer["ok"] is False and answer["error"]["code"] == "bad_request"
+
+
+def test_the_cli_says_when_the_service_is_not_there(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["--control", str(tmp_path / "none.sock"), "freeable"])
+    assert result.exit_code == 1 and "cannot reach xentmem-hostd" in result.output
+
+
+def test_the_demo_is_a_mocked_xen_host_a_guest_can_use() -> None:
+    directory = Path(tempfile.mkdtemp(prefix="demo-", dir="/tmp"))
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "xentmem.host.service", "demo", "--dir", str(directory),
+         "--guest", "3", "--log-level", "warning"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert demo.stdout is not None
+        lines = [demo.stdout.readline() for _ in range(3)]
+        sockets = dict(re.findall(r"guest (\d+): XENSTORED_PATH=(\S+)", "".join(lines)))
+        assert list(sockets) == ["3"], lines
+        with pyxs.Client(unix_socket_path=str(directory / "socket")) as dom0:
+            wait_for_node(dom0, b"/local/domain/0/backend/tmem/3/0/state")
+        roots = Roots(root=directory, xenstore_socket=Path(sockets["3"]))
+        XenBackend.probe(roots)
+        backend = XenBackend({"timeout_ms": 5000}, roots=roots)
+        backend.connect()
+        try:
+            pool = backend.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+            assert backend.put_page(pool, Oid(1), 0, TEXT) == 1
+            assert backend.get_page(pool, Oid(1), 0) == (1, TEXT)
+        finally:
+            backend.remove()
+        listed = subprocess.run(
+            [sys.executable, "-m", "xentmem.host.service", "list", "--json"],
+            env={**os.environ, "XENTMEM_HOSTD_SOCKET": str(directory / "hostd.sock")},
+            capture_output=True, text=True, timeout=30)
+        assert listed.returncode == 0, listed.stderr
+        assert json.loads(listed.stdout)["devices"][0]["domid"] == 3
+    finally:
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(WAIT_S) == 0
+        for path in directory.iterdir():
+            path.unlink()
+        directory.rmdir()

@@ -1,0 +1,323 @@
+"""The wire format on its own: exact layouts, every limit, and fuzzed untrusted input."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from xentmem.abi import PAGE_SIZE, Oid, PoolUuid, TmemOp
+from xentmem.tmemwire import (
+    MAX_INLINE_BYTES,
+    MAX_OPS_LIMIT,
+    NAME_OVERHEAD,
+    Envelope,
+    Limits,
+    PageEncoding,
+    WireError,
+    WireOp,
+    WireResult,
+    decode_page,
+    decode_reply,
+    decode_request,
+    encode_page,
+    encode_reply,
+    encode_request,
+    frame,
+    from_text,
+    parse_domid,
+    parse_name,
+    parse_uint,
+    reply_size_bound,
+    request_size,
+    to_text,
+    unframe,
+)
+
+TEXT = (b"static int tmem_put(struct pool *p, struct oid *o, u32 index)\n{\n\treturn 0;\n}\n"
+        * 60)[:PAGE_SIZE]
+RANDOM = os.urandom(PAGE_SIZE)
+LIMITS = Limits()
+# What pyxs and both daemons accept: printable ASCII without newlines; names also [A-Za-z0-9_@-].
+VALUE_RE = re.compile(r"[\x20-\x7e]*")
+NAME_RE = re.compile(r"[A-Za-z0-9_@-]+")
+
+
+# -- pages --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("page", "encoding"), [
+    (bytes(PAGE_SIZE), PageEncoding.ZERO),
+    (TEXT, PageEncoding.LZ4),
+    (RANDOM, PageEncoding.RAW),
+])
+def test_pages_take_their_smallest_honest_form(page: bytes, encoding: PageEncoding) -> None:
+    got, data = encode_page(page)
+    assert got == encoding
+    assert decode_page(got, data) == page
+    assert len(data) == {PageEncoding.ZERO: 0, PageEncoding.RAW: PAGE_SIZE}.get(got, len(data))
+    assert encode_page(TEXT, compress=False) == (PageEncoding.RAW, TEXT)
+
+
+@pytest.mark.parametrize(("encoding", "data", "why"), [
+    (PageEncoding.ZERO, b"x", "zero page carries no data"),
+    (PageEncoding.RAW, b"x" * 100, "raw page is 4096"),
+    (PageEncoding.LZ4, b"\xff" * 50, "does not decompress"),
+    (PageEncoding.LZ4, b"", "lz4 page is 1..4095"),
+    (7, b"", "unknown page encoding"),
+])
+def test_bad_pages_are_refused(encoding: int, data: bytes, why: str) -> None:
+    with pytest.raises(WireError, match=why):
+        decode_page(encoding, data)
+
+
+def test_an_lz4_block_of_the_wrong_size_is_refused() -> None:
+    import lz4.block
+
+    short = lz4.block.compress(b"a" * 1000, store_size=False)
+    with pytest.raises(WireError, match="decompresses to 1000 bytes"):
+        decode_page(PageEncoding.LZ4, short)
+
+
+# -- bodies -------------------------------------------------------------------------------------
+
+
+def test_request_layout_is_fixed_records_then_pages() -> None:
+    ops = [WireOp.new_pool(PoolUuid(1, 2), 0x01000002),
+           WireOp.put_page(3, Oid(4, 5, 6), 7, TEXT),
+           WireOp.get_page(3, Oid(4), 8),
+           WireOp.flush_object(3, Oid(9))]
+    body = encode_request(ops)
+    assert body[:2] == bytes([1, 4])
+    assert struct.unpack_from("<BiQQQII", body, 2) == (1, 0, 1, 2, 0, 0, 0x01000002)
+    cmd, pool, w0, w1, w2, index, extra = struct.unpack_from("<BiQQQII", body, 2 + 37)
+    assert (cmd, pool, w0, w1, w2, index) == (4, 3, 4, 5, 6, 7)
+    assert extra >> 16 == PageEncoding.LZ4 and len(body) == 2 + 4 * 37 + (extra & 0xFFFF)
+    assert request_size(ops) == len(body)
+    back = decode_request(body)
+    assert back[0] == ops[0] and back[2:] == ops[2:]
+    assert back[1].page() == TEXT
+
+
+def test_reply_carries_return_values_and_found_pages() -> None:
+    ops = [WireOp.get_page(0, Oid(1), 0), WireOp.get_page(0, Oid(1), 1),
+           WireOp.put_page(0, Oid(1), 2, TEXT), WireOp.new_pool(PoolUuid(0, 0), 0x01000000)]
+    results = [WireResult.with_page(TEXT), WireResult(0), WireResult(-errno.ENOMEM),
+               WireResult(15)]
+    body = encode_reply(results)
+    assert len(body) <= reply_size_bound(ops)
+    back = decode_reply(body, ops)
+    assert [r.rc for r in back] == [1, 0, -errno.ENOMEM, 15]
+    assert back[0].page() == TEXT
+    assert decode_reply(encode_reply([], status=-errno.EINVAL), ops) == [
+        WireResult(-errno.EINVAL)] * 4
+
+
+@pytest.mark.parametrize(("cmd", "rc", "why"), [
+    (TmemOp.NEW_POOL, 16, "beyond 15"),
+    (TmemOp.PUT_PAGE, 2, "only 1, 0 or -errno"),
+    (TmemOp.FLUSH_PAGE, 7, "only 1, 0 or -errno"),
+    (TmemOp.GET_PAGE, -5000, "not a -errno"),
+])
+def test_replies_with_values_the_op_cannot_give_are_refused(cmd: int, rc: int, why: str) -> None:
+    op = WireOp(cmd, 0, Oid(1), 0)
+    body = struct.pack("<BBi", 1, 1, 0) + struct.pack("<iI", rc, 0)
+    with pytest.raises(WireError, match=why):
+        decode_reply(body, [op])
+
+
+def test_replies_that_do_not_match_their_request_are_refused() -> None:
+    get = WireOp.get_page(0, Oid(1), 0)
+    put = WireOp.put_page(0, Oid(1), 0, TEXT)
+    two = encode_reply([WireResult(0), WireResult(0)])
+    with pytest.raises(WireError, match="2 results for 1 ops"):
+        decode_reply(two, [get])
+    with pytest.raises(WireError, match="carries page data"):  # a page for a put
+        decode_reply(struct.pack("<BBi", 1, 1, 0) + struct.pack("<iI", 1, 4) + b"abcd", [put])
+    with pytest.raises(WireError, match="runs past the end"):
+        decode_reply(struct.pack("<BBi", 1, 1, 0) + struct.pack("<iI", 1, 4000), [get])
+    with pytest.raises(WireError, match="stray bytes"):
+        decode_reply(encode_reply([WireResult(0)]) + b"x", [get])
+    with pytest.raises(WireError, match="wire version 2"):
+        decode_reply(struct.pack("<BBi", 2, 0, 0), [])
+
+
+def test_unknown_op_codes_still_parse_so_they_can_be_answered() -> None:
+    body = struct.pack("<BB", 1, 1) + struct.pack("<BiQQQII", 9, 0, 0, 0, 0, 0, 0)
+    (op,) = decode_request(body)
+    assert op.cmd == 9
+
+
+@pytest.mark.parametrize(("body", "why"), [
+    (b"", "shorter than its header"),
+    (struct.pack("<BB", 1, 0), "carries 0 ops"),
+    (struct.pack("<BB", 1, MAX_OPS_LIMIT + 1), f"carries {MAX_OPS_LIMIT + 1} ops"),
+    (struct.pack("<BB", 1, 2) + b"\0" * 37, "too short for 2 ops"),
+    (struct.pack("<BB", 1, 1) + struct.pack("<BiQQQII", 4, 0, 0, 0, 0, 0, (9 << 16)),
+     "unknown page encoding 9"),
+    (struct.pack("<BB", 1, 1) + struct.pack("<BiQQQII", 4, 0, 0, 0, 0, 0, (1 << 16) | 5000),
+     "LZ4 page of 5000 bytes"),
+    (struct.pack("<BB", 1, 1) + struct.pack("<BiQQQII", 4, 0, 0, 0, 0, 0, (1 << 16) | 10),
+     "runs past the end"),
+])
+def test_malformed_requests_are_refused(body: bytes, why: str) -> None:
+    with pytest.raises(WireError, match=why):
+        decode_request(body)
+
+
+# -- text, names and chunks -----------------------------------------------------------------
+
+
+def test_text_is_strict_base64url() -> None:
+    assert from_text(to_text(b"\x00\xff\xfe")) == b"\x00\xff\xfe"
+    for bad in ("AB=C", "A", "AB C", "é", "AB/C"):
+        with pytest.raises(WireError):
+            from_text(bad)
+
+
+def test_small_messages_live_in_the_name_alone() -> None:
+    framed = frame(7, encode_request([WireOp.get_page(0, Oid(1), 2)]), LIMITS, reply=False)
+    assert framed.envelope.chunks == 0 and framed.value == "" and framed.chunks == ()
+    name = framed.envelope.name
+    assert NAME_RE.fullmatch(name) and name.startswith("7@0@")
+    envelope = parse_name(name, LIMITS, reply=False)
+    assert unframe(envelope, None, (), LIMITS) == encode_request(
+        [WireOp.get_page(0, Oid(1), 2)])
+
+
+@pytest.mark.parametrize("pages", [[TEXT], [RANDOM], [RANDOM] * 8, [TEXT, RANDOM] * 5])
+def test_large_messages_spill_within_every_daemons_limits(pages: list[bytes]) -> None:
+    ops = [WireOp.put_page(0, Oid(1), i, p) for i, p in enumerate(pages)]
+    body = encode_request(ops)
+    framed = frame(123456, body, LIMITS, reply=False)
+    name = framed.envelope.name
+    # oxenstored: 2048-byte values and 1024-byte paths below a domain's home; pyxs: printable.
+    assert len(name) <= NAME_OVERHEAD + MAX_INLINE_BYTES <= 960
+    assert len("device/tmem/0/req/0/" + name) <= 1024
+    for value in (framed.value, *(v for _, v in framed.chunks)):
+        assert len(value) <= LIMITS.chunk_bytes <= 2048 - 64 and VALUE_RE.fullmatch(value)
+    assert [i for i, _ in framed.chunks] == list(range(1, framed.envelope.chunks))
+    envelope = parse_name(name, LIMITS, reply=False)
+    assert unframe(envelope, framed.value, [v for _, v in framed.chunks], LIMITS) == body
+
+
+def test_torn_or_mixed_chunks_are_noticed() -> None:
+    body = encode_request([WireOp.put_page(0, Oid(1), i, RANDOM) for i in range(3)])
+    framed = frame(5, body, LIMITS, reply=False)
+    chunks = [v for _, v in framed.chunks]
+    envelope = framed.envelope
+    with pytest.raises(WireError, match="belongs to another message"):
+        unframe(envelope, framed.value, ["6@" + chunks[0][2:], *chunks[1:]], LIMITS)
+    with pytest.raises(WireError, match="crc mismatch"):
+        unframe(envelope, framed.value, [chunks[1], chunks[0], *chunks[2:]], LIMITS)
+    with pytest.raises(WireError, match="expected"):
+        unframe(envelope, framed.value, chunks[:-1], LIMITS)
+
+
+def test_a_message_too_big_for_the_limits_is_refused() -> None:
+    small = Limits(chunk_bytes=256, max_chunks=2, inline_bytes=100, reply_inline_bytes=100)
+    with pytest.raises(WireError, match="needs"):
+        frame(1, encode_request([WireOp.put_page(0, Oid(1), 0, RANDOM)]), small, reply=True)
+
+
+@pytest.mark.parametrize("name", [
+    "", "1@0@0000000@AQ", "01@0@00000000@AQ", "1@0@00000000@", "1@99@00000000@",
+    "1@0@00000000@A Q", "1@0@0000000G@AQ", "1@0@00000000@" + "A" * (MAX_INLINE_BYTES + 1),
+    "99999999999999999999@0@00000000@AQ", "../1@0@00000000@AQ",
+])
+def test_names_outside_the_grammar_are_refused(name: str) -> None:
+    with pytest.raises(WireError):
+        parse_name(name, LIMITS, reply=False)
+
+
+def test_limits_meet_and_refuse_nonsense() -> None:
+    mine = Limits(chunk_bytes=1900, inline_bytes=500, max_chunks=40, max_ops=64)
+    theirs = Limits(chunk_bytes=1984, inline_bytes=900, reply_inline_bytes=300, max_chunks=16)
+    assert mine.meet(theirs) == Limits(1900, 500, 300, 16, 32)
+    for bad in ({"chunk_bytes": 10}, {"inline_bytes": 5000}, {"max_chunks": 0},
+                {"max_ops": 65}):
+        with pytest.raises(WireError):
+            Limits(**bad)  # type: ignore[arg-type]
+
+
+def test_node_values_are_parsed_with_bounds() -> None:
+    assert parse_domid("5") == 5 and parse_domid("32751") == 32751
+    assert parse_uint("1984\x00", low=64, high=4000, what="chunk-bytes") == 1984
+    for bad in ("", "05", "-1", "32752", "1e3", "\uff15"):  # the last: a fullwidth five
+        with pytest.raises(WireError):
+            parse_domid(bad)
+    with pytest.raises(WireError, match="chunk-bytes"):
+        parse_uint("10", low=64, high=4000, what="chunk-bytes")
+
+
+# -- fuzz: anything a peer writes is refused cleanly or understood ------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600))
+def test_fuzzed_request_bodies_only_ever_raise_wire_errors(untrusted: bytes) -> None:
+    try:
+        ops = decode_request(untrusted)
+    except WireError:
+        return
+    assert 1 <= len(ops) <= MAX_OPS_LIMIT
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600), st.lists(st.sampled_from([1, 2, 4, 5, 6, 7]), min_size=1,
+                                         max_size=4))
+def test_fuzzed_reply_bodies_only_ever_raise_wire_errors(untrusted: bytes, cmds: list[int]) -> None:
+    ops = [WireOp(cmd, 0, Oid(1), 0) for cmd in cmds]
+    try:
+        results = decode_reply(untrusted, ops)
+    except WireError:
+        return
+    assert len(results) == len(ops)
+    for op, result in zip(ops, results):
+        if result.rc == 1 and op.cmd == TmemOp.GET_PAGE:
+            assert len(result.data) == PAGE_SIZE
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200))
+def test_fuzzed_names_only_ever_raise_wire_errors(untrusted: str) -> None:
+    try:
+        envelope = parse_name(untrusted, LIMITS, reply=True)
+    except WireError:
+        return
+    assert isinstance(envelope, Envelope) and envelope.name == untrusted
+
+
+def _op(kind: str, pool: int, word: int, index: int, page: bytes) -> WireOp:
+    oid = Oid(word, index, 0)
+    if kind == "put":
+        return WireOp.put_page(pool, oid, index, page)
+    if kind == "get":
+        return WireOp.get_page(pool, oid, index)
+    if kind == "flush":
+        return WireOp.flush_page(pool, oid, index)
+    if kind == "flobj":
+        return WireOp.flush_object(pool, oid)
+    if kind == "new":
+        return WireOp.new_pool(PoolUuid(word, index), 0x01000000)
+    return WireOp.destroy_pool(pool)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["put", "get", "flush", "flobj", "new", "destroy"]),
+                          st.integers(0, 15), st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1),
+                          st.sampled_from([TEXT, RANDOM, bytes(PAGE_SIZE)])),
+                min_size=1, max_size=12),
+       st.integers(0, 2**40))
+def test_any_batch_round_trips_through_names_and_values(batch: list[tuple], seq: int) -> None:
+    ops = [_op(kind, pool, word, index, page) for kind, pool, word, index, page in batch]
+    body = encode_request(ops)
+    framed = frame(seq, body, LIMITS, reply=False)
+    envelope = parse_name(framed.envelope.name, LIMITS, reply=False)
+    assert decode_request(unframe(envelope, framed.value, [v for _, v in framed.chunks],
+                                  LIMITS)) == ops

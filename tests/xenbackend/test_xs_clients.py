@@ -1,0 +1,146 @@
+"""The two xenstore clients on their own: bounded waits, error names, one message per write
+on the xenbus device, transactions retried on EAGAIN."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from fakes.xenstore_hosts import XenstoreHost
+
+from xentmem.host.xsconn import XsConn
+from xentmem.host.xsserver import Malformation, XsServer
+from xentmem.host.xsstore import Limits
+from xentmem.host.xswire import XsOp
+from xentmem.xs import XenbusDevConnection, XsConnectionLost, XsError, XsSession, XsTimeout
+
+
+class RecordingTransport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def send(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_xenbus_device_gets_one_message_per_write() -> None:
+    """Linux's xenbus_dev_frontend takes one message per write(2); more is EINVAL (seen on a
+    real domU when a spilled message's chunks went in one write)."""
+    connection = XenbusDevConnection("/dev/xen/xenbus")
+    connection.transport = RecordingTransport()
+    connection.send_frames([b"first", b"second", b"third"])
+    assert connection.transport.writes == [b"first", b"second", b"third"]
+
+
+def test_the_host_client_writes_one_message_per_write_on_the_device(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    written: list[bytes] = []
+    conn = XsConn("/dev/xen/xenbus", device=True)
+    conn._fd = 99  # as if opened; os.write is ours below
+    monkeypatch.setattr("xentmem.host.xsconn.os.write", lambda fd, data: written.append(
+        bytes(data)) or len(data))
+    conn.post_write("/a", b"1")
+    conn.post_write("/b", b"2")
+    conn.flush()
+    assert len(written) == 2 and written[0].endswith(b"/a\x001") and written[1].endswith(
+        b"/b\x002")
+
+
+def test_guest_session_waits_are_bounded_and_errors_keep_their_names(
+        xenstore_host: XenstoreHost) -> None:
+    socket_path = xenstore_host.introduce(5)
+    with XsSession(socket_path=socket_path, timeout=5.0) as xs:
+        assert xs.read(b"domid") == b"5"
+        with pytest.raises(XsError) as denied:
+            xs.write(b"/local/domain/0/forbidden", b"x")
+        assert denied.value.name == "EACCES"
+        assert xs.read_optional(b"data/nothing-here") is None
+        events = xs.watch(b"data/w", b"tok")
+        assert events.get(5.0) is not None  # the registration event
+        xs.write(b"data/w", b"1")
+        assert events.get(5.0).path == b"data/w"
+        assert events.get(0.05) is None
+        xs.unwatch(b"tok")
+
+        calls = []
+
+        xs.write(b"data/t", b"0")
+
+        def body(tx: int) -> int:
+            calls.append(tx)
+            seen = int(xs.read(b"data/t", tx=tx) == b"outside")  # read, so a change conflicts
+            xs.write(b"data/t", str(len(calls) + seen).encode(), tx=tx)
+            if len(calls) == 1:  # a write outside the transaction makes the commit EAGAIN
+                xenstore_host.dom0.write(b"/local/domain/5/data/t", b"outside")
+            return len(calls)
+
+        assert xs.transaction(body) == 2  # tried twice: the first commit got EAGAIN
+        assert xs.read(b"data/t") == b"3"
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_muted_server_times_out_and_a_dead_router_is_noticed(make_xs_server) -> None:
+    server: XsServer = make_xs_server()
+    guest = server.prepare_domain(5)
+    with XsSession(socket_path=guest, timeout=0.3) as xs:
+        server.faults.mute(5)
+        with pytest.raises(XsTimeout, match="no answer from xenstore"):
+            xs.read(b"domid")
+        server.faults.unmute(5)
+    with XsSession(socket_path=guest, timeout=2.0) as xs:
+        server.faults.malform_next(5, Malformation.WRONG_REQ_ID)  # pyxs's router thread dies
+        with pytest.raises((XsConnectionLost, XsTimeout)):
+            xs.read(b"domid")
+        with pytest.raises(XsConnectionLost):
+            xs.read(b"domid")  # no second wait: the session knows it is dead
+
+
+def test_oxenstored_quota_errors_keep_their_name(make_xs_server) -> None:
+    server: XsServer = make_xs_server(limits=Limits.oxenstored())
+    guest = server.prepare_domain(5)
+    with XsSession(socket_path=guest, timeout=5.0) as xs, pytest.raises(XsError) as big:
+        xs.write(b"data/big", b"x" * 2100)
+    assert big.value.name in ("E2BIG", "EQUOTA")
+
+
+def test_the_host_client_pipelines_and_reports_refusals(xs_server: XsServer) -> None:
+    refused: list[tuple[str, str]] = []
+    with XsConn(xs_server.dom0_socket, timeout=5.0,
+                on_error=lambda what, name: refused.append((what, name))) as conn:
+        conn.post_write("/a", b"1")
+        conn.post(XsOp.RM, b"/no/such/parent/x\x00", what="rm x")
+        ids = [conn.post_read("/a")]
+        assert conn.collect(ids[0], what="read a", deadline=conn.clock.monotonic() + 5) == b"1"
+        conn.settle()
+        assert refused == [("rm x", "ENOENT")]
+        conn.watch("/a", b"t")
+        conn.write("/a", b"2")
+        conn.settle()
+        while len(conn.events) < 2:
+            conn.pump(5.0)
+        assert [e[0] for e in conn.events] == [b"/a", b"/a"]
+        assert conn.is_domain_introduced(0) in (True, False)
+
+
+def test_the_host_client_times_out_on_a_silent_server(tmp_path: Path) -> None:
+    import socket
+
+    path = Path(os.path.join("/tmp", f"silent-{os.getpid()}.sock"))
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(1)
+    accepted: list[socket.socket] = []
+    threading.Thread(target=lambda: accepted.append(listener.accept()[0]), daemon=True).start()
+    try:
+        with XsConn(path, timeout=0.3) as conn, pytest.raises(XsTimeout):
+            conn.read("/x")
+    finally:
+        listener.close()
+        for sock in accepted:
+            sock.close()
+        path.unlink()

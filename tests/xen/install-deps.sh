@@ -1,5 +1,6 @@
 #!/bin/bash
-# Install the Debian 12 packages the real-Xen test bed needs (run as root).
+# Install the Debian 12 packages the test suite needs (run as root): the real-Xen test bed,
+# Debian's xenstored as a protocol peer, and systemd-analyze.
 #
 # Idempotent and quiet: when every package is already installed (checked with
 # dpkg-query) it returns at once without touching apt, so CI pays for apt only
@@ -19,6 +20,7 @@ PACKAGES=(
     python3-venv                    # .ci/run's `python3 -m venv` (ensurepip) on a fresh machine
     libgcc-s1                       # xl dlopen()s libgcc_s.so.1 (pthread_cancel)
     gcc libc6-dev                   # the xenstored peer tests build an LD_PRELOAD shim
+    systemd                         # systemd-analyze verify of the shipped units
 )
 
 missing=()

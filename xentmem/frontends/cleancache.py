@@ -24,6 +24,8 @@ from xentmem.abi import (
     PRIVATE_UUID,
     TMEM_DONE,
     U32_MAX,
+    U64_MAX,
+    Oid,
     PoolUuid,
     rc_name,
 )
@@ -32,6 +34,9 @@ from xentmem.errors import AbiError, BackendError
 from xentmem.frontends.keys import FileKey, filekey_oid
 
 log = logging.getLogger(__name__)
+
+#: Builds an Oid without NamedTuple's argument parsing (the words are already checked).
+_new_oid = tuple.__new__
 
 FAKE_FS_POOLID_OFFSET = 1000
 FS_NO_BACKEND = -1
@@ -147,8 +152,13 @@ class Cleancache:
 
     def get_page(self, fake_id: int, key: FileKey, index: int) -> bytes | None:
         """The clean page, or None for a miss (never stale data).  A hot path: kept flat."""
-        oid = filekey_oid(key)
-        with self._lock:
+        if type(key) is int and 0 <= key <= U64_MAX:  # an inode number: filekey_oid, inlined
+            oid = _new_oid(Oid, (key, 0, 0))
+        else:
+            oid = filekey_oid(key)
+        lock = self._lock
+        lock.acquire()
+        try:
             fs = self._filesystems.get(fake_id)
             if fs is None:
                 raise AbiError(f"no cleancache filesystem with pool id {fake_id}")
@@ -161,13 +171,20 @@ class Cleancache:
                     return data
             self.failed_gets += 1
             return None
+        finally:
+            lock.release()
 
     def put_page(self, fake_id: int, key: FileKey, index: int, page: bytes) -> bool:
         """Offer a clean page; True if the backend kept it (the kernel ignores the answer)."""
         if len(page) != PAGE_SIZE:
             raise AbiError(f"a page is {PAGE_SIZE} bytes, got {len(page)}")
-        oid = filekey_oid(key)
-        with self._lock:
+        if type(key) is int and 0 <= key <= U64_MAX:  # as in get_page
+            oid = _new_oid(Oid, (key, 0, 0))
+        else:
+            oid = filekey_oid(key)
+        lock = self._lock
+        lock.acquire()
+        try:
             fs = self._filesystems.get(fake_id)
             if fs is None:
                 raise AbiError(f"no cleancache filesystem with pool id {fake_id}")
@@ -180,6 +197,8 @@ class Cleancache:
                 return True
             self.failed_puts += 1
             return False
+        finally:
+            lock.release()
 
     def invalidate_page(self, fake_id: int, key: FileKey, index: int) -> None:
         """The page changed or went away: the cached copy must not be returned again."""

@@ -158,6 +158,12 @@ class _OneWriteConnection(PacketConnection):
     #: Whether several packets may go in one write.  The kernel's xenbus device takes one
     #: message per write(2) (more is EINVAL); a socket is a byte stream.
     coalesce = True
+    #: Whether a request may be sent before the previous one is answered.  Linux's xenbus
+    #: device queues a request pointing into the open file's one message buffer and returns
+    #: before the xenbus thread has copied it to the 1 KiB ring, so the next write(2) can
+    #: overwrite a long message in flight (seen on a real domU: the second of three
+    #: back-to-back writes answered EINVAL).  On the device, one request at a time.
+    pipeline = True
 
     def send(self, packet: Packet) -> None:
         self.send_frames([_frame(packet)])
@@ -195,6 +201,7 @@ class XenbusDevConnection(_OneWriteConnection):
     """
 
     coalesce = False
+    pipeline = False
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
@@ -268,6 +275,8 @@ class XsSession:
         else:
             connection = XenbusDevConnection(xenbus_path)  # type: ignore[arg-type]
         self._connection = connection
+        self._pipeline = connection.pipeline
+        self._outstanding: Pending | None = None
         self.client = Client(router=Router(connection))
         self._router = self.client.router
         self._ids = itertools.count(1)
@@ -317,40 +326,62 @@ class XsSession:
 
     def send(self, op: int, payload: bytes, *, what: str, tx: int = 0) -> Pending:
         """Send one request without waiting for its answer (collect it with :meth:`wait`)."""
-        if not self.alive:
-            raise XsConnectionLost(f"xenstore connection to {self.where} is closed")
-        with self._send_lock:
-            packet = Packet(op, payload, next(self._ids), tx)
-            try:
-                rvar = self._router.send(packet)
-            except (PyXSError, OSError) as exc:
-                raise XsConnectionLost(f"{what}: sending to xenstore failed: {exc}") from None
-        return Pending(rvar, op, what)
+        return self.send_many([(op, payload, what)], tx=tx)[0]
 
-    def send_many(self, requests: list[tuple[int, bytes, str]]) -> list[Pending]:
-        """Send several requests at once (pipelined); collect each with :meth:`wait`.
+    def send_many(self, requests: list[tuple[int, bytes, str]], *, tx: int = 0) -> list[Pending]:
+        """Send several requests at once; collect each answer with :meth:`wait`.
 
-        The replies are matched by pyxs's router as for any request: the reply variables are
-        registered under the router's send lock before the bytes go out, exactly as
-        ``Router.send`` does for one packet.
+        On a socket they go in one write (pipelined).  On the xenbus device each waits until
+        the one before it is answered (see ``pipeline``).  Replies are matched by pyxs's
+        router as for any request: each reply variable is registered under the router's
+        send lock before its bytes go out, exactly as ``Router.send`` does.
         """
         if not self.alive:
             raise XsConnectionLost(f"xenstore connection to {self.where} is closed")
         router = self._router
         pendings: list[Pending] = []
         frames: list[bytes] = []
-        with self._send_lock, router.send_lock:
+        with self._send_lock:
             for op, payload, what in requests:
-                packet = Packet(op, payload, next(self._ids), 0)
-                rvar = RVar()
-                router.rvars[packet.rq_id] = rvar
-                frames.append(_frame(packet))
-                pendings.append(Pending(rvar, op, what))
-            try:
-                self._connection.send_frames(frames)
-            except (PyXSError, OSError) as exc:
-                raise XsConnectionLost(f"sending to xenstore failed: {exc}") from None
+                packet = Packet(op, payload, next(self._ids), tx)
+                pending = Pending(RVar(), op, what)
+                pendings.append(pending)
+                if self._pipeline:
+                    frames.append(_frame(packet))
+                    with router.send_lock:
+                        router.rvars[packet.rq_id] = pending.rvar
+                    continue
+                if self._outstanding is not None:
+                    self._answered(self._outstanding)
+                with router.send_lock:
+                    router.rvars[packet.rq_id] = pending.rvar
+                    self._send_frames([_frame(packet)])
+                self._outstanding = pending
+            if frames:
+                with router.send_lock:
+                    self._send_frames(frames)
         return pendings
+
+    def _send_frames(self, frames: list[bytes]) -> None:
+        try:
+            self._connection.send_frames(frames)
+        except (PyXSError, OSError) as exc:
+            raise XsConnectionLost(f"sending to xenstore at {self.where} failed: {exc}") \
+                from None
+
+    def _answered(self, pending: Pending) -> None:
+        """Wait (bounded) until ``pending`` has its answer, whatever it says."""
+        deadline = self.clock.monotonic() + self.timeout
+        condition: threading.Condition = pending.rvar.condition  # type: ignore[attr-defined]
+        with condition:
+            while pending.rvar.target is None:  # type: ignore[attr-defined]
+                remaining = deadline - self.clock.monotonic()
+                if remaining <= 0:
+                    raise XsTimeout(f"{pending.what}: no answer from xenstore at "
+                                    f"{self.where} within {self.timeout:g}s")
+                if not self._router.thread.is_alive():
+                    raise XsConnectionLost(f"the xenstore connection to {self.where} died")
+                condition.wait(min(remaining, _LIVENESS_SLICE_S))
 
     def wait(self, pending: Pending, deadline: float | None = None) -> bytes:
         """The payload answering ``pending``; XsError, XsTimeout or XsConnectionLost."""

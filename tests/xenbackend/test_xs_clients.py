@@ -37,18 +37,60 @@ def test_the_xenbus_device_gets_one_message_per_write() -> None:
     assert connection.transport.writes == [b"first", b"second", b"third"]
 
 
-def test_the_host_client_writes_one_message_per_write_on_the_device(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    written: list[bytes] = []
-    conn = XsConn("/dev/xen/xenbus", device=True)
-    conn._fd = 99  # as if opened; os.write is ours below
-    monkeypatch.setattr("xentmem.host.xsconn.os.write", lambda fd, data: written.append(
-        bytes(data)) or len(data))
-    conn.post_write("/a", b"1")
-    conn.post_write("/b", b"2")
-    conn.flush()
-    assert len(written) == 2 and written[0].endswith(b"/a\x001") and written[1].endswith(
-        b"/b\x002")
+def test_the_host_client_on_the_device_sends_one_request_at_a_time() -> None:
+    """The device gets each message in its own write(2), the next only after an answer."""
+    import socket
+
+    from xentmem.host.xswire import Packet, PacketReader
+
+    ours, device = socket.socketpair()
+    seen: list[tuple[int, int]] = []  # (messages received in one read, op)
+
+    def fake_device() -> None:
+        reader = PacketReader()
+        while True:
+            data = device.recv(65536)
+            if not data:
+                return
+            packets = [p for p in reader.feed(data) if isinstance(p, Packet)]
+            for packet in packets:
+                seen.append((len(packets), packet.op))
+                device.sendall(Packet(packet.op, packet.req_id, 0, b"OK\0").encode())
+
+    threading.Thread(target=fake_device, daemon=True).start()
+    conn = XsConn("/dev/xen/xenbus", device=True, timeout=5.0)
+    conn._fd = ours.fileno()  # as if os.open had given us the device
+    try:
+        conn.post_write("/a", b"1")
+        conn.post_write("/b", b"2")
+        conn.write("/c", b"3")
+        conn.settle()
+        assert seen == [(1, XsOp.WRITE)] * 3
+    finally:
+        ours.close()
+        device.close()
+
+
+def test_the_guest_session_on_the_device_sends_one_request_at_a_time(
+        xs_server: XsServer) -> None:
+    guest = xs_server.prepare_domain(5)
+    with XsSession(socket_path=guest, timeout=5.0) as xs:
+        xs._pipeline = False  # the xenbus device's rule, exercised over a socket
+        router = xs._router
+        transport = router.connection.transport
+        original = transport.send
+        unanswered_at_send: list[int] = []
+
+        def send(data: bytes) -> None:
+            unanswered_at_send.append(sum(1 for r in router.rvars.values()
+                                          if r.target is None) - 1)
+            original(data)
+
+        transport.send = send
+        pendings = xs.send_many([(2, b"domid\x00", "a"), (2, b"domid\x00", "b"),
+                                 (2, b"domid\x00", "c")])
+        assert [xs.wait(p) for p in pendings] == [b"5"] * 3
+        assert unanswered_at_send == [0, 0, 0]
 
 
 def test_guest_session_waits_are_bounded_and_errors_keep_their_names(

@@ -472,6 +472,7 @@ def run(
         kind, where = "socket", xenstore_path
     else:
         kind, where = default_xenstore_path()
+    log.info("xenstore: %s %s", kind, where)
     service = HostService(
         xenstore=where,
         device=kind == "device",

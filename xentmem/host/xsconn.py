@@ -82,7 +82,9 @@ class XsConn:
         self._reader = PacketReader()
         self._next_id = 0
         self._pipelined: dict[int, str] = {}
-        self._out: list[bytes] = []
+        self._out: list[tuple[int, bytes]] = []
+        #: Requests written and not yet answered.
+        self._unanswered: set[int] = set()
         self._answers: dict[int, Packet] = {}
         self.refused = 0
 
@@ -127,28 +129,41 @@ class XsConn:
         if self._fd < 0:
             raise XsConnectionLost(f"xenstore connection to {self.path} is closed")
         self._next_id = (self._next_id % 0xFFFFFFFE) + 1
-        self._out.append(Packet(int(op), self._next_id, tx, payload).encode())
+        self._out.append((self._next_id, Packet(int(op), self._next_id, tx, payload).encode()))
         if not buffered:
             self.flush()
         return self._next_id
 
     def flush(self) -> None:
-        """Write every buffered request: in one go on a socket, one per write(2) on the
-        xenbus device (the kernel takes one message per write; more is EINVAL)."""
+        """Write every buffered request: in one go on a socket; on the xenbus device one per
+        write(2), each after the one before it is answered (the kernel takes one message per
+        write and keeps a queued request in the file's single buffer until it is sent)."""
         if not self._out:
             return
-        frames = self._out
-        self._out = []
+        out, self._out = self._out, []
         try:
             if self._sock is not None:
-                self._sock.sendall(b"".join(frames))
-            else:
-                for frame in frames:
-                    if os.write(self._fd, frame) != len(frame):
-                        raise OSError(f"short write of a {len(frame)}-byte message")
+                self._sock.sendall(b"".join(frame for _, frame in out))
+                self._unanswered.update(req_id for req_id, _ in out)
+                return
+            for req_id, frame in out:
+                self._wait_answered()
+                if os.write(self._fd, frame) != len(frame):
+                    raise OSError(f"short write of a {len(frame)}-byte message")
+                self._unanswered.add(req_id)
         except OSError as exc:
             self.close()
             raise XsConnectionLost(f"writing to xenstore at {self.path}: {exc}") from None
+
+    def _wait_answered(self) -> None:
+        """Device only: wait (bounded) until no request is in flight."""
+        deadline = self.clock.monotonic() + self.timeout
+        while self._unanswered:
+            remaining = deadline - self.clock.monotonic()
+            if remaining <= 0:
+                raise XsTimeout(f"no answer from xenstore at {self.path} within "
+                                f"{self.timeout:g}s")
+            self.pump(remaining)
 
     def pump(self, timeout: float) -> bool:
         """Read what arrives within ``timeout`` and sort it; True if anything came."""
@@ -173,6 +188,8 @@ class XsConn:
         return True
 
     def _sort(self, packet: Packet) -> None:
+        if packet.op != XsOp.WATCH_EVENT:
+            self._unanswered.discard(packet.req_id)
         if packet.op == XsOp.WATCH_EVENT:
             args = split_args(packet.payload)
             if len(args) >= 2:

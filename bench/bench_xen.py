@@ -77,11 +77,25 @@ def text_corpus(count: int) -> list[bytes]:
 class MockedHypervisor:
     """Our xenstore server and the host service, as two subprocesses."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, one_process: bool = False) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="xen-bench-", dir="/tmp"))
         self.procs: list[subprocess.Popen[str]] = []
+        self.one_process = one_process
 
     def __enter__(self) -> MockedHypervisor:
+        self.dom0 = self.dir / "socket"
+        self.guest = self.dir / f"domain-{GUEST}.sock"
+        if self.one_process:  # `xentmem-hostd demo`: server and service in one process
+            demo = subprocess.Popen(
+                [sys.executable, "-m", "xentmem.host.service", "demo", "--dir", str(self.dir),
+                 "--guest", str(GUEST), "--capacity", "1G", "--log-level", "warning"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            self.procs.append(demo)
+            assert demo.stdout is not None
+            for _ in range(3):
+                demo.stdout.readline()
+            self._wait_for_device()
+            return self
         server = subprocess.Popen(
             [sys.executable, "-m", "xentmem.host.xsserver", "--dir", str(self.dir),
              "--domain", str(GUEST)],
@@ -90,8 +104,6 @@ class MockedHypervisor:
         assert server.stdout is not None
         for _ in range(2):  # XENSTORED_PATH=..., DOMAIN_1_SOCKET=...
             server.stdout.readline()
-        self.dom0 = self.dir / "socket"
-        self.guest = self.dir / f"domain-{GUEST}.sock"
         host = subprocess.Popen(
             [sys.executable, "-m", "xentmem.host.service", "--control",
              str(self.dir / "hostd.sock"), "run", "--xenstore", str(self.dom0),
@@ -225,9 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=8, help="callers for batched gets")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    parser.add_argument("--one-process", action="store_true",
+                        help="run the server and the host service in one process (the demo)")
     args = parser.parse_args(argv)
     pages = text_corpus(512)
-    with MockedHypervisor() as hv:
+    with MockedHypervisor(one_process=args.one_process) as hv:
         roots = Roots(root=Path("/"), xenstore_socket=hv.guest)
         modes = Modes(roots, pages, args.threads)
         raw_client = pyxs.Client(unix_socket_path=str(hv.guest))

@@ -59,18 +59,24 @@ MAX_POOLS_PER_DOMAIN = 16
 MAX_OPS_LIMIT = 64
 #: Most chunks one message may use (chunk 0 plus ``data/1`` .. ``data/<n-1>``).
 MAX_CHUNKS_LIMIT = 64
-#: The largest value we write.  C xenstored refuses a guest node above 2048 bytes (value,
-#: permissions and child names together) and oxenstored any value above 2048 bytes, from
-#: anyone: 1984 leaves room for both.
+#: The largest value a guest writes.  C xenstored refuses a guest's node record above 2048
+#: bytes (value, permissions and child names together) and oxenstored any value above 2048
+#: bytes, from anyone: 1984 leaves room for both.
 DEFAULT_CHUNK_BYTES = 1984
 MIN_CHUNK_BYTES = 64
-MAX_CHUNK_BYTES = 4000
-#: The longest text in a message node's name.  oxenstored refuses a path more than 1024
-#: bytes below the writer's home (measured: ``device/tmem/0/req/<slot>/<name>`` for a
-#: guest, ``backend/tmem/<domid>/0/rsp/<name>`` for dom0), so a name stays within 960 chars:
-#: the envelope's fields (:data:`NAME_OVERHEAD`) plus at most :data:`MAX_INLINE_BYTES` of text.
+#: The largest value the host writes where the daemon allows it (dom0 has no record quota in
+#: C xenstored); it leaves room in one 4096-byte write for a message name of up to 1000.
+MAX_CHUNK_BYTES = 3000
+#: The longest text in a request's name (and in any spilled message's name).  oxenstored
+#: refuses a path more than 1024 bytes below the writer's home (measured), and C xenstored
+#: counts a directory's child names against a guest's 2048-byte record quota, so a name stays
+#: within 960 characters: the envelope (:data:`NAME_OVERHEAD`) plus this much text.
 MAX_INLINE_BYTES = 928
 DEFAULT_INLINE_BYTES = 900
+#: The longest text a reply may carry in its name alone, where the daemon allows long paths
+#: (C xenstored: 2048 bytes below dom0's home, and ``backend/tmem/<domid>/0/rsp/`` is at most
+#: 26 of them); the event that carries it (path, token) stays well within 4096 bytes.
+MAX_REPLY_INLINE_BYTES = 1990
 #: ``<seq>@<chunks>@<crc>@``: at most 19 + 1 + 2 + 1 + 8 + 1 characters.
 NAME_OVERHEAD = 32
 #: Largest sequence number accepted (decimal digits in a name are bounded by this).
@@ -425,24 +431,32 @@ def text_length(body_bytes: int) -> int:
 
 @dataclass(frozen=True)
 class Limits:
-    """How big one message may be; each end advertises its own and both use the smaller."""
+    """How big one message may be; each end advertises its own and both use the smaller.
+
+    Requests (guest -> host) and replies (host -> guest) have their own sizes: the host may
+    write bigger values and longer names than a guest where the daemon lets dom0 do so.
+    """
 
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     #: Inline text in a request's name (the guest's ``req/`` directory).
     inline_bytes: int = DEFAULT_INLINE_BYTES
-    #: Inline text in a reply's name (the host's ``rsp/`` directory).
+    #: Inline text in a reply's name when the whole reply fits there (the host's ``rsp/``).
     reply_inline_bytes: int = DEFAULT_INLINE_BYTES
     max_chunks: int = 32
     max_ops: int = 32
+    #: Values of a spilled reply.
+    reply_chunk_bytes: int = DEFAULT_CHUNK_BYTES
 
     def __post_init__(self) -> None:
-        if not MIN_CHUNK_BYTES <= self.chunk_bytes <= MAX_CHUNK_BYTES:
-            raise WireError(f"chunk size {self.chunk_bytes} outside "
-                            f"{MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES}")
-        for what, value in (("inline", self.inline_bytes),
-                            ("reply inline", self.reply_inline_bytes)):
-            if not 0 <= value <= MAX_INLINE_BYTES:
-                raise WireError(f"{what} size {value} outside 0..{MAX_INLINE_BYTES}")
+        for what, value in (("chunk", self.chunk_bytes), ("reply chunk", self.reply_chunk_bytes)):
+            if not MIN_CHUNK_BYTES <= value <= MAX_CHUNK_BYTES:
+                raise WireError(f"{what} size {value} outside "
+                                f"{MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES}")
+        if not 0 <= self.inline_bytes <= MAX_INLINE_BYTES:
+            raise WireError(f"inline size {self.inline_bytes} outside 0..{MAX_INLINE_BYTES}")
+        if not 0 <= self.reply_inline_bytes <= MAX_REPLY_INLINE_BYTES:
+            raise WireError(f"reply inline size {self.reply_inline_bytes} outside "
+                            f"0..{MAX_REPLY_INLINE_BYTES}")
         if not 1 <= self.max_chunks <= MAX_CHUNKS_LIMIT:
             raise WireError(f"max chunks {self.max_chunks} outside 1..{MAX_CHUNKS_LIMIT}")
         if not 1 <= self.max_ops <= MAX_OPS_LIMIT:
@@ -453,20 +467,30 @@ class Limits:
                       min(self.inline_bytes, other.inline_bytes),
                       min(self.reply_inline_bytes, other.reply_inline_bytes),
                       min(self.max_chunks, other.max_chunks),
-                      min(self.max_ops, other.max_ops))
+                      min(self.max_ops, other.max_ops),
+                      min(self.reply_chunk_bytes, other.reply_chunk_bytes))
 
     def inline_for(self, *, reply: bool) -> int:
+        """The longest text a message's name may carry when the whole message is there."""
         return self.reply_inline_bytes if reply else self.inline_bytes
 
-    def text_capacity(self) -> int:
-        """The longest message text that fits either way (chunk prefixes at the largest seq)."""
-        prefix = len(str(MAX_SEQ)) + 1
-        inline = min(self.inline_bytes, self.reply_inline_bytes)
-        return inline + self.chunk_bytes + (self.max_chunks - 1) * (self.chunk_bytes - prefix)
+    def spill_inline_for(self, *, reply: bool) -> int:
+        """The name's share of a spilled message (it shares one write with a value)."""
+        return min(self.inline_for(reply=reply), MAX_INLINE_BYTES)
 
-    def body_capacity(self) -> int:
-        """The largest body that fits either way, in bytes."""
-        return self.text_capacity() * 3 // 4
+    def chunk_for(self, *, reply: bool) -> int:
+        return self.reply_chunk_bytes if reply else self.chunk_bytes
+
+    def text_capacity(self, *, reply: bool) -> int:
+        """The longest message text that fits (chunk prefixes at the largest seq)."""
+        prefix = len(str(MAX_SEQ)) + 1
+        chunk = self.chunk_for(reply=reply)
+        return (self.spill_inline_for(reply=reply) + chunk
+                + (self.max_chunks - 1) * (chunk - prefix))
+
+    def body_capacity(self, *, reply: bool) -> int:
+        """The largest body that fits, in bytes."""
+        return self.text_capacity(reply=reply) * 3 // 4
 
 
 @dataclass(frozen=True)
@@ -498,6 +522,8 @@ def parse_name(untrusted_name: str, limits: Limits, *, reply: bool) -> Envelope:
     seq, chunks, crc, inline = (int(match[1]), int(match[2]), int(match[3], 16), match[4])
     if chunks > limits.max_chunks:
         raise WireError(f"message of {chunks} chunks; at most {limits.max_chunks}")
+    if chunks:
+        inline_limit = limits.spill_inline_for(reply=reply)
     if len(inline) > inline_limit:
         raise WireError(f"inline text of {len(inline)} characters; at most {inline_limit}")
     if not chunks and not inline:
@@ -516,18 +542,19 @@ class Framed:
 
 
 def frame(seq: int, body: bytes, limits: Limits, *, reply: bool) -> Framed:
-    """Lay a body out as nodes: as much as fits in the name, the rest in values."""
+    """Lay a body out as nodes: all in the name if it fits, else spilled into values."""
     if not 0 <= seq <= MAX_SEQ:
         raise WireError(f"sequence number {seq} out of range")
     text = to_text(body)
     crc = zlib.crc32(text.encode())
-    inline_limit = limits.inline_for(reply=reply)
-    if len(text) <= inline_limit:
+    if len(text) <= limits.inline_for(reply=reply):
         return Framed(Envelope(seq, 0, crc, text), "", ())
-    inline, rest = text[:inline_limit], text[inline_limit:]
-    first, rest = rest[:limits.chunk_bytes], rest[limits.chunk_bytes:]
+    spill_inline = limits.spill_inline_for(reply=reply)
+    chunk = limits.chunk_for(reply=reply)
+    inline, rest = text[:spill_inline], text[spill_inline:]
+    first, rest = rest[:chunk], rest[chunk:]
     prefix = f"{seq}@"
-    step = limits.chunk_bytes - len(prefix)
+    step = chunk - len(prefix)
     chunks = tuple((i + 1, prefix + rest[pos:pos + step])
                    for i, pos in enumerate(range(0, len(rest), step)))
     count = 1 + len(chunks)
@@ -538,7 +565,7 @@ def frame(seq: int, body: bytes, limits: Limits, *, reply: bool) -> Framed:
 
 
 def unframe(envelope: Envelope, untrusted_value: str | None,
-            untrusted_chunks: Sequence[str], limits: Limits) -> bytes:
+            untrusted_chunks: Sequence[str], limits: Limits, *, reply: bool) -> bytes:
     """The body of a message from its envelope and (when spilled) its chunk values.
 
     ``untrusted_value`` is the message node's value and ``untrusted_chunks`` the values of
@@ -555,8 +582,9 @@ def unframe(envelope: Envelope, untrusted_value: str | None,
             if not untrusted_chunk.startswith(prefix):
                 raise WireError(f"message {envelope.seq}: chunk {i} belongs to another message")
             pieces.append(untrusted_chunk[len(prefix):])
-        if any(len(p) > limits.chunk_bytes for p in pieces):
-            raise WireError(f"message {envelope.seq}: a chunk exceeds {limits.chunk_bytes}")
+        chunk = limits.chunk_for(reply=reply)
+        if any(len(p) > chunk for p in pieces):
+            raise WireError(f"message {envelope.seq}: a chunk exceeds {chunk}")
         text = envelope.inline + "".join(pieces)
     if zlib.crc32(text.encode("ascii", "replace")) != envelope.crc:
         raise WireError(f"message {envelope.seq}: crc mismatch (torn or mixed chunks)")
@@ -603,6 +631,7 @@ BE_MAX_CHUNKS = "max-chunks"
 BE_CHUNK_BYTES = "chunk-bytes"
 BE_INLINE_BYTES = "inline-bytes"
 BE_REPLY_INLINE_BYTES = "reply-inline-bytes"
+BE_REPLY_CHUNK_BYTES = "reply-chunk-bytes"
 BE_FEATURE_LZ4 = "feature-lz4"
 #: ``xenbus_dev_error``: ``"<errno> <message>"``.
 ERROR_NODE = "error"

@@ -87,7 +87,7 @@ class HandGuest:
             value = self.c.read(event.path).decode() if envelope.chunks else None
             chunks = [self.c.read(f"{self.be}/rsp-data/{i}".encode()).decode()
                       for i in range(1, envelope.chunks)]
-            return unframe(envelope, value, chunks, LIMITS)
+            return unframe(envelope, value, chunks, LIMITS, reply=True)
         raise AssertionError(f"no reply {seq}")
 
 

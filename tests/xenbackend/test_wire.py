@@ -186,7 +186,7 @@ def test_small_messages_live_in_the_name_alone() -> None:
     name = framed.envelope.name
     assert NAME_RE.fullmatch(name) and name.startswith("7@0@")
     envelope = parse_name(name, LIMITS, reply=False)
-    assert unframe(envelope, None, (), LIMITS) == encode_request(
+    assert unframe(envelope, None, (), LIMITS, reply=False) == encode_request(
         [WireOp.get_page(0, Oid(1), 2)])
 
 
@@ -203,7 +203,8 @@ def test_large_messages_spill_within_every_daemons_limits(pages: list[bytes]) ->
         assert len(value) <= LIMITS.chunk_bytes <= 2048 - 64 and VALUE_RE.fullmatch(value)
     assert [i for i, _ in framed.chunks] == list(range(1, framed.envelope.chunks))
     envelope = parse_name(name, LIMITS, reply=False)
-    assert unframe(envelope, framed.value, [v for _, v in framed.chunks], LIMITS) == body
+    assert unframe(envelope, framed.value, [v for _, v in framed.chunks], LIMITS,
+                   reply=False) == body
 
 
 def test_torn_or_mixed_chunks_are_noticed() -> None:
@@ -212,11 +213,13 @@ def test_torn_or_mixed_chunks_are_noticed() -> None:
     chunks = [v for _, v in framed.chunks]
     envelope = framed.envelope
     with pytest.raises(WireError, match="belongs to another message"):
-        unframe(envelope, framed.value, ["6@" + chunks[0][2:], *chunks[1:]], LIMITS)
+        unframe(envelope, framed.value, ["6@" + chunks[0][2:], *chunks[1:]], LIMITS,
+                reply=False)
     with pytest.raises(WireError, match="crc mismatch"):
-        unframe(envelope, framed.value, [chunks[1], chunks[0], *chunks[2:]], LIMITS)
+        unframe(envelope, framed.value, [chunks[1], chunks[0], *chunks[2:]], LIMITS,
+                reply=False)
     with pytest.raises(WireError, match="expected"):
-        unframe(envelope, framed.value, chunks[:-1], LIMITS)
+        unframe(envelope, framed.value, chunks[:-1], LIMITS, reply=False)
 
 
 def test_a_message_too_big_for_the_limits_is_refused() -> None:
@@ -320,4 +323,4 @@ def test_any_batch_round_trips_through_names_and_values(batch: list[tuple], seq:
     framed = frame(seq, body, LIMITS, reply=False)
     envelope = parse_name(framed.envelope.name, LIMITS, reply=False)
     assert decode_request(unframe(envelope, framed.value, [v for _, v in framed.chunks],
-                                  LIMITS)) == ops
+                                  LIMITS, reply=False)) == ops

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
 from collections import deque
 from collections.abc import Mapping
@@ -60,7 +61,7 @@ from xentmem.abi import (
 from xentmem.backend import Backend, GetResult
 from xentmem.backends.xenfront import ChannelTimeout, Disconnected, TmemFrontend, find_backend
 from xentmem.backends.xenfront import find_domid as _find_domid
-from xentmem.clock import Clock
+from xentmem.clock import Clock, SystemClock
 from xentmem.errors import BackendError, BackendUnsupported, XenStoreError
 from xentmem.params import Param, ParamSet
 from xentmem.roots import Roots
@@ -80,6 +81,8 @@ log = logging.getLogger(__name__)
 MAX_PENDING_FLUSHES = 1024
 #: Longest fail-fast period after repeated timeouts.
 MAX_STALL_BACKOFF_S = 60.0
+#: Most CPU yields a sender spends letting other callers add to its batch.
+GATHER_YIELDS = 8
 #: How long :meth:`XenBackend.probe` waits for xenstore.
 PROBE_TIMEOUT_S = 2.0
 
@@ -142,7 +145,11 @@ class XenBackend(Backend):
         self._xs: XsSession | None = None
         self._front: TmemFrontend | None = None
         self._lock = threading.Lock()
-        self._channel = threading.Lock()
+        #: Someone is sending a message (the leader); the others wait on ``_progress``.
+        self._sending = False
+        self._progress = threading.Condition(self._lock)
+        #: Real time for waits on other threads (the injected clock may be a fake one).
+        self._real = SystemClock()
         self._queue: deque[_Slot] = deque()
         self._pool_flags: dict[int, int] = {}
         self._poisoned: set[int] = set()
@@ -347,7 +354,15 @@ class XenBackend(Backend):
         return TMEM_DONE
 
     def _sync(self, op: WireOp) -> WireResult:
+        """Queue ``op`` and wait for its result; whoever finds the channel free sends.
+
+        Leader and followers: one caller at a time is the *sender* and carries everything
+        queued (its own op and other threads' ops) in the next message; the others wait on a
+        condition that each settled message notifies, so a finished follower wakes at once
+        instead of queueing for the channel behind the next message.
+        """
         slot = _Slot(op, posted=False)
+        deadline = self._real.monotonic() + self._timeout_s
         with self._lock:
             self._counts["ops"] += 1
             refusal = self._fail_fast()
@@ -355,33 +370,62 @@ class XenBackend(Backend):
                 self._counts["failed_fast"] += 1
                 return WireResult(refusal)
             self._queue.append(slot)
-        while slot.result is None:
-            if not self._channel.acquire(timeout=self._timeout_s):
-                with self._lock:
-                    if slot.result is None:
-                        self._queue.remove(slot)
-                        slot.result = WireResult(_ETIMEDOUT)
-                        self._counts["queue_timeouts"] += 1
-                        self._last_error = (f"an op waited {self._timeout_s:g}s for the "
-                                            "channel to the tmem host")
-                break
+        while True:
+            with self._lock:
+                while slot.result is None and self._sending:
+                    remaining = deadline - self._real.monotonic()
+                    if remaining <= 0 or not self._progress.wait(remaining):
+                        if slot.result is None:
+                            self._abandon_slot(slot)
+                        break
+                if slot.result is not None:
+                    return slot.result
+                refusal = self._fail_fast()
+                if refusal:  # the host went silent while we queued: do not wait again
+                    self._queue.remove(slot)
+                    self._counts["failed_fast"] += 1
+                    return WireResult(refusal)
+                self._sending = True
             try:
-                with self._lock:
-                    refusal = self._fail_fast() if slot.result is None else 0
-                    if refusal:  # the host went silent while we queued: do not wait again
-                        self._queue.remove(slot)
-                        slot.result = WireResult(refusal)
-                        self._counts["failed_fast"] += 1
-                if slot.result is None:
-                    self._send_next()
+                if self.values["batch"]:
+                    self._gather()
+                self._send_next()
             finally:
-                self._channel.release()
-        return slot.result
+                with self._lock:
+                    self._sending = False
+                    self._progress.notify_all()
+
+    def _gather(self) -> None:
+        """Let callers that were just woken queue their next op before the batch is taken.
+
+        A few yields of the CPU while the queue still grows turn a string of small messages
+        into one big one; with a single caller the queue does not grow and this is one yield.
+        """
+        queued = len(self._queue)
+        for _ in range(GATHER_YIELDS):
+            os.sched_yield()
+            now = len(self._queue)
+            if now == queued or now >= self._batch_max():
+                return
+            queued = now
+
+    def _abandon_slot(self, slot: _Slot) -> None:
+        """A follower waited its whole timeout.  Holds ``_lock``."""
+        if slot in self._queue:
+            self._queue.remove(slot)
+        slot.result = WireResult(_ETIMEDOUT)
+        self._counts["queue_timeouts"] += 1
+        self._last_error = f"an op waited {self._timeout_s:g}s for the channel to the tmem host"
 
     def _drain(self, *, posted_only: bool) -> None:
         """Send queued ops until none (or no posted one) is left; bounded by the timeout."""
-        if not self._channel.acquire(timeout=self._timeout_s):
-            return
+        deadline = self._real.monotonic() + self._timeout_s
+        with self._lock:
+            while self._sending:
+                remaining = deadline - self._real.monotonic()
+                if remaining <= 0 or not self._progress.wait(remaining):
+                    return
+            self._sending = True
         try:
             while True:
                 with self._lock:
@@ -392,24 +436,33 @@ class XenBackend(Backend):
                         return
                 self._send_next()
         finally:
-            self._channel.release()
+            with self._lock:
+                self._sending = False
+                self._progress.notify_all()
 
     def _take(self) -> list[_Slot]:
-        """Slots for the next message: the oldest first, within the ops and size limits."""
+        """Slots for the next message: the oldest first, within the ops and size limits
+        (the request must fit, and so must the reply if every get finds an incompressible
+        page).  Holds ``_lock``."""
         front = self._front
+        if front is None or front.negotiated is None:
+            return [self._queue.popleft()] if self._queue else []
+        limits = front.limits
+        request_room = limits.body_capacity(reply=False) - request_size([])
+        reply_room = limits.body_capacity(reply=True) - reply_size_bound([])
         limit = self._batch_max()
-        capacity = front.limits.body_capacity() if front and front.negotiated else 0
         batch: list[_Slot] = []
         while self._queue and len(batch) < limit:
-            candidate = [*(s.op for s in batch), self._queue[0].op]
-            if batch and (request_size(candidate) > capacity
-                          or reply_size_bound(candidate) > capacity):
+            op = self._queue[0].op
+            request_room -= op.wire_bytes
+            reply_room -= reply_size_bound([op]) - reply_size_bound([])
+            if batch and (request_room < 0 or reply_room < 0):
                 break
             batch.append(self._queue.popleft())
         return batch
 
     def _send_next(self) -> None:
-        """One message: take a batch, exchange it, hand out results.  Holds ``_channel``."""
+        """One message: take a batch, exchange it, hand out results.  Only the sender."""
         with self._lock:
             batch = self._take()
             front = self._front
@@ -441,6 +494,7 @@ class XenBackend(Backend):
     def _settle(self, batch: list[_Slot], results: list[WireResult] | None, failure: int) -> None:
         """Hand results to their slots; keep uncertain invalidations for redelivery."""
         with self._lock:
+            self._progress.notify_all()
             if results is None:
                 redeliver = [s for s in batch if s.op.cmd in _INVALIDATIONS
                              and failure != _ENODEV]

@@ -28,6 +28,7 @@ from xentmem.tmemwire import (
     BE_INLINE_BYTES,
     BE_MAX_CHUNKS,
     BE_MAX_OPS,
+    BE_REPLY_CHUNK_BYTES,
     BE_REPLY_INLINE_BYTES,
     BE_VERSIONS,
     DEFAULT_CHUNK_BYTES,
@@ -40,6 +41,7 @@ from xentmem.tmemwire import (
     MAX_CHUNKS_LIMIT,
     MAX_INLINE_BYTES,
     MAX_OPS_LIMIT,
+    MAX_REPLY_INLINE_BYTES,
     MIN_CHUNK_BYTES,
     REQ_DATA_DIR,
     REQ_DIR,
@@ -161,7 +163,8 @@ class TmemFrontend:
         self.timeout = timeout
         self.clock = SystemClock()
         self.own_limits = Limits(chunk_bytes=chunk_bytes, inline_bytes=inline_bytes,
-                                 reply_inline_bytes=MAX_INLINE_BYTES,
+                                 reply_inline_bytes=MAX_REPLY_INLINE_BYTES,
+                                 reply_chunk_bytes=MAX_CHUNK_BYTES,
                                  max_chunks=MAX_CHUNKS_LIMIT, max_ops=MAX_OPS_LIMIT)
         self.domid = -1
         self.backend_domid = -1
@@ -286,8 +289,11 @@ class TmemFrontend:
                 inline_bytes=parse_uint(node(BE_INLINE_BYTES) or "0", low=0,
                                         high=MAX_INLINE_BYTES, what=BE_INLINE_BYTES),
                 reply_inline_bytes=parse_uint(node(BE_REPLY_INLINE_BYTES) or "0", low=0,
-                                              high=MAX_INLINE_BYTES,
+                                              high=MAX_REPLY_INLINE_BYTES,
                                               what=BE_REPLY_INLINE_BYTES),
+                reply_chunk_bytes=parse_uint(node(BE_REPLY_CHUNK_BYTES) or "",
+                                             low=MIN_CHUNK_BYTES, high=MAX_CHUNK_BYTES,
+                                             what=BE_REPLY_CHUNK_BYTES),
                 max_chunks=parse_uint(node(BE_MAX_CHUNKS) or "", low=1, high=MAX_CHUNKS_LIMIT,
                                       what=BE_MAX_CHUNKS),
                 max_ops=parse_uint(node(BE_MAX_OPS) or "", low=1, high=MAX_OPS_LIMIT,
@@ -298,7 +304,7 @@ class TmemFrontend:
             raise BackendError(f"tmem host's features in {self.otherend} are unusable: "
                                f"{exc}") from None
         limits = self.own_limits.meet(host)
-        if limits.body_capacity() < reply_size_bound([WireOp.get_page(0, Oid(0), 0)]):
+        if limits.body_capacity(reply=True) < reply_size_bound([WireOp.get_page(0, Oid(0), 0)]):
             raise BackendError(f"tmem host's limits ({limits}) cannot carry one page")
         return Negotiated(common[0], limits, lz4)
 
@@ -424,7 +430,7 @@ class TmemFrontend:
             counters.text_received += sum(len(t) for t in texts)
             untrusted_value, untrusted_chunks = texts[0], texts[1:]
         try:
-            return unframe(envelope, untrusted_value, untrusted_chunks, limits)
+            return unframe(envelope, untrusted_value, untrusted_chunks, limits, reply=True)
         except WireError as exc:
             counters.rejected_replies += 1
             raise WireError(f"reply {envelope.seq} from {self.otherend} rejected: {exc}") from None

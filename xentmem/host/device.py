@@ -24,7 +24,7 @@ import errno
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from xentmem.abi import XenbusState
 from xentmem.host.store import HostStore
@@ -37,12 +37,17 @@ from xentmem.tmemwire import (
     BE_INLINE_BYTES,
     BE_MAX_CHUNKS,
     BE_MAX_OPS,
+    BE_REPLY_CHUNK_BYTES,
     BE_REPLY_INLINE_BYTES,
     BE_VERSIONS,
     ERROR_NODE,
     FE_BACKEND,
     FE_BACKEND_ID,
     FE_VERSION,
+    MAX_CHUNK_BYTES,
+    MAX_INLINE_BYTES,
+    MAX_REPLY_INLINE_BYTES,
+    NAME_OVERHEAD,
     REQ_DATA_DIR,
     REQ_DIR,
     REQ_SLOTS,
@@ -180,6 +185,7 @@ class GuestDevice:
                 BE_CHUNK_BYTES: str(limits.chunk_bytes).encode(),
                 BE_INLINE_BYTES: str(limits.inline_bytes).encode(),
                 BE_REPLY_INLINE_BYTES: str(limits.reply_inline_bytes).encode(),
+                BE_REPLY_CHUNK_BYTES: str(limits.reply_chunk_bytes).encode(),
                 BE_FEATURE_LZ4: b"1",
                 STATE: str(int(XenbusState.INIT_WAIT)).encode(),
             }
@@ -404,7 +410,7 @@ class GuestDevice:
     def _body(self, envelope: Envelope, message_path: str) -> bytes:
         if not envelope.chunks:
             self.counters.inline_requests += 1
-            return unframe(envelope, None, (), self.limits)
+            return unframe(envelope, None, (), self.limits, reply=False)
         self.counters.spilled_requests += 1
         ids = [self.conn.post_read(message_path)]
         ids += [
@@ -418,7 +424,7 @@ class GuestDevice:
             ).decode("ascii", "replace")
             for i in ids
         ]
-        return unframe(envelope, untrusted[0], untrusted[1:], self.limits)
+        return unframe(envelope, untrusted[0], untrusted[1:], self.limits, reply=False)
 
     def _reply(self, seq: int, results: list[WireResult], status: int) -> None:
         try:
@@ -470,3 +476,38 @@ class GuestDevice:
             "last_seq": self.last_seq,
             "counters": dict(self.counters.__dict__),
         }
+
+
+def probe_reply_limits(conn: XsConn, backend_domid: int, base: Limits) -> Limits:
+    """How big the host's replies may be on this xenstore: longest name, largest value.
+
+    Guests' requests stay within what every daemon accepts from a guest, but dom0's own
+    writes are limited differently: C xenstored takes paths up to 2048 bytes below dom0's
+    home and values up to the 4096-byte message, oxenstored neither paths over 1024 bytes
+    below a home nor values over 2048 bytes.  A reply that fits in its name costs the guest no read,
+    so the host tries the largest shapes once, in a scratch corner of its own area, exactly
+    as long as a reply to the highest domid would be, and keeps what xenstore accepted.
+    """
+    scratch = f"/local/domain/{backend_domid}/backend/tmem/probe"  # "probe": as long as 32751
+    reply_inline = base.reply_inline_bytes
+    for inline in (MAX_REPLY_INLINE_BYTES, 1400):
+        if inline <= reply_inline:
+            break
+        try:
+            conn.write(f"{scratch}/0/{RSP_DIR}/{'9' * (NAME_OVERHEAD + inline)}", b"x")
+        except XsError:
+            continue
+        reply_inline = inline
+        break
+    reply_chunk = base.reply_chunk_bytes
+    try:
+        conn.write(f"{scratch}/0/{RSP_DIR}/{'8' * (NAME_OVERHEAD + MAX_INLINE_BYTES)}",
+                   b"x" * MAX_CHUNK_BYTES)
+        reply_chunk = max(reply_chunk, MAX_CHUNK_BYTES)
+    except XsError:
+        pass
+    try:
+        conn.rm(scratch)
+    except XsError:
+        log.debug("removing %s failed", scratch, exc_info=True)
+    return replace(base, reply_inline_bytes=reply_inline, reply_chunk_bytes=reply_chunk)

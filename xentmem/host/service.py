@@ -50,7 +50,7 @@ from xentmem.host.control import (
     parse_pool_uuid,
     parse_target,
 )
-from xentmem.host.device import GuestDevice
+from xentmem.host.device import GuestDevice, probe_reply_limits
 from xentmem.host.store import HostStore
 from xentmem.host.xsconn import XsConn, default_xenstore_path
 from xentmem.tmemwire import Limits, WireError, WireOp, WireResult, parse_domid
@@ -82,6 +82,7 @@ class HostService:
     ) -> None:
         self.store = store
         self.limits = limits or Limits()
+        self._probe_limits = limits is None
         self.backend_domid = backend_domid
         self.only = frozenset(domains) if domains else None
         self.conn = XsConn(xenstore, device=device, timeout=timeout)
@@ -102,6 +103,10 @@ class HostService:
         self.conn.open()
         if self.control is not None:
             self.control.open()
+        if self._probe_limits:
+            self.limits = probe_reply_limits(self.conn, self.backend_domid, self.limits)
+            log.info("replies up to %d characters in a name, %d in a value",
+                     self.limits.reply_inline_bytes, self.limits.reply_chunk_bytes)
         self.conn.watch("@introduceDomain", INTRODUCE_TOKEN)
         self.conn.watch("@releaseDomain", RELEASE_TOKEN)
         self.scan()

@@ -113,6 +113,8 @@ class _Slot:
     op: WireOp
     posted: bool
     result: WireResult | None = None
+    #: Set when the result is in, or when this caller should send the next message.
+    wake: threading.Event | None = None
 
 
 class XenBackend(Backend):
@@ -354,14 +356,15 @@ class XenBackend(Backend):
         return TMEM_DONE
 
     def _sync(self, op: WireOp) -> WireResult:
-        """Queue ``op`` and wait for its result; whoever finds the channel free sends.
+        """Queue ``op`` and wait for its result; one caller at a time sends.
 
-        Leader and followers: one caller at a time is the *sender* and carries everything
-        queued (its own op and other threads' ops) in the next message; the others wait on a
-        condition that each settled message notifies, so a finished follower wakes at once
-        instead of queueing for the channel behind the next message.
+        Leader and followers: the caller that finds nobody sending becomes the *sender* and
+        carries everything queued (its own op and other threads' ops) in the next message.
+        The others wait on their own event, which is set when their result is in, or when
+        the sender finishes and hands the channel to the oldest of them; so nobody wakes
+        for nothing, and a finished follower does not wait behind the next message.
         """
-        slot = _Slot(op, posted=False)
+        slot = _Slot(op, posted=False, wake=threading.Event())
         deadline = self._real.monotonic() + self._timeout_s
         with self._lock:
             self._counts["ops"] += 1
@@ -370,30 +373,56 @@ class XenBackend(Backend):
                 self._counts["failed_fast"] += 1
                 return WireResult(refusal)
             self._queue.append(slot)
+            leading = not self._sending
+            self._sending = True
         while True:
-            with self._lock:
-                while slot.result is None and self._sending:
-                    remaining = deadline - self._real.monotonic()
-                    if remaining <= 0 or not self._progress.wait(remaining):
+            if not leading:
+                remaining = deadline - self._real.monotonic()
+                if remaining <= 0 or not slot.wake.wait(remaining):  # type: ignore[union-attr]
+                    with self._lock:
                         if slot.result is None:
                             self._abandon_slot(slot)
-                        break
-                if slot.result is not None:
-                    return slot.result
-                refusal = self._fail_fast()
-                if refusal:  # the host went silent while we queued: do not wait again
-                    self._queue.remove(slot)
-                    self._counts["failed_fast"] += 1
-                    return WireResult(refusal)
-                self._sending = True
+                        return slot.result  # type: ignore[return-value]
+                with self._lock:
+                    if slot.result is not None:
+                        return slot.result
+                    slot.wake.clear()  # type: ignore[union-attr]
+                    if self._sending:
+                        continue  # someone else took the channel meanwhile
+                    refusal = self._fail_fast()
+                    if refusal:  # the host went silent while we queued: do not wait again
+                        self._queue.remove(slot)
+                        self._counts["failed_fast"] += 1
+                        return WireResult(refusal)
+                    self._sending = True
             try:
                 if self.values["batch"]:
                     self._gather()
                 self._send_next()
             finally:
-                with self._lock:
-                    self._sending = False
-                    self._progress.notify_all()
+                self._hand_over()
+            with self._lock:
+                if slot.result is not None:
+                    return slot.result
+                refusal = self._fail_fast()
+                if refusal:  # our op did not fit, and the host has gone silent meanwhile
+                    self._queue.remove(slot)
+                    self._counts["failed_fast"] += 1
+                    return WireResult(refusal)
+                leading = not self._sending  # our op did not fit: send again if free
+                self._sending = True
+
+    def _hand_over(self) -> None:
+        """The sender is done: wake the oldest waiting caller to send next (or the flusher)."""
+        with self._lock:
+            self._sending = False
+            self._progress.notify_all()
+            for waiting in self._queue:
+                if waiting.wake is not None:
+                    waiting.wake.set()
+                    return
+            if self._queue:
+                self._kick.set()
 
     def _gather(self) -> None:
         """Let callers that were just woken queue their next op before the batch is taken.
@@ -436,9 +465,7 @@ class XenBackend(Backend):
                         return
                 self._send_next()
         finally:
-            with self._lock:
-                self._sending = False
-                self._progress.notify_all()
+            self._hand_over()
 
     def _take(self) -> list[_Slot]:
         """Slots for the next message: the oldest first, within the ops and size limits
@@ -494,7 +521,9 @@ class XenBackend(Backend):
     def _settle(self, batch: list[_Slot], results: list[WireResult] | None, failure: int) -> None:
         """Hand results to their slots; keep uncertain invalidations for redelivery."""
         with self._lock:
-            self._progress.notify_all()
+            for slot in batch:
+                if slot.wake is not None:
+                    slot.wake.set()  # read after the lock is released: results are in by then
             if results is None:
                 redeliver = [s for s in batch if s.op.cmd in _INVALIDATIONS
                              and failure != _ENODEV]

@@ -114,8 +114,14 @@ class Shim:
     ) -> Mapping[str, Any]:
         """Defaults < kernel command line (deprecated) < explicit params, all validated."""
         full = self.param_set(backend_cls)
-        boot_values = {k: v for k, v in self.boot.params.items() if k in full}
-        layered = full.validate(boot_values, owner=backend_cls.name)
+        layered = full.validate({}, owner=backend_cls.name)
+        for name, value in self.boot.params.items():
+            if name not in full:
+                continue
+            try:  # each word on its own: one bad word must not block every load
+                layered = full.validate({name: value}, owner=backend_cls.name, base=layered)
+            except ParamError as exc:
+                log.warning("kernel command line: %s; ignored", exc)
         return full.validate(dict(explicit or {}), owner=backend_cls.name, base=layered)
 
     # -- load / unload --------------------------------------------------------------------------
@@ -139,7 +145,11 @@ class Shim:
             backend_values = {k: v for k, v in values.items() if k not in SHIM_PARAMS}
             cls.probe(self.roots)
             instance = cls(backend_values, roots=self.roots, clock=self.clock)
-            instance.connect()
+            try:
+                instance.connect()
+            except Exception:
+                self._remove_quietly(instance)
+                raise
             try:
                 if flags["frontswap"]:
                     self.frontswap.register_ops(
@@ -164,13 +174,22 @@ class Shim:
             return instance
 
     def _rollback(self, backend: Backend) -> None:
+        """Undo a load that failed half way: no page was stored through it yet."""
         for frontend in (self.cleancache, self.frontswap):
             if frontend.ops is backend:
                 try:
                     frontend.unregister_ops()
                 except UnloadRefused:  # pragma: no cover - nothing was stored yet
                     log.exception("rollback of %s failed", type(frontend).__name__)
-        backend.remove()
+        self._remove_quietly(backend)
+
+    @staticmethod
+    def _remove_quietly(backend: Backend) -> None:
+        """Tear a backend down where its failure must not stop the caller (logged)."""
+        try:
+            backend.remove()
+        except Exception:
+            log.exception("backend %s: remove() failed", backend.name)
 
     def unload(self) -> dict[str, Any]:
         """Stop the loops, repatriate swap pages, drop ephemeral pools, remove the backend.
@@ -192,7 +211,7 @@ class Shim:
                     self._notify("backend_loaded", listener)
                 raise
             dropped = self.cleancache.unregister_ops()
-            backend.remove()
+            self._remove_quietly(backend)  # every page is safe by now; a failure here is logged
             self._backend = None
             self._flags = MappingProxyType(SHIM_PARAMS.defaults())
             log.info("xentmem: %s unloaded (%d swap pages repatriated, %d pools dropped)",

@@ -31,7 +31,7 @@ from xentmem.roots import Roots
 from xentmem.shim import Shim
 
 SWAP_TYPES = (0, 1)
-SWAP_SLOTS = 96
+SWAP_SLOTS = 160
 FILES = (11, 12)
 INDEXES = 2
 
@@ -53,8 +53,12 @@ pages = st.builds(make_page, st.integers(0, 2), st.integers(0, 7))
 class FrontendsModel(RuleBasedStateMachine):
     #: Keys a put has touched, so invalidations and gets aim where data may be cached.
     put_keys = Bundle("put_keys")
-    @initialize(capacity_mb=st.sampled_from(["1", "2"]))
-    def start(self, capacity_mb: str) -> None:
+    @initialize(
+        capacity_mb=st.sampled_from(["1", "2"]),
+        prefill=st.integers(0, 280),
+        modes=st.sampled_from([(False, False), (True, False), (False, True)]),
+    )
+    def start(self, capacity_mb: str, prefill: int, modes: tuple[bool, bool]) -> None:
         self.tmp = tempfile.TemporaryDirectory()
         self.shim = Shim(roots=Roots(root=Path(self.tmp.name)), boot=BootParams())
         self.swap: dict[tuple[int, int], bytes] = {}
@@ -63,7 +67,22 @@ class FrontendsModel(RuleBasedStateMachine):
             self.shim.frontswap.init(swap_type, MemoryBacking(SWAP_SLOTS))
         self.private_fs = self.shim.cleancache.init_fs()
         self.shared_fs = self.shim.cleancache.init_shared_fs(PoolUuid(7, 7))
-        self.shim.load("zcache", {"capacity": capacity_mb})
+        self._load(capacity_mb, modes)
+        # Incompressible swap pages close to (or past) a 1 MiB store, so persistent puts
+        # start failing with -ENOMEM and must fall back to the backing store.
+        for n in range(prefill):
+            swap_type, offset = n % 2, n // 2
+            page = make_page(2, n)
+            self.shim.frontswap.store(swap_type, offset, page)
+            self.swap[(swap_type, offset)] = page
+
+    def _load(self, capacity_mb: str, modes: tuple[bool, bool]) -> None:
+        writethrough, exclusive = modes
+        self.shim.load("zcache", {
+            "capacity": capacity_mb,
+            "frontswap_writethrough": writethrough,
+            "frontswap_exclusive_gets": exclusive,
+        })
         self.loaded = True
 
     def teardown(self) -> None:
@@ -73,10 +92,12 @@ class FrontendsModel(RuleBasedStateMachine):
     # -- backend life cycle ------------------------------------------------------------------
 
     @precondition(lambda self: not self.loaded)
-    @rule(capacity_mb=st.sampled_from(["1", "2"]))
-    def load(self, capacity_mb: str) -> None:
-        self.shim.load("zcache", {"capacity": capacity_mb})
-        self.loaded = True
+    @rule(
+        capacity_mb=st.sampled_from(["1", "2"]),
+        modes=st.sampled_from([(False, False), (True, False), (False, True)]),
+    )
+    def load(self, capacity_mb: str, modes: tuple[bool, bool]) -> None:
+        self._load(capacity_mb, modes)
 
     @precondition(lambda self: self.loaded)
     @rule()

@@ -31,6 +31,7 @@ from xentmem.abi import (
 )
 from xentmem.backend import Backend
 from xentmem.errors import AbiError, BackendError
+from xentmem.frontends.guarded import Guarded
 from xentmem.frontends.keys import FileKey, filekey_oid
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class _Filesystem:
         return POOL_PRIVATE_EPHEMERAL if self.uuid is None else POOL_SHARED_EPHEMERAL
 
 
-class Cleancache:
+class Cleancache(Guarded):
     """Cleancache.  Thread-safe: one lock guards the fs map and backend calls."""
 
     def __init__(self) -> None:
@@ -67,6 +68,7 @@ class Cleancache:
         self.puts = 0
         self.invalidates = 0
         self.failed_puts = 0
+        self.backend_errors = 0
 
     # -- registration -----------------------------------------------------------------------
 
@@ -75,13 +77,27 @@ class Cleancache:
         return self._ops
 
     def register_ops(self, ops: Backend) -> None:
-        """``cleancache_register_ops``: give each recorded filesystem a real pool, in order."""
+        """``cleancache_register_ops``: give each recorded filesystem a real pool, in order.
+
+        All or nothing: if the backend raises part way, the pools made so far are destroyed
+        and every filesystem stays "recorded", so no fs keeps an id from a backend that
+        never loaded (it could name another pool of the next one).
+        """
         with self._lock:
             if self._ops is not None:
                 raise BackendError(f"cleancache already has a backend ({self._ops.name})")
-            for fs in self._filesystems.values():
-                if fs.real_id == FS_NO_BACKEND:
-                    fs.real_id = self._new_pool(ops, fs)
+            replayed: list[_Filesystem] = []
+            try:
+                for fs in self._filesystems.values():
+                    if fs.real_id == FS_NO_BACKEND:
+                        replayed.append(fs)
+                        fs.real_id = self._new_pool(ops, fs)
+            except Exception:
+                for fs in replayed:
+                    if fs.real_id >= 0:
+                        self.quietly("destroy_pool", ops.destroy_pool, fs.real_id)
+                    fs.real_id = FS_NO_BACKEND
+                raise
             self._ops = ops
 
     def unregister_ops(self) -> int:
@@ -96,11 +112,18 @@ class Cleancache:
             dropped = 0
             for fs in self._filesystems.values():
                 if fs.real_id >= 0:
-                    ops.destroy_pool(fs.real_id)
+                    self.quietly("destroy_pool", ops.destroy_pool, fs.real_id)
                     dropped += 1
                 fs.real_id = FS_NO_BACKEND
             self._ops = None
             return dropped
+
+    def _disable(self, ops: Backend, fs: _Filesystem) -> None:
+        """A flush failed: the pool may hold a stale page, so this fs stops using it."""
+        log.error("cleancache: fs %d: a flush failed; its pool %d is dropped so no stale page "
+                  "can be returned", fs.fake_id, fs.real_id)
+        self.quietly("destroy_pool", ops.destroy_pool, fs.real_id)
+        fs.real_id = FS_NO_BACKEND
 
     @staticmethod
     def _new_pool(ops: Backend, fs: _Filesystem) -> int:
@@ -140,14 +163,6 @@ class Cleancache:
         except KeyError:
             raise AbiError(f"no cleancache filesystem with pool id {fake_id}") from None
 
-    def invalidate_fs(self, fake_id: int) -> None:
-        """The filesystem was unmounted: destroy its pool and forget its id."""
-        with self._lock:
-            fs = self._fs(fake_id)
-            del self._filesystems[fake_id]
-            if self._ops is not None and fs.real_id >= 0:
-                self._ops.destroy_pool(fs.real_id)
-
     # -- data path ----------------------------------------------------------------------------
 
     def get_page(self, fake_id: int, key: FileKey, index: int) -> bytes | None:
@@ -165,7 +180,12 @@ class Cleancache:
             real_id = fs.real_id
             ops = self._ops
             if ops is not None and real_id >= 0 and 0 <= index <= U32_MAX:
-                rc, data = ops.get_page(real_id, oid, index)
+                try:
+                    rc, data = ops.get_page(real_id, oid, index)
+                except Exception:  # a miss is always a correct answer from a cache
+                    self.backend_errors += 1
+                    log.exception("cleancache: backend get_page failed")
+                    rc, data = 0, None
                 if rc == TMEM_DONE:
                     self.succ_gets += 1
                     return data
@@ -193,8 +213,14 @@ class Cleancache:
             if ops is None or real_id < 0 or not 0 <= index <= U32_MAX:
                 return False
             self.puts += 1
-            if ops.put_page(real_id, oid, index, page) == TMEM_DONE:
-                return True
+            try:
+                if ops.put_page(real_id, oid, index, page) == TMEM_DONE:
+                    return True
+            except Exception:  # the old copy may still be there: it must go
+                self.backend_errors += 1
+                log.exception("cleancache: backend put_page failed")
+                if self.quietly("flush_page", ops.flush_page, real_id, oid, index) is None:
+                    self._disable(ops, fs)
             self.failed_puts += 1
             return False
         finally:
@@ -207,7 +233,8 @@ class Cleancache:
             fs = self._fs(fake_id)
             ops = self._ops
             if ops is not None and fs.real_id >= 0 and 0 <= index <= U32_MAX:
-                ops.flush_page(fs.real_id, oid, index)
+                if self.quietly("flush_page", ops.flush_page, fs.real_id, oid, index) is None:
+                    self._disable(ops, fs)
                 self.invalidates += 1
 
     def invalidate_inode(self, fake_id: int, key: FileKey) -> None:
@@ -216,8 +243,17 @@ class Cleancache:
         with self._lock:
             fs = self._fs(fake_id)
             ops = self._ops
-            if ops is not None and fs.real_id >= 0:
-                ops.flush_object(fs.real_id, oid)
+            if (ops is not None and fs.real_id >= 0
+                    and self.quietly("flush_object", ops.flush_object, fs.real_id, oid) is None):
+                self._disable(ops, fs)
+
+    def invalidate_fs(self, fake_id: int) -> None:
+        """The filesystem was unmounted: destroy its pool and forget its id."""
+        with self._lock:
+            fs = self._fs(fake_id)
+            del self._filesystems[fake_id]
+            if self._ops is not None and fs.real_id >= 0:
+                self.quietly("destroy_pool", self._ops.destroy_pool, fs.real_id)
 
     # -- reporting ----------------------------------------------------------------------------
 
@@ -228,6 +264,7 @@ class Cleancache:
             "puts": self.puts,
             "invalidates": self.invalidates,
             "failed_puts": self.failed_puts,
+            "backend_errors": self.backend_errors,
         }
 
     def describe(self) -> dict[str, Any]:

@@ -108,8 +108,22 @@ SELFBALLOON_PARAMS = ParamSet(
            "how often the guard reads PSI between ticks", unit="ms"),
 )
 
-#: The names the kernel had in sysfs (the rest are the guard's).
-KERNEL_KNOBS = tuple(list(SELFBALLOON_PARAMS)[:9])
+#: The names the kernel had in sysfs (the rest are the guard's), named one by one so that
+#: reordering or adding a declaration cannot move a knob from one group to the other.
+KERNEL_KNOBS = (
+    "selfballooning",
+    "selfballoon_interval",
+    "selfballoon_downhysteresis",
+    "selfballoon_uphysteresis",
+    "selfballoon_min_usable_mb",
+    "selfballoon_reserved_mb",
+    "frontswap_selfshrinking",
+    "frontswap_hysteresis",
+    "frontswap_inertia",
+)
+if not set(KERNEL_KNOBS) <= set(SELFBALLOON_PARAMS):  # pragma: no cover - a declaration bug
+    raise RuntimeError("KERNEL_KNOBS names undeclared knobs: "
+                       + ", ".join(sorted(set(KERNEL_KNOBS) - set(SELFBALLOON_PARAMS))))
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,15 @@ sees half a file).
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xentmem.abi import PAGE_SIZE
+from xentmem.files import write_atomically
+
 PREFIX = "xentmem_"
-PAGE_SIZE = 4096
 KIB = 1024
 
 #: Cleancache debugfs counters (always increasing).
@@ -185,21 +186,6 @@ def _balloon_families(balloon: Mapping[str, Any]) -> list[Family]:
             loop.add(counters[name], event=name)
     families.append(loop)
     return families
-
-
-def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` atomically: a temporary file beside it, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_textfile(path: Path, text: str) -> None:

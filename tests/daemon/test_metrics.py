@@ -82,3 +82,36 @@ def test_textfile_is_replaced_atomically(tmp_path: Path) -> None:
     assert target.read_text() == "new\n"
     assert os.stat(target).st_ino != inode  # renamed over, never rewritten in place
     assert [p.name for p in tmp_path.iterdir()] == ["xentmem.prom"]
+
+
+def test_page_size_and_file_helper_have_one_home() -> None:
+    """PAGE_SIZE comes from the ABI module, and the atomic write lives in xentmem.files
+    (metrics, swap maps and shutdown.json all use that one)."""
+    from xentmem import abi, files, metrics
+    from xentmem.daemon import core, swap
+
+    assert metrics.PAGE_SIZE is abi.PAGE_SIZE
+    assert not hasattr(metrics, "write_atomically") or \
+        metrics.write_atomically is files.write_atomically
+    assert swap.write_atomically is files.write_atomically
+    assert core.write_atomically is files.write_atomically
+
+
+def test_write_atomically_replaces_and_cleans_up(tmp_path: Path) -> None:
+    from xentmem.files import fsync_path, write_atomically
+
+    target = tmp_path / "state.json"
+    target.write_bytes(b"old")
+    write_atomically(target, b"new", 0o600)
+    assert target.read_bytes() == b"new"
+    assert target.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+    fsync_path(target)
+    fsync_path(tmp_path, directory=True)
+    missing = tmp_path / "no-such-dir" / "x"
+    try:
+        write_atomically(missing, b"x")
+    except FileNotFoundError:
+        pass
+    else:  # pragma: no cover
+        raise AssertionError("a missing directory must fail")

@@ -142,3 +142,21 @@ def test_describe_lists_every_knob_with_value_and_rule() -> None:
 def test_initial_values_are_validated_too() -> None:
     with pytest.raises(ParamError):
         KnobStore({"selfballoon_interval": "0"})
+
+
+def test_kernel_knobs_are_named_not_sliced_from_the_declaration_order() -> None:
+    """Adding or moving a declaration must not move a knob between the kernel's and the
+    guard's: the tuple is written out name by name."""
+    import ast
+    import inspect
+
+    import xentmem_selfballoon.knobs as knobs_module
+
+    tree = ast.parse(inspect.getsource(knobs_module))
+    assigned = [node.value for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == "KERNEL_KNOBS" for t in node.targets)]
+    assert len(assigned) == 1
+    assert isinstance(assigned[0], ast.Tuple)
+    assert all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in assigned[0].elts)
+    assert set(KERNEL_KNOBS) <= set(SELFBALLOON_PARAMS)
+    assert not any(name.startswith("pressure_guard") for name in KERNEL_KNOBS)

@@ -34,7 +34,8 @@ from xentmem.daemon.config import (
 )
 from xentmem.daemon.swap import SwapAreas
 from xentmem.errors import BackendError, ConfigError, ParamError, UnloadRefused, XentmemError
-from xentmem.metrics import collect, render, write_atomically
+from xentmem.files import write_atomically
+from xentmem.metrics import collect, render
 from xentmem.params import ParamSet
 from xentmem.roots import Roots
 from xentmem.shim import SHIM_PARAMS, Shim

@@ -20,9 +20,9 @@ from typing import Any
 
 from xentmem.abi import PAGE_SIZE
 from xentmem.errors import AbiError
+from xentmem.files import write_atomically
 from xentmem.frontends import FileBacking, Frontswap, MemoryBacking
 from xentmem.frontends.backing import BackingStore
-from xentmem.metrics import write_atomically
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING
 from xentmem_selfballoon.guard import PressureState, PressureVerdict, guarded_target, judge_pressure
 from xentmem_selfballoon.shrink import ShrinkDecision, ShrinkState, next_shrink
 
+from xentmem.abi import PAGE_SIZE  # the ABI module does no I/O
+
 if TYPE_CHECKING:  # only for annotations: the snapshot type lives with the param declarations
     from xentmem_selfballoon.knobs import Knobs
 
-PAGE_SIZE = 4096
 PAGE_KB = PAGE_SIZE // 1024
 _MB_SHIFT = 20 - 12  # 20 - PAGE_SHIFT
 

@@ -19,12 +19,24 @@ class ParamError(XentmemError, ValueError):
     """A module param or knob was refused; the message names it and what is accepted."""
 
 
+class UnknownParam(ParamError):
+    """No param of that name is declared (``not_found`` on the control socket)."""
+
+
+class UnknownBackend(ParamError):
+    """No installed backend has that name (``not_found`` on the control socket)."""
+
+
 class BackendUnsupported(XentmemError):
     """A backend cannot run here (no hypervisor, no tmem host...); the registry skips it."""
 
 
 class BackendError(XentmemError):
     """A backend failed in a way the caller should see (not an ordinary tmem miss)."""
+
+
+class NoBackend(BackendError):
+    """The operation needs a loaded backend and none is (``no_backend`` on the socket)."""
 
 
 class UnloadRefused(XentmemError):

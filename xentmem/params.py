@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Callable
 
-from xentmem.errors import ParamError
+from xentmem.errors import ParamError, UnknownParam
 
 _TRUE_WORDS = frozenset({"1", "y", "yes", "true", "on"})
 _FALSE_WORDS = frozenset({"0", "n", "no", "false", "off"})
@@ -171,7 +171,7 @@ class ParamSet(Mapping[str, Param]):
         except KeyError:
             where = f" for {owner}" if owner else ""
             known = ", ".join(self._params) or "none"
-            raise ParamError(f"unknown param {name!r}{where}; known params: {known}") from None
+            raise UnknownParam(f"unknown param {name!r}{where}; known params: {known}") from None
 
     def validate(
         self,

@@ -16,7 +16,7 @@ import sys
 from importlib import metadata
 
 from xentmem.backend import Backend
-from xentmem.errors import BackendError, ParamError
+from xentmem.errors import BackendError, UnknownBackend
 
 GROUP = "xentmem.backends"
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def backend_class(name: str) -> type[Backend]:
     points = available()
     if name not in points:
         known = ", ".join(points) or "none installed"
-        raise ParamError(f"unknown backend {name!r}; available backends: {known}")
+        raise UnknownBackend(f"unknown backend {name!r}; available backends: {known}")
     try:
         obj = points[name].load()
     except Exception as exc:  # a broken plugin must not take the daemon down

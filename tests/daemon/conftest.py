@@ -20,7 +20,7 @@ from xentmem.clock import FakeClock
 from xentmem.daemon.balloon import NoBalloon, make_balloon
 from xentmem.daemon.config import ConfigSchema, load
 from xentmem.daemon.core import Daemon
-from xentmem.errors import ParamError
+from xentmem.errors import UnknownBackend
 from xentmem.roots import Roots
 
 MEMINFO = """\
@@ -67,7 +67,7 @@ def resolver(extra: dict[str, type] | None = None) -> Any:
         try:
             return table[name]
         except KeyError:
-            raise ParamError(f"unknown backend {name!r}; available backends: "
+            raise UnknownBackend(f"unknown backend {name!r}; available backends: "
                              + ", ".join(table)) from None
 
     return resolve

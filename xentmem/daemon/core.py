@@ -33,7 +33,14 @@ from xentmem.daemon.config import (
     load as load_config,
 )
 from xentmem.daemon.swap import SwapAreas
-from xentmem.errors import BackendError, ConfigError, ParamError, UnloadRefused, XentmemError
+from xentmem.errors import (
+    BackendError,
+    ConfigError,
+    NoBackend,
+    ParamError,
+    UnloadRefused,
+    XentmemError,
+)
 from xentmem.files import write_atomically
 from xentmem.metrics import collect, render
 from xentmem.params import ParamSet
@@ -137,7 +144,7 @@ class Daemon:
     def unload(self) -> dict[str, Any]:
         with self._lock:
             if self.shim.backend is None:
-                raise BackendError("no backend is loaded")
+                raise NoBackend("no backend is loaded")
             result = self.shim.unload()
             self.choice = None
             return result

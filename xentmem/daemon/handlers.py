@@ -23,7 +23,10 @@ from xentmem.errors import (
     BackendError,
     BackendUnsupported,
     ConfigError,
+    NoBackend,
     ParamError,
+    UnknownBackend,
+    UnknownParam,
     UnloadRefused,
     XentmemError,
 )
@@ -121,12 +124,6 @@ def _hello(daemon: Daemon, args: Mapping[str, Any]) -> Any:
             "ops": sorted(HANDLERS)}
 
 
-def _unload(daemon: Daemon, args: Mapping[str, Any]) -> Any:
-    if daemon.shim.backend is None:
-        raise ControlError(protocol.NO_BACKEND, "no backend is loaded")
-    return daemon.unload()
-
-
 HANDLERS: dict[str, Handler] = {
     "hello": _hello,
     "status": lambda d, a: d.status(),
@@ -135,7 +132,7 @@ HANDLERS: dict[str, Handler] = {
     "params.set": lambda d, a: d.param_set(a["name"], a["value"]),
     "backends": lambda d, a: d.backends(),
     "backend.load": lambda d, a: d.load(a["name"], a.get("params")),
-    "backend.unload": _unload,
+    "backend.unload": lambda d, a: d.unload(),
     "pools": lambda d, a: d.pools(),
     "stats": lambda d, a: d.stats(),
     "balloon": lambda d, a: d.balloon.status(limit=a.get("limit", 20)),
@@ -172,12 +169,11 @@ def error_for(exc: BaseException, op: str) -> ControlError:
         return ControlError(protocol.NOT_FOUND, str(exc))
     if isinstance(exc, UnloadRefused):
         return ControlError(protocol.UNLOAD_REFUSED, str(exc))
+    if isinstance(exc, (UnknownBackend, UnknownParam)):
+        return ControlError(protocol.NOT_FOUND, str(exc))
     if isinstance(exc, (ParamError, AbiError, ConfigError)):
-        message = str(exc)
-        if message.startswith("unknown backend") or message.startswith("unknown param"):
-            return ControlError(protocol.NOT_FOUND, message)
-        return ControlError(protocol.BAD_VALUE, message)
-    if isinstance(exc, BackendError) and str(exc) == "no backend is loaded":
+        return ControlError(protocol.BAD_VALUE, str(exc))
+    if isinstance(exc, NoBackend):
         return ControlError(protocol.NO_BACKEND, str(exc))
     if isinstance(exc, (BackendError, BackendUnsupported, XentmemError)):
         return ControlError(protocol.BACKEND_ERROR, str(exc))

@@ -105,6 +105,12 @@ def test_missing_default_file_is_defaults(tmp_path: Path) -> None:
         ("c.conf", "\n\ninstall zcache /bin/true\n", "c.conf:3: 'install'"),
         ("c.conf", "options tmem \\\n  cleancache=2\n", "c.conf:1: [tmem] cleancache"),
         ("c.conf", "options xentmemd control_mode=999\n", "c.conf:1: [daemon] control_mode"),
+        # Bits for others would open the page API and params.set to every local user:
+        ("c.conf", "options xentmemd control_mode=0666\n",
+         "c.conf:1: [daemon] control_mode: 0666 opens the control socket to every local user"),
+        ("c.toml", "[daemon]\ncontrol_mode = 0o604\n",
+         "c.toml:2: [daemon] control_mode: 0604 opens the control socket to every local user"),
+        ("c.toml", "[daemon]\ncontrol_mode = \"0661\"\n", "c.toml:2: [daemon] control_mode"),
     ],
 )
 def test_bad_files_name_file_line_and_key(tmp_path: Path, name: str, text: str,
@@ -131,6 +137,14 @@ def test_overrides_win_over_the_file(tmp_path: Path) -> None:
     assert config.daemon["control_group"] == "users"
     assert config.daemon["control_mode"] == 0o640  # from the file
     assert config.origins["selfballoon.selfballoon_interval"] == "-o"
+
+
+def test_world_bits_are_refused_from_the_command_line_too(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"-o: \[daemon\] control_mode: 0777 opens"):
+        load(tmp_path / "absent.toml", schema(), ["daemon.control_mode=0777"], missing_ok=True)
+    config = load(tmp_path / "absent.toml", schema(), ["daemon.control_mode=0660"],
+                  missing_ok=True)
+    assert config.daemon["control_mode"] == 0o660
 
 
 def test_bad_override_is_refused(tmp_path: Path) -> None:

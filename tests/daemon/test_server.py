@@ -207,6 +207,16 @@ def test_socket_is_owner_only_and_can_be_opened_to_a_group(served: Any) -> None:
     assert stat.S_IMODE(os.stat(server.path).st_mode) == 0o660  # unchanged
 
 
+def test_a_mode_with_bits_for_others_is_refused(served: Any, tmp_path: Path) -> None:
+    with pytest.raises(ServerError, match="every local user"):
+        ControlServer(tmp_path / "other.sock", lambda line: b"", mode=0o666)
+    assert not (tmp_path / "other.sock").exists()
+    server = served.server
+    with pytest.raises(ServerError, match="every local user"):
+        server.set_access(0o606, "")
+    assert stat.S_IMODE(os.stat(server.path).st_mode) == 0o600  # unchanged
+
+
 def test_a_second_server_on_the_same_path_is_refused(served: Any) -> None:
     server = served.server
     with pytest.raises(ServerError, match="another xentmemd"):

@@ -64,12 +64,25 @@ ANY_BACKEND = "*"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+#: Permission bits for "others": the control socket serves the page API and params.set, so
+#: it is owner-only, or owner and one group, never every local user.
+WORLD_BITS = 0o007
+
+
+def check_control_mode(mode: int) -> int:
+    """``mode`` if it gives nothing to other users; ValueError otherwise."""
+    if mode & WORLD_BITS:
+        raise ValueError(f"{mode:04o} opens the control socket to every local user; use "
+                         "owner and group bits only (0600, or 0660 with control_group)")
+    return mode
+
+
 def parse_mode(text: str) -> int:
-    """A permission mode in octal text (``"0660"``, ``"660"``)."""
+    """A permission mode in octal text (``"0660"``, ``"660"``), without bits for others."""
     word = text.strip()
     if not word or any(c not in "01234567" for c in word):
         raise ValueError(f"{text!r} is not an octal mode")
-    return int(word, 8)
+    return check_control_mode(int(word, 8))
 
 
 DAEMON_PARAMS = ParamSet(
@@ -81,12 +94,21 @@ DAEMON_PARAMS = ParamSet(
           "owner only", writable=True),
     Param("control_mode", int, 0, "the control socket's mode in octal; 0: 0600, or 0660 with a "
           "group", writable=True, min=0, max=0o777, parse=parse_mode,
-          accepts="an octal mode such as 0600 or 0660 (0: automatic)"),
+          accepts="an octal mode such as 0600 or 0660, no bits for others (0: automatic)"),
     Param("metrics_textfile", str, "", "node_exporter textfile to write the metrics to "
           "(atomically); empty: none", writable=True),
     Param("metrics_interval", int, 15, "seconds between two writes of the metrics textfile",
           writable=True, min=1, max=3600, unit="s"),
 )
+
+
+def _check_daemon_value(key: str, typed: Any) -> None:
+    """Rules a Param's range cannot say (a TOML integer bypasses ``parse_mode``)."""
+    if key == "control_mode":
+        try:
+            check_control_mode(typed)
+        except ValueError as exc:
+            raise ParamError(f"{key}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -160,6 +182,8 @@ class ConfigSchema:
                 else:
                     params = self.section_params(entry.section)
                     typed = params.lookup(entry.key, owner=entry.section).coerce(entry.value)
+                    if entry.section == DAEMON_SECTION:
+                        _check_daemon_value(entry.key, typed)
             except ParamError as exc:
                 # ParamError messages name the key already ("capacity: ...", "unknown param").
                 raise ConfigError(f"{entry.where}: [{entry.section}] {exc}") from None

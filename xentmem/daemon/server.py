@@ -35,6 +35,8 @@ DEFAULT_IO_TIMEOUT_S = 10.0
 DEFAULT_MAX_CLIENTS = 32
 OWNER_ONLY = 0o600
 GROUP_ACCESS = 0o660
+#: Bits for other users, refused: the socket serves the page API and params.set.
+WORLD_BITS = 0o007
 
 LineHandler = Callable[[bytes], bytes]
 
@@ -45,9 +47,11 @@ class ServerError(Exception):
 
 def socket_mode(mode: int, group: str) -> int:
     """The mode a configuration asks for: explicit, else 0660 with a group, else 0600."""
-    if mode:
-        return mode
-    return GROUP_ACCESS if group else OWNER_ONLY
+    chosen = mode or (GROUP_ACCESS if group else OWNER_ONLY)
+    if chosen & WORLD_BITS:
+        raise ServerError(f"control socket mode {chosen:04o} opens it to every local user; "
+                          "owner and group bits only")
+    return chosen
 
 
 def group_id(name: str) -> int:
@@ -73,6 +77,7 @@ class ControlServer:
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
         io_timeout_s: float = DEFAULT_IO_TIMEOUT_S,
     ) -> None:
+        socket_mode(mode, group)  # refuse bits for others before anything exists
         self.path = path
         self._handle = handle
         self._mode = mode

@@ -3,6 +3,7 @@ bounded requests, the busy limit, access modes, and the client's own failures.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -276,3 +277,83 @@ def test_client_reconnects_after_the_daemon_dropped_an_idle_connection(served: A
         assert client._sock is not None
         client._sock.shutdown(socket.SHUT_RDWR)  # as if the daemon had closed it
         assert client.frontswap.curr_pages() == 0
+
+
+class HangUpAfter:
+    """A fake daemon: answers the first ``answered`` request lines of each connection with
+    ``{}`` and closes the connection on the next one, unanswered.  Counts every line."""
+
+    def __init__(self, path: Path, answered: int = 1) -> None:
+        self.path = path
+        self.answered = answered
+        self.lines: list[dict[str, Any]] = []
+        self.connections = 0
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(path))
+        self._listener.listen(4)
+        self._listener.settimeout(5.0)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                conn, _ = self._listener.accept()
+                self.connections += 1
+                with conn:
+                    conn.settimeout(5.0)
+                    self._one(conn)
+        except OSError:
+            return  # closed, or nobody came within the timeout
+
+    def _one(self, conn: socket.socket) -> None:
+        buffer = b""
+        served = 0
+        while True:
+            while b"\n" not in buffer:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                buffer += chunk
+            line, _, buffer = buffer.partition(b"\n")
+            request = json.loads(line)
+            self.lines.append(request)
+            if served == self.answered:
+                return  # hang up: the request was received whole, no answer
+            served += 1
+            conn.sendall(protocol.encode_result(request["id"], {}))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (Linux)
+        self._listener.close()
+        self._thread.join(10)
+
+
+@pytest.mark.parametrize("op", ["frontswap.init", "backend.unload", "cleancache.init_fs"])
+def test_a_dropped_state_changing_request_is_never_sent_twice(tmp_path: Path, op: str) -> None:
+    fake = HangUpAfter(tmp_path / "d.sock")
+    try:
+        with ControlClient(fake.path, timeout=5) as client:
+            client.call("hello")  # the connection is now a kept-alive one
+            args = {"pages": 8} if op == "frontswap.init" else {}
+            with pytest.raises(ControlError) as caught:
+                client.call(op, **args)
+        assert caught.value.code == protocol.UNAVAILABLE
+        assert "it may have run" in caught.value.message
+        assert [line["op"] for line in fake.lines] == ["hello", op]
+        assert fake.connections == 1
+    finally:
+        fake.close()
+
+
+def test_a_dropped_read_only_request_is_retried_once(tmp_path: Path) -> None:
+    fake = HangUpAfter(tmp_path / "d.sock")
+    try:
+        with ControlClient(fake.path, timeout=5) as client:
+            client.call("hello")
+            assert client.call("status") == {}  # dropped once, answered on a fresh connection
+        assert [line["op"] for line in fake.lines] == ["hello", "status", "status"]
+        assert fake.connections == 2
+    finally:
+        fake.close()

@@ -139,39 +139,70 @@ class ControlClient:
 
         Arguments must be JSON-ready (the convenience methods base64 pages for you).  A
         connection that failed mid-request is closed, so the next call reconnects.
+
+        A kept-alive connection the daemon closed while idle is retried once on a fresh one,
+        but only when that cannot run a request twice: when the request never got through
+        (``sendall`` failed), or when the op changes nothing.  A state-changing request that
+        the daemon received whole and then dropped without an answer may have run, so it is
+        reported, never resent.
         """
         with self._lock:
             request_id = next(self._ids)
             line = encode_request(op, args, request_id)
+            spec = protocol.OPS.get(op)
+            replayable = spec is not None and not spec.mutates
             for attempt in (1, 2):
                 fresh = self._sock is None
                 sock = self._connect()
                 try:
                     sock.sendall(line)
+                except socket.timeout:
+                    self._drop()
+                    raise ControlError(TIMEOUT, f"xentmemd did not take {op!r} within "
+                                                f"{self.timeout:g}s") from None
+                except OSError as exc:
+                    said = self._salvage(sock)
+                    self._drop()
+                    if said is not None:  # the daemon explained before closing (busy)
+                        return decode_response(said, request_id)
+                    # The request never got through whole, so it cannot have run: retry once
+                    # on a fresh connection if this one was an old, kept-alive one.
+                    if fresh or attempt == 2:
+                        raise ControlError(UNAVAILABLE, f"xentmemd dropped the connection: "
+                                                        f"{exc}") from None
+                    continue
+                try:
                     return decode_response(self._read_line(sock), request_id)
                 except socket.timeout:
                     self._drop()
                     raise ControlError(TIMEOUT, f"no answer to {op!r} from xentmemd within "
                                                 f"{self.timeout:g}s") from None
-                except (BrokenPipeError, ConnectionResetError) as exc:
-                    said = self._salvage(sock)
-                    self._drop()
-                    if said is not None:  # the daemon explained before closing (busy)
-                        return decode_response(said, request_id)
-                    # A kept-alive connection the daemon closed while idle: retry once, fresh.
-                    if fresh or attempt == 2:
-                        raise ControlError(UNAVAILABLE, f"xentmemd dropped the connection: "
-                                                        f"{exc}") from None
                 except ControlError as exc:
-                    if exc.code in (UNAVAILABLE, PROTOCOL):
-                        self._drop()
-                        if exc.code == UNAVAILABLE and not fresh and attempt == 1:
-                            continue
-                    raise
-                except OSError as exc:
+                    if exc.code not in (UNAVAILABLE, PROTOCOL):
+                        raise
+                    partial = bool(self._buffer)
                     self._drop()
-                    raise ControlError(UNAVAILABLE, f"talking to xentmemd failed: {exc}") from None
+                    if exc.code == PROTOCOL:
+                        raise
+                    if not fresh and attempt == 1 and replayable and not partial:
+                        continue
+                    raise self._lost_answer(op, replayable, str(exc)) from None
+                except OSError as exc:  # a reset while reading the answer
+                    partial = bool(self._buffer)
+                    self._drop()
+                    if not fresh and attempt == 1 and replayable and not partial:
+                        continue
+                    raise self._lost_answer(op, replayable, str(exc)) from None
             raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _lost_answer(op: str, replayable: bool, reason: str) -> ControlError:
+        """The connection went after the daemon had the whole request."""
+        if replayable:
+            return ControlError(UNAVAILABLE, f"xentmemd dropped the connection: {reason}")
+        return ControlError(UNAVAILABLE, f"xentmemd dropped the connection before answering "
+                                         f"{op!r} ({reason}); it may have run: check with "
+                                         "status before trying again")
 
     # -- the daemon -----------------------------------------------------------------------------
 

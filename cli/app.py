@@ -28,6 +28,10 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 
+#: How long ``load`` and ``unload`` wait when no --timeout is given: an unload repatriates
+#: every swap page held in tmem (seconds per GiB locally, much longer over xenstore).
+LONG_OP_TIMEOUT_S = 300.0
+
 #: The client-side codes that mean "no daemon to talk to", not "the daemon said no".
 UNREACHABLE_CODES = frozenset({protocol.UNAVAILABLE, protocol.TIMEOUT})
 
@@ -59,11 +63,27 @@ class App:
         socket_path: str,
         timeout: float,
         client_factory: ClientFactory = control_client,
+        *,
+        timeout_given: bool = True,
     ) -> None:
         self.socket_path = socket_path
         self.timeout = timeout
+        #: False when --timeout (and XENTMEM_TIMEOUT) were not given: the default may grow.
+        self.timeout_given = timeout_given
         self._client_factory = client_factory
         self._client: Client | None = None
+
+    def expect_long_op(self, seconds: float = LONG_OP_TIMEOUT_S) -> None:
+        """Wait up to ``seconds`` for the next answer, unless the user chose a timeout.
+
+        ``load`` and ``unload`` call this: the default wait suits a status query, not the
+        repatriation of every swap page, which would otherwise be reported as "did not
+        answer" while the daemon goes on with it.
+        """
+        if self.timeout_given or seconds <= self.timeout:
+            return
+        self.timeout = seconds
+        self.close()  # a client opened with the short timeout is reopened with the long one
 
     # -- talking to the daemon ----------------------------------------------------------------
 

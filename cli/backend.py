@@ -67,6 +67,7 @@ def load(app: App, *, backend: str, assignments: dict[str, str], as_json: bool) 
     args: dict[str, Any] = {"name": backend}
     if assignments:
         args["params"] = assignments
+    app.expect_long_op()
     result = app.call("backend.load", **args)
     app.emit(result, as_json=as_json, render=render.tree)
 
@@ -77,8 +78,10 @@ def load(app: App, *, backend: str, assignments: dict[str, str], as_json: bool) 
 def unload(app: App, *, as_json: bool) -> None:
     """Unload the backend: swap pages go back to their backing stores first.
 
-    Refused (and nothing changes) if a page could not be brought back.
+    Refused (and nothing changes) if a page could not be brought back.  Waits up to 300 s
+    (--timeout to change it): every swap page in tmem is copied back first.
     """
+    app.expect_long_op()
     result = app.call("backend.unload")
     app.emit(result, as_json=as_json, render=render.tree)
 

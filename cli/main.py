@@ -30,7 +30,7 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 @click.option(
     "--timeout", envvar="XENTMEM_TIMEOUT", default=10.0, show_default=True, show_envvar=True,
     type=click.FloatRange(min=0.0, min_open=True), metavar="SECONDS",
-    help="How long to wait for the daemon's answer.",
+    help="How long to wait for the daemon's answer (load and unload: 300 s unless given).",
 )
 @click.version_option(package_name="xentmem", prog_name="xentmem")
 @click.pass_context
@@ -40,7 +40,9 @@ def cli(ctx: click.Context, *, socket_path: str, timeout: float) -> None:
     New here?  `xentmem run` starts the daemon in this terminal (on the local zcache store when
     there is no Xen) and prints what to type in a second one.  Read commands take --json.
     """
-    app = App(socket_path, timeout)
+    source = ctx.get_parameter_source("timeout")
+    app = App(socket_path, timeout,
+              timeout_given=source not in (None, click.core.ParameterSource.DEFAULT))
     ctx.obj = app
     ctx.call_on_close(app.close)
 

@@ -11,9 +11,10 @@ from typing import Any
 from xentmem.control import ControlClient
 
 ZERO_CLEANCACHE = {"succ_gets": 0, "failed_gets": 0, "puts": 0, "invalidates": 0,
-                   "failed_puts": 0}
+                   "failed_puts": 0, "backend_errors": 0}
 ZERO_FRONTSWAP = {"loads": 0, "succ_stores": 0, "failed_stores": 0, "invalidates": 0,
-                  "failed_loads": 0, "repatriated": 0, "backing_writes": 0, "curr_pages": 0}
+                  "failed_loads": 0, "repatriated": 0, "backing_writes": 0, "curr_pages": 0,
+                  "backend_errors": 0}
 
 
 def daemon_answer(socket_path: Any, op: str, **args: Any) -> Any:
@@ -83,7 +84,8 @@ def test_pools_json_is_exact_with_nothing_stored(reader: Any) -> None:
         "backend": "zcache",
         "cleancache": [],
         "frontswap": {"pool_id": -1, "registered": True, "pending_init": [],
-                      "writethrough": False, "exclusive_gets": False, "swap_types": []},
+                      "writethrough": False, "exclusive_gets": False, "draining": False,
+                      "swap_types": []},
         "backend_pools": [],
     }
 

@@ -42,6 +42,7 @@ from xentmem.roots import Roots
 log = logging.getLogger(__name__)
 
 DEFAULT_JOIN_TIMEOUT_S = 5.0
+_real_clock = SystemClock()
 
 
 class ShimLike(Protocol):
@@ -84,6 +85,8 @@ class SelfballoonService:
         self._stop = threading.Event()
         self._why_not: str | None = "no backend loaded"
         self._forced_off: set[str] = set()
+        #: Workers told to stop that were still in a tick when a new one started.
+        self._retired: list[threading.Thread] = []
 
     # -- shim listener -----------------------------------------------------------------------------
 
@@ -111,9 +114,9 @@ class SelfballoonService:
                    selfshrinking=shrink_on)
 
     def backend_unloading(self, shim: ShimLike) -> None:
-        """Stop the worker before the backend goes."""
-        self.stop()
-        self._why_not = "no backend loaded"
+        """Stop the worker before the backend goes (a worker still in its tick says so)."""
+        if self.stop():
+            self._why_not = "no backend loaded"
 
     # -- start / stop ------------------------------------------------------------------------------
 
@@ -131,8 +134,10 @@ class SelfballoonService:
         """
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
-                self._log.info("selfballoon: already running")
-                return True
+                if not self._stop.is_set():
+                    self._log.info("selfballoon: already running")
+                    return True
+                self._retire_locked(self._thread)
             try:
                 totalram = read_meminfo(roots).totalram_pages
             except InputError as exc:
@@ -165,6 +170,17 @@ class SelfballoonService:
             thread.start()
             return True
 
+    def _retire_locked(self, thread: threading.Thread) -> None:
+        """A worker told to stop that has not yet: give it one bounded join, then let it
+        finish its tick beside the new one (its stop event is set, so it ends after that
+        tick).  Waiting for it without a bound would leave no loop at all if it never does."""
+        thread.join(self._join_timeout_s)
+        if thread.is_alive():
+            self._log.warning("selfballoon: the previous worker is still finishing a tick; "
+                              "starting a new one, the old one ends after that tick")
+            self._retired.append(thread)
+        self._thread = None
+
     def _apply_flags(self, allowed: Mapping[str, bool]) -> None:
         """A flag that is off switches its knob off; one that is on undoes that, if we did it."""
         changes: dict[str, bool] = {}
@@ -187,20 +203,36 @@ class SelfballoonService:
             self._why_not = "worker died (see log)"
 
     def stop(self, timeout_s: float | None = None) -> bool:
-        """Stop and join the worker; True if it is gone (or was not running)."""
+        """Stop and join the worker (and any retired one); True if every worker is gone.
+
+        On a timeout the worker is kept, told to stop: :attr:`running` is False from now
+        on, and a later :meth:`start` or :meth:`stop` joins it again.
+        """
+        budget = self._join_timeout_s if timeout_s is None else timeout_s
         with self._lock:
+            self._stop.set()
+            deadline = self._clock_now() + budget
+            for old in list(self._retired):
+                old.join(max(0.0, deadline - self._clock_now()))
+                if not old.is_alive():
+                    self._retired.remove(old)
             thread = self._thread
             if thread is None:
-                return True
-            self._stop.set()
-            thread.join(self._join_timeout_s if timeout_s is None else timeout_s)
-            if thread.is_alive():
+                return not self._retired
+            thread.join(max(0.0, deadline - self._clock_now()))
+            if thread.is_alive() or self._retired:
+                self._why_not = "stopping: the worker has not finished its tick yet"
                 self._log.error("selfballoon: worker did not stop within the timeout")
                 return False
             self._thread = None
             self._why_not = "stopped"
             self._log.info("selfballoon: stopped")
             return True
+
+    @staticmethod
+    def _clock_now() -> float:
+        """Real time for joins: the injected clock may be a fake one that never moves."""
+        return _real_clock.monotonic()
 
     def _refuse(self, reason: str) -> None:
         with self._lock:
@@ -218,8 +250,9 @@ class SelfballoonService:
 
     @property
     def running(self) -> bool:
+        """A worker is alive and has not been told to stop."""
         thread = self._thread
-        return thread is not None and thread.is_alive()
+        return thread is not None and thread.is_alive() and not self._stop.is_set()
 
     @property
     def loop(self) -> SelfballoonLoop | None:

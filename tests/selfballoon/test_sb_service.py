@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 from sb_fakes import FakeShim, GuestTree, RecordingPublisher, StepClock
 from xentmem_selfballoon.knobs import KnobStore
 from xentmem_selfballoon.service import SelfballoonService
+
+from xentmem.clock import FakeClock
 
 
 @pytest.fixture
@@ -212,3 +215,67 @@ def test_a_knob_switched_off_by_a_flag_comes_back_with_the_flag(tree: GuestTree)
         assert svc.running_jobs() == ("selfballooning", "frontswap_selfshrinking")
     finally:
         on.unload()
+
+
+class StuckFirstWorker(FakeClock):
+    """The first worker's first wait blocks until :attr:`release` is set (a tick that takes
+    longer than the stop timeout), ignoring its stop event; later waits end with ``stop``.
+    Every real wait is bounded, so a broken test fails instead of hanging."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.first_entered = threading.Event()
+        self.first: threading.Thread | None = None
+
+    def wait(self, stop: threading.Event, timeout: float) -> bool:
+        if self.first is None:
+            self.first = threading.current_thread()
+            self.first_entered.set()
+            self.release.wait(10.0)
+            return stop.is_set()
+        return stop.wait(10.0)
+
+
+def test_start_after_a_stop_that_timed_out_runs_a_fresh_worker(tree: GuestTree) -> None:
+    clock = StuckFirstWorker()
+    svc = SelfballoonService(clock=clock, join_timeout_s=0.05)
+    shim = FakeShim(tree.roots)
+    shim.add_listener(svc)
+    shim.load()
+    assert clock.first_entered.wait(5.0)
+    old = clock.first
+    assert old is not None
+
+    shim.unload()  # the worker is stuck: stop() times out
+    assert old.is_alive()
+    assert not svc.running  # told to stop: not running, whatever the thread does
+    assert "stopping" in svc.status()["not_running_because"]
+
+    shim.load()  # a new backend: a new worker, not "already running"
+    assert svc.running
+    clock.release.set()  # the old worker ends its tick and sees its stop
+    old.join(5.0)
+    assert not old.is_alive()
+    assert svc.running  # the fresh worker still runs
+    assert svc.status()["not_running_because"] is None
+
+    shim.unload()
+    assert not svc.running
+    assert svc.status()["not_running_because"] == "no backend loaded"
+    assert svc.stop(1.0)
+
+
+def test_stop_joins_a_retired_worker_too(tree: GuestTree) -> None:
+    clock = StuckFirstWorker()
+    svc = SelfballoonService(clock=clock, join_timeout_s=0.05)
+    shim = FakeShim(tree.roots)
+    shim.add_listener(svc)
+    shim.load()
+    assert clock.first_entered.wait(5.0)
+    shim.unload()
+    shim.load()  # the stuck one is retired beside the new one
+    assert not svc.stop(0.05)  # the retired worker is still in its tick
+    clock.release.set()
+    assert svc.stop(5.0)
+    assert clock.first is not None and not clock.first.is_alive()

@@ -153,10 +153,9 @@ def test_main_loop_pings_the_watchdog_writes_metrics_and_reloads(tmp_path: Path,
             nonlocal pings
             pings += 1
             if pings == 3:  # a SIGHUP arrives, then a SIGTERM
-                signals.reload.set()
-                signals.wake.set()
+                signals.request_reload()
             if pings == 7:
-                signals.terminate.set()
+                signals.request_terminate()
         app.schedule.every("watchdog", 10.0, count_and_stop)
         app.run()
         assert pings == 7

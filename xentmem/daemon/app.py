@@ -4,9 +4,9 @@ Start: read and check the config (a bad one exits with status 78, EX_CONFIG, nam
 line and key), build the shim with the self-balloon service as its listener, choose and load
 the backend (the loops start lazily with it), open the control socket, tell systemd READY.
 
-Run: the main thread waits on the signal flags with a timeout and does what is due: a
-WATCHDOG ping, the metrics textfile, a STATUS line; SIGHUP reloads the config (a bad file is
-logged and the old config kept).
+Run: the main thread waits on the signal flags' self-pipe with a timeout and does what is
+due: a WATCHDOG ping (always first), the metrics textfile, a STATUS line; SIGHUP reloads the
+config (a bad file is logged and the old config kept).
 
 Stop (SIGTERM/SIGINT): STOPPING=1, then in order the balloon loops, the backend (unloaded with
 its swap pages repatriated to their backing stores, which are saved), then the sockets.  The
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from xentmem import __version__, registry
-from xentmem.clock import Clock, SystemClock
+from xentmem.clock import Clock, SystemClock, WakeableClock
 from xentmem.daemon import balloon as balloon_mod
 from xentmem.daemon import config as config_mod
 from xentmem.daemon import handlers
@@ -108,7 +108,7 @@ class Application:
         config_path: Path,
         config_missing_ok: bool,
         overrides: Sequence[str] = (),
-        clock: Clock | None = None,
+        clock: WakeableClock | None = None,
         notifier: Notifier | None = None,
         signals: SignalFlags | None = None,
         resolve: Resolve = registry.backend_class,
@@ -118,7 +118,7 @@ class Application:
         self.config_path = config_path
         self.config_missing_ok = config_missing_ok
         self.overrides = tuple(overrides)
-        self.clock = clock or SystemClock()
+        self.clock: WakeableClock = clock or SystemClock()
         self.notifier = notifier or Notifier(None)
         self.signals = signals or SignalFlags()
         self.resolve = resolve
@@ -204,16 +204,21 @@ class Application:
         self.notifier.send("READY=1", f"STATUS={self.daemon.summary_line()}")
 
     def run(self, max_wait_s: float = STATUS_INTERVAL_S) -> None:
-        """The main loop: until SIGTERM/SIGINT (``signals.terminate``)."""
+        """The main loop: until SIGTERM/SIGINT (``signals.terminate_requested``).
+
+        The wait is on the signal flags' self-pipe, so a signal (or another thread asking for
+        something) ends it at once; the pipe is drained before the flags are read, so a
+        request that comes in after that look wakes the next wait.
+        """
         flags = self.signals
-        while not flags.terminate.is_set():
-            self.clock.wait(flags.wake, self.schedule.timeout(max_wait_s))
-            flags.wake.clear()
-            if flags.terminate.is_set():
+        while not flags.terminate_requested:
+            self.clock.wait_readable(flags.fileno(), self.schedule.timeout(max_wait_s))
+            flags.drain()
+            if flags.terminate_requested:
                 break
+            self.schedule.run_due()
             if flags.take_reload():
                 self.reload()
-            self.schedule.run_due()
 
     # -- stop -------------------------------------------------------------------------------------
 

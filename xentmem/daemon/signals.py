@@ -1,34 +1,89 @@
 """Signals become flags the main loop reads: SIGTERM/SIGINT stop, SIGHUP reloads the config.
 
-A handler only sets events (safe at any point of the main thread); the main loop waits on
-``wake`` with a timeout and does the work itself, outside the handler.
+A Python signal handler runs in the main thread, between two bytecodes of whatever the main
+thread was doing, so it must not take any lock: the main thread may hold that very lock at
+that moment (``threading.Event.set`` takes the Event's Condition lock, which the main thread
+holds inside ``Event.wait``; the handler would then wait forever for its own thread, and
+systemd would SIGKILL the daemon with every swap page still in tmem).  So a handler here only
+sets a plain attribute and writes one byte to a non-blocking self-pipe; the main loop waits on
+the pipe's read end (with the schedule's timeout), drains it, and reads the attributes.
+
+Other threads wake the main loop the same way (:meth:`SignalFlags.wake`), e.g. to hand it a
+``config.reload`` that came in over the control socket.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import os
 import signal
-import threading
 from types import FrameType
+
+#: How many signal names :attr:`SignalFlags.received` keeps (a SIGHUP storm must not grow it).
+RECEIVED_KEPT = 64
 
 
 class SignalFlags:
-    """What the signals asked for since the main loop last looked."""
+    """What the signals (and other threads) asked for since the main loop last looked."""
 
     def __init__(self) -> None:
-        self.wake = threading.Event()
-        self.terminate = threading.Event()
-        self.reload = threading.Event()
-        self.received: list[str] = []
+        self._read_fd, self._write_fd = os.pipe()  # not inherited by children (PEP 446)
+        os.set_blocking(self._read_fd, False)
+        os.set_blocking(self._write_fd, False)
+        self._terminate = False
+        self._reload = False
+        #: The last signals received, by name (for logs and tests); appending takes no lock.
+        self.received: collections.deque[str] = collections.deque(maxlen=RECEIVED_KEPT)
+
+    # -- what the main loop reads -----------------------------------------------------------------
+
+    def fileno(self) -> int:
+        """The descriptor the main loop waits on: readable once something asked for it."""
+        return self._read_fd
+
+    @property
+    def terminate_requested(self) -> bool:
+        return self._terminate
+
+    def take_reload(self) -> bool:
+        """True once per reload request (several SIGHUPs before a look count as one)."""
+        if self._reload:
+            self._reload = False
+            return True
+        return False
+
+    def drain(self) -> None:
+        """Empty the pipe (before reading the flags, so a later request wakes the next wait)."""
+        with contextlib.suppress(BlockingIOError, OSError):
+            while os.read(self._read_fd, 4096):
+                pass
+
+    # -- what asks --------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Make the main loop's wait return; safe from a handler and from any thread."""
+        # A full pipe (BlockingIOError) is already readable; a closed one has nobody to wake.
+        with contextlib.suppress(OSError):
+            os.write(self._write_fd, b"\0")
+
+    def request_terminate(self) -> None:
+        self._terminate = True
+        self.wake()
+
+    def request_reload(self) -> None:
+        self._reload = True
+        self.wake()
+
+    # -- handlers ---------------------------------------------------------------------------------
 
     def _on_terminate(self, signum: int, frame: FrameType | None) -> None:
         self.received.append(signal.Signals(signum).name)
-        self.terminate.set()
-        self.wake.set()
+        self.request_terminate()
 
     def _on_reload(self, signum: int, frame: FrameType | None) -> None:
         self.received.append(signal.Signals(signum).name)
-        self.reload.set()
-        self.wake.set()
+        self.request_reload()
 
     def install(self) -> None:
         """Take SIGTERM, SIGINT and SIGHUP (main thread only)."""
@@ -36,9 +91,12 @@ class SignalFlags:
         signal.signal(signal.SIGINT, self._on_terminate)
         signal.signal(signal.SIGHUP, self._on_reload)
 
-    def take_reload(self) -> bool:
-        """True once per reload request."""
-        if self.reload.is_set():
-            self.reload.clear()
-            return True
-        return False
+    def close(self) -> None:
+        """Close the pipe (after the main loop ended and the handlers are no longer needed)."""
+        # Forget the numbers first: a late handler must never write into a reused descriptor.
+        fds = (self._read_fd, self._write_fd)
+        self._read_fd = self._write_fd = -1
+        for fd in fds:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)

@@ -33,6 +33,7 @@ from xentmem.daemon.choice import Resolve
 from xentmem.daemon.config import DEFAULT_CONFIG, Config, ConfigSchema
 from xentmem.daemon.core import Daemon
 from xentmem.daemon.logs import set_level, setup_logging
+from xentmem.daemon.mainthread import DaemonBusy, MainThreadCalls, NotNow
 from xentmem.daemon.notify import Notifier
 from xentmem.daemon.server import ControlServer, ServerError
 from xentmem.daemon.signals import SignalFlags
@@ -48,6 +49,11 @@ EX_USAGE = 2
 EX_CONFIG = 78  # sysexits.h: the unit can say RestartPreventExitStatus=78
 #: How often the STATUS= line (and the debug log line) is refreshed.
 STATUS_INTERVAL_S = 60.0
+#: How long a client's ``config.reload`` waits for the main thread to start it (and as long
+#: again to finish): below the CLI's default 10 s, so the client hears "busy", not a timeout.
+RELOAD_WAIT_S = 4.0
+#: While a reload waits for the configuration lock, the main loop looks again this often.
+RETRY_S = 0.25
 
 
 @dataclass
@@ -113,6 +119,7 @@ class Application:
         signals: SignalFlags | None = None,
         resolve: Resolve = registry.backend_class,
         make_balloon: Callable[..., Any] = balloon_mod.make_balloon,
+        reload_wait_s: float = RELOAD_WAIT_S,
     ) -> None:
         self.roots = roots
         self.config_path = config_path
@@ -126,6 +133,10 @@ class Application:
         self.schedule = Schedule(self.clock)
         self.daemon: Daemon | None = None
         self.server: ControlServer | None = None
+        #: Calls other threads hand to the main thread (a client's config.reload).
+        self.calls = MainThreadCalls(self.signals.wake)
+        self.reload_wait_s = reload_wait_s
+        self._sighup_pending = False
 
     # -- start ------------------------------------------------------------------------------------
 
@@ -149,6 +160,9 @@ class Application:
             config_missing_ok=self.config_missing_ok, resolve=self.resolve,
             on_settings=self.apply_settings,
         )
+        # A client's config.reload runs here, on the main thread, which owns the schedule
+        # and the daemon settings a reload changes.
+        self.daemon.reload_runner = self._reload_for_client
         self.roots.run.mkdir(mode=0o755, parents=True, exist_ok=True)
         self.daemon.load()
         daemon = self.daemon
@@ -194,14 +208,45 @@ class Application:
         if target:
             write_textfile(Path(target), self.daemon.metrics_text())
 
-    def reload(self) -> None:
+    def reload(self, *, lock_wait_s: float | None = None) -> dict[str, Any]:
+        """Re-read the config now (main thread); RELOADING=1 ... READY=1 around it.
+
+        :class:`DaemonBusy` (nothing done, nothing sent) if the configuration lock is not
+        free within ``lock_wait_s``; a refused file raises its ConfigError after READY=1.
+        """
         assert self.daemon is not None
-        self.notifier.reloading()
+        daemon = self.daemon
+        with daemon.holding_config(lock_wait_s):
+            self.notifier.reloading()
+            try:
+                return daemon.reload_config()
+            finally:
+                self.notifier.send("READY=1", f"STATUS={daemon.summary_line()}")
+
+    def _reload_for_client(self) -> dict[str, Any]:
+        """A client's ``config.reload``: handed to the main thread, with a bounded wait."""
+        return self.calls.call(self._reload_on_main_thread, self.reload_wait_s,
+                               what="config.reload")
+
+    def _reload_on_main_thread(self) -> dict[str, Any]:
         try:
-            self.daemon.reload_config()
+            return self.reload(lock_wait_s=0)
+        except DaemonBusy:
+            raise NotNow from None
+
+    def _reload_after_sighup(self) -> None:
+        """SIGHUP: reload when the configuration lock is free; a refused file is logged."""
+        try:
+            self.reload(lock_wait_s=0)
+        except DaemonBusy:
+            if not self._sighup_pending:
+                log.info("SIGHUP: a load, unload or param change is running; the reload "
+                         "follows when it is done")
+            self._sighup_pending = True
+            return
         except (ConfigError, XentmemError) as exc:
             log.error("config reload refused, the old config stays in force: %s", exc)
-        self.notifier.send("READY=1", f"STATUS={self.daemon.summary_line()}")
+        self._sighup_pending = False
 
     def run(self, max_wait_s: float = STATUS_INTERVAL_S) -> None:
         """The main loop: until SIGTERM/SIGINT (``signals.terminate_requested``).
@@ -212,13 +257,17 @@ class Application:
         """
         flags = self.signals
         while not flags.terminate_requested:
-            self.clock.wait_readable(flags.fileno(), self.schedule.timeout(max_wait_s))
+            timeout = self.schedule.timeout(max_wait_s)
+            if self._sighup_pending or self.calls.pending():
+                timeout = min(timeout, RETRY_S)
+            self.clock.wait_readable(flags.fileno(), timeout)
             flags.drain()
             if flags.terminate_requested:
                 break
             self.schedule.run_due()
-            if flags.take_reload():
-                self.reload()
+            if flags.take_reload() or self._sighup_pending:
+                self._reload_after_sighup()
+            self.calls.run_ready()
 
     # -- stop -------------------------------------------------------------------------------------
 

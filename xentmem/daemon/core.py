@@ -11,11 +11,12 @@ their own locks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,6 +33,7 @@ from xentmem.daemon.config import (
 from xentmem.daemon.config import (
     load as load_config,
 )
+from xentmem.daemon.mainthread import DaemonBusy
 from xentmem.daemon.swap import SwapAreas
 from xentmem.errors import (
     BackendError,
@@ -95,6 +97,9 @@ class Daemon:
         self._lock = threading.RLock()
         self._work = threading.Condition()
         self._in_flight = 0
+        #: How a ``config.reload`` from a client runs: None here (in this thread); the
+        #: application hands it to its main thread, which owns the schedule it changes.
+        self.reload_runner: Callable[[], dict[str, Any]] | None = None
 
     # -- schema -----------------------------------------------------------------------------------
 
@@ -298,42 +303,65 @@ class Daemon:
 
     # -- configuration ----------------------------------------------------------------------------
 
-    def reload_config(self) -> dict[str, Any]:
+    def reload_from_client(self) -> dict[str, Any]:
+        """``config.reload`` over the socket: through :attr:`reload_runner` when there is one."""
+        if self.reload_runner is not None:
+            return self.reload_runner()
+        return self.reload_config()
+
+    def reload_config(self, *, lock_wait_s: float | None = None) -> dict[str, Any]:
         """Re-read the config; apply what may change now, name what needs an unload/load.
 
         The new file is checked whole first (ConfigError: nothing changes).  What changed in
         the file since it was last read is applied: run-time-writable backend params, knobs and
         the daemon's own settings.  Values set over the socket for keys the file did not
         change are kept.  If applying a backend param fails, those applied are rolled back.
+
+        ``lock_wait_s`` bounds the wait for the configuration lock (an unload may hold it
+        for minutes); :class:`DaemonBusy` if it is not free by then.  None waits.
         """
-        with self._lock:
-            if self.config_path is None:
-                raise ConfigError("the daemon was started without a config file path")
-            new = load_config(self.config_path, self.schema(), self.overrides,
-                              missing_ok=self.config_missing_ok)
-            old = self.config
-            applied: list[str] = []
-            needs_reload: list[str] = []
-            if new.backend != old.backend:
-                needs_reload.append("daemon.backend")
-            self._apply_backend_changes(old, new, applied, needs_reload)
-            knob_changes = _changed(old.knobs, new.knobs, self.balloon.knob_params)
-            if knob_changes:
-                self.balloon.update_knobs(knob_changes)
-                applied.extend(f"selfballoon.{k}" for k in knob_changes)
-            settings = {k for k in DAEMON_PARAMS if k != "backend"
-                        and old.daemon.get(k) != new.daemon.get(k)}
-            self.config = new
-            if settings and self.on_settings is not None:
-                self.on_settings(new.daemon)
-            applied.extend(f"daemon.{k}" for k in sorted(settings))
-            for key in needs_reload:
-                log.warning("config: %s changed; it takes effect at the next load "
-                            "(xentmem unload && xentmem load)", key)
-            log.info("config reloaded from %s: %s", self.config_path,
-                     ", ".join(applied) if applied else "nothing to apply")
-            return {"config": str(self.config_path), "applied": applied,
-                    "needs_reload": needs_reload}
+        with self.holding_config(lock_wait_s):
+            return self._reload_config_locked()
+
+    @contextlib.contextmanager
+    def holding_config(self, wait_s: float | None = None) -> Iterator[None]:
+        """Hold the configuration lock (load, unload, params, reload take it); a wait of
+        ``wait_s`` at most (None: as long as it takes), else :class:`DaemonBusy`."""
+        if not self._lock.acquire(timeout=-1 if wait_s is None else wait_s):
+            raise DaemonBusy("the configuration is held by a load, unload or param change")
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _reload_config_locked(self) -> dict[str, Any]:
+        if self.config_path is None:
+            raise ConfigError("the daemon was started without a config file path")
+        new = load_config(self.config_path, self.schema(), self.overrides,
+                          missing_ok=self.config_missing_ok)
+        old = self.config
+        applied: list[str] = []
+        needs_reload: list[str] = []
+        if new.backend != old.backend:
+            needs_reload.append("daemon.backend")
+        self._apply_backend_changes(old, new, applied, needs_reload)
+        knob_changes = _changed(old.knobs, new.knobs, self.balloon.knob_params)
+        if knob_changes:
+            self.balloon.update_knobs(knob_changes)
+            applied.extend(f"selfballoon.{k}" for k in knob_changes)
+        settings = {k for k in DAEMON_PARAMS if k != "backend"
+                    and old.daemon.get(k) != new.daemon.get(k)}
+        self.config = new
+        if settings and self.on_settings is not None:
+            self.on_settings(new.daemon)
+        applied.extend(f"daemon.{k}" for k in sorted(settings))
+        for key in needs_reload:
+            log.warning("config: %s changed; it takes effect at the next load "
+                        "(xentmem unload && xentmem load)", key)
+        log.info("config reloaded from %s: %s", self.config_path,
+                 ", ".join(applied) if applied else "nothing to apply")
+        return {"config": str(self.config_path), "applied": applied,
+                "needs_reload": needs_reload}
 
     def _apply_backend_changes(self, old: Config, new: Config, applied: list[str],
                                needs_reload: list[str]) -> None:

@@ -18,6 +18,7 @@ from xentmem.abi import Oid, PoolUuid
 from xentmem.control import protocol
 from xentmem.control.protocol import ControlError, Request, encode_bytes
 from xentmem.daemon.core import Daemon, UnknownName
+from xentmem.daemon.mainthread import DaemonBusy
 from xentmem.errors import (
     AbiError,
     BackendError,
@@ -138,7 +139,7 @@ HANDLERS: dict[str, Handler] = {
     "balloon": lambda d, a: d.balloon.status(limit=a.get("limit", 20)),
     "metrics": lambda d, a: {"content_type": protocol.METRICS_CONTENT_TYPE,
                              "text": d.metrics_text()},
-    "config.reload": lambda d, a: d.reload_config(),
+    "config.reload": lambda d, a: d.reload_from_client(),
     "cleancache.init_fs": lambda d, a: {"pool_id": d.shim.cleancache.init_fs()},
     "cleancache.init_shared_fs": _cc_init_shared,
     "cleancache.put_page": _cc_put,
@@ -167,6 +168,8 @@ def error_for(exc: BaseException, op: str) -> ControlError:
         return exc
     if isinstance(exc, UnknownName):
         return ControlError(protocol.NOT_FOUND, str(exc))
+    if isinstance(exc, DaemonBusy):
+        return ControlError(protocol.BUSY, str(exc))
     if isinstance(exc, UnloadRefused):
         return ControlError(protocol.UNLOAD_REFUSED, str(exc))
     if isinstance(exc, (UnknownBackend, UnknownParam)):

@@ -1,0 +1,133 @@
+"""The main loop owns its schedule and the daemon's settings: a client's ``config.reload``
+runs there (handed over with a bounded wait), and nothing the loop does waits for a lock a
+long socket operation holds, so the WATCHDOG ping keeps coming."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from xentmem.clock import FakeClock, readable_within
+from xentmem.control import ControlClient, ControlError, protocol
+from xentmem.daemon.app import Application
+from xentmem.daemon.notify import Notifier
+from xentmem.daemon.signals import SignalFlags
+from xentmem.roots import Roots
+
+#: The longest real wait of any step here; a broken test fails instead of hanging.
+REAL_WAIT_S = 5.0
+
+
+class WakeableFakeClock(FakeClock):
+    """Simulated time, but the main loop's wait on its pipe is real (bounded), so another
+    thread can hand the loop work while it runs."""
+
+    def wait_readable(self, fd: int, timeout: float) -> bool:
+        if readable_within(fd, min(timeout, REAL_WAIT_S)):
+            return True
+        self.waits.append(timeout)
+        self.now += timeout
+        return False
+
+
+class RecordingNotifier(Notifier):
+    def __init__(self, watchdog_usec: int | None = None) -> None:
+        super().__init__(None, watchdog_usec)
+        self.sent: list[tuple[str, ...]] = []
+
+    def send(self, *lines: str) -> bool:
+        self.sent.append(lines)
+        return True
+
+
+BASE_CONFIG = "options tmem selfballooning=0 selfshrinking=0\n"
+
+
+@pytest.fixture
+def app(tmp_path: Path, fake_root: Path) -> Iterator[Application]:
+    config = tmp_path / "xentmem.conf"
+    config.write_text(BASE_CONFIG)
+    made = Application(roots=Roots(root=fake_root, run_dir=tmp_path / "run"),
+                       config_path=config, config_missing_ok=False, clock=WakeableFakeClock(),
+                       notifier=RecordingNotifier(), signals=SignalFlags(), reload_wait_s=0.3)
+    yield made
+    made.shutdown()
+    made.signals.close()
+
+
+def run_with_client(app: Application, client_work: Any) -> dict[str, Any]:
+    """Run the main loop here while ``client_work(client)`` runs on another thread; the
+    loop ends when the client is done.  The client's result or ControlError comes back."""
+    outcome: dict[str, Any] = {}
+
+    def client() -> None:
+        try:
+            with ControlClient(app.roots.run / "control.sock", timeout=REAL_WAIT_S) as c:
+                outcome["result"] = client_work(c)
+        except ControlError as exc:
+            outcome["error"] = exc
+        finally:
+            app.signals.request_terminate()
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    app.run()
+    thread.join(REAL_WAIT_S)
+    assert not thread.is_alive()
+    return outcome
+
+
+def test_a_client_reload_runs_on_the_main_thread(app: Application, tmp_path: Path) -> None:
+    ran_on: list[threading.Thread] = []
+    apply_settings = app.apply_settings
+
+    def recording(settings: Any) -> None:
+        ran_on.append(threading.current_thread())
+        apply_settings(settings)
+
+    app.apply_settings = recording  # type: ignore[method-assign]  # what start() hands on
+    app.start()
+    assert "metrics" not in app.schedule.names()
+    textfile = tmp_path / "xentmem.prom"
+    app.config_path.write_text(BASE_CONFIG + f"options xentmemd metrics_textfile={textfile}\n")
+
+    outcome = run_with_client(app, lambda c: c.reload())
+
+    assert outcome["result"]["applied"] == ["daemon.metrics_textfile"]
+    assert ran_on == [threading.main_thread()]  # the schedule changed where it is read
+    assert "metrics" in app.schedule.names()
+    assert ("RELOADING=1", "STATUS=reloading the configuration") in app.notifier.sent
+
+
+def test_a_client_reload_while_the_configuration_is_held_is_busy_and_changes_nothing(
+        app: Application, tmp_path: Path) -> None:
+    app.start()
+    assert app.daemon is not None
+    app.config_path.write_text(BASE_CONFIG + f"options xentmemd metrics_textfile="
+                                             f"{tmp_path / 'x.prom'}\n")
+    held, release = threading.Event(), threading.Event()
+
+    def long_operation() -> None:  # as an unload repatriating for minutes would
+        assert app.daemon is not None
+        with app.daemon.holding_config():
+            held.set()
+            release.wait(REAL_WAIT_S)
+
+    holder = threading.Thread(target=long_operation)
+    holder.start()
+    try:
+        assert held.wait(REAL_WAIT_S)
+        outcome = run_with_client(app, lambda c: c.reload())
+    finally:
+        release.set()
+        holder.join(REAL_WAIT_S)
+    error = outcome["error"]
+    assert error.code == protocol.BUSY
+    assert "it was not run" in error.message
+    assert "metrics" not in app.schedule.names()
+    assert app.daemon.config.daemon["metrics_textfile"] == ""
+    assert not app.calls.pending()  # dropped: it will not run behind the client's back

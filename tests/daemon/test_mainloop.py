@@ -7,10 +7,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
+from fakes.recording_backend import RecordingBackend
 
+from xentmem.abi import Oid, PoolFlags
+from xentmem.backend import GetResult
 from xentmem.clock import FakeClock, readable_within
 from xentmem.control import ControlClient, ControlError, protocol
 from xentmem.daemon.app import Application
@@ -131,3 +134,75 @@ def test_a_client_reload_while_the_configuration_is_held_is_busy_and_changes_not
     assert "metrics" not in app.schedule.names()
     assert app.daemon.config.daemon["metrics_textfile"] == ""
     assert not app.calls.pending()  # dropped: it will not run behind the client's back
+
+
+class GatedBackend(RecordingBackend):
+    """Repatriation gets wait at a gate: an unload that takes as long as the test says."""
+
+    name: ClassVar[str] = "gated"
+    gate = threading.Event()
+    entered = threading.Event()
+
+    def get_page(self, pool_id: int, oid: Oid, index: int) -> GetResult:
+        if PoolFlags.decode(self.pool_flags.get(pool_id, 0)).persistent:
+            type(self).entered.set()
+            type(self).gate.wait(REAL_WAIT_S)
+        return super().get_page(pool_id, oid, index)
+
+
+def test_the_watchdog_keeps_pinging_while_an_unload_holds_every_lock(tmp_path: Path,
+                                                                     fake_root: Path) -> None:
+    GatedBackend.gate.clear()
+    GatedBackend.entered.clear()
+    config = tmp_path / "xentmem.conf"
+    config.write_text(BASE_CONFIG + "options xentmemd backend=gated metrics_interval=15 "
+                      f"metrics_textfile={tmp_path / 'x.prom'}\n")
+    notifier = RecordingNotifier(watchdog_usec=20_000_000)
+    app = Application(roots=Roots(root=fake_root, run_dir=tmp_path / "run"), config_path=config,
+                      config_missing_ok=False, clock=FakeClock(0.0), notifier=notifier,
+                      signals=SignalFlags(), resolve={"gated": GatedBackend}.__getitem__)
+    unloaded: list[dict[str, Any]] = []
+    unloader = threading.Thread(target=lambda: unloaded.append(app.daemon.unload()))  # type: ignore[union-attr]
+    try:
+        app.start()
+        assert app.daemon is not None
+        swap_type = app.daemon.swap.create(16)["type"]
+        for offset in range(4):
+            assert app.daemon.shim.frontswap.store(swap_type, offset, bytes([offset]) * 4096) == 0
+        unloader.start()  # a client's backend.unload, stuck repatriating
+        assert GatedBackend.entered.wait(REAL_WAIT_S)
+        app.signals.request_reload()  # a SIGHUP while it runs
+
+        while_stuck: list[bool] = []
+
+        def ping() -> None:
+            while_stuck.append(unloader.is_alive() and not GatedBackend.gate.is_set())
+            if len(while_stuck) == 12:  # 120 s of pings: four times WatchdogSec
+                app.signals.request_terminate()
+
+        app.schedule.every("watchdog", 10.0, ping, first=True)
+        app.run()
+
+        assert while_stuck == [True] * 12
+        assert ("RELOADING=1", "STATUS=reloading the configuration") not in notifier.sent
+    finally:
+        GatedBackend.gate.set()
+        if unloader.is_alive() or unloader.ident is not None:
+            unloader.join(REAL_WAIT_S)
+        app.shutdown()
+        app.signals.close()
+    assert unloaded and unloaded[0]["repatriated"] == 4
+
+
+def test_watchdog_runs_before_the_other_due_tasks() -> None:
+    from xentmem.daemon.app import Schedule
+
+    clock = FakeClock(0.0)
+    schedule = Schedule(clock)
+    ran: list[str] = []
+    schedule.every("metrics", 5.0, lambda: ran.append("metrics"))
+    schedule.every("status", 5.0, lambda: ran.append("status"))
+    schedule.every("watchdog", 5.0, lambda: ran.append("watchdog"), first=True)
+    clock.advance(5.0)
+    assert schedule.run_due() == ["watchdog", "metrics", "status"]
+    assert ran == ["watchdog", "metrics", "status"]

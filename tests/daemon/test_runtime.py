@@ -160,6 +160,8 @@ def test_main_loop_pings_the_watchdog_writes_metrics_and_reloads(tmp_path: Path,
         app.run()
         assert pings == 7
         assert clock.now == pytest.approx(70.0)
+        # The textfile and the STATUS line are written off the main thread: wait for them.
+        assert app.metrics_task.join(10.0) and app.status_task.join(10.0)
         assert "xentmem_backend_loaded" in textfile.read_text()
         assert ("RELOADING=1", "STATUS=reloading the configuration") in notifier.sent
         assert any(lines[0].startswith("STATUS=backend zcache") for lines in notifier.sent)

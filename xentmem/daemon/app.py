@@ -6,7 +6,11 @@ the backend (the loops start lazily with it), open the control socket, tell syst
 
 Run: the main thread waits on the signal flags' self-pipe with a timeout and does what is
 due: a WATCHDOG ping (always first), the metrics textfile, a STATUS line; SIGHUP reloads the
-config (a bad file is logged and the old config kept).
+config (a bad file is logged and the old config kept).  The main thread never waits for a
+lock a long socket operation may hold (an unload repatriating for minutes holds the
+frontends' and the configuration's): the textfile and the STATUS line are computed on
+threads of their own, and a reload waits, deferred, until the configuration lock is free,
+so the WATCHDOG ping keeps coming.
 
 Stop (SIGTERM/SIGINT): STOPPING=1, then in order the balloon loops, the backend (unloaded with
 its swap pages repatriated to their backing stores, which are saved), then the sockets.  The
@@ -19,6 +23,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,36 +69,52 @@ class Task:
     interval_s: float
     action: Callable[[], None]
     due: float = 0.0
+    #: Run before the other due tasks (the WATCHDOG ping).
+    first: bool = False
 
 
 class Schedule:
-    """The main loop's timetable, on an injected clock."""
+    """The main loop's timetable, on an injected clock.
+
+    Only the main thread changes it in the daemon; a lock keeps it consistent anyway, and
+    every look iterates over a copy.
+    """
 
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
         self._tasks: dict[str, Task] = {}
+        self._lock = threading.Lock()
 
-    def every(self, name: str, interval_s: float | None, action: Callable[[], None]) -> None:
-        """Add, replace or (with ``None``) remove a task."""
-        if interval_s is None or interval_s <= 0:
-            self._tasks.pop(name, None)
-            return
-        self._tasks[name] = Task(name, interval_s, action, self._clock.monotonic() + interval_s)
+    def every(self, name: str, interval_s: float | None, action: Callable[[], None], *,
+              first: bool = False) -> None:
+        """Add, replace or (with ``None``) remove a task; ``first`` runs before the others."""
+        with self._lock:
+            if interval_s is None or interval_s <= 0:
+                self._tasks.pop(name, None)
+                return
+            self._tasks[name] = Task(name, interval_s, action,
+                                     self._clock.monotonic() + interval_s, first)
 
     def names(self) -> list[str]:
-        return sorted(self._tasks)
+        with self._lock:
+            return sorted(self._tasks)
+
+    def _snapshot(self) -> list[Task]:
+        with self._lock:
+            return sorted(self._tasks.values(), key=lambda t: not t.first)
 
     def timeout(self, ceiling_s: float) -> float:
         """Seconds until the next task is due (at most ``ceiling_s``)."""
         now = self._clock.monotonic()
-        nearest = min((t.due for t in self._tasks.values()), default=now + ceiling_s)
+        nearest = min((t.due for t in self._snapshot()), default=now + ceiling_s)
         return max(0.0, min(ceiling_s, nearest - now))
 
     def run_due(self) -> list[str]:
-        """Run every task that is due; a failing task is logged and stays scheduled."""
+        """Run every task that is due, ``first`` ones first; a failing task is logged and
+        stays scheduled."""
         now = self._clock.monotonic()
         ran = []
-        for task in list(self._tasks.values()):
+        for task in self._snapshot():
             if now + 1e-9 >= task.due:
                 task.due = now + task.interval_s
                 try:
@@ -102,6 +123,54 @@ class Schedule:
                     log.exception("main loop task %s failed", task.name)
                 ran.append(task.name)
         return ran
+
+
+class OffMainThread:
+    """Runs an action on a thread of its own, one run at a time, so the main loop never
+    waits for it: a run that is still going when the next is due makes that one a skip.
+
+    The metrics textfile and the STATUS line read figures behind the frontends' locks, which
+    an unload holds while it repatriates; on the main thread they would stall the WATCHDOG
+    ping until systemd killed the daemon mid-repatriation.
+    """
+
+    def __init__(self, name: str, action: Callable[[], None]) -> None:
+        self.name = name
+        self._action = action
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.skipped = 0
+
+    def __call__(self) -> None:
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                self.skipped += 1
+                if self.skipped == 1:
+                    log.warning("%s: the previous run has not finished (a long unload or "
+                                "shrink holds the figures); skipping until it has", self.name)
+                return
+            if self.skipped:
+                log.info("%s: running again after %d skipped", self.name, self.skipped)
+                self.skipped = 0
+            thread = threading.Thread(target=self._run, name=f"xentmem-{self.name}",
+                                      daemon=True)
+            self._thread = thread
+        thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._action()
+        except Exception:
+            log.exception("main loop task %s failed", self.name)
+
+    def join(self, timeout_s: float) -> bool:
+        """Wait for a run in progress; True if none is left."""
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout_s)
+            return not thread.is_alive()
+        return True
 
 
 class Application:
@@ -137,6 +206,12 @@ class Application:
         self.calls = MainThreadCalls(self.signals.wake)
         self.reload_wait_s = reload_wait_s
         self._sighup_pending = False
+        self.status_task = OffMainThread("status", self._status)
+        self.metrics_task = OffMainThread("metrics", self.write_metrics)
+        #: Set at shutdown, under ``_metrics_lock``: a periodic write still in flight must
+        #: not land after the final one.
+        self._metrics_lock = threading.Lock()
+        self._metrics_final = False
 
     # -- start ------------------------------------------------------------------------------------
 
@@ -178,11 +253,12 @@ class Application:
         log.info("ready: %s", self.daemon.summary_line())
 
     def _schedule_tasks(self, settings: Mapping[str, Any]) -> None:
-        self.schedule.every("watchdog", self.notifier.watchdog_interval_s, self.notifier.watchdog)
-        self.schedule.every("status", STATUS_INTERVAL_S, self._status)
+        self.schedule.every("watchdog", self.notifier.watchdog_interval_s, self.notifier.watchdog,
+                            first=True)
+        self.schedule.every("status", STATUS_INTERVAL_S, self.status_task)
         textfile = settings["metrics_textfile"]
         self.schedule.every("metrics", settings["metrics_interval"] if textfile else None,
-                            self.write_metrics)
+                            self.metrics_task)
 
     def apply_settings(self, settings: Mapping[str, Any]) -> None:
         """The daemon's own settings after a reload: log level, socket access, metrics."""
@@ -202,11 +278,18 @@ class Application:
         self.notifier.status(line)
         log.debug("status: %s", line)
 
-    def write_metrics(self) -> None:
+    def write_metrics(self, *, final: bool = False) -> None:
+        """Write the textfile (if one is configured); after the final write, no other."""
         assert self.daemon is not None
         target = self.daemon.config.daemon["metrics_textfile"]
-        if target:
-            write_textfile(Path(target), self.daemon.metrics_text())
+        if not target:
+            return
+        text = self.daemon.metrics_text()
+        with self._metrics_lock:
+            if self._metrics_final:
+                return
+            self._metrics_final = final
+            write_textfile(Path(target), text)
 
     def reload(self, *, lock_wait_s: float | None = None) -> dict[str, Any]:
         """Re-read the config now (main thread); RELOADING=1 ... READY=1 around it.
@@ -281,7 +364,7 @@ class Application:
                 status = EX_FAILURE
             if self.daemon.config.daemon["metrics_textfile"]:
                 try:
-                    self.write_metrics()
+                    self.write_metrics(final=True)
                 except OSError as exc:
                     log.error("metrics textfile: %s", exc)
         if self.server is not None:

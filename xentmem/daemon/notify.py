@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,9 @@ class Notifier:
         self.watchdog_usec = watchdog_usec
         self._sock: socket.socket | None = None
         self._warned = False
+        #: The main loop pings from its thread, the STATUS line comes from another.  A send
+        #: waits at most the socket's 1 s timeout, so this lock is never held for long.
+        self._lock = threading.Lock()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, pid: int | None = None) -> Notifier:
@@ -59,17 +63,18 @@ class Notifier:
         if self._address is None:
             return False
         payload = "\n".join(lines).encode("utf-8")
-        try:
-            if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                self._sock.settimeout(1.0)
-            self._sock.sendto(payload, self._target())
-            return True
-        except OSError as exc:
-            if not self._warned:
-                log.warning("sd_notify to %s failed: %s", self._address, exc)
-                self._warned = True
-            return False
+        with self._lock:
+            try:
+                if self._sock is None:
+                    self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                    self._sock.settimeout(1.0)
+                self._sock.sendto(payload, self._target())
+                return True
+            except OSError as exc:
+                if not self._warned:
+                    log.warning("sd_notify to %s failed: %s", self._address, exc)
+                    self._warned = True
+                return False
 
     def ready(self, status: str) -> bool:
         return self.send("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
@@ -87,6 +92,7 @@ class Notifier:
         return self.send("STOPPING=1", f"STATUS={status}")
 
     def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None

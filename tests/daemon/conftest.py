@@ -194,12 +194,17 @@ class DaemonProcess:
 
 @pytest.fixture
 def start_daemon(tmp_path: Path) -> Iterator[Any]:
-    """``start_daemon(root, config=None, *args)``: a started (READY) daemon, stopped at teardown."""
+    """``start_daemon(root, config=None, *args)``: a started (READY) daemon, stopped at teardown.
+
+    ``base`` (default: the test's tmp_path) holds its run dir, log and notify socket; a
+    second daemon needs its own."""
     started: list[DaemonProcess] = []
 
-    def start(root: Path, config: Path | None = None, *args: str,
-              wait: bool = True, env: dict[str, str] | None = None) -> DaemonProcess:
-        process = DaemonProcess(tmp_path, root, config, args, env)
+    def start(root: Path, config: Path | None = None, *args: str, wait: bool = True,
+              env: dict[str, str] | None = None, base: Path | None = None) -> DaemonProcess:
+        if base is not None:
+            base.mkdir(parents=True, exist_ok=True)
+        process = DaemonProcess(base or tmp_path, root, config, args, env)
         started.append(process)
         if wait:
             process.wait_ready()

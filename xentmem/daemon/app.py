@@ -1,8 +1,10 @@
 """``xentmemd``: the composition root and the main loop.
 
 Start: read and check the config (a bad one exits with status 78, EX_CONFIG, naming file,
-line and key), build the shim with the self-balloon service as its listener, choose and load
-the backend (the loops start lazily with it), open the control socket, tell systemd READY.
+line and key), take the run directory's lock (another live daemon there: exit, touching
+nothing of its own), build the shim with the self-balloon service as its listener, choose and
+load the backend (the loops start lazily with it), open the control socket, tell systemd
+READY.
 
 Run: the main thread waits on the signal flags' self-pipe with a timeout and does what is
 due: a WATCHDOG ping (always first), the metrics textfile, a STATUS line; SIGHUP reloads the
@@ -40,6 +42,7 @@ from xentmem.daemon.core import Daemon
 from xentmem.daemon.logs import set_level, setup_logging
 from xentmem.daemon.mainthread import DaemonBusy, MainThreadCalls, NotNow
 from xentmem.daemon.notify import Notifier
+from xentmem.daemon.rundir import RunDirLock
 from xentmem.daemon.server import ControlServer, ServerError
 from xentmem.daemon.signals import SignalFlags
 from xentmem.errors import ConfigError, XentmemError
@@ -202,6 +205,7 @@ class Application:
         self.schedule = Schedule(self.clock)
         self.daemon: Daemon | None = None
         self.server: ControlServer | None = None
+        self.run_lock = RunDirLock(roots.run)
         #: Calls other threads hand to the main thread (a client's config.reload).
         self.calls = MainThreadCalls(self.signals.wake)
         self.reload_wait_s = reload_wait_s
@@ -228,6 +232,8 @@ class Application:
         log.info("xentmemd %s starting: config %s, root %s, run dir %s", __version__,
                  config.path or f"{self.config_path} (absent: defaults)", self.roots.root,
                  self.roots.run)
+        # Before the backend, the socket or any file: a second daemon stops here (RunDirBusy).
+        self.run_lock.acquire()
         balloon = self._make_balloon(self.roots, self.clock, config.knobs)
         self.daemon = Daemon(
             roots=self.roots, clock=self.clock, config=config, balloon=balloon,
@@ -238,7 +244,6 @@ class Application:
         # A client's config.reload runs here, on the main thread, which owns the schedule
         # and the daemon settings a reload changes.
         self.daemon.reload_runner = self._reload_for_client
-        self.roots.run.mkdir(mode=0o755, parents=True, exist_ok=True)
         self.daemon.load()
         daemon = self.daemon
         self.server = ControlServer(
@@ -355,7 +360,14 @@ class Application:
     # -- stop -------------------------------------------------------------------------------------
 
     def shutdown(self) -> int:
-        """Loops, backend (repatriating), then sockets; the exit status."""
+        """Loops, backend (repatriating), then sockets; the exit status.
+
+        A start that failed before this process owned the run directory has nothing to
+        stop: the directory, its socket and its shutdown record belong to another daemon.
+        """
+        if not self.run_lock.held:
+            self.notifier.close()
+            return EX_FAILURE
         self.notifier.stopping("stopping: repatriating swap pages")
         status = EX_OK
         if self.daemon is not None:
@@ -370,6 +382,7 @@ class Application:
         if self.server is not None:
             self.server.stop()
         self.notifier.close()
+        self.run_lock.release()
         log.info("xentmemd stopped")
         return status
 
@@ -453,6 +466,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {key} = {shown!r} (from {where})")
         return EX_OK
     app.signals.install()
+    return serve(app)
+
+
+def serve(app: Application) -> int:
+    """Start, run until told to stop, shut down: the exit status.  A failed start cleans up
+    only what this process owns (see :meth:`Application.shutdown`)."""
     try:
         app.start()
     except ConfigError as exc:

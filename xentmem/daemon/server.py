@@ -86,6 +86,9 @@ class ControlServer:
         self._idle_timeout_s = idle_timeout_s
         self._io_timeout_s = io_timeout_s
         self._listener: socket.socket | None = None
+        #: (st_dev, st_ino) of the socket file this server bound: stop() removes that file
+        #: and no other (never the socket of a live daemon it failed to displace).
+        self._bound: tuple[int, int] | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._wake_r, self._wake_w = -1, -1
@@ -105,7 +108,9 @@ class ControlServer:
             listener.bind(str(staging))
             self._set_access(staging)
             listener.listen(16)
+            bound = os.stat(staging)
             os.rename(staging, self.path)
+            self._bound = (bound.st_dev, bound.st_ino)
         except BaseException:
             listener.close()
             raise
@@ -251,5 +256,19 @@ class ControlServer:
             if fd >= 0:
                 os.close(fd)
         self._wake_r = self._wake_w = -1
+        self._remove_own_socket()
+
+    def _remove_own_socket(self) -> None:
+        """Unlink the socket file if it is still the one this server bound."""
+        bound, self._bound = self._bound, None
+        if bound is None:
+            return
+        try:
+            now = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if (now.st_dev, now.st_ino) != bound:
+            log.warning("control socket %s was replaced by another; leaving it", self.path)
+            return
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()

@@ -371,16 +371,24 @@ class Application:
         self.notifier.stopping("stopping: repatriating swap pages")
         status = EX_OK
         if self.daemon is not None:
-            summary = self.daemon.shutdown()
-            if not summary["clean"]:
+            try:
+                if not self.daemon.shutdown()["clean"]:
+                    status = EX_FAILURE
+            except Exception:  # Daemon.shutdown records its own failures; this is a bug
+                log.exception("shutdown of the daemon core failed")
                 status = EX_FAILURE
             if self.daemon.config.daemon["metrics_textfile"]:
                 try:
                     self.write_metrics(final=True)
-                except OSError as exc:
+                except Exception as exc:
                     log.error("metrics textfile: %s", exc)
+        # Whatever failed above, the socket goes and systemd hears the rest.
         if self.server is not None:
-            self.server.stop()
+            try:
+                self.server.stop()
+            except Exception:
+                log.exception("closing the control socket failed")
+                status = EX_FAILURE
         self.notifier.close()
         self.run_lock.release()
         log.info("xentmemd stopped")

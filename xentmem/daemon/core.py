@@ -40,7 +40,6 @@ from xentmem.errors import (
     ConfigError,
     NoBackend,
     ParamError,
-    UnloadRefused,
     XentmemError,
 )
 from xentmem.files import write_atomically
@@ -403,15 +402,36 @@ class Daemon:
         """Stop the loops, unload (repatriating swap pages), save the swap maps; in that order.
 
         Returns (and writes to ``<run_dir>/shutdown.json``) what happened; ``clean`` is False
-        if any swap page could not be brought back from the backend.
+        if any step failed (each is recorded under ``errors``): a swap page that could not be
+        brought back, a map that could not be saved, a record that could not be written.  A
+        failing step never stops the ones after it.
         """
         with self._work:
             self.state = STOPPING
         if not self._drain(DRAIN_TIMEOUT_S):
             log.error("shutdown: requests still running after %.0fs; going on", DRAIN_TIMEOUT_S)
-        summary: dict[str, Any] = {"clean": True, "backend": None, "repatriated": 0}
-        if not self.balloon.stop(LOOP_STOP_TIMEOUT_S):
-            log.error("shutdown: the balloon loop did not stop in time")
+        summary: dict[str, Any] = {"clean": True, "backend": None, "repatriated": 0,
+                                   "errors": []}
+
+        def failed(step: str, exc: BaseException) -> None:
+            summary["clean"] = False
+            summary["errors"].append(f"{step}: {exc}")
+            if isinstance(exc, (XentmemError, OSError)):
+                log.error("shutdown: %s: %s", step, exc)
+            else:
+                log.error("shutdown: %s failed unexpectedly", step, exc_info=exc)
+
+        try:
+            if not self.balloon.stop(LOOP_STOP_TIMEOUT_S):
+                log.error("shutdown: the balloon loop did not stop in time")
+        except Exception as exc:
+            failed("stopping the balloon loop", exc)
+        # The loops stay stopped even if the unload is refused (the shim tells its listeners
+        # the backend is back, which would start them again for nobody to stop).
+        if self.balloon.listener is not None:
+            with contextlib.suppress(ValueError):
+                self.shim.remove_listener(self.balloon.listener)
+        areas: list[dict[str, Any]] = []
         with self._lock:
             backend = self.shim.backend
             if backend is not None:
@@ -420,25 +440,36 @@ class Daemon:
                     result = self.shim.unload()
                     summary["repatriated"] = result["repatriated"]
                     summary["pools_dropped"] = result["pools_dropped"]
-                except UnloadRefused as exc:
-                    summary["clean"] = False
+                except Exception as exc:
                     summary["error"] = str(exc)
-                    log.error("shutdown: %s", exc)
-            summary["frontswap_curr_pages"] = self.shim.frontswap.curr_pages()
-            tmem_pages = {a["type"]: a["tmem_pages"]
-                          for a in self.shim.frontswap.describe()["swap_types"]}
-            areas = self.swap.save_maps()
+                    failed("unload", exc)
+            try:
+                summary["frontswap_curr_pages"] = self.shim.frontswap.curr_pages()
+                tmem_pages = {a["type"]: a["tmem_pages"]
+                              for a in self.shim.frontswap.describe()["swap_types"]}
+            except Exception as exc:
+                failed("reading the swap areas", exc)
+                tmem_pages = {}
+            try:
+                areas = self.swap.save_maps()
+            except Exception as exc:
+                failed("saving the swap maps", exc)
             for area in areas:
                 area["tmem_pages"] = tmem_pages.get(area["type"], 0)
+                if "error" in area:
+                    failed(f"swap area {area['type']}", OSError(area["error"]))
             summary["areas"] = areas
-            self.swap.close()
+            try:
+                self.swap.close()
+            except Exception as exc:
+                failed("closing the swap areas", exc)
         self.state = STOPPED
         try:
             self.roots.run.mkdir(parents=True, exist_ok=True)
             write_atomically(self.roots.run / SHUTDOWN_FILE,
                              json.dumps(summary, indent=2).encode("utf-8"), 0o600)
         except OSError as exc:
-            log.error("shutdown: cannot write %s: %s", SHUTDOWN_FILE, exc)
+            failed(f"writing {SHUTDOWN_FILE}", exc)
         log.info("shutdown: %s, %d swap pages repatriated, %d area(s) saved",
                  "clean" if summary["clean"] else "NOT CLEAN", summary["repatriated"], len(areas))
         return summary

@@ -112,7 +112,11 @@ class SwapAreas:
                 map_path(store.path).unlink(missing_ok=True)
 
     def save_maps(self) -> list[dict[str, Any]]:
-        """Write each file area's slot map (atomically); one summary per area, all kinds."""
+        """Write each file area's slot map (atomically); one summary per area, all kinds.
+
+        An area whose map cannot be written gets an ``error`` in its summary and the others
+        are still saved.
+        """
         summaries = []
         with self._lock:
             for swap_type, store in sorted(self._stores.items()):
@@ -121,8 +125,12 @@ class SwapAreas:
                     document = {"version": MAP_VERSION, "type": swap_type, "pages": store.pages,
                                 "page_size": PAGE_SIZE, "offsets": store.offsets()}
                     target = map_path(store.path)
-                    write_atomically(target, json.dumps(document).encode("utf-8"), 0o600)
-                    summary["map"] = str(target)
+                    try:
+                        write_atomically(target, json.dumps(document).encode("utf-8"), 0o600)
+                    except OSError as exc:
+                        summary["error"] = f"cannot save the map {target}: {exc}"
+                    else:
+                        summary["map"] = str(target)
                 summaries.append(summary)
         return summaries
 

@@ -1,0 +1,78 @@
+"""Shutdown: every step runs even when one before it fails, every failure is recorded
+(``clean`` false, a non-zero exit), and a refused unload does not restart the loops."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from xentmem.clock import FakeClock
+from xentmem.daemon.app import EX_FAILURE, Application
+from xentmem.daemon.notify import Notifier
+from xentmem.daemon.signals import SignalFlags
+from xentmem.daemon.swap import map_path
+from xentmem.roots import Roots
+
+PAGE = b"\x5a" * 4096
+
+
+class ClosingNotifier(Notifier):
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.sent: list[tuple[str, ...]] = []
+        self.closed = False
+
+    def send(self, *lines: str) -> bool:
+        self.sent.append(lines)
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_failing_step_is_recorded_and_the_rest_still_runs(tmp_path: Path,
+                                                            fake_root: Path) -> None:
+    config = tmp_path / "xentmem.conf"
+    config.write_text("options tmem selfballooning=0 selfshrinking=0\n")
+    notifier = ClosingNotifier()
+    app = Application(roots=Roots(root=fake_root, run_dir=tmp_path / "run"), config_path=config,
+                      config_missing_ok=False, clock=FakeClock(0.0), notifier=notifier,
+                      signals=SignalFlags())
+    app.start()
+    assert app.daemon is not None and app.server is not None
+    daemon = app.daemon
+    broken = daemon.swap.create(8, "file")["type"]
+    kept = daemon.swap.create(8, "file")["type"]
+    for swap_type in (broken, kept):
+        assert daemon.shim.frontswap.store(swap_type, 3, PAGE) == 0
+    map_path(daemon.swap.path_of(broken)).mkdir()  # its map cannot be written
+
+    assert app.shutdown() == EX_FAILURE
+
+    record = json.loads((tmp_path / "run" / "shutdown.json").read_text())
+    assert record["clean"] is False
+    assert record["repatriated"] == 2  # the unload itself went through
+    assert any(e.startswith(f"swap area {broken}: cannot save the map") for e in record["errors"])
+    assert map_path(daemon.swap.path_of(kept)).exists()  # the next area was still saved
+    assert not app.server.path.exists()  # the socket still went
+    assert notifier.closed and notifier.sent[-1][0] == "STOPPING=1"
+    app.signals.close()
+
+
+def test_a_refused_unload_at_shutdown_does_not_restart_the_loops(make_daemon: Any) -> None:
+    daemon = make_daemon(None)  # the real balloon service, flags on
+    daemon.load("recording")
+    assert daemon.balloon.status()["running"] is True
+    swap_type = daemon.swap.create(8)["type"]
+    assert daemon.shim.frontswap.store(swap_type, 1, PAGE) == 0
+    assert daemon.shim.backend is not None
+    daemon.shim.backend.fail_gets = True  # the page cannot come back: unload refused
+
+    summary = daemon.shutdown()
+
+    assert summary["clean"] is False
+    assert any(e.startswith("unload: ") for e in summary["errors"])
+    assert summary["frontswap_curr_pages"] == 1
+    status = daemon.balloon.status()
+    assert status["running"] is False, "the refused unload restarted the balloon loop"

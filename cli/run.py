@@ -52,11 +52,20 @@ def default_run_dir(euid: int, env: dict[str, str] | os._Environ[str]) -> tuple[
     return Path(tempfile.mkdtemp(prefix="xentmem-run-")), "not root: a new temporary directory"
 
 
+def default_state_dir(euid: int, run_dir: Path) -> Path | None:
+    """Where file-backed swap areas go: the daemon's default (/var/lib/xentmem) for root;
+    anyone else cannot write there, so ``state/`` in the run directory."""
+    return None if euid == 0 else run_dir / "state"
+
+
 def daemon_command(run_dir: Path, *, config: str | None, backend: str | None,
                    log_level: str | None, options: tuple[str, ...],
-                   extra: tuple[str, ...], root: str | None = None) -> list[str]:
+                   extra: tuple[str, ...], root: str | None = None,
+                   state_dir: Path | None = None) -> list[str]:
     """``xentmemd`` with the same interpreter as this CLI, so the two never disagree."""
     argv = [sys.executable, "-m", "xentmem.daemon.app", "--run-dir", str(run_dir)]
+    if state_dir is not None:
+        argv += ["--state-dir", str(state_dir)]
     if root is not None:
         argv += ["--root", root]
     if config is not None:
@@ -192,7 +201,8 @@ def run(app: App, *, run_dir: Path | None, root: str | None, config: str | None,
         app.abort(f"a xentmemd already answers on {socket_path}; stop it first or pick "
                   "another --run-dir")
     argv = daemon_command(run_dir, config=config, backend=backend, log_level=log_level,
-                          options=options, extra=daemon_args, root=root)
+                          options=options, extra=daemon_args, root=root,
+                          state_dir=default_state_dir(os.geteuid(), run_dir))
     app.status(f"xentmem run: starting xentmemd in the foreground, run dir {run_dir} ({why})")
     daemon = ForegroundDaemon(argv, child_env(os.environ, sys.stderr.isatty()))
     code = supervise(app, daemon, socket_path, start_timeout)

@@ -55,6 +55,6 @@ def test_cli_drives_the_daemon_and_sigterm_loses_nothing(daemon: Any, xentmem: A
 
     daemon.send(signal.SIGTERM)
     assert daemon.stop(None) == 0, daemon.log()
-    assert read_swap_area(daemon.run_dir / "swap" / f"type-{swap}.swap") == stored
-    summary = json.loads((daemon.run_dir / "shutdown.json").read_text())
+    assert read_swap_area(daemon.state_dir / "swap" / f"type-{swap}.swap") == stored
+    summary = json.loads((daemon.state_dir / "shutdown.json").read_text())
     assert summary["clean"] is True and summary["repatriated"] == 24

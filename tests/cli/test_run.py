@@ -66,6 +66,16 @@ def test_daemon_command_passes_everything_through(tmp_path: Path) -> None:
                                         "--run-dir", str(tmp_path)]
 
 
+def test_a_user_daemon_keeps_its_swap_areas_beside_its_run_dir(tmp_path: Path) -> None:
+    from xentmem_cli.run import default_state_dir
+
+    assert default_state_dir(0, tmp_path) is None  # root: /var/lib/xentmem, as under systemd
+    assert default_state_dir(1000, tmp_path) == tmp_path / "state"
+    argv = daemon_command(tmp_path, config=None, backend=None, log_level=None, options=(),
+                          extra=(), state_dir=tmp_path / "state")
+    assert argv[-4:] == ["--run-dir", str(tmp_path), "--state-dir", str(tmp_path / "state")]
+
+
 def test_child_env_drops_journal_markers_only_for_a_terminal() -> None:
     parent = {"JOURNAL_STREAM": "8:123", "INVOCATION_ID": "abc", "HOME": "/root"}
     assert child_env(parent, stderr_is_tty=True) == {"HOME": "/root"}

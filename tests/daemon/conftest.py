@@ -150,17 +150,19 @@ class DaemonProcess:
     def __init__(self, tmp_path: Path, root: Path, config: Path | None,
                  extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
         self.run_dir = tmp_path / "run"
+        self.state_dir = tmp_path / "state"
         self.socket = self.run_dir / "control.sock"
         self.log_path = tmp_path / "xentmemd.log"
         self.notify = NotifyListener(tmp_path / "notify.sock")
         args = [sys.executable, "-m", "xentmem.daemon.app", "--root", str(root),
-                "--run-dir", str(self.run_dir)]
+                "--run-dir", str(self.run_dir), "--state-dir", str(self.state_dir)]
         if config is not None:
             args += ["--config", str(config)]
         args += list(extra_args)
         full_env = {k: v for k, v in os.environ.items()
                     if k not in ("JOURNAL_STREAM", "INVOCATION_ID", "WATCHDOG_USEC",
-                                 "WATCHDOG_PID", "XENTMEM_ROOT", "XENSTORED_PATH")}
+                                 "WATCHDOG_PID", "XENTMEM_ROOT", "XENSTORED_PATH",
+                                 "STATE_DIRECTORY")}
         full_env["NOTIFY_SOCKET"] = str(self.notify.path)
         full_env.update(env or {})
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()

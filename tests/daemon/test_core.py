@@ -191,10 +191,15 @@ def test_shutdown_stops_the_loops_then_unloads_then_saves(make_daemon) -> None:
         assert daemon.shim.frontswap.store(memory_area, offset, data) == 0
     summary = daemon.shutdown()
     assert events == ["loaded", "loops stopped", "unloading"]
-    assert summary["clean"] is True and summary["repatriated"] == 40
+    assert summary["repatriated"] == 40
+    # The memory area's 20 pages die with the daemon: not clean, and counted.
+    assert summary["clean"] is False and summary["lost_pages"] == 20
+    assert summary["errors"] == ["pages lost: 20 swap page(s) had no file to go to "
+                                 "(memory-backed areas, or left in tmem) and are dropped with "
+                                 "the daemon"]
     assert daemon.state == "stopped"
     assert not daemon.begin(mutates=True)
-    saved = json.loads((daemon.roots.run / "shutdown.json").read_text())
+    saved = json.loads((daemon.state_dir / "shutdown.json").read_text())
     assert saved == json.loads(json.dumps(summary))
     assert read_swap_area(daemon.swap.path_of(file_area)) == pages
     by_type = {a["type"]: a for a in saved["areas"]}

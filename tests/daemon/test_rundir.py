@@ -51,7 +51,7 @@ def test_a_second_daemon_stops_before_loading_and_leaves_the_first_alone(
         assert serve(second) == EX_FAILURE  # start refused, "shutdown" of what it owns
         assert CountingBackend.connects == 1  # no second tmem client
         assert (run / "control.sock").exists()
-        assert not (run / "shutdown.json").exists()
+        assert not (first.state_dir / "shutdown.json").exists()
         with ControlClient(run / "control.sock", timeout=5) as client:
             assert client.status()["state"] == "running"
             assert client.status()["pid"] == os.getpid()
@@ -61,7 +61,7 @@ def test_a_second_daemon_stops_before_loading_and_leaves_the_first_alone(
     finally:
         assert first.shutdown() == 0
         first.signals.close()
-    assert json.loads((run / "shutdown.json").read_text())["clean"] is True
+    assert json.loads((first.state_dir / "shutdown.json").read_text())["clean"] is True
     assert not (run / "control.sock").exists()
     lock = RunDirLock(run)  # released with the first daemon
     lock.acquire()
@@ -79,8 +79,30 @@ def test_two_xentmemd_processes_on_one_run_dir(tmp_path: Path, fake_root: Path,
     assert first.socket.exists()
     with ControlClient(first.socket, timeout=5) as client:
         assert client.status()["state"] == "running"
-    assert not (first.run_dir / "shutdown.json").exists()
+    assert not (first.state_dir / "shutdown.json").exists()
     assert first.stop(signal.SIGTERM) == 0
+
+
+def test_a_second_daemon_with_its_own_run_dir_but_the_same_state_dir_is_refused(
+        tmp_path: Path, fake_root: Path) -> None:
+    first = application(tmp_path, fake_root, tmp_path / "run-a", "first")
+    first.start()
+    try:
+        assert first.daemon is not None
+        area = first.daemon.swap.create(8, "file")["type"]
+        assert first.daemon.shim.frontswap.store(area, 1, b"\x11" * 4096) == 0
+        connects = CountingBackend.connects
+        second = application(tmp_path, fake_root, tmp_path / "run-b", "second")
+        assert serve(second) == EX_FAILURE
+        assert CountingBackend.connects == connects
+        assert not (tmp_path / "run-b" / "control.sock").exists()
+        assert first.daemon.swap.path_of(area).exists()  # its swap file untouched
+        with pytest.raises(RunDirBusy, match="owns the state directory"):
+            second.start()
+        second.signals.close()
+    finally:
+        assert first.shutdown() == 0
+        first.signals.close()
 
 
 def test_a_server_removes_only_the_socket_it_bound(tmp_path: Path) -> None:

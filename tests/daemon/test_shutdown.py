@@ -50,7 +50,7 @@ def test_a_failing_step_is_recorded_and_the_rest_still_runs(tmp_path: Path,
 
     assert app.shutdown() == EX_FAILURE
 
-    record = json.loads((tmp_path / "run" / "shutdown.json").read_text())
+    record = json.loads((app.state_dir / "shutdown.json").read_text())
     assert record["clean"] is False
     assert record["repatriated"] == 2  # the unload itself went through
     assert any(e.startswith(f"swap area {broken}: cannot save the map") for e in record["errors"])

@@ -172,6 +172,17 @@ def test_hardening_keeps_the_balloon_writable(unit: dict[str, dict[str, list[str
     assert one(unit, "Service", "SystemCallArchitectures") == "native"
 
 
+def test_swap_areas_survive_a_stop(unit: dict[str, dict[str, list[str]]]) -> None:
+    """systemd removes RuntimeDirectory= when the unit stops, so the swap files and maps that
+    shutdown writes go to StateDirectory= (the daemon reads $STATE_DIRECTORY), which stays."""
+    from xentmem.daemon.swap import DEFAULT_STATE_DIR
+
+    assert one(unit, "Service", "StateDirectory") == "xentmem"
+    assert DEFAULT_STATE_DIR == "/var/lib/xentmem"
+    assert int(one(unit, "Service", "StateDirectoryMode"), 8) & 0o077 == 0
+
+
+
 def test_devices_allow_xenbus_and_keep_proc_readable(
     unit: dict[str, dict[str, list[str]]],
 ) -> None:

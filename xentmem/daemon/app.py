@@ -1,10 +1,10 @@
 """``xentmemd``: the composition root and the main loop.
 
 Start: read and check the config (a bad one exits with status 78, EX_CONFIG, naming file,
-line and key), take the run directory's lock (another live daemon there: exit, touching
-nothing of its own), build the shim with the self-balloon service as its listener, choose and
-load the backend (the loops start lazily with it), open the control socket, tell systemd
-READY.
+line and key), take the run and state directories' locks (another live daemon there: exit,
+touching nothing of its own), build the shim with the self-balloon service as its listener,
+choose and load the backend (the loops start lazily with it), open the control socket, tell
+systemd READY.
 
 Run: the main thread waits on the signal flags' self-pipe with a timeout and does what is
 due: a WATCHDOG ping (always first), the metrics textfile, a STATUS line; SIGHUP reloads the
@@ -15,8 +15,9 @@ threads of their own, and a reload waits, deferred, until the configuration lock
 so the WATCHDOG ping keeps coming.
 
 Stop (SIGTERM/SIGINT): STOPPING=1, then in order the balloon loops, the backend (unloaded with
-its swap pages repatriated to their backing stores, which are saved), then the sockets.  The
-exit status is 0 only if nothing was left behind.
+its swap pages repatriated to their backing stores, which are saved in the state directory),
+then the sockets.  The exit status is 0 only if nothing was left behind: no step failed and
+no swap page died with the process (a memory-backed area's pages do).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from xentmem.daemon.notify import Notifier
 from xentmem.daemon.rundir import RunDirLock
 from xentmem.daemon.server import ControlServer, ServerError
 from xentmem.daemon.signals import SignalFlags
+from xentmem.daemon.swap import DEFAULT_STATE_DIR
 from xentmem.errors import ConfigError, XentmemError
 from xentmem.metrics import write_textfile
 from xentmem.roots import Roots
@@ -192,8 +194,11 @@ class Application:
         resolve: Resolve = registry.backend_class,
         make_balloon: Callable[..., Any] = balloon_mod.make_balloon,
         reload_wait_s: float = RELOAD_WAIT_S,
+        state_dir: Path | None = None,
     ) -> None:
         self.roots = roots
+        #: Where file-backed swap areas and their maps go (``swap/``): kept across restarts.
+        self.state_dir = state_dir or roots.under(DEFAULT_STATE_DIR)
         self.config_path = config_path
         self.config_missing_ok = config_missing_ok
         self.overrides = tuple(overrides)
@@ -206,6 +211,8 @@ class Application:
         self.daemon: Daemon | None = None
         self.server: ControlServer | None = None
         self.run_lock = RunDirLock(roots.run)
+        self.state_lock = RunDirLock(self.state_dir, what="state directory", flag="--state-dir",
+                                     mode=0o700)
         #: Calls other threads hand to the main thread (a client's config.reload).
         self.calls = MainThreadCalls(self.signals.wake)
         self.reload_wait_s = reload_wait_s
@@ -234,12 +241,13 @@ class Application:
                  self.roots.run)
         # Before the backend, the socket or any file: a second daemon stops here (RunDirBusy).
         self.run_lock.acquire()
+        self.state_lock.acquire()
         balloon = self._make_balloon(self.roots, self.clock, config.knobs)
         self.daemon = Daemon(
             roots=self.roots, clock=self.clock, config=config, balloon=balloon,
             config_path=self.config_path, overrides=self.overrides,
             config_missing_ok=self.config_missing_ok, resolve=self.resolve,
-            on_settings=self.apply_settings,
+            on_settings=self.apply_settings, state_dir=self.state_dir,
         )
         # A client's config.reload runs here, on the main thread, which owns the schedule
         # and the daemon settings a reload changes.
@@ -365,8 +373,9 @@ class Application:
         A start that failed before this process owned the run directory has nothing to
         stop: the directory, its socket and its shutdown record belong to another daemon.
         """
-        if not self.run_lock.held:
+        if not (self.run_lock.held and self.state_lock.held):
             self.notifier.close()
+            self.run_lock.release()
             return EX_FAILURE
         self.notifier.stopping("stopping: repatriating swap pages")
         status = EX_OK
@@ -390,6 +399,7 @@ class Application:
                 log.exception("closing the control socket failed")
                 status = EX_FAILURE
         self.notifier.close()
+        self.state_lock.release()
         self.run_lock.release()
         log.info("xentmemd stopped")
         return status
@@ -409,8 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
                                           "which may be absent")
     parser.add_argument("--root", help="system root for /proc, /sys and /etc (default / or "
                                        "$XENTMEM_ROOT)")
-    parser.add_argument("--run-dir", help="run directory for the control socket and swap "
-                                          "areas (default /run/xentmem under --root)")
+    parser.add_argument("--run-dir", help="run directory for the control socket (default "
+                                          "/run/xentmem under --root)")
+    parser.add_argument("--state-dir", help="state directory, kept across restarts, for "
+                                            "file-backed swap areas and shutdown.json "
+                                            "(default $STATE_DIRECTORY, else /var/lib/xentmem "
+                                            "under --root)")
     parser.add_argument("--xenstore-socket", help="xenstored Unix socket (default: the xenbus "
                                                   "device, or $XENSTORED_PATH)")
     parser.add_argument("--backend", help="backend to load: auto, zcache, xen, ...")
@@ -451,8 +465,11 @@ def application_from_args(args: argparse.Namespace, env: Mapping[str, str] | Non
         config_path, missing_ok = Path(args.config), False
     else:
         config_path, missing_ok = roots.under(DEFAULT_CONFIG), True
+    # systemd's StateDirectory= sets $STATE_DIRECTORY (a colon-separated list: ours is first).
+    state = args.state_dir or env.get("STATE_DIRECTORY", "").split(":")[0]
     return Application(roots=roots, config_path=config_path, config_missing_ok=missing_ok,
-                       overrides=overrides_of(args), notifier=Notifier.from_env(env))
+                       overrides=overrides_of(args), notifier=Notifier.from_env(env),
+                       state_dir=Path(state) if state else None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

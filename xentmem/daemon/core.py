@@ -34,7 +34,7 @@ from xentmem.daemon.config import (
     load as load_config,
 )
 from xentmem.daemon.mainthread import DaemonBusy
-from xentmem.daemon.swap import SwapAreas
+from xentmem.daemon.swap import DEFAULT_STATE_DIR, SwapAreas, lost_in_memory
 from xentmem.errors import (
     BackendError,
     ConfigError,
@@ -76,6 +76,7 @@ class Daemon:
         config_missing_ok: bool = False,
         resolve: Resolve = registry.backend_class,
         on_settings: Callable[[Mapping[str, Any]], None] | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         self.roots = roots
         self.clock = clock
@@ -89,7 +90,10 @@ class Daemon:
         self.shim = Shim(roots=roots, clock=clock)
         if balloon.listener is not None:
             self.shim.add_listener(balloon.listener)
-        self.swap = SwapAreas(self.shim.frontswap, roots.run / "swap")
+        #: File-backed swap areas and the shutdown record outlive the daemon: they go to the
+        #: state directory (systemd removes the run directory when the service stops).
+        self.state_dir = state_dir or roots.under(DEFAULT_STATE_DIR)
+        self.swap = SwapAreas(self.shim.frontswap, self.state_dir / "swap")
         self.choice: BackendChoice | None = None
         self.state = STARTING
         self.started_at = clock.monotonic()
@@ -401,7 +405,7 @@ class Daemon:
     def shutdown(self) -> dict[str, Any]:
         """Stop the loops, unload (repatriating swap pages), save the swap maps; in that order.
 
-        Returns (and writes to ``<run_dir>/shutdown.json``) what happened; ``clean`` is False
+        Returns (and writes to ``<state_dir>/shutdown.json``) what happened; ``clean`` is False
         if any step failed (each is recorded under ``errors``): a swap page that could not be
         brought back, a map that could not be saved, a record that could not be written.  A
         failing step never stops the ones after it.
@@ -459,14 +463,22 @@ class Daemon:
                 if "error" in area:
                     failed(f"swap area {area['type']}", OSError(area["error"]))
             summary["areas"] = areas
+            # What dies with the process: pages still in tmem (a refused unload) and those in
+            # memory-backed areas.  Shutdown is clean only if there are none.
+            lost = lost_in_memory(areas) + int(summary.get("frontswap_curr_pages", 0))
+            summary["lost_pages"] = lost
+            if lost:
+                failed("pages lost", XentmemError(
+                    f"{lost} swap page(s) had no file to go to (memory-backed areas, or left "
+                    "in tmem) and are dropped with the daemon"))
             try:
                 self.swap.close()
             except Exception as exc:
                 failed("closing the swap areas", exc)
         self.state = STOPPED
         try:
-            self.roots.run.mkdir(parents=True, exist_ok=True)
-            write_atomically(self.roots.run / SHUTDOWN_FILE,
+            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_atomically(self.state_dir / SHUTDOWN_FILE,
                              json.dumps(summary, indent=2).encode("utf-8"), 0o600)
         except OSError as exc:
             failed(f"writing {SHUTDOWN_FILE}", exc)

@@ -1,10 +1,11 @@
-"""One ``xentmemd`` per run directory: an exclusive ``flock`` on ``<run>/xentmemd.lock``.
+"""One ``xentmemd`` per directory: an exclusive ``flock`` on ``<dir>/xentmemd.lock``.
 
-The lock is taken before anything else that touches the run directory or the guest: before
+The daemon locks its run directory (control socket) and its state directory (swap files,
+their maps, ``shutdown.json``) before anything else that touches them or the guest: before
 the backend is loaded (a second daemon must not register a second tmem client, nor write a
-balloon target), before the control socket is bound, and before ``shutdown.json`` could be
-written.  A daemon that cannot take it stops there and leaves the live daemon's socket,
-swap maps and shutdown record alone.
+balloon target), before the control socket is bound, before a swap file is created.  A
+daemon that cannot take both stops there and leaves the live daemon's socket, swap files and
+shutdown record alone.
 
 ``flock`` is released by the kernel when the process dies, however it dies, so a crashed
 daemon never leaves a stale lock behind; the file itself stays (removing it would let a
@@ -27,15 +28,19 @@ _PID_BYTES = 32
 
 
 class RunDirBusy(XentmemError):
-    """Another live ``xentmemd`` owns the run directory."""
+    """Another live ``xentmemd`` owns the run (or state) directory."""
 
 
 class RunDirLock:
-    """The run directory's lock, held from :meth:`acquire` until :meth:`release`."""
+    """A directory's lock, held from :meth:`acquire` until :meth:`release`."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, what: str = "run directory",
+                 flag: str = "--run-dir", mode: int = 0o755) -> None:
         self.directory = directory
         self.path = directory / LOCK_NAME
+        self.what = what
+        self._flag = flag
+        self._mode = mode
         self._fd = -1
 
     @property
@@ -46,16 +51,16 @@ class RunDirLock:
         """Take the lock (creating the directory); :class:`RunDirBusy` if another has it."""
         if self.held:
             return
-        self.directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self.directory.mkdir(mode=self._mode, parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             owner = _owner_of(fd)
             os.close(fd)
-            raise RunDirBusy(f"another xentmemd{owner} owns the run directory "
+            raise RunDirBusy(f"another xentmemd{owner} owns the {self.what} "
                              f"{self.directory}; stop it first, or give this one its own "
-                             "--run-dir") from None
+                             f"{self._flag}") from None
         except BaseException:
             os.close(fd)
             raise

@@ -1,13 +1,16 @@
 """The swap areas the daemon creates for the socket's page API, and what they leave behind.
 
 A client cannot hand the daemon a swap device, so ``frontswap.init`` asks the daemon to make
-one: in memory, or a sparse file ``<run_dir>/swap/type-<N>.swap`` the daemon names itself (a
-client never chooses a path).  The frontswap frontend keeps every page in tmem or in that
+one: in memory, or a sparse file ``<state_dir>/swap/type-<N>.swap`` the daemon names itself
+(a client never chooses a path).  The frontswap frontend keeps every page in tmem or in that
 backing store; an unload repatriates tmem pages into it.
 
 Which file slots hold a page is kept in memory (as the kernel's swap map is), so at exit
-:meth:`SwapAreas.save_maps` writes that map next to each file, atomically: the file and its map
-together are every page stored through the socket, readable after the daemon is gone.
+:meth:`SwapAreas.save_maps` flushes each file and then writes its map next to it, atomically:
+the file and its map together are every page stored through the socket, readable after the
+daemon is gone.  They live in the state directory (``/var/lib/xentmem``, systemd's
+``StateDirectory=``), not the run directory, which systemd removes when the service stops.
+A memory area dies with the daemon: its pages count as lost at shutdown.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 
 from xentmem.abi import PAGE_SIZE
 from xentmem.errors import AbiError
-from xentmem.files import write_atomically
+from xentmem.files import fsync_path, write_atomically
 from xentmem.frontends import FileBacking, Frontswap, MemoryBacking
 from xentmem.frontends.backing import BackingStore
 
@@ -32,6 +35,8 @@ MAX_SWAP_TYPES = 32
 MAX_AREA_PAGES = 1 << 20
 MAP_VERSION = 1
 BACKING_KINDS = ("memory", "file")
+#: The state directory (systemd's ``StateDirectory=xentmem``); swap files go in ``swap/``.
+DEFAULT_STATE_DIR = "/var/lib/xentmem"
 
 
 def map_path(swap_file: Path) -> Path:
@@ -126,6 +131,9 @@ class SwapAreas:
                                 "page_size": PAGE_SIZE, "offsets": store.offsets()}
                     target = map_path(store.path)
                     try:
+                        # The data first: a map on disk must never name slots whose pages
+                        # are still only in the page cache.
+                        fsync_path(store.path)
                         write_atomically(target, json.dumps(document).encode("utf-8"), 0o600)
                     except OSError as exc:
                         summary["error"] = f"cannot save the map {target}: {exc}"
@@ -138,3 +146,8 @@ class SwapAreas:
         with self._lock:
             for store in self._stores.values():
                 store.close()
+
+
+def lost_in_memory(areas: list[dict[str, Any]]) -> int:
+    """Pages that die with the daemon: those held by memory-backed areas at exit."""
+    return sum(int(a.get("used", 0)) for a in areas if a.get("kind") == MemoryBacking.__name__)

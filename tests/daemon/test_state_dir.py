@@ -1,0 +1,76 @@
+"""File-backed swap areas live in the state directory (systemd keeps it across a stop, unlike
+the run directory), their data is flushed before their maps, and pages that die with the
+daemon (memory-backed areas) make the shutdown unclean."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from xentmem.daemon import swap as swap_module
+from xentmem.daemon.app import application_from_args, build_parser
+from xentmem.daemon.swap import map_path, read_swap_area
+
+PAGE = b"\xa5" * 4096
+
+
+def test_swap_files_go_to_the_state_dir_and_survive_the_run_dir(make_daemon: Any,
+                                                                  fake_root: Path) -> None:
+    daemon = make_daemon(None, real_balloon=False)
+    daemon.load("recording")
+    file_area = daemon.swap.create(16, "file")["type"]
+    assert daemon.shim.frontswap.store(file_area, 2, PAGE) == 0
+    summary = daemon.shutdown()
+    assert summary["clean"] is True and summary["lost_pages"] == 0
+    swap_file = daemon.swap.path_of(file_area)
+    assert swap_file.parent == fake_root / "var/lib/xentmem/swap"
+    assert daemon.roots.run not in swap_file.parents
+    shutil.rmtree(daemon.roots.run, ignore_errors=True)  # systemd does that at stop
+    assert read_swap_area(swap_file) == {2: PAGE}
+
+
+def test_area_data_is_flushed_before_its_map(make_daemon: Any,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    daemon = make_daemon(None, real_balloon=False)
+    daemon.load("recording")
+    area = daemon.swap.create(16, "file")["type"]
+    assert daemon.shim.frontswap.store(area, 0, PAGE) == 0
+    order: list[tuple[str, Path]] = []
+    real_fsync, real_write = swap_module.fsync_path, swap_module.write_atomically
+    monkeypatch.setattr(swap_module, "fsync_path",
+                        lambda path, **kw: order.append(("fsync", path)) or real_fsync(path, **kw))
+    monkeypatch.setattr(swap_module, "write_atomically",
+                        lambda path, *a: order.append(("map", path)) or real_write(path, *a))
+    daemon.shutdown()
+    swap_file = daemon.swap.path_of(area)
+    assert order == [("fsync", swap_file), ("map", map_path(swap_file))]
+
+
+def test_pages_in_a_memory_area_are_lost_and_counted(make_daemon: Any) -> None:
+    daemon = make_daemon(None, real_balloon=False)
+    daemon.load("recording")
+    empty = daemon.swap.create(8)["type"]
+    full = daemon.swap.create(8)["type"]
+    for offset in range(3):
+        assert daemon.shim.frontswap.store(full, offset, PAGE) == 0
+    summary = daemon.shutdown()
+    assert summary["repatriated"] == 3  # into the memory area, which then goes
+    assert summary["lost_pages"] == 3 and summary["clean"] is False
+    record = json.loads((daemon.state_dir / "shutdown.json").read_text())
+    assert record["lost_pages"] == 3 and record["clean"] is False
+    assert {a["type"]: a["used"] for a in record["areas"]} == {empty: 0, full: 3}
+
+
+@pytest.mark.parametrize(("argv", "env", "expected"), [
+    (["--state-dir", "/srv/xt"], {"STATE_DIRECTORY": "/var/lib/other"}, "/srv/xt"),
+    ([], {"STATE_DIRECTORY": "/var/lib/xentmem:/var/lib/more"}, "/var/lib/xentmem"),
+    (["--root", "/guest"], {}, "/guest/var/lib/xentmem"),
+])
+def test_the_state_dir_comes_from_the_flag_then_systemd_then_the_root(
+        argv: list[str], env: dict[str, str], expected: str) -> None:
+    app = application_from_args(build_parser().parse_args(argv), env)
+    assert app.state_dir == Path(expected)

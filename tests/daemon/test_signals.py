@@ -71,6 +71,27 @@ def test_a_real_signal_ends_the_main_loop_wait(flags: SignalFlags) -> None:
     assert not clock.wait_readable(flags.fileno(), 0)  # drained
 
 
+def test_a_signal_taken_by_another_thread_still_ends_the_wait_at_once(
+        flags: SignalFlags) -> None:
+    """A process-directed signal may land on any thread (a socket client, the balloon
+    worker); the main thread's wait must still end then, not at its timeout."""
+    parked = threading.Event()
+    other = threading.Thread(target=parked.wait, args=(10.0,))
+    other.start()
+    try:
+        assert other.ident is not None
+        signal.pthread_kill(other.ident, signal.SIGTERM)
+        clock = SystemClock()
+        started = clock.monotonic()
+        assert clock.wait_readable(flags.fileno(), 5.0), "the wait ran to its timeout"
+        assert clock.monotonic() - started < 2.0
+        flags.drain()
+        assert flags.terminate_requested
+    finally:
+        parked.set()
+        other.join(10.0)
+
+
 def test_another_thread_wakes_the_wait_and_a_storm_stays_bounded() -> None:
     flags = SignalFlags()
     try:

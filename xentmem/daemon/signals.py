@@ -8,6 +8,12 @@ systemd would SIGKILL the daemon with every swap page still in tmem).  So a hand
 sets a plain attribute and writes one byte to a non-blocking self-pipe; the main loop waits on
 the pipe's read end (with the schedule's timeout), drains it, and reads the attributes.
 
+The pipe is also the interpreter's wakeup fd (``signal.set_wakeup_fd``): a process-directed
+signal may be delivered to any thread (a control-socket client, the balloon worker), and then
+the main thread's wait is not interrupted and the Python handler only runs once it returns,
+up to a minute later.  With the wakeup fd, the C-level handler writes to the pipe from
+whichever thread took the signal, so the wait ends at once and the handler runs.
+
 Other threads wake the main loop the same way (:meth:`SignalFlags.wake`), e.g. to hand it a
 ``config.reload`` that came in over the control socket.
 """
@@ -33,6 +39,7 @@ class SignalFlags:
         os.set_blocking(self._write_fd, False)
         self._terminate = False
         self._reload = False
+        self._wakeup_installed = False
         #: The last signals received, by name (for logs and tests); appending takes no lock.
         self.received: collections.deque[str] = collections.deque(maxlen=RECEIVED_KEPT)
 
@@ -86,14 +93,22 @@ class SignalFlags:
         self.request_reload()
 
     def install(self) -> None:
-        """Take SIGTERM, SIGINT and SIGHUP (main thread only)."""
+        """Take SIGTERM, SIGINT and SIGHUP, and make the pipe the wakeup fd (main thread only)."""
         signal.signal(signal.SIGTERM, self._on_terminate)
         signal.signal(signal.SIGINT, self._on_terminate)
         signal.signal(signal.SIGHUP, self._on_reload)
+        signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+        self._wakeup_installed = True
 
     def close(self) -> None:
         """Close the pipe (after the main loop ended and the handlers are no longer needed)."""
         # Forget the numbers first: a late handler must never write into a reused descriptor.
+        if self._wakeup_installed:
+            with contextlib.suppress(ValueError):  # not the main thread: leave it
+                previous = signal.set_wakeup_fd(-1)
+                if previous not in (-1, self._write_fd):  # someone else's since: theirs
+                    signal.set_wakeup_fd(previous)
+            self._wakeup_installed = False
         fds = (self._read_fd, self._write_fd)
         self._read_fd = self._write_fd = -1
         for fd in fds:

@@ -38,7 +38,7 @@ from xentmem.daemon import balloon as balloon_mod
 from xentmem.daemon import config as config_mod
 from xentmem.daemon import handlers
 from xentmem.daemon.choice import Resolve
-from xentmem.daemon.config import DEFAULT_CONFIG, Config, ConfigSchema
+from xentmem.daemon.config import DEFAULT_CONFIG, BackendNames, Config, ConfigSchema
 from xentmem.daemon.core import Daemon
 from xentmem.daemon.logs import set_level, setup_logging
 from xentmem.daemon.mainthread import DaemonBusy, MainThreadCalls, NotNow
@@ -47,7 +47,7 @@ from xentmem.daemon.rundir import RunDirLock
 from xentmem.daemon.server import ControlServer, ServerError
 from xentmem.daemon.signals import SignalFlags
 from xentmem.daemon.swap import DEFAULT_STATE_DIR
-from xentmem.errors import ConfigError, XentmemError
+from xentmem.errors import ConfigError, ParamError, XentmemError
 from xentmem.metrics import write_textfile
 from xentmem.roots import Roots
 
@@ -195,6 +195,7 @@ class Application:
         make_balloon: Callable[..., Any] = balloon_mod.make_balloon,
         reload_wait_s: float = RELOAD_WAIT_S,
         state_dir: Path | None = None,
+        backend_names: BackendNames = registry.available,
     ) -> None:
         self.roots = roots
         #: Where file-backed swap areas and their maps go (``swap/``): kept across restarts.
@@ -206,6 +207,7 @@ class Application:
         self.notifier = notifier or Notifier(None)
         self.signals = signals or SignalFlags()
         self.resolve = resolve
+        self.backend_names = backend_names
         self._make_balloon = make_balloon
         self.schedule = Schedule(self.clock)
         self.daemon: Daemon | None = None
@@ -228,7 +230,7 @@ class Application:
 
     def read_config(self) -> Config:
         schema = ConfigSchema(balloon_mod.knob_params(),
-                              lambda name: self.resolve(name).params)
+                              lambda name: self.resolve(name).params, self.backend_names)
         return config_mod.load(self.config_path, schema, self.overrides,
                                missing_ok=self.config_missing_ok)
 
@@ -248,6 +250,7 @@ class Application:
             config_path=self.config_path, overrides=self.overrides,
             config_missing_ok=self.config_missing_ok, resolve=self.resolve,
             on_settings=self.apply_settings, state_dir=self.state_dir,
+            backend_names=self.backend_names,
         )
         # A client's config.reload runs here, on the main thread, which owns the schedule
         # and the daemon settings a reload changes.
@@ -499,7 +502,9 @@ def serve(app: Application) -> int:
     only what this process owns (see :meth:`Application.shutdown`)."""
     try:
         app.start()
-    except ConfigError as exc:
+    except (ConfigError, ParamError) as exc:
+        # A param refused at load is a configuration error too: restarting cannot help,
+        # and 78 is what the unit's RestartPreventExitStatus= stops on.
         log.error("refusing to start: %s", exc)
         app.shutdown()
         return EX_CONFIG

@@ -39,7 +39,7 @@ overrides over the file; the shim lays the result over the boot params at load.
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -140,6 +140,8 @@ class Config:
 
 BackendParams = Callable[[str], ParamSet]
 """Name -> the backend's ParamSet; raises ParamError/BackendError for an unknown backend."""
+BackendNames = Callable[[], Iterable[str]]
+"""The names of the installed backends (the registry's entry points)."""
 
 
 @dataclass
@@ -151,11 +153,19 @@ class _Entry:
 
 
 class ConfigSchema:
-    """The ParamSets a config is checked against: daemon, shim, knobs and every backend."""
+    """The ParamSets a config is checked against: daemon, shim, knobs and every backend.
 
-    def __init__(self, knob_params: ParamSet, backend_params: BackendParams) -> None:
+    With ``backend_names``, an unqualified ``-o`` name that is no shim flag, knob or daemon
+    setting (kept for "whichever backend gets loaded") is checked too: some backend that may
+    be loaded (the named one, or with ``auto`` any installed one) must declare it and accept
+    the value, so a typo is refused by ``--check-config`` and at start, not at load.
+    """
+
+    def __init__(self, knob_params: ParamSet, backend_params: BackendParams,
+                 backend_names: BackendNames | None = None) -> None:
         self.knob_params = knob_params
         self._backend_params = backend_params
+        self._backend_names = backend_names
 
     def section_params(self, section: str) -> ParamSet:
         if section == DAEMON_SECTION:
@@ -202,8 +212,42 @@ class ConfigSchema:
             except XentmemError as exc:
                 where = origins.get("daemon.backend", "config")
                 raise ConfigError(f"{where}: [daemon] backend: {exc}") from None
+        self._check_any_backend(backends.get(ANY_BACKEND, {}), daemon["backend"], origins)
         return Config(path=path, daemon=daemon, tmem=tmem, backend_params=backends, knobs=knobs,
                       origins=origins)
+
+
+    def _check_any_backend(self, values: Mapping[str, Any], backend: str,
+                           origins: Mapping[str, str]) -> None:
+        """Refuse ``-o`` names meant for a backend that no backend that may load declares,
+        or whose value every backend declaring it refuses."""
+        if not values or self._backend_names is None:
+            return
+        candidates = [backend] if backend != "auto" else list(self._backend_names())
+        sets: dict[str, ParamSet] = {}
+        for name in candidates:
+            try:
+                sets[name] = self._backend_params(name)
+            except (XentmemError, LookupError):  # not importable here: it cannot load either
+                continue
+        for key, value in values.items():
+            where = origins.get(f"{ANY_BACKEND}.{key}", "-o")
+            declaring = {name: params[key] for name, params in sets.items() if key in params}
+            if not declaring:
+                which = (f"the backend {backend!r}" if backend != "auto" else
+                         "any installed backend (" + (", ".join(sets) or "none") + ")")
+                raise ConfigError(f"{where}: {key}: unknown name: not a shim flag, knob or "
+                                  f"daemon setting, nor a param of {which}")
+            refusals = []
+            for name, param in declaring.items():
+                try:
+                    param.coerce(value)
+                except ParamError as exc:
+                    refusals.append(f"[{name}] {exc}")
+                else:
+                    break
+            else:
+                raise ConfigError(f"{where}: " + "; ".join(refusals))
 
 
 # -- reading files ------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from xentmem.daemon.balloon import BalloonHooks
 from xentmem.daemon.choice import BackendChoice, Resolve, choose_backend
 from xentmem.daemon.config import (
     DAEMON_PARAMS,
+    BackendNames,
     Config,
     ConfigSchema,
 )
@@ -77,6 +78,7 @@ class Daemon:
         resolve: Resolve = registry.backend_class,
         on_settings: Callable[[Mapping[str, Any]], None] | None = None,
         state_dir: Path | None = None,
+        backend_names: BackendNames | None = registry.available,
     ) -> None:
         self.roots = roots
         self.clock = clock
@@ -86,6 +88,7 @@ class Daemon:
         self.config_missing_ok = config_missing_ok
         self.balloon = balloon
         self.resolve = resolve
+        self.backend_names = backend_names
         self.on_settings = on_settings
         self.shim = Shim(roots=roots, clock=clock)
         if balloon.listener is not None:
@@ -107,7 +110,8 @@ class Daemon:
     # -- schema -----------------------------------------------------------------------------------
 
     def schema(self) -> ConfigSchema:
-        return ConfigSchema(self.balloon.knob_params, lambda name: self.resolve(name).params)
+        return ConfigSchema(self.balloon.knob_params, lambda name: self.resolve(name).params,
+                            self.backend_names)
 
     # -- request accounting (so shutdown can drain) ------------------------------------------------
 

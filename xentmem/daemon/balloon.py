@@ -4,7 +4,8 @@ Everything the daemon asks of the balloon loops goes through :class:`BalloonHook
 listener to hang on the shim (the loops start lazily with a backend and stop before it goes),
 the knobs (declared params, read, set all-or-nothing), the figures and decision history for
 ``status``/``balloon``/metrics, and a bounded stop for shutdown.  :func:`make_balloon` wires
-the real :class:`~xentmem_selfballoon.service.SelfballoonService`; if that package is missing
+the real :class:`~xentmem_selfballoon.service.SelfballoonService`, with a xenstore publisher
+for the guest's view when there is a xenstore (:mod:`.publish`); if that package is missing
 the daemon runs without loops (:class:`NoBalloon`) and says so, rather than not starting.
 """
 
@@ -15,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from xentmem.clock import Clock
+from xentmem.daemon.publish import XenstorePublisher, xenstore_publisher
 from xentmem.params import ParamSet
 from xentmem.roots import Roots
 
@@ -85,8 +87,9 @@ class SelfballoonHooks:
 
     available = True
 
-    def __init__(self, service: Any) -> None:
+    def __init__(self, service: Any, publisher: XenstorePublisher | None = None) -> None:
         self._service = service
+        self._publisher = publisher
         self.listener = service
         self.knob_params = service.knobs.params
 
@@ -122,7 +125,10 @@ class SelfballoonHooks:
         return figures
 
     def stop(self, timeout_s: float) -> bool:
-        return bool(self._service.stop(timeout_s))
+        stopped = bool(self._service.stop(timeout_s))
+        if self._publisher is not None:
+            self._publisher.close()  # reopened by the next write, should the loops restart
+        return stopped
 
 
 def _figures_of(last: Mapping[str, Any]) -> dict[str, Any]:
@@ -147,8 +153,10 @@ def make_balloon(roots: Roots, clock: Clock, knobs: Mapping[str, Any]) -> Balloo
         reason = f"the selfballoon package is not installed ({exc})"
         log.warning("selfballoon: %s; running without the balloon loops", reason)
         return NoBalloon(reason)
-    service = SelfballoonService(knobs=KnobStore(dict(knobs)), clock=clock, roots=roots)
-    return SelfballoonHooks(service)
+    publisher = xenstore_publisher(roots, clock)
+    service = SelfballoonService(knobs=KnobStore(dict(knobs)), clock=clock, roots=roots,
+                                 publisher=publisher)
+    return SelfballoonHooks(service, publisher)
 
 
 def knob_params() -> ParamSet:

@@ -39,6 +39,11 @@ def test_notify_to_a_path(tmp_path: Path) -> None:
         assert notifier.stopping("bye")
         assert listener.recv(4096) == b"STOPPING=1\nSTATUS=bye"
         notifier.close()
+        # A STATUS line from a task still running at exit goes nowhere (no new socket).
+        assert not notifier.status("late")
+        listener.settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            listener.recv(4096)
     finally:
         listener.close()
 

@@ -290,6 +290,8 @@ class Application:
 
     def _status(self) -> None:
         assert self.daemon is not None
+        if self.daemon.state != "running":  # a late run after STOPPING=1 says nothing
+            return
         line = self.daemon.summary_line()
         self.notifier.status(line)
         log.debug("status: %s", line)

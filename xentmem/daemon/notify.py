@@ -29,6 +29,7 @@ class Notifier:
         #: The main loop pings from its thread, the STATUS line comes from another.  A send
         #: waits at most the socket's 1 s timeout, so this lock is never held for long.
         self._lock = threading.Lock()
+        self._closed = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, pid: int | None = None) -> Notifier:
@@ -64,6 +65,8 @@ class Notifier:
             return False
         payload = "\n".join(lines).encode("utf-8")
         with self._lock:
+            if self._closed:  # a STATUS line from a task still running at exit
+                return False
             try:
                 if self._sock is None:
                     self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -93,6 +96,7 @@ class Notifier:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None

@@ -198,7 +198,7 @@ class Application:
         backend_names: BackendNames = registry.available,
     ) -> None:
         self.roots = roots
-        #: Where file-backed swap areas and their maps go (``swap/``): kept across restarts.
+        #: File-backed swap areas (``swap/``) and ``shutdown.json``: kept across restarts.
         self.state_dir = state_dir or roots.under(DEFAULT_STATE_DIR)
         self.config_path = config_path
         self.config_missing_ok = config_missing_ok
@@ -238,9 +238,9 @@ class Application:
         """Everything up to READY; raises ConfigError/XentmemError/ServerError on failure."""
         config = self.read_config()
         set_level(config.daemon["log_level"])
-        log.info("xentmemd %s starting: config %s, root %s, run dir %s", __version__,
-                 config.path or f"{self.config_path} (absent: defaults)", self.roots.root,
-                 self.roots.run)
+        log.info("xentmemd %s starting: config %s, root %s, run dir %s, state dir %s",
+                 __version__, config.path or f"{self.config_path} (absent: defaults)",
+                 self.roots.root, self.roots.run, self.state_dir)
         # Before the backend, the socket or any file: a second daemon stops here (RunDirBusy).
         self.run_lock.acquire()
         self.state_lock.acquire()

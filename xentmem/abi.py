@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import errno
 import sys
-import uuid as uuid_mod
 from enum import IntEnum
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from xentmem.errors import AbiError
+
+if TYPE_CHECKING:
+    import uuid as uuid_mod
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -191,6 +193,8 @@ class PoolUuid(NamedTuple):
     @classmethod
     def from_uuid(cls, value: uuid_mod.UUID | bytes | str) -> PoolUuid:
         """Split a filesystem uuid the way tmem.c does (two native-endian u64 loads)."""
+        import uuid as uuid_mod  # lazily: uuid pulls in subprocess on 3.9; the ABI stays I/O-free
+
         if isinstance(value, str):
             raw = uuid_mod.UUID(value).bytes
         elif isinstance(value, uuid_mod.UUID):
@@ -214,6 +218,8 @@ class PoolUuid(NamedTuple):
 
     def __str__(self) -> str:
         raw = self.lo.to_bytes(8, sys.byteorder) + self.hi.to_bytes(8, sys.byteorder)
+        import uuid as uuid_mod  # lazily, as in from_uuid
+
         return str(uuid_mod.UUID(bytes=raw))
 
 

@@ -23,7 +23,7 @@ from xentmem import registry
 from xentmem.backend import Backend
 from xentmem.clock import Clock, SystemClock
 from xentmem.cmdline import BootParams, read_cmdline
-from xentmem.errors import BackendError, ParamError, UnloadRefused
+from xentmem.errors import BackendError, NoBackend, ParamError, UnloadRefused
 from xentmem.frontends import Cleancache, Frontswap
 from xentmem.params import Param, ParamSet
 from xentmem.roots import Roots
@@ -200,7 +200,7 @@ class Shim:
         with self._lock:
             backend = self._backend
             if backend is None:
-                raise BackendError("no backend is loaded")
+                raise NoBackend("no backend is loaded")
             for listener in list(self._listeners):
                 self._notify("backend_unloading", listener)
             try:
@@ -225,7 +225,7 @@ class Shim:
                 raise ParamError(f"{name}: read-only once loaded (a module param, 0444); "
                                  "unload and load again")
             if self._backend is None:
-                raise BackendError("no backend is loaded")
+                raise NoBackend("no backend is loaded")
             return self._backend.set_param(name, value)
 
     def params(self) -> dict[str, Any]:

@@ -12,12 +12,12 @@ from typing import Any
 
 import click
 from click.shell_completion import CompletionItem
-from xentmem_cli import render
-from xentmem_cli.app import App, json_option
 
 from xentmem import registry
 from xentmem.errors import ParamError
 from xentmem.params import parse_assignments
+from xentmem_cli import render
+from xentmem_cli.app import App, json_option
 
 AUTO = "auto"
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import click
-from xentmem_cli import backend, balloon, metrics, params, pools, run, stats, status
-from xentmem_cli.app import App
 
 from xentmem.control.protocol import DEFAULT_SOCKET_PATH
+from xentmem_cli import backend, balloon, metrics, params, pools, run, stats, status
+from xentmem_cli.app import App
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 

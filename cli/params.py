@@ -13,11 +13,11 @@ from typing import Any
 
 import click
 from click.shell_completion import CompletionItem
-from xentmem_cli import render
-from xentmem_cli.app import App, json_option
 
 from xentmem.control.client import ControlClient
 from xentmem.control.protocol import ControlError
+from xentmem_cli import render
+from xentmem_cli.app import App, json_option
 
 SECTIONS = ("tmem", "backend", "selfballoon")
 LIST_COLUMNS = ("name", "section", "value", "default", "writable", "unit")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+
 from xentmem_cli import render
 from xentmem_cli.app import App, json_option
 

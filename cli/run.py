@@ -20,13 +20,13 @@ from types import FrameType
 from typing import Any, Callable
 
 import click
-from xentmem_cli.app import EXIT_ERROR, App
-from xentmem_cli.backend import complete_backend
-from xentmem_cli.foreground import ForegroundDaemon
 
 from xentmem.clock import SystemClock
 from xentmem.control.client import ControlClient
 from xentmem.control.protocol import DEFAULT_SOCKET_PATH, SOCKET_NAME, ControlError
+from xentmem_cli.app import EXIT_ERROR, App
+from xentmem_cli.backend import complete_backend
+from xentmem_cli.foreground import ForegroundDaemon
 
 SYSTEM_RUN_DIR = Path(DEFAULT_SOCKET_PATH).parent
 #: The daemon loads its backend and opens its socket in well under a second; this is slack.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import click
+
 from xentmem_cli import render
 from xentmem_cli.app import App, json_option
 

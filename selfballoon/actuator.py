@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from xentmem.errors import XentmemError
+from xentmem.roots import Roots
 from xentmem_selfballoon.inputs import (
     InputError,
     balloon_target_path,
@@ -27,9 +29,6 @@ from xentmem_selfballoon.inputs import (
 )
 from xentmem_selfballoon.policy import BalloonDecision, pages2kb
 from xentmem_selfballoon.shrink import ShrinkDecision
-
-from xentmem.errors import XentmemError
-from xentmem.roots import Roots
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from xentmem_selfballoon.policy import BalloonInputs, TickInputs, kb2pages
-
 from xentmem.errors import XentmemError
 from xentmem.roots import Roots
+from xentmem_selfballoon.policy import BalloonInputs, TickInputs, kb2pages
 
 MEMINFO = "/proc/meminfo"
 ZONEINFO = "/proc/zoneinfo"

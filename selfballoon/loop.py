@@ -30,6 +30,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from xentmem.clock import Clock
+from xentmem.errors import XentmemError
+from xentmem.roots import Roots
 from xentmem_selfballoon.actuator import (
     ActuatorError,
     BalloonActuator,
@@ -42,10 +45,6 @@ from xentmem_selfballoon.inputs import InputError, read_pressure, read_tick_inpu
 from xentmem_selfballoon.knobs import Knobs, KnobStore
 from xentmem_selfballoon.policy import BalloonDecision, LoopState, pages2mb, plan_tick
 from xentmem_selfballoon.shrink import ShrinkDecision
-
-from xentmem.clock import Clock
-from xentmem.errors import XentmemError
-from xentmem.roots import Roots
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from xentmem.abi import PAGE_SIZE  # the ABI module does no I/O
 from xentmem_selfballoon.guard import PressureState, PressureVerdict, guarded_target, judge_pressure
 from xentmem_selfballoon.shrink import ShrinkDecision, ShrinkState, next_shrink
-
-from xentmem.abi import PAGE_SIZE  # the ABI module does no I/O
 
 if TYPE_CHECKING:  # only for annotations: the snapshot type lives with the param declarations
     from xentmem_selfballoon.knobs import Knobs

@@ -30,14 +30,13 @@ import threading
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from xentmem.clock import Clock, SystemClock
+from xentmem.roots import Roots
 from xentmem_selfballoon.actuator import FrontswapControl, Publisher
 from xentmem_selfballoon.inputs import InputError, is_control_domain, read_meminfo
 from xentmem_selfballoon.knobs import KnobStore
 from xentmem_selfballoon.loop import DEFAULT_HISTORY, SelfballoonLoop, TickRecord
 from xentmem_selfballoon.policy import auto_reserved_mb
-
-from xentmem.clock import Clock, SystemClock
-from xentmem.roots import Roots
 
 log = logging.getLogger(__name__)
 

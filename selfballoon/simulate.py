@@ -30,6 +30,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from xentmem.clock import FakeClock
+from xentmem.roots import Roots
 from xentmem_selfballoon.inputs import (
     MEMINFO,
     PSI_MEMORY,
@@ -43,9 +45,6 @@ from xentmem_selfballoon.inputs import (
 from xentmem_selfballoon.knobs import KnobStore
 from xentmem_selfballoon.loop import SelfballoonLoop
 from xentmem_selfballoon.policy import auto_reserved_mb, kb2pages, mb2pages, pages2kb
-
-from xentmem.clock import FakeClock
-from xentmem.roots import Roots
 
 # -- traces --------------------------------------------------------------------------------------
 

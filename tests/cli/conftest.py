@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
+
 from xentmem_cli.main import cli
 
 DAEMON_HELPERS = Path(__file__).resolve().parents[1] / "daemon" / "conftest.py"

@@ -18,6 +18,7 @@ from typing import Any
 
 import click
 import pytest
+
 from xentmem_cli.main import cli
 
 #: Every read command, as a user would type it (each takes --json too).

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from xentmem_cli.foreground import Notification
 from xentmem_cli.main import cli
 from xentmem_cli.run import (

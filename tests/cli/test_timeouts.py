@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import xentmem_cli.app as cli_app
 from click.testing import CliRunner
+
+import xentmem_cli.app as cli_app
 from xentmem_cli.main import cli
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from sb_fakes import FakeFrontswap, GuestTree, RecordingPublisher
+
 from xentmem_selfballoon.actuator import (
     PUBLISH_DIR,
     ActuatorError,

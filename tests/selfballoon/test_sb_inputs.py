@@ -9,6 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sb_fakes import MAX_PFN, TOTALRESERVE, ZONEINFO, GuestTree, meminfo_text
+
+from xentmem.roots import Roots
 from xentmem_selfballoon.inputs import (
     InputError,
     is_control_domain,
@@ -21,8 +23,6 @@ from xentmem_selfballoon.inputs import (
     read_meminfo,
     read_pressure,
 )
-
-from xentmem.roots import Roots
 
 # -- meminfo -----------------------------------------------------------------------------------
 

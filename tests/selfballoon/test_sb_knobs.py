@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from xentmem_selfballoon.knobs import KERNEL_KNOBS, SELFBALLOON_PARAMS, KnobStore, knob_names
 
 from xentmem.errors import ParamError
+from xentmem_selfballoon.knobs import KERNEL_KNOBS, SELFBALLOON_PARAMS, KnobStore, knob_names
 
 KERNEL_DEFAULTS = {
     "selfballooning": True,

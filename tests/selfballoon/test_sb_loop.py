@@ -21,6 +21,7 @@ from sb_fakes import (
     HookClock,
     RecordingPublisher,
 )
+
 from xentmem_selfballoon.knobs import KnobStore
 from xentmem_selfballoon.loop import SelfballoonLoop
 

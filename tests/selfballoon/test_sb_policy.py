@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from xentmem_selfballoon.policy import (
     FLOOR_LARGE,
     FLOOR_MIN_USABLE,

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 import xentmem_selfballoon
 
 PACKAGE_DIR = Path(xentmem_selfballoon.__file__).parent

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 from sb_fakes import FakeShim, GuestTree, RecordingPublisher, StepClock
-from xentmem_selfballoon.knobs import KnobStore
-from xentmem_selfballoon.service import SelfballoonService
 
 from xentmem.clock import FakeClock
+from xentmem_selfballoon.knobs import KnobStore
+from xentmem_selfballoon.service import SelfballoonService
 
 
 @pytest.fixture

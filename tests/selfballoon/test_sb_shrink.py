@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from xentmem_selfballoon.shrink import (
     REASON_EMPTY,
     REASON_GROWING,

@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from xentmem_selfballoon.inputs import balloon_target_path, read_guest, read_pressure
 from xentmem_selfballoon.policy import mb2pages
 from xentmem_selfballoon.simulate import (

@@ -177,6 +177,9 @@ depmod -b "$ROOT" "$KVER"
 install -m 755 "$HERE/image/init" "$ROOT/init"
 cp -a "$HERE/checks" "$ROOT$CHECKS_DIR"
 find "$ROOT$CHECKS_DIR" -name __pycache__ -prune -exec rm -rf {} +
+# The shipped units, where a distribution package would put them (the checks read them there)
+mkdir -p "$ROOT/usr/lib/systemd/system"
+install -m 644 "$REPO"/systemd/*.service "$ROOT/usr/lib/systemd/system/"
 echo "root:x:0:0:root:/root:/bin/sh" >"$ROOT/etc/passwd"
 echo "root:x:0:" >"$ROOT/etc/group"
 printf 'project=%s\nkernel=%s\nbuilt=%s\n' "$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown)" \

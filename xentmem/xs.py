@@ -505,25 +505,13 @@ class XsSession:
 
     def transaction(self, body: Callable[[int], T], *, attempts: int = 16) -> T:
         """Run ``body(tx)`` in a transaction, again from the start on EAGAIN (bounded)."""
-        for _attempt in range(attempts):
-            tx = int(self.call(Op.TRANSACTION_START, NUL, what="transaction start")
-                     .rstrip(NUL) or b"0")
-            try:
-                result = body(tx)
-            except BaseException:
-                try:
-                    self.call(Op.TRANSACTION_END, b"F" + NUL, what="transaction abort", tx=tx)
-                except XenStoreError:
-                    log.debug("abort of transaction %d failed", tx, exc_info=True)
-                raise
-            try:
-                self.call(Op.TRANSACTION_END, b"T" + NUL, what="transaction commit", tx=tx)
-            except XsError as exc:
-                if exc.name == "EAGAIN":
-                    continue
-                raise
-            return result
-        raise XsError("EAGAIN", f"transaction still conflicting after {attempts} attempts")
+        return run_transaction(
+            lambda: self.call(Op.TRANSACTION_START, NUL, what="transaction start"),
+            lambda tx, commit: self.call(Op.TRANSACTION_END, (b"T" if commit else b"F") + NUL,
+                                         what="transaction end", tx=tx),
+            body,
+            attempts=attempts,
+        )
 
     @staticmethod
     def _ack(payload: bytes) -> None:
@@ -546,3 +534,43 @@ def default_xenstore(socket_path: Path | None, xenbus_dev: Path) -> dict[str, Pa
     if socket_path is not None:
         return {"socket_path": socket_path}
     return {"xenbus_path": xenbus_dev}
+
+
+def run_transaction(
+    start: Callable[[], bytes],
+    end: Callable[[int, bool], object],
+    body: Callable[[int], T],
+    *,
+    attempts: int,
+) -> T:
+    """xenstore's transaction loop, shared by the guest's and the host's clients.
+
+    ``start()`` sends TRANSACTION_START and returns the untrusted reply; ``end(tx, commit)``
+    sends TRANSACTION_END.  ``body`` runs again from the start when the commit answers
+    EAGAIN (a conflicting writer), up to ``attempts`` times; an exception in ``body`` aborts
+    the transaction (best effort) and propagates.
+    """
+    for _attempt in range(attempts):
+        untrusted_id = start()
+        try:
+            tx = int(untrusted_id.rstrip(NUL).decode("ascii"), 10)
+        except (ValueError, UnicodeDecodeError):
+            raise XsConnectionLost(
+                f"xenstore gave transaction id {untrusted_id[:20]!r}"
+            ) from None
+        try:
+            result = body(tx)
+        except BaseException:
+            try:
+                end(tx, False)
+            except XenStoreError:
+                log.debug("abort of transaction %d failed", tx, exc_info=True)
+            raise
+        try:
+            end(tx, True)
+        except XsError as exc:
+            if exc.name == "EAGAIN":
+                continue
+            raise
+        return result
+    raise XsError("EAGAIN", f"transaction still conflicting after {attempts} attempts")

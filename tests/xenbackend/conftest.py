@@ -7,15 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fakes.xenstore_hosts import (  # noqa: F401  (fixtures, registered by import)
-    XenstoreHost,
-    c_xenstored_peer,
-    make_xs_server,
-    oxenstored_peer,
-    pyxs_su,
-    xenstore_host,
-    xs_server,
-)
+from fakes.xenstore_hosts import XenstoreHost  # the fixtures come from tests/conftest.py
 from xenhost import TmemHost
 
 HANG_GUARD_S = 120
@@ -29,7 +21,7 @@ def _hang_guard() -> Iterator[None]:
 
 
 @pytest.fixture
-def tmem_host(xenstore_host: XenstoreHost, tmp_path: Path) -> Iterator[TmemHost]:  # noqa: F811
+def tmem_host(xenstore_host: XenstoreHost, tmp_path: Path) -> Iterator[TmemHost]:
     host = TmemHost(xenstore_host, tmp_path, capacity=64 << 20)
     host.start()
     try:

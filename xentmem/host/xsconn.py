@@ -32,7 +32,7 @@ from xentmem.host.xswire import (
     XsOp,
     split_args,
 )
-from xentmem.xs import XsConnectionLost, XsError, XsTimeout
+from xentmem.xs import XsConnectionLost, XsError, XsTimeout, run_transaction
 
 log = logging.getLogger(__name__)
 
@@ -313,30 +313,13 @@ class XsConn:
 
     def transaction(self, body: Callable[[int], T], *, attempts: int = 16) -> T:
         """Run ``body(tx)`` in a transaction; again from the start on EAGAIN (bounded)."""
-        for _ in range(attempts):
-            untrusted_id = self.call(XsOp.TRANSACTION_START, NUL, what="transaction start")
-            try:
-                tx = int(untrusted_id.rstrip(NUL).decode("ascii"), 10)
-            except ValueError:
-                raise XsConnectionLost(
-                    f"xenstore gave transaction id {untrusted_id[:20]!r}"
-                ) from None
-            try:
-                result = body(tx)
-            except BaseException:
-                try:
-                    self.call(XsOp.TRANSACTION_END, b"F" + NUL, what="transaction abort", tx=tx)
-                except (XsError, XsTimeout):
-                    log.debug("abort of transaction %d failed", tx, exc_info=True)
-                raise
-            try:
-                self.call(XsOp.TRANSACTION_END, b"T" + NUL, what="transaction commit", tx=tx)
-            except XsError as exc:
-                if exc.name == "EAGAIN":
-                    continue
-                raise
-            return result
-        raise XsError("EAGAIN", f"transaction still conflicting after {attempts} attempts")
+        return run_transaction(
+            lambda: self.call(XsOp.TRANSACTION_START, NUL, what="transaction start"),
+            lambda tx, commit: self.call(XsOp.TRANSACTION_END, (b"T" if commit else b"F") + NUL,
+                                         what="transaction end", tx=tx),
+            body,
+            attempts=attempts,
+        )
 
     @staticmethod
     def _ok(payload: bytes) -> None:

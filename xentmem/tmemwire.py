@@ -16,10 +16,13 @@ A *message* is one batch of tmem ops (a request) or their results (a reply):
 * A message is **one node** created under the sender's message directory (``req/`` or
   ``rsp/``) whose *name* is the envelope ``<seq>@<chunks>@<crc32>@<inline>``.  A watch event
   carries the path, so when the text fits in the name (``chunks == 0``) the receiver learns
-  the whole message from the event without a single read.  A longer text *spills*: chunk 0 is
-  the node's value and chunks 1.. are values of the fixed nodes ``data/<i>`` (``rsp-data/<i>``
-  for replies), each prefixed ``<seq>@`` so a chunk left from another message is noticed.
-  The crc32 covers the whole text.
+  the whole message from the event without a single read.  A text a few names long travels
+  in *name parts*: nodes ``<seq>@p<k>@<text>`` written before the message node, whose
+  envelope then says ``p<n>`` (n names in all); the receiver still reads nothing, since every
+  part arrives in its own event.  A longer text *spills*: chunk 0 is the node's value and
+  chunks 1.. are values of the fixed nodes ``data/<i>`` (``rsp-data/<i>`` for replies), each
+  prefixed ``<seq>@`` so a chunk left from another message is noticed.  The crc32 covers the
+  whole text.
 
 Everything parsed here from the other side is ``untrusted_...`` until checked: lengths,
 counts, op codes, return values, page encodings and sizes are all bounded, and a failure is a
@@ -48,8 +51,9 @@ from xentmem.abi import (
 )
 from xentmem.errors import XentmemError
 
-#: Version of this wire format, negotiated through ``versions`` / ``version`` nodes.
-WIRE_VERSION = 1
+#: Version of this wire format, negotiated through ``versions`` / ``version`` nodes.  Version
+#: 2 added name parts; version 1 (spilled values only) was never released.
+WIRE_VERSION = 2
 #: Versions this code speaks, newest first.
 SUPPORTED_VERSIONS = (WIRE_VERSION,)
 
@@ -67,18 +71,31 @@ MIN_CHUNK_BYTES = 64
 #: The largest value the host writes where the daemon allows it (dom0 has no record quota in
 #: C xenstored); it leaves room in one 4096-byte write for a message name of up to 1000.
 MAX_CHUNK_BYTES = 3000
-#: The longest text in a request's name (and in any spilled message's name).  oxenstored
-#: refuses a path more than 1024 bytes below the writer's home (measured), and C xenstored
-#: counts a directory's child names against a guest's 2048-byte record quota, so a name stays
-#: within 960 characters: the envelope (:data:`NAME_OVERHEAD`) plus this much text.
+#: The longest text in a spilled message's name, and in a request's name wherever a guest
+#: cannot write longer ones.  oxenstored refuses a path more than 1024 bytes below the
+#: writer's home (measured), so such a name stays within 960 characters: the envelope
+#: (:data:`NAME_OVERHEAD`) plus this much text.
 MAX_INLINE_BYTES = 928
 DEFAULT_INLINE_BYTES = 900
+#: The longest text in a request's name where the daemon takes long paths (C xenstored: 2048
+#: bytes below the home).  C xenstored counts a directory's child names against a guest's
+#: 2048-byte record quota (a 24-byte header, 8 bytes a permission, each name and its NUL),
+#: and every request slot directory holds one name: 1960 + 32 leaves room for three
+#: permissions.  The guest tries it once when it connects (:data:`PROBE_DIR`).
+MAX_REQUEST_INLINE_BYTES = 1960
 #: The longest text a reply may carry in its name alone, where the daemon allows long paths
 #: (C xenstored: 2048 bytes below dom0's home, and ``backend/tmem/<domid>/0/rsp/`` is at most
 #: 26 of them); the event that carries it (path, token) stays well within 4096 bytes.
 MAX_REPLY_INLINE_BYTES = 1990
-#: ``<seq>@<chunks>@<crc>@``: at most 19 + 1 + 2 + 1 + 8 + 1 characters.
+#: ``<seq>@<chunks>@<crc>@``: at most 19 + 1 + 2 + 1 + 8 + 1 characters (a part's
+#: ``<seq>@p<k>@`` is shorter).
 NAME_OVERHEAD = 32
+#: Most names one message may be split over (its message node included).  Each part costs the
+#: receiver one watch event and saves it a read round trip, which costs more; a text longer
+#: than this many names spills into values instead.
+MAX_NAME_PARTS = 4
+#: What a peer may advertise (``max-parts``); 1 means no name parts.
+MAX_NAME_PARTS_LIMIT = 8
 #: Largest sequence number accepted (decimal digits in a name are bounded by this).
 MAX_SEQ = (1 << 63) - 1
 #: Most negative errno a reply may carry; EFROZEN (1000) and EEMPTY (1001) are below it.
@@ -92,7 +109,9 @@ OP_RECORD = struct.Struct("<BiQQQII")
 #: One result: the hypercall's return value and ``encoding << 16 | length`` of a get's page.
 RESULT_RECORD = struct.Struct("<iI")
 
-_NAME_RE = re.compile(r"(0|[1-9][0-9]{0,18})@(0|[1-9][0-9]?)@([0-9a-f]{8})@([A-Za-z0-9_-]*)")
+_NAME_RE = re.compile(
+    r"(0|[1-9][0-9]{0,18})@(0|[1-9][0-9]?|p[2-9])@([0-9a-f]{8})@([A-Za-z0-9_-]*)")
+_PART_RE = re.compile(r"(0|[1-9][0-9]{0,18})@p([1-8])@([A-Za-z0-9_-]+)")
 _B64URL_RE = re.compile(rb"[A-Za-z0-9_-]*")
 _TO_STD_B64 = bytes.maketrans(b"-_", b"+/")
 _TO_URL_B64 = bytes.maketrans(b"+/", b"-_")
@@ -446,14 +465,17 @@ class Limits:
     max_ops: int = 32
     #: Values of a spilled reply.
     reply_chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    #: Most names a message may be split over (1: none, the text spills into values).
+    max_parts: int = MAX_NAME_PARTS
 
     def __post_init__(self) -> None:
         for what, value in (("chunk", self.chunk_bytes), ("reply chunk", self.reply_chunk_bytes)):
             if not MIN_CHUNK_BYTES <= value <= MAX_CHUNK_BYTES:
                 raise WireError(f"{what} size {value} outside "
                                 f"{MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES}")
-        if not 0 <= self.inline_bytes <= MAX_INLINE_BYTES:
-            raise WireError(f"inline size {self.inline_bytes} outside 0..{MAX_INLINE_BYTES}")
+        if not 0 <= self.inline_bytes <= MAX_REQUEST_INLINE_BYTES:
+            raise WireError(f"inline size {self.inline_bytes} outside "
+                            f"0..{MAX_REQUEST_INLINE_BYTES}")
         if not 0 <= self.reply_inline_bytes <= MAX_REPLY_INLINE_BYTES:
             raise WireError(f"reply inline size {self.reply_inline_bytes} outside "
                             f"0..{MAX_REPLY_INLINE_BYTES}")
@@ -461,6 +483,8 @@ class Limits:
             raise WireError(f"max chunks {self.max_chunks} outside 1..{MAX_CHUNKS_LIMIT}")
         if not 1 <= self.max_ops <= MAX_OPS_LIMIT:
             raise WireError(f"max ops {self.max_ops} outside 1..{MAX_OPS_LIMIT}")
+        if not 1 <= self.max_parts <= MAX_NAME_PARTS_LIMIT:
+            raise WireError(f"max parts {self.max_parts} outside 1..{MAX_NAME_PARTS_LIMIT}")
 
     def meet(self, other: Limits) -> Limits:
         return Limits(min(self.chunk_bytes, other.chunk_bytes),
@@ -468,7 +492,8 @@ class Limits:
                       min(self.reply_inline_bytes, other.reply_inline_bytes),
                       min(self.max_chunks, other.max_chunks),
                       min(self.max_ops, other.max_ops),
-                      min(self.reply_chunk_bytes, other.reply_chunk_bytes))
+                      min(self.reply_chunk_bytes, other.reply_chunk_bytes),
+                      min(self.max_parts, other.max_parts))
 
     def inline_for(self, *, reply: bool) -> int:
         """The longest text a message's name may carry when the whole message is there."""
@@ -497,18 +522,40 @@ class Limits:
 class Envelope:
     """What a message node's name says: sequence, chunk count, crc and the inline text.
 
-    ``chunks == 0``: the whole text is ``inline``.  Otherwise the text is ``inline``, then
-    the node's value, then ``data/1`` .. ``data/<chunks-1>`` (without their ``<seq>@``).
+    ``chunks == 0``: the whole text is in names: ``inline`` alone, or (``parts`` = n >= 2)
+    the texts of parts 1 .. n-1 followed by ``inline``.  Otherwise the text is ``inline``,
+    then the node's value, then ``data/1`` .. ``data/<chunks-1>`` (without their ``<seq>@``).
     """
 
     seq: int
     chunks: int
     crc: int
     inline: str
+    #: Names the text is split over, this one included (0: not split).
+    parts: int = 0
 
     @property
     def name(self) -> str:
-        return f"{self.seq}@{self.chunks}@{self.crc:08x}@{self.inline}"
+        count = f"p{self.parts}" if self.parts else str(self.chunks)
+        return f"{self.seq}@{count}@{self.crc:08x}@{self.inline}"
+
+
+@dataclass(frozen=True)
+class Part:
+    """A name part: piece ``k`` (1-based) of message ``seq``'s text, in a node of its own."""
+
+    seq: int
+    k: int
+    text: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.seq}@p{self.k}@{self.text}"
+
+
+def is_part_name(untrusted_name: str) -> bool:
+    """Whether a node name has a part's shape (``<seq>@p<k>@``), valid or not."""
+    return untrusted_name.count("@") == 2
 
 
 def parse_name(untrusted_name: str, limits: Limits, *, reply: bool) -> Envelope:
@@ -519,7 +566,15 @@ def parse_name(untrusted_name: str, limits: Limits, *, reply: bool) -> Envelope:
     match = _NAME_RE.fullmatch(untrusted_name)
     if match is None:
         raise WireError(f"{untrusted_name[:40]!r} is not a message name")
-    seq, chunks, crc, inline = (int(match[1]), int(match[2]), int(match[3], 16), match[4])
+    seq, crc, inline = int(match[1]), int(match[3], 16), match[4]
+    if match[2].startswith("p"):
+        parts = int(match[2][1:])
+        if parts > limits.max_parts:
+            raise WireError(f"message split over {parts} names; at most {limits.max_parts}")
+        if not inline:
+            raise WireError("a message's last part is empty")
+        return Envelope(seq, 0, crc, inline, parts)
+    chunks = int(match[2])
     if chunks > limits.max_chunks:
         raise WireError(f"message of {chunks} chunks; at most {limits.max_chunks}")
     if chunks:
@@ -531,14 +586,33 @@ def parse_name(untrusted_name: str, limits: Limits, *, reply: bool) -> Envelope:
     return Envelope(seq, chunks, crc, inline)
 
 
+def parse_part(untrusted_name: str, limits: Limits, *, reply: bool) -> Part:
+    """Check a part node's name against the grammar and the limits."""
+    inline_limit = limits.inline_for(reply=reply)
+    if len(untrusted_name) > NAME_OVERHEAD + inline_limit:
+        raise WireError(f"part name of {len(untrusted_name)} characters is too long")
+    match = _PART_RE.fullmatch(untrusted_name)
+    if match is None:
+        raise WireError(f"{untrusted_name[:40]!r} is not a message part")
+    part = Part(int(match[1]), int(match[2]), match[3])
+    if part.k >= limits.max_parts:
+        raise WireError(f"part {part.k} of a message; at most {limits.max_parts - 1} before "
+                        "the message node")
+    if len(part.text) > inline_limit:
+        raise WireError(f"part text of {len(part.text)} characters; at most {inline_limit}")
+    return part
+
+
 @dataclass(frozen=True)
 class Framed:
-    """A message laid out as xenstore writes: the message node and its extra chunks."""
+    """A message laid out as xenstore writes: the message node, its parts and its chunks."""
 
     envelope: Envelope
     value: str
     #: ``(i, value)`` for ``data/<i>``, i >= 1, in order; written before the message node.
     chunks: tuple[tuple[int, str], ...]
+    #: Name parts 1 .. n-1, in order; written before the message node.
+    parts: tuple[Part, ...] = ()
 
 
 def frame(seq: int, body: bytes, limits: Limits, *, reply: bool) -> Framed:
@@ -547,8 +621,15 @@ def frame(seq: int, body: bytes, limits: Limits, *, reply: bool) -> Framed:
         raise WireError(f"sequence number {seq} out of range")
     text = to_text(body)
     crc = zlib.crc32(text.encode())
-    if len(text) <= limits.inline_for(reply=reply):
+    inline_limit = limits.inline_for(reply=reply)
+    if len(text) <= inline_limit:
         return Framed(Envelope(seq, 0, crc, text), "", ())
+    if inline_limit and len(text) <= inline_limit * limits.max_parts:
+        count = -(-len(text) // inline_limit)
+        step = -(-len(text) // count)  # even pieces: no name much longer than it must be
+        pieces = [text[pos:pos + step] for pos in range(0, len(text), step)]
+        parts = tuple(Part(seq, k, piece) for k, piece in enumerate(pieces[:-1], start=1))
+        return Framed(Envelope(seq, 0, crc, pieces[-1], len(pieces)), "", (), parts)
     spill_inline = limits.spill_inline_for(reply=reply)
     chunk = limits.chunk_for(reply=reply)
     inline, rest = text[:spill_inline], text[spill_inline:]
@@ -565,13 +646,22 @@ def frame(seq: int, body: bytes, limits: Limits, *, reply: bool) -> Framed:
 
 
 def unframe(envelope: Envelope, untrusted_value: str | None,
-            untrusted_chunks: Sequence[str], limits: Limits, *, reply: bool) -> bytes:
-    """The body of a message from its envelope and (when spilled) its chunk values.
+            untrusted_chunks: Sequence[str], limits: Limits, *, reply: bool,
+            untrusted_parts: Sequence[Part] = ()) -> bytes:
+    """The body of a message from its envelope and its parts or (when spilled) chunk values.
 
     ``untrusted_value`` is the message node's value and ``untrusted_chunks`` the values of
-    ``data/1`` .. ``data/<chunks-1>``; both are ignored for an inline message.
+    ``data/1`` .. ``data/<chunks-1>``; both are ignored for a message in names.
+    ``untrusted_parts`` are the parts received for the message (checked by :func:`parse_part`).
     """
-    if not envelope.chunks:
+    if envelope.parts:
+        wanted = list(range(1, envelope.parts))
+        if [p.k for p in untrusted_parts] != wanted or any(
+                p.seq != envelope.seq for p in untrusted_parts):
+            raise WireError(f"message {envelope.seq}: expected parts {wanted}, got "
+                            f"{[(p.seq, p.k) for p in untrusted_parts]}")
+        text = "".join(p.text for p in untrusted_parts) + envelope.inline
+    elif not envelope.chunks:
         text = envelope.inline
     else:
         if untrusted_value is None or len(untrusted_chunks) != envelope.chunks - 1:
@@ -610,6 +700,9 @@ STATE = "state"
 #: Message directories (watched by the other end) and their spill chunks.
 REQ_DIR = "req"
 REQ_DATA_DIR = "data"
+#: Where a guest tries, once per connect, how long a request name its xenstore takes: a path
+#: as long as the longest request slot's (``req/<slot>-<part>/``), outside the watched ``req/``.
+PROBE_DIR = "probe/0-0"
 RSP_DIR = "rsp"
 RSP_DATA_DIR = "rsp-data"
 #: Requests go to ``req/<seq % REQ_SLOTS>/<name>``: C xenstored counts a directory's child
@@ -632,6 +725,7 @@ BE_CHUNK_BYTES = "chunk-bytes"
 BE_INLINE_BYTES = "inline-bytes"
 BE_REPLY_INLINE_BYTES = "reply-inline-bytes"
 BE_REPLY_CHUNK_BYTES = "reply-chunk-bytes"
+BE_MAX_PARTS = "max-parts"
 BE_FEATURE_LZ4 = "feature-lz4"
 #: ``xenbus_dev_error``: ``"<errno> <message>"``.
 ERROR_NODE = "error"
@@ -642,9 +736,14 @@ _DOMID_RE = re.compile(r"0|[1-9][0-9]{0,4}")
 _UINT_RE = re.compile(r"[0-9]{1,10}")
 
 
-def request_slot(seq: int) -> str:
-    """The slot directory of request ``seq`` under ``req/``."""
-    return str(seq % REQ_SLOTS)
+def request_slot(seq: int, part: int = 0) -> str:
+    """The slot directory of request ``seq`` (or of its name part ``part``) under ``req/``.
+
+    Each part has a directory of its own (``<slot>-<k>``), so that every directory holds one
+    long name, as the record quota wants.
+    """
+    slot = seq % REQ_SLOTS
+    return f"{slot}-{part}" if part else str(slot)
 
 
 def frontend_path(domid: int) -> str:

@@ -25,12 +25,17 @@ from xentmem.host.control import ControlError, HostControlClient
 from xentmem.host.service import cli
 from xentmem.roots import Roots
 from xentmem.tmemwire import (
+    WIRE_VERSION,
     Limits,
+    Part,
     WireOp,
     decode_reply,
     encode_request,
     frame,
+    is_part_name,
     parse_name,
+    parse_part,
+    request_slot,
     to_text,
     unframe,
 )
@@ -65,8 +70,8 @@ class HandGuest:
         """The documented handshake, step by step."""
         self.c.write(f"{self.fe}/state".encode(), b"1")
         self.wait_state(2)
-        assert self.c.read(f"{self.be}/versions".encode()) == b"1"
-        self.c.write(f"{self.fe}/version".encode(), b"1")
+        assert self.c.read(f"{self.be}/versions".encode()) == str(WIRE_VERSION).encode()
+        self.c.write(f"{self.fe}/version".encode(), str(WIRE_VERSION).encode())
         self.c.write(f"{self.fe}/state".encode(), b"3")
         self.wait_state(4)
         self.c.write(f"{self.fe}/state".encode(), b"4")
@@ -77,17 +82,23 @@ class HandGuest:
     def reply(self, seq: int) -> bytes:
         """The body of the reply to ``seq`` (waits for its event)."""
         prefix = f"{self.be}/rsp/".encode()
+        parts: list[Part] = []
         for _ in range(200):
             event = self.monitor.events.get(timeout=WAIT_S)
             if not event.path.startswith(prefix):
                 continue
-            envelope = parse_name(event.path[len(prefix):].decode(), LIMITS, reply=True)
+            name = event.path[len(prefix):].decode()
+            if is_part_name(name):
+                parts.append(parse_part(name, LIMITS, reply=True))
+                continue
+            envelope = parse_name(name, LIMITS, reply=True)
             if envelope.seq != seq:
                 continue
             value = self.c.read(event.path).decode() if envelope.chunks else None
             chunks = [self.c.read(f"{self.be}/rsp-data/{i}".encode()).decode()
                       for i in range(1, envelope.chunks)]
-            return unframe(envelope, value, chunks, LIMITS, reply=True)
+            mine = [p for p in parts if p.seq == seq]
+            return unframe(envelope, value, chunks, LIMITS, reply=True, untrusted_parts=mine)
         raise AssertionError(f"no reply {seq}")
 
 
@@ -118,6 +129,39 @@ def test_malformed_requests_get_an_error_or_are_dropped_and_the_service_lives_on
     assert [r.rc for r in results] == [0, -38]  # the pool, then -ENOSYS
     served = tmem_host.service.devices[5].counters  # type: ignore[union-attr]
     assert (served.malformed, served.failed_messages, served.messages) == (4, 1, 4)
+
+
+def test_requests_in_name_parts_are_assembled_and_torn_ones_refused(
+        tmem_host: TmemHost) -> None:
+    g = HandGuest(tmem_host, 5)
+    g.connect()
+    body = encode_request([WireOp.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT),
+                           WireOp.put_page(0, Oid(7), 3, TEXT)])
+    small = Limits(inline_bytes=60)
+
+    def send_parts(seq: int, skip: int = 0, slot: str | None = None) -> str:
+        framed = frame(seq, body, small, reply=False)
+        assert framed.envelope.parts >= 3
+        for part in framed.parts:
+            if part.k != skip:
+                g.send(f"{slot or request_slot(seq, part.k)}/{part.name}")  # values unread
+        return framed.envelope.name
+
+    g.send(f"1/{send_parts(1)}")
+    assert [r.rc for r in decode_reply(g.reply(1), decode_request_ops(body))] == [0, 1]
+    g.send(f"2/{send_parts(2, skip=2)}")  # part 2 never written
+    assert status_of(g.reply(2)) == -22
+    g.send(f"3/{send_parts(3, slot='0-1')}")  # parts where no part of 3 belongs
+    assert status_of(g.reply(3)) == -22
+    g.send("4-7/4@p7@AAAA")  # a part beyond the agreed number of names: refused, not kept
+    g.send("4/4@p2@00000000@AAAA")
+    assert status_of(g.reply(4)) == -22
+    served = tmem_host.service.devices[5].counters  # type: ignore[union-attr]
+    pieces = frame(1, body, small, reply=False).envelope.parts
+    # Three torn messages, the misplaced parts of message 3 and the extra part of message 4.
+    assert (served.parted_requests, served.messages, served.ops) == (4, 4, 2)
+    assert served.malformed == 3 + (pieces - 1) + 1
+    assert tmem_host.service.store.get_page(5, 0, Oid(7), 3) == (1, TEXT)  # type: ignore[union-attr]
 
 
 def decode_request_ops(body: bytes) -> list[WireOp]:

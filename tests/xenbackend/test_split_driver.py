@@ -35,6 +35,12 @@ from xentmem.frontends import MemoryBacking
 from xentmem.host.control import HostControlClient
 from xentmem.roots import Roots
 from xentmem.shim import Shim
+from xentmem.tmemwire import (
+    DEFAULT_INLINE_BYTES,
+    MAX_NAME_PARTS,
+    MAX_REQUEST_INLINE_BYTES,
+    WIRE_VERSION,
+)
 
 TEXT = (b"def put_page(pool, oid, index, page):\n    return backend.put(pool, oid, index)\n"
         * 60)[:PAGE_SIZE]
@@ -84,11 +90,11 @@ def test_handshake_creates_both_areas_and_steps_through_the_states(tmem_host: Tm
     with connected(roots) as backend:
         assert read(tmem_host, f"{fe}/state") == b"%d" % XenbusState.CONNECTED
         assert read(tmem_host, f"{be}/state") == b"%d" % XenbusState.CONNECTED
-        assert read(tmem_host, f"{fe}/version") == b"1"
+        assert read(tmem_host, f"{fe}/version") == str(WIRE_VERSION).encode()
         info = backend.describe()
         assert (info["domid"], info["state"], info["otherend_state"]) == (5, "Connected",
                                                                           "Connected")
-        assert info["version"] == 1
+        assert info["version"] == WIRE_VERSION
     # remove(): Closing -> the host drops the pools and goes Closed -> Closed.
     assert read(tmem_host, f"{fe}/state") == b"%d" % XenbusState.CLOSED
     assert read(tmem_host, f"{be}/state") == b"%d" % XenbusState.CLOSED
@@ -214,8 +220,30 @@ def test_pages_of_every_compressibility_round_trip(tmem_host: TmemHost, batch: b
             assert b.get_page(pers, Oid(i), i) == (1, page), name
             assert b.get_page(eph, Oid(i), i) == (1, page), name
         stats = b.stats()
-        assert stats["spilled_messages"] >= 1 and stats["inline_messages"] >= 1
+        # A page alone travels in names (a zero page in one, a compressed one in parts);
+        # a batch of them spills into values.
+        assert stats["inline_messages"] >= 1
+        assert stats["spilled_messages" if batch else "parted_messages"] >= 1
+        assert stats["parted_replies"] >= 1
         assert stats["rejected_replies"] == 0
+
+
+def test_request_names_are_as_long_as_the_daemon_takes(tmem_host: TmemHost) -> None:
+    """C xenstored (and ours) take paths of 2048 bytes below a home, oxenstored 1024: the guest
+    tries once, when it connects, and splits its requests over fewer names where it can."""
+    long_names = tmem_host.xs.flavour != "oxenstored"
+    with connected(tmem_host.guest(5), batch=False) as b:
+        limits = b.describe()["limits"]
+        assert limits["inline_bytes"] == (MAX_REQUEST_INLINE_BYTES if long_names
+                                          else DEFAULT_INLINE_BYTES)
+        assert limits["max_parts"] == MAX_NAME_PARTS
+        assert not tmem_host.xs.dom0.exists(b"/local/domain/5/device/tmem/0/probe")
+        pool = b.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        assert b.put_page(pool, Oid(1), 0, PAGES["half-random"]) == 1
+        assert b.get_page(pool, Oid(1), 0) == (1, PAGES["half-random"])
+        stats = b.stats()
+        assert stats["parted_messages"] == 1 and stats["parted_replies"] == 1
+        assert stats["spilled_messages"] == stats["spilled_replies"] == 0
 
 
 def test_a_batch_carries_posted_ops_with_the_next_synchronous_one(tmem_host: TmemHost) -> None:
@@ -377,9 +405,13 @@ def _reply_text(body: bytes) -> tuple[str, int]:
 
 
 @pytest.mark.parametrize("lie", ["garbage-crc", "bad-rc", "wrong-count", "bad-page",
-                                 "foreign-chunk", "stale-then-garbage"])
+                                 "foreign-chunk", "missing-part", "foreign-part",
+                                 "stale-then-garbage"])
 def test_malformed_replies_are_rejected_with_a_clear_error(tmem_host: TmemHost, lie: str) -> None:
     import struct
+
+    def head(nops: int) -> bytes:  # a reply's header: version, ops, status 0
+        return struct.pack("<BBi", WIRE_VERSION, nops, 0)
 
     roots = tmem_host.guest(5)
     with connected(roots, batch=False, timeout_ms=4000) as b:
@@ -395,18 +427,24 @@ def test_malformed_replies_are_rejected_with_a_clear_error(tmem_host: TmemHost, 
         if lie == "garbage-crc":
             rogue.reply(f"{seq}@0@00000000@AQID")
         elif lie == "bad-rc":  # PUT_PAGE can return 1, 0 or -errno, never 7
-            text, crc = _reply_text(struct.pack("<BBi", 1, 1, 0) + struct.pack("<iI", 7, 0))
+            text, crc = _reply_text(head(1) + struct.pack("<iI", 7, 0))
             rogue.reply(f"{seq}@0@{crc:08x}@{text}")
         elif lie == "wrong-count":
-            text, crc = _reply_text(struct.pack("<BBi", 1, 2, 0) + struct.pack("<iI", 1, 0) * 2)
+            text, crc = _reply_text(head(2) + struct.pack("<iI", 1, 0) * 2)
             rogue.reply(f"{seq}@0@{crc:08x}@{text}")
         elif lie == "bad-page":  # a "found" page that is 100 raw bytes
-            text, crc = _reply_text(struct.pack("<BBi", 1, 1, 0) + struct.pack("<iI", 1, 100)
+            text, crc = _reply_text(head(1) + struct.pack("<iI", 1, 100)
                                     + b"x" * 100)
             rogue.reply(f"{seq}@0@{crc:08x}@{text}")
         elif lie == "foreign-chunk":
-            text, crc = _reply_text(struct.pack("<BBi", 1, 1, 0) + struct.pack("<iI", 1, 0))
+            text, crc = _reply_text(head(1) + struct.pack("<iI", 1, 0))
             rogue.reply(f"{seq}@2@{crc:08x}@", text.encode(), {1: f"{seq + 1}@AAAA".encode()})
+        elif lie in ("missing-part", "foreign-part"):  # the reply's first name never came
+            text, crc = _reply_text(head(1)
+                                    + struct.pack("<iI", 1, 0))
+            if lie == "foreign-part":
+                rogue.reply(f"{seq + 1}@p1@{text[:4]}")
+            rogue.reply(f"{seq}@p2@{crc:08x}@{text[4:]}")
         else:  # an answer to an old request is ignored; the real answer is garbage
             rogue.reply(f"{seq - 1}@0@00000000@AQID")
             rogue.reply(f"{seq}@0@00000000@AQID")

@@ -16,9 +16,11 @@ from xentmem.tmemwire import (
     MAX_INLINE_BYTES,
     MAX_OPS_LIMIT,
     NAME_OVERHEAD,
+    WIRE_VERSION,
     Envelope,
     Limits,
     PageEncoding,
+    Part,
     WireError,
     WireOp,
     WireResult,
@@ -32,9 +34,11 @@ from xentmem.tmemwire import (
     from_text,
     parse_domid,
     parse_name,
+    parse_part,
     parse_uint,
     reply_size_bound,
     request_size,
+    request_slot,
     to_text,
     unframe,
 )
@@ -42,7 +46,10 @@ from xentmem.tmemwire import (
 TEXT = (b"static int tmem_put(struct pool *p, struct oid *o, u32 index)\n{\n\treturn 0;\n}\n"
         * 60)[:PAGE_SIZE]
 RANDOM = os.urandom(PAGE_SIZE)
+#: About 2000 characters on the wire: more than one short name, less than four.
+MIXED = (RANDOM[:1400] + TEXT)[:PAGE_SIZE]
 LIMITS = Limits()
+NO_PARTS = Limits(max_parts=1)
 # What pyxs and both daemons accept: printable ASCII without newlines; names also [A-Za-z0-9_@-].
 VALUE_RE = re.compile(r"[\x20-\x7e]*")
 NAME_RE = re.compile(r"[A-Za-z0-9_@-]+")
@@ -93,7 +100,7 @@ def test_request_layout_is_fixed_records_then_pages() -> None:
            WireOp.get_page(3, Oid(4), 8),
            WireOp.flush_object(3, Oid(9))]
     body = encode_request(ops)
-    assert body[:2] == bytes([1, 4])
+    assert body[:2] == bytes([WIRE_VERSION, 4])
     assert struct.unpack_from("<BiQQQII", body, 2) == (1, 0, 1, 2, 0, 0, 0x01000002)
     cmd, pool, w0, w1, w2, index, extra = struct.unpack_from("<BiQQQII", body, 2 + 37)
     assert (cmd, pool, w0, w1, w2, index) == (4, 3, 4, 5, 6, 7)
@@ -126,9 +133,12 @@ def test_reply_carries_return_values_and_found_pages() -> None:
 ])
 def test_replies_with_values_the_op_cannot_give_are_refused(cmd: int, rc: int, why: str) -> None:
     op = WireOp(cmd, 0, Oid(1), 0)
-    body = struct.pack("<BBi", 1, 1, 0) + struct.pack("<iI", rc, 0)
+    body = struct.pack("<BBi", WIRE_VERSION, 1, 0) + struct.pack("<iI", rc, 0)
     with pytest.raises(WireError, match=why):
         decode_reply(body, [op])
+
+
+REPLY_OF_ONE = struct.pack("<BBi", WIRE_VERSION, 1, 0)
 
 
 def test_replies_that_do_not_match_their_request_are_refused() -> None:
@@ -138,31 +148,34 @@ def test_replies_that_do_not_match_their_request_are_refused() -> None:
     with pytest.raises(WireError, match="2 results for 1 ops"):
         decode_reply(two, [get])
     with pytest.raises(WireError, match="carries page data"):  # a page for a put
-        decode_reply(struct.pack("<BBi", 1, 1, 0) + struct.pack("<iI", 1, 4) + b"abcd", [put])
+        decode_reply(REPLY_OF_ONE + struct.pack("<iI", 1, 4) + b"abcd", [put])
     with pytest.raises(WireError, match="runs past the end"):
-        decode_reply(struct.pack("<BBi", 1, 1, 0) + struct.pack("<iI", 1, 4000), [get])
+        decode_reply(REPLY_OF_ONE + struct.pack("<iI", 1, 4000), [get])
     with pytest.raises(WireError, match="stray bytes"):
         decode_reply(encode_reply([WireResult(0)]) + b"x", [get])
-    with pytest.raises(WireError, match="wire version 2"):
-        decode_reply(struct.pack("<BBi", 2, 0, 0), [])
+    with pytest.raises(WireError, match=f"wire version {WIRE_VERSION + 1}"):
+        decode_reply(struct.pack("<BBi", WIRE_VERSION + 1, 0, 0), [])
 
 
 def test_unknown_op_codes_still_parse_so_they_can_be_answered() -> None:
-    body = struct.pack("<BB", 1, 1) + struct.pack("<BiQQQII", 9, 0, 0, 0, 0, 0, 0)
+    body = struct.pack("<BB", WIRE_VERSION, 1) + struct.pack("<BiQQQII", 9, 0, 0, 0, 0, 0, 0)
     (op,) = decode_request(body)
     assert op.cmd == 9
 
 
+ONE_OP = struct.pack("<BB", WIRE_VERSION, 1)
+
+
 @pytest.mark.parametrize(("body", "why"), [
     (b"", "shorter than its header"),
-    (struct.pack("<BB", 1, 0), "carries 0 ops"),
-    (struct.pack("<BB", 1, MAX_OPS_LIMIT + 1), f"carries {MAX_OPS_LIMIT + 1} ops"),
-    (struct.pack("<BB", 1, 2) + b"\0" * 37, "too short for 2 ops"),
-    (struct.pack("<BB", 1, 1) + struct.pack("<BiQQQII", 4, 0, 0, 0, 0, 0, (9 << 16)),
+    (struct.pack("<BB", WIRE_VERSION, 0), "carries 0 ops"),
+    (struct.pack("<BB", WIRE_VERSION, MAX_OPS_LIMIT + 1), f"carries {MAX_OPS_LIMIT + 1} ops"),
+    (struct.pack("<BB", WIRE_VERSION, 2) + b"\0" * 37, "too short for 2 ops"),
+    (struct.pack("<BB", WIRE_VERSION, 1) + struct.pack("<BiQQQII", 4, 0, 0, 0, 0, 0, (9 << 16)),
      "unknown page encoding 9"),
-    (struct.pack("<BB", 1, 1) + struct.pack("<BiQQQII", 4, 0, 0, 0, 0, 0, (1 << 16) | 5000),
+    (ONE_OP + struct.pack("<BiQQQII", 4, 0, 0, 0, 0, 0, (1 << 16) | 5000),
      "LZ4 page of 5000 bytes"),
-    (struct.pack("<BB", 1, 1) + struct.pack("<BiQQQII", 4, 0, 0, 0, 0, 0, (1 << 16) | 10),
+    (ONE_OP + struct.pack("<BiQQQII", 4, 0, 0, 0, 0, 0, (1 << 16) | 10),
      "runs past the end"),
 ])
 def test_malformed_requests_are_refused(body: bytes, why: str) -> None:
@@ -194,7 +207,8 @@ def test_small_messages_live_in_the_name_alone() -> None:
 def test_large_messages_spill_within_every_daemons_limits(pages: list[bytes]) -> None:
     ops = [WireOp.put_page(0, Oid(1), i, p) for i, p in enumerate(pages)]
     body = encode_request(ops)
-    framed = frame(123456, body, LIMITS, reply=False)
+    framed = frame(123456, body, NO_PARTS, reply=False)
+    assert framed.parts == () and framed.envelope.parts == 0
     name = framed.envelope.name
     # oxenstored: 2048-byte values and 1024-byte paths below a domain's home; pyxs: printable.
     assert len(name) <= NAME_OVERHEAD + MAX_INLINE_BYTES <= 960
@@ -207,9 +221,69 @@ def test_large_messages_spill_within_every_daemons_limits(pages: list[bytes]) ->
                    reply=False) == body
 
 
+@pytest.mark.parametrize(("inline", "page", "count"), [
+    (900, MIXED, 3), (900, RANDOM, 0), (1960, RANDOM, 3), (1990, RANDOM, 3)])
+def test_a_text_a_few_names_long_travels_in_name_parts(inline: int, page: bytes,
+                                                       count: int) -> None:
+    limits = Limits(inline_bytes=min(inline, 1960), reply_inline_bytes=inline)
+    reply = inline == 1990
+    body = encode_request([WireOp.put_page(0, Oid(1), 0, page)])
+    framed = frame(77, body, limits, reply=reply)
+    if not count:  # longer than MAX_NAME_PARTS names: it spills into values instead
+        assert framed.parts == () and framed.envelope.chunks >= 1
+        return
+    assert framed.envelope.parts == count and len(framed.parts) == count - 1
+    assert framed.value == "" and framed.chunks == ()
+    names = [p.name for p in framed.parts] + [framed.envelope.name]
+    for k, name in enumerate(names, start=1):
+        assert len(name) <= NAME_OVERHEAD + inline
+        assert len(f"device/tmem/0/{request_slot(77, k % count)}/{name}") <= (
+            1024 if inline <= 900 else 2048)
+    parts = [parse_part(p.name, limits, reply=reply) for p in framed.parts]
+    envelope = parse_name(framed.envelope.name, limits, reply=reply)
+    assert unframe(envelope, None, (), limits, reply=reply, untrusted_parts=parts) == body
+    assert len({len(n) for n in names[:-1]}) <= 1  # even pieces
+
+
+def test_missing_foreign_or_mixed_parts_are_noticed() -> None:
+    body = encode_request([WireOp.put_page(0, Oid(1), i, TEXT) for i in range(2)])
+    limits = Limits(inline_bytes=150)
+    framed = frame(9, body, limits, reply=False)
+    assert framed.envelope.parts == 3
+    parts = list(framed.parts)
+    envelope = framed.envelope
+    with pytest.raises(WireError, match="expected parts"):
+        unframe(envelope, None, (), limits, reply=False, untrusted_parts=parts[:-1])
+    with pytest.raises(WireError, match="expected parts"):
+        unframe(envelope, None, (), limits, reply=False,
+                untrusted_parts=[Part(8, 1, parts[0].text), *parts[1:]])
+    with pytest.raises(WireError, match="crc mismatch"):
+        swapped = [Part(9, 1, parts[1].text), Part(9, 2, parts[0].text)]
+        unframe(envelope, None, (), limits, reply=False, untrusted_parts=swapped)
+    assert unframe(envelope, None, (), limits, reply=False, untrusted_parts=parts) == body
+
+
+@pytest.mark.parametrize(("name", "why"), [
+    ("1@p0@AAAA", "not a message part"), ("1@p1@", "not a message part"),
+    ("1@p1@A A", "not a message part"), ("01@p1@AA", "not a message part"),
+    ("1@p4@AAAA", "at most 3 before"), ("1@p1@" + "A" * 901, "at most 900"),
+])
+def test_malformed_part_names_are_refused(name: str, why: str) -> None:
+    with pytest.raises(WireError, match=why):
+        parse_part(name, LIMITS, reply=False)
+
+
+def test_a_message_may_not_claim_more_parts_than_agreed() -> None:
+    with pytest.raises(WireError, match="split over 5 names"):
+        parse_name("3@p5@00000000@AAAA", LIMITS, reply=False)
+    with pytest.raises(WireError, match="split over 2 names"):
+        parse_name("3@p2@00000000@AAAA", NO_PARTS, reply=False)
+    assert parse_name("3@p2@00000000@AAAA", LIMITS, reply=False).parts == 2
+
+
 def test_torn_or_mixed_chunks_are_noticed() -> None:
     body = encode_request([WireOp.put_page(0, Oid(1), i, RANDOM) for i in range(3)])
-    framed = frame(5, body, LIMITS, reply=False)
+    framed = frame(5, body, NO_PARTS, reply=False)
     chunks = [v for _, v in framed.chunks]
     envelope = framed.envelope
     with pytest.raises(WireError, match="belongs to another message"):
@@ -223,7 +297,8 @@ def test_torn_or_mixed_chunks_are_noticed() -> None:
 
 
 def test_a_message_too_big_for_the_limits_is_refused() -> None:
-    small = Limits(chunk_bytes=256, max_chunks=2, inline_bytes=100, reply_inline_bytes=100)
+    small = Limits(chunk_bytes=256, max_chunks=2, inline_bytes=100, reply_inline_bytes=100,
+                   max_parts=2)
     with pytest.raises(WireError, match="needs"):
         frame(1, encode_request([WireOp.put_page(0, Oid(1), 0, RANDOM)]), small, reply=True)
 
@@ -322,5 +397,6 @@ def test_any_batch_round_trips_through_names_and_values(batch: list[tuple], seq:
     body = encode_request(ops)
     framed = frame(seq, body, LIMITS, reply=False)
     envelope = parse_name(framed.envelope.name, LIMITS, reply=False)
+    parts = [parse_part(p.name, LIMITS, reply=False) for p in framed.parts]
     assert decode_request(unframe(envelope, framed.value, [v for _, v in framed.chunks],
-                                  LIMITS, reply=False)) == ops
+                                  LIMITS, reply=False, untrusted_parts=parts)) == ops

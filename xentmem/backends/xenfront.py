@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from xentmem.abi import Oid, XenbusState
 from xentmem.clock import SystemClock
@@ -28,6 +28,7 @@ from xentmem.tmemwire import (
     BE_INLINE_BYTES,
     BE_MAX_CHUNKS,
     BE_MAX_OPS,
+    BE_MAX_PARTS,
     BE_REPLY_CHUNK_BYTES,
     BE_REPLY_INLINE_BYTES,
     BE_VERSIONS,
@@ -39,10 +40,14 @@ from xentmem.tmemwire import (
     FE_VERSION,
     MAX_CHUNK_BYTES,
     MAX_CHUNKS_LIMIT,
-    MAX_INLINE_BYTES,
+    MAX_NAME_PARTS,
+    MAX_NAME_PARTS_LIMIT,
     MAX_OPS_LIMIT,
     MAX_REPLY_INLINE_BYTES,
+    MAX_REQUEST_INLINE_BYTES,
     MIN_CHUNK_BYTES,
+    NAME_OVERHEAD,
+    PROBE_DIR,
     REQ_DATA_DIR,
     REQ_DIR,
     RSP_DATA_DIR,
@@ -51,6 +56,7 @@ from xentmem.tmemwire import (
     SUPPORTED_VERSIONS,
     Envelope,
     Limits,
+    Part,
     WireError,
     WireOp,
     WireResult,
@@ -59,8 +65,10 @@ from xentmem.tmemwire import (
     encode_request,
     frame,
     frontend_path,
+    is_part_name,
     parse_domid,
     parse_name,
+    parse_part,
     parse_uint,
     reply_size_bound,
     request_slot,
@@ -91,8 +99,10 @@ class Disconnected(XenStoreError):
 class FrontendCounters:
     messages: int = 0
     inline_messages: int = 0
+    parted_messages: int = 0
     spilled_messages: int = 0
     inline_replies: int = 0
+    parted_replies: int = 0
     spilled_replies: int = 0
     text_sent: int = 0
     text_received: int = 0
@@ -158,14 +168,20 @@ class TmemFrontend:
     """One tmem device of this guest, from handshake to close."""
 
     def __init__(self, xs: XsSession, *, timeout: float, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 inline_bytes: int = DEFAULT_INLINE_BYTES) -> None:
+                 inline_bytes: int | None = None) -> None:
+        """``inline_bytes``: the longest text a request's name may carry; ``None`` tries
+        once per connect how long a name this xenstore takes from us."""
         self.xs = xs
         self.timeout = timeout
         self.clock = SystemClock()
-        self.own_limits = Limits(chunk_bytes=chunk_bytes, inline_bytes=inline_bytes,
+        self._probe_names = inline_bytes is None
+        self.own_limits = Limits(chunk_bytes=chunk_bytes,
+                                 inline_bytes=DEFAULT_INLINE_BYTES if inline_bytes is None
+                                 else inline_bytes,
                                  reply_inline_bytes=MAX_REPLY_INLINE_BYTES,
                                  reply_chunk_bytes=MAX_CHUNK_BYTES,
-                                 max_chunks=MAX_CHUNKS_LIMIT, max_ops=MAX_OPS_LIMIT)
+                                 max_chunks=MAX_CHUNKS_LIMIT, max_ops=MAX_OPS_LIMIT,
+                                 max_parts=MAX_NAME_PARTS)
         self.domid = -1
         self.backend_domid = -1
         self.nodename = ""
@@ -192,6 +208,8 @@ class TmemFrontend:
         self._state_events = self.xs.watch(f"{self.otherend}/{STATE}".encode(), _STATE_TOKEN)
         self._rsp_events = self.xs.watch(f"{self.otherend}/{RSP_DIR}".encode(), _RSP_TOKEN)
         self._clean_own_messages()
+        if self._probe_names:
+            self.own_limits = replace(self.own_limits, inline_bytes=self._probe_request_names())
         self.broken = ""
         self.state = self._read_state(self.nodename)
         self.switch_state(XenbusState.INITIALISING)
@@ -287,7 +305,7 @@ class TmemFrontend:
                 chunk_bytes=parse_uint(node(BE_CHUNK_BYTES) or "", low=MIN_CHUNK_BYTES,
                                        high=MAX_CHUNK_BYTES, what=BE_CHUNK_BYTES),
                 inline_bytes=parse_uint(node(BE_INLINE_BYTES) or "0", low=0,
-                                        high=MAX_INLINE_BYTES, what=BE_INLINE_BYTES),
+                                        high=MAX_REQUEST_INLINE_BYTES, what=BE_INLINE_BYTES),
                 reply_inline_bytes=parse_uint(node(BE_REPLY_INLINE_BYTES) or "0", low=0,
                                               high=MAX_REPLY_INLINE_BYTES,
                                               what=BE_REPLY_INLINE_BYTES),
@@ -298,6 +316,8 @@ class TmemFrontend:
                                       what=BE_MAX_CHUNKS),
                 max_ops=parse_uint(node(BE_MAX_OPS) or "", low=1, high=MAX_OPS_LIMIT,
                                    what=BE_MAX_OPS),
+                max_parts=parse_uint(node(BE_MAX_PARTS) or "1", low=1,
+                                     high=MAX_NAME_PARTS_LIMIT, what=BE_MAX_PARTS),
             )
             lz4 = node(BE_FEATURE_LZ4) == "1"
         except WireError as exc:
@@ -307,6 +327,26 @@ class TmemFrontend:
         if limits.body_capacity(reply=True) < reply_size_bound([WireOp.get_page(0, Oid(0), 0)]):
             raise BackendError(f"tmem host's limits ({limits}) cannot carry one page")
         return Negotiated(common[0], limits, lz4)
+
+    def _probe_request_names(self) -> int:
+        """The longest text a request's name may carry on this xenstore.
+
+        C xenstored takes paths up to 2048 bytes below our home, oxenstored up to 1024: one
+        directory as deep as the deepest request slot, with the longest name, tells which.
+        Longer names mean fewer nodes, hence fewer watch events, per request.
+        """
+        probe = f"{self.nodename}/{PROBE_DIR}"
+        inline = MAX_REQUEST_INLINE_BYTES
+        try:
+            self.xs.mkdir(f"{probe}/{'9' * (NAME_OVERHEAD + inline)}".encode())
+        except XsError as exc:
+            log.debug("xen: xenstore refuses long request names (%s)", exc)
+            inline = DEFAULT_INLINE_BYTES
+        try:
+            self.xs.rm(f"{self.nodename}/{PROBE_DIR.split('/')[0]}".encode())
+        except XsError:
+            log.debug("xen: removing the name probe failed", exc_info=True)
+        return inline
 
     def _clean_own_messages(self) -> None:
         """Drop request nodes a previous session left behind (they are ours to delete)."""
@@ -338,8 +378,12 @@ class TmemFrontend:
         nodename = self.nodename
         requests = [(Op.WRITE, f"{nodename}/{REQ_DATA_DIR}/{i}\0{value}".encode(), "write chunk")
                     for i, value in framed.chunks]
+        paths = [f"{nodename}/{REQ_DIR}/{request_slot(seq, part.k)}/{part.name}".encode()
+                 for part in framed.parts]
+        requests += [(Op.WRITE, path + b"\0", "write message part") for path in paths]
         message_path = (f"{nodename}/{REQ_DIR}/{request_slot(seq)}/"
                         f"{framed.envelope.name}").encode()
+        paths.append(message_path)
         requests.append((Op.WRITE, message_path + b"\0" + framed.value.encode(),
                          f"write message {seq}"))
         writes = self.xs.send_many(requests)
@@ -347,17 +391,19 @@ class TmemFrontend:
         counters.messages += 1
         if framed.envelope.chunks:
             counters.spilled_messages += 1
+        elif framed.parts:
+            counters.parted_messages += 1
         else:
             counters.inline_messages += 1
         counters.text_sent += len(framed.envelope.inline) + len(framed.value) + sum(
-            len(v) for _, v in framed.chunks)
+            len(v) for _, v in framed.chunks) + sum(len(p.text) for p in framed.parts)
         try:
-            envelope = self._await_reply(seq, writes, limits)
+            envelope, parts = self._await_reply(seq, writes, limits)
         except ChannelTimeout:
             counters.timeouts += 1
-            self._abandon(message_path)
+            self._abandon(paths)
             raise
-        body = self._reply_body(envelope, limits)
+        body = self._reply_body(envelope, parts, limits)
         try:
             results = decode_reply(body, ops)
         except WireError as exc:
@@ -367,8 +413,11 @@ class TmemFrontend:
             self.xs.wait(pending)
         return results
 
-    def _await_reply(self, seq: int, writes: list[Pending], limits: Limits) -> Envelope:
+    def _await_reply(self, seq: int, writes: list[Pending],
+                     limits: Limits) -> tuple[Envelope, list[Part]]:
+        """The envelope of reply ``seq`` and the name parts that came before it."""
         assert self._rsp_events is not None
+        parts: dict[int, Part] = {}
         deadline = self.clock.monotonic() + self.timeout
         acks_checked = False
         prefix = self._rsp_prefix
@@ -391,6 +440,17 @@ class TmemFrontend:
             if not untrusted_path.startswith(prefix):
                 continue  # the directory itself (registration, bulk removal)
             untrusted_name = untrusted_path[len(prefix):].decode("ascii", "replace")
+            if is_part_name(untrusted_name):
+                try:
+                    part = parse_part(untrusted_name, limits, reply=True)
+                except WireError as exc:
+                    self.counters.rejected_replies += 1
+                    log.warning("xen: ignoring malformed reply part from %s: %s",
+                                self.otherend, exc)
+                    continue
+                if part.seq == seq:
+                    parts[part.k] = part
+                continue  # a part of an abandoned request's reply (or a bogus one)
             try:
                 envelope = parse_name(untrusted_name, limits, reply=True)
             except WireError as exc:
@@ -405,12 +465,16 @@ class TmemFrontend:
                 else:
                     self.counters.ignored_replies += 1
                 continue
-            return envelope
+            return envelope, [parts[k] for k in sorted(parts)]
 
-    def _reply_body(self, envelope: Envelope, limits: Limits) -> bytes:
+    def _reply_body(self, envelope: Envelope, parts: list[Part], limits: Limits) -> bytes:
         counters = self.counters
         counters.text_received += len(envelope.inline)
-        if not envelope.chunks:
+        if envelope.parts:
+            counters.parted_replies += 1
+            counters.text_received += sum(len(p.text) for p in parts)
+            untrusted_value, untrusted_chunks = None, []
+        elif not envelope.chunks:
             counters.inline_replies += 1
             untrusted_value, untrusted_chunks = None, []
         else:
@@ -430,7 +494,8 @@ class TmemFrontend:
             counters.text_received += sum(len(t) for t in texts)
             untrusted_value, untrusted_chunks = texts[0], texts[1:]
         try:
-            return unframe(envelope, untrusted_value, untrusted_chunks, limits, reply=True)
+            return unframe(envelope, untrusted_value, untrusted_chunks, limits, reply=True,
+                           untrusted_parts=parts)
         except WireError as exc:
             counters.rejected_replies += 1
             raise WireError(f"reply {envelope.seq} from {self.otherend} rejected: {exc}") from None
@@ -456,9 +521,10 @@ class TmemFrontend:
             log.debug("could not mark %s closed", self.nodename, exc_info=True)
         raise Disconnected(self.broken)
 
-    def _abandon(self, message_path: bytes) -> None:
-        """Delete our unanswered request node so it cannot pile up against our quota."""
-        try:
-            self.xs.send_rm(message_path)
-        except XenStoreError:
-            log.debug("could not remove abandoned %s", message_path, exc_info=True)
+    def _abandon(self, paths: list[bytes]) -> None:
+        """Delete our unanswered request's nodes so they cannot pile up against our quota."""
+        for path in paths:
+            try:
+                self.xs.send_rm(path)
+            except XenStoreError:
+                log.debug("could not remove abandoned %s", path, exc_info=True)

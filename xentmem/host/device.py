@@ -37,6 +37,7 @@ from xentmem.tmemwire import (
     BE_INLINE_BYTES,
     BE_MAX_CHUNKS,
     BE_MAX_OPS,
+    BE_MAX_PARTS,
     BE_REPLY_CHUNK_BYTES,
     BE_REPLY_INLINE_BYTES,
     BE_VERSIONS,
@@ -47,6 +48,7 @@ from xentmem.tmemwire import (
     MAX_CHUNK_BYTES,
     MAX_INLINE_BYTES,
     MAX_REPLY_INLINE_BYTES,
+    MAX_REQUEST_INLINE_BYTES,
     NAME_OVERHEAD,
     REQ_DATA_DIR,
     REQ_DIR,
@@ -57,6 +59,7 @@ from xentmem.tmemwire import (
     SUPPORTED_VERSIONS,
     Envelope,
     Limits,
+    Part,
     WireError,
     WireOp,
     WireResult,
@@ -65,7 +68,9 @@ from xentmem.tmemwire import (
     encode_reply,
     frame,
     frontend_path,
+    is_part_name,
     parse_name,
+    parse_part,
     parse_uint,
     request_slot,
     unframe,
@@ -96,9 +101,11 @@ class DeviceCounters:
     messages: int = 0
     ops: int = 0
     inline_requests: int = 0
+    parted_requests: int = 0
     spilled_requests: int = 0
     malformed: int = 0
     failed_messages: int = 0
+    replies_parted: int = 0
     replies_spilled: int = 0
     sessions: int = 0
 
@@ -120,7 +127,7 @@ class GuestDevice:
         self.store = store
         self.domid = domid
         self.backend_domid = backend_domid
-        self.limits = limits or Limits()
+        self.limits = limits or Limits(inline_bytes=MAX_REQUEST_INLINE_BYTES)
         self.compress_replies = compress_replies
         self.home = f"/local/domain/{domid}"
         self.otherend = frontend_path(domid)
@@ -135,6 +142,8 @@ class GuestDevice:
         self._req_prefix = f"{self.otherend}/{REQ_DIR}/".encode()
         self._served = 0
         self._replies_kept = 0
+        #: Name parts received for the next message, by part number.
+        self._parts: dict[int, Part] = {}
         self._watching = False
 
     # -- set-up and tear-down -------------------------------------------------------------------
@@ -186,6 +195,7 @@ class GuestDevice:
                 BE_INLINE_BYTES: str(limits.inline_bytes).encode(),
                 BE_REPLY_INLINE_BYTES: str(limits.reply_inline_bytes).encode(),
                 BE_REPLY_CHUNK_BYTES: str(limits.reply_chunk_bytes).encode(),
+                BE_MAX_PARTS: str(limits.max_parts).encode(),
                 BE_FEATURE_LZ4: b"1",
                 STATE: str(int(XenbusState.INIT_WAIT)).encode(),
             }
@@ -292,6 +302,7 @@ class GuestDevice:
         self.last_seq = 0
         self.last_reply = None
         self._served = self._replies_kept = 0
+        self._parts.clear()
         self.switch_state(XenbusState.INIT_WAIT)
 
     def _connect(self) -> None:
@@ -323,6 +334,7 @@ class GuestDevice:
         self.last_seq = 0
         self.last_reply = None
         self._served = self._replies_kept = 0
+        self._parts.clear()
         self.counters.sessions += 1
         self.switch_state(XenbusState.CONNECTED)
         log.info("tmem device of domain %d connected (version %d)", self.domid, version)
@@ -362,6 +374,9 @@ class GuestDevice:
         untrusted_slot, sep, untrusted_name = untrusted_rest.partition("/")
         if not sep or "/" in untrusted_name:
             return  # the directory itself, a slot directory, or something deeper
+        if is_part_name(untrusted_name):
+            self._part(untrusted_slot, untrusted_name)
+            return
         try:
             envelope = parse_name(untrusted_name, self.limits, reply=False)
             if untrusted_slot != request_slot(envelope.seq):
@@ -377,8 +392,10 @@ class GuestDevice:
         message_path = f"{self.otherend}/{REQ_DIR}/{untrusted_slot}/{untrusted_name}"
         status = 0
         results: list[WireResult] = []
+        parts = [self._parts[k] for k in sorted(self._parts)]
+        self._parts.clear()
         try:
-            body = self._body(envelope, message_path)
+            body = self._body(envelope, message_path, parts)
             ops = decode_request(body, max_ops=self.limits.max_ops)
         except WireError as exc:
             counters.malformed += 1
@@ -407,10 +424,32 @@ class GuestDevice:
             self.conn.post_rm(f"{self.otherend}/{REQ_DIR}")
             self._served = 0
 
-    def _body(self, envelope: Envelope, message_path: str) -> bytes:
+    def _part(self, untrusted_slot: str, untrusted_name: str) -> None:
+        """A name part of the next message: kept until its message node arrives.
+
+        A malformed part is counted and dropped: its message then lacks it and is answered
+        ``-EINVAL``.  Parts of messages already served (a replay) are ignored.
+        """
+        try:
+            part = parse_part(untrusted_name, self.limits, reply=False)
+            if untrusted_slot != request_slot(part.seq, part.k):
+                raise WireError(f"part {part.k} of message {part.seq} in slot "
+                                f"{untrusted_slot[:8]!r}")
+        except WireError as exc:
+            self.counters.malformed += 1
+            log.warning("domain %d: malformed request part %r: %s", self.domid,
+                        untrusted_name[:60], exc)
+            return
+        if part.seq > self.last_seq:
+            self._parts[part.k] = part
+
+    def _body(self, envelope: Envelope, message_path: str, parts: list[Part]) -> bytes:
         if not envelope.chunks:
-            self.counters.inline_requests += 1
-            return unframe(envelope, None, (), self.limits, reply=False)
+            if envelope.parts:
+                self.counters.parted_requests += 1
+            else:
+                self.counters.inline_requests += 1
+            return unframe(envelope, None, (), self.limits, reply=False, untrusted_parts=parts)
         self.counters.spilled_requests += 1
         ids = [self.conn.post_read(message_path)]
         ids += [
@@ -438,11 +477,15 @@ class GuestDevice:
             self._replies_kept = 0
         for i, value in framed.chunks:
             self.conn.post_write(f"{self.nodename}/{RSP_DATA_DIR}/{i}", value.encode())
+        for part in framed.parts:
+            self.conn.post_write(f"{self.nodename}/{RSP_DIR}/{part.name}", b"")
         name = framed.envelope.name
         self.conn.post_write(f"{self.nodename}/{RSP_DIR}/{name}", framed.value.encode())
         self._replies_kept += 1
         if framed.envelope.chunks:
             self.counters.replies_spilled += 1
+        elif framed.envelope.parts:
+            self.counters.replies_parted += 1
         self.last_reply = name
 
     def _malformed(self, untrusted_name: str, exc: WireError) -> None:

@@ -53,7 +53,14 @@ from xentmem.host.control import (
 from xentmem.host.device import GuestDevice, probe_reply_limits
 from xentmem.host.store import HostStore
 from xentmem.host.xsconn import XsConn, default_xenstore_path
-from xentmem.tmemwire import Limits, WireError, WireOp, WireResult, parse_domid
+from xentmem.tmemwire import (
+    MAX_REQUEST_INLINE_BYTES,
+    Limits,
+    WireError,
+    WireOp,
+    WireResult,
+    parse_domid,
+)
 from xentmem.xs import XsConnectionLost, XsError, XsTimeout
 
 log = logging.getLogger("xentmem.hostd")
@@ -81,7 +88,7 @@ class HostService:
         timeout: float = 5.0,
     ) -> None:
         self.store = store
-        self.limits = limits or Limits()
+        self.limits = limits or Limits(inline_bytes=MAX_REQUEST_INLINE_BYTES)
         self._probe_limits = limits is None
         self.backend_domid = backend_domid
         self.only = frozenset(domains) if domains else None

@@ -161,7 +161,7 @@ class HostService:
             timeout = 0.0 if self.conn.events else IDLE_S
             readable, _, _ = select.select(fds, [], [], timeout)
             if self.conn.fileno() in readable:
-                self.conn.pump(0)
+                self.conn.receive()
             while self.conn.events and not self._stop.is_set():
                 path, token = self.conn.events.popleft()
                 self._dispatch(path, token)

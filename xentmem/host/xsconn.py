@@ -172,6 +172,14 @@ class XsConn:
         readable, _, _ = select.select([self._fd], [], [], max(timeout, 0.0))
         if not readable:
             return False
+        self.receive()
+        return True
+
+    def receive(self) -> None:
+        """Read once, without waiting to be told the connection is readable (the caller's
+        own ``select`` said so), and sort what came."""
+        if self._fd < 0:
+            raise XsConnectionLost(f"xenstore connection to {self.path} is closed")
         try:
             data = self._sock.recv(65536) if self._sock is not None else os.read(self._fd, 65536)
         except OSError as exc:
@@ -185,7 +193,6 @@ class XsConn:
                 self.close()
                 raise XsConnectionLost(f"xenstore sent an oversized packet: {item}")
             self._sort(item)
-        return True
 
     def _sort(self, packet: Packet) -> None:
         if packet.op != XsOp.WATCH_EVENT:

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from enum import IntFlag
 
 from xentmem.errors import XenStoreError
@@ -47,6 +47,9 @@ SPECIAL_PATHS = (INTRODUCE_DOMAIN, RELEASE_DOMAIN)
 DOMID_FIRST_RESERVED = 0x7FF0
 
 _VALID_PATH_CHARS = re.compile(r"^[A-Za-z0-9\-/_@]*$")
+#: Every path :func:`check_path` accepts on its character and slash rules alone matches
+#: this; it lets a well-formed path pass with one regex scan.
+_WELL_FORMED_PATH = re.compile(r"(?:/[A-Za-z0-9_@-]+)+|/")
 _LOCAL_DOMAIN_PREFIX = re.compile(r"^/local/domain/[0-9]{1,5}/")
 _UNSIGNED = re.compile(r"^[0-9]{1,10}$")
 
@@ -77,6 +80,13 @@ class Access(IntFlag):
 _LETTER_ACCESS = {"n": Access.NONE, "r": Access.READ, "w": Access.WRITE, "b": Access.BOTH}
 _ACCESS_LETTER = {v: k for k, v in _LETTER_ACCESS.items()}
 
+# The same bits as plain ints, for the checks every request makes: ``&``/``|`` on an IntFlag
+# run Python code (and so does ``int & IntFlag``, through ``IntFlag.__rand__``).
+_READ = int(Access.READ)
+_WRITE = int(Access.WRITE)
+_WRITE_OWNER = int(Access.WRITE | Access.OWNER)
+_EVERYTHING = int(Access.BOTH | Access.OWNER)
+
 
 @dataclass(frozen=True)
 class PermEntry:
@@ -91,24 +101,34 @@ class PermEntry:
 
 @dataclass(frozen=True)
 class Perms:
-    """A node's permission list; ``entries[0]`` is the owner and the default for others."""
+    """A node's permission list; ``entries[0]`` is the owner and the default for others.
+
+    ``owner`` and the private ``_default``/``_others`` are derived from ``entries`` once, as
+    plain ints, for the permission check every request makes (:func:`perm_for`).
+    """
 
     entries: tuple[PermEntry, ...]
+    owner: int = field(init=False, repr=False, compare=False)
+    _default: int = field(init=False, repr=False, compare=False)
+    _others: tuple[tuple[int, int], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.entries:
             raise ValueError("a permission list has at least the owner entry")
+        first = self.entries[0]
+        object.__setattr__(self, "owner", first.domid)
+        object.__setattr__(self, "_default", int(first.access))
+        others = tuple((e.domid, int(e.access)) for e in self.entries[1:])
+        object.__setattr__(self, "_others", others)
 
     @classmethod
     def of(cls, owner: int, default: Access = Access.NONE) -> Perms:
         """A one-entry list: ``owner`` owns it, everybody else gets ``default``."""
         return cls((PermEntry(owner, default),))
 
-    @property
-    def owner(self) -> int:
-        return self.entries[0].domid
-
     def with_owner(self, domid: int) -> Perms:
+        if domid == self.owner:
+            return self  # the same list: a Perms never changes
         first = self.entries[0]
         return Perms((PermEntry(domid, first.access), *self.entries[1:]))
 
@@ -245,12 +265,21 @@ class Caller:
 
 def perm_for(caller: Caller, perms: Perms) -> Access:
     """What ``caller`` may do on a node with ``perms`` (C xenstored's ``perm_for_conn``)."""
-    if caller.privileged or perms.owner == caller.domid or perms.owner == caller.target:
-        return Access.BOTH | Access.OWNER
-    for entry in perms.entries[1:]:
-        if entry.domid == caller.domid or entry.domid == caller.target:
-            return entry.access
-    return perms.entries[0].access
+    return Access(_access(caller, perms))
+
+
+def _access(caller: Caller, perms: Perms) -> int:
+    """:func:`perm_for` as a plain int (the store's own checks use this)."""
+    if caller.privileged:
+        return _EVERYTHING
+    owner = perms.owner
+    domid, target = caller.domid, caller.target
+    if owner in (domid, target):
+        return _EVERYTHING
+    for entry_domid, access in perms._others:
+        if entry_domid in (domid, target):
+            return access
+    return perms._default
 
 
 def canonical_path(untrusted_path: bytes, caller: Caller, limits: Limits) -> str:
@@ -273,6 +302,12 @@ def canonical_path(untrusted_path: bytes, caller: Caller, limits: Limits) -> str
 
 def check_path(path: str, limits: Limits) -> None:
     """C xenstored's ``is_valid_nodename`` with its length rules."""
+    if (
+        len(path) <= limits.max_path_bytes
+        and len(path) <= XENSTORE_ABS_PATH_MAX
+        and _WELL_FORMED_PATH.fullmatch(path)
+    ):
+        return  # passes every rule below (the one slow path: length below the home)
     if not path.startswith("/"):
         raise StoreError("EINVAL", f"{path!r} is not absolute")
     if path != "/" and path.endswith("/"):
@@ -320,7 +355,7 @@ class Node:
 
     def record_bytes(self) -> int:
         """Size of C xenstored's record for this node, which its ``-S`` quota limits."""
-        child_bytes = sum(len(c) + 1 for c in self.children)
+        child_bytes = sum(map(len, self.children)) + len(self.children)
         return (
             RECORD_HEADER_BYTES
             + RECORD_PERM_BYTES * len(self.perms.entries)
@@ -347,13 +382,42 @@ class Change:
     def visible_to(self, caller: Caller) -> bool:
         if caller.privileged:
             return True
-        return any(perm_for(caller, p) & Access.READ for p in self.readable_via)
+        for perms in self.readable_via:  # noqa: SIM110 (cheaper than any() over a generator)
+            if _access(caller, perms) & _READ:
+                return True
+        return False
 
     def fires(self, watch_path: str) -> bool:
         """Whether a watch on ``watch_path`` (absolute or ``@...``) sees this change."""
         if self.exact or self.special or watch_path.startswith("@"):
             return watch_path == self.path
         return is_under(self.path, watch_path)
+
+
+# ``Node(...)`` and ``Change(...)`` for the hot path: a frozen dataclass's ``__init__`` sets
+# each field through ``object.__setattr__``, which costs more than the rest of a small
+# request's bookkeeping.  These build the very same objects (equal, hashable, frozen).
+_new_object = object.__new__
+
+
+def _node(value: bytes, perms: Perms, children: tuple[str, ...], generation: int) -> Node:
+    node = _new_object(Node)
+    fields = node.__dict__
+    fields["value"] = value
+    fields["perms"] = perms
+    fields["children"] = children
+    fields["generation"] = generation
+    return node
+
+
+def _change(path: str, exact: bool, readable_via: tuple[Perms, ...]) -> Change:
+    change = _new_object(Change)
+    fields = change.__dict__
+    fields["path"] = path
+    fields["exact"] = exact
+    fields["readable_via"] = readable_via
+    fields["special"] = False
+    return change
 
 
 class _View:
@@ -379,6 +443,10 @@ class _View:
         raise NotImplementedError
 
     # -- the operations ----------------------------------------------------------------
+    #
+    # Which nodes an operation looks at (``get``) matters beyond its answer: a transaction
+    # remembers each one and fails its commit if any of them changed.  The fast paths below
+    # look at exactly the nodes the general rule (:meth:`get_node`) would.
 
     def _nearest_existing(self, path: str) -> Node:
         while path != "/":
@@ -390,92 +458,97 @@ class _View:
 
     def get_node(self, caller: Caller, path: str, want: Access) -> Node:
         """The node if ``caller`` has ``want`` on it; else the error that leaks nothing."""
+        return self._get_node(caller, path, int(want))
+
+    def _get_node(self, caller: Caller, path: str, want: int) -> Node:
         node = self.get(path)
         if node is not None:
-            if perm_for(caller, node.perms) & want == want:
+            if _access(caller, node.perms) & want == want:
                 return node
             error = "EACCES"
         else:
             error = "ENOENT"
-        if path != "/" and not perm_for(caller, self._nearest_existing(path).perms) & want:
+        if path != "/" and not _access(caller, self._nearest_existing(path).perms) & want:
             error = "EACCES"
         raise StoreError(error, path)
 
     def read(self, caller: Caller, path: str) -> bytes:
-        return self.get_node(caller, path, Access.READ).value
+        return self._get_node(caller, path, _READ).value
 
     def directory(self, caller: Caller, path: str) -> list[str]:
-        return list(self.get_node(caller, path, Access.READ).children)
+        return list(self._get_node(caller, path, _READ).children)
 
     def get_perms(self, caller: Caller, path: str) -> Perms:
-        return self.get_node(caller, path, Access.READ).perms
+        return self._get_node(caller, path, _READ).perms
 
     def write(self, caller: Caller, path: str, value: bytes) -> None:
         limit = self.limits.max_value_bytes
         if limit is not None and len(value) > limit:
             raise StoreError("E2BIG", f"value of {len(value)} bytes, limit {limit}")
-        try:
-            node = self.get_node(caller, path, Access.WRITE)
-        except StoreError as e:
-            if e.name != "ENOENT":
-                raise
+        node = self.get(path)
+        if node is None:
             self._create(caller, path, value)
             return
-        updated = replace(node, value=value)
+        if not _access(caller, node.perms) & _WRITE:
+            self._get_node(caller, path, _WRITE)  # raises EACCES
+        updated = _node(value, node.perms, node.children, node.generation)
         self._check_record(caller, updated)
         self.put(path, updated)
         self.note(path)
 
     def mkdir(self, caller: Caller, path: str) -> None:
-        try:
-            self.get_node(caller, path, Access.WRITE)
-        except StoreError as e:
-            if e.name != "ENOENT":
-                raise
+        node = self.get(path)
+        if node is None:
             self._create(caller, path, b"")
+        elif not _access(caller, node.perms) & _WRITE:
+            self._get_node(caller, path, _WRITE)  # raises EACCES
 
     def rm(self, caller: Caller, path: str) -> None:
         try:
-            node = self.get_node(caller, path, Access.WRITE)
+            node = self._get_node(caller, path, _WRITE)
         except StoreError as e:
             if e.name == "ENOENT" and self.get(parent_of(path)) is not None:
                 return  # removing what is not there is fine if the parent exists
             raise
         if path == "/":
             raise StoreError("EINVAL", "cannot remove the root")
-        for below in self._subtree_postorder(path, node, include_top=False):
-            self.note(below, exact=True)
+        below = self._subtree_postorder(path, node)
+        for below_path in below:
+            self.note(below_path, exact=True)
         self.note(path)
-        for below in self._subtree_postorder(path, node, include_top=True):
-            self.remove(below)
+        for below_path in below:
+            self.remove(below_path)
+        self.remove(path)
         parent_path = parent_of(path)
         parent = self.get(parent_path)
         if parent is not None:
             name = basename(path)
             kids = tuple(c for c in parent.children if c != name)
-            self.put(parent_path, replace(parent, children=kids))
+            self.put(parent_path, _node(parent.value, parent.perms, kids, parent.generation))
 
     def set_perms(self, caller: Caller, path: str, perms: Perms) -> None:
         limit = self.limits.max_perms_per_node
         if not caller.privileged and limit is not None and len(perms.entries) > limit:
             raise StoreError(self.limits.quota_error, f"more than {limit} permissions")
-        node = self.get_node(caller, path, Access.WRITE | Access.OWNER)
+        node = self._get_node(caller, path, _WRITE_OWNER)
         if not caller.privileged and perms.owner != node.perms.owner:
             raise StoreError("EPERM", "only dom0 may change a node's owner")
-        updated = replace(node, perms=perms)
+        updated = _node(node.value, perms, node.children, node.generation)
         self._check_record(caller, updated)
         self.put(path, updated)
         self.note(path, old_perms=node.perms)
 
     # -- helpers -----------------------------------------------------------------------
 
-    def _subtree_postorder(self, path: str, node: Node, *, include_top: bool) -> Iterator[str]:
+    def _subtree_postorder(self, path: str, node: Node) -> list[str]:
+        """Every path below ``path`` (not ``path`` itself), children before parents."""
+        out: list[str] = []
         stack: list[tuple[str, Node, bool]] = [(path, node, False)]
         while stack:
             p, n, expanded = stack.pop()
             if expanded:
-                if include_top or p != path:
-                    yield p
+                if p != path:
+                    out.append(p)
                 continue
             stack.append((p, n, True))
             for name in reversed(n.children):
@@ -483,6 +556,7 @@ class _View:
                 child = self.get(child_path)
                 if child is not None:
                     stack.append((child_path, child, False))
+        return out
 
     def _check_record(self, caller: Caller, node: Node) -> None:
         limit = self.limits.max_node_record_bytes
@@ -497,8 +571,9 @@ class _View:
             raise StoreError(self.limits.quota_error, f"domain {caller.domid} owns {limit} nodes")
 
     def _create(self, caller: Caller, path: str, value: bytes) -> None:
-        """Create ``path`` and any missing ancestors; all checks pass before anything
-        changes (the caller already checked write access on the nearest ancestor)."""
+        """Create the missing ``path`` and any missing ancestors, if ``caller`` may write
+        the nearest existing one (else ``EACCES``, as :meth:`get_node` answers); all checks
+        pass before anything changes."""
         missing = [path]
         parent_path = parent_of(path)
         parent = self.get(parent_path)
@@ -506,11 +581,15 @@ class _View:
             missing.append(parent_path)
             parent_path = parent_of(parent_path)
             parent = self.get(parent_path)
+        if not _access(caller, parent.perms) & _WRITE:
+            raise StoreError("EACCES", path)
         updates: list[tuple[str, Node]] = []
+        privileged, domid = caller.privileged, caller.domid
         for new_path in reversed(missing):
-            perms = parent.perms if caller.privileged else parent.perms.with_owner(caller.domid)
-            node = Node(value if new_path == path else b"", perms)
-            parent = replace(parent, children=(*parent.children, basename(new_path)))
+            perms = parent.perms if privileged else parent.perms.with_owner(domid)
+            node = _node(value if new_path == path else b"", perms, (), 0)
+            children = (*parent.children, basename(new_path))
+            parent = _node(parent.value, parent.perms, children, parent.generation)
             updates.append((parent_path, parent))
             parent_path, parent = new_path, node
         updates.append((path, parent))
@@ -545,11 +624,14 @@ class Store(_View):
 
     def put(self, path: str, node: Node) -> None:
         old = self._nodes.get(path)
-        if old is not None:
+        owner = node.perms.owner
+        if old is None:
+            self._owned[owner] += 1
+        elif old.perms.owner != owner:
             self._owned[old.perms.owner] -= 1
+            self._owned[owner] += 1
         self._generation += 1
-        self._nodes[path] = replace(node, generation=self._generation)
-        self._owned[node.perms.owner] += 1
+        self._nodes[path] = _node(node.value, node.perms, node.children, self._generation)
 
     def remove(self, path: str) -> None:
         old = self._nodes.pop(path, None)
@@ -579,7 +661,7 @@ class Store(_View):
             parent = self._nodes.get(parent_of(path))
             if parent is not None:
                 via.append(parent.perms)
-        self._changes.append(Change(path, exact, tuple(via)))
+        self._changes.append(_change(path, exact, tuple(via)))
 
     # -- for the server ----------------------------------------------------------------
 
@@ -595,8 +677,7 @@ class Store(_View):
         """SET_PERMS on ``@introduceDomain``/``@releaseDomain`` (who may watch them)."""
         if path not in self.special_perms:
             raise StoreError("EINVAL", f"{path!r} is not a special path")
-        have = perm_for(caller, self.special_perms[path])
-        if have & (Access.WRITE | Access.OWNER) != Access.WRITE | Access.OWNER:
+        if _access(caller, self.special_perms[path]) & _WRITE_OWNER != _WRITE_OWNER:
             raise StoreError("EACCES", path)
         self.special_perms[path] = perms
 

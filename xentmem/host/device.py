@@ -122,8 +122,12 @@ class GuestDevice:
         backend_domid: int = 0,
         limits: Limits | None = None,
         compress_replies: bool = True,
+        writer: XsConn | None = None,
     ) -> None:
+        """``writer``: where replies and removals go, if not ``conn`` (see
+        :meth:`HostService <xentmem.host.service.HostService>`: its answers are read lazily)."""
         self.conn = conn
+        self.writer = writer or conn
         self.store = store
         self.domid = domid
         self.backend_domid = backend_domid
@@ -215,6 +219,7 @@ class GuestDevice:
 
     def teardown(self, *, remove_areas: bool) -> None:
         """The guest is gone (or the service stops): drop its pages, optionally its areas."""
+        self._settle_writes()
         dropped = self.store.destroy_client(self.domid)
         if self._watching:
             for path, token in (
@@ -243,6 +248,7 @@ class GuestDevice:
 
     def switch_state(self, state: XenbusState) -> None:
         """``xenbus_switch_state``: nothing if unchanged; never recreates a vanished node."""
+        self._settle_writes()
         if state == self.state:
             return
         path = f"{self.nodename}/{STATE}"
@@ -290,7 +296,14 @@ class GuestDevice:
         ):
             self._close_session()
 
+    def _settle_writes(self) -> None:
+        """Wait until xenstore has taken every reply and removal posted so far, so that a
+        change of session or state is never overtaken by a reply of the old one."""
+        if self.writer is not self.conn:
+            self.writer.settle()
+
     def _new_session(self) -> None:
+        self._settle_writes()
         if self.state == XenbusState.CONNECTED:
             self.store.destroy_client(self.domid)
         for stale in (RSP_DIR, RSP_DATA_DIR, ERROR_NODE):
@@ -421,7 +434,7 @@ class GuestDevice:
         """
         self._served += 1
         if self._served >= REQ_SLOTS:
-            self.conn.post_rm(f"{self.otherend}/{REQ_DIR}")
+            self.writer.post_rm(f"{self.otherend}/{REQ_DIR}")
             self._served = 0
 
     def _part(self, untrusted_slot: str, untrusted_name: str) -> None:
@@ -473,14 +486,14 @@ class GuestDevice:
             framed = frame(seq, encode_reply([], status=-errno.E2BIG), self.limits, reply=True)
         if self._replies_kept >= REPLIES_KEPT:
             # Every earlier reply has been read: the guest sent a new request since.
-            self.conn.post_rm(f"{self.nodename}/{RSP_DIR}")
+            self.writer.post_rm(f"{self.nodename}/{RSP_DIR}")
             self._replies_kept = 0
         for i, value in framed.chunks:
-            self.conn.post_write(f"{self.nodename}/{RSP_DATA_DIR}/{i}", value.encode())
+            self.writer.post_write(f"{self.nodename}/{RSP_DATA_DIR}/{i}", value.encode())
         for part in framed.parts:
-            self.conn.post_write(f"{self.nodename}/{RSP_DIR}/{part.name}", b"")
+            self.writer.post_write(f"{self.nodename}/{RSP_DIR}/{part.name}", b"")
         name = framed.envelope.name
-        self.conn.post_write(f"{self.nodename}/{RSP_DIR}/{name}", framed.value.encode())
+        self.writer.post_write(f"{self.nodename}/{RSP_DIR}/{name}", framed.value.encode())
         self._replies_kept += 1
         if framed.envelope.chunks:
             self.counters.replies_spilled += 1

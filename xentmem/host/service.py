@@ -93,6 +93,10 @@ class HostService:
         self.backend_domid = backend_domid
         self.only = frozenset(domains) if domains else None
         self.conn = XsConn(xenstore, device=device, timeout=timeout)
+        #: Replies and removals go on a connection of their own whose answers are read when
+        #: convenient (after each round of events): the loop does not wake up once more per
+        #: request just to hear "OK" for its reply.  Refusals are still logged and counted.
+        self.writer = XsConn(xenstore, device=device, timeout=timeout)
         self.control = (
             ControlServer(control_path, self.handle_control) if control_path is not None else None
         )
@@ -108,6 +112,7 @@ class HostService:
 
     def open(self) -> HostService:
         self.conn.open()
+        self.writer.open()
         if self.control is not None:
             self.control.open()
         if self._probe_limits:
@@ -137,6 +142,7 @@ class HostService:
         if self.control is not None:
             self.control.close()
         self.conn.close()
+        self.writer.close()
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -165,7 +171,9 @@ class HostService:
             while self.conn.events and not self._stop.is_set():
                 path, token = self.conn.events.popleft()
                 self._dispatch(path, token)
+                self.writer.flush()
                 self.conn.flush()
+            self.writer.drain()
             if self.control is not None:
                 for fd in readable:
                     if fd in self.control.filenos():
@@ -218,7 +226,8 @@ class HostService:
             if self.only is not None and domid not in self.only:
                 continue
             device = GuestDevice(
-                self.conn, self.store, domid, backend_domid=self.backend_domid, limits=self.limits
+                self.conn, self.store, domid, backend_domid=self.backend_domid, limits=self.limits,
+                writer=self.writer,
             )
             try:
                 device.setup()

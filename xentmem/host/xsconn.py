@@ -236,6 +236,12 @@ class XsConn:
         req_id = self._send(op, payload, 0, buffered=True)
         self._pipelined[req_id] = what
 
+    def drain(self) -> None:
+        """Send what is buffered and sort whatever answers have arrived, without waiting."""
+        self.flush()
+        while self._fd >= 0 and (self._pipelined or self._unanswered) and self.pump(0):
+            pass
+
     def settle(self, timeout: float | None = None) -> None:
         """Wait (bounded) until every pipelined request has been answered."""
         self.flush()

@@ -304,6 +304,11 @@ class XsSession:
         self.close()
 
     @property
+    def endpoint(self) -> tuple[str, bool]:
+        """Where this session connects: the path, and whether it is the xenbus device."""
+        return self.where, isinstance(self._connection, XenbusDevConnection)
+
+    @property
     def alive(self) -> bool:
         return self._opened and self._router.thread.is_alive() and self._router.is_connected
 

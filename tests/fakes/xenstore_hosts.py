@@ -46,6 +46,7 @@ from typing import Any
 
 import pytest
 import pyxs
+from fakes.xenbus_mux import XenbusMux
 from fakes.xs_peer import RealPeer, unavailable_reason
 
 from xentmem.clock import Clock
@@ -356,13 +357,22 @@ class RealHost(XenstoreHost):
         self.dom0_socket = peer.socket
         self.max_value_bytes = 2048 if peer.kind == "oxenstored" else None
         self.scratch = scratch
-        self._proxies: dict[int, object] = {}
+        self._proxies: dict[int, tuple[XenbusMux, Any]] = {}
         self._guest_dir = _short_tmpdir("xs-guests-")
 
     def _prepare_guest(self, domid: int) -> Path:
+        """The guest's socket: its ring (one client at a time), behind a multiplexer that
+        lets it open several connections, as a domU opens ``/dev/xen/xenbus`` several times."""
         path = self._guest_dir / f"domain-{domid}.sock"
+        ring = self._guest_dir / f"domain-{domid}.ring"
         self._stop_proxy(domid)
-        self._proxies[domid] = self.peer.ring_proxy(domid, path)
+        proxy = self.peer.ring_proxy(domid, ring)
+        try:
+            mux = XenbusMux(ring, path).start()
+        except OSError:
+            proxy.stop()
+            raise
+        self._proxies[domid] = (mux, proxy)
         return path
 
     def _kill(self, domid: int) -> None:
@@ -374,8 +384,10 @@ class RealHost(XenstoreHost):
         self.peer.revive(domid)
 
     def _stop_proxy(self, domid: int) -> None:
-        proxy = self._proxies.pop(domid, None)
-        if proxy is not None:
+        pair = self._proxies.pop(domid, None)
+        if pair is not None:
+            mux, proxy = pair
+            mux.stop()
             proxy.stop()  # type: ignore[attr-defined]
 
     def close(self) -> None:

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from fakes.xenstore_hosts import XenstoreHost
 
-from xentmem.host.xsconn import XsConn
 from xentmem.host.xsserver import Malformation, XsServer
 from xentmem.host.xsstore import Limits
 from xentmem.host.xswire import XsOp
 from xentmem.xs import XenbusDevConnection, XsConnectionLost, XsError, XsSession, XsTimeout
+from xentmem.xsconn import XsConn
 
 
 class RecordingTransport:

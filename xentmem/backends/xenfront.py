@@ -74,7 +74,8 @@ from xentmem.tmemwire import (
     request_slot,
     unframe,
 )
-from xentmem.xs import Op, Pending, WatchQueue, XsError, XsSession
+from xentmem.xs import WatchQueue, XsError, XsSession
+from xentmem.xsconn import XsConn
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class FrontendCounters:
     text_received: int = 0
     ignored_replies: int = 0
     rejected_replies: int = 0
+    refused_writes: int = 0
     timeouts: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -194,7 +196,14 @@ class TmemFrontend:
         self.counters = FrontendCounters()
         self._seq = 0
         self._state_events: WatchQueue | None = None
-        self._rsp_events: WatchQueue | None = None
+        #: The message channel, driven by the sending thread itself (no router thread):
+        #: ``_channel`` carries the watch on the host's ``rsp/`` and the reads of spilled
+        #: replies, ``_writer`` the request writes, whose answers are read when convenient
+        #: (the next message, or 50 ms into a wait), so a reply costs one wakeup.
+        self._channel: XsConn | None = None
+        self._writer: XsConn | None = None
+        #: Writes of the current message xenstore refused: (what, error name).
+        self._refused: list[tuple[str, str]] = []
         self._rsp_prefix = b""
 
     # -- handshake ----------------------------------------------------------------------------
@@ -206,7 +215,7 @@ class TmemFrontend:
         self.nodename = frontend_path(self.domid)
         self._rsp_prefix = f"{self.otherend}/{RSP_DIR}/".encode()
         self._state_events = self.xs.watch(f"{self.otherend}/{STATE}".encode(), _STATE_TOKEN)
-        self._rsp_events = self.xs.watch(f"{self.otherend}/{RSP_DIR}".encode(), _RSP_TOKEN)
+        self._open_channel()
         self._clean_own_messages()
         if self._probe_names:
             self.own_limits = replace(self.own_limits, inline_bytes=self._probe_request_names())
@@ -236,10 +245,35 @@ class TmemFrontend:
                 except BackendError as exc:
                     log.warning("xen: host did not confirm the close: %s", exc)
                 self.switch_state(XenbusState.CLOSED)
-            for token in (_STATE_TOKEN, _RSP_TOKEN):
-                self.xs.unwatch(token)
+            self.xs.unwatch(_STATE_TOKEN)
         except XenStoreError as exc:
             log.warning("xen: closing %s: %s", self.nodename, exc)
+        self._close_channel()
+
+    def _open_channel(self) -> None:
+        """Two connections of our own to the same xenstore as the session (see ``__init__``)."""
+        self._close_channel()
+        path, device = self.xs.endpoint
+        channel = XsConn(path, device=device, timeout=self.timeout).open()
+        try:
+            writer = XsConn(path, device=device, timeout=self.timeout,
+                            on_error=self._on_refusal).open()
+        except XenStoreError:
+            channel.close()
+            raise
+        self._channel, self._writer = channel, writer
+        channel.watch(f"{self.otherend}/{RSP_DIR}", _RSP_TOKEN)
+
+    def _close_channel(self) -> None:
+        for conn in (self._channel, self._writer):
+            if conn is not None:
+                conn.close()
+        self._channel = self._writer = None
+
+    def _on_refusal(self, what: str, name: str) -> None:
+        self.counters.refused_writes += 1
+        self._refused.append((what, name))
+        log.warning("xen: xenstore refused %s: %s", what, name)
 
     def switch_state(self, state: XenbusState) -> None:
         """``xenbus_switch_state``: nothing if unchanged; never recreates a vanished node."""
@@ -376,17 +410,20 @@ class TmemFrontend:
         seq = self._seq
         framed = frame(seq, encode_request(ops), limits, reply=False)
         nodename = self.nodename
-        requests = [(Op.WRITE, f"{nodename}/{REQ_DATA_DIR}/{i}\0{value}".encode(), "write chunk")
-                    for i, value in framed.chunks]
-        paths = [f"{nodename}/{REQ_DIR}/{request_slot(seq, part.k)}/{part.name}".encode()
+        writer = self._writer
+        assert writer is not None
+        writer.drain()  # the answers to earlier messages' writes (refusals are logged)
+        self._refused.clear()
+        for i, value in framed.chunks:
+            writer.post_write(f"{nodename}/{REQ_DATA_DIR}/{i}", value.encode())
+        paths = [f"{nodename}/{REQ_DIR}/{request_slot(seq, part.k)}/{part.name}"
                  for part in framed.parts]
-        requests += [(Op.WRITE, path + b"\0", "write message part") for path in paths]
-        message_path = (f"{nodename}/{REQ_DIR}/{request_slot(seq)}/"
-                        f"{framed.envelope.name}").encode()
+        for path in paths:
+            writer.post_write(path, b"")
+        message_path = f"{nodename}/{REQ_DIR}/{request_slot(seq)}/{framed.envelope.name}"
         paths.append(message_path)
-        requests.append((Op.WRITE, message_path + b"\0" + framed.value.encode(),
-                         f"write message {seq}"))
-        writes = self.xs.send_many(requests)
+        writer.post_write(message_path, framed.value.encode())
+        writer.flush()
         counters = self.counters
         counters.messages += 1
         if framed.envelope.chunks:
@@ -398,7 +435,7 @@ class TmemFrontend:
         counters.text_sent += len(framed.envelope.inline) + len(framed.value) + sum(
             len(v) for _, v in framed.chunks) + sum(len(p.text) for p in framed.parts)
         try:
-            envelope, parts = self._await_reply(seq, writes, limits)
+            envelope, parts = self._await_reply(seq, limits)
         except ChannelTimeout:
             counters.timeouts += 1
             self._abandon(paths)
@@ -409,14 +446,14 @@ class TmemFrontend:
         except WireError as exc:
             counters.rejected_replies += 1
             raise WireError(f"reply {seq} from {self.otherend} rejected: {exc}") from None
-        for pending in writes:  # answered long ago; a refusal now means a confused host
-            self.xs.wait(pending)
+        # The writes' answers are not awaited: the host answered, so xenstore took them (a
+        # refused part or chunk makes a torn message, which the host answers -EINVAL).
         return results
 
-    def _await_reply(self, seq: int, writes: list[Pending],
-                     limits: Limits) -> tuple[Envelope, list[Part]]:
+    def _await_reply(self, seq: int, limits: Limits) -> tuple[Envelope, list[Part]]:
         """The envelope of reply ``seq`` and the name parts that came before it."""
-        assert self._rsp_events is not None
+        channel = self._channel
+        assert channel is not None
         parts: dict[int, Part] = {}
         deadline = self.clock.monotonic() + self.timeout
         acks_checked = False
@@ -428,15 +465,15 @@ class TmemFrontend:
                     f"no reply from the tmem host at {self.otherend} to message {seq} within "
                     f"{self.timeout:g}s (is xentmem-hostd running?)")
             wait = min(remaining, _STATE_CHECK_S if acks_checked else _ACK_CHECK_S)
-            event = self._rsp_events.get(wait)
-            if event is None:
+            if not channel.events:
+                channel.pump(wait)
+            if not channel.events:
                 if not acks_checked:
                     acks_checked = True
-                    for pending in writes:
-                        self.xs.poll(pending)  # raises XsError if xenstore refused a write
+                    self._check_writes()
                 self._check_otherend()  # the host may have closed while we wait
                 continue
-            untrusted_path: bytes = event.path
+            untrusted_path, _token = channel.events.popleft()
             if not untrusted_path.startswith(prefix):
                 continue  # the directory itself (registration, bulk removal)
             untrusted_name = untrusted_path[len(prefix):].decode("ascii", "replace")
@@ -480,13 +517,15 @@ class TmemFrontend:
         else:
             counters.spilled_replies += 1
             otherend = self.otherend
-            reads = self.xs.send_many(
-                [(Op.READ, f"{otherend}/{RSP_DIR}/{envelope.name}\0".encode(), "read reply")]
-                + [(Op.READ, f"{otherend}/{RSP_DATA_DIR}/{i}\0".encode(), "read reply chunk")
-                   for i in range(1, envelope.chunks)])
-            deadline = self.clock.monotonic() + self.timeout
+            channel = self._channel
+            assert channel is not None
+            reads = [channel.post_read(f"{otherend}/{RSP_DIR}/{envelope.name}")]
+            reads += [channel.post_read(f"{otherend}/{RSP_DATA_DIR}/{i}")
+                      for i in range(1, envelope.chunks)]
+            deadline = channel.clock.monotonic() + self.timeout
             try:
-                raw = [self.xs.wait(p, deadline) for p in reads]
+                raw = [channel.collect(r, what=f"read reply {envelope.seq}", deadline=deadline)
+                       for r in reads]
             except XsError as exc:
                 counters.rejected_replies += 1
                 raise WireError(f"reply {envelope.seq}: reading its chunks failed: {exc}") from None
@@ -521,10 +560,21 @@ class TmemFrontend:
             log.debug("could not mark %s closed", self.nodename, exc_info=True)
         raise Disconnected(self.broken)
 
-    def _abandon(self, paths: list[bytes]) -> None:
+    def _check_writes(self) -> None:
+        """Fail the message at once if xenstore refused one of its writes (quota, permission),
+        rather than after the whole timeout."""
+        assert self._writer is not None
+        self._writer.drain()
+        if self._refused:
+            what, name = self._refused[0]
+            raise XsError(name, what)
+
+    def _abandon(self, paths: list[str]) -> None:
         """Delete our unanswered request's nodes so they cannot pile up against our quota."""
-        for path in paths:
-            try:
-                self.xs.send_rm(path)
-            except XenStoreError:
-                log.debug("could not remove abandoned %s", path, exc_info=True)
+        try:
+            assert self._writer is not None
+            for path in paths:
+                self._writer.post_rm(path)
+            self._writer.flush()
+        except XenStoreError:
+            log.debug("could not remove the abandoned %s", paths[-1], exc_info=True)

@@ -28,7 +28,6 @@ from dataclasses import dataclass, replace
 
 from xentmem.abi import XenbusState
 from xentmem.host.store import HostStore
-from xentmem.host.xsconn import XsConn
 from xentmem.tmemwire import (
     BE_CHUNK_BYTES,
     BE_FEATURE_LZ4,
@@ -76,6 +75,7 @@ from xentmem.tmemwire import (
     unframe,
 )
 from xentmem.xs import XsError, XsTimeout
+from xentmem.xsconn import XsConn
 
 log = logging.getLogger(__name__)
 

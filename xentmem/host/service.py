@@ -4,7 +4,7 @@ It finds guests, gives each one a tmem device (:class:`~xentmem.host.device.Gues
 serves their messages from one :class:`~xentmem.host.store.HostStore`, and answers the control
 commands that mirror ``xl tmem-*`` (:mod:`xentmem.host.control`).  Everything happens on one
 thread, in :meth:`HostService.run`'s loop: xenstore events (through
-:class:`~xentmem.host.xsconn.XsConn`, no router thread), control clients, and a stop request.
+:class:`~xentmem.xsconn.XsConn`, no router thread), control clients, and a stop request.
 
 Guests are found as a toolstack's guests are: ``@introduceDomain`` (and start-up) lists
 ``/local/domain`` and sets up a device for each guest home not yet known; ``@releaseDomain``
@@ -52,7 +52,6 @@ from xentmem.host.control import (
 )
 from xentmem.host.device import GuestDevice, probe_reply_limits
 from xentmem.host.store import HostStore
-from xentmem.host.xsconn import XsConn, default_xenstore_path
 from xentmem.tmemwire import (
     MAX_REQUEST_INLINE_BYTES,
     Limits,
@@ -62,6 +61,7 @@ from xentmem.tmemwire import (
     parse_domid,
 )
 from xentmem.xs import XsConnectionLost, XsError, XsTimeout
+from xentmem.xsconn import XsConn, default_xenstore_path
 
 log = logging.getLogger("xentmem.hostd")
 

@@ -1,15 +1,21 @@
-"""The host service's xenstore connection: one thread, no router, every wait bounded.
+"""A synchronous xenstore connection: one thread, no router, every wait bounded.
 
-The host service is one loop (:mod:`xentmem.host.service`), so its xenstore client needs no
-threads: it sends, then reads packets until the answer it waits for arrives, keeping the watch
-events and the answers to *pipelined* requests it meets on the way.  That saves the two thread
-hand-offs per request a router-based client costs, which is most of a request's price in
-Python, on the path every guest op takes.  Framing comes from :mod:`xentmem.host.xswire`.
+It sends, then reads packets until the answer it waits for arrives, keeping the watch events
+and the answers to *pipelined* requests it meets on the way.  That saves the two thread
+hand-offs per request that a router-based client (pyxs) costs, which is most of a request's
+price in Python.  Two users, both on the path every tmem op takes:
 
-It speaks to xenstored's Unix socket (``XENSTORED_PATH``, else ``/var/run/xenstored/socket``)
-or to ``/dev/xen/xenbus`` in dom0 when there is no socket.  Errors reuse the guest adapter's
-classes (:class:`~xentmem.xs.XsError` with the daemon's error name, :class:`~xentmem.xs.XsTimeout`,
-:class:`~xentmem.xs.XsConnectionLost`).  Everything read is untrusted bytes.
+* the host service (:mod:`xentmem.host.service`), one loop, whose only client this is;
+* the guest's message channel (:mod:`xentmem.backends.xenfront`): the sender thread writes a
+  request and waits for the reply's watch event itself, while the guest's pyxs session keeps
+  everything else (the handshake, the state watch, transactions).
+
+It speaks to a Unix socket (``XENSTORED_PATH``, else ``/var/run/xenstored/socket``) or to the
+xenbus device (``/dev/xen/xenbus``), one message per ``write(2)`` and one request in flight
+there, as Linux's device wants.  Framing comes from :mod:`xentmem.host.xswire` (shared with our
+xenstore server).  Errors reuse the guest adapter's classes (:class:`~xentmem.xs.XsError` with
+the daemon's error name, :class:`~xentmem.xs.XsTimeout`, :class:`~xentmem.xs.XsConnectionLost`).
+Everything read is untrusted bytes.
 """
 
 from __future__ import annotations

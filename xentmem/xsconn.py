@@ -242,6 +242,11 @@ class XsConn:
         req_id = self._send(op, payload, 0, buffered=True)
         self._pipelined[req_id] = what
 
+    @property
+    def outstanding(self) -> int:
+        """Pipelined requests whose answers have not been read yet."""
+        return len(self._pipelined)
+
     def drain(self) -> None:
         """Send what is buffered and sort whatever answers have arrived, without waiting."""
         self.flush()

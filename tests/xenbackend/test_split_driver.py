@@ -246,6 +246,21 @@ def test_request_names_are_as_long_as_the_daemon_takes(tmem_host: TmemHost) -> N
         assert stats["spilled_messages"] == stats["spilled_replies"] == 0
 
 
+def test_a_request_xenstore_refuses_fails_at_once_with_its_reason(tmem_host: TmemHost) -> None:
+    fe = b"/local/domain/5/device/tmem/0"
+    with connected(tmem_host.guest(5), batch=False, timeout_ms=4000) as b:
+        pool = b.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        dom0 = tmem_host.xs.dom0
+        dom0.mkdir(fe + b"/req")
+        dom0.set_perms(fe + b"/req", [b"n0"])  # the guest may no longer write requests
+        # -EIO, not -ETIMEDOUT: the refusal is noticed long before the timeout.
+        assert b.put_page(pool, Oid(1), 0, TEXT) == -errno.EIO
+        assert "EACCES" in b.describe()["last_error"]
+        assert b.stats()["refused_writes"] >= 1
+        dom0.set_perms(fe + b"/req", [b"n5", b"r0"])
+        assert b.put_page(pool, Oid(1), 0, TEXT) == 1  # the channel still works
+
+
 def test_a_batch_carries_posted_ops_with_the_next_synchronous_one(tmem_host: TmemHost) -> None:
     roots = tmem_host.guest(5)
     with connected(roots, batch=True, batch_delay_ms=1000) as b:

@@ -86,6 +86,9 @@ _RSP_TOKEN = b"xentmem-rsp"
 _ACK_CHECK_S = 0.05
 #: How often a long reply wait looks at the host's state (it may have closed meanwhile).
 _STATE_CHECK_S = 0.25
+#: Answers to request writes are read once this many wait (they only matter when a reply
+#: does not come: then they are read at once).
+_DRAIN_AT = 16
 
 
 class ChannelTimeout(XenStoreError):
@@ -202,8 +205,10 @@ class TmemFrontend:
         #: (the next message, or 50 ms into a wait), so a reply costs one wakeup.
         self._channel: XsConn | None = None
         self._writer: XsConn | None = None
-        #: Writes of the current message xenstore refused: (what, error name).
+        #: Writes xenstore refused since the last look: (what, error name).
         self._refused: list[tuple[str, str]] = []
+        #: What the current message's writes are called (to match refusals to it).
+        self._writing: set[str] = set()
         self._rsp_prefix = b""
 
     # -- handshake ----------------------------------------------------------------------------
@@ -412,7 +417,8 @@ class TmemFrontend:
         nodename = self.nodename
         writer = self._writer
         assert writer is not None
-        writer.drain()  # the answers to earlier messages' writes (refusals are logged)
+        if writer.outstanding >= _DRAIN_AT:
+            writer.drain()  # earlier messages' answers (a refusal is logged and counted)
         self._refused.clear()
         for i, value in framed.chunks:
             writer.post_write(f"{nodename}/{REQ_DATA_DIR}/{i}", value.encode())
@@ -424,6 +430,7 @@ class TmemFrontend:
         paths.append(message_path)
         writer.post_write(message_path, framed.value.encode())
         writer.flush()
+        self._writing = {f"write {path}" for path in paths}
         counters = self.counters
         counters.messages += 1
         if framed.envelope.chunks:
@@ -565,9 +572,9 @@ class TmemFrontend:
         rather than after the whole timeout."""
         assert self._writer is not None
         self._writer.drain()
-        if self._refused:
-            what, name = self._refused[0]
-            raise XsError(name, what)
+        for what, name in self._refused:
+            if what in self._writing:
+                raise XsError(name, what)
 
     def _abandon(self, paths: list[str]) -> None:
         """Delete our unanswered request's nodes so they cannot pile up against our quota."""

@@ -70,6 +70,8 @@ RELEASE_TOKEN = b"xentmem-hostd-release"
 DEFAULT_CAPACITY = "256M"
 #: Longest the loop sleeps when nothing happens (it also wakes for the watchdog).
 IDLE_S = 1.0
+#: The answers to replies written are read once this many wait, or when the loop is idle.
+DRAIN_AT = 16
 
 
 class HostService:
@@ -173,7 +175,8 @@ class HostService:
                 self._dispatch(path, token)
                 self.writer.flush()
                 self.conn.flush()
-            self.writer.drain()
+            if self.writer.outstanding >= DRAIN_AT or not readable:
+                self.writer.drain()
             if self.control is not None:
                 for fd in readable:
                     if fd in self.control.filenos():

@@ -109,6 +109,13 @@ def pool_flags(*, persistent: bool, shared: bool = False, page_size: int = PAGE_
     return word
 
 
+def pool_kind(flags: int) -> str:
+    """What listings call a pool: ``persistent``, ``shared-ephemeral`` or ``private-ephemeral``."""
+    if flags & TMEM_POOL_PERSIST:
+        return "persistent"
+    return "shared-ephemeral" if flags & TMEM_POOL_SHARED else "private-ephemeral"
+
+
 POOL_PRIVATE_EPHEMERAL = pool_flags(persistent=False)
 POOL_PRIVATE_PERSISTENT = pool_flags(persistent=True)
 POOL_SHARED_EPHEMERAL = pool_flags(persistent=False, shared=True)

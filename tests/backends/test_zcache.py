@@ -167,7 +167,7 @@ def test_same_uuid_joins_the_same_pool_under_a_second_id(store: ZcacheBackend) -
     assert store.put_page(first, Oid(9), 4, page) == 1
     assert store.get_page(second, Oid(9), 4) == (1, page)
     assert store.get_page(other, Oid(9), 4) == (-EEMPTY, None)
-    rows = {row["id"]: row for row in store.pools()}
+    rows = {row["pool_id"]: row for row in store.pools()}
     assert rows[first]["kind"] == rows[second]["kind"] == "shared-ephemeral"
     assert rows[first]["ids"] == 2
     assert rows[first]["uuid"] == str(UUID_A)
@@ -191,9 +191,9 @@ def test_wildcard_uuid_silently_gives_a_private_pool(store: ZcacheBackend) -> No
     pool = store.new_pool(WILDCARD_UUID, POOL_SHARED_EPHEMERAL)
     again = store.new_pool(WILDCARD_UUID, POOL_SHARED_EPHEMERAL)
     assert pool >= 0 and again >= 0
-    (row,) = [r for r in store.pools() if r["id"] == pool]
+    (row,) = [r for r in store.pools() if r["pool_id"] == pool]
     assert row["kind"] == "private-ephemeral"
-    assert row["flags"] == POOL_PRIVATE_EPHEMERAL
+    assert row["flags"] == f"{POOL_PRIVATE_EPHEMERAL:#010x}" and not row["persistent"]
     page = text_page(5)
     store.put_page(pool, Oid(1), 0, page)
     assert store.get_page(again, Oid(1), 0) == (-EEMPTY, None)  # not joined

@@ -93,12 +93,13 @@ def test_always_on_counters() -> None:
     assert stats["zbytes"] == stats["eph_zbytes"] + stats["pers_zbytes"]
     assert stats["zero_pages"] == 1
     assert (stats["failed_pers_puts"], stats["failed_eph_puts"], stats["failed_puts"]) == (1, 0, 1)
-    rows = {row["id"]: row for row in store.pools()}
+    rows = {row["pool_id"]: row for row in store.pools()}
     assert rows[eph]["pages"] == 2 and rows[eph]["zbytes"] == stats["eph_zbytes"]
     assert rows[pers] == {
-        "id": pers,
-        "flags": POOL_PRIVATE_PERSISTENT,
+        "pool_id": pers,
+        "flags": f"{POOL_PRIVATE_PERSISTENT:#010x}",
         "kind": "persistent",
+        "persistent": True,
         "shared": False,
         "uuid": "00000000-0000-0000-0000-000000000000",
         "ids": 1,

@@ -194,6 +194,10 @@ def test_pools_registered_before_the_backend_are_replayed(tmem_host: TmemHost) -
         pools = listing(tmem_host, 5)["clients"][0]["pools"]
         assert [(p["pool_id"], p["persistent"]) for p in pools] == [(0, True), (1, False)]
         assert shim.frontswap.pool_id == 0 and shim.cleancache.real_pool_id(fs) == 1
+        # The guest's own listing has the keys every backend's has (zcache's too).
+        mine = shim.backend.pools()  # type: ignore[union-attr]
+        assert [(p["pool_id"], p["kind"], p["persistent"], p["shared"]) for p in mine] == [
+            (0, "persistent", True, False), (1, "private-ephemeral", False, False)]
 
         assert shim.cleancache.put_page(fs, 11, 0, TEXT) is True
         assert shim.cleancache.get_page(fs, 11, 0) == TEXT

@@ -57,6 +57,7 @@ from xentmem.abi import (
     Oid,
     PoolUuid,
     TmemOp,
+    pool_kind,
 )
 from xentmem.backend import Backend, GetResult
 from xentmem.backends.xenfront import ChannelTimeout, Disconnected, TmemFrontend, find_backend
@@ -261,6 +262,7 @@ class XenBackend(Backend):
     def pools(self) -> list[dict[str, Any]]:
         with self._lock:
             return [{"pool_id": pid, "flags": f"{flags:#010x}",
+                     "kind": pool_kind(flags),
                      "persistent": bool(flags & TMEM_POOL_PERSIST),
                      "shared": bool(flags & TMEM_POOL_SHARED),
                      "poisoned": pid in self._poisoned}

@@ -735,9 +735,10 @@ class ZcacheBackend(Backend):
         with self._lock:
             return [
                 {
-                    "id": pool_id,
-                    "flags": pool.flags,
+                    "pool_id": pool_id,
+                    "flags": f"{pool.flags:#010x}",
                     "kind": pool.kind,
+                    "persistent": not pool.ephemeral,
                     "shared": pool.shared,
                     "uuid": str(pool.uuid),
                     "ids": pool.ids,

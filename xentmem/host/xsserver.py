@@ -51,7 +51,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from xentmem.clock import Clock, SystemClock
 from xentmem.host.xsstore import (
@@ -79,11 +79,12 @@ from xentmem.host.xswire import (
     Packet,
     PacketReader,
     XsOp,
+    encode_packet,
     error_reply,
     one_arg,
+    op_name,
     split_args,
     split_write,
-    watch_event,
 )
 
 log = logging.getLogger("xentmem.host.xsserver")  # also under python -m
@@ -196,10 +197,23 @@ class _Watch:
     path: str  # absolute, or @special
     token: bytes
     relative: bool  # the client gave a relative path: events come back relative
+    #: ``path`` is ``@...``: only a change of exactly that path fires it.
+    special: bool = field(init=False, repr=False, compare=False)
+    #: What a path below ``path`` starts with (``is_under`` without building it per event).
+    below: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.special = self.path.startswith("@")
+        self.below = "/" if self.path == "/" else self.path + "/"
+
+    def fired_by(self, change: Change) -> bool:
+        """``change.fires(self.path)``, with the prefix computed once per watch."""
+        if change.exact or change.special or self.special:
+            return self.path == change.path
+        return change.path == self.path or change.path.startswith(self.below)
 
 
-@dataclass(frozen=True)
-class _Request:
+class _Request(NamedTuple):
     """What a handler needs: who asks, on which connection, in which transaction."""
 
     conn: _Connection
@@ -222,22 +236,36 @@ class _Connection:
         self.next_tx_id = 1
         self.closing = False  # flush what is queued, then close
         self.closed = False
+        #: Who this connection is, built on first use; reset when a domain's target changes.
+        self.caller: Caller | None = None
+        #: Whether the selector watches this socket for writability (output is waiting).
+        self.want_write = False
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
 
+# Op codes as plain ints: a request's op is an int, and hashing an IntEnum member (as a set
+# or dict of members would) runs Python code.
 _PRIVILEGED_OPS = frozenset(
-    {
+    int(op)
+    for op in (
         XsOp.CONTROL,
         XsOp.INTRODUCE,
         XsOp.RELEASE,
         XsOp.IS_DOMAIN_INTRODUCED,
         XsOp.RESUME,
         XsOp.SET_TARGET,
-    }
+    )
 )
-_NO_TRANSACTION_OPS = frozenset({XsOp.WATCH, XsOp.UNWATCH})
+_NO_TRANSACTION_OPS = frozenset({int(XsOp.WATCH), int(XsOp.UNWATCH)})
+_KNOWN_OPS = frozenset(int(op) for op in XsOp)
+_WATCH = int(XsOp.WATCH)
+_WATCH_EVENT = int(XsOp.WATCH_EVENT)
+_ERROR = int(XsOp.ERROR)
+_E2BIG_PAYLOAD = b"E2BIG" + NUL
+_READ_EVENTS = selectors.EVENT_READ
+_READ_WRITE_EVENTS = selectors.EVENT_READ | selectors.EVENT_WRITE
 
 
 class XsServer:
@@ -260,6 +288,13 @@ class XsServer:
         self._store = Store(self.limits)
         self._domains: dict[int, _Domain] = {0: _Domain(0)}
         self._connections: list[_Connection] = []
+        #: Connections whose output or state changed since the selector last heard of them
+        #: (a dict as an ordered set): only these need :meth:`_sync_selector`'s attention.
+        self._dirty: dict[_Connection, None] = {}
+        #: Connections holding back delayed output (``Faults.delay``).
+        self._delaying: dict[_Connection, None] = {}
+        #: Threads in :meth:`wait_requests_seen` (the loop notifies only if there are any).
+        self._waiters = 0
         self._selector: selectors.BaseSelector | None = None
         self._pending_listeners: list[_Domain] = []
         self._waker_r, self._waker_w = socket.socketpair()
@@ -388,7 +423,11 @@ class XsServer:
         """Wait until ``count`` requests have been read (a test's sync point, e.g. to know
         that muted requests were swallowed); False on timeout."""
         with self._handled:
-            return self._handled.wait_for(lambda: self._requests_seen >= count, timeout)
+            self._waiters += 1
+            try:
+                return self._handled.wait_for(lambda: self._requests_seen >= count, timeout)
+            finally:
+                self._waiters -= 1
 
     def watch_count(self, domid: int) -> int:
         """Watches registered by ``domid``'s connections (to check clean-up in tests)."""
@@ -423,16 +462,20 @@ class XsServer:
                 with self._lock:
                     for key, mask in ready:
                         self._on_ready(key, mask)
-                    self._release_due()
+                    if self._delaying:
+                        self._release_due()
                     self._sync_selector()
-                    self._handled.notify_all()
+                    if self._waiters:
+                        self._handled.notify_all()
         except Exception:  # the loop must not die silently: log, then stop serving
             log.exception("xenstore server loop crashed")
             self._stop.set()
 
     def _next_timeout(self) -> float | None:
+        if not self._delaying:  # without the lock: whoever delays output wakes the loop
+            return IDLE_POLL_S
         with self._lock:
-            dues = [c.delayed[0][0] for c in self._connections if c.delayed]
+            dues = [c.delayed[0][0] for c in self._delaying]
         if not dues:
             return IDLE_POLL_S
         # Poll often while replies are held back: the clock may be a test's FakeClock,
@@ -440,21 +483,22 @@ class XsServer:
         return max(0.0, min(min(dues) - self.clock.monotonic(), DELAYED_POLL_S))
 
     def _on_ready(self, key: selectors.SelectorKey, mask: int) -> None:
-        if key.data == "waker":
-            with contextlib.suppress(BlockingIOError):
-                while self._waker_r.recv(4096):
-                    pass
+        conn = key.data
+        if type(conn) is not _Connection:
+            if conn == "waker":
+                with contextlib.suppress(BlockingIOError):
+                    while self._waker_r.recv(4096):
+                        pass
+            elif isinstance(conn, _Domain):
+                self._accept(key.fileobj, conn)  # type: ignore[arg-type]
             return
-        if isinstance(key.data, _Domain):
-            self._accept(key.fileobj, key.data)  # type: ignore[arg-type]
-            return
-        conn: _Connection = key.data
         if conn.closed:
             return
         if mask & selectors.EVENT_READ:
             self._on_readable(conn)
         if not conn.closed and mask & selectors.EVENT_WRITE:
             self._flush(conn)
+            self._dirty[conn] = None
 
     def _accept(self, listener: socket.socket, domain: _Domain) -> None:
         try:
@@ -471,24 +515,33 @@ class XsServer:
         self._selector.register(sock, selectors.EVENT_READ, conn)
 
     def _sync_selector(self) -> None:
+        """Register new listeners; for each connection whose output or state changed, send
+        what waits, close it if it is done closing, and watch it for writability while
+        output is left."""
         assert self._selector is not None
-        for domain in self._pending_listeners:
-            if domain.listener is not None and domain.domid in self._domains:
-                self._selector.register(domain.listener, selectors.EVENT_READ, domain)
-        self._pending_listeners.clear()
-        for conn in list(self._connections):
+        if self._pending_listeners:
+            for domain in self._pending_listeners:
+                if domain.listener is not None and domain.domid in self._domains:
+                    self._selector.register(domain.listener, selectors.EVENT_READ, domain)
+            self._pending_listeners.clear()
+        if not self._dirty:
+            return
+        dirty, self._dirty = self._dirty, {}
+        for conn in dirty:
             if conn.closed:
                 continue
             if conn.out:
                 self._flush(conn)
-            if conn.closed:
-                continue
+                if conn.closed:
+                    continue
             if conn.closing and not conn.out and not conn.delayed:
                 self._close(conn)
                 continue
-            want = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0)
-            if self._selector.get_key(conn.sock).events != want:
-                self._selector.modify(conn.sock, want, conn)
+            want_write = bool(conn.out)
+            if want_write != conn.want_write:
+                conn.want_write = want_write
+                events = _READ_WRITE_EVENTS if want_write else _READ_EVENTS
+                self._selector.modify(conn.sock, events, conn)
 
     def _on_readable(self, conn: _Connection) -> None:
         try:
@@ -501,17 +554,17 @@ class XsServer:
         if not untrusted_data:
             self._close(conn)
             return
-        for item in conn.reader.feed(untrusted_data):
+        for item in conn.reader.feed_raw(untrusted_data):
             if conn.closed or conn.closing:
                 return
             if isinstance(item, OversizedPacket):
                 self._on_oversized(conn, item)
             else:
-                self._handle(conn, item)
+                self._handle(conn, *item)
 
     def _on_oversized(self, conn: _Connection, item: OversizedPacket) -> None:
         if self.limits.oversized == "E2BIG":
-            self._send(conn, error_reply("E2BIG", item.header.req_id, item.header.tx_id))
+            self._send_packet(conn, error_reply("E2BIG", item.header.req_id, item.header.tx_id))
         else:
             log.warning(
                 "domain %d tried to feed us %d bytes: dropped", conn.domid, item.header.length
@@ -532,6 +585,7 @@ class XsServer:
         if conn.closed:
             return
         conn.closed = True
+        self._delaying.pop(conn, None)
         if self._selector is not None:
             with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(conn.sock)
@@ -555,15 +609,26 @@ class XsServer:
 
     # -- output, with faults -----------------------------------------------------------
 
-    def _send(self, conn: _Connection, packet: Packet) -> None:
-        if conn.domid in self.faults.muted:
+    def _send_packet(self, conn: _Connection, packet: Packet) -> None:
+        self._send(conn, packet.op, packet.req_id, packet.tx_id, packet.payload)
+
+    def _send(self, conn: _Connection, op: int, req_id: int, tx_id: int, payload: bytes) -> None:
+        """Queue one packet for ``conn``, unless faults swallow, spoil or delay it."""
+        faults = self.faults
+        if conn.domid in faults.muted:
             return
-        data = self._maybe_malform(conn, packet)
-        if data is None:
-            return
-        delay = self.faults.delays.get(conn.domid)
+        spoil = faults.malformed.get(conn.domid) if faults.malformed else None
+        if spoil and op != _WATCH_EVENT:
+            data = self._malform(conn, Packet(op, req_id, tx_id, payload), spoil)
+            if data is None:
+                return
+        else:
+            data = encode_packet(op, req_id, tx_id, payload)
+        delay = faults.delays.get(conn.domid) if faults.delays else None
         if delay:
             conn.delayed.append((self.clock.monotonic() + delay, data))
+            if not conn.closed:
+                self._delaying[conn] = None
         elif conn.delayed:  # keep order behind what is held back
             conn.delayed.append((conn.delayed[-1][0], data))
         else:
@@ -571,20 +636,24 @@ class XsServer:
 
     def _queue(self, conn: _Connection, data: bytes) -> None:
         conn.out += data
+        self._dirty[conn] = None
         if len(conn.out) > MAX_PENDING_OUTPUT:
             log.warning("domain %d does not read its replies: dropped", conn.domid)
             self._close(conn)
 
     def _release_due(self) -> None:
         now = self.clock.monotonic()
-        for conn in list(self._connections):
+        for conn in list(self._delaying):
             while conn.delayed and conn.delayed[0][0] <= now:
                 self._queue(conn, conn.delayed.popleft()[1])
+            if not conn.delayed:
+                self._delaying.pop(conn, None)
+                self._dirty[conn] = None  # a closing connection may be done now
 
-    def _maybe_malform(self, conn: _Connection, packet: Packet) -> bytes | None:
-        queue = self.faults.malformed.get(conn.domid)
-        if not queue or packet.op == XsOp.WATCH_EVENT:
-            return packet.encode()
+    def _malform(
+        self, conn: _Connection, packet: Packet, queue: deque[Malformation]
+    ) -> bytes | None:
+        """Spoil a reply as the next queued :class:`Malformation` says (None: send nothing)."""
         kind = queue.popleft()
         log.info("fault: %s reply to domain %d", kind.value, conn.domid)
         if kind is Malformation.WRONG_REQ_ID:
@@ -608,52 +677,62 @@ class XsServer:
             header = Packet(packet.op, packet.req_id, packet.tx_id, b"").encode()[:12]
             return header + len(payload).to_bytes(4, "little") + payload
         conn.closing = True  # Malformation.CLOSE
+        self._dirty[conn] = None
         return None
 
     # -- requests ----------------------------------------------------------------------
 
     def _caller(self, conn: _Connection) -> Caller:
-        domain = self._domains.get(conn.domid)
-        target = domain.target if domain is not None else None
-        return Caller(conn.domid, privileged=conn.domid == 0, target=target)
+        caller = conn.caller
+        if caller is None:
+            domain = self._domains.get(conn.domid)
+            target = domain.target if domain is not None else None
+            caller = conn.caller = Caller(conn.domid, privileged=conn.domid == 0, target=target)
+        return caller
 
-    def _handle(self, conn: _Connection, request: Packet) -> None:
+    def _forget_callers(self) -> None:
+        """A domain came, went or got a target: rebuild each connection's :class:`Caller`."""
+        for conn in self._connections:
+            conn.caller = None
+
+    def _handle(
+        self, conn: _Connection, op: int, req_id: int, tx_id: int, untrusted: bytes
+    ) -> None:
         self._requests_seen += 1
         if conn.domid in self.faults.muted:
-            log.debug("fault: swallowed %s from domain %d", request.op_name, conn.domid)
+            log.debug("fault: swallowed %s from domain %d", op_name(op), conn.domid)
             return
-        self.stats[request.op_name] = self.stats.get(request.op_name, 0) + 1
+        name = op_name(op)
+        self.stats[name] = self.stats.get(name, 0) + 1
         try:
-            reply = self._dispatch(conn, request)
+            reply_op, payload = op, self._dispatch(conn, op, tx_id, untrusted)
         except StoreError as e:
-            reply = error_reply(e.name, request.req_id, request.tx_id)
+            reply_op, payload = _ERROR, error_reply(e.name, req_id, tx_id).payload
         changes = self._store.take_changes()
-        if reply is not None:
-            if len(reply.payload) > XENSTORE_PAYLOAD_MAX:
-                reply = error_reply("E2BIG", request.req_id, request.tx_id)
-            self._send(conn, reply)
-        self._fire(changes)
-        if reply is not None and request.op == XsOp.WATCH and reply.op == XsOp.WATCH:
+        if len(payload) > XENSTORE_PAYLOAD_MAX:
+            reply_op, payload = _ERROR, _E2BIG_PAYLOAD
+        self._send(conn, reply_op, req_id, tx_id, payload)
+        if changes:
+            self._fire(changes)
+        if op == _WATCH and reply_op == _WATCH:
             self._initial_event(conn)
 
-    def _dispatch(self, conn: _Connection, request: Packet) -> Packet | None:
-        try:
-            op = XsOp(request.op)
-        except ValueError:
-            raise StoreError("ENOSYS", f"unknown op {request.op}") from None
+    def _dispatch(self, conn: _Connection, op: int, tx_id: int, untrusted: bytes) -> bytes:
+        """The reply's payload, or :class:`StoreError`."""
         handler = self._handlers.get(op)
         if handler is None:
-            raise StoreError("ENOSYS", f"{op.name} is not a request")
-        caller = self._caller(conn)
+            if op not in _KNOWN_OPS:
+                raise StoreError("ENOSYS", f"unknown op {op}")
+            raise StoreError("ENOSYS", f"{op_name(op)} is not a request")
+        caller = conn.caller or self._caller(conn)
         if op in _PRIVILEGED_OPS and not caller.privileged:
-            raise StoreError("EACCES", f"{op.name} is for dom0")
+            raise StoreError("EACCES", f"{op_name(op)} is for dom0")
         tx: Transaction | None = None
-        if op not in _NO_TRANSACTION_OPS and request.tx_id:
-            tx = conn.transactions.get(request.tx_id)
+        if tx_id and op not in _NO_TRANSACTION_OPS:
+            tx = conn.transactions.get(tx_id)
             if tx is None:
-                raise StoreError("ENOENT", f"no transaction {request.tx_id}")
-        payload = handler(self, _Request(conn, caller, tx, request.payload))
-        return Packet(request.op, request.req_id, request.tx_id, payload)
+                raise StoreError("ENOENT", f"no transaction {tx_id}")
+        return handler(self, _Request(conn, caller, tx, untrusted))
 
     def _path(self, caller: Caller, untrusted_arg: bytes | None) -> str:
         if untrusted_arg is None:
@@ -759,7 +838,11 @@ class XsServer:
     def _initial_event(self, conn: _Connection) -> None:
         """Every daemon fires a new watch once, on registration, whatever the permissions."""
         watch = conn.watches[-1]
-        self._send(conn, watch_event(self._event_path_for(conn, watch, watch.path), watch.token))
+        self._send_event(conn, watch, watch.path)
+
+    def _send_event(self, conn: _Connection, watch: _Watch, path: str) -> None:
+        event_path = self._event_path_for(conn, watch, path)
+        self._send(conn, _WATCH_EVENT, 0, 0, event_path + NUL + watch.token + NUL)
 
     def _op_unwatch(self, req: _Request) -> bytes:
         path, token, _ = self._watch_args(req.caller, req.untrusted)
@@ -838,6 +921,7 @@ class XsServer:
         if domid not in self._domains or target not in self._domains:
             raise StoreError("ENOENT", "both domains must be introduced")
         self._domains[domid].target = target
+        self._forget_callers()
         return b"OK\0"
 
     def _op_control(self, req: _Request) -> bytes:
@@ -855,27 +939,31 @@ class XsServer:
             raise StoreError("EINVAL", "expected a domid")
         return parse_domid(arg)
 
-    _handlers: dict[XsOp, Callable[[XsServer, _Request], bytes]] = {
-        XsOp.CONTROL: _op_control,
-        XsOp.DIRECTORY: _op_directory,
-        XsOp.READ: _op_read,
-        XsOp.GET_PERMS: _op_get_perms,
-        XsOp.WATCH: _op_watch,
-        XsOp.UNWATCH: _op_unwatch,
-        XsOp.TRANSACTION_START: _op_transaction_start,
-        XsOp.TRANSACTION_END: _op_transaction_end,
-        XsOp.INTRODUCE: _op_introduce,
-        XsOp.RELEASE: _op_release,
-        XsOp.GET_DOMAIN_PATH: _op_get_domain_path,
-        XsOp.WRITE: _op_write,
-        XsOp.MKDIR: _op_mkdir,
-        XsOp.RM: _op_rm,
-        XsOp.SET_PERMS: _op_set_perms,
-        XsOp.IS_DOMAIN_INTRODUCED: _op_is_domain_introduced,
-        XsOp.RESUME: _op_resume,
-        XsOp.SET_TARGET: _op_set_target,
-        XsOp.RESET_WATCHES: _op_reset_watches,
-        XsOp.DIRECTORY_PART: _op_directory_part,
+    #: The request handlers by plain int op code.
+    _handlers: dict[int, Callable[[XsServer, _Request], bytes]] = {
+        int(op): handler
+        for op, handler in (
+            (XsOp.CONTROL, _op_control),
+            (XsOp.DIRECTORY, _op_directory),
+            (XsOp.READ, _op_read),
+            (XsOp.GET_PERMS, _op_get_perms),
+            (XsOp.WATCH, _op_watch),
+            (XsOp.UNWATCH, _op_unwatch),
+            (XsOp.TRANSACTION_START, _op_transaction_start),
+            (XsOp.TRANSACTION_END, _op_transaction_end),
+            (XsOp.INTRODUCE, _op_introduce),
+            (XsOp.RELEASE, _op_release),
+            (XsOp.GET_DOMAIN_PATH, _op_get_domain_path),
+            (XsOp.WRITE, _op_write),
+            (XsOp.MKDIR, _op_mkdir),
+            (XsOp.RM, _op_rm),
+            (XsOp.SET_PERMS, _op_set_perms),
+            (XsOp.IS_DOMAIN_INTRODUCED, _op_is_domain_introduced),
+            (XsOp.RESUME, _op_resume),
+            (XsOp.SET_TARGET, _op_set_target),
+            (XsOp.RESET_WATCHES, _op_reset_watches),
+            (XsOp.DIRECTORY_PART, _op_directory_part),
+        )
     }
 
     # -- domains and watches -----------------------------------------------------------
@@ -886,6 +974,7 @@ class XsServer:
         domain = _Domain(domid, socket_path=self.guest_socket(domid))
         domain.listener = self._listen(domain.socket_path)  # type: ignore[arg-type]
         self._domains[domid] = domain
+        self._forget_callers()
         self._pending_listeners.append(domain)
         self._fire([self._store.special_change(INTRODUCE_DOMAIN)])
 
@@ -901,6 +990,7 @@ class XsServer:
         for other in self._domains.values():
             if other.target == domid:
                 other.target = None
+        self._forget_callers()
         self._store.remove_domain_nodes(domid)
         self._fire(self._store.take_changes())
         self._fire([self._store.special_change(RELEASE_DOMAIN)])
@@ -911,18 +1001,13 @@ class XsServer:
         for conn in list(self._connections):
             if conn.closed or not conn.watches:
                 continue
-            caller = self._caller(conn)
+            caller = conn.caller or self._caller(conn)
             for change in changes:
-                if not change.visible_to(caller):
+                if not caller.privileged and not change.visible_to(caller):
                     continue
                 for watch in conn.watches:
-                    if change.fires(watch.path):
-                        self._send(
-                            conn,
-                            watch_event(
-                                self._event_path_for(conn, watch, change.path), watch.token
-                            ),
-                        )
+                    if watch.fired_by(change):
+                        self._send_event(conn, watch, change.path)
 
     def _event_path_for(self, conn: _Connection, watch: _Watch, path: str) -> bytes:
         if watch.relative:

@@ -14,7 +14,7 @@ connects to, the way a real guest is identified by its ring:
   connections, removes the socket, deletes the nodes the domain owned and fires
   ``@releaseDomain``; ``SET_TARGET`` lets one domain act as another (a device model).
 
-One thread runs a selector loop over all sockets and handles requests one at a time, like
+One thread runs an epoll loop over all sockets and handles requests one at a time, like
 the real daemons, so their order is the order they arrived in.  Methods called from other
 threads take the same lock.  Nothing blocks without a timeout.
 
@@ -41,7 +41,7 @@ import contextlib
 import enum
 import logging
 import os
-import selectors
+import select
 import signal
 import socket
 import sys
@@ -51,7 +51,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Union
 
 from xentmem.clock import Clock, SystemClock
 from xentmem.host.xsstore import (
@@ -238,7 +238,7 @@ class _Connection:
         self.closed = False
         #: Who this connection is, built on first use; reset when a domain's target changes.
         self.caller: Caller | None = None
-        #: Whether the selector watches this socket for writability (output is waiting).
+        #: Whether the poller watches this socket for writability (output is waiting).
         self.want_write = False
 
     def fileno(self) -> int:
@@ -264,8 +264,60 @@ _WATCH = int(XsOp.WATCH)
 _WATCH_EVENT = int(XsOp.WATCH_EVENT)
 _ERROR = int(XsOp.ERROR)
 _E2BIG_PAYLOAD = b"E2BIG" + NUL
-_READ_EVENTS = selectors.EVENT_READ
-_READ_WRITE_EVENTS = selectors.EVENT_READ | selectors.EVENT_WRITE
+_WAKER = "waker"
+
+#: What a registered socket is polled for.
+_POLL_READ = select.EPOLLIN
+_POLL_READ_WRITE = select.EPOLLIN | select.EPOLLOUT
+#: Events that make a socket worth reading or writing (a hang-up or error makes both
+#: calls report it, as ``selectors`` has it).
+_READABLE = ~select.EPOLLOUT
+_WRITABLE = ~select.EPOLLIN
+
+#: What a socket is registered for: a connection, a domain's listener, or the waker.
+_Target = Union[_Connection, _Domain, str]
+
+
+class _Poller:
+    """The loop's sockets on one epoll, each with its :data:`_Target`.
+
+    ``selectors`` does the same, but its ``select()`` builds a key object per ready socket
+    in Python: a good part of the loop's own cost per request.
+    """
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._targets: dict[int, tuple[socket.socket, _Target]] = {}
+
+    def register(self, sock: socket.socket, target: _Target) -> None:
+        fd = sock.fileno()
+        self._epoll.register(fd, _POLL_READ)
+        self._targets[fd] = (sock, target)
+
+    def want_write(self, sock: socket.socket, want: bool) -> None:
+        self._epoll.modify(sock.fileno(), _POLL_READ_WRITE if want else _POLL_READ)
+
+    def unregister(self, sock: socket.socket) -> None:
+        """Forget ``sock`` (call before closing it)."""
+        fd = sock.fileno()
+        if self._targets.pop(fd, None) is not None:
+            self._epoll.unregister(fd)
+
+    def poll(self, timeout: float) -> list[tuple[tuple[socket.socket, _Target], int]]:
+        """The ready sockets (with their targets) and epoll events.  Targets are looked up
+        at once, as ``selectors`` does: a socket handled earlier in the batch may close
+        another whose number is then reused.  Runs without the server's lock, so a socket
+        another thread has just unregistered is skipped, not an error."""
+        ready = []
+        for fd, events in self._epoll.poll(timeout):
+            entry = self._targets.get(fd)
+            if entry is not None:
+                ready.append((entry, events))
+        return ready
+
+    def close(self) -> None:
+        self._epoll.close()
+        self._targets.clear()
 
 
 class XsServer:
@@ -288,14 +340,14 @@ class XsServer:
         self._store = Store(self.limits)
         self._domains: dict[int, _Domain] = {0: _Domain(0)}
         self._connections: list[_Connection] = []
-        #: Connections whose output or state changed since the selector last heard of them
-        #: (a dict as an ordered set): only these need :meth:`_sync_selector`'s attention.
+        #: Connections whose output or state changed since the poller last heard of them
+        #: (a dict as an ordered set): only these need :meth:`_sync_poller`'s attention.
         self._dirty: dict[_Connection, None] = {}
         #: Connections holding back delayed output (``Faults.delay``).
         self._delaying: dict[_Connection, None] = {}
         #: Threads in :meth:`wait_requests_seen` (the loop notifies only if there are any).
         self._waiters = 0
-        self._selector: selectors.BaseSelector | None = None
+        self._poller: _Poller | None = None
         self._pending_listeners: list[_Domain] = []
         self._waker_r, self._waker_w = socket.socketpair()
         self._waker_r.setblocking(False)
@@ -314,9 +366,9 @@ class XsServer:
             raise RuntimeError("a server starts once; make a new one")
         self.directory.mkdir(parents=True, exist_ok=True)
         self._dom0_listener = self._listen(self.dom0_socket)
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(self._waker_r, selectors.EVENT_READ, "waker")
-        self._selector.register(self._dom0_listener, selectors.EVENT_READ, self._domains[0])
+        self._poller = _Poller()
+        self._poller.register(self._waker_r, _WAKER)
+        self._poller.register(self._dom0_listener, self._domains[0])
         self._thread = threading.Thread(target=self._run, name="xsserver", daemon=True)
         self._thread.start()
         log.info("xenstore server on %s (%s limits)", self.dom0_socket, self.limits.flavour)
@@ -342,9 +394,9 @@ class XsServer:
                 self._dom0_listener = None
                 with contextlib.suppress(FileNotFoundError):
                     self.dom0_socket.unlink()
-            if self._selector is not None:
-                self._selector.close()
-                self._selector = None
+            if self._poller is not None:
+                self._poller.close()
+                self._poller = None
         self._waker_r.close()
         self._waker_w.close()
 
@@ -455,16 +507,17 @@ class XsServer:
             self._waker_w.send(b"x")
 
     def _run(self) -> None:
-        assert self._selector is not None
+        poller = self._poller
+        assert poller is not None
         try:
             while not self._stop.is_set():
-                ready = self._selector.select(self._next_timeout())
+                ready = poller.poll(self._next_timeout())
                 with self._lock:
-                    for key, mask in ready:
-                        self._on_ready(key, mask)
+                    for (sock, target), events in ready:
+                        self._on_ready(sock, target, events)
                     if self._delaying:
                         self._release_due()
-                    self._sync_selector()
+                    self._sync_poller()
                     if self._waiters:
                         self._handled.notify_all()
         except Exception:  # the loop must not die silently: log, then stop serving
@@ -482,21 +535,21 @@ class XsServer:
         # which jumps without waking anybody.
         return max(0.0, min(min(dues) - self.clock.monotonic(), DELAYED_POLL_S))
 
-    def _on_ready(self, key: selectors.SelectorKey, mask: int) -> None:
-        conn = key.data
-        if type(conn) is not _Connection:
-            if conn == "waker":
+    def _on_ready(self, sock: socket.socket, target: _Target, events: int) -> None:
+        if type(target) is not _Connection:
+            if isinstance(target, _Domain):
+                self._accept(sock, target)
+            else:  # the waker
                 with contextlib.suppress(BlockingIOError):
                     while self._waker_r.recv(4096):
                         pass
-            elif isinstance(conn, _Domain):
-                self._accept(key.fileobj, conn)  # type: ignore[arg-type]
             return
+        conn = target
         if conn.closed:
             return
-        if mask & selectors.EVENT_READ:
+        if events & _READABLE:
             self._on_readable(conn)
-        if not conn.closed and mask & selectors.EVENT_WRITE:
+        if not conn.closed and events & _WRITABLE:
             self._flush(conn)
             self._dirty[conn] = None
 
@@ -511,18 +564,18 @@ class XsServer:
         sock.setblocking(False)
         conn = _Connection(sock, domain.domid, self.limits)
         self._connections.append(conn)
-        assert self._selector is not None
-        self._selector.register(sock, selectors.EVENT_READ, conn)
+        assert self._poller is not None
+        self._poller.register(sock, conn)
 
-    def _sync_selector(self) -> None:
+    def _sync_poller(self) -> None:
         """Register new listeners; for each connection whose output or state changed, send
         what waits, close it if it is done closing, and watch it for writability while
         output is left."""
-        assert self._selector is not None
+        assert self._poller is not None
         if self._pending_listeners:
             for domain in self._pending_listeners:
                 if domain.listener is not None and domain.domid in self._domains:
-                    self._selector.register(domain.listener, selectors.EVENT_READ, domain)
+                    self._poller.register(domain.listener, domain)
             self._pending_listeners.clear()
         if not self._dirty:
             return
@@ -540,8 +593,7 @@ class XsServer:
             want_write = bool(conn.out)
             if want_write != conn.want_write:
                 conn.want_write = want_write
-                events = _READ_WRITE_EVENTS if want_write else _READ_EVENTS
-                self._selector.modify(conn.sock, events, conn)
+                self._poller.want_write(conn.sock, want_write)
 
     def _on_readable(self, conn: _Connection) -> None:
         try:
@@ -586,9 +638,9 @@ class XsServer:
             return
         conn.closed = True
         self._delaying.pop(conn, None)
-        if self._selector is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self._selector.unregister(conn.sock)
+        if self._poller is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._poller.unregister(conn.sock)
         conn.sock.close()
         with contextlib.suppress(ValueError):
             self._connections.remove(conn)
@@ -598,9 +650,9 @@ class XsServer:
     def _close_listener(self, domain: _Domain) -> None:
         if domain.listener is None:
             return
-        if self._selector is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self._selector.unregister(domain.listener)
+        if self._poller is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._poller.unregister(domain.listener)
         domain.listener.close()
         domain.listener = None
         if domain.socket_path is not None:
@@ -1003,10 +1055,14 @@ class XsServer:
                 continue
             caller = conn.caller or self._caller(conn)
             for change in changes:
-                if not caller.privileged and not change.visible_to(caller):
-                    continue
+                # Whether the caller may see the change, judged once a watch matches it.
+                visible = True if caller.privileged else None
                 for watch in conn.watches:
-                    if watch.fired_by(change):
+                    if not watch.fired_by(change):
+                        continue
+                    if visible is None:
+                        visible = change.visible_to(caller)
+                    if visible:
                         self._send_event(conn, watch, change.path)
 
     def _event_path_for(self, conn: _Connection, watch: _Watch, path: str) -> bytes:

@@ -93,9 +93,9 @@ DOM0_SOCKET_NAME = "socket"
 #: A peer that stops reading is dropped once this much output waits for it.
 MAX_PENDING_OUTPUT = 16 << 20
 RECV_CHUNK = 65536
-#: Longest select() without anything to do; a stop request wakes the loop at once anyway.
+#: Longest poll without anything to do; a stop request wakes the loop at once anyway.
 IDLE_POLL_S = 1.0
-#: Longest select() while delayed replies are queued.
+#: Longest poll while delayed replies are queued.
 DELAYED_POLL_S = 0.05
 
 
@@ -245,8 +245,8 @@ class _Connection:
         return self.sock.fileno()
 
 
-# Op codes as plain ints: a request's op is an int, and hashing an IntEnum member (as a set
-# or dict of members would) runs Python code.
+# Op codes as plain ints: a request's op stays the int its header holds, as turning it into
+# an ``XsOp`` (an enum lookup in Python) would cost more than these checks.
 _PRIVILEGED_OPS = frozenset(
     int(op)
     for op in (

@@ -396,7 +396,9 @@ class Change:
 
 # ``Node(...)`` and ``Change(...)`` for the hot path: a frozen dataclass's ``__init__`` sets
 # each field through ``object.__setattr__``, which costs more than the rest of a small
-# request's bookkeeping.  These build the very same objects (equal, hashable, frozen).
+# request's bookkeeping.  These build the very same objects (equal, hashable, frozen), so
+# they must set every field and stay in step with the classes (which have no
+# ``__post_init__`` to skip).
 _new_object = object.__new__
 
 

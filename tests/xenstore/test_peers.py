@@ -347,6 +347,33 @@ def test_oversized_request(xenstore_host: XenstoreHost) -> None:
         assert [(p.op, p.req_id, p.payload) for p in replies] == [(XsOp.ERROR, 1, b"E2BIG\0")]
 
 
+@pytest.mark.parametrize("bad", [b"x\n", b"x y", b"x.y", b"x//y", b"x/"])
+def test_paths_with_what_xenstore_refuses_are_einval(xenstore_host: XenstoreHost,
+                                                     bad: bytes) -> None:
+    path = f"{xenstore_host.scratch}/".encode() + bad
+    reply = raw_request(xenstore_host.dom0_socket, XsOp.WRITE, path + b"\0v")
+    assert reply is not None and (reply.op, reply.payload) == (XsOp.ERROR, b"EINVAL\0")
+    if bad in (b"x\n", b"x/"):  # and the node without the bad character was not made
+        assert not xenstore_host.dom0.exists(path[:-1])
+
+
+def test_an_event_too_long_to_send_is_dropped(xenstore_host: XenstoreHost) -> None:
+    """Path plus token may exceed one message: C xenstored drops that event, and only it
+    (``add_event``: "Don't try to send over-long events"); so does our server."""
+    s = xenstore_host.scratch
+    w = dom0_watcher(xenstore_host.client(), s)
+    token = b"t" * 3300
+    assert w.watch(f"{s}/long".encode(), token) == (f"{s}/long".encode(), token)
+    deep = f"{s}/long/{'d' * 900}".encode()  # the event would be about 4250 bytes
+    xenstore_host.dom0.write(deep, b"1")
+    xenstore_host.dom0.write(f"{s}/long/short".encode(), b"1")
+    if xenstore_host.flavour == OX:  # oxenstored does not drop it: the pyxs watcher dies
+        with pytest.raises(pyxs.ConnectionError):
+            w.events()
+        return
+    assert w.events() == [(f"{s}/long/short".encode(), token)]
+
+
 def test_directory_reply_over_the_limit(xenstore_host: XenstoreHost) -> None:
     d, s = xenstore_host.dom0, xenstore_host.scratch
     for i in range(400):  # 400 names of 11 bytes with their NULs: 4400 bytes

@@ -669,6 +669,10 @@ class XsServer:
         faults = self.faults
         if conn.domid in faults.muted:
             return
+        if op == _WATCH_EVENT and len(payload) > XENSTORE_PAYLOAD_MAX:
+            # C xenstored's add_event(): "Don't try to send over-long events."
+            log.debug("event of %d bytes for domain %d dropped", len(payload), conn.domid)
+            return
         spoil = faults.malformed.get(conn.domid) if faults.malformed else None
         if spoil and op != _WATCH_EVENT:
             data = self._malform(conn, Packet(op, req_id, tx_id, payload), spoil)

@@ -314,7 +314,7 @@ def check_path(path: str, limits: Limits) -> None:
         raise StoreError("EINVAL", f"{path!r} ends in /")
     if "//" in path:
         raise StoreError("EINVAL", f"{path!r} holds //")
-    if not _VALID_PATH_CHARS.match(path):
+    if not _VALID_PATH_CHARS.fullmatch(path):  # (match() would let a final "\n" through)
         raise StoreError("EINVAL", f"{path!r} holds a character xenstore refuses")
     if len(path) > XENSTORE_ABS_PATH_MAX:
         raise StoreError("EINVAL", f"path longer than {XENSTORE_ABS_PATH_MAX}")

@@ -17,9 +17,9 @@ Unix-socket connection.  Three of its traps matter here (``reference/xenstored.m
   per-session counter under the send lock, and error replies keep their name.
 
 Everything a read returns is untrusted: methods return raw ``bytes`` and the callers name them
-``untrusted_...`` until parsed.  Writes can be *pipelined* (:meth:`XsSession.send` returns a
-:class:`Pending` to collect later), which is how the ``xen`` backend sends a message's chunks
-and its message node in one round trip.
+``untrusted_...`` until parsed.  Requests can be *pipelined* (:meth:`XsSession.send_many`
+returns a :class:`Pending` for each, to collect later).  The ``xen`` backend's messages do not
+go through this session: they use connections of their own (:mod:`xentmem.xsconn`).
 """
 
 from __future__ import annotations
@@ -412,12 +412,6 @@ class XsSession:
             raise XsConnectionLost(f"{pending.what}: xenstore answered op {packet.op}")
         return packet.payload
 
-    def poll(self, pending: Pending) -> bytes | None:
-        """The answer if it has arrived (raising as :meth:`wait` would), else None."""
-        if getattr(pending.rvar, "target", None) is None:
-            return None
-        return self.wait(pending)
-
     def call(self, op: int, payload: bytes, *, what: str, tx: int = 0,
              deadline: float | None = None) -> bytes:
         return self.wait(self.send(op, payload, what=what, tx=tx), deadline)
@@ -442,16 +436,6 @@ class XsSession:
         _check_path(path)
         _check_value(value)
         self._ack(self.call(Op.WRITE, path + NUL + value, what=f"write {path.decode()}", tx=tx))
-
-    def send_write(self, path: bytes, value: bytes) -> Pending:
-        """A pipelined write: the caller checks the answer later with :meth:`wait`."""
-        return self.send(Op.WRITE, path + NUL + value, what=f"write {path.decode()}")
-
-    def send_read(self, path: bytes) -> Pending:
-        return self.send(Op.READ, path + NUL, what=f"read {path.decode()}")
-
-    def send_rm(self, path: bytes) -> Pending:
-        return self.send(Op.RM, path + NUL, what=f"rm {path.decode()}")
 
     def mkdir(self, path: bytes, *, tx: int = 0) -> None:
         _check_path(path)

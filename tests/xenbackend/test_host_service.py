@@ -199,6 +199,21 @@ def ours(make_xs_server, tmp_path: Path):
         host.xs.close()
 
 
+def test_a_refused_guest_keeps_no_connection_open(ours: TmemHost) -> None:
+    """The message channel opens its own connections; a failed connect closes them."""
+    from fakes.xenstore_hosts import close_client
+
+    from xentmem.errors import BackendError
+
+    roots = ours.guest(5)
+    guest = ours.client(roots)
+    guest.set_perms(b"/local/domain/5/device/tmem/0", [b"n5", b"r0", b"w6"])
+    close_client(guest)
+    with pytest.raises(BackendError, match="writable by domains"):
+        XenBackend({"timeout_ms": 5000}, roots=roots).connect()
+    assert ours.xs.server.wait_watch_count(5, 0, timeout=10)  # type: ignore[attr-defined]
+
+
 def test_control_commands_mirror_xl_tmem(ours: TmemHost) -> None:
     roots = ours.guest(5)
     backend = XenBackend({"timeout_ms": 5000, "batch": False}, roots=roots)

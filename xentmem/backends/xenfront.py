@@ -214,7 +214,18 @@ class TmemFrontend:
     # -- handshake ----------------------------------------------------------------------------
 
     def connect(self) -> Negotiated:
-        """Initialising -> (host InitWait) -> Initialised -> (host Connected) -> Connected."""
+        """Initialising -> (host InitWait) -> Initialised -> (host Connected) -> Connected.
+
+        If it fails, the message channel's connections are closed again (the caller closes
+        the session).
+        """
+        try:
+            return self._connect()
+        except BaseException:
+            self._close_channel()
+            raise
+
+    def _connect(self) -> Negotiated:
         self.domid = find_domid(self.xs)
         self.backend_domid, self.otherend = find_backend(self.xs, self.domid)
         self.nodename = frontend_path(self.domid)

@@ -484,7 +484,21 @@ class XsServer:
     def watch_count(self, domid: int) -> int:
         """Watches registered by ``domid``'s connections (to check clean-up in tests)."""
         with self._lock:
-            return sum(len(c.watches) for c in self._connections if c.domid == domid)
+            return self._watch_count(domid)
+
+    def wait_watch_count(self, domid: int, count: int, timeout: float) -> bool:
+        """Wait until ``domid``'s connections hold ``count`` watches (closed connections
+        are noticed by the loop, not at once); False on timeout."""
+        with self._handled:
+            self._waiters += 1
+            try:
+                return self._handled.wait_for(lambda: self._watch_count(domid) == count,
+                                              timeout)
+            finally:
+                self._waiters -= 1
+
+    def _watch_count(self, domid: int) -> int:
+        return sum(len(c.watches) for c in self._connections if c.domid == domid)
 
     # -- the loop ----------------------------------------------------------------------
 

@@ -486,6 +486,12 @@ class Limits:
         if not 1 <= self.max_parts <= MAX_NAME_PARTS_LIMIT:
             raise WireError(f"max parts {self.max_parts} outside 1..{MAX_NAME_PARTS_LIMIT}")
 
+    @classmethod
+    def for_host(cls) -> Limits:
+        """A host's own limits before it probes its xenstore: it accepts request names as long
+        as any daemon lets a guest write them (each guest finds out what its daemon takes)."""
+        return cls(inline_bytes=MAX_REQUEST_INLINE_BYTES)
+
     def meet(self, other: Limits) -> Limits:
         return Limits(min(self.chunk_bytes, other.chunk_bytes),
                       min(self.inline_bytes, other.inline_bytes),

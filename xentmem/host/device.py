@@ -47,7 +47,6 @@ from xentmem.tmemwire import (
     MAX_CHUNK_BYTES,
     MAX_INLINE_BYTES,
     MAX_REPLY_INLINE_BYTES,
-    MAX_REQUEST_INLINE_BYTES,
     NAME_OVERHEAD,
     REQ_DATA_DIR,
     REQ_DIR,
@@ -131,7 +130,7 @@ class GuestDevice:
         self.store = store
         self.domid = domid
         self.backend_domid = backend_domid
-        self.limits = limits or Limits(inline_bytes=MAX_REQUEST_INLINE_BYTES)
+        self.limits = limits or Limits.for_host()
         self.compress_replies = compress_replies
         self.home = f"/local/domain/{domid}"
         self.otherend = frontend_path(domid)

@@ -53,7 +53,6 @@ from xentmem.host.control import (
 from xentmem.host.device import GuestDevice, probe_reply_limits
 from xentmem.host.store import HostStore
 from xentmem.tmemwire import (
-    MAX_REQUEST_INLINE_BYTES,
     Limits,
     WireError,
     WireOp,
@@ -90,14 +89,14 @@ class HostService:
         timeout: float = 5.0,
     ) -> None:
         self.store = store
-        self.limits = limits or Limits(inline_bytes=MAX_REQUEST_INLINE_BYTES)
+        self.limits = limits or Limits.for_host()
         self._probe_limits = limits is None
         self.backend_domid = backend_domid
         self.only = frozenset(domains) if domains else None
         self.conn = XsConn(xenstore, device=device, timeout=timeout)
         #: Replies and removals go on a connection of their own whose answers are read when
-        #: convenient (after each round of events): the loop does not wake up once more per
-        #: request just to hear "OK" for its reply.  Refusals are still logged and counted.
+        #: convenient (DRAIN_AT at a time, or when idle): the loop does not wake up once more
+        #: per request just to hear "OK" for its reply.  Refusals are still logged.
         self.writer = XsConn(xenstore, device=device, timeout=timeout)
         self.control = (
             ControlServer(control_path, self.handle_control) if control_path is not None else None

@@ -11,7 +11,7 @@ intervals:
 2. **Page API**: frontswap ``store``/``load`` and cleancache ``put_page``/``get_page`` of
    ``--pages`` pages through :class:`~xentmem.control.ControlClient` (one connection, one
    request per page), in pages per second.
-3. **In process**: the same operations on a :class:`~xentmem.shim.Shim` with zcache loaded,
+3. **In process**: the same operations on a :class:`~xentmem.guest.shim.Shim` with zcache loaded,
    called directly; the socket's figure is given as a ratio of this one.
 
 Every page read back is checked byte for byte.  The last line is the summary::
@@ -38,12 +38,12 @@ from typing import Callable
 
 import psutil
 
-from xentmem.backends.zcache import ZcacheBackend
-from xentmem.cmdline import BootParams
 from xentmem.control import ControlClient
-from xentmem.frontends import MemoryBacking
+from xentmem.guest.backends.zcache import ZcacheBackend
+from xentmem.guest.cmdline import BootParams
+from xentmem.guest.frontends import MemoryBacking
+from xentmem.guest.shim import Shim
 from xentmem.roots import Roots
-from xentmem.shim import Shim
 
 PAGE_SIZE = 4096
 READY_TIMEOUT_S = 30.0
@@ -139,7 +139,7 @@ class Daemon:
         env["NOTIFY_SOCKET"] = str(self.notify_path)
         self.log = open(base / "xentmemd.log", "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "xentmem.daemon.app", "--root", str(root),
+            [sys.executable, "-m", "xentmem.guestd.app", "--root", str(root),
              "--run-dir", str(self.run_dir), "-o", f"zcache.capacity={CAPACITY}"],
             stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.process = psutil.Process(self.proc.pid)

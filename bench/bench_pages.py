@@ -9,7 +9,7 @@ the benchmark times
 * ``put_page`` / ``get_page`` on a zcache backend called directly (a persistent pool and a
   private ephemeral one), with ``detailed_stats`` off and on;
 * frontswap ``store`` / ``load`` and cleancache ``put_page`` / ``get_page`` over zcache loaded
-  in a :class:`~xentmem.shim.Shim`, which is what the acceptance target is about.
+  in a :class:`~xentmem.guest.shim.Shim`, which is what the acceptance target is about.
 
 Each figure is the best of ``--repeat`` rounds (the machine is shared; the best round is the
 one least disturbed), with the garbage collector off while a loop runs.  Every round's data is
@@ -35,7 +35,12 @@ from typing import Any, Callable
 
 from lz4.block import compress, decompress
 
-from xentmem.abi import (
+from xentmem.guest.backends.zcache import POOR_COMPRESSION_LIMIT, ZcacheBackend
+from xentmem.guest.cmdline import BootParams
+from xentmem.guest.frontends import MemoryBacking
+from xentmem.guest.shim import Shim
+from xentmem.roots import Roots
+from xentmem.tmem.abi import (
     PAGE_SIZE,
     POOL_PRIVATE_EPHEMERAL,
     POOL_PRIVATE_PERSISTENT,
@@ -43,11 +48,6 @@ from xentmem.abi import (
     ZERO_PAGE,
     Oid,
 )
-from xentmem.backends.zcache import POOR_COMPRESSION_LIMIT, ZcacheBackend
-from xentmem.cmdline import BootParams
-from xentmem.frontends import MemoryBacking
-from xentmem.roots import Roots
-from xentmem.shim import Shim
 
 #: Share of each kind in the corpus (text, binary, zero, random).
 MIX = {"text": 0.40, "binary": 0.40, "zero": 0.10, "random": 0.10}

@@ -1,7 +1,7 @@
 """Benchmark: tmem ops through the ``xen`` backend against the mocked hypervisor, as a ratio of
 the raw xenstore write+read round trip measured with pyxs in the same run.
 
-The mocked hypervisor is our xenstore server (``python -m xentmem.host.xsserver``, C
+The mocked hypervisor is our xenstore server (``python -m xentmem.mock_xenstored.server``, C
 xenstored's limits) and the host service (``xentmem-hostd run``), each in its own process,
 as xenstored and the service are separate processes in dom0.  This process is guest 1: it
 talks to the server through the guest's own socket, both for the raw round trips (pyxs
@@ -53,9 +53,9 @@ from typing import Any
 
 import pyxs
 
-from xentmem.abi import POOL_PRIVATE_EPHEMERAL, POOL_PRIVATE_PERSISTENT, PRIVATE_UUID, Oid
-from xentmem.backends.xen import XenBackend
+from xentmem.guest.backends.xen import XenBackend
 from xentmem.roots import Roots
+from xentmem.tmem.abi import POOL_PRIVATE_EPHEMERAL, POOL_PRIVATE_PERSISTENT, PRIVATE_UUID, Oid
 
 GUEST = 1
 START_TIMEOUT_S = 30.0
@@ -87,7 +87,7 @@ class MockedHypervisor:
         self.guest = self.dir / f"domain-{GUEST}.sock"
         if self.one_process:  # `xentmem-hostd demo`: server and service in one process
             demo = subprocess.Popen(
-                [sys.executable, "-m", "xentmem.host.service", "demo", "--dir", str(self.dir),
+                [sys.executable, "-m", "xentmem.hostd.service", "demo", "--dir", str(self.dir),
                  "--guest", str(GUEST), "--capacity", "1G", "--log-level", "warning"],
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             self.procs.append(demo)
@@ -97,7 +97,7 @@ class MockedHypervisor:
             self._wait_for_device()
             return self
         server = subprocess.Popen(
-            [sys.executable, "-m", "xentmem.host.xsserver", "--dir", str(self.dir),
+            [sys.executable, "-m", "xentmem.mock_xenstored.server", "--dir", str(self.dir),
              "--domain", str(GUEST)],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.procs.append(server)
@@ -105,7 +105,7 @@ class MockedHypervisor:
         for _ in range(2):  # XENSTORED_PATH=..., DOMAIN_1_SOCKET=...
             server.stdout.readline()
         host = subprocess.Popen(
-            [sys.executable, "-m", "xentmem.host.service", "--control",
+            [sys.executable, "-m", "xentmem.hostd.service", "--control",
              str(self.dir / "hostd.sock"), "run", "--xenstore", str(self.dom0),
              "--capacity", "1G", "--log-level", "warning"])
         self.procs.append(host)

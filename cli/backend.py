@@ -13,8 +13,8 @@ from typing import Any
 import click
 from click.shell_completion import CompletionItem
 
-from xentmem import registry
 from xentmem.errors import ParamError
+from xentmem.guest import registry
 from xentmem.params import parse_assignments
 from xentmem_cli import render
 from xentmem_cli.app import App, json_option

@@ -63,7 +63,7 @@ def daemon_command(run_dir: Path, *, config: str | None, backend: str | None,
                    extra: tuple[str, ...], root: str | None = None,
                    state_dir: Path | None = None) -> list[str]:
     """``xentmemd`` with the same interpreter as this CLI, so the two never disagree."""
-    argv = [sys.executable, "-m", "xentmem.daemon.app", "--run-dir", str(run_dir)]
+    argv = [sys.executable, "-m", "xentmem.guestd.app", "--run-dir", str(run_dir)]
     if state_dir is not None:
         argv += ["--state-dir", str(state_dir)]
     if root is not None:

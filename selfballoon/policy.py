@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from xentmem.abi import PAGE_SIZE  # the ABI module does no I/O
+from xentmem.tmem.abi import PAGE_SIZE  # the ABI module does no I/O
 from xentmem_selfballoon.guard import PressureState, PressureVerdict, guarded_target, judge_pressure
 from xentmem_selfballoon.shrink import ShrinkDecision, ShrinkState, next_shrink
 

@@ -45,7 +45,7 @@ _real_clock = SystemClock()
 
 
 class ShimLike(Protocol):
-    """What the service needs from ``xentmem.shim.Shim``."""
+    """What the service needs from ``xentmem.guest.shim.Shim``."""
 
     @property
     def flags(self) -> Mapping[str, Any]: ...

@@ -4,7 +4,7 @@ Loops are written ``while not clock.wait(stop, interval): tick(clock.monotonic()
 hands in a :class:`FakeClock` and runs a loop for hours of simulated time in milliseconds.
 
 The daemon's main loop waits on a file descriptor instead (a self-pipe its signal handlers
-write to, see :mod:`xentmem.daemon.signals`): :meth:`SystemClock.wait_readable` and
+write to, see :mod:`xentmem.guestd.signals`): :meth:`SystemClock.wait_readable` and
 :meth:`FakeClock.wait_readable` are that wait, real and simulated.
 """
 

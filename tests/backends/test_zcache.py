@@ -12,7 +12,12 @@ import threading
 
 import pytest
 
-from xentmem.abi import (
+from xentmem.guest.backends.zcache import (
+    EPHEMERAL_PAGE_OVERHEAD,
+    PERSISTENT_PAGE_OVERHEAD,
+    ZcacheBackend,
+)
+from xentmem.tmem.abi import (
     EEMPTY,
     PAGE_SIZE,
     POOL_PRIVATE_EPHEMERAL,
@@ -24,11 +29,6 @@ from xentmem.abi import (
     Oid,
     PoolUuid,
     TmemControl,
-)
-from xentmem.backends.zcache import (
-    EPHEMERAL_PAGE_OVERHEAD,
-    PERSISTENT_PAGE_OVERHEAD,
-    ZcacheBackend,
 )
 
 MIB = 1 << 20

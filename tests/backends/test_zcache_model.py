@@ -14,7 +14,12 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from xentmem.abi import (
+from xentmem.guest.backends.zcache import (
+    EPHEMERAL_PAGE_OVERHEAD,
+    PERSISTENT_PAGE_OVERHEAD,
+    ZcacheBackend,
+)
+from xentmem.tmem.abi import (
     EEMPTY,
     PAGE_SIZE,
     POOL_PRIVATE_EPHEMERAL,
@@ -24,11 +29,6 @@ from xentmem.abi import (
     ZERO_PAGE,
     Oid,
     PoolUuid,
-)
-from xentmem.backends.zcache import (
-    EPHEMERAL_PAGE_OVERHEAD,
-    PERSISTENT_PAGE_OVERHEAD,
-    ZcacheBackend,
 )
 
 SHARED_UUID = PoolUuid(0x1234, 0x5678)

@@ -11,21 +11,21 @@ import random
 
 import pytest
 
-from xentmem import registry
-from xentmem.abi import (
+from xentmem.errors import ParamError
+from xentmem.guest import registry
+from xentmem.guest.backends.zcache import (
+    EPHEMERAL_PAGE_OVERHEAD,
+    PERSISTENT_PAGE_OVERHEAD,
+    ZcacheBackend,
+)
+from xentmem.tmem.abi import (
     PAGE_SIZE,
     POOL_PRIVATE_EPHEMERAL,
     POOL_PRIVATE_PERSISTENT,
     PRIVATE_UUID,
     Oid,
 )
-from xentmem.backends.capacity import capacity_bytes, parse_capacity
-from xentmem.backends.zcache import (
-    EPHEMERAL_PAGE_OVERHEAD,
-    PERSISTENT_PAGE_OVERHEAD,
-    ZcacheBackend,
-)
-from xentmem.errors import ParamError
+from xentmem.tmem.capacity import capacity_bytes, parse_capacity
 
 MIB = 1 << 20
 GIB = 1 << 30

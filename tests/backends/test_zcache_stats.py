@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from xentmem.abi import (
+from xentmem.guest.backends.zcache import EPHEMERAL_PAGE_OVERHEAD, ZcacheBackend
+from xentmem.tmem.abi import (
     PAGE_SIZE,
     POOL_PRIVATE_EPHEMERAL,
     POOL_PRIVATE_PERSISTENT,
@@ -14,7 +15,6 @@ from xentmem.abi import (
     ZERO_PAGE,
     Oid,
 )
-from xentmem.backends.zcache import EPHEMERAL_PAGE_OVERHEAD, ZcacheBackend
 
 MIB = 1 << 20
 GIB = 1 << 30

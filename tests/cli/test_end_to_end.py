@@ -9,7 +9,7 @@ import signal
 from typing import Any
 
 from xentmem.control import ControlClient
-from xentmem.daemon.swap import read_swap_area
+from xentmem.guestd.swap import read_swap_area
 
 
 def page(seed: int) -> bytes:

@@ -58,12 +58,12 @@ def test_daemon_command_passes_everything_through(tmp_path: Path) -> None:
     argv = daemon_command(tmp_path, config="/etc/x.toml", backend="zcache", log_level="debug",
                           options=("capacity=64M", "selfballoon_interval=10"),
                           extra=("--xenstore-socket", "/xs"), root="/fake")
-    assert argv == [sys.executable, "-m", "xentmem.daemon.app", "--run-dir", str(tmp_path),
+    assert argv == [sys.executable, "-m", "xentmem.guestd.app", "--run-dir", str(tmp_path),
                     "--root", "/fake", "--config", "/etc/x.toml", "--backend", "zcache",
                     "--log-level", "debug", "-o", "capacity=64M", "-o",
                     "selfballoon_interval=10", "--xenstore-socket", "/xs"]
     assert daemon_command(tmp_path, config=None, backend=None, log_level=None, options=(),
-                          extra=()) == [sys.executable, "-m", "xentmem.daemon.app",
+                          extra=()) == [sys.executable, "-m", "xentmem.guestd.app",
                                         "--run-dir", str(tmp_path)]
 
 

@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 from fakes.recording_backend import RecordingBackend
 
-from xentmem.backends.zcache import ZcacheBackend
 from xentmem.clock import FakeClock
-from xentmem.daemon.balloon import NoBalloon, make_balloon
-from xentmem.daemon.config import ConfigSchema, load
-from xentmem.daemon.core import Daemon
 from xentmem.errors import UnknownBackend
+from xentmem.guest.backends.zcache import ZcacheBackend
+from xentmem.guestd.balloon import NoBalloon, make_balloon
+from xentmem.guestd.config import ConfigSchema, load
+from xentmem.guestd.core import Daemon
 from xentmem.roots import Roots
 
 MEMINFO = """\
@@ -100,7 +100,7 @@ def build_daemon(tmp_path: Path, root: Path, config_text: str | None = None, *,
     clock = FakeClock(1000.0)
     balloon: Any
     if real_balloon:
-        from xentmem.daemon.balloon import knob_params
+        from xentmem.guestd.balloon import knob_params
         knobs_schema = knob_params()
     else:
         knobs_schema = NoBalloon("test").knob_params
@@ -154,7 +154,7 @@ class DaemonProcess:
         self.socket = self.run_dir / "control.sock"
         self.log_path = tmp_path / "xentmemd.log"
         self.notify = NotifyListener(tmp_path / "notify.sock")
-        args = [sys.executable, "-m", "xentmem.daemon.app", "--root", str(root),
+        args = [sys.executable, "-m", "xentmem.guestd.app", "--root", str(root),
                 "--run-dir", str(self.run_dir), "--state-dir", str(self.state_dir)]
         if config is not None:
             args += ["--config", str(config)]

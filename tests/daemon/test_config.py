@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 from fakes.recording_backend import RecordingBackend
 
-from xentmem.daemon.balloon import knob_params
-from xentmem.daemon.config import (
+from xentmem.errors import ConfigError, ParamError
+from xentmem.guestd.balloon import knob_params
+from xentmem.guestd.config import (
     ANY_BACKEND,
     ConfigSchema,
     load,
     read_config,
 )
-from xentmem.errors import ConfigError, ParamError
 
 TOML = """\
 # the daemon

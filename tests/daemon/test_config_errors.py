@@ -12,10 +12,10 @@ import pytest
 from fakes.recording_backend import RecordingBackend
 
 from xentmem.clock import FakeClock
-from xentmem.daemon.app import EX_CONFIG, Application, application_from_args, build_parser, serve
-from xentmem.daemon.notify import Notifier
-from xentmem.daemon.signals import SignalFlags
 from xentmem.errors import ConfigError, ParamError
+from xentmem.guestd.app import EX_CONFIG, Application, application_from_args, build_parser, serve
+from xentmem.guestd.signals import SignalFlags
+from xentmem.notify import Notifier
 from xentmem.roots import Roots
 
 
@@ -26,7 +26,7 @@ def read(fake_root: Path, *argv: str) -> Any:
 
 def test_the_reviewers_command_line_is_refused_with_78(fake_root: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "xentmem.daemon.app", "--root", str(fake_root),
+        [sys.executable, "-m", "xentmem.guestd.app", "--root", str(fake_root),
          "--check-config", "-o", "selfbalooning=1", "-o", "capacity=bogus"],
         capture_output=True, text=True, timeout=60)
     assert result.returncode == EX_CONFIG, result.stdout + result.stderr

@@ -9,16 +9,16 @@ from typing import Any, ClassVar
 import pytest
 from fakes.recording_backend import RecordingBackend
 
-from xentmem.backend import Backend
-from xentmem.daemon.choice import choose_backend
-from xentmem.daemon.core import UnknownName
-from xentmem.daemon.swap import read_swap_area
 from xentmem.errors import (
     BackendError,
     BackendUnsupported,
     ConfigError,
     ParamError,
 )
+from xentmem.guest.backend import Backend
+from xentmem.guestd.choice import choose_backend
+from xentmem.guestd.core import UnknownName
+from xentmem.guestd.swap import read_swap_area
 from xentmem.params import Param, ParamSet
 from xentmem.roots import Roots
 
@@ -38,7 +38,7 @@ class FakeXen(RecordingBackend):
 
 
 def test_auto_prefers_xen_when_its_probe_passes(tmp_path: Path) -> None:
-    from xentmem.backends.zcache import ZcacheBackend
+    from xentmem.guest.backends.zcache import ZcacheBackend
 
     table: dict[str, type[Backend]] = {"xen": FakeXen, "zcache": ZcacheBackend}
     roots = Roots(root=tmp_path)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from xentmem.control import ControlClient, ControlError, protocol
-from xentmem.daemon.swap import read_swap_area
+from xentmem.guestd.swap import read_swap_area
 
 PAGE = 4096
 
@@ -255,4 +255,4 @@ def test_journald_format_under_systemd(fake_root: Path, start_daemon) -> None:
     assert daemon.stop() == 0
     lines = [line for line in daemon.log().splitlines() if line]
     assert lines and all(line.startswith("<") for line in lines), lines[:3]
-    assert any(line.startswith("<6>xentmem.daemon: ready") for line in lines)
+    assert any(line.startswith("<6>xentmem.guestd: ready") for line in lines)

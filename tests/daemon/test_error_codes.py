@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from xentmem import registry
 from xentmem.control import protocol
-from xentmem.daemon.handlers import error_for
 from xentmem.errors import (
     AbiError,
     BackendError,
@@ -18,6 +16,8 @@ from xentmem.errors import (
     UnknownParam,
     UnloadRefused,
 )
+from xentmem.guest import registry
+from xentmem.guestd.handlers import error_for
 from xentmem.params import Param, ParamSet
 
 
@@ -51,7 +51,7 @@ def test_unload_without_a_backend_is_no_backend_on_the_wire(make_daemon) -> None
     daemon = make_daemon(real_balloon=False)
     import json
 
-    from xentmem.daemon.handlers import handle_line
+    from xentmem.guestd.handlers import handle_line
     reply = json.loads(handle_line(daemon, b'{"v": 1, "id": 1, "op": "backend.unload"}'))
     assert reply["error"] == {"code": "no_backend", "message": "no backend is loaded"}
     reply = json.loads(handle_line(

@@ -12,14 +12,14 @@ from typing import Any, ClassVar
 import pytest
 from fakes.recording_backend import RecordingBackend
 
-from xentmem.abi import Oid, PoolFlags
-from xentmem.backend import GetResult
 from xentmem.clock import FakeClock, readable_within
 from xentmem.control import ControlClient, ControlError, protocol
-from xentmem.daemon.app import Application
-from xentmem.daemon.notify import Notifier
-from xentmem.daemon.signals import SignalFlags
+from xentmem.guest.backend import GetResult
+from xentmem.guestd.app import Application
+from xentmem.guestd.signals import SignalFlags
+from xentmem.notify import Notifier
 from xentmem.roots import Roots
+from xentmem.tmem.abi import Oid, PoolFlags
 
 #: The longest real wait of any step here; a broken test fails instead of hanging.
 REAL_WAIT_S = 5.0
@@ -195,7 +195,7 @@ def test_the_watchdog_keeps_pinging_while_an_unload_holds_every_lock(tmp_path: P
 
 
 def test_watchdog_runs_before_the_other_due_tasks() -> None:
-    from xentmem.daemon.app import Schedule
+    from xentmem.guestd.app import Schedule
 
     clock = FakeClock(0.0)
     schedule = Schedule(clock)

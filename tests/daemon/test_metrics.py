@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from xentmem.metrics import Family, collect, render, write_textfile
+from xentmem.guestd.metrics import Family, collect, render, write_textfile
 
 STATS = {
     "cleancache": {"succ_gets": 3, "failed_gets": 1, "puts": 5, "invalidates": 0,
@@ -87,8 +87,9 @@ def test_textfile_is_replaced_atomically(tmp_path: Path) -> None:
 def test_page_size_and_file_helper_have_one_home() -> None:
     """PAGE_SIZE comes from the ABI module, and the atomic write lives in xentmem.files
     (metrics, swap maps and shutdown.json all use that one)."""
-    from xentmem import abi, files, metrics
-    from xentmem.daemon import core, swap
+    from xentmem import files
+    from xentmem.guestd import core, metrics, swap
+    from xentmem.tmem import abi
 
     assert metrics.PAGE_SIZE is abi.PAGE_SIZE
     assert not hasattr(metrics, "write_atomically") or \

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 
 from xentmem.clock import FakeClock
-from xentmem.daemon.balloon import make_balloon
-from xentmem.daemon.config import Config
-from xentmem.daemon.core import Daemon
-from xentmem.daemon.publish import XenstorePublisher, xenstore_publisher
 from xentmem.errors import XenStoreError
-from xentmem.host.xsserver import XsServer
+from xentmem.guestd.balloon import make_balloon
+from xentmem.guestd.config import Config
+from xentmem.guestd.core import Daemon
+from xentmem.guestd.publish import XenstorePublisher, xenstore_publisher
+from xentmem.mock_xenstored.server import XsServer
 from xentmem.roots import Roots
 
 REAL_WAIT_S = 10.0

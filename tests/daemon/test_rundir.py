@@ -14,11 +14,11 @@ from fakes.recording_backend import RecordingBackend
 
 from xentmem.clock import FakeClock
 from xentmem.control import ControlClient
-from xentmem.daemon.app import EX_FAILURE, Application, serve
-from xentmem.daemon.notify import Notifier
-from xentmem.daemon.rundir import LOCK_NAME, RunDirBusy, RunDirLock
-from xentmem.daemon.server import ControlServer, ServerError
-from xentmem.daemon.signals import SignalFlags
+from xentmem.guestd.app import EX_FAILURE, Application, serve
+from xentmem.guestd.rundir import LOCK_NAME, RunDirBusy, RunDirLock
+from xentmem.guestd.server import ControlServer, ServerError
+from xentmem.guestd.signals import SignalFlags
+from xentmem.notify import Notifier
 from xentmem.roots import Roots
 
 

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from xentmem.clock import FakeClock
-from xentmem.daemon.app import Application, Schedule, build_parser, overrides_of
-from xentmem.daemon.logs import setup_logging
-from xentmem.daemon.notify import Notifier
-from xentmem.daemon.signals import SignalFlags
+from xentmem.guestd.app import Application, Schedule, build_parser, overrides_of
+from xentmem.guestd.logs import setup_logging
+from xentmem.guestd.signals import SignalFlags
+from xentmem.notify import Notifier
 from xentmem.roots import Roots
 
 

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from xentmem.control import ControlClient, ControlError, protocol
-from xentmem.daemon import handlers
-from xentmem.daemon.core import Daemon
-from xentmem.daemon.server import ControlServer, ServerError
+from xentmem.guestd import handlers
+from xentmem.guestd.core import Daemon
+from xentmem.guestd.server import ControlServer, ServerError
 
 PAGE = 4096
 

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from xentmem.clock import FakeClock
-from xentmem.daemon.app import EX_FAILURE, Application
-from xentmem.daemon.notify import Notifier
-from xentmem.daemon.signals import SignalFlags
-from xentmem.daemon.swap import map_path
+from xentmem.guestd.app import EX_FAILURE, Application
+from xentmem.guestd.signals import SignalFlags
+from xentmem.guestd.swap import map_path
+from xentmem.notify import Notifier
 from xentmem.roots import Roots
 
 PAGE = b"\x5a" * 4096

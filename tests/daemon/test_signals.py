@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from xentmem.clock import FakeClock, SystemClock
-from xentmem.daemon.signals import RECEIVED_KEPT, SignalFlags
+from xentmem.guestd.signals import RECEIVED_KEPT, SignalFlags
 
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 LOCK_TYPES = (type(threading.Lock()), type(threading.RLock()))

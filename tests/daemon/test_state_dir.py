@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from xentmem.daemon import swap as swap_module
-from xentmem.daemon.app import application_from_args, build_parser
-from xentmem.daemon.swap import map_path, read_swap_area
+from xentmem.guestd import swap as swap_module
+from xentmem.guestd.app import application_from_args, build_parser
+from xentmem.guestd.swap import map_path, read_swap_area
 
 PAGE = b"\xa5" * 4096
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import errno
 from typing import Any, ClassVar
 
-from xentmem.abi import TMEM_DONE, TMEM_NOT_FOUND, Oid, PoolFlags, PoolUuid
-from xentmem.backend import Backend, GetResult
+from xentmem.guest.backend import Backend, GetResult
 from xentmem.params import Param, ParamSet
+from xentmem.tmem.abi import TMEM_DONE, TMEM_NOT_FOUND, Oid, PoolFlags, PoolUuid
 
 
 class RecordingBackend(Backend):

@@ -9,7 +9,7 @@ Fixtures (import them into a ``conftest.py``; see :data:`__all__`):
     domains and removes its nodes afterwards; they skip with the reason when ``../shared``,
     the Xen binaries, gcc or (oxenstored) root are missing, and carry the ``xenpeer`` mark.
 ``xs_server``
-    Only our server (:class:`~xentmem.host.xsserver.XsServer`), C xenstored's limits, in a
+    Only our server (:class:`~xentmem.mock_xenstored.server.XsServer`), C xenstored's limits, in a
     temporary directory: the fast path.
 ``make_xs_server``
     A factory for more servers, e.g. ``make_xs_server(limits=Limits.oxenstored())``.
@@ -50,9 +50,9 @@ from fakes.xenbus_mux import XenbusMux
 from fakes.xs_peer import RealPeer, unavailable_reason
 
 from xentmem.clock import Clock
-from xentmem.host.xsserver import XsServer, toolstack_nodes
-from xentmem.host.xsstore import Limits, home_path
-from xentmem.host.xswire import Packet, PacketReader
+from xentmem.mock_xenstored.server import XsServer, toolstack_nodes
+from xentmem.mock_xenstored.store import Limits, home_path
+from xentmem.mock_xenstored.wire import Packet, PacketReader
 
 __all__ = [
     "FENCE_TOKEN",

@@ -24,11 +24,11 @@ from hypothesis.stateful import (
     rule,
 )
 
-from xentmem.abi import ZERO_PAGE, PoolUuid
-from xentmem.cmdline import BootParams
-from xentmem.frontends import MemoryBacking
+from xentmem.guest.cmdline import BootParams
+from xentmem.guest.frontends import MemoryBacking
+from xentmem.guest.shim import Shim
 from xentmem.roots import Roots
-from xentmem.shim import Shim
+from xentmem.tmem.abi import ZERO_PAGE, PoolUuid
 
 SWAP_TYPES = (0, 1)
 SWAP_SLOTS = 160

@@ -171,7 +171,7 @@ class FakeFrontswap:
 
 
 class FakeShim:
-    """The shape of ``xentmem.shim.Shim`` the service uses, with load/unload notifications."""
+    """The shape of ``xentmem.guest.shim.Shim`` the service uses, with load/unload notifications."""
 
     def __init__(self, roots: Roots, flags: Mapping[str, bool] | None = None) -> None:
         self.roots = roots

@@ -165,9 +165,9 @@ def test_status_is_plain_data(tree: GuestTree) -> None:
 
 
 def test_with_the_real_shim(tree: GuestTree) -> None:
-    shim_mod = pytest.importorskip("xentmem.shim")
+    shim_mod = pytest.importorskip("xentmem.guest.shim")
     backend_mod = pytest.importorskip("fakes.recording_backend")
-    cmdline = pytest.importorskip("xentmem.cmdline")
+    cmdline = pytest.importorskip("xentmem.guest.cmdline")
     clock = StepClock()
     svc = service(clock)
     shim = shim_mod.Shim(roots=tree.roots, boot=cmdline.BootParams())

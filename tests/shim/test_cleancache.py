@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from fakes.recording_backend import RecordingBackend
 
-from xentmem.abi import Oid, PoolUuid
-from xentmem.cmdline import BootParams
 from xentmem.errors import AbiError
+from xentmem.guest.cmdline import BootParams
+from xentmem.guest.shim import Shim
 from xentmem.roots import Roots
-from xentmem.shim import Shim
+from xentmem.tmem.abi import Oid, PoolUuid
 
 A, B = b"a" * 4096, b"b" * 4096
 

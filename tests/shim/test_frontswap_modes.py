@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from fakes.recording_backend import RecordingBackend
 
-from xentmem.cmdline import BootParams
 from xentmem.errors import AbiError, BackendError
-from xentmem.frontends import MemoryBacking
+from xentmem.guest.cmdline import BootParams
+from xentmem.guest.frontends import MemoryBacking
+from xentmem.guest.shim import Shim
 from xentmem.roots import Roots
-from xentmem.shim import Shim
 
 
 def page(n: int) -> bytes:

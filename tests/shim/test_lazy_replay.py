@@ -7,7 +7,11 @@ from pathlib import Path
 import pytest
 from fakes.recording_backend import RecordingBackend
 
-from xentmem.abi import (
+from xentmem.guest.cmdline import BootParams
+from xentmem.guest.frontends import MemoryBacking
+from xentmem.guest.shim import Shim
+from xentmem.roots import Roots
+from xentmem.tmem.abi import (
     POOL_PRIVATE_EPHEMERAL,
     POOL_PRIVATE_PERSISTENT,
     POOL_SHARED_EPHEMERAL,
@@ -15,10 +19,6 @@ from xentmem.abi import (
     Oid,
     PoolUuid,
 )
-from xentmem.cmdline import BootParams
-from xentmem.frontends import MemoryBacking
-from xentmem.roots import Roots
-from xentmem.shim import Shim
 
 PAGE_A = bytes(range(256)) * 16
 PAGE_B = b"B" * 4096

@@ -9,17 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from xentmem import registry
-from xentmem.cmdline import BootParams
 from xentmem.errors import BackendError, ParamError
-from xentmem.frontends import MemoryBacking
+from xentmem.guest import registry
+from xentmem.guest.cmdline import BootParams
+from xentmem.guest.frontends import MemoryBacking
+from xentmem.guest.shim import Shim
 from xentmem.roots import Roots
-from xentmem.shim import Shim
 
 PLUGIN_SOURCE = '''
 """A third-party tmem backend: a dict, nothing more."""
 import errno
-from xentmem.backend import Backend
+from xentmem.guest.backend import Backend
 from xentmem.params import Param, ParamSet
 
 

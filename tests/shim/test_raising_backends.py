@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 from fakes.recording_backend import OtherBackend, RecordingBackend
 
-from xentmem.abi import Oid, PoolUuid
-from xentmem.cmdline import BootParams
 from xentmem.errors import BackendError, XenStoreError
-from xentmem.frontends import MemoryBacking
+from xentmem.guest.cmdline import BootParams
+from xentmem.guest.frontends import MemoryBacking
+from xentmem.guest.shim import Shim
 from xentmem.roots import Roots
-from xentmem.shim import Shim
+from xentmem.tmem.abi import Oid, PoolUuid
 
 A, B = b"a" * 4096, b"b" * 4096
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from fakes.recording_backend import OtherBackend, RecordingBackend
 
-from xentmem.cmdline import BootParams
 from xentmem.errors import BackendError, UnloadRefused
-from xentmem.frontends import FileBacking, MemoryBacking
+from xentmem.guest.cmdline import BootParams
+from xentmem.guest.frontends import FileBacking, MemoryBacking
+from xentmem.guest.shim import Shim
 from xentmem.roots import Roots
-from xentmem.shim import Shim
 
 
 def page(n: int) -> bytes:

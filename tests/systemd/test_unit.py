@@ -133,7 +133,7 @@ def test_notify_ready_watchdog_and_restart(unit: dict[str, dict[str, list[str]]]
 
 
 def test_a_refused_config_is_not_restarted_in_a_loop(unit: dict[str, dict[str, list[str]]]) -> None:
-    from xentmem.daemon.app import EX_CONFIG
+    from xentmem.guestd.app import EX_CONFIG
 
     assert one(unit, "Service", "RestartPreventExitStatus") == str(EX_CONFIG)
 
@@ -175,7 +175,7 @@ def test_hardening_keeps_the_balloon_writable(unit: dict[str, dict[str, list[str
 def test_swap_areas_survive_a_stop(unit: dict[str, dict[str, list[str]]]) -> None:
     """systemd removes RuntimeDirectory= when the unit stops, so the swap files and maps that
     shutdown writes go to StateDirectory= (the daemon reads $STATE_DIRECTORY), which stays."""
-    from xentmem.daemon.swap import DEFAULT_STATE_DIR
+    from xentmem.guestd.swap import DEFAULT_STATE_DIR
 
     assert one(unit, "Service", "StateDirectory") == "xentmem"
     assert DEFAULT_STATE_DIR == "/var/lib/xentmem"

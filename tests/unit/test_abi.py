@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from xentmem import abi
-from xentmem.abi import Oid, PoolFlags, PoolUuid, TmemOp, XenbusState
 from xentmem.errors import AbiError
+from xentmem.tmem import abi
+from xentmem.tmem.abi import Oid, PoolFlags, PoolUuid, TmemOp, XenbusState
 
 
 def test_op_codes_and_special_errnos() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from xentmem.cmdline import parse_cmdline, read_cmdline
+from xentmem.guest.cmdline import parse_cmdline, read_cmdline
 
 
 def test_modern_and_old_words() -> None:

@@ -19,12 +19,12 @@ import pyxs
 from click.testing import CliRunner
 from xenhost import WAIT_S, TmemHost, wait_for_node
 
-from xentmem.abi import POOL_PRIVATE_PERSISTENT, PRIVATE_UUID, Oid
-from xentmem.backends.xen import XenBackend
-from xentmem.host.control import ControlError, HostControlClient
-from xentmem.host.service import cli
+from xentmem.guest.backends.xen import XenBackend
+from xentmem.hostd.control import ControlError, HostControlClient
+from xentmem.hostd.service import cli
 from xentmem.roots import Roots
-from xentmem.tmemwire import (
+from xentmem.tmem.abi import POOL_PRIVATE_PERSISTENT, PRIVATE_UUID, Oid
+from xentmem.xenbus.tmemwire import (
     WIRE_VERSION,
     Limits,
     Part,
@@ -165,7 +165,7 @@ def test_requests_in_name_parts_are_assembled_and_torn_ones_refused(
 
 
 def decode_request_ops(body: bytes) -> list[WireOp]:
-    from xentmem.tmemwire import decode_request
+    from xentmem.xenbus.tmemwire import decode_request
 
     return decode_request(body)
 
@@ -288,7 +288,7 @@ def test_the_cli_says_when_the_service_is_not_there(tmp_path: Path) -> None:
 def test_the_demo_is_a_mocked_xen_host_a_guest_can_use() -> None:
     directory = Path(tempfile.mkdtemp(prefix="demo-", dir="/tmp"))
     demo = subprocess.Popen(
-        [sys.executable, "-m", "xentmem.host.service", "demo", "--dir", str(directory),
+        [sys.executable, "-m", "xentmem.hostd.service", "demo", "--dir", str(directory),
          "--guest", "3", "--log-level", "warning"],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -309,7 +309,7 @@ def test_the_demo_is_a_mocked_xen_host_a_guest_can_use() -> None:
         finally:
             backend.remove()
         listed = subprocess.run(
-            [sys.executable, "-m", "xentmem.host.service", "list", "--json"],
+            [sys.executable, "-m", "xentmem.hostd.service", "list", "--json"],
             env={**os.environ, "XENTMEM_HOSTD_SOCKET": str(directory / "hostd.sock")},
             capture_output=True, text=True, timeout=30)
         assert listed.returncode == 0, listed.stderr

@@ -15,7 +15,15 @@ import pyxs
 from fakes.xenstore_hosts import close_client, outcome
 from xenhost import TIMEOUT_MS, TmemHost, wait_for_node
 
-from xentmem.abi import (
+from xentmem.clock import FakeClock
+from xentmem.errors import BackendUnsupported
+from xentmem.guest.backends.xen import XenBackend
+from xentmem.guest.cmdline import BootParams
+from xentmem.guest.frontends import MemoryBacking
+from xentmem.guest.shim import Shim
+from xentmem.hostd.control import HostControlClient
+from xentmem.roots import Roots
+from xentmem.tmem.abi import (
     EEMPTY,
     EFROZEN,
     PAGE_SIZE,
@@ -27,15 +35,7 @@ from xentmem.abi import (
     PoolUuid,
     XenbusState,
 )
-from xentmem.backends.xen import XenBackend
-from xentmem.clock import FakeClock
-from xentmem.cmdline import BootParams
-from xentmem.errors import BackendUnsupported
-from xentmem.frontends import MemoryBacking
-from xentmem.host.control import HostControlClient
-from xentmem.roots import Roots
-from xentmem.shim import Shim
-from xentmem.tmemwire import (
+from xentmem.xenbus.tmemwire import (
     DEFAULT_INLINE_BYTES,
     MAX_NAME_PARTS,
     MAX_REQUEST_INLINE_BYTES,
@@ -417,7 +417,7 @@ class RogueHost:
 def _reply_text(body: bytes) -> tuple[str, int]:
     import zlib
 
-    from xentmem.tmemwire import to_text
+    from xentmem.xenbus.tmemwire import to_text
 
     text = to_text(body)
     return text, zlib.crc32(text.encode())

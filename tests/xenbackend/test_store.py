@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from xentmem.abi import (
+from xentmem.hostd.store import PAGE_OVERHEAD, HostStore
+from xentmem.tmem.abi import (
     EEMPTY,
     EFROZEN,
     PAGE_SIZE,
@@ -20,8 +21,7 @@ from xentmem.abi import (
     PoolUuid,
     pool_flags,
 )
-from xentmem.host.store import PAGE_OVERHEAD, HostStore
-from xentmem.tmemwire import PageEncoding, encode_page
+from xentmem.xenbus.tmemwire import PageEncoding, encode_page
 
 TEXT = (b"void *tmem_get(struct tmem_pool *pool, struct oid *oid, u32 index);\n" * 70)[:4096]
 RAND = os.urandom(PAGE_SIZE)

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xentmem.abi import PAGE_SIZE, Oid, PoolUuid, TmemOp
-from xentmem.tmemwire import (
+from xentmem.tmem.abi import PAGE_SIZE, Oid, PoolUuid, TmemOp
+from xentmem.xenbus.tmemwire import (
     MAX_INLINE_BYTES,
     MAX_OPS_LIMIT,
     NAME_OVERHEAD,

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from fakes.xenstore_hosts import XenstoreHost
 
-from xentmem.host.xsserver import Malformation, XsServer
-from xentmem.host.xsstore import Limits
-from xentmem.host.xswire import XsOp
-from xentmem.xs import XenbusDevConnection, XsConnectionLost, XsError, XsSession, XsTimeout
-from xentmem.xsconn import XsConn
+from xentmem.mock_xenstored.server import Malformation, XsServer
+from xentmem.mock_xenstored.store import Limits
+from xentmem.mock_xenstored.wire import XsOp
+from xentmem.xenbus.xs import XenbusDevConnection, XsConnectionLost, XsError, XsSession, XsTimeout
+from xentmem.xenbus.xsconn import XsConn
 
 
 class RecordingTransport:
@@ -41,7 +41,7 @@ def test_the_host_client_on_the_device_sends_one_request_at_a_time() -> None:
     """The device gets each message in its own write(2), the next only after an answer."""
     import socket
 
-    from xentmem.host.xswire import Packet, PacketReader
+    from xentmem.mock_xenstored.wire import Packet, PacketReader
 
     ours, device = socket.socketpair()
     seen: list[tuple[int, int]] = []  # (messages received in one read, op)

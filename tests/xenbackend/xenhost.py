@@ -1,6 +1,6 @@
 """The ``xen`` backend's test helpers: the host service on a thread, over any xenstore peer.
 
-:class:`TmemHost` runs :class:`~xentmem.host.service.HostService` against a ``xenstore_host``
+:class:`TmemHost` runs :class:`~xentmem.hostd.service.HostService` against a ``xenstore_host``
 (our server, or Debian's C or OCaml xenstored) and :meth:`TmemHost.guest` introduces a guest
 the way a toolstack does, waits (on a watch, with a timeout) until the service has given it a
 tmem device, and returns the :class:`~xentmem.roots.Roots` a backend in that guest uses.
@@ -16,8 +16,8 @@ from pathlib import Path
 import pyxs
 from fakes.xenstore_hosts import XenstoreHost
 
-from xentmem.host.service import HostService
-from xentmem.host.store import HostStore
+from xentmem.hostd.service import HostService
+from xentmem.hostd.store import HostStore
 from xentmem.roots import Roots
 
 #: Generous: the suite shares two CPUs with other work; a timeout test sets its own.

@@ -20,7 +20,7 @@ from fakes.xenstore_hosts import (
     raw_request,
 )
 
-from xentmem.host.xswire import Packet, XsOp, request
+from xentmem.mock_xenstored.wire import Packet, XsOp, request
 
 C, OX = "c-xenstored", "oxenstored"
 

@@ -21,9 +21,9 @@ import pyxs
 from fakes.xenstore_hosts import WAIT_S, close_client, outcome, raw_exchange, raw_request
 
 from xentmem.clock import FakeClock
-from xentmem.host.xsserver import Malformation, XsServer
-from xentmem.host.xsstore import Limits
-from xentmem.host.xswire import HEADER, HEADER_SIZE, Packet, PacketReader, XsOp, request
+from xentmem.mock_xenstored.server import Malformation, XsServer
+from xentmem.mock_xenstored.store import Limits
+from xentmem.mock_xenstored.wire import HEADER, HEADER_SIZE, Packet, PacketReader, XsOp, request
 
 MakeServer = Callable[..., XsServer]
 
@@ -331,7 +331,8 @@ def test_debian_xenstore_utils_talk_to_it(xs_server: XsServer) -> None:
 def test_demo_main() -> None:
     directory = Path("/tmp") / f"xs-demo-{os.getpid()}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "xentmem.host.xsserver", "--dir", str(directory), "--domain", "5"],
+        [sys.executable, "-m", "xentmem.mock_xenstored.server", "--dir", str(directory),
+         "--domain", "5"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

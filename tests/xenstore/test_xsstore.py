@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xentmem.host.xsstore import (
+from xentmem.mock_xenstored.store import (
     Access,
     Caller,
     Change,

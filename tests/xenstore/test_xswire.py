@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from xentmem.host.xswire import (
+from xentmem.mock_xenstored.wire import (
     HEADER_SIZE,
     XENSTORE_PAYLOAD_MAX,
     MalformedPacket,

@@ -12,8 +12,8 @@
         swap = daemon.frontswap.init(pages=1024, backing="file")
         daemon.frontswap.store(swap, 7, page)
 
-The page API mirrors the shim's frontends (:class:`~xentmem.frontends.Cleancache`,
-:class:`~xentmem.frontends.Frontswap`), so code written against them in process moves to the
+The page API mirrors the shim's frontends (:class:`~xentmem.guest.frontends.Cleancache`,
+:class:`~xentmem.guest.frontends.Frontswap`), so code written against them in process moves to the
 socket by swapping the object.  Every failure is a :class:`ControlError` with a stable ``code``
 (see :mod:`xentmem.control.protocol`); every wait is bounded by ``timeout``.
 
@@ -252,7 +252,8 @@ class ControlClient:
 
 
 class CleancacheClient:
-    """The cleancache page API over the socket, named as :class:`~xentmem.frontends.Cleancache`."""
+    """The cleancache page API over the socket, named as in
+    :class:`~xentmem.guest.frontends.Cleancache`."""
 
     def __init__(self, client: ControlClient) -> None:
         self._client = client
@@ -286,7 +287,7 @@ class CleancacheClient:
 
 
 class FrontswapClient:
-    """The frontswap page API over the socket, named as :class:`~xentmem.frontends.Frontswap`.
+    """The frontswap page API over the socket, named as :class:`~xentmem.guest.frontends.Frontswap`.
 
     ``init`` differs from the in-process one: the daemon creates the backing store itself
     (memory, or a file in its run directory), so the caller gives a size, not a store.

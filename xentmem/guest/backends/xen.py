@@ -1,0 +1,596 @@
+"""``xen``: the tmem operations over xenstore to the host's tmem service (the split driver).
+
+The guest side of issue 3.  Each op the frontends issue becomes a record in a *message*; the
+host service (``xentmem-hostd`` in dom0) runs it against its store with the hypervisor's rules
+and answers with the hypercall's return value.  :mod:`xentmem.guest.backends.xenfront` does the
+handshake and carries messages; this module decides what goes into a message and when.
+
+Batching (param ``batch``, on by default, switchable at run time):
+
+* Ops whose answer the kernel never uses are *posted*: a put to an ephemeral pool
+  (cleancache's "puts always succeed") and a flush on a private pool return 1 at once and
+  leave with the next message, within ``batch_delay_ms``, or sooner when ``batch_max`` of
+  them wait.  Everything else is synchronous: a get, a put to a persistent pool (frontswap
+  must know), a flush on a shared pool (another guest must not read a stale page), pool
+  creation and destruction.
+* A synchronous op takes the posted ops queued before it along in its message, in order, so
+  the host sees the guest's ops exactly in the order they were issued.  Callers on several
+  threads share messages too (group commit): whoever holds the channel sends what is queued.
+* With ``batch`` off every op is its own message, synchronous.
+
+Failures degrade as tmem allows, never by waiting forever:
+
+* A reply that does not come within ``timeout_ms`` fails the op with ``-ETIMEDOUT`` (a put
+  fails, a get misses) and logs why.  Then, for ``stall_backoff_ms`` (doubling up to 60 s),
+  ops fail at once instead of each waiting out the timeout; the next op after that tries
+  the host again.
+* A flush whose delivery is uncertain (its message timed out or its reply was malformed) is
+  kept and sent again before anything else, since a lost flush could let a later get return
+  a stale page; flushes are idempotent.  If more than :data:`MAX_PENDING_FLUSHES` pile up,
+  the ephemeral pools they belong to are *poisoned*: gets from them miss until the pool is
+  destroyed.
+* A malformed, oversized or misdirected reply is rejected with a clear error, counted, and
+  its ops fail with ``-EIO``.
+* If the host leaves the Connected state (it closed or restarted, and its store with our
+  pages is gone) every op returns ``-ENODEV`` until the backend is unloaded and loaded again.
+
+Where xenstore is: ``Roots.xenstore_socket`` (``XENSTORED_PATH``, the daemon's
+``--xenstore-socket``) when set, which is how a guest uses the local demo host
+(``xentmem-hostd demo``); otherwise ``/dev/xen/xenbus`` under the roots.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from xentmem.clock import Clock, SystemClock
+from xentmem.errors import BackendError, BackendUnsupported, XenStoreError
+from xentmem.guest.backend import Backend, GetResult
+from xentmem.guest.backends.xenfront import ChannelTimeout, Disconnected, TmemFrontend, find_backend
+from xentmem.guest.backends.xenfront import find_domid as _find_domid
+from xentmem.params import Param, ParamSet
+from xentmem.roots import Roots
+from xentmem.tmem.abi import (
+    TMEM_DONE,
+    TMEM_POOL_PERSIST,
+    TMEM_POOL_SHARED,
+    Oid,
+    PoolUuid,
+    TmemOp,
+    pool_kind,
+)
+from xentmem.xenbus.tmemwire import (
+    STATE,
+    WireError,
+    WireOp,
+    WireResult,
+    reply_size_bound,
+    request_size,
+)
+from xentmem.xenbus.xs import XsSession, default_xenstore
+
+log = logging.getLogger(__name__)
+
+#: Flushes kept for re-delivery before their pools are poisoned instead.
+MAX_PENDING_FLUSHES = 1024
+#: Longest fail-fast period after repeated timeouts.
+MAX_STALL_BACKOFF_S = 60.0
+#: Most CPU yields a sender spends letting other callers add to its batch.
+GATHER_YIELDS = 8
+#: How long :meth:`XenBackend.probe` waits for xenstore.
+PROBE_TIMEOUT_S = 2.0
+
+_ETIMEDOUT = -errno.ETIMEDOUT
+_ENODEV = -errno.ENODEV
+_EIO = -errno.EIO
+_INVALIDATIONS = (TmemOp.FLUSH_PAGE, TmemOp.FLUSH_OBJECT)
+
+
+def running_on_xen(roots: Roots) -> str | None:
+    """Why we believe this is a Xen guest (the evidence found), or None."""
+    hv_type = roots.sys / "hypervisor" / "type"
+    try:
+        if hv_type.read_text().strip() == "xen":
+            return f"{hv_type} says xen"
+    except OSError:
+        pass
+    for path in (roots.proc / "xen" / "capabilities", roots.xenbus_dev):
+        if path.exists():
+            return f"{path} exists"
+    return None
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One op waiting in the queue; ``posted`` ops have no caller waiting for the result."""
+
+    op: WireOp
+    posted: bool
+    result: WireResult | None = None
+    #: Set when the result is in, or when this caller should send the next message.
+    wake: threading.Event | None = None
+
+
+class XenBackend(Backend):
+    """tmem over xenstore to ``xentmem-hostd`` (Xen's split-driver model)."""
+
+    name: ClassVar[str] = "xen"
+    summary: ClassVar[str] = "tmem ops over xenstore to the host's tmem service (xentmem-hostd)"
+    params: ClassVar[ParamSet] = ParamSet(
+        Param("timeout_ms", int, 2000,
+              "how long an op waits for the host's reply before it fails (-ETIMEDOUT)",
+              writable=True, min=10, max=600_000, unit="ms"),
+        Param("batch", bool, True,
+              "post ephemeral puts and private flushes, and send several ops per message",
+              writable=True),
+        Param("batch_max", int, 16, "most ops in one message (the host may allow fewer)",
+              writable=True, min=1, max=64),
+        Param("batch_delay_ms", int, 2,
+              "longest a posted op waits for company before it is sent",
+              writable=True, min=0, max=1000, unit="ms"),
+        Param("compress", bool, True, "lz4-compress pages on the wire (zero pages never travel)"),
+        Param("stall_backoff_ms", int, 1000,
+              "after a timeout, ops fail at once for this long before the host is tried "
+              "again (doubles while it stays silent, up to 60 s)",
+              writable=True, min=0, max=60_000, unit="ms"),
+    )
+
+    def __init__(self, values: Mapping[str, Any], *, roots: Roots | None = None,
+                 clock: Clock | None = None) -> None:
+        super().__init__(self.params.validate(values, owner=self.name), roots=roots, clock=clock)
+        self._xs: XsSession | None = None
+        self._front: TmemFrontend | None = None
+        self._lock = threading.Lock()
+        #: Someone is sending a message (the leader); the others wait on ``_progress``.
+        self._sending = False
+        self._progress = threading.Condition(self._lock)
+        #: Real time for waits on other threads (the injected clock may be a fake one).
+        self._real = SystemClock()
+        self._queue: deque[_Slot] = deque()
+        self._pool_flags: dict[int, int] = {}
+        self._poisoned: set[int] = set()
+        self._stalled_until = 0.0
+        self._backoff_s = 0.0
+        self._last_error = ""
+        self._stop = threading.Event()
+        self._kick = threading.Event()
+        self._flusher: threading.Thread | None = None
+        self._counts = {
+            "ops": 0, "posted": 0, "posted_failed": 0, "posted_dropped": 0,
+            "queue_timeouts": 0, "failed_fast": 0, "rejected": 0, "redelivered_flushes": 0,
+            "poisoned_pools": 0,
+        }
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    @classmethod
+    def probe(cls, roots: Roots) -> None:
+        """Xen (or a configured xenstore socket) and a host that set up our tmem device."""
+        if roots.xenstore_socket is None:
+            evidence = running_on_xen(roots)
+            if evidence is None:
+                raise BackendUnsupported(
+                    f"not a Xen guest: no xen in {roots.sys / 'hypervisor' / 'type'}, no "
+                    f"{roots.proc / 'xen' / 'capabilities'}, no {roots.xenbus_dev}")
+            if not roots.xenbus_dev.exists():
+                raise BackendUnsupported(f"Xen guest ({evidence}) without {roots.xenbus_dev}")
+        where = default_xenstore(roots.xenstore_socket, roots.xenbus_dev)
+        try:
+            with XsSession(timeout=PROBE_TIMEOUT_S, **where) as xs:
+                domid = _find_domid(xs)
+                _backend_domid, otherend = find_backend(xs, domid)
+                if xs.read_optional(f"{otherend}/{STATE}".encode()) is None:
+                    raise BackendUnsupported(f"tmem host area {otherend} has no state node")
+        except (XenStoreError, BackendError) as exc:
+            raise BackendUnsupported(f"no tmem host reachable: {exc}") from None
+
+    def connect(self) -> None:
+        where = default_xenstore(self.roots.xenstore_socket, self.roots.xenbus_dev)
+        xs = XsSession(timeout=self._timeout_s, **where)
+        try:
+            xs.open()
+            front = TmemFrontend(xs, timeout=self._timeout_s)
+            front.connect()
+        except (XenStoreError, WireError) as exc:
+            xs.close()
+            raise BackendError(f"xen: cannot connect to the tmem host: {exc}") from None
+        except BaseException:
+            xs.close()
+            raise
+        self._xs, self._front = xs, front
+        self._stop.clear()
+        self._flusher = threading.Thread(target=self._flush_loop, name="xentmem-xen-flusher",
+                                         daemon=True)
+        self._flusher.start()
+
+    def remove(self) -> None:
+        """Send what is posted, close the device (the host drops our pools), disconnect."""
+        self._stop.set()
+        self._kick.set()
+        if self._flusher is not None:
+            self._flusher.join(self._timeout_s * 2 + 1)
+            self._flusher = None
+        self._drain(posted_only=True)
+        if self._front is not None:
+            self._front.close()
+        if self._xs is not None:
+            self._xs.close()
+        self._front = self._xs = None
+        with self._lock:
+            self._pool_flags.clear()
+            self._poisoned.clear()
+            self._queue.clear()
+
+    def describe(self) -> dict[str, Any]:
+        front = self._front
+        info: dict[str, Any] = {"name": self.name}
+        if front is None:
+            return info
+        negotiated = front.negotiated
+        info.update({
+            "domid": front.domid,
+            "frontend": front.nodename,
+            "backend": front.otherend,
+            "state": front.state.strstate(),
+            "otherend_state": front.otherend_state.strstate(),
+            "version": negotiated.version if negotiated else None,
+            "limits": negotiated.limits.__dict__ if negotiated else None,
+            "batch": self.values["batch"],
+            "batch_max": self._batch_max(),
+            "stalled": self._stalled_until > self.clock.monotonic(),
+            "broken": front.broken,
+            "last_error": self._last_error,
+        })
+        return info
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            counts = dict(self._counts)
+            counts["queued"] = len(self._queue)
+            counts["pools"] = len(self._pool_flags)
+        if self._front is not None:
+            counts.update(self._front.counters.as_dict())
+        return counts
+
+    def pools(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [{"pool_id": pid, "flags": f"{flags:#010x}",
+                     "kind": pool_kind(flags),
+                     "persistent": bool(flags & TMEM_POOL_PERSIST),
+                     "shared": bool(flags & TMEM_POOL_SHARED),
+                     "poisoned": pid in self._poisoned}
+                    for pid, flags in sorted(self._pool_flags.items())]
+
+    def apply_param(self, name: str, value: Any) -> None:
+        if name == "timeout_ms":
+            seconds = value / 1000.0
+            if self._front is not None:
+                self._front.timeout = seconds
+            if self._xs is not None:
+                self._xs.timeout = seconds
+        elif name == "batch" and not value:
+            self.values["batch"] = False
+            self._drain(posted_only=True)
+
+    @property
+    def _timeout_s(self) -> float:
+        return self.values["timeout_ms"] / 1000.0
+
+    def _batch_max(self) -> int:
+        if not self.values["batch"]:
+            return 1
+        limit = self._front.limits.max_ops if self._front and self._front.negotiated else 1
+        return max(1, min(self.values["batch_max"], limit))
+
+    # -- the tmem operations --------------------------------------------------------------------
+
+    def new_pool(self, uuid: PoolUuid, flags: int) -> int:
+        return self._sync(WireOp.new_pool(uuid, flags)).rc
+
+    def destroy_pool(self, pool_id: int) -> int:
+        return self._sync(WireOp.destroy_pool(pool_id)).rc
+
+    def put_page(self, pool_id: int, oid: Oid, index: int, page: bytes) -> int:
+        op = WireOp.put_page(pool_id, oid, index, page, compress=self.values["compress"])
+        flags = self._pool_flags.get(pool_id)
+        if self.values["batch"] and flags is not None and not flags & TMEM_POOL_PERSIST:
+            return self._post(op)
+        return self._sync(op).rc
+
+    def get_page(self, pool_id: int, oid: Oid, index: int) -> GetResult:
+        if pool_id in self._poisoned:
+            return 0, None
+        result = self._sync(WireOp.get_page(pool_id, oid, index))
+        if result.rc == TMEM_DONE:
+            return TMEM_DONE, result.data
+        return result.rc, None
+
+    def flush_page(self, pool_id: int, oid: Oid, index: int) -> int:
+        return self._invalidate(WireOp.flush_page(pool_id, oid, index))
+
+    def flush_object(self, pool_id: int, oid: Oid) -> int:
+        return self._invalidate(WireOp.flush_object(pool_id, oid))
+
+    def _invalidate(self, op: WireOp) -> int:
+        flags = self._pool_flags.get(op.pool_id)
+        if self.values["batch"] and flags is not None and not flags & TMEM_POOL_SHARED:
+            return self._post(op)
+        return self._sync(op).rc
+
+    # -- queueing -------------------------------------------------------------------------------
+
+    def _fail_fast(self) -> int:
+        """The rc every op gets without trying (disconnected, stalled), or 0 to go ahead.
+
+        Called with ``_lock`` held.
+        """
+        front = self._front
+        if front is None or front.broken:
+            return _ENODEV
+        if self._stalled_until and self.clock.monotonic() < self._stalled_until:
+            return _ETIMEDOUT
+        return 0
+
+    def _post(self, op: WireOp) -> int:
+        with self._lock:
+            self._counts["ops"] += 1
+            refusal = self._fail_fast()
+            if refusal and op.cmd not in _INVALIDATIONS:
+                self._counts["failed_fast"] += 1
+                return refusal
+            if refusal == _ENODEV:
+                return refusal
+            # An invalidation while stalled is kept: it must reach the host before any get.
+            self._queue.append(_Slot(op, posted=True))
+            self._counts["posted"] += 1
+            full = len(self._queue) >= self._batch_max()
+        if full and not refusal:
+            self._drain(posted_only=True)
+        else:
+            self._kick.set()
+        return TMEM_DONE
+
+    def _sync(self, op: WireOp) -> WireResult:
+        """Queue ``op`` and wait for its result; one caller at a time sends.
+
+        Leader and followers: the caller that finds nobody sending becomes the *sender* and
+        carries everything queued (its own op and other threads' ops) in the next message.
+        The others wait on their own event, which is set when their result is in, or when
+        the sender finishes and hands the channel to the oldest of them; so nobody wakes
+        for nothing, and a finished follower does not wait behind the next message.
+        """
+        slot = _Slot(op, posted=False, wake=threading.Event())
+        deadline = self._real.monotonic() + self._timeout_s
+        with self._lock:
+            self._counts["ops"] += 1
+            refusal = self._fail_fast()
+            if refusal:
+                self._counts["failed_fast"] += 1
+                return WireResult(refusal)
+            self._queue.append(slot)
+            leading = not self._sending
+            self._sending = True
+        while True:
+            if not leading:
+                remaining = deadline - self._real.monotonic()
+                if remaining <= 0 or not slot.wake.wait(remaining):  # type: ignore[union-attr]
+                    with self._lock:
+                        if slot.result is None:
+                            self._abandon_slot(slot)
+                        return slot.result  # type: ignore[return-value]
+                with self._lock:
+                    if slot.result is not None:
+                        return slot.result
+                    slot.wake.clear()  # type: ignore[union-attr]
+                    if self._sending:
+                        continue  # someone else took the channel meanwhile
+                    refusal = self._fail_fast()
+                    if refusal:  # the host went silent while we queued: do not wait again
+                        self._queue.remove(slot)
+                        self._counts["failed_fast"] += 1
+                        return WireResult(refusal)
+                    self._sending = True
+            try:
+                if self.values["batch"]:
+                    self._gather()
+                self._send_next()
+            finally:
+                self._hand_over()
+            with self._lock:
+                if slot.result is not None:
+                    return slot.result
+                refusal = self._fail_fast()
+                if refusal:  # our op did not fit, and the host has gone silent meanwhile
+                    self._queue.remove(slot)
+                    self._counts["failed_fast"] += 1
+                    return WireResult(refusal)
+                leading = not self._sending  # our op did not fit: send again if free
+                self._sending = True
+
+    def _hand_over(self) -> None:
+        """The sender is done: wake the oldest waiting caller to send next (or the flusher)."""
+        with self._lock:
+            self._sending = False
+            self._progress.notify_all()
+            for waiting in self._queue:
+                if waiting.wake is not None:
+                    waiting.wake.set()
+                    return
+            if self._queue:
+                self._kick.set()
+
+    def _gather(self) -> None:
+        """Let callers that were just woken queue their next op before the batch is taken.
+
+        A few yields of the CPU while the queue still grows turn a string of small messages
+        into one big one; with a single caller the queue does not grow and this is one yield.
+        """
+        queued = len(self._queue)
+        for _ in range(GATHER_YIELDS):
+            os.sched_yield()
+            now = len(self._queue)
+            if now == queued or now >= self._batch_max():
+                return
+            queued = now
+
+    def _abandon_slot(self, slot: _Slot) -> None:
+        """A follower waited its whole timeout.  Holds ``_lock``."""
+        if slot in self._queue:
+            self._queue.remove(slot)
+        slot.result = WireResult(_ETIMEDOUT)
+        self._counts["queue_timeouts"] += 1
+        self._last_error = f"an op waited {self._timeout_s:g}s for the channel to the tmem host"
+
+    def _drain(self, *, posted_only: bool) -> None:
+        """Send queued ops until none (or no posted one) is left; bounded by the timeout."""
+        deadline = self._real.monotonic() + self._timeout_s
+        with self._lock:
+            while self._sending:
+                remaining = deadline - self._real.monotonic()
+                if remaining <= 0 or not self._progress.wait(remaining):
+                    return
+            self._sending = True
+        try:
+            while True:
+                with self._lock:
+                    if not self._queue or (posted_only and not any(s.posted for s in self._queue)):
+                        return
+                    if self._fail_fast():
+                        self._drop_posted_puts()
+                        return
+                self._send_next()
+        finally:
+            self._hand_over()
+
+    def _take(self) -> list[_Slot]:
+        """Slots for the next message: the oldest first, within the ops and size limits
+        (the request must fit, and so must the reply if every get finds an incompressible
+        page).  Holds ``_lock``."""
+        front = self._front
+        if front is None or front.negotiated is None:
+            return [self._queue.popleft()] if self._queue else []
+        limits = front.limits
+        request_room = limits.body_capacity(reply=False) - request_size([])
+        reply_room = limits.body_capacity(reply=True) - reply_size_bound([])
+        limit = self._batch_max()
+        batch: list[_Slot] = []
+        while self._queue and len(batch) < limit:
+            op = self._queue[0].op
+            request_room -= op.wire_bytes
+            reply_room -= reply_size_bound([op]) - reply_size_bound([])
+            if batch and (request_room < 0 or reply_room < 0):
+                break
+            batch.append(self._queue.popleft())
+        return batch
+
+    def _send_next(self) -> None:
+        """One message: take a batch, exchange it, hand out results.  Only the sender."""
+        with self._lock:
+            batch = self._take()
+            front = self._front
+        if not batch:
+            return
+        if front is None:
+            self._settle(batch, None, _ENODEV)
+            return
+        try:
+            results = front.exchange([s.op for s in batch])
+        except ChannelTimeout as exc:
+            self._stall(str(exc))
+            self._settle(batch, None, _ETIMEDOUT)
+        except Disconnected as exc:
+            self._last_error = str(exc)
+            self._settle(batch, None, _ENODEV)
+        except (WireError, XenStoreError) as exc:
+            self._last_error = str(exc)
+            log.error("xen: %s", exc)
+            with self._lock:
+                self._counts["rejected"] += 1
+            self._settle(batch, None, _EIO)
+        else:
+            with self._lock:
+                self._stalled_until = 0.0
+                self._backoff_s = 0.0
+            self._settle(batch, results, 0)
+
+    def _settle(self, batch: list[_Slot], results: list[WireResult] | None, failure: int) -> None:
+        """Hand results to their slots; keep uncertain invalidations for redelivery."""
+        with self._lock:
+            for slot in batch:
+                if slot.wake is not None:
+                    slot.wake.set()  # read after the lock is released: results are in by then
+            if results is None:
+                redeliver = [s for s in batch if s.op.cmd in _INVALIDATIONS
+                             and failure != _ENODEV]
+                for slot in batch:
+                    slot.result = WireResult(failure)
+                    if slot.posted and slot.op.cmd == TmemOp.PUT_PAGE:
+                        self._counts["posted_dropped"] += 1
+                for slot in reversed(redeliver):
+                    self._queue.appendleft(_Slot(slot.op, posted=True))
+                self._counts["redelivered_flushes"] += len(redeliver)
+                self._bound_pending()
+                return
+            for slot, result in zip(batch, results):
+                slot.result = result
+                op = slot.op
+                if op.cmd == TmemOp.NEW_POOL and result.rc >= 0:
+                    self._pool_flags[result.rc] = op.flags
+                    self._poisoned.discard(result.rc)
+                elif op.cmd == TmemOp.DESTROY_POOL and result.rc == TMEM_DONE:
+                    self._pool_flags.pop(op.pool_id, None)
+                    self._poisoned.discard(op.pool_id)
+                elif slot.posted and result.rc < 0:
+                    self._counts["posted_failed"] += 1
+
+    def _bound_pending(self) -> None:
+        """Too many undelivered flushes: poison their ephemeral pools instead.  Holds _lock."""
+        flushes = [s for s in self._queue if s.op.cmd in _INVALIDATIONS]
+        if len(flushes) <= MAX_PENDING_FLUSHES:
+            return
+        for slot in flushes:
+            flags = self._pool_flags.get(slot.op.pool_id, 0)
+            if not flags & TMEM_POOL_PERSIST and slot.op.pool_id not in self._poisoned:
+                self._poisoned.add(slot.op.pool_id)
+                self._counts["poisoned_pools"] += 1
+                log.error("xen: pool %d poisoned: %d flushes could not be delivered; its "
+                          "gets miss from now on", slot.op.pool_id, len(flushes))
+            self._queue.remove(slot)
+
+    def _drop_posted_puts(self) -> None:
+        """While stalled, posted puts are dropped (ephemeral pages may vanish anyway)."""
+        kept = deque(s for s in self._queue if not (s.posted and s.op.cmd == TmemOp.PUT_PAGE))
+        self._counts["posted_dropped"] += len(self._queue) - len(kept)
+        self._queue = kept
+
+    def _stall(self, why: str) -> None:
+        with self._lock:
+            backoff_s = self.values["stall_backoff_ms"] / 1000.0
+            self._backoff_s = (min(self._backoff_s * 2, MAX_STALL_BACKOFF_S)
+                               if self._backoff_s else backoff_s)
+            self._stalled_until = self.clock.monotonic() + self._backoff_s
+            self._last_error = why
+        log.warning("xen: %s; ops fail at once for the next %.1f s", why, self._backoff_s)
+
+    def _flush_loop(self) -> None:
+        """Send posted ops that waited ``batch_delay_ms`` without a synchronous op to ride."""
+        while not self._stop.is_set():
+            if not self._kick.wait(timeout=1.0):
+                continue
+            self._kick.clear()
+            if self._stop.is_set():
+                break
+            delay_s = self.values["batch_delay_ms"] / 1000.0
+            if delay_s and self.clock.wait(self._stop, delay_s):
+                break
+            try:
+                self._drain(posted_only=True)
+            except Exception:  # the flusher must survive anything one message does
+                log.exception("xen: sending posted ops failed")

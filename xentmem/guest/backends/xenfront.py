@@ -1,0 +1,599 @@
+"""The guest half of the tmem split driver: handshake, then one message at a time.
+
+:class:`TmemFrontend` is what Linux calls a xenbus frontend device.  It finds its own domid and
+the backend the host service named in ``device/tmem/0/backend``, walks the XenbusState
+handshake with the host (``docs/protocol.md`` has the sequence), and then exchanges messages:
+:meth:`TmemFrontend.exchange` sends one batch of ops and returns the host's results.
+
+A message goes out as pipelined writes (its spill chunks, then its message node) and the
+answer comes back as a watch event whose path, for a small reply, *is* the reply; a spilled
+reply costs one more pipelined read.  Everything read back is untrusted: the reply's name is
+parsed against the grammar, its sequence must be the one sent (a late answer to an abandoned
+request is counted and ignored), its crc must match, and
+:func:`~xentmem.xenbus.tmemwire.decode_reply`
+checks every value against the op it answers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from xentmem.clock import SystemClock
+from xentmem.errors import BackendError, XenStoreError
+from xentmem.tmem.abi import Oid, XenbusState
+from xentmem.xenbus.tmemwire import (
+    BE_CHUNK_BYTES,
+    BE_FEATURE_LZ4,
+    BE_INLINE_BYTES,
+    BE_MAX_CHUNKS,
+    BE_MAX_OPS,
+    BE_MAX_PARTS,
+    BE_REPLY_CHUNK_BYTES,
+    BE_REPLY_INLINE_BYTES,
+    BE_VERSIONS,
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_INLINE_BYTES,
+    ERROR_NODE,
+    FE_BACKEND,
+    FE_BACKEND_ID,
+    FE_VERSION,
+    MAX_CHUNK_BYTES,
+    MAX_CHUNKS_LIMIT,
+    MAX_NAME_PARTS,
+    MAX_NAME_PARTS_LIMIT,
+    MAX_OPS_LIMIT,
+    MAX_REPLY_INLINE_BYTES,
+    MAX_REQUEST_INLINE_BYTES,
+    MIN_CHUNK_BYTES,
+    NAME_OVERHEAD,
+    PROBE_DIR,
+    REQ_DATA_DIR,
+    REQ_DIR,
+    RSP_DATA_DIR,
+    RSP_DIR,
+    STATE,
+    SUPPORTED_VERSIONS,
+    Envelope,
+    Limits,
+    Part,
+    WireError,
+    WireOp,
+    WireResult,
+    backend_path,
+    decode_reply,
+    encode_request,
+    frame,
+    frontend_path,
+    is_part_name,
+    parse_domid,
+    parse_name,
+    parse_part,
+    parse_uint,
+    reply_size_bound,
+    request_slot,
+    unframe,
+)
+from xentmem.xenbus.xs import WatchQueue, XsError, XsSession
+from xentmem.xenbus.xsconn import XsConn
+
+log = logging.getLogger(__name__)
+
+_STATE_TOKEN = b"xentmem-otherend-state"
+_RSP_TOKEN = b"xentmem-rsp"
+#: How long a reply wait runs before it looks at the acks of its own writes, so a refused
+#: write (quota, permissions) fails the message at once instead of after the full timeout.
+_ACK_CHECK_S = 0.05
+#: How often a long reply wait looks at the host's state (it may have closed meanwhile).
+_STATE_CHECK_S = 0.25
+#: Answers to request writes are read once this many wait (they only matter when a reply
+#: does not come: then they are read at once).
+_DRAIN_AT = 16
+
+
+class ChannelTimeout(XenStoreError):
+    """The host did not answer a message within the timeout."""
+
+
+class Disconnected(XenStoreError):
+    """The host left the Connected state (closing, or gone); no op can be served."""
+
+
+@dataclass
+class FrontendCounters:
+    messages: int = 0
+    inline_messages: int = 0
+    parted_messages: int = 0
+    spilled_messages: int = 0
+    inline_replies: int = 0
+    parted_replies: int = 0
+    spilled_replies: int = 0
+    text_sent: int = 0
+    text_received: int = 0
+    ignored_replies: int = 0
+    rejected_replies: int = 0
+    refused_writes: int = 0
+    timeouts: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Negotiated:
+    version: int
+    limits: Limits
+    lz4: bool
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+def _state_of(untrusted: bytes | None) -> XenbusState:
+    """An unreadable or nonsense state is Unknown, as xenbus_read_driver_state has it."""
+    if untrusted is None:
+        return XenbusState.UNKNOWN
+    try:
+        return XenbusState(parse_uint(untrusted.decode("ascii", "replace"),
+                                      low=0, high=8, what="state"))
+    except WireError:
+        return XenbusState.UNKNOWN
+
+
+def find_domid(xs: XsSession) -> int:
+    """Our own domid: the ``domid`` node of our home (a relative read)."""
+    untrusted = xs.read_optional(b"domid")
+    if untrusted is None:
+        raise BackendError("cannot find this guest's domid: no 'domid' node in its xenstore "
+                           "home (is this a Xen guest with a toolstack-made home?)")
+    try:
+        return parse_domid(untrusted.decode("ascii", "replace"))
+    except WireError as exc:
+        raise BackendError(f"this guest's 'domid' node is unusable: {exc}") from None
+
+
+def find_backend(xs: XsSession, domid: int) -> tuple[int, str]:
+    """The backend domid and area the host named in our frontend area; checked, not trusted."""
+    fe = frontend_path(domid)
+    untrusted_path = xs.read_optional(f"{fe}/{FE_BACKEND}".encode())
+    untrusted_id = xs.read_optional(f"{fe}/{FE_BACKEND_ID}".encode())
+    if untrusted_path is None or untrusted_id is None:
+        raise BackendError(f"no tmem device: {fe} has no backend; the host's tmem service "
+                           "(xentmem-hostd) has not set this guest up")
+    try:
+        backend_domid = parse_domid(untrusted_id.decode("ascii", "replace"))
+    except WireError as exc:
+        raise BackendError(f"{fe}/{FE_BACKEND_ID}: {exc}") from None
+    expected = backend_path(backend_domid, domid)
+    if untrusted_path.rstrip(b"\x00") != expected.encode():
+        raise BackendError(f"{fe}/{FE_BACKEND} names {untrusted_path[:80]!r}; expected "
+                           f"{expected}")
+    return backend_domid, expected
+
+
+class TmemFrontend:
+    """One tmem device of this guest, from handshake to close."""
+
+    def __init__(self, xs: XsSession, *, timeout: float, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 inline_bytes: int | None = None) -> None:
+        """``inline_bytes``: the longest text a request's name may carry; ``None`` tries
+        once per connect how long a name this xenstore takes from us."""
+        self.xs = xs
+        self.timeout = timeout
+        self.clock = SystemClock()
+        self._probe_names = inline_bytes is None
+        self.own_limits = Limits(chunk_bytes=chunk_bytes,
+                                 inline_bytes=DEFAULT_INLINE_BYTES if inline_bytes is None
+                                 else inline_bytes,
+                                 reply_inline_bytes=MAX_REPLY_INLINE_BYTES,
+                                 reply_chunk_bytes=MAX_CHUNK_BYTES,
+                                 max_chunks=MAX_CHUNKS_LIMIT, max_ops=MAX_OPS_LIMIT,
+                                 max_parts=MAX_NAME_PARTS)
+        self.domid = -1
+        self.backend_domid = -1
+        self.nodename = ""
+        self.otherend = ""
+        self.state = XenbusState.UNKNOWN
+        self.otherend_state = XenbusState.UNKNOWN
+        self.negotiated: Negotiated | None = None
+        #: Why the device stopped working (the host left Connected), or "".
+        self.broken = ""
+        self.counters = FrontendCounters()
+        self._seq = 0
+        self._state_events: WatchQueue | None = None
+        #: The message channel, driven by the sending thread itself (no router thread):
+        #: ``_channel`` carries the watch on the host's ``rsp/`` and the reads of spilled
+        #: replies, ``_writer`` the request writes, whose answers are read when convenient
+        #: (the next message, or 50 ms into a wait), so a reply costs one wakeup.
+        self._channel: XsConn | None = None
+        self._writer: XsConn | None = None
+        #: Writes xenstore refused since the last look: (what, error name).
+        self._refused: list[tuple[str, str]] = []
+        #: What the current message's writes are called (to match refusals to it).
+        self._writing: set[str] = set()
+        self._rsp_prefix = b""
+
+    # -- handshake ----------------------------------------------------------------------------
+
+    def connect(self) -> Negotiated:
+        """Initialising -> (host InitWait) -> Initialised -> (host Connected) -> Connected.
+
+        If it fails, the message channel's connections are closed again (the caller closes
+        the session).
+        """
+        try:
+            return self._connect()
+        except BaseException:
+            self._close_channel()
+            raise
+
+    def _connect(self) -> Negotiated:
+        self.domid = find_domid(self.xs)
+        self.backend_domid, self.otherend = find_backend(self.xs, self.domid)
+        self.nodename = frontend_path(self.domid)
+        self._rsp_prefix = f"{self.otherend}/{RSP_DIR}/".encode()
+        self._state_events = self.xs.watch(f"{self.otherend}/{STATE}".encode(), _STATE_TOKEN)
+        self._open_channel()
+        self._clean_own_messages()
+        if self._probe_names:
+            self.own_limits = replace(self.own_limits, inline_bytes=self._probe_request_names())
+        self.broken = ""
+        self.state = self._read_state(self.nodename)
+        self.switch_state(XenbusState.INITIALISING)
+        self.wait_otherend({XenbusState.INIT_WAIT})
+        self.negotiated = self._negotiate()
+        self._write(FE_VERSION, str(self.negotiated.version))
+        self.switch_state(XenbusState.INITIALISED)
+        self.wait_otherend({XenbusState.CONNECTED}, closed_is_fatal=True)
+        self.switch_state(XenbusState.CONNECTED)
+        self._seq = 0
+        log.info("xen: tmem device %s connected to %s (version %d, %d ops/message)",
+                 self.nodename, self.otherend, self.negotiated.version,
+                 self.negotiated.limits.max_ops)
+        return self.negotiated
+
+    def close(self) -> None:
+        """Closing -> (host Closed) -> Closed; never waits past the timeout, never raises."""
+        try:
+            if self.state in (XenbusState.CONNECTED, XenbusState.INITIALISED,
+                              XenbusState.INITIALISING):
+                self.switch_state(XenbusState.CLOSING)
+                try:
+                    self.wait_otherend({XenbusState.CLOSED})
+                except BackendError as exc:
+                    log.warning("xen: host did not confirm the close: %s", exc)
+                self.switch_state(XenbusState.CLOSED)
+            self.xs.unwatch(_STATE_TOKEN)
+        except XenStoreError as exc:
+            log.warning("xen: closing %s: %s", self.nodename, exc)
+        self._close_channel()
+
+    def _open_channel(self) -> None:
+        """Two connections of our own to the same xenstore as the session (see ``__init__``)."""
+        self._close_channel()
+        path, device = self.xs.endpoint
+        channel = XsConn(path, device=device, timeout=self.timeout).open()
+        try:
+            writer = XsConn(path, device=device, timeout=self.timeout,
+                            on_error=self._on_refusal).open()
+        except XenStoreError:
+            channel.close()
+            raise
+        self._channel, self._writer = channel, writer
+        channel.watch(f"{self.otherend}/{RSP_DIR}", _RSP_TOKEN)
+
+    def _close_channel(self) -> None:
+        for conn in (self._channel, self._writer):
+            if conn is not None:
+                conn.close()
+        self._channel = self._writer = None
+
+    def _on_refusal(self, what: str, name: str) -> None:
+        self.counters.refused_writes += 1
+        self._refused.append((what, name))
+        log.warning("xen: xenstore refused %s: %s", what, name)
+
+    def switch_state(self, state: XenbusState) -> None:
+        """``xenbus_switch_state``: nothing if unchanged; never recreates a vanished node."""
+        if state == self.state:
+            return
+        path = f"{self.nodename}/{STATE}".encode()
+
+        def body(tx: int) -> None:
+            if self.xs.read_optional(path, tx=tx) is None:
+                raise BackendError(f"{path.decode()} vanished; the host removed the device")
+            self.xs.write(path, str(int(state)).encode(), tx=tx)
+
+        self.xs.transaction(body)
+        self.state = state
+
+    def wait_otherend(self, wanted: set[XenbusState], *,
+                      closed_is_fatal: bool = False) -> XenbusState:
+        """Wait for the host's state to reach one of ``wanted``.
+
+        With ``closed_is_fatal`` a host in Closing/Closed has refused us (its ``error`` node
+        says why); otherwise that is a state left from an earlier session, which the host
+        leaves once it sees our Initialising.
+        """
+        assert self._state_events is not None
+        deadline = self.clock.monotonic() + self.timeout
+        while True:
+            self.otherend_state = self._read_state(self.otherend)
+            if self.otherend_state in wanted:
+                return self.otherend_state
+            remaining = deadline - self.clock.monotonic()
+            if closed_is_fatal and self.otherend_state in (XenbusState.CLOSING,
+                                                           XenbusState.CLOSED):
+                untrusted_error = self.xs.read_optional(f"{self.otherend}/{ERROR_NODE}".encode())
+                why = (untrusted_error or b"no reason given")[:200].decode("ascii", "replace")
+                raise BackendError(f"tmem host closed the device {self.otherend}: {why}")
+            if remaining <= 0 or self._state_events.get(remaining) is None:
+                wanted_names = "/".join(s.strstate() for s in sorted(wanted))
+                raise BackendError(
+                    f"tmem host at {self.otherend} stayed {self.otherend_state.strstate()} "
+                    f"for {self.timeout:g}s (waiting for {wanted_names}); is xentmem-hostd "
+                    "running?")
+
+    def _read_state(self, area: str) -> XenbusState:
+        return _state_of(self.xs.read_optional(f"{area}/{STATE}".encode()))
+
+    def _write(self, node: str, value: str) -> None:
+        self.xs.write(f"{self.nodename}/{node}".encode(), value.encode())
+
+    def _negotiate(self) -> Negotiated:
+        def node(name: str) -> str | None:
+            untrusted = self.xs.read_optional(f"{self.otherend}/{name}".encode())
+            return None if untrusted is None else untrusted.decode("ascii", "replace")
+
+        try:
+            untrusted_versions = (node(BE_VERSIONS) or "").split()
+            offered = {parse_uint(v, low=0, high=255, what=BE_VERSIONS)
+                       for v in untrusted_versions[:16]}
+            common = [v for v in SUPPORTED_VERSIONS if v in offered]
+            if not common:
+                raise BackendError(f"tmem host speaks versions {sorted(offered)}; this guest "
+                                   f"speaks {list(SUPPORTED_VERSIONS)}")
+            host = Limits(
+                chunk_bytes=parse_uint(node(BE_CHUNK_BYTES) or "", low=MIN_CHUNK_BYTES,
+                                       high=MAX_CHUNK_BYTES, what=BE_CHUNK_BYTES),
+                inline_bytes=parse_uint(node(BE_INLINE_BYTES) or "0", low=0,
+                                        high=MAX_REQUEST_INLINE_BYTES, what=BE_INLINE_BYTES),
+                reply_inline_bytes=parse_uint(node(BE_REPLY_INLINE_BYTES) or "0", low=0,
+                                              high=MAX_REPLY_INLINE_BYTES,
+                                              what=BE_REPLY_INLINE_BYTES),
+                reply_chunk_bytes=parse_uint(node(BE_REPLY_CHUNK_BYTES) or "",
+                                             low=MIN_CHUNK_BYTES, high=MAX_CHUNK_BYTES,
+                                             what=BE_REPLY_CHUNK_BYTES),
+                max_chunks=parse_uint(node(BE_MAX_CHUNKS) or "", low=1, high=MAX_CHUNKS_LIMIT,
+                                      what=BE_MAX_CHUNKS),
+                max_ops=parse_uint(node(BE_MAX_OPS) or "", low=1, high=MAX_OPS_LIMIT,
+                                   what=BE_MAX_OPS),
+                max_parts=parse_uint(node(BE_MAX_PARTS) or "1", low=1,
+                                     high=MAX_NAME_PARTS_LIMIT, what=BE_MAX_PARTS),
+            )
+            lz4 = node(BE_FEATURE_LZ4) == "1"
+        except WireError as exc:
+            raise BackendError(f"tmem host's features in {self.otherend} are unusable: "
+                               f"{exc}") from None
+        limits = self.own_limits.meet(host)
+        if limits.body_capacity(reply=True) < reply_size_bound([WireOp.get_page(0, Oid(0), 0)]):
+            raise BackendError(f"tmem host's limits ({limits}) cannot carry one page")
+        return Negotiated(common[0], limits, lz4)
+
+    def _probe_request_names(self) -> int:
+        """The longest text a request's name may carry on this xenstore.
+
+        C xenstored takes paths up to 2048 bytes below our home, oxenstored up to 1024: one
+        directory as deep as the deepest request slot, with the longest name, tells which.
+        Longer names mean fewer nodes, hence fewer watch events, per request.
+        """
+        probe = f"{self.nodename}/{PROBE_DIR}"
+        inline = MAX_REQUEST_INLINE_BYTES
+        try:
+            self.xs.mkdir(f"{probe}/{'9' * (NAME_OVERHEAD + inline)}".encode())
+        except XsError as exc:
+            log.debug("xen: xenstore refuses long request names (%s)", exc)
+            inline = DEFAULT_INLINE_BYTES
+        try:
+            self.xs.rm(f"{self.nodename}/{PROBE_DIR.split('/')[0]}".encode())
+        except XsError:
+            log.debug("xen: removing the name probe failed", exc_info=True)
+        return inline
+
+    def _clean_own_messages(self) -> None:
+        """Drop request nodes a previous session left behind (they are ours to delete)."""
+        try:
+            self.xs.rm(f"{self.nodename}/{REQ_DIR}".encode())
+        except XsError as exc:
+            if exc.name != "ENOENT":
+                raise
+
+    # -- messages -----------------------------------------------------------------------------
+
+    @property
+    def limits(self) -> Limits:
+        if self.negotiated is None:
+            raise BackendError("tmem device not connected")
+        return self.negotiated.limits
+
+    def exchange(self, ops: Sequence[WireOp]) -> list[WireResult]:
+        """Send ``ops`` as one message; their results, or ChannelTimeout / Disconnected /
+        WireError (a malformed reply) / XenStoreError (xenstore refused us)."""
+        if self.broken or self.state != XenbusState.CONNECTED:
+            raise Disconnected(self.broken or f"tmem device {self.nodename or '?'} is not "
+                               "connected")
+        self._check_otherend()
+        limits = self.limits
+        self._seq += 1
+        seq = self._seq
+        framed = frame(seq, encode_request(ops), limits, reply=False)
+        nodename = self.nodename
+        writer = self._writer
+        assert writer is not None
+        if writer.outstanding >= _DRAIN_AT:
+            writer.drain()  # earlier messages' answers (a refusal is logged and counted)
+        self._refused.clear()
+        for i, value in framed.chunks:
+            writer.post_write(f"{nodename}/{REQ_DATA_DIR}/{i}", value.encode())
+        paths = [f"{nodename}/{REQ_DIR}/{request_slot(seq, part.k)}/{part.name}"
+                 for part in framed.parts]
+        for path in paths:
+            writer.post_write(path, b"")
+        message_path = f"{nodename}/{REQ_DIR}/{request_slot(seq)}/{framed.envelope.name}"
+        paths.append(message_path)
+        writer.post_write(message_path, framed.value.encode())
+        writer.flush()
+        self._writing = {f"write {path}" for path in paths}
+        counters = self.counters
+        counters.messages += 1
+        if framed.envelope.chunks:
+            counters.spilled_messages += 1
+        elif framed.parts:
+            counters.parted_messages += 1
+        else:
+            counters.inline_messages += 1
+        counters.text_sent += len(framed.envelope.inline) + len(framed.value) + sum(
+            len(v) for _, v in framed.chunks) + sum(len(p.text) for p in framed.parts)
+        try:
+            envelope, parts = self._await_reply(seq, limits)
+        except ChannelTimeout:
+            counters.timeouts += 1
+            self._abandon(paths)
+            raise
+        body = self._reply_body(envelope, parts, limits)
+        try:
+            results = decode_reply(body, ops)
+        except WireError as exc:
+            counters.rejected_replies += 1
+            raise WireError(f"reply {seq} from {self.otherend} rejected: {exc}") from None
+        # The writes' answers are not awaited: the host answered, so xenstore took them (a
+        # refused part or chunk makes a torn message, which the host answers -EINVAL).
+        return results
+
+    def _await_reply(self, seq: int, limits: Limits) -> tuple[Envelope, list[Part]]:
+        """The envelope of reply ``seq`` and the name parts that came before it."""
+        channel = self._channel
+        assert channel is not None
+        parts: dict[int, Part] = {}
+        deadline = self.clock.monotonic() + self.timeout
+        acks_checked = False
+        prefix = self._rsp_prefix
+        while True:
+            remaining = deadline - self.clock.monotonic()
+            if remaining <= 0:
+                raise ChannelTimeout(
+                    f"no reply from the tmem host at {self.otherend} to message {seq} within "
+                    f"{self.timeout:g}s (is xentmem-hostd running?)")
+            wait = min(remaining, _STATE_CHECK_S if acks_checked else _ACK_CHECK_S)
+            if not channel.events:
+                channel.pump(wait)
+            if not channel.events:
+                if not acks_checked:
+                    acks_checked = True
+                    self._check_writes()
+                self._check_otherend()  # the host may have closed while we wait
+                continue
+            untrusted_path, _token = channel.events.popleft()
+            if not untrusted_path.startswith(prefix):
+                continue  # the directory itself (registration, bulk removal)
+            untrusted_name = untrusted_path[len(prefix):].decode("ascii", "replace")
+            if is_part_name(untrusted_name):
+                try:
+                    part = parse_part(untrusted_name, limits, reply=True)
+                except WireError as exc:
+                    self.counters.rejected_replies += 1
+                    log.warning("xen: ignoring malformed reply part from %s: %s",
+                                self.otherend, exc)
+                    continue
+                if part.seq == seq:
+                    parts[part.k] = part
+                continue  # a part of an abandoned request's reply (or a bogus one)
+            try:
+                envelope = parse_name(untrusted_name, limits, reply=True)
+            except WireError as exc:
+                self.counters.rejected_replies += 1
+                log.warning("xen: ignoring malformed reply node from %s: %s", self.otherend, exc)
+                continue
+            if envelope.seq != seq:
+                if envelope.seq > seq:
+                    self.counters.rejected_replies += 1
+                    log.warning("xen: reply %d from %s answers no request sent (expected %d)",
+                                envelope.seq, self.otherend, seq)
+                else:
+                    self.counters.ignored_replies += 1
+                continue
+            return envelope, [parts[k] for k in sorted(parts)]
+
+    def _reply_body(self, envelope: Envelope, parts: list[Part], limits: Limits) -> bytes:
+        counters = self.counters
+        counters.text_received += len(envelope.inline)
+        if envelope.parts:
+            counters.parted_replies += 1
+            counters.text_received += sum(len(p.text) for p in parts)
+            untrusted_value, untrusted_chunks = None, []
+        elif not envelope.chunks:
+            counters.inline_replies += 1
+            untrusted_value, untrusted_chunks = None, []
+        else:
+            counters.spilled_replies += 1
+            otherend = self.otherend
+            channel = self._channel
+            assert channel is not None
+            reads = [channel.post_read(f"{otherend}/{RSP_DIR}/{envelope.name}")]
+            reads += [channel.post_read(f"{otherend}/{RSP_DATA_DIR}/{i}")
+                      for i in range(1, envelope.chunks)]
+            deadline = channel.clock.monotonic() + self.timeout
+            try:
+                raw = [channel.collect(r, what=f"read reply {envelope.seq}", deadline=deadline)
+                       for r in reads]
+            except XsError as exc:
+                counters.rejected_replies += 1
+                raise WireError(f"reply {envelope.seq}: reading its chunks failed: {exc}") from None
+            texts = [r.decode("ascii", "replace") for r in raw]
+            counters.text_received += sum(len(t) for t in texts)
+            untrusted_value, untrusted_chunks = texts[0], texts[1:]
+        try:
+            return unframe(envelope, untrusted_value, untrusted_chunks, limits, reply=True,
+                           untrusted_parts=parts)
+        except WireError as exc:
+            counters.rejected_replies += 1
+            raise WireError(f"reply {envelope.seq} from {self.otherend} rejected: {exc}") from None
+
+    def _check_otherend(self) -> None:
+        """Notice the host leaving Connected (its state watch fired) without a read per op."""
+        assert self._state_events is not None
+        if self._state_events.get_nowait() is None:
+            return
+        while self._state_events.get_nowait() is not None:
+            pass
+        self.otherend_state = self._read_state(self.otherend)
+        if self.otherend_state == XenbusState.CONNECTED:
+            return
+        # The host closed or restarted: its store (our pools and pages) is gone, so the device
+        # stays closed until the backend is loaded again (a fresh handshake, fresh pools).
+        self.broken = (f"tmem host at {self.otherend} went {self.otherend_state.strstate()}; "
+                       "the device is closed (unload and load the backend to reconnect)")
+        log.error("xen: %s", self.broken)
+        try:
+            self.switch_state(XenbusState.CLOSED)
+        except (XenStoreError, BackendError):
+            log.debug("could not mark %s closed", self.nodename, exc_info=True)
+        raise Disconnected(self.broken)
+
+    def _check_writes(self) -> None:
+        """Fail the message at once if xenstore refused one of its writes (quota, permission),
+        rather than after the whole timeout."""
+        assert self._writer is not None
+        self._writer.drain()
+        for what, name in self._refused:
+            if what in self._writing:
+                raise XsError(name, what)
+
+    def _abandon(self, paths: list[str]) -> None:
+        """Delete our unanswered request's nodes so they cannot pile up against our quota."""
+        try:
+            assert self._writer is not None
+            for path in paths:
+                self._writer.post_rm(path)
+            self._writer.flush()
+        except XenStoreError:
+            log.debug("could not remove the abandoned %s", paths[-1], exc_info=True)

@@ -1,0 +1,352 @@
+"""The frontswap frontend: swap pages into one persistent tmem pool, with lazy init.
+
+Follows ``mm/frontswap.c`` (3.11-4.6, the lazy-init era) and the frontswap half of
+``drivers/xen/tmem.c``: one private persistent pool serves every swap type, each type spread
+over 16 objects by the 4-bit swizzle.  Swap types initialised before a backend exists are
+recorded and replayed, in order, when one registers.
+
+Unlike the kernel, this frontend also owns the swap device: one :class:`BackingStore` per
+swap type.  A store that tmem refuses goes to the backing store (where the kernel's swap
+would write the disk), so a page is always either in tmem or in its backing store, and
+``shrink`` or an unload repatriates tmem pages into it.  That is what makes unloading a
+backend safe, which the kernel never supported.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from xentmem.errors import AbiError, BackendError, UnloadRefused
+from xentmem.guest.backend import Backend
+from xentmem.guest.frontends.backing import BackingStore
+from xentmem.guest.frontends.guarded import Guarded
+from xentmem.guest.frontends.keys import SWIZ_BITS, SWIZ_MASK, offset_fits, swizzle_oids
+from xentmem.tmem.abi import (
+    PAGE_SIZE,
+    POOL_PRIVATE_PERSISTENT,
+    PRIVATE_UUID,
+    TMEM_DONE,
+    Oid,
+    rc_name,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _SwapArea:
+    swap_type: int
+    backing: BackingStore
+    oids: tuple[Oid, ...]
+    #: Offsets whose page is in tmem (the kernel's ``frontswap_map``), oldest first.
+    in_tmem: dict[int, None] = field(default_factory=dict)
+
+
+class Frontswap(Guarded):
+    """Frontswap with its swap devices.  Thread-safe: one lock guards maps and backend calls.
+
+    Long jobs (an unload's or a shrink's repatriation) run in batches and release the lock
+    between them, and :meth:`curr_pages` reads a counter without the lock, so a monitor (the
+    daemon's watchdog ping, the balloon loop) never waits behind a repatriation.
+    """
+
+    #: Pages repatriated per lock hold during an unload or a shrink.
+    REPATRIATE_BATCH = 256
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._ops: Backend | None = None
+        self._pool_id = -1
+        self._areas: dict[int, _SwapArea] = {}
+        self._need_init: list[int] = []
+        #: Pages in tmem over all areas (the sum of ``len(in_tmem)``), readable without the lock.
+        self._tmem_pages = 0
+        #: Set while an unload repatriates: new stores go straight to the backing store.
+        self._draining = False
+        self.writethrough = False
+        self.exclusive_gets = False
+        # debugfs names (/sys/kernel/debug/frontswap/), plus four of our own.
+        self.loads = 0
+        self.succ_stores = 0
+        self.failed_stores = 0
+        self.invalidates = 0
+        self.repatriated = 0
+        self.failed_loads = 0
+        self.backing_writes = 0
+        self.backend_errors = 0
+
+    # -- registration -----------------------------------------------------------------------
+
+    @property
+    def ops(self) -> Backend | None:
+        return self._ops
+
+    @property
+    def pool_id(self) -> int:
+        """The real pool id, -1 before a backend created it (or if it refused to)."""
+        return self._pool_id
+
+    def register_ops(
+        self, ops: Backend, *, writethrough: bool = False, exclusive_gets: bool = False
+    ) -> None:
+        """``frontswap_register_ops``: replay recorded swap types, then publish the ops.
+
+        All or nothing: if the backend raises while the pool is created, nothing is kept.
+        """
+        with self._lock:
+            if self._ops is not None:
+                raise BackendError(f"frontswap already has a backend ({self._ops.name})")
+            self._pool_id = -1
+            try:
+                for swap_type in self._need_init:
+                    self._tmem_init(ops, swap_type)
+            except Exception:
+                self._pool_id = -1
+                raise
+            self._need_init.clear()
+            self.writethrough = writethrough
+            self.exclusive_gets = exclusive_gets
+            self._ops = ops
+
+    def unregister_ops(self) -> int:
+        """Repatriate every tmem page to its backing store, then let the backend go.
+
+        Returns the number of pages repatriated.  While it runs, new stores go to the backing
+        store and loads are still served.  If any page cannot be brought back, raise
+        :class:`UnloadRefused`: the backend stays registered and no page is lost (those already
+        moved are valid in their backing store).
+        """
+        with self._lock:
+            ops = self._ops
+            if ops is None:
+                return 0
+            self._draining = True
+        try:
+            moved = self._repatriate_down_to(ops, 0)
+        except Exception as exc:
+            with self._lock:
+                self._draining = False
+            raise UnloadRefused(
+                f"frontswap: {self._tmem_pages} page(s) could not be repatriated: {exc}"
+            ) from exc
+        with self._lock:
+            if self._pool_id >= 0:
+                self.quietly("destroy_pool", ops.destroy_pool, self._pool_id)
+            self._pool_id = -1
+            self._need_init = list(self._areas)
+            self._ops = None
+            self._draining = False
+            return moved
+
+    def _tmem_init(self, ops: Backend, swap_type: int) -> None:
+        """``tmem_frontswap_init``: the one persistent pool is created for the first type."""
+        if self._pool_id < 0:
+            rc = ops.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+            self._pool_id = rc
+            if rc < 0:
+                log.warning("frontswap: backend %s refused the persistent pool: %s",
+                            ops.name, rc_name(rc))
+
+    # -- swap areas ---------------------------------------------------------------------------
+
+    def init(self, swap_type: int, backing: BackingStore) -> None:
+        """``frontswap_init(type)`` at swapon, with the device that backs this type."""
+        oids = swizzle_oids(swap_type)
+        with self._lock:
+            if swap_type in self._areas:
+                raise AbiError(f"swap type {swap_type} is already initialised")
+            if self._ops is not None:
+                self._tmem_init(self._ops, swap_type)
+            else:
+                self._need_init.append(swap_type)
+            self._areas[swap_type] = _SwapArea(swap_type, backing, oids)
+
+    def _area(self, swap_type: int) -> _SwapArea:
+        try:
+            return self._areas[swap_type]
+        except KeyError:
+            raise AbiError(f"swap type {swap_type} is not initialised") from None
+
+    def swap_types(self) -> list[int]:
+        with self._lock:
+            return list(self._areas)
+
+    @staticmethod
+    def _slot(area: _SwapArea, offset: int) -> tuple[Oid, int]:
+        """The kernel's swizzle: oid ``(type << 4) | (offset & 0xF)``, index ``offset >> 4``."""
+        return area.oids[offset & SWIZ_MASK], offset >> SWIZ_BITS
+
+    def _forget(self, area: _SwapArea, offset: int) -> None:
+        del area.in_tmem[offset]
+        self._tmem_pages -= 1
+
+    # -- data path ----------------------------------------------------------------------------
+
+    def store(self, swap_type: int, offset: int, page: bytes) -> int:
+        """Store a page: 0 if tmem took it, -1 if it went to the backing store (as the kernel).
+
+        Whatever the backend does (refuse, fail, raise), the page ends up in tmem or in the
+        backing store, and an older copy of the slot is never left where a load would find it.
+        """
+        if len(page) != PAGE_SIZE:
+            raise AbiError(f"a page is {PAGE_SIZE} bytes, got {len(page)}")
+        with self._lock:
+            area = self._area(swap_type)
+            area.backing.check_offset(offset)
+            ops = self._ops
+            if ops is not None:
+                oid, index = self._slot(area, offset)
+                if offset in area.in_tmem:  # a duplicate is always invalidated first (4.7+)
+                    self._forget(area, offset)
+                    self.quietly("flush_page", ops.flush_page, self._pool_id, oid, index)
+                if not self._draining:
+                    if self._pool_id >= 0 and offset_fits(offset) and self.quietly(
+                        "put_page", ops.put_page, self._pool_id, oid, index, page
+                    ) == TMEM_DONE:
+                        area.in_tmem[offset] = None
+                        self._tmem_pages += 1
+                        self.succ_stores += 1
+                        if not self.writethrough:
+                            area.backing.discard(offset)
+                            return 0
+                    else:
+                        self.failed_stores += 1
+            area.backing.write(offset, page)
+            self.backing_writes += 1
+            return -1
+
+    def load(self, swap_type: int, offset: int) -> bytes | None:
+        """The page stored at ``offset``, from tmem or the backing store; None if none."""
+        with self._lock:
+            area = self._area(swap_type)
+            ops = self._ops
+            if ops is not None and offset in area.in_tmem:
+                oid, index = self._slot(area, offset)
+                rc, data = ops.get_page(self._pool_id, oid, index)
+                if rc == TMEM_DONE and data is not None:
+                    self.loads += 1
+                    if self.exclusive_gets:
+                        area.backing.write(offset, data)
+                        self._forget(area, offset)
+                        self.quietly("flush_page", ops.flush_page, self._pool_id, oid, index)
+                    return data
+                self.failed_loads += 1
+                if self.writethrough:
+                    return area.backing.read(offset)
+                raise BackendError(
+                    f"frontswap: backend {ops.name} could not return swap page "
+                    f"{swap_type}:{offset} ({rc_name(rc)})"
+                )
+            return area.backing.read(offset)
+
+    def invalidate_page(self, swap_type: int, offset: int) -> None:
+        """The swap entry was freed: drop the page wherever it is."""
+        with self._lock:
+            area = self._area(swap_type)
+            if offset in area.in_tmem:
+                self._forget(area, offset)
+                ops = self._ops
+                if ops is not None:
+                    oid, index = self._slot(area, offset)
+                    self.quietly("flush_page", ops.flush_page, self._pool_id, oid, index)
+                self.invalidates += 1
+            area.backing.discard(offset)
+
+    def invalidate_area(self, swap_type: int) -> None:
+        """swapoff: flush the type's 16 objects and forget the area."""
+        with self._lock:
+            area = self._area(swap_type)
+            ops = self._ops
+            if ops is not None and self._pool_id >= 0:
+                for oid in area.oids:
+                    self.quietly("flush_object", ops.flush_object, self._pool_id, oid)
+            del self._areas[swap_type]
+            self._tmem_pages -= len(area.in_tmem)
+            if swap_type in self._need_init:
+                self._need_init.remove(swap_type)
+            area.backing.clear()
+            area.backing.close()
+
+    # -- shrinking ----------------------------------------------------------------------------
+
+    def curr_pages(self) -> int:
+        """``frontswap_curr_pages``: pages held by tmem across every swap type (no lock)."""
+        return self._tmem_pages
+
+    def shrink(self, target_pages: int) -> int:
+        """``frontswap_shrink``: repatriate pages until tmem holds at most ``target_pages``.
+
+        Returns how many pages moved.  Oldest pages go first.
+        """
+        if target_pages < 0:
+            raise AbiError(f"shrink target must be >= 0, got {target_pages}")
+        ops = self._ops
+        if ops is None:
+            return 0
+        return self._repatriate_down_to(ops, target_pages)
+
+    def _repatriate_down_to(self, ops: Backend, target_pages: int) -> int:
+        """Move the oldest tmem pages to their backing stores, a batch per lock hold."""
+        moved = 0
+        while True:
+            with self._lock:
+                if self._ops is not ops:
+                    return moved
+                excess = min(self._tmem_pages - target_pages, self.REPATRIATE_BATCH)
+                if excess <= 0:
+                    return moved
+                batch = 0
+                for area in list(self._areas.values()):
+                    for offset in list(area.in_tmem)[: excess - batch]:
+                        if offset in area.in_tmem:  # not re-stored or invalidated meanwhile
+                            self._repatriate(ops, area, offset)
+                            batch += 1
+                    if batch >= excess:
+                        break
+                moved += batch
+
+    def _repatriate(self, ops: Backend, area: _SwapArea, offset: int) -> None:
+        oid, index = self._slot(area, offset)
+        rc, data = ops.get_page(self._pool_id, oid, index)
+        if rc != TMEM_DONE or data is None:
+            raise BackendError(
+                f"swap page {area.swap_type}:{offset} unavailable from {ops.name} ({rc_name(rc)})"
+            )
+        area.backing.write(offset, data)
+        self._forget(area, offset)
+        self.quietly("flush_page", ops.flush_page, self._pool_id, oid, index)
+        self.repatriated += 1
+
+    # -- reporting ----------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        """The debugfs counters (loads, succ_stores, failed_stores, invalidates) and ours."""
+        return {
+            "loads": self.loads,
+            "succ_stores": self.succ_stores,
+            "failed_stores": self.failed_stores,
+            "invalidates": self.invalidates,
+            "failed_loads": self.failed_loads,
+            "repatriated": self.repatriated,
+            "backing_writes": self.backing_writes,
+            "backend_errors": self.backend_errors,
+            "curr_pages": self._tmem_pages,
+        }
+
+    def describe(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "pool_id": self._pool_id,
+                "registered": self._ops is not None,
+                "draining": self._draining,
+                "pending_init": list(self._need_init),
+                "writethrough": self.writethrough,
+                "exclusive_gets": self.exclusive_gets,
+                "swap_types": [
+                    {"type": a.swap_type, "tmem_pages": len(a.in_tmem), **a.backing.describe()}
+                    for a in self._areas.values()
+                ],
+            }

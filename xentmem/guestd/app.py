@@ -1,0 +1,526 @@
+"""``xentmemd``: the composition root and the main loop.
+
+Start: read and check the config (a bad one exits with status 78, EX_CONFIG, naming file,
+line and key), take the run and state directories' locks (another live daemon there: exit,
+touching nothing of its own), build the shim with the self-balloon service as its listener,
+choose and load the backend (the loops start lazily with it), open the control socket, tell
+systemd READY.
+
+Run: the main thread waits on the signal flags' self-pipe with a timeout and does what is
+due: a WATCHDOG ping (always first), the metrics textfile, a STATUS line; SIGHUP reloads the
+config (a bad file is logged and the old config kept).  The main thread never waits for a
+lock a long socket operation may hold (an unload repatriating for minutes holds the
+frontends' and the configuration's): the textfile and the STATUS line are computed on
+threads of their own, and a reload waits, deferred, until the configuration lock is free,
+so the WATCHDOG ping keeps coming.
+
+Stop (SIGTERM/SIGINT): STOPPING=1, then in order the balloon loops, the backend (unloaded with
+its swap pages repatriated to their backing stores, which are saved in the state directory),
+then the sockets.  The exit status is 0 only if nothing was left behind: no step failed and
+no swap page died with the process (a memory-backed area's pages do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from xentmem import __version__
+from xentmem.clock import Clock, SystemClock, WakeableClock
+from xentmem.errors import ConfigError, ParamError, XentmemError
+from xentmem.guest import registry
+from xentmem.guestd import balloon as balloon_mod
+from xentmem.guestd import config as config_mod
+from xentmem.guestd import handlers
+from xentmem.guestd.choice import Resolve
+from xentmem.guestd.config import DEFAULT_CONFIG, BackendNames, Config, ConfigSchema
+from xentmem.guestd.core import Daemon
+from xentmem.guestd.logs import set_level, setup_logging
+from xentmem.guestd.mainthread import DaemonBusy, MainThreadCalls, NotNow
+from xentmem.guestd.metrics import write_textfile
+from xentmem.guestd.rundir import RunDirLock
+from xentmem.guestd.server import ControlServer, ServerError
+from xentmem.guestd.signals import SignalFlags
+from xentmem.guestd.swap import DEFAULT_STATE_DIR
+from xentmem.notify import Notifier
+from xentmem.roots import Roots
+
+log = logging.getLogger("xentmem.guestd")
+
+EX_OK = 0
+EX_FAILURE = 1
+EX_USAGE = 2
+EX_CONFIG = 78  # sysexits.h: the unit can say RestartPreventExitStatus=78
+#: How often the STATUS= line (and the debug log line) is refreshed.
+STATUS_INTERVAL_S = 60.0
+#: How long a client's ``config.reload`` waits for the main thread to start it (and as long
+#: again to finish): below the CLI's default 10 s, so the client hears "busy", not a timeout.
+RELOAD_WAIT_S = 4.0
+#: While a reload waits for the configuration lock, the main loop looks again this often.
+RETRY_S = 0.25
+
+
+@dataclass
+class Task:
+    """Something the main loop does every ``interval_s`` (first after one interval)."""
+
+    name: str
+    interval_s: float
+    action: Callable[[], None]
+    due: float = 0.0
+    #: Run before the other due tasks (the WATCHDOG ping).
+    first: bool = False
+
+
+class Schedule:
+    """The main loop's timetable, on an injected clock.
+
+    Only the main thread changes it in the daemon; a lock keeps it consistent anyway, and
+    every look iterates over a copy.
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._tasks: dict[str, Task] = {}
+        self._lock = threading.Lock()
+
+    def every(self, name: str, interval_s: float | None, action: Callable[[], None], *,
+              first: bool = False) -> None:
+        """Add, replace or (with ``None``) remove a task; ``first`` runs before the others."""
+        with self._lock:
+            if interval_s is None or interval_s <= 0:
+                self._tasks.pop(name, None)
+                return
+            self._tasks[name] = Task(name, interval_s, action,
+                                     self._clock.monotonic() + interval_s, first)
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._tasks)
+
+    def _snapshot(self) -> list[Task]:
+        with self._lock:
+            return sorted(self._tasks.values(), key=lambda t: not t.first)
+
+    def timeout(self, ceiling_s: float) -> float:
+        """Seconds until the next task is due (at most ``ceiling_s``)."""
+        now = self._clock.monotonic()
+        nearest = min((t.due for t in self._snapshot()), default=now + ceiling_s)
+        return max(0.0, min(ceiling_s, nearest - now))
+
+    def run_due(self) -> list[str]:
+        """Run every task that is due, ``first`` ones first; a failing task is logged and
+        stays scheduled."""
+        now = self._clock.monotonic()
+        ran = []
+        for task in self._snapshot():
+            if now + 1e-9 >= task.due:
+                task.due = now + task.interval_s
+                try:
+                    task.action()
+                except Exception:
+                    log.exception("main loop task %s failed", task.name)
+                ran.append(task.name)
+        return ran
+
+
+class OffMainThread:
+    """Runs an action on a thread of its own, one run at a time, so the main loop never
+    waits for it: a run that is still going when the next is due makes that one a skip.
+
+    The metrics textfile and the STATUS line read figures behind the frontends' locks, which
+    an unload holds while it repatriates; on the main thread they would stall the WATCHDOG
+    ping until systemd killed the daemon mid-repatriation.
+    """
+
+    def __init__(self, name: str, action: Callable[[], None]) -> None:
+        self.name = name
+        self._action = action
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.skipped = 0
+
+    def __call__(self) -> None:
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                self.skipped += 1
+                if self.skipped == 1:
+                    log.warning("%s: the previous run has not finished (a long unload or "
+                                "shrink holds the figures); skipping until it has", self.name)
+                return
+            if self.skipped:
+                log.info("%s: running again after %d skipped", self.name, self.skipped)
+                self.skipped = 0
+            thread = threading.Thread(target=self._run, name=f"xentmem-{self.name}",
+                                      daemon=True)
+            self._thread = thread
+        thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._action()
+        except Exception:
+            log.exception("main loop task %s failed", self.name)
+
+    def join(self, timeout_s: float) -> bool:
+        """Wait for a run in progress; True if none is left."""
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout_s)
+            return not thread.is_alive()
+        return True
+
+
+class Application:
+    """The daemon process: config, daemon core, control socket, signals, sd_notify."""
+
+    def __init__(
+        self,
+        *,
+        roots: Roots,
+        config_path: Path,
+        config_missing_ok: bool,
+        overrides: Sequence[str] = (),
+        clock: WakeableClock | None = None,
+        notifier: Notifier | None = None,
+        signals: SignalFlags | None = None,
+        resolve: Resolve = registry.backend_class,
+        make_balloon: Callable[..., Any] = balloon_mod.make_balloon,
+        reload_wait_s: float = RELOAD_WAIT_S,
+        state_dir: Path | None = None,
+        backend_names: BackendNames = registry.available,
+    ) -> None:
+        self.roots = roots
+        #: File-backed swap areas (``swap/``) and ``shutdown.json``: kept across restarts.
+        self.state_dir = state_dir or roots.under(DEFAULT_STATE_DIR)
+        self.config_path = config_path
+        self.config_missing_ok = config_missing_ok
+        self.overrides = tuple(overrides)
+        self.clock: WakeableClock = clock or SystemClock()
+        self.notifier = notifier or Notifier(None)
+        self.signals = signals or SignalFlags()
+        self.resolve = resolve
+        self.backend_names = backend_names
+        self._make_balloon = make_balloon
+        self.schedule = Schedule(self.clock)
+        self.daemon: Daemon | None = None
+        self.server: ControlServer | None = None
+        self.run_lock = RunDirLock(roots.run)
+        self.state_lock = RunDirLock(self.state_dir, what="state directory", flag="--state-dir",
+                                     mode=0o700)
+        #: Calls other threads hand to the main thread (a client's config.reload).
+        self.calls = MainThreadCalls(self.signals.wake)
+        self.reload_wait_s = reload_wait_s
+        self._sighup_pending = False
+        self.status_task = OffMainThread("status", self._status)
+        self.metrics_task = OffMainThread("metrics", self.write_metrics)
+        #: Set at shutdown, under ``_metrics_lock``: a periodic write still in flight must
+        #: not land after the final one.
+        self._metrics_lock = threading.Lock()
+        self._metrics_final = False
+
+    # -- start ------------------------------------------------------------------------------------
+
+    def read_config(self) -> Config:
+        schema = ConfigSchema(balloon_mod.knob_params(),
+                              lambda name: self.resolve(name).params, self.backend_names)
+        return config_mod.load(self.config_path, schema, self.overrides,
+                               missing_ok=self.config_missing_ok)
+
+    def start(self) -> None:
+        """Everything up to READY; raises ConfigError/XentmemError/ServerError on failure."""
+        config = self.read_config()
+        set_level(config.daemon["log_level"])
+        log.info("xentmemd %s starting: config %s, root %s, run dir %s, state dir %s",
+                 __version__, config.path or f"{self.config_path} (absent: defaults)",
+                 self.roots.root, self.roots.run, self.state_dir)
+        # Before the backend, the socket or any file: a second daemon stops here (RunDirBusy).
+        self.run_lock.acquire()
+        self.state_lock.acquire()
+        balloon = self._make_balloon(self.roots, self.clock, config.knobs)
+        self.daemon = Daemon(
+            roots=self.roots, clock=self.clock, config=config, balloon=balloon,
+            config_path=self.config_path, overrides=self.overrides,
+            config_missing_ok=self.config_missing_ok, resolve=self.resolve,
+            on_settings=self.apply_settings, state_dir=self.state_dir,
+            backend_names=self.backend_names,
+        )
+        # A client's config.reload runs here, on the main thread, which owns the schedule
+        # and the daemon settings a reload changes.
+        self.daemon.reload_runner = self._reload_for_client
+        self.daemon.load()
+        daemon = self.daemon
+        self.server = ControlServer(
+            self.roots.run / "control.sock",
+            lambda line: handlers.handle_line(daemon, line),
+            mode=config.daemon["control_mode"], group=config.daemon["control_group"],
+        )
+        self.server.start()
+        self._schedule_tasks(config.daemon)
+        self.daemon.state = "running"
+        self.notifier.ready(self.daemon.summary_line())
+        log.info("ready: %s", self.daemon.summary_line())
+
+    def _schedule_tasks(self, settings: Mapping[str, Any]) -> None:
+        self.schedule.every("watchdog", self.notifier.watchdog_interval_s, self.notifier.watchdog,
+                            first=True)
+        self.schedule.every("status", STATUS_INTERVAL_S, self.status_task)
+        textfile = settings["metrics_textfile"]
+        self.schedule.every("metrics", settings["metrics_interval"] if textfile else None,
+                            self.metrics_task)
+
+    def apply_settings(self, settings: Mapping[str, Any]) -> None:
+        """The daemon's own settings after a reload: log level, socket access, metrics."""
+        set_level(settings["log_level"])
+        if self.server is not None:
+            try:
+                self.server.set_access(settings["control_mode"], settings["control_group"])
+            except (OSError, ServerError) as exc:
+                log.error("config: control socket access unchanged: %s", exc)
+        self._schedule_tasks(settings)
+
+    # -- run --------------------------------------------------------------------------------------
+
+    def _status(self) -> None:
+        assert self.daemon is not None
+        if self.daemon.state != "running":  # a late run after STOPPING=1 says nothing
+            return
+        line = self.daemon.summary_line()
+        self.notifier.status(line)
+        log.debug("status: %s", line)
+
+    def write_metrics(self, *, final: bool = False) -> None:
+        """Write the textfile (if one is configured); after the final write, no other."""
+        assert self.daemon is not None
+        target = self.daemon.config.daemon["metrics_textfile"]
+        if not target:
+            return
+        text = self.daemon.metrics_text()
+        with self._metrics_lock:
+            if self._metrics_final:
+                return
+            self._metrics_final = final
+            write_textfile(Path(target), text)
+
+    def reload(self, *, lock_wait_s: float | None = None) -> dict[str, Any]:
+        """Re-read the config now (main thread); RELOADING=1 ... READY=1 around it.
+
+        :class:`DaemonBusy` (nothing done, nothing sent) if the configuration lock is not
+        free within ``lock_wait_s``; a refused file raises its ConfigError after READY=1.
+        """
+        assert self.daemon is not None
+        daemon = self.daemon
+        with daemon.holding_config(lock_wait_s):
+            self.notifier.reloading()
+            try:
+                return daemon.reload_config()
+            finally:
+                self.notifier.send("READY=1", f"STATUS={daemon.summary_line()}")
+
+    def _reload_for_client(self) -> dict[str, Any]:
+        """A client's ``config.reload``: handed to the main thread, with a bounded wait."""
+        return self.calls.call(self._reload_on_main_thread, self.reload_wait_s,
+                               what="config.reload")
+
+    def _reload_on_main_thread(self) -> dict[str, Any]:
+        try:
+            return self.reload(lock_wait_s=0)
+        except DaemonBusy:
+            raise NotNow from None
+
+    def _reload_after_sighup(self) -> None:
+        """SIGHUP: reload when the configuration lock is free; a refused file is logged."""
+        try:
+            self.reload(lock_wait_s=0)
+        except DaemonBusy:
+            if not self._sighup_pending:
+                log.info("SIGHUP: a load, unload or param change is running; the reload "
+                         "follows when it is done")
+            self._sighup_pending = True
+            return
+        except (ConfigError, XentmemError) as exc:
+            log.error("config reload refused, the old config stays in force: %s", exc)
+        self._sighup_pending = False
+
+    def run(self, max_wait_s: float = STATUS_INTERVAL_S) -> None:
+        """The main loop: until SIGTERM/SIGINT (``signals.terminate_requested``).
+
+        The wait is on the signal flags' self-pipe, so a signal (or another thread asking for
+        something) ends it at once; the pipe is drained before the flags are read, so a
+        request that comes in after that look wakes the next wait.
+        """
+        flags = self.signals
+        while not flags.terminate_requested:
+            timeout = self.schedule.timeout(max_wait_s)
+            if self._sighup_pending or self.calls.pending():
+                timeout = min(timeout, RETRY_S)
+            self.clock.wait_readable(flags.fileno(), timeout)
+            flags.drain()
+            if flags.terminate_requested:
+                break
+            self.schedule.run_due()
+            if flags.take_reload() or self._sighup_pending:
+                self._reload_after_sighup()
+            self.calls.run_ready()
+
+    # -- stop -------------------------------------------------------------------------------------
+
+    def shutdown(self) -> int:
+        """Loops, backend (repatriating), then sockets; the exit status.
+
+        A start that failed before this process owned the run directory has nothing to
+        stop: the directory, its socket and its shutdown record belong to another daemon.
+        """
+        if not (self.run_lock.held and self.state_lock.held):
+            self.notifier.close()
+            self.run_lock.release()
+            return EX_FAILURE
+        self.notifier.stopping("stopping: repatriating swap pages")
+        status = EX_OK
+        if self.daemon is not None:
+            try:
+                if not self.daemon.shutdown()["clean"]:
+                    status = EX_FAILURE
+            except Exception:  # Daemon.shutdown records its own failures; this is a bug
+                log.exception("shutdown of the daemon core failed")
+                status = EX_FAILURE
+            if self.daemon.config.daemon["metrics_textfile"]:
+                try:
+                    self.write_metrics(final=True)
+                except Exception as exc:
+                    log.error("metrics textfile: %s", exc)
+        # Whatever failed above, the socket goes and systemd hears the rest.
+        if self.server is not None:
+            try:
+                self.server.stop()
+            except Exception:
+                log.exception("closing the control socket failed")
+                status = EX_FAILURE
+        self.notifier.close()
+        self.state_lock.release()
+        self.run_lock.release()
+        log.info("xentmemd stopped")
+        return status
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xentmemd",
+        description="Transcendent memory and self-ballooning for a Xen guest, in user space.",
+        epilog="Precedence: -o and other flags > the config file > the kernel command line "
+               "(deprecated) > defaults.  SIGHUP re-reads the config; SIGTERM stops cleanly.",
+    )
+    parser.add_argument("--config", help=f"config file (.toml, or modprobe-style lines in any "
+                                          f"other file); default {DEFAULT_CONFIG} under --root, "
+                                          "which may be absent")
+    parser.add_argument("--root", help="system root for /proc, /sys and /etc (default / or "
+                                       "$XENTMEM_ROOT)")
+    parser.add_argument("--run-dir", help="run directory for the control socket (default "
+                                          "/run/xentmem under --root)")
+    parser.add_argument("--state-dir", help="state directory, kept across restarts, for "
+                                            "file-backed swap areas and shutdown.json "
+                                            "(default $STATE_DIRECTORY, else /var/lib/xentmem "
+                                            "under --root)")
+    parser.add_argument("--xenstore-socket", help="xenstored Unix socket (default: the xenbus "
+                                                  "device, or $XENSTORED_PATH)")
+    parser.add_argument("--backend", help="backend to load: auto, zcache, xen, ...")
+    parser.add_argument("--log-level", choices=config_mod.LOG_LEVELS)
+    parser.add_argument("--control-group", help="group allowed on the control socket (0660)")
+    parser.add_argument("--control-mode", help="control socket mode in octal")
+    parser.add_argument("--metrics-textfile", help="node_exporter textfile to write")
+    parser.add_argument("-o", "--option", action="append", default=[], metavar="[SECTION.]K=V",
+                        help="a param, flag or knob (repeatable): capacity=64M, "
+                             "tmem.cleancache=0, selfballoon_interval=10")
+    parser.add_argument("--check-config", action="store_true",
+                        help="check the configuration, print it, and exit")
+    parser.add_argument("--version", action="version", version=f"xentmemd {__version__}")
+    return parser
+
+
+def overrides_of(args: argparse.Namespace) -> list[str]:
+    """The flags as ``-o`` words (named flags first, so an explicit -o wins)."""
+    words = []
+    for flag, key in (("backend", "backend"), ("log_level", "log_level"),
+                      ("control_group", "control_group"), ("control_mode", "control_mode"),
+                      ("metrics_textfile", "metrics_textfile")):
+        value = getattr(args, flag)
+        if value is not None:
+            words.append(f"daemon.{key}={value}")
+    return words + list(args.option)
+
+
+def application_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None
+                          ) -> Application:
+    env = os.environ if env is None else env
+    root = Path(args.root or env.get("XENTMEM_ROOT") or "/")
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    xenstore = args.xenstore_socket or env.get("XENSTORED_PATH")
+    roots = Roots(root=root, run_dir=run_dir,
+                  xenstore_socket=Path(xenstore) if xenstore else None)
+    if args.config:
+        config_path, missing_ok = Path(args.config), False
+    else:
+        config_path, missing_ok = roots.under(DEFAULT_CONFIG), True
+    # systemd's StateDirectory= sets $STATE_DIRECTORY (a colon-separated list: ours is first).
+    state = args.state_dir or env.get("STATE_DIRECTORY", "").split(":")[0]
+    return Application(roots=roots, config_path=config_path, config_missing_ok=missing_ok,
+                       overrides=overrides_of(args), notifier=Notifier.from_env(env),
+                       state_dir=Path(state) if state else None)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level or "info")
+    app = application_from_args(args)
+    if args.check_config:
+        try:
+            config = app.read_config()
+        except ConfigError as exc:
+            print(f"xentmemd: {exc}", file=sys.stderr)
+            return EX_CONFIG
+        print(f"{config.path or app.config_path}: ok")
+        for key, where in sorted(config.origins.items()):
+            section, _, name = key.partition(".")
+            value = {"daemon": config.daemon, "tmem": config.tmem,
+                     "selfballoon": config.knobs}.get(section)
+            shown = (value or {}).get(name, config.backend_params.get(section, {}).get(name))
+            print(f"  {key} = {shown!r} (from {where})")
+        return EX_OK
+    app.signals.install()
+    return serve(app)
+
+
+def serve(app: Application) -> int:
+    """Start, run until told to stop, shut down: the exit status.  A failed start cleans up
+    only what this process owns (see :meth:`Application.shutdown`)."""
+    try:
+        app.start()
+    except (ConfigError, ParamError) as exc:
+        # A param refused at load is a configuration error too: restarting cannot help,
+        # and 78 is what the unit's RestartPreventExitStatus= stops on.
+        log.error("refusing to start: %s", exc)
+        app.shutdown()
+        return EX_CONFIG
+    except (XentmemError, ServerError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        app.shutdown()
+        return EX_FAILURE
+    try:
+        app.run()
+    finally:
+        status = app.shutdown()
+    return status
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,504 @@
+"""What ``xentmemd`` holds and does: the shim (frontends + backend), the balloon loops, the
+swap areas of the page API, and the configuration in force.
+
+Every control op ends in a method here, so the socket layer (:mod:`.handlers`,
+:mod:`.server`) only translates, and tests can drive the daemon in process.  Methods return
+plain JSON-ready data and raise the project's errors; a refused change leaves everything as
+it was.  One lock serialises the operations that change the configuration of the shim
+(load, unload, params, reload); the page path goes straight to the frontends, which have
+their own locks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Callable
+
+from xentmem import __version__
+from xentmem.clock import Clock
+from xentmem.errors import (
+    BackendError,
+    ConfigError,
+    NoBackend,
+    ParamError,
+    XentmemError,
+)
+from xentmem.files import write_atomically
+from xentmem.guest import registry
+from xentmem.guest.backend import Backend
+from xentmem.guest.shim import SHIM_PARAMS, Shim
+from xentmem.guestd.balloon import BalloonHooks
+from xentmem.guestd.choice import BackendChoice, Resolve, choose_backend
+from xentmem.guestd.config import (
+    DAEMON_PARAMS,
+    BackendNames,
+    Config,
+    ConfigSchema,
+)
+from xentmem.guestd.config import (
+    load as load_config,
+)
+from xentmem.guestd.mainthread import DaemonBusy
+from xentmem.guestd.metrics import collect, render
+from xentmem.guestd.swap import DEFAULT_STATE_DIR, SwapAreas, lost_in_memory
+from xentmem.params import ParamSet
+from xentmem.roots import Roots
+
+log = logging.getLogger(__name__)
+
+STARTING, RUNNING, STOPPING, STOPPED = "starting", "running", "stopping", "stopped"
+SHUTDOWN_FILE = "shutdown.json"
+#: How long shutdown waits for requests already running to finish.
+DRAIN_TIMEOUT_S = 10.0
+LOOP_STOP_TIMEOUT_S = 10.0
+
+
+class UnknownName(XentmemError, LookupError):
+    """A param, backend, pool or swap type that does not exist (``not_found`` on the wire)."""
+
+
+class Daemon:
+    """The daemon's state and operations (no sockets, no signals: see :mod:`.app`)."""
+
+    def __init__(
+        self,
+        *,
+        roots: Roots,
+        clock: Clock,
+        config: Config,
+        balloon: BalloonHooks,
+        config_path: Path | None = None,
+        overrides: tuple[str, ...] = (),
+        config_missing_ok: bool = False,
+        resolve: Resolve = registry.backend_class,
+        on_settings: Callable[[Mapping[str, Any]], None] | None = None,
+        state_dir: Path | None = None,
+        backend_names: BackendNames | None = registry.available,
+    ) -> None:
+        self.roots = roots
+        self.clock = clock
+        self.config = config
+        self.config_path = config_path
+        self.overrides = overrides
+        self.config_missing_ok = config_missing_ok
+        self.balloon = balloon
+        self.resolve = resolve
+        self.backend_names = backend_names
+        self.on_settings = on_settings
+        self.shim = Shim(roots=roots, clock=clock)
+        if balloon.listener is not None:
+            self.shim.add_listener(balloon.listener)
+        #: File-backed swap areas and the shutdown record outlive the daemon: they go to the
+        #: state directory (systemd removes the run directory when the service stops).
+        self.state_dir = state_dir or roots.under(DEFAULT_STATE_DIR)
+        self.swap = SwapAreas(self.shim.frontswap, self.state_dir / "swap")
+        self.choice: BackendChoice | None = None
+        self.state = STARTING
+        self.started_at = clock.monotonic()
+        self._lock = threading.RLock()
+        self._work = threading.Condition()
+        self._in_flight = 0
+        #: How a ``config.reload`` from a client runs: None here (in this thread); the
+        #: application hands it to its main thread, which owns the schedule it changes.
+        self.reload_runner: Callable[[], dict[str, Any]] | None = None
+
+    # -- schema -----------------------------------------------------------------------------------
+
+    def schema(self) -> ConfigSchema:
+        return ConfigSchema(self.balloon.knob_params, lambda name: self.resolve(name).params,
+                            self.backend_names)
+
+    # -- request accounting (so shutdown can drain) ------------------------------------------------
+
+    def begin(self, mutates: bool) -> bool:
+        """Count a request in; False if it changes state and the daemon is stopping."""
+        with self._work:
+            if mutates and self.state in (STOPPING, STOPPED):
+                return False
+            self._in_flight += 1
+            return True
+
+    def end(self) -> None:
+        with self._work:
+            self._in_flight -= 1
+            self._work.notify_all()
+
+    def _drain(self, timeout_s: float) -> bool:
+        with self._work:
+            return self._work.wait_for(lambda: self._in_flight == 0, timeout_s)
+
+    # -- backend ----------------------------------------------------------------------------------
+
+    def load(self, name: str | None = None, params: Mapping[str, Any] | None = None
+             ) -> dict[str, Any]:
+        """Load ``name`` (default: the configured backend) with config params under ``params``."""
+        with self._lock:
+            requested = name or self.config.backend
+            choice = choose_backend(requested, self.roots, self.resolve)
+            if self.shim.backend is not None:
+                raise BackendError(f"backend {self.shim.backend.name!r} is already loaded; "
+                                   "unload it first")
+            explicit = self.config.load_params(choice.chosen)
+            explicit.update(params or {})
+            log.info("backend %s chosen (%s): %s", choice.chosen, choice.requested, choice.reason)
+            self.shim.load(choice.backend_class, explicit)
+            self.choice = choice
+            log.info("backend %s loaded with %s", choice.chosen,
+                     ", ".join(f"{k}={v}" for k, v in sorted(self.shim.params().items())))
+            return {"backend": choice.chosen, "params": self.shim.params(),
+                    "choice": choice.describe()}
+
+    def unload(self) -> dict[str, Any]:
+        with self._lock:
+            if self.shim.backend is None:
+                raise NoBackend("no backend is loaded")
+            result = self.shim.unload()
+            self.choice = None
+            return result
+
+    def backends(self) -> list[dict[str, Any]]:
+        loaded = self.shim.backend.name if self.shim.backend is not None else None
+        out = []
+        for name in registry.available():
+            row: dict[str, Any] = {"name": name, "loaded": name == loaded}
+            try:
+                cls = self.resolve(name)
+            except XentmemError as exc:
+                row.update(summary="", error=str(exc), params=[])
+            else:
+                row.update(summary=cls.summary, params=[p.describe() for p in cls.params.values()])
+            out.append(row)
+        return out
+
+    # -- params -----------------------------------------------------------------------------------
+
+    def params_list(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        flags = self.shim.flags
+        for name, param in SHIM_PARAMS.items():
+            row = param.describe()
+            row.update(section="tmem", value=flags[name], writable=False)
+            rows.append(row)
+        backend = self.shim.backend
+        if backend is not None:
+            for name, param in backend.params.items():
+                row = param.describe()
+                row.update(section="backend", backend=backend.name,
+                           value=backend.values.get(name))
+                rows.append(row)
+        for row in self.balloon.describe_knobs():
+            rows.append({**row, "section": "selfballoon"})
+        return rows
+
+    def _locate(self, name: str) -> tuple[str, str]:
+        """``[section.]name`` -> (section, name).  An unqualified name that two sections
+        declare (``selfballooning`` is a shim flag and a knob) means the one that can change
+        at run time: the backend's param, else the knob, else the shim flag."""
+        section, dot, key = name.rpartition(".")
+        backend = self.shim.backend
+        if dot:
+            if backend is not None and section == backend.name:
+                section = "backend"
+            if section not in ("tmem", "backend", "selfballoon"):
+                raise UnknownName(f"unknown param section {section!r} in {name!r}; sections: "
+                                  "tmem, backend (or the backend's name), selfballoon")
+            return section, key
+        if backend is not None and key in backend.params:
+            return "backend", key
+        if key in self.balloon.knob_params:
+            return "selfballoon", key
+        if key in SHIM_PARAMS:
+            return "tmem", key
+        raise UnknownName(self._unknown_param(name))
+
+    def param_get(self, name: str) -> dict[str, Any]:
+        section, key = self._locate(name)
+        for row in self.params_list():
+            if row["name"] == key and row["section"] == section:
+                return row
+        raise UnknownName(self._unknown_param(name))
+
+    def _unknown_param(self, name: str) -> str:
+        where = "" if self.shim.backend is not None else " (no backend is loaded)"
+        return f"unknown param {name!r}{where}; see params.list"
+
+    def param_set(self, name: str, value: Any) -> dict[str, Any]:
+        """Set a backend param or a knob; a shim flag is refused (read-only module param)."""
+        with self._lock:
+            section, key = self._locate(name)
+            backend = self.shim.backend
+            if section == "tmem":
+                self.shim.set_param(key, value)  # raises: read-only module param
+            if section == "backend":
+                if backend is None or key not in backend.params:
+                    raise UnknownName(self._unknown_param(name))
+                previous = backend.values.get(key)
+                typed = self.shim.set_param(key, value)
+                log.info("param %s: %r -> %r", key, previous, typed)
+                return {"name": key, "section": "backend", "value": typed, "previous": previous}
+            if key not in self.balloon.knob_params:
+                raise UnknownName(self._unknown_param(name))
+            previous = self.balloon.get_knob(key)
+            typed = self.balloon.update_knobs({key: value})[key]
+            log.info("knob %s: %r -> %r", key, previous, typed)
+            return {"name": key, "section": "selfballoon", "value": typed, "previous": previous}
+
+    # -- reporting --------------------------------------------------------------------------------
+
+    def uptime_s(self) -> float:
+        return max(0.0, self.clock.monotonic() - self.started_at)
+
+    def status(self) -> dict[str, Any]:
+        shim = self.shim.status()
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "state": self.state,
+            "uptime_s": round(self.uptime_s(), 3),
+            "config": str(self.config.path) if self.config.path else None,
+            "run_dir": str(self.roots.run),
+            "root": str(self.roots.root),
+            "backend": shim["backend"],
+            "backend_choice": self.choice.describe() if self.choice else None,
+            "flags": shim["flags"],
+            "cleancache": shim["cleancache"],
+            "frontswap": shim["frontswap"],
+            "balloon": self.balloon.status(limit=1),
+        }
+
+    def pools(self) -> dict[str, Any]:
+        backend = self.shim.backend
+        cleancache = []
+        for fs in self.shim.cleancache.describe()["filesystems"]:
+            row = dict(fs)
+            row["pool_id"] = row.pop("fake_id")
+            cleancache.append(row)
+        return {
+            "backend": backend.name if backend is not None else None,
+            "cleancache": cleancache,
+            "frontswap": self.shim.frontswap.describe(),
+            "backend_pools": backend.pools() if backend is not None else [],
+        }
+
+    def stats(self) -> dict[str, Any]:
+        return self.shim.stats()
+
+    def metrics_text(self) -> str:
+        backend = self.shim.backend
+        return render(collect(
+            backend=backend.name if backend is not None else None,
+            stats=self.shim.stats(),
+            balloon=self.balloon.figures(),
+            swap_areas=self.shim.frontswap.describe()["swap_types"],
+            uptime_s=self.uptime_s(),
+        ))
+
+    def summary_line(self) -> str:
+        """One line for systemd's STATUS= and the log."""
+        backend = self.shim.backend
+        if backend is None:
+            return "no backend loaded"
+        balloon = self.balloon.figures()
+        loops = "balloon loop running" if balloon.get("running") else "balloon loop off"
+        return (f"backend {backend.name}; {self.shim.frontswap.curr_pages()} swap pages in tmem; "
+                f"{loops}")
+
+    # -- configuration ----------------------------------------------------------------------------
+
+    def reload_from_client(self) -> dict[str, Any]:
+        """``config.reload`` over the socket: through :attr:`reload_runner` when there is one."""
+        if self.reload_runner is not None:
+            return self.reload_runner()
+        return self.reload_config()
+
+    def reload_config(self, *, lock_wait_s: float | None = None) -> dict[str, Any]:
+        """Re-read the config; apply what may change now, name what needs an unload/load.
+
+        The new file is checked whole first (ConfigError: nothing changes).  What changed in
+        the file since it was last read is applied: run-time-writable backend params, knobs and
+        the daemon's own settings.  Values set over the socket for keys the file did not
+        change are kept.  If applying a backend param fails, those applied are rolled back.
+
+        ``lock_wait_s`` bounds the wait for the configuration lock (an unload may hold it
+        for minutes); :class:`DaemonBusy` if it is not free by then.  None waits.
+        """
+        with self.holding_config(lock_wait_s):
+            return self._reload_config_locked()
+
+    @contextlib.contextmanager
+    def holding_config(self, wait_s: float | None = None) -> Iterator[None]:
+        """Hold the configuration lock (load, unload, params, reload take it); a wait of
+        ``wait_s`` at most (None: as long as it takes), else :class:`DaemonBusy`."""
+        if not self._lock.acquire(timeout=-1 if wait_s is None else wait_s):
+            raise DaemonBusy("the configuration is held by a load, unload or param change")
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _reload_config_locked(self) -> dict[str, Any]:
+        if self.config_path is None:
+            raise ConfigError("the daemon was started without a config file path")
+        new = load_config(self.config_path, self.schema(), self.overrides,
+                          missing_ok=self.config_missing_ok)
+        old = self.config
+        applied: list[str] = []
+        needs_reload: list[str] = []
+        if new.backend != old.backend:
+            needs_reload.append("daemon.backend")
+        self._apply_backend_changes(old, new, applied, needs_reload)
+        knob_changes = _changed(old.knobs, new.knobs, self.balloon.knob_params)
+        if knob_changes:
+            self.balloon.update_knobs(knob_changes)
+            applied.extend(f"selfballoon.{k}" for k in knob_changes)
+        settings = {k for k in DAEMON_PARAMS if k != "backend"
+                    and old.daemon.get(k) != new.daemon.get(k)}
+        self.config = new
+        if settings and self.on_settings is not None:
+            self.on_settings(new.daemon)
+        applied.extend(f"daemon.{k}" for k in sorted(settings))
+        for key in needs_reload:
+            log.warning("config: %s changed; it takes effect at the next load "
+                        "(xentmem unload && xentmem load)", key)
+        log.info("config reloaded from %s: %s", self.config_path,
+                 ", ".join(applied) if applied else "nothing to apply")
+        return {"config": str(self.config_path), "applied": applied,
+                "needs_reload": needs_reload}
+
+    def _apply_backend_changes(self, old: Config, new: Config, applied: list[str],
+                               needs_reload: list[str]) -> None:
+        backend = self.shim.backend
+        if backend is None:
+            return
+        cls: type[Backend] = type(backend)
+        before = old.load_params(backend.name)
+        after = new.load_params(backend.name)
+        target = self.shim.resolve_params(cls, after)  # defaults < boot < file < -o
+        changed = [k for k in set(before) | set(after) if before.get(k, _MISSING) !=
+                   after.get(k, _MISSING)]
+        writable: dict[str, Any] = {}
+        for key in sorted(changed):
+            param = cls.params.get(key)
+            if key in SHIM_PARAMS or param is None or not param.writable:
+                if key in SHIM_PARAMS and self.shim.flags.get(key) == target[key]:
+                    continue
+                if param is not None and backend.values.get(key) == target[key]:
+                    continue
+                needs_reload.append(f"{'tmem' if key in SHIM_PARAMS else backend.name}.{key}")
+            elif backend.values.get(key) != target[key]:
+                writable[key] = target[key]
+        done: list[tuple[str, Any]] = []
+        try:
+            for key, value in writable.items():
+                previous = backend.values.get(key)
+                self.shim.set_param(key, value)
+                done.append((key, previous))
+        except ParamError as exc:
+            for key, previous in reversed(done):
+                self.shim.set_param(key, previous)
+            raise ConfigError(f"{self.config_path}: [{backend.name}] {exc}") from None
+        applied.extend(f"{backend.name}.{k}" for k in writable)
+
+    # -- shutdown ---------------------------------------------------------------------------------
+
+    def shutdown(self) -> dict[str, Any]:
+        """Stop the loops, unload (repatriating swap pages), save the swap maps; in that order.
+
+        Returns (and writes to ``<state_dir>/shutdown.json``) what happened; ``clean`` is False
+        if any step failed (each is recorded under ``errors``): a swap page that could not be
+        brought back, a map that could not be saved, a record that could not be written.  A
+        failing step never stops the ones after it.
+        """
+        with self._work:
+            self.state = STOPPING
+        if not self._drain(DRAIN_TIMEOUT_S):
+            log.error("shutdown: requests still running after %.0fs; going on", DRAIN_TIMEOUT_S)
+        summary: dict[str, Any] = {"clean": True, "backend": None, "repatriated": 0,
+                                   "errors": []}
+
+        def failed(step: str, exc: BaseException) -> None:
+            summary["clean"] = False
+            summary["errors"].append(f"{step}: {exc}")
+            if isinstance(exc, (XentmemError, OSError)):
+                log.error("shutdown: %s: %s", step, exc)
+            else:
+                log.error("shutdown: %s failed unexpectedly", step, exc_info=exc)
+
+        try:
+            if not self.balloon.stop(LOOP_STOP_TIMEOUT_S):
+                log.error("shutdown: the balloon loop did not stop in time")
+        except Exception as exc:
+            failed("stopping the balloon loop", exc)
+        # The loops stay stopped even if the unload is refused (the shim tells its listeners
+        # the backend is back, which would start them again for nobody to stop).
+        if self.balloon.listener is not None:
+            with contextlib.suppress(ValueError):
+                self.shim.remove_listener(self.balloon.listener)
+        areas: list[dict[str, Any]] = []
+        with self._lock:
+            backend = self.shim.backend
+            if backend is not None:
+                summary["backend"] = backend.name
+                try:
+                    result = self.shim.unload()
+                    summary["repatriated"] = result["repatriated"]
+                    summary["pools_dropped"] = result["pools_dropped"]
+                except Exception as exc:
+                    summary["error"] = str(exc)
+                    failed("unload", exc)
+            try:
+                summary["frontswap_curr_pages"] = self.shim.frontswap.curr_pages()
+                tmem_pages = {a["type"]: a["tmem_pages"]
+                              for a in self.shim.frontswap.describe()["swap_types"]}
+            except Exception as exc:
+                failed("reading the swap areas", exc)
+                tmem_pages = {}
+            try:
+                areas = self.swap.save_maps()
+            except Exception as exc:
+                failed("saving the swap maps", exc)
+            for area in areas:
+                area["tmem_pages"] = tmem_pages.get(area["type"], 0)
+                if "error" in area:
+                    failed(f"swap area {area['type']}", OSError(area["error"]))
+            summary["areas"] = areas
+            # What dies with the process: pages still in tmem (a refused unload) and those in
+            # memory-backed areas.  Shutdown is clean only if there are none.
+            lost = lost_in_memory(areas) + int(summary.get("frontswap_curr_pages", 0))
+            summary["lost_pages"] = lost
+            if lost:
+                failed("pages lost", XentmemError(
+                    f"{lost} swap page(s) had no file to go to (memory-backed areas, or left "
+                    "in tmem) and are dropped with the daemon"))
+            try:
+                self.swap.close()
+            except Exception as exc:
+                failed("closing the swap areas", exc)
+        self.state = STOPPED
+        try:
+            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_atomically(self.state_dir / SHUTDOWN_FILE,
+                             json.dumps(summary, indent=2).encode("utf-8"), 0o600)
+        except OSError as exc:
+            failed(f"writing {SHUTDOWN_FILE}", exc)
+        log.info("shutdown: %s, %d swap pages repatriated, %d area(s) saved",
+                 "clean" if summary["clean"] else "NOT CLEAN", summary["repatriated"], len(areas))
+        return summary
+
+
+_MISSING = object()
+
+
+def _changed(old: Mapping[str, Any], new: Mapping[str, Any], params: ParamSet) -> dict[str, Any]:
+    """Keys whose value differs between two configs; a dropped key goes back to its default."""
+    out: dict[str, Any] = {}
+    for key in set(old) | set(new):
+        if old.get(key, _MISSING) != new.get(key, _MISSING):
+            out[key] = new[key] if key in new else params[key].default
+    return out

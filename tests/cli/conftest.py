@@ -1,7 +1,7 @@
 """Fixtures of the CLI tests: a real ``xentmemd`` on a temp socket, and a CliRunner for it.
 
 The daemon subprocess and the fake guest root are the daemon tests' own helpers
-(``tests/daemon/conftest.py``: :class:`DaemonProcess`, :func:`make_root`), loaded from that
+(``tests/guestd/conftest.py``: :class:`DaemonProcess`, :func:`make_root`), loaded from that
 file so the two suites start the daemon the same way.  Every wait there has a timeout.
 """
 
@@ -20,11 +20,11 @@ from click.testing import CliRunner, Result
 
 from xentmem_cli.main import cli
 
-DAEMON_HELPERS = Path(__file__).resolve().parents[1] / "daemon" / "conftest.py"
+DAEMON_HELPERS = Path(__file__).resolve().parents[1] / "guestd" / "conftest.py"
 
 
 def _load_daemon_helpers() -> ModuleType:
-    """``tests/daemon/conftest.py`` as a plain module (a conftest is not importable by name)."""
+    """``tests/guestd/conftest.py`` as a plain module (a conftest is not importable by name)."""
     name = "xentmem_tests_daemon_helpers"
     if name in sys.modules:
         return sys.modules[name]

@@ -1,7 +1,7 @@
 """Benchmark: tmem ops through the ``xen`` backend against the mocked hypervisor, as a ratio of
 the raw xenstore write+read round trip measured with pyxs in the same run.
 
-The mocked hypervisor is our xenstore server (``python -m xentmem.mock_xenstored.server``, C
+The mocked hypervisor is our xenstore server (``python -m xentmem.mock_xenstored``, C
 xenstored's limits) and the host service (``xentmem-hostd run``), each in its own process,
 as xenstored and the service are separate processes in dom0.  This process is guest 1: it
 talks to the server through the guest's own socket, both for the raw round trips (pyxs
@@ -97,7 +97,7 @@ class MockedHypervisor:
             self._wait_for_device()
             return self
         server = subprocess.Popen(
-            [sys.executable, "-m", "xentmem.mock_xenstored.server", "--dir", str(self.dir),
+            [sys.executable, "-m", "xentmem.mock_xenstored", "--dir", str(self.dir),
              "--domain", str(GUEST)],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.procs.append(server)

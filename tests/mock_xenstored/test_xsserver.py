@@ -331,7 +331,7 @@ def test_debian_xenstore_utils_talk_to_it(xs_server: XsServer) -> None:
 def test_demo_main() -> None:
     directory = Path("/tmp") / f"xs-demo-{os.getpid()}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "xentmem.mock_xenstored.server", "--dir", str(directory),
+        [sys.executable, "-m", "xentmem.mock_xenstored", "--dir", str(directory),
          "--domain", "5"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -1,27 +1,16 @@
 """The self-balloon knobs: the kernel's sysfs files, same names, defaults and validation.
 
-``/sys/devices/system/xen_memory/xen_memory0/selfballoon/`` had nine files (tmem.md §2.5).
-Their stores took a base-10 number (``kstrtoul``), refused 0 for the numeric ones and anything
-but 0/1 for the two switches.  The same rules are declared here once, as a
-:class:`~xentmem.params.ParamSet`, and a :class:`KnobStore` hands the loop an immutable
-:class:`Knobs` snapshot that is swapped whole on every accepted change, so a tick never sees
-half of an update and a refused value changes nothing.
-
-Improvement over the kernel: ``selfballoon_min_usable_mb`` and ``selfballoon_reserved_mb``
-could never be set back to 0 (their "automatic" value) through sysfs.  Here the word ``auto``
-(or :meth:`KnobStore.reset`) does that: ``min_usable_mb=auto`` means the piecewise floor,
-``reserved_mb=auto`` means 10 % of RAM as measured when the loop started (``PAGES2MB(totalram /
-10)``, like ``xen_selfballoon_init``).  Inside, automatic is ``None``.
-
-The pressure-guard knobs (:mod:`.guard`) are not the kernel's; the guard is off by default so
-the kernel's behaviour stays exact.
+Each knob is declared once, below; :data:`SELFBALLOON_PARAMS`, :data:`KERNEL_KNOBS` and the
+:class:`Knobs` snapshot are derived from those declarations.  A :class:`KnobStore` swaps the
+snapshot whole on every accepted change, so a tick never sees half of an update.  The rules
+(``auto``, the pressure guard) are in docs/selfballoon.md.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, field, fields, make_dataclass, replace
 from typing import Any
 
 from xentmem.errors import ParamError
@@ -82,7 +71,8 @@ def _count_or_auto(name: str, doc: str) -> Param:
     )
 
 
-SELFBALLOON_PARAMS = ParamSet(
+#: The nine files of ``xen_memory0/selfballoon/`` (``xen-selfballoon.c``), in its order.
+_KERNEL_DECLARATIONS = (
     _switch("selfballooning", True,
             "self-ballooning on (1) or off (0); set from the tmem.selfballooning flag at load"),
     _count("selfballoon_interval", 5, "seconds between two ticks of the worker", unit="s"),
@@ -99,6 +89,10 @@ SELFBALLOON_PARAMS = ParamSet(
     _count("frontswap_hysteresis", 20, "shrink frontswap by 1/N per shrink step"),
     _count("frontswap_inertia", 3,
            "ticks of calm frontswap before a shrink step; setting it restarts the countdown"),
+)
+
+#: The pressure guard's knobs (:mod:`.guard`): not the kernel's, off by default.
+_GUARD_DECLARATIONS = (
     _switch("pressure_guard", False,
             "beyond the kernel: while PSI shows memory stalls, never shrink, grow to the goal"),
     _count("pressure_guard_stall_us_per_s", 10000,
@@ -108,42 +102,16 @@ SELFBALLOON_PARAMS = ParamSet(
            "how often the guard reads PSI between ticks", unit="ms"),
 )
 
-#: The names the kernel had in sysfs (the rest are the guard's), named one by one so that
-#: reordering or adding a declaration cannot move a knob from one group to the other.
-KERNEL_KNOBS = (
-    "selfballooning",
-    "selfballoon_interval",
-    "selfballoon_downhysteresis",
-    "selfballoon_uphysteresis",
-    "selfballoon_min_usable_mb",
-    "selfballoon_reserved_mb",
-    "frontswap_selfshrinking",
-    "frontswap_hysteresis",
-    "frontswap_inertia",
-)
-if not set(KERNEL_KNOBS) <= set(SELFBALLOON_PARAMS):  # pragma: no cover - a declaration bug
-    raise RuntimeError("KERNEL_KNOBS names undeclared knobs: "
-                       + ", ".join(sorted(set(KERNEL_KNOBS) - set(SELFBALLOON_PARAMS))))
+SELFBALLOON_PARAMS = ParamSet(*_KERNEL_DECLARATIONS, *_GUARD_DECLARATIONS)
+#: The names the kernel had in sysfs; the group a knob is declared in decides, not its place.
+KERNEL_KNOBS = tuple(param.name for param in _KERNEL_DECLARATIONS)
 
 
-@dataclass(frozen=True)
-class Knobs:
-    """An immutable snapshot of every knob, as the policy sees it."""
+class _KnobsMethods:
+    """What a :class:`Knobs` snapshot has beyond its fields."""
 
-    selfballooning: bool = True
-    selfballoon_interval: int = 5
-    selfballoon_downhysteresis: int = 8
-    selfballoon_uphysteresis: int = 1
-    selfballoon_min_usable_mb: int | None = None
-    selfballoon_reserved_mb: int | None = None
-    frontswap_selfshrinking: bool = True
-    frontswap_hysteresis: int = 20
-    frontswap_inertia: int = 3
-    pressure_guard: bool = False
-    pressure_guard_stall_us_per_s: int = 10000
-    pressure_guard_poll_ms: int = 1000
-    #: Not a knob: ``reserved_mb``'s automatic value, measured when the loop started.
-    auto_reserved_mb: int = 0
+    auto_reserved_mb: int
+    selfballoon_reserved_mb: int | None
 
     @property
     def reserved_mb(self) -> int:
@@ -153,9 +121,27 @@ class Knobs:
 
     def values(self) -> dict[str, Any]:
         """The knob values by name (``None`` = automatic)."""
-        data = asdict(self)
+        data = asdict(self)  # type: ignore[call-overload]
         del data["auto_reserved_mb"]
         return data
+
+
+def _knob_field(param: Param) -> tuple[str, Any, Any]:
+    kind = param.type if param.default is not None else param.type | None
+    return (param.name, kind, field(default=param.default))
+
+
+#: One field per declared knob (same name and default), plus ``auto_reserved_mb``: not a
+#: knob, ``reserved_mb``'s automatic value, measured when the loop started.
+Knobs = make_dataclass(
+    "Knobs",
+    [*(_knob_field(p) for p in SELFBALLOON_PARAMS.values()),
+     ("auto_reserved_mb", int, field(default=0))],
+    bases=(_KnobsMethods,),
+    frozen=True,
+    namespace={"__module__": __name__,
+               "__doc__": "An immutable snapshot of every knob, as the policy sees it."},
+)
 
 
 def _snapshot(values: Mapping[str, Any], auto_reserved_mb: int) -> Knobs:

@@ -144,19 +144,25 @@ def test_initial_values_are_validated_too() -> None:
         KnobStore({"selfballoon_interval": "0"})
 
 
-def test_kernel_knobs_are_named_not_sliced_from_the_declaration_order() -> None:
+def test_kernel_knobs_are_their_own_declarations_not_a_slice_of_the_order() -> None:
     """Adding or moving a declaration must not move a knob between the kernel's and the
-    guard's: the tuple is written out name by name."""
-    import ast
-    import inspect
-
+    guard's: a knob is the kernel's by the group it is declared in."""
     import xentmem_selfballoon.knobs as knobs_module
 
-    tree = ast.parse(inspect.getsource(knobs_module))
-    assigned = [node.value for node in ast.walk(tree) if isinstance(node, ast.Assign)
-                and any(isinstance(t, ast.Name) and t.id == "KERNEL_KNOBS" for t in node.targets)]
-    assert len(assigned) == 1
-    assert isinstance(assigned[0], ast.Tuple)
-    assert all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in assigned[0].elts)
+    kernel = knobs_module._KERNEL_DECLARATIONS
+    guard = knobs_module._GUARD_DECLARATIONS
+    assert tuple(p.name for p in kernel) == KERNEL_KNOBS
+    assert tuple(SELFBALLOON_PARAMS.values()) == (*kernel, *guard)
     assert set(KERNEL_KNOBS) <= set(SELFBALLOON_PARAMS)
     assert not any(name.startswith("pressure_guard") for name in KERNEL_KNOBS)
+    assert all(p.name.startswith("pressure_guard") for p in guard)
+
+
+def test_the_snapshot_is_derived_from_the_declarations() -> None:
+    """One declaration per knob: the snapshot's fields and defaults are the params'."""
+    from dataclasses import fields
+
+    from xentmem_selfballoon.knobs import Knobs
+
+    declared = {f.name: f.default for f in fields(Knobs) if f.name != "auto_reserved_mb"}
+    assert declared == SELFBALLOON_PARAMS.defaults()

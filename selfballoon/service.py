@@ -93,19 +93,18 @@ class SelfballoonService:
         """Start the worker if the flags allow it (``xen_selfballoon_init``)."""
         roots = self._roots or shim.roots
         flags = shim.flags
-        frontswap_on = bool(flags.get("frontswap", False))
-        balloon_on = bool(flags.get("selfballooning", False)) and frontswap_on
-        shrink_on = bool(flags.get("selfshrinking", False)) and frontswap_on
+        balloon_on = bool(flags.get("selfballooning", False))
+        shrink_on = bool(flags.get("selfshrinking", False))
         reason = None
         try:
             if is_control_domain(roots):
                 reason = "disabled for domain0"
         except InputError as exc:
             reason = f"cannot tell whether this is dom0: {exc}"
-        if reason is None and not frontswap_on:
-            reason = "frontswap is off (no point driving pages to swap)"
-        elif reason is None and not (balloon_on or shrink_on):
+        if reason is None and not (balloon_on or shrink_on):
             reason = "selfballooning and selfshrinking flags are off"
+            if not flags.get("frontswap", False):  # the shim's load switched both off
+                reason += " (frontswap is off: no point driving pages to swap)"
         if reason is not None:
             self._refuse(reason)
             return

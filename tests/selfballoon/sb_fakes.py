@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from xentmem.clock import FakeClock
+from xentmem.guest.shim import SHIM_PARAMS, loaded_flags
 from xentmem.roots import Roots
 
 BALLOON_DIR = "sys/devices/system/xen_memory/xen_memory0"
@@ -176,10 +177,8 @@ class FakeShim:
     def __init__(self, roots: Roots, flags: Mapping[str, bool] | None = None) -> None:
         self.roots = roots
         self.frontswap = FakeFrontswap()
-        base = {"cleancache": True, "frontswap": True, "selfballooning": True,
-                "selfshrinking": True}
-        base.update(flags or {})
-        self.flags: Mapping[str, Any] = base
+        # The real shim's flags as a load sets them (no frontswap: no balloon loops).
+        self.flags: Mapping[str, Any] = loaded_flags({**SHIM_PARAMS.defaults(), **(flags or {})})
         self.listeners: list[Any] = []
 
     def add_listener(self, listener: Any) -> None:

@@ -44,6 +44,15 @@ SHIM_PARAMS = ParamSet(
 )
 
 
+def loaded_flags(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The shim's flags as a load sets them: without frontswap, no balloon loops
+    (``xen_tmem_init``: "no point driving pages to swap").  The one place of that rule."""
+    flags = {name: values[name] for name in SHIM_PARAMS}
+    if not flags["frontswap"]:
+        flags["selfballooning"] = flags["selfshrinking"] = False
+    return flags
+
+
 class ShimListener(Protocol):
     def backend_loaded(self, shim: Shim) -> None: ...
 
@@ -141,7 +150,7 @@ class Shim:
             cls = registry.backend_class(backend) if isinstance(backend, str) else backend
             name = cls.name
             values = self.resolve_params(cls, params)
-            flags = {k: values[k] for k in SHIM_PARAMS}
+            flags = loaded_flags(values)
             backend_values = {k: v for k, v in values.items() if k not in SHIM_PARAMS}
             cls.probe(self.roots)
             instance = cls(backend_values, roots=self.roots, clock=self.clock)
@@ -164,9 +173,6 @@ class Shim:
             except Exception:
                 self._rollback(instance)
                 raise
-            if not flags["frontswap"]:
-                # xen_tmem_init: "no point driving pages to swap" without frontswap.
-                flags["selfballooning"] = flags["selfshrinking"] = False
             self._flags = MappingProxyType(flags)
             self._backend = instance
             for listener in list(self._listeners):

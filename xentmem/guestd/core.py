@@ -23,6 +23,7 @@ from typing import Any, Callable
 from xentmem import __version__
 from xentmem.clock import Clock
 from xentmem.errors import (
+    AbiError,
     BackendError,
     ConfigError,
     NoBackend,
@@ -32,6 +33,7 @@ from xentmem.errors import (
 from xentmem.files import write_atomically
 from xentmem.guest import registry
 from xentmem.guest.backend import Backend
+from xentmem.guest.frontends.keys import FileKey
 from xentmem.guest.shim import SHIM_PARAMS, Shim
 from xentmem.guestd.balloon import BalloonHooks
 from xentmem.guestd.choice import BackendChoice, Resolve, choose_backend
@@ -49,6 +51,7 @@ from xentmem.guestd.metrics import collect, render
 from xentmem.guestd.swap import DEFAULT_STATE_DIR, SwapAreas, lost_in_memory
 from xentmem.params import ParamSet
 from xentmem.roots import Roots
+from xentmem.tmem.abi import PoolUuid
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,8 @@ SHUTDOWN_FILE = "shutdown.json"
 #: How long shutdown waits for requests already running to finish.
 DRAIN_TIMEOUT_S = 10.0
 LOOP_STOP_TIMEOUT_S = 10.0
+#: How many balloon decisions ``balloon`` returns unless told.
+DEFAULT_HISTORY_LIMIT = 20
 
 
 class UnknownName(XentmemError, LookupError):
@@ -308,6 +313,80 @@ class Daemon:
         loops = "balloon loop running" if balloon.get("running") else "balloon loop off"
         return (f"backend {backend.name}; {self.shim.frontswap.curr_pages()} swap pages in tmem; "
                 f"{loops}")
+
+    def balloon_status(self, limit: int = DEFAULT_HISTORY_LIMIT) -> dict[str, Any]:
+        """The balloon figures, knobs and the last ``limit`` decisions (``xentmem balloon``)."""
+        return self.balloon.status(limit=limit)
+
+    # -- pages: cleancache and frontswap for clients of the socket ---------------------------------
+    # No lock of ours: the frontends lock for themselves, and this is the hot path.
+
+    def _filesystem(self, pool_id: int) -> None:
+        """Refuse a pool id no ``init_fs`` returned (``not_found``, not a bad value)."""
+        try:
+            self.shim.cleancache.real_pool_id(pool_id)
+        except AbiError:
+            raise UnknownName(f"no cleancache filesystem with pool id {pool_id}") from None
+
+    def _swap_type(self, swap_type: int) -> None:
+        if swap_type not in self.shim.frontswap.swap_types():
+            raise UnknownName(f"swap type {swap_type} is not initialised (frontswap.init first)")
+
+    def cleancache_init_fs(self) -> int:
+        return self.shim.cleancache.init_fs()
+
+    def cleancache_init_shared_fs(self, uuid: PoolUuid) -> int:
+        return self.shim.cleancache.init_shared_fs(uuid)
+
+    def cleancache_put_page(self, pool_id: int, key: FileKey, index: int, data: bytes) -> bool:
+        self._filesystem(pool_id)
+        return self.shim.cleancache.put_page(pool_id, key, index, data)
+
+    def cleancache_get_page(self, pool_id: int, key: FileKey, index: int) -> bytes | None:
+        self._filesystem(pool_id)
+        return self.shim.cleancache.get_page(pool_id, key, index)
+
+    def cleancache_invalidate_page(self, pool_id: int, key: FileKey, index: int) -> None:
+        self._filesystem(pool_id)
+        self.shim.cleancache.invalidate_page(pool_id, key, index)
+
+    def cleancache_invalidate_inode(self, pool_id: int, key: FileKey) -> None:
+        self._filesystem(pool_id)
+        self.shim.cleancache.invalidate_inode(pool_id, key)
+
+    def cleancache_invalidate_fs(self, pool_id: int) -> None:
+        self._filesystem(pool_id)
+        self.shim.cleancache.invalidate_fs(pool_id)
+
+    def frontswap_init(self, pages: int, backing: str = "memory",
+                       swap_type: int | None = None) -> dict[str, Any]:
+        """``swapon``: a new swap area; its type and backing."""
+        return self.swap.create(pages, backing, swap_type)
+
+    def frontswap_store(self, swap_type: int, offset: int, data: bytes) -> int:
+        """0 if the page went to tmem, else the kernel's -1 (it goes to the swap area)."""
+        self._swap_type(swap_type)
+        return self.shim.frontswap.store(swap_type, offset, data)
+
+    def frontswap_load(self, swap_type: int, offset: int) -> bytes | None:
+        self._swap_type(swap_type)
+        return self.shim.frontswap.load(swap_type, offset)
+
+    def frontswap_invalidate_page(self, swap_type: int, offset: int) -> None:
+        self._swap_type(swap_type)
+        self.shim.frontswap.invalidate_page(swap_type, offset)
+
+    def frontswap_invalidate_area(self, swap_type: int) -> None:
+        """``swapoff``: the area is forgotten, its file (if any) removed."""
+        self._swap_type(swap_type)
+        self.swap.forget(swap_type)
+
+    def frontswap_shrink(self, target_pages: int) -> int:
+        """Bring swap pages back from tmem until at most ``target_pages`` are left; how many."""
+        return self.shim.frontswap.shrink(target_pages)
+
+    def frontswap_curr_pages(self) -> int:
+        return self.shim.frontswap.curr_pages()
 
     # -- configuration ----------------------------------------------------------------------------
 

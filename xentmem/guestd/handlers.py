@@ -28,7 +28,7 @@ from xentmem.errors import (
     UnloadRefused,
     XentmemError,
 )
-from xentmem.guestd.core import Daemon, UnknownName
+from xentmem.guestd.core import DEFAULT_HISTORY_LIMIT, Daemon, UnknownName
 from xentmem.guestd.mainthread import DaemonBusy
 from xentmem.tmem.abi import Oid, PoolUuid
 
@@ -44,47 +44,29 @@ def _file_key(untrusted: Any) -> Any:
     return untrusted
 
 
-def _check_fs(daemon: Daemon, pool_id: int) -> None:
-    try:
-        daemon.shim.cleancache.real_pool_id(pool_id)
-    except AbiError:
-        raise UnknownName(f"no cleancache filesystem with pool id {pool_id}") from None
-
-
-def _check_swap_type(daemon: Daemon, swap_type: int) -> None:
-    if swap_type not in daemon.shim.frontswap.swap_types():
-        raise UnknownName(f"swap type {swap_type} is not initialised (frontswap.init first)")
-
-
 def _cc_put(daemon: Daemon, args: Mapping[str, Any]) -> Any:
-    _check_fs(daemon, args["pool_id"])
-    stored = daemon.shim.cleancache.put_page(args["pool_id"], _file_key(args["key"]),
-                                             args["index"], args["data"])
+    stored = daemon.cleancache_put_page(args["pool_id"], _file_key(args["key"]), args["index"],
+                                        args["data"])
     return {"stored": stored}
 
 
 def _cc_get(daemon: Daemon, args: Mapping[str, Any]) -> Any:
-    _check_fs(daemon, args["pool_id"])
-    data = daemon.shim.cleancache.get_page(args["pool_id"], _file_key(args["key"]), args["index"])
+    data = daemon.cleancache_get_page(args["pool_id"], _file_key(args["key"]), args["index"])
     return {"data": None if data is None else encode_bytes(data)}
 
 
 def _cc_invalidate_page(daemon: Daemon, args: Mapping[str, Any]) -> Any:
-    _check_fs(daemon, args["pool_id"])
-    daemon.shim.cleancache.invalidate_page(args["pool_id"], _file_key(args["key"]),
-                                           args["index"])
+    daemon.cleancache_invalidate_page(args["pool_id"], _file_key(args["key"]), args["index"])
     return {}
 
 
 def _cc_invalidate_inode(daemon: Daemon, args: Mapping[str, Any]) -> Any:
-    _check_fs(daemon, args["pool_id"])
-    daemon.shim.cleancache.invalidate_inode(args["pool_id"], _file_key(args["key"]))
+    daemon.cleancache_invalidate_inode(args["pool_id"], _file_key(args["key"]))
     return {}
 
 
 def _cc_invalidate_fs(daemon: Daemon, args: Mapping[str, Any]) -> Any:
-    _check_fs(daemon, args["pool_id"])
-    daemon.shim.cleancache.invalidate_fs(args["pool_id"])
+    daemon.cleancache_invalidate_fs(args["pool_id"])
     return {}
 
 
@@ -93,30 +75,26 @@ def _cc_init_shared(daemon: Daemon, args: Mapping[str, Any]) -> Any:
         uuid = PoolUuid.from_uuid(args["uuid"])
     except ValueError:
         raise AbiError(f"uuid: {args['uuid']!r} is not a uuid") from None
-    return {"pool_id": daemon.shim.cleancache.init_shared_fs(uuid)}
+    return {"pool_id": daemon.cleancache_init_shared_fs(uuid)}
 
 
 def _fs_store(daemon: Daemon, args: Mapping[str, Any]) -> Any:
-    _check_swap_type(daemon, args["type"])
-    rc = daemon.shim.frontswap.store(args["type"], args["offset"], args["data"])
+    rc = daemon.frontswap_store(args["type"], args["offset"], args["data"])
     return {"rc": rc, "in_tmem": rc == 0}
 
 
 def _fs_load(daemon: Daemon, args: Mapping[str, Any]) -> Any:
-    _check_swap_type(daemon, args["type"])
-    data = daemon.shim.frontswap.load(args["type"], args["offset"])
+    data = daemon.frontswap_load(args["type"], args["offset"])
     return {"data": None if data is None else encode_bytes(data)}
 
 
 def _fs_invalidate_page(daemon: Daemon, args: Mapping[str, Any]) -> Any:
-    _check_swap_type(daemon, args["type"])
-    daemon.shim.frontswap.invalidate_page(args["type"], args["offset"])
+    daemon.frontswap_invalidate_page(args["type"], args["offset"])
     return {}
 
 
 def _fs_invalidate_area(daemon: Daemon, args: Mapping[str, Any]) -> Any:
-    _check_swap_type(daemon, args["type"])
-    daemon.swap.forget(args["type"])
+    daemon.frontswap_invalidate_area(args["type"])
     return {}
 
 
@@ -136,25 +114,25 @@ HANDLERS: dict[str, Handler] = {
     "backend.unload": lambda d, a: d.unload(),
     "pools": lambda d, a: d.pools(),
     "stats": lambda d, a: d.stats(),
-    "balloon": lambda d, a: d.balloon.status(limit=a.get("limit", 20)),
+    "balloon": lambda d, a: d.balloon_status(a.get("limit", DEFAULT_HISTORY_LIMIT)),
     "metrics": lambda d, a: {"content_type": protocol.METRICS_CONTENT_TYPE,
                              "text": d.metrics_text()},
     "config.reload": lambda d, a: d.reload_from_client(),
-    "cleancache.init_fs": lambda d, a: {"pool_id": d.shim.cleancache.init_fs()},
+    "cleancache.init_fs": lambda d, a: {"pool_id": d.cleancache_init_fs()},
     "cleancache.init_shared_fs": _cc_init_shared,
     "cleancache.put_page": _cc_put,
     "cleancache.get_page": _cc_get,
     "cleancache.invalidate_page": _cc_invalidate_page,
     "cleancache.invalidate_inode": _cc_invalidate_inode,
     "cleancache.invalidate_fs": _cc_invalidate_fs,
-    "frontswap.init": lambda d, a: d.swap.create(a["pages"], a.get("backing", "memory"),
-                                                 a.get("type")),
+    "frontswap.init": lambda d, a: d.frontswap_init(a["pages"], a.get("backing", "memory"),
+                                                    a.get("type")),
     "frontswap.store": _fs_store,
     "frontswap.load": _fs_load,
     "frontswap.invalidate_page": _fs_invalidate_page,
     "frontswap.invalidate_area": _fs_invalidate_area,
-    "frontswap.shrink": lambda d, a: {"moved": d.shim.frontswap.shrink(a["target_pages"])},
-    "frontswap.curr_pages": lambda d, a: {"pages": d.shim.frontswap.curr_pages()},
+    "frontswap.shrink": lambda d, a: {"moved": d.frontswap_shrink(a["target_pages"])},
+    "frontswap.curr_pages": lambda d, a: {"pages": d.frontswap_curr_pages()},
 }
 
 if set(HANDLERS) != set(protocol.OPS):  # pragma: no cover - a declaration bug

@@ -45,6 +45,10 @@ class Publisher(Protocol):
 
     def write(self, path: str, value: str) -> None: ...
 
+    def close(self) -> None:
+        """Drop the connection while no worker runs; the next write opens it again."""
+        ...
+
 
 class FrontswapControl(Protocol):
     """The part of the shim's frontswap the loops use."""

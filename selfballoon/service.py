@@ -204,8 +204,16 @@ class SelfballoonService:
         """Stop and join the worker (and any retired one); True if every worker is gone.
 
         On a timeout the worker is kept, told to stop: :attr:`running` is False from now
-        on, and a later :meth:`start` or :meth:`stop` joins it again.
+        on, and a later :meth:`start` or :meth:`stop` joins it again.  The publisher's
+        connection is closed either way (the next write opens it again).
         """
+        try:
+            return self._stop_workers(timeout_s)
+        finally:
+            if self._publisher is not None:
+                self._publisher.close()
+
+    def _stop_workers(self, timeout_s: float | None) -> bool:
         budget = self._join_timeout_s if timeout_s is None else timeout_s
         with self._lock:
             self._stop.set()
@@ -277,10 +285,14 @@ class SelfballoonService:
         loop = self._loop
         return loop.last() if loop is not None else None
 
-    def status(self) -> dict[str, Any]:
-        """A plain dict for ``xentmem balloon`` (and its ``--json``)."""
+    def status(self, limit: int | None = None) -> dict[str, Any]:
+        """A plain dict for ``xentmem balloon``: state, knobs, the balloon figures of the
+        last tick and the last ``limit`` tick records (None: all that are kept)."""
         loop = self._loop
         last = self.last()
+        history = [r.as_dict() for r in self.history()]
+        if limit is not None:
+            history = history[-limit:] if limit > 0 else []
         return {
             "running": self.running,
             "jobs": list(self.running_jobs()),
@@ -288,6 +300,33 @@ class SelfballoonService:
             "report_only": loop.actuator.report_only if loop is not None else None,
             "knobs": {name: self._knobs.show(name) for name in self._knobs.params},
             "last": last.as_dict() if last is not None else None,
-            "history": [r.as_dict() for r in self.history()],
             "counters": loop.counters() if loop is not None else {},
+            "figures": _figures_of(last),
+            "history": history,
         }
+
+    def figures(self) -> dict[str, Any]:
+        """Numbers for metrics: running, report_only, the last decision, loop counters."""
+        loop = self._loop
+        figures = _figures_of(self.last())
+        figures.update({
+            "running": self.running,
+            "report_only": loop.actuator.report_only if loop is not None else None,
+            "counters": loop.counters() if loop is not None else {},
+        })
+        return figures
+
+
+_FIGURES = ("cur_pages", "committed_pages", "goal_pages", "floor_pages", "floor_rule",
+            "target_pages", "frontswap_pages", "reserved_mb", "target_kb")
+
+
+def _figures_of(last: TickRecord | None) -> dict[str, Any]:
+    """The balloon figures of a tick record (empty before the first tick)."""
+    if last is None:
+        return {}
+    decision = last.balloon.as_dict() if last.balloon is not None else {}
+    figures = {k: decision[k] for k in _FIGURES if k in decision}
+    figures["written"] = last.written
+    figures["time"] = last.time
+    return figures

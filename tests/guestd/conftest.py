@@ -18,10 +18,11 @@ from fakes.recording_backend import RecordingBackend
 from xentmem.clock import FakeClock
 from xentmem.errors import UnknownBackend
 from xentmem.guest.backends.zcache import ZcacheBackend
-from xentmem.guestd.balloon import NoBalloon, make_balloon
+from xentmem.guestd.balloon import make_balloon
 from xentmem.guestd.config import ConfigSchema, load
 from xentmem.guestd.core import Daemon
 from xentmem.roots import Roots
+from xentmem_selfballoon.knobs import SELFBALLOON_PARAMS
 
 MEMINFO = """\
 MemTotal:        2048000 kB
@@ -91,23 +92,22 @@ def fake_root(tmp_path: Path) -> Path:
 
 def build_daemon(tmp_path: Path, root: Path, config_text: str | None = None, *,
                  suffix: str = ".toml", overrides: tuple[str, ...] = (),
-                 real_balloon: bool = True, backends: dict[str, type] | None = None) -> Daemon:
-    """An in-process daemon core (no socket, no signals) over ``root``."""
+                 balloon_loops: bool = True, backends: dict[str, type] | None = None) -> Daemon:
+    """An in-process daemon core (no socket, no signals) over ``root``.
+
+    ``balloon_loops=False`` turns the tmem flags ``selfballooning`` and ``selfshrinking`` off,
+    so a load starts no worker (on the FakeClock a worker would tick without pause)."""
     roots = Roots(root=root, run_dir=tmp_path / "run")
     path = tmp_path / f"xentmem{suffix}"
     if config_text is not None:
         path.write_text(config_text)
     clock = FakeClock(1000.0)
-    balloon: Any
-    if real_balloon:
-        from xentmem.guestd.balloon import knob_params
-        knobs_schema = knob_params()
-    else:
-        knobs_schema = NoBalloon("test").knob_params
+    if not balloon_loops:
+        overrides = ("selfballooning=0", "selfshrinking=0", *overrides)
     resolve = resolver(backends)
-    schema = ConfigSchema(knobs_schema, lambda name: resolve(name).params)
+    schema = ConfigSchema(SELFBALLOON_PARAMS, lambda name: resolve(name).params)
     config = load(path, schema, overrides, missing_ok=config_text is None)
-    balloon = make_balloon(roots, clock, config.knobs) if real_balloon else NoBalloon("test")
+    balloon = make_balloon(roots, clock, config.knobs)
     return Daemon(roots=roots, clock=clock, config=config, balloon=balloon, config_path=path,
                   overrides=overrides, config_missing_ok=config_text is None, resolve=resolve)
 
@@ -220,7 +220,7 @@ def start_daemon(tmp_path: Path) -> Iterator[Any]:
 
 @pytest.fixture
 def make_daemon(tmp_path: Path, fake_root: Path) -> Iterator[Any]:
-    """``make_daemon(config_text=None, suffix=".toml", overrides=(), real_balloon=True,
+    """``make_daemon(config_text=None, suffix=".toml", overrides=(), balloon_loops=True,
     backends=None)``:
     an in-process daemon core over the fake root; shut down at teardown."""
     made: list[Daemon] = []

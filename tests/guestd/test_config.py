@@ -9,13 +9,13 @@ import pytest
 from fakes.recording_backend import RecordingBackend
 
 from xentmem.errors import ConfigError, ParamError
-from xentmem.guestd.balloon import knob_params
 from xentmem.guestd.config import (
     ANY_BACKEND,
     ConfigSchema,
     load,
     read_config,
 )
+from xentmem_selfballoon.knobs import SELFBALLOON_PARAMS
 
 TOML = """\
 # the daemon
@@ -55,7 +55,7 @@ def schema() -> ConfigSchema:
             raise ParamError(f"unknown backend {name!r}; available backends: recording")
         return backends[name].params
 
-    return ConfigSchema(knob_params(), params_of)
+    return ConfigSchema(SELFBALLOON_PARAMS, params_of)
 
 
 @pytest.mark.parametrize(("name", "text"), [("x.toml", TOML), ("x.conf", MODPROBE)])
@@ -184,9 +184,9 @@ def test_precedence_flags_file_cmdline_defaults(tmp_path: Path, make_daemon) -> 
     assert flags["frontswap_writethrough"] is False   # default
     assert params["capacity"] == "32M"          # -o > file
     assert params["detailed_stats"] is True     # file > default
-    assert daemon.balloon.get_knob("selfballoon_interval") == 9     # -o > file
-    assert daemon.balloon.get_knob("selfballoon_downhysteresis") == 4   # file > default
-    assert daemon.balloon.get_knob("selfballoon_uphysteresis") == 1     # default
+    assert daemon.balloon.knobs.get("selfballoon_interval") == 9     # -o > file
+    assert daemon.balloon.knobs.get("selfballoon_downhysteresis") == 4   # file > default
+    assert daemon.balloon.knobs.get("selfballoon_uphysteresis") == 1     # default
 
 
 def test_cmdline_applies_when_the_file_is_silent(tmp_path: Path, make_daemon) -> None:

@@ -141,9 +141,9 @@ def test_reload_applies_changes_and_names_what_needs_a_reload(make_daemon, tmp_p
     values = daemon.shim.backend.values
     assert values["alpha"] == 5 and values["max_pools"] == 8 and values["zeta"] == 2
     assert values["label"] == "set-at-run-time"
-    assert daemon.balloon.get_knob("frontswap_inertia") == 3  # dropped: back to the default
-    assert daemon.balloon.get_knob("frontswap_hysteresis") == 9
-    assert daemon.balloon.get_knob("selfballoon_interval") == 6
+    assert daemon.balloon.knobs.get("frontswap_inertia") == 3  # dropped: back to the default
+    assert daemon.balloon.knobs.get("frontswap_hysteresis") == 9
+    assert daemon.balloon.knobs.get("selfballoon_interval") == 6
     assert settings and settings[-1]["log_level"] == "debug"
 
 
@@ -165,7 +165,7 @@ def test_a_bad_reload_changes_nothing(make_daemon, tmp_path: Path) -> None:
         assert daemon.config is config
         assert daemon.shim.backend.values["alpha"] == 2
         assert daemon.shim.backend.values["zeta"] == 2
-        assert daemon.balloon.get_knob("selfballoon_interval") == 6
+        assert daemon.balloon.knobs.get("selfballoon_interval") == 6
 
 
 def test_shutdown_stops_the_loops_then_unloads_then_saves(make_daemon) -> None:
@@ -178,7 +178,7 @@ def test_shutdown_stops_the_loops_then_unloads_then_saves(make_daemon) -> None:
         def backend_unloading(self, shim: Any) -> None:
             events.append("unloading")
 
-    daemon = make_daemon(None, real_balloon=False, backends={"recording": RecordingBackend})
+    daemon = make_daemon(None, balloon_loops=False, backends={"recording": RecordingBackend})
     real_stop = daemon.balloon.stop
     daemon.balloon.stop = lambda timeout_s: events.append("loops stopped") or real_stop(timeout_s)
     daemon.shim.add_listener(Listener())
@@ -207,7 +207,7 @@ def test_shutdown_stops_the_loops_then_unloads_then_saves(make_daemon) -> None:
 
 
 def test_shutdown_that_cannot_repatriate_says_so(make_daemon) -> None:
-    daemon = make_daemon(None, real_balloon=False, backends={"recording": RecordingBackend})
+    daemon = make_daemon(None, balloon_loops=False, backends={"recording": RecordingBackend})
     daemon.load("recording")
     area = daemon.swap.create(8)["type"]
     daemon.shim.frontswap.store(area, 0, b"x" * PAGE)
@@ -219,7 +219,7 @@ def test_shutdown_that_cannot_repatriate_says_so(make_daemon) -> None:
 
 
 def test_swap_area_types_are_unique_and_forgotten_areas_leave_no_file(make_daemon) -> None:
-    daemon = make_daemon(None, real_balloon=False)
+    daemon = make_daemon(None, balloon_loops=False)
     first = daemon.swap.create(8, "file")
     assert first["type"] == 0 and first["backing"]["kind"] == "FileBacking"
     assert daemon.swap.create(8, swap_type=5)["type"] == 5

@@ -48,7 +48,7 @@ def test_the_sources_raise_the_typed_errors_with_their_messages() -> None:
 
 
 def test_unload_without_a_backend_is_no_backend_on_the_wire(make_daemon) -> None:
-    daemon = make_daemon(real_balloon=False)
+    daemon = make_daemon(balloon_loops=False)
     import json
 
     from xentmem.guestd.handlers import handle_line

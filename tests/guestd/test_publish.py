@@ -46,7 +46,7 @@ def test_the_guests_view_lands_in_its_own_data_area(xs_server: XsServer, tmp_pat
     before = xs_server.snapshot()
     daemon = daemon_with_xenstore(tmp_path, fake_root, guest_socket)
     try:
-        loop: Any = daemon.balloon.listener.loop
+        loop: Any = daemon.balloon.loop
         record = loop.tick()
         assert record.error is None and record.report_only  # no balloon driver in fake_root
         nodes = xs_server.snapshot()
@@ -70,7 +70,7 @@ def test_a_xenstore_that_is_not_there_never_fails_a_tick(tmp_path: Path,
                                                          fake_root: Path) -> None:
     daemon = daemon_with_xenstore(tmp_path, fake_root, tmp_path / "no-xenstored.sock")
     try:
-        loop: Any = daemon.balloon.listener.loop
+        loop: Any = daemon.balloon.loop
         first, second = loop.tick(), loop.tick()
         assert first.error is None and second.error is None
         assert first.target_kb is not None and second.target_kb == first.target_kb

@@ -20,7 +20,7 @@ PAGE = b"\xa5" * 4096
 
 def test_swap_files_go_to_the_state_dir_and_survive_the_run_dir(make_daemon: Any,
                                                                   fake_root: Path) -> None:
-    daemon = make_daemon(None, real_balloon=False)
+    daemon = make_daemon(None, balloon_loops=False)
     daemon.load("recording")
     file_area = daemon.swap.create(16, "file")["type"]
     assert daemon.shim.frontswap.store(file_area, 2, PAGE) == 0
@@ -35,7 +35,7 @@ def test_swap_files_go_to_the_state_dir_and_survive_the_run_dir(make_daemon: Any
 
 def test_area_data_is_flushed_before_its_map(make_daemon: Any,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    daemon = make_daemon(None, real_balloon=False)
+    daemon = make_daemon(None, balloon_loops=False)
     daemon.load("recording")
     area = daemon.swap.create(16, "file")["type"]
     assert daemon.shim.frontswap.store(area, 0, PAGE) == 0
@@ -51,7 +51,7 @@ def test_area_data_is_flushed_before_its_map(make_daemon: Any,
 
 
 def test_pages_in_a_memory_area_are_lost_and_counted(make_daemon: Any) -> None:
-    daemon = make_daemon(None, real_balloon=False)
+    daemon = make_daemon(None, balloon_loops=False)
     daemon.load("recording")
     empty = daemon.swap.create(8)["type"]
     full = daemon.swap.create(8)["type"]

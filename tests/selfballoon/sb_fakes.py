@@ -197,11 +197,15 @@ class RecordingPublisher:
     def __init__(self, fail: bool = False) -> None:
         self.writes: list[tuple[str, str]] = []
         self.fail = fail
+        self.closes = 0
 
     def write(self, path: str, value: str) -> None:
         if self.fail:
             raise OSError("xenstore is gone")
         self.writes.append((path, value))
+
+    def close(self) -> None:
+        self.closes += 1
 
     def latest(self) -> dict[str, str]:
         return dict(self.writes)

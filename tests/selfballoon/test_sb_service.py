@@ -279,3 +279,28 @@ def test_stop_joins_a_retired_worker_too(tree: GuestTree) -> None:
     clock.release.set()
     assert svc.stop(5.0)
     assert clock.first is not None and not clock.first.is_alive()
+
+
+def test_figures_history_limit_and_the_publisher_closed_at_stop(tree: GuestTree) -> None:
+    clock = StepClock()
+    pub = RecordingPublisher()
+    svc = service(clock, publisher=pub)
+    assert svc.figures() == {"running": False, "report_only": None, "counters": {}}
+    shim = FakeShim(tree.roots)
+    shim.add_listener(svc)
+    shim.load()
+    try:
+        clock.wait_entered(1)
+        clock.step()
+        clock.step()
+        figures = svc.figures()
+        status = svc.status(limit=1)
+    finally:
+        shim.unload()
+    assert figures["running"] is True and figures["written"] is True
+    assert figures["target_kb"] == svc.history()[-1].target_kb
+    assert figures["counters"]["ticks"] == 2
+    assert [r["seq"] for r in status["history"]] == [2]
+    assert status["figures"]["goal_pages"] == figures["goal_pages"]
+    assert svc.status(limit=0)["history"] == [] and len(svc.status()["history"]) == 2
+    assert pub.closes == 1  # the connection goes with the worker; the next write reopens it

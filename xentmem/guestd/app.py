@@ -51,6 +51,7 @@ from xentmem.guestd.signals import SignalFlags
 from xentmem.guestd.swap import DEFAULT_STATE_DIR
 from xentmem.notify import Notifier
 from xentmem.roots import Roots
+from xentmem_selfballoon.knobs import SELFBALLOON_PARAMS
 
 log = logging.getLogger("xentmem.guestd")
 
@@ -230,7 +231,7 @@ class Application:
     # -- start ------------------------------------------------------------------------------------
 
     def read_config(self) -> Config:
-        schema = ConfigSchema(balloon_mod.knob_params(),
+        schema = ConfigSchema(SELFBALLOON_PARAMS,
                               lambda name: self.resolve(name).params, self.backend_names)
         return config_mod.load(self.config_path, schema, self.overrides,
                                missing_ok=self.config_missing_ok)

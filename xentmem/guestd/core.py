@@ -35,7 +35,6 @@ from xentmem.guest import registry
 from xentmem.guest.backend import Backend
 from xentmem.guest.frontends.keys import FileKey
 from xentmem.guest.shim import SHIM_PARAMS, Shim
-from xentmem.guestd.balloon import BalloonHooks
 from xentmem.guestd.choice import BackendChoice, Resolve, choose_backend
 from xentmem.guestd.config import (
     DAEMON_PARAMS,
@@ -52,6 +51,7 @@ from xentmem.guestd.swap import DEFAULT_STATE_DIR, SwapAreas, lost_in_memory
 from xentmem.params import ParamSet
 from xentmem.roots import Roots
 from xentmem.tmem.abi import PoolUuid
+from xentmem_selfballoon.service import SelfballoonService
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class Daemon:
         roots: Roots,
         clock: Clock,
         config: Config,
-        balloon: BalloonHooks,
+        balloon: SelfballoonService,
         config_path: Path | None = None,
         overrides: tuple[str, ...] = (),
         config_missing_ok: bool = False,
@@ -97,8 +97,7 @@ class Daemon:
         self.backend_names = backend_names
         self.on_settings = on_settings
         self.shim = Shim(roots=roots, clock=clock)
-        if balloon.listener is not None:
-            self.shim.add_listener(balloon.listener)
+        self.shim.add_listener(balloon)  # the loops start and stop with the backend
         #: File-backed swap areas and the shutdown record outlive the daemon: they go to the
         #: state directory (systemd removes the run directory when the service stops).
         self.state_dir = state_dir or roots.under(DEFAULT_STATE_DIR)
@@ -116,7 +115,7 @@ class Daemon:
     # -- schema -----------------------------------------------------------------------------------
 
     def schema(self) -> ConfigSchema:
-        return ConfigSchema(self.balloon.knob_params, lambda name: self.resolve(name).params,
+        return ConfigSchema(self.balloon.knobs.params, lambda name: self.resolve(name).params,
                             self.backend_names)
 
     # -- request accounting (so shutdown can drain) ------------------------------------------------
@@ -197,7 +196,7 @@ class Daemon:
                 row.update(section="backend", backend=backend.name,
                            value=backend.values.get(name))
                 rows.append(row)
-        for row in self.balloon.describe_knobs():
+        for row in self.balloon.knobs.describe():
             rows.append({**row, "section": "selfballoon"})
         return rows
 
@@ -216,7 +215,7 @@ class Daemon:
             return section, key
         if backend is not None and key in backend.params:
             return "backend", key
-        if key in self.balloon.knob_params:
+        if key in self.balloon.knobs.params:
             return "selfballoon", key
         if key in SHIM_PARAMS:
             return "tmem", key
@@ -247,10 +246,11 @@ class Daemon:
                 typed = self.shim.set_param(key, value)
                 log.info("param %s: %r -> %r", key, previous, typed)
                 return {"name": key, "section": "backend", "value": typed, "previous": previous}
-            if key not in self.balloon.knob_params:
+            knobs = self.balloon.knobs
+            if key not in knobs.params:
                 raise UnknownName(self._unknown_param(name))
-            previous = self.balloon.get_knob(key)
-            typed = self.balloon.update_knobs({key: value})[key]
+            previous = knobs.get(key)
+            typed = getattr(knobs.update({key: value}), key)
             log.info("knob %s: %r -> %r", key, previous, typed)
             return {"name": key, "section": "selfballoon", "value": typed, "previous": previous}
 
@@ -274,7 +274,7 @@ class Daemon:
             "flags": shim["flags"],
             "cleancache": shim["cleancache"],
             "frontswap": shim["frontswap"],
-            "balloon": self.balloon.status(limit=1),
+            "balloon": self.balloon_status(limit=1),
         }
 
     def pools(self) -> dict[str, Any]:
@@ -309,14 +309,14 @@ class Daemon:
         backend = self.shim.backend
         if backend is None:
             return "no backend loaded"
-        balloon = self.balloon.figures()
-        loops = "balloon loop running" if balloon.get("running") else "balloon loop off"
+        loops = "balloon loop running" if self.balloon.running else "balloon loop off"
         return (f"backend {backend.name}; {self.shim.frontswap.curr_pages()} swap pages in tmem; "
                 f"{loops}")
 
     def balloon_status(self, limit: int = DEFAULT_HISTORY_LIMIT) -> dict[str, Any]:
         """The balloon figures, knobs and the last ``limit`` decisions (``xentmem balloon``)."""
-        return self.balloon.status(limit=limit)
+        # ``available`` is always true (the loops ship with the daemon); protocol 1 has it.
+        return {"available": True, **self.balloon.status(limit=limit)}
 
     # -- pages: cleancache and frontswap for clients of the socket ---------------------------------
     # No lock of ours: the frontends lock for themselves, and this is the hot path.
@@ -432,9 +432,9 @@ class Daemon:
         if new.backend != old.backend:
             needs_reload.append("daemon.backend")
         self._apply_backend_changes(old, new, applied, needs_reload)
-        knob_changes = _changed(old.knobs, new.knobs, self.balloon.knob_params)
+        knob_changes = _changed(old.knobs, new.knobs, self.balloon.knobs.params)
         if knob_changes:
-            self.balloon.update_knobs(knob_changes)
+            self.balloon.knobs.update(knob_changes)
             applied.extend(f"selfballoon.{k}" for k in knob_changes)
         settings = {k for k in DAEMON_PARAMS if k != "backend"
                     and old.daemon.get(k) != new.daemon.get(k)}
@@ -516,9 +516,8 @@ class Daemon:
             failed("stopping the balloon loop", exc)
         # The loops stay stopped even if the unload is refused (the shim tells its listeners
         # the backend is back, which would start them again for nobody to stop).
-        if self.balloon.listener is not None:
-            with contextlib.suppress(ValueError):
-                self.shim.remove_listener(self.balloon.listener)
+        with contextlib.suppress(ValueError):
+            self.shim.remove_listener(self.balloon)
         areas: list[dict[str, Any]] = []
         with self._lock:
             backend = self.shim.backend

@@ -1,12 +1,8 @@
 """Carrying decisions out: the balloon driver's ``target_kb`` and the guest's xenstore area.
 
-The balloon target goes to ``/sys/devices/system/xen_memory/xen_memory0/target_kb`` (KiB;
-root only).  A guest may not write xenstore ``memory/target`` (libxl makes ``memory/``
-read-only for it, tmem.md §7.4), so the guest's view for dom0 tools goes under its own
-writable ``data/selfballoon/`` area instead, through an injected :class:`Publisher`.
-
-Without a balloon driver (no Xen, or the driver not loaded) the actuator is in report-only
-mode: it publishes what it would set and writes nothing, and says so once in the log.
+A guest may not write its ``memory/target``, so its view for dom0 tools goes under its own
+``data/selfballoon/`` through an injected :class:`Publisher`.  Without a balloon driver the
+actuator is report-only: it publishes what it would set and writes nothing.
 """
 
 from __future__ import annotations

@@ -1,17 +1,8 @@
 """The pressure guard: beyond the kernel, off by default.
 
-Users' main complaint about self-ballooning was OOMs and slow reaction when load rises
-(tmem.md §8): the kernel only looks every ``selfballoon_interval`` seconds, and only at
-Committed_AS, which misses slab and driver memory.  The guard watches what actually hurts,
-memory stall time from PSI (``/proc/pressure/memory``, the ``some`` line's cumulative
-``total=`` in µs, as senpai does), and while the guest stalls:
-
-* the balloon never shrinks and grows at once to the goal (:func:`guarded_target`), and the
-  loop checks PSI every ``pressure_guard_poll_ms`` so it need not wait for the next tick;
-* the frontswap self-shrink step is held (its counters untouched) until the stall is over.
-
-"Stalling" is a stall rate above ``pressure_guard_stall_us_per_s`` (µs of stall per second of
-wall time, 10000 = 1 %) between two PSI readings.  Pure functions; the loop does the reading.
+While PSI shows the guest stalling on memory, the balloon never shrinks and grows at once to
+the goal, and the self-shrink step is held.  Pure functions; the loop does the reading.
+Why and how "stalling" is measured: docs/selfballoon.md.
 """
 
 from __future__ import annotations

@@ -1,25 +1,8 @@
 """The worker: read the guest, ask the policy, carry the decision out; every interval.
 
-One worker does both of the kernel's jobs in one tick, as ``selfballoon_process`` did: the
-balloon step when ``selfballooning`` is on, then the frontswap self-shrink step when
-``frontswap_selfshrinking`` is on.  The shape is senpai's read-decide-write tick with qmemman's
-split::
-
-    inputs = read_tick_inputs(roots, ...)          # I/O (inputs.py)
-    plan = plan_tick(state, inputs, knobs)         # pure (policy.py, shrink.py, guard.py)
-    actuator.apply(plan.balloon); shrink.apply(plan.shrink)
-    state = plan.state                             # replaced, never mutated
-
-and the wait is ``clock.wait(stop, interval)`` on an injected clock, so tests and the bench run
-hours of ticks on a fake clock.  Knobs are read as a fresh snapshot at every tick, so a change
-takes effect at the next one (the interval too: it sets the wait after the current tick, like
-the kernel's ``schedule_delayed_work(..., interval * HZ)``).
-
-With the pressure guard on, the wait is cut into ``pressure_guard_poll_ms`` slices; after each
-one PSI is read and, if the guest is stalling, an extra "guard" tick grows the balloon at once.
-
-A tick that fails (a malformed file, a failed write, anything) is logged, counted and recorded
-in the history; the loop goes on.  Nothing is written on a tick whose inputs failed.
+Both of the kernel's jobs in one tick, as ``selfballoon_process`` did, on an injected clock so
+tests run hours of ticks at once.  A failed tick is logged and recorded, never fatal, and
+writes nothing if its inputs failed.  The tick's shape: docs/selfballoon.md.
 """
 
 from __future__ import annotations

@@ -1,26 +1,9 @@
 """Lazy start: the worker runs while a tmem backend is loaded and the flags allow it.
 
-:class:`SelfballoonService` is a listener of the shim (``shim.add_listener(service)``).  On
-``backend_loaded`` it applies the rules of ``xen_tmem_init`` and ``xen_selfballoon_init``:
-
-* nothing in dom0 (``control_d`` in ``/proc/xen/capabilities``), not even self-shrinking;
-* both jobs off without frontswap ("no point driving pages to swap");
-* a job whose shim flag (``selfballooning`` / ``selfshrinking``) is off has its run-time
-  knob (``selfballooning`` / ``frontswap_selfshrinking``) switched off; nothing starts if both
-  flags are off;
-* ``reserved_mb``'s automatic value measured now: 10 % of MemTotal.
-
-then starts the worker thread.  ``backend_unloading`` stops it and joins it with a timeout.
-The shim is duck-typed (``flags``, ``frontswap``, ``roots``) and never imported here.
-
-Two choices differ from the kernel, whose init simply overwrote the two run-time switches
-(there was no configuration before it):
-
-* a flag that is on leaves its knob as configured, so ``selfballooning=0`` in the daemon's
-  config keeps the job off (the worker runs and idles until the knob is set to 1); a knob that
-  a flag switched off is switched back on when a later load has the flag on;
-* switching a knob on after a refused start (dom0, no frontswap) does not start a worker: the
-  kernel's sysfs files existed even then and could, by accident, start it.
+A listener of the shim, applying ``xen_selfballoon_init``'s rules on ``backend_loaded``
+(nothing in dom0, nothing if both flags are off) and stopping the worker before the backend
+goes.  What the daemon reads (knobs, status, figures) is here too.  The rules and where they
+differ from the kernel: docs/selfballoon.md.
 """
 
 from __future__ import annotations

@@ -1,17 +1,8 @@
 """``frontswap_selfshrink()``: bring swap pages back from tmem, slowly, once the swap is calm.
 
 Pure: the kernel's function-local statics (``cur_frontswap_pages`` and the inertia counter)
-are a :class:`ShrinkState` passed in and returned, never mutated.
-
-Which kernel this follows: the later one ([L-SB-FINAL], Gelma/linux @37655622fe50).  After each
-shrink the counter is reset to ``frontswap_inertia``, so with the default inertia of 3 a shrink
-happens every third tick while frontswap stays calm.  3.1-3.11 did not reset it and shrank on
-every tick once the counter had reached 0; the reset is the behaviour the driver ended with and
-the gentler one, and the sequences in the tests pin it.
-
-``frontswap_inertia`` written through sysfs also set the counter to the new value at once
-(``store_frontswap_inertia``).  Knob changes reach us as a new snapshot at the next tick, so
-the state remembers the inertia it last saw and applies the same reset when it changes.
+are a :class:`ShrinkState` passed in and returned, never mutated.  It follows the later
+kernel, which resets the counter after each shrink (docs/selfballoon.md).
 """
 
 from __future__ import annotations

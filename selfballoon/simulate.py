@@ -1,20 +1,8 @@
 """A guest and its balloon, simulated, so the real loop runs end to end on a fake clock.
 
-:class:`GuestSim` keeps a model guest: committed memory follows a :class:`Trace`; memory the
-guest really needs is that plus slab and driver memory Committed_AS does not count (tmem.md
-§8); the balloon (:class:`BalloonSim`) moves its current size toward the target at a bounded
-rate and never below a minimum.  After every step it writes the files the loop reads under a
-temporary root (``/proc/meminfo``, ``/proc/zoneinfo``, ``/proc/pressure/memory``, the balloon's
-``info/current_kb``) and before every step it picks up the ``target_kb`` the loop wrote.  So
-nothing in the loop is bypassed: parsers, policy, actuator and clock are the real ones.
-
-PSI comes from the model, not from the policy: the guest stalls while what it needs exceeds its
-memory (``need > totalram``), in proportion to the shortfall, saturating at
-``stall_ramp_pages``.  The pressure guard only sees what the model says.
-
-:class:`SimClock` is a :class:`~xentmem.clock.FakeClock` whose ``wait`` advances the guest; it
-sets ``stop`` when the trace ends.  :func:`replay` puts it together and returns the measures
-the bench prints: memory returned to the host, OOM-risk time, stall time and reaction lag.
+:class:`GuestSim` writes the files the loop reads under a temporary root and picks up the
+``target_kb`` it wrote, so nothing in the loop is bypassed; :func:`replay` runs a
+:class:`Trace` and returns what the bench prints.  The model: docs/selfballoon.md.
 """
 
 from __future__ import annotations

@@ -1,14 +1,9 @@
 """The tmem shim: the two frontends and at most one loaded backend, like ``drivers/xen/tmem.c``.
 
-Loading validates the shim's own flags (the module params of tmem.c: ``cleancache``,
-``frontswap``, ``selfballooning``, ``selfshrinking``, plus the frontswap modes) together with
-the backend's declared params, all before anything changes; then it connects the backend and
-registers it with the frontends, which replay the pools recorded before it existed.  Unloading,
-which the kernel never supported, repatriates persistent pages first and is refused if that
-cannot finish.
-
-Listeners (the selfballoon service) hear ``backend_loaded`` and ``backend_unloading`` so the
-loops start lazily with the backend and stop before it goes.
+A load validates the shim's flags (tmem.c's module params) and the backend's params before
+anything changes, then registers the backend with the frontends, which replay the pools
+recorded before it.  An unload, which the kernel never had, repatriates persistent pages
+first.  Listeners (the balloon service) hear ``backend_loaded`` and ``backend_unloading``.
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
 """What ``xentmemd`` holds and does: the shim (frontends + backend), the balloon loops, the
 swap areas of the page API, and the configuration in force.
 
-Every control op ends in a method here, so the socket layer (:mod:`.handlers`,
-:mod:`.server`) only translates, and tests can drive the daemon in process.  Methods return
-plain JSON-ready data and raise the project's errors; a refused change leaves everything as
-it was.  One lock serialises the operations that change the configuration of the shim
-(load, unload, params, reload); the page path goes straight to the frontends, which have
-their own locks.
+Every control op ends in one method of :class:`Daemon`, so the socket layer only translates
+and tests drive the daemon in process.  Methods return plain JSON-ready data and raise the
+project's errors; a refused change leaves everything as it was (docs/guestd.md).
 """
 
 from __future__ import annotations

@@ -1,19 +1,9 @@
 """The balloon loop's publisher: the guest's view, written to its own xenstore area.
 
-The self-balloon actuator hands each decision (goal, target, committed memory, frontswap
-pages, mode) to a publisher as relative paths under ``data/selfballoon/``; over a guest's
-xenstore connection a relative path resolves under its own ``/local/domain/<domid>``, and
-``data/`` is the one part of that home a guest may write (libxl keeps ``memory/``
-read-only for it, ``reference/tmem.md`` §7.4).
-
-:class:`XenstorePublisher` opens its session lazily, on the first write, and again after a
-failure; every wait is bounded by a short timeout, and after a failed connection it does
-not try again for a while (the writes fail at once meanwhile), so a xenstore that is gone
-costs a tick nothing but a logged error.  The actuator catches what a write raises: a
-failing publisher never fails a tick.
-
-:func:`xenstore_publisher` decides whether there is a xenstore to publish to: a configured
-socket (``--xenstore-socket``), or a Xen guest with the xenbus device.
+Relative paths under ``data/selfballoon/`` resolve under the guest's home, the part of it a
+guest may write.  The session opens lazily, every wait is bounded and a failed connection is
+not retried for a while, so a xenstore that is gone costs a tick only a logged error
+(docs/selfballoon.md).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 from dataclasses import asdict, field, fields, make_dataclass, replace
-from typing import Any
+from typing import Any, Optional
 
 from xentmem.errors import ParamError
 from xentmem.params import Param, ParamSet
@@ -127,7 +127,8 @@ class _KnobsMethods:
 
 
 def _knob_field(param: Param) -> tuple[str, Any, Any]:
-    kind = param.type if param.default is not None else param.type | None
+    # Optional[] and not ``X | None``: this runs at import, on Python 3.9 too.
+    kind = param.type if param.default is not None else Optional[param.type]
     return (param.name, kind, field(default=param.default))
 
 

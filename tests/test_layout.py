@@ -234,3 +234,31 @@ def test_no_reference_a_maintainer_cannot_follow() -> None:
                 if pattern.search(line):
                     found.append(f"{path.relative_to(ROOT)}:{number}: {why}: {line.strip()}")
     assert not found, "references outside the repository:\n" + "\n".join(found)
+
+
+#: A path into the repository, as the docs write it (``xentmem/guest/shim.py``, ``tests/xen/``,
+#: ``docs/protocol.md``; a deeper ``docs/...`` is Xen's or Linux's, not ours).
+_REPO_PATH = re.compile(
+    r"(?<![\w./-])((?:xentmem|selfballoon|cli|tests|bench|systemd)/[\w./{},*-]*[\w/}*]"
+    r"|docs/[\w-]+\.md)")
+
+
+def _expand(path: str) -> list[str]:
+    """``a/{b,c}.py`` -> ``a/b.py``, ``a/c.py`` (the docs' shorthand for sibling files)."""
+    match = re.search(r"\{([^{}]*)\}", path)
+    if not match:
+        return [path]
+    return [expanded for choice in match.group(1).split(",")
+            for expanded in _expand(path[:match.start()] + choice + path[match.end():])]
+
+
+def test_paths_the_docs_and_docstrings_name_exist() -> None:
+    missing = []
+    for doc in reference_files():
+        for number, line in enumerate(doc.read_text().splitlines(), 1):
+            for written in _REPO_PATH.findall(line):
+                for path in _expand(written.rstrip(".")):
+                    found = list(ROOT.glob(path)) if "*" in path else [ROOT / path]
+                    if not found or not all(p.exists() for p in found):
+                        missing.append(f"{doc.relative_to(ROOT)}:{number}: {path}")
+    assert not missing, "files named that do not exist:\n" + "\n".join(missing)

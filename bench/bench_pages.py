@@ -9,7 +9,8 @@ the benchmark times
 * ``put_page`` / ``get_page`` on a zcache backend called directly (a persistent pool and a
   private ephemeral one), with ``detailed_stats`` off and on;
 * frontswap ``store`` / ``load`` and cleancache ``put_page`` / ``get_page`` over zcache loaded
-  in a :class:`~xentmem.guest.shim.Shim`, which is what the acceptance target is about.
+  in a :class:`~xentmem.guest.shim.Shim`, the path a page really takes (the summary is
+  about these).
 
 Each figure is the best of ``--repeat`` rounds (the machine is shared; the best round is the
 one least disturbed), with the garbage collector off while a loop runs.  Every round's data is

@@ -1,7 +1,8 @@
-"""Each benchmark still runs and prints its summary (tiny sizes; no figure is asserted).
+"""Each benchmark still runs at a tiny size, prints its summary and exits 0.
 
 Speed is judged by the benchmarks' own ratios, never here: this only keeps them from rotting
-when the code they drive changes.
+when the code they drive changes.  A bench exits 1 when it reports its own failure (a target
+missed, a daemon that did not stop cleanly), so only 0 passes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
     ("script", "args", "summary"),
     [
         ("bench_pages.py", ["--pages", "200", "--repeat", "1"], "SUMMARY: put"),
-        ("bench_selfballoon.py", [], "summary: guard cuts"),
+        ("bench_selfballoon.py", ["--traces", "steady,bursts", "--duration", "600"],
+         "summary: guard cuts"),
         ("bench_control.py", ["--pages", "50", "--idle-seconds", "1"], "SUMMARY: socket"),
         ("bench_xen.py", ["--ops", "20", "--rounds", "1"], "SUMMARY"),
     ],
@@ -27,6 +29,6 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 def test_benchmark_runs(script: str, args: list[str], summary: str) -> None:
     result = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True,
                             text=True, timeout=300)
-    assert result.returncode in (0, 1), result.stdout + result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
     assert summary in result.stdout, result.stdout + result.stderr
     assert "Traceback" not in result.stderr, result.stderr

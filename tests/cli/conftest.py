@@ -1,45 +1,21 @@
 """Fixtures of the CLI tests: a real ``xentmemd`` on a temp socket, and a CliRunner for it.
 
-The daemon subprocess and the fake guest root are the daemon tests' own helpers
-(``tests/guestd/conftest.py``: :class:`DaemonProcess`, :func:`make_root`), loaded from that
-file so the two suites start the daemon the same way.  Every wait there has a timeout.
+The daemon subprocess and the fake guest root come from :mod:`fakes.guest_daemon`, as in the
+daemon's tests, so both suites start the daemon the same way.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
+from fakes.guest_daemon import DaemonProcess, make_root
 
 from xentmem_cli.main import cli
-
-DAEMON_HELPERS = Path(__file__).resolve().parents[1] / "guestd" / "conftest.py"
-
-
-def _load_daemon_helpers() -> ModuleType:
-    """``tests/guestd/conftest.py`` as a plain module (a conftest is not importable by name)."""
-    name = "xentmem_tests_daemon_helpers"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, DAEMON_HELPERS)
-    assert spec is not None and spec.loader is not None, DAEMON_HELPERS
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_helpers = _load_daemon_helpers()
-DaemonProcess = _helpers.DaemonProcess
-make_root = _helpers.make_root
-START_TIMEOUT_S: float = _helpers.START_TIMEOUT_S
 
 
 def make_runner() -> CliRunner:

@@ -2,7 +2,8 @@
 
 Built-in tmem was switched on by the word ``tmem`` and tuned with ``tmem.<param>=0|1``; older
 kernels used ``nocleancache``, ``nofrontswap``, ``noselfballooning`` and ``noselfshrink``.
-Each is honoured here with a warning naming the load param that replaces it.  Explicit load
+Each is honoured here with a warning naming the load param that replaces it
+(``docs/tmem-semantics.md``, "The Linux shim").  Explicit load
 params (and the daemon's config) win over anything read here.
 """
 

@@ -1,39 +1,10 @@
 """The daemon's configuration: one file (TOML, or ``modprobe.d``-style lines), checked whole.
 
-Two spellings of the same content, chosen by the file's extension:
-
-* ``*.toml`` (the default, ``/etc/xentmem/xentmem.toml``)::
-
-      [daemon]
-      backend = "auto"                 # auto | zcache | xen | an installed plugin
-      control_group = "xentmem"        # socket 0660 and group-owned (default: 0600, owner only)
-      metrics_textfile = "/var/lib/prometheus/node-exporter/xentmem.prom"
-
-      [tmem]                           # the shim's flags (tmem.c module params)
-      selfballooning = true
-
-      [backend.zcache]                 # module params of one backend
-      capacity = "10%"
-
-      [selfballoon]                    # the self-balloon knobs
-      selfballoon_interval = 5
-
-* anything else (``*.conf``): lines as an administrator writes them in ``/etc/modprobe.d``::
-
-      # comments and blank lines are ignored; a trailing backslash continues a line
-      options xentmemd backend=auto control_group=xentmem
-      options tmem selfballooning=1
-      options zcache capacity=10%
-      options selfballoon selfballoon_interval=5
-
-Section (module) names: ``xentmemd`` (``[daemon]``), ``tmem``, ``selfballoon`` and each
-backend's name.  Every value is checked against the real :class:`~xentmem.params.ParamSet`
-(the daemon's, the shim's, the backend's, the knobs'); the first bad one refuses the whole
-file with a :class:`~xentmem.errors.ConfigError` naming file, line, section and key.
-
-Precedence (lowest first): defaults < kernel command line (deprecated; :mod:`xentmem.guest.cmdline`,
-applied by the shim) < this file < command-line ``-o`` overrides.  :func:`layer` lays the
-overrides over the file; the shim lays the result over the boot params at load.
+The file's extension picks the spelling (``*.toml``, else ``options <module> key=value``
+lines); every value is checked against the real :class:`~xentmem.params.ParamSet` it sets,
+and the first bad one refuses the whole file with a :class:`~xentmem.errors.ConfigError`
+naming file, line, section and key.  :func:`layer` lays command-line ``-o`` overrides over
+the file.  Spellings, sections and precedence: ``docs/configuration.md``.
 """
 
 from __future__ import annotations

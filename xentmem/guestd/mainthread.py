@@ -1,15 +1,10 @@
 """Work that other threads hand to the daemon's main thread, each with a bounded wait.
 
-Some operations must run on the main thread: ``config.reload`` changes the main loop's own
-timetable and settings, which only the main thread may touch.  A control-socket thread
-hands such a call over with :meth:`MainThreadCalls.call` (which wakes the main loop) and waits
-for the result; the main loop runs what is queued with :meth:`MainThreadCalls.run_ready`.
-
-The main thread never blocks on a lock a long operation may hold (it has the watchdog to
-ping), so an action that cannot run yet raises :class:`NotNow`: it stays first in the queue
-and is tried again at the next pass.  A caller whose wait ends before its call started gets
-:class:`CallNotRun` and the call is dropped, so nothing runs behind the back of a client that
-was told it failed.
+A control-socket thread hands a call (``config.reload``) over with
+:meth:`MainThreadCalls.call` and waits; the main loop runs what is queued with
+:meth:`MainThreadCalls.run_ready`.  An action that cannot run yet raises :class:`NotNow` and
+stays queued; a caller whose wait ended first gets :class:`CallNotRun` and the call is
+dropped.  Why: ``docs/architecture.md``, "Inside xentmemd".
 """
 
 from __future__ import annotations

@@ -1,16 +1,9 @@
 """One ``xentmemd`` per directory: an exclusive ``flock`` on ``<dir>/xentmemd.lock``.
 
-The daemon locks its run directory (control socket) and its state directory (swap files,
-their maps, ``shutdown.json``) before anything else that touches them or the guest: before
-the backend is loaded (a second daemon must not register a second tmem client, nor write a
-balloon target), before the control socket is bound, before a swap file is created.  A
-daemon that cannot take both stops there and leaves the live daemon's socket, swap files and
-shutdown record alone.
-
-``flock`` is released by the kernel when the process dies, however it dies, so a crashed
-daemon never leaves a stale lock behind; the file itself stays (removing it would let a
-third daemon lock a fresh inode while a second one still holds the old one).  The file holds
-the owner's pid, for the error message only.
+The daemon locks its run directory and its state directory before it loads a backend, binds
+the socket or creates a swap file; a daemon that cannot take both stops and leaves the live
+one's files alone.  The file stays after the lock is released (``docs/architecture.md``,
+"Inside xentmemd", says why) and holds the owner's pid, for the error message only.
 """
 
 from __future__ import annotations

@@ -1,21 +1,9 @@
 """Signals become flags the main loop reads: SIGTERM/SIGINT stop, SIGHUP reloads the config.
 
-A Python signal handler runs in the main thread, between two bytecodes of whatever the main
-thread was doing, so it must not take any lock: the main thread may hold that very lock at
-that moment (``threading.Event.set`` takes the Event's Condition lock, which the main thread
-holds inside ``Event.wait``; the handler would then wait forever for its own thread, and
-systemd would SIGKILL the daemon with every swap page still in tmem).  So a handler here only
-sets a plain attribute and writes one byte to a non-blocking self-pipe; the main loop waits on
-the pipe's read end (with the schedule's timeout), drains it, and reads the attributes.
-
-The pipe is also the interpreter's wakeup fd (``signal.set_wakeup_fd``): a process-directed
-signal may be delivered to any thread (a control-socket client, the balloon worker), and then
-the main thread's wait is not interrupted and the Python handler only runs once it returns,
-up to a minute later.  With the wakeup fd, the C-level handler writes to the pipe from
-whichever thread took the signal, so the wait ends at once and the handler runs.
-
-Other threads wake the main loop the same way (:meth:`SignalFlags.wake`), e.g. to hand it a
-``config.reload`` that came in over the control socket.
+A handler takes no lock: it sets a plain attribute and writes one byte to a non-blocking
+self-pipe, which is also the interpreter's wakeup fd, so the main loop's wait ends at once
+whichever thread took the signal.  Other threads wake the main loop the same way
+(:meth:`SignalFlags.wake`).  Why: ``docs/architecture.md``, "Inside xentmemd".
 """
 
 from __future__ import annotations

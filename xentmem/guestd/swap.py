@@ -1,16 +1,10 @@
 """The swap areas the daemon creates for the socket's page API, and what they leave behind.
 
-A client cannot hand the daemon a swap device, so ``frontswap.init`` asks the daemon to make
-one: in memory, or a sparse file ``<state_dir>/swap/type-<N>.swap`` the daemon names itself
-(a client never chooses a path).  The frontswap frontend keeps every page in tmem or in that
-backing store; an unload repatriates tmem pages into it.
-
-Which file slots hold a page is kept in memory (as the kernel's swap map is), so at exit
-:meth:`SwapAreas.save_maps` flushes each file and then writes its map next to it, atomically:
-the file and its map together are every page stored through the socket, readable after the
-daemon is gone.  They live in the state directory (``/var/lib/xentmem``, systemd's
-``StateDirectory=``), not the run directory, which systemd removes when the service stops.
-A memory area dies with the daemon: its pages count as lost at shutdown.
+``frontswap.init`` makes an area in memory or as a sparse file
+``<state_dir>/swap/type-<N>.swap`` the daemon names itself (a client never chooses a path).
+At exit :meth:`SwapAreas.save_maps` flushes each file and then writes its slot map next to
+it, atomically, so the pair holds every page stored through the socket; a memory area dies
+with the daemon and its pages count as lost (``docs/configuration.md``, "Paths").
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The tmem ABI: the one place that knows op codes, flag words, oids and return values.
 
 Numbers follow Xen's ``public/tmem.h`` (spec version 1) and Linux ``drivers/xen/tmem.c``
-exactly, so that a request built here means the same as the hypercall it stands for.
+exactly (``docs/tmem-semantics.md``, "The ABI"), so that a request built here means the same
+as the hypercall it stands for.
 Everything else in xentmem imports these names instead of repeating a number.
 """
 

@@ -1,4 +1,4 @@
-"""The ``capacity`` module param of the zcache store: a size in MiB or a share of RAM.
+"""The ``capacity`` param of a tmem store (zcache's, the host's): a size in MiB or a share of RAM.
 
 Users write what they would write for a kernel module: ``64`` or ``64M`` (MiB), ``2G`` (GiB),
 or ``10%`` of the machine's RAM.  :func:`parse_capacity` checks the text and returns it in one

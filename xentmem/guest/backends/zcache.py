@@ -1,64 +1,8 @@
 """``zcache``: the local tmem store, lz4-compressed pages in this process's memory.
 
-It plays the part zcache2 played in the kernel (an in-guest tmem host for cleancache and
-frontswap) and answers with the hypervisor's rules (``xen/common/tmem.c``), so the frontends
-see the same behaviour as over Xen:
-
-* Pool ids are slots 0, 1, ... (the lowest free one), up to ``max_pools``.  NEW_POOL refuses a
-  flag word the way ``do_tmem_new_pool`` does (-EPERM: spec version, shared+persistent, page
-  size, precompressed, reserved bits; no free slot), and -EINVAL for what is not a u32 word.
-* Shared pools: NEW_POOL with the same uuid joins the same pool (a second id names it, as a
-  second Xen client's slot would; the pool goes when its last id is destroyed); uuid
-  (-1, -1) silently gives a private pool.  A local store has one client, so there is no
-  authorisation list: every uuid is allowed, as with Xen's ``tmem_shared_auth`` off (< 4.9).
-* Gets from a private ephemeral pool are exclusive (the page is gone after the copy); gets
-  from a shared ephemeral pool are not and make the page most recently used; persistent gets
-  are not exclusive.  A get from a pool holding no page returns -EEMPTY, as Xen's does.
-* Ephemeral pages are evicted oldest first, over one LRU across every ephemeral pool, when a
-  put needs room.  Persistent pages are never evicted: a persistent put that does not fit
-  after every ephemeral page is gone fails with -ENOMEM (an ephemeral put likewise).
-* A duplicate put replaces the page; if it fails, the old copy is dropped first and the put
-  returns -ENOSPC (Xen's code for a failed dup), or -EINVAL for a page that is not 4096 bytes.
-* Ops on an uncreated pool return -ENODEV; DESTROY_POOL of a bad or empty slot returns 0.
-* One deliberate difference: FLUSH_PAGE and FLUSH_OBJECT return 1 only when something was
-  flushed and 0 otherwise, as
-  :class:`~xentmem.guest.backend.Backend` specifies (Xen returns 1 either
-  way; the Linux frontends ignore the value).
-
-Storage.  Each pool maps an oid to its object, a dict ``{index: data}``; ``data`` says how the
-page is kept by its length alone, so no tag is stored and the get path needs one ``len``:
-
-* ``b""`` (0 bytes): a zero-filled page, kept without data;
-* 4096 bytes: the page itself, because lz4 saved too little (the compressed block was larger
-  than :data:`POOR_COMPRESSION_LIMIT`, zbud's largest zpage: storing it raw costs at most 64
-  bytes and spares a decompression on every get);
-* anything else: an lz4 block without the size header (``store_size=False``).
-
-Capacity.  Every stored page costs its data plus a measured bookkeeping overhead (the dict
-and LRU entries that keep it: :data:`EPHEMERAL_PAGE_OVERHEAD`,
-:data:`PERSISTENT_PAGE_OVERHEAD`), so zero pages are not free.  The ``capacity`` param bounds
-the sum: ``64M`` style sizes or ``N%`` of RAM (psutil; injectable).  It may change at run
-time: shrinking evicts ephemeral pages at once; persistent pages above the new capacity stay,
-and new puts fail until there is room again.
-
-Counters.  :meth:`stats` holds what the daemon needs and is always on (pages, zbytes, zero
-pages, evictions, failed puts, split ephemeral/persistent).  :meth:`detailed_stats` adds the
-zcache2 debugfs list that applies to a store without zbud frames or radix trees; it is empty
-unless ``detailed_stats`` is on.  The counters that would cost something on every op (the
-``*_max`` high-water marks and the flush totals) are kept by wrappers that are swapped in as
-instance attributes when the param is switched on, so the lean ops are the very same code
-when it is off.  Everything else costs at most a comparison of the page's stored size (zero
-pages, poor compression) or is counted on paths that are slow anyway (evictions, failures,
-duplicates).  Callers must look the ops up on the backend at each call (the
-frontends do: ``ops.put_page(...)``), not keep bound methods, for a switch to take effect.
-
-The ephemeral LRU is one OrderedDict keyed by ``(object, index)``: objects hash by identity,
-so a key costs a 2-tuple and no oid hashing, and eviction finds the pool and oid on the
-object.  Per-kind byte counts are derived from the used bytes rather than kept twice, so an
-ephemeral put or get updates a single number.
-
-Thread safety: one lock guards the maps and counters; lz4 runs outside it.  Frontends must
-pass checked oids and u32 indexes (they do); the hot paths do not re-check them.
+It plays the part zcache2 played in the kernel and answers with the hypervisor's rules
+(``docs/tmem-semantics.md``), so the frontends see the same behaviour as over Xen.  How pages
+are kept, capacity, the counters and their cost: ``docs/zcache.md``.
 """
 
 from __future__ import annotations
@@ -103,7 +47,7 @@ POOR_COMPRESSION_LIMIT = 4032
 PERSISTENT_PAGE_OVERHEAD = 112
 EPHEMERAL_PAGE_OVERHEAD = 288
 #: Xen's MAX_POOLS_PER_DOMAIN is 16; a local store serving an unlimited number of cleancache
-#: filesystems (the issue lifts the kernel's 32-fs limit) needs more.
+#: filesystems (our cleancache has no 32-filesystem limit) needs more.
 DEFAULT_MAX_POOLS = 1024
 
 _DONE = 1

@@ -1,6 +1,7 @@
 """The cleancache frontend: clean file pages into ephemeral tmem pools, with lazy init.
 
-Follows ``mm/cleancache.c`` (3.11-4.2) and the cleancache half of ``drivers/xen/tmem.c``.
+Follows ``mm/cleancache.c`` (3.11-4.2) and the cleancache half of ``drivers/xen/tmem.c``
+(``docs/tmem-semantics.md``, "cleancache").
 Each filesystem gets a *fake* pool id when it is mounted; while no backend is loaded the
 fake id maps to "no backend" and the filesystem is recorded.  When a backend registers,
 every recorded filesystem gets a real pool, in mount order, and the data path starts.

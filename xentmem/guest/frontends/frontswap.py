@@ -1,9 +1,9 @@
 """The frontswap frontend: swap pages into one persistent tmem pool, with lazy init.
 
 Follows ``mm/frontswap.c`` (3.11-4.6, the lazy-init era) and the frontswap half of
-``drivers/xen/tmem.c``: one private persistent pool serves every swap type, each type spread
-over 16 objects by the 4-bit swizzle.  Swap types initialised before a backend exists are
-recorded and replayed, in order, when one registers.
+``drivers/xen/tmem.c`` (``docs/tmem-semantics.md``): one private persistent pool serves every
+swap type, each type spread over 16 objects by the 4-bit swizzle.  Swap types initialised
+before a backend exists are recorded and replayed, in order, when one registers.
 
 Unlike the kernel, this frontend also owns the swap device: one :class:`BackingStore` per
 swap type.  A store that tmem refuses goes to the backing store (where the kernel's swap

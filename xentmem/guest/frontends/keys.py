@@ -1,4 +1,5 @@
-"""Keys of the two frontends, turned into tmem oids exactly as ``drivers/xen/tmem.c`` does."""
+"""Keys of the two frontends, turned into tmem oids exactly as ``drivers/xen/tmem.c`` does
+(``docs/tmem-semantics.md``, "The Linux shim")."""
 
 from __future__ import annotations
 

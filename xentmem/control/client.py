@@ -1,26 +1,11 @@
 """Clients of the control sockets, for the CLIs and any program outside the daemons.
 
-::
-
-    from xentmem.control import ControlClient, ControlError
-
-    with ControlClient("/run/xentmem/control.sock", timeout=5.0) as daemon:
-        print(daemon.status()["backend"])
-        daemon.param_set("capacity", "128M")
-        fs = daemon.cleancache.init_fs()
-        daemon.cleancache.put_page(fs, 42, 0, page)        # inode 42, page 0
-        swap = daemon.frontswap.init(pages=1024, backing="file")
-        daemon.frontswap.store(swap, 7, page)
-
 :class:`ControlConnection` is the one client of the protocol: one kept-alive connection,
-calls from several threads serialised on it, every wait bounded by ``timeout``, and every
-failure a :class:`ControlError` with a stable ``code``.  :class:`ControlClient` adds
-``xentmemd``'s ops as methods; ``xentmem-hostd``'s client is
-:class:`xentmem.hostd.control.HostControlClient`.
-
-The page API mirrors the shim's frontends (:class:`~xentmem.guest.frontends.Cleancache`,
-:class:`~xentmem.guest.frontends.Frontswap`), so code written against them in process moves to
-the socket by swapping the object.
+calls from several threads serialised on it, every wait bounded by ``timeout``, every failure
+a :class:`ControlError` with a stable ``code``, and a request resent only when that cannot
+run it twice.  :class:`ControlClient` adds ``xentmemd``'s ops as methods, its page API
+mirroring the shim's frontends so code moves from in-process to the socket by swapping the
+object; ``xentmem-hostd``'s is :class:`xentmem.hostd.control.HostControlClient`.
 """
 
 from __future__ import annotations

@@ -1,24 +1,11 @@
 """The control protocol of ``xentmemd`` and ``xentmem-hostd``: versioned JSON lines over a
-Unix stream socket.
-
-One request is one JSON object on one line (UTF-8, ended by ``\\n``); the daemon answers each
-with one JSON object on one line, in order, on the same connection.  A request::
-
-    {"v": 1, "id": 7, "op": "params.set", "args": {"name": "capacity", "value": "64M"}}
-
-and its answer, either::
-
-    {"v": 1, "id": 7, "ok": true, "result": {...}}
-    {"v": 1, "id": 7, "ok": false, "error": {"code": "bad_value", "message": "capacity: ..."}}
+Unix stream socket, one request and one answer per line, in order (``docs/control-protocol.md``).
 
 Both daemons speak this one envelope; each declares its own op table (``xentmemd``'s is
 :data:`OPS` below, ``xentmem-hostd``'s :data:`xentmem.hostd.control.OPS`).  A daemon checks a
-request against its table before anything runs (an unknown op or argument, a missing or
-mistyped one is an error that changes nothing), the client decides from it what may be resent,
-and ``docs/control-protocol.md`` describes both.  Pages travel as base64 text (a 4 KiB page is about
-5.5 KiB on the wire), so a request line is bounded by :data:`MAX_REQUEST_BYTES`.
-
-This module does no I/O: it encodes, decodes and checks, so both ends share one definition.
+request against its table before anything runs, so a refused request changed nothing; the
+client learns from it which ops may be resent.  This module does no I/O: it encodes, decodes
+and checks, so both ends share one definition.
 """
 
 from __future__ import annotations

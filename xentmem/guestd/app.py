@@ -1,23 +1,12 @@
-"""``xentmemd``: the composition root and the main loop.
+"""``xentmemd``: the composition root, the main loop and the command line.
 
-Start: read and check the config (a bad one exits with status 78, EX_CONFIG, naming file,
-line and key), take the run and state directories' locks (another live daemon there: exit,
-touching nothing of its own), build the shim with the self-balloon service as its listener,
-choose and load the backend (the loops start lazily with it), open the control socket, tell
-systemd READY.
-
-Run: the main thread waits on the signal flags' self-pipe with a timeout and does what is
-due: a WATCHDOG ping (always first), the metrics textfile, a STATUS line; SIGHUP reloads the
-config (a bad file is logged and the old config kept).  The main thread never waits for a
-lock a long socket operation may hold (an unload repatriating for minutes holds the
-frontends' and the configuration's): the textfile and the STATUS line are computed on
-threads of their own, and a reload waits, deferred, until the configuration lock is free,
-so the WATCHDOG ping keeps coming.
-
-Stop (SIGTERM/SIGINT): STOPPING=1, then in order the balloon loops, the backend (unloaded with
-its swap pages repatriated to their backing stores, which are saved in the state directory),
-then the sockets.  The exit status is 0 only if nothing was left behind: no step failed and
-no swap page died with the process (a memory-backed area's pages do).
+Start: the config (refused: exit 78), the run and state directories' locks (another live
+daemon: exit, touching nothing of its own), the shim and its backend, the control socket,
+READY.  Run: the main thread waits on the signal flags' self-pipe and does what is due
+(WATCHDOG first, the metrics textfile, STATUS, a SIGHUP reload); it never waits for a lock a
+long socket op may hold, so the WATCHDOG ping keeps coming during an unload.  Stop: balloon
+loops, backend (swap pages repatriated), sockets; exit 0 only if nothing was left behind
+(``docs/configuration.md``, "Stopping and exit status").
 """
 
 from __future__ import annotations

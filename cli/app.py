@@ -2,38 +2,29 @@
 
 Commands never build a client or print an error themselves.  They ask :meth:`App.call` for
 a result and hand the dict they built to :meth:`App.emit`; every failure goes through
-:meth:`App.abort`, so the whole CLI has one way to say what went wrong (one line on stderr)
-and one table of exit codes:
-
-* 0: done;
-* 1: the daemon refused or failed (its message is shown as it sent it);
-* 2: usage error (click's own code: bad option, missing argument);
-* 3: the daemon cannot be reached (not running, wrong socket, no permission, no answer).
+:meth:`App.abort`.  Output, the error line and the exit codes are those of every console
+script of the project (:mod:`xentmem.console`): 1 when the daemon refused or failed (its
+message is shown as it sent it), 2 for a usage error, 3 when the daemon cannot be reached.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from typing import Any, Callable, NoReturn, Protocol
 
-import click
-
+from xentmem import console
+from xentmem.console import EXIT_FAILURE, EXIT_UNREACHABLE, json_option
 from xentmem.control import protocol
 from xentmem.control.client import ControlClient
 from xentmem.control.protocol import ControlError
 
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
+#: Commands take ``--json`` from here, with everything else they need of the CLI.
+__all__ = ["App", "Client", "json_option"]
 
 #: How long ``load`` and ``unload`` wait when no --timeout is given: an unload repatriates
 #: every swap page held in tmem (seconds per GiB locally, much longer over xenstore).
 LONG_OP_TIMEOUT_S = 300.0
-
-#: The client-side codes that mean "no daemon to talk to", not "the daemon said no".
-UNREACHABLE_CODES = frozenset({protocol.UNAVAILABLE, protocol.TIMEOUT})
 
 HOW_TO_START = ("start it with `xentmem run` (foreground) or `systemctl start xentmem`, "
                 "or point --socket / XENTMEM_SOCKET at its socket")
@@ -103,7 +94,7 @@ class App:
         try:
             return self.client.call(op, **args)
         except ControlError as exc:
-            if exc.code in UNREACHABLE_CODES:
+            if exc.unreachable:
                 self.abort(self.unreachable_message(exc), EXIT_UNREACHABLE)
             self.abort(f"{exc.message} [{exc.code}]")
 
@@ -141,33 +132,19 @@ class App:
             probe.close()
         return True
 
-    # -- output ---------------------------------------------------------------------------------
+    # -- output: the conventions of xentmem.console ------------------------------------------
 
     @staticmethod
-    def abort(message: str, code: int = EXIT_ERROR) -> NoReturn:
+    def abort(message: str, code: int = EXIT_FAILURE) -> NoReturn:
         """One line on stderr, then exit with ``code``: the only way a command fails."""
-        click.echo(f"xentmem: error: {message}", err=True)
-        raise click.exceptions.Exit(code)
+        console.abort(message, code)
 
     @staticmethod
     def status(message: str) -> None:
         """Progress and notes for a human: stderr, so stdout stays pure data."""
-        click.echo(message, err=True)
+        console.note(message)
 
     @staticmethod
     def emit(data: Any, *, as_json: bool, render: Callable[[Any], str]) -> None:
         """Print ``data`` to stdout: as one line of JSON, or through ``render`` as text."""
-        if as_json:
-            click.echo(json.dumps(data, sort_keys=True, separators=(",", ":")))
-        else:
-            text = render(data)
-            if text:
-                click.echo(text)
-
-
-def json_option(function: Callable[..., Any]) -> Callable[..., Any]:
-    """``--json``: the same data the table shows, as one line of JSON (flag ``as_json``)."""
-    return click.option(
-        "--json", "as_json", is_flag=True,
-        help="Print the result as one line of JSON (the same data the table shows).",
-    )(function)
+        console.emit(data, as_json=as_json, render=render)

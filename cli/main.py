@@ -13,14 +13,13 @@ from typing import Any
 
 import click
 
+from xentmem.console import CONTEXT_SETTINGS
 from xentmem.control.protocol import DEFAULT_SOCKET_PATH
 from xentmem_cli import backend, balloon, metrics, params, pools, run, stats, status
 from xentmem_cli.app import App
 
-CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
-
-@click.group(context_settings=CONTEXT_SETTINGS)
+@click.group(name="xentmem", context_settings=CONTEXT_SETTINGS)
 @click.option(
     "--socket", "socket_path", envvar="XENTMEM_SOCKET", default=DEFAULT_SOCKET_PATH,
     show_default=True, show_envvar=True, metavar="PATH",

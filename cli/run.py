@@ -22,9 +22,10 @@ from typing import Any, Callable
 import click
 
 from xentmem.clock import SystemClock
+from xentmem.console import EXIT_FAILURE
 from xentmem.control.client import ControlClient
 from xentmem.control.protocol import DEFAULT_SOCKET_PATH, SOCKET_NAME, ControlError
-from xentmem_cli.app import EXIT_ERROR, App
+from xentmem_cli.app import App
 from xentmem_cli.backend import complete_backend
 from xentmem_cli.foreground import ForegroundDaemon
 
@@ -271,10 +272,10 @@ def _exited(app: App, code: int, *, ready: bool, timed_out: float | None) -> int
     status = 128 - code if code < 0 else code
     if timed_out is not None:
         app.abort(f"xentmemd was not ready within {timed_out:g}s, so it was stopped "
-                  f"(it {how}; its messages are above)", EXIT_ERROR)
+                  f"(it {how}; its messages are above)", EXIT_FAILURE)
     if not ready:
         app.abort(f"xentmemd {how} before it was ready (its messages are above)",
-                  status or EXIT_ERROR)
+                  status or EXIT_FAILURE)
     app.status(f"xentmem run: xentmemd stopped (exit status {code})" if code >= 0
                else f"xentmem run: xentmemd {how}")
     return status

@@ -1,4 +1,4 @@
-"""Configuration errors stop the daemon with 78 (EX_CONFIG, which the unit does not restart),
+"""Configuration errors stop the daemon with 78 (EXIT_CONFIG, which the unit does not restart),
 wherever they are found: in the file, in ``-o`` words, or when the backend is loaded."""
 
 from __future__ import annotations
@@ -12,15 +12,16 @@ import pytest
 from fakes.recording_backend import RecordingBackend
 
 from xentmem.clock import FakeClock
+from xentmem.console import EXIT_CONFIG
 from xentmem.errors import ConfigError, ParamError
-from xentmem.guestd.app import EX_CONFIG, Application, application_from_args, build_parser, serve
+from xentmem.guestd.app import Application, application_from_args, parse_args, serve
 from xentmem.guestd.signals import SignalFlags
 from xentmem.notify import Notifier
 from xentmem.roots import Roots
 
 
 def read(fake_root: Path, *argv: str) -> Any:
-    args = build_parser().parse_args(["--root", str(fake_root), *argv])
+    args = parse_args(["--root", str(fake_root), *argv])
     return application_from_args(args, env={}).read_config()
 
 
@@ -29,7 +30,7 @@ def test_the_reviewers_command_line_is_refused_with_78(fake_root: Path) -> None:
         [sys.executable, "-m", "xentmem.guestd.app", "--root", str(fake_root),
          "--check-config", "-o", "selfbalooning=1", "-o", "capacity=bogus"],
         capture_output=True, text=True, timeout=60)
-    assert result.returncode == EX_CONFIG, result.stdout + result.stderr
+    assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
     assert "selfbalooning: unknown name" in result.stderr
     assert "ok" not in result.stdout
 
@@ -76,6 +77,6 @@ def test_a_param_refused_at_load_exits_78(tmp_path: Path, fake_root: Path) -> No
                       signals=SignalFlags(), resolve={"refuses": RefusesAtLoad}.__getitem__,
                       backend_names=lambda: ["refuses"])
     try:
-        assert serve(app) == EX_CONFIG
+        assert serve(app) == EXIT_CONFIG
     finally:
         app.signals.close()

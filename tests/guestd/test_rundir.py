@@ -13,8 +13,9 @@ import pytest
 from fakes.recording_backend import RecordingBackend
 
 from xentmem.clock import FakeClock
+from xentmem.console import EXIT_FAILURE
 from xentmem.control import ControlClient
-from xentmem.guestd.app import EX_FAILURE, Application, serve
+from xentmem.guestd.app import Application, serve
 from xentmem.guestd.rundir import LOCK_NAME, RunDirBusy, RunDirLock
 from xentmem.guestd.server import ControlServer, ServerError
 from xentmem.guestd.signals import SignalFlags
@@ -48,7 +49,7 @@ def test_a_second_daemon_stops_before_loading_and_leaves_the_first_alone(
     try:
         assert CountingBackend.connects == 1
         second = application(tmp_path, fake_root, run, "second")
-        assert serve(second) == EX_FAILURE  # start refused, "shutdown" of what it owns
+        assert serve(second) == EXIT_FAILURE  # start refused, "shutdown" of what it owns
         assert CountingBackend.connects == 1  # no second tmem client
         assert (run / "control.sock").exists()
         assert not (first.state_dir / "shutdown.json").exists()
@@ -74,7 +75,7 @@ def test_two_xentmemd_processes_on_one_run_dir(tmp_path: Path, fake_root: Path,
     first = start_daemon(fake_root)
     second = start_daemon(fake_root, None, "--run-dir", str(first.run_dir), wait=False,
                           base=tmp_path / "second")
-    assert second.stop(None) == EX_FAILURE
+    assert second.stop(None) == EXIT_FAILURE
     assert "another xentmemd" in second.log()
     assert first.socket.exists()
     with ControlClient(first.socket, timeout=5) as client:
@@ -93,7 +94,7 @@ def test_a_second_daemon_with_its_own_run_dir_but_the_same_state_dir_is_refused(
         assert first.daemon.shim.frontswap.store(area, 1, b"\x11" * 4096) == 0
         connects = CountingBackend.connects
         second = application(tmp_path, fake_root, tmp_path / "run-b", "second")
-        assert serve(second) == EX_FAILURE
+        assert serve(second) == EXIT_FAILURE
         assert CountingBackend.connects == connects
         assert not (tmp_path / "run-b" / "control.sock").exists()
         assert first.daemon.swap.path_of(area).exists()  # its swap file untouched

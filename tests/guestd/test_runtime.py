@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from xentmem.clock import FakeClock
-from xentmem.guestd.app import Application, Schedule, build_parser, overrides_of
+from xentmem.guestd.app import Application, Schedule, overrides_of, parse_args
 from xentmem.guestd.logs import setup_logging
 from xentmem.guestd.signals import SignalFlags
 from xentmem.notify import Notifier
@@ -177,9 +177,8 @@ def test_main_loop_pings_the_watchdog_writes_metrics_and_reloads(tmp_path: Path,
 
 
 def test_flags_become_overrides() -> None:
-    args = build_parser().parse_args(["--backend", "zcache", "--log-level", "debug",
-                                      "--control-group", "adm", "-o", "capacity=8M",
-                                      "-o", "daemon.backend=xen"])
+    args = parse_args(["--backend", "zcache", "--log-level", "debug",
+                       "--control-group", "adm", "-o", "capacity=8M", "-o", "daemon.backend=xen"])
     assert overrides_of(args) == ["daemon.backend=zcache", "daemon.log_level=debug",
                                   "daemon.control_group=adm", "capacity=8M",
                                   "daemon.backend=xen"]

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from xentmem.clock import FakeClock
-from xentmem.guestd.app import EX_FAILURE, Application
+from xentmem.console import EXIT_FAILURE
+from xentmem.guestd.app import Application
 from xentmem.guestd.signals import SignalFlags
 from xentmem.guestd.swap import map_path
 from xentmem.notify import Notifier
@@ -48,7 +49,7 @@ def test_a_failing_step_is_recorded_and_the_rest_still_runs(tmp_path: Path,
         assert daemon.shim.frontswap.store(swap_type, 3, PAGE) == 0
     map_path(daemon.swap.path_of(broken)).mkdir()  # its map cannot be written
 
-    assert app.shutdown() == EX_FAILURE
+    assert app.shutdown() == EXIT_FAILURE
 
     record = json.loads((app.state_dir / "shutdown.json").read_text())
     assert record["clean"] is False

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from xentmem.guestd import swap as swap_module
-from xentmem.guestd.app import application_from_args, build_parser
+from xentmem.guestd.app import application_from_args, parse_args
 from xentmem.guestd.swap import map_path, read_swap_area
 
 PAGE = b"\xa5" * 4096
@@ -72,5 +72,5 @@ def test_pages_in_a_memory_area_are_lost_and_counted(make_daemon: Any) -> None:
 ])
 def test_the_state_dir_comes_from_the_flag_then_systemd_then_the_root(
         argv: list[str], env: dict[str, str], expected: str) -> None:
-    app = application_from_args(build_parser().parse_args(argv), env)
+    app = application_from_args(parse_args(argv), env)
     assert app.state_dir == Path(expected)

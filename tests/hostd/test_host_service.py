@@ -19,9 +19,11 @@ import pyxs
 from click.testing import CliRunner
 from xenhost import WAIT_S, TmemHost, wait_for_node
 
+from xentmem.control import ControlError
 from xentmem.guest.backends.xen import XenBackend
-from xentmem.hostd.control import ControlError, HostControlClient
-from xentmem.hostd.service import cli
+from xentmem.hostd.cli import cli
+from xentmem.hostd.control import OPS as HOST_OPS
+from xentmem.hostd.control import HostControlClient
 from xentmem.roots import Roots
 from xentmem.tmem.abi import POOL_PRIVATE_PERSISTENT, PRIVATE_UUID, Oid
 from xentmem.xenbus.tmemwire import (
@@ -226,6 +228,7 @@ def test_control_commands_mirror_xl_tmem(ours: TmemHost) -> None:
 
         result = runner.invoke(cli, [*base, "list", "--json"])
         assert result.exit_code == 0, result.output
+        assert result.output.count("\n") == 1, "--json prints one compact line"
         listing = json.loads(result.output)
         assert listing["clients"][0]["domid"] == 5
         assert listing["clients"][0]["pools"][0]["pages"] == 1
@@ -235,17 +238,23 @@ def test_control_commands_mirror_xl_tmem(ours: TmemHost) -> None:
         assert result.exit_code == 0 and "domain 5: weight=0 compress=1 frozen=0" in result.output
         assert "pool 0: persistent pages=1" in result.output
 
-        assert runner.invoke(cli, [*base, "freeze", "5"]).exit_code == 0
+        result = runner.invoke(cli, [*base, "freeze", "5"])
+        assert result.exit_code == 0 and result.output == "frozen: 5\n"
         assert backend.put_page(pool, Oid(1), 1, TEXT) == -1000
         assert runner.invoke(cli, [*base, "thaw", "all"]).exit_code == 0
-        result = runner.invoke(cli, [*base, "set", "5", "-w", "4", "--no-compress"])
+        # Results are text unless --json asks for the one compact document.
+        result = runner.invoke(cli, [*base, "set", "5", "-w", "4", "--no-compress", "--json"])
         assert json.loads(result.output) == {"domids": [5], "weight": 4, "compress": False}
+        result = runner.invoke(cli, [*base, "set", "5", "-w", "4"])
+        assert result.output == "domain 5: weight=4\n"
         result = runner.invoke(cli, [*base, "shared-auth", "5", "-u",
                                      "12345678-9abc-def0-1122-334455667788", "-A", "1"])
         assert result.exit_code == 0, result.output
         assert runner.invoke(cli, [*base, "shared-auth", "all", "-A", "0"]).exit_code == 0
         result = runner.invoke(cli, [*base, "freeable"])
         assert result.exit_code == 0 and result.output.strip() == "0"
+        result = runner.invoke(cli, [*base, "freeable", "--json"])
+        assert result.output == '{"freeable_mb":0}\n'
         client = json.loads(runner.invoke(cli, [*base, "list", "5", "--json"]).output)
         assert client["clients"][0]["auth"] == ["12345678-9abc-def0-1122-334455667788"]
         assert client["shared_auth"] is False
@@ -253,7 +262,8 @@ def test_control_commands_mirror_xl_tmem(ours: TmemHost) -> None:
         bad = runner.invoke(cli, [*base, "set", "5"])
         assert bad.exit_code == 2 and "weight" in bad.output
         bad = runner.invoke(cli, [*base, "list", "77"])
-        assert bad.exit_code == 1 and "no tmem client" in bad.output
+        assert bad.exit_code == 1
+        assert bad.output == "xentmem-hostd: error: domain 77 has no tmem client [not_found]\n"
     finally:
         backend.remove()
 
@@ -269,26 +279,36 @@ def test_the_control_socket_refuses_bad_requests(ours: TmemHost) -> None:
             with pytest.raises(ControlError) as caught:
                 control.call(op, **args)
             assert caught.value.code == code
-        assert control.call("hello")["service"] == "xentmem-hostd"
+        hello = control.hello()
+        assert hello["service"] == "xentmem-hostd" and hello["protocol"] == 1
+        assert set(hello["ops"]) == set(HOST_OPS)
     import socket
 
     with socket.socket(socket.AF_UNIX) as raw:
         raw.settimeout(5)
         raw.connect(str(ours.control_path))
-        raw.sendall(b"this is not json\n")
-        answer = json.loads(raw.makefile().readline())
-        assert answer["ok"] is False and answer["error"]["code"] == "bad_request"
+        # The envelope is xentmemd's: a version it does not speak and an unknown field are
+        # refused as there (both were bad_request, or ignored, before the two were one).
+        raw.sendall(b'this is not json\n{"v":2,"id":1,"op":"freeable"}\n'
+                    b'{"v":1,"id":2,"op":"freeable","extra":1}\n'
+                    b'{"v":1,"id":3,"op":"freeable"}\n')
+        replies = raw.makefile()
+        answers = [json.loads(replies.readline()) for _ in range(4)]
+        assert [a.get("error", {}).get("code") for a in answers] == [
+            "bad_request", "unsupported_version", "bad_request", None]
+        assert answers[3] == {"v": 1, "id": 3, "ok": True, "result": {"freeable_mb": 0}}
 
 
 def test_the_cli_says_when_the_service_is_not_there(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["--control", str(tmp_path / "none.sock"), "freeable"])
-    assert result.exit_code == 1 and "cannot reach xentmem-hostd" in result.output
+    assert result.exit_code == 3  # the exit-code table of every console script
+    assert result.output.startswith("xentmem-hostd: error: cannot reach xentmem-hostd at ")
 
 
 def test_the_demo_is_a_mocked_xen_host_a_guest_can_use() -> None:
     directory = Path(tempfile.mkdtemp(prefix="demo-", dir="/tmp"))
     demo = subprocess.Popen(
-        [sys.executable, "-m", "xentmem.hostd.service", "demo", "--dir", str(directory),
+        [sys.executable, "-m", "xentmem.hostd", "demo", "--dir", str(directory),
          "--guest", "3", "--log-level", "warning"],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -309,7 +329,7 @@ def test_the_demo_is_a_mocked_xen_host_a_guest_can_use() -> None:
         finally:
             backend.remove()
         listed = subprocess.run(
-            [sys.executable, "-m", "xentmem.hostd.service", "list", "--json"],
+            [sys.executable, "-m", "xentmem.hostd", "list", "--json"],
             env={**os.environ, "XENTMEM_HOSTD_SOCKET": str(directory / "hostd.sock")},
             capture_output=True, text=True, timeout=30)
         assert listed.returncode == 0, listed.stderr

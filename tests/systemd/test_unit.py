@@ -133,9 +133,9 @@ def test_notify_ready_watchdog_and_restart(unit: dict[str, dict[str, list[str]]]
 
 
 def test_a_refused_config_is_not_restarted_in_a_loop(unit: dict[str, dict[str, list[str]]]) -> None:
-    from xentmem.guestd.app import EX_CONFIG
+    from xentmem.console import EXIT_CONFIG
 
-    assert one(unit, "Service", "RestartPreventExitStatus") == str(EX_CONFIG)
+    assert one(unit, "Service", "RestartPreventExitStatus") == str(EXIT_CONFIG)
 
 
 def test_ordering_after_xenbus_never_blocks_a_machine_without_xen(

@@ -1,8 +1,14 @@
-"""The control interface of ``xentmemd``: the wire protocol and a client for other programs."""
+"""The control protocol both daemons speak, its clients, and the server core they share."""
 
 from __future__ import annotations
 
-from xentmem.control.client import ControlClient, default_socket_path
+from xentmem.control.client import ControlClient, ControlConnection, default_socket_path
 from xentmem.control.protocol import PROTOCOL_VERSION, ControlError
 
-__all__ = ["PROTOCOL_VERSION", "ControlClient", "ControlError", "default_socket_path"]
+__all__ = [
+    "PROTOCOL_VERSION",
+    "ControlClient",
+    "ControlConnection",
+    "ControlError",
+    "default_socket_path",
+]

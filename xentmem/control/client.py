@@ -1,23 +1,11 @@
-"""A Python client of ``xentmemd``'s control socket, for the CLI and any program outside the daemon.
+"""Clients of the control sockets, for the CLIs and any program outside the daemons.
 
-::
-
-    from xentmem.control import ControlClient, ControlError
-
-    with ControlClient("/run/xentmem/control.sock", timeout=5.0) as daemon:
-        print(daemon.status()["backend"])
-        daemon.param_set("capacity", "128M")
-        fs = daemon.cleancache.init_fs()
-        daemon.cleancache.put_page(fs, 42, 0, page)        # inode 42, page 0
-        swap = daemon.frontswap.init(pages=1024, backing="file")
-        daemon.frontswap.store(swap, 7, page)
-
-The page API mirrors the shim's frontends (:class:`~xentmem.guest.frontends.Cleancache`,
-:class:`~xentmem.guest.frontends.Frontswap`), so code written against them in process moves to the
-socket by swapping the object.  Every failure is a :class:`ControlError` with a stable ``code``
-(see :mod:`xentmem.control.protocol`); every wait is bounded by ``timeout``.
-
-One connection is kept open and reused; calls from several threads are serialised on it.
+:class:`ControlConnection` is the one client of the protocol: one kept-alive connection,
+calls from several threads serialised on it, every wait bounded by ``timeout``, every failure
+a :class:`ControlError` with a stable ``code``, and a request resent only when that cannot
+run it twice.  :class:`ControlClient` adds ``xentmemd``'s ops as methods, its page API
+mirroring the shim's frontends so code moves from in-process to the socket by swapping the
+object; ``xentmem-hostd``'s is :class:`xentmem.hostd.control.HostControlClient`.
 """
 
 from __future__ import annotations
@@ -27,7 +15,7 @@ import os
 import socket
 import threading
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from xentmem.control import protocol
 from xentmem.control.protocol import (
@@ -36,12 +24,14 @@ from xentmem.control.protocol import (
     TIMEOUT,
     UNAVAILABLE,
     ControlError,
+    OpSpec,
     decode_response,
     encode_bytes,
     encode_file_key,
     encode_request,
 )
 
+_Self = TypeVar("_Self", bound="ControlConnection")
 FileKey = Any  # int (inode), bytes (file handle) or a 3-tuple of u64 words (oid)
 
 
@@ -50,25 +40,30 @@ def default_socket_path() -> str:
     return os.environ.get("XENTMEM_SOCKET") or protocol.DEFAULT_SOCKET_PATH
 
 
-class ControlClient:
-    """A connection to one daemon.  Use as a context manager, or call :meth:`close`."""
+class ControlConnection:
+    """A connection to one daemon's control socket.  Use as a context manager, or call
+    :meth:`close`.
 
-    def __init__(self, socket_path: str | os.PathLike[str] | None = None,
-                 timeout: float = 10.0) -> None:
+    ``ops`` is the daemon's op table (it says which ops change nothing and so may be resent);
+    ``daemon`` names the daemon in error messages.
+    """
+
+    def __init__(self, socket_path: str | os.PathLike[str], timeout: float = 10.0, *,
+                 ops: Mapping[str, OpSpec], daemon: str) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be > 0 seconds")
-        self.socket_path = os.fspath(socket_path) if socket_path else default_socket_path()
+        self.socket_path = os.fspath(socket_path)
         self.timeout = timeout
+        self.ops = ops
+        self.daemon = daemon
         self._sock: socket.socket | None = None
         self._buffer = b""
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
-        self.cleancache = CleancacheClient(self)
-        self.frontswap = FrontswapClient(self)
 
     # -- connection -----------------------------------------------------------------------------
 
-    def __enter__(self) -> ControlClient:
+    def __enter__(self: _Self) -> _Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -100,7 +95,7 @@ class ControlClient:
         except OSError as exc:
             sock.close()
             reason = exc.strerror or str(exc)
-            raise ControlError(UNAVAILABLE, f"cannot reach xentmemd at {self.socket_path}: "
+            raise ControlError(UNAVAILABLE, f"cannot reach {self.daemon} at {self.socket_path}: "
                                             f"{reason} (is the daemon running?)") from None
         self._sock = sock
         return sock
@@ -111,7 +106,7 @@ class ControlClient:
                 raise ControlError(PROTOCOL, f"answer longer than {MAX_RESPONSE_BYTES} bytes")
             chunk = sock.recv(256 * 1024)
             if not chunk:
-                raise ControlError(UNAVAILABLE, "xentmemd closed the connection")
+                raise ControlError(UNAVAILABLE, f"{self.daemon} closed the connection")
             self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
         return line
@@ -149,7 +144,7 @@ class ControlClient:
         with self._lock:
             request_id = next(self._ids)
             line = encode_request(op, args, request_id)
-            spec = protocol.OPS.get(op)
+            spec = self.ops.get(op)
             replayable = spec is not None and not spec.mutates
             for attempt in (1, 2):
                 fresh = self._sock is None
@@ -158,7 +153,7 @@ class ControlClient:
                     sock.sendall(line)
                 except socket.timeout:
                     self._drop()
-                    raise ControlError(TIMEOUT, f"xentmemd did not take {op!r} within "
+                    raise ControlError(TIMEOUT, f"{self.daemon} did not take {op!r} within "
                                                 f"{self.timeout:g}s") from None
                 except OSError as exc:
                     said = self._salvage(sock)
@@ -168,14 +163,14 @@ class ControlClient:
                     # The request never got through whole, so it cannot have run: retry once
                     # on a fresh connection if this one was an old, kept-alive one.
                     if fresh or attempt == 2:
-                        raise ControlError(UNAVAILABLE, f"xentmemd dropped the connection: "
-                                                        f"{exc}") from None
+                        raise ControlError(UNAVAILABLE, f"{self.daemon} dropped the "
+                                                        f"connection: {exc}") from None
                     continue
                 try:
                     return decode_response(self._read_line(sock), request_id)
                 except socket.timeout:
                     self._drop()
-                    raise ControlError(TIMEOUT, f"no answer to {op!r} from xentmemd within "
+                    raise ControlError(TIMEOUT, f"no answer to {op!r} from {self.daemon} within "
                                                 f"{self.timeout:g}s") from None
                 except ControlError as exc:
                     if exc.code not in (UNAVAILABLE, PROTOCOL):
@@ -195,14 +190,25 @@ class ControlClient:
                     raise self._lost_answer(op, replayable, str(exc)) from None
             raise AssertionError("unreachable")  # pragma: no cover
 
-    @staticmethod
-    def _lost_answer(op: str, replayable: bool, reason: str) -> ControlError:
+    def _lost_answer(self, op: str, replayable: bool, reason: str) -> ControlError:
         """The connection went after the daemon had the whole request."""
         if replayable:
-            return ControlError(UNAVAILABLE, f"xentmemd dropped the connection: {reason}")
-        return ControlError(UNAVAILABLE, f"xentmemd dropped the connection before answering "
-                                         f"{op!r} ({reason}); it may have run: check with "
-                                         "status before trying again")
+            return ControlError(UNAVAILABLE, f"{self.daemon} dropped the connection: {reason}")
+        return ControlError(UNAVAILABLE, f"{self.daemon} dropped the connection before "
+                                         f"answering {op!r} ({reason}); it may have run: "
+                                         "check its state before trying again")
+
+
+
+class ControlClient(ControlConnection):
+    """A client of ``xentmemd``: its ops as methods, the page API as two attributes."""
+
+    def __init__(self, socket_path: str | os.PathLike[str] | None = None,
+                 timeout: float = 10.0) -> None:
+        super().__init__(socket_path or default_socket_path(), timeout, ops=protocol.OPS,
+                         daemon="xentmemd")
+        self.cleancache = CleancacheClient(self)
+        self.frontswap = FrontswapClient(self)
 
     # -- the daemon -----------------------------------------------------------------------------
 

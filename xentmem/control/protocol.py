@@ -1,22 +1,11 @@
-"""The control protocol of ``xentmemd``: versioned JSON lines over a Unix stream socket.
+"""The control protocol of ``xentmemd`` and ``xentmem-hostd``: versioned JSON lines over a
+Unix stream socket, one request and one answer per line, in order (``docs/control-protocol.md``).
 
-One request is one JSON object on one line (UTF-8, ended by ``\\n``); the daemon answers each
-with one JSON object on one line, in order, on the same connection.  A request::
-
-    {"v": 1, "id": 7, "op": "params.set", "args": {"name": "capacity", "value": "64M"}}
-
-and its answer, either::
-
-    {"v": 1, "id": 7, "ok": true, "result": {...}}
-    {"v": 1, "id": 7, "ok": false, "error": {"code": "bad_value", "message": "capacity: ..."}}
-
-The op table below is the single declaration of every op and its arguments: the daemon checks
-a request against it before anything runs (an unknown op or argument, a missing or mistyped one
-is an error that changes nothing), the client builds requests from it, and
-``docs/control-protocol.md`` describes it.  Pages travel as base64 text (a 4 KiB page is about
-5.5 KiB on the wire), so a request line is bounded by :data:`MAX_REQUEST_BYTES`.
-
-This module does no I/O: it encodes, decodes and checks, so both ends share one definition.
+Both daemons speak this one envelope; each declares its own op table (``xentmemd``'s is
+:data:`OPS` below, ``xentmem-hostd``'s :data:`xentmem.hostd.control.OPS`).  A daemon checks a
+request against its table before anything runs, so a refused request changed nothing; the
+client learns from it which ops may be resent.  This module does no I/O: it encodes, decodes
+and checks, so both ends share one definition.
 """
 
 from __future__ import annotations
@@ -96,12 +85,21 @@ class ControlError(XentmemError):
     def to_wire(self) -> dict[str, str]:
         return {"code": self.code, "message": self.message}
 
+    @property
+    def unreachable(self) -> bool:
+        """True when there was no daemon to ask (not running, no answer), not a refusal."""
+        return self.code in (UNAVAILABLE, TIMEOUT)
+
 
 # -- argument kinds -------------------------------------------------------------------------
 
 #: Names of the JSON shapes an argument may take.  ``page`` and ``bytes`` are base64 text;
-#: ``key`` is a cleancache file key (see :func:`decode_file_key`); ``any`` is a JSON scalar.
-ARG_KINDS = ("str", "int", "uint", "bool", "any", "object", "bytes", "page", "key")
+#: ``key`` is a cleancache file key (see :func:`decode_file_key`); ``any`` is a JSON scalar;
+#: ``domid`` a guest's domain id or ``"all"`` (xl's ``-a``); ``flag`` true/false or 0/1.
+ARG_KINDS = ("str", "int", "uint", "bool", "any", "object", "bytes", "page", "key", "domid",
+             "flag")
+#: The highest domain id a guest can have (DOMID_FIRST_RESERVED - 1 in Xen's public headers).
+MAX_DOMID = 0x7FEF
 
 
 @dataclass(frozen=True)
@@ -277,6 +275,18 @@ def _check_arg(arg: Arg, untrusted: Any) -> Any:
         ok = untrusted is None or isinstance(untrusted, (str, int, float, bool))
     elif kind == "object":
         ok = isinstance(untrusted, dict)
+    elif kind == "domid":
+        if untrusted == "all":
+            return untrusted
+        ok = (isinstance(untrusted, int) and not isinstance(untrusted, bool)
+              and 0 <= untrusted <= MAX_DOMID)
+        if not ok:
+            raise ControlError(BAD_ARGS, f'{arg.name}: a domain id 0..{MAX_DOMID} or "all", '
+                                         f"got {untrusted!r}")
+    elif kind == "flag":
+        if untrusted in (0, 1) and not isinstance(untrusted, float):
+            return bool(untrusted)
+        raise ControlError(BAD_ARGS, f"{arg.name}: true/false or 0/1, got {untrusted!r}")
     elif kind in ("bytes", "page"):
         if not isinstance(untrusted, str):
             raise ControlError(BAD_ARGS, f"{arg.name}: expected base64 text")
@@ -321,8 +331,10 @@ def request_id_of(untrusted_line: bytes) -> Any:
     return None
 
 
-def decode_request(untrusted_line: bytes) -> Request:
-    """Parse and check one request line against :data:`OPS`; ControlError if it is refused."""
+def decode_request(untrusted_line: bytes, ops: Mapping[str, OpSpec] | None = None) -> Request:
+    """Parse and check one request line against an op table (``xentmemd``'s :data:`OPS` by
+    default); ControlError if it is refused."""
+    ops = OPS if ops is None else ops
     if len(untrusted_line) > MAX_REQUEST_BYTES:
         raise ControlError(BAD_REQUEST, f"request longer than {MAX_REQUEST_BYTES} bytes")
     try:
@@ -347,7 +359,7 @@ def decode_request(untrusted_line: bytes) -> Request:
     op = untrusted.get("op")
     if not isinstance(op, str):
         raise ControlError(BAD_REQUEST, "op must be a string")
-    spec = OPS.get(op)
+    spec = ops.get(op)
     if spec is None:
         raise ControlError(UNKNOWN_OP, f"unknown op {op!r}; see the 'hello' op for the list")
     untrusted_args = untrusted.get("args", {})

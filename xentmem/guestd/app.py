@@ -1,39 +1,29 @@
-"""``xentmemd``: the composition root and the main loop.
+"""``xentmemd``: the composition root, the main loop and the command line.
 
-Start: read and check the config (a bad one exits with status 78, EX_CONFIG, naming file,
-line and key), take the run and state directories' locks (another live daemon there: exit,
-touching nothing of its own), build the shim with the self-balloon service as its listener,
-choose and load the backend (the loops start lazily with it), open the control socket, tell
-systemd READY.
-
-Run: the main thread waits on the signal flags' self-pipe with a timeout and does what is
-due: a WATCHDOG ping (always first), the metrics textfile, a STATUS line; SIGHUP reloads the
-config (a bad file is logged and the old config kept).  The main thread never waits for a
-lock a long socket operation may hold (an unload repatriating for minutes holds the
-frontends' and the configuration's): the textfile and the STATUS line are computed on
-threads of their own, and a reload waits, deferred, until the configuration lock is free,
-so the WATCHDOG ping keeps coming.
-
-Stop (SIGTERM/SIGINT): STOPPING=1, then in order the balloon loops, the backend (unloaded with
-its swap pages repatriated to their backing stores, which are saved in the state directory),
-then the sockets.  The exit status is 0 only if nothing was left behind: no step failed and
-no swap page died with the process (a memory-backed area's pages do).
+Start: the config (refused: exit 78), the run and state directories' locks (another live
+daemon: exit, touching nothing of its own), the shim and its backend, the control socket,
+READY.  Run: the main thread waits on the signal flags' self-pipe and does what is due
+(WATCHDOG first, the metrics textfile, STATUS, a SIGHUP reload); it never waits for a lock a
+long socket op may hold, so the WATCHDOG ping keeps coming during an unload.  Stop: balloon
+loops, backend (swap pages repatriated), sockets; exit 0 only if nothing was left behind
+(``docs/configuration.md``, "Stopping and exit status").
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import sys
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import click
+
 from xentmem import __version__
 from xentmem.clock import Clock, SystemClock, WakeableClock
+from xentmem.console import CONTEXT_SETTINGS, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, abort
 from xentmem.errors import ConfigError, ParamError, XentmemError
 from xentmem.guest import registry
 from xentmem.guestd import balloon as balloon_mod
@@ -55,10 +45,6 @@ from xentmem_selfballoon.knobs import SELFBALLOON_PARAMS
 
 log = logging.getLogger("xentmem.guestd")
 
-EX_OK = 0
-EX_FAILURE = 1
-EX_USAGE = 2
-EX_CONFIG = 78  # sysexits.h: the unit can say RestartPreventExitStatus=78
 #: How often the STATUS= line (and the debug log line) is refreshed.
 STATUS_INTERVAL_S = 60.0
 #: How long a client's ``config.reload`` waits for the main thread to start it (and as long
@@ -383,16 +369,16 @@ class Application:
         if not (self.run_lock.held and self.state_lock.held):
             self.notifier.close()
             self.run_lock.release()
-            return EX_FAILURE
+            return EXIT_FAILURE
         self.notifier.stopping("stopping: repatriating swap pages")
-        status = EX_OK
+        status = EXIT_OK
         if self.daemon is not None:
             try:
                 if not self.daemon.shutdown()["clean"]:
-                    status = EX_FAILURE
+                    status = EXIT_FAILURE
             except Exception:  # Daemon.shutdown records its own failures; this is a bug
                 log.exception("shutdown of the daemon core failed")
-                status = EX_FAILURE
+                status = EXIT_FAILURE
             if self.daemon.config.daemon["metrics_textfile"]:
                 try:
                     self.write_metrics(final=True)
@@ -404,7 +390,7 @@ class Application:
                 self.server.stop()
             except Exception:
                 log.exception("closing the control socket failed")
-                status = EX_FAILURE
+                status = EXIT_FAILURE
         self.notifier.close()
         self.state_lock.release()
         self.run_lock.release()
@@ -414,41 +400,72 @@ class Application:
 
 # -- command line ----------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="xentmemd",
-        description="Transcendent memory and self-ballooning for a Xen guest, in user space.",
-        epilog="Precedence: -o and other flags > the config file > the kernel command line "
-               "(deprecated) > defaults.  SIGHUP re-reads the config; SIGTERM stops cleanly.",
-    )
-    parser.add_argument("--config", help=f"config file (.toml, or modprobe-style lines in any "
-                                          f"other file); default {DEFAULT_CONFIG} under --root, "
-                                          "which may be absent")
-    parser.add_argument("--root", help="system root for /proc, /sys and /etc (default / or "
-                                       "$XENTMEM_ROOT)")
-    parser.add_argument("--run-dir", help="run directory for the control socket (default "
-                                          "/run/xentmem under --root)")
-    parser.add_argument("--state-dir", help="state directory, kept across restarts, for "
-                                            "file-backed swap areas and shutdown.json "
-                                            "(default $STATE_DIRECTORY, else /var/lib/xentmem "
-                                            "under --root)")
-    parser.add_argument("--xenstore-socket", help="xenstored Unix socket (default: the xenbus "
-                                                  "device, or $XENSTORED_PATH)")
-    parser.add_argument("--backend", help="backend to load: auto, zcache, xen, ...")
-    parser.add_argument("--log-level", choices=config_mod.LOG_LEVELS)
-    parser.add_argument("--control-group", help="group allowed on the control socket (0660)")
-    parser.add_argument("--control-mode", help="control socket mode in octal")
-    parser.add_argument("--metrics-textfile", help="node_exporter textfile to write")
-    parser.add_argument("-o", "--option", action="append", default=[], metavar="[SECTION.]K=V",
-                        help="a param, flag or knob (repeatable): capacity=64M, "
-                             "tmem.cleancache=0, selfballoon_interval=10")
-    parser.add_argument("--check-config", action="store_true",
-                        help="check the configuration, print it, and exit")
-    parser.add_argument("--version", action="version", version=f"xentmemd {__version__}")
-    return parser
+@dataclass(frozen=True)
+class Options:
+    """The command line, parsed: what :func:`application_from_args` builds the daemon from."""
+
+    config: str | None = None
+    root: str | None = None
+    run_dir: str | None = None
+    state_dir: str | None = None
+    xenstore_socket: str | None = None
+    backend: str | None = None
+    log_level: str | None = None
+    control_group: str | None = None
+    control_mode: str | None = None
+    metrics_textfile: str | None = None
+    option: tuple[str, ...] = ()
+    check_config: bool = False
 
 
-def overrides_of(args: argparse.Namespace) -> list[str]:
+@click.command(
+    name="xentmemd", context_settings=CONTEXT_SETTINGS,
+    epilog="Precedence: -o and other flags > the config file > the kernel command line "
+           "(deprecated) > defaults.  SIGHUP re-reads the config; SIGTERM stops cleanly.",
+)
+@click.option("--config", metavar="PATH",
+              help=f"Config file (.toml, or modprobe-style lines in any other file); default "
+                   f"{DEFAULT_CONFIG} under --root, which may be absent.")
+@click.option("--root", metavar="PATH",
+              help="System root for /proc, /sys and /etc (default / or $XENTMEM_ROOT).")
+@click.option("--run-dir", metavar="PATH",
+              help="Run directory for the control socket (default /run/xentmem under --root).")
+@click.option("--state-dir", metavar="PATH",
+              help="State directory, kept across restarts, for file-backed swap areas and "
+                   "shutdown.json (default $STATE_DIRECTORY, else /var/lib/xentmem under "
+                   "--root).")
+@click.option("--xenstore-socket", metavar="PATH",
+              help="xenstored Unix socket (default: the xenbus device, or $XENSTORED_PATH).")
+@click.option("--backend", help="Backend to load: auto, zcache, xen, ...")
+@click.option("--log-level", type=click.Choice(config_mod.LOG_LEVELS))
+@click.option("--control-group", help="Group allowed on the control socket (0660).")
+@click.option("--control-mode", help="Control socket mode in octal.")
+@click.option("--metrics-textfile", metavar="PATH", help="node_exporter textfile to write.")
+@click.option("-o", "--option", multiple=True, metavar="[SECTION.]K=V",
+              help="A param, flag or knob (repeatable): capacity=64M, tmem.cleancache=0, "
+                   "selfballoon_interval=10.")
+@click.option("--check-config", is_flag=True,
+              help="Check the configuration, print it, and exit.")
+@click.version_option(__version__, prog_name="xentmemd", message="%(prog)s %(version)s")
+def command(**params: Any) -> None:
+    """Transcendent memory and self-ballooning for a Xen guest, in user space."""
+    args = Options(**params)
+    setup_logging(args.log_level or "info")
+    app = application_from_args(args)
+    if args.check_config:
+        check_config(app)
+        return
+    app.signals.install()
+    raise click.exceptions.Exit(serve(app))
+
+
+def parse_args(argv: Sequence[str]) -> Options:
+    """The command line as :class:`Options`, running nothing (a usage error raises)."""
+    with command.make_context("xentmemd", list(argv)) as ctx:
+        return Options(**ctx.params)
+
+
+def overrides_of(args: Options) -> list[str]:
     """The flags as ``-o`` words (named flags first, so an explicit -o wins)."""
     words = []
     for flag, key in (("backend", "backend"), ("log_level", "log_level"),
@@ -460,8 +477,7 @@ def overrides_of(args: argparse.Namespace) -> list[str]:
     return words + list(args.option)
 
 
-def application_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None
-                          ) -> Application:
+def application_from_args(args: Options, env: Mapping[str, str] | None = None) -> Application:
     env = os.environ if env is None else env
     root = Path(args.root or env.get("XENTMEM_ROOT") or "/")
     run_dir = Path(args.run_dir) if args.run_dir else None
@@ -479,26 +495,25 @@ def application_from_args(args: argparse.Namespace, env: Mapping[str, str] | Non
                        state_dir=Path(state) if state else None)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.log_level or "info")
-    app = application_from_args(args)
-    if args.check_config:
-        try:
-            config = app.read_config()
-        except ConfigError as exc:
-            print(f"xentmemd: {exc}", file=sys.stderr)
-            return EX_CONFIG
-        print(f"{config.path or app.config_path}: ok")
-        for key, where in sorted(config.origins.items()):
-            section, _, name = key.partition(".")
-            value = {"daemon": config.daemon, "tmem": config.tmem,
-                     "selfballoon": config.knobs}.get(section)
-            shown = (value or {}).get(name, config.backend_params.get(section, {}).get(name))
-            print(f"  {key} = {shown!r} (from {where})")
-        return EX_OK
-    app.signals.install()
-    return serve(app)
+def check_config(app: Application) -> None:
+    """``--check-config``: the configuration as it would apply, or a refusal (exit 78)."""
+    try:
+        config = app.read_config()
+    except ConfigError as exc:
+        abort(str(exc), EXIT_CONFIG)
+    click.echo(f"{config.path or app.config_path}: ok")
+    for key, where in sorted(config.origins.items()):
+        section, _, name = key.partition(".")
+        value = {"daemon": config.daemon, "tmem": config.tmem,
+                 "selfballoon": config.knobs}.get(section)
+        shown = (value or {}).get(name, config.backend_params.get(section, {}).get(name))
+        click.echo(f"  {key} = {shown!r} (from {where})")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The console script ``xentmemd`` (exits with the status of the table in
+    :mod:`xentmem.console`)."""
+    command.main(args=None if argv is None else list(argv), prog_name="xentmemd")
 
 
 def serve(app: Application) -> int:
@@ -511,11 +526,11 @@ def serve(app: Application) -> int:
         # and 78 is what the unit's RestartPreventExitStatus= stops on.
         log.error("refusing to start: %s", exc)
         app.shutdown()
-        return EX_CONFIG
+        return EXIT_CONFIG
     except (XentmemError, ServerError, OSError) as exc:
         log.error("cannot start: %s", exc)
         app.shutdown()
-        return EX_FAILURE
+        return EXIT_FAILURE
     try:
         app.run()
     finally:
@@ -524,4 +539,4 @@ def serve(app: Application) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

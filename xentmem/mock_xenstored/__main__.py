@@ -1,8 +1,11 @@
-"""``python -m xentmem.mock_xenstored --dir DIR [--domain N ...]``: run the stand-in by hand."""
+"""``python -m xentmem.mock_xenstored --dir DIR [--domain N ...]``: run the stand-in by hand.
+
+It prints ``XENSTORED_PATH=...`` (dom0's socket) and ``DOMAIN_N_SOCKET=...`` for each guest,
+then serves until SIGINT or SIGTERM.  Output and exit codes follow :mod:`xentmem.console`.
+"""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import sys
@@ -10,44 +13,33 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+import click
+
+from xentmem.console import CONTEXT_SETTINGS, abort
 from xentmem.mock_xenstored.server import XsServer
 from xentmem.mock_xenstored.store import Limits
 
 log = logging.getLogger("xentmem.mock_xenstored")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Serve until SIGINT or SIGTERM; print the sockets made."""
-    parser = argparse.ArgumentParser(
-        prog="python -m xentmem.mock_xenstored",
-        description="A xenstore server on Unix sockets: dom0 on DIR/socket, guest N on "
-        "DIR/domain-N.sock once introduced.",
-    )
-    parser.add_argument("--dir", required=True, type=Path, help="where the sockets go")
-    parser.add_argument(
-        "--domain",
-        type=int,
-        action="append",
-        default=[],
-        metavar="N",
-        help="create guest N's home as a toolstack would and introduce it (repeatable)",
-    )
-    parser.add_argument(
-        "--flavour",
-        choices=["c-xenstored", "oxenstored"],
-        default="c-xenstored",
-        help="whose limits to apply (default: %(default)s)",
-    )
-    parser.add_argument(
-        "-v", "--verbose", action="store_true", help="log every fault and debug line"
-    )
-    args = parser.parse_args(argv)
+@click.command(name="xentmem.mock_xenstored", context_settings=CONTEXT_SETTINGS)
+@click.option("--dir", "directory", required=True, metavar="DIR",
+              type=click.Path(file_okay=False, path_type=Path), help="Where the sockets go.")
+@click.option("--domain", "domains", type=click.IntRange(1, 0x7FEF), multiple=True,
+              metavar="N",
+              help="Create guest N's home as a toolstack would and introduce it (repeatable).")
+@click.option("--flavour", type=click.Choice(["c-xenstored", "oxenstored"]),
+              default="c-xenstored", show_default=True, help="Whose limits to apply.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every fault and debug line.")
+def command(directory: Path, domains: tuple[int, ...], flavour: str, verbose: bool) -> None:
+    """A xenstore server on Unix sockets: dom0 on DIR/socket, guest N on DIR/domain-N.sock
+    once introduced."""
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    limits = Limits.oxenstored() if args.flavour == "oxenstored" else Limits.c_xenstored()
+    limits = Limits.oxenstored() if flavour == "oxenstored" else Limits.c_xenstored()
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -56,17 +48,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    with XsServer(args.dir, limits=limits) as server:
-        print(f"XENSTORED_PATH={server.dom0_socket}", flush=True)
-        for domid in args.domain:
+    with XsServer(directory, limits=limits) as server:
+        click.echo(f"XENSTORED_PATH={server.dom0_socket}")
+        sys.stdout.flush()
+        for domid in domains:
             path = server.prepare_domain(domid)
-            print(f"DOMAIN_{domid}_SOCKET={path}", flush=True)
+            click.echo(f"DOMAIN_{domid}_SOCKET={path}")
+            sys.stdout.flush()
         while not stop.wait(1.0):
             if not server.running:
-                log.error("the server loop stopped")
-                return 1
-    return 0
+                abort("the server loop stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Serve until SIGINT or SIGTERM (exits 0), or fail with one line on stderr."""
+    command.main(args=None if argv is None else list(argv),
+                 prog_name="python -m xentmem.mock_xenstored")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

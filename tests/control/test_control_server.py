@@ -1,0 +1,140 @@
+"""The server core both daemons share: the answer to a line, line framing, the listening
+socket, and the loop-driven server ``xentmem-hostd`` uses."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from xentmem.control import protocol
+from xentmem.control.protocol import Arg, ControlError, OpSpec, Request
+from xentmem.control.server import (
+    ControlSocket,
+    LineReader,
+    PolledServer,
+    ServerError,
+    respond,
+)
+
+OPS = {spec.name: spec for spec in (
+    OpSpec("echo", "say it back", (Arg("text", "str", "what to say"),), returns="{text}"),
+    OpSpec("fail", "refuse"), OpSpec("crash", "a bug"), OpSpec("odd", "not JSON"),
+)}
+
+
+def run(request: Request) -> Any:
+    if request.op == "fail":
+        raise ControlError(protocol.NOT_FOUND, "nothing here")
+    if request.op == "crash":
+        raise RuntimeError("boom")
+    if request.op == "odd":
+        loop: list[Any] = []
+        loop.append(loop)
+        return loop  # a result json cannot encode
+    return {"text": request.args["text"]}
+
+
+def answer(line: bytes) -> dict[str, Any]:
+    return json.loads(respond(line, OPS, run))
+
+
+def test_a_line_becomes_its_answer_and_failures_become_codes() -> None:
+    assert answer(b'{"v":1,"id":1,"op":"echo","args":{"text":"hi"}}') == {
+        "v": 1, "id": 1, "ok": True, "result": {"text": "hi"}}
+    assert answer(b'{"v":1,"id":2,"op":"status"}')["error"]["code"] == protocol.UNKNOWN_OP
+    assert answer(b'{"v":1,"id":3,"op":"echo"}')["error"]["code"] == protocol.BAD_ARGS
+    assert answer(b'{"v":1,"id":4,"op":"fail"}')["error"] == {
+        "code": protocol.NOT_FOUND, "message": "nothing here"}
+    crashed = answer(b'{"v":1,"id":5,"op":"crash"}')
+    assert crashed["id"] == 5 and crashed["error"]["code"] == protocol.INTERNAL
+    assert "crash" in crashed["error"]["message"] and "boom" in crashed["error"]["message"]
+    assert answer(b'{"v":1,"id":6,"op":"odd"}')["error"]["code"] == protocol.INTERNAL
+    assert answer(b'{"v":9,"id":7,"op":"echo"}')["id"] == 7  # the id of a refused line
+
+
+def test_lines_are_cut_blank_ones_skipped_and_overlong_ones_seen() -> None:
+    reader = LineReader(limit=10)
+    reader.feed(b"one\n\n  \ntw")
+    assert list(reader.lines()) == [b"one"]
+    reader.feed(b"o\nthree")
+    assert list(reader.lines()) == [b"two"] and reader.buffer == b"three"
+    assert not reader.overlong
+    reader.feed(b"x" * 10)
+    assert reader.overlong
+
+
+def test_the_socket_is_owner_only_and_a_live_one_is_not_taken(tmp_path: Path) -> None:
+    path = tmp_path / "d.sock"
+    first = ControlSocket(path, daemon="testd")
+    first.bind()
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert [p.name for p in tmp_path.iterdir()] == ["d.sock"]  # no staging dir left
+        with pytest.raises(ServerError, match="another testd is listening"):
+            ControlSocket(path, daemon="testd").bind()
+    finally:
+        first.close()
+    assert not path.exists()
+    with pytest.raises(ServerError, match="every local user"):
+        ControlSocket(path, daemon="testd", mode=0o666)
+
+
+@pytest.fixture
+def polled(tmp_path: Path) -> Iterator[PolledServer]:
+    """A PolledServer driven by a select loop on a thread, as xentmem-hostd's loop does."""
+    server = PolledServer(tmp_path / "p.sock", lambda line: respond(line, OPS, run),
+                          daemon="testd").open()
+    stop_r, stop_w = os.pipe()
+
+    def loop() -> None:
+        while True:
+            readable, _, _ = select.select([*server.filenos(), stop_r], [], [], 5.0)
+            if stop_r in readable:
+                return
+            for fd in readable:
+                server.ready(fd)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    yield server
+    os.write(stop_w, b"x")
+    thread.join(10)
+    server.close()
+    os.close(stop_r)
+    os.close(stop_w)
+    assert not server.path.exists()
+
+
+def exchange(path: Path, payload: bytes) -> list[dict[str, Any]]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5.0)
+        sock.connect(str(path))
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def test_a_polled_server_answers_in_order_on_one_connection(polled: PolledServer) -> None:
+    replies = exchange(polled.path, b'{"v":1,"id":1,"op":"echo","args":{"text":"a"}}\n\n'
+                                    b'garbage\n{"v":1,"id":2,"op":"fail"}\n')
+    assert [r.get("result") for r in replies] == [{"text": "a"}, None, None]
+    assert [r.get("error", {}).get("code") for r in replies] == [
+        None, protocol.BAD_REQUEST, protocol.NOT_FOUND]
+
+
+def test_a_polled_server_refuses_an_overlong_line_and_closes(polled: PolledServer) -> None:
+    replies = exchange(polled.path, b"x" * (protocol.MAX_REQUEST_BYTES + 10))
+    assert len(replies) == 1 and replies[0]["error"]["code"] == protocol.BAD_REQUEST
+    assert "longer than" in replies[0]["error"]["message"]

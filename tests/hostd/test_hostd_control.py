@@ -1,0 +1,72 @@
+"""``xentmem-hostd``'s op table and handlers, without xenstore: what is refused before
+anything changes, and that the docs describe every op."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from xentmem.control import protocol
+from xentmem.hostd.control import MAX_WEIGHT, OPS
+from xentmem.hostd.handlers import HostControl
+from xentmem.hostd.store import HostStore
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "control-protocol.md"
+
+
+def line(op: str, **args: Any) -> bytes:
+    return json.dumps({"v": 1, "id": 1, "op": op, "args": args}).encode()
+
+
+@pytest.fixture
+def control() -> HostControl:
+    service = SimpleNamespace(store=HostStore(64 << 20), devices={})
+    return HostControl(service)  # type: ignore[arg-type]
+
+
+def ask(control: HostControl, op: str, **args: Any) -> dict[str, Any]:
+    return json.loads(control.handle_line(line(op, **args)))
+
+
+def code(control: HostControl, op: str, **args: Any) -> str | None:
+    return ask(control, op, **args).get("error", {}).get("code")
+
+
+def test_every_op_is_documented_on_the_one_envelope() -> None:
+    section = DOC.read_text().split("## xentmem-hostd ops", 1)[1].split("\n## ", 1)[0]
+    for spec in OPS.values():
+        assert spec.doc and spec.returns, spec.name
+        assert f"| `{spec.name}` |" in section, spec.name
+
+
+@pytest.mark.parametrize(("op", "args"), [
+    ("freeze", {"domid": -1}), ("freeze", {"domid": protocol.MAX_DOMID + 1}),
+    ("freeze", {"domid": True}), ("freeze", {"domid": "5"}), ("freeze", {}),
+    ("freeze", {"domid": 5, "extra": 1}), ("set", {"domid": 5, "compress": 2}),
+    ("set", {"domid": 5, "weight": -1}), ("set", {"domid": 5, "weight": MAX_WEIGHT + 1}),
+    ("set", {"domid": 5}), ("shared-auth", {"domid": 5, "auth": True}),
+    ("shared-auth", {"domid": 5, "auth": True, "uuid": "x"}),
+    ("shared-auth", {"domid": 5, "auth": "yes", "uuid": "x"}),
+])
+def test_bad_arguments_are_refused_and_change_nothing(control: HostControl, op: str,
+                                                      args: dict[str, Any]) -> None:
+    before = ask(control, "list")
+    assert code(control, op, **args) == protocol.BAD_ARGS
+    assert ask(control, "list") == before
+
+
+def test_ops_reach_the_store(control: HostControl) -> None:
+    store = control.service.store
+    assert code(control, "list", domid=5) == protocol.NOT_FOUND
+    assert ask(control, "set", domid=5, weight=3, compress=0)["result"] == {
+        "domids": [5], "weight": 3, "compress": False}
+    assert ask(control, "freeze", domid="all")["result"] == {"domids": [5], "frozen": True}
+    assert ask(control, "shared-auth", domid="all", auth=0)["result"] == {"shared_auth": False}
+    assert store.shared_auth is False
+    hello = ask(control, "hello")["result"]
+    assert hello["service"] == "xentmem-hostd" and set(hello["ops"]) == set(OPS)
+    assert ask(control, "freeable")["result"] == {"freeable_mb": store.freeable_mb()}

@@ -1,0 +1,296 @@
+"""The server side both daemons share: the listening socket, line framing, and the answer.
+
+Each daemon drives it its own way: ``xentmemd`` serves each client on a thread of its own
+(an op may take minutes, as an unload does), ``xentmem-hostd`` serves them from its one loop
+between xenstore events (:class:`PolledServer`).  What they share is here, once: how the
+socket is bound (never reachable with looser permissions, a live daemon's socket never
+taken over), how lines are cut from the stream (bounded), and how a line becomes its answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import logging
+import os
+import socket
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Callable
+
+from xentmem.control import protocol
+from xentmem.control.protocol import MAX_REQUEST_BYTES, ControlError, OpSpec, Request
+from xentmem.errors import XentmemError
+
+log = logging.getLogger(__name__)
+
+OWNER_ONLY = 0o600
+GROUP_ACCESS = 0o660
+#: Bits for other users, refused: a control socket changes what the daemon does.
+WORLD_BITS = 0o007
+
+#: One request line in, one answer line out.
+LineHandler = Callable[[bytes], bytes]
+
+
+class ServerError(XentmemError):
+    """The socket could not be set up (another daemon on it, bad group, no permission)."""
+
+
+def socket_mode(mode: int, group: str) -> int:
+    """The mode a configuration asks for: explicit, else 0660 with a group, else 0600."""
+    chosen = mode or (GROUP_ACCESS if group else OWNER_ONLY)
+    if chosen & WORLD_BITS:
+        raise ServerError(f"control socket mode {chosen:04o} opens it to every local user; "
+                          "owner and group bits only")
+    return chosen
+
+
+def group_id(name: str) -> int:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        if name.isdigit():
+            return int(name)
+        raise ServerError(f"control socket group {name!r} does not exist") from None
+
+
+# -- the answer ---------------------------------------------------------------------------------
+
+def respond(untrusted_line: bytes, ops: Mapping[str, OpSpec],
+            run: Callable[[Request], Any]) -> bytes:
+    """One request line in, one answer line out; never raises.
+
+    ``run`` gets a request checked against ``ops`` and raises ControlError to refuse it;
+    any other exception is a bug, logged with its traceback and answered ``internal``.
+    """
+    try:
+        request = protocol.decode_request(untrusted_line, ops)
+    except ControlError as exc:
+        return protocol.encode_error(protocol.request_id_of(untrusted_line), exc)
+    try:
+        return protocol.encode_result(request.id, run(request))
+    except ControlError as exc:
+        log.debug("control op %s refused: %s: %s", request.op, exc.code, exc.message)
+        return protocol.encode_error(request.id, exc)
+    except Exception as exc:  # a control request must never take the daemon down
+        log.error("control op %s failed unexpectedly", request.op, exc_info=exc)
+        internal = ControlError(protocol.INTERNAL, f"{request.op}: internal error: "
+                                                   f"{type(exc).__name__}: {exc}")
+        return protocol.encode_error(request.id, internal)
+
+
+def too_long() -> bytes:
+    """The answer to a line longer than the protocol allows (the connection then closes)."""
+    error = ControlError(protocol.BAD_REQUEST, f"request longer than {MAX_REQUEST_BYTES} bytes")
+    return protocol.encode_error(None, error)
+
+
+class LineReader:
+    """Cuts one connection's byte stream into request lines (blank lines are skipped)."""
+
+    def __init__(self, limit: int = MAX_REQUEST_BYTES) -> None:
+        self.limit = limit
+        self.buffer = b""
+
+    def feed(self, data: bytes) -> None:
+        self.buffer += data
+
+    def lines(self) -> Iterator[bytes]:
+        while True:
+            newline = self.buffer.find(b"\n")
+            if newline < 0:
+                return
+            line, self.buffer = self.buffer[:newline], self.buffer[newline + 1:]
+            if line.strip():
+                yield line
+
+    @property
+    def overlong(self) -> bool:
+        """The unfinished line is already longer than any request may be."""
+        return len(self.buffer) > self.limit
+
+
+# -- the listening socket -----------------------------------------------------------------------
+
+class ControlSocket:
+    """The listening socket at ``path``, owned by the daemon ``daemon`` (named in errors).
+
+    It is bound inside a private ``0700`` directory, given its mode and group there, and only
+    then renamed into place.  A stale socket file is replaced; a live daemon's is not.  On
+    :meth:`close` the file is removed only if it is still the one this socket bound.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, daemon: str, mode: int = 0,
+                 group: str = "") -> None:
+        socket_mode(mode, group)  # refuse bits for others before anything exists
+        self.path = Path(path)
+        self.daemon = daemon
+        self.mode = mode
+        self.group = group
+        self.listener: socket.socket | None = None
+        #: (st_dev, st_ino) of the file this socket bound.
+        self._bound: tuple[int, int] | None = None
+
+    def bind(self) -> socket.socket:
+        self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self._claim_path()
+        private = Path(tempfile.mkdtemp(prefix=".bind-", dir=self.path.parent))
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            staging = private / "s"
+            listener.bind(str(staging))
+            self._set_access(staging)
+            listener.listen(16)
+            bound = os.stat(staging)
+            os.rename(staging, self.path)
+            self._bound = (bound.st_dev, bound.st_ino)
+        except BaseException:
+            listener.close()
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                for leftover in private.iterdir():
+                    leftover.unlink()
+                private.rmdir()
+        listener.setblocking(False)
+        self.listener = listener
+        return listener
+
+    def _claim_path(self) -> None:
+        """Remove a stale socket; refuse if a live daemon answers on it."""
+        if not (self.path.exists() or self.path.is_symlink()):
+            return
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(self.path))
+        except OSError:
+            log.info("removing stale control socket %s", self.path)
+            self.path.unlink()
+        else:
+            raise ServerError(f"another {self.daemon} is listening on {self.path}")
+        finally:
+            probe.close()
+
+    def _set_access(self, path: Path) -> None:
+        if self.group:
+            os.chown(path, -1, group_id(self.group))
+        os.chmod(path, socket_mode(self.mode, self.group))
+
+    def set_access(self, mode: int, group: str) -> None:
+        """Change the socket's mode and group while it is bound (nothing changes on error)."""
+        old = (self.mode, self.group)
+        self.mode, self.group = mode, group
+        try:
+            self._set_access(self.path)
+        except (OSError, ServerError):
+            self.mode, self.group = old
+            raise
+
+    def describe(self) -> str:
+        mode = socket_mode(self.mode, self.group)
+        return f"{self.path} (mode {mode:04o}{f', group {self.group}' if self.group else ''})"
+
+    def accept(self) -> socket.socket | None:
+        """A new connection, or None when none is waiting."""
+        if self.listener is None:
+            return None
+        try:
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return None
+        return conn
+
+    def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        bound, self._bound = self._bound, None
+        if bound is None:
+            return
+        try:
+            now = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if (now.st_dev, now.st_ino) != bound:
+            log.warning("control socket %s was replaced by another; leaving it", self.path)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+# -- a server for a daemon with one loop ---------------------------------------------------------
+
+class PolledServer:
+    """Clients served by the daemon's own loop: it waits on :meth:`filenos` among its other
+    file descriptors and calls :meth:`ready` for each readable one.  No threads."""
+
+    def __init__(self, path: str | os.PathLike[str], handle: LineHandler, *, daemon: str,
+                 send_timeout_s: float = 2.0) -> None:
+        self.socket = ControlSocket(path, daemon=daemon)
+        self.handle = handle
+        #: How long one answer may take to send before a client that does not read is dropped.
+        self.send_timeout_s = send_timeout_s
+        self._peers: dict[int, tuple[socket.socket, LineReader]] = {}
+
+    @property
+    def path(self) -> Path:
+        return self.socket.path
+
+    def open(self) -> PolledServer:
+        self.socket.bind()
+        return self
+
+    def close(self) -> None:
+        for conn, _ in list(self._peers.values()):
+            conn.close()
+        self._peers.clear()
+        self.socket.close()
+
+    def filenos(self) -> list[int]:
+        listener = self.socket.listener
+        return ([] if listener is None else [listener.fileno()]) + list(self._peers)
+
+    def ready(self, fd: int) -> None:
+        """``fd`` (one of :meth:`filenos`) is readable: accept, or read and answer lines."""
+        listener = self.socket.listener
+        if listener is not None and fd == listener.fileno():
+            conn = self.socket.accept()
+            if conn is not None:
+                conn.settimeout(self.send_timeout_s)
+                self._peers[conn.fileno()] = (conn, LineReader())
+            return
+        peer = self._peers.get(fd)
+        if peer is None:
+            return
+        conn, reader = peer
+        try:
+            data = conn.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(fd)
+            return
+        reader.feed(data)
+        for line in reader.lines():
+            if not self._send(conn, self.handle(line)):
+                self._drop(fd)
+                return
+        if reader.overlong:
+            self._send(conn, too_long())
+            self._drop(fd)
+
+    @staticmethod
+    def _send(conn: socket.socket, data: bytes) -> bool:
+        try:
+            conn.sendall(data)
+        except OSError:
+            return False
+        return True
+
+    def _drop(self, fd: int) -> None:
+        peer = self._peers.pop(fd, None)
+        if peer is not None:
+            peer[0].close()

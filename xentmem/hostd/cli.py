@@ -1,0 +1,271 @@
+"""``xentmem-hostd``: run the service (``run``), steer it as ``xl tmem-*`` did, or run the demo.
+
+The conventions (``--json``, one error line, the exit codes) are :mod:`xentmem.console`'s.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import psutil
+
+from xentmem.console import (
+    CONTEXT_SETTINGS,
+    EXIT_UNREACHABLE,
+    abort,
+    emit,
+    json_option,
+)
+from xentmem.control.protocol import MAX_DOMID, ControlError
+from xentmem.hostd.control import DEFAULT_SOCKET, MAX_WEIGHT, HostControlClient
+from xentmem.hostd.service import HostService, ServiceError, serve
+from xentmem.hostd.store import HostStore
+from xentmem.notify import Notifier
+from xentmem.tmem.capacity import ACCEPTED as CAPACITY_ACCEPTED
+from xentmem.tmem.capacity import capacity_bytes, parse_capacity
+from xentmem.xenbus.xsconn import default_xenstore_path
+
+log = logging.getLogger("xentmem.hostd")
+
+DEFAULT_CAPACITY = "256M"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class App:
+    """Where the service's control socket is, and how long to wait for it."""
+
+    def __init__(self, control_path: str, timeout: float) -> None:
+        self.control_path = control_path
+        self.timeout = timeout
+
+    def call(self, op: str, **args: Any) -> Any:
+        """The service's result for ``op``, or an abort with one clear line."""
+        try:
+            with HostControlClient(self.control_path, timeout=self.timeout) as client:
+                return client.call(op, **args)
+        except ControlError as exc:
+            if exc.unreachable:
+                abort(exc.message, EXIT_UNREACHABLE)
+            abort(f"{exc.message} [{exc.code}]")
+
+
+def capacity_of(text: str) -> int:
+    """A capacity option (``256M``, ``2G``, ``10%``) in bytes of this host's RAM."""
+    try:
+        spec = parse_capacity(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"{exc}; accepted: {CAPACITY_ACCEPTED}") from None
+    return capacity_bytes(spec, psutil.virtual_memory().total)
+
+
+def target_of(text: str) -> int | str:
+    """A DOMID argument: a guest's domain id, or ``all``."""
+    if text == "all":
+        return text
+    if text.isdigit() and int(text) <= MAX_DOMID:
+        return int(text)
+    raise click.BadParameter(f"{text!r} is not a domid or 'all'")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def serve_or_abort(service: HostService, notifier: Notifier | None = None) -> None:
+    try:
+        serve(service, notifier)
+    except ServiceError as exc:
+        abort(str(exc))
+
+
+@click.group(name="xentmem-hostd", context_settings=CONTEXT_SETTINGS)
+@click.option("--control", "control_path", envvar="XENTMEM_HOSTD_SOCKET",
+              default=DEFAULT_SOCKET, show_default=True, show_envvar=True, metavar="PATH",
+              help="The service's control socket.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+              metavar="SECONDS", help="How long to wait for the service's answer.")
+@click.pass_context
+def cli(ctx: click.Context, control_path: str, timeout: float) -> None:
+    """The host's tmem service (run in dom0) and its control commands (xl tmem-*)."""
+    ctx.obj = App(control_path, timeout)
+
+
+log_level_option = click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info",
+                                show_default=True)
+
+
+@cli.command()
+@click.option("--xenstore", "xenstore_path", envvar="XENSTORED_PATH",
+              help="xenstored's socket [default: /var/run/xenstored/socket, else the xenbus "
+                   "device]")
+@click.option("--xenbus", "xenbus_path", default=None,
+              help="Use this xenbus device instead of a socket (e.g. /dev/xen/xenbus).")
+@click.option("--capacity", default=DEFAULT_CAPACITY, show_default=True,
+              help="Host-wide tmem capacity: 256M, 2G or 10%% of RAM.")
+@click.option("--domain", "domains", type=click.IntRange(1, MAX_DOMID), multiple=True,
+              help="Serve only this guest (repeatable; default: every guest).")
+@log_level_option
+@click.pass_obj
+def run(app: App, xenstore_path: str | None, xenbus_path: str | None, capacity: str,
+        domains: tuple[int, ...], log_level: str) -> None:
+    """Serve guests' tmem until SIGTERM."""
+    configure_logging(log_level)
+    if xenbus_path:
+        kind, where = "device", xenbus_path
+    elif xenstore_path:
+        kind, where = "socket", xenstore_path
+    else:
+        kind, where = default_xenstore_path()
+    log.info("xenstore: %s %s", kind, where)
+    service = HostService(xenstore=where, device=kind == "device",
+                          store=HostStore(capacity_of(capacity)),
+                          control_path=app.control_path, domains=domains)
+    serve_or_abort(service, Notifier.from_env())
+
+
+def render_listing(listing: dict[str, Any]) -> str:
+    lines = [
+        f"host: {listing['used_bytes'] >> 10} KiB used of "
+        f"{listing['capacity_bytes'] >> 10} KiB, {listing['ephemeral_pages']} ephemeral "
+        f"pages, {listing['evictions']} evictions, shared_auth="
+        f"{int(listing['shared_auth'])}, freeable {listing['freeable_mb']} MiB"
+    ]
+    states = {d["domid"]: d["state"] for d in listing.get("devices", [])}
+    for client in listing["clients"]:
+        lines.append(
+            f"domain {client['domid']}: weight={client['weight']} "
+            f"compress={int(client['compress'])} frozen={int(client['frozen'])} "
+            f"device={states.get(client['domid'], '-')} "
+            f"eph={client['ephemeral_pages']} pers={client['persistent_pages']}"
+        )
+        for pool in client["pools"]:
+            kind = "persistent" if pool["persistent"] else "ephemeral"
+            shared = " shared " + pool["uuid"] if pool["shared"] else ""
+            lines.append(f"  pool {pool['pool_id']}: {kind}{shared} pages={pool['pages']} "
+                         f"objects={pool['objects']}")
+    return "\n".join(lines)
+
+
+def render_domids(result: dict[str, Any]) -> str:
+    domids = " ".join(str(d) for d in result["domids"]) or "none"
+    return f"{'frozen' if result['frozen'] else 'thawed'}: {domids}"
+
+
+def render_set(result: dict[str, Any]) -> str:
+    settings = []
+    if result["weight"] is not None:
+        settings.append(f"weight={result['weight']}")
+    if result["compress"] is not None:
+        settings.append(f"compress={int(result['compress'])}")
+    return "\n".join(f"domain {d}: {' '.join(settings)}" for d in result["domids"])
+
+
+def render_auth(result: dict[str, Any]) -> str:
+    if "shared_auth" in result:
+        return f"shared_auth={int(result['shared_auth'])}"
+    return f"domain {result['domid']}: uuid {result['uuid']} auth={int(result['auth'])}"
+
+
+@cli.command(name="list")
+@click.argument("domid", required=False, default="all")
+@json_option
+@click.pass_obj
+def list_cmd(app: App, domid: str, as_json: bool) -> None:
+    """Pools and pages per guest (xl tmem-list -l); DOMID or 'all' (the default)."""
+    emit(app.call("list", domid=target_of(domid)), as_json=as_json, render=render_listing)
+
+
+@cli.command()
+@click.argument("domid")
+@json_option
+@click.pass_obj
+def freeze(app: App, domid: str, as_json: bool) -> None:
+    """New puts fail with -EFROZEN (xl tmem-freeze); DOMID or 'all'."""
+    emit(app.call("freeze", domid=target_of(domid)), as_json=as_json, render=render_domids)
+
+
+@cli.command()
+@click.argument("domid")
+@json_option
+@click.pass_obj
+def thaw(app: App, domid: str, as_json: bool) -> None:
+    """Undo freeze (xl tmem-thaw); DOMID or 'all'."""
+    emit(app.call("thaw", domid=target_of(domid)), as_json=as_json, render=render_domids)
+
+
+@cli.command(name="set")
+@click.argument("domid")
+@click.option("--weight", "-w", type=click.IntRange(0, MAX_WEIGHT), help="Eviction weight.")
+@click.option("--compress/--no-compress", "-p", default=None, help="Compress stored pages.")
+@json_option
+@click.pass_obj
+def set_cmd(app: App, domid: str, weight: int | None, compress: bool | None,
+            as_json: bool) -> None:
+    """Weight and compression of a guest's client (xl tmem-set); DOMID or 'all'."""
+    args: dict[str, Any] = {"domid": target_of(domid)}
+    if weight is not None:
+        args["weight"] = weight
+    if compress is not None:
+        args["compress"] = compress
+    if len(args) == 1:
+        raise click.UsageError("give --weight and/or --compress/--no-compress")
+    emit(app.call("set", **args), as_json=as_json, render=render_set)
+
+
+@cli.command(name="shared-auth")
+@click.argument("domid")
+@click.option("--uuid", "-u", "pool_uuid", help="The shared pool's uuid.")
+@click.option("--auth", "-A", type=click.IntRange(0, 1), required=True,
+              help="1 = authorise, 0 = revoke (with 'all': switch the check on/off).")
+@json_option
+@click.pass_obj
+def shared_auth(app: App, domid: str, pool_uuid: str | None, auth: int, as_json: bool) -> None:
+    """Authorise a guest for a shared pool uuid (xl tmem-shared-auth)."""
+    args: dict[str, Any] = {"domid": target_of(domid), "auth": bool(auth)}
+    if pool_uuid is not None:
+        args["uuid"] = pool_uuid
+    emit(app.call("shared-auth", **args), as_json=as_json, render=render_auth)
+
+
+@cli.command()
+@json_option
+@click.pass_obj
+def freeable(app: App, as_json: bool) -> None:
+    """MiB of tmem the host could take back at once (xl tmem-freeable)."""
+    emit(app.call("freeable"), as_json=as_json, render=lambda r: str(r["freeable_mb"]))
+
+
+@cli.command()
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
+              required=True, help="Where the sockets go.")
+@click.option("--guest", "guests", type=click.IntRange(1, MAX_DOMID), multiple=True,
+              help="Guest domid to create (repeatable; default: 1).")
+@click.option("--flavour", type=click.Choice(["c-xenstored", "oxenstored"]),
+              default="c-xenstored", show_default=True, help="Whose xenstore limits to apply.")
+@click.option("--capacity", default=DEFAULT_CAPACITY, show_default=True,
+              help="Host-wide tmem capacity: 256M, 2G or 10%% of RAM.")
+@log_level_option
+def demo(directory: Path, guests: tuple[int, ...], flavour: str, capacity: str,
+         log_level: str) -> None:
+    """A local mocked Xen host: the stand-in xenstored plus this service."""
+    from xentmem.hostd import demo as demo_mod  # the only user of the stand-in
+
+    configure_logging(log_level)
+    try:
+        demo_mod.run(directory, guests or (1,), flavour=flavour,
+                     capacity_bytes=capacity_of(capacity))
+    except ServiceError as exc:
+        abort(str(exc))
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """The console script ``xentmem-hostd``."""
+    return cli.main(args=argv, prog_name="xentmem-hostd")

@@ -1,0 +1,112 @@
+"""``xentmem-hostd``'s control ops -> calls on the service's store and devices.
+
+Requests reach these handlers already checked against :data:`xentmem.hostd.control.OPS`
+(known op, known arguments of the right kinds); what the table cannot say (a weight's range,
+a uuid's form, a client that does not exist) is checked here, before anything changes, so a
+refused request has changed nothing.
+"""
+
+from __future__ import annotations
+
+import uuid as uuid_mod
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Callable
+
+from xentmem import __version__
+from xentmem.control import protocol
+from xentmem.control.protocol import BAD_ARGS, NOT_FOUND, ControlError, Request
+from xentmem.control.server import respond
+from xentmem.hostd.control import MAX_WEIGHT, OPS
+from xentmem.tmem.abi import PoolUuid
+
+if TYPE_CHECKING:
+    from xentmem.hostd.service import HostService
+
+Args = Mapping[str, Any]
+
+
+def parse_pool_uuid(untrusted: str) -> PoolUuid:
+    try:
+        return PoolUuid.from_uuid(uuid_mod.UUID(untrusted))
+    except ValueError:
+        raise ControlError(BAD_ARGS, f"{untrusted[:40]!r} is not a uuid") from None
+
+
+class HostControl:
+    """The ops of one service; :meth:`handle_line` is what its control socket calls."""
+
+    def __init__(self, service: HostService) -> None:
+        self.service = service
+        self._handlers: dict[str, Callable[[Args], Any]] = {
+            "hello": self.hello,
+            "list": self.list_clients,
+            "freeze": lambda args: self.freeze(args, frozen=True),
+            "thaw": lambda args: self.freeze(args, frozen=False),
+            "set": self.set_client,
+            "shared-auth": self.shared_auth,
+            "freeable": lambda args: {"freeable_mb": self.service.store.freeable_mb()},
+        }
+        if set(self._handlers) != set(OPS):  # pragma: no cover - a declaration bug
+            raise RuntimeError("hostd handlers and op table differ: "
+                               + ", ".join(sorted(set(self._handlers) ^ set(OPS))))
+
+    def handle_line(self, untrusted_line: bytes) -> bytes:
+        return respond(untrusted_line, OPS, self.run)
+
+    def run(self, request: Request) -> Any:
+        return self._handlers[request.op](request.args)
+
+    def _domids(self, domid: int | str) -> list[int]:
+        if domid == "all":
+            return sorted(set(self.service.store.clients) | set(self.service.devices))
+        return [int(domid)]
+
+    def hello(self, args: Args) -> dict[str, Any]:
+        return {"protocol": protocol.PROTOCOL_VERSION, "daemon_version": __version__,
+                "ops": sorted(OPS), "service": "xentmem-hostd",
+                "guests": sorted(self.service.devices)}
+
+    def list_clients(self, args: Args) -> dict[str, Any]:
+        domid = args.get("domid", "all")
+        store, devices = self.service.store, self.service.devices
+        one = None if domid == "all" else int(domid)
+        if one is not None and one not in store.clients and one not in devices:
+            raise ControlError(NOT_FOUND, f"domain {one} has no tmem client")
+        listing = store.describe(one)
+        listing["devices"] = [device.describe() for key, device in sorted(devices.items())
+                              if one is None or key == one]
+        return listing
+
+    def freeze(self, args: Args, *, frozen: bool) -> dict[str, Any]:
+        domids = self._domids(args["domid"])
+        for domid in domids:
+            self.service.store.freeze(domid, frozen)
+        return {"domids": domids, "frozen": frozen}
+
+    def set_client(self, args: Args) -> dict[str, Any]:
+        weight, compress = args.get("weight"), args.get("compress")
+        if weight is None and compress is None:
+            raise ControlError(BAD_ARGS, "set needs weight and/or compress")
+        if weight is not None and weight > MAX_WEIGHT:
+            raise ControlError(BAD_ARGS, f"weight must be 0..{MAX_WEIGHT}, got {weight}")
+        domids = self._domids(args["domid"])
+        store = self.service.store
+        for domid in domids:
+            if weight is not None:
+                store.set_weight(domid, weight)
+            if compress is not None:
+                store.set_compress(domid, compress)
+        return {"domids": domids, "weight": weight, "compress": compress}
+
+    def shared_auth(self, args: Args) -> dict[str, Any]:
+        auth, store = args["auth"], self.service.store
+        if args["domid"] == "all":
+            store.shared_auth = auth
+            return {"shared_auth": auth}
+        domid = int(args["domid"])
+        if "uuid" not in args:
+            raise ControlError(BAD_ARGS, "shared-auth for one domain needs a uuid")
+        if store.authorise(domid, parse_pool_uuid(args["uuid"]), auth) < 0:
+            raise ControlError(BAD_ARGS,
+                               f"domain {domid} already has the most authorised uuids (16)")
+        return {"domid": domid, "uuid": args["uuid"], "auth": auth}

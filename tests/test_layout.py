@@ -24,7 +24,7 @@ PACKAGES = {"xentmem": "xentmem", "selfballoon": "xentmem_selfballoon", "cli": "
 #: Each part of the design, as the module prefixes it owns (the longest match wins).
 PARTS: dict[str, tuple[str, ...]] = {
     "foundation": ("xentmem", "xentmem.errors", "xentmem.clock", "xentmem.roots",
-                   "xentmem.files", "xentmem.params", "xentmem.notify"),
+                   "xentmem.files", "xentmem.params", "xentmem.notify", "xentmem.console"),
     "tmem": ("xentmem.tmem",),
     "xenbus": ("xentmem.xenbus",),
     "control": ("xentmem.control",),

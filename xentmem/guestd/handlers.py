@@ -16,6 +16,7 @@ from typing import Any, Callable
 from xentmem import __version__
 from xentmem.control import protocol
 from xentmem.control.protocol import ControlError, Request, encode_bytes
+from xentmem.control.server import respond
 from xentmem.errors import (
     AbiError,
     BackendError,
@@ -177,16 +178,4 @@ def run(daemon: Daemon, request: Request) -> Any:
 
 def handle_line(daemon: Daemon, untrusted_line: bytes) -> bytes:
     """One request line in, one response line out; never raises."""
-    try:
-        request = protocol.decode_request(untrusted_line)
-    except ControlError as exc:
-        return protocol.encode_error(protocol.request_id_of(untrusted_line), exc)
-    try:
-        result = run(daemon, request)
-    except ControlError as exc:
-        log.debug("control op %s refused: %s: %s", request.op, exc.code, exc.message)
-        return protocol.encode_error(request.id, exc)
-    try:
-        return protocol.encode_result(request.id, result)
-    except (TypeError, ValueError) as exc:  # a result that is not JSON: a bug, reported
-        return protocol.encode_error(request.id, error_for(exc, request.op))
+    return respond(untrusted_line, protocol.OPS, lambda request: run(daemon, request))

@@ -1,36 +1,8 @@
 """The host's tmem store: every guest's pools and pages, with the hypervisor's rules.
 
-This plays ``xen/common/tmem.c`` (Xen <= 4.12, ``reference/tmem.md`` §4) for the host service.
-A *client* is one guest domain, created lazily by its first op, as Xen creates it:
-
-* **Pools.**  At most :data:`MAX_POOLS_PER_DOMAIN` (16) per client; the id is the lowest free
-  slot.  NEW_POOL refuses with -EPERM what ``do_tmem_new_pool`` refuses (spec version,
-  shared+persistent, page size, precompressed, reserved bits, no free slot).
-* **Shared pools** are global (at most :data:`MAX_GLOBAL_SHARED_POOLS`), joined by uuid.  The
-  uuid (-1, -1) silently gives a private pool; so does a uuid the client is not authorised for
-  while ``shared_auth`` is on (the default since Xen 4.9; Xen's log line: "Shared auth failed,
-  create non shared pool instead!").  A shared pool goes when its last client leaves.
-* **Gets**: exclusive from a private ephemeral pool (the page is gone after the copy); from a
-  shared ephemeral pool non-exclusive and the page becomes most recently used; persistent gets
-  are non-exclusive.  A get from a pool holding no page is -EEMPTY.
-* **Capacity** is host-wide, in bytes: each page costs its stored size plus
-  :data:`PAGE_OVERHEAD`.  A put that does not fit evicts ephemeral pages (never persistent
-  ones) in ``tmem_evict``'s way: the oldest of the putting client's own if it is *over
-  quota*, otherwise the oldest on the host.  Failing that, -ENOMEM; a duplicate put that
-  fails drops the old copy and returns -ENOSPC.
-* **Weights** decide "over quota": a client with weight ``w`` of total weight ``W`` is over
-  when it holds more than ``w / W`` of the ephemeral pages.  Weight 0 (the default) is never
-  over quota.  (Xen's ``client_over_quota`` compares the inverse ratios and so flags clients
-  holding *less* than their share; this store follows the documented intent instead.)
-* **Frozen** clients: a new put returns -EFROZEN (a duplicate put is still allowed); flushes
-  happen but return -EFROZEN.
-* **Compression** is per client (``tmem-set compress``, on by default): a page is kept as an
-  lz4 block when that saves space, else raw; a zero page costs no data.  Uncompressed clients
-  keep every page raw.
-* Ops on an uncreated pool return -ENODEV; DESTROY_POOL on a bad or empty slot returns 0.
-  FLUSH_PAGE/FLUSH_OBJECT return 1 when something went and 0 otherwise, as
-  :class:`~xentmem.guest.backend.Backend` specifies (Xen says 1 either way; no frontend looks).
-
+It plays ``xen/common/tmem.c`` (Xen <= 4.12) for the host service: one client per guest
+domain, created by its first op.  The rules it follows (pools, shared pools, gets, capacity
+and eviction, weights, freeze, compression) are in docs/tmem-semantics.md, "The host's store".
 The store is single-threaded by design: the host service runs it from its one loop.
 """
 

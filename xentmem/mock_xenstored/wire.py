@@ -55,8 +55,6 @@ class XsOp(IntEnum):
     DIRECTORY_PART = 22
 
 
-DEBUG = XsOp.CONTROL
-
 #: The error names C xenstored can send (``xsd_errors[]``), in its order, with their errno.
 XSD_ERRORS: dict[str, int] = {
     "EINVAL": errno.EINVAL,

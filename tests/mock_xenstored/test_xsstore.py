@@ -10,21 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xentmem.mock_xenstored.store import (
-    Access,
-    Caller,
-    Change,
-    Limits,
-    PermEntry,
-    Perms,
-    Store,
-    StoreError,
-    canonical_path,
-    parse_domid,
-    parse_perm,
-    parse_perms,
-    perm_for,
-)
+from xentmem.mock_xenstored.args import canonical_path, parse_domid, parse_perm, parse_perms
+from xentmem.mock_xenstored.perms import Access, Caller, PermEntry, Perms, perm_for
+from xentmem.mock_xenstored.store import Change, Limits, Store, StoreError
 
 DOM0 = Caller.dom0()
 G5, G6 = Caller(5), Caller(6)

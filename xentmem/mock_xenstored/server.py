@@ -1,74 +1,42 @@
-"""A xenstore server of our own: the mocked hypervisor's xenstored, on Unix sockets.
-
-It speaks the real wire protocol (:mod:`xentmem.mock_xenstored.wire`) over the store in
-:mod:`xentmem.mock_xenstored.store`,
-so pyxs's ``Client(unix_socket_path=...)`` and our own code talk
-to it exactly as they would to Xen's daemons.  Identity comes from the socket a client
-connects to, the way a real guest is identified by its ring:
-
-* ``<dir>/socket`` is dom0's: privileged, every permission check passes.
-* When dom0 sends ``INTRODUCE <domid> <mfn> <port>`` (or the test calls
-  :meth:`XsServer.introduce_domain`), the server opens ``<dir>/domain-<domid>.sock``.  Every
-  connection there *is* that guest domain: unprivileged, with C xenstored's permission
-  rules, quotas and watch filtering.  Unlike a ring, several connections may share it.
-* ``RELEASE`` (or :meth:`XsServer.destroy_domain`, the domain dying) closes those
-  connections, removes the socket, deletes the nodes the domain owned and fires
-  ``@releaseDomain``; ``SET_TARGET`` lets one domain act as another (a device model).
-
-One thread runs an epoll loop over all sockets and handles requests one at a time, like
-the real daemons, so their order is the order they arrived in.  Methods called from other
-threads take the same lock.  Nothing blocks without a timeout.
-
-Fault injection for tests (:class:`Faults`, at ``server.faults``): make the server swallow a
-domain's requests (``mute``), hold back its replies and events (``delay``), or mangle its
-next replies (``malform_next`` with a :class:`Malformation`).
-
-Run it by hand as a local "Xen host"::
-
-    python -m xentmem.mock_xenstored --dir /tmp/xs --domain 5
-    XENSTORED_PATH=/tmp/xs/socket xenstore-ls -p /           # Debian's xenstore-utils
-    python -c 'import pyxs; c = pyxs.Client(unix_socket_path="/tmp/xs/domain-5.sock"); \\
-        c.connect(); print(c.read(b"name"))'                  # as guest domain 5
-
-It prints ``XENSTORED_PATH=...`` and one ``DOMAIN_<id>_SOCKET=...`` per ``--domain``, then
-serves until SIGINT or SIGTERM.  ``--flavour oxenstored`` applies oxenstored's limits
-(2048-byte values, ``EQUOTA``, ``E2BIG`` for oversized requests).
+"""The stand-in xenstored's socket server: the real wire protocol over Unix sockets, one
+socket per domain (a client's identity is the socket it connects to), with fault injection
+for tests.  One thread serves every socket, one request at a time, like the real daemons.
+How to run it and how identities work: docs/mock-xenstored.md.
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 import os
-import select
+import selectors
 import socket
 import threading
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Callable, NamedTuple, Union
+from typing import Callable
 
 from xentmem.clock import Clock, SystemClock
-from xentmem.mock_xenstored.store import (
-    INTRODUCE_DOMAIN,
-    RELEASE_DOMAIN,
-    Access,
-    Caller,
-    Change,
-    Limits,
-    PermEntry,
-    Perms,
-    Store,
-    StoreError,
-    Transaction,
+from xentmem.mock_xenstored.args import (
     canonical_path,
-    home_path,
     parse_domid,
     parse_perms,
     parse_unsigned,
+)
+from xentmem.mock_xenstored.faults import Faults, Malformation, malformed_bytes
+from xentmem.mock_xenstored.perms import Access, Caller, PermEntry, Perms
+from xentmem.mock_xenstored.store import (
+    INTRODUCE_DOMAIN,
+    RELEASE_DOMAIN,
+    Change,
+    Limits,
+    Store,
+    StoreError,
+    Transaction,
+    home_path,
 )
 from xentmem.mock_xenstored.wire import (
     NUL,
@@ -77,13 +45,14 @@ from xentmem.mock_xenstored.wire import (
     Packet,
     PacketReader,
     XsOp,
-    encode_packet,
     error_reply,
     one_arg,
-    op_name,
     split_args,
     split_write,
+    watch_event,
 )
+
+__all__ = ["Faults", "Malformation", "XsServer", "guest_socket_name", "toolstack_nodes"]
 
 log = logging.getLogger("xentmem.mock_xenstored.server")  # also under python -m
 
@@ -91,10 +60,24 @@ DOM0_SOCKET_NAME = "socket"
 #: A peer that stops reading is dropped once this much output waits for it.
 MAX_PENDING_OUTPUT = 16 << 20
 RECV_CHUNK = 65536
-#: Longest poll without anything to do; a stop request wakes the loop at once anyway.
+#: Longest wait without anything to do; a stop request wakes the loop at once anyway.
 IDLE_POLL_S = 1.0
-#: Longest poll while delayed replies are queued.
+#: Longest wait while delayed replies are queued.
 DELAYED_POLL_S = 0.05
+
+_PRIVILEGED_OPS = frozenset(
+    {
+        XsOp.CONTROL,
+        XsOp.INTRODUCE,
+        XsOp.RELEASE,
+        XsOp.IS_DOMAIN_INTRODUCED,
+        XsOp.RESUME,
+        XsOp.SET_TARGET,
+    }
+)
+_NO_TRANSACTION_OPS = frozenset({XsOp.WATCH, XsOp.UNWATCH})
+#: What the selector holds for the socket that wakes the loop.
+_WAKER = "waker"
 
 
 def guest_socket_name(domid: int) -> str:
@@ -119,69 +102,6 @@ def toolstack_nodes(domid: int, name: str | None = None) -> list[tuple[str, byte
     ]
 
 
-class Malformation(enum.Enum):
-    """Ways :class:`Faults` can spoil a reply, each a trap a careful client must survive."""
-
-    #: The reply echoes a request id the client never used (pyxs's router thread dies).
-    WRONG_REQ_ID = "wrong-req-id"
-    #: The reply carries another op code than the request's.
-    WRONG_OP = "wrong-op"
-    #: An ERROR reply with a name no daemon sends.
-    UNKNOWN_ERROR = "unknown-error"
-    #: The payload is replaced by bytes that are not ASCII.
-    GARBAGE_PAYLOAD = "garbage-payload"
-    #: The header announces more payload than follows; the client waits for the rest.
-    TRUNCATED = "truncated"
-    #: The header announces, and the server sends, 5000 payload bytes (over the limit).
-    OVERSIZED = "oversized"
-    #: The server closes the connection instead of answering.
-    CLOSE = "close"
-
-
-@dataclass
-class Faults:
-    """Explicit, per-domain fault injection (domid 0 is dom0's socket).  Thread-safe
-    through the server's lock; effective from the next request on."""
-
-    _lock: threading.RLock = field(repr=False)
-    _wake: Callable[[], None] = field(repr=False)
-    muted: set[int] = field(default_factory=set)
-    delays: dict[int, float] = field(default_factory=dict)
-    malformed: dict[int, deque[Malformation]] = field(default_factory=dict)
-
-    def mute(self, domid: int) -> None:
-        """Swallow every request from ``domid`` unexecuted and send it nothing (a hung
-        daemon, from that domain's point of view)."""
-        with self._lock:
-            self.muted.add(domid)
-
-    def unmute(self, domid: int) -> None:
-        with self._lock:
-            self.muted.discard(domid)
-
-    def delay(self, domid: int, seconds: float) -> None:
-        """Hold back every reply and event to ``domid`` for ``seconds`` (0 to stop)."""
-        if seconds < 0:
-            raise ValueError("a delay cannot be negative")
-        with self._lock:
-            if seconds:
-                self.delays[domid] = seconds
-            else:
-                self.delays.pop(domid, None)
-
-    def malform_next(self, domid: int, kind: Malformation, count: int = 1) -> None:
-        """Spoil the next ``count`` replies to ``domid`` (the requests still execute)."""
-        with self._lock:
-            self.malformed.setdefault(domid, deque()).extend([kind] * count)
-
-    def clear(self) -> None:
-        with self._lock:
-            self.muted.clear()
-            self.delays.clear()
-            self.malformed.clear()
-        self._wake()
-
-
 @dataclass
 class _Domain:
     domid: int
@@ -195,29 +115,6 @@ class _Watch:
     path: str  # absolute, or @special
     token: bytes
     relative: bool  # the client gave a relative path: events come back relative
-    #: ``path`` is ``@...``: only a change of exactly that path fires it.
-    special: bool = field(init=False, repr=False, compare=False)
-    #: What a path below ``path`` starts with (``is_under`` without building it per event).
-    below: str = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        self.special = self.path.startswith("@")
-        self.below = "/" if self.path == "/" else self.path + "/"
-
-    def fired_by(self, change: Change) -> bool:
-        """``change.fires(self.path)``, with the prefix computed once per watch."""
-        if change.exact or change.special or self.special:
-            return self.path == change.path
-        return change.path == self.path or change.path.startswith(self.below)
-
-
-class _Request(NamedTuple):
-    """What a handler needs: who asks, on which connection, in which transaction."""
-
-    conn: _Connection
-    caller: Caller
-    tx: Transaction | None
-    untrusted: bytes
 
 
 class _Connection:
@@ -234,88 +131,19 @@ class _Connection:
         self.next_tx_id = 1
         self.closing = False  # flush what is queued, then close
         self.closed = False
-        #: Who this connection is, built on first use; reset when a domain's target changes.
-        self.caller: Caller | None = None
-        #: Whether the poller watches this socket for writability (output is waiting).
-        self.want_write = False
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
 
-# Op codes as plain ints: a request's op stays the int its header holds, as turning it into
-# an ``XsOp`` (an enum lookup in Python) would cost more than these checks.
-_PRIVILEGED_OPS = frozenset(
-    int(op)
-    for op in (
-        XsOp.CONTROL,
-        XsOp.INTRODUCE,
-        XsOp.RELEASE,
-        XsOp.IS_DOMAIN_INTRODUCED,
-        XsOp.RESUME,
-        XsOp.SET_TARGET,
-    )
-)
-_NO_TRANSACTION_OPS = frozenset({int(XsOp.WATCH), int(XsOp.UNWATCH)})
-_KNOWN_OPS = frozenset(int(op) for op in XsOp)
-_WATCH = int(XsOp.WATCH)
-_WATCH_EVENT = int(XsOp.WATCH_EVENT)
-_ERROR = int(XsOp.ERROR)
-_E2BIG_PAYLOAD = b"E2BIG" + NUL
-_WAKER = "waker"
+@dataclass(frozen=True)
+class _Request:
+    """What a handler needs: who asks, on which connection, in which transaction."""
 
-#: What a registered socket is polled for.
-_POLL_READ = select.EPOLLIN
-_POLL_READ_WRITE = select.EPOLLIN | select.EPOLLOUT
-#: Events that make a socket worth reading or writing (a hang-up or error makes both
-#: calls report it, as ``selectors`` has it).
-_READABLE = ~select.EPOLLOUT
-_WRITABLE = ~select.EPOLLIN
-
-#: What a socket is registered for: a connection, a domain's listener, or the waker.
-_Target = Union[_Connection, _Domain, str]
-
-
-class _Poller:
-    """The loop's sockets on one epoll, each with its :data:`_Target`.
-
-    ``selectors`` does the same, but its ``select()`` builds a key object per ready socket
-    in Python: a good part of the loop's own cost per request.
-    """
-
-    def __init__(self) -> None:
-        self._epoll = select.epoll()
-        self._targets: dict[int, tuple[socket.socket, _Target]] = {}
-
-    def register(self, sock: socket.socket, target: _Target) -> None:
-        fd = sock.fileno()
-        self._epoll.register(fd, _POLL_READ)
-        self._targets[fd] = (sock, target)
-
-    def want_write(self, sock: socket.socket, want: bool) -> None:
-        self._epoll.modify(sock.fileno(), _POLL_READ_WRITE if want else _POLL_READ)
-
-    def unregister(self, sock: socket.socket) -> None:
-        """Forget ``sock`` (call before closing it)."""
-        fd = sock.fileno()
-        if self._targets.pop(fd, None) is not None:
-            self._epoll.unregister(fd)
-
-    def poll(self, timeout: float) -> list[tuple[tuple[socket.socket, _Target], int]]:
-        """The ready sockets (with their targets) and epoll events.  Targets are looked up
-        at once, as ``selectors`` does: a socket handled earlier in the batch may close
-        another whose number is then reused.  Runs without the server's lock, so a socket
-        another thread has just unregistered is skipped, not an error."""
-        ready = []
-        for fd, events in self._epoll.poll(timeout):
-            entry = self._targets.get(fd)
-            if entry is not None:
-                ready.append((entry, events))
-        return ready
-
-    def close(self) -> None:
-        self._epoll.close()
-        self._targets.clear()
+    conn: _Connection
+    caller: Caller
+    tx: Transaction | None
+    untrusted: bytes
 
 
 class XsServer:
@@ -338,14 +166,7 @@ class XsServer:
         self._store = Store(self.limits)
         self._domains: dict[int, _Domain] = {0: _Domain(0)}
         self._connections: list[_Connection] = []
-        #: Connections whose output or state changed since the poller last heard of them
-        #: (a dict as an ordered set): only these need :meth:`_sync_poller`'s attention.
-        self._dirty: dict[_Connection, None] = {}
-        #: Connections holding back delayed output (``Faults.delay``).
-        self._delaying: dict[_Connection, None] = {}
-        #: Threads in :meth:`wait_requests_seen` (the loop notifies only if there are any).
-        self._waiters = 0
-        self._poller: _Poller | None = None
+        self._selector: selectors.BaseSelector | None = None
         self._pending_listeners: list[_Domain] = []
         self._waker_r, self._waker_w = socket.socketpair()
         self._waker_r.setblocking(False)
@@ -364,9 +185,9 @@ class XsServer:
             raise RuntimeError("a server starts once; make a new one")
         self.directory.mkdir(parents=True, exist_ok=True)
         self._dom0_listener = self._listen(self.dom0_socket)
-        self._poller = _Poller()
-        self._poller.register(self._waker_r, _WAKER)
-        self._poller.register(self._dom0_listener, self._domains[0])
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._waker_r, selectors.EVENT_READ, _WAKER)
+        self._selector.register(self._dom0_listener, selectors.EVENT_READ, self._domains[0])
         self._thread = threading.Thread(target=self._run, name="xsserver", daemon=True)
         self._thread.start()
         log.info("xenstore server on %s (%s limits)", self.dom0_socket, self.limits.flavour)
@@ -392,9 +213,9 @@ class XsServer:
                 self._dom0_listener = None
                 with contextlib.suppress(FileNotFoundError):
                     self.dom0_socket.unlink()
-            if self._poller is not None:
-                self._poller.close()
-                self._poller = None
+            if self._selector is not None:
+                self._selector.close()
+                self._selector = None
         self._waker_r.close()
         self._waker_w.close()
 
@@ -473,11 +294,7 @@ class XsServer:
         """Wait until ``count`` requests have been read (a test's sync point, e.g. to know
         that muted requests were swallowed); False on timeout."""
         with self._handled:
-            self._waiters += 1
-            try:
-                return self._handled.wait_for(lambda: self._requests_seen >= count, timeout)
-            finally:
-                self._waiters -= 1
+            return self._handled.wait_for(lambda: self._requests_seen >= count, timeout)
 
     def watch_count(self, domid: int) -> int:
         """Watches registered by ``domid``'s connections (to check clean-up in tests)."""
@@ -488,12 +305,7 @@ class XsServer:
         """Wait until ``domid``'s connections hold ``count`` watches (closed connections
         are noticed by the loop, not at once); False on timeout."""
         with self._handled:
-            self._waiters += 1
-            try:
-                return self._handled.wait_for(lambda: self._watch_count(domid) == count,
-                                              timeout)
-            finally:
-                self._waiters -= 1
+            return self._handled.wait_for(lambda: self._watch_count(domid) == count, timeout)
 
     def _watch_count(self, domid: int) -> int:
         return sum(len(c.watches) for c in self._connections if c.domid == domid)
@@ -519,56 +331,50 @@ class XsServer:
             self._waker_w.send(b"x")
 
     def _run(self) -> None:
-        poller = self._poller
-        assert poller is not None
+        assert self._selector is not None
         try:
             while not self._stop.is_set():
-                ready = poller.poll(self._next_timeout())
+                ready = self._selector.select(self._next_timeout())
                 with self._lock:
-                    for (sock, target), events in ready:
-                        self._on_ready(sock, target, events)
-                    if self._delaying:
-                        self._release_due()
-                    self._sync_poller()
-                    if self._waiters:
-                        self._handled.notify_all()
+                    for key, mask in ready:
+                        self._on_ready(key, mask)
+                    self._release_due()
+                    self._sync_selector()
+                    self._handled.notify_all()
         except Exception:  # the loop must not die silently: log, then stop serving
             log.exception("xenstore server loop crashed")
             self._stop.set()
 
-    def _next_timeout(self) -> float | None:
-        if not self._delaying:  # without the lock: whoever delays output wakes the loop
-            return IDLE_POLL_S
+    def _next_timeout(self) -> float:
         with self._lock:
-            dues = [c.delayed[0][0] for c in self._delaying]
+            dues = [c.delayed[0][0] for c in self._connections if c.delayed]
         if not dues:
             return IDLE_POLL_S
         # Poll often while replies are held back: the clock may be a test's FakeClock,
         # which jumps without waking anybody.
         return max(0.0, min(min(dues) - self.clock.monotonic(), DELAYED_POLL_S))
 
-    def _on_ready(self, sock: socket.socket, target: _Target, events: int) -> None:
-        if type(target) is not _Connection:
-            if isinstance(target, _Domain):
-                self._accept(sock, target)
-            else:  # the waker
-                with contextlib.suppress(BlockingIOError):
-                    while self._waker_r.recv(4096):
-                        pass
+    def _on_ready(self, key: selectors.SelectorKey, mask: int) -> None:
+        if key.data == _WAKER:
+            with contextlib.suppress(BlockingIOError):
+                while self._waker_r.recv(4096):
+                    pass
             return
-        conn = target
+        if isinstance(key.data, _Domain):
+            self._accept(key.fileobj, key.data)  # type: ignore[arg-type]
+            return
+        conn: _Connection = key.data
         if conn.closed:
             return
-        if events & _READABLE:
+        if mask & selectors.EVENT_READ:
             self._on_readable(conn)
-        if not conn.closed and events & _WRITABLE:
+        if not conn.closed and mask & selectors.EVENT_WRITE:
             self._flush(conn)
-            self._dirty[conn] = None
 
     def _accept(self, listener: socket.socket, domain: _Domain) -> None:
         try:
             sock, _ = listener.accept()
-        except (BlockingIOError, OSError):
+        except OSError:  # BlockingIOError, or a listener closed meanwhile
             return
         if domain.domid not in self._domains:
             sock.close()
@@ -576,36 +382,30 @@ class XsServer:
         sock.setblocking(False)
         conn = _Connection(sock, domain.domid, self.limits)
         self._connections.append(conn)
-        assert self._poller is not None
-        self._poller.register(sock, conn)
+        assert self._selector is not None
+        self._selector.register(sock, selectors.EVENT_READ, conn)
 
-    def _sync_poller(self) -> None:
-        """Register new listeners; for each connection whose output or state changed, send
-        what waits, close it if it is done closing, and watch it for writability while
-        output is left."""
-        assert self._poller is not None
-        if self._pending_listeners:
-            for domain in self._pending_listeners:
-                if domain.listener is not None and domain.domid in self._domains:
-                    self._poller.register(domain.listener, domain)
-            self._pending_listeners.clear()
-        if not self._dirty:
-            return
-        dirty, self._dirty = self._dirty, {}
-        for conn in dirty:
+    def _sync_selector(self) -> None:
+        """Register new listeners; send what waits on each connection, close those done
+        closing, and watch the others for writability while output is left."""
+        assert self._selector is not None
+        for domain in self._pending_listeners:
+            if domain.listener is not None and domain.domid in self._domains:
+                self._selector.register(domain.listener, selectors.EVENT_READ, domain)
+        self._pending_listeners.clear()
+        for conn in list(self._connections):
             if conn.closed:
                 continue
             if conn.out:
                 self._flush(conn)
-                if conn.closed:
-                    continue
+            if conn.closed:
+                continue
             if conn.closing and not conn.out and not conn.delayed:
                 self._close(conn)
                 continue
-            want_write = bool(conn.out)
-            if want_write != conn.want_write:
-                conn.want_write = want_write
-                self._poller.want_write(conn.sock, want_write)
+            want = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0)
+            if self._selector.get_key(conn.sock).events != want:
+                self._selector.modify(conn.sock, want, conn)
 
     def _on_readable(self, conn: _Connection) -> None:
         try:
@@ -618,17 +418,17 @@ class XsServer:
         if not untrusted_data:
             self._close(conn)
             return
-        for item in conn.reader.feed_raw(untrusted_data):
+        for item in conn.reader.feed(untrusted_data):
             if conn.closed or conn.closing:
                 return
             if isinstance(item, OversizedPacket):
                 self._on_oversized(conn, item)
             else:
-                self._handle(conn, *item)
+                self._handle(conn, item)
 
     def _on_oversized(self, conn: _Connection, item: OversizedPacket) -> None:
         if self.limits.oversized == "E2BIG":
-            self._send_packet(conn, error_reply("E2BIG", item.header.req_id, item.header.tx_id))
+            self._send(conn, error_reply("E2BIG", item.header.req_id, item.header.tx_id))
         else:
             log.warning(
                 "domain %d tried to feed us %d bytes: dropped", conn.domid, item.header.length
@@ -649,10 +449,9 @@ class XsServer:
         if conn.closed:
             return
         conn.closed = True
-        self._delaying.pop(conn, None)
-        if self._poller is not None:
-            with contextlib.suppress(OSError, ValueError):
-                self._poller.unregister(conn.sock)
+        if self._selector is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(conn.sock)
         conn.sock.close()
         with contextlib.suppress(ValueError):
             self._connections.remove(conn)
@@ -662,9 +461,9 @@ class XsServer:
     def _close_listener(self, domain: _Domain) -> None:
         if domain.listener is None:
             return
-        if self._poller is not None:
-            with contextlib.suppress(OSError, ValueError):
-                self._poller.unregister(domain.listener)
+        if self._selector is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(domain.listener)
         domain.listener.close()
         domain.listener = None
         if domain.socket_path is not None:
@@ -673,30 +472,26 @@ class XsServer:
 
     # -- output, with faults -----------------------------------------------------------
 
-    def _send_packet(self, conn: _Connection, packet: Packet) -> None:
-        self._send(conn, packet.op, packet.req_id, packet.tx_id, packet.payload)
-
-    def _send(self, conn: _Connection, op: int, req_id: int, tx_id: int, payload: bytes) -> None:
-        """Queue one packet for ``conn``, unless faults swallow, spoil or delay it."""
-        faults = self.faults
-        if conn.domid in faults.muted:
+    def _send(self, conn: _Connection, packet: Packet) -> None:
+        """Queue ``packet`` for ``conn``, unless faults swallow, spoil or delay it."""
+        if conn.domid in self.faults.muted:
             return
-        if op == _WATCH_EVENT and len(payload) > XENSTORE_PAYLOAD_MAX:
+        if packet.op == XsOp.WATCH_EVENT and len(packet.payload) > XENSTORE_PAYLOAD_MAX:
             # C xenstored's add_event(): "Don't try to send over-long events."
-            log.debug("event of %d bytes for domain %d dropped", len(payload), conn.domid)
+            log.debug("event of %d bytes for domain %d dropped", len(packet.payload), conn.domid)
             return
-        spoil = faults.malformed.get(conn.domid) if faults.malformed else None
-        if spoil and op != _WATCH_EVENT:
-            data = self._malform(conn, Packet(op, req_id, tx_id, payload), spoil)
-            if data is None:
-                return
+        kind = None if packet.op == XsOp.WATCH_EVENT else self.faults.next_malformation(conn.domid)
+        if kind is None:
+            data = packet.encode()
         else:
-            data = encode_packet(op, req_id, tx_id, payload)
-        delay = faults.delays.get(conn.domid) if faults.delays else None
+            log.info("fault: %s reply to domain %d", kind.value, conn.domid)
+            data = malformed_bytes(packet, kind)
+            if data is None:  # Malformation.CLOSE
+                conn.closing = True
+                return
+        delay = self.faults.delays.get(conn.domid)
         if delay:
             conn.delayed.append((self.clock.monotonic() + delay, data))
-            if not conn.closed:
-                self._delaying[conn] = None
         elif conn.delayed:  # keep order behind what is held back
             conn.delayed.append((conn.delayed[-1][0], data))
         else:
@@ -704,103 +499,60 @@ class XsServer:
 
     def _queue(self, conn: _Connection, data: bytes) -> None:
         conn.out += data
-        self._dirty[conn] = None
         if len(conn.out) > MAX_PENDING_OUTPUT:
             log.warning("domain %d does not read its replies: dropped", conn.domid)
             self._close(conn)
 
     def _release_due(self) -> None:
         now = self.clock.monotonic()
-        for conn in list(self._delaying):
+        for conn in list(self._connections):
             while conn.delayed and conn.delayed[0][0] <= now:
                 self._queue(conn, conn.delayed.popleft()[1])
-            if not conn.delayed:
-                self._delaying.pop(conn, None)
-                self._dirty[conn] = None  # a closing connection may be done now
-
-    def _malform(
-        self, conn: _Connection, packet: Packet, queue: deque[Malformation]
-    ) -> bytes | None:
-        """Spoil a reply as the next queued :class:`Malformation` says (None: send nothing)."""
-        kind = queue.popleft()
-        log.info("fault: %s reply to domain %d", kind.value, conn.domid)
-        if kind is Malformation.WRONG_REQ_ID:
-            return Packet(
-                packet.op, (packet.req_id + 1) & 0xFFFFFFFF, packet.tx_id, packet.payload
-            ).encode()
-        if kind is Malformation.WRONG_OP:
-            other = XsOp.DIRECTORY if packet.op != XsOp.DIRECTORY else XsOp.READ
-            return Packet(int(other), packet.req_id, packet.tx_id, packet.payload).encode()
-        if kind is Malformation.UNKNOWN_ERROR:
-            return Packet(int(XsOp.ERROR), packet.req_id, packet.tx_id, b"EWHATEVER\0").encode()
-        if kind is Malformation.GARBAGE_PAYLOAD:
-            payload = bytes(range(0x80, 0x100)) + b"\n\t"
-            return Packet(packet.op, packet.req_id, packet.tx_id, payload).encode()
-        if kind is Malformation.TRUNCATED:
-            raw = packet.encode()
-            header = Packet(packet.op, packet.req_id, packet.tx_id, packet.payload + bytes(64))
-            return header.encode()[:16] + raw[16:]
-        if kind is Malformation.OVERSIZED:
-            payload = b"x" * 5000
-            header = Packet(packet.op, packet.req_id, packet.tx_id, b"").encode()[:12]
-            return header + len(payload).to_bytes(4, "little") + payload
-        conn.closing = True  # Malformation.CLOSE
-        self._dirty[conn] = None
-        return None
 
     # -- requests ----------------------------------------------------------------------
 
     def _caller(self, conn: _Connection) -> Caller:
-        caller = conn.caller
-        if caller is None:
-            domain = self._domains.get(conn.domid)
-            target = domain.target if domain is not None else None
-            caller = conn.caller = Caller(conn.domid, privileged=conn.domid == 0, target=target)
-        return caller
+        domain = self._domains.get(conn.domid)
+        target = domain.target if domain is not None else None
+        return Caller(conn.domid, privileged=conn.domid == 0, target=target)
 
-    def _forget_callers(self) -> None:
-        """A domain came, went or got a target: rebuild each connection's :class:`Caller`."""
-        for conn in self._connections:
-            conn.caller = None
-
-    def _handle(
-        self, conn: _Connection, op: int, req_id: int, tx_id: int, untrusted: bytes
-    ) -> None:
+    def _handle(self, conn: _Connection, request: Packet) -> None:
         self._requests_seen += 1
         if conn.domid in self.faults.muted:
-            log.debug("fault: swallowed %s from domain %d", op_name(op), conn.domid)
+            log.debug("fault: swallowed %s from domain %d", request.op_name, conn.domid)
             return
-        name = op_name(op)
-        self.stats[name] = self.stats.get(name, 0) + 1
+        self.stats[request.op_name] = self.stats.get(request.op_name, 0) + 1
         try:
-            reply_op, payload = op, self._dispatch(conn, op, tx_id, untrusted)
+            reply = Packet(request.op, request.req_id, request.tx_id,
+                           self._dispatch(conn, request))
         except StoreError as e:
-            reply_op, payload = _ERROR, error_reply(e.name, req_id, tx_id).payload
+            reply = error_reply(e.name, request.req_id, request.tx_id)
         changes = self._store.take_changes()
-        if len(payload) > XENSTORE_PAYLOAD_MAX:
-            reply_op, payload = _ERROR, _E2BIG_PAYLOAD
-        self._send(conn, reply_op, req_id, tx_id, payload)
-        if changes:
-            self._fire(changes)
-        if op == _WATCH and reply_op == _WATCH:
+        if len(reply.payload) > XENSTORE_PAYLOAD_MAX:
+            reply = error_reply("E2BIG", request.req_id, request.tx_id)
+        self._send(conn, reply)
+        self._fire(changes)
+        if request.op == XsOp.WATCH and reply.op == XsOp.WATCH:
             self._initial_event(conn)
 
-    def _dispatch(self, conn: _Connection, op: int, tx_id: int, untrusted: bytes) -> bytes:
+    def _dispatch(self, conn: _Connection, request: Packet) -> bytes:
         """The reply's payload, or :class:`StoreError`."""
+        try:
+            op = XsOp(request.op)
+        except ValueError:
+            raise StoreError("ENOSYS", f"unknown op {request.op}") from None
         handler = self._handlers.get(op)
         if handler is None:
-            if op not in _KNOWN_OPS:
-                raise StoreError("ENOSYS", f"unknown op {op}")
-            raise StoreError("ENOSYS", f"{op_name(op)} is not a request")
-        caller = conn.caller or self._caller(conn)
+            raise StoreError("ENOSYS", f"{op.name} is not a request")
+        caller = self._caller(conn)
         if op in _PRIVILEGED_OPS and not caller.privileged:
-            raise StoreError("EACCES", f"{op_name(op)} is for dom0")
+            raise StoreError("EACCES", f"{op.name} is for dom0")
         tx: Transaction | None = None
-        if tx_id and op not in _NO_TRANSACTION_OPS:
-            tx = conn.transactions.get(tx_id)
+        if op not in _NO_TRANSACTION_OPS and request.tx_id:
+            tx = conn.transactions.get(request.tx_id)
             if tx is None:
-                raise StoreError("ENOENT", f"no transaction {tx_id}")
-        return handler(self, _Request(conn, caller, tx, untrusted))
+                raise StoreError("ENOENT", f"no transaction {request.tx_id}")
+        return handler(self, _Request(conn, caller, tx, request.payload))
 
     def _path(self, caller: Caller, untrusted_arg: bytes | None) -> str:
         if untrusted_arg is None:
@@ -909,8 +661,7 @@ class XsServer:
         self._send_event(conn, watch, watch.path)
 
     def _send_event(self, conn: _Connection, watch: _Watch, path: str) -> None:
-        event_path = self._event_path_for(conn, watch, path)
-        self._send(conn, _WATCH_EVENT, 0, 0, event_path + NUL + watch.token + NUL)
+        self._send(conn, watch_event(self._event_path_for(conn, watch, path), watch.token))
 
     def _op_unwatch(self, req: _Request) -> bytes:
         path, token, _ = self._watch_args(req.caller, req.untrusted)
@@ -989,7 +740,6 @@ class XsServer:
         if domid not in self._domains or target not in self._domains:
             raise StoreError("ENOENT", "both domains must be introduced")
         self._domains[domid].target = target
-        self._forget_callers()
         return b"OK\0"
 
     def _op_control(self, req: _Request) -> bytes:
@@ -1007,31 +757,28 @@ class XsServer:
             raise StoreError("EINVAL", "expected a domid")
         return parse_domid(arg)
 
-    #: The request handlers by plain int op code.
-    _handlers: dict[int, Callable[[XsServer, _Request], bytes]] = {
-        int(op): handler
-        for op, handler in (
-            (XsOp.CONTROL, _op_control),
-            (XsOp.DIRECTORY, _op_directory),
-            (XsOp.READ, _op_read),
-            (XsOp.GET_PERMS, _op_get_perms),
-            (XsOp.WATCH, _op_watch),
-            (XsOp.UNWATCH, _op_unwatch),
-            (XsOp.TRANSACTION_START, _op_transaction_start),
-            (XsOp.TRANSACTION_END, _op_transaction_end),
-            (XsOp.INTRODUCE, _op_introduce),
-            (XsOp.RELEASE, _op_release),
-            (XsOp.GET_DOMAIN_PATH, _op_get_domain_path),
-            (XsOp.WRITE, _op_write),
-            (XsOp.MKDIR, _op_mkdir),
-            (XsOp.RM, _op_rm),
-            (XsOp.SET_PERMS, _op_set_perms),
-            (XsOp.IS_DOMAIN_INTRODUCED, _op_is_domain_introduced),
-            (XsOp.RESUME, _op_resume),
-            (XsOp.SET_TARGET, _op_set_target),
-            (XsOp.RESET_WATCHES, _op_reset_watches),
-            (XsOp.DIRECTORY_PART, _op_directory_part),
-        )
+    #: What each request op does.
+    _handlers: dict[XsOp, Callable[[XsServer, _Request], bytes]] = {
+        XsOp.CONTROL: _op_control,
+        XsOp.DIRECTORY: _op_directory,
+        XsOp.READ: _op_read,
+        XsOp.GET_PERMS: _op_get_perms,
+        XsOp.WATCH: _op_watch,
+        XsOp.UNWATCH: _op_unwatch,
+        XsOp.TRANSACTION_START: _op_transaction_start,
+        XsOp.TRANSACTION_END: _op_transaction_end,
+        XsOp.INTRODUCE: _op_introduce,
+        XsOp.RELEASE: _op_release,
+        XsOp.GET_DOMAIN_PATH: _op_get_domain_path,
+        XsOp.WRITE: _op_write,
+        XsOp.MKDIR: _op_mkdir,
+        XsOp.RM: _op_rm,
+        XsOp.SET_PERMS: _op_set_perms,
+        XsOp.IS_DOMAIN_INTRODUCED: _op_is_domain_introduced,
+        XsOp.RESUME: _op_resume,
+        XsOp.SET_TARGET: _op_set_target,
+        XsOp.RESET_WATCHES: _op_reset_watches,
+        XsOp.DIRECTORY_PART: _op_directory_part,
     }
 
     # -- domains and watches -----------------------------------------------------------
@@ -1042,7 +789,6 @@ class XsServer:
         domain = _Domain(domid, socket_path=self.guest_socket(domid))
         domain.listener = self._listen(domain.socket_path)  # type: ignore[arg-type]
         self._domains[domid] = domain
-        self._forget_callers()
         self._pending_listeners.append(domain)
         self._fire([self._store.special_change(INTRODUCE_DOMAIN)])
 
@@ -1058,27 +804,20 @@ class XsServer:
         for other in self._domains.values():
             if other.target == domid:
                 other.target = None
-        self._forget_callers()
         self._store.remove_domain_nodes(domid)
         self._fire(self._store.take_changes())
         self._fire([self._store.special_change(RELEASE_DOMAIN)])
 
     def _fire(self, changes: Sequence[Change]) -> None:
-        if not changes:
-            return
+        """Send each connection an event per watch a change fires, if it may see it."""
         for conn in list(self._connections):
             if conn.closed or not conn.watches:
                 continue
-            caller = conn.caller or self._caller(conn)
+            caller = self._caller(conn)
             for change in changes:
-                # Whether the caller may see the change, judged once a watch matches it.
-                visible = True if caller.privileged else None
-                for watch in conn.watches:
-                    if not watch.fired_by(change):
-                        continue
-                    if visible is None:
-                        visible = change.visible_to(caller)
-                    if visible:
+                fired = [w for w in conn.watches if change.fires(w.path)]
+                if fired and change.visible_to(caller):
+                    for watch in fired:
                         self._send_event(conn, watch, change.path)
 
     def _event_path_for(self, conn: _Connection, watch: _Watch, path: str) -> bytes:
@@ -1087,4 +826,3 @@ class XsServer:
             if path.startswith(home + "/"):
                 path = path[len(home) + 1 :]
         return path.encode("ascii")
-

@@ -1,18 +1,8 @@
-"""The xenstore wire protocol: packet header, op codes, error names, argument packing.
+"""The xenstore wire codec of the stand-in server: packets, op codes, error names, arguments.
 
-One place knows the bytes of ``xen/include/public/io/xs_wire.h`` so that our own server
-(:mod:`xentmem.mock_xenstored.server`), the tests' raw-socket probes and any client code agree on
-them.  A packet is a 16-byte header of four little-endian u32 (``type``, ``req_id``,
-``tx_id``, ``len``) followed by ``len`` bytes of payload, at most
-:data:`XENSTORE_PAYLOAD_MAX`.  Arguments in a payload are NUL-terminated strings; a WRITE's
-value is the raw rest of the payload.  Errors travel as an ``ERROR`` packet whose payload is
-the errno *name* (``b"EACCES\\0"``), and watch events as ``WATCH_EVENT`` with
-``path\\0token\\0``.
-
-Nothing here touches a socket: :class:`PacketReader` turns an untrusted byte stream into
-packets and refuses a header that announces more than the limit, so the caller decides what
-to do with a peer that tries to feed it too much (C xenstored drops it; oxenstored answers
-``E2BIG``).
+A packet is ``struct xsd_sockmsg`` (four little-endian u32: op, req_id, tx_id, length) and
+its payload (``xen/include/public/io/xs_wire.h``); docs/mock-xenstored.md has the details.
+Nothing here touches a socket.
 """
 
 from __future__ import annotations
@@ -64,8 +54,6 @@ class XsOp(IntEnum):
     RESET_WATCHES = 21
     DIRECTORY_PART = 22
 
-
-DEBUG = XsOp.CONTROL
 
 #: The error names C xenstored can send (``xsd_errors[]``), in its order, with their errno.
 XSD_ERRORS: dict[str, int] = {
@@ -136,34 +124,20 @@ class Packet:
 
     def encode(self, *, limit: int = XENSTORE_PAYLOAD_MAX) -> bytes:
         """Header plus payload; refuses what no daemon would accept."""
-        return encode_packet(self.op, self.req_id, self.tx_id, self.payload, limit=limit)
+        if len(self.payload) > limit:
+            raise MalformedPacket(f"payload of {len(self.payload)} bytes exceeds {limit}")
+        for field_name, value in (("op", self.op), ("req_id", self.req_id), ("tx_id", self.tx_id)):
+            if not 0 <= value <= U32_MAX:
+                raise MalformedPacket(f"{field_name} {value} is not a u32")
+        return HEADER.pack(self.op, self.req_id, self.tx_id, len(self.payload)) + self.payload
 
     @property
     def op_name(self) -> str:
-        return op_name(self.op)
-
-
-#: ``XsOp`` names by plain int, so naming an op needs no enum lookup.
-_OP_NAMES: dict[int, str] = {op.value: op.name for op in XsOp}
-
-
-def op_name(op: int) -> str:
-    """``"READ"`` for 2; ``"op99"`` for an op code no daemon knows."""
-    name = _OP_NAMES.get(op)
-    return name if name is not None else f"op{op}"
-
-
-def encode_packet(
-    op: int, req_id: int, tx_id: int, payload: bytes, *, limit: int = XENSTORE_PAYLOAD_MAX
-) -> bytes:
-    """What :meth:`Packet.encode` gives, without building a :class:`Packet` first."""
-    if len(payload) > limit:
-        raise MalformedPacket(f"payload of {len(payload)} bytes exceeds {limit}")
-    if not (0 <= op <= U32_MAX and 0 <= req_id <= U32_MAX and 0 <= tx_id <= U32_MAX):
-        for field_name, value in (("op", op), ("req_id", req_id), ("tx_id", tx_id)):
-            if not 0 <= value <= U32_MAX:
-                raise MalformedPacket(f"{field_name} {value} is not a u32")
-    return HEADER.pack(op, req_id, tx_id, len(payload)) + payload
+        """``"READ"`` for 2; ``"op99"`` for an op code no daemon knows."""
+        try:
+            return XsOp(self.op).name
+        except ValueError:
+            return f"op{self.op}"
 
 
 def request(op: XsOp, *args: bytes, req_id: int = 0, tx_id: int = 0, value: bytes = b"") -> Packet:
@@ -216,10 +190,6 @@ def split_write(untrusted_payload: bytes) -> tuple[bytes, bytes] | None:
     return path, value
 
 
-#: A packet as :meth:`PacketReader.feed_raw` returns it: ``(op, req_id, tx_id, payload)``.
-RawPacket = tuple[int, int, int, bytes]
-
-
 class PacketReader:
     """Reassembles packets from a byte stream (a socket may hand them over in any pieces).
 
@@ -228,81 +198,52 @@ class PacketReader:
     With ``skip_oversized`` the reader then discards exactly that many payload bytes and
     goes on (oxenstored answers ``E2BIG`` and keeps the connection); without it the reader
     stops for good (C xenstored drops such a client), so nothing after the bad header is
-    ever parsed as a packet.  ``feed_raw`` does the same with plain tuples (a server's hot
-    path).
+    ever parsed as a packet.
     """
 
     def __init__(self, *, limit: int = XENSTORE_PAYLOAD_MAX, skip_oversized: bool = False) -> None:
         self.limit = limit
         self.skip_oversized = skip_oversized
         self.broken = False
-        # Bytes of the stream not yet returned: a partial header, or a whole header and
-        # part of its payload.  Empty while skipping an oversized payload.
         self._buffer = bytearray()
-        self._skip = 0
+        self._header: Header | None = None  # read, its payload not yet complete
+        self._skip = 0  # payload bytes of an oversized packet still to discard
 
     @property
     def pending(self) -> int:
         """Bytes held that do not yet make a packet (a complete header is not counted)."""
-        held = len(self._buffer)
-        return held - HEADER_SIZE if held >= HEADER_SIZE else held
+        return len(self._buffer)
 
     def feed(self, untrusted_data: bytes) -> list[Packet | OversizedPacket]:
-        return [
-            item if isinstance(item, OversizedPacket) else Packet(*item)
-            for item in self.feed_raw(untrusted_data)
-        ]
-
-    def feed_raw(self, untrusted_data: bytes) -> list[RawPacket | OversizedPacket]:
-        """:meth:`feed`, with each packet as a :data:`RawPacket` tuple."""
         if self.broken:
             return []
-        data = bytes(untrusted_data) if type(untrusted_data) is not bytes else untrusted_data
-        if self._skip:
-            n = min(self._skip, len(data))
-            self._skip -= n
+        self._buffer += untrusted_data
+        items: list[Packet | OversizedPacket] = []
+        while True:
             if self._skip:
-                return []
-            data = data[n:]
-        buffer = self._buffer
-        if buffer:
-            buffer += data
-            held = len(buffer)
-            # Copy the buffer out only once it holds a whole packet (or an oversized
-            # header): a peer that sends a byte at a time costs a length check per byte,
-            # not a copy of all it sent so far.
-            if held < HEADER_SIZE:
-                return []
-            length = HEADER.unpack_from(buffer)[3]
-            if length <= self.limit and held < HEADER_SIZE + length:
-                return []
-            data = bytes(buffer)
-            buffer.clear()
-        items: list[RawPacket | OversizedPacket] = []
-        pos = 0
-        end = len(data)
-        limit = self.limit
-        unpack_from = HEADER.unpack_from
-        while end - pos >= HEADER_SIZE:
-            op, req_id, tx_id, length = unpack_from(data, pos)
-            if length > limit:
-                items.append(OversizedPacket(Header(op, req_id, tx_id, length), limit))
-                pos += HEADER_SIZE
-                if not self.skip_oversized:
-                    self.broken = True
-                    return items
-                skipped = min(length, end - pos)
-                pos += skipped
-                if skipped < length:
-                    self._skip = length - skipped
-                    return items
-                continue
-            start = pos + HEADER_SIZE
-            stop = start + length
-            if stop > end:
+                n = min(self._skip, len(self._buffer))
+                del self._buffer[:n]
+                self._skip -= n
+                if self._skip:
+                    break
+            if self._header is None:
+                if len(self._buffer) < HEADER_SIZE:
+                    break
+                header = Header.decode(bytes(self._buffer[:HEADER_SIZE]))
+                del self._buffer[:HEADER_SIZE]
+                if header.length > self.limit:
+                    items.append(OversizedPacket(header, self.limit))
+                    if not self.skip_oversized:
+                        self.broken = True
+                        self._buffer.clear()
+                        break
+                    self._skip = header.length
+                    continue
+                self._header = header
+            if len(self._buffer) < self._header.length:
                 break
-            items.append((op, req_id, tx_id, data[start:stop]))
-            pos = stop
-        if pos < end:
-            buffer += data[pos:] if pos else data
+            header, self._header = self._header, None
+            payload = bytes(self._buffer[: header.length])
+            del self._buffer[: header.length]
+            items.append(Packet(header.op, header.req_id, header.tx_id, payload))
         return items

@@ -24,6 +24,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
          "summary: guard cuts"),
         ("bench_control.py", ["--pages", "50", "--idle-seconds", "1"], "SUMMARY: socket"),
         ("bench_xen.py", ["--ops", "20", "--rounds", "1"], "SUMMARY"),
+        ("bench_mock_xenstored.py", ["--ops", "50", "--rounds", "1"], "SUMMARY: server"),
     ],
 )
 def test_benchmark_runs(script: str, args: list[str], summary: str) -> None:

@@ -35,12 +35,8 @@ from xentmem.tmem.abi import (
     PoolUuid,
     XenbusState,
 )
-from xentmem.xenbus.tmemwire import (
-    DEFAULT_INLINE_BYTES,
-    MAX_NAME_PARTS,
-    MAX_REQUEST_INLINE_BYTES,
-    WIRE_VERSION,
-)
+from xentmem.xenbus.body import WIRE_VERSION
+from xentmem.xenbus.framing import DEFAULT_INLINE_BYTES, MAX_NAME_PARTS, MAX_REQUEST_INLINE_BYTES
 
 TEXT = (b"def put_page(pool, oid, index, page):\n    return backend.put(pool, oid, index)\n"
         * 60)[:PAGE_SIZE]
@@ -417,7 +413,7 @@ class RogueHost:
 def _reply_text(body: bytes) -> tuple[str, int]:
     import zlib
 
-    from xentmem.xenbus.tmemwire import to_text
+    from xentmem.xenbus.framing import to_text
 
     text = to_text(body)
     return text, zlib.crc32(text.encode())

@@ -82,7 +82,8 @@ def test_the_client_on_the_device_sends_one_request_at_a_time() -> None:
                 seen.append((len(packets), packet.op))
                 device.sendall(Packet(packet.op, packet.req_id, 0, b"OK\0").encode())
 
-    threading.Thread(target=fake_device, daemon=True).start()
+    thread = threading.Thread(target=fake_device, daemon=True)
+    thread.start()
     conn = XsSession("/dev/xen/xenbus", device=True, timeout=5.0)
     conn._connection.transport = SocketAsDevice(ours)  # as if os.open had given the device
     try:
@@ -92,7 +93,8 @@ def test_the_client_on_the_device_sends_one_request_at_a_time() -> None:
         conn.settle()
         assert seen == [(1, XS.WRITE)] * 3
     finally:
-        ours.close()
+        ours.close()  # the fake device reads the end of the stream and returns
+        thread.join(5)
         device.close()
 
 

@@ -22,7 +22,7 @@ import threading
 from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, TypeVar, Union
 
 from pyxs._internal import Event, Packet
 from pyxs._internal import Op as XS
@@ -58,7 +58,7 @@ _ERRNO_BY_NAME = {name: code for code, name in errno.errorcode.items()}
 _HEADER: struct.Struct = Packet._struct
 
 T = TypeVar("T")
-PathLike = str | bytes
+PathLike = Union[str, bytes]
 #: Called with (what, error name) when a posted request was refused.
 ErrorSink = Callable[[str, str], None]
 

@@ -105,9 +105,11 @@ class TmemBack(XenbusDevice):
         limits: Limits | None = None,
         compress_replies: bool = True,
         writer: XsSession | None = None,
+        split_replies: bool = False,
     ) -> None:
         """``writer``: where replies and removals go, if not ``conn`` (the service's own, whose
-        answers are read lazily)."""
+        answers are read lazily).  ``split_replies``: a reply too long for one name goes in
+        name parts rather than spilled into a value (measured dearer: ``docs/protocol.md``)."""
         super().__init__(conn, backend_path(backend_domid, domid), frontend_path(domid))
         self.conn = conn
         self.writer = writer or conn
@@ -116,6 +118,8 @@ class TmemBack(XenbusDevice):
         self.backend_domid = backend_domid
         self.limits = limits or Limits.for_host()
         self.compress_replies = compress_replies
+        self.split_replies = split_replies
+        self._unsplit: tuple[Limits | None, Limits] = (None, self.limits)
         self.home = f"/local/domain/{domid}"
         self.last_seq = 0
         self.last_reply: str | None = None
@@ -437,11 +441,12 @@ class TmemBack(XenbusDevice):
         return unframe(envelope, untrusted[0], untrusted[1:], self.limits, reply=False)
 
     def _reply(self, seq: int, results: list[ResultRecord], status: int) -> None:
+        limits = self._reply_limits()
         try:
-            framed = frame(seq, encode_reply(results, status=status), self.limits, reply=True)
+            framed = frame(seq, encode_reply(results, status=status), limits, reply=True)
         except WireError as exc:
             log.warning("domain %d message %d: reply does not fit (%s)", self.domid, seq, exc)
-            framed = frame(seq, encode_reply([], status=-errno.E2BIG), self.limits, reply=True)
+            framed = frame(seq, encode_reply([], status=-errno.E2BIG), limits, reply=True)
         if self._replies_kept >= REPLIES_KEPT:
             # Every earlier reply has been read: the guest sent a new request since.
             self.writer.post_rm(f"{self.nodename}/{RSP_DIR}")
@@ -458,6 +463,13 @@ class TmemBack(XenbusDevice):
         elif framed.envelope.parts:
             self.counters.replies_parted += 1
         self.last_reply = name
+
+    def _reply_limits(self) -> Limits:
+        if self.split_replies:
+            return self.limits
+        if self._unsplit[0] is not self.limits:
+            self._unsplit = (self.limits, replace(self.limits, max_parts=1))
+        return self._unsplit[1]
 
     def _malformed(self, untrusted_name: str, exc: WireError) -> None:
         """A request node that is not a message: an error reply if it has a new seq.

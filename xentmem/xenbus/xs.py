@@ -56,6 +56,8 @@ _VALUE_RE = re.compile(rb"[\x20-\x7e]*")
 #: Errno numbers for the error names xenstore daemons send (C xenstored's xsd_errors).
 _ERRNO_BY_NAME = {name: code for code, name in errno.errorcode.items()}
 _HEADER: struct.Struct = Packet._struct
+#: The message types pyxs knows (an answer of another type breaks the protocol).
+_TYPES = frozenset(XS)
 
 T = TypeVar("T")
 PathLike = Union[str, bytes]
@@ -212,9 +214,13 @@ class _OneWriteConnection(PacketConnection):
                 stop = pos + _HEADER.size + size
                 if stop > end:
                     break
-                packets.append(Packet(msg_type, buffer[pos + _HEADER.size:stop], rq_id, tx_id))
+                if msg_type not in _TYPES:
+                    raise XsConnectionLost(f"xenstore sent message type {msg_type}")
+                # Checked as pyxs's Packet() checks, without building the packet twice.
+                packets.append(Packet._make(
+                    (msg_type, rq_id, tx_id, size, buffer[pos + _HEADER.size:stop])))
                 pos = stop
-        except (XsConnectionLost, PyXSError) as exc:
+        except XsConnectionLost as exc:
             self.close()
             raise XsConnectionLost(f"xenstore at {self.path} broke the protocol: {exc}") \
                 from None
@@ -352,15 +358,13 @@ class XsSession:
     def _send(self, msg_type: int, payload: bytes, tx: int, *, buffered: bool = False) -> int:
         if not self.alive:
             raise XsConnectionLost(f"xenstore connection to {self.where} is closed")
-        self._next_id = (self._next_id % 0xFFFFFFFE) + 1
-        try:
-            packet = Packet(msg_type, payload, self._next_id, tx)
-        except PyXSError as exc:
-            raise ValueError(f"not a xenstore request: {exc!r}"[:200]) from None
-        self._out.append((self._next_id, frame(packet)))
+        if len(payload) > PAYLOAD_MAX or msg_type not in _TYPES:
+            raise ValueError(f"not a xenstore request: type {msg_type}, {len(payload)} bytes")
+        self._next_id = req_id = (self._next_id % 0xFFFFFFFE) + 1
+        self._out.append((req_id, _HEADER.pack(msg_type, req_id, tx, len(payload)) + payload))
         if not buffered:
             self.flush()
-        return self._next_id
+        return req_id
 
     def flush(self) -> None:
         """Write every buffered request: in one write on a socket; on the xenbus device one

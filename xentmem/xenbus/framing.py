@@ -10,6 +10,7 @@ use the smaller.  Why these sizes: ``docs/protocol.md`` (Messages, Limits).
 from __future__ import annotations
 
 import binascii
+import functools
 import re
 import zlib
 from collections.abc import Sequence
@@ -55,6 +56,8 @@ MAX_NAME_PARTS_LIMIT = 8
 #: Largest sequence number accepted (decimal digits in a name are bounded by this).
 MAX_SEQ = (1 << 63) - 1
 
+#: ``<seq>@`` before a chunk, at the largest sequence number.
+_SEQ_PREFIX = len(str(MAX_SEQ)) + 1
 _NAME_RE = re.compile(
     r"(0|[1-9][0-9]{0,18})@(0|[1-9][0-9]?|p[2-9])@([0-9a-f]{8})@([A-Za-z0-9_-]*)")
 _PART_RE = re.compile(r"(0|[1-9][0-9]{0,18})@p([1-8])@([A-Za-z0-9_-]+)")
@@ -146,14 +149,17 @@ class Limits:
 
     def text_capacity(self, *, reply: bool) -> int:
         """The longest message text that fits (chunk prefixes at the largest seq)."""
-        prefix = len(str(MAX_SEQ)) + 1
         chunk = self.chunk_for(reply=reply)
         return (self.spill_inline_for(reply=reply) + chunk
-                + (self.max_chunks - 1) * (chunk - prefix))
+                + (self.max_chunks - 1) * (chunk - _SEQ_PREFIX))
 
     def body_capacity(self, *, reply: bool) -> int:
-        """The largest body that fits, in bytes."""
-        return self.text_capacity(reply=reply) * 3 // 4
+        """The largest body that fits, in bytes (asked once per message: kept)."""
+        return self._body_capacity[reply]
+
+    @functools.cached_property
+    def _body_capacity(self) -> dict[bool, int]:
+        return {reply: self.text_capacity(reply=reply) * 3 // 4 for reply in (False, True)}
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import os
 import threading
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 from xentmem.clock import Clock, SystemClock
@@ -191,7 +191,7 @@ class XenBackend(Backend):
             "state": front.state.strstate(),
             "otherend_state": front.otherend_state.strstate(),
             "version": negotiated.version if negotiated else None,
-            "limits": negotiated.limits.__dict__ if negotiated else None,
+            "limits": asdict(negotiated.limits) if negotiated else None,
             "batch": self.values["batch"],
             "batch_max": self._batch_max(),
             "stalled": self._stalled_until > self.clock.monotonic(),
@@ -427,14 +427,15 @@ class XenBackend(Backend):
         if front is None or front.negotiated is None:
             return [self._queue.popleft()] if self._queue else []
         limits = front.limits
+        empty_reply = reply_size_bound([])
         request_room = limits.body_capacity(reply=False) - request_size([])
-        reply_room = limits.body_capacity(reply=True) - reply_size_bound([])
+        reply_room = limits.body_capacity(reply=True) - empty_reply
         limit = self._batch_max()
         batch: list[_Slot] = []
         while self._queue and len(batch) < limit:
             op = self._queue[0].op
             request_room -= op.wire_bytes
-            reply_room -= reply_size_bound([op]) - reply_size_bound([])
+            reply_room -= reply_size_bound([op]) - empty_reply
             if batch and (request_room < 0 or reply_room < 0):
                 break
             batch.append(self._queue.popleft())

@@ -363,6 +363,11 @@ def median_of(rounds: list[dict[str, dict[str, Any]]], mode: str, key: str) -> f
     return statistics.median(r[mode][key] for r in rounds)
 
 
+def _ratio(value: float, base: float) -> float:
+    """``value / base``; NaN when too few ops ran for the CPU clock (10 ms ticks) to move."""
+    return value / base if base else float("nan")
+
+
 def report(kind: str, rounds: list[dict[str, dict[str, Any]]], args: argparse.Namespace,
            value_bytes: int) -> dict[str, float]:
     """Print one xenstored's figures; the ratios the SUMMARY uses."""
@@ -377,7 +382,7 @@ def report(kind: str, rounds: list[dict[str, dict[str, Any]]], args: argparse.Na
         rate = median_of(rounds, mode, "rate")
         cpu = median_of(rounds, mode, "cpu")
         rate_ratio = statistics.median(r[mode]["rate"] / r[base]["rate"] for r in rounds)
-        cpu_ratio = statistics.median(r[mode]["cpu"] / r[base]["cpu"] for r in rounds)
+        cpu_ratio = statistics.median(_ratio(r[mode]["cpu"], r[base]["cpu"]) for r in rounds)
         ratios[mode] = cpu_ratio
         ratios[f"{mode} rate"] = rate_ratio
         by = {role: statistics.median(r[mode]["by"][role] for r in rounds)

@@ -1,5 +1,5 @@
-"""The ``xen`` backend end to end, through pyxs, against our xenstore server and Debian's real C
-and OCaml xenstored (``xenstore_host``), with the host service in front of each."""
+"""The ``xen`` backend end to end, through the xenstore client, against our xenstore server and
+Debian's real C and OCaml xenstored (``xenstore_host``), with the host service in front of each."""
 
 from __future__ import annotations
 

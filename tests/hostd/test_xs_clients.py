@@ -191,3 +191,36 @@ def test_a_silent_server_times_out(tmp_path: Path) -> None:
         for sock in accepted:
             sock.close()
         path.unlink()
+
+
+def test_xenbus_state_rules_are_the_kernels(xs_server: XsServer) -> None:
+    """switch_state writes only a change, in a transaction that never recreates a vanished
+    node; an unreadable state is Unknown; dev_fatal says why, then goes Closing."""
+    from xentmem.tmem.abi import XenbusState
+    from xentmem.xenbus.device import XenbusDevice, parse_state
+
+    assert parse_state(None) is XenbusState.UNKNOWN
+    assert parse_state(b"4") is XenbusState.CONNECTED
+    assert parse_state(b"4\x00") is XenbusState.CONNECTED
+    for nonsense in (b"", b"9", b"-1", b"4 ", b"x", b"12345678901"):
+        assert parse_state(nonsense) is XenbusState.UNKNOWN, nonsense
+    with XsSession(xs_server.dom0_socket, timeout=5.0) as xs:
+        xs.write("/dev/a/state", b"1")
+        xs.write("/dev/b/state", b"2")
+        device = XenbusDevice(xs, "/dev/a", "/dev/b")
+        assert device.read_state("/dev/a") is XenbusState.INITIALISING
+        assert device.read_otherend_state() is XenbusState.INIT_WAIT
+        own = xs.watch("/dev/a/state", b"own")
+        assert own.get(5.0) is not None  # the registration event
+        device.state = XenbusState.INITIALISED
+        device.switch_state(XenbusState.INITIALISED)  # unchanged: nothing written
+        assert own.get(0.1) is None
+        device.switch_state(XenbusState.CONNECTED)
+        assert xs.read("/dev/a/state") == b"4"
+        device.dev_fatal(71, "protocol error")
+        assert xs.read("/dev/a/error") == b"71 protocol error"
+        assert device.state is XenbusState.CLOSING
+        xs.rm("/dev/a")
+        with pytest.raises(XsError, match="vanished"):
+            device.switch_state(XenbusState.CLOSED)
+        assert xs.read_optional("/dev/a/state") is None

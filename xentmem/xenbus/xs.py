@@ -177,6 +177,10 @@ class _OneWriteConnection(PacketConnection):
         self.path = os.fspath(path)
         self._buffer = b""
 
+    def connect(self) -> None:
+        self._buffer = b""
+        super().connect()
+
     def send(self, packet: Packet) -> None:
         self.send_frames([frame(packet)])
 

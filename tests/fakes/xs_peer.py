@@ -46,6 +46,8 @@ def unavailable_reason(kind: str) -> str | None:
     """Why the ``kind`` peer (``c-xenstored`` or ``oxenstored``) cannot run here, or None."""
     if kind not in BINARIES:
         return f"unknown xenstored kind {kind!r}"
+    if not SHIM_SOURCE.is_file():
+        return f"{SHIM_SOURCE} is missing (the shim the daemon runs under)"
     if not BINARIES[kind].exists():
         return f"{BINARIES[kind]} is missing (apt-get install xen-utils-4.17)"
     if shutil.which("gcc") is None:

@@ -210,7 +210,8 @@ def test_pools_registered_before_the_backend_are_replayed(tmem_host: TmemHost) -
 @pytest.mark.parametrize("batch", [False, True], ids=["unbatched", "batched"])
 def test_pages_of_every_compressibility_round_trip(tmem_host: TmemHost, batch: bool) -> None:
     roots = tmem_host.guest(5)
-    with connected(roots, batch=batch) as b:
+    # Posted puts wait for company (the next synchronous op) however slow the machine is.
+    with connected(roots, batch=batch, batch_delay_ms=1000) as b:
         pers = b.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
         eph = b.new_pool(PRIVATE_UUID, POOL_PRIVATE_EPHEMERAL)
         for i, page in enumerate(PAGES.values()):

@@ -1,26 +1,13 @@
 """Benchmark: tmem ops through the ``xen`` backend, against a raw xenstore round trip measured
-in the same run, in ops per second and in CPU time per op.
+in the same run, in ops per second and in CPU time per op summed over every process.
 
-The host side runs as on a Xen host: a xenstored and the host service (``xentmem-hostd run``),
-each a process of its own; this process is guest 1.  Two xenstoreds are measured: our
-stand-in (``python -m xentmem.mock_xenstored``) and Debian's real C xenstored, started without
-Xen under the LD_PRELOAD shim of ``tests/fakes/xs_peer.py`` (skipped, saying why, where it
-cannot run).  The real daemon talks to a guest over a ring; the ring proxy and the xenbus
-multiplexer that stand in for the guest kernel run in a process of their own, whose CPU is
-shown but not counted (a real guest's kernel does that work).
-
-Baseline: a raw xenstore WRITE then READ of one node in the guest's ``data/``, with a value
-as long as a real put's request text (capped at the largest value a guest may write), both
-with pyxs (the xenstore library) and with our own client.  Per mode, the CPU time summed
-over every process involved (this guest, the host service, xenstored) is divided by the ops
-done; the SUMMARY compares the unbatched modes' CPU per op with the raw round trip's.
-
-Modes: ``unbatched put/get`` (``batch=0``, one op per message, a persistent pool, as
-frontswap needs every answer); ``batched put`` (ephemeral pool, puts posted and carried up to
-``batch_max`` per message); ``batched get`` (``--threads`` callers sharing messages); zero and
-random pages for information.  Pages are 4 KiB slices of the standard library's sources and
-every page read back is checked.  Rounds are interleaved (raw, then every mode) and medians
-reported, so a neighbour stealing the CPU moves both sides of a ratio.
+The host side runs as on a Xen host, a xenstored and ``xentmem-hostd run`` as processes of
+their own, and this process is guest 1, against our stand-in xenstored and against Debian's
+C xenstored (started without Xen by ``tests/fakes/xs_peer.py``; skipped, saying why, where
+it cannot run; its guest ring's proxy is the guest kernel's work and is shown, not counted).
+The baseline is a raw WRITE then READ with pyxs of a value as long as a put's request text.
+Rounds are interleaved (raw, then every mode) and medians reported, so a neighbour stealing
+the CPU moves both sides of a ratio.  What the figures mean: ``docs/protocol.md`` §8.
 
 Run: ``python bench/bench_xen.py [--ops 1000] [--rounds 5] [--threads 8] [--peer both]``.
 """

@@ -4,10 +4,10 @@ A real guest has one xenstore ring, and every ``open("/dev/xen/xenbus")`` in it 
 connection of its own: the kernel's ``xenbus_dev_frontend`` gives each open file its own
 request ids, keeps the transactions it started, tags the watches it registers so that their
 events reach that file alone, and on close removes its watches and aborts its transactions.
-The ring proxy of ``../shared/xenstored-peer`` serves one client at a time (it is the ring),
-so :class:`XenbusMux` stands in front of it and does what the kernel does: a guest backend
-that opens several connections (the ``xen`` backend's session, message channel and writer)
-then works against the real C and OCaml daemons exactly as in a domU.
+The ring proxy (``xenstored_peer/xs_ring_proxy.py``) serves one client at a time (it is the
+ring), so :class:`XenbusMux` stands in front of it and does what the kernel does: a guest
+backend that opens several connections (the ``xen`` backend's session and its writer) then
+works against the real C and OCaml daemons exactly as in a domU.
 """
 
 from __future__ import annotations

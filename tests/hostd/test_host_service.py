@@ -26,18 +26,15 @@ from xentmem.hostd.control import OPS as HOST_OPS
 from xentmem.hostd.control import HostControlClient
 from xentmem.roots import Roots
 from xentmem.tmem.abi import POOL_PRIVATE_PERSISTENT, PRIVATE_UUID, Oid
-from xentmem.xenbus.tmemwire import (
-    WIRE_VERSION,
+from xentmem.xenbus.area import request_slot
+from xentmem.xenbus.body import WIRE_VERSION, OpRecord, decode_reply, encode_request
+from xentmem.xenbus.framing import (
     Limits,
     Part,
-    WireOp,
-    decode_reply,
-    encode_request,
     frame,
     is_part_name,
     parse_name,
     parse_part,
-    request_slot,
     to_text,
     unframe,
 )
@@ -123,8 +120,8 @@ def test_malformed_requests_get_an_error_or_are_dropped_and_the_service_lives_on
     assert status_of(g.reply(4)) == -5
     g.send("0/garbage-without-a-seq")  # nothing to answer: dropped
     g.send("1/x/deeper")  # not a message node at all: ignored
-    body = encode_request([WireOp.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT),
-                           WireOp(99, 0, Oid(0), 0)])  # an op the hypercall does not know
+    body = encode_request([OpRecord.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT),
+                           OpRecord(99, 0, Oid(0), 0)])  # an op the hypercall does not know
     framed = frame(9, body, LIMITS, reply=False)
     g.send(f"1/{framed.envelope.name}", framed.value.encode() or b"-")
     results = decode_reply(g.reply(9), decode_request_ops(body))
@@ -137,8 +134,8 @@ def test_requests_in_name_parts_are_assembled_and_torn_ones_refused(
         tmem_host: TmemHost) -> None:
     g = HandGuest(tmem_host, 5)
     g.connect()
-    body = encode_request([WireOp.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT),
-                           WireOp.put_page(0, Oid(7), 3, TEXT)])
+    body = encode_request([OpRecord.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT),
+                           OpRecord.put_page(0, Oid(7), 3, TEXT)])
     small = Limits(inline_bytes=60)
 
     def send_parts(seq: int, skip: int = 0, slot: str | None = None) -> str:
@@ -166,8 +163,8 @@ def test_requests_in_name_parts_are_assembled_and_torn_ones_refused(
     assert tmem_host.service.store.get_page(5, 0, Oid(7), 3) == (1, TEXT)  # type: ignore[union-attr]
 
 
-def decode_request_ops(body: bytes) -> list[WireOp]:
-    from xentmem.xenbus.tmemwire import decode_request
+def decode_request_ops(body: bytes) -> list[OpRecord]:
+    from xentmem.xenbus.body import decode_request
 
     return decode_request(body)
 

@@ -21,7 +21,7 @@ from xentmem.tmem.abi import (
     PoolUuid,
     pool_flags,
 )
-from xentmem.xenbus.tmemwire import PageEncoding, encode_page
+from xentmem.xenbus.body import PageEncoding, encode_page
 
 TEXT = (b"void *tmem_get(struct tmem_pool *pool, struct oid *oid, u32 index);\n" * 70)[:4096]
 RAND = os.urandom(PAGE_SIZE)

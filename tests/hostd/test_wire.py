@@ -12,33 +12,33 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xentmem.tmem.abi import PAGE_SIZE, Oid, PoolUuid, TmemOp
-from xentmem.xenbus.tmemwire import (
-    MAX_INLINE_BYTES,
+from xentmem.xenbus.area import parse_domid, parse_uint, request_slot
+from xentmem.xenbus.body import (
     MAX_OPS_LIMIT,
-    NAME_OVERHEAD,
     WIRE_VERSION,
-    Envelope,
-    Limits,
+    OpRecord,
     PageEncoding,
-    Part,
+    ResultRecord,
     WireError,
-    WireOp,
-    WireResult,
     decode_page,
     decode_reply,
     decode_request,
     encode_page,
     encode_reply,
     encode_request,
-    frame,
-    from_text,
-    parse_domid,
-    parse_name,
-    parse_part,
-    parse_uint,
     reply_size_bound,
     request_size,
-    request_slot,
+)
+from xentmem.xenbus.framing import (
+    MAX_INLINE_BYTES,
+    NAME_OVERHEAD,
+    Envelope,
+    Limits,
+    Part,
+    frame,
+    from_text,
+    parse_name,
+    parse_part,
     to_text,
     unframe,
 )
@@ -95,10 +95,10 @@ def test_an_lz4_block_of_the_wrong_size_is_refused() -> None:
 
 
 def test_request_layout_is_fixed_records_then_pages() -> None:
-    ops = [WireOp.new_pool(PoolUuid(1, 2), 0x01000002),
-           WireOp.put_page(3, Oid(4, 5, 6), 7, TEXT),
-           WireOp.get_page(3, Oid(4), 8),
-           WireOp.flush_object(3, Oid(9))]
+    ops = [OpRecord.new_pool(PoolUuid(1, 2), 0x01000002),
+           OpRecord.put_page(3, Oid(4, 5, 6), 7, TEXT),
+           OpRecord.get_page(3, Oid(4), 8),
+           OpRecord.flush_object(3, Oid(9))]
     body = encode_request(ops)
     assert body[:2] == bytes([WIRE_VERSION, 4])
     assert struct.unpack_from("<BiQQQII", body, 2) == (1, 0, 1, 2, 0, 0, 0x01000002)
@@ -112,17 +112,17 @@ def test_request_layout_is_fixed_records_then_pages() -> None:
 
 
 def test_reply_carries_return_values_and_found_pages() -> None:
-    ops = [WireOp.get_page(0, Oid(1), 0), WireOp.get_page(0, Oid(1), 1),
-           WireOp.put_page(0, Oid(1), 2, TEXT), WireOp.new_pool(PoolUuid(0, 0), 0x01000000)]
-    results = [WireResult.with_page(TEXT), WireResult(0), WireResult(-errno.ENOMEM),
-               WireResult(15)]
+    ops = [OpRecord.get_page(0, Oid(1), 0), OpRecord.get_page(0, Oid(1), 1),
+           OpRecord.put_page(0, Oid(1), 2, TEXT), OpRecord.new_pool(PoolUuid(0, 0), 0x01000000)]
+    results = [ResultRecord.with_page(TEXT), ResultRecord(0), ResultRecord(-errno.ENOMEM),
+               ResultRecord(15)]
     body = encode_reply(results)
     assert len(body) <= reply_size_bound(ops)
     back = decode_reply(body, ops)
     assert [r.rc for r in back] == [1, 0, -errno.ENOMEM, 15]
     assert back[0].page() == TEXT
     assert decode_reply(encode_reply([], status=-errno.EINVAL), ops) == [
-        WireResult(-errno.EINVAL)] * 4
+        ResultRecord(-errno.EINVAL)] * 4
 
 
 @pytest.mark.parametrize(("cmd", "rc", "why"), [
@@ -132,7 +132,7 @@ def test_reply_carries_return_values_and_found_pages() -> None:
     (TmemOp.GET_PAGE, -5000, "not a -errno"),
 ])
 def test_replies_with_values_the_op_cannot_give_are_refused(cmd: int, rc: int, why: str) -> None:
-    op = WireOp(cmd, 0, Oid(1), 0)
+    op = OpRecord(cmd, 0, Oid(1), 0)
     body = struct.pack("<BBi", WIRE_VERSION, 1, 0) + struct.pack("<iI", rc, 0)
     with pytest.raises(WireError, match=why):
         decode_reply(body, [op])
@@ -142,9 +142,9 @@ REPLY_OF_ONE = struct.pack("<BBi", WIRE_VERSION, 1, 0)
 
 
 def test_replies_that_do_not_match_their_request_are_refused() -> None:
-    get = WireOp.get_page(0, Oid(1), 0)
-    put = WireOp.put_page(0, Oid(1), 0, TEXT)
-    two = encode_reply([WireResult(0), WireResult(0)])
+    get = OpRecord.get_page(0, Oid(1), 0)
+    put = OpRecord.put_page(0, Oid(1), 0, TEXT)
+    two = encode_reply([ResultRecord(0), ResultRecord(0)])
     with pytest.raises(WireError, match="2 results for 1 ops"):
         decode_reply(two, [get])
     with pytest.raises(WireError, match="carries page data"):  # a page for a put
@@ -152,7 +152,7 @@ def test_replies_that_do_not_match_their_request_are_refused() -> None:
     with pytest.raises(WireError, match="runs past the end"):
         decode_reply(REPLY_OF_ONE + struct.pack("<iI", 1, 4000), [get])
     with pytest.raises(WireError, match="stray bytes"):
-        decode_reply(encode_reply([WireResult(0)]) + b"x", [get])
+        decode_reply(encode_reply([ResultRecord(0)]) + b"x", [get])
     with pytest.raises(WireError, match=f"wire version {WIRE_VERSION + 1}"):
         decode_reply(struct.pack("<BBi", WIRE_VERSION + 1, 0, 0), [])
 
@@ -194,18 +194,18 @@ def test_text_is_strict_base64url() -> None:
 
 
 def test_small_messages_live_in_the_name_alone() -> None:
-    framed = frame(7, encode_request([WireOp.get_page(0, Oid(1), 2)]), LIMITS, reply=False)
+    framed = frame(7, encode_request([OpRecord.get_page(0, Oid(1), 2)]), LIMITS, reply=False)
     assert framed.envelope.chunks == 0 and framed.value == "" and framed.chunks == ()
     name = framed.envelope.name
     assert NAME_RE.fullmatch(name) and name.startswith("7@0@")
     envelope = parse_name(name, LIMITS, reply=False)
     assert unframe(envelope, None, (), LIMITS, reply=False) == encode_request(
-        [WireOp.get_page(0, Oid(1), 2)])
+        [OpRecord.get_page(0, Oid(1), 2)])
 
 
 @pytest.mark.parametrize("pages", [[TEXT], [RANDOM], [RANDOM] * 8, [TEXT, RANDOM] * 5])
 def test_large_messages_spill_within_every_daemons_limits(pages: list[bytes]) -> None:
-    ops = [WireOp.put_page(0, Oid(1), i, p) for i, p in enumerate(pages)]
+    ops = [OpRecord.put_page(0, Oid(1), i, p) for i, p in enumerate(pages)]
     body = encode_request(ops)
     framed = frame(123456, body, NO_PARTS, reply=False)
     assert framed.parts == () and framed.envelope.parts == 0
@@ -227,7 +227,7 @@ def test_a_text_a_few_names_long_travels_in_name_parts(inline: int, page: bytes,
                                                        count: int) -> None:
     limits = Limits(inline_bytes=min(inline, 1960), reply_inline_bytes=inline)
     reply = inline == 1990
-    body = encode_request([WireOp.put_page(0, Oid(1), 0, page)])
+    body = encode_request([OpRecord.put_page(0, Oid(1), 0, page)])
     framed = frame(77, body, limits, reply=reply)
     if not count:  # longer than MAX_NAME_PARTS names: it spills into values instead
         assert framed.parts == () and framed.envelope.chunks >= 1
@@ -246,7 +246,7 @@ def test_a_text_a_few_names_long_travels_in_name_parts(inline: int, page: bytes,
 
 
 def test_missing_foreign_or_mixed_parts_are_noticed() -> None:
-    body = encode_request([WireOp.put_page(0, Oid(1), i, TEXT) for i in range(2)])
+    body = encode_request([OpRecord.put_page(0, Oid(1), i, TEXT) for i in range(2)])
     limits = Limits(inline_bytes=150)
     framed = frame(9, body, limits, reply=False)
     assert framed.envelope.parts == 3
@@ -282,7 +282,7 @@ def test_a_message_may_not_claim_more_parts_than_agreed() -> None:
 
 
 def test_torn_or_mixed_chunks_are_noticed() -> None:
-    body = encode_request([WireOp.put_page(0, Oid(1), i, RANDOM) for i in range(3)])
+    body = encode_request([OpRecord.put_page(0, Oid(1), i, RANDOM) for i in range(3)])
     framed = frame(5, body, NO_PARTS, reply=False)
     chunks = [v for _, v in framed.chunks]
     envelope = framed.envelope
@@ -300,7 +300,7 @@ def test_a_message_too_big_for_the_limits_is_refused() -> None:
     small = Limits(chunk_bytes=256, max_chunks=2, inline_bytes=100, reply_inline_bytes=100,
                    max_parts=2)
     with pytest.raises(WireError, match="needs"):
-        frame(1, encode_request([WireOp.put_page(0, Oid(1), 0, RANDOM)]), small, reply=True)
+        frame(1, encode_request([OpRecord.put_page(0, Oid(1), 0, RANDOM)]), small, reply=True)
 
 
 @pytest.mark.parametrize("name", [
@@ -350,7 +350,7 @@ def test_fuzzed_request_bodies_only_ever_raise_wire_errors(untrusted: bytes) -> 
 @given(st.binary(max_size=600), st.lists(st.sampled_from([1, 2, 4, 5, 6, 7]), min_size=1,
                                          max_size=4))
 def test_fuzzed_reply_bodies_only_ever_raise_wire_errors(untrusted: bytes, cmds: list[int]) -> None:
-    ops = [WireOp(cmd, 0, Oid(1), 0) for cmd in cmds]
+    ops = [OpRecord(cmd, 0, Oid(1), 0) for cmd in cmds]
     try:
         results = decode_reply(untrusted, ops)
     except WireError:
@@ -371,19 +371,19 @@ def test_fuzzed_names_only_ever_raise_wire_errors(untrusted: str) -> None:
     assert isinstance(envelope, Envelope) and envelope.name == untrusted
 
 
-def _op(kind: str, pool: int, word: int, index: int, page: bytes) -> WireOp:
+def _op(kind: str, pool: int, word: int, index: int, page: bytes) -> OpRecord:
     oid = Oid(word, index, 0)
     if kind == "put":
-        return WireOp.put_page(pool, oid, index, page)
+        return OpRecord.put_page(pool, oid, index, page)
     if kind == "get":
-        return WireOp.get_page(pool, oid, index)
+        return OpRecord.get_page(pool, oid, index)
     if kind == "flush":
-        return WireOp.flush_page(pool, oid, index)
+        return OpRecord.flush_page(pool, oid, index)
     if kind == "flobj":
-        return WireOp.flush_object(pool, oid)
+        return OpRecord.flush_object(pool, oid)
     if kind == "new":
-        return WireOp.new_pool(PoolUuid(word, index), 0x01000000)
-    return WireOp.destroy_pool(pool)
+        return OpRecord.new_pool(PoolUuid(word, index), 0x01000000)
+    return OpRecord.destroy_pool(pool)
 
 
 @settings(max_examples=100, deadline=None)

@@ -1,5 +1,6 @@
-"""The two xenstore clients on their own: bounded waits, error names, one message per write
-on the xenbus device, transactions retried on EAGAIN."""
+"""The xenstore client of both ends on its own: bounded waits, error names, one message per
+write on the xenbus device, posted requests and their refusals, transactions retried on
+EAGAIN."""
 
 from __future__ import annotations
 
@@ -12,9 +13,14 @@ from fakes.xenstore_hosts import XenstoreHost
 
 from xentmem.mock_xenstored.server import Malformation, XsServer
 from xentmem.mock_xenstored.store import Limits
-from xentmem.mock_xenstored.wire import XsOp
-from xentmem.xenbus.xs import XenbusDevConnection, XsConnectionLost, XsError, XsSession, XsTimeout
-from xentmem.xenbus.xsconn import XsConn
+from xentmem.xenbus.xs import (
+    XS,
+    XenbusDevConnection,
+    XsConnectionLost,
+    XsError,
+    XsSession,
+    XsTimeout,
+)
 
 
 class RecordingTransport:
@@ -37,7 +43,26 @@ def test_the_xenbus_device_gets_one_message_per_write() -> None:
     assert connection.transport.writes == [b"first", b"second", b"third"]
 
 
-def test_the_host_client_on_the_device_sends_one_request_at_a_time() -> None:
+class SocketAsDevice:
+    """One end of a socket pair, read and written as the xenbus device is."""
+
+    def __init__(self, sock) -> None:
+        self.sock = sock
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def recv_some(self, size: int) -> bytes:
+        return self.sock.recv(size)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_the_client_on_the_device_sends_one_request_at_a_time() -> None:
     """The device gets each message in its own write(2), the next only after an answer."""
     import socket
 
@@ -57,43 +82,23 @@ def test_the_host_client_on_the_device_sends_one_request_at_a_time() -> None:
                 seen.append((len(packets), packet.op))
                 device.sendall(Packet(packet.op, packet.req_id, 0, b"OK\0").encode())
 
-    threading.Thread(target=fake_device, daemon=True).start()
-    conn = XsConn("/dev/xen/xenbus", device=True, timeout=5.0)
-    conn._fd = ours.fileno()  # as if os.open had given us the device
+    thread = threading.Thread(target=fake_device, daemon=True)
+    thread.start()
+    conn = XsSession("/dev/xen/xenbus", device=True, timeout=5.0)
+    conn._connection.transport = SocketAsDevice(ours)  # as if os.open had given the device
     try:
         conn.post_write("/a", b"1")
         conn.post_write("/b", b"2")
         conn.write("/c", b"3")
         conn.settle()
-        assert seen == [(1, XsOp.WRITE)] * 3
+        assert seen == [(1, XS.WRITE)] * 3
     finally:
-        ours.close()
+        ours.close()  # the fake device reads the end of the stream and returns
+        thread.join(5)
         device.close()
 
 
-def test_the_guest_session_on_the_device_sends_one_request_at_a_time(
-        xs_server: XsServer) -> None:
-    guest = xs_server.prepare_domain(5)
-    with XsSession(socket_path=guest, timeout=5.0) as xs:
-        xs._pipeline = False  # the xenbus device's rule, exercised over a socket
-        router = xs._router
-        transport = router.connection.transport
-        original = transport.send
-        unanswered_at_send: list[int] = []
-
-        def send(data: bytes) -> None:
-            unanswered_at_send.append(sum(1 for r in router.rvars.values()
-                                          if r.target is None) - 1)
-            original(data)
-
-        transport.send = send
-        pendings = xs.send_many([(2, b"domid\x00", "a"), (2, b"domid\x00", "b"),
-                                 (2, b"domid\x00", "c")])
-        assert [xs.wait(p) for p in pendings] == [b"5"] * 3
-        assert unanswered_at_send == [0, 0, 0]
-
-
-def test_guest_session_waits_are_bounded_and_errors_keep_their_names(
+def test_waits_are_bounded_and_errors_keep_their_names(
         xenstore_host: XenstoreHost) -> None:
     socket_path = xenstore_host.introduce(5)
     with XsSession(socket_path=socket_path, timeout=5.0) as xs:
@@ -126,7 +131,7 @@ def test_guest_session_waits_are_bounded_and_errors_keep_their_names(
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_a_muted_server_times_out_and_a_dead_router_is_noticed(make_xs_server) -> None:
+def test_a_muted_server_times_out_and_a_broken_protocol_is_noticed(make_xs_server) -> None:
     server: XsServer = make_xs_server()
     guest = server.prepare_domain(5)
     with XsSession(socket_path=guest, timeout=0.3) as xs:
@@ -135,7 +140,7 @@ def test_a_muted_server_times_out_and_a_dead_router_is_noticed(make_xs_server) -
             xs.read(b"domid")
         server.faults.unmute(5)
     with XsSession(socket_path=guest, timeout=2.0) as xs:
-        server.faults.malform_next(5, Malformation.WRONG_REQ_ID)  # pyxs's router thread dies
+        server.faults.malform_next(5, Malformation.WRONG_REQ_ID)  # an answer nobody asked for
         with pytest.raises((XsConnectionLost, XsTimeout)):
             xs.read(b"domid")
         with pytest.raises(XsConnectionLost):
@@ -150,12 +155,12 @@ def test_oxenstored_quota_errors_keep_their_name(make_xs_server) -> None:
     assert big.value.name in ("E2BIG", "EQUOTA")
 
 
-def test_the_host_client_pipelines_and_reports_refusals(xs_server: XsServer) -> None:
+def test_posted_requests_are_pipelined_and_refusals_reported(xs_server: XsServer) -> None:
     refused: list[tuple[str, str]] = []
-    with XsConn(xs_server.dom0_socket, timeout=5.0,
+    with XsSession(xs_server.dom0_socket, timeout=5.0,
                 on_error=lambda what, name: refused.append((what, name))) as conn:
         conn.post_write("/a", b"1")
-        conn.post(XsOp.RM, b"/no/such/parent/x\x00", what="rm x")
+        conn.post(XS.RM, b"/no/such/parent/x\x00", what="rm x")
         ids = [conn.post_read("/a")]
         assert conn.collect(ids[0], what="read a", deadline=conn.clock.monotonic() + 5) == b"1"
         conn.settle()
@@ -169,7 +174,7 @@ def test_the_host_client_pipelines_and_reports_refusals(xs_server: XsServer) -> 
         assert conn.is_domain_introduced(0) in (True, False)
 
 
-def test_the_host_client_times_out_on_a_silent_server(tmp_path: Path) -> None:
+def test_a_silent_server_times_out(tmp_path: Path) -> None:
     import socket
 
     path = Path(os.path.join("/tmp", f"silent-{os.getpid()}.sock"))
@@ -179,10 +184,43 @@ def test_the_host_client_times_out_on_a_silent_server(tmp_path: Path) -> None:
     accepted: list[socket.socket] = []
     threading.Thread(target=lambda: accepted.append(listener.accept()[0]), daemon=True).start()
     try:
-        with XsConn(path, timeout=0.3) as conn, pytest.raises(XsTimeout):
+        with XsSession(path, timeout=0.3) as conn, pytest.raises(XsTimeout):
             conn.read("/x")
     finally:
         listener.close()
         for sock in accepted:
             sock.close()
         path.unlink()
+
+
+def test_xenbus_state_rules_are_the_kernels(xs_server: XsServer) -> None:
+    """switch_state writes only a change, in a transaction that never recreates a vanished
+    node; an unreadable state is Unknown; dev_fatal says why, then goes Closing."""
+    from xentmem.tmem.abi import XenbusState
+    from xentmem.xenbus.device import XenbusDevice, parse_state
+
+    assert parse_state(None) is XenbusState.UNKNOWN
+    assert parse_state(b"4") is XenbusState.CONNECTED
+    assert parse_state(b"4\x00") is XenbusState.CONNECTED
+    for nonsense in (b"", b"9", b"-1", b"4 ", b"x", b"12345678901"):
+        assert parse_state(nonsense) is XenbusState.UNKNOWN, nonsense
+    with XsSession(xs_server.dom0_socket, timeout=5.0) as xs:
+        xs.write("/dev/a/state", b"1")
+        xs.write("/dev/b/state", b"2")
+        device = XenbusDevice(xs, "/dev/a", "/dev/b")
+        assert device.read_state("/dev/a") is XenbusState.INITIALISING
+        assert device.read_otherend_state() is XenbusState.INIT_WAIT
+        own = xs.watch("/dev/a/state", b"own")
+        assert own.get(5.0) is not None  # the registration event
+        device.state = XenbusState.INITIALISED
+        device.switch_state(XenbusState.INITIALISED)  # unchanged: nothing written
+        assert own.get(0.1) is None
+        device.switch_state(XenbusState.CONNECTED)
+        assert xs.read("/dev/a/state") == b"4"
+        device.dev_fatal(71, "protocol error")
+        assert xs.read("/dev/a/error") == b"71 protocol error"
+        assert device.state is XenbusState.CLOSING
+        xs.rm("/dev/a")
+        with pytest.raises(XsError, match="vanished"):
+            device.switch_state(XenbusState.CLOSED)
+        assert xs.read_optional("/dev/a/state") is None

@@ -8,16 +8,13 @@ import pytest
 from fakes import xs_peer
 
 
-def test_missing_shared_dir_is_a_skip_reason(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(xs_peer, "PEER_SCRIPT", Path("/nonexistent/xenstored-peer.sh"))
+def test_missing_shim_is_a_skip_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(xs_peer, "SHIM_SOURCE", Path("/nonexistent/fakexen.c"))
     reason = xs_peer.unavailable_reason("c-xenstored")
-    assert reason is not None and "../shared" in reason
+    assert reason is not None and "fakexen.c" in reason
 
 
 def test_missing_binary_is_a_skip_reason(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    script = tmp_path / "xenstored-peer.sh"
-    script.write_text("#!/bin/sh\n")
-    monkeypatch.setattr(xs_peer, "PEER_SCRIPT", script)
     monkeypatch.setattr(xs_peer, "BINARIES", {"oxenstored": tmp_path / "none"})
     reason = xs_peer.unavailable_reason("oxenstored")
     assert reason is not None and "xen-utils-4.17" in reason

@@ -86,7 +86,7 @@ class XenstorePublisher:
 def xenstore_publisher(roots: Roots, clock: Clock | None = None) -> XenstorePublisher | None:
     """A publisher when this guest has a xenstore to publish to, else None."""
     if roots.xenstore_socket is None:
-        from xentmem.guest.backends.xen import running_on_xen  # the one Xen probe there is
+        from xentmem.xenbus.probe import running_on_xen  # the one Xen probe there is
 
         evidence = running_on_xen(roots)
         if evidence is None or not roots.xenbus_dev.exists():

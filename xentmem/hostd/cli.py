@@ -27,7 +27,7 @@ from xentmem.hostd.store import HostStore
 from xentmem.notify import Notifier
 from xentmem.tmem.capacity import ACCEPTED as CAPACITY_ACCEPTED
 from xentmem.tmem.capacity import capacity_bytes, parse_capacity
-from xentmem.xenbus.xsconn import default_xenstore_path
+from xentmem.xenbus.probe import default_xenstore_path
 
 log = logging.getLogger("xentmem.hostd")
 

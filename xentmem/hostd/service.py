@@ -1,9 +1,9 @@
 """``xentmem-hostd``'s service: what the hypervisor's tmem did, in dom0, on one thread.
 
-It finds guests, gives each one a tmem device (:class:`~xentmem.hostd.device.GuestDevice`),
+It finds guests, gives each one a tmem device (:class:`~xentmem.hostd.tmemback.TmemBack`),
 serves their messages from one :class:`~xentmem.hostd.store.HostStore`, and answers control
 requests (:mod:`xentmem.hostd.handlers`).  Everything happens in :meth:`HostService.run`'s
-loop: xenstore events (through :class:`~xentmem.xenbus.xsconn.XsConn`, no router thread),
+loop: xenstore events (through :class:`~xentmem.xenbus.xs.XsSession`, no router thread),
 control clients, and a stop request; one thread, so the store needs no locks.
 
 Guests are found as a toolstack's guests are: ``@introduceDomain`` (and start-up) lists
@@ -27,20 +27,15 @@ from typing import Any
 from xentmem.clock import SystemClock
 from xentmem.control.server import PolledServer, ServerError
 from xentmem.errors import XentmemError
-from xentmem.hostd.device import GuestDevice, probe_reply_limits
 from xentmem.hostd.handlers import HostControl
 from xentmem.hostd.store import HostStore
+from xentmem.hostd.tmemback import TmemBack, probe_reply_limits
 from xentmem.notify import Notifier
 from xentmem.tmem.abi import TmemOp
-from xentmem.xenbus.tmemwire import (
-    Limits,
-    WireError,
-    WireOp,
-    WireResult,
-    parse_domid,
-)
-from xentmem.xenbus.xs import XsConnectionLost, XsError, XsTimeout
-from xentmem.xenbus.xsconn import XsConn
+from xentmem.xenbus.area import parse_domid
+from xentmem.xenbus.body import OpRecord, ResultRecord, WireError
+from xentmem.xenbus.framing import Limits
+from xentmem.xenbus.xs import XsConnectionLost, XsError, XsSession, XsTimeout
 
 log = logging.getLogger("xentmem.hostd")
 
@@ -66,27 +61,30 @@ class HostService:
         backend_domid: int = 0,
         limits: Limits | None = None,
         timeout: float = 5.0,
+        split_replies: bool = False,
     ) -> None:
         self.store = store
+        #: Long replies in name parts rather than one spilled value (see TmemBack).
+        self.split_replies = split_replies
         self.limits = limits or Limits.for_host()
         self._probe_limits = limits is None
         self.backend_domid = backend_domid
         self.only = frozenset(domains) if domains else None
-        self.conn = XsConn(xenstore, device=device, timeout=timeout)
+        self.conn = XsSession(xenstore, device=device, timeout=timeout)
         #: Replies and removals go on a connection of their own whose answers are read when
         #: convenient (DRAIN_AT at a time, or when idle): the loop does not wake up once more
         #: per request just to hear "OK" for its reply.  Refusals are still logged.
-        self.writer = XsConn(xenstore, device=device, timeout=timeout)
+        self.writer = XsSession(xenstore, device=device, timeout=timeout)
         self.control = (
             PolledServer(control_path, HostControl(self).handle_line, daemon="xentmem-hostd")
             if control_path is not None else None
         )
-        self.devices: dict[int, GuestDevice] = {}
+        self.devices: dict[int, TmemBack] = {}
         self._seen_introduced: set[int] = set()
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
-        self._by_token: dict[bytes, tuple[GuestDevice, str]] = {}
+        self._by_token: dict[bytes, tuple[TmemBack, str]] = {}
         self.ready = threading.Event()
 
     # -- life cycle -----------------------------------------------------------------------------
@@ -207,9 +205,9 @@ class HostService:
                 continue
             if self.only is not None and domid not in self.only:
                 continue
-            device = GuestDevice(
+            device = TmemBack(
                 self.conn, self.store, domid, backend_domid=self.backend_domid, limits=self.limits,
-                writer=self.writer,
+                writer=self.writer, split_replies=self.split_replies,
             )
             try:
                 device.setup()
@@ -237,30 +235,30 @@ class HostService:
                 self._by_token.pop(device.req_token, None)
                 self._seen_introduced.discard(domid)
 
-    def run_op(self, domid: int, op: WireOp) -> WireResult:
+    def run_op(self, domid: int, op: OpRecord) -> ResultRecord:
         """One guest op against the store; the domid is where the request was found."""
         store = self.store
         cmd = op.cmd
         if cmd == TmemOp.PUT_PAGE:
-            return WireResult(
+            return ResultRecord(
                 store.put_page(domid, op.pool_id, op.oid, op.index, op.encoding, op.data)
             )
         if cmd == TmemOp.GET_PAGE:
             rc, page = store.get_page(domid, op.pool_id, op.oid, op.index)
             if rc == 1 and page is not None:
-                return WireResult.with_page(page)
-            return WireResult(rc)
+                return ResultRecord.with_page(page)
+            return ResultRecord(rc)
         if cmd == TmemOp.FLUSH_PAGE:
-            return WireResult(store.flush_page(domid, op.pool_id, op.oid, op.index))
+            return ResultRecord(store.flush_page(domid, op.pool_id, op.oid, op.index))
         if cmd == TmemOp.FLUSH_OBJECT:
-            return WireResult(store.flush_object(domid, op.pool_id, op.oid))
+            return ResultRecord(store.flush_object(domid, op.pool_id, op.oid))
         if cmd == TmemOp.NEW_POOL:
-            return WireResult(store.new_pool(domid, op.uuid, op.flags))
+            return ResultRecord(store.new_pool(domid, op.uuid, op.flags))
         if cmd == TmemOp.DESTROY_POOL:
-            return WireResult(store.destroy_pool(domid, op.pool_id))
+            return ResultRecord(store.destroy_pool(domid, op.pool_id))
         if cmd == TmemOp.CONTROL:
-            return WireResult(-errno.EOPNOTSUPP)
-        return WireResult(-errno.ENOSYS)
+            return ResultRecord(-errno.EOPNOTSUPP)
+        return ResultRecord(-errno.ENOSYS)
 
 
 class ServiceError(XentmemError):

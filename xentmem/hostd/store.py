@@ -27,7 +27,7 @@ from xentmem.tmem.abi import (
     PoolFlags,
     PoolUuid,
 )
-from xentmem.xenbus.tmemwire import MAX_POOLS_PER_DOMAIN, PageEncoding, WireError, decode_page
+from xentmem.xenbus.body import MAX_POOLS_PER_DOMAIN, PageEncoding, WireError, decode_page
 
 MAX_GLOBAL_SHARED_POOLS = 16
 #: Uuids one client may be authorised for (Xen: MAX_GLOBAL_SHARED_POOLS as well).

@@ -1,66 +1,68 @@
-"""The guest's xenstore client: pyxs underneath, with every wait bounded.
+"""The xenstore client of both ends: pyxs's packets and connections, one thread, bounded waits.
 
-pyxs gives the wire protocol, a router thread that dispatches replies and watch events, and a
-Unix-socket connection.  Three of its traps matter here (``reference/xenstored.md`` §2, §4,
-§6), and this adapter closes them:
-
-* ``RVar.get()`` and ``Monitor.wait()`` wait forever, and the router thread dies on an
-  unexpected packet, leaving callers blocked.  Every call here waits on the reply with a
-  deadline and checks that the router is alive; a watch delivers into a queue read with a
-  timeout.
-* pyxs refuses ``Monitor`` over its own ``XenBusConnection`` (a guard from 2016), yet watches
-  and transactions work on a Linux 6.1 domU's ``/dev/xen/xenbus``.
-  :class:`XenbusDevConnection` is our own connection class for that device, passed as
-  ``Client(router=Router(conn))``.
-* ``next_rq_id()`` is a global counter bumped without a lock, and unknown error names (such as
-  oxenstored's ``EQUOTA``) turn into ``PyXSError(0, 'Success')``.  Requests here take ids from a
-  per-session counter under the send lock, and error replies keep their name.
-
-Everything a read returns is untrusted: methods return raw ``bytes`` and the callers name them
-``untrusted_...`` until parsed.  Requests can be *pipelined* (:meth:`XsSession.send_many`
-returns a :class:`Pending` for each, to collect later).  The ``xen`` backend's messages do not
-go through this session: they use connections of their own (:mod:`xentmem.xenbus.xsconn`).
+Linux has one xenstore client (``xenbus_xs.c``) for its frontends and backends; this is ours.
+It sends, then reads until the answer it waits for arrives, keeping the watch events and the
+answers to pipelined requests it meets on the way: no router thread, so a request costs no
+thread hand-off, and a caller with its own ``select`` loop (the host service) drives it.
+Everything it returns is untrusted ``bytes``.  Why it is shaped so (pyxs's traps, the xenbus
+device's one-message-per-write rule): ``docs/protocol.md``, "The xenstore client".
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import itertools
 import logging
 import os
-import queue
 import re
+import select
 import socket
+import struct
 import threading
+from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, TypeVar, Union
 
-from pyxs import Client, Router
-from pyxs._internal import Event, Op, Packet
-from pyxs.client import RVar
+from pyxs._internal import Event, Packet
+from pyxs._internal import Op as XS
 from pyxs.connection import PacketConnection
-from pyxs.exceptions import ConnectionError as PyXSConnectionError
 from pyxs.exceptions import PyXSError
 
 from xentmem.clock import Clock, SystemClock
 from xentmem.errors import XenStoreError
 
+__all__ = [
+    "XS",
+    "Event",
+    "UnixSocketConnection",
+    "Watch",
+    "XenbusDevConnection",
+    "XsConnectionLost",
+    "XsError",
+    "XsSession",
+    "XsTimeout",
+]
+
 log = logging.getLogger(__name__)
 
 NUL = b"\x00"
+#: The largest payload of one xenstore message (XENSTORE_PAYLOAD_MAX).
+PAYLOAD_MAX = 4096
 #: A node path as xenstore allows it (absolute or relative, ``@`` specials for watches).
 _PATH_RE = re.compile(rb"@?[A-Za-z0-9/_@-]{1,3072}")
-#: Values pyxs would also accept: printable ASCII, no newline.
+#: Values written here: printable ASCII, no newline (what pyxs accepts too).
 _VALUE_RE = re.compile(rb"[\x20-\x7e]*")
-#: How often a long wait checks that the router thread is still alive.
-_LIVENESS_SLICE_S = 0.25
 #: Errno numbers for the error names xenstore daemons send (C xenstored's xsd_errors).
 _ERRNO_BY_NAME = {name: code for code, name in errno.errorcode.items()}
+_HEADER: struct.Struct = Packet._struct
+#: The message types pyxs knows (an answer of another type breaks the protocol).
+_TYPES = frozenset(XS)
 
 T = TypeVar("T")
+PathLike = Union[str, bytes]
+#: Called with (what, error name) when a posted request was refused.
+ErrorSink = Callable[[str, str], None]
 
 
 class XsError(XenStoreError):
@@ -77,45 +79,14 @@ class XsTimeout(XenStoreError):
 
 
 class XsConnectionLost(XenStoreError):
-    """The connection or pyxs's router thread is gone; the session cannot be used again."""
+    """The connection is gone or broke the protocol; the session cannot be used again."""
 
 
-# -- our connection class for the xenbus device -----------------------------------------------
-
-
-class _DeviceTransport:
-    """Reads and writes ``/dev/xen/xenbus`` the way the kernel's xenbus_dev_frontend wants."""
-
-    def __init__(self, path: str) -> None:
-        try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as exc:
-            raise XsConnectionLost(f"cannot open {path}: {exc.strerror}") from None
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def recv(self, size: int) -> bytes:
-        chunks = []
-        while size:
-            data = os.read(self.fd, size)
-            if not data:
-                raise OSError(errno.ECONNRESET, "xenbus device closed")
-            chunks.append(data)
-            size -= len(data)
-        return b"".join(chunks)
-
-    def send(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view):]
-
-    def close(self) -> None:
-        os.close(self.fd)
+# -- pyxs connections, one message per write ---------------------------------------------------
 
 
 class _SocketTransport:
-    """xenstored's Unix socket."""
+    """xenstored's Unix socket, blocking: reads happen only after ``select`` said so."""
 
     def __init__(self, path: str) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -130,15 +101,19 @@ class _SocketTransport:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def recv_some(self, size: int) -> bytes:
+        return self.sock.recv(size)
+
     def recv(self, size: int) -> bytes:
-        view = memoryview(bytearray(size))
-        got = 0
-        while got < size:
-            n = self.sock.recv_into(view[got:])
-            if not n:
+        """Exactly ``size`` bytes (pyxs's own ``PacketConnection.recv`` uses it)."""
+        chunks = []
+        while size:
+            data = self.sock.recv(size)
+            if not data:
                 raise OSError(errno.ECONNRESET, "xenstore closed the connection")
-            got += n
-        return view.tobytes()
+            chunks.append(data)
+            size -= len(data)
+        return b"".join(chunks)
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -149,10 +124,44 @@ class _SocketTransport:
         self.sock.close()
 
 
-class _OneWriteConnection(PacketConnection):
-    """Sends a whole packet in one write; pyxs writes header and payload apart.
+class _DeviceTransport:
+    """``/dev/xen/xenbus``: one whole message per ``write(2)``, as Linux's device wants."""
 
-    Half the system calls per request, and the xenbus device is handed whole messages.
+    def __init__(self, path: str) -> None:
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise XsConnectionLost(f"cannot open {path}: {exc.strerror}") from None
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def recv_some(self, size: int) -> bytes:
+        return os.read(self.fd, size)
+
+    def recv(self, size: int) -> bytes:
+        chunks = []
+        while size:
+            data = os.read(self.fd, size)
+            if not data:
+                raise OSError(errno.ECONNRESET, "xenbus device closed")
+            chunks.append(data)
+            size -= len(data)
+        return b"".join(chunks)
+
+    def send(self, data: bytes) -> None:
+        if os.write(self.fd, data) != len(data):
+            raise OSError(errno.EIO, f"short write of a {len(data)}-byte message")
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class _OneWriteConnection(PacketConnection):
+    """pyxs's connection, plus what it lacks: a packet in one write, and buffered reads.
+
+    pyxs writes a header and its payload apart and reads one packet with two reads; here a
+    packet (or, on a socket, several) goes in one write and one read takes whatever arrived.
     """
 
     #: Whether several packets may go in one write.  The kernel's xenbus device takes one
@@ -160,17 +169,24 @@ class _OneWriteConnection(PacketConnection):
     coalesce = True
     #: Whether a request may be sent before the previous one is answered.  Linux's xenbus
     #: device queues a request pointing into the open file's one message buffer and returns
-    #: before the xenbus thread has copied it to the 1 KiB ring, so the next write(2) can
-    #: overwrite a long message in flight (seen on a real domU: the second of three
-    #: back-to-back writes answered EINVAL).  On the device, one request at a time.
+    #: before it is copied to the ring, so the next write(2) can overwrite a long message in
+    #: flight (seen on a real domU).  On the device, one request at a time.
     pipeline = True
 
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self._buffer = b""
+
+    def connect(self) -> None:
+        self._buffer = b""
+        super().connect()
+
     def send(self, packet: Packet) -> None:
-        self.send_frames([_frame(packet)])
+        self.send_frames([frame(packet)])
 
     def send_frames(self, frames: list[bytes]) -> None:
         if not self.is_connected:
-            raise PyXSConnectionError("not connected")
+            raise XsConnectionLost(f"xenstore connection to {self.path} is closed")
         try:
             if self.coalesce:
                 self.transport.send(b"".join(frames))
@@ -178,124 +194,150 @@ class _OneWriteConnection(PacketConnection):
                 for data in frames:
                     self.transport.send(data)
         except OSError as exc:
-            if exc.errno in (errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE):
-                self.close()
-            raise PyXSConnectionError(f"error while writing to {self.path!r}: {exc}") from None
+            self.close()
+            raise XsConnectionLost(f"writing to xenstore at {self.path}: {exc}") from None
+
+    def read_packets(self) -> list[Packet]:
+        """One read, split into the whole packets it completes (the rest is kept)."""
+        try:
+            data = self.transport.recv_some(65536)
+        except OSError as exc:
+            self.close()
+            raise XsConnectionLost(f"reading from xenstore at {self.path}: {exc}") from None
+        if not data:
+            self.close()
+            raise XsConnectionLost(f"xenstore at {self.path} closed the connection")
+        buffer = self._buffer + data if self._buffer else data
+        packets = []
+        pos, end = 0, len(buffer)
+        try:
+            while end - pos >= _HEADER.size:
+                msg_type, rq_id, tx_id, size = _HEADER.unpack_from(buffer, pos)
+                if size > PAYLOAD_MAX:
+                    raise XsConnectionLost(f"xenstore sent a {size}-byte payload")
+                stop = pos + _HEADER.size + size
+                if stop > end:
+                    break
+                if msg_type not in _TYPES:
+                    raise XsConnectionLost(f"xenstore sent message type {msg_type}")
+                # Checked as pyxs's Packet() checks, without building the packet twice.
+                packets.append(Packet._make(
+                    (msg_type, rq_id, tx_id, size, buffer[pos + _HEADER.size:stop])))
+                pos = stop
+        except XsConnectionLost as exc:
+            self.close()
+            raise XsConnectionLost(f"xenstore at {self.path} broke the protocol: {exc}") \
+                from None
+        self._buffer = buffer[pos:]
+        return packets
 
 
 class UnixSocketConnection(_OneWriteConnection):
-    """xenstored's Unix socket (``XENSTORED_PATH``): the local demo host, tests, dom0."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = os.fspath(path)
+    """xenstored's Unix socket (``XENSTORED_PATH``): dom0, the demo host, tests."""
 
     def create_transport(self) -> _SocketTransport:
         return _SocketTransport(self.path)
 
 
 class XenbusDevConnection(_OneWriteConnection):
-    """A pyxs connection over the xenbus device that pyxs's watches accept.
-
-    It is deliberately not a ``pyxs.connection.XenBusConnection``: pyxs refuses ``Monitor``
-    over that class, while the device itself delivers watch events fine on current kernels.
-    """
+    """The xenbus device of a domU.  Not pyxs's ``XenBusConnection``: pyxs refuses watches
+    over that class, while the device delivers watch events fine on current kernels."""
 
     coalesce = False
     pipeline = False
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = os.fspath(path)
 
     def create_transport(self) -> _DeviceTransport:
         return _DeviceTransport(self.path)
 
 
-def _frame(packet: Packet) -> bytes:
-    return Packet._struct.pack(packet.op, packet.rq_id, packet.tx_id, packet.size) + \
-        packet.payload
+def frame(packet: Packet) -> bytes:
+    """A packet's bytes on the wire: header and payload together."""
+    return _HEADER.pack(packet.op, packet.rq_id, packet.tx_id, packet.size) + packet.payload
 
 
-# -- pending requests and watches --------------------------------------------------------------
+# -- watches ------------------------------------------------------------------------------------
 
 
-@dataclass
-class Pending:
-    """A request sent but not yet collected (see :meth:`XsSession.send`)."""
+class Watch:
+    """The events of one watch token, taken from the session's event queue in order."""
 
-    rvar: object
-    op: int
-    what: str
-
-
-class WatchQueue:
-    """Where pyxs's router puts the events of one watch token; read with a timeout."""
-
-    def __init__(self, path: bytes, token: bytes) -> None:
+    def __init__(self, session: XsSession, path: bytes, token: bytes) -> None:
+        self.session = session
         self.path = path
         self.token = token
-        self.events: queue.Queue[Event] = queue.Queue()
 
     def get(self, timeout: float) -> Event | None:
-        """The next event, or None after ``timeout`` seconds."""
-        try:
-            return self.events.get(timeout=max(timeout, 0.0))
-        except queue.Empty:
-            return None
+        """The next event of this watch, or None after ``timeout`` seconds."""
+        return self.session._next_event(self.token, timeout)
 
     def get_nowait(self) -> Event | None:
-        try:
-            return self.events.get_nowait()
-        except queue.Empty:
-            return None
+        """An event already received, or None (reads nothing from the connection)."""
+        return self.session._take_event(self.token)
 
 
-# -- the session ------------------------------------------------------------------------------
+# -- the session --------------------------------------------------------------------------------
 
 
 class XsSession:
-    """One connection to xenstore: a socket path or the xenbus device, through pyxs."""
+    """One connection to xenstore, a socket or the xenbus device.
+
+    ``XsSession(path, device=...)``, or the keywords :func:`default_xenstore` gives
+    (``socket_path=`` / ``xenbus_path=``).  Calls from several threads are serialized.
+    """
 
     def __init__(
         self,
+        path: str | os.PathLike[str] | None = None,
         *,
+        device: bool = False,
         socket_path: str | os.PathLike[str] | None = None,
         xenbus_path: str | os.PathLike[str] | None = None,
         timeout: float = 2.0,
         clock: Clock | None = None,
+        on_error: ErrorSink | None = None,
     ) -> None:
-        if socket_path is None and xenbus_path is None:
+        if xenbus_path is not None:
+            path, device = xenbus_path, True
+        elif socket_path is not None:
+            path, device = socket_path, False
+        if path is None:
             raise ValueError("a xenstore socket path or a xenbus device path is needed")
         if timeout <= 0:
             raise ValueError("timeout must be > 0 seconds")
-        self.where = os.fspath(socket_path if socket_path is not None else xenbus_path)  # type: ignore[arg-type]
+        self.where = os.fspath(path)
+        self.device = device
         self.timeout = timeout
         self.clock = clock or SystemClock()
-        if socket_path is not None:
-            connection: _OneWriteConnection = UnixSocketConnection(socket_path)
-        else:
-            connection = XenbusDevConnection(xenbus_path)  # type: ignore[arg-type]
-        self._connection = connection
-        self._pipeline = connection.pipeline
-        self._outstanding: Pending | None = None
-        self.client = Client(router=Router(connection))
-        self._router = self.client.router
-        self._ids = itertools.count(1)
-        self._send_lock = threading.Lock()
-        self._watches: dict[bytes, WatchQueue] = {}
-        self._opened = False
+        self.on_error = on_error or _log_refusal
+        self._connection: _OneWriteConnection = (
+            XenbusDevConnection(self.where) if device else UnixSocketConnection(self.where))
+        #: Watch events received and not yet taken, in order: (path, token).
+        self.events: deque[Event] = deque()
+        self.refused = 0
+        self._lock = threading.RLock()
+        self._next_id = 0
+        self._out: list[tuple[int, bytes]] = []
+        #: Requests written and not yet answered.
+        self._unanswered: set[int] = set()
+        self._answers: dict[int, Packet] = {}
+        #: Posted requests (nobody waits for them): what each is, for a refusal's report.
+        self._posted: dict[int, str] = {}
+        #: Requests whose caller gave up waiting: their answers are dropped.
+        self._abandoned: set[int] = set()
+        self._watches: dict[bytes, Watch] = {}
 
     # -- life cycle ---------------------------------------------------------------------------
 
     def open(self) -> XsSession:
         try:
-            self._router.connection.connect()
-        except (PyXSError, OSError) as exc:
+            self._connection.connect()
+        except PyXSError as exc:
             raise XsConnectionLost(f"cannot connect to xenstore at {self.where}: {exc}") from None
-        except XsConnectionLost:
-            raise
-        self._router.thread.start()
-        self._opened = True
         return self
+
+    def close(self) -> None:
+        with self._lock:
+            self._connection.close()
 
     def __enter__(self) -> XsSession:
         return self.open()
@@ -304,126 +346,166 @@ class XsSession:
         self.close()
 
     @property
-    def endpoint(self) -> tuple[str, bool]:
-        """Where this session connects: the path, and whether it is the xenbus device."""
-        return self.where, isinstance(self._connection, XenbusDevConnection)
+    def alive(self) -> bool:
+        return self._connection.is_connected
 
     @property
-    def alive(self) -> bool:
-        return self._opened and self._router.thread.is_alive() and self._router.is_connected
+    def endpoint(self) -> tuple[str, bool]:
+        """Where this session connects: the path, and whether it is the xenbus device."""
+        return self.where, self.device
 
-    def close(self) -> None:
-        """Stop the router within the timeout, even if it is stuck in a read."""
-        if not self._opened:
-            return
-        self._opened = False
-        router = self._router
-        with contextlib.suppress(OSError):
-            router.w_terminator.sendall(NUL)
-        router.thread.join(self.timeout)
-        if router.thread.is_alive():
-            router.connection.close()
-            router.thread.join(self.timeout)
-            if router.thread.is_alive():  # pragma: no cover - a kernel that never returns
-                log.warning("xenstore router thread for %s did not stop", self.where)
+    def fileno(self) -> int:
+        return self._connection.fileno() if self.alive else -1
 
-    # -- requests -----------------------------------------------------------------------------
+    # -- the wire -----------------------------------------------------------------------------
 
-    def send(self, op: int, payload: bytes, *, what: str, tx: int = 0) -> Pending:
-        """Send one request without waiting for its answer (collect it with :meth:`wait`)."""
-        return self.send_many([(op, payload, what)], tx=tx)[0]
-
-    def send_many(self, requests: list[tuple[int, bytes, str]], *, tx: int = 0) -> list[Pending]:
-        """Send several requests at once; collect each answer with :meth:`wait`.
-
-        On a socket they go in one write (pipelined).  On the xenbus device each waits until
-        the one before it is answered (see ``pipeline``).  Replies are matched by pyxs's
-        router as for any request: each reply variable is registered under the router's
-        send lock before its bytes go out, exactly as ``Router.send`` does.
-        """
+    def _send(self, msg_type: int, payload: bytes, tx: int, *, buffered: bool = False) -> int:
         if not self.alive:
             raise XsConnectionLost(f"xenstore connection to {self.where} is closed")
-        router = self._router
-        pendings: list[Pending] = []
-        frames: list[bytes] = []
-        with self._send_lock:
-            for op, payload, what in requests:
-                packet = Packet(op, payload, next(self._ids), tx)
-                pending = Pending(RVar(), op, what)
-                pendings.append(pending)
-                if self._pipeline:
-                    frames.append(_frame(packet))
-                    with router.send_lock:
-                        router.rvars[packet.rq_id] = pending.rvar
-                    continue
-                if self._outstanding is not None:
-                    self._answered(self._outstanding)
-                with router.send_lock:
-                    router.rvars[packet.rq_id] = pending.rvar
-                    self._send_frames([_frame(packet)])
-                self._outstanding = pending
-            if frames:
-                with router.send_lock:
-                    self._send_frames(frames)
-        return pendings
+        if len(payload) > PAYLOAD_MAX or msg_type not in _TYPES:
+            raise ValueError(f"not a xenstore request: type {msg_type}, {len(payload)} bytes")
+        self._next_id = req_id = (self._next_id % 0xFFFFFFFE) + 1
+        self._out.append((req_id, _HEADER.pack(msg_type, req_id, tx, len(payload)) + payload))
+        if not buffered:
+            self.flush()
+        return req_id
 
-    def _send_frames(self, frames: list[bytes]) -> None:
-        try:
-            self._connection.send_frames(frames)
-        except (PyXSError, OSError) as exc:
-            raise XsConnectionLost(f"sending to xenstore at {self.where} failed: {exc}") \
-                from None
+    def flush(self) -> None:
+        """Write every buffered request: in one write on a socket; on the xenbus device one
+        per write(2), each after the one before it is answered (see ``pipeline``)."""
+        with self._lock:
+            if not self._out:
+                return
+            out, self._out = self._out, []
+            if self._connection.pipeline:
+                self._connection.send_frames([data for _, data in out])
+                self._unanswered.update(req_id for req_id, _ in out)
+                return
+            for req_id, data in out:
+                self._wait_answered()
+                self._connection.send_frames([data])
+                self._unanswered.add(req_id)
 
-    def _answered(self, pending: Pending) -> None:
-        """Wait (bounded) until ``pending`` has its answer, whatever it says."""
+    def _wait_answered(self) -> None:
+        """Device only: wait (bounded) until no request is in flight."""
         deadline = self.clock.monotonic() + self.timeout
-        condition: threading.Condition = pending.rvar.condition  # type: ignore[attr-defined]
-        with condition:
-            while pending.rvar.target is None:  # type: ignore[attr-defined]
-                remaining = deadline - self.clock.monotonic()
-                if remaining <= 0:
-                    raise XsTimeout(f"{pending.what}: no answer from xenstore at "
-                                    f"{self.where} within {self.timeout:g}s")
-                if not self._router.thread.is_alive():
-                    raise XsConnectionLost(f"the xenstore connection to {self.where} died")
-                condition.wait(min(remaining, _LIVENESS_SLICE_S))
+        while self._unanswered:
+            remaining = deadline - self.clock.monotonic()
+            if remaining <= 0:
+                raise XsTimeout(f"no answer from xenstore at {self.where} within "
+                                f"{self.timeout:g}s")
+            self.pump(remaining)
 
-    def wait(self, pending: Pending, deadline: float | None = None) -> bytes:
-        """The payload answering ``pending``; XsError, XsTimeout or XsConnectionLost."""
-        if deadline is None:
-            deadline = self.clock.monotonic() + self.timeout
-        rvar = pending.rvar
-        condition: threading.Condition = rvar.condition  # type: ignore[attr-defined]
-        with condition:
-            while rvar.target is None:  # type: ignore[attr-defined]
+    def pump(self, timeout: float) -> bool:
+        """Read what arrives within ``timeout`` and sort it; True if anything came."""
+        with self._lock:
+            if not self.alive:
+                raise XsConnectionLost(f"xenstore connection to {self.where} is closed")
+            readable, _, _ = select.select([self._connection.fileno()], [], [],
+                                           max(timeout, 0.0))
+            if not readable:
+                return False
+            self.receive()
+            return True
+
+    def receive(self) -> None:
+        """Read once without waiting (the caller's own ``select`` said there is something),
+        and sort what came: answers by request id, watch events into :attr:`events`."""
+        with self._lock:
+            if not self.alive:
+                raise XsConnectionLost(f"xenstore connection to {self.where} is closed")
+            for packet in self._connection.read_packets():
+                self._sort(packet)
+
+    def _sort(self, packet: Packet) -> None:
+        if packet.op == XS.WATCH_EVENT:
+            path, _, rest = packet.payload.partition(NUL)
+            token, sep, _ = rest.partition(NUL)
+            if sep:
+                self.events.append(Event(path, token))
+            else:
+                log.warning("malformed watch event %r ignored", packet.payload[:60])
+            return
+        req_id = packet.rq_id
+        if req_id not in self._unanswered:
+            self._connection.close()
+            raise XsConnectionLost(f"xenstore at {self.where} answered request {req_id}, "
+                                   "which was not asked")
+        self._unanswered.discard(req_id)
+        what = self._posted.pop(req_id, None)
+        if what is not None:
+            if packet.op == XS.ERROR:
+                self.refused += 1
+                self.on_error(what, _error_name(packet))
+            return
+        if req_id in self._abandoned:
+            self._abandoned.discard(req_id)
+            return
+        self._answers[req_id] = packet
+
+    def wait(self, req_id: int, *, msg_type: int, what: str,
+             deadline: float | None = None) -> bytes:
+        """The payload answering request ``req_id``; XsError, XsTimeout or XsConnectionLost."""
+        with self._lock:
+            self.flush()
+            if deadline is None:
+                deadline = self.clock.monotonic() + self.timeout
+            while req_id not in self._answers:
                 remaining = deadline - self.clock.monotonic()
                 if remaining <= 0:
-                    raise XsTimeout(f"{pending.what}: no answer from xenstore at {self.where} "
+                    self._abandoned.add(req_id)
+                    raise XsTimeout(f"{what}: no answer from xenstore at {self.where} "
                                     f"within {self.timeout:g}s")
-                if not self._router.thread.is_alive():
-                    raise XsConnectionLost(f"{pending.what}: the xenstore connection to "
-                                           f"{self.where} died")
-                condition.wait(min(remaining, _LIVENESS_SLICE_S))
-            packet = rvar.target  # type: ignore[attr-defined]
-        if packet.op == Op.ERROR:
-            name = packet.payload.rstrip(NUL).decode("ascii", "replace")[:32]
-            raise XsError(name, pending.what)
-        if packet.op != pending.op:
-            raise XsConnectionLost(f"{pending.what}: xenstore answered op {packet.op}")
+                self.pump(remaining)
+            packet = self._answers.pop(req_id)
+        if packet.op == XS.ERROR:
+            raise XsError(_error_name(packet), what)
+        if packet.op != msg_type:
+            raise XsConnectionLost(f"{what}: xenstore answered message type {packet.op}")
         return packet.payload
 
-    def call(self, op: int, payload: bytes, *, what: str, tx: int = 0,
-             deadline: float | None = None) -> bytes:
-        return self.wait(self.send(op, payload, what=what, tx=tx), deadline)
+    def call(self, msg_type: int, payload: bytes, *, what: str, tx: int = 0) -> bytes:
+        """Send one request and wait (bounded) for its answer."""
+        with self._lock:
+            return self.wait(self._send(msg_type, payload, tx), msg_type=msg_type, what=what)
+
+    def post(self, msg_type: int, payload: bytes, *, what: str) -> None:
+        """Queue a request nobody waits for; it leaves with the next :meth:`flush` (or any
+        call), and a refusal goes to ``on_error`` when its answer is read."""
+        with self._lock:
+            self._posted[self._send(msg_type, payload, 0, buffered=True)] = what
+
+    @property
+    def outstanding(self) -> int:
+        """Posted requests whose answers have not been read yet."""
+        return len(self._posted)
+
+    def drain(self) -> None:
+        """Send what is buffered and sort whatever answers have arrived, without waiting."""
+        with self._lock:
+            self.flush()
+            while self.alive and (self._posted or self._unanswered) and self.pump(0):
+                pass
+
+    def settle(self, timeout: float | None = None) -> None:
+        """Wait (bounded) until every posted request has been answered."""
+        with self._lock:
+            self.flush()
+            deadline = self.clock.monotonic() + (self.timeout if timeout is None else timeout)
+            while self._posted:
+                remaining = deadline - self.clock.monotonic()
+                if remaining <= 0:
+                    raise XsTimeout(f"{len(self._posted)} posted requests unanswered")
+                self.pump(remaining)
 
     # -- node operations ----------------------------------------------------------------------
 
-    def read(self, path: bytes, *, tx: int = 0) -> bytes:
-        """A node's value, untrusted.  Trailing NULs are kept (pyxs strips them)."""
-        _check_path(path)
-        return self.call(Op.READ, path + NUL, what=f"read {path.decode()}", tx=tx)
+    def read(self, path: PathLike, *, tx: int = 0) -> bytes:
+        """A node's value, untrusted (trailing NULs are kept; pyxs strips them)."""
+        raw = _path(path)
+        return self.call(XS.READ, raw + NUL, what=f"read {raw.decode()}", tx=tx)
 
-    def read_optional(self, path: bytes, *, tx: int = 0) -> bytes | None:
+    def read_optional(self, path: PathLike, *, tx: int = 0) -> bytes | None:
         """Like :meth:`read`, but None when the node does not exist."""
         try:
             return self.read(path, tx=tx)
@@ -432,85 +514,148 @@ class XsSession:
                 return None
             raise
 
-    def write(self, path: bytes, value: bytes, *, tx: int = 0) -> None:
-        _check_path(path)
+    def write(self, path: PathLike, value: bytes, *, tx: int = 0) -> None:
+        raw = _path(path)
         _check_value(value)
-        self._ack(self.call(Op.WRITE, path + NUL + value, what=f"write {path.decode()}", tx=tx))
+        _ack(self.call(XS.WRITE, raw + NUL + value, what=f"write {raw.decode()}", tx=tx))
 
-    def mkdir(self, path: bytes, *, tx: int = 0) -> None:
-        _check_path(path)
-        self._ack(self.call(Op.MKDIR, path + NUL, what=f"mkdir {path.decode()}", tx=tx))
+    def mkdir(self, path: PathLike, *, tx: int = 0) -> None:
+        raw = _path(path)
+        _ack(self.call(XS.MKDIR, raw + NUL, what=f"mkdir {raw.decode()}", tx=tx))
 
-    def rm(self, path: bytes, *, tx: int = 0) -> None:
-        _check_path(path)
-        self._ack(self.call(Op.RM, path + NUL, what=f"rm {path.decode()}", tx=tx))
+    def rm(self, path: PathLike, *, tx: int = 0) -> None:
+        raw = _path(path)
+        _ack(self.call(XS.RM, raw + NUL, what=f"rm {raw.decode()}", tx=tx))
 
-    def directory(self, path: bytes, *, tx: int = 0) -> list[bytes]:
+    def directory(self, path: PathLike, *, tx: int = 0) -> list[bytes]:
         """Child names, untrusted."""
-        _check_path(path)
-        payload = self.call(Op.DIRECTORY, path + NUL, what=f"list {path.decode()}", tx=tx)
+        raw = _path(path)
+        payload = self.call(XS.DIRECTORY, raw + NUL, what=f"list {raw.decode()}", tx=tx)
         return [name for name in payload.split(NUL) if name]
 
-    def get_perms(self, path: bytes, *, tx: int = 0) -> list[bytes]:
-        _check_path(path)
-        payload = self.call(Op.GET_PERMS, path + NUL, what=f"get-perms {path.decode()}", tx=tx)
+    def get_perms(self, path: PathLike, *, tx: int = 0) -> list[bytes]:
+        raw = _path(path)
+        payload = self.call(XS.GET_PERMS, raw + NUL, what=f"get-perms {raw.decode()}", tx=tx)
         return [perm for perm in payload.split(NUL) if perm]
 
-    def set_perms(self, path: bytes, perms: Iterable[bytes], *, tx: int = 0) -> None:
-        _check_path(path)
-        body = b"".join(perm + NUL for perm in perms)
-        self._ack(self.call(Op.SET_PERMS, path + NUL + body,
-                            what=f"set-perms {path.decode()}", tx=tx))
+    def set_perms(self, path: PathLike, perms: Iterable[PathLike], *, tx: int = 0) -> None:
+        raw = _path(path)
+        body = b"".join(_bytes(perm) + NUL for perm in perms)
+        _ack(self.call(XS.SET_PERMS, raw + NUL + body, what=f"set-perms {raw.decode()}",
+                       tx=tx))
+
+    def is_domain_introduced(self, domid: int) -> bool:
+        payload = self.call(XS.IS_DOMAIN_INTRODUCED, str(domid).encode() + NUL,
+                            what=f"is-domain-introduced {domid}")
+        return payload.rstrip(NUL) == b"T"
+
+    # -- pipelined requests -------------------------------------------------------------------
+
+    def post_write(self, path: PathLike, value: bytes) -> None:
+        raw = _bytes(path)
+        self.post(XS.WRITE, raw + NUL + value, what=f"write {raw.decode()}")
+
+    def post_rm(self, path: PathLike) -> None:
+        raw = _bytes(path)
+        self.post(XS.RM, raw + NUL, what=f"rm {raw.decode()}")
+
+    def post_read(self, path: PathLike) -> int:
+        """A read sent with the next flush; its answer is what :meth:`collect` returns."""
+        with self._lock:
+            return self._send(XS.READ, _bytes(path) + NUL, 0, buffered=True)
+
+    def collect(self, req_id: int, *, what: str, deadline: float) -> bytes:
+        return self.wait(req_id, msg_type=XS.READ, what=what, deadline=deadline)
 
     # -- watches ------------------------------------------------------------------------------
 
-    def watch(self, path: bytes, token: bytes) -> WatchQueue:
-        """Watch ``path`` (and below); events go to the returned queue (first one at once)."""
-        _check_path(path)
+    def watch(self, path: PathLike, token: bytes) -> Watch:
+        """Watch ``path`` (and below); its events, the first one at once, are in
+        :attr:`events` and in the returned :class:`Watch`."""
+        raw = _path(path)
         if token in self._watches:
             raise ValueError(f"token {token!r} already watched")
-        sink = WatchQueue(path, token)
-        self._router.subscribe(token, sink)
-        try:
-            self._ack(self.call(Op.WATCH, path + NUL + token + NUL,
-                                what=f"watch {path.decode()}"))
-        except XenStoreError:
-            self._router.unsubscribe(token, sink)
-            raise
-        self._watches[token] = sink
-        return sink
+        _ack(self.call(XS.WATCH, raw + NUL + token + NUL, what=f"watch {raw.decode()}"))
+        watch = self._watches[token] = Watch(self, raw, token)
+        return watch
 
     def unwatch(self, token: bytes) -> None:
-        sink = self._watches.pop(token, None)
-        if sink is None:
+        watch = self._watches.pop(token, None)
+        if watch is None:
             return
-        try:
-            self._ack(self.call(Op.UNWATCH, sink.path + NUL + token + NUL,
-                                what=f"unwatch {sink.path.decode()}"))
-        finally:
-            self._router.unsubscribe(token, sink)
+        with self._lock:
+            _ack(self.call(XS.UNWATCH, watch.path + NUL + token + NUL,
+                           what=f"unwatch {watch.path.decode()}"))
+            self._take_event(token, every=True)
+
+    def _take_event(self, token: bytes, *, every: bool = False) -> Event | None:
+        """The oldest event of ``token`` already received (or, with ``every``, drop them all)."""
+        with self._lock:
+            if every:
+                self.events = deque(e for e in self.events if e.token != token)
+                return None
+            for i, event in enumerate(self.events):
+                if event.token == token:
+                    del self.events[i]
+                    return event
+            return None
+
+    def _next_event(self, token: bytes, timeout: float) -> Event | None:
+        with self._lock:
+            deadline = self.clock.monotonic() + timeout
+            while True:
+                event = self._take_event(token)
+                if event is not None:
+                    return event
+                remaining = deadline - self.clock.monotonic()
+                if remaining <= 0:
+                    return None
+                self.pump(remaining)
 
     # -- transactions -------------------------------------------------------------------------
 
     def transaction(self, body: Callable[[int], T], *, attempts: int = 16) -> T:
-        """Run ``body(tx)`` in a transaction, again from the start on EAGAIN (bounded)."""
-        return run_transaction(
-            lambda: self.call(Op.TRANSACTION_START, NUL, what="transaction start"),
-            lambda tx, commit: self.call(Op.TRANSACTION_END, (b"T" if commit else b"F") + NUL,
-                                         what="transaction end", tx=tx),
-            body,
-            attempts=attempts,
-        )
+        """Run ``body(tx)`` in a transaction, again from the start on EAGAIN (bounded); an
+        exception in ``body`` aborts it (best effort) and propagates."""
+        with self._lock:
+            for _attempt in range(attempts):
+                untrusted_id = self.call(XS.TRANSACTION_START, NUL, what="transaction start")
+                try:
+                    tx = int(untrusted_id.rstrip(NUL).decode("ascii"), 10)
+                except (ValueError, UnicodeDecodeError):
+                    raise XsConnectionLost(
+                        f"xenstore gave transaction id {untrusted_id[:20]!r}") from None
+                try:
+                    result = body(tx)
+                except BaseException:
+                    try:
+                        self._end(tx, commit=False)
+                    except XenStoreError:
+                        log.debug("abort of transaction %d failed", tx, exc_info=True)
+                    raise
+                try:
+                    self._end(tx, commit=True)
+                except XsError as exc:
+                    if exc.name == "EAGAIN":
+                        continue
+                    raise
+                return result
+        raise XsError("EAGAIN", f"transaction still conflicting after {attempts} attempts")
 
-    @staticmethod
-    def _ack(payload: bytes) -> None:
-        if payload.rstrip(NUL) != b"OK":
-            raise XenStoreError(f"xenstore answered {payload[:20]!r} instead of OK")
+    def _end(self, tx: int, *, commit: bool) -> None:
+        self.call(XS.TRANSACTION_END, (b"T" if commit else b"F") + NUL,
+                  what="transaction end", tx=tx)
 
 
-def _check_path(path: bytes) -> None:
-    if not _PATH_RE.fullmatch(path) or b"//" in path or (len(path) > 1 and path.endswith(b"/")):
-        raise ValueError(f"{path[:60]!r} is not a xenstore path")
+def _bytes(path: PathLike) -> bytes:
+    return path if isinstance(path, bytes) else path.encode()
+
+
+def _path(path: PathLike) -> bytes:
+    raw = _bytes(path)
+    if not _PATH_RE.fullmatch(raw) or b"//" in raw or (len(raw) > 1 and raw.endswith(b"/")):
+        raise ValueError(f"{raw[:60]!r} is not a xenstore path")
+    return raw
 
 
 def _check_value(value: bytes) -> None:
@@ -518,48 +663,22 @@ def _check_value(value: bytes) -> None:
         raise ValueError("xenstore values written here are printable ASCII without newlines")
 
 
+def _ack(payload: bytes) -> None:
+    if payload.rstrip(NUL) != b"OK":
+        raise XsConnectionLost(f"xenstore answered {payload[:20]!r} instead of OK")
+
+
+def _error_name(packet: Packet) -> str:
+    return packet.payload.rstrip(NUL).decode("ascii", "replace")[:32] or "EINVAL"
+
+
+def _log_refusal(what: str, name: str) -> None:
+    level = logging.DEBUG if name == "ENOENT" else logging.WARNING
+    log.log(level, "xenstore refused %s: %s", what, name)
+
+
 def default_xenstore(socket_path: Path | None, xenbus_dev: Path) -> dict[str, Path]:
-    """The keyword for :class:`XsSession`: a configured socket wins over the xenbus device."""
+    """The guest's keyword for :class:`XsSession`: a configured socket wins over the device."""
     if socket_path is not None:
         return {"socket_path": socket_path}
     return {"xenbus_path": xenbus_dev}
-
-
-def run_transaction(
-    start: Callable[[], bytes],
-    end: Callable[[int, bool], object],
-    body: Callable[[int], T],
-    *,
-    attempts: int,
-) -> T:
-    """xenstore's transaction loop, shared by the guest's and the host's clients.
-
-    ``start()`` sends TRANSACTION_START and returns the untrusted reply; ``end(tx, commit)``
-    sends TRANSACTION_END.  ``body`` runs again from the start when the commit answers
-    EAGAIN (a conflicting writer), up to ``attempts`` times; an exception in ``body`` aborts
-    the transaction (best effort) and propagates.
-    """
-    for _attempt in range(attempts):
-        untrusted_id = start()
-        try:
-            tx = int(untrusted_id.rstrip(NUL).decode("ascii"), 10)
-        except (ValueError, UnicodeDecodeError):
-            raise XsConnectionLost(
-                f"xenstore gave transaction id {untrusted_id[:20]!r}"
-            ) from None
-        try:
-            result = body(tx)
-        except BaseException:
-            try:
-                end(tx, False)
-            except XenStoreError:
-                log.debug("abort of transaction %d failed", tx, exc_info=True)
-            raise
-        try:
-            end(tx, True)
-        except XsError as exc:
-            if exc.name == "EAGAIN":
-                continue
-            raise
-        return result
-    raise XsError("EAGAIN", f"transaction still conflicting after {attempts} attempts")

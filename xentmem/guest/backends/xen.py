@@ -1,42 +1,11 @@
-"""``xen``: the tmem operations over xenstore to the host's tmem service (the split driver).
+"""``xen``: tmem ops carried over xenstore to the host's tmem service (the split driver).
 
-The guest side of issue 3.  Each op the frontends issue becomes a record in a *message*; the
-host service (``xentmem-hostd`` in dom0) runs it against its store with the hypervisor's rules
-and answers with the hypercall's return value.  :mod:`xentmem.guest.backends.xenfront` does the
-handshake and carries messages; this module decides what goes into a message and when.
-
-Batching (param ``batch``, on by default, switchable at run time):
-
-* Ops whose answer the kernel never uses are *posted*: a put to an ephemeral pool
-  (cleancache's "puts always succeed") and a flush on a private pool return 1 at once and
-  leave with the next message, within ``batch_delay_ms``, or sooner when ``batch_max`` of
-  them wait.  Everything else is synchronous: a get, a put to a persistent pool (frontswap
-  must know), a flush on a shared pool (another guest must not read a stale page), pool
-  creation and destruction.
-* A synchronous op takes the posted ops queued before it along in its message, in order, so
-  the host sees the guest's ops exactly in the order they were issued.  Callers on several
-  threads share messages too (group commit): whoever holds the channel sends what is queued.
-* With ``batch`` off every op is its own message, synchronous.
-
-Failures degrade as tmem allows, never by waiting forever:
-
-* A reply that does not come within ``timeout_ms`` fails the op with ``-ETIMEDOUT`` (a put
-  fails, a get misses) and logs why.  Then, for ``stall_backoff_ms`` (doubling up to 60 s),
-  ops fail at once instead of each waiting out the timeout; the next op after that tries
-  the host again.
-* A flush whose delivery is uncertain (its message timed out or its reply was malformed) is
-  kept and sent again before anything else, since a lost flush could let a later get return
-  a stale page; flushes are idempotent.  If more than :data:`MAX_PENDING_FLUSHES` pile up,
-  the ephemeral pools they belong to are *poisoned*: gets from them miss until the pool is
-  destroyed.
-* A malformed, oversized or misdirected reply is rejected with a clear error, counted, and
-  its ops fail with ``-EIO``.
-* If the host leaves the Connected state (it closed or restarted, and its store with our
-  pages is gone) every op returns ``-ENODEV`` until the backend is unloaded and loaded again.
-
-Where xenstore is: ``Roots.xenstore_socket`` (``XENSTORED_PATH``, the daemon's
-``--xenstore-socket``) when set, which is how a guest uses the local demo host
-(``xentmem-hostd demo``); otherwise ``/dev/xen/xenbus`` under the roots.
+Each op the frontends (cleancache, frontswap) issue becomes a record in a message that
+:class:`~xentmem.guest.backends.tmemfront.TmemFront` carries to ``xentmem-hostd``; this module
+decides what goes into a message and when: posted ops ride with the next synchronous one,
+concurrent callers share messages, and failures degrade as tmem allows (a miss, ``-ETIMEDOUT``,
+``-ENODEV``), never by waiting forever.  The rules are in ``docs/protocol.md`` (The guest's
+batching, Failures).
 """
 
 from __future__ import annotations
@@ -47,14 +16,14 @@ import os
 import threading
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 from xentmem.clock import Clock, SystemClock
 from xentmem.errors import BackendError, BackendUnsupported, XenStoreError
 from xentmem.guest.backend import Backend, GetResult
-from xentmem.guest.backends.xenfront import ChannelTimeout, Disconnected, TmemFrontend, find_backend
-from xentmem.guest.backends.xenfront import find_domid as _find_domid
+from xentmem.guest.backends.tmemfront import ChannelTimeout, Disconnected, TmemFront, find_backend
+from xentmem.guest.backends.tmemfront import find_domid as _find_domid
 from xentmem.params import Param, ParamSet
 from xentmem.roots import Roots
 from xentmem.tmem.abi import (
@@ -66,14 +35,9 @@ from xentmem.tmem.abi import (
     TmemOp,
     pool_kind,
 )
-from xentmem.xenbus.tmemwire import (
-    STATE,
-    WireError,
-    WireOp,
-    WireResult,
-    reply_size_bound,
-    request_size,
-)
+from xentmem.xenbus.body import OpRecord, ResultRecord, WireError, reply_size_bound, request_size
+from xentmem.xenbus.device import STATE
+from xentmem.xenbus.probe import running_on_xen
 from xentmem.xenbus.xs import XsSession, default_xenstore
 
 log = logging.getLogger(__name__)
@@ -93,27 +57,13 @@ _EIO = -errno.EIO
 _INVALIDATIONS = (TmemOp.FLUSH_PAGE, TmemOp.FLUSH_OBJECT)
 
 
-def running_on_xen(roots: Roots) -> str | None:
-    """Why we believe this is a Xen guest (the evidence found), or None."""
-    hv_type = roots.sys / "hypervisor" / "type"
-    try:
-        if hv_type.read_text().strip() == "xen":
-            return f"{hv_type} says xen"
-    except OSError:
-        pass
-    for path in (roots.proc / "xen" / "capabilities", roots.xenbus_dev):
-        if path.exists():
-            return f"{path} exists"
-    return None
-
-
 @dataclass(eq=False)
 class _Slot:
     """One op waiting in the queue; ``posted`` ops have no caller waiting for the result."""
 
-    op: WireOp
+    op: OpRecord
     posted: bool
-    result: WireResult | None = None
+    result: ResultRecord | None = None
     #: Set when the result is in, or when this caller should send the next message.
     wake: threading.Event | None = None
 
@@ -146,7 +96,7 @@ class XenBackend(Backend):
                  clock: Clock | None = None) -> None:
         super().__init__(self.params.validate(values, owner=self.name), roots=roots, clock=clock)
         self._xs: XsSession | None = None
-        self._front: TmemFrontend | None = None
+        self._front: TmemFront | None = None
         self._lock = threading.Lock()
         #: Someone is sending a message (the leader); the others wait on ``_progress``.
         self._sending = False
@@ -196,7 +146,7 @@ class XenBackend(Backend):
         xs = XsSession(timeout=self._timeout_s, **where)
         try:
             xs.open()
-            front = TmemFrontend(xs, timeout=self._timeout_s)
+            front = TmemFront(xs, timeout=self._timeout_s)
             front.connect()
         except (XenStoreError, WireError) as exc:
             xs.close()
@@ -241,7 +191,7 @@ class XenBackend(Backend):
             "state": front.state.strstate(),
             "otherend_state": front.otherend_state.strstate(),
             "version": negotiated.version if negotiated else None,
-            "limits": negotiated.limits.__dict__ if negotiated else None,
+            "limits": asdict(negotiated.limits) if negotiated else None,
             "batch": self.values["batch"],
             "batch_max": self._batch_max(),
             "stalled": self._stalled_until > self.clock.monotonic(),
@@ -292,13 +242,13 @@ class XenBackend(Backend):
     # -- the tmem operations --------------------------------------------------------------------
 
     def new_pool(self, uuid: PoolUuid, flags: int) -> int:
-        return self._sync(WireOp.new_pool(uuid, flags)).rc
+        return self._sync(OpRecord.new_pool(uuid, flags)).rc
 
     def destroy_pool(self, pool_id: int) -> int:
-        return self._sync(WireOp.destroy_pool(pool_id)).rc
+        return self._sync(OpRecord.destroy_pool(pool_id)).rc
 
     def put_page(self, pool_id: int, oid: Oid, index: int, page: bytes) -> int:
-        op = WireOp.put_page(pool_id, oid, index, page, compress=self.values["compress"])
+        op = OpRecord.put_page(pool_id, oid, index, page, compress=self.values["compress"])
         flags = self._pool_flags.get(pool_id)
         if self.values["batch"] and flags is not None and not flags & TMEM_POOL_PERSIST:
             return self._post(op)
@@ -307,18 +257,18 @@ class XenBackend(Backend):
     def get_page(self, pool_id: int, oid: Oid, index: int) -> GetResult:
         if pool_id in self._poisoned:
             return 0, None
-        result = self._sync(WireOp.get_page(pool_id, oid, index))
+        result = self._sync(OpRecord.get_page(pool_id, oid, index))
         if result.rc == TMEM_DONE:
             return TMEM_DONE, result.data
         return result.rc, None
 
     def flush_page(self, pool_id: int, oid: Oid, index: int) -> int:
-        return self._invalidate(WireOp.flush_page(pool_id, oid, index))
+        return self._invalidate(OpRecord.flush_page(pool_id, oid, index))
 
     def flush_object(self, pool_id: int, oid: Oid) -> int:
-        return self._invalidate(WireOp.flush_object(pool_id, oid))
+        return self._invalidate(OpRecord.flush_object(pool_id, oid))
 
-    def _invalidate(self, op: WireOp) -> int:
+    def _invalidate(self, op: OpRecord) -> int:
         flags = self._pool_flags.get(op.pool_id)
         if self.values["batch"] and flags is not None and not flags & TMEM_POOL_SHARED:
             return self._post(op)
@@ -338,7 +288,7 @@ class XenBackend(Backend):
             return _ETIMEDOUT
         return 0
 
-    def _post(self, op: WireOp) -> int:
+    def _post(self, op: OpRecord) -> int:
         with self._lock:
             self._counts["ops"] += 1
             refusal = self._fail_fast()
@@ -357,7 +307,7 @@ class XenBackend(Backend):
             self._kick.set()
         return TMEM_DONE
 
-    def _sync(self, op: WireOp) -> WireResult:
+    def _sync(self, op: OpRecord) -> ResultRecord:
         """Queue ``op`` and wait for its result; one caller at a time sends.
 
         Leader and followers: the caller that finds nobody sending becomes the *sender* and
@@ -373,7 +323,7 @@ class XenBackend(Backend):
             refusal = self._fail_fast()
             if refusal:
                 self._counts["failed_fast"] += 1
-                return WireResult(refusal)
+                return ResultRecord(refusal)
             self._queue.append(slot)
             leading = not self._sending
             self._sending = True
@@ -395,7 +345,7 @@ class XenBackend(Backend):
                     if refusal:  # the host went silent while we queued: do not wait again
                         self._queue.remove(slot)
                         self._counts["failed_fast"] += 1
-                        return WireResult(refusal)
+                        return ResultRecord(refusal)
                     self._sending = True
             try:
                 if self.values["batch"]:
@@ -410,7 +360,7 @@ class XenBackend(Backend):
                 if refusal:  # our op did not fit, and the host has gone silent meanwhile
                     self._queue.remove(slot)
                     self._counts["failed_fast"] += 1
-                    return WireResult(refusal)
+                    return ResultRecord(refusal)
                 leading = not self._sending  # our op did not fit: send again if free
                 self._sending = True
 
@@ -444,7 +394,7 @@ class XenBackend(Backend):
         """A follower waited its whole timeout.  Holds ``_lock``."""
         if slot in self._queue:
             self._queue.remove(slot)
-        slot.result = WireResult(_ETIMEDOUT)
+        slot.result = ResultRecord(_ETIMEDOUT)
         self._counts["queue_timeouts"] += 1
         self._last_error = f"an op waited {self._timeout_s:g}s for the channel to the tmem host"
 
@@ -477,14 +427,15 @@ class XenBackend(Backend):
         if front is None or front.negotiated is None:
             return [self._queue.popleft()] if self._queue else []
         limits = front.limits
+        empty_reply = reply_size_bound([])
         request_room = limits.body_capacity(reply=False) - request_size([])
-        reply_room = limits.body_capacity(reply=True) - reply_size_bound([])
+        reply_room = limits.body_capacity(reply=True) - empty_reply
         limit = self._batch_max()
         batch: list[_Slot] = []
         while self._queue and len(batch) < limit:
             op = self._queue[0].op
             request_room -= op.wire_bytes
-            reply_room -= reply_size_bound([op]) - reply_size_bound([])
+            reply_room -= reply_size_bound([op]) - empty_reply
             if batch and (request_room < 0 or reply_room < 0):
                 break
             batch.append(self._queue.popleft())
@@ -520,7 +471,7 @@ class XenBackend(Backend):
                 self._backoff_s = 0.0
             self._settle(batch, results, 0)
 
-    def _settle(self, batch: list[_Slot], results: list[WireResult] | None, failure: int) -> None:
+    def _settle(self, batch: list[_Slot], results: list[ResultRecord] | None, failure: int) -> None:
         """Hand results to their slots; keep uncertain invalidations for redelivery."""
         with self._lock:
             for slot in batch:
@@ -530,7 +481,7 @@ class XenBackend(Backend):
                 redeliver = [s for s in batch if s.op.cmd in _INVALIDATIONS
                              and failure != _ENODEV]
                 for slot in batch:
-                    slot.result = WireResult(failure)
+                    slot.result = ResultRecord(failure)
                     if slot.posted and slot.op.cmd == TmemOp.PUT_PAGE:
                         self._counts["posted_dropped"] += 1
                 for slot in reversed(redeliver):

@@ -1,17 +1,13 @@
-"""The guest half of the tmem split driver: handshake, then one message at a time.
+"""The guest half of the tmem split driver (as blkfront is of the block one).
 
-:class:`TmemFrontend` is what Linux calls a xenbus frontend device.  It finds its own domid and
-the backend the host service named in ``device/tmem/0/backend``, walks the XenbusState
-handshake with the host (``docs/protocol.md`` has the sequence), and then exchanges messages:
-:meth:`TmemFrontend.exchange` sends one batch of ops and returns the host's results.
-
-A message goes out as pipelined writes (its spill chunks, then its message node) and the
-answer comes back as a watch event whose path, for a small reply, *is* the reply; a spilled
-reply costs one more pipelined read.  Everything read back is untrusted: the reply's name is
-parsed against the grammar, its sequence must be the one sent (a late answer to an abandoned
-request is counted and ignored), its crc must match, and
-:func:`~xentmem.xenbus.tmemwire.decode_reply`
-checks every value against the op it answers.
+:class:`TmemFront` finds its own domid and the backend the host service named in
+``device/tmem/0/backend``, walks the XenbusState handshake with the host's
+:class:`~xentmem.hostd.tmemback.TmemBack`, and then exchanges messages:
+:meth:`TmemFront.exchange` sends one batch of op records and returns the host's results.
+Everything read back is untrusted: a reply's name is parsed against the grammar, its sequence
+must be the one sent (a late answer to an abandoned request is counted and ignored), its crc
+must match, and :func:`~xentmem.xenbus.body.decode_reply` checks every value against the op
+it answers.  The sequence and the costs: ``docs/protocol.md``.
 """
 
 from __future__ import annotations
@@ -23,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from xentmem.clock import SystemClock
 from xentmem.errors import BackendError, XenStoreError
 from xentmem.tmem.abi import Oid, XenbusState
-from xentmem.xenbus.tmemwire import (
+from xentmem.xenbus.area import (
     BE_CHUNK_BYTES,
     BE_FEATURE_LZ4,
     BE_INLINE_BYTES,
@@ -33,50 +29,52 @@ from xentmem.xenbus.tmemwire import (
     BE_REPLY_CHUNK_BYTES,
     BE_REPLY_INLINE_BYTES,
     BE_VERSIONS,
-    DEFAULT_CHUNK_BYTES,
-    DEFAULT_INLINE_BYTES,
-    ERROR_NODE,
     FE_BACKEND,
     FE_BACKEND_ID,
     FE_VERSION,
-    MAX_CHUNK_BYTES,
-    MAX_CHUNKS_LIMIT,
-    MAX_NAME_PARTS,
-    MAX_NAME_PARTS_LIMIT,
-    MAX_OPS_LIMIT,
-    MAX_REPLY_INLINE_BYTES,
-    MAX_REQUEST_INLINE_BYTES,
-    MIN_CHUNK_BYTES,
-    NAME_OVERHEAD,
     PROBE_DIR,
     REQ_DATA_DIR,
     REQ_DIR,
     RSP_DATA_DIR,
     RSP_DIR,
-    STATE,
+    backend_path,
+    frontend_path,
+    parse_domid,
+    parse_uint,
+    request_slot,
+)
+from xentmem.xenbus.body import (
+    MAX_OPS_LIMIT,
     SUPPORTED_VERSIONS,
+    OpRecord,
+    ResultRecord,
+    WireError,
+    decode_reply,
+    encode_request,
+    reply_size_bound,
+)
+from xentmem.xenbus.device import STATE, XenbusDevice
+from xentmem.xenbus.framing import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_INLINE_BYTES,
+    MAX_CHUNK_BYTES,
+    MAX_CHUNKS_LIMIT,
+    MAX_NAME_PARTS,
+    MAX_NAME_PARTS_LIMIT,
+    MAX_REPLY_INLINE_BYTES,
+    MAX_REQUEST_INLINE_BYTES,
+    MIN_CHUNK_BYTES,
+    NAME_OVERHEAD,
     Envelope,
     Limits,
     Part,
-    WireError,
-    WireOp,
-    WireResult,
-    backend_path,
-    decode_reply,
-    encode_request,
     frame,
-    frontend_path,
     is_part_name,
-    parse_domid,
     parse_name,
     parse_part,
-    parse_uint,
-    reply_size_bound,
-    request_slot,
     unframe,
 )
-from xentmem.xenbus.xs import WatchQueue, XsError, XsSession
-from xentmem.xenbus.xsconn import XsConn
+from xentmem.xenbus.xs import Watch, XsError, XsSession
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +99,7 @@ class Disconnected(XenStoreError):
 
 
 @dataclass
-class FrontendCounters:
+class TmemFrontCounters:
     messages: int = 0
     inline_messages: int = 0
     parted_messages: int = 0
@@ -126,17 +124,6 @@ class Negotiated:
     limits: Limits
     lz4: bool
     extra: dict[str, int] = field(default_factory=dict)
-
-
-def _state_of(untrusted: bytes | None) -> XenbusState:
-    """An unreadable or nonsense state is Unknown, as xenbus_read_driver_state has it."""
-    if untrusted is None:
-        return XenbusState.UNKNOWN
-    try:
-        return XenbusState(parse_uint(untrusted.decode("ascii", "replace"),
-                                      low=0, high=8, what="state"))
-    except WireError:
-        return XenbusState.UNKNOWN
 
 
 def find_domid(xs: XsSession) -> int:
@@ -170,14 +157,14 @@ def find_backend(xs: XsSession, domid: int) -> tuple[int, str]:
     return backend_domid, expected
 
 
-class TmemFrontend:
+class TmemFront(XenbusDevice):
     """One tmem device of this guest, from handshake to close."""
 
     def __init__(self, xs: XsSession, *, timeout: float, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  inline_bytes: int | None = None) -> None:
         """``inline_bytes``: the longest text a request's name may carry; ``None`` tries
         once per connect how long a name this xenstore takes from us."""
-        self.xs = xs
+        super().__init__(xs)
         self.timeout = timeout
         self.clock = SystemClock()
         self._probe_names = inline_bytes is None
@@ -190,22 +177,16 @@ class TmemFrontend:
                                  max_parts=MAX_NAME_PARTS)
         self.domid = -1
         self.backend_domid = -1
-        self.nodename = ""
-        self.otherend = ""
-        self.state = XenbusState.UNKNOWN
-        self.otherend_state = XenbusState.UNKNOWN
         self.negotiated: Negotiated | None = None
         #: Why the device stopped working (the host left Connected), or "".
         self.broken = ""
-        self.counters = FrontendCounters()
+        self.counters = TmemFrontCounters()
         self._seq = 0
-        self._state_events: WatchQueue | None = None
-        #: The message channel, driven by the sending thread itself (no router thread):
-        #: ``_channel`` carries the watch on the host's ``rsp/`` and the reads of spilled
-        #: replies, ``_writer`` the request writes, whose answers are read when convenient
-        #: (the next message, or 50 ms into a wait), so a reply costs one wakeup.
-        self._channel: XsConn | None = None
-        self._writer: XsConn | None = None
+        self._state_watch: Watch | None = None
+        #: The request writes go on a connection of their own whose answers are read when
+        #: convenient (the next message, or 50 ms into a wait), so a reply costs one wakeup;
+        #: the session carries the handshake, both watches and the reads of spilled replies.
+        self._writer: XsSession | None = None
         #: Writes xenstore refused since the last look: (what, error name).
         self._refused: list[tuple[str, str]] = []
         #: What the current message's writes are called (to match refusals to it).
@@ -217,13 +198,12 @@ class TmemFrontend:
     def connect(self) -> Negotiated:
         """Initialising -> (host InitWait) -> Initialised -> (host Connected) -> Connected.
 
-        If it fails, the message channel's connections are closed again (the caller closes
-        the session).
+        If it fails, the writer connection is closed again (the caller closes the session).
         """
         try:
             return self._connect()
         except BaseException:
-            self._close_channel()
+            self._close_writer()
             raise
 
     def _connect(self) -> Negotiated:
@@ -231,13 +211,14 @@ class TmemFrontend:
         self.backend_domid, self.otherend = find_backend(self.xs, self.domid)
         self.nodename = frontend_path(self.domid)
         self._rsp_prefix = f"{self.otherend}/{RSP_DIR}/".encode()
-        self._state_events = self.xs.watch(f"{self.otherend}/{STATE}".encode(), _STATE_TOKEN)
-        self._open_channel()
+        self._open_writer()
+        self._state_watch = self.xs.watch(f"{self.otherend}/{STATE}", _STATE_TOKEN)
+        self.xs.watch(f"{self.otherend}/{RSP_DIR}", _RSP_TOKEN)
         self._clean_own_messages()
         if self._probe_names:
             self.own_limits = replace(self.own_limits, inline_bytes=self._probe_request_names())
         self.broken = ""
-        self.state = self._read_state(self.nodename)
+        self.state = self.read_state(self.nodename)
         self.switch_state(XenbusState.INITIALISING)
         self.wait_otherend({XenbusState.INIT_WAIT})
         self.negotiated = self._negotiate()
@@ -262,49 +243,28 @@ class TmemFrontend:
                 except BackendError as exc:
                     log.warning("xen: host did not confirm the close: %s", exc)
                 self.switch_state(XenbusState.CLOSED)
+            self.xs.unwatch(_RSP_TOKEN)
             self.xs.unwatch(_STATE_TOKEN)
         except XenStoreError as exc:
             log.warning("xen: closing %s: %s", self.nodename, exc)
-        self._close_channel()
+        self._close_writer()
 
-    def _open_channel(self) -> None:
-        """Two connections of our own to the same xenstore as the session (see ``__init__``)."""
-        self._close_channel()
+    def _open_writer(self) -> None:
+        """A second connection to the same xenstore as the session, for request writes."""
+        self._close_writer()
         path, device = self.xs.endpoint
-        channel = XsConn(path, device=device, timeout=self.timeout).open()
-        try:
-            writer = XsConn(path, device=device, timeout=self.timeout,
-                            on_error=self._on_refusal).open()
-        except XenStoreError:
-            channel.close()
-            raise
-        self._channel, self._writer = channel, writer
-        channel.watch(f"{self.otherend}/{RSP_DIR}", _RSP_TOKEN)
+        self._writer = XsSession(path, device=device, timeout=self.timeout,
+                                 on_error=self._on_refusal).open()
 
-    def _close_channel(self) -> None:
-        for conn in (self._channel, self._writer):
-            if conn is not None:
-                conn.close()
-        self._channel = self._writer = None
+    def _close_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._writer = None
 
     def _on_refusal(self, what: str, name: str) -> None:
         self.counters.refused_writes += 1
         self._refused.append((what, name))
         log.warning("xen: xenstore refused %s: %s", what, name)
-
-    def switch_state(self, state: XenbusState) -> None:
-        """``xenbus_switch_state``: nothing if unchanged; never recreates a vanished node."""
-        if state == self.state:
-            return
-        path = f"{self.nodename}/{STATE}".encode()
-
-        def body(tx: int) -> None:
-            if self.xs.read_optional(path, tx=tx) is None:
-                raise BackendError(f"{path.decode()} vanished; the host removed the device")
-            self.xs.write(path, str(int(state)).encode(), tx=tx)
-
-        self.xs.transaction(body)
-        self.state = state
 
     def wait_otherend(self, wanted: set[XenbusState], *,
                       closed_is_fatal: bool = False) -> XenbusState:
@@ -314,34 +274,29 @@ class TmemFrontend:
         says why); otherwise that is a state left from an earlier session, which the host
         leaves once it sees our Initialising.
         """
-        assert self._state_events is not None
+        assert self._state_watch is not None
         deadline = self.clock.monotonic() + self.timeout
         while True:
-            self.otherend_state = self._read_state(self.otherend)
-            if self.otherend_state in wanted:
+            if self.read_otherend_state() in wanted:
                 return self.otherend_state
             remaining = deadline - self.clock.monotonic()
             if closed_is_fatal and self.otherend_state in (XenbusState.CLOSING,
                                                            XenbusState.CLOSED):
-                untrusted_error = self.xs.read_optional(f"{self.otherend}/{ERROR_NODE}".encode())
-                why = (untrusted_error or b"no reason given")[:200].decode("ascii", "replace")
-                raise BackendError(f"tmem host closed the device {self.otherend}: {why}")
-            if remaining <= 0 or self._state_events.get(remaining) is None:
+                raise BackendError(f"tmem host closed the device {self.otherend}: "
+                                   f"{self.read_error(self.otherend)}")
+            if remaining <= 0 or self._state_watch.get(remaining) is None:
                 wanted_names = "/".join(s.strstate() for s in sorted(wanted))
                 raise BackendError(
                     f"tmem host at {self.otherend} stayed {self.otherend_state.strstate()} "
                     f"for {self.timeout:g}s (waiting for {wanted_names}); is xentmem-hostd "
                     "running?")
 
-    def _read_state(self, area: str) -> XenbusState:
-        return _state_of(self.xs.read_optional(f"{area}/{STATE}".encode()))
-
     def _write(self, node: str, value: str) -> None:
-        self.xs.write(f"{self.nodename}/{node}".encode(), value.encode())
+        self.xs.write(f"{self.nodename}/{node}", value.encode())
 
     def _negotiate(self) -> Negotiated:
         def node(name: str) -> str | None:
-            untrusted = self.xs.read_optional(f"{self.otherend}/{name}".encode())
+            untrusted = self.xs.read_optional(f"{self.otherend}/{name}")
             return None if untrusted is None else untrusted.decode("ascii", "replace")
 
         try:
@@ -375,7 +330,7 @@ class TmemFrontend:
             raise BackendError(f"tmem host's features in {self.otherend} are unusable: "
                                f"{exc}") from None
         limits = self.own_limits.meet(host)
-        if limits.body_capacity(reply=True) < reply_size_bound([WireOp.get_page(0, Oid(0), 0)]):
+        if limits.body_capacity(reply=True) < reply_size_bound([OpRecord.get_page(0, Oid(0), 0)]):
             raise BackendError(f"tmem host's limits ({limits}) cannot carry one page")
         return Negotiated(common[0], limits, lz4)
 
@@ -415,7 +370,7 @@ class TmemFrontend:
             raise BackendError("tmem device not connected")
         return self.negotiated.limits
 
-    def exchange(self, ops: Sequence[WireOp]) -> list[WireResult]:
+    def exchange(self, ops: Sequence[OpRecord]) -> list[ResultRecord]:
         """Send ``ops`` as one message; their results, or ChannelTimeout / Disconnected /
         WireError (a malformed reply) / XenStoreError (xenstore refused us)."""
         if self.broken or self.state != XenbusState.CONNECTED:
@@ -459,6 +414,9 @@ class TmemFrontend:
             counters.timeouts += 1
             self._abandon(paths)
             raise
+        except Disconnected:
+            self._abandon(paths)
+            raise
         body = self._reply_body(envelope, parts, limits)
         try:
             results = decode_reply(body, ops)
@@ -471,8 +429,8 @@ class TmemFrontend:
 
     def _await_reply(self, seq: int, limits: Limits) -> tuple[Envelope, list[Part]]:
         """The envelope of reply ``seq`` and the name parts that came before it."""
-        channel = self._channel
-        assert channel is not None
+        xs = self.xs
+        events = xs.events
         parts: dict[int, Part] = {}
         deadline = self.clock.monotonic() + self.timeout
         acks_checked = False
@@ -484,16 +442,18 @@ class TmemFrontend:
                     f"no reply from the tmem host at {self.otherend} to message {seq} within "
                     f"{self.timeout:g}s (is xentmem-hostd running?)")
             wait = min(remaining, _STATE_CHECK_S if acks_checked else _ACK_CHECK_S)
-            if not channel.events:
-                channel.pump(wait)
-            if not channel.events:
+            if not events:
+                xs.pump(wait)
+            if not events:
                 if not acks_checked:
                     acks_checked = True
                     self._check_writes()
-                self._check_otherend()  # the host may have closed while we wait
                 continue
-            untrusted_path, _token = channel.events.popleft()
-            if not untrusted_path.startswith(prefix):
+            untrusted_path, token = events.popleft()
+            if token == _STATE_TOKEN:
+                self._otherend_changed()  # the host may have closed while we wait
+                continue
+            if token != _RSP_TOKEN or not untrusted_path.startswith(prefix):
                 continue  # the directory itself (registration, bulk removal)
             untrusted_name = untrusted_path[len(prefix):].decode("ascii", "replace")
             if is_part_name(untrusted_name):
@@ -536,14 +496,13 @@ class TmemFrontend:
         else:
             counters.spilled_replies += 1
             otherend = self.otherend
-            channel = self._channel
-            assert channel is not None
-            reads = [channel.post_read(f"{otherend}/{RSP_DIR}/{envelope.name}")]
-            reads += [channel.post_read(f"{otherend}/{RSP_DATA_DIR}/{i}")
+            xs = self.xs
+            reads = [xs.post_read(f"{otherend}/{RSP_DIR}/{envelope.name}")]
+            reads += [xs.post_read(f"{otherend}/{RSP_DATA_DIR}/{i}")
                       for i in range(1, envelope.chunks)]
-            deadline = channel.clock.monotonic() + self.timeout
+            deadline = xs.clock.monotonic() + self.timeout
             try:
-                raw = [channel.collect(r, what=f"read reply {envelope.seq}", deadline=deadline)
+                raw = [xs.collect(r, what=f"read reply {envelope.seq}", deadline=deadline)
                        for r in reads]
             except XsError as exc:
                 counters.rejected_replies += 1
@@ -560,13 +519,16 @@ class TmemFrontend:
 
     def _check_otherend(self) -> None:
         """Notice the host leaving Connected (its state watch fired) without a read per op."""
-        assert self._state_events is not None
-        if self._state_events.get_nowait() is None:
-            return
-        while self._state_events.get_nowait() is not None:
+        assert self._state_watch is not None
+        if self._state_watch.get_nowait() is not None:
+            self._otherend_changed()
+
+    def _otherend_changed(self) -> None:
+        """The host's state watch fired: Disconnected if it is no longer Connected."""
+        assert self._state_watch is not None
+        while self._state_watch.get_nowait() is not None:
             pass
-        self.otherend_state = self._read_state(self.otherend)
-        if self.otherend_state == XenbusState.CONNECTED:
+        if self.read_otherend_state() == XenbusState.CONNECTED:
             return
         # The host closed or restarted: its store (our pools and pages) is gone, so the device
         # stays closed until the backend is loaded again (a fresh handshake, fresh pools).

@@ -1,21 +1,13 @@
-"""The host half of one guest's tmem device: its two xenstore areas, its state, its requests.
+"""The host half of the tmem split driver (as blkback is of the block one), one per guest.
 
-:class:`GuestDevice` does for the host service what a Linux xenbus backend driver does for a
-PV device, and what the toolstack does when it attaches one:
-
-* :meth:`GuestDevice.setup` creates the **frontend area** ``/local/domain/<d>/device/tmem/0``
-  owned by the guest (dom0 reads it) and the **backend area**
-  ``/local/domain/<b>/backend/tmem/<d>/0`` owned by the host (the guest reads it), with the
-  pointers between them, the host's features and ``state`` = InitWait, all in one
-  transaction.  A guest may not create ``device/...`` itself (measured on a real domU: EACCES).
-* :meth:`GuestDevice.frontend_changed` follows the guest's ``state`` (``otherend_changed``):
-  Initialised -> check the version and the area's permissions, Connected; Closing/Closed ->
-  drop the guest's pools, Closed; Initialising again -> a fresh session from InitWait.
-* :meth:`GuestDevice.request` serves one message: its name (and, if spilled, its chunks) is
-  untrusted until :mod:`xentmem.xenbus.tmemwire` has parsed and bounds-checked it; a malformed
-  request gets an error reply (or, with no usable sequence number, is dropped), never an
-  exception out of the service.  The guest's domid comes from *where* the request was found,
-  never from what it says, so a guest can only ever reach its own pages.
+:class:`TmemBack` does for the host service what a Linux xenbus backend driver does for a PV
+device, and what the toolstack does when it attaches one: :meth:`TmemBack.setup` creates both
+areas in one transaction (a guest may not create ``device/...`` itself: EACCES on a real
+domU), :meth:`TmemBack.frontend_changed` follows the guest's state (``otherend_changed``), and
+:meth:`TmemBack.request` serves one message.  A request is untrusted until parsed and bounded;
+a malformed one gets an error reply (or, with no usable sequence number, is dropped), never an
+exception out of the service.  The guest's domid comes from *where* the request was found,
+never from what it says, so a guest only ever reaches its own pages.
 """
 
 from __future__ import annotations
@@ -28,7 +20,7 @@ from dataclasses import dataclass, replace
 
 from xentmem.hostd.store import HostStore
 from xentmem.tmem.abi import XenbusState
-from xentmem.xenbus.tmemwire import (
+from xentmem.xenbus.area import (
     BE_CHUNK_BYTES,
     BE_FEATURE_LZ4,
     BE_FRONTEND,
@@ -40,41 +32,43 @@ from xentmem.xenbus.tmemwire import (
     BE_REPLY_CHUNK_BYTES,
     BE_REPLY_INLINE_BYTES,
     BE_VERSIONS,
-    ERROR_NODE,
     FE_BACKEND,
     FE_BACKEND_ID,
     FE_VERSION,
-    MAX_CHUNK_BYTES,
-    MAX_INLINE_BYTES,
-    MAX_REPLY_INLINE_BYTES,
-    NAME_OVERHEAD,
     REQ_DATA_DIR,
     REQ_DIR,
     REQ_SLOTS,
     RSP_DATA_DIR,
     RSP_DIR,
-    STATE,
+    backend_path,
+    frontend_path,
+    parse_uint,
+    request_slot,
+)
+from xentmem.xenbus.body import (
     SUPPORTED_VERSIONS,
+    OpRecord,
+    ResultRecord,
+    WireError,
+    decode_request,
+    encode_reply,
+)
+from xentmem.xenbus.device import ERROR_NODE, STATE, XenbusDevice
+from xentmem.xenbus.framing import (
+    MAX_CHUNK_BYTES,
+    MAX_INLINE_BYTES,
+    MAX_REPLY_INLINE_BYTES,
+    NAME_OVERHEAD,
     Envelope,
     Limits,
     Part,
-    WireError,
-    WireOp,
-    WireResult,
-    backend_path,
-    decode_request,
-    encode_reply,
     frame,
-    frontend_path,
     is_part_name,
     parse_name,
     parse_part,
-    parse_uint,
-    request_slot,
     unframe,
 )
-from xentmem.xenbus.xs import XsError, XsTimeout
-from xentmem.xenbus.xsconn import XsConn
+from xentmem.xenbus.xs import XsError, XsSession, XsTimeout
 
 log = logging.getLogger(__name__)
 
@@ -84,19 +78,8 @@ _LEADING_SEQ = re.compile(r"(0|[1-9][0-9]{0,18})@")
 _PERM_RE = re.compile(rb"([nrwb])([0-9]{1,5})")
 
 
-def _state_of(untrusted: bytes | None) -> XenbusState:
-    if untrusted is None:
-        return XenbusState.UNKNOWN
-    try:
-        return XenbusState(
-            parse_uint(untrusted.decode("ascii", "replace"), low=0, high=8, what="state")
-        )
-    except WireError:
-        return XenbusState.UNKNOWN
-
-
 @dataclass
-class DeviceCounters:
+class TmemBackCounters:
     messages: int = 0
     ops: int = 0
     inline_requests: int = 0
@@ -109,22 +92,25 @@ class DeviceCounters:
     sessions: int = 0
 
 
-class GuestDevice:
+class TmemBack(XenbusDevice):
     """One guest's tmem device, seen from the host."""
 
     def __init__(
         self,
-        conn: XsConn,
+        conn: XsSession,
         store: HostStore,
         domid: int,
         *,
         backend_domid: int = 0,
         limits: Limits | None = None,
         compress_replies: bool = True,
-        writer: XsConn | None = None,
+        writer: XsSession | None = None,
+        split_replies: bool = False,
     ) -> None:
-        """``writer``: where replies and removals go, if not ``conn`` (see
-        :meth:`HostService <xentmem.hostd.service.HostService>`: its answers are read lazily)."""
+        """``writer``: where replies and removals go, if not ``conn`` (the service's own, whose
+        answers are read lazily).  ``split_replies``: a reply too long for one name goes in
+        name parts rather than spilled into a value (measured dearer: ``docs/protocol.md``)."""
+        super().__init__(conn, backend_path(backend_domid, domid), frontend_path(domid))
         self.conn = conn
         self.writer = writer or conn
         self.store = store
@@ -132,14 +118,12 @@ class GuestDevice:
         self.backend_domid = backend_domid
         self.limits = limits or Limits.for_host()
         self.compress_replies = compress_replies
+        self.split_replies = split_replies
+        self._unsplit: tuple[Limits | None, Limits] = (None, self.limits)
         self.home = f"/local/domain/{domid}"
-        self.otherend = frontend_path(domid)
-        self.nodename = backend_path(backend_domid, domid)
-        self.state = XenbusState.UNKNOWN
-        self.frontend_state = XenbusState.UNKNOWN
         self.last_seq = 0
         self.last_reply: str | None = None
-        self.counters = DeviceCounters()
+        self.counters = TmemBackCounters()
         self.state_token = f"xentmem-hostd-fe-state-{domid}".encode()
         self.req_token = f"xentmem-hostd-fe-req-{domid}".encode()
         self._req_prefix = f"{self.otherend}/{REQ_DIR}/".encode()
@@ -221,14 +205,11 @@ class GuestDevice:
         self._settle_writes()
         dropped = self.store.destroy_client(self.domid)
         if self._watching:
-            for path, token in (
-                (f"{self.otherend}/{STATE}", self.state_token),
-                (f"{self.otherend}/{REQ_DIR}", self.req_token),
-            ):
+            for token in (self.state_token, self.req_token):
                 try:
-                    self.conn.unwatch(path, token)
+                    self.conn.unwatch(token)
                 except (XsError, XsTimeout):
-                    log.debug("unwatch %s failed", path, exc_info=True)
+                    log.debug("unwatch %r failed", token, exc_info=True)
             self._watching = False
         if remove_areas:
             for path in (
@@ -246,32 +227,14 @@ class GuestDevice:
     # -- the state machine ----------------------------------------------------------------------
 
     def switch_state(self, state: XenbusState) -> None:
-        """``xenbus_switch_state``: nothing if unchanged; never recreates a vanished node."""
+        """As every xenbus device does, once the replies posted so far are in."""
         self._settle_writes()
-        if state == self.state:
-            return
-        path = f"{self.nodename}/{STATE}"
-
-        def body(tx: int) -> None:
-            if self.conn.read_optional(path, tx=tx) is None:
-                raise XsError("ENOENT", f"{path} vanished")
-            self.conn.write(path, str(int(state)).encode(), tx=tx)
-
-        self.conn.transaction(body)
-        log.debug("domain %d backend %s -> %s", self.domid, self.state.strstate(), state.strstate())
-        self.state = state
-
-    def dev_fatal(self, code: int, message: str) -> None:
-        """``xenbus_dev_fatal``: say why in ``error``, then go Closing."""
-        log.error("tmem device of domain %d: %s", self.domid, message)
-        self.conn.write(f"{self.nodename}/{ERROR_NODE}", f"{code} {message}".encode())
-        self.switch_state(XenbusState.CLOSING)
+        super().switch_state(state)
 
     def frontend_changed(self) -> None:
         """``otherend_changed``: follow the guest's state."""
-        untrusted = self.conn.read_optional(f"{self.otherend}/{STATE}")
-        frontend = _state_of(untrusted)
-        previous, self.frontend_state = self.frontend_state, frontend
+        previous = self.otherend_state
+        frontend = self.read_otherend_state()
         if frontend == previous and frontend != XenbusState.INITIALISING:
             return
         if frontend == XenbusState.INITIALISING:
@@ -378,7 +341,7 @@ class GuestDevice:
 
     # -- requests -------------------------------------------------------------------------------
 
-    def request(self, untrusted_path: bytes, run: Callable[[int, WireOp], WireResult]) -> None:
+    def request(self, untrusted_path: bytes, run: Callable[[int, OpRecord], ResultRecord]) -> None:
         """A watch event under the guest's ``req/``: serve the message it names, if new."""
         if self.state != XenbusState.CONNECTED or not untrusted_path.startswith(self._req_prefix):
             return
@@ -403,7 +366,7 @@ class GuestDevice:
         counters.messages += 1
         message_path = f"{self.otherend}/{REQ_DIR}/{untrusted_slot}/{untrusted_name}"
         status = 0
-        results: list[WireResult] = []
+        results: list[ResultRecord] = []
         parts = [self._parts[k] for k in sorted(self._parts)]
         self._parts.clear()
         try:
@@ -477,12 +440,13 @@ class GuestDevice:
         ]
         return unframe(envelope, untrusted[0], untrusted[1:], self.limits, reply=False)
 
-    def _reply(self, seq: int, results: list[WireResult], status: int) -> None:
+    def _reply(self, seq: int, results: list[ResultRecord], status: int) -> None:
+        limits = self._reply_limits()
         try:
-            framed = frame(seq, encode_reply(results, status=status), self.limits, reply=True)
+            framed = frame(seq, encode_reply(results, status=status), limits, reply=True)
         except WireError as exc:
             log.warning("domain %d message %d: reply does not fit (%s)", self.domid, seq, exc)
-            framed = frame(seq, encode_reply([], status=-errno.E2BIG), self.limits, reply=True)
+            framed = frame(seq, encode_reply([], status=-errno.E2BIG), limits, reply=True)
         if self._replies_kept >= REPLIES_KEPT:
             # Every earlier reply has been read: the guest sent a new request since.
             self.writer.post_rm(f"{self.nodename}/{RSP_DIR}")
@@ -499,6 +463,13 @@ class GuestDevice:
         elif framed.envelope.parts:
             self.counters.replies_parted += 1
         self.last_reply = name
+
+    def _reply_limits(self) -> Limits:
+        if self.split_replies:
+            return self.limits
+        if self._unsplit[0] is not self.limits:
+            self._unsplit = (self.limits, replace(self.limits, max_parts=1))
+        return self._unsplit[1]
 
     def _malformed(self, untrusted_name: str, exc: WireError) -> None:
         """A request node that is not a message: an error reply if it has a new seq.
@@ -527,13 +498,13 @@ class GuestDevice:
             "frontend": self.otherend,
             "backend": self.nodename,
             "state": self.state.strstate(),
-            "frontend_state": self.frontend_state.strstate(),
+            "frontend_state": self.otherend_state.strstate(),
             "last_seq": self.last_seq,
             "counters": dict(self.counters.__dict__),
         }
 
 
-def probe_reply_limits(conn: XsConn, backend_domid: int, base: Limits) -> Limits:
+def probe_reply_limits(conn: XsSession, backend_domid: int, base: Limits) -> Limits:
     """How big the host's replies may be on this xenstore: longest name, largest value.
 
     Guests' requests stay within what every daemon accepts from a guest, but dom0's own

@@ -1,0 +1,87 @@
+"""Where the tmem device lives in xenstore: its two areas, their nodes, the request slots.
+
+The host service creates both areas, as a toolstack does when it attaches a PV device: the
+frontend area belongs to the guest (dom0 may read), the backend area to the host (the guest
+may read).  Node names follow Linux's split drivers; ``docs/protocol.md`` (The two areas)
+has the table.
+"""
+
+from __future__ import annotations
+
+import re
+
+from xentmem.xenbus.body import WireError
+
+#: Device type and instance in both paths.
+DEVICE = "tmem"
+DEVINST = "0"
+#: Message directories (``state`` and ``error`` are every xenbus device's: see
+#: :mod:`xentmem.xenbus.device`), watched by the other end, and their spill chunks.
+REQ_DIR = "req"
+REQ_DATA_DIR = "data"
+#: Where a guest tries, once per connect, how long a request name its xenstore takes: a path
+#: as long as the longest request slot's (``req/<slot>-<part>/``), outside the watched ``req/``.
+PROBE_DIR = "probe/0-0"
+RSP_DIR = "rsp"
+RSP_DATA_DIR = "rsp-data"
+#: Requests go to ``req/<seq % REQ_SLOTS>/<name>``: C xenstored counts a directory's child
+#: names against the 2048-byte record quota when a guest adds a child, so long names are
+#: spread over slot directories (one each) and the host can clear ``req/`` once per
+#: ``REQ_SLOTS`` messages instead of once per message.
+REQ_SLOTS = 8
+#: Frontend nodes the host writes at set-up (pointers to the other end, as libxl writes).
+FE_BACKEND = "backend"
+FE_BACKEND_ID = "backend-id"
+#: Frontend nodes the guest writes during the handshake.
+FE_VERSION = "version"
+#: Backend nodes the host writes.
+BE_FRONTEND = "frontend"
+BE_FRONTEND_ID = "frontend-id"
+BE_VERSIONS = "versions"
+BE_MAX_OPS = "max-ops"
+BE_MAX_CHUNKS = "max-chunks"
+BE_CHUNK_BYTES = "chunk-bytes"
+BE_INLINE_BYTES = "inline-bytes"
+BE_REPLY_INLINE_BYTES = "reply-inline-bytes"
+BE_REPLY_CHUNK_BYTES = "reply-chunk-bytes"
+BE_MAX_PARTS = "max-parts"
+BE_FEATURE_LZ4 = "feature-lz4"
+
+#: Highest domid a guest may have (DOMID_FIRST_RESERVED - 1).
+MAX_DOMID = 0x7FEF
+_DOMID_RE = re.compile(r"0|[1-9][0-9]{0,4}")
+_UINT_RE = re.compile(r"[0-9]{1,10}")
+
+
+def request_slot(seq: int, part: int = 0) -> str:
+    """The slot directory of request ``seq`` (or of its name part ``part``) under ``req/``.
+
+    Each part has a directory of its own (``<slot>-<k>``), so that every directory holds one
+    long name, as the record quota wants.
+    """
+    slot = seq % REQ_SLOTS
+    return f"{slot}-{part}" if part else str(slot)
+
+
+def frontend_path(domid: int) -> str:
+    return f"/local/domain/{domid}/device/{DEVICE}/{DEVINST}"
+
+
+def backend_path(backend_domid: int, domid: int) -> str:
+    return f"/local/domain/{backend_domid}/backend/{DEVICE}/{domid}/{DEVINST}"
+
+
+def parse_domid(untrusted_text: str) -> int:
+    """A domid written as decimal text, 0..0x7FEF, or WireError."""
+    text = untrusted_text.strip("\x00")
+    if not _DOMID_RE.fullmatch(text) or int(text) > MAX_DOMID:
+        raise WireError(f"{untrusted_text[:20]!r} is not a domid")
+    return int(text)
+
+
+def parse_uint(untrusted_text: str, *, low: int, high: int, what: str) -> int:
+    """A bounded decimal from a node, or WireError naming the node."""
+    text = untrusted_text.strip("\x00")
+    if not _UINT_RE.fullmatch(text) or not low <= int(text) <= high:
+        raise WireError(f"{what}: {untrusted_text[:20]!r} is not an integer in {low}..{high}")
+    return int(text)

@@ -4,10 +4,11 @@ Fixtures (import them into a ``conftest.py``; see :data:`__all__`):
 
 ``xenstore_host``
     Parametrized over ``ours``, ``c-xenstored`` and ``oxenstored``; yields a
-    :class:`XenstoreHost`.  The real daemons start once per session (through
-    ``../shared/xenstored-peer``) and each test gets a fresh wrapper that releases its
-    domains and removes its nodes afterwards; they skip with the reason when ``../shared``,
-    the Xen binaries, gcc or (oxenstored) root are missing, and carry the ``xenpeer`` mark.
+    :class:`XenstoreHost`.  The real daemons start once per session (:mod:`fakes.xs_peer`
+    builds the shim that runs them outside Xen) and each test gets a fresh wrapper that
+    releases its domains and removes its nodes afterwards; when the Xen binaries, gcc or
+    (oxenstored) root are missing they skip with the reason, or fail under CI
+    (:mod:`fakes.required`), and carry the ``xenpeer`` mark.
 ``xs_server``
     Only our server (:class:`~xentmem.mock_xenstored.server.XsServer`), C xenstored's limits, in a
     temporary directory: the fast path.
@@ -46,6 +47,7 @@ from typing import Any
 
 import pytest
 import pyxs
+from fakes.required import unavailable
 from fakes.xenbus_mux import XenbusMux
 from fakes.xs_peer import RealPeer, unavailable_reason
 
@@ -442,7 +444,7 @@ def xs_server(make_xs_server: Callable[..., XsServer]) -> XsServer:
 def _real_peer(kind: str) -> Iterator[RealPeer]:
     reason = unavailable_reason(kind)
     if reason is not None:
-        pytest.skip(reason)
+        unavailable("PEERS", f"Debian's {kind}", reason)
     peer = RealPeer.start(kind)
     yield peer
     peer.stop()

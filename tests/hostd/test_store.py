@@ -1,4 +1,4 @@
-"""The host store follows the hypervisor's rules (reference/tmem.md §4.2, §4.3)."""
+"""The host store follows the hypervisor's rules (docs/tmem-semantics.md, "The host's store")."""
 
 from __future__ import annotations
 

@@ -8,8 +8,10 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import lz4.block
 import pytest
 import pyxs
 from fakes.xenstore_hosts import close_client, outcome
@@ -22,6 +24,8 @@ from xentmem.guest.cmdline import BootParams
 from xentmem.guest.frontends import MemoryBacking
 from xentmem.guest.shim import Shim
 from xentmem.hostd.control import HostControlClient
+from xentmem.hostd.service import HostService
+from xentmem.hostd.store import HostStore
 from xentmem.roots import Roots
 from xentmem.tmem.abi import (
     EEMPTY,
@@ -33,9 +37,10 @@ from xentmem.tmem.abi import (
     PRIVATE_UUID,
     Oid,
     PoolUuid,
+    TmemOp,
     XenbusState,
 )
-from xentmem.xenbus.body import WIRE_VERSION
+from xentmem.xenbus.body import WIRE_VERSION, OpRecord, PageEncoding
 from xentmem.xenbus.framing import DEFAULT_INLINE_BYTES, MAX_NAME_PARTS, MAX_REQUEST_INLINE_BYTES
 
 TEXT = (b"def put_page(pool, oid, index, page):\n    return backend.put(pool, oid, index)\n"
@@ -492,3 +497,19 @@ def test_a_reply_to_no_request_is_rejected_and_the_op_times_out(tmem_host: TmemH
         assert b.stats()["rejected_replies"] == 1
         rogue.monitor.unwatch(rogue.req, b"rogue")
         tmem_host.resume()
+
+
+def test_a_get_answers_with_the_page_as_it_was_kept(tmp_path: Path) -> None:
+    """The host sends a kept lz4 block as it is, rather than decompressing and compressing
+    the page again per get (before, the reply carried the host's own lz4 of the page)."""
+    service = HostService(xenstore=tmp_path / "no-xenstore", store=HostStore(1 << 20))
+    guest = 7
+    pool = service.run_op(guest, OpRecord.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)).rc
+    block = lz4.block.compress(TEXT, mode="high_compression", store_size=False)
+    assert block != lz4.block.compress(TEXT, store_size=False)  # told apart from a fresh one
+    put = OpRecord(TmemOp.PUT_PAGE, pool, Oid(1), 0, encoding=PageEncoding.LZ4, data=block)
+    assert service.run_op(guest, put).rc == 1
+    result = service.run_op(guest, OpRecord.get_page(pool, Oid(1), 0))
+    assert (result.rc, result.encoding, result.data) == (1, PageEncoding.LZ4, block)
+    assert result.page() == TEXT
+    assert service.store.get_page(guest, pool, Oid(1), 0) == (1, TEXT)

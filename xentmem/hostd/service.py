@@ -33,7 +33,7 @@ from xentmem.hostd.tmemback import TmemBack, probe_reply_limits
 from xentmem.notify import Notifier
 from xentmem.tmem.abi import TmemOp
 from xentmem.xenbus.area import parse_domid
-from xentmem.xenbus.body import OpRecord, ResultRecord, WireError
+from xentmem.xenbus.body import OpRecord, PageEncoding, ResultRecord, WireError
 from xentmem.xenbus.framing import Limits
 from xentmem.xenbus.xs import XsConnectionLost, XsError, XsSession, XsTimeout
 
@@ -244,10 +244,12 @@ class HostService:
                 store.put_page(domid, op.pool_id, op.oid, op.index, op.encoding, op.data)
             )
         if cmd == TmemOp.GET_PAGE:
-            rc, page = store.get_page(domid, op.pool_id, op.oid, op.index)
-            if rc == 1 and page is not None:
-                return ResultRecord.with_page(page)
-            return ResultRecord(rc)
+            rc, encoding, data = store.get_page_form(domid, op.pool_id, op.oid, op.index)
+            if encoding is None:
+                return ResultRecord(rc)
+            if encoding == PageEncoding.RAW:  # kept raw (compression off): lz4 may still help
+                return ResultRecord.with_page(data)
+            return ResultRecord.with_encoded_page(encoding, data)
         if cmd == TmemOp.FLUSH_PAGE:
             return ResultRecord(store.flush_page(domid, op.pool_id, op.oid, op.index))
         if cmd == TmemOp.FLUSH_OBJECT:

@@ -218,18 +218,24 @@ class HostStore:
         return TMEM_DONE
 
     def get_page(self, domid: int, pool_id: int, oid: Oid, index: int) -> tuple[int, bytes | None]:
+        rc, encoding, data = self.get_page_form(domid, pool_id, oid, index)
+        return rc, None if encoding is None else decode_page(encoding, data)
+
+    def get_page_form(self, domid: int, pool_id: int, oid: Oid,
+                      index: int) -> tuple[int, PageEncoding | None, bytes]:
+        """GET_PAGE, with the page in the form it is kept in, which is a wire form too: the
+        host answers a get without decompressing and compressing the page again."""
         client = self.client(domid)
         client.stats.gets += 1
         pool = self._pool(client, pool_id)
         if pool is None:
-            return -errno.ENODEV, None
+            return -errno.ENODEV, None, b""
         if not pool.pages:
-            return -EEMPTY, None
+            return -EEMPTY, None, b""
         obj = pool.objects.get(oid)
         stored = obj.get(index) if obj is not None else None
         if stored is None:
-            return TMEM_NOT_FOUND, None
-        page = _unstore(stored)
+            return TMEM_NOT_FOUND, None, b""
         key = (pool, oid, index)
         if pool.ephemeral and not pool.shared:
             self._remove_page(pool, oid, index)
@@ -239,7 +245,7 @@ class HostStore:
             if owner is not None and owner in self.clients:
                 self.clients[owner].eph_lru.move_to_end(key)
         client.stats.found_gets += 1
-        return TMEM_DONE, page
+        return TMEM_DONE, _stored_encoding(stored), stored
 
     def flush_page(self, domid: int, pool_id: int, oid: Oid, index: int) -> int:
         client = self.client(domid)
@@ -453,13 +459,12 @@ class HostStore:
             self.shared_pools.pop(pool.uuid, None)
 
 
-def _unstore(stored: bytes) -> bytes:
-    """The page a stored form stands for: empty = zero page, 4096 = raw, else lz4."""
+def _stored_encoding(stored: bytes) -> PageEncoding:
+    """What a stored form is: empty = zero page, 4096 bytes = raw, else an lz4 block (checked
+    when it was put)."""
     if not stored:
-        return ZERO_PAGE
-    if len(stored) == PAGE_SIZE:
-        return stored
-    return lz4.block.decompress(stored, uncompressed_size=PAGE_SIZE)
+        return PageEncoding.ZERO
+    return PageEncoding.RAW if len(stored) == PAGE_SIZE else PageEncoding.LZ4
 
 
 def _stored(key: _PageKey) -> bytes:

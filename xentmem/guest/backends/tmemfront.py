@@ -189,8 +189,8 @@ class TmemFront(XenbusDevice):
         self._writer: XsSession | None = None
         #: Writes xenstore refused since the last look: (what, error name).
         self._refused: list[tuple[str, str]] = []
-        #: What the current message's writes are called (to match refusals to it).
-        self._writing: set[str] = set()
+        #: The current message's nodes (a refusal is matched to them only when a reply is late).
+        self._writing: list[str] = []
         self._rsp_prefix = b""
 
     # -- handshake ----------------------------------------------------------------------------
@@ -397,7 +397,7 @@ class TmemFront(XenbusDevice):
         paths.append(message_path)
         writer.post_write(message_path, framed.value.encode())
         writer.flush()
-        self._writing = {f"write {path}" for path in paths}
+        self._writing = paths
         counters = self.counters
         counters.messages += 1
         if framed.envelope.chunks:
@@ -546,8 +546,9 @@ class TmemFront(XenbusDevice):
         rather than after the whole timeout."""
         assert self._writer is not None
         self._writer.drain()
+        writing = {f"write {path}" for path in self._writing}
         for what, name in self._refused:
-            if what in self._writing:
+            if what in writing:
                 raise XsError(name, what)
 
     def _abandon(self, paths: list[str]) -> None:

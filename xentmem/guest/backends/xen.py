@@ -423,20 +423,23 @@ class XenBackend(Backend):
         """Slots for the next message: the oldest first, within the ops and size limits
         (the request must fit, and so must the reply if every get finds an incompressible
         page).  Holds ``_lock``."""
+        if not self._queue:
+            return []
+        # The oldest always goes: one op of any kind fits (checked when the device connected).
+        batch = [self._queue.popleft()]
         front = self._front
-        if front is None or front.negotiated is None:
-            return [self._queue.popleft()] if self._queue else []
-        limits = front.limits
-        empty_reply = reply_size_bound([])
-        request_room = limits.body_capacity(reply=False) - request_size([])
-        reply_room = limits.body_capacity(reply=True) - empty_reply
         limit = self._batch_max()
-        batch: list[_Slot] = []
+        if limit == 1 or front is None or front.negotiated is None:
+            return batch
+        limits, first = front.limits, batch[0].op
+        empty_reply = reply_size_bound([])
+        request_room = limits.body_capacity(reply=False) - request_size([first])
+        reply_room = limits.body_capacity(reply=True) - reply_size_bound([first])
         while self._queue and len(batch) < limit:
             op = self._queue[0].op
             request_room -= op.wire_bytes
             reply_room -= reply_size_bound([op]) - empty_reply
-            if batch and (request_room < 0 or reply_room < 0):
+            if request_room < 0 or reply_room < 0:
                 break
             batch.append(self._queue.popleft())
         return batch

@@ -356,7 +356,7 @@ def _ratio(value: float, base: float) -> float:
 
 
 def report(kind: str, rounds: list[dict[str, dict[str, Any]]], args: argparse.Namespace,
-           value_bytes: int) -> dict[str, float]:
+           value_bytes: int, load: tuple[float, float]) -> dict[str, float]:
     """Print one xenstored's figures; the ratios the SUMMARY uses."""
     base = "raw (pyxs)"
     raw_rate = median_of(rounds, base, "rate")
@@ -381,7 +381,9 @@ def report(kind: str, rounds: list[dict[str, dict[str, Any]]], args: argparse.Na
         print(f"{mode:24s} {rate:8.0f} {rate_ratio:6.2f} {cpu * 1e6:10.0f} {cpu_ratio:6.2f}   "
               f"{split}{extra}")
     print(f"(raw: {raw_rate:.0f} round trips/s, {raw_cpu * 1e6:.0f} us CPU each; batched get: "
-          f"{args.threads} callers; {len(rounds)} rounds of {args.ops} ops)")
+          f"{args.threads} callers; {len(rounds)} rounds of {args.ops} ops; load average "
+          f"{load[0]:.1f} before, {load[1]:.1f} after: a shared machine's neighbours move "
+          "every figure)")
     return ratios
 
 
@@ -392,13 +394,14 @@ def run_peer(kind: str, pages: list[bytes], args: argparse.Namespace,
         if reason is not None:
             print(f"\n== {kind}: skipped ({reason})")
             return None
+    load_before = os.getloadavg()[0]
     with XenHost(kind) as host:
         modes = Modes(host, pages, args.threads, value)
         try:
             rounds = [modes.run(args.ops) for _ in range(args.rounds)]
         finally:
             modes.close()
-    ratios = report(kind, rounds, args, len(value))
+    ratios = report(kind, rounds, args, len(value), (load_before, os.getloadavg()[0]))
     if args.json:
         print(json.dumps({"peer": kind, "rounds": rounds}))
     return ratios

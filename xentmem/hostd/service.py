@@ -247,7 +247,7 @@ class HostService:
             rc, encoding, data = store.get_page_form(domid, op.pool_id, op.oid, op.index)
             if encoding is None:
                 return ResultRecord(rc)
-            if encoding == PageEncoding.RAW:  # kept raw (compression off): lz4 may still help
+            if encoding == PageEncoding.RAW:  # kept raw (compression off, or lz4 saved little)
                 return ResultRecord.with_page(data)
             return ResultRecord.with_encoded_page(encoding, data)
         if cmd == TmemOp.FLUSH_PAGE:

@@ -456,7 +456,9 @@ def command(**params: Any) -> None:
         check_config(app)
         return
     app.signals.install()
-    raise click.exceptions.Exit(serve(app))
+    status = serve(app)
+    app.signals.ignore_from_now()  # the stop is done: a late signal must not change its status
+    raise click.exceptions.Exit(status)
 
 
 def parse_args(argv: Sequence[str]) -> Options:

@@ -45,7 +45,7 @@ from xentmem.guestd.mainthread import DaemonBusy
 from xentmem.guestd.metrics import collect, render
 from xentmem.guestd.record import SHUTDOWN_FILE, START_FAILED, RunRecord
 from xentmem.guestd.record import STOPPED as RUN_STOPPED
-from xentmem.guestd.swap import DEFAULT_STATE_DIR, SwapAreas, lost_at_exit
+from xentmem.guestd.swap import DEFAULT_STATE_DIR, SwapAreas, boot_id, lost_at_exit
 from xentmem.params import ParamSet
 from xentmem.roots import Roots
 from xentmem.tmem.abi import PoolUuid
@@ -98,7 +98,7 @@ class Daemon:
         #: File-backed swap areas and the shutdown record outlive the daemon: they go to the
         #: state directory (systemd removes the run directory when the service stops).
         self.state_dir = state_dir or roots.under(DEFAULT_STATE_DIR)
-        self.swap = SwapAreas(self.shim.frontswap, self.state_dir / "swap")
+        self.swap = SwapAreas(self.shim.frontswap, self.state_dir / "swap", boot_id(roots))
         #: This run's entry in ``<state_dir>/shutdown.json`` (docs/swap-areas.md).
         self.record = RunRecord(self.state_dir)
         self.choice: BackendChoice | None = None

@@ -14,13 +14,20 @@ import logging
 import os
 import re
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
 from xentmem.errors import AbiError, BackendError
 from xentmem.guest.frontends import FileBacking, Frontswap, MemoryBacking
 from xentmem.guest.frontends.backing import BackingStore
-from xentmem.guest.frontends.swapfile import SwapFileError, scan
+from xentmem.guest.frontends.swapfile import (
+    SwapAreaStale,
+    SwapFileError,
+    scan,
+    stale_after_reboot,
+)
+from xentmem.roots import Roots
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +40,16 @@ BACKING_KINDS = ("memory", "file")
 DEFAULT_STATE_DIR = "/var/lib/xentmem"
 #: The name of an area file; what :meth:`SwapAreas.reattach` looks for.
 AREA_FILE = re.compile(r"type-(\d{1,2})\.swap")
+#: The kernel's id of the current boot (a random uuid per boot).
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def boot_id(roots: Roots) -> bytes | None:
+    """This boot's id (16 bytes), None if it cannot be read (then a reboot is not told)."""
+    try:
+        return uuid.UUID(roots.under(BOOT_ID).read_text(encoding="ascii").strip()).bytes
+    except (OSError, ValueError):
+        return None
 
 
 class SwapAreaDamaged(SwapFileError):
@@ -44,17 +61,22 @@ class SwapAreaDamaged(SwapFileError):
         self.intact = intact
 
 
-def read_swap_area(swap_file: Path) -> dict[int, bytes]:
+def read_swap_area(swap_file: Path, this_boot: bytes | None = None) -> dict[int, bytes]:
     """Offset -> page of a file-backed area left by a stopped or killed daemon.
 
     Every entry and page is checked; SwapAreaDamaged (with the intact pages) if any is
     damaged, SwapFileError if the file is not a usable area at all.  Never a wrong page.
+    With ``this_boot`` (:func:`boot_id`), SwapAreaStale if the area was in use when the
+    system went down (a page written after its last clean stop may come back older).
     """
     fd = os.open(swap_file, os.O_RDONLY | os.O_CLOEXEC)
     try:
         found = scan(fd, str(swap_file), keep_pages=True)
     finally:
         os.close(fd)
+    if stale_after_reboot(found.use, this_boot):
+        raise SwapAreaStale(f"{swap_file}: in use when the system went down (no clean stop "
+                            "since): a page written after its last clean stop may be older")
     if found.damaged:
         first = ", ".join(f"{o}: {why}" for o, why in sorted(found.damaged.items())[:5])
         raise SwapAreaDamaged(f"{swap_file}: {len(found.damaged)} damaged page(s) ({first})",
@@ -65,9 +87,12 @@ def read_swap_area(swap_file: Path) -> dict[int, bytes]:
 class SwapAreas:
     """Creates and forgets the daemon's swap areas; one lock keeps types unique."""
 
-    def __init__(self, frontswap: Frontswap, directory: Path) -> None:
+    def __init__(self, frontswap: Frontswap, directory: Path,
+                 this_boot: bytes | None = None) -> None:
         self._frontswap = frontswap
         self.directory = directory
+        #: This boot's id, marked in each area file in use (``docs/swap-areas.md``).
+        self.this_boot = this_boot
         self._lock = threading.Lock()
         self._stores: dict[int, BackingStore] = {}
 
@@ -99,7 +124,8 @@ class SwapAreas:
                     self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
                 except OSError as exc:
                     raise BackendError(f"swap directory {self.directory}: {exc}") from exc
-                store = FileBacking(path, pages, swap_type)  # replaces an old file, as swapon
+                # Replaces an old file of that name, as swapon.
+                store = FileBacking(path, pages, swap_type, self.this_boot)
             else:
                 store = MemoryBacking(pages)
             try:
@@ -145,7 +171,7 @@ class SwapAreas:
                     continue
                 swap_type, path = int(match[1]), self.directory / name
                 try:
-                    store = FileBacking.attach(path)
+                    store = FileBacking.attach(path, self.this_boot)
                     if store.swap_type != swap_type:
                         store.close()
                         raise SwapFileError(f"{path}: the header says swap type "
@@ -180,6 +206,8 @@ class SwapAreas:
                 summary: dict[str, Any] = {"type": swap_type, **store.describe()}
                 try:
                     store.sync()
+                    if isinstance(store, FileBacking):
+                        store.mark_stopped()  # a later boot may trust it
                 except BackendError as exc:
                     summary["error"] = str(exc)
                 summaries.append(summary)

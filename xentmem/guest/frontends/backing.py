@@ -22,6 +22,9 @@ from xentmem.tmem.abi import PAGE_SIZE
 
 log = logging.getLogger(__name__)
 
+#: The use mark's boot id when this boot's is unknown (a restart then cannot tell a reboot).
+NO_BOOT = bytes(16)
+
 
 class BackingStore(ABC):
     """A fixed-size array of page slots (a swap area of ``pages`` slots)."""
@@ -107,8 +110,13 @@ class FileBacking(BackingStore):
     write (a killed process loses nothing the kernel already has): :meth:`sync` flushes.
     """
 
-    def __init__(self, path: Path | str, pages: int, swap_type: int = 0) -> None:
-        """Create the area file (an older file of that name is replaced, as ``swapon``)."""
+    def __init__(self, path: Path | str, pages: int, swap_type: int = 0,
+                 boot_id: bytes | None = None) -> None:
+        """Create the area file (an older file of that name is replaced, as ``swapon``).
+
+        ``boot_id`` (16 bytes: the kernel's ``boot_id``) goes into the file's use mark, so a
+        restart after a reboot can tell the area was in use when the system went down.
+        """
         if pages > swapfile.MAX_PAGES:
             raise AbiError(f"a swap area file holds at most {swapfile.MAX_PAGES} pages")
         super().__init__(pages)
@@ -125,22 +133,25 @@ class FileBacking(BackingStore):
             with contextlib.suppress(OSError):  # no fallocate here (some FUSE/NFS): sparse
                 os.posix_fallocate(fd, 0, layout.data_start)
             os.pwrite(fd, layout.header(), 0)
+            os.pwrite(fd, swapfile.encode_use(boot_id or NO_BOOT, swapfile.IN_USE),
+                      swapfile.USE_AT)
             os.fsync(fd)
         except OSError as exc:
             os.close(fd)
             with contextlib.suppress(OSError):
                 self.path.unlink()
             raise BackendError(f"swap file {self.path}: cannot create it: {exc}") from exc
-        self._setup(fd, swapfile.Scan(layout))
+        self._setup(fd, swapfile.Scan(layout), boot_id)
         fsync_directory(self.path.parent)
 
     @classmethod
-    def attach(cls, path: Path | str) -> FileBacking:
+    def attach(cls, path: Path | str, boot_id: bytes | None = None) -> FileBacking:
         """Take over an area file a stopped (or killed) daemon left: every entry and page
         is checked; the damaged ones are listed in :attr:`damaged` and never returned.
 
-        SwapFileError if the file is not a usable area (bad header, index cut short);
-        BackendError if it cannot be opened or read.
+        SwapFileError if the file is not a usable area (bad header, index cut short), and
+        SwapAreaStale if it was in use when the system went down (``boot_id`` is this
+        boot's; None skips that check); BackendError if it cannot be opened or read.
         """
         path = Path(path)
         try:
@@ -149,6 +160,10 @@ class FileBacking(BackingStore):
             raise BackendError(f"swap file {path}: cannot open it: {exc}") from exc
         try:
             found = swapfile.scan(fd, str(path))
+            if swapfile.stale_after_reboot(found.use, boot_id):
+                raise swapfile.SwapAreaStale(
+                    f"{path}: in use when the system went down (no clean stop since); pages "
+                    "written after its last clean stop may come back older: not re-attached")
             if os.fstat(fd).st_size < found.layout.file_size:  # cut short: whole again
                 os.ftruncate(fd, found.layout.file_size)
         except OSError as exc:
@@ -160,11 +175,20 @@ class FileBacking(BackingStore):
         self = cls.__new__(cls)
         BackingStore.__init__(self, found.layout.pages)
         self.path = path
-        self._setup(fd, found)
+        self._setup(fd, found, boot_id)
+        self._stopped = True
+        try:
+            self._touch()  # in use again, from this boot
+        except BackendError:
+            self.close()
+            raise
         return self
 
-    def _setup(self, fd: int, found: swapfile.Scan) -> None:
+    def _setup(self, fd: int, found: swapfile.Scan, boot_id: bytes | None) -> None:
         self._fd = fd
+        self._boot_id = boot_id or NO_BOOT
+        #: The use mark on disk says "stopped cleanly": the next change must say "in use".
+        self._stopped = False
         self.layout = found.layout
         self.swap_type = found.layout.swap_type
         #: offset -> (slot, page CRC) of every valid page.
@@ -177,6 +201,25 @@ class FileBacking(BackingStore):
         #: Index writes that failed (the file may name an older page there after a crash).
         self.index_errors = 0
 
+    def _mark(self, state: int) -> None:
+        """Write and flush the use mark (OSError as BackendError)."""
+        try:
+            self._pwrite(swapfile.encode_use(self._boot_id, state), swapfile.USE_AT)
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise self._fail("cannot write its use mark", exc) from exc
+
+    def _touch(self) -> None:
+        """Before a change to an area marked stopped: mark it in use (one fsync)."""
+        if self._stopped:
+            self._mark(swapfile.IN_USE)
+            self._stopped = False
+
+    def mark_stopped(self) -> None:
+        """After the final :meth:`sync`: the area was stopped cleanly, whatever boot comes."""
+        self._mark(swapfile.STOPPED)
+        self._stopped = True
+
     def _fail(self, what: str, exc: OSError) -> BackendError:
         return BackendError(f"swap file {self.path}: {what}: {exc}")
 
@@ -188,6 +231,7 @@ class FileBacking(BackingStore):
 
     def write(self, offset: int, page: bytes) -> None:
         self.check_offset(offset)
+        self._touch()
         slot = self._free.pop()  # pages + 1 slots: one is always free
         crc = swapfile.page_crc(page)
         try:
@@ -240,8 +284,9 @@ class FileBacking(BackingStore):
         if entry is None and not was_damaged:
             return
         try:
+            self._touch()
             self._pwrite(swapfile.EMPTY_ENTRY, self.layout.entry_at(offset))
-        except OSError as exc:
+        except (OSError, BackendError) as exc:
             self.index_errors += 1
             log.error("swap file %s: slot %d freed but its index entry could not be "
                       "cleared (%s); a restart may find the older page there",
@@ -257,12 +302,13 @@ class FileBacking(BackingStore):
 
     def clear(self) -> None:
         try:
+            self._touch()
             self._pwrite(bytes(self.layout.data_start - self.layout.index_start),
                          self.layout.index_start)
-        except OSError as exc:
+        except (OSError, BackendError) as exc:
             self.index_errors += 1
             log.error("swap file %s: the index could not be cleared: %s", self.path, exc)
-        self._setup(self._fd, swapfile.Scan(self.layout))
+        self._setup(self._fd, swapfile.Scan(self.layout), self._boot_id)
 
     def sync(self) -> None:
         """Flush the pages and the index to stable storage (at unload and at exit)."""

@@ -26,6 +26,12 @@ VERSION = 2
 HEADER = struct.Struct("<8sIIQQI")
 HEADER_CRC = struct.Struct("<I")
 HEADER_SIZE = PAGE_SIZE
+#: Where in the header page the use mark is: the boot that last used the area, whether it
+#: was stopped cleanly since, and the mark's CRC-32.
+USE_AT = 512
+USE = struct.Struct("<16sII")
+USE_BODY = struct.Struct("<16sI")
+IN_USE, STOPPED = 1, 0
 #: slot + 1 (0: no page), the page's CRC-32, the entry's CRC-32, zero.
 ENTRY = struct.Struct("<IIII")
 EMPTY_ENTRY = bytes(ENTRY.size)
@@ -37,6 +43,10 @@ MAX_PAGES = (1 << 32) - 2
 
 class SwapFileError(XentmemError, ValueError):
     """A swap area file that cannot be used as a whole: not ours, a bad header, cut short."""
+
+
+class SwapAreaStale(SwapFileError):
+    """An area that was in use when the system went down: a page may come back older."""
 
 
 def page_crc(page: bytes) -> int:
@@ -80,6 +90,21 @@ class Layout:
     def header(self) -> bytes:
         body = HEADER.pack(MAGIC, VERSION, PAGE_SIZE, self.pages, self.slots, self.swap_type)
         return body + HEADER_CRC.pack(zlib.crc32(body))
+
+
+def encode_use(boot_id: bytes, state: int) -> bytes:
+    body = USE_BODY.pack(boot_id, state)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def decode_use(untrusted: bytes) -> tuple[bytes, int] | None:
+    """``(boot_id, state)`` of the use mark, None if it does not check out."""
+    if len(untrusted) < USE.size:
+        return None
+    boot_id, state, crc = USE.unpack_from(untrusted)
+    if crc != zlib.crc32(USE_BODY.pack(boot_id, state)) or state not in (IN_USE, STOPPED):
+        return None
+    return boot_id, state
 
 
 def check_pages(pages: int) -> None:
@@ -134,12 +159,26 @@ class Scan:
     """What an area file holds: its layout, the valid entries, and the damaged offsets."""
 
     layout: Layout
+    #: The use mark: the boot that last used the area and IN_USE or STOPPED (None: unreadable).
+    use: tuple[bytes, int] | None = None
     #: offset -> (slot, page CRC) of every entry whose page checked out.
     entries: dict[int, tuple[int, int]] = field(default_factory=dict)
     #: offset -> why its page cannot be returned.
     damaged: dict[int, str] = field(default_factory=dict)
     #: The pages read while checking (offset -> page), if the caller asked for them.
     pages: dict[int, bytes] = field(default_factory=dict)
+
+
+def stale_after_reboot(use: tuple[bytes, int] | None, boot_id: bytes | None) -> bool:
+    """True if the area was in use when the system went down: a power cut or a kernel
+    crash may have kept an older page (or a freed one) for pages written since its last
+    clean stop, and its checksums cannot tell.  An unknown boot (``boot_id`` None, or the
+    file's boot id all zero) cannot be compared: False; an unreadable mark: True."""
+    if boot_id is None:
+        return False
+    if use is None:
+        return True
+    return use[1] == IN_USE and use[0] not in (boot_id, bytes(16))
 
 
 def scan(fd: int, where: str, *, keep_pages: bool = False) -> Scan:
@@ -149,7 +188,8 @@ def scan(fd: int, where: str, *, keep_pages: bool = False) -> Scan:
     (checksum mismatch, slot past the end of a truncated file, a slot named twice) is listed
     in :attr:`Scan.damaged` and never in :attr:`Scan.entries`.
     """
-    layout = decode_header(os.pread(fd, HEADER_SIZE, 0), where)
+    head = os.pread(fd, HEADER_SIZE, 0)
+    layout = decode_header(head, where)
     size = os.fstat(fd).st_size
     if size < layout.data_start:
         raise SwapFileError(f"{where}: cut short ({size} bytes; its index alone needs "
@@ -157,7 +197,7 @@ def scan(fd: int, where: str, *, keep_pages: bool = False) -> Scan:
     index = os.pread(fd, layout.pages * ENTRY.size, layout.index_start)
     if len(index) != layout.pages * ENTRY.size:
         raise SwapFileError(f"{where}: the index could not be read whole")
-    result = Scan(layout)
+    result = Scan(layout, decode_use(head[USE_AT:USE_AT + USE.size]))
     owner: dict[int, int] = {}
     for offset in range(layout.pages):
         raw = index[offset * ENTRY.size:(offset + 1) * ENTRY.size]

@@ -54,9 +54,9 @@ def flip(path: Path, position: int) -> None:
         handle.write(bytes([byte[0] ^ 0x01]))
 
 
-def slot_of(path: Path, offset: int) -> int:
+def slot_of(path: Path, offset: int, pages: int = PAGES) -> int:
     """Where the page of ``offset`` is in the file (read from its index entry)."""
-    layout = Layout(PAGES, 0)
+    layout = Layout(pages, 0)
     with open(path, "rb") as handle:
         handle.seek(layout.entry_at(offset))
         slot_plus1 = ENTRY.unpack(handle.read(ENTRY.size))[0]
@@ -286,3 +286,18 @@ def test_the_boot_id_comes_from_the_root(tmp_path: Path) -> None:
     boot.parent.mkdir(parents=True)
     boot.write_text("1331c4a9-a306-4e77-80cc-dcccb6c0e08c\n")
     assert boot_id(Roots(root=tmp_path)) == bytes.fromhex("1331c4a9a3064e7780ccdcccb6c0e08c")
+
+
+def test_a_full_area_with_pages_found_damaged_still_takes_every_store(tmp_path: Path) -> None:
+    store = FileBacking(tmp_path / "full.swap", 4)
+    for offset in range(4):
+        store.write(offset, page(offset))
+    flip(tmp_path / "full.swap", slot_of(tmp_path / "full.swap", 2, pages=4))
+    with pytest.raises(BackendError, match="damaged"):
+        store.read(2)
+    for round_ in range(3):  # every slot is reused, none leaks
+        for offset in range(4):
+            store.write(offset, page(10 * round_ + offset))
+    assert [store.read(o) for o in range(4)] == [page(20 + o) for o in range(4)]
+    store.close()
+

@@ -232,7 +232,9 @@ class FileBacking(BackingStore):
     def write(self, offset: int, page: bytes) -> None:
         self.check_offset(offset)
         self._touch()
-        slot = self._free.pop()  # pages + 1 slots: one is always free
+        if not self._free:  # pages + 1 slots: one is free unless index writes failed
+            raise BackendError(f"swap file {self.path}: no free slot (after index errors)")
+        slot = self._free.pop()
         crc = swapfile.page_crc(page)
         try:
             self._pwrite(page, self.layout.slot_at(slot))
@@ -275,6 +277,7 @@ class FileBacking(BackingStore):
             why = "cut short" if len(page) != PAGE_SIZE else "page checksum mismatch"
             self.damaged[offset] = why
             del self._entries[offset]
+            self._free.append(slot)  # the entry on disk stays damaged: the slot is reusable
             raise BackendError(f"swap file {self.path}: slot {offset} is damaged ({why})")
         return page
 

@@ -30,6 +30,16 @@ def fsync_path(path: Path, *, directory: bool = False) -> None:
         os.close(fd)
 
 
+def fsync_directory(directory: Path) -> None:
+    """Make the names in ``directory`` (a new file, a rename) durable.
+
+    A file system that cannot fsync a directory (some FUSE or network ones) still has the
+    file in place, so that is no error.
+    """
+    with contextlib.suppress(OSError):
+        fsync_path(directory, directory=True)
+
+
 def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace ``path`` atomically: a temporary file beside it, fsync, rename, fsync the dir."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -43,7 +53,4 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    # The rename is only durable once the directory is; a file system that cannot fsync a
-    # directory (some FUSE or network ones) still has the file in place, so that is no error.
-    with contextlib.suppress(OSError):
-        fsync_path(path.parent, directory=True)
+    fsync_directory(path.parent)  # the rename is only durable once the directory is

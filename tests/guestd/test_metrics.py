@@ -86,16 +86,15 @@ def test_textfile_is_replaced_atomically(tmp_path: Path) -> None:
 
 def test_page_size_and_file_helper_have_one_home() -> None:
     """PAGE_SIZE comes from the ABI module, and the atomic write lives in xentmem.files
-    (metrics, swap maps and shutdown.json all use that one)."""
+    (metrics and shutdown.json use that one)."""
     from xentmem import files
-    from xentmem.guestd import core, metrics, swap
+    from xentmem.guestd import metrics, record
     from xentmem.tmem import abi
 
     assert metrics.PAGE_SIZE is abi.PAGE_SIZE
     assert not hasattr(metrics, "write_atomically") or \
         metrics.write_atomically is files.write_atomically
-    assert swap.write_atomically is files.write_atomically
-    assert core.write_atomically is files.write_atomically
+    assert record.write_atomically is files.write_atomically
 
 
 def test_write_atomically_replaces_and_cleans_up(tmp_path: Path) -> None:

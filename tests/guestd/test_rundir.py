@@ -52,7 +52,8 @@ def test_a_second_daemon_stops_before_loading_and_leaves_the_first_alone(
         assert serve(second) == EXIT_FAILURE  # start refused, "shutdown" of what it owns
         assert CountingBackend.connects == 1  # no second tmem client
         assert (run / "control.sock").exists()
-        assert not (first.state_dir / "shutdown.json").exists()
+        # The first one's record still says it runs: the second wrote nothing there.
+        assert json.loads((first.state_dir / "shutdown.json").read_text())["pid"] == os.getpid()
         with ControlClient(run / "control.sock", timeout=5) as client:
             assert client.status()["state"] == "running"
             assert client.status()["pid"] == os.getpid()
@@ -62,7 +63,8 @@ def test_a_second_daemon_stops_before_loading_and_leaves_the_first_alone(
     finally:
         assert first.shutdown() == 0
         first.signals.close()
-    assert json.loads((first.state_dir / "shutdown.json").read_text())["clean"] is True
+    record = json.loads((first.state_dir / "shutdown.json").read_text())
+    assert record["clean"] is True and record["state"] == "stopped" and record["previous"] == []
     assert not (run / "control.sock").exists()
     lock = RunDirLock(run)  # released with the first daemon
     lock.acquire()
@@ -80,7 +82,8 @@ def test_two_xentmemd_processes_on_one_run_dir(tmp_path: Path, fake_root: Path,
     assert first.socket.exists()
     with ControlClient(first.socket, timeout=5) as client:
         assert client.status()["state"] == "running"
-    assert not (first.state_dir / "shutdown.json").exists()
+    record = json.loads((first.state_dir / "shutdown.json").read_text())
+    assert record["state"] == "running" and record["pid"] == first.proc.pid  # the first's
     assert first.stop(signal.SIGTERM) == 0
 
 

@@ -7,11 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from xentmem.clock import FakeClock
 from xentmem.console import EXIT_FAILURE
 from xentmem.guestd.app import Application
 from xentmem.guestd.signals import SignalFlags
-from xentmem.guestd.swap import map_path
 from xentmem.notify import Notifier
 from xentmem.roots import Roots
 
@@ -32,8 +33,22 @@ class ClosingNotifier(Notifier):
         self.closed = True
 
 
-def test_a_failing_step_is_recorded_and_the_rest_still_runs(tmp_path: Path,
-                                                            fake_root: Path) -> None:
+def flushing(store: Any, swap_type: int, broken: int, flushed: list[int]) -> Any:
+    """The area's sync, noting its type; ``broken``'s file cannot be flushed (EBADF)."""
+    real_sync = store.sync
+
+    def sync() -> None:
+        if swap_type == broken:
+            store.close()
+        else:
+            flushed.append(swap_type)
+        real_sync()
+
+    return sync
+
+
+def test_a_failing_step_is_recorded_and_the_rest_still_runs(
+        tmp_path: Path, fake_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "xentmem.conf"
     config.write_text("options tmem selfballooning=0 selfshrinking=0\n")
     notifier = ClosingNotifier()
@@ -47,15 +62,19 @@ def test_a_failing_step_is_recorded_and_the_rest_still_runs(tmp_path: Path,
     kept = daemon.swap.create(8, "file")["type"]
     for swap_type in (broken, kept):
         assert daemon.shim.frontswap.store(swap_type, 3, PAGE) == 0
-    map_path(daemon.swap.path_of(broken)).mkdir()  # its map cannot be written
+    flushed: list[int] = []
+    for swap_type, store in daemon.swap._stores.items():
+        monkeypatch.setattr(store, "sync", flushing(store, swap_type, broken, flushed))
 
     assert app.shutdown() == EXIT_FAILURE
 
     record = json.loads((app.state_dir / "shutdown.json").read_text())
-    assert record["clean"] is False
+    assert record["clean"] is False and record["state"] == "stopped"
     assert record["repatriated"] == 2  # the unload itself went through
-    assert any(e.startswith(f"swap area {broken}: cannot save the map") for e in record["errors"])
-    assert map_path(daemon.swap.path_of(kept)).exists()  # the next area was still saved
+    assert any(e.startswith(f"swap area {broken}: swap file ") and "fsync failed" in e
+               for e in record["errors"])
+    assert record["lost_pages"] == 1  # the unflushed area's page may not be on disk
+    assert flushed == [kept]  # the next area was still flushed
     assert not app.server.path.exists()  # the socket still went
     assert notifier.closed and notifier.sent[-1][0] == "STOPPING=1"
     app.signals.close()

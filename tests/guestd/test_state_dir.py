@@ -1,6 +1,6 @@
 """File-backed swap areas live in the state directory (systemd keeps it across a stop, unlike
-the run directory), their data is flushed before their maps, and pages that die with the
-daemon (memory-backed areas) make the shutdown unclean."""
+the run directory), they are flushed at exit, and pages that die with the daemon
+(memory-backed areas) make the shutdown unclean."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from xentmem.guestd import swap as swap_module
+from xentmem.guest.frontends import FileBacking
 from xentmem.guestd.app import application_from_args, parse_args
-from xentmem.guestd.swap import map_path, read_swap_area
+from xentmem.guestd.swap import read_swap_area
 
 PAGE = b"\xa5" * 4096
 
@@ -33,21 +33,24 @@ def test_swap_files_go_to_the_state_dir_and_survive_the_run_dir(make_daemon: Any
     assert read_swap_area(swap_file) == {2: PAGE}
 
 
-def test_area_data_is_flushed_before_its_map(make_daemon: Any,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_area_files_are_flushed_at_exit(make_daemon: Any,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     daemon = make_daemon(None, balloon_loops=False)
     daemon.load("recording")
     area = daemon.swap.create(16, "file")["type"]
     assert daemon.shim.frontswap.store(area, 0, PAGE) == 0
-    order: list[tuple[str, Path]] = []
-    real_fsync, real_write = swap_module.fsync_path, swap_module.write_atomically
-    monkeypatch.setattr(swap_module, "fsync_path",
-                        lambda path, **kw: order.append(("fsync", path)) or real_fsync(path, **kw))
-    monkeypatch.setattr(swap_module, "write_atomically",
-                        lambda path, *a: order.append(("map", path)) or real_write(path, *a))
+    synced: list[tuple[Path, int]] = []
+    real_sync = FileBacking.sync
+
+    def sync(store: FileBacking) -> None:
+        synced.append((store.path, store.used()))
+        real_sync(store)
+
+    monkeypatch.setattr(FileBacking, "sync", sync)
     daemon.shutdown()
-    swap_file = daemon.swap.path_of(area)
-    assert order == [("fsync", swap_file), ("map", map_path(swap_file))]
+    # Once, after the unload put the page back into the file.
+    assert synced == [(daemon.swap.path_of(area), 1)]
+    assert read_swap_area(daemon.swap.path_of(area)) == {0: PAGE}
 
 
 def test_pages_in_a_memory_area_are_lost_and_counted(make_daemon: Any) -> None:

@@ -243,6 +243,9 @@ class Application:
         # A client's config.reload runs here, on the main thread, which owns the schedule
         # and the daemon settings a reload changes.
         self.daemon.reload_runner = self._reload_for_client
+        # The record says "running" before anything is taken over, so a crash from here on
+        # shows; then the file swap areas an earlier run left are re-attached.
+        self.daemon.begin_run()
         self.daemon.load()
         daemon = self.daemon
         self.server = ControlServer(
@@ -360,11 +363,12 @@ class Application:
 
     # -- stop -------------------------------------------------------------------------------------
 
-    def shutdown(self) -> int:
+    def shutdown(self, start_error: str | None = None) -> int:
         """Loops, backend (repatriating), then sockets; the exit status.
 
         A start that failed before this process owned the run directory has nothing to
         stop: the directory, its socket and its shutdown record belong to another daemon.
+        One that failed later (``start_error``) adds that to the shutdown record.
         """
         if not (self.run_lock.held and self.state_lock.held):
             self.notifier.close()
@@ -374,7 +378,7 @@ class Application:
         status = EXIT_OK
         if self.daemon is not None:
             try:
-                if not self.daemon.shutdown()["clean"]:
+                if not self.daemon.shutdown(start_error)["clean"]:
                     status = EXIT_FAILURE
             except Exception:  # Daemon.shutdown records its own failures; this is a bug
                 log.exception("shutdown of the daemon core failed")
@@ -456,7 +460,9 @@ def command(**params: Any) -> None:
         check_config(app)
         return
     app.signals.install()
-    raise click.exceptions.Exit(serve(app))
+    status = serve(app)
+    app.signals.ignore_from_now()  # the stop is done: a late signal must not change its status
+    raise click.exceptions.Exit(status)
 
 
 def parse_args(argv: Sequence[str]) -> Options:
@@ -525,11 +531,11 @@ def serve(app: Application) -> int:
         # A param refused at load is a configuration error too: restarting cannot help,
         # and 78 is what the unit's RestartPreventExitStatus= stops on.
         log.error("refusing to start: %s", exc)
-        app.shutdown()
+        app.shutdown(start_error=f"refusing to start: {exc}")
         return EXIT_CONFIG
     except (XentmemError, ServerError, OSError) as exc:
         log.error("cannot start: %s", exc)
-        app.shutdown()
+        app.shutdown(start_error=f"cannot start: {exc}")
         return EXIT_FAILURE
     try:
         app.run()

@@ -27,7 +27,6 @@ from xentmem.errors import (
     ParamError,
     XentmemError,
 )
-from xentmem.files import write_atomically
 from xentmem.guest import registry
 from xentmem.guest.backend import Backend
 from xentmem.guest.frontends.keys import FileKey
@@ -44,7 +43,9 @@ from xentmem.guestd.config import (
 )
 from xentmem.guestd.mainthread import DaemonBusy
 from xentmem.guestd.metrics import collect, render
-from xentmem.guestd.swap import DEFAULT_STATE_DIR, SwapAreas, lost_in_memory
+from xentmem.guestd.record import SHUTDOWN_FILE, START_FAILED, RunRecord
+from xentmem.guestd.record import STOPPED as RUN_STOPPED
+from xentmem.guestd.swap import DEFAULT_STATE_DIR, SwapAreas, boot_id, lost_at_exit
 from xentmem.params import ParamSet
 from xentmem.roots import Roots
 from xentmem.tmem.abi import PoolUuid
@@ -53,7 +54,6 @@ from xentmem_selfballoon.service import SelfballoonService
 log = logging.getLogger(__name__)
 
 STARTING, RUNNING, STOPPING, STOPPED = "starting", "running", "stopping", "stopped"
-SHUTDOWN_FILE = "shutdown.json"
 #: How long shutdown waits for requests already running to finish.
 DRAIN_TIMEOUT_S = 10.0
 LOOP_STOP_TIMEOUT_S = 10.0
@@ -98,7 +98,9 @@ class Daemon:
         #: File-backed swap areas and the shutdown record outlive the daemon: they go to the
         #: state directory (systemd removes the run directory when the service stops).
         self.state_dir = state_dir or roots.under(DEFAULT_STATE_DIR)
-        self.swap = SwapAreas(self.shim.frontswap, self.state_dir / "swap")
+        self.swap = SwapAreas(self.shim.frontswap, self.state_dir / "swap", boot_id(roots))
+        #: This run's entry in ``<state_dir>/shutdown.json`` (docs/swap-areas.md).
+        self.record = RunRecord(self.state_dir)
         self.choice: BackendChoice | None = None
         self.state = STARTING
         self.started_at = clock.monotonic()
@@ -483,13 +485,29 @@ class Daemon:
 
     # -- shutdown ---------------------------------------------------------------------------------
 
-    def shutdown(self) -> dict[str, Any]:
-        """Stop the loops, unload (repatriating swap pages), save the swap maps; in that order.
+    def begin_run(self) -> list[dict[str, Any]]:
+        """At start, with the state directory's lock held: mark the record ``running`` (a
+        crash from now on shows as unclean), then re-attach the file swap areas an earlier
+        run left; what was found (and damaged) goes into the record."""
+        crashed = [r for r in self.record.previous[:1] if r.get("state") == "crashed"]
+        if crashed:
+            log.error("the previous xentmemd (pid %s) did not stop: killed or crashed; its "
+                      "pages in tmem and in memory areas are gone", crashed[0].get("pid"))
+        self.record.begin()
+        found = self.swap.reattach()
+        if found:
+            self.record.add(reattached=found)
+        return found
+
+    def shutdown(self, start_error: str | None = None) -> dict[str, Any]:
+        """Stop the loops, unload (repatriating swap pages), flush the swap areas; in that
+        order.  ``start_error``: the start failed (the record says ``start_failed``).
 
         Returns (and writes to ``<state_dir>/shutdown.json``) what happened; ``clean`` is False
-        if any step failed (each is recorded under ``errors``): a swap page that could not be
-        brought back, a map that could not be saved, a record that could not be written.  A
-        failing step never stops the ones after it.
+        if any step failed (each is recorded under ``errors``) or any page can no longer be
+        read (``lost_pages``): a swap page that could not be brought back, an area that could
+        not be flushed, a damaged page, a record that could not be written.  A failing step
+        never stops the ones after it.
         """
         with self._work:
             self.state = STOPPING
@@ -506,6 +524,8 @@ class Daemon:
             else:
                 log.error("shutdown: %s failed unexpectedly", step, exc_info=exc)
 
+        if start_error is not None:
+            failed("start", XentmemError(start_error))
         try:
             if not self.balloon.stop(LOOP_STOP_TIMEOUT_S):
                 log.error("shutdown: the balloon loop did not stop in time")
@@ -535,36 +555,47 @@ class Daemon:
                 failed("reading the swap areas", exc)
                 tmem_pages = {}
             try:
-                areas = self.swap.save_maps()
+                areas = self.swap.sync()
             except Exception as exc:
-                failed("saving the swap maps", exc)
+                failed("flushing the swap areas", exc)
             for area in areas:
                 area["tmem_pages"] = tmem_pages.get(area["type"], 0)
                 if "error" in area:
                     failed(f"swap area {area['type']}", OSError(area["error"]))
             summary["areas"] = areas
-            # What dies with the process: pages still in tmem (a refused unload) and those in
-            # memory-backed areas.  Shutdown is clean only if there are none.
-            lost = lost_in_memory(areas) + int(summary.get("frontswap_curr_pages", 0))
-            summary["lost_pages"] = lost
-            if lost:
+            # Every page no one can read after this exit: pages still in tmem (a refused
+            # unload), those of memory areas, and in file areas the damaged ones and all of
+            # an area that could not be flushed.  Shutdown is clean only if there are none.
+            in_memory = int(summary.get("frontswap_curr_pages", 0)) + sum(
+                lost_at_exit(a) for a in areas if a.get("kind") != "FileBacking")
+            in_files = sum(lost_at_exit(a) for a in areas if a.get("kind") == "FileBacking")
+            summary["lost_pages"] = in_memory + in_files
+            if in_memory:
                 failed("pages lost", XentmemError(
-                    f"{lost} swap page(s) had no file to go to (memory-backed areas, or left "
-                    "in tmem) and are dropped with the daemon"))
+                    f"{in_memory} swap page(s) had no file to go to (memory-backed areas, or "
+                    "left in tmem) and are dropped with the daemon"))
+            if in_files:
+                failed("pages lost", XentmemError(
+                    f"{in_files} swap page(s) of file areas cannot be read back (damaged, or "
+                    "in an area that could not be flushed)"))
             try:
                 self.swap.close()
             except Exception as exc:
                 failed("closing the swap areas", exc)
         self.state = STOPPED
+        record = self.record.finish(summary, START_FAILED if start_error else RUN_STOPPED)
         try:
-            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            write_atomically(self.state_dir / SHUTDOWN_FILE,
-                             json.dumps(summary, indent=2).encode("utf-8"), 0o600)
+            self.record.save()
         except OSError as exc:
             failed(f"writing {SHUTDOWN_FILE}", exc)
-        log.info("shutdown: %s, %d swap pages repatriated, %d area(s) saved",
-                 "clean" if summary["clean"] else "NOT CLEAN", summary["repatriated"], len(areas))
-        return summary
+            record["clean"] = False
+            # The log is then the only place the facts are kept: all of them, on one line.
+            log.error("shutdown record not saved; it was: %s",
+                      json.dumps({k: v for k, v in record.items() if k != "previous"}))
+        log.info("shutdown: %s, %d swap pages repatriated, %d lost, %d area(s) flushed",
+                 "clean" if summary["clean"] else "NOT CLEAN", summary["repatriated"],
+                 summary["lost_pages"], sum(1 for a in areas if "error" not in a))
+        return record
 
 
 _MISSING = object()

@@ -88,6 +88,17 @@ class SignalFlags:
         signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
         self._wakeup_installed = True
 
+    def ignore_from_now(self) -> None:
+        """After the stop: ignore SIGTERM, SIGINT and SIGHUP until the process is gone.
+
+        The interpreter's finalisation puts every signal that has a Python handler back to
+        its default action, which for these three is to die: a signal arriving in that
+        window would turn a clean stop (exit 0) into a death by signal.  It leaves ignored
+        signals ignored, so the stop's status is the one the process exits with.
+        """
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
+
     def close(self) -> None:
         """Close the pipe (after the main loop ended and the handlers are no longer needed)."""
         # Forget the numbers first: a late handler must never write into a reused descriptor.

@@ -2,24 +2,32 @@
 
 ``frontswap.init`` makes an area in memory or as a sparse file
 ``<state_dir>/swap/type-<N>.swap`` the daemon names itself (a client never chooses a path).
-At exit :meth:`SwapAreas.save_maps` flushes each file and then writes its slot map next to
-it, atomically, so the pair holds every page stored through the socket; a memory area dies
-with the daemon and its pages count as lost (``docs/configuration.md``, "Paths").
+A file area holds its own checksummed index, rewritten with every page, so the file alone
+names every page stored through the socket, whenever the daemon stops or dies; a restart
+re-attaches it (:meth:`SwapAreas.reattach`).  A memory area dies with the daemon and its
+pages count as lost.  The format and its guarantees: ``docs/swap-areas.md``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import os
+import re
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
-from xentmem.errors import AbiError
-from xentmem.files import fsync_path, write_atomically
+from xentmem.errors import AbiError, BackendError
 from xentmem.guest.frontends import FileBacking, Frontswap, MemoryBacking
 from xentmem.guest.frontends.backing import BackingStore
-from xentmem.tmem.abi import PAGE_SIZE
+from xentmem.guest.frontends.swapfile import (
+    SwapAreaStale,
+    SwapFileError,
+    scan,
+    stale_after_reboot,
+)
+from xentmem.roots import Roots
 
 log = logging.getLogger(__name__)
 
@@ -27,38 +35,64 @@ log = logging.getLogger(__name__)
 MAX_SWAP_TYPES = 32
 #: 4 GiB of slots per area; a memory area only costs what is stored in it.
 MAX_AREA_PAGES = 1 << 20
-MAP_VERSION = 1
 BACKING_KINDS = ("memory", "file")
 #: The state directory (systemd's ``StateDirectory=xentmem``); swap files go in ``swap/``.
 DEFAULT_STATE_DIR = "/var/lib/xentmem"
+#: The name of an area file; what :meth:`SwapAreas.reattach` looks for.
+AREA_FILE = re.compile(r"type-(\d{1,2})\.swap")
+#: The kernel's id of the current boot (a random uuid per boot).
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
-def map_path(swap_file: Path) -> Path:
-    return swap_file.with_name(swap_file.name + ".map.json")
+def boot_id(roots: Roots) -> bytes | None:
+    """This boot's id (16 bytes), None if it cannot be read (then a reboot is not told)."""
+    try:
+        return uuid.UUID(roots.under(BOOT_ID).read_text(encoding="ascii").strip()).bytes
+    except (OSError, ValueError):
+        return None
 
 
-def read_swap_area(swap_file: Path) -> dict[int, bytes]:
-    """Offset -> page of a file-backed area left by a stopped daemon (file + map)."""
-    untrusted_map = json.loads(map_path(swap_file).read_text(encoding="utf-8"))
-    if untrusted_map.get("version") != MAP_VERSION:
-        raise ValueError(f"{map_path(swap_file)}: unknown map version")
-    pages = int(untrusted_map["pages"])
-    out: dict[int, bytes] = {}
-    with open(swap_file, "rb") as handle:
-        for offset in untrusted_map["offsets"]:
-            if not isinstance(offset, int) or not 0 <= offset < pages:
-                raise ValueError(f"{map_path(swap_file)}: bad offset {offset!r}")
-            handle.seek(offset * PAGE_SIZE)
-            out[offset] = handle.read(PAGE_SIZE)
-    return out
+class SwapAreaDamaged(SwapFileError):
+    """An area file with pages that cannot be returned; :attr:`intact` holds the others."""
+
+    def __init__(self, message: str, damaged: dict[int, str], intact: dict[int, bytes]) -> None:
+        super().__init__(message)
+        self.damaged = damaged
+        self.intact = intact
+
+
+def read_swap_area(swap_file: Path, this_boot: bytes | None = None) -> dict[int, bytes]:
+    """Offset -> page of a file-backed area left by a stopped or killed daemon.
+
+    Every entry and page is checked; SwapAreaDamaged (with the intact pages) if any is
+    damaged, SwapFileError if the file is not a usable area at all.  Never a wrong page.
+    With ``this_boot`` (:func:`boot_id`), SwapAreaStale if the area was in use when the
+    system went down (a page written after its last clean stop may come back older).
+    """
+    fd = os.open(swap_file, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        found = scan(fd, str(swap_file), keep_pages=True)
+    finally:
+        os.close(fd)
+    if stale_after_reboot(found.use, this_boot):
+        raise SwapAreaStale(f"{swap_file}: in use when the system went down (no clean stop "
+                            "since): a page written after its last clean stop may be older")
+    if found.damaged:
+        first = ", ".join(f"{o}: {why}" for o, why in sorted(found.damaged.items())[:5])
+        raise SwapAreaDamaged(f"{swap_file}: {len(found.damaged)} damaged page(s) ({first})",
+                              found.damaged, found.pages)
+    return found.pages
 
 
 class SwapAreas:
     """Creates and forgets the daemon's swap areas; one lock keeps types unique."""
 
-    def __init__(self, frontswap: Frontswap, directory: Path) -> None:
+    def __init__(self, frontswap: Frontswap, directory: Path,
+                 this_boot: bytes | None = None) -> None:
         self._frontswap = frontswap
         self.directory = directory
+        #: This boot's id, marked in each area file in use (``docs/swap-areas.md``).
+        self.this_boot = this_boot
         self._lock = threading.Lock()
         self._stores: dict[int, BackingStore] = {}
 
@@ -85,11 +119,13 @@ class SwapAreas:
                 raise AbiError(f"swap type {swap_type} is already initialised")
             store: BackingStore
             if backing == "file":
-                self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
                 path = self.path_of(swap_type)
-                for stale in (path, map_path(path)):
-                    stale.unlink(missing_ok=True)  # a new area starts empty, as swapon does
-                store = FileBacking(path, pages)
+                try:
+                    self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise BackendError(f"swap directory {self.directory}: {exc}") from exc
+                # Replaces an old file of that name, as swapon.
+                store = FileBacking(path, pages, swap_type, self.this_boot)
             else:
                 store = MemoryBacking(pages)
             try:
@@ -107,32 +143,73 @@ class SwapAreas:
             self._frontswap.invalidate_area(swap_type)
             store = self._stores.pop(swap_type, None)
             if isinstance(store, FileBacking):
-                store.path.unlink(missing_ok=True)
-                map_path(store.path).unlink(missing_ok=True)
+                try:
+                    store.path.unlink(missing_ok=True)
+                except OSError as exc:  # the area is off; its file is only litter now
+                    log.error("swapoff of area %d: %s stays: %s", swap_type, store.path, exc)
 
-    def save_maps(self) -> list[dict[str, Any]]:
-        """Write each file area's slot map (atomically); one summary per area, all kinds.
+    def reattach(self) -> list[dict[str, Any]]:
+        """At start: take over the area files a stopped or killed daemon left, each with
+        its pages checked; one summary per file found.
 
-        An area whose map cannot be written gets an ``error`` in its summary and the others
-        are still saved.
+        A file that is not a usable area is left where it is (for an administrator to look
+        at) and reported with its ``error``; its swap type stays free for a new area, which
+        then replaces it.
+        """
+        found: list[dict[str, Any]] = []
+        try:
+            names = sorted(p.name for p in self.directory.iterdir())
+        except FileNotFoundError:
+            return found
+        except OSError as exc:
+            log.error("swap areas: cannot list %s: %s", self.directory, exc)
+            return [{"path": str(self.directory), "error": str(exc)}]
+        with self._lock:
+            for name in names:
+                match = AREA_FILE.fullmatch(name)
+                if match is None or int(match[1]) >= MAX_SWAP_TYPES:
+                    continue
+                swap_type, path = int(match[1]), self.directory / name
+                try:
+                    store = FileBacking.attach(path, self.this_boot)
+                    if store.swap_type != swap_type:
+                        store.close()
+                        raise SwapFileError(f"{path}: the header says swap type "
+                                            f"{store.swap_type}")
+                    self._frontswap.init(swap_type, store)
+                except (SwapFileError, BackendError, AbiError) as exc:
+                    log.error("swap area %d not re-attached: %s", swap_type, exc)
+                    found.append({"type": swap_type, "path": str(path), "error": str(exc)})
+                    continue
+                self._stores[swap_type] = store
+                summary = {"type": swap_type, **store.describe()}
+                if store.damaged:
+                    summary["damaged_offsets"] = sorted(store.damaged)[:64]
+                    log.error("swap area %d re-attached from %s: %d page(s), %d damaged "
+                              "(never returned; a load of one is an error)", swap_type, path,
+                              store.used(), len(store.damaged))
+                else:
+                    log.info("swap area %d re-attached from %s: %d page(s)", swap_type, path,
+                             store.used())
+                found.append(summary)
+        return found
+
+    def sync(self) -> list[dict[str, Any]]:
+        """At exit: flush each file area to disk; one summary per area, all kinds.
+
+        An area that cannot be flushed gets an ``error`` in its summary (its pages may not
+        survive a power cut) and the others are still flushed.
         """
         summaries = []
         with self._lock:
             for swap_type, store in sorted(self._stores.items()):
                 summary: dict[str, Any] = {"type": swap_type, **store.describe()}
-                if isinstance(store, FileBacking):
-                    document = {"version": MAP_VERSION, "type": swap_type, "pages": store.pages,
-                                "page_size": PAGE_SIZE, "offsets": store.offsets()}
-                    target = map_path(store.path)
-                    try:
-                        # The data first: a map on disk must never name slots whose pages
-                        # are still only in the page cache.
-                        fsync_path(store.path)
-                        write_atomically(target, json.dumps(document).encode("utf-8"), 0o600)
-                    except OSError as exc:
-                        summary["error"] = f"cannot save the map {target}: {exc}"
-                    else:
-                        summary["map"] = str(target)
+                try:
+                    store.sync()
+                    if isinstance(store, FileBacking):
+                        store.mark_stopped()  # a later boot may trust it
+                except BackendError as exc:
+                    summary["error"] = str(exc)
                 summaries.append(summary)
         return summaries
 
@@ -142,6 +219,11 @@ class SwapAreas:
                 store.close()
 
 
-def lost_in_memory(areas: list[dict[str, Any]]) -> int:
-    """Pages that die with the daemon: those held by memory-backed areas at exit."""
-    return sum(int(a.get("used", 0)) for a in areas if a.get("kind") == MemoryBacking.__name__)
+def lost_at_exit(area: dict[str, Any]) -> int:
+    """Pages of one area (a :meth:`SwapAreas.sync` summary) that no one can read after the
+    exit: all of a memory area's; a file area's damaged ones, and all of its pages if it
+    could not be flushed (they may not be on disk)."""
+    if area.get("kind") == MemoryBacking.__name__:
+        return int(area.get("used", 0))
+    damaged = int(area.get("damaged", 0))
+    return damaged + (int(area.get("used", 0)) if "error" in area else 0)

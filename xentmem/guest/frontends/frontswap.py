@@ -190,6 +190,10 @@ class Frontswap(Guarded):
 
         Whatever the backend does (refuse, fail, raise), the page ends up in tmem or in the
         backing store, and an older copy of the slot is never left where a load would find it.
+        A store the backing store refuses (BackendError: a full disk, an I/O error) changes
+        nothing: the slot's previous page stays readable.  So the old copy is only flushed
+        once the new page is safe: a duplicate, which a failed put would drop (Xen's rule,
+        ``docs/tmem-semantics.md``), is written to the backing store before the put.
         """
         if len(page) != PAGE_SIZE:
             raise AbiError(f"a page is {PAGE_SIZE} bytes, got {len(page)}")
@@ -197,26 +201,44 @@ class Frontswap(Guarded):
             area = self._area(swap_type)
             area.backing.check_offset(offset)
             ops = self._ops
-            if ops is not None:
-                oid, index = self._slot(area, offset)
-                if offset in area.in_tmem:  # a duplicate is always invalidated first (4.7+)
-                    self._forget(area, offset)
-                    self.quietly("flush_page", ops.flush_page, self._pool_id, oid, index)
-                if not self._draining:
-                    if self._pool_id >= 0 and offset_fits(offset) and self.quietly(
-                        "put_page", ops.put_page, self._pool_id, oid, index, page
-                    ) == TMEM_DONE:
-                        area.in_tmem[offset] = None
-                        self._tmem_pages += 1
-                        self.succ_stores += 1
-                        if not self.writethrough:
-                            area.backing.discard(offset)
-                            return 0
-                    else:
-                        self.failed_stores += 1
-            area.backing.write(offset, page)
-            self.backing_writes += 1
+            duplicate = offset in area.in_tmem
+            if (ops is None or self._draining or self._pool_id < 0
+                    or not offset_fits(offset)):
+                area.backing.write(offset, page)  # raises: nothing changed
+                self.backing_writes += 1
+                if duplicate and ops is not None:
+                    self._flush(ops, area, offset)  # the tmem copy is stale now
+                return -1
+            written = False
+            if duplicate or self.writethrough:
+                area.backing.write(offset, page)  # raises: nothing changed
+                self.backing_writes += 1
+                written = True
+            oid, index = self._slot(area, offset)
+            rc = self.quietly("put_page", ops.put_page, self._pool_id, oid, index, page)
+            if rc == TMEM_DONE:
+                if duplicate:
+                    self._forget(area, offset)  # re-added below: the newest page
+                area.in_tmem[offset] = None
+                self._tmem_pages += 1
+                self.succ_stores += 1
+                if self.writethrough:
+                    return -1
+                area.backing.discard(offset)  # an older (or this) copy there is not needed
+                return 0
+            self.failed_stores += 1
+            if duplicate:
+                self._flush(ops, area, offset)  # a failed duplicate put drops the old copy
+            if not written:
+                area.backing.write(offset, page)  # raises: the slot had no tmem copy
+                self.backing_writes += 1
             return -1
+
+    def _flush(self, ops: Backend, area: _SwapArea, offset: int) -> None:
+        """Forget the tmem copy of ``offset`` and flush it from the backend."""
+        self._forget(area, offset)
+        oid, index = self._slot(area, offset)
+        self.quietly("flush_page", ops.flush_page, self._pool_id, oid, index)
 
     def load(self, swap_type: int, offset: int) -> bytes | None:
         """The page stored at ``offset``, from tmem or the backing store; None if none."""
@@ -229,9 +251,13 @@ class Frontswap(Guarded):
                 if rc == TMEM_DONE and data is not None:
                     self.loads += 1
                     if self.exclusive_gets:
-                        area.backing.write(offset, data)
-                        self._forget(area, offset)
-                        self.quietly("flush_page", ops.flush_page, self._pool_id, oid, index)
+                        try:
+                            area.backing.write(offset, data)
+                        except BackendError as exc:  # the page stays in tmem: still one copy
+                            log.warning("frontswap: exclusive get of %d:%d kept in tmem: %s",
+                                        swap_type, offset, exc)
+                        else:
+                            self._flush(ops, area, offset)
                     return data
                 self.failed_loads += 1
                 if self.writethrough:
@@ -316,8 +342,7 @@ class Frontswap(Guarded):
                 f"swap page {area.swap_type}:{offset} unavailable from {ops.name} ({rc_name(rc)})"
             )
         area.backing.write(offset, data)
-        self._forget(area, offset)
-        self.quietly("flush_page", ops.flush_page, self._pool_id, oid, index)
+        self._flush(ops, area, offset)
         self.repatriated += 1
 
     # -- reporting ----------------------------------------------------------------------------

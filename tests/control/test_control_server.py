@@ -138,3 +138,25 @@ def test_a_polled_server_refuses_an_overlong_line_and_closes(polled: PolledServe
     replies = exchange(polled.path, b"x" * (protocol.MAX_REQUEST_BYTES + 10))
     assert len(replies) == 1 and replies[0]["error"]["code"] == protocol.BAD_REQUEST
     assert "longer than" in replies[0]["error"]["message"]
+
+
+DEEP = b"[" * 1_000 + b"]" * 1_000
+
+
+def test_a_deeply_nested_line_is_answered_and_the_next_ones_too(polled: PolledServer) -> None:
+    # Regression: a line nested 1,000 deep closed the connection (RecursionError) and the
+    # requests pipelined after it were lost.
+    replies = exchange(polled.path, DEEP + b"\n" + b'{"v":1,"id":1,"op":"echo",'
+                       b'"args":{"text":' + DEEP + b'}}\n{"v":1,"id":2,"op":"echo",'
+                       b'"args":{"text":"after"}}\n')
+    assert [r.get("error", {}).get("code") for r in replies] == [
+        protocol.BAD_REQUEST, protocol.BAD_REQUEST, None]
+    assert replies[2]["result"] == {"text": "after"}
+
+
+def test_a_line_the_checks_miss_is_still_answered(monkeypatch: pytest.MonkeyPatch) -> None:
+    def recursing(*_: Any) -> Any:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(protocol, "decode_request", recursing)
+    assert answer(b'{"v":1,"id":1,"op":"echo"}')["error"]["code"] == protocol.BAD_REQUEST

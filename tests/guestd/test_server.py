@@ -357,3 +357,12 @@ def test_a_dropped_read_only_request_is_retried_once(tmp_path: Path) -> None:
         assert fake.connections == 2
     finally:
         fake.close()
+
+
+def test_a_deeply_nested_line_is_answered_and_the_connection_goes_on(served: Any) -> None:
+    # Regression: RecursionError closed the connection; pipelined requests were lost.
+    deep = b"[" * 1_000 + b"]" * 1_000
+    replies = raw_exchange(served.server.path, deep + b"\n"
+                           b'{"v":1,"id":9,"op":"frontswap.curr_pages"}\n')
+    assert [r["ok"] for r in replies] == [False, True]
+    assert replies[0]["error"]["code"] == protocol.BAD_REQUEST

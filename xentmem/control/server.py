@@ -69,6 +69,11 @@ def respond(untrusted_line: bytes, ops: Mapping[str, OpSpec],
         request = protocol.decode_request(untrusted_line, ops)
     except ControlError as exc:
         return protocol.encode_error(protocol.request_id_of(untrusted_line), exc)
+    except Exception as exc:  # a line the checks missed must not cost the connection
+        log.error("control request could not be read", exc_info=exc)
+        unread = ControlError(protocol.BAD_REQUEST, f"request could not be read: "
+                                                    f"{type(exc).__name__}")
+        return protocol.encode_error(None, unread)
     try:
         return protocol.encode_result(request.id, run(request))
     except ControlError as exc:

@@ -14,7 +14,7 @@ from dataclasses import asdict, field, fields, make_dataclass, replace
 from typing import Any, Optional
 
 from xentmem.errors import ParamError
-from xentmem.params import Param, ParamSet
+from xentmem.params import Param, ParamSet, parse_int
 
 #: The kernel stores every knob in an ``unsigned int``; larger values were silently truncated.
 #: We refuse them instead.
@@ -24,19 +24,15 @@ AUTO = "auto"
 
 def parse_switch(text: str) -> bool:
     """The kernel's switch stores: ``kstrtoul`` then exactly 0 or 1."""
-    word = text.strip()
-    if word not in ("0", "1", "+0", "+1"):
+    value = parse_count(text)
+    if value not in (0, 1):
         raise ValueError(f"{text!r} is not 0 or 1")
-    return word.endswith("1")
+    return value == 1
 
 
 def parse_count(text: str) -> int:
-    """``kstrtoul(buf, 10)``: decimal digits, an optional ``+``, surrounding whitespace."""
-    word = text.strip()
-    digits = word[1:] if word.startswith("+") else word
-    if not digits.isascii() or not digits.isdigit():
-        raise ValueError(f"{text!r} is not a base-10 number")
-    return int(digits, 10)
+    """``kstrtoul(buf, 10)``: every param's number reading, with an optional ``+``."""
+    return parse_int(text, signs="+")
 
 
 def parse_count_or_auto(text: str) -> int | None:

@@ -73,6 +73,9 @@ def test_accepted_values(name: str, text: Any, typed: Any) -> None:
         ("frontswap_inertia", ""),
         ("selfballoon_interval", str(2**32)),  # the kernel truncated; we refuse
         ("selfballoon_interval", "0x10"),  # base 10 only
+        ("selfballoon_interval", "\u0661\u0660"),  # ASCII digits only
+        ("selfballooning", "\uff11"),
+        ("selfballoon_interval", "1 0"),
         ("selfballoon_interval", "auto"),  # only the two _mb knobs have an automatic value
         ("selfballoon_min_usable_mb", "0"),  # 0 is not "auto"; say auto
         ("selfballoon_reserved_mb", 0),

@@ -51,7 +51,7 @@ def group_id(name: str) -> int:
     try:
         return grp.getgrnam(name).gr_gid
     except KeyError:
-        if name.isdigit():
+        if name.isascii() and name.isdigit():  # a gid; other scripts' digits are not one
             return int(name)
         raise ServerError(f"control socket group {name!r} does not exist") from None
 

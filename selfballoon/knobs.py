@@ -107,6 +107,7 @@ class _KnobsMethods:
     """What a :class:`Knobs` snapshot has beyond its fields."""
 
     auto_reserved_mb: int
+    inertia_writes: int
     selfballoon_reserved_mb: int | None
 
     @property
@@ -118,7 +119,8 @@ class _KnobsMethods:
     def values(self) -> dict[str, Any]:
         """The knob values by name (``None`` = automatic)."""
         data = asdict(self)  # type: ignore[call-overload]
-        del data["auto_reserved_mb"]
+        for extra in _NOT_KNOBS:
+            del data[extra]
         return data
 
 
@@ -128,12 +130,18 @@ def _knob_field(param: Param) -> tuple[str, Any, Any]:
     return (param.name, kind, field(default=param.default))
 
 
-#: One field per declared knob (same name and default), plus ``auto_reserved_mb``: not a
-#: knob, ``reserved_mb``'s automatic value, measured when the loop started.
+#: The snapshot's fields that are not knobs.
+_NOT_KNOBS = ("auto_reserved_mb", "inertia_writes")
+
+#: One field per declared knob (same name and default), plus two that are not knobs:
+#: ``auto_reserved_mb``, ``reserved_mb``'s automatic value, measured when the loop started;
+#: ``inertia_writes``, how many times ``frontswap_inertia`` was written, for the loop to
+#: restart the shrink countdown on each write as the kernel's store does, even unchanged.
 Knobs = make_dataclass(
     "Knobs",
     [*(_knob_field(p) for p in SELFBALLOON_PARAMS.values()),
-     ("auto_reserved_mb", int, field(default=0))],
+     ("auto_reserved_mb", int, field(default=0)),
+     ("inertia_writes", int, field(default=0))],
     bases=(_KnobsMethods,),
     frozen=True,
     namespace={"__module__": __name__,
@@ -141,8 +149,14 @@ Knobs = make_dataclass(
 )
 
 
-def _snapshot(values: Mapping[str, Any], auto_reserved_mb: int) -> Knobs:
-    return Knobs(**dict(values), auto_reserved_mb=auto_reserved_mb)
+def _snapshot(values: Mapping[str, Any], auto_reserved_mb: int, inertia_writes: int = 0) -> Knobs:
+    return Knobs(**dict(values), auto_reserved_mb=auto_reserved_mb,
+                 inertia_writes=inertia_writes)
+
+
+def _writes(current: Knobs, written: Any) -> int:
+    """``inertia_writes`` after a write of the knobs named in ``written``."""
+    return current.inertia_writes + (1 if "frontswap_inertia" in written else 0)
 
 
 class KnobStore:
@@ -175,14 +189,17 @@ class KnobStore:
             checked = self.params.validate(
                 dict(values), owner="selfballoon", base=current.values()
             )
-            self._knobs = _snapshot(checked, current.auto_reserved_mb)
+            self._knobs = _snapshot(checked, current.auto_reserved_mb,
+                                    _writes(current, values))
             return self._knobs
 
     def reset(self, name: str) -> Knobs:
         """Back to the default; for the two ``_mb`` knobs that is the automatic value."""
         param = self.params.lookup(name, owner="selfballoon")
         with self._lock:
-            self._knobs = replace(self._knobs, **{name: param.default})
+            current = self._knobs
+            self._knobs = replace(current, **{name: param.default},
+                                  inertia_writes=_writes(current, (name,)))
             return self._knobs
 
     def set_auto_reserved_mb(self, mb: int) -> Knobs:
@@ -218,4 +235,4 @@ class KnobStore:
 
 
 def knob_names() -> tuple[str, ...]:
-    return tuple(f.name for f in fields(Knobs) if f.name != "auto_reserved_mb")
+    return tuple(f.name for f in fields(Knobs) if f.name not in _NOT_KNOBS)

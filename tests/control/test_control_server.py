@@ -160,3 +160,79 @@ def test_a_line_the_checks_miss_is_still_answered(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(protocol, "decode_request", recursing)
     assert answer(b'{"v":1,"id":1,"op":"echo"}')["error"]["code"] == protocol.BAD_REQUEST
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def pump(server: PolledServer) -> None:
+    """Run the loop's turns until nothing is readable (as xentmem-hostd's loop would)."""
+    while True:
+        readable, _, _ = select.select(server.filenos(), [], [], 0.5)
+        if not readable:
+            return
+        for fd in readable:
+            server.ready(fd)
+
+
+def test_a_polled_server_bounds_its_clients_and_closes_idle_ones(tmp_path: Path) -> None:
+    # Regression: xentmem-hostd kept any number of connections, idle or not, for ever.
+    clock = FakeClock()
+    server = PolledServer(tmp_path / "p.sock", lambda line: respond(line, OPS, run),
+                          daemon="testd", max_clients=2, idle_timeout_s=5.0, clock=clock).open()
+    socks = []
+    try:
+        for _ in range(3):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(5.0)
+            sock.connect(str(server.path))
+            socks.append(sock)
+        first, second, third = socks
+        pump(server)
+        assert server.clients == 2
+        refused = json.loads(third.recv(65536))
+        assert refused["id"] is None and refused["error"]["code"] == protocol.BUSY
+        assert third.recv(1) == b""
+        clock.now = 4.0
+        second.sendall(b'{"v":1,"id":1,"op":"echo","args":{"text":"still here"}}\n')
+        pump(server)
+        assert json.loads(second.recv(65536))["result"] == {"text": "still here"}
+        clock.now = 5.0  # first has been silent for 5 s, second for 1 s
+        pump(server)
+        assert first.recv(1) == b"" and server.clients == 1
+        second.sendall(b'{"v":1,"id":2,')  # then half a line, and nothing more
+        clock.now = 8.9
+        pump(server)
+        assert server.clients == 1
+        clock.now = 13.9
+        pump(server)
+        assert second.recv(1) == b"" and server.clients == 0
+    finally:
+        for sock in socks:
+            sock.close()
+        server.close()
+
+
+def test_a_polled_server_takes_a_burst_in_one_turn(tmp_path: Path) -> None:
+    server = PolledServer(tmp_path / "p.sock", lambda line: respond(line, OPS, run),
+                          daemon="testd", max_clients=300).open()
+    socks = []
+    try:
+        for _ in range(200):  # more than the old backlog of 16, none accepted yet
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            sock.connect(str(server.path))  # EAGAIN here was "is the daemon running?"
+            socks.append(sock)
+        listener = server.socket.listener
+        assert listener is not None
+        server.ready(listener.fileno())
+        assert server.clients == 200
+    finally:
+        for sock in socks:
+            sock.close()
+        server.close()

@@ -189,9 +189,12 @@ def test_busy_beyond_max_clients(served: Any) -> None:
     try:
         for client in held:
             client.hello()
+        # The client tries again while its timeout lasts, then says busy (not "unavailable").
         with pytest.raises(ControlError) as caught:
-            ControlClient(server.path, timeout=5).hello()
+            ControlClient(server.path, timeout=0.3).hello()
         assert caught.value.code == protocol.BUSY
+        message = caught.value.message
+        assert "more than 4 clients" in message and "still busy" in message
     finally:
         for client in held:
             client.close()
@@ -366,3 +369,78 @@ def test_a_deeply_nested_line_is_answered_and_the_connection_goes_on(served: Any
                            b'{"v":1,"id":9,"op":"frontswap.curr_pages"}\n')
     assert [r["ok"] for r in replies] == [False, True]
     assert replies[0]["error"]["code"] == protocol.BAD_REQUEST
+
+
+def test_idle_connections_time_out_and_a_waiting_client_gets_in(tmp_path: Path,
+                                                                 make_daemon: Any) -> None:
+    # Regression: 32 idle connections locked every other client out with busy for 300 s.
+    daemon = make_daemon(None, overrides=("selfballooning=0", "selfshrinking=0"))
+    server = ControlServer(tmp_path / "control.sock",
+                           lambda line: handlers.handle_line(daemon, line), max_clients=4,
+                           idle_timeout_s=0.2)
+    server.start()
+    held = []
+    try:
+        for _ in range(4):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(10)
+            sock.connect(str(server.path))
+            held.append(sock)
+        with ControlClient(server.path, timeout=10) as client:
+            assert client.hello()["protocol"] == protocol.PROTOCOL_VERSION
+        assert all(sock.recv(1) == b"" for sock in held)  # closed by the daemon, unasked
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()
+
+
+def test_a_burst_of_clients_is_served_never_told_the_daemon_is_down(served: Any) -> None:
+    # Regression: with a listen backlog of 16, 81-112 of 200 client threads got EAGAIN from
+    # connect and "unavailable ... (is the daemon running?)" from a live daemon.
+    errors: list[ControlError] = []
+    answered: list[int] = []
+    start = threading.Event()
+
+    def one() -> None:
+        start.wait(10)
+        try:
+            with ControlClient(served.server.path, timeout=30) as client:
+                answered.append(client.frontswap.curr_pages())
+        except ControlError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(200)]
+    for thread in threads:
+        thread.start()
+    start.set()
+    for thread in threads:
+        thread.join(60)
+    assert errors == [] and answered == [0] * 200
+
+
+def test_a_full_listen_queue_is_busy_not_unavailable(tmp_path: Path) -> None:
+    # A listener that never accepts: once its queue is full, connect fails with EAGAIN.
+    path = tmp_path / "full.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(0)
+    queued = []
+    try:
+        for _ in range(8):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                sock.connect(str(path))
+            except BlockingIOError:
+                sock.close()
+                break
+            queued.append(sock)
+        with pytest.raises(ControlError) as caught:
+            ControlClient(path, timeout=0.3).hello()
+        assert caught.value.code == protocol.BUSY
+        assert "is the daemon running" not in caught.value.message
+    finally:
+        for sock in queued:
+            sock.close()
+        listener.close()

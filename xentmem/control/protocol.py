@@ -78,10 +78,12 @@ ERROR_CODES = (
 class ControlError(XentmemError):
     """An error reply (or a client-side failure), with a stable ``code`` and a message."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, *, connection: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        #: The daemon said it about the connection (``"id": null``), not about a request.
+        self.connection = connection
 
     def __repr__(self) -> str:
         return f"ControlError({self.code!r}, {self.message!r})"
@@ -441,5 +443,6 @@ def decode_response(untrusted_line: bytes, expected_id: Any = None) -> Any:
     untrusted_error = untrusted.get("error")
     if (isinstance(untrusted_error, dict) and isinstance(untrusted_error.get("code"), str)
             and isinstance(untrusted_error.get("message"), str)):
-        raise ControlError(untrusted_error["code"], untrusted_error["message"])
+        raise ControlError(untrusted_error["code"], untrusted_error["message"],
+                           connection=connection_error)
     raise ControlError(PROTOCOL, "daemon sent an answer with neither a result nor an error")

@@ -39,7 +39,7 @@ LineHandler = Callable[[bytes], bytes]
 DEFAULT_MAX_CLIENTS = 32
 #: Seconds a connection may stay silent between requests before the daemon closes it, so
 #: that idle clients cannot hold every slot.  A client reconnects by itself (``client.py``).
-DEFAULT_IDLE_TIMEOUT_S = 5.0
+DEFAULT_IDLE_TIMEOUT_S = 5
 #: Connections the kernel queues before the daemon accepts them: a burst of clients must fit,
 #: or their ``connect`` fails with EAGAIN.  The kernel caps it at ``net.core.somaxconn``.
 LISTEN_BACKLOG = socket.SOMAXCONN

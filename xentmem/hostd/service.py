@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from xentmem.clock import SystemClock
-from xentmem.control.server import PolledServer, ServerError
+from xentmem.control.server import DEFAULT_IDLE_TIMEOUT_S, PolledServer, ServerError
 from xentmem.errors import XentmemError
 from xentmem.hostd.device import GuestDevice, probe_reply_limits
 from xentmem.hostd.handlers import HostControl
@@ -66,6 +66,7 @@ class HostService:
         backend_domid: int = 0,
         limits: Limits | None = None,
         timeout: float = 5.0,
+        control_idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
     ) -> None:
         self.store = store
         self.limits = limits or Limits.for_host()
@@ -78,7 +79,8 @@ class HostService:
         #: per request just to hear "OK" for its reply.  Refusals are still logged.
         self.writer = XsConn(xenstore, device=device, timeout=timeout)
         self.control = (
-            PolledServer(control_path, HostControl(self).handle_line, daemon="xentmem-hostd")
+            PolledServer(control_path, HostControl(self).handle_line, daemon="xentmem-hostd",
+                         idle_timeout_s=control_idle_timeout_s)
             if control_path is not None else None
         )
         self.devices: dict[int, GuestDevice] = {}

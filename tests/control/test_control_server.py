@@ -236,3 +236,21 @@ def test_a_polled_server_takes_a_burst_in_one_turn(tmp_path: Path) -> None:
         for sock in socks:
             sock.close()
         server.close()
+
+
+def test_a_polled_server_never_waits_on_a_silent_client(tmp_path: Path) -> None:
+    # ready() for a descriptor with nothing to read (reused after an expiry) must neither
+    # block the loop nor drop the client that now holds it.
+    server = PolledServer(tmp_path / "p.sock", lambda line: respond(line, OPS, run),
+                          daemon="testd", send_timeout_s=30.0).open()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(server.path))
+        pump(server)
+        (fd,) = [fd for fd in server.filenos() if server.socket.listener.fileno() != fd]
+        server.ready(fd)  # nothing sent: returns at once
+        assert server.clients == 1
+        sock.sendall(b'{"v":1,"id":1,"op":"echo","args":{"text":"ok"}}\n')
+        pump(server)
+        sock.settimeout(5.0)
+        assert json.loads(sock.recv(65536))["result"] == {"text": "ok"}
+    server.close()

@@ -13,6 +13,7 @@ import contextlib
 import grp
 import logging
 import os
+import select
 import socket
 import tempfile
 import time
@@ -319,6 +320,11 @@ class PolledServer:
             return
         peer = self._peers.get(fd)
         if peer is None:
+            return
+        # Never wait here: the loop may call this for a descriptor that was readable for the
+        # connection it just expired and that a new connection now holds.  (The socket has a
+        # timeout for sending, so recv itself would wait for data.)
+        if not select.select([peer.conn], [], [], 0)[0]:
             return
         try:
             data = peer.conn.recv(65536)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import socket
 import stat
 import threading
@@ -444,3 +445,67 @@ def test_a_full_listen_queue_is_busy_not_unavailable(tmp_path: Path) -> None:
         for sock in queued:
             sock.close()
         listener.close()
+
+
+class CloseUnread:
+    """A fake daemon: answers the first request of a connection; when the next one arrives
+    it closes the connection without reading it (as a daemon closing an idle connection at
+    that very moment does); answers every request on later connections."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lines: list[dict[str, Any]] = []
+        self.connections = 0
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(path))
+        self._listener.listen(4)
+        self._listener.settimeout(5.0)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                conn, _ = self._listener.accept()
+                self.connections += 1
+                with conn:
+                    conn.settimeout(5.0)
+                    self._one(conn, hang_up=self.connections == 1)
+        except OSError:
+            return
+
+    def _one(self, conn: socket.socket, *, hang_up: bool) -> None:
+        buffer = b""
+        while True:
+            while b"\n" not in buffer:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                buffer += chunk
+            line, _, buffer = buffer.partition(b"\n")
+            request = json.loads(line)
+            self.lines.append(request)
+            conn.sendall(protocol.encode_result(request["id"], {}))
+            if hang_up:
+                select.select([conn], [], [], 5.0)  # the next request is waiting, unread
+                return
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self._thread.join(10)
+
+
+def test_a_state_changing_request_the_daemon_never_read_is_sent_again(tmp_path: Path) -> None:
+    # The daemon closed a kept-alive connection (idle timeout) with the request unread: the
+    # reset says it never ran, so it is sent again rather than reported as "may have run".
+    fake = CloseUnread(tmp_path / "d.sock")
+    try:
+        with ControlClient(fake.path, timeout=5) as client:
+            client.call("hello")
+            assert client.call("cleancache.init_fs") == {}
+        assert [line["op"] for line in fake.lines] == ["hello", "cleancache.init_fs"]
+        assert fake.connections == 2
+    finally:
+        fake.close()

@@ -149,7 +149,8 @@ class ControlConnection:
 
         A kept-alive connection the daemon closed while idle is retried once on a fresh one,
         but only when that cannot run a request twice: when the request never got through
-        (``sendall`` failed), or when the op changes nothing.  A state-changing request that
+        (``sendall`` failed, or the daemon closed with it unread: a reset), or when the op
+        changes nothing.  A state-changing request that
         the daemon received whole and then dropped without an answer may have run, so it is
         reported, never resent.
 
@@ -220,7 +221,11 @@ class ControlConnection:
             except OSError as exc:  # a reset while reading the answer
                 partial = bool(self._buffer)
                 self._drop()
-                if not fresh and attempt == 1 and replayable and not partial:
+                # A Unix socket reports a reset only when the daemon closed it with bytes
+                # still unread, that is with this request not read whole: it did not run.
+                # (A daemon closing an idle connection just as the request arrives.)
+                unread = isinstance(exc, ConnectionResetError)
+                if not fresh and attempt == 1 and (replayable or unread) and not partial:
                     continue
                 raise self._lost_answer(op, replayable, str(exc)) from None
         raise AssertionError("unreachable")  # pragma: no cover

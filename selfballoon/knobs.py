@@ -14,7 +14,7 @@ from dataclasses import asdict, field, fields, make_dataclass, replace
 from typing import Any, Optional
 
 from xentmem.errors import ParamError
-from xentmem.params import Param, ParamSet
+from xentmem.params import Param, ParamSet, parse_int
 
 #: The kernel stores every knob in an ``unsigned int``; larger values were silently truncated.
 #: We refuse them instead.
@@ -24,19 +24,15 @@ AUTO = "auto"
 
 def parse_switch(text: str) -> bool:
     """The kernel's switch stores: ``kstrtoul`` then exactly 0 or 1."""
-    word = text.strip()
-    if word not in ("0", "1", "+0", "+1"):
+    value = parse_count(text)
+    if value not in (0, 1):
         raise ValueError(f"{text!r} is not 0 or 1")
-    return word.endswith("1")
+    return value == 1
 
 
 def parse_count(text: str) -> int:
-    """``kstrtoul(buf, 10)``: decimal digits, an optional ``+``, surrounding whitespace."""
-    word = text.strip()
-    digits = word[1:] if word.startswith("+") else word
-    if not digits.isascii() or not digits.isdigit():
-        raise ValueError(f"{text!r} is not a base-10 number")
-    return int(digits, 10)
+    """``kstrtoul(buf, 10)``: every param's number reading, with an optional ``+``."""
+    return parse_int(text, signs="+")
 
 
 def parse_count_or_auto(text: str) -> int | None:
@@ -111,6 +107,7 @@ class _KnobsMethods:
     """What a :class:`Knobs` snapshot has beyond its fields."""
 
     auto_reserved_mb: int
+    inertia_writes: int
     selfballoon_reserved_mb: int | None
 
     @property
@@ -122,7 +119,8 @@ class _KnobsMethods:
     def values(self) -> dict[str, Any]:
         """The knob values by name (``None`` = automatic)."""
         data = asdict(self)  # type: ignore[call-overload]
-        del data["auto_reserved_mb"]
+        for extra in _NOT_KNOBS:
+            del data[extra]
         return data
 
 
@@ -132,12 +130,18 @@ def _knob_field(param: Param) -> tuple[str, Any, Any]:
     return (param.name, kind, field(default=param.default))
 
 
-#: One field per declared knob (same name and default), plus ``auto_reserved_mb``: not a
-#: knob, ``reserved_mb``'s automatic value, measured when the loop started.
+#: The snapshot's fields that are not knobs.
+_NOT_KNOBS = ("auto_reserved_mb", "inertia_writes")
+
+#: One field per declared knob (same name and default), plus two that are not knobs:
+#: ``auto_reserved_mb``, ``reserved_mb``'s automatic value, measured when the loop started;
+#: ``inertia_writes``, how many times ``frontswap_inertia`` was written, for the loop to
+#: restart the shrink countdown on each write as the kernel's store does, even unchanged.
 Knobs = make_dataclass(
     "Knobs",
     [*(_knob_field(p) for p in SELFBALLOON_PARAMS.values()),
-     ("auto_reserved_mb", int, field(default=0))],
+     ("auto_reserved_mb", int, field(default=0)),
+     ("inertia_writes", int, field(default=0))],
     bases=(_KnobsMethods,),
     frozen=True,
     namespace={"__module__": __name__,
@@ -145,8 +149,14 @@ Knobs = make_dataclass(
 )
 
 
-def _snapshot(values: Mapping[str, Any], auto_reserved_mb: int) -> Knobs:
-    return Knobs(**dict(values), auto_reserved_mb=auto_reserved_mb)
+def _snapshot(values: Mapping[str, Any], auto_reserved_mb: int, inertia_writes: int = 0) -> Knobs:
+    return Knobs(**dict(values), auto_reserved_mb=auto_reserved_mb,
+                 inertia_writes=inertia_writes)
+
+
+def _writes(current: Knobs, written: Any) -> int:
+    """``inertia_writes`` after a write of the knobs named in ``written``."""
+    return current.inertia_writes + (1 if "frontswap_inertia" in written else 0)
 
 
 class KnobStore:
@@ -179,14 +189,17 @@ class KnobStore:
             checked = self.params.validate(
                 dict(values), owner="selfballoon", base=current.values()
             )
-            self._knobs = _snapshot(checked, current.auto_reserved_mb)
+            self._knobs = _snapshot(checked, current.auto_reserved_mb,
+                                    _writes(current, values))
             return self._knobs
 
     def reset(self, name: str) -> Knobs:
         """Back to the default; for the two ``_mb`` knobs that is the automatic value."""
         param = self.params.lookup(name, owner="selfballoon")
         with self._lock:
-            self._knobs = replace(self._knobs, **{name: param.default})
+            current = self._knobs
+            self._knobs = replace(current, **{name: param.default},
+                                  inertia_writes=_writes(current, (name,)))
             return self._knobs
 
     def set_auto_reserved_mb(self, mb: int) -> Knobs:
@@ -222,4 +235,4 @@ class KnobStore:
 
 
 def knob_names() -> tuple[str, ...]:
-    return tuple(f.name for f in fields(Knobs) if f.name != "auto_reserved_mb")
+    return tuple(f.name for f in fields(Knobs) if f.name not in _NOT_KNOBS)

@@ -27,7 +27,7 @@ from xentmem_selfballoon.guard import PressureVerdict, judge_pressure
 from xentmem_selfballoon.inputs import InputError, read_pressure, read_tick_inputs
 from xentmem_selfballoon.knobs import Knobs, KnobStore
 from xentmem_selfballoon.policy import BalloonDecision, LoopState, pages2mb, plan_tick
-from xentmem_selfballoon.shrink import ShrinkDecision
+from xentmem_selfballoon.shrink import ShrinkDecision, inertia_written
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ class SelfballoonLoop:
         self._actuator = actuator or BalloonActuator(roots, publisher=publisher, logger=self._log)
         self._shrinker = ShrinkActuator(frontswap) if frontswap is not None else None
         self._state = LoopState()
+        self._inertia_writes_seen = knobs.snapshot().inertia_writes
         self._history: deque[TickRecord] = deque(maxlen=history_len)
         self._history_lock = threading.Lock()
         self._seq = 0
@@ -241,6 +242,11 @@ class SelfballoonLoop:
 
     def _run_once(self, seq: int, now: float, kind: str, psi_total: int | None) -> TickRecord:
         knobs = self._knobs.snapshot()
+        if knobs.inertia_writes != self._inertia_writes_seen:
+            # frontswap_inertia was written since the last tick (the same value included)
+            self._inertia_writes_seen = knobs.inertia_writes
+            shrink = inertia_written(self._state.shrink, knobs.frontswap_inertia)
+            self._state = LoopState(shrink=shrink, pressure=self._state.pressure)
         guard_only = kind == KIND_GUARD
         if not (knobs.selfballooning or knobs.frontswap_selfshrinking):
             # Both switched off at run time: the kernel's worker would not even have run.

@@ -2,7 +2,8 @@
 
 Pure: the kernel's function-local statics (``cur_frontswap_pages`` and the inertia counter)
 are a :class:`ShrinkState` passed in and returned, never mutated.  It follows the later
-kernel, which resets the counter after each shrink (docs/selfballoon.md).
+kernel, which resets the counter after each shrink, and whose ``frontswap_inertia`` store
+sets the counter on every write (:func:`inertia_written`; docs/selfballoon.md).
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ class ShrinkState:
 
     cur_pages: int = 0
     inertia_counter: int = 0
-    #: The ``frontswap_inertia`` this state last saw; ``None`` before the first step.
-    inertia_seen: int | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +51,12 @@ def shrink_target(cur_pages: int, hysteresis: int) -> int:
     return cur_pages - cur_pages // hysteresis
 
 
+def inertia_written(state: ShrinkState, inertia: int) -> ShrinkState:
+    """``store_frontswap_inertia()``: ``frontswap_inertia_counter = val`` on every write of
+    the knob, the same value written again included."""
+    return ShrinkState(cur_pages=state.cur_pages, inertia_counter=inertia)
+
+
 def next_shrink(
     state: ShrinkState, curr_pages: int, *, hysteresis: int, inertia: int
 ) -> ShrinkDecision:
@@ -59,18 +64,16 @@ def next_shrink(
     if inertia < 1:
         raise ValueError("frontswap_inertia must be >= 1")
     counter = state.inertia_counter
-    if state.inertia_seen is not None and inertia != state.inertia_seen:
-        counter = inertia  # store_frontswap_inertia: frontswap_inertia_counter = val
     last = state.cur_pages
     if curr_pages == 0 or curr_pages > last:
         reason = REASON_EMPTY if curr_pages == 0 else REASON_GROWING
-        new = ShrinkState(cur_pages=curr_pages, inertia_counter=inertia, inertia_seen=inertia)
+        new = ShrinkState(cur_pages=curr_pages, inertia_counter=inertia)
         return ShrinkDecision(new, None, reason, curr_pages)
     if counter:
         counter -= 1
         if counter:
-            new = ShrinkState(curr_pages, counter, inertia)
+            new = ShrinkState(curr_pages, counter)
             return ShrinkDecision(new, None, REASON_INERTIA, curr_pages)
     target = shrink_target(curr_pages, hysteresis)
-    new = ShrinkState(cur_pages=curr_pages, inertia_counter=inertia, inertia_seen=inertia)
+    new = ShrinkState(cur_pages=curr_pages, inertia_counter=inertia)
     return ShrinkDecision(new, target, REASON_SHRINK, curr_pages)

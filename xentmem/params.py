@@ -30,12 +30,38 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"{text!r} is not a boolean")
 
 
-def parse_int(text: str) -> int:
-    """A base-10 integer, as ``kstrtoul(..., 10)`` reads a sysfs knob."""
-    word = text.strip()
-    if not word or not (word.isdigit() or (word[0] in "+-" and word[1:].isdigit())):
+#: Whitespace ignored around a param's text (a sysfs write ends in a newline); ASCII only.
+_SPACE = " \t\n\r\v\f"
+_ASCII_DIGITS = "0123456789"
+
+
+def split_number(text: str, *, signs: str = "+") -> tuple[int, str]:
+    """The base-10 number a param's text starts with, and what follows it: ``"64M"`` ->
+    ``(64, "M")``.  The one reading of a number for every param (knobs, module params, sizes).
+
+    As ``kstrtoul(buf, 10)`` reads a sysfs write: whitespace around the whole text is ignored,
+    then one of ``signs`` may lead (``"+"`` as kstrtoul, ``"+-"`` as kstrtoint, ``""`` as
+    memparse), then ASCII digits 0-9.  Nothing is skipped between the number and a unit.
+    ``str.isdigit`` and ``int`` also take other scripts' digits (Arabic-Indic, fullwidth):
+    those are not numbers here.  ValueError names the text.
+    """
+    word = text.strip(_SPACE)
+    start = 1 if word[:1] and word[:1] in signs else 0
+    end = start
+    while end < len(word) and word[end] in _ASCII_DIGITS:
+        end += 1
+    if end == start:
         raise ValueError(f"{text!r} is not a base-10 integer")
-    return int(word, 10)
+    number = int(word[start:end], 10)
+    return (-number if word[:1] == "-" else number), word[end:]
+
+
+def parse_int(text: str, *, signs: str = "+-") -> int:
+    """A whole text that is one base-10 integer (:func:`split_number`), nothing after it."""
+    number, rest = split_number(text, signs=signs)
+    if rest:
+        raise ValueError(f"{text!r} is not a base-10 integer")
+    return number
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,14 @@ def test_real_ram_is_read_when_none_is_injected() -> None:
         "64Q",
         "17T",
         "9" * 40,
+        # Regression: these were accepted; numbers are ASCII digits, the unit follows at once.
+        "\u0661\u0660%",  # Arabic-Indic 10
+        "\uff15\uff10%",  # fullwidth 50
+        "\uff16\uff14M",
+        "64 M",
+        " 50 % ",
+        "50\u3000%",
+        "\u00a064M",  # only ASCII whitespace is ignored around the value
         0,
         -1,
         1.5,
@@ -202,5 +210,17 @@ def test_persistent_pages_above_a_shrunk_capacity_stay_but_new_puts_fail() -> No
 def test_parse_capacity_directly() -> None:
     assert parse_capacity("2g") == "2048M"
     assert capacity_bytes("50%", 1000) == 500
-    with pytest.raises(ValueError, match="whole percentage"):
+    with pytest.raises(ValueError, match="is not a base-10 integer"):
         parse_capacity("x%")
+
+
+@pytest.mark.parametrize("text", ["\u0661\u0660%", "\uff15\uff10%", "\u0666\u0664"])
+def test_capacity_and_the_knobs_refuse_other_digits_with_one_message(text: str) -> None:
+    from xentmem_selfballoon.knobs import KnobStore
+
+    with pytest.raises(ParamError) as capacity:
+        ZcacheBackend.params.validate({"capacity": text}, owner="zcache")
+    with pytest.raises(ParamError) as knob:
+        KnobStore().set("frontswap_inertia", text)
+    said = f"{text!r} is not a base-10 integer"
+    assert said in str(capacity.value) and said in str(knob.value)

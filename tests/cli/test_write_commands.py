@@ -63,7 +63,7 @@ def test_refused_value_exits_1_with_the_daemons_message_and_changes_nothing(
         ("selfballoon_interval", "0", "selfballoon_interval: 0 is out of range"),
         ("frontswap_inertia", "three", "frontswap_inertia"),
         ("selfballooning", "2", "0 or 1"),
-        ("capacity", "lots", "capacity: 'lots' is not a size"),
+        ("capacity", "lots", "capacity: 'lots' is not a base-10 integer"),
     ):
         before = xentmem.json("params", "get", name)
         result = xentmem("params", "set", name, value)

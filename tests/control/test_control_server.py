@@ -138,3 +138,119 @@ def test_a_polled_server_refuses_an_overlong_line_and_closes(polled: PolledServe
     replies = exchange(polled.path, b"x" * (protocol.MAX_REQUEST_BYTES + 10))
     assert len(replies) == 1 and replies[0]["error"]["code"] == protocol.BAD_REQUEST
     assert "longer than" in replies[0]["error"]["message"]
+
+
+DEEP = b"[" * 1_000 + b"]" * 1_000
+
+
+def test_a_deeply_nested_line_is_answered_and_the_next_ones_too(polled: PolledServer) -> None:
+    # Regression: a line nested 1,000 deep closed the connection (RecursionError) and the
+    # requests pipelined after it were lost.
+    replies = exchange(polled.path, DEEP + b"\n" + b'{"v":1,"id":1,"op":"echo",'
+                       b'"args":{"text":' + DEEP + b'}}\n{"v":1,"id":2,"op":"echo",'
+                       b'"args":{"text":"after"}}\n')
+    assert [r.get("error", {}).get("code") for r in replies] == [
+        protocol.BAD_REQUEST, protocol.BAD_REQUEST, None]
+    assert replies[2]["result"] == {"text": "after"}
+
+
+def test_a_line_the_checks_miss_is_still_answered(monkeypatch: pytest.MonkeyPatch) -> None:
+    def recursing(*_: Any) -> Any:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(protocol, "decode_request", recursing)
+    assert answer(b'{"v":1,"id":1,"op":"echo"}')["error"]["code"] == protocol.BAD_REQUEST
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def pump(server: PolledServer) -> None:
+    """Run the loop's turns until nothing is readable (as xentmem-hostd's loop would)."""
+    while True:
+        readable, _, _ = select.select(server.filenos(), [], [], 0.5)
+        if not readable:
+            return
+        for fd in readable:
+            server.ready(fd)
+
+
+def test_a_polled_server_bounds_its_clients_and_closes_idle_ones(tmp_path: Path) -> None:
+    # Regression: xentmem-hostd kept any number of connections, idle or not, for ever.
+    clock = FakeClock()
+    server = PolledServer(tmp_path / "p.sock", lambda line: respond(line, OPS, run),
+                          daemon="testd", max_clients=2, idle_timeout_s=5.0, clock=clock).open()
+    socks = []
+    try:
+        for _ in range(3):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(5.0)
+            sock.connect(str(server.path))
+            socks.append(sock)
+        first, second, third = socks
+        pump(server)
+        assert server.clients == 2
+        refused = json.loads(third.recv(65536))
+        assert refused["id"] is None and refused["error"]["code"] == protocol.BUSY
+        assert third.recv(1) == b""
+        clock.now = 4.0
+        second.sendall(b'{"v":1,"id":1,"op":"echo","args":{"text":"still here"}}\n')
+        pump(server)
+        assert json.loads(second.recv(65536))["result"] == {"text": "still here"}
+        clock.now = 5.0  # first has been silent for 5 s, second for 1 s
+        pump(server)
+        assert first.recv(1) == b"" and server.clients == 1
+        second.sendall(b'{"v":1,"id":2,')  # then half a line, and nothing more
+        clock.now = 8.9
+        pump(server)
+        assert server.clients == 1
+        clock.now = 13.9
+        pump(server)
+        assert second.recv(1) == b"" and server.clients == 0
+    finally:
+        for sock in socks:
+            sock.close()
+        server.close()
+
+
+def test_a_polled_server_takes_a_burst_in_one_turn(tmp_path: Path) -> None:
+    server = PolledServer(tmp_path / "p.sock", lambda line: respond(line, OPS, run),
+                          daemon="testd", max_clients=300).open()
+    socks = []
+    try:
+        for _ in range(200):  # more than the old backlog of 16, none accepted yet
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            sock.connect(str(server.path))  # EAGAIN here was "is the daemon running?"
+            socks.append(sock)
+        listener = server.socket.listener
+        assert listener is not None
+        server.ready(listener.fileno())
+        assert server.clients == 200
+    finally:
+        for sock in socks:
+            sock.close()
+        server.close()
+
+
+def test_a_polled_server_never_waits_on_a_silent_client(tmp_path: Path) -> None:
+    # ready() for a descriptor with nothing to read (reused after an expiry) must neither
+    # block the loop nor drop the client that now holds it.
+    server = PolledServer(tmp_path / "p.sock", lambda line: respond(line, OPS, run),
+                          daemon="testd", send_timeout_s=30.0).open()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(server.path))
+        pump(server)
+        (fd,) = [fd for fd in server.filenos() if server.socket.listener.fileno() != fd]
+        server.ready(fd)  # nothing sent: returns at once
+        assert server.clients == 1
+        sock.sendall(b'{"v":1,"id":1,"op":"echo","args":{"text":"ok"}}\n')
+        pump(server)
+        sock.settimeout(5.0)
+        assert json.loads(sock.recv(65536))["result"] == {"text": "ok"}
+    server.close()

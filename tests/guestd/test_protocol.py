@@ -115,3 +115,26 @@ def test_responses() -> None:
         with pytest.raises(ControlError) as caught:
             decode_response(garbage, expected_id)
         assert caught.value.code == protocol.PROTOCOL
+
+
+@pytest.mark.parametrize("depth", [protocol.MAX_REQUEST_DEPTH + 1, 1_000, 30_000])
+def test_deep_nesting_is_a_bad_request_not_a_crash(depth: int) -> None:
+    # Regression: json.loads hit RecursionError on a line nested 1,000 deep, which no
+    # handler caught.  The id is still read when the nesting is inside the args.
+    deep = b'{"v":1,"id":5,"op":"status","args":{"x":' + b"[" * depth + b"]" * depth + b"}}"
+    error = refused(deep)
+    assert error.code == protocol.BAD_REQUEST and "nested" in error.message
+    assert protocol.request_id_of(deep) is None  # too deep to look inside, even for the id
+    assert refused(b"[" * depth).code == protocol.BAD_REQUEST
+
+
+def test_nesting_inside_strings_does_not_count() -> None:
+    text = '[' * 100 + '\\"{' * 100
+    request = decode_request(line(v=1, op="params.get", args={"name": text}))
+    assert request.args["name"] == text
+
+
+def test_a_deeply_nested_answer_is_a_protocol_error() -> None:
+    with pytest.raises(ControlError) as caught:
+        decode_response(b'{"v":1,"id":1,"ok":true,"result":' + b"[" * 100_000 + b"}")
+    assert caught.value.code == protocol.PROTOCOL

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import socket
 import stat
 import threading
@@ -189,9 +190,12 @@ def test_busy_beyond_max_clients(served: Any) -> None:
     try:
         for client in held:
             client.hello()
+        # The client tries again while its timeout lasts, then says busy (not "unavailable").
         with pytest.raises(ControlError) as caught:
-            ControlClient(server.path, timeout=5).hello()
+            ControlClient(server.path, timeout=0.3).hello()
         assert caught.value.code == protocol.BUSY
+        message = caught.value.message
+        assert "more than 4 clients" in message and "still busy" in message
     finally:
         for client in held:
             client.close()
@@ -354,6 +358,154 @@ def test_a_dropped_read_only_request_is_retried_once(tmp_path: Path) -> None:
             client.call("hello")
             assert client.call("status") == {}  # dropped once, answered on a fresh connection
         assert [line["op"] for line in fake.lines] == ["hello", "status", "status"]
+        assert fake.connections == 2
+    finally:
+        fake.close()
+
+
+def test_a_deeply_nested_line_is_answered_and_the_connection_goes_on(served: Any) -> None:
+    # Regression: RecursionError closed the connection; pipelined requests were lost.
+    deep = b"[" * 1_000 + b"]" * 1_000
+    replies = raw_exchange(served.server.path, deep + b"\n"
+                           b'{"v":1,"id":9,"op":"frontswap.curr_pages"}\n')
+    assert [r["ok"] for r in replies] == [False, True]
+    assert replies[0]["error"]["code"] == protocol.BAD_REQUEST
+
+
+def test_idle_connections_time_out_and_a_waiting_client_gets_in(tmp_path: Path,
+                                                                 make_daemon: Any) -> None:
+    # Regression: 32 idle connections locked every other client out with busy for 300 s.
+    daemon = make_daemon(None, overrides=("selfballooning=0", "selfshrinking=0"))
+    server = ControlServer(tmp_path / "control.sock",
+                           lambda line: handlers.handle_line(daemon, line), max_clients=4,
+                           idle_timeout_s=0.2)
+    server.start()
+    held = []
+    try:
+        for _ in range(4):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(10)
+            sock.connect(str(server.path))
+            held.append(sock)
+        with ControlClient(server.path, timeout=10) as client:
+            assert client.hello()["protocol"] == protocol.PROTOCOL_VERSION
+        assert all(sock.recv(1) == b"" for sock in held)  # closed by the daemon, unasked
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()
+
+
+def test_a_burst_of_clients_is_served_never_told_the_daemon_is_down(served: Any) -> None:
+    # Regression: with a listen backlog of 16, 81-112 of 200 client threads got EAGAIN from
+    # connect and "unavailable ... (is the daemon running?)" from a live daemon.
+    errors: list[ControlError] = []
+    answered: list[int] = []
+    start = threading.Event()
+
+    def one() -> None:
+        start.wait(10)
+        try:
+            with ControlClient(served.server.path, timeout=30) as client:
+                answered.append(client.frontswap.curr_pages())
+        except ControlError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(200)]
+    for thread in threads:
+        thread.start()
+    start.set()
+    for thread in threads:
+        thread.join(60)
+    assert errors == [] and answered == [0] * 200
+
+
+def test_a_full_listen_queue_is_busy_not_unavailable(tmp_path: Path) -> None:
+    # A listener that never accepts: once its queue is full, connect fails with EAGAIN.
+    path = tmp_path / "full.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(0)
+    queued = []
+    try:
+        for _ in range(8):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                sock.connect(str(path))
+            except BlockingIOError:
+                sock.close()
+                break
+            queued.append(sock)
+        with pytest.raises(ControlError) as caught:
+            ControlClient(path, timeout=0.3).hello()
+        assert caught.value.code == protocol.BUSY
+        assert "is the daemon running" not in caught.value.message
+    finally:
+        for sock in queued:
+            sock.close()
+        listener.close()
+
+
+class CloseUnread:
+    """A fake daemon: answers the first request of a connection; when the next one arrives
+    it closes the connection without reading it (as a daemon closing an idle connection at
+    that very moment does); answers every request on later connections."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lines: list[dict[str, Any]] = []
+        self.connections = 0
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(path))
+        self._listener.listen(4)
+        self._listener.settimeout(5.0)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                conn, _ = self._listener.accept()
+                self.connections += 1
+                with conn:
+                    conn.settimeout(5.0)
+                    self._one(conn, hang_up=self.connections == 1)
+        except OSError:
+            return
+
+    def _one(self, conn: socket.socket, *, hang_up: bool) -> None:
+        buffer = b""
+        while True:
+            while b"\n" not in buffer:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                buffer += chunk
+            line, _, buffer = buffer.partition(b"\n")
+            request = json.loads(line)
+            self.lines.append(request)
+            conn.sendall(protocol.encode_result(request["id"], {}))
+            if hang_up:
+                select.select([conn], [], [], 5.0)  # the next request is waiting, unread
+                return
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self._thread.join(10)
+
+
+def test_a_state_changing_request_the_daemon_never_read_is_sent_again(tmp_path: Path) -> None:
+    # The daemon closed a kept-alive connection (idle timeout) with the request unread: the
+    # reset says it never ran, so it is sent again rather than reported as "may have run".
+    fake = CloseUnread(tmp_path / "d.sock")
+    try:
+        with ControlClient(fake.path, timeout=5) as client:
+            client.call("hello")
+            assert client.call("cleancache.init_fs") == {}
+        assert [line["op"] for line in fake.lines] == ["hello", "cleancache.init_fs"]
         assert fake.connections == 2
     finally:
         fake.close()

@@ -70,3 +70,29 @@ def test_ops_reach_the_store(control: HostControl) -> None:
     hello = ask(control, "hello")["result"]
     assert hello["service"] == "xentmem-hostd" and set(hello["ops"]) == set(OPS)
     assert ask(control, "freeable")["result"] == {"freeable_mb": store.freeable_mb()}
+
+
+def test_a_deeply_nested_line_is_a_bad_request(control: HostControl) -> None:
+    # Regression: RecursionError escaped handle_line and cost the client its connection.
+    deep = b"[" * 1_000 + b"]" * 1_000
+    answer = json.loads(control.handle_line(deep))
+    assert answer["error"]["code"] == protocol.BAD_REQUEST
+
+
+def test_the_idle_timeout_is_an_option_of_the_service(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from xentmem.control.server import DEFAULT_IDLE_TIMEOUT_S
+    from xentmem.hostd.cli import cli
+    from xentmem.hostd.service import HostService
+
+    service = HostService(xenstore=tmp_path / "none", store=HostStore(1 << 20),
+                          control_path=tmp_path / "c.sock", control_idle_timeout_s=2)
+    assert service.control is not None and service.control.idle_timeout_s == 2
+    default = HostService(xenstore=tmp_path / "none", store=HostStore(1 << 20),
+                          control_path=tmp_path / "c.sock")
+    assert default.control is not None
+    assert default.control.idle_timeout_s == DEFAULT_IDLE_TIMEOUT_S
+    assert "--control-idle-timeout" in CliRunner().invoke(cli, ["run", "--help"]).output
+    service.close()
+    default.close()

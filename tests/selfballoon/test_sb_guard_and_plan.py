@@ -54,7 +54,7 @@ def test_plan_tick_kernel_defaults_does_both_jobs() -> None:
     # 507669 - (507669 - 318232) // 8 = 507669 - 23679
     assert plan.balloon.target_pages == 483990
     assert plan.shrink is not None and plan.shrink.reason == "growing"
-    assert plan.state.shrink == ShrinkState(cur_pages=1000, inertia_counter=3, inertia_seen=3)
+    assert plan.state.shrink == ShrinkState(cur_pages=1000, inertia_counter=3)
     assert plan.pressure is None  # guard off: PSI not even looked at
 
 
@@ -70,7 +70,7 @@ def test_plan_tick_switches() -> None:
 
 def test_guard_stall_holds_shrinking_and_grows_at_once() -> None:
     knobs = replace(KNOBS, pressure_guard=True, selfballoon_uphysteresis=4)
-    state = LoopState(shrink=ShrinkState(1000, 1, 3), pressure=PressureState(0, 0.0))
+    state = LoopState(shrink=ShrinkState(1000, 1), pressure=PressureState(0, 0.0))
     # 1 s later, 500000 us of stall: 50 % of the time
     busy = replace(BALLOON, committed_pages=480000)
     plan = plan_tick(state, TickInputs(balloon=busy, now=1.0, psi_some_total_us=500_000), knobs)
@@ -86,7 +86,7 @@ def test_guard_stall_holds_shrinking_and_grows_at_once() -> None:
 
 def test_guard_only_tick_without_stall_does_nothing_and_never_touches_frontswap() -> None:
     knobs = replace(KNOBS, pressure_guard=True)
-    state = LoopState(shrink=ShrinkState(1000, 1, 3), pressure=PressureState(0, 0.0))
+    state = LoopState(shrink=ShrinkState(1000, 1), pressure=PressureState(0, 0.0))
     plan = plan_tick(state, TickInputs(balloon=BALLOON, now=1.0, psi_some_total_us=10),
                      knobs, guard_only=True)
     assert plan.balloon is None and plan.shrink is None

@@ -73,6 +73,9 @@ def test_accepted_values(name: str, text: Any, typed: Any) -> None:
         ("frontswap_inertia", ""),
         ("selfballoon_interval", str(2**32)),  # the kernel truncated; we refuse
         ("selfballoon_interval", "0x10"),  # base 10 only
+        ("selfballoon_interval", "\u0661\u0660"),  # ASCII digits only
+        ("selfballooning", "\uff11"),
+        ("selfballoon_interval", "1 0"),
         ("selfballoon_interval", "auto"),  # only the two _mb knobs have an automatic value
         ("selfballoon_min_usable_mb", "0"),  # 0 is not "auto"; say auto
         ("selfballoon_reserved_mb", 0),
@@ -164,5 +167,19 @@ def test_the_snapshot_is_derived_from_the_declarations() -> None:
 
     from xentmem_selfballoon.knobs import Knobs
 
-    declared = {f.name: f.default for f in fields(Knobs) if f.name != "auto_reserved_mb"}
+    declared = {f.name: f.default for f in fields(Knobs)
+                if f.name not in ("auto_reserved_mb", "inertia_writes")}
     assert declared == SELFBALLOON_PARAMS.defaults()
+
+
+def test_every_write_of_frontswap_inertia_is_counted_even_unchanged() -> None:
+    store = KnobStore()
+    assert store.snapshot().inertia_writes == 0
+    store.set("frontswap_inertia", "3")  # the default, written: still a write
+    store.update({"frontswap_inertia": 3, "frontswap_hysteresis": 20})
+    store.reset("frontswap_inertia")
+    store.set("frontswap_hysteresis", "4")  # another knob: not counted
+    with pytest.raises(ParamError):
+        store.set("frontswap_inertia", "0")  # refused: changed nothing, counted nothing
+    assert store.snapshot().inertia_writes == 3
+    assert "inertia_writes" not in store.snapshot().values()

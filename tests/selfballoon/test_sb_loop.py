@@ -331,3 +331,26 @@ def test_history_is_bounded_and_one_log_line_per_tick(
     assert len(lines) == 5
     assert "target_kb=" in lines[0].getMessage()
     assert loop.history()[0].as_dict()["balloon"]["floor_rule"] == "large"
+
+
+def test_writing_frontswap_inertia_restarts_the_countdown_even_unchanged(tmp_path: Path) -> None:
+    # Regression: the countdown restarted only when the value changed; the kernel's
+    # store_frontswap_inertia() sets frontswap_inertia_counter = val on every write.
+    tree = GuestTree(tmp_path)
+    fs = FakeFrontswap()
+    knobs = KnobStore(auto_reserved_mb=198)
+    c = 1048576
+    script = [
+        {"committed_kb": c, "frontswap": 0},  # empty
+        {"committed_kb": c, "frontswap": 1000},  # growing: counter 3
+        {"committed_kb": c},  # 2
+        {"committed_kb": c, "knobs": {"frontswap_inertia": "3"}},  # the same value: 3, then 2
+        {"committed_kb": c},  # 1
+        {"committed_kb": c},  # 0: shrink to 950
+    ]
+    world = KernelWorld(tree, script, knobs, frontswap=fs)
+    loop, _ = make_loop(tree, world.hook, knobs, frontswap=fs)
+    loop.run(threading.Event())
+    reasons = [r.shrink.reason for r in loop.history() if r.shrink is not None]
+    assert reasons == ["empty", "growing", "inertia", "inertia", "inertia", "shrink"]
+    assert fs.shrinks == [950]

@@ -10,6 +10,7 @@ from xentmem_selfballoon.shrink import (
     REASON_INERTIA,
     REASON_SHRINK,
     ShrinkState,
+    inertia_written,
     next_shrink,
     shrink_target,
 )
@@ -66,7 +67,7 @@ def test_after_a_shrink_the_next_one_waits_inertia_ticks_again() -> None:
 def test_first_calm_tick_with_counter_zero_shrinks_at_once() -> None:
     # counter starts at 0 (not inertia): a first reading that is not growing (last = 0 means
     # cur > last always, so seed a state that has seen pages) shrinks without waiting
-    state = ShrinkState(cur_pages=500, inertia_counter=0, inertia_seen=3)
+    state = ShrinkState(cur_pages=500, inertia_counter=0)
     assert run([500], state=state) == [(REASON_SHRINK, 475, 3)]
 
 
@@ -84,24 +85,29 @@ def test_shrinking_by_itself_is_not_growth() -> None:
     assert seq[-1][1] == 970 - 48
 
 
-def test_changing_inertia_restarts_the_countdown_at_the_new_value() -> None:
-    # store_frontswap_inertia sets the counter to the new value: with inertia 1 the very next
-    # calm tick shrinks (1 -> 0), and so does every following one
+def test_writing_inertia_restarts_the_countdown_at_the_value_written() -> None:
+    # store_frontswap_inertia sets the counter to the value written (changed or not): with
+    # inertia 1 the very next calm tick shrinks (1 -> 0), and so does every following one
     state = next_shrink(ShrinkState(), 1000, hysteresis=20, inertia=3).state  # growing, 3
     state = next_shrink(state, 1000, hysteresis=20, inertia=3).state  # 2
+    state = inertia_written(state, 1)
     d = next_shrink(state, 1000, hysteresis=20, inertia=1)
     assert (d.reason, d.target_pages, d.state.inertia_counter) == (REASON_SHRINK, 950, 1)
     d = next_shrink(d.state, 950, hysteresis=20, inertia=1)
     assert (d.reason, d.target_pages) == (REASON_SHRINK, 903)
     # raising it again: counter = 5, and 5 -> 4 is a wait
-    d = next_shrink(d.state, 903, hysteresis=20, inertia=5)
+    d = next_shrink(inertia_written(d.state, 5), 903, hysteresis=20, inertia=5)
+    assert (d.reason, d.state.inertia_counter) == (REASON_INERTIA, 4)
+    # the same value written again: 5 again, not 3
+    d = next_shrink(inertia_written(d.state, 5), 903, hysteresis=20, inertia=5)
     assert (d.reason, d.state.inertia_counter) == (REASON_INERTIA, 4)
 
 
 def test_state_is_returned_not_mutated() -> None:
-    state = ShrinkState(cur_pages=10, inertia_counter=2, inertia_seen=3)
+    state = ShrinkState(cur_pages=10, inertia_counter=2)
     next_shrink(state, 10, hysteresis=20, inertia=3)
-    assert state == ShrinkState(cur_pages=10, inertia_counter=2, inertia_seen=3)
+    inertia_written(state, 5)
+    assert state == ShrinkState(cur_pages=10, inertia_counter=2)
 
 
 def test_refuses_zero_knobs() -> None:

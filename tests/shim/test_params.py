@@ -64,3 +64,19 @@ def test_explicit_params_win_over_the_kernel_command_line(tmp_path: Path) -> Non
     shim.load(RecordingBackend, {"frontswap": "1"})
     assert shim.flags["cleancache"] is False  # from the command line
     assert shim.flags["frontswap"] is True  # explicit wins
+
+
+@pytest.mark.parametrize("text", ["\u0663", "\uff13", "3\u00a0", "1_0", "0x3", "3 4", "--3", ""])
+def test_an_int_param_takes_ascii_digits_only(text: str) -> None:
+    # Regression: str.isdigit() and int() read '\u0663' and '\uff13' as 3.
+    from xentmem.params import Param
+
+    with pytest.raises(ParamError, match="is not a base-10 integer"):
+        Param("n", int, 1, "a number").coerce(text)
+
+
+@pytest.mark.parametrize(("text", "typed"), [("3", 3), (" +3\n", 3), ("-3", -3), ("007", 7)])
+def test_an_int_param_reads_the_kernels_integers(text: str, typed: int) -> None:
+    from xentmem.params import Param
+
+    assert Param("n", int, 1, "a number").coerce(text) == typed

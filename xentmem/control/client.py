@@ -10,15 +10,19 @@ object; ``xentmem-hostd``'s is :class:`xentmem.hostd.control.HostControlClient`.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
+import random
 import socket
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from xentmem.control import protocol
 from xentmem.control.protocol import (
+    BUSY,
     MAX_RESPONSE_BYTES,
     PROTOCOL,
     TIMEOUT,
@@ -32,6 +36,10 @@ from xentmem.control.protocol import (
 )
 
 _Self = TypeVar("_Self", bound="ControlConnection")
+#: The first pause before asking a busy daemon again; it doubles (with jitter, so a burst of
+#: clients spreads out) up to :data:`BUSY_PAUSE_MAX_S`, for as long as the client's timeout.
+BUSY_PAUSE_S = 0.02
+BUSY_PAUSE_MAX_S = 0.5
 FileKey = Any  # int (inode), bytes (file handle) or a 3-tuple of u64 words (oid)
 
 
@@ -94,6 +102,10 @@ class ControlConnection:
                                         f"{self.timeout:g}s") from None
         except OSError as exc:
             sock.close()
+            if exc.errno == errno.EAGAIN:  # a live daemon whose listen queue is full
+                raise ControlError(BUSY, f"{self.daemon} at {self.socket_path} has more "
+                                         "connections waiting than it queues",
+                                   connection=True) from None
             reason = exc.strerror or str(exc)
             raise ControlError(UNAVAILABLE, f"cannot reach {self.daemon} at {self.socket_path}: "
                                             f"{reason} (is the daemon running?)") from None
@@ -137,58 +149,86 @@ class ControlConnection:
 
         A kept-alive connection the daemon closed while idle is retried once on a fresh one,
         but only when that cannot run a request twice: when the request never got through
-        (``sendall`` failed), or when the op changes nothing.  A state-changing request that
+        (``sendall`` failed, or the daemon closed with it unread: a reset), or when the op
+        changes nothing.  A state-changing request that
         the daemon received whole and then dropped without an answer may have run, so it is
         reported, never resent.
+
+        A daemon that is ``busy`` (all its connections taken, or its listen queue full) ran
+        nothing: the request is tried again after a growing pause until ``timeout`` is spent;
+        then the error is ``busy``, never ``unavailable``.
         """
         with self._lock:
-            request_id = next(self._ids)
-            line = encode_request(op, args, request_id)
-            spec = self.ops.get(op)
-            replayable = spec is not None and not spec.mutates
-            for attempt in (1, 2):
-                fresh = self._sock is None
-                sock = self._connect()
+            deadline = time.monotonic() + self.timeout
+            pause = BUSY_PAUSE_S
+            while True:
                 try:
-                    sock.sendall(line)
-                except socket.timeout:
-                    self._drop()
-                    raise ControlError(TIMEOUT, f"{self.daemon} did not take {op!r} within "
-                                                f"{self.timeout:g}s") from None
-                except OSError as exc:
-                    said = self._salvage(sock)
-                    self._drop()
-                    if said is not None:  # the daemon explained before closing (busy)
-                        return decode_response(said, request_id)
-                    # The request never got through whole, so it cannot have run: retry once
-                    # on a fresh connection if this one was an old, kept-alive one.
-                    if fresh or attempt == 2:
-                        raise ControlError(UNAVAILABLE, f"{self.daemon} dropped the "
-                                                        f"connection: {exc}") from None
-                    continue
-                try:
-                    return decode_response(self._read_line(sock), request_id)
-                except socket.timeout:
-                    self._drop()
-                    raise ControlError(TIMEOUT, f"no answer to {op!r} from {self.daemon} within "
-                                                f"{self.timeout:g}s") from None
+                    return self._call(op, args)
                 except ControlError as exc:
-                    if exc.code not in (UNAVAILABLE, PROTOCOL):
+                    if exc.code != BUSY or not exc.connection:
                         raise
-                    partial = bool(self._buffer)
-                    self._drop()
-                    if exc.code == PROTOCOL:
-                        raise
-                    if not fresh and attempt == 1 and replayable and not partial:
-                        continue
-                    raise self._lost_answer(op, replayable, str(exc)) from None
-                except OSError as exc:  # a reset while reading the answer
-                    partial = bool(self._buffer)
-                    self._drop()
-                    if not fresh and attempt == 1 and replayable and not partial:
-                        continue
-                    raise self._lost_answer(op, replayable, str(exc)) from None
-            raise AssertionError("unreachable")  # pragma: no cover
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise ControlError(BUSY, f"{exc.message} (still busy after "
+                                                 f"{self.timeout:g}s)") from None
+                time.sleep(min(left, pause * random.uniform(0.5, 1.5)))
+                pause = min(2 * pause, BUSY_PAUSE_MAX_S)
+
+    def _call(self, op: str, args: Mapping[str, Any]) -> Any:
+        """One try of :meth:`call`, the lock held."""
+        request_id = next(self._ids)
+        line = encode_request(op, args, request_id)
+        spec = self.ops.get(op)
+        replayable = spec is not None and not spec.mutates
+        for attempt in (1, 2):
+            fresh = self._sock is None
+            sock = self._connect()
+            try:
+                sock.sendall(line)
+            except socket.timeout:
+                self._drop()
+                raise ControlError(TIMEOUT, f"{self.daemon} did not take {op!r} within "
+                                            f"{self.timeout:g}s") from None
+            except OSError as exc:
+                said = self._salvage(sock)
+                self._drop()
+                if said is not None:  # the daemon explained before closing (busy)
+                    return decode_response(said, request_id)
+                # The request never got through whole, so it cannot have run: retry once
+                # on a fresh connection if this one was an old, kept-alive one.
+                if fresh or attempt == 2:
+                    raise ControlError(UNAVAILABLE, f"{self.daemon} dropped the "
+                                                    f"connection: {exc}") from None
+                continue
+            try:
+                return decode_response(self._read_line(sock), request_id)
+            except socket.timeout:
+                self._drop()
+                raise ControlError(TIMEOUT, f"no answer to {op!r} from {self.daemon} within "
+                                            f"{self.timeout:g}s") from None
+            except ControlError as exc:
+                if exc.connection and exc.code == BUSY:
+                    self._drop()  # the daemon closes it after saying so
+                if exc.code not in (UNAVAILABLE, PROTOCOL):
+                    raise
+                partial = bool(self._buffer)
+                self._drop()
+                if exc.code == PROTOCOL:
+                    raise
+                if not fresh and attempt == 1 and replayable and not partial:
+                    continue
+                raise self._lost_answer(op, replayable, str(exc)) from None
+            except OSError as exc:  # a reset while reading the answer
+                partial = bool(self._buffer)
+                self._drop()
+                # A Unix socket reports a reset only when the daemon closed it with bytes
+                # still unread, that is with this request not read whole: it did not run.
+                # (A daemon closing an idle connection just as the request arrives.)
+                unread = isinstance(exc, ConnectionResetError)
+                if not fresh and attempt == 1 and (replayable or unread) and not partial:
+                    continue
+                raise self._lost_answer(op, replayable, str(exc)) from None
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _lost_answer(self, op: str, replayable: bool, reason: str) -> ControlError:
         """The connection went after the daemon had the whole request."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,9 @@ from xentmem.errors import XentmemError
 PROTOCOL_VERSION = 1
 #: The longest request line the daemon reads (a page is ~5.5 KiB of base64; params are small).
 MAX_REQUEST_BYTES = 64 * 1024
+#: The deepest nesting of arrays and objects a request may have (the deepest op needs 4:
+#: ``{"args": {"key": {"oid": [...]}}}``).  Checked before parsing: a parser recurses.
+MAX_REQUEST_DEPTH = 32
 #: The longest response line a client reads (metrics and pools can be long).
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 #: The socket's file name inside the daemon's run directory.
@@ -74,10 +78,12 @@ ERROR_CODES = (
 class ControlError(XentmemError):
     """An error reply (or a client-side failure), with a stable ``code`` and a message."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, *, connection: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        #: The daemon said it about the connection (``"id": null``), not about a request.
+        self.connection = connection
 
     def __repr__(self) -> str:
         return f"ControlError({self.code!r}, {self.message!r})"
@@ -318,8 +324,32 @@ def encode_request(op: str, args: Mapping[str, Any] | None = None, request_id: A
     return json.dumps(message, separators=(",", ":")).encode("utf-8") + b"\n"
 
 
+#: A JSON string, escapes included; an unterminated one runs to the end of the line.  The
+#: closing quote is optional so that no match ever fails: the scan stays linear in the length.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def too_deep(untrusted_line: bytes, limit: int = MAX_REQUEST_DEPTH) -> bool:
+    """True if the line nests arrays and objects deeper than ``limit`` (strings not counted).
+
+    Counted on the raw bytes, before any parser sees them: ``json`` recurses once per level
+    and a line of 64 KiB of ``[`` would end in RecursionError.  An unterminated string hides
+    the brackets after it, in a line the parser refuses anyway.
+    """
+    brackets = _JSON_STRING.sub(b"", untrusted_line).translate(None, _NOT_BRACKETS)
+    depth = 0
+    for byte in brackets:
+        depth += 1 if byte in b"[{" else -1
+        if depth > limit:
+            return True
+    return False
+
+
 def request_id_of(untrusted_line: bytes) -> Any:
     """Best effort: the ``id`` of a line that failed to parse, so the error reply carries it."""
+    if len(untrusted_line) > MAX_REQUEST_BYTES or too_deep(untrusted_line):
+        return None
     try:
         untrusted = json.loads(untrusted_line)
     except (ValueError, UnicodeDecodeError):
@@ -337,6 +367,8 @@ def decode_request(untrusted_line: bytes, ops: Mapping[str, OpSpec] | None = Non
     ops = OPS if ops is None else ops
     if len(untrusted_line) > MAX_REQUEST_BYTES:
         raise ControlError(BAD_REQUEST, f"request longer than {MAX_REQUEST_BYTES} bytes")
+    if too_deep(untrusted_line):
+        raise ControlError(BAD_REQUEST, f"request nested deeper than {MAX_REQUEST_DEPTH} levels")
     try:
         untrusted = json.loads(untrusted_line.decode("utf-8"))
     except UnicodeDecodeError:
@@ -396,7 +428,7 @@ def decode_response(untrusted_line: bytes, expected_id: Any = None) -> Any:
     """The ``result`` of a response line, or raise the ControlError it carries."""
     try:
         untrusted = json.loads(untrusted_line.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ControlError(PROTOCOL, f"daemon sent a line that is not JSON: {exc}") from None
     if not isinstance(untrusted, dict) or untrusted.get("v") != PROTOCOL_VERSION:
         raise ControlError(PROTOCOL, "daemon answered in another protocol version")
@@ -411,5 +443,6 @@ def decode_response(untrusted_line: bytes, expected_id: Any = None) -> Any:
     untrusted_error = untrusted.get("error")
     if (isinstance(untrusted_error, dict) and isinstance(untrusted_error.get("code"), str)
             and isinstance(untrusted_error.get("message"), str)):
-        raise ControlError(untrusted_error["code"], untrusted_error["message"])
+        raise ControlError(untrusted_error["code"], untrusted_error["message"],
+                           connection=connection_error)
     raise ControlError(PROTOCOL, "daemon sent an answer with neither a result nor an error")

@@ -13,9 +13,12 @@ import contextlib
 import grp
 import logging
 import os
+import select
 import socket
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,6 +35,15 @@ WORLD_BITS = 0o007
 
 #: One request line in, one answer line out.
 LineHandler = Callable[[bytes], bytes]
+
+#: Connections served at once; the next one is answered ``busy`` and closed.
+DEFAULT_MAX_CLIENTS = 32
+#: Seconds a connection may stay silent between requests before the daemon closes it, so
+#: that idle clients cannot hold every slot.  A client reconnects by itself (``client.py``).
+DEFAULT_IDLE_TIMEOUT_S = 5
+#: Connections the kernel queues before the daemon accepts them: a burst of clients must fit,
+#: or their ``connect`` fails with EAGAIN.  The kernel caps it at ``net.core.somaxconn``.
+LISTEN_BACKLOG = socket.SOMAXCONN
 
 
 class ServerError(XentmemError):
@@ -51,7 +63,7 @@ def group_id(name: str) -> int:
     try:
         return grp.getgrnam(name).gr_gid
     except KeyError:
-        if name.isdigit():
+        if name.isascii() and name.isdigit():  # a gid; other scripts' digits are not one
             return int(name)
         raise ServerError(f"control socket group {name!r} does not exist") from None
 
@@ -69,6 +81,11 @@ def respond(untrusted_line: bytes, ops: Mapping[str, OpSpec],
         request = protocol.decode_request(untrusted_line, ops)
     except ControlError as exc:
         return protocol.encode_error(protocol.request_id_of(untrusted_line), exc)
+    except Exception as exc:  # a line the checks missed must not cost the connection
+        log.error("control request could not be read", exc_info=exc)
+        unread = ControlError(protocol.BAD_REQUEST, f"request could not be read: "
+                                                    f"{type(exc).__name__}")
+        return protocol.encode_error(None, unread)
     try:
         return protocol.encode_result(request.id, run(request))
     except ControlError as exc:
@@ -79,6 +96,13 @@ def respond(untrusted_line: bytes, ops: Mapping[str, OpSpec],
         internal = ControlError(protocol.INTERNAL, f"{request.op}: internal error: "
                                                    f"{type(exc).__name__}: {exc}")
         return protocol.encode_error(request.id, internal)
+
+
+def busy(max_clients: int) -> bytes:
+    """The answer to a connection beyond ``max_clients`` (the connection then closes): it ran
+    nothing, so the client may try again."""
+    error = ControlError(protocol.BUSY, f"more than {max_clients} clients; try again")
+    return protocol.encode_error(None, error)
 
 
 def too_long() -> bytes:
@@ -142,7 +166,7 @@ class ControlSocket:
             staging = private / "s"
             listener.bind(str(staging))
             self._set_access(staging)
-            listener.listen(16)
+            listener.listen(LISTEN_BACKLOG)
             bound = os.stat(staging)
             os.rename(staging, self.path)
             self._bound = (bound.st_dev, bound.st_ino)
@@ -223,64 +247,118 @@ class ControlSocket:
 
 # -- a server for a daemon with one loop ---------------------------------------------------------
 
+@dataclass
+class _Peer:
+    conn: socket.socket
+    reader: LineReader
+    #: The clock's reading when the peer last sent something (or connected).
+    last_heard: float
+
+
 class PolledServer:
     """Clients served by the daemon's own loop: it waits on :meth:`filenos` among its other
-    file descriptors and calls :meth:`ready` for each readable one.  No threads."""
+    file descriptors and calls :meth:`ready` for each readable one.  No threads.
+
+    The same bounds as ``xentmemd``'s server: at most ``max_clients`` connections (the next
+    is told ``busy``), a connection silent for ``idle_timeout_s`` is closed (checked each
+    time the loop asks for :meth:`filenos`, so the loop must wake at least every second or
+    so, as ``xentmem-hostd``'s does), an answer not taken within ``send_timeout_s`` drops the
+    client.  ``clock`` is injectable for tests.
+    """
 
     def __init__(self, path: str | os.PathLike[str], handle: LineHandler, *, daemon: str,
-                 send_timeout_s: float = 2.0) -> None:
+                 send_timeout_s: float = 2.0, max_clients: int = DEFAULT_MAX_CLIENTS,
+                 idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.socket = ControlSocket(path, daemon=daemon)
         self.handle = handle
         #: How long one answer may take to send before a client that does not read is dropped.
         self.send_timeout_s = send_timeout_s
-        self._peers: dict[int, tuple[socket.socket, LineReader]] = {}
+        self.max_clients = max_clients
+        self.idle_timeout_s = idle_timeout_s
+        self._clock = clock
+        self._peers: dict[int, _Peer] = {}
 
     @property
     def path(self) -> Path:
         return self.socket.path
+
+    @property
+    def clients(self) -> int:
+        return len(self._peers)
 
     def open(self) -> PolledServer:
         self.socket.bind()
         return self
 
     def close(self) -> None:
-        for conn, _ in list(self._peers.values()):
-            conn.close()
+        for peer in list(self._peers.values()):
+            peer.conn.close()
         self._peers.clear()
         self.socket.close()
 
     def filenos(self) -> list[int]:
+        """The descriptors to wait on; connections idle too long are closed first."""
+        self.expire()
         listener = self.socket.listener
         return ([] if listener is None else [listener.fileno()]) + list(self._peers)
+
+    def expire(self) -> None:
+        """Close the connections silent for ``idle_timeout_s`` or more."""
+        now = self._clock()
+        for fd, peer in list(self._peers.items()):
+            if now - peer.last_heard >= self.idle_timeout_s:
+                log.debug("control socket: closing a connection idle for %.0fs",
+                          now - peer.last_heard)
+                self._drop(fd)
 
     def ready(self, fd: int) -> None:
         """``fd`` (one of :meth:`filenos`) is readable: accept, or read and answer lines."""
         listener = self.socket.listener
         if listener is not None and fd == listener.fileno():
-            conn = self.socket.accept()
-            if conn is not None:
-                conn.settimeout(self.send_timeout_s)
-                self._peers[conn.fileno()] = (conn, LineReader())
+            self._accept_all()
             return
         peer = self._peers.get(fd)
         if peer is None:
             return
-        conn, reader = peer
+        # Never wait here: the loop may call this for a descriptor that was readable for the
+        # connection it just expired and that a new connection now holds.  (The socket has a
+        # timeout for sending, so recv itself would wait for data.)
+        if not select.select([peer.conn], [], [], 0)[0]:
+            return
         try:
-            data = conn.recv(65536)
+            data = peer.conn.recv(65536)
         except OSError:
             data = b""
         if not data:
             self._drop(fd)
             return
-        reader.feed(data)
-        for line in reader.lines():
-            if not self._send(conn, self.handle(line)):
+        peer.last_heard = self._clock()
+        peer.reader.feed(data)
+        for line in peer.reader.lines():
+            if not self._send(peer.conn, self.handle(line)):
                 self._drop(fd)
                 return
-        if reader.overlong:
-            self._send(conn, too_long())
+        if peer.reader.overlong:
+            self._send(peer.conn, too_long())
             self._drop(fd)
+
+    def _accept_all(self) -> None:
+        """Take every connection waiting (a burst is answered in one turn of the loop)."""
+        while True:
+            try:
+                conn = self.socket.accept()
+            except OSError as exc:  # out of descriptors: those waiting stay queued
+                log.warning("control socket: accept failed: %s", exc)
+                return
+            if conn is None:
+                return
+            conn.settimeout(self.send_timeout_s)
+            if len(self._peers) >= self.max_clients:
+                self._send(conn, busy(self.max_clients))
+                conn.close()
+                continue
+            self._peers[conn.fileno()] = _Peer(conn, LineReader(), self._clock())
 
     @staticmethod
     def _send(conn: socket.socket, data: bytes) -> bool:
@@ -293,4 +371,4 @@ class PolledServer:
     def _drop(self, fd: int) -> None:
         peer = self._peers.pop(fd, None)
         if peer is not None:
-            peer[0].close()
+            peer.conn.close()

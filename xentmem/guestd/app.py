@@ -252,6 +252,7 @@ class Application:
             self.roots.run / "control.sock",
             lambda line: handlers.handle_line(daemon, line),
             mode=config.daemon["control_mode"], group=config.daemon["control_group"],
+            idle_timeout_s=config.daemon["control_idle_timeout"],
         )
         self.server.start()
         self._schedule_tasks(config.daemon)
@@ -275,6 +276,7 @@ class Application:
                 self.server.set_access(settings["control_mode"], settings["control_group"])
             except (OSError, ServerError) as exc:
                 log.error("config: control socket access unchanged: %s", exc)
+            self.server.idle_timeout_s = settings["control_idle_timeout"]
         self._schedule_tasks(settings)
 
     # -- run --------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from xentmem.control.server import DEFAULT_IDLE_TIMEOUT_S
 from xentmem.errors import ConfigError, ParamError, XentmemError
 from xentmem.guest.shim import SHIM_PARAMS
 from xentmem.params import Param, ParamSet, parse_assignments
@@ -66,6 +67,10 @@ DAEMON_PARAMS = ParamSet(
     Param("control_mode", int, 0, "the control socket's mode in octal; 0: 0600, or 0660 with a "
           "group", writable=True, min=0, max=0o777, parse=parse_mode,
           accepts="an octal mode such as 0600 or 0660, no bits for others (0: automatic)"),
+    Param("control_idle_timeout", int, DEFAULT_IDLE_TIMEOUT_S, "seconds a control connection "
+          "may stay silent between requests before the daemon closes it (clients reconnect by "
+          "themselves)",
+          writable=True, min=1, max=3600, unit="s"),
     Param("metrics_textfile", str, "", "node_exporter textfile to write the metrics to "
           "(atomically); empty: none", writable=True),
     Param("metrics_interval", int, 15, "seconds between two writes of the metrics textfile",

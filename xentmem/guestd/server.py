@@ -5,9 +5,11 @@ other clients still get ``status``.  The socket itself (bound owner-only, ``0660
 group, never taken from a live daemon) is :class:`~xentmem.control.server.ControlSocket`.
 
 Every wait is bounded: the accept loop wakes at least every :data:`ACCEPT_POLL_S`, a client
-idle for ``idle_timeout_s`` is dropped, a reply that cannot be sent in ``io_timeout_s`` drops
-the client, and at most ``max_clients`` connections are served (the next one is told ``busy``).
-A request line longer than the protocol's bound gets an error and the connection is closed.
+idle for ``idle_timeout_s`` (seconds, the ``control_idle_timeout`` setting) is dropped, a
+client that stops in the middle of a line or does not take its reply within ``io_timeout_s``
+is dropped, and at most ``max_clients`` connections are served (the next one is told
+``busy``).  A request line longer than the protocol's bound gets an error and the connection
+is closed.
 """
 
 from __future__ import annotations
@@ -20,22 +22,21 @@ import socket
 import threading
 from pathlib import Path
 
-from xentmem.control import protocol
-from xentmem.control.protocol import ControlError
 from xentmem.control.server import (
+    DEFAULT_IDLE_TIMEOUT_S,
+    DEFAULT_MAX_CLIENTS,
     ControlSocket,
     LineHandler,
     LineReader,
     ServerError,
+    busy,
     too_long,
 )
 
 log = logging.getLogger(__name__)
 
 ACCEPT_POLL_S = 30.0
-DEFAULT_IDLE_TIMEOUT_S = 300.0
 DEFAULT_IO_TIMEOUT_S = 10.0
-DEFAULT_MAX_CLIENTS = 32
 
 __all__ = ["ControlServer", "LineHandler", "ServerError"]
 
@@ -58,7 +59,8 @@ class ControlServer:
         self.path = path
         self._handle = handle
         self._max_clients = max_clients
-        self._idle_timeout_s = idle_timeout_s
+        #: May change while serving (a config reload); each wait reads it anew.
+        self.idle_timeout_s = idle_timeout_s
         self._io_timeout_s = io_timeout_s
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -93,30 +95,36 @@ class ControlServer:
             while not self._stopping.is_set():
                 for key, _ in selector.select(ACCEPT_POLL_S):
                     if key.fileobj is listener:
-                        self._accept()
+                        self._accept_all()
 
-    def _accept(self) -> None:
+    def _accept_all(self) -> None:
+        """Take every connection waiting, so a burst is not left in the listen queue."""
+        while not self._stopping.is_set() and self._accept():
+            pass
+
+    def _accept(self) -> bool:
+        """Serve (or refuse as busy) one waiting connection; False when none was waiting."""
         try:
             conn = self.socket.accept()
         except OSError as exc:
             if not self._stopping.is_set():
                 log.warning("control socket: accept failed: %s", exc)
-            return
+            return False
         if conn is None:
-            return
+            return False
         conn.setblocking(True)
         conn.settimeout(self._io_timeout_s)
         with self._clients_lock:
             if len(self._clients) >= self._max_clients:
-                busy = ControlError(protocol.BUSY, f"more than {self._max_clients} clients")
                 with contextlib.suppress(OSError):
-                    conn.sendall(protocol.encode_error(None, busy))
+                    conn.sendall(busy(self._max_clients))
                 conn.close()
-                return
+                return True
             thread = threading.Thread(target=self._serve, args=(conn,),
                                       name="xentmem-control-client", daemon=True)
             self._clients[conn] = thread
         thread.start()
+        return True
 
     def _serve(self, conn: socket.socket) -> None:
         reader = LineReader()
@@ -132,7 +140,7 @@ class ControlServer:
                 if reader.overlong:
                     conn.sendall(too_long())
                     return
-                conn.settimeout(self._idle_timeout_s if not reader.buffer
+                conn.settimeout(self.idle_timeout_s if not reader.buffer
                                 else self._io_timeout_s)
                 chunk = conn.recv(65536)
                 if not chunk:

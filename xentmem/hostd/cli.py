@@ -21,6 +21,7 @@ from xentmem.console import (
     json_option,
 )
 from xentmem.control.protocol import MAX_DOMID, ControlError
+from xentmem.control.server import DEFAULT_IDLE_TIMEOUT_S
 from xentmem.hostd.control import DEFAULT_SOCKET, MAX_WEIGHT, HostControlClient
 from xentmem.hostd.service import HostService, ServiceError, serve
 from xentmem.hostd.store import HostStore
@@ -112,10 +113,13 @@ log_level_option = click.option("--log-level", type=click.Choice(LOG_LEVELS), de
               help="Host-wide tmem capacity: 256M, 2G or 10%% of RAM.")
 @click.option("--domain", "domains", type=click.IntRange(1, MAX_DOMID), multiple=True,
               help="Serve only this guest (repeatable; default: every guest).")
+@click.option("--control-idle-timeout", "idle_timeout", type=click.IntRange(1, 3600),
+              default=DEFAULT_IDLE_TIMEOUT_S, show_default=True,
+              help="Seconds a control connection may stay silent before it is closed.")
 @log_level_option
 @click.pass_obj
 def run(app: App, xenstore_path: str | None, xenbus_path: str | None, capacity: str,
-        domains: tuple[int, ...], log_level: str) -> None:
+        domains: tuple[int, ...], idle_timeout: int, log_level: str) -> None:
     """Serve guests' tmem until SIGTERM."""
     configure_logging(log_level)
     if xenbus_path:
@@ -127,7 +131,8 @@ def run(app: App, xenstore_path: str | None, xenbus_path: str | None, capacity: 
     log.info("xenstore: %s %s", kind, where)
     service = HostService(xenstore=where, device=kind == "device",
                           store=HostStore(capacity_of(capacity)),
-                          control_path=app.control_path, domains=domains)
+                          control_path=app.control_path, domains=domains,
+                          control_idle_timeout_s=idle_timeout)
     serve_or_abort(service, Notifier.from_env())
 
 

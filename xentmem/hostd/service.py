@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from xentmem.clock import SystemClock
-from xentmem.control.server import PolledServer, ServerError
+from xentmem.control.server import DEFAULT_IDLE_TIMEOUT_S, PolledServer, ServerError
 from xentmem.errors import XentmemError
 from xentmem.hostd.handlers import HostControl
 from xentmem.hostd.store import HostStore
@@ -62,6 +62,7 @@ class HostService:
         limits: Limits | None = None,
         timeout: float = 5.0,
         split_replies: bool = False,
+        control_idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
     ) -> None:
         self.store = store
         #: Long replies in name parts rather than one spilled value (see TmemBack).
@@ -76,7 +77,8 @@ class HostService:
         #: per request just to hear "OK" for its reply.  Refusals are still logged.
         self.writer = XsSession(xenstore, device=device, timeout=timeout)
         self.control = (
-            PolledServer(control_path, HostControl(self).handle_line, daemon="xentmem-hostd")
+            PolledServer(control_path, HostControl(self).handle_line, daemon="xentmem-hostd",
+                         idle_timeout_s=control_idle_timeout_s)
             if control_path is not None else None
         )
         self.devices: dict[int, TmemBack] = {}

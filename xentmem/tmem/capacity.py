@@ -9,6 +9,8 @@ the RAM figure can be injected in tests and re-read whenever the param changes.
 
 from __future__ import annotations
 
+from xentmem.params import split_number
+
 MIB = 1 << 20
 #: 16 TiB: beyond any RAM a guest has; a bigger number is a typo, not a wish.
 MAX_CAPACITY_MIB = 16 << 20
@@ -29,21 +31,20 @@ _MIB_PER_SUFFIX = {
 
 
 def parse_capacity(text: str) -> str:
-    """Check a capacity and return its canonical spelling; ValueError names what is wrong."""
-    untrusted_word = text.strip().lower()
-    if untrusted_word.endswith("%"):
-        digits = untrusted_word[:-1].strip()
-        if not digits.isdigit():
-            raise ValueError(f"{text!r} is not a whole percentage")
-        percent = int(digits, 10)
-        if not 1 <= percent <= 100:
+    """Check a capacity and return its canonical spelling; ValueError names what is wrong.
+
+    The number is read as every param's is (:func:`xentmem.params.split_number`: ASCII
+    digits, no sign, as memparse); the unit follows it at once (``64M``, not ``64 M``).
+    """
+    number, untrusted_unit = split_number(text, signs="")
+    unit = untrusted_unit.lower()
+    if unit == "%":
+        if not 1 <= number <= 100:
             raise ValueError(f"{text!r}: a share of RAM must be from 1% to 100%")
-        return f"{percent}%"
-    split = len(untrusted_word) - len(untrusted_word.lstrip("0123456789"))
-    digits, suffix = untrusted_word[:split], untrusted_word[split:].strip()
-    if not digits or suffix not in _MIB_PER_SUFFIX:
+        return f"{number}%"
+    if unit not in _MIB_PER_SUFFIX:
         raise ValueError(f"{text!r} is not a size")
-    mib = int(digits, 10) * _MIB_PER_SUFFIX[suffix]
+    mib = number * _MIB_PER_SUFFIX[unit]
     if not 1 <= mib <= MAX_CAPACITY_MIB:
         raise ValueError(f"{text!r} is out of range")
     return f"{mib}M"

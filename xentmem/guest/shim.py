@@ -224,7 +224,7 @@ class Shim:
         with self._lock:
             if name in SHIM_PARAMS:
                 raise ParamError(f"{name}: read-only once loaded (a module param, 0444); "
-                                 "unload and load again")
+                                 f"`xentmem unload`, then `xentmem load BACKEND {name}=VALUE`")
             if self._backend is None:
                 raise NoBackend("no backend is loaded")
             return self._backend.set_param(name, value)

@@ -9,6 +9,7 @@ the file.  Spellings, sections and precedence: ``docs/configuration.md``.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - 3.9/3.10
     import tomli as tomllib
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = "/etc/xentmem/xentmem.toml"
 DAEMON_SECTION = "daemon"
@@ -96,6 +99,8 @@ class Config:
     knobs: Mapping[str, Any] = field(default_factory=dict)
     #: ``"section.key"`` -> ``"file:line"`` or ``"-o"``, for logs.
     origins: Mapping[str, str] = field(default_factory=dict)
+    #: What was accepted but deserves a word (a key set on two lines: both named).
+    warnings: tuple[str, ...] = ()
 
     @property
     def backend(self) -> str:
@@ -156,6 +161,7 @@ class ConfigSchema:
         knobs: dict[str, Any] = {}
         backends: dict[str, dict[str, Any]] = {}
         origins: dict[str, str] = {}
+        warnings: list[str] = []
         for entry in entries:
             try:
                 if entry.section == ANY_BACKEND:
@@ -176,7 +182,10 @@ class ConfigSchema:
                 knobs[entry.key] = typed
             else:
                 backends.setdefault(entry.section, {})[entry.key] = typed
-            origins[f"{entry.section}.{entry.key}"] = entry.where
+            origin_key = f"{entry.section}.{entry.key}"
+            if origin_key in origins and entry.where != "-o":
+                warnings.append(_duplicate_warning(entry, origins[origin_key]))
+            origins[origin_key] = entry.where
         if daemon["backend"] != "auto":
             try:
                 self._backend_params(daemon["backend"])
@@ -185,7 +194,7 @@ class ConfigSchema:
                 raise ConfigError(f"{where}: [daemon] backend: {exc}") from None
         self._check_any_backend(backends.get(ANY_BACKEND, {}), daemon["backend"], origins)
         return Config(path=path, daemon=daemon, tmem=tmem, backend_params=backends, knobs=knobs,
-                      origins=origins)
+                      origins=origins, warnings=tuple(warnings))
 
 
     def _check_any_backend(self, values: Mapping[str, Any], backend: str,
@@ -221,6 +230,13 @@ class ConfigSchema:
                 raise ConfigError(f"{where}: " + "; ".join(refusals))
 
 
+def _duplicate_warning(entry: _Entry, earlier: str) -> str:
+    """Two lines set one key: the later wins, as modprobe's would; say both places."""
+    module = DAEMON_MODULE if entry.section == DAEMON_SECTION else entry.section
+    return (f"{entry.where}: [{module}] {entry.key} is set again (first at {earlier}); "
+            f"the value at {entry.where} wins")
+
+
 # -- reading files ------------------------------------------------------------------------------
 
 def read_config(path: Path, schema: ConfigSchema, *, missing_ok: bool = False) -> Config:
@@ -237,7 +253,10 @@ def read_config(path: Path, schema: ConfigSchema, *, missing_ok: bool = False) -
         entries = toml_entries(untrusted_text, str(path))
     else:
         entries = modprobe_entries(untrusted_text, str(path))
-    return schema.check(entries, path)
+    config = schema.check(entries, path)
+    for warning in config.warnings:
+        log.warning("config: %s", warning)
+    return config
 
 
 def _toml_key_line(text: str, table: tuple[str, ...], key: str) -> int | None:
@@ -330,12 +349,13 @@ def modprobe_entries(untrusted_text: str, where: str) -> list[_Entry]:
             raise ConfigError(f"{here}: 'options' needs a module name")
         module = words[1]
         section = DAEMON_SECTION if module == DAEMON_MODULE else module
-        try:
-            assignments = parse_assignments(words[2:])
-        except ParamError as exc:
-            raise ConfigError(f"{here}: [{module}] {exc}") from None
-        for key, value in assignments.items():
-            entries.append(_Entry(section, key, value, here))
+        for word in words[2:]:  # one at a time: a key given twice on a line is seen twice
+            try:
+                assignments = parse_assignments([word])
+            except ParamError as exc:
+                raise ConfigError(f"{here}: [{module}] {exc}") from None
+            for key, value in assignments.items():
+                entries.append(_Entry(section, key, value, here))
     return entries
 
 
@@ -380,6 +400,7 @@ def layer(base: Config, overrides: Config) -> Config:
         backend_params=backends,
         knobs={**base.knobs, **overrides.knobs},
         origins={**base.origins, **overrides.origins},
+        warnings=base.warnings + overrides.warnings,
     )
 
 

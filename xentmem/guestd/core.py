@@ -227,7 +227,7 @@ class Daemon:
 
     def _unknown_param(self, name: str) -> str:
         where = "" if self.shim.backend is not None else " (no backend is loaded)"
-        return f"unknown param {name!r}{where}; see params.list"
+        return f"unknown param {name!r}{where}; see `xentmem params list`"
 
     def param_set(self, name: str, value: Any) -> dict[str, Any]:
         """Set a backend param or a knob; a shim flag is refused (read-only module param)."""
@@ -247,9 +247,11 @@ class Daemon:
             if key not in knobs.params:
                 raise UnknownName(self._unknown_param(name))
             previous = knobs.get(key)
+            previous_shown = knobs.show(key)
             typed = getattr(knobs.update({key: value}), key)
             log.info("knob %s: %r -> %r", key, previous, typed)
-            return {"name": key, "section": "selfballoon", "value": typed, "previous": previous}
+            return {"name": key, "section": "selfballoon", "value": typed, "previous": previous,
+                    "shown": knobs.show(key), "previous_shown": previous_shown}
 
     # -- reporting --------------------------------------------------------------------------------
 

@@ -14,12 +14,19 @@ from typing import Any
 
 import click
 
-from xentmem.console import EXIT_USAGE
 from xentmem.files import write_atomically
 from xentmem_cli.app import App, json_option
 
 #: The collector reads only files with this suffix (and so never our temporary file).
 TEXTFILE_SUFFIX = ".prom"
+
+
+def check_textfile(ctx: click.Context, param: click.Parameter,
+                   value: Path | None) -> Path | None:
+    if value is not None and value.suffix != TEXTFILE_SUFFIX:
+        raise click.BadParameter(f"{value}: node_exporter's textfile collector reads only "
+                                 f"*{TEXTFILE_SUFFIX} files; name it so")
+    return value
 
 
 def exposition(data: dict[str, Any]) -> str:
@@ -29,6 +36,7 @@ def exposition(data: dict[str, Any]) -> str:
 
 @click.command()
 @click.option("--textfile", type=click.Path(dir_okay=False, path_type=Path), metavar="PATH",
+              callback=check_textfile,
               help="Write the metrics to PATH atomically (temporary file, then rename), for "
                    "node_exporter's textfile collector: PATH is a *.prom file in its "
                    "--collector.textfile.directory.")
@@ -40,9 +48,6 @@ def metrics(app: App, *, textfile: Path | None, as_json: bool) -> None:
     For a periodic textfile, the daemon's own `metrics_textfile` setting does the same
     every `metrics_interval` seconds.
     """
-    if textfile is not None and textfile.suffix != TEXTFILE_SUFFIX:
-        app.abort(f"{textfile}: node_exporter's textfile collector reads only "
-                  f"*{TEXTFILE_SUFFIX} files; name it so", EXIT_USAGE)
     data = app.call("metrics")
     if textfile is None:
         app.emit(data, as_json=as_json, render=exposition)

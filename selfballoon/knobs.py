@@ -31,12 +31,16 @@ def parse_switch(text: str) -> bool:
 
 
 def parse_count(text: str) -> int:
-    """``kstrtoul(buf, 10)``: decimal digits, an optional ``+``, surrounding whitespace."""
+    """``kstrtoul(buf, 10)``: decimal digits, an optional ``+``, surrounding whitespace.
+
+    A ``-`` is read too, so that a negative count reaches the range check ("out of range")
+    instead of being called no number.
+    """
     word = text.strip()
-    digits = word[1:] if word.startswith("+") else word
+    digits = word[1:] if word[:1] in ("+", "-") else word
     if not digits.isascii() or not digits.isdigit():
         raise ValueError(f"{text!r} is not a base-10 number")
-    return int(digits, 10)
+    return -int(digits, 10) if word.startswith("-") else int(digits, 10)
 
 
 def parse_count_or_auto(text: str) -> int | None:

@@ -31,8 +31,10 @@ def test_every_selfballoon_knob_can_be_set(xentmem: Any) -> None:
         name = f"selfballoon.{record['name']}"  # qualified: selfballooning is a tmem flag too
         typed, stored = another_value(record)
         result = xentmem.json("params", "set", name, typed)
-        assert result == {"name": record["name"], "section": "selfballoon", "value": stored,
-                          "previous": record["value"]}
+        assert {k: result[k] for k in ("name", "section", "value", "previous")} == {
+            "name": record["name"], "section": "selfballoon", "value": stored,
+            "previous": record["value"]}
+        assert result["previous_shown"] == record["shown"]
         assert xentmem.json("params", "get", name)["value"] == stored
 
 
@@ -47,7 +49,7 @@ def test_auto_knob_can_be_set_and_reset(xentmem: Any) -> None:
     assert xentmem.json("params", "set", "selfballoon_min_usable_mb", "128")["value"] == 128
     back = xentmem.json("params", "set", "selfballoon_min_usable_mb", "auto")
     assert back == {"name": "selfballoon_min_usable_mb", "section": "selfballoon",
-                    "value": None, "previous": 128}
+                    "value": None, "previous": 128, "shown": "auto", "previous_shown": "128"}
 
 
 def test_backend_param_set_at_run_time(xentmem: Any) -> None:

@@ -78,7 +78,8 @@ def _count_or_auto(name: str, doc: str) -> Param:
 #: The nine files of ``xen_memory0/selfballoon/`` (``xen-selfballoon.c``), in its order.
 _KERNEL_DECLARATIONS = (
     _switch("selfballooning", True,
-            "self-ballooning on (1) or off (0); set from the tmem.selfballooning flag at load"),
+            "self-ballooning on (1) or off (0); set from the tmem flag selfballooning_at_load at "
+            "each load"),
     _count("selfballoon_interval", 5, "seconds between two ticks of the worker", unit="s"),
     _count("selfballoon_downhysteresis", 8,
            "divisor of the excess when shrinking: give back 1/N of it per tick"),
@@ -89,7 +90,8 @@ _KERNEL_DECLARATIONS = (
     _count_or_auto("selfballoon_reserved_mb",
                    "added to the goal (room for slab and caches); auto = 10% of RAM at start"),
     _switch("frontswap_selfshrinking", True,
-            "frontswap self-shrinking on (1) or off (0); set from tmem.selfshrinking at load"),
+            "frontswap self-shrinking on (1) or off (0); set from the tmem flag selfshrinking "
+            "at each load"),
     _count("frontswap_hysteresis", 20, "shrink frontswap by 1/N per shrink step"),
     _count("frontswap_inertia", 3,
            "ticks of calm frontswap before a shrink step; setting it restarts the countdown"),

@@ -62,3 +62,16 @@ def test_metrics_textfile_must_be_a_prom_file_in_an_existing_dir(
     assert_error(xentmem("metrics", "--textfile", str(tmp_path / "no" / "xentmem.prom")), 1,
                  "no such directory")
     assert not (tmp_path / "xentmem.txt").exists()
+
+
+def test_one_name_for_one_thing_and_the_knob_follows_the_flag_at_load(xentmem: Any) -> None:
+    records = xentmem.json("params", "list")
+    names = [record["name"] for record in records]
+    assert len(names) == len(set(names)), "every param has a name of its own"
+    assert xentmem.json("params", "set", "selfballooning", "0")["value"] is False
+    assert xentmem("unload").exit_code == 0
+    assert xentmem("load", "zcache").exit_code == 0
+    flag = xentmem.json("params", "get", "selfballooning_at_load")
+    knob = xentmem.json("params", "get", "selfballooning")
+    assert (flag["section"], flag["value"]) == ("tmem", True)
+    assert (knob["section"], knob["value"]) == ("selfballoon", True)

@@ -31,7 +31,8 @@ def test_status_json_names_the_backend_and_why(reader: Any, shared_daemon: Any) 
     assert data["backend_choice"]["requested"] == "auto"
     assert data["backend_choice"]["chosen"] == "zcache"
     assert data["backend_choice"]["reason"]
-    assert data["flags"] == {"cleancache": True, "frontswap": True, "selfballooning": True,
+    assert data["flags"] == {"cleancache": True, "frontswap": True,
+                             "selfballooning_at_load": True,
                              "selfshrinking": True, "frontswap_writethrough": False,
                              "frontswap_exclusive_gets": False}
     direct = daemon_answer(shared_daemon.socket, "status")
@@ -108,7 +109,8 @@ def test_params_list_covers_flags_backend_params_and_every_knob(reader: Any) -> 
     by_section: dict[str, list[str]] = {}
     for record in records:
         by_section.setdefault(record["section"], []).append(record["name"])
-    assert by_section["tmem"] == ["cleancache", "frontswap", "selfballooning", "selfshrinking",
+    assert by_section["tmem"] == ["cleancache", "frontswap", "selfballooning_at_load",
+                                  "selfshrinking",
                                   "frontswap_writethrough", "frontswap_exclusive_gets"]
     assert by_section["backend"] == ["capacity", "detailed_stats", "max_pools"]
     assert by_section["selfballoon"][:9] == [
@@ -138,7 +140,7 @@ def test_params_get_json_is_the_daemons_record(reader: Any) -> None:
         "accepted": "an integer >= 1 and <= 4294967295",
         "doc": "seconds between two ticks of the worker",
     }
-    flag = reader.json("params", "get", "tmem.selfballooning")
+    flag = reader.json("params", "get", "tmem.selfballooning_at_load")
     assert (flag["section"], flag["writable"], flag["value"]) == ("tmem", False, True)
     text = reader("params", "get", "selfballoon_downhysteresis")
     assert "value     8" in text.stdout.splitlines()

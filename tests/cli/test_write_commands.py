@@ -28,7 +28,7 @@ def test_every_selfballoon_knob_can_be_set(xentmem: Any) -> None:
     records = knob_records(xentmem)
     assert len(records) >= 9
     for record in records:
-        name = f"selfballoon.{record['name']}"  # qualified: selfballooning is a tmem flag too
+        name = f"selfballoon.{record['name']}"  # qualified, as a user may write it
         typed, stored = another_value(record)
         result = xentmem.json("params", "set", name, typed)
         assert {k: result[k] for k in ("name", "section", "value", "previous")} == {
@@ -90,7 +90,7 @@ def test_unload_then_load_with_module_params(xentmem: Any, assert_error: Any) ->
     loaded = xentmem.json("load", "zcache", "capacity=32M", "frontswap=0")
     assert loaded == {
         "backend": "zcache",
-        "params": {"cleancache": True, "frontswap": False, "selfballooning": False,
+        "params": {"cleancache": True, "frontswap": False, "selfballooning_at_load": False,
                    "selfshrinking": False, "frontswap_writethrough": False,
                    "frontswap_exclusive_gets": False, "capacity": "32M",
                    "detailed_stats": False, "max_pools": 1024},

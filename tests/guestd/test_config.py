@@ -157,7 +157,7 @@ def test_bad_override_is_refused(tmp_path: Path) -> None:
 PRECEDENCE_TOML = """\
 [tmem]
 cleancache = false
-selfballooning = true
+selfballooning_at_load = true
 
 [backend.zcache]
 capacity = "64M"
@@ -179,7 +179,7 @@ def test_precedence_flags_file_cmdline_defaults(tmp_path: Path, make_daemon) -> 
     flags = daemon.shim.flags
     params = daemon.shim.params()
     assert flags["cleancache"] is True          # -o 1 > file false > cmdline 1
-    assert flags["selfballooning"] is True      # file true > cmdline 0
+    assert flags["selfballooning_at_load"] is True  # file true > cmdline 0
     assert flags["selfshrinking"] is False      # cmdline noselfshrink > default true
     assert flags["frontswap_writethrough"] is False   # default
     assert params["capacity"] == "32M"          # -o > file

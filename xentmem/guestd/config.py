@@ -19,6 +19,7 @@ from typing import Any, Callable
 from xentmem.errors import ConfigError, ParamError, XentmemError
 from xentmem.guest.shim import SHIM_PARAMS
 from xentmem.params import Param, ParamSet, parse_assignments
+from xentmem_selfballoon.service import LOAD_FLAGS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -171,6 +172,12 @@ class ConfigSchema:
                     typed = params.lookup(entry.key, owner=entry.section).coerce(entry.value)
                     if entry.section == DAEMON_SECTION:
                         _check_daemon_value(entry.key, typed)
+                    if entry.section == KNOB_SECTION and entry.key in LOAD_FLAGS:
+                        flag = LOAD_FLAGS[entry.key]
+                        raise ParamError(
+                            f"{entry.key}: takes the tmem flag {flag}'s value at each load; "
+                            f"set that instead ([tmem] {flag}, options tmem {flag}=0, "
+                            f"-o {flag}=0), or `xentmem params set {entry.key}` at run time")
             except ParamError as exc:
                 # ParamError messages name the key already ("capacity: ...", "unknown param").
                 raise ConfigError(f"{entry.where}: [{entry.section}] {exc}") from None

@@ -199,7 +199,7 @@ class Daemon:
 
     def _locate(self, name: str) -> tuple[str, str]:
         """``[section.]name`` -> (section, name).  An unqualified name that two sections
-        declare (``selfballooning`` is a shim flag and a knob) means the one that can change
+        declare (a backend's param named as a knob) means the one that can change
         at run time: the backend's param, else the knob, else the shim flag."""
         section, dot, key = name.rpartition(".")
         backend = self.shim.backend

@@ -1,6 +1,6 @@
-"""A key set twice in a modprobe.d-style file: accepted (the later line wins, as with
+"""Names in a config file: a key set twice is accepted (the later line wins, as with
 modprobe), but never silently: a warning names both lines, and ``--check-config`` says which
-line's value is in force."""
+line's value is in force.  A balloon job's knob is set through its tmem flag."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 from test_config import schema
 
+from xentmem.errors import ConfigError
 from xentmem.guestd.app import command
 from xentmem.guestd.config import load, read_config
 
@@ -63,3 +64,18 @@ def test_check_config_names_the_line_that_won(tmp_path: Path) -> None:
     assert f"selfballoon.selfballoon_interval = 12 (from {path}:3)" in result.output
     assert (f"warning: {path}:3: [selfballoon] selfballoon_interval is set again "
             f"(first at {path}:1)") in result.output
+
+
+@pytest.mark.parametrize(("knob", "flag"), [("selfballooning", "selfballooning_at_load"),
+                                            ("frontswap_selfshrinking", "selfshrinking")])
+def test_a_job_knob_in_the_config_points_at_its_flag(tmp_path: Path, knob: str,
+                                                     flag: str) -> None:
+    """One name for one thing: the flag is the knob's value at each load, so the config sets
+    the flag, and naming the knob there says so instead of being overwritten at load."""
+    path = tmp_path / "xentmem.conf"
+    path.write_text(f"options selfballoon {knob}=0\n")
+    with pytest.raises(ConfigError) as info:
+        read_config(path, schema())
+    message = str(info.value)
+    assert message.startswith(f"{path}:1: [selfballoon] {knob}: takes the tmem flag {flag}")
+    assert f"options tmem {flag}=0" in message

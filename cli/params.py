@@ -20,7 +20,9 @@ from xentmem_cli import render
 from xentmem_cli.app import App, json_option
 
 SECTIONS = ("tmem", "backend", "selfballoon")
-LIST_COLUMNS = ("name", "section", "value", "default", "writable", "unit")
+#: ``from``: where the value came from (command line, file:line, kernel command line,
+#: default, auto, load request, params set).
+LIST_COLUMNS = ("name", "section", "value", "default", "writable", "unit", "from")
 #: How long completion may wait for the daemon before offering nothing.
 COMPLETION_TIMEOUT_S = 1.0
 

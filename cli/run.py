@@ -162,7 +162,7 @@ def describe_ready(status: dict[str, Any] | None, pid: int, socket_path: Path,
         choice = status.get("backend_choice") or {}
         backend = status.get("backend") or {}
         name = backend.get("name") if isinstance(backend, dict) else None
-        how = f"{choice.get('requested')}: {choice.get('reason')}" if choice else ""
+        how = choice_text(choice) if choice else ""
         lines.append(f"  backend: {name or 'none loaded'}" + (f" ({how})" if how else ""))
         balloon = status.get("balloon")
         if isinstance(balloon, dict):
@@ -180,6 +180,15 @@ def describe_ready(status: dict[str, Any] | None, pid: int, socket_path: Path,
     lines.append("Ctrl-C stops it (swap pages held in tmem go back to their backing stores "
                  "first).")
     return lines
+
+
+def choice_text(choice: dict[str, Any]) -> str:
+    """``auto, the default: <why>`` or the reason a named backend gives (where it was named)."""
+    requested, origin = choice.get("requested"), choice.get("from")
+    if requested != "auto":
+        return str(choice.get("reason"))
+    where = "the default" if origin in (None, "default") else f"from {origin}"
+    return f"auto, {where}: {choice.get('reason')}"
 
 
 def balloon_summary(balloon: dict[str, Any]) -> str:

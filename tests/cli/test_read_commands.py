@@ -129,8 +129,9 @@ def test_params_list_filters_by_section_and_writable(reader: Any) -> None:
     assert "cleancache" not in {r["name"] for r in writable}
     text = reader("params", "list", "--section", "backend")
     assert text.stdout.splitlines()[0].split() == ["NAME", "SECTION", "VALUE", "DEFAULT",
-                                                   "WRITABLE", "UNIT"]
-    assert text.stdout.splitlines()[1].split() == ["capacity", "backend", "10%", "10%", "rw"]
+                                                   "WRITABLE", "UNIT", "FROM"]
+    assert text.stdout.splitlines()[1].split() == ["capacity", "backend", "10%", "10%", "rw",
+                                                   "default"]
 
 
 def test_params_get_json_is_the_daemons_record(reader: Any) -> None:
@@ -138,7 +139,7 @@ def test_params_get_json_is_the_daemons_record(reader: Any) -> None:
         "name": "selfballoon_interval", "section": "selfballoon", "type": "int", "default": 5,
         "value": 5, "shown": "5", "writable": True, "unit": "s",
         "accepted": "an integer >= 1 and <= 4294967295",
-        "doc": "seconds between two ticks of the worker",
+        "doc": "seconds between two ticks of the worker", "from": "default",
     }
     flag = reader.json("params", "get", "tmem.selfballooning_at_load")
     assert (flag["section"], flag["writable"], flag["value"]) == ("tmem", False, True)

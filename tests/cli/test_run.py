@@ -102,14 +102,15 @@ def test_notification_parse() -> None:
 def test_ready_banner_tells_a_newcomer_what_to_do_next(tmp_path: Path) -> None:
     status = {
         "backend": {"name": "zcache"},
-        "backend_choice": {"requested": "auto", "chosen": "zcache", "reason": "no Xen"},
+        "backend_choice": {"requested": "auto", "chosen": "zcache", "reason": "no Xen",
+                           "from": "default"},
         "balloon": {"running": True, "jobs": ["selfballooning"], "report_only": True},
     }
     socket_path = tmp_path / "control.sock"
     lines = describe_ready(status, 42, socket_path)
     assert lines[:4] == [
         "xentmemd is ready (pid 42)",
-        "  backend: zcache (auto: no Xen)",
+        "  backend: zcache (auto, the default: no Xen)",
         "  balloon: running (selfballooning), report-only: it computes targets but does not "
         "move the balloon",
         f"  socket:  {socket_path}",

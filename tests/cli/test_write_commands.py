@@ -95,7 +95,7 @@ def test_unload_then_load_with_module_params(xentmem: Any, assert_error: Any) ->
                    "frontswap_exclusive_gets": False, "capacity": "32M",
                    "detailed_stats": False, "max_pools": 1024},
         "choice": {"requested": "zcache", "chosen": "zcache",
-                   "reason": "named in the configuration"},
+                   "reason": "named in the load request", "from": "load request"},
     }
     status = xentmem.json("status")
     assert status["flags"]["frontswap"] is False

@@ -52,8 +52,10 @@ def test_auto_prefers_xen_when_its_probe_passes(tmp_path: Path) -> None:
     finally:
         FakeXen.reachable = False
     assert choice.chosen == "xen" and choice.backend_class is FakeXen
-    assert choose_backend("zcache", roots, table.__getitem__).reason == \
-        "named in the configuration"
+    assert choose_backend("zcache", roots, table.__getitem__, "/etc/x.conf:2").reason == \
+        "named in /etc/x.conf:2"
+    assert choose_backend("zcache", roots, table.__getitem__, "command line").reason == \
+        "named in the command line"
 
 
 def test_auto_with_nothing_usable_is_an_error(tmp_path: Path) -> None:

@@ -39,6 +39,16 @@ ANY_BACKEND = "*"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+#: Where a setting came from, as ``params list``, ``status`` and the log say it (besides
+#: ``file:line``, which names the config file's line).
+FROM_COMMAND_LINE = "command line"  # xentmemd's flags and -o words
+FROM_KERNEL = "kernel command line"
+FROM_DEFAULT = "default"
+FROM_AUTO = "auto"  # the automatic value (a knob's "auto", or backend "auto")
+FROM_LOAD = "load request"  # xentmem load NAME name=value
+FROM_RUN_TIME = "params set"  # changed at run time over the socket
+
+
 #: Permission bits for "others": the control socket serves the page API and params.set, so
 #: it is owner-only, or owner and one group, never every local user.
 WORLD_BITS = 0o007
@@ -98,7 +108,7 @@ class Config:
     backend_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     #: Only the knobs named; unnamed knobs keep their defaults.
     knobs: Mapping[str, Any] = field(default_factory=dict)
-    #: ``"section.key"`` -> ``"file:line"`` or ``"-o"``, for logs.
+    #: ``"section.key"`` -> ``"file:line"`` or :data:`FROM_COMMAND_LINE`.
     origins: Mapping[str, str] = field(default_factory=dict)
     #: What was accepted but deserves a word (a key set on two lines: both named).
     warnings: tuple[str, ...] = ()
@@ -106,6 +116,14 @@ class Config:
     @property
     def backend(self) -> str:
         return str(self.daemon["backend"])
+
+    def origin(self, section: str, key: str) -> str | None:
+        """``file:line`` or :data:`FROM_COMMAND_LINE` for a key the file or a flag set, else
+        None.  ``section`` is daemon, tmem, selfballoon or a backend's name (a flag meant
+        for whichever backend loads counts for every backend)."""
+        return self.origins.get(f"{section}.{key}") or (
+            self.origins.get(f"{ANY_BACKEND}.{key}")
+            if section not in (DAEMON_SECTION, TMEM_SECTION, KNOB_SECTION) else None)
 
     def load_params(self, backend_name: str) -> dict[str, Any]:
         """The explicit params of a load of ``backend_name``: shim flags + that backend's."""
@@ -126,7 +144,7 @@ class _Entry:
     section: str  # daemon | tmem | selfballoon | backend name
     key: str
     value: Any
-    where: str  # "file:line" or "-o"
+    where: str  # "file:line" or FROM_COMMAND_LINE
 
 
 class ConfigSchema:
@@ -190,7 +208,7 @@ class ConfigSchema:
             else:
                 backends.setdefault(entry.section, {})[entry.key] = typed
             origin_key = f"{entry.section}.{entry.key}"
-            if origin_key in origins and entry.where != "-o":
+            if origin_key in origins and entry.where != FROM_COMMAND_LINE:
                 warnings.append(_duplicate_warning(entry, origins[origin_key]))
             origins[origin_key] = entry.where
         if daemon["backend"] != "auto":
@@ -218,7 +236,7 @@ class ConfigSchema:
             except (XentmemError, LookupError):  # not importable here: it cannot load either
                 continue
         for key, value in values.items():
-            where = origins.get(f"{ANY_BACKEND}.{key}", "-o")
+            where = origins.get(f"{ANY_BACKEND}.{key}", FROM_COMMAND_LINE)
             declaring = {name: params[key] for name, params in sets.items() if key in params}
             if not declaring:
                 which = (f"the backend {backend!r}" if backend != "auto" else
@@ -388,7 +406,7 @@ def override_entries(words: list[str] | tuple[str, ...], knob_params: ParamSet) 
             section = DAEMON_SECTION
         else:
             section = ANY_BACKEND
-        entries.append(_Entry(section, key, value, "-o"))
+        entries.append(_Entry(section, key, value, FROM_COMMAND_LINE))
     return entries
 
 

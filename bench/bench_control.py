@@ -107,7 +107,7 @@ def rate(count: int, action: Callable[[int], None]) -> float:
 
 def in_process(pages: list[bytes], root: Path) -> dict[str, float]:
     shim = Shim(roots=Roots(root=root), boot=BootParams())
-    shim.load(ZcacheBackend, {"capacity": CAPACITY, "selfballooning": False,
+    shim.load(ZcacheBackend, {"capacity": CAPACITY, "selfballooning_at_load": False,
                               "selfshrinking": False})
     count = len(pages)
     shim.frontswap.init(0, MemoryBacking(count))

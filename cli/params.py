@@ -20,7 +20,9 @@ from xentmem_cli import render
 from xentmem_cli.app import App, json_option
 
 SECTIONS = ("tmem", "backend", "selfballoon")
-LIST_COLUMNS = ("name", "section", "value", "default", "writable", "unit")
+#: ``from``: where the value came from (command line, file:line, kernel command line,
+#: default, auto, load request, params set).
+LIST_COLUMNS = ("name", "section", "value", "default", "writable", "unit", "from")
 #: How long completion may wait for the daemon before offering nothing.
 COMPLETION_TIMEOUT_S = 1.0
 
@@ -93,11 +95,15 @@ def get_param(app: App, *, name: str, as_json: bool) -> None:
 
 
 def set_line(result: dict[str, Any]) -> str:
-    return (f"{result.get('name')} = {knob_text(result.get('value'))} "
-            f"(was {knob_text(result.get('previous'))})")
+    """``name = value (was previous)``, spelt as ``params list`` shows them (``auto``)."""
+    value = result["shown"] if "shown" in result else knob_text(result.get("value"))
+    previous = (result["previous_shown"] if "previous_shown" in result
+                else knob_text(result.get("previous")))
+    return f"{result.get('name')} = {value} (was {previous})"
 
 
-@params.command("set")
+#: A VALUE such as ``-5`` is a value, not an option: the daemon's range check refuses it.
+@params.command("set", context_settings={"ignore_unknown_options": True})
 @click.argument("name", shell_complete=complete_param_name)
 @click.argument("value")
 @json_option

@@ -1,15 +1,20 @@
 """``xentmem run``: the daemon in this terminal, for a first look (the README's main command).
 
-It starts ``xentmemd`` in the foreground with defaults that work without root (a run dir
-under ``$XDG_RUNTIME_DIR``, or a new temporary one), waits until the daemon reports READY the
-way it would to systemd, and then prints what a newcomer needs: which backend it picked and
-why, what the balloon does, where the control socket is, and the commands to try from a
-second terminal.  The daemon's own log lines follow on stderr; Ctrl-C stops it cleanly.
+It starts ``xentmemd`` in the foreground in places of its own, for root too (a run dir
+under ``$XDG_RUNTIME_DIR``, or a new temporary one, and its ``state/``), so a try-out never
+takes over the system service's ``/run/xentmem`` and ``/var/lib/xentmem`` unless asked
+(``--system``).  It waits until the daemon reports READY the way it would to systemd, and
+then prints what a newcomer needs: which backend it picked and why, what the balloon does,
+the socket the daemon opened, and commands to paste into a second terminal as they are
+(this CLI's full path: a venv's ``bin/`` is seldom on PATH).  The daemon's own log lines
+follow on stderr; Ctrl-C stops it cleanly.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import signal
 import sys
 import tempfile
@@ -30,6 +35,14 @@ from xentmem_cli.backend import complete_backend
 from xentmem_cli.foreground import ForegroundDaemon
 
 SYSTEM_RUN_DIR = Path(DEFAULT_SOCKET_PATH).parent
+#: What the banner offers to type next, and what the README's quick start lists: one list.
+NEXT_COMMANDS = (
+    ("status", "backend and why, flags, frontends"),
+    ("params list", "every flag, param and knob; params set NAME VALUE changes one"),
+    ("stats", "counters"),
+    ("balloon", "goal, target, floor and the last decisions"),
+    ("pools", "the tmem pools and their pages"),
+)
 #: The daemon loads its backend and opens its socket in well under a second; this is slack.
 DEFAULT_START_TIMEOUT_S = 60.0
 #: Environment that describes *our* place under systemd; the child's stderr is a terminal.
@@ -39,24 +52,76 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 EMERGENCY_STOP_TIMEOUT_S = 30.0
 
 
-def default_run_dir(euid: int, env: dict[str, str] | os._Environ[str]) -> tuple[Path, str]:
+def default_run_dir(env: dict[str, str] | os._Environ[str], *,
+                    system: bool = False) -> tuple[Path, str]:
     """Where the daemon's socket goes, and why there.
 
-    root: ``/run/xentmem``, as under systemd.  Anyone else: ``$XDG_RUNTIME_DIR/xentmem``
-    (private to the user, cleaned at logout), else a new private temporary directory.
+    ``system`` (root asked for it): ``/run/xentmem``, the service's own.  Otherwise, root or
+    not: ``$XDG_RUNTIME_DIR/xentmem`` (private to the user, cleaned at logout), else a new
+    private temporary directory, so a try-out never takes over the system service's places.
     """
-    if euid == 0:
-        return SYSTEM_RUN_DIR, "root: the system run directory"
+    if system:
+        return SYSTEM_RUN_DIR, "--system: the system service's run directory"
     runtime = env.get("XDG_RUNTIME_DIR")
     if runtime and Path(runtime).is_dir() and os.access(runtime, os.W_OK):
-        return Path(runtime) / "xentmem", "not root: under $XDG_RUNTIME_DIR"
-    return Path(tempfile.mkdtemp(prefix="xentmem-run-")), "not root: a new temporary directory"
+        return Path(runtime) / "xentmem", "under $XDG_RUNTIME_DIR"
+    return Path(tempfile.mkdtemp(prefix="xentmem-run-")), "a new temporary directory"
 
 
-def default_state_dir(euid: int, run_dir: Path) -> Path | None:
-    """Where file-backed swap areas go: the daemon's default (/var/lib/xentmem) for root;
-    anyone else cannot write there, so ``state/`` in the run directory."""
-    return None if euid == 0 else run_dir / "state"
+def default_state_dir(run_dir: Path, *, system: bool = False) -> Path | None:
+    """Where file-backed swap areas and ``shutdown.json`` go: the daemon's default
+    (/var/lib/xentmem) only with ``system``; otherwise ``state/`` in the run directory."""
+    return None if system else run_dir / "state"
+
+
+def split_places(daemon_args: tuple[str, ...]) -> tuple[Path | None, Path | None,
+                                                        tuple[str, ...]]:
+    """``--run-dir`` and ``--state-dir`` given after ``--`` (the last of each wins, as in
+    the daemon's parser), and the other words unchanged: the banner must name the socket
+    the daemon really opens, and the lock check must look there."""
+    found: dict[str, Path] = {}
+    rest: list[str] = []
+    words = list(daemon_args)
+    i = 0
+    while i < len(words):
+        word = words[i]
+        name, eq, value = word.partition("=")
+        if name in ("--run-dir", "--state-dir"):
+            if eq:
+                found[name] = Path(value)
+            elif i + 1 < len(words):
+                found[name] = Path(words[i + 1])
+                i += 1
+            else:  # no value: leave it for the daemon to refuse
+                rest.append(word)
+        else:
+            rest.append(word)
+        i += 1
+    return found.get("--run-dir"), found.get("--state-dir"), tuple(rest)
+
+
+def cli_path(argv0: str, executable: str) -> str:
+    """How to type this CLI in a new shell: ``xentmem`` if that is what PATH finds, else
+    its full path (a venv's ``bin/`` is on PATH only once the venv is activated)."""
+    candidates = [Path(argv0)] if Path(argv0).name == "xentmem" else []
+    candidates.append(Path(executable).parent / "xentmem")  # the venv's script, unresolved
+    mine = next((c for c in candidates if c.is_file()), None)
+    if mine is None:
+        return "xentmem"
+    mine = Path(os.path.abspath(mine))
+    found = shutil.which("xentmem")
+    if found is not None and os.path.samefile(found, mine):
+        return "xentmem"
+    return str(mine)
+
+
+def next_commands(program: str, socket_path: Path) -> list[str]:
+    """The commands to paste into a second terminal, each complete on its own line."""
+    base = shlex.quote(program)
+    if str(socket_path) != DEFAULT_SOCKET_PATH:
+        base += " --socket " + shlex.quote(str(socket_path))
+    width = max(len(f"{base} {words}") for words, _ in NEXT_COMMANDS)
+    return [f"  {(base + ' ' + words).ljust(width)}  # {what}" for words, what in NEXT_COMMANDS]
 
 
 def daemon_command(run_dir: Path, *, config: str | None, backend: str | None,
@@ -89,30 +154,41 @@ def child_env(parent: dict[str, str] | os._Environ[str], stderr_is_tty: bool) ->
     return env
 
 
-def describe_ready(status: dict[str, Any] | None, pid: int, socket_path: Path) -> list[str]:
-    """The lines printed once the daemon is ready."""
+def describe_ready(status: dict[str, Any] | None, pid: int, socket_path: Path,
+                   program: str = "xentmem") -> list[str]:
+    """The lines printed once the daemon is ready; ``program`` is how to type this CLI."""
     lines = [f"xentmemd is ready (pid {pid})"]
     if status is not None:
         choice = status.get("backend_choice") or {}
         backend = status.get("backend") or {}
         name = backend.get("name") if isinstance(backend, dict) else None
-        how = f"{choice.get('requested')}: {choice.get('reason')}" if choice else ""
+        how = choice_text(choice) if choice else ""
         lines.append(f"  backend: {name or 'none loaded'}" + (f" ({how})" if how else ""))
         balloon = status.get("balloon")
         if isinstance(balloon, dict):
             lines.append("  balloon: " + balloon_summary(balloon))
     lines.append(f"  socket:  {socket_path}")
-    lines.append("In another terminal:")
+    lines.append("In another terminal, paste any of these as they are:")
+    lines += next_commands(program, socket_path)
+    shorter = []
+    if program != "xentmem":
+        shorter.append(f"source {shlex.quote(str(Path(program).parent / 'activate'))}")
     if str(socket_path) != DEFAULT_SOCKET_PATH:
-        lines.append(f"  export XENTMEM_SOCKET={socket_path}")
-    lines += [
-        "  xentmem status         # backend, flags, frontends",
-        "  xentmem params list    # every flag, param and knob; xentmem params set NAME VALUE",
-        "  xentmem stats          # counters",
-        "  xentmem balloon        # goal, target, floor and the last decisions",
-        "Ctrl-C stops it (swap pages held in tmem go back to their backing stores first).",
-    ]
+        shorter.append(f"export XENTMEM_SOCKET={shlex.quote(str(socket_path))}")
+    if shorter:
+        lines.append(f"  (or once: {'; '.join(shorter)}; then plain `xentmem status`)")
+    lines.append("Ctrl-C stops it (swap pages held in tmem go back to their backing stores "
+                 "first).")
     return lines
+
+
+def choice_text(choice: dict[str, Any]) -> str:
+    """``auto, the default: <why>`` or the reason a named backend gives (where it was named)."""
+    requested, origin = choice.get("requested"), choice.get("from")
+    if requested != "auto":
+        return str(choice.get("reason"))
+    where = "the default" if origin in (None, "default") else f"from {origin}"
+    return f"auto, {where}: {choice.get('reason')}"
 
 
 def balloon_summary(balloon: dict[str, Any]) -> str:
@@ -141,6 +217,12 @@ def forwarded_signals(on_signal: Callable[[int], None]) -> Iterator[None]:
             signal.signal(signum, old)
 
 
+def opened_socket(status: dict[str, Any] | None, expected: Path) -> Path:
+    """The socket in the run directory the daemon reports (``expected`` if it says none)."""
+    run_dir = status.get("run_dir") if isinstance(status, dict) else None
+    return Path(run_dir) / SOCKET_NAME if isinstance(run_dir, str) and run_dir else expected
+
+
 def ready_status(socket_path: Path, timeout: float) -> dict[str, Any] | None:
     """The daemon's status for the banner; None (and the banner without it) on any error."""
     try:
@@ -164,8 +246,11 @@ def already_running(socket_path: Path) -> bool:
 
 @click.command(context_settings={"ignore_unknown_options": True})
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Where the socket goes [default: /run/xentmem as root, else "
-                   "$XDG_RUNTIME_DIR/xentmem or a new temporary directory].")
+              help="Where the socket goes [default: $XDG_RUNTIME_DIR/xentmem, else a new "
+                   "temporary directory; swap areas go to its state/].")
+@click.option("--system", is_flag=True,
+              help="Use the system service's places, /run/xentmem and /var/lib/xentmem "
+                   "(root; stop the service first).")
 @click.option("--root", envvar="XENTMEM_ROOT", show_envvar=True,
               type=click.Path(file_okay=False, exists=True),
               help="A system root to read /proc, /sys and /etc from instead of / (a test "
@@ -184,35 +269,43 @@ def already_running(socket_path: Path) -> bool:
               help="Give up if the daemon is not ready by then.")
 @click.argument("daemon_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- XENTMEMD_ARGS]")
 @click.pass_obj
-def run(app: App, *, run_dir: Path | None, root: str | None, config: str | None,
-        backend: str | None,
+def run(app: App, *, run_dir: Path | None, system: bool, root: str | None,
+        config: str | None, backend: str | None,
         log_level: str | None, options: tuple[str, ...], start_timeout: float,
         daemon_args: tuple[str, ...]) -> None:
     """Run the daemon in this terminal and show what it does (Ctrl-C stops it).
 
-    Without Xen it runs on the local zcache store and the balloon only reports.  Arguments
-    after -- go to xentmemd unchanged (see `xentmemd --help`).
+    Without Xen it runs on the local zcache store and the balloon only reports.  It keeps
+    its socket, lock, swap areas and shutdown record in a directory of its own (printed at
+    start), never in the system service's unless --system.  Arguments after -- go to
+    xentmemd unchanged (see `xentmemd --help`).
     """
-    if run_dir is None:
-        run_dir, why = default_run_dir(os.geteuid(), os.environ)
+    after_run_dir, after_state_dir, daemon_args = split_places(daemon_args)
+    run_dir = after_run_dir or run_dir
+    if run_dir is not None:
+        why = "-- --run-dir" if after_run_dir is not None else "--run-dir"
     else:
-        why = "--run-dir"
+        run_dir, why = default_run_dir(os.environ, system=system)
+    state_dir = after_state_dir or default_state_dir(run_dir, system=system)
     socket_path = run_dir / SOCKET_NAME
     if already_running(socket_path):
         app.abort(f"a xentmemd already answers on {socket_path}; stop it first or pick "
                   "another --run-dir")
     argv = daemon_command(run_dir, config=config, backend=backend, log_level=log_level,
-                          options=options, extra=daemon_args, root=root,
-                          state_dir=default_state_dir(os.geteuid(), run_dir))
-    app.status(f"xentmem run: starting xentmemd in the foreground, run dir {run_dir} ({why})")
+                          options=options, extra=daemon_args, root=root, state_dir=state_dir)
+    state_text = (f"{state_dir}" if state_dir is not None
+                  else "the system service's (xentmemd's default, in its first log line)")
+    app.status(f"xentmem run: starting xentmemd in the foreground; run dir {run_dir} ({why}), "
+               f"state dir {state_text}")
     daemon = ForegroundDaemon(argv, child_env(os.environ, sys.stderr.isatty()))
-    code = supervise(app, daemon, socket_path, start_timeout)
+    code = supervise(app, daemon, socket_path, start_timeout,
+                     program=cli_path(sys.argv[0], sys.executable))
     if code != 0:
         raise click.exceptions.Exit(code)
 
 
 def supervise(app: App, daemon: ForegroundDaemon, socket_path: Path,
-              start_timeout: float) -> int:
+              start_timeout: float, program: str = "xentmem") -> int:
     """Start, announce READY, echo STATUS changes, forward stop signals; the exit status."""
     clock = SystemClock()
     presses: list[int] = []
@@ -230,7 +323,8 @@ def supervise(app: App, daemon: ForegroundDaemon, socket_path: Path,
     with forwarded_signals(on_signal):
         pid = daemon.start()
         try:
-            return _watch(app, daemon, pid, socket_path, start_timeout, clock, presses)
+            return _watch(app, daemon, pid, socket_path, start_timeout, clock, presses,
+                          program)
         finally:
             # Only reached with the daemon alive if this process failed: stop it, in order.
             alive = daemon.process is not None and daemon.process.poll() is None
@@ -240,7 +334,8 @@ def supervise(app: App, daemon: ForegroundDaemon, socket_path: Path,
 
 
 def _watch(app: App, daemon: ForegroundDaemon, pid: int, socket_path: Path,
-           start_timeout: float, clock: SystemClock, presses: list[int]) -> int:
+           start_timeout: float, clock: SystemClock, presses: list[int],
+           program: str) -> int:
     deadline = clock.monotonic() + start_timeout
     ready = timed_out = False
     last_status: str | None = None
@@ -253,7 +348,8 @@ def _watch(app: App, daemon: ForegroundDaemon, pid: int, socket_path: Path,
             ready = True
             last_status = note.status
             status = ready_status(socket_path, app.timeout)
-            for line in describe_ready(status, pid, socket_path):
+            opened = opened_socket(status, socket_path)
+            for line in describe_ready(status, pid, opened, program):
                 app.status(line)
         elif note is not None and note.status and note.status != last_status:
             last_status = note.status

@@ -31,8 +31,12 @@ def parse_switch(text: str) -> bool:
 
 
 def parse_count(text: str) -> int:
-    """``kstrtoul(buf, 10)``: every param's number reading, with an optional ``+``."""
-    return parse_int(text, signs="+")
+    """``kstrtoul(buf, 10)``: every param's number reading, with an optional sign.
+
+    A ``-`` is read too, so that a negative count reaches the range check ("out of range")
+    instead of being called no number.
+    """
+    return parse_int(text, signs="+-")
 
 
 def parse_count_or_auto(text: str) -> int | None:
@@ -70,7 +74,8 @@ def _count_or_auto(name: str, doc: str) -> Param:
 #: The nine files of ``xen_memory0/selfballoon/`` (``xen-selfballoon.c``), in its order.
 _KERNEL_DECLARATIONS = (
     _switch("selfballooning", True,
-            "self-ballooning on (1) or off (0); set from the tmem.selfballooning flag at load"),
+            "self-ballooning on (1) or off (0); set from the tmem flag selfballooning_at_load at "
+            "each load"),
     _count("selfballoon_interval", 5, "seconds between two ticks of the worker", unit="s"),
     _count("selfballoon_downhysteresis", 8,
            "divisor of the excess when shrinking: give back 1/N of it per tick"),
@@ -81,7 +86,8 @@ _KERNEL_DECLARATIONS = (
     _count_or_auto("selfballoon_reserved_mb",
                    "added to the goal (room for slab and caches); auto = 10% of RAM at start"),
     _switch("frontswap_selfshrinking", True,
-            "frontswap self-shrinking on (1) or off (0); set from tmem.selfshrinking at load"),
+            "frontswap self-shrinking on (1) or off (0); set from the tmem flag selfshrinking "
+            "at each load"),
     _count("frontswap_hysteresis", 20, "shrink frontswap by 1/N per shrink step"),
     _count("frontswap_inertia", 3,
            "ticks of calm frontswap before a shrink step; setting it restarts the countdown"),

@@ -23,6 +23,12 @@ from xentmem_selfballoon.policy import auto_reserved_mb
 
 log = logging.getLogger(__name__)
 
+#: Knob -> the shim's flag that sets it at each load (tmem.c passes its ``selfballooning``
+#: and ``selfshrinking`` to ``xen_selfballoon_init``).  A config cannot set these knobs:
+#: the flag is their load-time value.
+LOAD_FLAGS = {"selfballooning": "selfballooning_at_load",
+              "frontswap_selfshrinking": "selfshrinking"}
+
 DEFAULT_JOIN_TIMEOUT_S = 5.0
 _real_clock = SystemClock()
 
@@ -66,7 +72,6 @@ class SelfballoonService:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._why_not: str | None = "no backend loaded"
-        self._forced_off: set[str] = set()
         #: Workers told to stop that were still in a tick when a new one started.
         self._retired: list[threading.Thread] = []
 
@@ -76,8 +81,8 @@ class SelfballoonService:
         """Start the worker if the flags allow it (``xen_selfballoon_init``)."""
         roots = self._roots or shim.roots
         flags = shim.flags
-        balloon_on = bool(flags.get("selfballooning", False))
-        shrink_on = bool(flags.get("selfshrinking", False))
+        balloon_on = bool(flags.get(LOAD_FLAGS["selfballooning"], False))
+        shrink_on = bool(flags.get(LOAD_FLAGS["frontswap_selfshrinking"], False))
         reason = None
         try:
             if is_control_domain(roots):
@@ -85,7 +90,7 @@ class SelfballoonService:
         except InputError as exc:
             reason = f"cannot tell whether this is dom0: {exc}"
         if reason is None and not (balloon_on or shrink_on):
-            reason = "selfballooning and selfshrinking flags are off"
+            reason = "selfballooning_at_load and selfshrinking flags are off"
             if not flags.get("frontswap", False):  # the shim's load switched both off
                 reason += " (frontswap is off: no point driving pages to swap)"
         if reason is not None:
@@ -125,8 +130,9 @@ class SelfballoonService:
                 self._refuse_locked(f"cannot measure RAM for reserved_mb: {exc}")
                 return False
             self._knobs.set_auto_reserved_mb(auto_reserved_mb(totalram))
-            self._apply_flags({"selfballooning": selfballooning,
-                               "frontswap_selfshrinking": selfshrinking})
+            # xen_selfballoon_init(): each job's knob takes its flag's value at every load.
+            self._knobs.update({"selfballooning": selfballooning,
+                                "frontswap_selfshrinking": selfshrinking})
             loop = SelfballoonLoop(
                 roots,
                 self._knobs,
@@ -161,20 +167,6 @@ class SelfballoonService:
                               "starting a new one, the old one ends after that tick")
             self._retired.append(thread)
         self._thread = None
-
-    def _apply_flags(self, allowed: Mapping[str, bool]) -> None:
-        """A flag that is off switches its knob off; one that is on undoes that, if we did it."""
-        changes: dict[str, bool] = {}
-        for knob, flag_on in allowed.items():
-            if not flag_on:
-                if self._knobs.get(knob):
-                    self._forced_off.add(knob)
-                changes[knob] = False
-            elif knob in self._forced_off:
-                self._forced_off.discard(knob)
-                changes[knob] = True
-        if changes:
-            self._knobs.update(changes)
 
     def _run(self, loop: SelfballoonLoop, stop: threading.Event) -> None:
         try:

@@ -31,7 +31,8 @@ def test_status_json_names_the_backend_and_why(reader: Any, shared_daemon: Any) 
     assert data["backend_choice"]["requested"] == "auto"
     assert data["backend_choice"]["chosen"] == "zcache"
     assert data["backend_choice"]["reason"]
-    assert data["flags"] == {"cleancache": True, "frontswap": True, "selfballooning": True,
+    assert data["flags"] == {"cleancache": True, "frontswap": True,
+                             "selfballooning_at_load": True,
                              "selfshrinking": True, "frontswap_writethrough": False,
                              "frontswap_exclusive_gets": False}
     direct = daemon_answer(shared_daemon.socket, "status")
@@ -108,7 +109,8 @@ def test_params_list_covers_flags_backend_params_and_every_knob(reader: Any) -> 
     by_section: dict[str, list[str]] = {}
     for record in records:
         by_section.setdefault(record["section"], []).append(record["name"])
-    assert by_section["tmem"] == ["cleancache", "frontswap", "selfballooning", "selfshrinking",
+    assert by_section["tmem"] == ["cleancache", "frontswap", "selfballooning_at_load",
+                                  "selfshrinking",
                                   "frontswap_writethrough", "frontswap_exclusive_gets"]
     assert by_section["backend"] == ["capacity", "detailed_stats", "max_pools"]
     assert by_section["selfballoon"][:9] == [
@@ -127,8 +129,9 @@ def test_params_list_filters_by_section_and_writable(reader: Any) -> None:
     assert "cleancache" not in {r["name"] for r in writable}
     text = reader("params", "list", "--section", "backend")
     assert text.stdout.splitlines()[0].split() == ["NAME", "SECTION", "VALUE", "DEFAULT",
-                                                   "WRITABLE", "UNIT"]
-    assert text.stdout.splitlines()[1].split() == ["capacity", "backend", "10%", "10%", "rw"]
+                                                   "WRITABLE", "UNIT", "FROM"]
+    assert text.stdout.splitlines()[1].split() == ["capacity", "backend", "10%", "10%", "rw",
+                                                   "default"]
 
 
 def test_params_get_json_is_the_daemons_record(reader: Any) -> None:
@@ -136,9 +139,9 @@ def test_params_get_json_is_the_daemons_record(reader: Any) -> None:
         "name": "selfballoon_interval", "section": "selfballoon", "type": "int", "default": 5,
         "value": 5, "shown": "5", "writable": True, "unit": "s",
         "accepted": "an integer >= 1 and <= 4294967295",
-        "doc": "seconds between two ticks of the worker",
+        "doc": "seconds between two ticks of the worker", "from": "default",
     }
-    flag = reader.json("params", "get", "tmem.selfballooning")
+    flag = reader.json("params", "get", "tmem.selfballooning_at_load")
     assert (flag["section"], flag["writable"], flag["value"]) == ("tmem", False, True)
     text = reader("params", "get", "selfballoon_downhysteresis")
     assert "value     8" in text.stdout.splitlines()

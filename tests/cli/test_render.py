@@ -57,14 +57,16 @@ def test_tree_puts_plain_values_first_then_sections() -> None:
 def test_params_table_shows_values_as_sysfs_does() -> None:
     records = [
         {"name": "frontswap", "section": "tmem", "value": True, "default": True,
-         "writable": False, "unit": ""},
+         "writable": False, "unit": "", "from": "kernel command line"},
         {"name": "selfballoon_reserved_mb", "section": "selfballoon", "value": None,
-         "shown": "auto (204)", "default": None, "writable": True, "unit": "MiB"},
+         "shown": "auto (204)", "default": None, "writable": True, "unit": "MiB",
+         "from": "auto"},
     ]
     assert list_table(records) == (
-        "NAME                     SECTION      VALUE       DEFAULT  WRITABLE  UNIT\n"
-        "frontswap                tmem         1           1        ro\n"
-        "selfballoon_reserved_mb  selfballoon  auto (204)  -        rw        MiB"
+        "NAME                     SECTION      VALUE       DEFAULT  WRITABLE  UNIT  FROM\n"
+        "frontswap                tmem         1           1        ro              kernel "
+        "command line\n"
+        "selfballoon_reserved_mb  selfballoon  auto (204)  -        rw        MiB   auto"
     )
     assert set_line({"name": "pressure_guard", "value": True, "previous": False}) == (
         "pressure_guard = 1 (was 0)"

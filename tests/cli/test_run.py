@@ -17,12 +17,16 @@ import pytest
 from xentmem_cli.foreground import Notification
 from xentmem_cli.main import cli
 from xentmem_cli.run import (
+    NEXT_COMMANDS,
     SYSTEM_RUN_DIR,
     balloon_summary,
     child_env,
+    cli_path,
     daemon_command,
     default_run_dir,
+    default_state_dir,
     describe_ready,
+    split_places,
 )
 
 WAIT_S = 30.0
@@ -30,20 +34,24 @@ WAIT_S = 30.0
 
 # -- the pieces ------------------------------------------------------------------------------------
 
-def test_run_dir_for_root_is_the_system_one() -> None:
-    assert default_run_dir(0, {"XDG_RUNTIME_DIR": "/run/user/0"})[0] == SYSTEM_RUN_DIR
+def test_the_system_run_dir_only_when_asked(tmp_path: Path) -> None:
+    """Root or not, a try-out keeps out of the system service's places unless --system."""
+    run_dir, _ = default_run_dir({"XDG_RUNTIME_DIR": str(tmp_path)})
+    assert run_dir == tmp_path / "xentmem" and run_dir != SYSTEM_RUN_DIR
+    assert default_run_dir({"XDG_RUNTIME_DIR": str(tmp_path)}, system=True) == (
+        SYSTEM_RUN_DIR, "--system: the system service's run directory")
     assert Path("/run/xentmem") == SYSTEM_RUN_DIR
 
 
-def test_run_dir_for_a_user_is_under_xdg_runtime_dir(tmp_path: Path) -> None:
-    run_dir, why = default_run_dir(1000, {"XDG_RUNTIME_DIR": str(tmp_path)})
+def test_run_dir_is_under_xdg_runtime_dir(tmp_path: Path) -> None:
+    run_dir, why = default_run_dir({"XDG_RUNTIME_DIR": str(tmp_path)})
     assert run_dir == tmp_path / "xentmem"
     assert "XDG_RUNTIME_DIR" in why
 
 
 def test_run_dir_without_xdg_is_a_new_private_temp_dir(tmp_path: Path) -> None:
-    first, why = default_run_dir(1000, {"XDG_RUNTIME_DIR": str(tmp_path / "missing")})
-    second, _ = default_run_dir(1000, {})
+    first, why = default_run_dir({"XDG_RUNTIME_DIR": str(tmp_path / "missing")})
+    second, _ = default_run_dir({})
     try:
         assert first != second
         for made in (first, second):
@@ -67,11 +75,9 @@ def test_daemon_command_passes_everything_through(tmp_path: Path) -> None:
                                         "--run-dir", str(tmp_path)]
 
 
-def test_a_user_daemon_keeps_its_swap_areas_beside_its_run_dir(tmp_path: Path) -> None:
-    from xentmem_cli.run import default_state_dir
-
-    assert default_state_dir(0, tmp_path) is None  # root: /var/lib/xentmem, as under systemd
-    assert default_state_dir(1000, tmp_path) == tmp_path / "state"
+def test_a_try_out_keeps_its_swap_areas_beside_its_run_dir(tmp_path: Path) -> None:
+    assert default_state_dir(tmp_path) == tmp_path / "state"  # root too
+    assert default_state_dir(tmp_path, system=True) is None  # the daemon's /var/lib/xentmem
     argv = daemon_command(tmp_path, config=None, backend=None, log_level=None, options=(),
                           extra=(), state_dir=tmp_path / "state")
     assert argv[-4:] == ["--run-dir", str(tmp_path), "--state-dir", str(tmp_path / "state")]
@@ -96,25 +102,60 @@ def test_notification_parse() -> None:
 def test_ready_banner_tells_a_newcomer_what_to_do_next(tmp_path: Path) -> None:
     status = {
         "backend": {"name": "zcache"},
-        "backend_choice": {"requested": "auto", "chosen": "zcache", "reason": "no Xen"},
+        "backend_choice": {"requested": "auto", "chosen": "zcache", "reason": "no Xen",
+                           "from": "default"},
         "balloon": {"running": True, "jobs": ["selfballooning"], "report_only": True},
     }
     socket_path = tmp_path / "control.sock"
     lines = describe_ready(status, 42, socket_path)
     assert lines[:4] == [
         "xentmemd is ready (pid 42)",
-        "  backend: zcache (auto: no Xen)",
+        "  backend: zcache (auto, the default: no Xen)",
         "  balloon: running (selfballooning), report-only: it computes targets but does not "
         "move the balloon",
         f"  socket:  {socket_path}",
     ]
-    assert f"  export XENTMEM_SOCKET={socket_path}" in lines
-    assert any(line.startswith("  xentmem status") for line in lines)
+    for words, _ in NEXT_COMMANDS:
+        assert any(line.startswith(f"  xentmem --socket {socket_path} {words} ")
+                   for line in lines), words
+    assert f"export XENTMEM_SOCKET={socket_path}" in lines[-2]
     assert lines[-1].startswith("Ctrl-C stops it")
     default = describe_ready(None, 7, SYSTEM_RUN_DIR / "control.sock")
-    assert not any("export" in line for line in default)
+    assert not any("export" in line or "--socket" in line for line in default)
+    venv = describe_ready(None, 7, socket_path, "/srv/x/.venv/bin/xentmem")
+    assert any(line.startswith(f"  /srv/x/.venv/bin/xentmem --socket {socket_path} status")
+               for line in venv)
+    assert "source /srv/x/.venv/bin/activate" in venv[-2]
     assert balloon_summary({"running": False, "not_running_because": "dom0"}) == (
         "not running (dom0)")
+
+
+def test_run_dir_and_state_dir_after_the_double_dash_are_the_ones_used() -> None:
+    assert split_places(("--run-dir", "/a", "--xenstore-socket", "/xs", "--state-dir=/s",
+                         "--run-dir=/b")) == (Path("/b"), Path("/s"), ("--xenstore-socket", "/xs"))
+    assert split_places(("--log-level", "debug")) == (None, None, ("--log-level", "debug"))
+    assert split_places(("--run-dir",)) == (None, None, ("--run-dir",))
+
+
+def test_cli_path_is_the_full_path_unless_path_finds_this_very_script(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    venv_bin = tmp_path / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    script = venv_bin / "xentmem"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert cli_path(str(script), "/usr/bin/python3") == str(script)
+    assert cli_path("-c", str(venv_bin / "python")) == str(script)
+    monkeypatch.setenv("PATH", f"{venv_bin}:/usr/bin:/bin")
+    assert cli_path(str(script), "/usr/bin/python3") == "xentmem"
+
+
+def test_readme_quick_start_lists_the_banners_commands() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    for words, _ in NEXT_COMMANDS:
+        assert f"`{words}`" in quick or f" {words}`" in quick, words
 
 
 # -- the command, end to end -----------------------------------------------------------------------
@@ -158,14 +199,26 @@ def console_script() -> str:
     return str(Path(sys.executable).with_name("xentmem"))
 
 
-@pytest.fixture
-def run_process(tmp_path: Path, fake_root: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
-    """``xentmem run`` in its own session (a terminal's foreground job), on a fake root."""
-    run_dir = tmp_path / "run"
+def newcomer_env() -> dict[str, str]:
+    """A new shell's environment: no XENTMEM_SOCKET, and the venv's bin/ not on PATH."""
+    venv_bin = str(Path(sys.executable).parent)
     env = {k: v for k, v in os.environ.items() if k not in ("XENTMEM_SOCKET", "NOTIFY_SOCKET")}
+    env["PATH"] = os.pathsep.join(part for part in env.get("PATH", "/usr/bin:/bin").split(
+        os.pathsep) if part != venv_bin)
+    return env
+
+
+@pytest.fixture(params=["option", "after --"])
+def run_process(request: pytest.FixtureRequest, tmp_path: Path,
+                fake_root: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    """``xentmem run`` in its own session (a terminal's foreground job), on a fake root; its
+    run dir given as ``run --run-dir DIR`` or as ``run -- --run-dir DIR``."""
+    run_dir = tmp_path / "run"
+    where = (["--run-dir", str(run_dir)] if request.param == "option"
+             else ["--", "--run-dir", str(run_dir)])
     proc = subprocess.Popen(
-        [console_script(), "run", "--run-dir", str(run_dir), "--root", str(fake_root)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        [console_script(), "run", "--root", str(fake_root), *where],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=newcomer_env(),
         start_new_session=True,
     )
     yield proc, run_dir
@@ -184,7 +237,14 @@ def test_run_shows_the_socket_then_stops_cleanly_on_ctrl_c(
     socket_line = stderr.until(lambda line: line.startswith("  socket:"))
     socket_path = Path(socket_line.split(None, 1)[1])
     assert socket_path == run_dir / "control.sock"
-    stderr.until(lambda line: line == f"  export XENTMEM_SOCKET={socket_path}")
+    pasted = stderr.until(lambda line: line.lstrip().split(" ", 3)[-1].startswith("status "))
+    command = pasted.split("#", 1)[0].strip()
+    assert command.startswith(f"{console_script()} --socket {socket_path} status")
+    # Pasted into a new shell as printed: the venv is not on its PATH.
+    shell = subprocess.run(["sh", "-c", command], env=newcomer_env(), capture_output=True,
+                           text=True, timeout=WAIT_S)
+    assert shell.returncode == 0, shell.stderr
+    assert "backend:" in shell.stdout and "zcache" in shell.stdout
 
     status = xentmem_at(socket_path).json("status")
     assert status["pid"] == daemon_pid

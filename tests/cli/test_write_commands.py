@@ -28,11 +28,13 @@ def test_every_selfballoon_knob_can_be_set(xentmem: Any) -> None:
     records = knob_records(xentmem)
     assert len(records) >= 9
     for record in records:
-        name = f"selfballoon.{record['name']}"  # qualified: selfballooning is a tmem flag too
+        name = f"selfballoon.{record['name']}"  # qualified, as a user may write it
         typed, stored = another_value(record)
         result = xentmem.json("params", "set", name, typed)
-        assert result == {"name": record["name"], "section": "selfballoon", "value": stored,
-                          "previous": record["value"]}
+        assert {k: result[k] for k in ("name", "section", "value", "previous")} == {
+            "name": record["name"], "section": "selfballoon", "value": stored,
+            "previous": record["value"]}
+        assert result["previous_shown"] == record["shown"]
         assert xentmem.json("params", "get", name)["value"] == stored
 
 
@@ -47,7 +49,7 @@ def test_auto_knob_can_be_set_and_reset(xentmem: Any) -> None:
     assert xentmem.json("params", "set", "selfballoon_min_usable_mb", "128")["value"] == 128
     back = xentmem.json("params", "set", "selfballoon_min_usable_mb", "auto")
     assert back == {"name": "selfballoon_min_usable_mb", "section": "selfballoon",
-                    "value": None, "previous": 128}
+                    "value": None, "previous": 128, "shown": "auto", "previous_shown": "128"}
 
 
 def test_backend_param_set_at_run_time(xentmem: Any) -> None:
@@ -88,12 +90,12 @@ def test_unload_then_load_with_module_params(xentmem: Any, assert_error: Any) ->
     loaded = xentmem.json("load", "zcache", "capacity=32M", "frontswap=0")
     assert loaded == {
         "backend": "zcache",
-        "params": {"cleancache": True, "frontswap": False, "selfballooning": False,
+        "params": {"cleancache": True, "frontswap": False, "selfballooning_at_load": False,
                    "selfshrinking": False, "frontswap_writethrough": False,
                    "frontswap_exclusive_gets": False, "capacity": "32M",
                    "detailed_stats": False, "max_pools": 1024},
         "choice": {"requested": "zcache", "chosen": "zcache",
-                   "reason": "named in the configuration"},
+                   "reason": "named in the load request", "from": "load request"},
     }
     status = xentmem.json("status")
     assert status["flags"]["frontswap"] is False

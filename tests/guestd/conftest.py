@@ -48,15 +48,16 @@ def build_daemon(tmp_path: Path, root: Path, config_text: str | None = None, *,
                  balloon_loops: bool = True, backends: dict[str, type] | None = None) -> Daemon:
     """An in-process daemon core (no socket, no signals) over ``root``.
 
-    ``balloon_loops=False`` turns the tmem flags ``selfballooning`` and ``selfshrinking`` off,
-    so a load starts no worker (on the FakeClock a worker would tick without pause)."""
+    ``balloon_loops=False`` turns the tmem flags ``selfballooning_at_load`` and
+    ``selfshrinking`` off, so a load starts no worker (on the FakeClock a worker would tick
+    without pause)."""
     roots = Roots(root=root, run_dir=tmp_path / "run")
     path = tmp_path / f"xentmem{suffix}"
     if config_text is not None:
         path.write_text(config_text)
     clock = FakeClock(1000.0)
     if not balloon_loops:
-        overrides = ("selfballooning=0", "selfshrinking=0", *overrides)
+        overrides = ("selfballooning_at_load=0", "selfshrinking=0", *overrides)
     resolve = resolver(backends)
     schema = ConfigSchema(SELFBALLOON_PARAMS, lambda name: resolve(name).params)
     config = load(path, schema, overrides, missing_ok=config_text is None)

@@ -136,11 +136,11 @@ def test_overrides_win_over_the_file(tmp_path: Path) -> None:
     assert config.daemon["log_level"] == "debug"
     assert config.daemon["control_group"] == "users"
     assert config.daemon["control_mode"] == 0o640  # from the file
-    assert config.origins["selfballoon.selfballoon_interval"] == "-o"
+    assert config.origins["selfballoon.selfballoon_interval"] == "command line"
 
 
 def test_world_bits_are_refused_from_the_command_line_too(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"-o: \[daemon\] control_mode: 0777 opens"):
+    with pytest.raises(ConfigError, match=r"command line: \[daemon\] control_mode: 0777 opens"):
         load(tmp_path / "absent.toml", schema(), ["daemon.control_mode=0777"], missing_ok=True)
     config = load(tmp_path / "absent.toml", schema(), ["daemon.control_mode=0660"],
                   missing_ok=True)
@@ -150,14 +150,14 @@ def test_world_bits_are_refused_from_the_command_line_too(tmp_path: Path) -> Non
 def test_bad_override_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"-o: .*not of the form"):
         load(tmp_path / "absent.toml", schema(), ["novalue"], missing_ok=True)
-    with pytest.raises(ConfigError, match="-o: \\[selfballoon\\] frontswap_inertia"):
+    with pytest.raises(ConfigError, match="command line: \\[selfballoon\\] frontswap_inertia"):
         load(tmp_path / "absent.toml", schema(), ["frontswap_inertia=x"], missing_ok=True)
 
 
 PRECEDENCE_TOML = """\
 [tmem]
 cleancache = false
-selfballooning = true
+selfballooning_at_load = true
 
 [backend.zcache]
 capacity = "64M"
@@ -179,7 +179,7 @@ def test_precedence_flags_file_cmdline_defaults(tmp_path: Path, make_daemon) -> 
     flags = daemon.shim.flags
     params = daemon.shim.params()
     assert flags["cleancache"] is True          # -o 1 > file false > cmdline 1
-    assert flags["selfballooning"] is True      # file true > cmdline 0
+    assert flags["selfballooning_at_load"] is True  # file true > cmdline 0
     assert flags["selfshrinking"] is False      # cmdline noselfshrink > default true
     assert flags["frontswap_writethrough"] is False   # default
     assert params["capacity"] == "32M"          # -o > file

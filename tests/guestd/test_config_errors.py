@@ -36,9 +36,9 @@ def test_the_reviewers_command_line_is_refused_with_78(fake_root: Path) -> None:
 
 
 @pytest.mark.parametrize(("words", "message"), [
-    (["-o", "selfbalooning=1"], "-o: selfbalooning: unknown name: not a shim flag, knob or "
-                                "daemon setting, nor a param of any installed backend"),
-    (["-o", "capacity=bogus"], "-o: [zcache] capacity: 'bogus'"),
+    (["-o", "selfbalooning=1"], "command line: selfbalooning: unknown name: not a shim flag, "
+                                "knob or daemon setting, nor a param of any installed backend"),
+    (["-o", "capacity=bogus"], "command line: [zcache] capacity: 'bogus'"),
     (["--backend", "xen", "-o", "capacity=64M"], "capacity: unknown name: not a shim flag, "
                                                  "knob or daemon setting, nor a param of the "
                                                  "backend 'xen'"),

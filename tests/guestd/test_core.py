@@ -52,8 +52,10 @@ def test_auto_prefers_xen_when_its_probe_passes(tmp_path: Path) -> None:
     finally:
         FakeXen.reachable = False
     assert choice.chosen == "xen" and choice.backend_class is FakeXen
-    assert choose_backend("zcache", roots, table.__getitem__).reason == \
-        "named in the configuration"
+    assert choose_backend("zcache", roots, table.__getitem__, "/etc/x.conf:2").reason == \
+        "named in /etc/x.conf:2"
+    assert choose_backend("zcache", roots, table.__getitem__, "command line").reason == \
+        "named in the command line"
 
 
 def test_auto_with_nothing_usable_is_an_error(tmp_path: Path) -> None:
@@ -91,17 +93,17 @@ def test_params_by_section(make_daemon) -> None:
     daemon = make_daemon(None, backends={"recording": RecordingBackend})
     with pytest.raises(UnknownName, match="no backend is loaded"):
         daemon.param_set("label", "x")
-    daemon.load("recording", {"selfballooning": 0, "selfshrinking": 0})
+    daemon.load("recording", {"selfballooning_at_load": 0, "selfshrinking": 0})
     rows = {(r["section"], r["name"]): r for r in daemon.params_list()}
-    assert rows[("tmem", "selfballooning")]["value"] is False
-    assert rows[("tmem", "selfballooning")]["writable"] is False
+    assert rows[("tmem", "selfballooning_at_load")]["value"] is False
+    assert rows[("tmem", "selfballooning_at_load")]["writable"] is False
+    assert ("tmem", "selfballooning") not in rows  # one name for one thing
     assert rows[("backend", "label")]["writable"] is True
     assert rows[("selfballoon", "selfballooning")]["writable"] is True
-    # Unqualified: the one that may change now (the knob), qualified: exactly that one.
     assert daemon.param_set("selfballooning", "0")["section"] == "selfballoon"
     with pytest.raises(ParamError, match="read-only"):
-        daemon.param_set("tmem.selfballooning", 1)
-    assert daemon.param_get("tmem.selfballooning")["value"] is False
+        daemon.param_set("selfballooning_at_load", 1)
+    assert daemon.param_get("tmem.selfballooning_at_load")["value"] is False
     assert daemon.param_set("recording.label", "new") == {
         "name": "label", "section": "backend", "value": "new", "previous": "rec"}
     assert daemon.param_get("backend.label")["value"] == "new"
@@ -128,7 +130,7 @@ def test_reload_applies_changes_and_names_what_needs_a_reload(make_daemon, tmp_p
     settings: list[dict[str, Any]] = []
     daemon = make_daemon(RELOAD_BEFORE, backends={"picky": Picky})
     daemon.on_settings = lambda values: settings.append(dict(values))
-    daemon.load("picky", {"selfballooning": 0, "selfshrinking": 0})
+    daemon.load("picky", {"selfballooning_at_load": 0, "selfshrinking": 0})
     daemon.param_set("label", "set-at-run-time")  # the file never names it: kept
     daemon.param_set("frontswap_hysteresis", 9)   # idem, a knob
     (tmp_path / "xentmem.toml").write_text(
@@ -149,7 +151,7 @@ def test_reload_applies_changes_and_names_what_needs_a_reload(make_daemon, tmp_p
 
 def test_a_bad_reload_changes_nothing(make_daemon, tmp_path: Path) -> None:
     daemon = make_daemon(RELOAD_BEFORE, backends={"picky": Picky})
-    daemon.load("picky", {"selfballooning": 0, "selfshrinking": 0})
+    daemon.load("picky", {"selfballooning_at_load": 0, "selfshrinking": 0})
     config = daemon.config
     for text, message in (
         (RELOAD_BEFORE + "bogus = 1\n", "unknown param 'bogus'"),
@@ -232,7 +234,7 @@ def test_swap_area_types_are_unique_and_forgotten_areas_leave_no_file(make_daemo
 
 
 def test_metrics_text_of_a_running_daemon(make_daemon) -> None:
-    daemon = make_daemon(None, overrides=("selfballooning=0", "selfshrinking=0"))
+    daemon = make_daemon(None, overrides=("selfballooning_at_load=0", "selfshrinking=0"))
     daemon.load("zcache", {"capacity": "16M"})
     area = daemon.swap.create(16)["type"]
     daemon.shim.frontswap.store(area, 3, b"m" * PAGE)

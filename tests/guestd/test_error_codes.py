@@ -32,7 +32,7 @@ from xentmem.guestd.handlers import error_for, handle_line
 from xentmem.roots import Roots
 
 PAGE = 4096
-NO_LOOPS = {"selfballooning": 0, "selfshrinking": 0}
+NO_LOOPS = {"selfballooning_at_load": 0, "selfshrinking": 0}
 
 
 class Unrunnable(RecordingBackend):

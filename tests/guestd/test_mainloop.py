@@ -47,7 +47,7 @@ class RecordingNotifier(Notifier):
         return True
 
 
-BASE_CONFIG = "options tmem selfballooning=0 selfshrinking=0\n"
+BASE_CONFIG = "options tmem selfballooning_at_load=0 selfshrinking=0\n"
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ class CountingBackend(RecordingBackend):
 def application(tmp_path: Path, root: Path, run_dir: Path, name: str) -> Application:
     config = tmp_path / f"{name}.conf"
     config.write_text("options xentmemd backend=counting\n"
-                      "options tmem selfballooning=0 selfshrinking=0\n")
+                      "options tmem selfballooning_at_load=0 selfshrinking=0\n")
     return Application(roots=Roots(root=root, run_dir=run_dir), config_path=config,
                        config_missing_ok=False, clock=FakeClock(0.0), notifier=Notifier(None),
                        signals=SignalFlags(), resolve={"counting": CountingBackend}.__getitem__)

@@ -141,7 +141,7 @@ def test_main_loop_pings_the_watchdog_writes_metrics_and_reloads(tmp_path: Path,
     textfile = tmp_path / "xentmem.prom"
     config = tmp_path / "xentmem.conf"
     config.write_text(f"options xentmemd metrics_textfile={textfile} metrics_interval=30\n"
-                      "options tmem selfballooning=0 selfshrinking=0\n")
+                      "options tmem selfballooning_at_load=0 selfshrinking=0\n")
     clock = FakeClock(0.0)
     notifier = RecordingNotifier(watchdog_usec=20_000_000)
     signals = SignalFlags()

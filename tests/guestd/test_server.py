@@ -33,7 +33,7 @@ class Served:
 @pytest.fixture
 def served(tmp_path: Path, make_daemon) -> Any:
     """A daemon core with zcache loaded (loops off), served on a socket in tmp_path."""
-    daemon = make_daemon(None, overrides=("selfballooning=0", "selfshrinking=0"))
+    daemon = make_daemon(None, overrides=("selfballooning_at_load=0", "selfshrinking=0"))
     daemon.load("zcache", {"capacity": "16M"})
     daemon.state = "running"
     server = ControlServer(tmp_path / "run" / "control.sock",

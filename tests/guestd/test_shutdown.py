@@ -50,7 +50,7 @@ def flushing(store: Any, swap_type: int, broken: int, flushed: list[int]) -> Any
 def test_a_failing_step_is_recorded_and_the_rest_still_runs(
         tmp_path: Path, fake_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "xentmem.conf"
-    config.write_text("options tmem selfballooning=0 selfshrinking=0\n")
+    config.write_text("options tmem selfballooning_at_load=0 selfshrinking=0\n")
     notifier = ClosingNotifier()
     app = Application(roots=Roots(root=fake_root, run_dir=tmp_path / "run"), config_path=config,
                       config_missing_ok=False, clock=FakeClock(0.0), notifier=notifier,

@@ -62,9 +62,13 @@ def test_bad_arguments_are_refused_and_change_nothing(control: HostControl, op: 
 def test_ops_reach_the_store(control: HostControl) -> None:
     store = control.service.store
     assert code(control, "list", domid=5) == protocol.NOT_FOUND
+    assert code(control, "set", domid=5, weight=3) == protocol.NOT_FOUND  # no such guest
+    store.client(5)  # a guest's first pool makes its client
     assert ask(control, "set", domid=5, weight=3, compress=0)["result"] == {
         "domids": [5], "weight": 3, "compress": False}
-    assert ask(control, "freeze", domid="all")["result"] == {"domids": [5], "frozen": True}
+    frozen = ask(control, "freeze", domid="all")["result"]
+    assert (frozen["domids"], frozen["frozen"], frozen["clients"][0]["frozen"]) == (
+        [5], True, True)
     assert ask(control, "shared-auth", domid="all", auth=0)["result"] == {"shared_auth": False}
     assert store.shared_auth is False
     hello = ask(control, "hello")["result"]

@@ -53,9 +53,9 @@ def test_default_flags_start_both_jobs_and_unload_stops(tree: GuestTree) -> None
     ("flags", "dom0", "reason"),
     [
         ({"frontswap": False}, False, "frontswap is off"),
-        ({"selfballooning": False, "selfshrinking": False}, False, "flags are off"),
+        ({"selfballooning_at_load": False, "selfshrinking": False}, False, "flags are off"),
         ({}, True, "domain0"),
-        ({"selfballooning": False}, True, "domain0"),  # not even self-shrinking in dom0
+        ({"selfballooning_at_load": False}, True, "domain0"),  # not even self-shrinking in dom0
     ],
 )
 def test_flags_that_keep_the_worker_off(
@@ -76,7 +76,7 @@ def test_flags_that_keep_the_worker_off(
     ("flags", "jobs"),
     [
         ({"selfshrinking": False}, ("selfballooning",)),
-        ({"selfballooning": False}, ("frontswap_selfshrinking",)),
+        ({"selfballooning_at_load": False}, ("frontswap_selfshrinking",)),
     ],
 )
 def test_one_job_only(tree: GuestTree, flags: dict[str, bool], jobs: tuple[str, ...]) -> None:
@@ -188,22 +188,28 @@ def test_with_the_real_shim(tree: GuestTree) -> None:
     shim.unload()
 
 
-def test_a_configured_knob_is_kept_when_the_flag_allows(tree: GuestTree) -> None:
+def test_the_knobs_follow_the_flags_at_every_load(tree: GuestTree) -> None:
+    """xen_selfballoon_init(): each load sets the two job knobs from the shim's flags, so a
+    knob switched off at run time is on again after an unload and a load with the flag on."""
     svc = service(knobs=KnobStore({"selfballooning": "0"}))
     shim = FakeShim(tree.roots)
     shim.add_listener(svc)
     shim.load()
+    assert svc.knobs.get("selfballooning") is True
+    svc.knobs.update({"selfballooning": "0", "frontswap_selfshrinking": "0"})
+    shim.unload()
+    shim.load()
     try:
-        assert svc.running  # the worker runs; the knob can switch ballooning on at run time
-        assert svc.running_jobs() == ("frontswap_selfshrinking",)
-        assert svc.knobs.get("selfballooning") is False
+        assert (svc.knobs.get("selfballooning"), svc.knobs.get("frontswap_selfshrinking")) == (
+            True, True)
+        assert svc.running_jobs() == ("selfballooning", "frontswap_selfshrinking")
     finally:
         shim.unload()
 
 
 def test_a_knob_switched_off_by_a_flag_comes_back_with_the_flag(tree: GuestTree) -> None:
     svc = service()
-    off = FakeShim(tree.roots, {"selfballooning": False})
+    off = FakeShim(tree.roots, {"selfballooning_at_load": False})
     off.add_listener(svc)
     off.load()
     assert svc.knobs.get("selfballooning") is False

@@ -116,5 +116,5 @@ def test_disabled_frontends_are_not_registered(shim: Shim) -> None:
 
 def test_without_frontswap_the_loops_are_off(shim: Shim) -> None:
     shim.load(RecordingBackend, {"frontswap": "0"})
-    assert shim.flags["selfballooning"] is False
+    assert shim.flags["selfballooning_at_load"] is False
     assert shim.flags["selfshrinking"] is False

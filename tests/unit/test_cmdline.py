@@ -16,7 +16,7 @@ def test_modern_and_old_words() -> None:
     assert boot.params == {
         "cleancache": "0",
         "frontswap": "0",  # the later word wins, as in the kernel
-        "selfballooning": "0",
+        "selfballooning_at_load": "0",  # tmem.c's selfballooning, named apart from the knob
         "selfshrinking": "0",
     }
     assert any("'tmem' is deprecated" in w for w in boot.warnings)

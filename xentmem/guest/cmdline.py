@@ -14,12 +14,14 @@ from pathlib import Path
 
 #: ``tmem.<name>=`` params that tmem.c declares (all bool).
 TMEM_PARAMS = ("cleancache", "frontswap", "selfballooning", "selfshrinking")
+#: tmem.c names that our shim spells apart (the balloon knob is ``selfballooning``).
+FLAG_NAMES = {"selfballooning": "selfballooning_at_load"}
 #: Old boot words and the param setting each stands for.
 OLD_WORDS = {
     "nocleancache": ("cleancache", "0"),
     "nofrontswap": ("frontswap", "0"),
-    "noselfballooning": ("selfballooning", "0"),
-    "selfballooning": ("selfballooning", "1"),
+    "noselfballooning": ("selfballooning_at_load", "0"),
+    "selfballooning": ("selfballooning_at_load", "1"),
     "noselfshrink": ("selfshrinking", "0"),
 }
 #: Misspellings the kernel's own docs taught (``tmem.selfshrink`` is not a real param).
@@ -55,6 +57,7 @@ def parse_cmdline(text: str) -> BootParams:
                 warnings.append(f"kernel command line {word!r}: unknown tmem param, ignored")
                 continue
             value = value if sep else "1"
+            real = FLAG_NAMES.get(real, real)
             params[real] = value
             warnings.append(f"kernel command line {word!r} is deprecated; use the load param "
                             f"{real}={value}")

@@ -28,10 +28,12 @@ log = logging.getLogger(__name__)
 SHIM_PARAMS = ParamSet(
     Param("cleancache", bool, True, "register the cleancache frontend (clean file pages)"),
     Param("frontswap", bool, True, "register the frontswap frontend (swap pages)"),
-    Param("selfballooning", bool, True,
-          "start the self-ballooning loop on load (never in dom0; off without frontswap)"),
+    # tmem.c's ``selfballooning``; named apart from the balloon knob it sets at each load.
+    Param("selfballooning_at_load", bool, True,
+          "the selfballooning knob's value at each load: self-ballooning on or off (never "
+          "in dom0; off without frontswap)"),
     Param("selfshrinking", bool, True,
-          "start the frontswap self-shrink loop on load (off without frontswap)"),
+          "the frontswap_selfshrinking knob's value at each load (off without frontswap)"),
     Param("frontswap_writethrough", bool, False,
           "also write every stored swap page to its backing store (the backend may drop pages)"),
     Param("frontswap_exclusive_gets", bool, False,
@@ -44,7 +46,7 @@ def loaded_flags(values: Mapping[str, Any]) -> dict[str, Any]:
     (``xen_tmem_init``: "no point driving pages to swap").  The one place of that rule."""
     flags = {name: values[name] for name in SHIM_PARAMS}
     if not flags["frontswap"]:
-        flags["selfballooning"] = flags["selfshrinking"] = False
+        flags["selfballooning_at_load"] = flags["selfshrinking"] = False
     return flags
 
 
@@ -224,7 +226,7 @@ class Shim:
         with self._lock:
             if name in SHIM_PARAMS:
                 raise ParamError(f"{name}: read-only once loaded (a module param, 0444); "
-                                 "unload and load again")
+                                 f"`xentmem unload`, then `xentmem load BACKEND {name}=VALUE`")
             if self._backend is None:
                 raise NoBackend("no backend is loaded")
             return self._backend.set_param(name, value)

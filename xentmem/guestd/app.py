@@ -516,6 +516,8 @@ def check_config(app: Application) -> None:
                  "selfballoon": config.knobs}.get(section)
         shown = (value or {}).get(name, config.backend_params.get(section, {}).get(name))
         click.echo(f"  {key} = {shown!r} (from {where})")
+    for warning in config.warnings:
+        click.echo(f"warning: {warning}", err=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

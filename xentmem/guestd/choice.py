@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 from xentmem.errors import BackendError, BackendUnsupported, ParamError, XentmemError
 from xentmem.guest.backend import Backend
+from xentmem.guestd.config import FROM_COMMAND_LINE, FROM_DEFAULT, FROM_LOAD
 from xentmem.roots import Roots
 
 log = logging.getLogger(__name__)
@@ -26,20 +27,33 @@ class BackendChoice:
     chosen: str
     reason: str
     backend_class: type[Backend]
+    #: Where ``requested`` came from: ``file:line``, command line, load request or default.
+    origin: str = FROM_DEFAULT
 
     def describe(self) -> dict[str, Any]:
-        return {"requested": self.requested, "chosen": self.chosen, "reason": self.reason}
+        return {"requested": self.requested, "chosen": self.chosen, "reason": self.reason,
+                "from": self.origin}
 
 
-def choose_backend(requested: str, roots: Roots, resolve: Resolve) -> BackendChoice:
+def named_reason(origin: str) -> str:
+    """Why a named backend: where it was named (``origin`` as :class:`BackendChoice` has it)."""
+    if origin in (FROM_COMMAND_LINE, FROM_LOAD):
+        return f"named in the {origin}"
+    return f"named in {origin}"
+
+
+def choose_backend(requested: str, roots: Roots, resolve: Resolve,
+                   origin: str = FROM_DEFAULT) -> BackendChoice:
     """Resolve ``requested`` to a backend class; ``auto`` probes :data:`AUTO_ORDER` in turn.
 
     A named backend is not probed here (the shim probes it at load and its refusal is the
     error the user sees); ``auto`` skips a backend whose probe says it cannot run here.
+    ``origin`` says where the request came from, for the reason shown.
     """
     if requested != AUTO:
         cls = resolve(requested)
-        return BackendChoice(requested, cls.name or requested, "named in the configuration", cls)
+        return BackendChoice(requested, cls.name or requested, named_reason(origin), cls,
+                             origin)
     skipped: list[str] = []
     for name in AUTO_ORDER:
         try:
@@ -61,5 +75,5 @@ def choose_backend(requested: str, roots: Roots, resolve: Resolve) -> BackendCho
         else:
             reason = "no usable hypervisor tmem (" + "; ".join(skipped) + ")" if skipped \
                 else "the first backend that can run here"
-        return BackendChoice(AUTO, name, reason, cls)
+        return BackendChoice(AUTO, name, reason, cls, origin)
     raise BackendError("auto: no backend can run here (" + "; ".join(skipped) + ")")

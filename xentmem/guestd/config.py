@@ -9,6 +9,7 @@ the file.  Spellings, sections and precedence: ``docs/configuration.md``.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -19,11 +20,14 @@ from xentmem.control.server import DEFAULT_IDLE_TIMEOUT_S
 from xentmem.errors import ConfigError, ParamError, XentmemError
 from xentmem.guest.shim import SHIM_PARAMS
 from xentmem.params import Param, ParamSet, parse_assignments
+from xentmem_selfballoon.service import LOAD_FLAGS
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - 3.9/3.10
     import tomli as tomllib
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = "/etc/xentmem/xentmem.toml"
 DAEMON_SECTION = "daemon"
@@ -34,6 +38,16 @@ KNOB_SECTION = "selfballoon"
 #: meant for whichever backend gets loaded, and is checked against that backend at load.
 ANY_BACKEND = "*"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+#: Where a setting came from, as ``params list``, ``status`` and the log say it (besides
+#: ``file:line``, which names the config file's line).
+FROM_COMMAND_LINE = "command line"  # xentmemd's flags and -o words
+FROM_KERNEL = "kernel command line"
+FROM_DEFAULT = "default"
+FROM_AUTO = "auto"  # the automatic value (a knob's "auto", or backend "auto")
+FROM_LOAD = "load request"  # xentmem load NAME name=value
+FROM_RUN_TIME = "params set"  # changed at run time over the socket
 
 
 #: Permission bits for "others": the control socket serves the page API and params.set, so
@@ -99,12 +113,22 @@ class Config:
     backend_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     #: Only the knobs named; unnamed knobs keep their defaults.
     knobs: Mapping[str, Any] = field(default_factory=dict)
-    #: ``"section.key"`` -> ``"file:line"`` or ``"-o"``, for logs.
+    #: ``"section.key"`` -> ``"file:line"`` or :data:`FROM_COMMAND_LINE`.
     origins: Mapping[str, str] = field(default_factory=dict)
+    #: What was accepted but deserves a word (a key set on two lines: both named).
+    warnings: tuple[str, ...] = ()
 
     @property
     def backend(self) -> str:
         return str(self.daemon["backend"])
+
+    def origin(self, section: str, key: str) -> str | None:
+        """``file:line`` or :data:`FROM_COMMAND_LINE` for a key the file or a flag set, else
+        None.  ``section`` is daemon, tmem, selfballoon or a backend's name (a flag meant
+        for whichever backend loads counts for every backend)."""
+        return self.origins.get(f"{section}.{key}") or (
+            self.origins.get(f"{ANY_BACKEND}.{key}")
+            if section not in (DAEMON_SECTION, TMEM_SECTION, KNOB_SECTION) else None)
 
     def load_params(self, backend_name: str) -> dict[str, Any]:
         """The explicit params of a load of ``backend_name``: shim flags + that backend's."""
@@ -125,7 +149,7 @@ class _Entry:
     section: str  # daemon | tmem | selfballoon | backend name
     key: str
     value: Any
-    where: str  # "file:line" or "-o"
+    where: str  # "file:line" or FROM_COMMAND_LINE
 
 
 class ConfigSchema:
@@ -161,6 +185,7 @@ class ConfigSchema:
         knobs: dict[str, Any] = {}
         backends: dict[str, dict[str, Any]] = {}
         origins: dict[str, str] = {}
+        warnings: list[str] = []
         for entry in entries:
             try:
                 if entry.section == ANY_BACKEND:
@@ -170,6 +195,12 @@ class ConfigSchema:
                     typed = params.lookup(entry.key, owner=entry.section).coerce(entry.value)
                     if entry.section == DAEMON_SECTION:
                         _check_daemon_value(entry.key, typed)
+                    if entry.section == KNOB_SECTION and entry.key in LOAD_FLAGS:
+                        flag = LOAD_FLAGS[entry.key]
+                        raise ParamError(
+                            f"{entry.key}: takes the tmem flag {flag}'s value at each load; "
+                            f"set that instead ([tmem] {flag}, options tmem {flag}=0, "
+                            f"-o {flag}=0), or `xentmem params set {entry.key}` at run time")
             except ParamError as exc:
                 # ParamError messages name the key already ("capacity: ...", "unknown param").
                 raise ConfigError(f"{entry.where}: [{entry.section}] {exc}") from None
@@ -181,7 +212,10 @@ class ConfigSchema:
                 knobs[entry.key] = typed
             else:
                 backends.setdefault(entry.section, {})[entry.key] = typed
-            origins[f"{entry.section}.{entry.key}"] = entry.where
+            origin_key = f"{entry.section}.{entry.key}"
+            if origin_key in origins and entry.where != FROM_COMMAND_LINE:
+                warnings.append(_duplicate_warning(entry, origins[origin_key]))
+            origins[origin_key] = entry.where
         if daemon["backend"] != "auto":
             try:
                 self._backend_params(daemon["backend"])
@@ -190,7 +224,7 @@ class ConfigSchema:
                 raise ConfigError(f"{where}: [daemon] backend: {exc}") from None
         self._check_any_backend(backends.get(ANY_BACKEND, {}), daemon["backend"], origins)
         return Config(path=path, daemon=daemon, tmem=tmem, backend_params=backends, knobs=knobs,
-                      origins=origins)
+                      origins=origins, warnings=tuple(warnings))
 
 
     def _check_any_backend(self, values: Mapping[str, Any], backend: str,
@@ -207,7 +241,7 @@ class ConfigSchema:
             except (XentmemError, LookupError):  # not importable here: it cannot load either
                 continue
         for key, value in values.items():
-            where = origins.get(f"{ANY_BACKEND}.{key}", "-o")
+            where = origins.get(f"{ANY_BACKEND}.{key}", FROM_COMMAND_LINE)
             declaring = {name: params[key] for name, params in sets.items() if key in params}
             if not declaring:
                 which = (f"the backend {backend!r}" if backend != "auto" else
@@ -226,6 +260,13 @@ class ConfigSchema:
                 raise ConfigError(f"{where}: " + "; ".join(refusals))
 
 
+def _duplicate_warning(entry: _Entry, earlier: str) -> str:
+    """Two lines set one key: the later wins, as modprobe's would; say both places."""
+    module = DAEMON_MODULE if entry.section == DAEMON_SECTION else entry.section
+    return (f"{entry.where}: [{module}] {entry.key} is set again (first at {earlier}); "
+            f"the value at {entry.where} wins")
+
+
 # -- reading files ------------------------------------------------------------------------------
 
 def read_config(path: Path, schema: ConfigSchema, *, missing_ok: bool = False) -> Config:
@@ -242,7 +283,10 @@ def read_config(path: Path, schema: ConfigSchema, *, missing_ok: bool = False) -
         entries = toml_entries(untrusted_text, str(path))
     else:
         entries = modprobe_entries(untrusted_text, str(path))
-    return schema.check(entries, path)
+    config = schema.check(entries, path)
+    for warning in config.warnings:
+        log.warning("config: %s", warning)
+    return config
 
 
 def _toml_key_line(text: str, table: tuple[str, ...], key: str) -> int | None:
@@ -335,12 +379,13 @@ def modprobe_entries(untrusted_text: str, where: str) -> list[_Entry]:
             raise ConfigError(f"{here}: 'options' needs a module name")
         module = words[1]
         section = DAEMON_SECTION if module == DAEMON_MODULE else module
-        try:
-            assignments = parse_assignments(words[2:])
-        except ParamError as exc:
-            raise ConfigError(f"{here}: [{module}] {exc}") from None
-        for key, value in assignments.items():
-            entries.append(_Entry(section, key, value, here))
+        for word in words[2:]:  # one at a time: a key given twice on a line is seen twice
+            try:
+                assignments = parse_assignments([word])
+            except ParamError as exc:
+                raise ConfigError(f"{here}: [{module}] {exc}") from None
+            for key, value in assignments.items():
+                entries.append(_Entry(section, key, value, here))
     return entries
 
 
@@ -366,7 +411,7 @@ def override_entries(words: list[str] | tuple[str, ...], knob_params: ParamSet) 
             section = DAEMON_SECTION
         else:
             section = ANY_BACKEND
-        entries.append(_Entry(section, key, value, "-o"))
+        entries.append(_Entry(section, key, value, FROM_COMMAND_LINE))
     return entries
 
 
@@ -385,6 +430,7 @@ def layer(base: Config, overrides: Config) -> Config:
         backend_params=backends,
         knobs={**base.knobs, **overrides.knobs},
         origins={**base.origins, **overrides.origins},
+        warnings=base.warnings + overrides.warnings,
     )
 
 

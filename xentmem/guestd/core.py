@@ -34,6 +34,14 @@ from xentmem.guest.shim import SHIM_PARAMS, Shim
 from xentmem.guestd.choice import BackendChoice, Resolve, choose_backend
 from xentmem.guestd.config import (
     DAEMON_PARAMS,
+    DAEMON_SECTION,
+    FROM_AUTO,
+    FROM_DEFAULT,
+    FROM_KERNEL,
+    FROM_LOAD,
+    FROM_RUN_TIME,
+    KNOB_SECTION,
+    TMEM_SECTION,
     BackendNames,
     Config,
     ConfigSchema,
@@ -49,7 +57,7 @@ from xentmem.guestd.swap import DEFAULT_STATE_DIR, SwapAreas, boot_id, lost_at_e
 from xentmem.params import ParamSet
 from xentmem.roots import Roots
 from xentmem.tmem.abi import PoolUuid
-from xentmem_selfballoon.service import SelfballoonService
+from xentmem_selfballoon.service import LOAD_FLAGS, SelfballoonService
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +110,9 @@ class Daemon:
         #: This run's entry in ``<state_dir>/shutdown.json`` (docs/swap-areas.md).
         self.record = RunRecord(self.state_dir)
         self.choice: BackendChoice | None = None
+        #: (section, name) -> what changed a param since the config set it (params set, a
+        #: load request's params under ("load", name)); see :meth:`_origin`.
+        self._changed_by: dict[tuple[str, str], str] = {}
         self.state = STARTING
         self.started_at = clock.monotonic()
         self._lock = threading.RLock()
@@ -143,7 +154,9 @@ class Daemon:
         """Load ``name`` (default: the configured backend) with config params under ``params``."""
         with self._lock:
             requested = name or self.config.backend
-            choice = choose_backend(requested, self.roots, self.resolve)
+            origin = FROM_LOAD if name else (self.config.origin(DAEMON_SECTION, "backend")
+                                             or FROM_DEFAULT)
+            choice = choose_backend(requested, self.roots, self.resolve, origin)
             if self.shim.backend is not None:
                 raise BackendError(f"backend {self.shim.backend.name!r} is already loaded; "
                                    "unload it first")
@@ -152,6 +165,11 @@ class Daemon:
             log.info("backend %s chosen (%s): %s", choice.chosen, choice.requested, choice.reason)
             self.shim.load(choice.backend_class, explicit)
             self.choice = choice
+            # This load set the flags and the backend's params afresh; the two job knobs too.
+            self._changed_by = {k: v for k, v in self._changed_by.items()
+                                if k[0] == "selfballoon" and k[1] not in LOAD_FLAGS}
+            for key in params or {}:
+                self._changed_by[("load", key)] = FROM_LOAD
             log.info("backend %s loaded with %s", choice.chosen,
                      ", ".join(f"{k}={v}" for k, v in sorted(self.shim.params().items())))
             return {"backend": choice.chosen, "params": self.shim.params(),
@@ -187,6 +205,7 @@ class Daemon:
         for name, param in SHIM_PARAMS.items():
             row = param.describe()
             row.update(section="tmem", value=flags[name], writable=False)
+            row["from"] = self._origin("tmem", TMEM_SECTION, name, row)
             rows.append(row)
         backend = self.shim.backend
         if backend is not None:
@@ -194,14 +213,37 @@ class Daemon:
                 row = param.describe()
                 row.update(section="backend", backend=backend.name,
                            value=backend.values.get(name))
+                row["from"] = self._origin("backend", backend.name, name, row)
                 rows.append(row)
         for row in self.balloon.knobs.describe():
-            rows.append({**row, "section": "selfballoon"})
+            row = {**row, "section": "selfballoon"}
+            row["from"] = self._origin("selfballoon", KNOB_SECTION, name=row["name"], row=row)
+            rows.append(row)
         return rows
+
+    def _origin(self, section: str, config_section: str, name: str,
+                row: Mapping[str, Any]) -> str:
+        """Where a param's value came from: params set, the load request, the config's
+        ``file:line`` or the command line, the kernel command line, else auto or default."""
+        changed = self._changed_by.get((section, name))
+        if changed is None and section != "selfballoon":
+            changed = self._changed_by.get(("load", name))
+        if changed is not None:
+            return changed
+        if section == "selfballoon" and name in LOAD_FLAGS and self.shim.backend is not None:
+            return f"tmem flag {LOAD_FLAGS[name]}"
+        configured = self.config.origin(config_section, name)
+        if configured is not None:
+            return configured
+        if section == "tmem" and self.shim.backend is not None and name in self.shim.boot.params:
+            return FROM_KERNEL
+        if row.get("value") is None and row.get("default") is None:
+            return FROM_AUTO
+        return FROM_DEFAULT
 
     def _locate(self, name: str) -> tuple[str, str]:
         """``[section.]name`` -> (section, name).  An unqualified name that two sections
-        declare (``selfballooning`` is a shim flag and a knob) means the one that can change
+        declare (a backend's param named as a knob) means the one that can change
         at run time: the backend's param, else the knob, else the shim flag."""
         section, dot, key = name.rpartition(".")
         backend = self.shim.backend
@@ -229,7 +271,7 @@ class Daemon:
 
     def _unknown_param(self, name: str) -> str:
         where = "" if self.shim.backend is not None else " (no backend is loaded)"
-        return f"unknown param {name!r}{where}; see params.list"
+        return f"unknown param {name!r}{where}; see `xentmem params list`"
 
     def param_set(self, name: str, value: Any) -> dict[str, Any]:
         """Set a backend param or a knob; a shim flag is refused (read-only module param)."""
@@ -243,15 +285,19 @@ class Daemon:
                     raise UnknownName(self._unknown_param(name))
                 previous = backend.values.get(key)
                 typed = self.shim.set_param(key, value)
+                self._changed_by[("backend", key)] = FROM_RUN_TIME
                 log.info("param %s: %r -> %r", key, previous, typed)
                 return {"name": key, "section": "backend", "value": typed, "previous": previous}
             knobs = self.balloon.knobs
             if key not in knobs.params:
                 raise UnknownName(self._unknown_param(name))
             previous = knobs.get(key)
+            previous_shown = knobs.show(key)
             typed = getattr(knobs.update({key: value}), key)
+            self._changed_by[("selfballoon", key)] = FROM_RUN_TIME
             log.info("knob %s: %r -> %r", key, previous, typed)
-            return {"name": key, "section": "selfballoon", "value": typed, "previous": previous}
+            return {"name": key, "section": "selfballoon", "value": typed, "previous": previous,
+                    "shown": knobs.show(key), "previous_shown": previous_shown}
 
     # -- reporting --------------------------------------------------------------------------------
 
@@ -435,6 +481,9 @@ class Daemon:
         if knob_changes:
             self.balloon.knobs.update(knob_changes)
             applied.extend(f"selfballoon.{k}" for k in knob_changes)
+        for name in applied:  # the file's line is in force again
+            section, _, key = name.partition(".")
+            self._changed_by.pop((section if section == KNOB_SECTION else "backend", key), None)
         settings = {k for k in DAEMON_PARAMS if k != "backend"
                     and old.daemon.get(k) != new.daemon.get(k)}
         self.config = new

@@ -6,6 +6,8 @@ The conventions (``--json``, one error line, the exit codes) are :mod:`xentmem.c
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,10 @@ log = logging.getLogger("xentmem.hostd")
 
 DEFAULT_CAPACITY = "256M"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+SOCKET_ENV = "XENTMEM_HOSTD_SOCKET"
+#: Every command that talks to the service says, in its --help, how it finds the socket.
+SOCKET_EPILOG = (f"The service's control socket: `xentmem-hostd --control PATH COMMAND`, or "
+                 f"${SOCKET_ENV} [default: {DEFAULT_SOCKET}].")
 
 
 class App:
@@ -88,14 +94,19 @@ def serve_or_abort(service: HostService, notifier: Notifier | None = None) -> No
 
 
 @click.group(name="xentmem-hostd", context_settings=CONTEXT_SETTINGS)
-@click.option("--control", "control_path", envvar="XENTMEM_HOSTD_SOCKET",
+@click.option("--control", "control_path", envvar=SOCKET_ENV,
               default=DEFAULT_SOCKET, show_default=True, show_envvar=True, metavar="PATH",
               help="The service's control socket.")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
               metavar="SECONDS", help="How long to wait for the service's answer.")
 @click.pass_context
 def cli(ctx: click.Context, control_path: str, timeout: float) -> None:
-    """The host's tmem service (run in dom0) and its control commands (xl tmem-*)."""
+    """The host's tmem service (run in dom0) and its control commands (xl tmem-*).
+
+    The commands reach the service at --control, or $XENTMEM_HOSTD_SOCKET.  New here?
+    `xentmem-hostd demo --dir DIR --load` runs a mocked Xen host with a guest that moves
+    pages, and prints what to type next.
+    """
     ctx.obj = App(control_path, timeout)
 
 
@@ -103,7 +114,8 @@ log_level_option = click.option("--log-level", type=click.Choice(LOG_LEVELS), de
                                 show_default=True)
 
 
-@cli.command()
+@cli.command(epilog=f"It serves its control socket at --control, or ${SOCKET_ENV} "
+                    f"[default: {DEFAULT_SOCKET}].")
 @click.option("--xenstore", "xenstore_path", envvar="XENSTORED_PATH",
               help="xenstored's socket [default: /var/run/xenstored/socket, else the xenbus "
                    "device]")
@@ -143,12 +155,26 @@ def render_listing(listing: dict[str, Any]) -> str:
         f"pages, {listing['evictions']} evictions, shared_auth="
         f"{int(listing['shared_auth'])}, freeable {listing['freeable_mb']} MiB"
     ]
-    states = {d["domid"]: d["state"] for d in listing.get("devices", [])}
-    for client in listing["clients"]:
+    return "\n".join(lines + guest_lines(listing))
+
+
+def guest_lines(listing: dict[str, Any]) -> list[str]:
+    """One line per guest (a client, a device, or both) in domid order, then its pools: a
+    guest whose frontend has connected is listed before it makes its first pool."""
+    devices = {d["domid"]: d for d in listing.get("devices", [])}
+    clients = {c["domid"]: c for c in listing.get("clients", [])}
+    lines = []
+    for domid in sorted(set(devices) | set(clients)):
+        device = devices.get(domid)
+        state = device["state"] if device else "-"
+        client = clients.get(domid)
+        if client is None:
+            lines.append(f"domain {domid}: device={state} (no tmem client yet: no pool made)")
+            continue
         lines.append(
-            f"domain {client['domid']}: weight={client['weight']} "
+            f"domain {domid}: weight={client['weight']} "
             f"compress={int(client['compress'])} frozen={int(client['frozen'])} "
-            f"device={states.get(client['domid'], '-')} "
+            f"device={state} "
             f"eph={client['ephemeral_pages']} pers={client['persistent_pages']}"
         )
         for pool in client["pools"]:
@@ -156,12 +182,14 @@ def render_listing(listing: dict[str, Any]) -> str:
             shared = " shared " + pool["uuid"] if pool["shared"] else ""
             lines.append(f"  pool {pool['pool_id']}: {kind}{shared} pages={pool['pages']} "
                          f"objects={pool['objects']}")
-    return "\n".join(lines)
+    return lines
 
 
 def render_domids(result: dict[str, Any]) -> str:
+    """What freeze/thaw did, then the guests as ``list`` shows them."""
     domids = " ".join(str(d) for d in result["domids"]) or "none"
-    return f"{'frozen' if result['frozen'] else 'thawed'}: {domids}"
+    head = f"{'frozen' if result['frozen'] else 'thawed'}: {domids}"
+    return "\n".join([head, *guest_lines(result)])
 
 
 def render_set(result: dict[str, Any]) -> str:
@@ -179,7 +207,7 @@ def render_auth(result: dict[str, Any]) -> str:
     return f"domain {result['domid']}: uuid {result['uuid']} auth={int(result['auth'])}"
 
 
-@cli.command(name="list")
+@cli.command(name="list", epilog=SOCKET_EPILOG)
 @click.argument("domid", required=False, default="all")
 @json_option
 @click.pass_obj
@@ -188,7 +216,7 @@ def list_cmd(app: App, domid: str, as_json: bool) -> None:
     emit(app.call("list", domid=target_of(domid)), as_json=as_json, render=render_listing)
 
 
-@cli.command()
+@cli.command(epilog=SOCKET_EPILOG)
 @click.argument("domid")
 @json_option
 @click.pass_obj
@@ -197,7 +225,7 @@ def freeze(app: App, domid: str, as_json: bool) -> None:
     emit(app.call("freeze", domid=target_of(domid)), as_json=as_json, render=render_domids)
 
 
-@cli.command()
+@cli.command(epilog=SOCKET_EPILOG)
 @click.argument("domid")
 @json_option
 @click.pass_obj
@@ -206,7 +234,7 @@ def thaw(app: App, domid: str, as_json: bool) -> None:
     emit(app.call("thaw", domid=target_of(domid)), as_json=as_json, render=render_domids)
 
 
-@cli.command(name="set")
+@cli.command(name="set", epilog=SOCKET_EPILOG)
 @click.argument("domid")
 @click.option("--weight", "-w", type=click.IntRange(0, MAX_WEIGHT), help="Eviction weight.")
 @click.option("--compress/--no-compress", "-p", default=None, help="Compress stored pages.")
@@ -225,7 +253,7 @@ def set_cmd(app: App, domid: str, weight: int | None, compress: bool | None,
     emit(app.call("set", **args), as_json=as_json, render=render_set)
 
 
-@cli.command(name="shared-auth")
+@cli.command(name="shared-auth", epilog=SOCKET_EPILOG)
 @click.argument("domid")
 @click.option("--uuid", "-u", "pool_uuid", help="The shared pool's uuid.")
 @click.option("--auth", "-A", type=click.IntRange(0, 1), required=True,
@@ -240,7 +268,7 @@ def shared_auth(app: App, domid: str, pool_uuid: str | None, auth: int, as_json:
     emit(app.call("shared-auth", **args), as_json=as_json, render=render_auth)
 
 
-@cli.command()
+@cli.command(epilog=SOCKET_EPILOG)
 @json_option
 @click.pass_obj
 def freeable(app: App, as_json: bool) -> None:
@@ -257,18 +285,42 @@ def freeable(app: App, as_json: bool) -> None:
               default="c-xenstored", show_default=True, help="Whose xenstore limits to apply.")
 @click.option("--capacity", default=DEFAULT_CAPACITY, show_default=True,
               help="Host-wide tmem capacity: 256M, 2G or 10%% of RAM.")
+@click.option("--load", is_flag=True,
+              help="Also start a guest daemon (xentmemd, xen backend) for the first guest "
+                   "that swaps a few pages each second, so `list` shows pages moving.")
+@click.option("--load-interval", type=click.FloatRange(min=0.05), default=1.0,
+              show_default=True, metavar="SECONDS", help="Seconds between two load rounds.")
 @log_level_option
 def demo(directory: Path, guests: tuple[int, ...], flavour: str, capacity: str,
-         log_level: str) -> None:
-    """A local mocked Xen host: the stand-in xenstored plus this service."""
+         load: bool, load_interval: float, log_level: str) -> None:
+    """A local mocked Xen host: the stand-in xenstored plus this service.
+
+    It prints the sockets it made and what to type next; with --load a guest swaps through
+    it (one log line per round), so the figures of `list` change.
+    """
     from xentmem.hostd import demo as demo_mod  # the only user of the stand-in
 
     configure_logging(log_level)
     try:
         demo_mod.run(directory, guests or (1,), flavour=flavour,
-                     capacity_bytes=capacity_of(capacity))
+                     capacity_bytes=capacity_of(capacity), program=program_path(),
+                     load=load, log_level="warning" if log_level == "info" else log_level,
+                     interval_s=load_interval)
     except ServiceError as exc:
         abort(str(exc))
+
+
+def program_path() -> str:
+    """How to type this script in a new shell: its name if PATH finds it, else its path."""
+    mine = Path(sys.argv[0])
+    if mine.name != "xentmem-hostd" or not mine.is_file():
+        mine = Path(sys.executable).parent / "xentmem-hostd"  # a venv's, unresolved
+    if not mine.is_file():
+        return "xentmem-hostd"
+    found = shutil.which("xentmem-hostd")
+    if found is not None and os.path.samefile(found, mine):
+        return "xentmem-hostd"
+    return os.path.abspath(mine)
 
 
 def main(argv: list[str] | None = None) -> Any:

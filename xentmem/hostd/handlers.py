@@ -57,9 +57,29 @@ class HostControl:
         return self._handlers[request.op](request.args)
 
     def _domids(self, domid: int | str) -> list[int]:
+        """``all``: every guest the service knows; one domid: that guest, which must exist
+        (a tmem client or a device), so that a typo is refused instead of making a client."""
+        known = set(self.service.store.clients) | set(self.service.devices)
         if domid == "all":
-            return sorted(set(self.service.store.clients) | set(self.service.devices))
+            return sorted(known)
+        if int(domid) not in known:
+            raise ControlError(NOT_FOUND, self._not_a_guest(int(domid)))
         return [int(domid)]
+
+    def _not_a_guest(self, domid: int) -> str:
+        guests = sorted(set(self.service.store.clients) | set(self.service.devices))
+        return (f"domain {domid} is not a guest of this service (guests: "
+                f"{', '.join(map(str, guests)) or 'none'}); see `xentmem-hostd list`")
+
+    def _listing(self, domids: list[int] | None) -> dict[str, Any]:
+        """``list``'s answer for ``domids`` (None: every guest): the host, clients, devices."""
+        store, devices = self.service.store, self.service.devices
+        listing = store.describe()
+        if domids is not None:
+            listing["clients"] = [c for c in listing["clients"] if c["domid"] in domids]
+        listing["devices"] = [device.describe() for key, device in sorted(devices.items())
+                              if domids is None or key in domids]
+        return listing
 
     def hello(self, args: Args) -> dict[str, Any]:
         return {"protocol": protocol.PROTOCOL_VERSION, "daemon_version": __version__,
@@ -68,20 +88,14 @@ class HostControl:
 
     def list_clients(self, args: Args) -> dict[str, Any]:
         domid = args.get("domid", "all")
-        store, devices = self.service.store, self.service.devices
-        one = None if domid == "all" else int(domid)
-        if one is not None and one not in store.clients and one not in devices:
-            raise ControlError(NOT_FOUND, f"domain {one} has no tmem client")
-        listing = store.describe(one)
-        listing["devices"] = [device.describe() for key, device in sorted(devices.items())
-                              if one is None or key == one]
-        return listing
+        return self._listing(None if domid == "all" else self._domids(domid))
 
     def freeze(self, args: Args, *, frozen: bool) -> dict[str, Any]:
+        """Freeze or thaw; the answer is ``list``'s for those guests, plus what was done."""
         domids = self._domids(args["domid"])
         for domid in domids:
             self.service.store.freeze(domid, frozen)
-        return {"domids": domids, "frozen": frozen}
+        return {"domids": domids, "frozen": frozen, **self._listing(domids)}
 
     def set_client(self, args: Args) -> dict[str, Any]:
         weight, compress = args.get("weight"), args.get("compress")

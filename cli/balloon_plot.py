@@ -129,7 +129,12 @@ def draw(panels: Sequence[Panel], title: str, knobs: Mapping[str, Any]) -> Any:
         stall_ax.set_xlabel("time (s)")
         stall_ax.grid(True, alpha=0.3)
     memory_axes[0].set_ylim(bottom=0)
-    memory_axes[0].legend(loc="upper left", fontsize=8, ncol=2, framealpha=0.9)
+    legend: dict[str, Any] = {}  # every series of every column, once (a column may lack one)
+    for ax in memory_axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    memory_axes[0].legend(list(legend.values()), list(legend), loc="upper left", fontsize=8,
+                          ncol=2, framealpha=0.9)
     knob_lines = textwrap.wrap(knobs_line(knobs), TITLE_CHARS_PER_COLUMN * n,
                                break_on_hyphens=False)
     fig.suptitle("\n".join([title, *knob_lines]), fontsize=10)

@@ -205,9 +205,11 @@ def _knob_option(ctx: click.Context, param: click.Parameter,
 @click.option("--knob", "knobs", multiple=True, callback=_knob_option, metavar="NAME=VALUE",
               help="A knob for the simulation (repeatable; default: the recording's, else "
                    "the defaults).")
+@click.option("--dpi", type=click.IntRange(min=20, max=600), default=balloon_plot.DEFAULT_DPI,
+              show_default=True, help="Pixels per inch of a PNG (a column is 7 x 6.6 inches).")
 @click.pass_obj
 def plot(app: App, *, recording: str | None, output: str, fmt: str | None, simulated: bool,
-         trace: str | None, knobs: dict[str, str]) -> None:
+         trace: str | None, knobs: dict[str, str], dpi: int) -> None:
     """Draw a recording, or a simulation of a recorded or synthetic trace, as PNG or SVG.
 
     Goal, target, current size, floor, frontswap and committed memory in MiB, the memory
@@ -229,7 +231,7 @@ def plot(app: App, *, recording: str | None, output: str, fmt: str | None, simul
         else:
             assert recorded is not None
             panels, title, shown = _recorded(app, recorded)
-        figure = balloon_plot.draw(panels, title, shown)
+        figure = balloon_plot.draw(panels, title, shown, dpi=dpi)
         size = balloon_plot.save(figure, path, fmt)
     except balloon_plot.PlotUnavailable as exc:
         app.abort(str(exc), EXIT_FAILURE)

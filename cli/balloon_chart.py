@@ -62,7 +62,8 @@ def chart(
         level = high - span * i / (height - 1) if height > 1 else high
         label = f"{level:.0f}" if i in (0, height - 1) else ""
         body = "".join(style(c, colours[c]) if c != " " else c for c in cells).rstrip()
-        lines.append(f"{label.rjust(label_width)} ┤{body}")
+        axis = "┤" if label else "│"
+        lines.append(f"{label.rjust(label_width)} {axis}{body}")
     lines.append(" " * label_width + " └" + "─" * len(records))
     first, last = records[0], records[-1]
     seconds = float(last.get("time") or 0) - float(first.get("time") or 0)

@@ -26,6 +26,8 @@ CURRENT_WIDTH = 4.0
 #: Characters of knob values per title line, per column of the figure.
 TITLE_CHARS_PER_COLUMN = 100
 FORMATS = ("png", "svg")
+#: Pixels per inch of a PNG: a one-column figure is 700 x 660 pixels.
+DEFAULT_DPI = 100
 INSTALL_HINT = "pip install 'xentmem[plot]'"
 
 #: Series -> colour (matplotlib's tab10, as hex so tests can look for the exact pixels).
@@ -106,11 +108,12 @@ def _figure_modules() -> tuple[Any, Any]:
     return Figure, MaxNLocator
 
 
-def draw(panels: Sequence[Panel], title: str, knobs: Mapping[str, Any]) -> Any:
+def draw(panels: Sequence[Panel], title: str, knobs: Mapping[str, Any], *,
+         dpi: int = DEFAULT_DPI) -> Any:
     """The figure (a matplotlib ``Figure``) of ``panels``; raises :class:`PlotUnavailable`."""
     Figure, MaxNLocator = _figure_modules()
     n = len(panels)
-    fig = Figure(figsize=(6.4 * n + 0.6, 6.6), dpi=100, layout="constrained")
+    fig = Figure(figsize=(6.4 * n + 0.6, 6.6), dpi=dpi, layout="constrained")
     grid = fig.add_gridspec(2, n, height_ratios=(3, 1))
     memory_axes: list[Any] = []
     for col, panel in enumerate(panels):

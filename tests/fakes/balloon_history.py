@@ -29,7 +29,7 @@ def short_trace() -> Trace:
                            (170.0, mb(1300)), (190.0, mb(500)), (240.0, mb(500))))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def simulated_records(guard: bool = True) -> tuple[dict[str, Any], ...]:
     """Every tick record of the short trace (guard on: ticks and guard ticks), as dicts."""
     knobs = {"pressure_guard": "1" if guard else "0"}

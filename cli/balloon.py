@@ -13,7 +13,7 @@ from typing import Any, TextIO
 
 import click
 
-from xentmem.clock import SystemClock
+from xentmem.clock import Clock, SystemClock
 from xentmem.console import EXIT_FAILURE
 from xentmem.errors import ParamError
 from xentmem_cli import balloon_chart, balloon_plot, render
@@ -120,7 +120,7 @@ def balloon(ctx: click.Context, *, limit: int, as_chart: bool | None, as_json: b
               show_default=True, metavar="SECONDS",
               help="How often to ask the daemon for new decisions.")
 @click.option("--backlog", is_flag=True,
-              help="Begin with the decisions the daemon still keeps (up to its last 64).")
+              help="Begin with the decisions the daemon still keeps.")
 @click.pass_obj
 def record(app: App, *, count: int | None, duration: float | None, output: str, poll: float,
            backlog: bool) -> None:
@@ -137,7 +137,7 @@ def record(app: App, *, count: int | None, duration: float | None, output: str, 
 
 
 def run_recording(app: App, *, count: int | None, duration: float | None, output: str,
-                  poll: float, backlog: bool, clock: Any = None,
+                  poll: float, backlog: bool, clock: Clock | None = None,
                   stop: threading.Event | None = None) -> None:
     """The command's body, with the clock and the stop event injectable for tests."""
     def fetch() -> dict[str, Any]:

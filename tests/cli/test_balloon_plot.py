@@ -186,3 +186,14 @@ def test_a_recording_without_decisions_is_refused(runner: Any, tmp_path: Path) -
     result = plot(runner, str(empty), "--simulate", "-o", str(out))
     assert result.exit_code == 1 and "a trace needs at least 2" in result.stderr
     assert not out.exists()
+
+
+def test_the_cli_loads_neither_matplotlib_nor_the_simulator_until_it_plots() -> None:
+    import subprocess
+
+    code = ("import sys, xentmem_cli.main\n"
+            "print(sorted(m for m in sys.modules\n"
+            "             if m.split('.')[0] in ('matplotlib', 'xentmem_selfballoon')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert out.stdout.strip() == "[]"

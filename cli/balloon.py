@@ -7,6 +7,7 @@ pressure guard side by side (docs/selfballoon.md, "Recording and plotting").
 
 from __future__ import annotations
 
+import sys
 import threading
 from pathlib import Path
 from typing import Any, TextIO
@@ -77,7 +78,7 @@ def balloon_text(data: dict[str, Any], *, chart: bool = False,
 
 
 def _stdout_is_terminal() -> bool:
-    return click.get_text_stream("stdout").isatty()
+    return sys.stdout.isatty()
 
 
 @click.group(invoke_without_command=True)
@@ -146,7 +147,7 @@ def run_recording(app: App, *, count: int | None, duration: float | None, output
     first = fetch()  # before the file is opened: an unreachable daemon leaves nothing behind
     stream: TextIO
     if output == "-":
-        stream = click.get_text_stream("stdout")
+        stream = sys.stdout
     else:
         try:
             stream = open(output, "w", encoding="utf-8")  # noqa: SIM115 - closed below
@@ -243,7 +244,7 @@ def plot(app: App, *, recording: str | None, output: str, fmt: str | None, simul
 def _read_recording(app: App, name: str) -> Recording:
     try:
         if name == "-":
-            return parse_recording(click.get_text_stream("stdin"), "stdin")
+            return parse_recording(sys.stdin, "stdin")
         with open(name, encoding="utf-8") as stream:
             return parse_recording(stream, name)
     except RecordingError as exc:

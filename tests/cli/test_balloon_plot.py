@@ -197,3 +197,11 @@ def test_the_cli_loads_neither_matplotlib_nor_the_simulator_until_it_plots() -> 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_recording_piped_in(runner: Any, recording: Path, tmp_path: Path) -> None:
+    out = tmp_path / "piped.png"
+    result = runner.invoke(cli, ["balloon", "plot", "-", "-o", str(out)],
+                           input=recording.read_text(), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert count_colour(pixels(out), balloon_plot.COLOURS["target"]) > SERIES_PIXELS

@@ -215,3 +215,14 @@ def test_an_unwritable_output_is_one_error_line(tmp_path: Path) -> None:
         run_recording(app, count=1, duration=None, output=str(tmp_path / "no" / "rec.jsonl"),
                       poll=1.0, backlog=False, clock=daemon.clock)
     assert exc.value.exit_code == 1
+
+
+def test_to_stdout_data_only_and_the_note_on_stderr(capsys: Any) -> None:
+    daemon = FakeBalloonDaemon(FakeClock(START))
+    app = App("/nonexistent.sock", 1.0, client_factory=lambda path, timeout: daemon)
+    run_recording(app, count=5, duration=None, output="-", poll=1.0, backlog=False,
+                  clock=daemon.clock)
+    captured = capsys.readouterr()
+    lines = [json.loads(line) for line in captured.out.splitlines()]
+    assert len(decisions(lines)) == 5 and lines[0]["kind"] == "knobs"
+    assert "recorded 5 decision(s) to stdout" in captured.err

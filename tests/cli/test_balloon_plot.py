@@ -205,3 +205,15 @@ def test_a_recording_piped_in(runner: Any, recording: Path, tmp_path: Path) -> N
                            input=recording.read_text(), catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert count_colour(pixels(out), balloon_plot.COLOURS["target"]) > SERIES_PIXELS
+
+
+def test_a_recorded_trace_starts_at_0_s_and_a_larger_guest_grows_the_model() -> None:
+    records = [dict(r, time=r["time"] + 500.0) for r in simulated_records()]
+    recorded = parse_recording([json.dumps(r) for r in records], "rec")
+    trace = balloon_sim.trace_of(recorded)
+    assert trace.points[0] == (0.0, records[0]["balloon"]["committed_pages"])
+    assert trace.duration_s == pytest.approx(records[-1]["time"] - records[0]["time"])
+    assert balloon_sim.spec_for(recorded) == balloon_sim.GuestSpec()  # 2 GiB: the default
+    big = [dict(r, balloon=dict(r["balloon"], cur_pages=4 << 18)) for r in records]
+    spec = balloon_sim.spec_for(parse_recording([json.dumps(r) for r in big], "big"))
+    assert spec.static_max_pages == (4 << 18) + spec.kernel_reserved_pages

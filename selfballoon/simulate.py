@@ -31,7 +31,7 @@ from xentmem_selfballoon.inputs import (
     read_meminfo,
 )
 from xentmem_selfballoon.knobs import KnobStore
-from xentmem_selfballoon.loop import SelfballoonLoop
+from xentmem_selfballoon.loop import DEFAULT_HISTORY, SelfballoonLoop, TickRecord
 from xentmem_selfballoon.policy import auto_reserved_mb, kb2pages, mb2pages, pages2kb
 
 # -- traces --------------------------------------------------------------------------------------
@@ -423,12 +423,27 @@ class GuestSim:
         return "".join(out)
 
 
-class SimClock(FakeClock):
-    """A fake clock whose waits run the model; it stops the loop at the trace's end."""
+@dataclass(frozen=True)
+class ModelSample:
+    """The model guest after one wait: what the loop cannot see, for a plot beside its record."""
 
-    def __init__(self, guest: GuestSim) -> None:
+    time_s: float
+    committed_pages: int
+    need_pages: int  # committed plus what Committed_AS does not count
+    totalram_pages: int  # the balloon's current size, in totalram terms
+    stall_fraction: float  # PSI ``some`` in the model: 0 (no stall) to 1 (always)
+
+
+class SimClock(FakeClock):
+    """A fake clock whose waits run the model; it stops the loop at the trace's end.
+
+    With ``samples`` given, it appends a :class:`ModelSample` after every wait.
+    """
+
+    def __init__(self, guest: GuestSim, samples: list[ModelSample] | None = None) -> None:
         super().__init__(start=guest.time_s)
         self.guest = guest
+        self.samples = samples
 
     def wait(self, stop: threading.Event, timeout: float) -> bool:
         if stop.is_set():
@@ -436,6 +451,10 @@ class SimClock(FakeClock):
         self.waits.append(timeout)
         self.guest.advance(timeout)
         self.now = self.guest.time_s
+        if self.samples is not None:
+            g = self.guest
+            self.samples.append(ModelSample(g.time_s, g.committed_pages, g.need_pages,
+                                            g.totalram_pages, g.stall_fraction()))
         if self.guest.finished:
             stop.set()
         return stop.is_set()
@@ -450,6 +469,9 @@ class ReplayResult:
     policy: str
     metrics: SimMetrics
     loop_counters: Mapping[str, int]
+    #: With ``keep=True``: every tick record of the run and the model after every wait.
+    history: tuple[TickRecord, ...] = ()
+    samples: tuple[ModelSample, ...] = ()
 
 
 def replay(
@@ -460,24 +482,36 @@ def replay(
     spec: GuestSpec | None = None,
     root: Path | None = None,
     balloon_driver: bool = True,
+    keep: bool = False,
 ) -> ReplayResult:
-    """Run the real loop against the model for the whole trace; return what happened."""
+    """Run the real loop against the model for the whole trace; return what happened.
+
+    ``keep`` also returns every tick record and a model sample per wait (for a plot).
+    """
     if root is None:
         with tempfile.TemporaryDirectory(prefix="xentmem-sim-") as tmp:
             return replay(trace, knob_values, policy=policy, spec=spec, root=Path(tmp),
-                          balloon_driver=balloon_driver)
+                          balloon_driver=balloon_driver, keep=keep)
     guest = GuestSim(trace, root, spec=spec, balloon_driver=balloon_driver)
-    clock = SimClock(guest)
+    samples: list[ModelSample] | None = [] if keep else None
+    clock = SimClock(guest, samples)
     totalram = read_meminfo(guest.roots).totalram_pages
     knobs = KnobStore(knob_values, auto_reserved_mb=auto_reserved_mb(totalram))
     guest.reserved_pages = mb2pages(knobs.snapshot().reserved_mb)
-    loop = SelfballoonLoop(guest.roots, knobs, clock=clock)
+    history_len = DEFAULT_HISTORY
+    if keep:  # room for a tick at every wait: the guard's polls are the shortest
+        snap = knobs.snapshot()
+        shortest_s = min(snap.selfballoon_interval, snap.pressure_guard_poll_ms / 1000.0)
+        history_len = int(trace.duration_s / shortest_s) + 2
+    loop = SelfballoonLoop(guest.roots, knobs, clock=clock, history_len=history_len)
     loop.run(threading.Event())
     return ReplayResult(
         trace=trace.name,
         policy=policy or ("guard" if knobs.snapshot().pressure_guard else "kernel"),
         metrics=guest.metrics,
         loop_counters=loop.counters(),
+        history=loop.history() if keep else (),
+        samples=tuple(samples or ()),
     )
 
 

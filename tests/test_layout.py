@@ -63,6 +63,8 @@ MAY_NOT_IMPORT: dict[str, tuple[str, ...]] = {
 #: starts our stand-in xenstored next to the service, so only the demo module may import it.
 EXTRA_IMPORTS: dict[str, frozenset[str]] = {
     "xentmem.hostd.demo": frozenset({"mock_xenstored"}),
+    # ``xentmem balloon plot --simulate`` runs the real loop against the simulator, in process.
+    "xentmem_cli.balloon_sim": frozenset({"selfballoon"}),
 }
 
 #: What a maintainer cannot follow: files outside the repository and issue numbers.
@@ -197,6 +199,8 @@ def test_imports_follow_the_layout_rules() -> None:
     ("xentmem.guestd.publish", "xentmem.guest.backends.xen", False),
     ("xentmem_cli.backend", "xentmem.guest.registry", True),
     ("xentmem_cli.backend", "xentmem.guest.shim", False),
+    ("xentmem_cli.balloon_sim", "xentmem_selfballoon.simulate", True),
+    ("xentmem_cli.balloon", "xentmem_selfballoon.simulate", False),
     ("xentmem.errors", "xentmem.params", True),  # foundation modules among themselves
     ("xentmem.errors", "xentmem.tmem.abi", False),
     ("xentmem.tmem.abi", "os", True),  # outside the project: not this test's business

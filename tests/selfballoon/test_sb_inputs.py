@@ -232,3 +232,32 @@ def test_psi_round_trip(some: int, full: int, avg: float) -> None:
     p = parse_psi(f"some avg10={avg:.2f} avg60=0.00 avg300=0.00 total={some}\n"
                   f"full avg10=0.00 avg60=0.00 avg300=0.00 total={full}\n")
     assert (p.some_total_us, p.full_total_us) == (some, full)
+
+
+def test_a_balloon_moving_during_the_reading_is_read_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """current_kb and MemTotal must describe the same balloon (their difference is the offset
+    into balloon terms): a reading during which current_kb moved is taken again."""
+    from xentmem_selfballoon import inputs
+
+    tree = GuestTree(tmp_path)
+    tree.write(mem_total_kb=1_000_000, committed_kb=500_000, current_kb=1_050_000)
+    tree.set_target_kb(1_050_000)
+    currents = iter([1_060_000, 1_050_000, 1_050_000, 1_050_000, -1])
+    monkeypatch.setattr(inputs, "read_balloon_current_kb", lambda roots: next(currents))
+    reading = read_guest(tree.roots)
+    assert reading.balloon_current_kb == 1_050_000
+    assert next(currents) == -1  # one retry: the second pair agreed
+
+
+def test_a_balloon_that_never_holds_still_is_read_a_bounded_number_of_times(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from xentmem_selfballoon import inputs
+
+    tree = GuestTree(tmp_path)
+    tree.write(mem_total_kb=1_000_000, committed_kb=500_000, current_kb=1_050_000)
+    tree.set_target_kb(1_050_000)
+    reads = iter(range(1_000_000, 0, -1000))
+    monkeypatch.setattr(inputs, "read_balloon_current_kb", lambda roots: next(reads))
+    last = 1_000_000 - (2 * inputs.STILL_READS - 1) * 1000  # the last of the bounded tries
+    assert read_guest(tree.roots).balloon_current_kb == last

@@ -7,15 +7,14 @@
 #                           (Ctrl-a x quits QEMU)
 # Env:   XENTMEM_XEN_WORK=/tmp/xentmem-xen   images from build-images.sh
 #        XENTMEM_XEN_DOMUS=2       how many domUs dom0 starts (1 or 2)
-#        XENTMEM_XEN_TIMEOUT=900   seconds before QEMU is killed
-#        XENTMEM_CHECK_TIMEOUT=300 default per-check-script timeout inside the guests
+#        XENTMEM_XEN_TIMEOUT=900   seconds before QEMU is killed: the bed's deadline, which
+#                                  every wait inside the guests follows (image/init)
 #        XENTMEM_XEN_ACCEL=tcg|kvm XENTMEM_XEN_SMP=2 XENTMEM_XEN_MEM=2048
 #        XENTMEM_XEN_EXTRA_ARGS="..." appended to the Xen command line
 set -euo pipefail
 WORK=${XENTMEM_XEN_WORK:-/tmp/xentmem-xen}
 DOMUS=${XENTMEM_XEN_DOMUS:-2}
 TIMEOUT=${XENTMEM_XEN_TIMEOUT:-900}
-CHECK_TIMEOUT=${XENTMEM_CHECK_TIMEOUT:-300}
 ACCEL=${XENTMEM_XEN_ACCEL:-tcg}
 SMP=${XENTMEM_XEN_SMP:-2}
 MEM=${XENTMEM_XEN_MEM:-2048}
@@ -40,8 +39,10 @@ esac
 # serial_tx_buffer: bursts of guest output must not be dropped by Xen's 16 KiB default.
 XEN_ARGS="console=com1 com1=115200,8n1 serial_tx_buffer=256k dom0_mem=512M,max:512M"
 XEN_ARGS="$XEN_ARGS dom0_max_vcpus=$SMP loglvl=all guest_loglvl=all $XEN_FIX ${XENTMEM_XEN_EXTRA_ARGS:-}"
+# The deadline is wall-clock time: Xen gives the guests the host's clock (QEMU's RTC).
+DEADLINE=$(( $(date +%s) + TIMEOUT ))
 LINUX_ARGS="console=hvc0 earlyprintk=xen loglevel=4 xentmem.domus=$DOMUS"
-LINUX_ARGS="$LINUX_ARGS xentmem.check_timeout=$CHECK_TIMEOUT xentmem.domu_timeout=$TIMEOUT$SHELL_ARG"
+LINUX_ARGS="$LINUX_ARGS xentmem.deadline=$DEADLINE$SHELL_ARG"
 # QEMU's multiboot modules are "file args,file args": a comma inside args must be doubled.
 MODULES="$WORK/vmlinuz ${LINUX_ARGS//,/,,},$WORK/dom0.cpio.gz"
 QEMU=(qemu-system-x86_64 -machine pc "${CPU[@]}" -smp "$SMP" -m "$MEM"

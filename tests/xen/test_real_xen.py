@@ -3,8 +3,9 @@
 ``test_real_xen_bed`` installs the Debian packages (when root), builds the images, boots
 them and judges the serial log: every ``XENTMEM-CHECK`` line is collected and printed,
 any FAIL fails the test with the log around it, and every name in
-``required-checks.txt`` must PASS.  It takes about a minute after apt; set
-``XENTMEM_SKIP_REALXEN=1`` to skip it locally.  Under CI (``CI=true``) or with
+``required-checks.txt`` must PASS.  It takes about 7 minutes on an idle 2-core host and
+two or three times as long on a busy one; set ``XENTMEM_SKIP_REALXEN=1`` to skip it
+locally.  Under CI (``CI=true``) or with
 ``XENTMEM_REQUIRE_REALXEN=1`` a missing prerequisite fails instead of skipping.  See
 tests/xen/README.md.
 
@@ -29,7 +30,9 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 REQUIRED_CHECKS_FILE = HERE / "required-checks.txt"
-TOTAL_BUDGET_S = 20 * 60
+#: The whole test's deadline; the boot gets what is left of it (the bed's own deadline, which
+#: every wait inside the guests follows).  Generous: only a hung bed runs into it.
+TOTAL_BUDGET_S = 45 * 60
 CHECK_LINE = re.compile(
     r"XENTMEM-CHECK (?P<name>\S+) (?P<status>PASS|FAIL|SKIP)(?: (?P<detail>.*))?$"
 )
@@ -177,9 +180,10 @@ def test_real_xen_bed(
 
     with capsys.disabled():
         print(f"\n=== real-Xen bed: work dir {work}, {domus} domU(s)", flush=True)
-        steps = (("install-deps.sh", 600), ("build-images.sh", 300), ("boot.sh", 900))
+        steps = (("install-deps.sh", 15 * 60), ("build-images.sh", 10 * 60), ("boot.sh", None))
         for script, limit in steps:
-            budget = min(limit, deadline - time.monotonic())
+            left = deadline - time.monotonic()
+            budget = left if limit is None else min(limit, left)
             if script == "boot.sh":  # QEMU's own timeout must fire before ours
                 env["XENTMEM_XEN_TIMEOUT"] = str(int(max(60, budget - 30)))
             started = time.monotonic()

@@ -66,7 +66,7 @@ def check_console_script(report: CheckReport, name: str) -> None:
         module = next(iter(eps)).module
         if importlib.util.find_spec(module) is None:
             step.skip(f"{module} is not written yet")
-        result = run([name, "--help"], timeout=60)
+        result = run([name, "--help"])
         if result.returncode != 0:
             raise AssertionError(f"exit {result.returncode}: {result.stderr.strip()[-300:]}")
         step.detail = result.stdout.strip().splitlines()[0] if result.stdout.strip() else "ok"

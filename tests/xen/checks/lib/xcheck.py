@@ -5,6 +5,14 @@ runner puts the scope (``dom0``, ``domu1``, ``domu2``) in front of the name, so 
 script can run in both domUs.  This module only formats those lines and offers the few
 waits that cross domain boundaries; it is on ``PYTHONPATH`` inside both images.
 
+Every wait in a check ends at the bed's deadline (:func:`time_left`), never after a fixed
+number of seconds: the emulated CPU's speed depends on the host's load, so a figure that
+fits an idle host fails a busy one.  The runner exports the deadline of each phase as
+``XENTMEM_DEADLINE`` (wall-clock seconds; the guests' clocks come from Xen, which reads
+the host's) and kills a script that is still running then.  A wait gives up
+``REPORT_MARGIN_S`` earlier, so its check still prints a FAIL line that says what it
+waited for.
+
 Typical use::
 
     report = CheckReport()
@@ -29,6 +37,28 @@ PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 STATE_DIR = Path(os.environ.get("XENTMEM_STATE_DIR", "/run/xentmem-bed"))
 CONSOLE_LOGS = Path(os.environ.get("XENTMEM_DOMU_LOGS", "/var/log/xen/console"))
 MAX_DETAIL = 400
+#: How long before the runner's kill a wait gives up, to print its own FAIL line.
+REPORT_MARGIN_S = 20.0
+#: Outside the bed (a script tried by hand) without XENTMEM_DEADLINE: an hour.
+UNSET_DEADLINE_S = 3600.0
+
+
+def _deadline_from_env() -> float:
+    """The deadline as a ``time.monotonic()`` value (the wall clock is read once, here)."""
+    untrusted_value = os.environ.get("XENTMEM_DEADLINE", "")
+    try:
+        left = float(untrusted_value) - time.time()
+    except ValueError:
+        left = UNSET_DEADLINE_S
+    return time.monotonic() + left - REPORT_MARGIN_S
+
+
+_DEADLINE = _deadline_from_env()
+
+
+def time_left() -> float:
+    """Seconds until a wait must give up (0 once the deadline passed): every wait's bound."""
+    return max(0.0, _DEADLINE - time.monotonic())
 
 
 class SkipCheck(Exception):
@@ -112,9 +142,13 @@ def read_text(path: str) -> str:
     return Path(path).read_text().strip()
 
 
-def run(argv: Sequence[str], timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    """Run a command with a timeout, capturing text output (never raises on exit code)."""
-    return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
+def run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    """Run a command, capturing text output; never raises on its exit code.
+
+    Raises ``subprocess.TimeoutExpired`` if it is still running at the deadline.
+    """
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=time_left(),
+                          check=False)
 
 
 def send_signal(word: str) -> None:
@@ -129,34 +163,32 @@ def send_signal(word: str) -> None:
         console.write(f"XENTMEM-SIGNAL {word}\n")
 
 
-def wait_signal(word: str, timeout: float) -> str:
-    """Wait until some domain sent ``word``; returns the sender (``domu1``...)."""
-    deadline = time.monotonic() + timeout
+def wait_signal(word: str) -> str:
+    """Wait until some domain sent ``word`` (or the deadline); returns the sender (``domu1``...)."""
     while True:
         if role() == "dom0":
             marker = STATE_DIR / "signals" / word
             if marker.exists():
                 return marker.read_text().strip()
         else:
-            result = run(["xenstore-read", f"data/xentmem-bed/signal/{word}"], timeout=10)
+            result = run(["xenstore-read", f"data/xentmem-bed/signal/{word}"])
             if result.returncode == 0:
                 return result.stdout.strip()
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"no signal {word!r} within {timeout:.0f}s")
+        if time_left() <= 0:
+            raise TimeoutError(f"no signal {word!r} by the bed's deadline")
         time.sleep(0.5)
 
 
-def wait_for_console(domu_name: str, text: str, timeout: float) -> str:
+def wait_for_console(domu_name: str, text: str) -> str:
     """dom0 only: wait until a domU's console log has a line containing ``text``."""
     log = CONSOLE_LOGS / f"guest-{domu_name}.log"
-    deadline = time.monotonic() + timeout
     while True:
         if log.exists():
             for line in log.read_text(errors="replace").splitlines():
                 if text in line:
                     return line.strip()
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"{text!r} did not appear in {log} within {timeout:.0f}s")
+        if time_left() <= 0:
+            raise TimeoutError(f"{text!r} did not appear in {log} by the bed's deadline")
         time.sleep(0.5)
 
 

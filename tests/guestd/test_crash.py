@@ -21,7 +21,7 @@ ROUNDS = 5
 PAGES = 48
 #: Every stored page is in the file as well as in tmem: what a killed daemon leaves is the
 #: file (zcache's tmem is the daemon's own memory and dies with it).
-WRITETHROUGH = ("-o", "tmem.frontswap_writethrough=1", "-o", "tmem.selfballooning=0",
+WRITETHROUGH = ("-o", "tmem.frontswap_writethrough=1", "-o", "tmem.selfballooning_at_load=0",
                 "-o", "tmem.selfshrinking=0")
 
 

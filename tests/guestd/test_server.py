@@ -375,7 +375,7 @@ def test_a_deeply_nested_line_is_answered_and_the_connection_goes_on(served: Any
 def test_idle_connections_time_out_and_a_waiting_client_gets_in(tmp_path: Path,
                                                                  make_daemon: Any) -> None:
     # Regression: 32 idle connections locked every other client out with busy for 300 s.
-    daemon = make_daemon(None, overrides=("selfballooning=0", "selfshrinking=0"))
+    daemon = make_daemon(None, overrides=("selfballooning_at_load=0", "selfshrinking=0"))
     server = ControlServer(tmp_path / "control.sock",
                            lambda line: handlers.handle_line(daemon, line), max_clients=4,
                            idle_timeout_s=0.2)

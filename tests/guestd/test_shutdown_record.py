@@ -37,7 +37,7 @@ class OffXen(RecordingBackend):
 def application(tmp_path: Path, root: Path, backend: str = "recording") -> Application:
     config = tmp_path / "xentmem.conf"
     config.write_text(f"options xentmemd backend={backend}\n"
-                      "options tmem selfballooning=0 selfshrinking=0\n")
+                      "options tmem selfballooning_at_load=0 selfshrinking=0\n")
     return Application(roots=Roots(root=root, run_dir=tmp_path / "run"), config_path=config,
                        config_missing_ok=False, clock=FakeClock(0.0), notifier=Notifier(None),
                        signals=SignalFlags(), state_dir=tmp_path / "state",

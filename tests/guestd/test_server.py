@@ -306,9 +306,12 @@ class HangUpAfter:
                 self.connections += 1
                 with conn:
                     conn.settimeout(5.0)
-                    self._one(conn)
+                    self._connection(conn)
         except OSError:
             return  # closed, or nobody came within the timeout
+
+    def _connection(self, conn: socket.socket) -> None:
+        self._one(conn)
 
     def _one(self, conn: socket.socket) -> None:
         buffer = b""
@@ -447,34 +450,15 @@ def test_a_full_listen_queue_is_busy_not_unavailable(tmp_path: Path) -> None:
         listener.close()
 
 
-class CloseUnread:
+class CloseUnread(HangUpAfter):
     """A fake daemon: answers the first request of a connection; when the next one arrives
     it closes the connection without reading it (as a daemon closing an idle connection at
     that very moment does); answers every request on later connections."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.lines: list[dict[str, Any]] = []
-        self.connections = 0
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(str(path))
-        self._listener.listen(4)
-        self._listener.settimeout(5.0)
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+    def _connection(self, conn: socket.socket) -> None:
+        self._answer_all(conn, hang_up=self.connections == 1)
 
-    def _serve(self) -> None:
-        try:
-            while True:
-                conn, _ = self._listener.accept()
-                self.connections += 1
-                with conn:
-                    conn.settimeout(5.0)
-                    self._one(conn, hang_up=self.connections == 1)
-        except OSError:
-            return
-
-    def _one(self, conn: socket.socket, *, hang_up: bool) -> None:
+    def _answer_all(self, conn: socket.socket, *, hang_up: bool) -> None:
         buffer = b""
         while True:
             while b"\n" not in buffer:
@@ -489,12 +473,6 @@ class CloseUnread:
             if hang_up:
                 select.select([conn], [], [], 5.0)  # the next request is waiting, unread
                 return
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
-        self._thread.join(10)
 
 
 def test_a_state_changing_request_the_daemon_never_read_is_sent_again(tmp_path: Path) -> None:

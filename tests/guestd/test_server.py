@@ -10,6 +10,7 @@ import select
 import socket
 import stat
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -310,12 +311,9 @@ class HangUpAfter:
         except OSError:
             return  # closed, or nobody came within the timeout
 
-    def _connection(self, conn: socket.socket) -> None:
-        self._one(conn)
-
-    def _one(self, conn: socket.socket) -> None:
+    def _requests(self, conn: socket.socket) -> Iterator[dict[str, Any]]:
+        """The connection's request lines, parsed and counted, until the client closes."""
         buffer = b""
-        served = 0
         while True:
             while b"\n" not in buffer:
                 chunk = conn.recv(65536)
@@ -325,9 +323,12 @@ class HangUpAfter:
             line, _, buffer = buffer.partition(b"\n")
             request = json.loads(line)
             self.lines.append(request)
+            yield request
+
+    def _connection(self, conn: socket.socket) -> None:
+        for served, request in enumerate(self._requests(conn)):
             if served == self.answered:
                 return  # hang up: the request was received whole, no answer
-            served += 1
             conn.sendall(protocol.encode_result(request["id"], {}))
 
     def close(self) -> None:
@@ -456,19 +457,8 @@ class CloseUnread(HangUpAfter):
     that very moment does); answers every request on later connections."""
 
     def _connection(self, conn: socket.socket) -> None:
-        self._answer_all(conn, hang_up=self.connections == 1)
-
-    def _answer_all(self, conn: socket.socket, *, hang_up: bool) -> None:
-        buffer = b""
-        while True:
-            while b"\n" not in buffer:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                buffer += chunk
-            line, _, buffer = buffer.partition(b"\n")
-            request = json.loads(line)
-            self.lines.append(request)
+        hang_up = self.connections == 1
+        for request in self._requests(conn):
             conn.sendall(protocol.encode_result(request["id"], {}))
             if hang_up:
                 select.select([conn], [], [], 5.0)  # the next request is waiting, unread

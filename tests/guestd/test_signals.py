@@ -56,6 +56,8 @@ def test_the_handlers_take_no_lock(flags: SignalFlags) -> None:
     finally:
         sys.setprofile(None)
     assert taken == [], f"a signal handler took a lock: {taken}"
+    assert not flags.terminate_requested  # the main loop's drain turns them into flags
+    flags.drain()
     assert flags.take_reload() and not flags.take_reload()
     assert flags.terminate_requested
     assert list(flags.received) == ["SIGHUP", "SIGTERM"]
@@ -99,11 +101,15 @@ def test_another_thread_wakes_the_wait_and_a_storm_stays_bounded() -> None:
         waker.start()
         assert SystemClock().wait_readable(flags.fileno(), 10.0)
         waker.join(10.0)
-        for _ in range(100_000):  # far more than the pipe holds: never blocks, never grows
-            flags._on_reload(signal.SIGHUP, None)
+        for n in range(100_000):  # far more than the pipe holds: never blocks, never grows
+            flags._on_signal((signal.SIGHUP, signal.SIGINT)[n % 2], None)
+            flags.wake()
+            if n % 1000 == 0:
+                flags.drain()
         assert len(flags.received) == RECEIVED_KEPT
         flags.drain()
         assert flags.take_reload() and not flags.take_reload()
+        assert flags.terminate_requested
     finally:
         flags.close()
     flags.wake()  # after close: nothing to wake, and no error

@@ -1,9 +1,14 @@
 """Signals become flags the main loop reads: SIGTERM/SIGINT stop, SIGHUP reloads the config.
 
-A handler takes no lock: it sets a plain attribute and writes one byte to a non-blocking
-self-pipe, which is also the interpreter's wakeup fd, so the main loop's wait ends at once
-whichever thread took the signal.  Other threads wake the main loop the same way
-(:meth:`SignalFlags.wake`).  Why: ``docs/architecture.md``, "Inside xentmemd".
+The Python handler does one thing: it adds the signal's number to a set.  The interpreter's
+own C handler writes a byte to a non-blocking self-pipe (the wakeup fd), so the main loop's
+wait ends at once whichever thread took the signal, and the main loop turns the set into
+flags when it drains the pipe.  The handler is that small because the interpreter runs a
+handler between two bytecodes of whatever the main thread was doing, *including another
+handler*: under a storm of signals a handler that does real work nests in itself until the
+interpreter's recursion limit kills the daemon.  It takes no lock for the same reason.
+Other threads wake the main loop through the same pipe (:meth:`SignalFlags.wake`).
+Why: ``docs/architecture.md``, "Inside xentmemd".
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ class SignalFlags:
         os.set_blocking(self._write_fd, False)
         self._terminate = False
         self._reload = False
+        #: Signal numbers the handler saw since the last drain (at most three members).
+        self._pending: set[int] = set()
         self._wakeup_installed = False
         #: The last signals received, by name (for logs and tests); appending takes no lock.
         self.received: collections.deque[str] = collections.deque(maxlen=RECEIVED_KEPT)
@@ -49,10 +56,22 @@ class SignalFlags:
         return False
 
     def drain(self) -> None:
-        """Empty the pipe (before reading the flags, so a later request wakes the next wait)."""
+        """Empty the pipe, then turn the signals seen into flags.
+
+        The pipe first: a signal that arrives after the set is taken writes a new byte, so
+        it wakes the next wait.  The set is swapped, never cleared, so a handler running in
+        between adds to one set or the other and nothing is lost.
+        """
         with contextlib.suppress(BlockingIOError, OSError):
             while os.read(self._read_fd, 4096):
                 pass
+        seen, self._pending = self._pending, set()
+        for signum in sorted(seen):
+            self.received.append(signal.Signals(signum).name)
+            if signum == signal.SIGHUP:
+                self._reload = True
+            else:
+                self._terminate = True
 
     # -- what asks --------------------------------------------------------------------------------
 
@@ -72,19 +91,14 @@ class SignalFlags:
 
     # -- handlers ---------------------------------------------------------------------------------
 
-    def _on_terminate(self, signum: int, frame: FrameType | None) -> None:
-        self.received.append(signal.Signals(signum).name)
-        self.request_terminate()
-
-    def _on_reload(self, signum: int, frame: FrameType | None) -> None:
-        self.received.append(signal.Signals(signum).name)
-        self.request_reload()
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        """The whole handler; the interpreter's wakeup fd has already woken the main loop."""
+        self._pending.add(signum)
 
     def install(self) -> None:
         """Take SIGTERM, SIGINT and SIGHUP, and make the pipe the wakeup fd (main thread only)."""
-        signal.signal(signal.SIGTERM, self._on_terminate)
-        signal.signal(signal.SIGINT, self._on_terminate)
-        signal.signal(signal.SIGHUP, self._on_reload)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
         signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
         self._wakeup_installed = True
 

@@ -18,6 +18,11 @@ from collections.abc import Mapping
 log = logging.getLogger(__name__)
 
 
+def _is_decimal(untrusted: str) -> bool:
+    """systemd's numbers in the environment: ASCII digits only (``isdigit`` takes others)."""
+    return untrusted.isascii() and untrusted.isdigit()
+
+
 class Notifier:
     """Sends sd_notify datagrams; failures are logged once and never stop the daemon."""
 
@@ -39,8 +44,8 @@ class Notifier:
         watchdog = None
         untrusted_usec = env.get("WATCHDOG_USEC", "")
         untrusted_pid = env.get("WATCHDOG_PID", "")
-        ours = not untrusted_pid or (untrusted_pid.isdigit() and int(untrusted_pid) == pid)
-        if untrusted_usec.isdigit() and int(untrusted_usec) > 0 and ours:
+        ours = not untrusted_pid or (_is_decimal(untrusted_pid) and int(untrusted_pid) == pid)
+        if _is_decimal(untrusted_usec) and int(untrusted_usec) > 0 and ours:
             watchdog = int(untrusted_usec)
         return cls(address, watchdog)
 

@@ -56,6 +56,16 @@ def split_number(text: str, *, signs: str = "+") -> tuple[int, str]:
     return (-number if word[:1] == "-" else number), word[end:]
 
 
+def parse_float(text: str) -> float:
+    """A whole text that is one finite decimal number in ASCII (``float`` alone would also
+    take other scripts' digits, ``inf``, ``nan`` and underscores)."""
+    word = text.strip(_SPACE)
+    if not word or not word.isascii() or "_" in word or not all(
+            c in _ASCII_DIGITS or c in "+-.eE" for c in word):
+        raise ValueError(f"{text!r} is not a decimal number")
+    return float(word)
+
+
 def parse_int(text: str, *, signs: str = "+-") -> int:
     """A whole text that is one base-10 integer (:func:`split_number`), nothing after it."""
     number, rest = split_number(text, signs=signs)
@@ -111,7 +121,7 @@ class Param:
                 elif self.type is int:
                     typed = parse_int(value)
                 elif self.type is float:
-                    typed = float(value)
+                    typed = parse_float(value)
                 else:
                     typed = self.type(value)
             elif self.type is bool:

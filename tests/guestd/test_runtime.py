@@ -72,6 +72,9 @@ def test_notify_without_systemd_is_a_no_op_and_failures_do_not_raise(tmp_path: P
         ({"WATCHDOG_USEC": "20000000", "WATCHDOG_PID": "1"}, None),  # someone else's
         ({"WATCHDOG_USEC": "20000000", "WATCHDOG_PID": str(os.getpid())}, 10.0),
         ({"WATCHDOG_USEC": "garbage"}, None),
+        ({"WATCHDOG_USEC": "\uff12\uff10\uff10\uff10\uff10"}, None),  # fullwidth digits
+        ({"WATCHDOG_USEC": "\u00b2"}, None),  # a digit to isdigit, not to int: no crash
+        ({"WATCHDOG_USEC": "20000000", "WATCHDOG_PID": "\u00b9"}, None),
         ({}, None),
     ],
 )

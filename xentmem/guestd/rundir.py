@@ -77,4 +77,4 @@ def _owner_of(fd: int) -> str:
         untrusted = os.pread(fd, _PID_BYTES, 0).decode("ascii", "replace").strip()
     except OSError:
         return ""
-    return f" (pid {untrusted})" if untrusted.isdigit() else ""
+    return f" (pid {untrusted})" if untrusted.isascii() and untrusted.isdigit() else ""

@@ -73,7 +73,7 @@ def target_of(text: str) -> int | str:
     """A DOMID argument: a guest's domain id, or ``all``."""
     if text == "all":
         return text
-    if text.isdigit() and int(text) <= MAX_DOMID:
+    if text.isascii() and text.isdigit() and int(text) <= MAX_DOMID:
         return int(text)
     raise click.BadParameter(f"{text!r} is not a domid or 'all'")
 

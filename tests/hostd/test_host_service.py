@@ -11,7 +11,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import zlib
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,6 @@ from xentmem.hostd.control import OPS as HOST_OPS
 from xentmem.hostd.control import HostControlClient
 from xentmem.roots import Roots
 from xentmem.tmem.abi import POOL_PRIVATE_PERSISTENT, PRIVATE_UUID, Oid
-from xentmem.xenbus.area import request_slot
 from xentmem.xenbus.body import WIRE_VERSION, OpRecord, decode_reply, encode_request
 from xentmem.xenbus.framing import (
     Limits,
@@ -38,9 +36,12 @@ from xentmem.xenbus.framing import (
     to_text,
     unframe,
 )
+from xentmem.xenbus.session_key import TAG_CHARS, SessionKey
 
 TEXT = (b"static void tmem_flush(struct pool *pool, struct oid *oid);\n" * 70)[:4096]
 LIMITS = Limits()
+#: A well-formed MAC that matches nothing.
+BAD_MAC = "A" * TAG_CHARS
 
 
 class HandGuest:
@@ -54,6 +55,9 @@ class HandGuest:
         self.monitor = self.c.monitor()
         self.monitor.watch(f"{self.be}/state".encode(), b"state")
         self.monitor.watch(f"{self.be}/rsp".encode(), b"rsp")
+        self.key: SessionKey | None = None
+        #: Sequence numbers of every reply seen so far.
+        self.answered: set[int] = set()
 
     def state(self, node: str) -> int:
         return int(self.c.read(f"{node}/state".encode()))
@@ -70,34 +74,54 @@ class HandGuest:
         self.c.write(f"{self.fe}/state".encode(), b"1")
         self.wait_state(2)
         assert self.c.read(f"{self.be}/versions".encode()) == str(WIRE_VERSION).encode()
+        self.key = SessionKey.parse(self.c.read(f"{self.be}/session-key".encode()))
         self.c.write(f"{self.fe}/version".encode(), str(WIRE_VERSION).encode())
         self.c.write(f"{self.fe}/state".encode(), b"3")
         self.wait_state(4)
         self.c.write(f"{self.fe}/state".encode(), b"4")
 
-    def send(self, slot_and_name: str, value: bytes = b"-") -> None:
-        self.c.write(f"{self.fe}/req/{slot_and_name}".encode(), value)
+    def send(self, name: str, value: bytes = b"-", *, slot: str | None = None) -> None:
+        """Write request node ``name`` in its directory (the key's, unless ``slot``)."""
+        if slot is None:
+            assert self.key is not None
+            seq, shape = name.split("@")[:2]
+            part = int(shape[1:]) if name.count("@") == 2 else 0
+            slot = self.key.slot(int(seq), part, reply=False)
+        self.send_raw(f"{slot}/{name}", value)
+
+    def send_raw(self, below_req: str, value: bytes = b"-") -> None:
+        self.c.write(f"{self.fe}/req/{below_req}".encode(), value)
+
+    def mac(self, seq: int, shape: str, text: str) -> str:
+        assert self.key is not None
+        return self.key.mac(seq, shape, text.encode(), reply=False)
 
     def reply(self, seq: int) -> bytes:
         """The body of the reply to ``seq`` (waits for its event)."""
         prefix = f"{self.be}/rsp/".encode()
+        key = self.key
+        assert key is not None
         parts: list[Part] = []
         for _ in range(200):
             event = self.monitor.events.get(timeout=WAIT_S)
-            if not event.path.startswith(prefix):
+            if not event.path.startswith(prefix) or event.path.count(b"/") != prefix.count(
+                    b"/") + 1:
                 continue
-            name = event.path[len(prefix):].decode()
+            slot, name = event.path[len(prefix):].decode().split("/")
             if is_part_name(name):
                 parts.append(parse_part(name, LIMITS, reply=True))
                 continue
             envelope = parse_name(name, LIMITS, reply=True)
+            assert slot == key.slot(envelope.seq, reply=True)
+            self.answered.add(envelope.seq)
             if envelope.seq != seq:
                 continue
             value = self.c.read(event.path).decode() if envelope.chunks else None
-            chunks = [self.c.read(f"{self.be}/rsp-data/{i}".encode()).decode()
-                      for i in range(1, envelope.chunks)]
+            chunks = [self.c.read(f"{self.be}/rsp-data/{key.chunk(i, reply=True)}".encode())
+                      .decode() for i in range(1, envelope.chunks)]
             mine = [p for p in parts if p.seq == seq]
-            return unframe(envelope, value, chunks, LIMITS, reply=True, untrusted_parts=mine)
+            return unframe(envelope, value, chunks, LIMITS, reply=True, untrusted_parts=mine,
+                           key=key)
         raise AssertionError(f"no reply {seq}")
 
 
@@ -107,27 +131,27 @@ def status_of(body: bytes) -> int:
 
 def test_malformed_requests_get_an_error_or_are_dropped_and_the_service_lives_on(
         tmem_host: TmemHost) -> None:
+    """Only a message that authenticates (the session key's MAC) is answered: a torn or
+    forged one, or one outside its directory, is dropped and counted, never answered."""
     g = HandGuest(tmem_host, 5)
     g.connect()
-    g.send("1/1@0@00000000@AQID")  # bad crc
-    assert status_of(g.reply(1)) == -22
+    g.send(f"1@0@{BAD_MAC}@AQID")  # does not authenticate
     garbage = to_text(b"\x01\x07not a request")
-    g.send(f"2/2@0@{zlib.crc32(garbage.encode()):08x}@{garbage}")
+    g.send(f"2@0@{g.mac(2, '0', garbage)}@{garbage}")  # authentic, but no request body
     assert status_of(g.reply(2)) == -22
-    g.send("5/3@0@00000000@AQID")  # the wrong slot for seq 3
-    assert status_of(g.reply(3)) == -22
-    g.send("4/4@3@00000000@", b"AAAA")  # spilled, but its chunks were never written
-    assert status_of(g.reply(4)) == -5
-    g.send("0/garbage-without-a-seq")  # nothing to answer: dropped
-    g.send("1/x/deeper")  # not a message node at all: ignored
+    g.send(f"3@0@{g.mac(3, '0', 'AQID')}@AQID", slot="x" * TAG_CHARS)  # not its directory
+    g.send(f"4@3@{BAD_MAC}@", b"AAAA")  # spilled, but its chunks were never written
+    g.send_raw("0/garbage-without-a-seq")  # nothing to answer: dropped
+    g.send_raw("1/x/deeper")  # not a message node at all: ignored
     body = encode_request([OpRecord.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT),
                            OpRecord(99, 0, Oid(0), 0)])  # an op the hypercall does not know
-    framed = frame(9, body, LIMITS, reply=False)
-    g.send(f"1/{framed.envelope.name}", framed.value.encode() or b"-")
+    framed = frame(9, body, LIMITS, reply=False, key=g.key)  # type: ignore[arg-type]
+    g.send(framed.envelope.name, framed.value.encode() or b"-")
     results = decode_reply(g.reply(9), decode_request_ops(body))
     assert [r.rc for r in results] == [0, -38]  # the pool, then -ENOSYS
+    assert g.answered == {2, 9}
     served = tmem_host.service.devices[5].counters  # type: ignore[union-attr]
-    assert (served.malformed, served.failed_messages, served.messages) == (4, 1, 4)
+    assert (served.malformed, served.unauthentic, served.messages) == (3, 2, 2)
 
 
 def test_requests_in_name_parts_are_assembled_and_torn_ones_refused(
@@ -139,27 +163,30 @@ def test_requests_in_name_parts_are_assembled_and_torn_ones_refused(
     small = Limits(inline_bytes=60)
 
     def send_parts(seq: int, skip: int = 0, slot: str | None = None) -> str:
-        framed = frame(seq, body, small, reply=False)
+        assert g.key is not None
+        framed = frame(seq, body, small, reply=False, key=g.key)
         assert framed.envelope.parts >= 3
         for part in framed.parts:
             if part.k != skip:
-                g.send(f"{slot or request_slot(seq, part.k)}/{part.name}")  # values unread
+                g.send(part.name, slot=slot)  # values unread
         return framed.envelope.name
 
-    g.send(f"1/{send_parts(1)}")
+    g.send(send_parts(1))
     assert [r.rc for r in decode_reply(g.reply(1), decode_request_ops(body))] == [0, 1]
-    g.send(f"2/{send_parts(2, skip=2)}")  # part 2 never written
-    assert status_of(g.reply(2)) == -22
-    g.send(f"3/{send_parts(3, slot='0-1')}")  # parts where no part of 3 belongs
-    assert status_of(g.reply(3)) == -22
-    g.send("4-7/4@p7@AAAA")  # a part beyond the agreed number of names: refused, not kept
-    g.send("4/4@p2@00000000@AAAA")
-    assert status_of(g.reply(4)) == -22
+    g.send(send_parts(2, skip=2))  # part 2 never written
+    g.send(send_parts(3, slot="y" * TAG_CHARS))  # parts where no part of 3 belongs
+    g.send("4@p7@AAAA")  # a part beyond the agreed number of names: refused, not kept
+    g.send(f"4@p2@{BAD_MAC}@AAAA")
+    g.send(send_parts(5))
+    assert [r.rc for r in decode_reply(g.reply(5), decode_request_ops(body))] == [1, 1]
+    assert g.answered == {1, 5}  # torn messages are not answered
     served = tmem_host.service.devices[5].counters  # type: ignore[union-attr]
-    pieces = frame(1, body, small, reply=False).envelope.parts
+    assert g.key is not None
+    pieces = frame(1, body, small, reply=False, key=g.key).envelope.parts
     # Three torn messages, the misplaced parts of message 3 and the extra part of message 4.
-    assert (served.parted_requests, served.messages, served.ops) == (4, 4, 2)
-    assert served.malformed == 3 + (pieces - 1) + 1
+    assert (served.parted_requests, served.messages, served.ops) == (5, 2, 4)
+    assert served.unauthentic == 3
+    assert served.malformed == (pieces - 1) + 1
     assert tmem_host.service.store.get_page(5, 0, Oid(7), 3) == (1, TEXT)  # type: ignore[union-attr]
 
 

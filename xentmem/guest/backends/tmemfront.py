@@ -290,10 +290,13 @@ class TmemFront(XenbusDevice):
                                    f"{self.read_error(self.otherend)}")
             if remaining <= 0 or self._state_watch.get(remaining) is None:
                 wanted_names = "/".join(s.strstate() for s in sorted(wanted))
+                said = ""
+                if self.otherend_state in (XenbusState.CLOSING, XenbusState.CLOSED):
+                    said = f"; its error node says: {self.read_error(self.otherend)}"
                 raise BackendError(
                     f"tmem host at {self.otherend} stayed {self.otherend_state.strstate()} "
                     f"for {self.timeout:g}s (waiting for {wanted_names}); is xentmem-hostd "
-                    "running?")
+                    f"running?{said}")
 
     def _write(self, node: str, value: str) -> None:
         self.xs.write(f"{self.nodename}/{node}", value.encode())

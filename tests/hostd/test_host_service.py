@@ -196,6 +196,55 @@ def decode_request_ops(body: bytes) -> list[OpRecord]:
     return decode_request(body)
 
 
+def test_a_sequence_number_of_2_63_or_more_is_refused_and_moves_nothing(
+        tmem_host: TmemHost) -> None:
+    """Before, a name with 19 digits parsed whatever their value: seq 2^63 was served and the
+    host's last sequence went out of the guest's reach (every later request was a "replay")."""
+    g = HandGuest(tmem_host, 5)
+    g.connect()
+    assert g.key is not None
+    body = encode_request([OpRecord.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)])
+    text = to_text(body)
+    for seq in (1 << 63, 10**19 - 1):
+        mac = g.key.mac(seq, "0", text.encode(), reply=False)  # even with the right key
+        g.send_raw(f"{g.key.slot(seq, reply=False)}/{seq}@0@{mac}@{text}")
+    framed = frame(1, body, LIMITS, reply=False, key=g.key)
+    g.send(framed.envelope.name)
+    assert [r.rc for r in decode_reply(g.reply(1), decode_request_ops(body))] == [0]
+    assert g.answered == {1}
+    device = tmem_host.service.devices[5]  # type: ignore[union-attr]
+    assert device.last_seq == 1 and device.counters.malformed == 2
+
+
+def test_a_spilled_request_whose_chunk_another_domain_may_write_is_refused(
+        tmem_host: TmemHost) -> None:
+    """``data/`` is read too: a chunk node domain 6 may write makes its message refused
+    (-EACCES, nothing run), the same message with the chunk closed again is served."""
+    g = HandGuest(tmem_host, 5)
+    g.connect()
+    key = g.key
+    assert key is not None
+    ops = [OpRecord.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT),
+           *(OpRecord.put_page(0, Oid(1), i, os.urandom(4096)) for i in range(2))]
+    body = encode_request(ops)
+    spilled = Limits(max_parts=1)
+    for seq, grant in ((1, True), (2, False)):
+        framed = frame(seq, body, spilled, reply=False, key=key)
+        assert framed.envelope.chunks >= 2
+        for i, value in framed.chunks:
+            chunk = f"{g.fe}/data/{key.chunk(i, reply=False)}".encode()
+            g.c.write(chunk, value.encode())
+            g.c.set_perms(chunk, [b"n5", b"r0", b"w6"] if grant else [b"n5", b"r0"])
+        g.send(framed.envelope.name, framed.value.encode())
+        reply = g.reply(seq)
+        if grant:
+            assert status_of(reply) == -13
+        else:
+            assert [r.rc for r in decode_reply(reply, decode_request_ops(body))] == [0, 1, 1]
+    device = tmem_host.service.devices[5]  # type: ignore[union-attr]
+    assert (device.counters.foreign, device.counters.ops) == (1, 3)
+
+
 def test_a_guest_whose_area_another_domain_may_write_is_refused(tmem_host: TmemHost) -> None:
     roots = tmem_host.guest(5)
     guest = tmem_host.client(roots)

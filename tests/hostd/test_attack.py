@@ -133,9 +133,11 @@ def test_watches_on_guest_5s_areas_tell_guest_6_nothing(tmem_host: TmemHost) -> 
 # -- name probing -------------------------------------------------------------------------------
 
 
-def probe(g6: pyxs.Client, path: str) -> tuple[str, str]:
+def probe(g6: pyxs.Client, path: str) -> tuple[str, ...]:
+    """What guest 6 hears back for ``path``: every way of asking whether it exists."""
     raw = path.encode()
-    return outcome(lambda: g6.read(raw)), outcome(lambda: g6.get_perms(raw))
+    return tuple(outcome(call) for call in (lambda: g6.read(raw), lambda: g6.get_perms(raw),
+                                             lambda: g6.list(raw), lambda: g6.delete(raw)))
 
 
 def test_probing_names_confirms_nothing(tmem_host: TmemHost) -> None:

@@ -12,7 +12,7 @@ for every session and writes it where only the guest and dom0 can read it
 
 from __future__ import annotations
 
-import base64
+import binascii
 import hmac
 import re
 import secrets
@@ -28,6 +28,7 @@ TAG_CHARS = 16
 TAG_RE = r"[A-Za-z0-9_-]{16}"
 _KEY_RE = re.compile(rb"[0-9a-f]{64}")
 _DERIVED = struct.Struct("<4sQB")  # purpose, seq or index, part
+_URL_SAFE = bytes.maketrans(b"+/", b"-_")
 
 
 class SessionKey:
@@ -55,8 +56,8 @@ class SessionKey:
         return self._key.hex().encode("ascii")
 
     def _tag(self, data: bytes) -> str:
-        digest = hmac.digest(self._key, data, "sha256")[:12]
-        return base64.urlsafe_b64encode(digest).decode("ascii")
+        digest = hmac.digest(self._key, data, "sha256")[:12]  # 12 bytes: 16 characters
+        return binascii.b2a_base64(digest, newline=False).translate(_URL_SAFE).decode()
 
     def slot(self, seq: int, part: int = 0, *, reply: bool) -> str:
         """The directory of message ``seq`` (or of its name part ``part``): one per name."""

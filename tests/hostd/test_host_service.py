@@ -190,6 +190,26 @@ def test_requests_in_name_parts_are_assembled_and_torn_ones_refused(
     assert tmem_host.service.store.get_page(5, 0, Oid(7), 3) == (1, TEXT)  # type: ignore[union-attr]
 
 
+def test_a_part_left_from_a_message_that_never_came_does_not_tear_the_next(
+        tmem_host: TmemHost) -> None:
+    """Before, every kept part joined the next message: a part 3 of an abandoned message 6
+    tore message 7 (split over two names)."""
+    g = HandGuest(tmem_host, 5)
+    g.connect()
+    assert g.key is not None
+    small = Limits(inline_bytes=60)
+    big = encode_request([OpRecord.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT),
+                          OpRecord.put_page(0, Oid(7), 3, TEXT)])
+    abandoned = frame(6, big, small, reply=False, key=g.key)
+    g.send(abandoned.parts[2].name)  # its part 3 only: the message never comes
+    body = encode_request([OpRecord.flush_page(0, Oid(7), 3), OpRecord.flush_page(0, Oid(7), 4)])
+    framed = frame(7, body, small, reply=False, key=g.key)
+    assert framed.envelope.parts == 2
+    g.send(framed.parts[0].name)
+    g.send(framed.envelope.name)
+    assert status_of(g.reply(7)) == 0
+
+
 def decode_request_ops(body: bytes) -> list[OpRecord]:
     from xentmem.xenbus.body import decode_request
 

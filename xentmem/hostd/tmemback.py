@@ -93,7 +93,6 @@ class TmemBackCounters:
     parted_requests: int = 0
     spilled_requests: int = 0
     malformed: int = 0
-    failed_messages: int = 0
     replies_parted: int = 0
     replies_spilled: int = 0
     sessions: int = 0
@@ -405,7 +404,9 @@ class TmemBack(XenbusDevice):
             return
         counters = self.counters
         message_path = untrusted_path.decode("ascii", "replace")
-        parts = [self._parts[k] for k in sorted(self._parts)]
+        # Parts left from another message (one never completed) are not this one's.
+        parts = [self._parts[k] for k in sorted(self._parts)
+                 if self._parts[k][0].seq == envelope.seq]
         self._parts.clear()
         try:
             body, foreign = self._body(envelope, message_path, parts)

@@ -282,6 +282,28 @@ def test_a_state_node_others_may_write_decides_nothing(tmem_host: TmemHost) -> N
         assert_intact(tmem_host, None, pool)
 
 
+@pytest.mark.parametrize("forged", [b"1", b"5", b"6"])
+def test_a_state_written_while_the_door_was_open_ends_nothing(tmem_host: TmemHost,
+                                                              forged: bytes) -> None:
+    """The race on ``state``: guest 5 lets domain 6 write it, domain 6 writes Initialising,
+    Closing or Closed, guest 5 takes the grant back, all before the host reads.  The host then
+    sees clean permissions, but a state that would end the session (and drop the pages) must
+    be signed with the session key (``state-mac``), which domain 6 cannot: ignored.  (Before,
+    the host believed it and dropped guest 5's pages.)"""
+    r5, r6 = tmem_host.guest(5), tmem_host.guest(6)
+    with connected(r5) as b5:
+        pool = store_pages(b5)
+        g5, g6 = tmem_host.client(r5), tmem_host.client(r6)
+        state = f"{FE5}/state".encode()
+        tmem_host.halt()
+        g5.set_perms(state, [b"n5", b"r0", b"w6"])
+        g6.write(state, forged)
+        g5.set_perms(state, [b"n5", b"r0"])
+        tmem_host.resume()
+        assert_intact(tmem_host, b5, pool)  # served after the forged state: still connected
+        assert device5(tmem_host).state.name == "CONNECTED"
+
+
 def test_guest_5_cannot_give_its_area_away(tmem_host: TmemHost) -> None:
     """Only dom0 changes an owner: ``set_perms(["b6"])`` on guest 5's own node is refused by
     every daemon, so "owned by 6" never hides a writer."""

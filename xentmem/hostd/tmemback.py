@@ -41,6 +41,7 @@ from xentmem.xenbus.area import (
     BE_VERSIONS,
     FE_BACKEND,
     FE_BACKEND_ID,
+    FE_STATE_MAC,
     FE_VERSION,
     REQ_DATA_DIR,
     REQ_DIR,
@@ -83,6 +84,10 @@ log = logging.getLogger(__name__)
 #: Replies left in ``rsp/`` before it is cleared (dom0's own area: no quota applies).
 REPLIES_KEPT = 32
 _LEADING_SEQ = re.compile(r"(0|[1-9][0-9]{0,18})@")
+#: Frontend states that end a session (its pools are dropped) while the host is in one of
+#: the session's states (a device the host closed keeps its pools until the guest says so).
+_ENDING_STATES = frozenset({XenbusState.INITIALISING, XenbusState.CLOSING, XenbusState.CLOSED})
+_SESSION_STATES = frozenset({XenbusState.CONNECTED, XenbusState.CLOSING})
 
 
 @dataclass
@@ -264,6 +269,15 @@ class TmemBack(XenbusDevice):
                 if self.state != XenbusState.CLOSING:
                     self.dev_fatal(errno.EACCES, f"{why}; refusing to serve it")
                 return
+            if frontend in _ENDING_STATES and self.state in _SESSION_STATES:
+                # Pages would go: believed only when signed with the session key, which no
+                # other domain has (whoever could write the node at some moment).
+                untrusted_mac = self.conn.read_optional(f"{self.otherend}/{FE_STATE_MAC}")
+                if not self.key.check_state_mac(untrusted_mac or b"", int(frontend)):
+                    self.otherend_state = previous
+                    log.warning("domain %d: state %s ignored: not signed with the session key",
+                                self.domid, frontend.strstate())
+                    return
         if frontend == XenbusState.INITIALISING:
             if self.state != XenbusState.INIT_WAIT:
                 self._new_session()
@@ -293,7 +307,7 @@ class TmemBack(XenbusDevice):
 
     def _new_session(self) -> None:
         self._settle_writes()
-        if self.state == XenbusState.CONNECTED:
+        if self.state in _SESSION_STATES:
             self.store.destroy_client(self.domid)
         for stale in (RSP_DIR, RSP_DATA_DIR, ERROR_NODE):
             try:

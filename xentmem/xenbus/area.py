@@ -34,8 +34,10 @@ REQ_SLOTS = 8
 #: Frontend nodes the host writes at set-up (pointers to the other end, as libxl writes).
 FE_BACKEND = "backend"
 FE_BACKEND_ID = "backend-id"
-#: Frontend nodes the guest writes during the handshake.
+#: Frontend nodes the guest writes during the handshake.  ``state-mac`` signs a state that
+#: ends the host's session (Initialising, Closing, Closed) with the session key.
 FE_VERSION = "version"
+FE_STATE_MAC = "state-mac"
 #: Backend nodes the host writes.  ``session-key`` is the session's secret (readable by the
 #: guest and dom0 only: the backend area is the host's).
 BE_SESSION_KEY = "session-key"

@@ -80,5 +80,12 @@ class SessionKey:
                   reply: bool) -> bool:
         return hmac.compare_digest(untrusted_mac, self.mac(seq, shape, text, reply=reply))
 
+    def state_mac(self, state: int) -> str:
+        """The guest's signature on a state that ends the session (``state-mac``)."""
+        return self._tag(_DERIVED.pack(b"sta!", state, 0))
+
+    def check_state_mac(self, untrusted: bytes, state: int) -> bool:
+        return hmac.compare_digest(untrusted.rstrip(b"\x00"), self.state_mac(state).encode())
+
     def __repr__(self) -> str:  # never the key itself (logs, tracebacks)
         return "SessionKey(...)"

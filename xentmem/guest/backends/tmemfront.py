@@ -33,6 +33,7 @@ from xentmem.xenbus.area import (
     BE_VERSIONS,
     FE_BACKEND,
     FE_BACKEND_ID,
+    FE_STATE_MAC,
     FE_VERSION,
     PROBE_DIR,
     REQ_DATA_DIR,
@@ -81,6 +82,8 @@ from xentmem.xenbus.xs import Watch, XsError, XsSession
 log = logging.getLogger(__name__)
 
 _STATE_TOKEN = b"xentmem-otherend-state"
+#: States that end the host's session: signed (``state-mac``) before they are written.
+_ENDING_STATES = frozenset({XenbusState.INITIALISING, XenbusState.CLOSING, XenbusState.CLOSED})
 _RSP_TOKEN = b"xentmem-rsp"
 #: How long a reply wait runs before it looks at the acks of its own writes, so a refused
 #: write (quota, permissions) fails the message at once instead of after the full timeout.
@@ -235,6 +238,20 @@ class TmemFront(XenbusDevice):
                  self.nodename, self.otherend, self.negotiated.version,
                  self.negotiated.limits.max_ops)
         return self.negotiated
+
+    def switch_state(self, state: XenbusState) -> None:
+        """As every xenbus device does; a state that ends the host's session is signed first
+        (``state-mac``, with the host's current key), so no other domain can end it."""
+        if state != self.state and state in _ENDING_STATES and self.otherend:
+            untrusted_key = self.xs.read_optional(f"{self.otherend}/{BE_SESSION_KEY}")
+            try:
+                key = SessionKey.parse(untrusted_key or b"")
+            except WireError:
+                log.debug("xen: no session key at %s: %s unsigned", self.otherend,
+                          state.strstate())
+            else:
+                self._write(FE_STATE_MAC, key.state_mac(int(state)))
+        super().switch_state(state)
 
     def close(self) -> None:
         """Closing -> (host Closed) -> Closed; never waits past the timeout, never raises."""

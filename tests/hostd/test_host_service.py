@@ -3,6 +3,7 @@ the local demo."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -435,3 +436,27 @@ def test_the_demo_is_a_mocked_xen_host_a_guest_can_use() -> None:
         for path in directory.iterdir():
             path.unlink()
         directory.rmdir()
+
+
+def test_a_guest_of_wire_version_2_is_refused_cleanly(tmem_host: TmemHost) -> None:
+    """Version 3 (the session key) speaks to no version 2 guest: the host says so."""
+    g = HandGuest(tmem_host, 5)
+    g.c.write(f"{g.fe}/state".encode(), b"1")
+    g.wait_state(2)
+    g.c.write(f"{g.fe}/version".encode(), b"2")
+    g.c.write(f"{g.fe}/state".encode(), b"3")
+    g.wait_state(5)
+    assert g.c.read(f"{g.be}/error".encode()) == (
+        f"{errno.EPROTONOSUPPORT} frontend asks for version 2; this host speaks "
+        f"[{WIRE_VERSION}]").encode()
+
+
+def test_a_host_of_wire_version_2_is_refused_cleanly(tmem_host: TmemHost) -> None:
+    """... and a version 3 guest says so to a version 2 host."""
+    from xentmem.errors import BackendError
+
+    roots = tmem_host.guest(5)
+    tmem_host.xs.dom0.write(b"/local/domain/0/backend/tmem/5/0/versions", b"2")
+    with pytest.raises(BackendError, match=r"tmem host speaks versions \[2\]; this guest "
+                                           rf"speaks \[{WIRE_VERSION}\]"):
+        XenBackend({"timeout_ms": 5000}, roots=roots).connect()

@@ -65,6 +65,8 @@ EXTRA_IMPORTS: dict[str, frozenset[str]] = {
     "xentmem.hostd.demo": frozenset({"mock_xenstored"}),
     # ``xentmem balloon plot --simulate`` runs the real loop against the simulator, in process.
     "xentmem_cli.balloon_sim": frozenset({"selfballoon"}),
+    # xenstore's permission rule is written once, for the host service and the stand-in.
+    "xentmem.mock_xenstored.perms": frozenset({"xentmem.xenbus.perms"}),
 }
 
 #: What a maintainer cannot follow: files outside the repository and issue numbers.

@@ -3,6 +3,7 @@ the local demo."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -11,7 +12,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import zlib
 from pathlib import Path
 
 import pytest
@@ -26,7 +26,6 @@ from xentmem.hostd.control import OPS as HOST_OPS
 from xentmem.hostd.control import HostControlClient
 from xentmem.roots import Roots
 from xentmem.tmem.abi import POOL_PRIVATE_PERSISTENT, PRIVATE_UUID, Oid
-from xentmem.xenbus.area import request_slot
 from xentmem.xenbus.body import WIRE_VERSION, OpRecord, decode_reply, encode_request
 from xentmem.xenbus.framing import (
     Limits,
@@ -38,9 +37,12 @@ from xentmem.xenbus.framing import (
     to_text,
     unframe,
 )
+from xentmem.xenbus.session_key import TAG_CHARS, SessionKey
 
 TEXT = (b"static void tmem_flush(struct pool *pool, struct oid *oid);\n" * 70)[:4096]
 LIMITS = Limits()
+#: A well-formed MAC that matches nothing.
+BAD_MAC = "A" * TAG_CHARS
 
 
 class HandGuest:
@@ -54,6 +56,9 @@ class HandGuest:
         self.monitor = self.c.monitor()
         self.monitor.watch(f"{self.be}/state".encode(), b"state")
         self.monitor.watch(f"{self.be}/rsp".encode(), b"rsp")
+        self.key: SessionKey | None = None
+        #: Sequence numbers of every reply seen so far.
+        self.answered: set[int] = set()
 
     def state(self, node: str) -> int:
         return int(self.c.read(f"{node}/state".encode()))
@@ -70,34 +75,54 @@ class HandGuest:
         self.c.write(f"{self.fe}/state".encode(), b"1")
         self.wait_state(2)
         assert self.c.read(f"{self.be}/versions".encode()) == str(WIRE_VERSION).encode()
+        self.key = SessionKey.parse(self.c.read(f"{self.be}/session-key".encode()))
         self.c.write(f"{self.fe}/version".encode(), str(WIRE_VERSION).encode())
         self.c.write(f"{self.fe}/state".encode(), b"3")
         self.wait_state(4)
         self.c.write(f"{self.fe}/state".encode(), b"4")
 
-    def send(self, slot_and_name: str, value: bytes = b"-") -> None:
-        self.c.write(f"{self.fe}/req/{slot_and_name}".encode(), value)
+    def send(self, name: str, value: bytes = b"-", *, slot: str | None = None) -> None:
+        """Write request node ``name`` in its directory (the key's, unless ``slot``)."""
+        if slot is None:
+            assert self.key is not None
+            seq, shape = name.split("@")[:2]
+            part = int(shape[1:]) if name.count("@") == 2 else 0
+            slot = self.key.slot(int(seq), part, reply=False)
+        self.send_raw(f"{slot}/{name}", value)
+
+    def send_raw(self, below_req: str, value: bytes = b"-") -> None:
+        self.c.write(f"{self.fe}/req/{below_req}".encode(), value)
+
+    def mac(self, seq: int, shape: str, text: str) -> str:
+        assert self.key is not None
+        return self.key.mac(seq, shape, text.encode(), reply=False)
 
     def reply(self, seq: int) -> bytes:
         """The body of the reply to ``seq`` (waits for its event)."""
         prefix = f"{self.be}/rsp/".encode()
+        key = self.key
+        assert key is not None
         parts: list[Part] = []
         for _ in range(200):
             event = self.monitor.events.get(timeout=WAIT_S)
-            if not event.path.startswith(prefix):
+            if not event.path.startswith(prefix) or event.path.count(b"/") != prefix.count(
+                    b"/") + 1:
                 continue
-            name = event.path[len(prefix):].decode()
+            slot, name = event.path[len(prefix):].decode().split("/")
             if is_part_name(name):
                 parts.append(parse_part(name, LIMITS, reply=True))
                 continue
             envelope = parse_name(name, LIMITS, reply=True)
+            assert slot == key.slot(envelope.seq, reply=True)
+            self.answered.add(envelope.seq)
             if envelope.seq != seq:
                 continue
             value = self.c.read(event.path).decode() if envelope.chunks else None
-            chunks = [self.c.read(f"{self.be}/rsp-data/{i}".encode()).decode()
-                      for i in range(1, envelope.chunks)]
+            chunks = [self.c.read(f"{self.be}/rsp-data/{key.chunk(i, reply=True)}".encode())
+                      .decode() for i in range(1, envelope.chunks)]
             mine = [p for p in parts if p.seq == seq]
-            return unframe(envelope, value, chunks, LIMITS, reply=True, untrusted_parts=mine)
+            return unframe(envelope, value, chunks, LIMITS, reply=True, untrusted_parts=mine,
+                           key=key)
         raise AssertionError(f"no reply {seq}")
 
 
@@ -107,27 +132,27 @@ def status_of(body: bytes) -> int:
 
 def test_malformed_requests_get_an_error_or_are_dropped_and_the_service_lives_on(
         tmem_host: TmemHost) -> None:
+    """Only a message that authenticates (the session key's MAC) is answered: a torn or
+    forged one, or one outside its directory, is dropped and counted, never answered."""
     g = HandGuest(tmem_host, 5)
     g.connect()
-    g.send("1/1@0@00000000@AQID")  # bad crc
-    assert status_of(g.reply(1)) == -22
+    g.send(f"1@0@{BAD_MAC}@AQID")  # does not authenticate
     garbage = to_text(b"\x01\x07not a request")
-    g.send(f"2/2@0@{zlib.crc32(garbage.encode()):08x}@{garbage}")
+    g.send(f"2@0@{g.mac(2, '0', garbage)}@{garbage}")  # authentic, but no request body
     assert status_of(g.reply(2)) == -22
-    g.send("5/3@0@00000000@AQID")  # the wrong slot for seq 3
-    assert status_of(g.reply(3)) == -22
-    g.send("4/4@3@00000000@", b"AAAA")  # spilled, but its chunks were never written
-    assert status_of(g.reply(4)) == -5
-    g.send("0/garbage-without-a-seq")  # nothing to answer: dropped
-    g.send("1/x/deeper")  # not a message node at all: ignored
+    g.send(f"3@0@{g.mac(3, '0', 'AQID')}@AQID", slot="x" * TAG_CHARS)  # not its directory
+    g.send(f"4@3@{BAD_MAC}@", b"AAAA")  # spilled, but its chunks were never written
+    g.send_raw("0/garbage-without-a-seq")  # nothing to answer: dropped
+    g.send_raw("1/x/deeper")  # not a message node at all: ignored
     body = encode_request([OpRecord.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT),
                            OpRecord(99, 0, Oid(0), 0)])  # an op the hypercall does not know
-    framed = frame(9, body, LIMITS, reply=False)
-    g.send(f"1/{framed.envelope.name}", framed.value.encode() or b"-")
+    framed = frame(9, body, LIMITS, reply=False, key=g.key)  # type: ignore[arg-type]
+    g.send(framed.envelope.name, framed.value.encode() or b"-")
     results = decode_reply(g.reply(9), decode_request_ops(body))
     assert [r.rc for r in results] == [0, -38]  # the pool, then -ENOSYS
+    assert g.answered == {2, 9}
     served = tmem_host.service.devices[5].counters  # type: ignore[union-attr]
-    assert (served.malformed, served.failed_messages, served.messages) == (4, 1, 4)
+    assert (served.malformed, served.unauthentic, served.messages) == (3, 2, 2)
 
 
 def test_requests_in_name_parts_are_assembled_and_torn_ones_refused(
@@ -139,34 +164,106 @@ def test_requests_in_name_parts_are_assembled_and_torn_ones_refused(
     small = Limits(inline_bytes=60)
 
     def send_parts(seq: int, skip: int = 0, slot: str | None = None) -> str:
-        framed = frame(seq, body, small, reply=False)
+        assert g.key is not None
+        framed = frame(seq, body, small, reply=False, key=g.key)
         assert framed.envelope.parts >= 3
         for part in framed.parts:
             if part.k != skip:
-                g.send(f"{slot or request_slot(seq, part.k)}/{part.name}")  # values unread
+                g.send(part.name, slot=slot)  # values unread
         return framed.envelope.name
 
-    g.send(f"1/{send_parts(1)}")
+    g.send(send_parts(1))
     assert [r.rc for r in decode_reply(g.reply(1), decode_request_ops(body))] == [0, 1]
-    g.send(f"2/{send_parts(2, skip=2)}")  # part 2 never written
-    assert status_of(g.reply(2)) == -22
-    g.send(f"3/{send_parts(3, slot='0-1')}")  # parts where no part of 3 belongs
-    assert status_of(g.reply(3)) == -22
-    g.send("4-7/4@p7@AAAA")  # a part beyond the agreed number of names: refused, not kept
-    g.send("4/4@p2@00000000@AAAA")
-    assert status_of(g.reply(4)) == -22
+    g.send(send_parts(2, skip=2))  # part 2 never written
+    g.send(send_parts(3, slot="y" * TAG_CHARS))  # parts where no part of 3 belongs
+    g.send("4@p7@AAAA")  # a part beyond the agreed number of names: refused, not kept
+    g.send(f"4@p2@{BAD_MAC}@AAAA")
+    g.send(send_parts(5))
+    assert [r.rc for r in decode_reply(g.reply(5), decode_request_ops(body))] == [1, 1]
+    assert g.answered == {1, 5}  # torn messages are not answered
     served = tmem_host.service.devices[5].counters  # type: ignore[union-attr]
-    pieces = frame(1, body, small, reply=False).envelope.parts
+    assert g.key is not None
+    pieces = frame(1, body, small, reply=False, key=g.key).envelope.parts
     # Three torn messages, the misplaced parts of message 3 and the extra part of message 4.
-    assert (served.parted_requests, served.messages, served.ops) == (4, 4, 2)
-    assert served.malformed == 3 + (pieces - 1) + 1
+    assert (served.parted_requests, served.messages, served.ops) == (5, 2, 4)
+    assert served.unauthentic == 3
+    assert served.malformed == (pieces - 1) + 1
     assert tmem_host.service.store.get_page(5, 0, Oid(7), 3) == (1, TEXT)  # type: ignore[union-attr]
+
+
+def test_a_part_left_from_a_message_that_never_came_does_not_tear_the_next(
+        tmem_host: TmemHost) -> None:
+    """Before, every kept part joined the next message: a part 3 of an abandoned message 6
+    tore message 7 (split over two names)."""
+    g = HandGuest(tmem_host, 5)
+    g.connect()
+    assert g.key is not None
+    small = Limits(inline_bytes=60)
+    big = encode_request([OpRecord.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT),
+                          OpRecord.put_page(0, Oid(7), 3, TEXT)])
+    abandoned = frame(6, big, small, reply=False, key=g.key)
+    g.send(abandoned.parts[2].name)  # its part 3 only: the message never comes
+    body = encode_request([OpRecord.flush_page(0, Oid(7), 3), OpRecord.flush_page(0, Oid(7), 4)])
+    framed = frame(7, body, small, reply=False, key=g.key)
+    assert framed.envelope.parts == 2
+    g.send(framed.parts[0].name)
+    g.send(framed.envelope.name)
+    assert status_of(g.reply(7)) == 0
 
 
 def decode_request_ops(body: bytes) -> list[OpRecord]:
     from xentmem.xenbus.body import decode_request
 
     return decode_request(body)
+
+
+def test_a_sequence_number_of_2_63_or_more_is_refused_and_moves_nothing(
+        tmem_host: TmemHost) -> None:
+    """Before, a name with 19 digits parsed whatever their value: seq 2^63 was served and the
+    host's last sequence went out of the guest's reach (every later request was a "replay")."""
+    g = HandGuest(tmem_host, 5)
+    g.connect()
+    assert g.key is not None
+    body = encode_request([OpRecord.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)])
+    text = to_text(body)
+    for seq in (1 << 63, 10**19 - 1):
+        mac = g.key.mac(seq, "0", text.encode(), reply=False)  # even with the right key
+        g.send_raw(f"{g.key.slot(seq, reply=False)}/{seq}@0@{mac}@{text}")
+    framed = frame(1, body, LIMITS, reply=False, key=g.key)
+    g.send(framed.envelope.name)
+    assert [r.rc for r in decode_reply(g.reply(1), decode_request_ops(body))] == [0]
+    assert g.answered == {1}
+    device = tmem_host.service.devices[5]  # type: ignore[union-attr]
+    assert device.last_seq == 1 and device.counters.malformed == 2
+
+
+def test_a_spilled_request_whose_chunk_another_domain_may_write_is_refused(
+        tmem_host: TmemHost) -> None:
+    """``data/`` is read too: a chunk node domain 6 may write makes its message refused
+    (-EACCES, nothing run), the same message with the chunk closed again is served."""
+    g = HandGuest(tmem_host, 5)
+    g.connect()
+    key = g.key
+    assert key is not None
+    ops = [OpRecord.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT),
+           *(OpRecord.put_page(0, Oid(1), i, os.urandom(4096)) for i in range(2))]
+    body = encode_request(ops)
+    spilled = Limits(max_parts=1)
+    for seq, grant in ((1, True), (2, False)):
+        framed = frame(seq, body, spilled, reply=False, key=key)
+        assert framed.envelope.chunks >= 2
+        for i, value in framed.chunks:
+            chunk = f"{g.fe}/data/{key.chunk(i, reply=False)}".encode()
+            g.c.write(chunk, value.encode())
+            g.c.set_perms(chunk, [b"n5", b"r0", b"w6"] if grant else [b"n5", b"r0"])
+        g.send(framed.envelope.name, framed.value.encode())
+        reply = g.reply(seq)
+        if grant:
+            assert status_of(reply) == -13
+        else:
+            assert [r.rc for r in decode_reply(reply, decode_request_ops(body))] == [0, 1, 1]
+    device = tmem_host.service.devices[5]  # type: ignore[union-attr]
+    assert (device.counters.foreign, device.counters.ops) == (1, 3)
 
 
 def test_a_guest_whose_area_another_domain_may_write_is_refused(tmem_host: TmemHost) -> None:
@@ -339,3 +436,27 @@ def test_the_demo_is_a_mocked_xen_host_a_guest_can_use() -> None:
         for path in directory.iterdir():
             path.unlink()
         directory.rmdir()
+
+
+def test_a_guest_of_wire_version_2_is_refused_cleanly(tmem_host: TmemHost) -> None:
+    """Version 3 (the session key) speaks to no version 2 guest: the host says so."""
+    g = HandGuest(tmem_host, 5)
+    g.c.write(f"{g.fe}/state".encode(), b"1")
+    g.wait_state(2)
+    g.c.write(f"{g.fe}/version".encode(), b"2")
+    g.c.write(f"{g.fe}/state".encode(), b"3")
+    g.wait_state(5)
+    assert g.c.read(f"{g.be}/error".encode()) == (
+        f"{errno.EPROTONOSUPPORT} frontend asks for version 2; this host speaks "
+        f"[{WIRE_VERSION}]").encode()
+
+
+def test_a_host_of_wire_version_2_is_refused_cleanly(tmem_host: TmemHost) -> None:
+    """... and a version 3 guest says so to a version 2 host."""
+    from xentmem.errors import BackendError
+
+    roots = tmem_host.guest(5)
+    tmem_host.xs.dom0.write(b"/local/domain/0/backend/tmem/5/0/versions", b"2")
+    with pytest.raises(BackendError, match=r"tmem host speaks versions \[2\]; this guest "
+                                           rf"speaks \[{WIRE_VERSION}\]"):
+        XenBackend({"timeout_ms": 5000}, roots=roots).connect()

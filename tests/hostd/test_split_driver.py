@@ -42,6 +42,7 @@ from xentmem.tmem.abi import (
 )
 from xentmem.xenbus.body import WIRE_VERSION, OpRecord, PageEncoding
 from xentmem.xenbus.framing import DEFAULT_INLINE_BYTES, MAX_NAME_PARTS, MAX_REQUEST_INLINE_BYTES
+from xentmem.xenbus.session_key import TAG_CHARS, SessionKey
 
 TEXT = (b"def put_page(pool, oid, index, page):\n    return backend.put(pool, oid, index)\n"
         * 60)[:PAGE_SIZE]
@@ -405,27 +406,36 @@ class RogueHost:
         self.be = f"/local/domain/0/backend/tmem/{domid}/0"
         self.monitor.watch(self.req, b"rogue")
         self.monitor.events.get(timeout=10)
+        self.key = SessionKey.parse(self.dom0.read(f"{self.be}/session-key".encode()))
 
     def next_seq(self) -> int:
         while True:
             path = self.monitor.events.get(timeout=10).path
             name = path.rsplit(b"/", 1)[-1].decode()
-            if "@" in name and path.count(b"/") == self.req.count(b"/") + 2:
+            if name.count("@") == 3 and path.count(b"/") == self.req.count(b"/") + 2:
                 return int(name.split("@")[0])
 
     def reply(self, name: str, value: bytes = b"-", chunks: dict[int, bytes] | None = None) -> None:
+        """``name`` goes in the directory the key gives its seq (and part)."""
         for i, chunk in (chunks or {}).items():
-            self.dom0.write(f"{self.be}/rsp-data/{i}".encode(), chunk)
-        self.dom0.write(f"{self.be}/rsp/{name}".encode(), value)
+            self.dom0.write(f"{self.be}/rsp-data/{self.key.chunk(i, reply=True)}".encode(),
+                            chunk)
+        seq, shape = name.split("@")[:2]
+        part = int(shape[1:]) if name.count("@") == 2 else 0
+        slot = self.key.slot(int(seq), part, reply=True)
+        self.dom0.write(f"{self.be}/rsp/{slot}/{name}".encode(), value)
+
+    def mac(self, seq: int, shape: str, text: str) -> str:
+        return self.key.mac(seq, shape, text.encode(), reply=True)
 
 
-def _reply_text(body: bytes) -> tuple[str, int]:
-    import zlib
-
+def _reply_text(body: bytes) -> str:
     from xentmem.xenbus.framing import to_text
 
-    text = to_text(body)
-    return text, zlib.crc32(text.encode())
+    return to_text(body)
+
+
+BAD_MAC = "A" * TAG_CHARS
 
 
 @pytest.mark.parametrize("lie", ["garbage-crc", "bad-rc", "wrong-count", "bad-page",
@@ -448,30 +458,29 @@ def test_malformed_replies_are_rejected_with_a_clear_error(tmem_host: TmemHost, 
                                                                              TEXT)))
         op.start()
         seq = rogue.next_seq()
-        if lie == "garbage-crc":
-            rogue.reply(f"{seq}@0@00000000@AQID")
+        if lie == "garbage-crc":  # a MAC that does not match
+            rogue.reply(f"{seq}@0@{BAD_MAC}@AQID")
         elif lie == "bad-rc":  # PUT_PAGE can return 1, 0 or -errno, never 7
-            text, crc = _reply_text(head(1) + struct.pack("<iI", 7, 0))
-            rogue.reply(f"{seq}@0@{crc:08x}@{text}")
+            text = _reply_text(head(1) + struct.pack("<iI", 7, 0))
+            rogue.reply(f"{seq}@0@{rogue.mac(seq, '0', text)}@{text}")
         elif lie == "wrong-count":
-            text, crc = _reply_text(head(2) + struct.pack("<iI", 1, 0) * 2)
-            rogue.reply(f"{seq}@0@{crc:08x}@{text}")
+            text = _reply_text(head(2) + struct.pack("<iI", 1, 0) * 2)
+            rogue.reply(f"{seq}@0@{rogue.mac(seq, '0', text)}@{text}")
         elif lie == "bad-page":  # a "found" page that is 100 raw bytes
-            text, crc = _reply_text(head(1) + struct.pack("<iI", 1, 100)
-                                    + b"x" * 100)
-            rogue.reply(f"{seq}@0@{crc:08x}@{text}")
+            text = _reply_text(head(1) + struct.pack("<iI", 1, 100) + b"x" * 100)
+            rogue.reply(f"{seq}@0@{rogue.mac(seq, '0', text)}@{text}")
         elif lie == "foreign-chunk":
-            text, crc = _reply_text(head(1) + struct.pack("<iI", 1, 0))
-            rogue.reply(f"{seq}@2@{crc:08x}@", text.encode(), {1: f"{seq + 1}@AAAA".encode()})
+            text = _reply_text(head(1) + struct.pack("<iI", 1, 0))
+            rogue.reply(f"{seq}@2@{rogue.mac(seq, '2', text)}@", text.encode(),
+                        {1: f"{seq + 1}@AAAA".encode()})
         elif lie in ("missing-part", "foreign-part"):  # the reply's first name never came
-            text, crc = _reply_text(head(1)
-                                    + struct.pack("<iI", 1, 0))
+            text = _reply_text(head(1) + struct.pack("<iI", 1, 0))
             if lie == "foreign-part":
                 rogue.reply(f"{seq + 1}@p1@{text[:4]}")
-            rogue.reply(f"{seq}@p2@{crc:08x}@{text[4:]}")
+            rogue.reply(f"{seq}@p2@{rogue.mac(seq, 'p2', text)}@{text[4:]}")
         else:  # an answer to an old request is ignored; the real answer is garbage
-            rogue.reply(f"{seq - 1}@0@00000000@AQID")
-            rogue.reply(f"{seq}@0@00000000@AQID")
+            rogue.reply(f"{seq - 1}@0@{BAD_MAC}@AQID")
+            rogue.reply(f"{seq}@0@{BAD_MAC}@AQID")
         op.join(10)
         assert result == ([(-errno.EIO, None)] if lie == "bad-page" else [-errno.EIO])
         error = b.describe()["last_error"]
@@ -491,7 +500,7 @@ def test_a_reply_to_no_request_is_rejected_and_the_op_times_out(tmem_host: TmemH
         op = threading.Thread(target=lambda: result.append(b.put_page(pool, Oid(1), 0, TEXT)))
         op.start()
         seq = rogue.next_seq()
-        rogue.reply(f"{seq + 3}@0@00000000@AQID")  # answers a request never sent
+        rogue.reply(f"{seq + 3}@0@{BAD_MAC}@AQID")  # answers a request never sent
         op.join(10)
         assert result == [-errno.ETIMEDOUT]
         assert b.stats()["rejected_replies"] == 1

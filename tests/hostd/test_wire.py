@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xentmem.tmem.abi import PAGE_SIZE, Oid, PoolUuid, TmemOp
-from xentmem.xenbus.area import parse_domid, parse_uint, request_slot
+from xentmem.xenbus.area import parse_domid, parse_uint
 from xentmem.xenbus.body import (
     MAX_OPS_LIMIT,
     WIRE_VERSION,
@@ -31,6 +31,9 @@ from xentmem.xenbus.body import (
 )
 from xentmem.xenbus.framing import (
     MAX_INLINE_BYTES,
+    MAX_REPLY_INLINE_BYTES,
+    MAX_REQUEST_INLINE_BYTES,
+    MAX_SEQ,
     NAME_OVERHEAD,
     Envelope,
     Limits,
@@ -42,6 +45,7 @@ from xentmem.xenbus.framing import (
     to_text,
     unframe,
 )
+from xentmem.xenbus.session_key import TAG_CHARS, SessionKey
 
 TEXT = (b"static int tmem_put(struct pool *p, struct oid *o, u32 index)\n{\n\treturn 0;\n}\n"
         * 60)[:PAGE_SIZE]
@@ -49,6 +53,10 @@ RANDOM = os.urandom(PAGE_SIZE)
 #: About 2000 characters on the wire: more than one short name, less than four.
 MIXED = (RANDOM[:1400] + TEXT)[:PAGE_SIZE]
 LIMITS = Limits()
+KEY = SessionKey(bytes(range(32)))
+#: A well-formed MAC field (it matches nothing).
+MAC = "A" * TAG_CHARS
+SLOT = "x" * TAG_CHARS
 NO_PARTS = Limits(max_parts=1)
 # What pyxs and both daemons accept: printable ASCII without newlines; names also [A-Za-z0-9_@-].
 VALUE_RE = re.compile(r"[\x20-\x7e]*")
@@ -194,12 +202,13 @@ def test_text_is_strict_base64url() -> None:
 
 
 def test_small_messages_live_in_the_name_alone() -> None:
-    framed = frame(7, encode_request([OpRecord.get_page(0, Oid(1), 2)]), LIMITS, reply=False)
+    framed = frame(7, encode_request([OpRecord.get_page(0, Oid(1), 2)]), LIMITS, reply=False,
+                   key=KEY)
     assert framed.envelope.chunks == 0 and framed.value == "" and framed.chunks == ()
     name = framed.envelope.name
     assert NAME_RE.fullmatch(name) and name.startswith("7@0@")
     envelope = parse_name(name, LIMITS, reply=False)
-    assert unframe(envelope, None, (), LIMITS, reply=False) == encode_request(
+    assert unframe(envelope, None, (), LIMITS, reply=False, key=KEY) == encode_request(
         [OpRecord.get_page(0, Oid(1), 2)])
 
 
@@ -207,60 +216,63 @@ def test_small_messages_live_in_the_name_alone() -> None:
 def test_large_messages_spill_within_every_daemons_limits(pages: list[bytes]) -> None:
     ops = [OpRecord.put_page(0, Oid(1), i, p) for i, p in enumerate(pages)]
     body = encode_request(ops)
-    framed = frame(123456, body, NO_PARTS, reply=False)
+    framed = frame(123456, body, NO_PARTS, reply=False, key=KEY)
     assert framed.parts == () and framed.envelope.parts == 0
     name = framed.envelope.name
     # oxenstored: 2048-byte values and 1024-byte paths below a domain's home; pyxs: printable.
-    assert len(name) <= NAME_OVERHEAD + MAX_INLINE_BYTES <= 960
-    assert len("device/tmem/0/req/0/" + name) <= 1024
+    assert len(name) <= NAME_OVERHEAD + MAX_INLINE_BYTES
+    assert len(f"device/tmem/0/req/{SLOT}/{name}") <= 1024
+    assert len(f"backend/tmem/32751/0/rsp/{SLOT}/{name}") <= 1024
     for value in (framed.value, *(v for _, v in framed.chunks)):
         assert len(value) <= LIMITS.chunk_bytes <= 2048 - 64 and VALUE_RE.fullmatch(value)
     assert [i for i, _ in framed.chunks] == list(range(1, framed.envelope.chunks))
     envelope = parse_name(name, LIMITS, reply=False)
     assert unframe(envelope, framed.value, [v for _, v in framed.chunks], LIMITS,
-                   reply=False) == body
+                   reply=False, key=KEY) == body
 
 
 @pytest.mark.parametrize(("inline", "page", "count"), [
-    (900, MIXED, 3), (900, RANDOM, 0), (1960, RANDOM, 3), (1990, RANDOM, 3)])
+    (900, MIXED, 3), (900, RANDOM, 0), (MAX_REQUEST_INLINE_BYTES, RANDOM, 3),
+    (MAX_REPLY_INLINE_BYTES, RANDOM, 3)])
 def test_a_text_a_few_names_long_travels_in_name_parts(inline: int, page: bytes,
                                                        count: int) -> None:
-    limits = Limits(inline_bytes=min(inline, 1960), reply_inline_bytes=inline)
-    reply = inline == 1990
+    limits = Limits(inline_bytes=min(inline, MAX_REQUEST_INLINE_BYTES),
+                    reply_inline_bytes=inline)
+    reply = inline == MAX_REPLY_INLINE_BYTES
     body = encode_request([OpRecord.put_page(0, Oid(1), 0, page)])
-    framed = frame(77, body, limits, reply=reply)
+    framed = frame(77, body, limits, reply=reply, key=KEY)
     if not count:  # longer than MAX_NAME_PARTS names: it spills into values instead
         assert framed.parts == () and framed.envelope.chunks >= 1
         return
     assert framed.envelope.parts == count and len(framed.parts) == count - 1
     assert framed.value == "" and framed.chunks == ()
     names = [p.name for p in framed.parts] + [framed.envelope.name]
-    for k, name in enumerate(names, start=1):
+    for name in names:
         assert len(name) <= NAME_OVERHEAD + inline
-        assert len(f"device/tmem/0/{request_slot(77, k % count)}/{name}") <= (
-            1024 if inline <= 900 else 2048)
+        where = "backend/tmem/32751/0/rsp" if reply else "device/tmem/0/req"
+        assert len(f"{where}/{SLOT}/{name}") <= (1024 if inline <= 900 else 2048)
     parts = [parse_part(p.name, limits, reply=reply) for p in framed.parts]
     envelope = parse_name(framed.envelope.name, limits, reply=reply)
-    assert unframe(envelope, None, (), limits, reply=reply, untrusted_parts=parts) == body
+    assert unframe(envelope, None, (), limits, reply=reply, untrusted_parts=parts, key=KEY) == body
     assert len({len(n) for n in names[:-1]}) <= 1  # even pieces
 
 
 def test_missing_foreign_or_mixed_parts_are_noticed() -> None:
     body = encode_request([OpRecord.put_page(0, Oid(1), i, TEXT) for i in range(2)])
     limits = Limits(inline_bytes=150)
-    framed = frame(9, body, limits, reply=False)
+    framed = frame(9, body, limits, reply=False, key=KEY)
     assert framed.envelope.parts == 3
     parts = list(framed.parts)
     envelope = framed.envelope
     with pytest.raises(WireError, match="expected parts"):
-        unframe(envelope, None, (), limits, reply=False, untrusted_parts=parts[:-1])
+        unframe(envelope, None, (), limits, reply=False, untrusted_parts=parts[:-1], key=KEY)
     with pytest.raises(WireError, match="expected parts"):
         unframe(envelope, None, (), limits, reply=False,
-                untrusted_parts=[Part(8, 1, parts[0].text), *parts[1:]])
-    with pytest.raises(WireError, match="crc mismatch"):
+                untrusted_parts=[Part(8, 1, parts[0].text), *parts[1:]], key=KEY)
+    with pytest.raises(WireError, match="MAC does not match"):
         swapped = [Part(9, 1, parts[1].text), Part(9, 2, parts[0].text)]
-        unframe(envelope, None, (), limits, reply=False, untrusted_parts=swapped)
-    assert unframe(envelope, None, (), limits, reply=False, untrusted_parts=parts) == body
+        unframe(envelope, None, (), limits, reply=False, untrusted_parts=swapped, key=KEY)
+    assert unframe(envelope, None, (), limits, reply=False, untrusted_parts=parts, key=KEY) == body
 
 
 @pytest.mark.parametrize(("name", "why"), [
@@ -275,38 +287,40 @@ def test_malformed_part_names_are_refused(name: str, why: str) -> None:
 
 def test_a_message_may_not_claim_more_parts_than_agreed() -> None:
     with pytest.raises(WireError, match="split over 5 names"):
-        parse_name("3@p5@00000000@AAAA", LIMITS, reply=False)
+        parse_name(f"3@p5@{MAC}@AAAA", LIMITS, reply=False)
     with pytest.raises(WireError, match="split over 2 names"):
-        parse_name("3@p2@00000000@AAAA", NO_PARTS, reply=False)
-    assert parse_name("3@p2@00000000@AAAA", LIMITS, reply=False).parts == 2
+        parse_name(f"3@p2@{MAC}@AAAA", NO_PARTS, reply=False)
+    assert parse_name(f"3@p2@{MAC}@AAAA", LIMITS, reply=False).parts == 2
 
 
 def test_torn_or_mixed_chunks_are_noticed() -> None:
     body = encode_request([OpRecord.put_page(0, Oid(1), i, RANDOM) for i in range(3)])
-    framed = frame(5, body, NO_PARTS, reply=False)
+    framed = frame(5, body, NO_PARTS, reply=False, key=KEY)
     chunks = [v for _, v in framed.chunks]
     envelope = framed.envelope
     with pytest.raises(WireError, match="belongs to another message"):
         unframe(envelope, framed.value, ["6@" + chunks[0][2:], *chunks[1:]], LIMITS,
-                reply=False)
-    with pytest.raises(WireError, match="crc mismatch"):
+                reply=False, key=KEY)
+    with pytest.raises(WireError, match="MAC does not match"):
         unframe(envelope, framed.value, [chunks[1], chunks[0], *chunks[2:]], LIMITS,
-                reply=False)
+                reply=False, key=KEY)
     with pytest.raises(WireError, match="expected"):
-        unframe(envelope, framed.value, chunks[:-1], LIMITS, reply=False)
+        unframe(envelope, framed.value, chunks[:-1], LIMITS, reply=False, key=KEY)
 
 
 def test_a_message_too_big_for_the_limits_is_refused() -> None:
     small = Limits(chunk_bytes=256, max_chunks=2, inline_bytes=100, reply_inline_bytes=100,
                    max_parts=2)
     with pytest.raises(WireError, match="needs"):
-        frame(1, encode_request([OpRecord.put_page(0, Oid(1), 0, RANDOM)]), small, reply=True)
+        frame(1, encode_request([OpRecord.put_page(0, Oid(1), 0, RANDOM)]), small, reply=True,
+              key=KEY)
 
 
 @pytest.mark.parametrize("name", [
-    "", "1@0@0000000@AQ", "01@0@00000000@AQ", "1@0@00000000@", "1@99@00000000@",
-    "1@0@00000000@A Q", "1@0@0000000G@AQ", "1@0@00000000@" + "A" * (MAX_INLINE_BYTES + 1),
-    "99999999999999999999@0@00000000@AQ", "../1@0@00000000@AQ",
+    "", f"1@0@{MAC[1:]}@AQ", f"01@0@{MAC}@AQ", f"1@0@{MAC}@", f"1@99@{MAC}@",
+    f"1@0@{MAC}@A Q", f"1@0@{MAC[1:]}!@AQ", f"1@0@{MAC}@" + "A" * (MAX_INLINE_BYTES + 1),
+    f"99999999999999999999@0@{MAC}@AQ", f"../1@0@{MAC}@AQ", "1@0@00000000@AQ",
+    f"{MAX_SEQ + 1}@0@{MAC}@AQ", f"0@0@{MAC}@AQ",
 ])
 def test_names_outside_the_grammar_are_refused(name: str) -> None:
     with pytest.raises(WireError):
@@ -391,12 +405,72 @@ def _op(kind: str, pool: int, word: int, index: int, page: bytes) -> OpRecord:
                           st.integers(0, 15), st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1),
                           st.sampled_from([TEXT, RANDOM, bytes(PAGE_SIZE)])),
                 min_size=1, max_size=12),
-       st.integers(0, 2**40))
+       st.integers(1, 2**40))
 def test_any_batch_round_trips_through_names_and_values(batch: list[tuple], seq: int) -> None:
     ops = [_op(kind, pool, word, index, page) for kind, pool, word, index, page in batch]
     body = encode_request(ops)
-    framed = frame(seq, body, LIMITS, reply=False)
+    framed = frame(seq, body, LIMITS, reply=False, key=KEY)
     envelope = parse_name(framed.envelope.name, LIMITS, reply=False)
     parts = [parse_part(p.name, LIMITS, reply=False) for p in framed.parts]
     assert decode_request(unframe(envelope, framed.value, [v for _, v in framed.chunks],
-                                  LIMITS, reply=False, untrusted_parts=parts)) == ops
+                                  LIMITS, reply=False, untrusted_parts=parts, key=KEY)) == ops
+
+
+# -- the session key: names a guess cannot confirm, messages only its holders can write ----------
+
+
+def test_sequence_numbers_outside_1_to_2_63_are_refused_with_a_clear_error() -> None:
+    """A seq of 2^63 or more used to parse (19 digits) and pushed the host's last sequence out
+    of the guest's reach; now every end refuses it, saying the range."""
+    body = encode_request([OpRecord.get_page(0, Oid(1), 2)])
+    for seq in (0, MAX_SEQ + 1, 10**19 - 1):
+        with pytest.raises(WireError, match=rf"sequence number {seq} is outside 1\.\.{MAX_SEQ}"):
+            frame(seq, body, LIMITS, reply=False, key=KEY)
+        with pytest.raises(WireError, match=r"is outside 1\.\."):
+            parse_name(f"{seq}@0@{MAC}@AQ", LIMITS, reply=False)
+        with pytest.raises(WireError, match=r"is outside 1\.\."):
+            parse_part(f"{seq}@p1@AQ", LIMITS, reply=False)
+    top = frame(MAX_SEQ, body, LIMITS, reply=True, key=KEY)
+    assert parse_name(top.envelope.name, LIMITS, reply=True).seq == MAX_SEQ
+
+
+def test_a_message_authenticates_only_with_its_key_direction_seq_and_shape() -> None:
+    body = encode_request([OpRecord.put_page(0, Oid(1), 0, TEXT)])
+    framed = frame(5, body, LIMITS, reply=False, key=KEY)
+    envelope = parse_name(framed.envelope.name, LIMITS, reply=False)
+    parts = [parse_part(p.name, LIMITS, reply=False) for p in framed.parts]
+    assert unframe(envelope, None, (), LIMITS, reply=False, key=KEY,
+                   untrusted_parts=parts) == body
+    other = SessionKey(bytes(32))
+    with pytest.raises(WireError, match="MAC does not match"):
+        unframe(envelope, None, (), LIMITS, reply=False, key=other, untrusted_parts=parts)
+    with pytest.raises(WireError, match="MAC does not match"):  # a request is no reply
+        unframe(envelope, None, (), LIMITS, reply=True, key=KEY, untrusted_parts=parts)
+    moved = Envelope(6, envelope.chunks, envelope.mac, envelope.inline, envelope.parts)
+    with pytest.raises(WireError, match="MAC does not match"):  # replayed under another seq
+        unframe(moved, None, (), LIMITS, reply=False, key=KEY,
+                untrusted_parts=[Part(6, p.k, p.text) for p in parts])
+
+
+def test_names_derive_from_the_key_so_a_guess_confirms_nothing() -> None:
+    """Every directory a message's names go to, and every chunk name, depends on the key (and
+    not only on the seq): without the key there is nothing to probe for."""
+    other = SessionKey(bytes(32))
+    for reply in (False, True):
+        names = {KEY.slot(seq, part, reply=reply) for seq in range(1, 50) for part in range(4)}
+        assert len(names) == 49 * 4
+        assert all(re.fullmatch(r"[A-Za-z0-9_-]{16}", n) for n in names)
+        assert not names & {other.slot(seq, part, reply=reply)
+                            for seq in range(1, 50) for part in range(4)}
+        assert KEY.chunk(1, reply=reply) != other.chunk(1, reply=reply)
+    assert KEY.slot(1, reply=False) != KEY.slot(1, reply=True)
+    assert KEY.chunk(1, reply=False) != KEY.chunk(1, reply=True)
+
+
+def test_the_key_travels_as_hex_and_is_never_shown() -> None:
+    key = SessionKey.new()
+    assert SessionKey.parse(key.encode() + b"\x00").encode() == key.encode()
+    assert key.encode().decode() not in repr(key)
+    for bad in (b"", b"00" * 31, b"AB" * 32, b"zz" * 32, b"00" * 33):
+        with pytest.raises(WireError, match="session key"):
+            SessionKey.parse(bad)

@@ -8,6 +8,12 @@ domU), :meth:`TmemBack.frontend_changed` follows the guest's state (``otherend_c
 a malformed one gets an error reply (or, with no usable sequence number, is dropped), never an
 exception out of the service.  The guest's domid comes from *where* the request was found,
 never from what it says, so a guest only ever reaches its own pages.
+
+Only the guest may write what the host serves: every node a message's name or text comes
+from is checked, when it is read, against xenstore's permission rule
+(:mod:`xentmem.xenbus.perms`), and a message must carry the MAC of this session's key, which
+only the guest and dom0 can read.  A message that fails either is never run
+(``docs/protocol.md``, Who may write a request).
 """
 
 from __future__ import annotations
@@ -31,9 +37,11 @@ from xentmem.xenbus.area import (
     BE_MAX_PARTS,
     BE_REPLY_CHUNK_BYTES,
     BE_REPLY_INLINE_BYTES,
+    BE_SESSION_KEY,
     BE_VERSIONS,
     FE_BACKEND,
     FE_BACKEND_ID,
+    FE_STATE_MAC,
     FE_VERSION,
     REQ_DATA_DIR,
     REQ_DIR,
@@ -43,7 +51,6 @@ from xentmem.xenbus.area import (
     backend_path,
     frontend_path,
     parse_uint,
-    request_slot,
 )
 from xentmem.xenbus.body import (
     SUPPORTED_VERSIONS,
@@ -68,6 +75,8 @@ from xentmem.xenbus.framing import (
     parse_part,
     unframe,
 )
+from xentmem.xenbus.perms import Access, Perms, PermsError, holders
+from xentmem.xenbus.session_key import TAG_CHARS, SessionKey
 from xentmem.xenbus.xs import XsError, XsSession, XsTimeout
 
 log = logging.getLogger(__name__)
@@ -75,7 +84,10 @@ log = logging.getLogger(__name__)
 #: Replies left in ``rsp/`` before it is cleared (dom0's own area: no quota applies).
 REPLIES_KEPT = 32
 _LEADING_SEQ = re.compile(r"(0|[1-9][0-9]{0,18})@")
-_PERM_RE = re.compile(rb"([nrwb])([0-9]{1,5})")
+#: Frontend states that end a session (its pools are dropped) while the host is in one of
+#: the session's states (a device the host closed keeps its pools until the guest says so).
+_ENDING_STATES = frozenset({XenbusState.INITIALISING, XenbusState.CLOSING, XenbusState.CLOSED})
+_SESSION_STATES = frozenset({XenbusState.CONNECTED, XenbusState.CLOSING})
 
 
 @dataclass
@@ -86,10 +98,13 @@ class TmemBackCounters:
     parted_requests: int = 0
     spilled_requests: int = 0
     malformed: int = 0
-    failed_messages: int = 0
     replies_parted: int = 0
     replies_spilled: int = 0
     sessions: int = 0
+    #: Messages refused because another domain may write one of their nodes.
+    foreign: int = 0
+    #: Messages dropped because they do not authenticate (torn, or written without the key).
+    unauthentic: int = 0
 
 
 class TmemBack(XenbusDevice):
@@ -129,9 +144,14 @@ class TmemBack(XenbusDevice):
         self._req_prefix = f"{self.otherend}/{REQ_DIR}/".encode()
         self._served = 0
         self._replies_kept = 0
-        #: Name parts received for the next message, by part number.
-        self._parts: dict[int, Part] = {}
+        #: Name parts received for the next message, by part number, with their paths.
+        self._parts: dict[int, tuple[Part, str]] = {}
         self._watching = False
+        #: This session's key (a new one with every InitWait).
+        self.key = SessionKey.new()
+        #: The permissions of every node the guest makes in its area (the host's own at
+        #: set-up): nothing to parse when a node has them.
+        self._own_perms = [f"n{domid}".encode(), f"r{backend_domid}".encode()]
 
     # -- set-up and tear-down -------------------------------------------------------------------
 
@@ -141,6 +161,7 @@ class TmemBack(XenbusDevice):
         guest_reads = [f"n{b}", f"r{d}"]
         host_reads = [f"n{d}", f"r{b}"]
         limits = self.limits
+        self.key = SessionKey.new()
 
         def body(tx: int) -> None:
             conn = self.conn
@@ -184,6 +205,7 @@ class TmemBack(XenbusDevice):
                 BE_REPLY_CHUNK_BYTES: str(limits.reply_chunk_bytes).encode(),
                 BE_MAX_PARTS: str(limits.max_parts).encode(),
                 BE_FEATURE_LZ4: b"1",
+                BE_SESSION_KEY: self.key.encode(),
                 STATE: str(int(XenbusState.INIT_WAIT)).encode(),
             }
             for node, value in nodes.items():
@@ -237,6 +259,25 @@ class TmemBack(XenbusDevice):
         frontend = self.read_otherend_state()
         if frontend == previous and frontend != XenbusState.INITIALISING:
             return
+        if frontend != XenbusState.UNKNOWN:
+            # The state decides whether the guest's pages live: only the guest's word counts.
+            why = self._foreign_writers([f"{self.otherend}/{STATE}"])
+            if why:
+                self.otherend_state = previous
+                log.warning("domain %d: state %s ignored: %s", self.domid,
+                            frontend.strstate(), why)
+                if self.state != XenbusState.CLOSING:
+                    self.dev_fatal(errno.EACCES, f"{why}; refusing to serve it")
+                return
+            if frontend in _ENDING_STATES and self.state in _SESSION_STATES:
+                # Pages would go: believed only when signed with the session key, which no
+                # other domain has (whoever could write the node at some moment).
+                untrusted_mac = self.conn.read_optional(f"{self.otherend}/{FE_STATE_MAC}")
+                if not self.key.check_state_mac(untrusted_mac or b"", int(frontend)):
+                    self.otherend_state = previous
+                    log.warning("domain %d: state %s ignored: not signed with the session key",
+                                self.domid, frontend.strstate())
+                    return
         if frontend == XenbusState.INITIALISING:
             if self.state != XenbusState.INIT_WAIT:
                 self._new_session()
@@ -266,7 +307,7 @@ class TmemBack(XenbusDevice):
 
     def _new_session(self) -> None:
         self._settle_writes()
-        if self.state == XenbusState.CONNECTED:
+        if self.state in _SESSION_STATES:
             self.store.destroy_client(self.domid)
         for stale in (RSP_DIR, RSP_DATA_DIR, ERROR_NODE):
             try:
@@ -278,6 +319,11 @@ class TmemBack(XenbusDevice):
         self.last_reply = None
         self._served = self._replies_kept = 0
         self._parts.clear()
+        # A fresh key before InitWait: the guest reads it once it sees InitWait.
+        self.key = SessionKey.new()
+        key_path = f"{self.nodename}/{BE_SESSION_KEY}"
+        self.conn.write(key_path, self.key.encode())
+        self.conn.set_perms(key_path, [f"n{self.backend_domid}", f"r{self.domid}"])
         self.switch_state(XenbusState.INIT_WAIT)
 
     def _connect(self) -> None:
@@ -298,13 +344,11 @@ class TmemBack(XenbusDevice):
                 f"frontend asks for version {version}; this host speaks {list(SUPPORTED_VERSIONS)}",
             )
             return
-        foreign = self._foreign_writers()
-        if foreign:
-            self.dev_fatal(
-                errno.EACCES,
-                f"frontend area {self.otherend} is writable by "
-                f"domains {foreign}; refusing to serve it",
-            )
+        fe = self.otherend
+        why = self._foreign_writers([fe, f"{fe}/{REQ_DIR}", f"{fe}/{REQ_DATA_DIR}",
+                                     f"{fe}/{STATE}", f"{fe}/{FE_VERSION}"], missing_ok=True)
+        if why:
+            self.dev_fatal(errno.EACCES, f"{why}; refusing to serve it")
             return
         self.last_seq = 0
         self.last_reply = None
@@ -314,25 +358,34 @@ class TmemBack(XenbusDevice):
         self.switch_state(XenbusState.CONNECTED)
         log.info("tmem device of domain %d connected (version %d)", self.domid, version)
 
-    def _foreign_writers(self) -> list[int]:
-        """Domains other than the guest and the host that may write the request directory."""
-        foreign: set[int] = set()
-        for path in (self.otherend, f"{self.otherend}/{REQ_DIR}"):
+    def _foreign_writers(self, paths: list[str], *, missing_ok: bool = False) -> str:
+        """Why some domain other than the guest and the host may write one of ``paths``
+        (or "" if none may); their permissions are read now, in one round trip."""
+        conn = self.conn
+        ids = [(path, conn.post_get_perms(path)) for path in paths]
+        deadline = conn.clock.monotonic() + conn.timeout
+        why = ""
+        for path, req_id in ids:  # every answer is collected, whatever the first says
             try:
-                untrusted_perms = self.conn.get_perms(path)
+                untrusted = conn.collect_perms(req_id, what=f"get-perms {path}",
+                                               deadline=deadline)
             except XsError as exc:
-                if exc.name == "ENOENT":
-                    continue
-                raise
-            for i, untrusted in enumerate(untrusted_perms):
-                match = _PERM_RE.fullmatch(untrusted)
-                if match is None:
-                    continue
-                letter, domid = match[1], int(match[2])
-                writer = i == 0 or letter in (b"w", b"b")  # the owner, or a writer
-                if writer and domid not in (self.domid, self.backend_domid):
-                    foreign.add(domid)
-        return sorted(foreign)
+                if not (missing_ok and exc.name == "ENOENT"):
+                    why = why or f"the permissions of {path} are unreadable ({exc.name})"
+                continue
+            why = why or self.foreign_writers_of(path, untrusted)
+        return why
+
+    def foreign_writers_of(self, path: str, untrusted_perms: list[bytes]) -> str:
+        """Why ``path`` with these permissions is writable by another domain, or ""."""
+        if untrusted_perms == self._own_perms:
+            return ""
+        try:
+            perms = Perms.parse(untrusted_perms)
+        except PermsError as exc:
+            return f"{path} has unusable permissions ({exc})"
+        foreign = holders(perms, Access.WRITE).besides((self.domid, self.backend_domid))
+        return f"{path} is writable by {foreign}" if foreign else ""
 
     def _close_session(self) -> None:
         dropped = self.store.destroy_client(self.domid)
@@ -350,39 +403,52 @@ class TmemBack(XenbusDevice):
         if not sep or "/" in untrusted_name:
             return  # the directory itself, a slot directory, or something deeper
         if is_part_name(untrusted_name):
-            self._part(untrusted_slot, untrusted_name)
+            self._part(untrusted_slot, untrusted_name, untrusted_path)
             return
         try:
             envelope = parse_name(untrusted_name, self.limits, reply=False)
-            if untrusted_slot != request_slot(envelope.seq):
-                raise WireError(f"message {envelope.seq} in slot {untrusted_slot[:8]!r}")
         except WireError as exc:
             self._malformed(untrusted_name, exc)
             return
         if envelope.seq <= self.last_seq:
             return  # our own removal of a consumed request, or a replay
-        self.last_seq = envelope.seq
+        if untrusted_slot != self.key.slot(envelope.seq, reply=False):
+            self._malformed(untrusted_name, WireError(
+                f"message {envelope.seq} in directory {untrusted_slot[:20]!r}, not its own"))
+            return
         counters = self.counters
-        counters.messages += 1
-        message_path = f"{self.otherend}/{REQ_DIR}/{untrusted_slot}/{untrusted_name}"
-        status = 0
-        results: list[ResultRecord] = []
-        parts = [self._parts[k] for k in sorted(self._parts)]
+        message_path = untrusted_path.decode("ascii", "replace")
+        # Parts left from another message (one never completed) are not this one's.
+        parts = [self._parts[k] for k in sorted(self._parts)
+                 if self._parts[k][0].seq == envelope.seq]
         self._parts.clear()
         try:
-            body = self._body(envelope, message_path, parts)
-            ops = decode_request(body, max_ops=self.limits.max_ops)
-        except WireError as exc:
-            counters.malformed += 1
-            log.warning("domain %d message %d rejected: %s", self.domid, envelope.seq, exc)
-            status = -errno.EINVAL
-        except (XsError, XsTimeout) as exc:
-            counters.failed_messages += 1
-            log.warning("domain %d message %d unreadable: %s", self.domid, envelope.seq, exc)
-            status = -errno.EIO
+            body, foreign = self._body(envelope, message_path, parts)
+        except (WireError, XsError, XsTimeout) as exc:
+            # Not authenticated: a torn message, or one written without the key.  Nobody is
+            # answered, and the sequence does not move (it is not the guest's word).
+            counters.unauthentic += 1
+            self._consumed()
+            log.warning("domain %d message %d dropped: %s", self.domid, envelope.seq, exc)
+            return
+        self.last_seq = envelope.seq
+        counters.messages += 1
+        status = 0
+        results: list[ResultRecord] = []
+        if foreign:
+            counters.foreign += 1
+            log.warning("domain %d message %d refused: %s", self.domid, envelope.seq, foreign)
+            status = -errno.EACCES
         else:
-            counters.ops += len(ops)
-            results = [run(self.domid, op) for op in ops]
+            try:
+                ops = decode_request(body, max_ops=self.limits.max_ops)
+            except WireError as exc:
+                counters.malformed += 1
+                log.warning("domain %d message %d rejected: %s", self.domid, envelope.seq, exc)
+                status = -errno.EINVAL
+            else:
+                counters.ops += len(ops)
+                results = [run(self.domid, op) for op in ops]
         self._consumed()
         self._reply(envelope.seq, results, status)
 
@@ -399,64 +465,94 @@ class TmemBack(XenbusDevice):
             self.writer.post_rm(f"{self.otherend}/{REQ_DIR}")
             self._served = 0
 
-    def _part(self, untrusted_slot: str, untrusted_name: str) -> None:
+    def _part(self, untrusted_slot: str, untrusted_name: str, untrusted_path: bytes) -> None:
         """A name part of the next message: kept until its message node arrives.
 
-        A malformed part is counted and dropped: its message then lacks it and is answered
-        ``-EINVAL``.  Parts of messages already served (a replay) are ignored.
+        A malformed part is counted and dropped: its message then lacks it and does not
+        authenticate.  Parts of messages already served (a replay) are ignored.
         """
         try:
             part = parse_part(untrusted_name, self.limits, reply=False)
-            if untrusted_slot != request_slot(part.seq, part.k):
-                raise WireError(f"part {part.k} of message {part.seq} in slot "
-                                f"{untrusted_slot[:8]!r}")
+            if part.seq > self.last_seq and untrusted_slot != self.key.slot(
+                    part.seq, part.k, reply=False):
+                raise WireError(f"part {part.k} of message {part.seq} in directory "
+                                f"{untrusted_slot[:20]!r}, not its own")
         except WireError as exc:
             self.counters.malformed += 1
             log.warning("domain %d: malformed request part %r: %s", self.domid,
                         untrusted_name[:60], exc)
             return
         if part.seq > self.last_seq:
-            self._parts[part.k] = part
+            self._parts[part.k] = (part, untrusted_path.decode("ascii", "replace"))
 
-    def _body(self, envelope: Envelope, message_path: str, parts: list[Part]) -> bytes:
-        if not envelope.chunks:
-            if envelope.parts:
-                self.counters.parted_requests += 1
-            else:
-                self.counters.inline_requests += 1
-            return unframe(envelope, None, (), self.limits, reply=False, untrusted_parts=parts)
-        self.counters.spilled_requests += 1
-        ids = [self.conn.post_read(message_path)]
-        ids += [
-            self.conn.post_read(f"{self.otherend}/{REQ_DATA_DIR}/{i}")
-            for i in range(1, envelope.chunks)
-        ]
-        deadline = self.conn.clock.monotonic() + self.conn.timeout
-        untrusted = [
-            self.conn.collect(
-                i, what=f"read chunk of message {envelope.seq}", deadline=deadline
-            ).decode("ascii", "replace")
-            for i in ids
-        ]
-        return unframe(envelope, untrusted[0], untrusted[1:], self.limits, reply=False)
+    def _body(self, envelope: Envelope, message_path: str,
+              parts: list[tuple[Part, str]]) -> tuple[bytes, str]:
+        """The message's body (authenticated), and why another domain may write one of its
+        nodes ("" if none may).  Values and permissions are read in one round trip."""
+        conn = self.conn
+        counters = self.counters
+        paths = [message_path, *(path for _, path in parts)]
+        reads: list[int] = []
+        if envelope.chunks:
+            counters.spilled_requests += 1
+            chunk_paths = [f"{self.otherend}/{REQ_DATA_DIR}/{self.key.chunk(i, reply=False)}"
+                           for i in range(1, envelope.chunks)]
+            reads = [conn.post_read(path) for path in (message_path, *chunk_paths)]
+            paths += chunk_paths
+        elif envelope.parts:
+            counters.parted_requests += 1
+        else:
+            counters.inline_requests += 1
+        perm_ids = [conn.post_get_perms(path) for path in paths]
+        deadline = conn.clock.monotonic() + conn.timeout
+        failure: XsError | XsTimeout | None = None
+        untrusted: list[str] = []
+        for req_id in reads:  # every answer is collected, whatever the first says
+            try:
+                untrusted.append(conn.collect(req_id, what=f"read chunk of message "
+                                              f"{envelope.seq}", deadline=deadline)
+                                 .decode("ascii", "replace"))
+            except (XsError, XsTimeout) as exc:
+                failure = failure or exc
+        foreign = ""
+        for path, req_id in zip(paths, perm_ids, strict=True):
+            try:
+                untrusted_perms = conn.collect_perms(req_id, what=f"get-perms {path}",
+                                                     deadline=deadline)
+            except (XsError, XsTimeout) as exc:
+                failure = failure or exc
+                continue
+            foreign = foreign or self.foreign_writers_of(path, untrusted_perms)
+        if failure is not None:
+            raise failure
+        body = unframe(envelope, untrusted[0] if untrusted else None, untrusted[1:],
+                       self.limits, reply=False, key=self.key,
+                       untrusted_parts=[part for part, _ in parts])
+        return body, foreign
 
     def _reply(self, seq: int, results: list[ResultRecord], status: int) -> None:
         limits = self._reply_limits()
+        key = self.key
         try:
-            framed = frame(seq, encode_reply(results, status=status), limits, reply=True)
+            framed = frame(seq, encode_reply(results, status=status), limits, reply=True,
+                           key=key)
         except WireError as exc:
             log.warning("domain %d message %d: reply does not fit (%s)", self.domid, seq, exc)
-            framed = frame(seq, encode_reply([], status=-errno.E2BIG), limits, reply=True)
+            framed = frame(seq, encode_reply([], status=-errno.E2BIG), limits, reply=True,
+                           key=key)
         if self._replies_kept >= REPLIES_KEPT:
             # Every earlier reply has been read: the guest sent a new request since.
             self.writer.post_rm(f"{self.nodename}/{RSP_DIR}")
             self._replies_kept = 0
+        rsp = f"{self.nodename}/{RSP_DIR}"
         for i, value in framed.chunks:
-            self.writer.post_write(f"{self.nodename}/{RSP_DATA_DIR}/{i}", value.encode())
+            self.writer.post_write(
+                f"{self.nodename}/{RSP_DATA_DIR}/{key.chunk(i, reply=True)}", value.encode())
         for part in framed.parts:
-            self.writer.post_write(f"{self.nodename}/{RSP_DIR}/{part.name}", b"")
+            self.writer.post_write(f"{rsp}/{key.slot(seq, part.k, reply=True)}/{part.name}", b"")
         name = framed.envelope.name
-        self.writer.post_write(f"{self.nodename}/{RSP_DIR}/{name}", framed.value.encode())
+        self.writer.post_write(f"{rsp}/{key.slot(seq, reply=True)}/{name}",
+                               framed.value.encode())
         self._replies_kept += 1
         if framed.envelope.chunks:
             self.counters.replies_spilled += 1
@@ -472,25 +568,18 @@ class TmemBack(XenbusDevice):
         return self._unsplit[1]
 
     def _malformed(self, untrusted_name: str, exc: WireError) -> None:
-        """A request node that is not a message: an error reply if it has a new seq.
+        """A request node that is not a message: logged, counted and never answered (its
+        name is not authenticated, so its sequence number is nobody's word).
 
-        The node is left for the next bulk removal of ``req/`` (counted as served), so its
-        removal raises no event of its own that would be reported again.
+        The node is left for the next bulk removal of ``req/`` (counted as served).
         """
         match = _LEADING_SEQ.match(untrusted_name)
-        if match is None or int(match[1]) <= self.last_seq:
-            if match is None:
-                self.counters.malformed += 1
-                log.warning("domain %d: request node %r is not a message: %s", self.domid,
-                            untrusted_name[:60], exc)
-                self._consumed()
+        if match is not None and int(match[1]) <= self.last_seq:
             return  # a node seen before (its removal), or a replay
         self.counters.malformed += 1
-        log.warning("domain %d: malformed request node %r: %s", self.domid,
+        log.warning("domain %d: request node %r is not a message: %s", self.domid,
                     untrusted_name[:60], exc)
-        self.last_seq = int(match[1])
         self._consumed()
-        self._reply(self.last_seq, [], -errno.EINVAL)
 
     def describe(self) -> dict[str, object]:
         return {
@@ -516,18 +605,19 @@ def probe_reply_limits(conn: XsSession, backend_domid: int, base: Limits) -> Lim
     """
     scratch = f"/local/domain/{backend_domid}/backend/tmem/probe"  # "probe": as long as 32751
     reply_inline = base.reply_inline_bytes
+    slot = "7" * TAG_CHARS  # as long as a reply's directory name
     for inline in (MAX_REPLY_INLINE_BYTES, 1400):
         if inline <= reply_inline:
             break
         try:
-            conn.write(f"{scratch}/0/{RSP_DIR}/{'9' * (NAME_OVERHEAD + inline)}", b"x")
+            conn.write(f"{scratch}/0/{RSP_DIR}/{slot}/{'9' * (NAME_OVERHEAD + inline)}", b"x")
         except XsError:
             continue
         reply_inline = inline
         break
     reply_chunk = base.reply_chunk_bytes
     try:
-        conn.write(f"{scratch}/0/{RSP_DIR}/{'8' * (NAME_OVERHEAD + MAX_INLINE_BYTES)}",
+        conn.write(f"{scratch}/0/{RSP_DIR}/{slot}/{'8' * (NAME_OVERHEAD + MAX_INLINE_BYTES)}",
                    b"x" * MAX_CHUNK_BYTES)
         reply_chunk = max(reply_chunk, MAX_CHUNK_BYTES)
     except XsError:

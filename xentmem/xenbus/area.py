@@ -20,21 +20,27 @@ DEVINST = "0"
 REQ_DIR = "req"
 REQ_DATA_DIR = "data"
 #: Where a guest tries, once per connect, how long a request name its xenstore takes: a path
-#: as long as the longest request slot's (``req/<slot>-<part>/``), outside the watched ``req/``.
-PROBE_DIR = "probe/0-0"
+#: as long as a request's directory (``req/<slot>/``, :data:`SLOT_CHARS`), outside the
+#: watched ``req/``.
+PROBE_DIR = "probe/" + "0" * 16
 RSP_DIR = "rsp"
 RSP_DATA_DIR = "rsp-data"
-#: Requests go to ``req/<seq % REQ_SLOTS>/<name>``: C xenstored counts a directory's child
-#: names against the 2048-byte record quota when a guest adds a child, so long names are
-#: spread over slot directories (one each) and the host can clear ``req/`` once per
+#: Each request name goes to a directory of its own, ``req/<slot>/<name>``, named from the
+#: session key (:meth:`~xentmem.xenbus.session_key.SessionKey.slot`): C xenstored counts a
+#: directory's child names against the 2048-byte record quota when a guest adds a child, so
+#: long names are spread over directories (one each), and the host clears ``req/`` once per
 #: ``REQ_SLOTS`` messages instead of once per message.
 REQ_SLOTS = 8
 #: Frontend nodes the host writes at set-up (pointers to the other end, as libxl writes).
 FE_BACKEND = "backend"
 FE_BACKEND_ID = "backend-id"
-#: Frontend nodes the guest writes during the handshake.
+#: Frontend nodes the guest writes during the handshake.  ``state-mac`` signs a state that
+#: ends the host's session (Initialising, Closing, Closed) with the session key.
 FE_VERSION = "version"
-#: Backend nodes the host writes.
+FE_STATE_MAC = "state-mac"
+#: Backend nodes the host writes.  ``session-key`` is the session's secret (readable by the
+#: guest and dom0 only: the backend area is the host's).
+BE_SESSION_KEY = "session-key"
 BE_FRONTEND = "frontend"
 BE_FRONTEND_ID = "frontend-id"
 BE_VERSIONS = "versions"
@@ -51,16 +57,6 @@ BE_FEATURE_LZ4 = "feature-lz4"
 MAX_DOMID = 0x7FEF
 _DOMID_RE = re.compile(r"0|[1-9][0-9]{0,4}")
 _UINT_RE = re.compile(r"[0-9]{1,10}")
-
-
-def request_slot(seq: int, part: int = 0) -> str:
-    """The slot directory of request ``seq`` (or of its name part ``part``) under ``req/``.
-
-    Each part has a directory of its own (``<slot>-<k>``), so that every directory holds one
-    long name, as the record quota wants.
-    """
-    slot = seq % REQ_SLOTS
-    return f"{slot}-{part}" if part else str(slot)
 
 
 def frontend_path(domid: int) -> str:

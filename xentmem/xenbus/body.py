@@ -26,8 +26,9 @@ from xentmem.tmem.abi import (
 )
 
 #: Version of this wire format, negotiated through ``versions`` / ``version`` nodes.  Version
-#: 2 added name parts; version 1 (spilled values only) was never released.
-WIRE_VERSION = 2
+#: 3 added the session key (names derived from it, a MAC instead of a crc); version 2 added
+#: name parts; version 1 (spilled values only) was never released.
+WIRE_VERSION = 3
 #: Versions this code speaks, newest first.
 SUPPORTED_VERSIONS = (WIRE_VERSION,)
 #: Xen's MAX_POOLS_PER_DOMAIN: a NEW_POOL result >= this is not a pool id a host may give.

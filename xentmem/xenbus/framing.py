@@ -1,10 +1,12 @@
 """Framing: a message body as xenstore node names and values, within negotiated limits.
 
 The body travels as base64url text (legal in a value and in a node name).  A message is one
-node whose *name* is its envelope ``<seq>@<chunks>@<crc32>@<text>``, so a watch event alone
+node whose *name* is its envelope ``<seq>@<chunks>@<mac>@<text>``, so a watch event alone
 delivers a short message; a longer one is split over a few *name parts*, and only a long one
-*spills* into values the receiver reads.  Each end advertises its :class:`Limits` and both
-use the smaller.  Why these sizes: ``docs/protocol.md`` (Messages, Limits).
+*spills* into values the receiver reads.  The MAC (:class:`~xentmem.xenbus.session_key.
+SessionKey`) covers the whole text: a torn, mixed or forged message does not authenticate.
+Each end advertises its :class:`Limits` and both use the smaller.  Why these sizes:
+``docs/protocol.md`` (Messages, Limits).
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ from __future__ import annotations
 import binascii
 import functools
 import re
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from xentmem.xenbus.body import MAX_OPS_LIMIT, WireError
+from xentmem.xenbus.session_key import TAG_CHARS, TAG_RE, SessionKey
 
 #: Most chunks one message may use (chunk 0 plus ``data/1`` .. ``data/<n-1>``).
 MAX_CHUNKS_LIMIT = 64
@@ -30,36 +32,36 @@ MIN_CHUNK_BYTES = 64
 MAX_CHUNK_BYTES = 3000
 #: The longest text in a spilled message's name, and in a request's name wherever a guest
 #: cannot write longer ones.  oxenstored refuses a path more than 1024 bytes below the
-#: writer's home (measured), so such a name stays within 960 characters: the envelope
-#: (:data:`NAME_OVERHEAD`) plus this much text.
+#: writer's home (measured): ``backend/tmem/<domid>/0/rsp/<slot>/`` is at most 43 of them,
+#: then the envelope (:data:`NAME_OVERHEAD`) and this much text.
 MAX_INLINE_BYTES = 928
 DEFAULT_INLINE_BYTES = 900
 #: The longest text in a request's name where the daemon takes long paths (C xenstored: 2048
 #: bytes below the home).  C xenstored counts a directory's child names against a guest's
 #: 2048-byte record quota (a 24-byte header, 8 bytes a permission, each name and its NUL),
-#: and every request slot directory holds one name: 1960 + 32 leaves room for three
+#: and every request slot directory holds one name: 1952 + 40 leaves room for three
 #: permissions.  The guest tries it once when it connects (:data:`PROBE_DIR`).
-MAX_REQUEST_INLINE_BYTES = 1960
+MAX_REQUEST_INLINE_BYTES = 1952
 #: The longest text a reply may carry in its name alone, where the daemon allows long paths
-#: (C xenstored: 2048 bytes below dom0's home, and ``backend/tmem/<domid>/0/rsp/`` is at most
-#: 26 of them); the event that carries it (path, token) stays well within 4096 bytes.
-MAX_REPLY_INLINE_BYTES = 1990
-#: ``<seq>@<chunks>@<crc>@``: at most 19 + 1 + 2 + 1 + 8 + 1 characters (a part's
+#: (C xenstored: 2048 bytes below dom0's home, and ``backend/tmem/<domid>/0/rsp/<slot>/`` is
+#: at most 43 of them); the event that carries it (path, token) stays well within 4096 bytes.
+MAX_REPLY_INLINE_BYTES = 1960
+#: ``<seq>@<chunks>@<mac>@``: at most 19 + 1 + 2 + 1 + 16 + 1 characters (a part's
 #: ``<seq>@p<k>@`` is shorter).
-NAME_OVERHEAD = 32
+NAME_OVERHEAD = 24 + TAG_CHARS
 #: Most names one message may be split over (its message node included).  Each part costs the
 #: receiver one watch event and saves it a read round trip, which costs more; a text longer
 #: than this many names spills into values instead.
 MAX_NAME_PARTS = 4
 #: What a peer may advertise (``max-parts``); 1 means no name parts.
 MAX_NAME_PARTS_LIMIT = 8
-#: Largest sequence number accepted (decimal digits in a name are bounded by this).
+#: Sequence numbers run 1 .. MAX_SEQ (a name's 19 digits could say more: refused).
 MAX_SEQ = (1 << 63) - 1
 
 #: ``<seq>@`` before a chunk, at the largest sequence number.
 _SEQ_PREFIX = len(str(MAX_SEQ)) + 1
 #: A message name's and a part name's header; the text after it is checked by _check_text.
-_NAME_RE = re.compile(r"(0|[1-9][0-9]{0,18})@(0|[1-9][0-9]?|p[2-9])@([0-9a-f]{8})@")
+_NAME_RE = re.compile(r"(0|[1-9][0-9]{0,18})@(0|[1-9][0-9]?|p[2-9])@(" + TAG_RE + ")@")
 _PART_RE = re.compile(r"(0|[1-9][0-9]{0,18})@p([1-8])@")
 _B64URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 _TO_STD_B64 = bytes.maketrans(b"-_", b"+/")
@@ -175,9 +177,16 @@ class Limits:
         return {reply: self.text_capacity(reply=reply) * 3 // 4 for reply in (False, True)}
 
 
+def check_seq(seq: int) -> int:
+    """A sequence number in 1 .. :data:`MAX_SEQ`, or WireError saying so."""
+    if not 1 <= seq <= MAX_SEQ:
+        raise WireError(f"sequence number {seq} is outside 1..{MAX_SEQ}")
+    return seq
+
+
 @dataclass(frozen=True)
 class Envelope:
-    """What a message node's name says: sequence, chunk count, crc and the inline text.
+    """What a message node's name says: sequence, chunk count, MAC and the inline text.
 
     ``chunks == 0``: the whole text is in names: ``inline`` alone, or (``parts`` = n >= 2)
     the texts of parts 1 .. n-1 followed by ``inline``.  Otherwise the text is ``inline``,
@@ -186,15 +195,18 @@ class Envelope:
 
     seq: int
     chunks: int
-    crc: int
+    mac: str
     inline: str
     #: Names the text is split over, this one included (0: not split).
     parts: int = 0
 
     @property
+    def shape(self) -> str:
+        return f"p{self.parts}" if self.parts else str(self.chunks)
+
+    @property
     def name(self) -> str:
-        count = f"p{self.parts}" if self.parts else str(self.chunks)
-        return f"{self.seq}@{count}@{self.crc:08x}@{self.inline}"
+        return f"{self.seq}@{self.shape}@{self.mac}@{self.inline}"
 
 
 @dataclass(frozen=True)
@@ -226,14 +238,14 @@ def parse_name(untrusted_name: str, limits: Limits, *, reply: bool) -> Envelope:
     inline = untrusted_name[match.end():]
     _check_text(inline.encode("ascii", "replace"),
                 f"{untrusted_name[:40]!r} is not a message name")
-    seq, crc = int(match[1]), int(match[3], 16)
+    seq, mac = check_seq(int(match[1])), match[3]
     if match[2].startswith("p"):
         parts = int(match[2][1:])
         if parts > limits.max_parts:
             raise WireError(f"message split over {parts} names; at most {limits.max_parts}")
         if not inline:
             raise WireError("a message's last part is empty")
-        return Envelope(seq, 0, crc, inline, parts)
+        return Envelope(seq, 0, mac, inline, parts)
     chunks = int(match[2])
     if chunks > limits.max_chunks:
         raise WireError(f"message of {chunks} chunks; at most {limits.max_chunks}")
@@ -243,7 +255,7 @@ def parse_name(untrusted_name: str, limits: Limits, *, reply: bool) -> Envelope:
         raise WireError(f"inline text of {len(inline)} characters; at most {inline_limit}")
     if not chunks and not inline:
         raise WireError("an inline message with no text")
-    return Envelope(seq, chunks, crc, inline)
+    return Envelope(seq, chunks, mac, inline)
 
 
 def parse_part(untrusted_name: str, limits: Limits, *, reply: bool) -> Part:
@@ -256,7 +268,7 @@ def parse_part(untrusted_name: str, limits: Limits, *, reply: bool) -> Part:
     if match is None or not text:
         raise WireError(f"{untrusted_name[:40]!r} is not a message part")
     _check_text(text.encode("ascii", "replace"), f"{untrusted_name[:40]!r} is not a message part")
-    part = Part(int(match[1]), int(match[2]), text)
+    part = Part(check_seq(int(match[1])), int(match[2]), text)
     if part.k >= limits.max_parts:
         raise WireError(f"part {part.k} of a message; at most {limits.max_parts - 1} before "
                         "the message node")
@@ -277,21 +289,21 @@ class Framed:
     parts: tuple[Part, ...] = ()
 
 
-def frame(seq: int, body: bytes, limits: Limits, *, reply: bool) -> Framed:
+def frame(seq: int, body: bytes, limits: Limits, *, reply: bool, key: SessionKey) -> Framed:
     """Lay a body out as nodes: all in the name if it fits, else spilled into values."""
-    if not 0 <= seq <= MAX_SEQ:
-        raise WireError(f"sequence number {seq} out of range")
+    check_seq(seq)
     text = to_text(body)
-    crc = zlib.crc32(text.encode())
+    raw = text.encode()
     inline_limit = limits.inline_for(reply=reply)
     if len(text) <= inline_limit:
-        return Framed(Envelope(seq, 0, crc, text), "", ())
+        return Framed(Envelope(seq, 0, key.mac(seq, "0", raw, reply=reply), text), "", ())
     if inline_limit and len(text) <= inline_limit * limits.max_parts:
         count = -(-len(text) // inline_limit)
         step = -(-len(text) // count)  # even pieces: no name much longer than it must be
         pieces = [text[pos:pos + step] for pos in range(0, len(text), step)]
         parts = tuple(Part(seq, k, piece) for k, piece in enumerate(pieces[:-1], start=1))
-        return Framed(Envelope(seq, 0, crc, pieces[-1], len(pieces)), "", (), parts)
+        mac = key.mac(seq, f"p{len(pieces)}", raw, reply=reply)
+        return Framed(Envelope(seq, 0, mac, pieces[-1], len(pieces)), "", (), parts)
     spill_inline = limits.spill_inline_for(reply=reply)
     chunk = limits.chunk_for(reply=reply)
     inline, rest = text[:spill_inline], text[spill_inline:]
@@ -304,11 +316,12 @@ def frame(seq: int, body: bytes, limits: Limits, *, reply: bool) -> Framed:
     if count > limits.max_chunks:
         raise WireError(f"message of {len(body)} bytes needs {count} chunks; "
                         f"at most {limits.max_chunks}")
-    return Framed(Envelope(seq, count, crc, inline), first, chunks)
+    mac = key.mac(seq, str(count), raw, reply=reply)
+    return Framed(Envelope(seq, count, mac, inline), first, chunks)
 
 
 def unframe(envelope: Envelope, untrusted_value: str | None,
-            untrusted_chunks: Sequence[str], limits: Limits, *, reply: bool,
+            untrusted_chunks: Sequence[str], limits: Limits, *, reply: bool, key: SessionKey,
             untrusted_parts: Sequence[Part] = ()) -> bytes:
     """The body of a message from its envelope and its parts or (when spilled) chunk values.
 
@@ -316,7 +329,8 @@ def unframe(envelope: Envelope, untrusted_value: str | None,
     ``data/1`` .. ``data/<chunks-1>``; both are ignored for a message in names.
     ``envelope`` and ``untrusted_parts`` (the parts received for the message) come from
     :func:`parse_name` and :func:`parse_part`, which checked their texts: only the values
-    are checked here, so every character is checked once.
+    are checked here, so every character is checked once.  Then the MAC over the whole text:
+    a message that does not authenticate was torn, mixed, or written without ``key``.
     """
     if envelope.parts:
         wanted = list(range(1, envelope.parts))
@@ -342,6 +356,7 @@ def unframe(envelope: Envelope, untrusted_value: str | None,
         spilled = "".join(pieces).encode("ascii", "replace")
         _check_text(spilled)  # the names' texts were checked when they were parsed
         raw = envelope.inline.encode() + spilled
-    if zlib.crc32(raw) != envelope.crc:
-        raise WireError(f"message {envelope.seq}: crc mismatch (torn or mixed chunks)")
+    if not key.check_mac(envelope.mac, envelope.seq, envelope.shape, raw, reply=reply):
+        raise WireError(f"message {envelope.seq}: its MAC does not match (torn, mixed, or not "
+                        "written with this session's key)")
     return _decode_text(raw)

@@ -567,6 +567,15 @@ class XsSession:
     def collect(self, req_id: int, *, what: str, deadline: float) -> bytes:
         return self.wait(req_id, msg_type=XS.READ, what=what, deadline=deadline)
 
+    def post_get_perms(self, path: PathLike) -> int:
+        """A permission read sent with the next flush; :meth:`collect_perms` has its answer."""
+        with self._lock:
+            return self._send(XS.GET_PERMS, _bytes(path) + NUL, 0, buffered=True)
+
+    def collect_perms(self, req_id: int, *, what: str, deadline: float) -> list[bytes]:
+        payload = self.wait(req_id, msg_type=XS.GET_PERMS, what=what, deadline=deadline)
+        return [perm for perm in payload.split(NUL) if perm]
+
     # -- watches ------------------------------------------------------------------------------
 
     def watch(self, path: PathLike, token: bytes) -> Watch:

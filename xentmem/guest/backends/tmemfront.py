@@ -5,9 +5,10 @@
 :class:`~xentmem.hostd.tmemback.TmemBack`, and then exchanges messages:
 :meth:`TmemFront.exchange` sends one batch of op records and returns the host's results.
 Everything read back is untrusted: a reply's name is parsed against the grammar, its sequence
-must be the one sent (a late answer to an abandoned request is counted and ignored), its crc
-must match, and :func:`~xentmem.xenbus.body.decode_reply` checks every value against the op
-it answers.  The sequence and the costs: ``docs/protocol.md``.
+must be the one sent (a late answer to an abandoned request is counted and ignored), its MAC
+(the session key's, read at the handshake) must match, and
+:func:`~xentmem.xenbus.body.decode_reply` checks every value against the op it answers.
+The sequence and the costs: ``docs/protocol.md``.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from xentmem.xenbus.area import (
     BE_MAX_PARTS,
     BE_REPLY_CHUNK_BYTES,
     BE_REPLY_INLINE_BYTES,
+    BE_SESSION_KEY,
     BE_VERSIONS,
     FE_BACKEND,
     FE_BACKEND_ID,
+    FE_STATE_MAC,
     FE_VERSION,
     PROBE_DIR,
     REQ_DATA_DIR,
@@ -41,7 +44,6 @@ from xentmem.xenbus.area import (
     frontend_path,
     parse_domid,
     parse_uint,
-    request_slot,
 )
 from xentmem.xenbus.body import (
     MAX_OPS_LIMIT,
@@ -74,11 +76,14 @@ from xentmem.xenbus.framing import (
     parse_part,
     unframe,
 )
+from xentmem.xenbus.session_key import SessionKey
 from xentmem.xenbus.xs import Watch, XsError, XsSession
 
 log = logging.getLogger(__name__)
 
 _STATE_TOKEN = b"xentmem-otherend-state"
+#: States that end the host's session: signed (``state-mac``) before they are written.
+_ENDING_STATES = frozenset({XenbusState.INITIALISING, XenbusState.CLOSING, XenbusState.CLOSED})
 _RSP_TOKEN = b"xentmem-rsp"
 #: How long a reply wait runs before it looks at the acks of its own writes, so a refused
 #: write (quota, permissions) fails the message at once instead of after the full timeout.
@@ -123,6 +128,8 @@ class Negotiated:
     version: int
     limits: Limits
     lz4: bool
+    #: The session's key (names and MACs of both ends derive from it).
+    key: SessionKey = field(default_factory=SessionKey.new, repr=False)
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -232,6 +239,20 @@ class TmemFront(XenbusDevice):
                  self.negotiated.limits.max_ops)
         return self.negotiated
 
+    def switch_state(self, state: XenbusState) -> None:
+        """As every xenbus device does; a state that ends the host's session is signed first
+        (``state-mac``, with the host's current key), so no other domain can end it."""
+        if state != self.state and state in _ENDING_STATES and self.otherend:
+            untrusted_key = self.xs.read_optional(f"{self.otherend}/{BE_SESSION_KEY}")
+            try:
+                key = SessionKey.parse(untrusted_key or b"")
+            except WireError:
+                log.debug("xen: no session key at %s: %s unsigned", self.otherend,
+                          state.strstate())
+            else:
+                self._write(FE_STATE_MAC, key.state_mac(int(state)))
+        super().switch_state(state)
+
     def close(self) -> None:
         """Closing -> (host Closed) -> Closed; never waits past the timeout, never raises."""
         try:
@@ -286,10 +307,13 @@ class TmemFront(XenbusDevice):
                                    f"{self.read_error(self.otherend)}")
             if remaining <= 0 or self._state_watch.get(remaining) is None:
                 wanted_names = "/".join(s.strstate() for s in sorted(wanted))
+                said = ""
+                if self.otherend_state in (XenbusState.CLOSING, XenbusState.CLOSED):
+                    said = f"; its error node says: {self.read_error(self.otherend)}"
                 raise BackendError(
                     f"tmem host at {self.otherend} stayed {self.otherend_state.strstate()} "
                     f"for {self.timeout:g}s (waiting for {wanted_names}); is xentmem-hostd "
-                    "running?")
+                    f"running?{said}")
 
     def _write(self, node: str, value: str) -> None:
         self.xs.write(f"{self.nodename}/{node}", value.encode())
@@ -326,13 +350,15 @@ class TmemFront(XenbusDevice):
                                      high=MAX_NAME_PARTS_LIMIT, what=BE_MAX_PARTS),
             )
             lz4 = node(BE_FEATURE_LZ4) == "1"
+            untrusted_key = self.xs.read_optional(f"{self.otherend}/{BE_SESSION_KEY}")
+            key = SessionKey.parse(untrusted_key or b"")
         except WireError as exc:
             raise BackendError(f"tmem host's features in {self.otherend} are unusable: "
                                f"{exc}") from None
         limits = self.own_limits.meet(host)
         if limits.body_capacity(reply=True) < reply_size_bound([OpRecord.get_page(0, Oid(0), 0)]):
             raise BackendError(f"tmem host's limits ({limits}) cannot carry one page")
-        return Negotiated(common[0], limits, lz4)
+        return Negotiated(common[0], limits, lz4, key)
 
     def _probe_request_names(self) -> int:
         """The longest text a request's name may carry on this xenstore.
@@ -355,12 +381,14 @@ class TmemFront(XenbusDevice):
         return inline
 
     def _clean_own_messages(self) -> None:
-        """Drop request nodes a previous session left behind (they are ours to delete)."""
-        try:
-            self.xs.rm(f"{self.nodename}/{REQ_DIR}".encode())
-        except XsError as exc:
-            if exc.name != "ENOENT":
-                raise
+        """Drop request nodes and chunks a previous session left behind (they are ours to
+        delete; the chunks' names came from that session's key)."""
+        for directory in (REQ_DIR, REQ_DATA_DIR):
+            try:
+                self.xs.rm(f"{self.nodename}/{directory}".encode())
+            except XsError as exc:
+                if exc.name != "ENOENT":
+                    raise
 
     # -- messages -----------------------------------------------------------------------------
 
@@ -378,9 +406,11 @@ class TmemFront(XenbusDevice):
                                "connected")
         self._check_otherend()
         limits = self.limits
+        assert self.negotiated is not None
+        key = self.negotiated.key
         self._seq += 1
         seq = self._seq
-        framed = frame(seq, encode_request(ops), limits, reply=False)
+        framed = frame(seq, encode_request(ops), limits, reply=False, key=key)
         nodename = self.nodename
         writer = self._writer
         assert writer is not None
@@ -388,12 +418,14 @@ class TmemFront(XenbusDevice):
             writer.drain()  # earlier messages' answers (a refusal is logged and counted)
         self._refused.clear()
         for i, value in framed.chunks:
-            writer.post_write(f"{nodename}/{REQ_DATA_DIR}/{i}", value.encode())
-        paths = [f"{nodename}/{REQ_DIR}/{request_slot(seq, part.k)}/{part.name}"
+            writer.post_write(f"{nodename}/{REQ_DATA_DIR}/{key.chunk(i, reply=False)}",
+                              value.encode())
+        paths = [f"{nodename}/{REQ_DIR}/{key.slot(seq, part.k, reply=False)}/{part.name}"
                  for part in framed.parts]
         for path in paths:
             writer.post_write(path, b"")
-        message_path = f"{nodename}/{REQ_DIR}/{request_slot(seq)}/{framed.envelope.name}"
+        message_path = (f"{nodename}/{REQ_DIR}/{key.slot(seq, reply=False)}/"
+                        f"{framed.envelope.name}")
         paths.append(message_path)
         writer.post_write(message_path, framed.value.encode())
         writer.flush()
@@ -409,7 +441,7 @@ class TmemFront(XenbusDevice):
         counters.text_sent += len(framed.envelope.inline) + len(framed.value) + sum(
             len(v) for _, v in framed.chunks) + sum(len(p.text) for p in framed.parts)
         try:
-            envelope, parts = self._await_reply(seq, limits)
+            envelope, parts, reply_path = self._await_reply(seq, limits, key)
         except ChannelTimeout:
             counters.timeouts += 1
             self._abandon(paths)
@@ -417,7 +449,7 @@ class TmemFront(XenbusDevice):
         except Disconnected:
             self._abandon(paths)
             raise
-        body = self._reply_body(envelope, parts, limits)
+        body = self._reply_body(envelope, parts, limits, key, reply_path)
         try:
             results = decode_reply(body, ops)
         except WireError as exc:
@@ -427,8 +459,13 @@ class TmemFront(XenbusDevice):
         # refused part or chunk makes a torn message, which the host answers -EINVAL).
         return results
 
-    def _await_reply(self, seq: int, limits: Limits) -> tuple[Envelope, list[Part]]:
-        """The envelope of reply ``seq`` and the name parts that came before it."""
+    def _await_reply(self, seq: int, limits: Limits,
+                     key: SessionKey) -> tuple[Envelope, list[Part], bytes]:
+        """The envelope of reply ``seq``, the name parts that came before it, and its path.
+
+        Every name sits in the directory the session key gives it; one elsewhere is not
+        the host's (only dom0 can write there, so it would be a broken host) and is refused.
+        """
         xs = self.xs
         events = xs.events
         parts: dict[int, Part] = {}
@@ -455,10 +492,16 @@ class TmemFront(XenbusDevice):
                 continue
             if token != _RSP_TOKEN or not untrusted_path.startswith(prefix):
                 continue  # the directory itself (registration, bulk removal)
-            untrusted_name = untrusted_path[len(prefix):].decode("ascii", "replace")
+            untrusted_rest = untrusted_path[len(prefix):].decode("ascii", "replace")
+            untrusted_slot, sep, untrusted_name = untrusted_rest.partition("/")
+            if not sep or "/" in untrusted_name:
+                continue  # a reply's directory, or something deeper
             if is_part_name(untrusted_name):
                 try:
                     part = parse_part(untrusted_name, limits, reply=True)
+                    if untrusted_slot != key.slot(part.seq, part.k, reply=True):
+                        raise WireError(f"part {part.k} of reply {part.seq} outside its "
+                                        "directory")
                 except WireError as exc:
                     self.counters.rejected_replies += 1
                     log.warning("xen: ignoring malformed reply part from %s: %s",
@@ -469,6 +512,8 @@ class TmemFront(XenbusDevice):
                 continue  # a part of an abandoned request's reply (or a bogus one)
             try:
                 envelope = parse_name(untrusted_name, limits, reply=True)
+                if untrusted_slot != key.slot(envelope.seq, reply=True):
+                    raise WireError(f"reply {envelope.seq} outside its directory")
             except WireError as exc:
                 self.counters.rejected_replies += 1
                 log.warning("xen: ignoring malformed reply node from %s: %s", self.otherend, exc)
@@ -481,9 +526,10 @@ class TmemFront(XenbusDevice):
                 else:
                     self.counters.ignored_replies += 1
                 continue
-            return envelope, [parts[k] for k in sorted(parts)]
+            return envelope, [parts[k] for k in sorted(parts)], untrusted_path
 
-    def _reply_body(self, envelope: Envelope, parts: list[Part], limits: Limits) -> bytes:
+    def _reply_body(self, envelope: Envelope, parts: list[Part], limits: Limits,
+                    key: SessionKey, path: bytes) -> bytes:
         counters = self.counters
         counters.text_received += len(envelope.inline)
         if envelope.parts:
@@ -497,8 +543,8 @@ class TmemFront(XenbusDevice):
             counters.spilled_replies += 1
             otherend = self.otherend
             xs = self.xs
-            reads = [xs.post_read(f"{otherend}/{RSP_DIR}/{envelope.name}")]
-            reads += [xs.post_read(f"{otherend}/{RSP_DATA_DIR}/{i}")
+            reads = [xs.post_read(path)]
+            reads += [xs.post_read(f"{otherend}/{RSP_DATA_DIR}/{key.chunk(i, reply=True)}")
                       for i in range(1, envelope.chunks)]
             deadline = xs.clock.monotonic() + self.timeout
             try:
@@ -512,7 +558,7 @@ class TmemFront(XenbusDevice):
             untrusted_value, untrusted_chunks = texts[0], texts[1:]
         try:
             return unframe(envelope, untrusted_value, untrusted_chunks, limits, reply=True,
-                           untrusted_parts=parts)
+                           key=key, untrusted_parts=parts)
         except WireError as exc:
             counters.rejected_replies += 1
             raise WireError(f"reply {envelope.seq} from {self.otherend} rejected: {exc}") from None

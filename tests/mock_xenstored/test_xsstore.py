@@ -88,7 +88,7 @@ def test_paths() -> None:
     assert canonical_path(b"data/x", G5, limits) == "/local/domain/5/data/x"
     assert canonical_path(b"/abs", G5, limits) == "/abs"
     assert canonical_path(b"@releaseDomain", G5, limits) == "@releaseDomain"
-    for bad in (b"/a/", b"/a//b", b"/a b", b"/\xe9", b"", b"data/"):
+    for bad in (b"/a/", b"/a//b", b"/a b", b"/a\n", b"/\xe9", b"", b"data/", b"/a.b"):
         assert error_of(lambda bad=bad: canonical_path(bad, G5, limits)) == "EINVAL", bad
     # The length limit counts what is below /local/domain/<id>/ (C: 2048, oxenstored: 1024).
     assert canonical_path(b"a" * 2048, G5, limits)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from xentmem.errors import XenStoreError
 from xentmem.mock_xenstored.perms import Access, Caller, Perms, perm_for
@@ -116,9 +117,12 @@ def is_under(path: str, ancestor: str) -> bool:
     return path == ancestor or path.startswith(ancestor + "/")
 
 
-@dataclass(frozen=True)
-class Node:
-    """One node: value, permissions, child names in creation order, and its generation."""
+class Node(NamedTuple):
+    """One node: value, permissions, child names in creation order, and its generation.
+
+    Immutable, so the store and a transaction may share it; every write makes a copy with
+    one field changed (``_replace``, which costs a third of ``dataclasses.replace``).
+    """
 
     value: bytes
     perms: Perms
@@ -233,7 +237,7 @@ class _View:
                 raise
             self._create(caller, path, value)
             return
-        updated = replace(node, value=value)
+        updated = node._replace(value=value)
         self._check_record(caller, updated)
         self.put(path, updated)
         self.note(path)
@@ -267,7 +271,7 @@ class _View:
         if parent is not None:
             name = basename(path)
             kids = tuple(c for c in parent.children if c != name)
-            self.put(parent_path, replace(parent, children=kids))
+            self.put(parent_path, parent._replace(children=kids))
 
     def set_perms(self, caller: Caller, path: str, perms: Perms) -> None:
         limit = self.limits.max_perms_per_node
@@ -276,7 +280,7 @@ class _View:
         node = self.get_node(caller, path, Access.WRITE | Access.OWNER)
         if not caller.privileged and perms.owner != node.perms.owner:
             raise StoreError("EPERM", "only dom0 may change a node's owner")
-        updated = replace(node, perms=perms)
+        updated = node._replace(perms=perms)
         self._check_record(caller, updated)
         self.put(path, updated)
         self.note(path, old_perms=node.perms)
@@ -327,7 +331,7 @@ class _View:
         for new_path in reversed(missing):
             perms = parent.perms if caller.privileged else parent.perms.with_owner(caller.domid)
             node = Node(value if new_path == path else b"", perms)
-            parent = replace(parent, children=(*parent.children, basename(new_path)))
+            parent = parent._replace(children=(*parent.children, basename(new_path)))
             updates.append((parent_path, parent))
             parent_path, parent = new_path, node
         updates.append((path, parent))
@@ -365,7 +369,7 @@ class Store(_View):
         if old is not None:
             self._owned[old.perms.owner] -= 1
         self._generation += 1
-        self._nodes[path] = replace(node, generation=self._generation)
+        self._nodes[path] = node._replace(generation=self._generation)
         self._owned[node.perms.owner] += 1
 
     def remove(self, path: str) -> None:

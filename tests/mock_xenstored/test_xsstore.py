@@ -211,6 +211,19 @@ def test_special_changes() -> None:
     assert Change("/a").fires("/a") and not Change("/a").fires("@introduceDomain")
 
 
+_names = st.sampled_from(["a", "b", "ab", "@a", "a-b"])
+_paths = st.one_of(st.just("/"), st.lists(_names, min_size=1, max_size=4).map(
+    lambda names: "/" + "/".join(names)))
+
+
+@given(_paths, st.one_of(_paths, st.sampled_from(["@introduceDomain", "@a"])), st.booleans())
+def test_a_change_fires_a_watch_at_or_above_it(path: str, watch: str, exact: bool) -> None:
+    """What every daemon does (xenstored's ``is_child``), said the plain way."""
+    above = watch == path or (not watch.startswith("@")
+                              and (watch == "/" or path.startswith(watch + "/")))
+    assert Change(path, exact=exact).fires(watch) == (watch == path if exact else above)
+
+
 def test_remove_domain_nodes(store: Store) -> None:
     store.write(G5, "/local/domain/5/data/a", b"1")
     store.write(DOM0, "/local/domain/5/name", b"guest")

@@ -140,14 +140,14 @@ class Node(NamedTuple):
         )
 
 
-@dataclass(frozen=True)
-class Change:
+class Change(NamedTuple):
     """A change that fires watches: ``path`` changed (``exact``: only watches on exactly
     that path see it, as for the children of a removed subtree).  ``readable_via`` holds the
     permission lists any one of which, if readable, lets a domain see the event: the node's
     (old and new) and its parent's, as C xenstored's ``watch_permitted`` checks them.
     ``special`` is set for ``@introduceDomain``/``@releaseDomain``, which only the privileged
-    (or those the special node's permissions let read) see.
+    (or those the special node's permissions let read) see.  A NamedTuple, like
+    :class:`Node`: one is made per node a request changes.
     """
 
     path: str
@@ -158,7 +158,7 @@ class Change:
     def visible_to(self, caller: Caller) -> bool:
         if caller.privileged:
             return True
-        return any(perm_for(caller, p) & Access.READ for p in self.readable_via)
+        return any(Access.READ in perm_for(caller, p) for p in self.readable_via)
 
     def fires(self, watch_path: str) -> bool:
         """Whether a watch on ``watch_path`` (absolute or ``@...``) sees this change."""
@@ -208,7 +208,7 @@ class _View:
         ``errno_from_parents``)."""
         node = self.get(path)
         if node is not None:
-            if perm_for(caller, node.perms) & want == want:
+            if want in perm_for(caller, node.perms):  # ``in``: a subset, and cheaper than &
                 return node
             error = "EACCES"
         else:

@@ -217,6 +217,19 @@ class _View:
             error = "EACCES"
         raise StoreError(error, path)
 
+    def _writable_or_missing(self, caller: Caller, path: str) -> Node | None:
+        """For WRITE and MKDIR: the node if ``caller`` may write it, None if it is missing
+        and may be created (the nearest existing ancestor grants write, so
+        :meth:`get_node` would say ``ENOENT``), else :meth:`get_node`'s error.  Creating, the
+        common case, raises and catches nothing."""
+        if (
+            self.get(path) is None
+            and path != "/"
+            and Access.WRITE in perm_for(caller, self._nearest_existing(path).perms)
+        ):
+            return None
+        return self.get_node(caller, path, Access.WRITE)
+
     def read(self, caller: Caller, path: str) -> bytes:
         return self.get_node(caller, path, Access.READ).value
 
@@ -230,11 +243,8 @@ class _View:
         limit = self.limits.max_value_bytes
         if limit is not None and len(value) > limit:
             raise StoreError("E2BIG", f"value of {len(value)} bytes, limit {limit}")
-        try:
-            node = self.get_node(caller, path, Access.WRITE)
-        except StoreError as e:
-            if e.name != "ENOENT":
-                raise
+        node = self._writable_or_missing(caller, path)
+        if node is None:
             self._create(caller, path, value)
             return
         updated = node._replace(value=value)
@@ -243,11 +253,7 @@ class _View:
         self.note(path)
 
     def mkdir(self, caller: Caller, path: str) -> None:
-        try:
-            self.get_node(caller, path, Access.WRITE)
-        except StoreError as e:
-            if e.name != "ENOENT":
-                raise
+        if self._writable_or_missing(caller, path) is None:
             self._create(caller, path, b"")
 
     def rm(self, caller: Caller, path: str) -> None:
@@ -329,7 +335,9 @@ class _View:
             parent = self.get(parent_path)
         updates: list[tuple[str, Node]] = []
         for new_path in reversed(missing):
-            perms = parent.perms if caller.privileged else parent.perms.with_owner(caller.domid)
+            perms = parent.perms  # inherited; a domain owns what it creates
+            if not caller.privileged and perms.owner != caller.domid:
+                perms = perms.with_owner(caller.domid)
             node = Node(value if new_path == path else b"", perms)
             parent = parent._replace(children=(*parent.children, basename(new_path)))
             updates.append((parent_path, parent))

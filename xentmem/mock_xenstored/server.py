@@ -824,9 +824,8 @@ class XsServer:
                 continue
             caller = self._caller(conn)
             for change in changes:
-                fired = [w for w in conn.watches if change.fires(w.path)]
-                if fired and change.visible_to(caller):
-                    for watch in fired:
+                for watch in conn.watches:
+                    if change.fires(watch.path) and change.visible_to(caller):
                         self._send_event(conn, watch, change.path)
 
     def _event_path_for(self, conn: _Connection, watch: _Watch, path: str) -> bytes:

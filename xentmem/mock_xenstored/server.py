@@ -819,6 +819,8 @@ class XsServer:
 
     def _fire(self, changes: Sequence[Change]) -> None:
         """Send each connection an event per watch a change fires, if it may see it."""
+        if not changes:  # a read
+            return
         for conn in list(self._connections):
             if conn.closed or not conn.watches:
                 continue

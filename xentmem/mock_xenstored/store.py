@@ -131,7 +131,7 @@ class Node(NamedTuple):
 
     def record_bytes(self) -> int:
         """Size of C xenstored's record for this node, which its ``-S`` quota limits."""
-        child_bytes = sum(len(c) + 1 for c in self.children)
+        child_bytes = sum(map(len, self.children)) + len(self.children)  # each NUL-ended
         return (
             RECORD_HEADER_BYTES
             + RECORD_PERM_BYTES * len(self.perms.entries)
@@ -377,7 +377,8 @@ class Store(_View):
         if old is not None:
             self._owned[old.perms.owner] -= 1
         self._generation += 1
-        self._nodes[path] = node._replace(generation=self._generation)
+        # Stamped with the next generation (made directly: ``_replace`` is a Python call).
+        self._nodes[path] = Node(node.value, node.perms, node.children, self._generation)
         self._owned[node.perms.owner] += 1
 
     def remove(self, path: str) -> None:

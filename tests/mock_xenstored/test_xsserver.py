@@ -18,7 +18,14 @@ from pathlib import Path
 
 import pytest
 import pyxs
-from fakes.xenstore_hosts import WAIT_S, close_client, outcome, raw_exchange, raw_request
+from fakes.xenstore_hosts import (
+    WAIT_S,
+    close_client,
+    outcome,
+    raw_exchange,
+    raw_request,
+    su_enabled,
+)
 
 from xentmem.clock import FakeClock
 from xentmem.mock_xenstored.server import Malformation, XsServer
@@ -112,6 +119,24 @@ def test_every_connection_on_a_guest_socket_is_that_guest(xs_server: XsServer) -
     finally:
         close_client(first)
         close_client(second)
+
+
+def test_a_target_acts_for_its_domain_until_released(xs_server: XsServer) -> None:
+    """A connection's identity follows SET_TARGET and the target's release at once."""
+    g7 = connect(xs_server.prepare_domain(7))
+    xs_server.prepare_domain(8)
+    dom0 = connect(xs_server.dom0_socket)
+    try:
+        assert outcome(lambda: g7.write(b"/local/domain/8/data/x", b"1")) == "EACCES"
+        with su_enabled():
+            dom0.set_target(7, 8)
+        g7.write(b"/local/domain/8/data/x", b"1")
+        xs_server.release_domain(8)
+        xs_server.prepare_domain(8)
+        assert outcome(lambda: g7.write(b"/local/domain/8/data/x", b"2")) == "EACCES"
+    finally:
+        close_client(g7)
+        close_client(dom0)
 
 
 def test_prepare_domain_builds_a_toolstack_tree(xs_server: XsServer) -> None:

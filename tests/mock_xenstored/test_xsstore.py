@@ -88,7 +88,7 @@ def test_paths() -> None:
     assert canonical_path(b"data/x", G5, limits) == "/local/domain/5/data/x"
     assert canonical_path(b"/abs", G5, limits) == "/abs"
     assert canonical_path(b"@releaseDomain", G5, limits) == "@releaseDomain"
-    for bad in (b"/a/", b"/a//b", b"/a b", b"/\xe9", b"", b"data/"):
+    for bad in (b"/a/", b"/a//b", b"/a b", b"/a\n", b"/\xe9", b"", b"data/", b"/a.b"):
         assert error_of(lambda bad=bad: canonical_path(bad, G5, limits)) == "EINVAL", bad
     # The length limit counts what is below /local/domain/<id>/ (C: 2048, oxenstored: 1024).
     assert canonical_path(b"a" * 2048, G5, limits)
@@ -209,6 +209,19 @@ def test_special_changes() -> None:
     assert error_of(lambda: s.set_special_perms(G5, "@releaseDomain", perms("n5"))) == "EACCES"
     assert error_of(lambda: s.set_special_perms(DOM0, "@other", perms("n0"))) == "EINVAL"
     assert Change("/a").fires("/a") and not Change("/a").fires("@introduceDomain")
+
+
+_names = st.sampled_from(["a", "b", "ab", "@a", "a-b"])
+_paths = st.one_of(st.just("/"), st.lists(_names, min_size=1, max_size=4).map(
+    lambda names: "/" + "/".join(names)))
+
+
+@given(_paths, st.one_of(_paths, st.sampled_from(["@introduceDomain", "@a"])), st.booleans())
+def test_a_change_fires_a_watch_at_or_above_it(path: str, watch: str, exact: bool) -> None:
+    """What every daemon does (xenstored's ``is_child``), said the plain way."""
+    above = watch == path or (not watch.startswith("@")
+                              and (watch == "/" or path.startswith(watch + "/")))
+    assert Change(path, exact=exact).fires(watch) == (watch == path if exact else above)
 
 
 def test_remove_domain_nodes(store: Store) -> None:

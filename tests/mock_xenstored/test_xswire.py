@@ -86,8 +86,9 @@ def test_exactly_the_limit_is_accepted() -> None:
 def test_encode_refuses_what_no_daemon_accepts() -> None:
     with pytest.raises(MalformedPacket):
         Packet(2, 0, 0, b"x" * (XENSTORE_PAYLOAD_MAX + 1)).encode()
-    with pytest.raises(MalformedPacket):
-        Packet(2, 1 << 32, 0, b"").encode()
+    for op, req_id, tx_id in ((2, 1 << 32, 0), (-1, 0, 0), (2, 0, -1), (1 << 32, 0, 0)):
+        with pytest.raises(MalformedPacket):
+            Packet(op, req_id, tx_id, b"").encode()
     with pytest.raises(ValueError):
         pack_args(b"a\0b")
 

@@ -16,8 +16,9 @@ from xentmem.mock_xenstored.wire import XENSTORE_ABS_PATH_MAX
 #: Domain ids are 16 bits in Xen; DOMID_FIRST_RESERVED (0x7FF0) and above are not domains.
 DOMID_FIRST_RESERVED = 0x7FF0
 
-# Matched with fullmatch(): match() and "$" would let a final "\n" through.
-_VALID_PATH_CHARS = re.compile(r"[A-Za-z0-9\-/_@]*")
+#: The bytes a node name may hold; deleting them from a path (``bytes.translate``, one pass
+#: in C, several times faster than a regular expression over a 2 KiB path) leaves the rest.
+_VALID_PATH_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-/_@"
 _LOCAL_DOMAIN_PREFIX = re.compile(r"/local/domain/[0-9]{1,5}/")
 _UNSIGNED = re.compile(r"^[0-9]{1,10}$")
 
@@ -52,7 +53,7 @@ def check_path(path: str, limits: Limits) -> None:
         raise StoreError("EINVAL", f"{path!r} ends in /")
     if "//" in path:
         raise StoreError("EINVAL", f"{path!r} holds //")
-    if not _VALID_PATH_CHARS.fullmatch(path):
+    if not path.isascii() or path.encode("ascii").translate(None, _VALID_PATH_BYTES):
         raise StoreError("EINVAL", f"{path!r} holds a character xenstore refuses")
     if len(path) > XENSTORE_ABS_PATH_MAX:
         raise StoreError("EINVAL", f"path longer than {XENSTORE_ABS_PATH_MAX}")

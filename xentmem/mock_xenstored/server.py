@@ -14,10 +14,10 @@ import socket
 import threading
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from xentmem.clock import Clock, SystemClock
 from xentmem.mock_xenstored.args import (
@@ -107,7 +107,15 @@ class _Domain:
     domid: int
     listener: socket.socket | None = None
     socket_path: Path | None = None
-    target: int | None = None
+    #: Who this domain's requests come from (made once, not per request; SET_TARGET
+    #: replaces it).
+    caller: Caller = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.set_target(None)
+
+    def set_target(self, target: int | None) -> None:
+        self.caller = Caller(self.domid, privileged=self.domid == 0, target=target)
 
 
 @dataclass
@@ -125,6 +133,8 @@ class _Connection:
         self.domid = domid
         self.reader = PacketReader(skip_oversized=limits.oversized == "E2BIG")
         self.out = bytearray()
+        #: What the selector watches this socket for (kept here: asking it costs more).
+        self.events = selectors.EVENT_READ
         self.delayed: deque[tuple[float, bytes]] = deque()
         self.watches: list[_Watch] = []
         self.transactions: dict[int, Transaction] = {}
@@ -136,8 +146,7 @@ class _Connection:
         return self.sock.fileno()
 
 
-@dataclass(frozen=True)
-class _Request:
+class _Request(NamedTuple):
     """What a handler needs: who asks, on which connection, in which transaction."""
 
     conn: _Connection
@@ -383,7 +392,7 @@ class XsServer:
         conn = _Connection(sock, domain.domid, self.limits)
         self._connections.append(conn)
         assert self._selector is not None
-        self._selector.register(sock, selectors.EVENT_READ, conn)
+        self._selector.register(sock, conn.events, conn)
 
     def _sync_selector(self) -> None:
         """Register new listeners; send what waits on each connection, close those done
@@ -404,8 +413,9 @@ class XsServer:
                 self._close(conn)
                 continue
             want = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0)
-            if self._selector.get_key(conn.sock).events != want:
+            if conn.events != want:
                 self._selector.modify(conn.sock, want, conn)
+                conn.events = want
 
     def _on_readable(self, conn: _Connection) -> None:
         try:
@@ -513,15 +523,17 @@ class XsServer:
 
     def _caller(self, conn: _Connection) -> Caller:
         domain = self._domains.get(conn.domid)
-        target = domain.target if domain is not None else None
-        return Caller(conn.domid, privileged=conn.domid == 0, target=target)
+        if domain is None:  # released: its connections are closed with it
+            return Caller(conn.domid, privileged=conn.domid == 0)
+        return domain.caller
 
     def _handle(self, conn: _Connection, request: Packet) -> None:
         self._requests_seen += 1
+        op_name = request.op_name
         if conn.domid in self.faults.muted:
-            log.debug("fault: swallowed %s from domain %d", request.op_name, conn.domid)
+            log.debug("fault: swallowed %s from domain %d", op_name, conn.domid)
             return
-        self.stats[request.op_name] = self.stats.get(request.op_name, 0) + 1
+        self.stats[op_name] = self.stats.get(op_name, 0) + 1
         try:
             reply = Packet(request.op, request.req_id, request.tx_id,
                            self._dispatch(conn, request))
@@ -537,18 +549,15 @@ class XsServer:
 
     def _dispatch(self, conn: _Connection, request: Packet) -> bytes:
         """The reply's payload, or :class:`StoreError`."""
-        try:
-            op = XsOp(request.op)
-        except ValueError:
-            raise StoreError("ENOSYS", f"unknown op {request.op}") from None
-        handler = self._handlers.get(op)
+        # An IntEnum is its int: the tables are looked up with the wire's number as it is.
+        handler = self._handlers.get(request.op)
         if handler is None:
-            raise StoreError("ENOSYS", f"{op.name} is not a request")
+            raise StoreError("ENOSYS", f"{request.op_name} is not a request")
         caller = self._caller(conn)
-        if op in _PRIVILEGED_OPS and not caller.privileged:
-            raise StoreError("EACCES", f"{op.name} is for dom0")
+        if request.op in _PRIVILEGED_OPS and not caller.privileged:
+            raise StoreError("EACCES", f"{request.op_name} is for dom0")
         tx: Transaction | None = None
-        if op not in _NO_TRANSACTION_OPS and request.tx_id:
+        if request.op not in _NO_TRANSACTION_OPS and request.tx_id:
             tx = conn.transactions.get(request.tx_id)
             if tx is None:
                 raise StoreError("ENOENT", f"no transaction {request.tx_id}")
@@ -739,7 +748,7 @@ class XsServer:
         domid, target = parse_domid(args[0]), parse_domid(args[1])
         if domid not in self._domains or target not in self._domains:
             raise StoreError("ENOENT", "both domains must be introduced")
-        self._domains[domid].target = target
+        self._domains[domid].set_target(target)
         return b"OK\0"
 
     def _op_control(self, req: _Request) -> bytes:
@@ -802,22 +811,23 @@ class XsServer:
         for conn in [c for c in self._connections if c.domid == domid]:
             self._close(conn)
         for other in self._domains.values():
-            if other.target == domid:
-                other.target = None
+            if other.caller.target == domid:
+                other.set_target(None)
         self._store.remove_domain_nodes(domid)
         self._fire(self._store.take_changes())
         self._fire([self._store.special_change(RELEASE_DOMAIN)])
 
     def _fire(self, changes: Sequence[Change]) -> None:
         """Send each connection an event per watch a change fires, if it may see it."""
+        if not changes:  # a read
+            return
         for conn in list(self._connections):
             if conn.closed or not conn.watches:
                 continue
             caller = self._caller(conn)
             for change in changes:
-                fired = [w for w in conn.watches if change.fires(w.path)]
-                if fired and change.visible_to(caller):
-                    for watch in fired:
+                for watch in conn.watches:
+                    if change.fires(watch.path) and change.visible_to(caller):
                         self._send_event(conn, watch, change.path)
 
     def _event_path_for(self, conn: _Connection, watch: _Watch, path: str) -> bytes:

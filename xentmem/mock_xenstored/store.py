@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from xentmem.errors import XenStoreError
 from xentmem.mock_xenstored.perms import Access, Caller, Perms, perm_for
@@ -116,9 +117,12 @@ def is_under(path: str, ancestor: str) -> bool:
     return path == ancestor or path.startswith(ancestor + "/")
 
 
-@dataclass(frozen=True)
-class Node:
-    """One node: value, permissions, child names in creation order, and its generation."""
+class Node(NamedTuple):
+    """One node: value, permissions, child names in creation order, and its generation.
+
+    Immutable, so the store and a transaction may share it; every write makes a copy with
+    one field changed (``_replace``, which costs a third of ``dataclasses.replace``).
+    """
 
     value: bytes
     perms: Perms
@@ -127,7 +131,7 @@ class Node:
 
     def record_bytes(self) -> int:
         """Size of C xenstored's record for this node, which its ``-S`` quota limits."""
-        child_bytes = sum(len(c) + 1 for c in self.children)
+        child_bytes = sum(map(len, self.children)) + len(self.children)  # each NUL-ended
         return (
             RECORD_HEADER_BYTES
             + RECORD_PERM_BYTES * len(self.perms.entries)
@@ -136,14 +140,14 @@ class Node:
         )
 
 
-@dataclass(frozen=True)
-class Change:
+class Change(NamedTuple):
     """A change that fires watches: ``path`` changed (``exact``: only watches on exactly
     that path see it, as for the children of a removed subtree).  ``readable_via`` holds the
     permission lists any one of which, if readable, lets a domain see the event: the node's
     (old and new) and its parent's, as C xenstored's ``watch_permitted`` checks them.
     ``special`` is set for ``@introduceDomain``/``@releaseDomain``, which only the privileged
-    (or those the special node's permissions let read) see.
+    (or those the special node's permissions let read) see.  A NamedTuple, like
+    :class:`Node`: one is made per node a request changes.
     """
 
     path: str
@@ -154,7 +158,7 @@ class Change:
     def visible_to(self, caller: Caller) -> bool:
         if caller.privileged:
             return True
-        return any(perm_for(caller, p) & Access.READ for p in self.readable_via)
+        return any(Access.READ in perm_for(caller, p) for p in self.readable_via)
 
     def fires(self, watch_path: str) -> bool:
         """Whether a watch on ``watch_path`` (absolute or ``@...``) sees this change."""
@@ -204,7 +208,7 @@ class _View:
         ``errno_from_parents``)."""
         node = self.get(path)
         if node is not None:
-            if perm_for(caller, node.perms) & want == want:
+            if want in perm_for(caller, node.perms):  # ``in``: a subset, and cheaper than &
                 return node
             error = "EACCES"
         else:
@@ -212,6 +216,19 @@ class _View:
         if path != "/" and not perm_for(caller, self._nearest_existing(path).perms) & want:
             error = "EACCES"
         raise StoreError(error, path)
+
+    def _writable_or_missing(self, caller: Caller, path: str) -> Node | None:
+        """For WRITE and MKDIR: the node if ``caller`` may write it, None if it is missing
+        and may be created (the nearest existing ancestor grants write, so
+        :meth:`get_node` would say ``ENOENT``), else :meth:`get_node`'s error.  Creating, the
+        common case, raises and catches nothing."""
+        if (
+            self.get(path) is None
+            and path != "/"
+            and Access.WRITE in perm_for(caller, self._nearest_existing(path).perms)
+        ):
+            return None
+        return self.get_node(caller, path, Access.WRITE)
 
     def read(self, caller: Caller, path: str) -> bytes:
         return self.get_node(caller, path, Access.READ).value
@@ -226,24 +243,17 @@ class _View:
         limit = self.limits.max_value_bytes
         if limit is not None and len(value) > limit:
             raise StoreError("E2BIG", f"value of {len(value)} bytes, limit {limit}")
-        try:
-            node = self.get_node(caller, path, Access.WRITE)
-        except StoreError as e:
-            if e.name != "ENOENT":
-                raise
+        node = self._writable_or_missing(caller, path)
+        if node is None:
             self._create(caller, path, value)
             return
-        updated = replace(node, value=value)
+        updated = node._replace(value=value)
         self._check_record(caller, updated)
         self.put(path, updated)
         self.note(path)
 
     def mkdir(self, caller: Caller, path: str) -> None:
-        try:
-            self.get_node(caller, path, Access.WRITE)
-        except StoreError as e:
-            if e.name != "ENOENT":
-                raise
+        if self._writable_or_missing(caller, path) is None:
             self._create(caller, path, b"")
 
     def rm(self, caller: Caller, path: str) -> None:
@@ -267,7 +277,7 @@ class _View:
         if parent is not None:
             name = basename(path)
             kids = tuple(c for c in parent.children if c != name)
-            self.put(parent_path, replace(parent, children=kids))
+            self.put(parent_path, parent._replace(children=kids))
 
     def set_perms(self, caller: Caller, path: str, perms: Perms) -> None:
         limit = self.limits.max_perms_per_node
@@ -276,7 +286,7 @@ class _View:
         node = self.get_node(caller, path, Access.WRITE | Access.OWNER)
         if not caller.privileged and perms.owner != node.perms.owner:
             raise StoreError("EPERM", "only dom0 may change a node's owner")
-        updated = replace(node, perms=perms)
+        updated = node._replace(perms=perms)
         self._check_record(caller, updated)
         self.put(path, updated)
         self.note(path, old_perms=node.perms)
@@ -325,9 +335,11 @@ class _View:
             parent = self.get(parent_path)
         updates: list[tuple[str, Node]] = []
         for new_path in reversed(missing):
-            perms = parent.perms if caller.privileged else parent.perms.with_owner(caller.domid)
+            perms = parent.perms  # inherited; a domain owns what it creates
+            if not caller.privileged and perms.owner != caller.domid:
+                perms = perms.with_owner(caller.domid)
             node = Node(value if new_path == path else b"", perms)
-            parent = replace(parent, children=(*parent.children, basename(new_path)))
+            parent = parent._replace(children=(*parent.children, basename(new_path)))
             updates.append((parent_path, parent))
             parent_path, parent = new_path, node
         updates.append((path, parent))
@@ -365,7 +377,8 @@ class Store(_View):
         if old is not None:
             self._owned[old.perms.owner] -= 1
         self._generation += 1
-        self._nodes[path] = replace(node, generation=self._generation)
+        # Stamped with the next generation (made directly: ``_replace`` is a Python call).
+        self._nodes[path] = Node(node.value, node.perms, node.children, self._generation)
         self._owned[node.perms.owner] += 1
 
     def remove(self, path: str) -> None:

@@ -444,3 +444,25 @@ class NbdServer:
 
     def describe(self) -> dict[str, Any]:
         return {"listening": list(self.addresses), "connections": self.connections()}
+
+
+#: The NBD socket's file name inside the daemon's run directory.
+NBD_SOCKET = "nbd.sock"
+
+
+def serve_nbd(exports: Any, path: Path, tcp: str = "") -> NbdServer:
+    """The daemon's NBD server over ``exports``: the Unix socket ``path``, and TCP at
+    ``tcp`` (``HOST:PORT`` on loopback) when set; started."""
+    server = NbdServer(exports)
+    try:
+        server.listen_unix(path)
+        if tcp:
+            host, _, port = tcp.rpartition(":")
+            server.listen_tcp(host.strip("[]"), int(port))
+    except BaseException:
+        server.stop(0)
+        raise
+    exports.server = server
+    server.start()
+    log.info("NBD: serving exports on %s", ", ".join(server.addresses))
+    return server

@@ -228,6 +228,8 @@ OPS: dict[str, OpSpec] = {
                 "refuses go", required=False),
             Arg("name", "str", "the export's name (default: swapN, N its swap type)",
                 required=False),
+            Arg("device", "str", "the /dev/nbdN the caller attaches it to (shown by nbd.list)",
+                required=False),
             returns="{name, type, pages, size, tmem_pages, backing, connections, socket}",
             mutates=True),
         _op("nbd.remove", "end an export's connections, then turn its swap area off",

@@ -438,10 +438,10 @@ class Daemon:
 
     # -- NBD exports ----------------------------------------------------------------------------
 
-    def nbd_add(self, pages: int, backing: str = "file", name: str | None = None
-                ) -> dict[str, Any]:
+    def nbd_add(self, pages: int, backing: str = "file", name: str | None = None,
+                device: str | None = None) -> dict[str, Any]:
         """A new swap area exported over NBD; its description and where it is served."""
-        export = self.nbd.add(pages, backing, name)
+        export = self.nbd.add(pages, backing, name, device=device)
         server = self.nbd.server
         export["socket"] = server.addresses if server is not None else []
         return export

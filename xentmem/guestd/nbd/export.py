@@ -66,6 +66,8 @@ class Export:
         self.size = pages * PAGE_SIZE
         self.backing = backing
         self.flags = proto.TRANSMISSION_FLAGS
+        #: The ``/dev/nbdN`` a caller said it attached this export to (None: not said).
+        self.device: str | None = None
         #: Set when the export is being deleted or the server stops: new requests get
         #: ESHUTDOWN.
         self.closing = False
@@ -189,5 +191,6 @@ class Export:
     def describe(self) -> dict[str, Any]:
         with self._lock:
             counts = dict(self._counts)
-        return {"name": self.name, "type": self.swap_type, "pages": self.pages,
+        return {"name": self.name, "device": self.device, "type": self.swap_type,
+                "pages": self.pages,
                 "size": self.size, "closing": self.closing, "counts": counts}

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 #: An export's name: what a client types, and nothing a shell or a URI would mangle.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: The kernel's NBD devices.
+DEVICE = re.compile(r"/dev/nbd[0-9]{1,4}")
 
 
 class ExportBusy(AbiError):
@@ -51,9 +53,12 @@ class Exports:
     # -- the daemon's ---------------------------------------------------------------------------
 
     def add(self, pages: int, backing: str = "file", name: str | None = None,
-            swap_type: int | None = None) -> dict[str, Any]:
+            swap_type: int | None = None, device: str | None = None) -> dict[str, Any]:
         """A new swap area of ``pages`` pages, exported under ``name`` (``swapN`` by
-        default, N its swap type)."""
+        default, N its swap type).  ``device``: the ``/dev/nbdN`` the caller attaches it to,
+        kept to be shown (``xentmem swap remove`` finds the device by it)."""
+        if device is not None and not DEVICE.fullmatch(device):
+            raise AbiError(f"a device is /dev/nbdN, got {device!r}")
         if name is not None and not NAME.fullmatch(name):
             raise AbiError(f"an export name is 1-64 of A-Z a-z 0-9 . _ - (not starting with "
                            f"a punctuation mark), got {name!r}")
@@ -68,6 +73,7 @@ class Exports:
                 raise AbiError(f"export {name!r} already exists")
             export = Export(name, self.frontswap, swap_type, pages,
                             self.swap.store_of(swap_type))
+            export.device = device
             self._exports[name] = export
         log.info("nbd export %s: swap type %d, %d pages (%s)", name, swap_type, pages, backing)
         return self.describe_one(export)

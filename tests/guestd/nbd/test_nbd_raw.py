@@ -246,3 +246,16 @@ def test_removing_an_export_ends_its_connections(export: Served) -> None:
     late.start()
     assert late.go("e")[-1][1] == ERR_UNKNOWN
     late.close()
+
+
+def test_a_stop_ends_connections_and_options_then_is_idempotent(export: Served) -> None:
+    transmitting = RawClient(export.socket)
+    transmitting.connect("e")
+    haggling = RawClient(export.socket)
+    haggling.start()
+    export.wait_connections(2)
+    assert export.server.stop()
+    assert transmitting.closed_by_server()
+    assert haggling.closed_by_server()
+    assert not export.socket.exists()
+    assert export.server.stop()  # again: nothing left to do (the fixture stops it once more)

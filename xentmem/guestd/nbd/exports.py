@@ -109,11 +109,3 @@ class Exports:
         with self._lock:
             exports = list(self._exports.values())
         return [self.describe_one(e) for e in exports]
-
-    def close_all(self) -> None:
-        """At stop, after the server ended every connection: the exports go, their areas stay
-        for the daemon's own stop (flushed, and a file area re-attached at the next start)."""
-        with self._lock:
-            for export in self._exports.values():
-                export.closing = True
-            self._exports.clear()

@@ -424,7 +424,9 @@ class NbdServer:
                 lambda: not any(which(c) for c in self._connections), timeout_s)
 
     def stop(self, timeout_s: float = STOP_GRACE_S) -> bool:
-        """Stop listening, end every connection; True if all ended in time."""
+        """Stop listening, end every connection; True if all ended in time.  Idempotent."""
+        if self._wake_w < 0:
+            return self._end(lambda c: True, timeout_s)
         self.stopping = True
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
@@ -440,6 +442,7 @@ class NbdServer:
         ended = self._end(lambda c: True, timeout_s)
         os.close(self._wake_r)
         os.close(self._wake_w)
+        self._wake_r = self._wake_w = -1
         return ended
 
     def describe(self) -> dict[str, Any]:

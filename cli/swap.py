@@ -25,6 +25,8 @@ PAGE = 4096
 _SIZE = re.compile(r"(\d+)\s*([KMGT]?)(i?B)?", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 DEFAULT_SIZE = "1G"
+#: The export ``swap start`` makes from the config.
+START_NAME = "swap-at-start"
 #: One connection per CPU (the export offers NBD_FLAG_CAN_MULTI_CONN), at most 8.
 MAX_CONNECTIONS = 8
 
@@ -70,6 +72,13 @@ def swap() -> None:
 def add(app: App, *, pages: int, backing: str, priority: int | None, name: str | None,
         as_json: bool) -> None:
     """Create an export, attach it with nbd-client, mkswap and swapon it."""
+    result = attach(app, pages, backing, priority, name)
+    app.emit(result, as_json=as_json, render=render.tree)
+
+
+def attach(app: App, pages: int, backing: str, priority: int | None,
+           name: str | None) -> dict[str, Any]:
+    """``swap add``'s work: the export, nbd-client, mkswap, swapon; undone if a step fails."""
     k = kernel()
     try:
         k.load_module()
@@ -101,9 +110,57 @@ def add(app: App, *, pages: int, backing: str, priority: int | None, name: str |
             undo.append(str(again))
         app.abort(f"swap add: {exc}" + (f" (and undoing it: {'; '.join(undo)})" if undo
                                         else "; nothing was left behind"))
-    result = {"name": export["name"], "device": device, "pages": pages,
-              "size": pages * PAGE, "backing": backing, "priority": priority}
+    return {"name": export["name"], "device": device, "pages": pages,
+            "size": pages * PAGE, "backing": backing, "priority": priority}
+
+
+@swap.command()
+@json_option
+@click.pass_obj
+def start(app: App, *, as_json: bool) -> None:
+    """Attach the swap the daemon's config asks for (nbd_swap_mib), unless it is on already.
+
+    The service runs it after the daemon is ready (ExecStartPost=).
+    """
+    listed = app.call("nbd.list")
+    mib = int(listed.get("swap_at_start_mib") or 0)
+    if not mib:
+        result: dict[str, Any] = {"started": False, "why": "nbd_swap_mib is 0"}
+    elif any(e["name"] == START_NAME for e in listed["exports"]):
+        result = {"started": False, "why": f"export {START_NAME} exists already"}
+    else:
+        result = {"started": True,
+                  **attach(app, mib * (1 << 20) // PAGE, "file", None, START_NAME)}
     app.emit(result, as_json=as_json, render=render.tree)
+
+
+@swap.command()
+@json_option
+@click.pass_obj
+def stop(app: App, *, as_json: bool) -> None:
+    """swapoff and detach every export's device; the exports stay (the daemon's stop ends
+    them).  The service runs it before the daemon is told to stop (ExecStop=), so no swap
+    device outlives its server."""
+    app.expect_long_op()  # swapoff reads every page back
+    k = kernel()
+    stopped, errors = [], []
+    for export in app.call("nbd.list")["exports"]:
+        device = export.get("device")
+        if not device:
+            continue
+        try:
+            if device in k.swaps():
+                k.swapoff(device)
+            if k.connected(device):
+                k.detach(device)
+        except SwapStepFailed as exc:
+            errors.append(str(exc))
+            continue
+        stopped.append(device)
+    if errors:
+        app.abort(f"swap stop: {'; '.join(errors)}"
+                  + (f" (stopped: {', '.join(stopped)})" if stopped else ""))
+    app.emit({"stopped": stopped}, as_json=as_json, render=render.tree)
 
 
 @swap.command()

@@ -152,3 +152,36 @@ def test_without_the_nbd_module_nothing_is_made(xentmem, tmp_path: Path, tools: 
 def test_a_size_that_is_no_whole_number_of_pages_is_a_usage_error(xentmem, size: str,
                                                                   assert_error) -> None:
     assert_error(xentmem("swap", "add", "--size", size), 2, "--size")
+
+
+def test_start_attaches_what_the_config_asks_once_and_stop_turns_it_off(
+        tmp_path: Path, kernel_root: Path, tools: FakeTools, xentmem_at) -> None:
+    from fakes.guest_daemon import DaemonProcess, make_root
+    config = tmp_path / "xentmem.toml"
+    config.write_text("[daemon]\nnbd_swap_mib = 2\n")
+    process = DaemonProcess(tmp_path, make_root(tmp_path), config)
+    try:
+        process.wait_ready()
+        xentmem = xentmem_at(process.socket)
+        env = {"XENTMEM_ROOT": str(kernel_root)}
+        started = json.loads(xentmem("swap", "start", "--json", env=env).stdout)
+        assert started["started"] and started["name"] == "swap-at-start"
+        assert started["size"] == 2 << 20 and started["device"] == "/dev/nbd0"
+        again = json.loads(xentmem("swap", "start", "--json", env=env).stdout)
+        assert again["started"] is False
+        tools.calls.clear()
+        stopped = xentmem("swap", "stop", "--json", env=env)
+        assert stopped.exit_code == 0, stopped.output
+        assert json.loads(stopped.stdout) == {"stopped": ["/dev/nbd0"]}
+        assert tools.calls == [["swapoff", "/dev/nbd0"], ["nbd-client", "-d", "/dev/nbd0"]]
+        assert "/dev/nbd0" not in (kernel_root / "proc/swaps").read_text()
+    finally:
+        assert process.stop() == 0
+
+
+def test_start_without_swap_in_the_config_does_nothing(xentmem, kernel_root: Path,
+                                                       tools: FakeTools) -> None:
+    result = json.loads(xentmem("swap", "start", "--json",
+                                env={"XENTMEM_ROOT": str(kernel_root)}).stdout)
+    assert result == {"started": False, "why": "nbd_swap_mib is 0"}
+    assert tools.calls == []

@@ -236,7 +236,7 @@ OPS: dict[str, OpSpec] = {
             Arg("name", "str", "the export's name"),
             returns="{name, type, pages, ...}", mutates=True),
         _op("nbd.list", "the NBD server's sockets and every export with its counters",
-            returns="{listening, connections, exports: [...]}"),
+            returns="{listening, connections, exports: [...], swap_at_start_mib}"),
     )
 }
 

@@ -110,6 +110,9 @@ DAEMON_PARAMS = ParamSet(
     Param("nbd_tcp", str, "", "also serve the NBD exports over TCP at HOST:PORT, a loopback "
           "address only (127.0.0.1:10809, [::1]:10809); empty: the Unix socket nbd.sock in "
           "the run directory only"),
+    Param("nbd_swap_mib", int, 0, "swap to attach when the service starts (`xentmem swap "
+          "start`, the unit's ExecStartPost=): an export of this many MiB, as swap; 0: none",
+          min=0, max=4096, unit="MiB"),
 )
 
 

@@ -456,7 +456,8 @@ class Daemon:
         server = self.nbd.server
         return {**(server.describe() if server is not None
                    else {"listening": [], "connections": 0}),
-                "exports": self.nbd.describe()}
+                "exports": self.nbd.describe(),
+                "swap_at_start_mib": self.config.daemon["nbd_swap_mib"]}
 
     # -- configuration ----------------------------------------------------------------------------
 

@@ -259,3 +259,30 @@ def test_a_stop_ends_connections_and_options_then_is_idempotent(export: Served) 
     assert haggling.closed_by_server()
     assert not export.socket.exists()
     assert export.server.stop()  # again: nothing left to do (the fixture stops it once more)
+
+
+def test_an_export_removed_during_go_is_never_acknowledged(export: Served,
+                                                          monkeypatch) -> None:
+    """The export goes between GO's lookup and the attach: the client must not hear an ACK
+    (it once did, from the last flush before the close)."""
+    real_attach = export.server.attach
+
+    def removed_meanwhile(conn, found) -> None:
+        found.closing = True
+        real_attach(conn, found)
+    monkeypatch.setattr(export.server, "attach", removed_meanwhile)
+    client = RawClient(export.socket)
+    client.start()
+    client.option(7, b"\0\0\0\x01e\0\0")  # GO "e", no information requests
+    received = b""
+    while chunk := client.sock.recv(4096):
+        received += chunk
+    replies = []
+    while received:  # every option reply that came before the close
+        _magic, _option, reply, length = struct.unpack(">QIII", received[:20])
+        replies.append(reply)
+        received = received[20 + length:]
+    assert ACK not in replies
+    export.exports.get("e").closing = False
+    monkeypatch.undo()
+    intact(export)

@@ -161,7 +161,11 @@ class _Connection:
             export, done = self._option(option, data)
             if done:
                 if export is not None:  # attached before the client hears it may start
-                    self.server.attach(self, export)
+                    try:
+                        self.server.attach(self, export)
+                    except HardDisconnect:
+                        wire.out.clear()  # the ACK must not go out: the export is going
+                        raise
                 wire.flush()
                 return export
         raise HardDisconnect(f"more than {MAX_OPTIONS} options")

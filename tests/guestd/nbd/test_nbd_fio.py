@@ -30,7 +30,9 @@ def fio() -> str:
 
 def fio_args(fio: str, served: Served, name: str, *extra: str) -> list[str]:
     return [fio, "--name=nbd", "--ioengine=nbd", f"--uri={served.uri(name)}", "--bs=4k",
-            "--output-format=terse", "--terse-version=3", *extra]
+            "--output-format=terse", "--terse-version=3",
+            "--verify_state_save=0",  # no local-*-verify.state left in the working directory
+            *extra]
 
 
 def test_fio_writes_then_verifies_over_four_connections(served: Served, fio: str) -> None:

@@ -112,3 +112,43 @@ def test_many_threads_a_shrink_and_an_unload_lose_no_page(tmp_path: Path) -> Non
     for model in models:
         for (swap_type, offset), data in model.items():
             assert frontswap.load(swap_type, offset) == data
+
+
+class HoldingBackend(RecordingBackend):
+    """Its put_page stores the page, then holds the caller until released."""
+
+    name = "holding"
+
+    def __init__(self, values: Any, **kw: Any) -> None:
+        super().__init__(values, **kw)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def put_page(self, pool_id: int, oid: Any, index: int, page: bytes) -> int:
+        rc = super().put_page(pool_id, oid, index, page)
+        self.entered.set()
+        assert self.release.wait(WAIT_S)
+        return rc
+
+
+def test_an_unload_waits_for_a_store_inside_the_backend(tmp_path: Path) -> None:
+    """The store's page is in tmem when the unload begins, but not yet in frontswap's map:
+    the unload must wait for the store and repatriate the page, not let the backend go with
+    it (an unload that did not wait lost the page)."""
+    shim = make_shim(tmp_path)
+    shim.load(HoldingBackend)
+    backend = shim.backend
+    assert isinstance(backend, HoldingBackend)
+    shim.frontswap.init(0, MemoryBacking(16))
+    store = threading.Thread(target=shim.frontswap.store, args=(0, 5, page(5)))
+    store.start()
+    assert backend.entered.wait(WAIT_S)
+    unload = threading.Thread(target=shim.unload)
+    unload.start()
+    unload.join(0.5)  # a chance for an unload that does not wait to finish first (a bug)
+    backend.release.set()
+    store.join(WAIT_S)
+    unload.join(WAIT_S)
+    assert not store.is_alive() and not unload.is_alive()
+    assert shim.backend is None
+    assert shim.frontswap.load(0, 5) == page(5)

@@ -303,8 +303,13 @@ class FileBacking(BackingStore):
             raise BackendError(f"swap file {self.path}: slot {offset} is damaged ({why})")
         return page
 
-    @_locked
     def discard(self, offset: int) -> None:
+        if offset not in self._entries and offset not in self.damaged:
+            return  # nothing there (frontswap's slot lock keeps this offset still meanwhile)
+        self._discard(offset)
+
+    @_locked
+    def _discard(self, offset: int) -> None:
         entry = self._entries.pop(offset, None)
         was_damaged = self.damaged.pop(offset, None) is not None
         if entry is None and not was_damaged:

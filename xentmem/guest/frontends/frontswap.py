@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,8 +55,9 @@ class Frontswap(Guarded):
     *map lock* guards the maps, the registration and the counters, and is held only briefly,
     never across a backend call.  So stores to different offsets reach the backend together
     (the ``xen`` backend batches them into one message).  Lock order: slot locks (in index
-    order when several), then the map lock.  Data operations that use the backend are counted
-    (:attr:`_users`): an unload marks the frontend draining, waits for them, then repatriates.
+    order when several), then the map lock.  An unload marks the frontend draining, takes
+    and releases every slot lock (so every data operation that began before has ended),
+    repatriates, and holds them all again while the backend goes.
 
     Long jobs (an unload's or a shrink's repatriation) run in batches, and :meth:`curr_pages`
     reads a counter without a lock, so a monitor (the daemon's watchdog ping, the balloon
@@ -70,9 +72,6 @@ class Frontswap(Guarded):
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._slot_locks = tuple(threading.Lock() for _ in range(self.SLOT_LOCKS))
-        #: Data operations under way that may call the backend; an unload waits for none.
-        self._users = 0
-        self._idle = threading.Condition(self._lock)
         self._ops: Backend | None = None
         self._pool_id = -1
         self._areas: dict[int, _SwapArea] = {}
@@ -139,7 +138,8 @@ class Frontswap(Guarded):
             if ops is None:
                 return 0
             self._draining = True
-            self._idle.wait_for(lambda: self._users == 0)  # stores that began before drain
+        with self._all_slots():  # every store that began before the drain has ended
+            pass
         try:
             moved = self._repatriate_down_to(ops, 0)
         except Exception as exc:
@@ -148,10 +148,9 @@ class Frontswap(Guarded):
             raise UnloadRefused(
                 f"frontswap: {self._tmem_pages} page(s) could not be repatriated: {exc}"
             ) from exc
-        with self._lock:
-            # Every page is out of tmem now; a load or a flush still inside the backend ends
-            # before its pool goes.
-            self._idle.wait_for(lambda: self._users == 0)
+        # Every page is out of tmem now; a load or a flush still inside the backend ends
+        # before its pool goes, and none starts until the backend is gone.
+        with self._all_slots(), self._lock:
             if self._pool_id >= 0:
                 self.quietly("destroy_pool", ops.destroy_pool, self._pool_id)
             self._pool_id = -1
@@ -205,11 +204,13 @@ class Frontswap(Guarded):
     def _slot_lock(self, swap_type: int, offset: int) -> threading.Lock:
         return self._slot_locks[(swap_type * 7919 + offset) % self.SLOT_LOCKS]
 
-    def _leave(self) -> None:
-        """A data operation that used the backend is done (the map lock is held)."""
-        self._users -= 1
-        if self._users == 0:
-            self._idle.notify_all()
+    @contextlib.contextmanager
+    def _all_slots(self) -> Iterator[None]:
+        """Every slot lock, in index order: no data operation is under way meanwhile."""
+        with contextlib.ExitStack() as held:
+            for lock in self._slot_locks:
+                held.enter_context(lock)
+            yield
 
     # -- data path ----------------------------------------------------------------------------
 
@@ -235,17 +236,8 @@ class Frontswap(Guarded):
                 to_tmem = not (ops is None or self._draining or pool_id < 0
                                or not offset_fits(offset))
                 writethrough = self.writethrough
-                if not (to_tmem or duplicate):
-                    ops = None  # the backend is not needed: an unload need not wait for it
-                if ops is not None:
-                    self._users += 1
-            try:
-                return self._store(area, ops, pool_id, offset, page, duplicate, to_tmem,
-                                   writethrough)
-            finally:
-                if ops is not None:
-                    with self._lock:
-                        self._leave()
+            return self._store(area, ops, pool_id, offset, page, duplicate, to_tmem,
+                               writethrough)
 
     def _store(self, area: _SwapArea, ops: Backend | None, pool_id: int, offset: int,
                page: bytes, duplicate: bool, to_tmem: bool, writethrough: bool) -> int:
@@ -306,16 +298,10 @@ class Frontswap(Guarded):
                 pool_id = self._pool_id
                 if ops is None or offset not in area.in_tmem:
                     ops = None
-                else:
-                    self._users += 1
                 exclusive, writethrough = self.exclusive_gets, self.writethrough
             if ops is None:
                 return area.backing.read(offset)
-            try:
-                return self._load_tmem(area, ops, pool_id, offset, exclusive, writethrough)
-            finally:
-                with self._lock:
-                    self._leave()
+            return self._load_tmem(area, ops, pool_id, offset, exclusive, writethrough)
 
     def _load_tmem(self, area: _SwapArea, ops: Backend, pool_id: int, offset: int,
                    exclusive: bool, writethrough: bool) -> bytes | None:
@@ -353,23 +339,15 @@ class Frontswap(Guarded):
                 if in_tmem:
                     self._forget(area, offset)
                     self.invalidates += 1
-                    if ops is not None:
-                        self._users += 1
             if in_tmem and ops is not None:
-                try:
-                    oid, index = self._slot(area, offset)
-                    self.quietly("flush_page", ops.flush_page, pool_id, oid, index)
-                finally:
-                    with self._lock:
-                        self._leave()
+                oid, index = self._slot(area, offset)
+                self.quietly("flush_page", ops.flush_page, pool_id, oid, index)
             area.backing.discard(offset)
 
     def invalidate_area(self, swap_type: int) -> None:
         """swapoff: flush the type's 16 objects and forget the area (every slot lock held:
         no data operation is half done on it)."""
-        with contextlib.ExitStack() as held:
-            for lock in self._slot_locks:
-                held.enter_context(lock)
+        with self._all_slots():
             self._invalidate_area(swap_type)
 
     def _invalidate_area(self, swap_type: int) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import logging
 import threading
-from collections import Counter
 from typing import Any
 
 from xentmem.errors import AbiError, BackendError
@@ -72,15 +71,24 @@ class Export:
         #: ESHUTDOWN.
         self.closing = False
         self._lock = threading.Lock()
-        self._counts: Counter[str] = Counter()
+        self._counts: dict[str, int] = {}
 
     @property
     def description(self) -> str:
         return f"xentmem swap type {self.swap_type}, {self.pages} pages"
 
     def count(self, what: str, n: int = 1) -> None:
+        counts = self._counts
         with self._lock:
-            self._counts[what] += n
+            counts[what] = counts.get(what, 0) + n
+
+    def _count_write(self, to_tmem: int, to_backing: int) -> None:
+        """The three counters of a write, under one hold of the lock (the hot path)."""
+        counts = self._counts
+        with self._lock:
+            counts["writes"] = counts.get("writes", 0) + 1
+            counts["pages_to_tmem"] = counts.get("pages_to_tmem", 0) + to_tmem
+            counts["pages_to_backing"] = counts.get("pages_to_backing", 0) + to_backing
 
     # -- checks ------------------------------------------------------------------------------
 
@@ -143,9 +151,7 @@ class Export:
             except AbiError as exc:
                 raise NbdError(proto.EINVAL, str(exc)) from exc
             in_tmem += rc == 0
-        self.count("writes")
-        self.count("pages_to_tmem", in_tmem)
-        self.count("pages_to_backing", len(data) // PAGE_SIZE - in_tmem)
+        self._count_write(in_tmem, len(data) // PAGE_SIZE - in_tmem)
         if fua:
             self.flush()
 

@@ -15,7 +15,7 @@ import click
 
 from xentmem.console import CONTEXT_SETTINGS
 from xentmem.control.protocol import DEFAULT_SOCKET_PATH
-from xentmem_cli import backend, balloon, metrics, params, pools, run, stats, status
+from xentmem_cli import backend, balloon, metrics, params, pools, run, stats, status, swap
 from xentmem_cli.app import App
 
 
@@ -57,6 +57,7 @@ for command in (
     stats.stats,
     balloon.balloon,
     metrics.metrics,
+    swap.swap,
     run.run,
 ):
     cli.add_command(command)

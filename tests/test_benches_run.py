@@ -7,11 +7,14 @@ missed, a daemon that did not stop cleanly), so only 0 passes.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from fakes.libnbd_peer import fio_unavailable_reason
+from fakes.required import unavailable
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -25,9 +28,15 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
         ("bench_control.py", ["--pages", "50", "--idle-seconds", "1"], "SUMMARY: socket"),
         ("bench_xen.py", ["--ops", "20", "--rounds", "1"], "SUMMARY"),
         ("bench_mock_xenstored.py", ["--ops", "50", "--rounds", "1"], "SUMMARY: server"),
+        ("bench_nbd.py", ["--size-mib", "1", "--no-zram"], "SUMMARY: iodepth 32"),
     ],
 )
 def test_benchmark_runs(script: str, args: list[str], summary: str) -> None:
+    if script == "bench_nbd.py":
+        reason = fio_unavailable_reason() or (
+            None if shutil.which("nbdkit") else "nbdkit is missing (apt-get install nbdkit)")
+        if reason is not None:
+            unavailable("NBD", "fio and nbdkit", reason)
     result = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr

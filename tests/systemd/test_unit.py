@@ -72,9 +72,11 @@ def install_root(tmp_path_factory: pytest.TempPathFactory,
     root = tmp_path_factory.mktemp("root")
     (root / "etc/systemd/system").mkdir(parents=True)
     shutil.copy(UNIT, root / "etc/systemd/system/xentmem.service")
-    for command in (one(unit, "Service", "ExecStart"), one(unit, "Service", "ExecReload")):
+    for command in (one(unit, "Service", key) for key in
+                    ("ExecStart", "ExecReload", "ExecStartPost", "ExecStop")):
         binary = Path(command.split()[0].lstrip("-@:+!"))
-        source = installed_daemon() if binary.name == "xentmemd" else shutil.which(binary.name)
+        source = (installed_daemon().with_name(binary.name)
+                  if binary.name in ("xentmemd", "xentmem") else shutil.which(binary.name))
         assert source is not None, f"{binary.name} not found to install at {binary}"
         target = root / binary.relative_to("/")
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -202,3 +204,11 @@ def test_the_file_parses_as_plain_ini() -> None:
     parser.optionxform = str  # type: ignore[assignment,method-assign]
     parser.read_string(UNIT.read_text())
     assert parser.sections() == ["Unit", "Service", "Install"]
+
+
+def test_nbd_swap_is_off_before_the_daemon_stops(unit: dict[str, dict[str, list[str]]]) -> None:
+    """ExecStop= runs before systemd signals the daemon: swap on its NBD devices is turned
+    off while the server still answers (docs/nbd.md)."""
+    assert one(unit, "Service", "ExecStop") == "+/usr/bin/xentmem swap stop"
+    assert one(unit, "Service", "ExecStartPost") == "-+/usr/bin/xentmem swap start"
+

@@ -221,6 +221,22 @@ OPS: dict[str, OpSpec] = {
             Arg("target_pages", "uint", "how many pages tmem may keep"),
             returns="{moved}", mutates=True),
         _op("frontswap.curr_pages", "how many swap pages tmem holds", returns="{pages}"),
+        # -- NBD exports: swap areas as block devices (docs/nbd.md) --------------------------
+        _op("nbd.add", "create a swap area and export it over NBD",
+            Arg("pages", "uint", "the export's size in 4 KiB pages"),
+            Arg("backing", "str", "\"file\" (default) or \"memory\": where pages tmem "
+                "refuses go", required=False),
+            Arg("name", "str", "the export's name (default: swapN, N its swap type)",
+                required=False),
+            Arg("device", "str", "the /dev/nbdN the caller attaches it to (shown by nbd.list)",
+                required=False),
+            returns="{name, type, pages, size, tmem_pages, backing, connections, socket}",
+            mutates=True),
+        _op("nbd.remove", "end an export's connections, then turn its swap area off",
+            Arg("name", "str", "the export's name"),
+            returns="{name, type, pages, ...}", mutates=True),
+        _op("nbd.list", "the NBD server's sockets and every export with its counters",
+            returns="{listening, connections, exports: [...], swap_at_start_mib}"),
     )
 }
 

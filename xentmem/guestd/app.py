@@ -35,6 +35,7 @@ from xentmem.guestd.core import Daemon
 from xentmem.guestd.logs import set_level, setup_logging
 from xentmem.guestd.mainthread import DaemonBusy, MainThreadCalls, NotNow
 from xentmem.guestd.metrics import write_textfile
+from xentmem.guestd.nbd.server import NBD_SOCKET, NbdServer, serve_nbd
 from xentmem.guestd.rundir import RunDirLock
 from xentmem.guestd.server import ControlServer, ServerError
 from xentmem.guestd.signals import SignalFlags
@@ -200,6 +201,7 @@ class Application:
         self.schedule = Schedule(self.clock)
         self.daemon: Daemon | None = None
         self.server: ControlServer | None = None
+        self.nbd_server: NbdServer | None = None
         self.run_lock = RunDirLock(roots.run)
         self.state_lock = RunDirLock(self.state_dir, what="state directory", flag="--state-dir",
                                      mode=0o700)
@@ -255,6 +257,8 @@ class Application:
             idle_timeout_s=config.daemon["control_idle_timeout"],
         )
         self.server.start()
+        self.nbd_server = serve_nbd(daemon.nbd, self.roots.run / NBD_SOCKET,
+                                    config.daemon["nbd_tcp"])
         self._schedule_tasks(config.daemon)
         self.daemon.state = "running"
         self.notifier.ready(self.daemon.summary_line())
@@ -378,6 +382,13 @@ class Application:
             return EXIT_FAILURE
         self.notifier.stopping("stopping: repatriating swap pages")
         status = EXIT_OK
+        if self.nbd_server is not None:  # no NBD write may land after the areas are flushed
+            try:
+                if not self.nbd_server.stop():
+                    log.error("NBD: connections still open after the grace period")
+            except Exception:
+                log.exception("stopping the NBD server failed")
+                status = EXIT_FAILURE
         if self.daemon is not None:
             try:
                 if not self.daemon.shutdown(start_error)["clean"]:

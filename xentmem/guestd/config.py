@@ -9,6 +9,7 @@ the file.  Spellings, sections and precedence: ``docs/configuration.md``.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import sys
 from collections.abc import Iterable, Mapping
@@ -71,6 +72,23 @@ def parse_mode(text: str) -> int:
     return check_control_mode(int(word, 8))
 
 
+def parse_loopback(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[V6]:PORT``; port 0 picks a free one) on a loopback address;
+    ValueError otherwise."""
+    host, sep, port = text.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address") from None
+    if not loopback:
+        raise ValueError(f"{host} is not a loopback address: NBD is served to this machine "
+                         "only")
+    return host, int(port)
+
+
 DAEMON_PARAMS = ParamSet(
     Param("backend", str, "auto", "the backend to load at start: auto (xen when this is a Xen "
           "guest with a reachable tmem host, else zcache), or a backend's name"),
@@ -89,11 +107,22 @@ DAEMON_PARAMS = ParamSet(
           "(atomically); empty: none", writable=True),
     Param("metrics_interval", int, 15, "seconds between two writes of the metrics textfile",
           writable=True, min=1, max=3600, unit="s"),
+    Param("nbd_tcp", str, "", "also serve the NBD exports over TCP at HOST:PORT, a loopback "
+          "address only (127.0.0.1:10809, [::1]:10809); empty: the Unix socket nbd.sock in "
+          "the run directory only"),
+    Param("nbd_swap_mib", int, 0, "swap to attach when the service starts (`xentmem swap "
+          "start`, the unit's ExecStartPost=): an export of this many MiB, as swap; 0: none",
+          min=0, max=4096, unit="MiB"),
 )
 
 
 def _check_daemon_value(key: str, typed: Any) -> None:
     """Rules a Param's range cannot say (a TOML integer bypasses ``parse_mode``)."""
+    if key == "nbd_tcp" and typed:
+        try:
+            parse_loopback(typed)
+        except ValueError as exc:
+            raise ParamError(f"{key}: {exc}") from None
     if key == "control_mode":
         try:
             check_control_mode(typed)

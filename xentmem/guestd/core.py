@@ -51,6 +51,7 @@ from xentmem.guestd.config import (
 )
 from xentmem.guestd.mainthread import DaemonBusy
 from xentmem.guestd.metrics import collect, render
+from xentmem.guestd.nbd.exports import Exports
 from xentmem.guestd.record import SHUTDOWN_FILE, START_FAILED, RunRecord
 from xentmem.guestd.record import STOPPED as RUN_STOPPED
 from xentmem.guestd.swap import DEFAULT_STATE_DIR, SwapAreas, boot_id, lost_at_exit
@@ -107,6 +108,8 @@ class Daemon:
         #: state directory (systemd removes the run directory when the service stops).
         self.state_dir = state_dir or roots.under(DEFAULT_STATE_DIR)
         self.swap = SwapAreas(self.shim.frontswap, self.state_dir / "swap", boot_id(roots))
+        #: NBD exports of swap areas; the application serves them (docs/nbd.md).
+        self.nbd = Exports(self.shim.frontswap, self.swap)
         #: This run's entry in ``<state_dir>/shutdown.json`` (docs/swap-areas.md).
         self.record = RunRecord(self.state_dir)
         self.choice: BackendChoice | None = None
@@ -432,6 +435,29 @@ class Daemon:
 
     def frontswap_curr_pages(self) -> int:
         return self.shim.frontswap.curr_pages()
+
+    # -- NBD exports ----------------------------------------------------------------------------
+
+    def nbd_add(self, pages: int, backing: str = "file", name: str | None = None,
+                device: str | None = None) -> dict[str, Any]:
+        """A new swap area exported over NBD; its description and where it is served."""
+        export = self.nbd.add(pages, backing, name, device=device)
+        server = self.nbd.server
+        export["socket"] = server.addresses if server is not None else []
+        return export
+
+    def nbd_remove(self, name: str) -> dict[str, Any]:
+        try:
+            return self.nbd.remove(name)
+        except KeyError:
+            raise UnknownName(f"no NBD export {name!r}") from None
+
+    def nbd_list(self) -> dict[str, Any]:
+        server = self.nbd.server
+        return {**(server.describe() if server is not None
+                   else {"listening": [], "connections": 0}),
+                "exports": self.nbd.describe(),
+                "swap_at_start_mib": self.config.daemon["nbd_swap_mib"]}
 
     # -- configuration ----------------------------------------------------------------------------
 

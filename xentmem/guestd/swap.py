@@ -137,6 +137,14 @@ class SwapAreas:
             log.info("swap area %d: %d pages, %s backing", swap_type, pages, backing)
             return {"type": swap_type, "backing": store.describe()}
 
+    def store_of(self, swap_type: int) -> BackingStore:
+        """The backing store of an area (an NBD export syncs it on a flush)."""
+        with self._lock:
+            try:
+                return self._stores[swap_type]
+            except KeyError:
+                raise AbiError(f"swap type {swap_type} is not initialised") from None
+
     def forget(self, swap_type: int) -> None:
         """``swapoff``: the frontend forgets the area; its file (if any) is removed."""
         with self._lock:

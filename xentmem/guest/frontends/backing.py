@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
+import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 from xentmem.errors import AbiError, BackendError
 from xentmem.files import fsync_directory
@@ -21,6 +24,18 @@ from xentmem.guest.frontends import swapfile
 from xentmem.tmem.abi import PAGE_SIZE
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+
+def _locked(method: Callable[..., _T]) -> Callable[..., _T]:
+    """Run a :class:`FileBacking` method under its lock."""
+    @functools.wraps(method)
+    def run(self: Any, *args: Any, **kwargs: Any) -> _T:
+        with self._io:
+            return method(self, *args, **kwargs)
+    return run
+
 
 #: The use mark's boot id when this boot's is unknown (a restart then cannot tell a reboot).
 NO_BOOT = bytes(16)
@@ -185,6 +200,10 @@ class FileBacking(BackingStore):
         return self
 
     def _setup(self, fd: int, found: swapfile.Scan, boot_id: bytes | None) -> None:
+        if not hasattr(self, "_io"):
+            #: Frontswap calls a store for different offsets from several threads: the free
+            #: list, the entries and the index are changed under this lock.
+            self._io = threading.RLock()
         self._fd = fd
         self._boot_id = boot_id or NO_BOOT
         #: The use mark on disk says "stopped cleanly": the next change must say "in use".
@@ -215,6 +234,7 @@ class FileBacking(BackingStore):
             self._mark(swapfile.IN_USE)
             self._stopped = False
 
+    @_locked
     def mark_stopped(self) -> None:
         """After the final :meth:`sync`: the area was stopped cleanly, whatever boot comes."""
         self._mark(swapfile.STOPPED)
@@ -229,6 +249,7 @@ class FileBacking(BackingStore):
         if os.pwrite(self._fd, data, position) != len(data):
             raise OSError(errno.EIO, "short write")
 
+    @_locked
     def write(self, offset: int, page: bytes) -> None:
         self.check_offset(offset)
         self._touch()
@@ -261,6 +282,7 @@ class FileBacking(BackingStore):
         if old is not None:
             self._free.append(old[0])
 
+    @_locked
     def read(self, offset: int) -> bytes | None:
         if offset in self.damaged:
             raise BackendError(f"swap file {self.path}: slot {offset} is damaged "
@@ -282,6 +304,12 @@ class FileBacking(BackingStore):
         return page
 
     def discard(self, offset: int) -> None:
+        if offset not in self._entries and offset not in self.damaged:
+            return  # nothing there (frontswap's slot lock keeps this offset still meanwhile)
+        self._discard(offset)
+
+    @_locked
+    def _discard(self, offset: int) -> None:
         entry = self._entries.pop(offset, None)
         was_damaged = self.damaged.pop(offset, None) is not None
         if entry is None and not was_damaged:
@@ -297,12 +325,15 @@ class FileBacking(BackingStore):
         if entry is not None:
             self._free.append(entry[0])
 
+    @_locked
     def used(self) -> int:
         return len(self._entries)
 
+    @_locked
     def offsets(self) -> list[int]:
         return sorted(self._entries)
 
+    @_locked
     def clear(self) -> None:
         try:
             self._touch()
@@ -313,6 +344,7 @@ class FileBacking(BackingStore):
             log.error("swap file %s: the index could not be cleared: %s", self.path, exc)
         self._setup(self._fd, swapfile.Scan(self.layout), self._boot_id)
 
+    @_locked
     def sync(self) -> None:
         """Flush the pages and the index to stable storage (at unload and at exit)."""
         try:
@@ -322,11 +354,13 @@ class FileBacking(BackingStore):
         except OSError as exc:
             raise self._fail("fsync failed", exc) from exc
 
+    @_locked
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
 
+    @_locked
     def describe(self) -> dict[str, object]:
         return {**super().describe(), "path": str(self.path), "damaged": len(self.damaged),
                 "index_errors": self.index_errors}

@@ -14,8 +14,10 @@ backend safe, which the kernel never supported.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,18 +48,30 @@ class _SwapArea:
 
 
 class Frontswap(Guarded):
-    """Frontswap with its swap devices.  Thread-safe: one lock guards maps and backend calls.
+    """Frontswap with its swap devices.  Thread-safe, and parallel across offsets.
 
-    Long jobs (an unload's or a shrink's repatriation) run in batches and release the lock
-    between them, and :meth:`curr_pages` reads a counter without the lock, so a monitor (the
-    daemon's watchdog ping, the balloon loop) never waits behind a repatriation.
+    Two kinds of lock: one *slot lock* per offset (striped: :data:`SLOT_LOCKS` locks shared by
+    all offsets) serialises everything done to one offset, backend calls included; the
+    *map lock* guards the maps, the registration and the counters, and is held only briefly,
+    never across a backend call.  So stores to different offsets reach the backend together
+    (the ``xen`` backend batches them into one message).  Lock order: slot locks (in index
+    order when several), then the map lock.  An unload marks the frontend draining, takes
+    and releases every slot lock (so every data operation that began before has ended),
+    repatriates, and holds them all again while the backend goes.
+
+    Long jobs (an unload's or a shrink's repatriation) run in batches, and :meth:`curr_pages`
+    reads a counter without a lock, so a monitor (the daemon's watchdog ping, the balloon
+    loop) never waits behind a repatriation.
     """
 
-    #: Pages repatriated per lock hold during an unload or a shrink.
+    #: Pages repatriated per batch during an unload or a shrink.
     REPATRIATE_BATCH = 256
+    #: Slot locks: offsets that share one wait for each other, others proceed in parallel.
+    SLOT_LOCKS = 64
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
+        self._slot_locks = tuple(threading.Lock() for _ in range(self.SLOT_LOCKS))
         self._ops: Backend | None = None
         self._pool_id = -1
         self._areas: dict[int, _SwapArea] = {}
@@ -124,6 +138,8 @@ class Frontswap(Guarded):
             if ops is None:
                 return 0
             self._draining = True
+        with self._all_slots():  # every store that began before the drain has ended
+            pass
         try:
             moved = self._repatriate_down_to(ops, 0)
         except Exception as exc:
@@ -132,7 +148,9 @@ class Frontswap(Guarded):
             raise UnloadRefused(
                 f"frontswap: {self._tmem_pages} page(s) could not be repatriated: {exc}"
             ) from exc
-        with self._lock:
+        # Every page is out of tmem now; a load or a flush still inside the backend ends
+        # before its pool goes, and none starts until the backend is gone.
+        with self._all_slots(), self._lock:
             if self._pool_id >= 0:
                 self.quietly("destroy_pool", ops.destroy_pool, self._pool_id)
             self._pool_id = -1
@@ -183,6 +201,17 @@ class Frontswap(Guarded):
         del area.in_tmem[offset]
         self._tmem_pages -= 1
 
+    def _slot_lock(self, swap_type: int, offset: int) -> threading.Lock:
+        return self._slot_locks[(swap_type * 7919 + offset) % self.SLOT_LOCKS]
+
+    @contextlib.contextmanager
+    def _all_slots(self) -> Iterator[None]:
+        """Every slot lock, in index order: no data operation is under way meanwhile."""
+        with contextlib.ExitStack() as held:
+            for lock in self._slot_locks:
+                held.enter_context(lock)
+            yield
+
     # -- data path ----------------------------------------------------------------------------
 
     def store(self, swap_type: int, offset: int, page: bytes) -> int:
@@ -197,92 +226,131 @@ class Frontswap(Guarded):
         """
         if len(page) != PAGE_SIZE:
             raise AbiError(f"a page is {PAGE_SIZE} bytes, got {len(page)}")
-        with self._lock:
-            area = self._area(swap_type)
-            area.backing.check_offset(offset)
-            ops = self._ops
-            duplicate = offset in area.in_tmem
-            if (ops is None or self._draining or self._pool_id < 0
-                    or not offset_fits(offset)):
-                area.backing.write(offset, page)  # raises: nothing changed
+        with self._slot_lock(swap_type, offset):
+            with self._lock:
+                area = self._area(swap_type)
+                area.backing.check_offset(offset)
+                ops = self._ops
+                pool_id = self._pool_id
+                duplicate = offset in area.in_tmem
+                to_tmem = not (ops is None or self._draining or pool_id < 0
+                               or not offset_fits(offset))
+                writethrough = self.writethrough
+            return self._store(area, ops, pool_id, offset, page, duplicate, to_tmem,
+                               writethrough)
+
+    def _store(self, area: _SwapArea, ops: Backend | None, pool_id: int, offset: int,
+               page: bytes, duplicate: bool, to_tmem: bool, writethrough: bool) -> int:
+        """:meth:`store` under the offset's slot lock; the map lock only around the maps."""
+        if not to_tmem:
+            area.backing.write(offset, page)  # raises: nothing changed
+            with self._lock:
                 self.backing_writes += 1
-                if duplicate and ops is not None:
-                    self._flush(ops, area, offset)  # the tmem copy is stale now
-                return -1
-            written = False
-            if duplicate or self.writethrough:
-                area.backing.write(offset, page)  # raises: nothing changed
+            if duplicate and ops is not None:
+                self._flush(ops, pool_id, area, offset)  # the tmem copy is stale now
+            return -1
+        assert ops is not None
+        written = False
+        if duplicate or writethrough:
+            area.backing.write(offset, page)  # raises: nothing changed
+            with self._lock:
                 self.backing_writes += 1
-                written = True
-            oid, index = self._slot(area, offset)
-            rc = self.quietly("put_page", ops.put_page, self._pool_id, oid, index, page)
-            if rc == TMEM_DONE:
+            written = True
+        oid, index = self._slot(area, offset)
+        rc = self.quietly("put_page", ops.put_page, pool_id, oid, index, page)
+        if rc == TMEM_DONE:
+            with self._lock:
                 if duplicate:
                     self._forget(area, offset)  # re-added below: the newest page
                 area.in_tmem[offset] = None
                 self._tmem_pages += 1
                 self.succ_stores += 1
-                if self.writethrough:
-                    return -1
-                area.backing.discard(offset)  # an older (or this) copy there is not needed
-                return 0
+            if writethrough:
+                return -1
+            area.backing.discard(offset)  # an older (or this) copy there is not needed
+            return 0
+        with self._lock:
             self.failed_stores += 1
-            if duplicate:
-                self._flush(ops, area, offset)  # a failed duplicate put drops the old copy
-            if not written:
-                area.backing.write(offset, page)  # raises: the slot had no tmem copy
+        if duplicate:
+            self._flush(ops, pool_id, area, offset)  # a failed duplicate put drops the old copy
+        if not written:
+            area.backing.write(offset, page)  # raises: the slot had no tmem copy
+            with self._lock:
                 self.backing_writes += 1
-            return -1
+        return -1
 
-    def _flush(self, ops: Backend, area: _SwapArea, offset: int) -> None:
-        """Forget the tmem copy of ``offset`` and flush it from the backend."""
-        self._forget(area, offset)
+    def _flush(self, ops: Backend, pool_id: int, area: _SwapArea, offset: int) -> None:
+        """Forget the tmem copy of ``offset`` and flush it from the backend (the offset's
+        slot lock is held; the map lock only while the map changes)."""
+        with self._lock:
+            if offset not in area.in_tmem:
+                return
+            self._forget(area, offset)
         oid, index = self._slot(area, offset)
-        self.quietly("flush_page", ops.flush_page, self._pool_id, oid, index)
+        self.quietly("flush_page", ops.flush_page, pool_id, oid, index)
 
     def load(self, swap_type: int, offset: int) -> bytes | None:
         """The page stored at ``offset``, from tmem or the backing store; None if none."""
+        with self._slot_lock(swap_type, offset):
+            with self._lock:
+                area = self._area(swap_type)
+                ops = self._ops
+                pool_id = self._pool_id
+                if ops is None or offset not in area.in_tmem:
+                    ops = None
+                exclusive, writethrough = self.exclusive_gets, self.writethrough
+            if ops is None:
+                return area.backing.read(offset)
+            return self._load_tmem(area, ops, pool_id, offset, exclusive, writethrough)
+
+    def _load_tmem(self, area: _SwapArea, ops: Backend, pool_id: int, offset: int,
+                   exclusive: bool, writethrough: bool) -> bytes | None:
+        oid, index = self._slot(area, offset)
+        rc, data = ops.get_page(pool_id, oid, index)
+        if rc == TMEM_DONE and data is not None:
+            with self._lock:
+                self.loads += 1
+            if exclusive:
+                try:
+                    area.backing.write(offset, data)
+                except BackendError as exc:  # the page stays in tmem: still one copy
+                    log.warning("frontswap: exclusive get of %d:%d kept in tmem: %s",
+                                area.swap_type, offset, exc)
+                else:
+                    self._flush(ops, pool_id, area, offset)
+            return data
         with self._lock:
-            area = self._area(swap_type)
-            ops = self._ops
-            if ops is not None and offset in area.in_tmem:
-                oid, index = self._slot(area, offset)
-                rc, data = ops.get_page(self._pool_id, oid, index)
-                if rc == TMEM_DONE and data is not None:
-                    self.loads += 1
-                    if self.exclusive_gets:
-                        try:
-                            area.backing.write(offset, data)
-                        except BackendError as exc:  # the page stays in tmem: still one copy
-                            log.warning("frontswap: exclusive get of %d:%d kept in tmem: %s",
-                                        swap_type, offset, exc)
-                        else:
-                            self._flush(ops, area, offset)
-                    return data
-                self.failed_loads += 1
-                if self.writethrough:
-                    return area.backing.read(offset)
-                raise BackendError(
-                    f"frontswap: backend {ops.name} could not return swap page "
-                    f"{swap_type}:{offset} ({rc_name(rc)})"
-                )
+            self.failed_loads += 1
+        if writethrough:
             return area.backing.read(offset)
+        raise BackendError(
+            f"frontswap: backend {ops.name} could not return swap page "
+            f"{area.swap_type}:{offset} ({rc_name(rc)})"
+        )
 
     def invalidate_page(self, swap_type: int, offset: int) -> None:
         """The swap entry was freed: drop the page wherever it is."""
-        with self._lock:
-            area = self._area(swap_type)
-            if offset in area.in_tmem:
-                self._forget(area, offset)
+        with self._slot_lock(swap_type, offset):
+            with self._lock:
+                area = self._area(swap_type)
                 ops = self._ops
-                if ops is not None:
-                    oid, index = self._slot(area, offset)
-                    self.quietly("flush_page", ops.flush_page, self._pool_id, oid, index)
-                self.invalidates += 1
+                pool_id = self._pool_id
+                in_tmem = offset in area.in_tmem
+                if in_tmem:
+                    self._forget(area, offset)
+                    self.invalidates += 1
+            if in_tmem and ops is not None:
+                oid, index = self._slot(area, offset)
+                self.quietly("flush_page", ops.flush_page, pool_id, oid, index)
             area.backing.discard(offset)
 
     def invalidate_area(self, swap_type: int) -> None:
-        """swapoff: flush the type's 16 objects and forget the area."""
+        """swapoff: flush the type's 16 objects and forget the area (every slot lock held:
+        no data operation is half done on it)."""
+        with self._all_slots():
+            self._invalidate_area(swap_type)
+
+    def _invalidate_area(self, swap_type: int) -> None:
         with self._lock:
             area = self._area(swap_type)
             ops = self._ops
@@ -315,7 +383,8 @@ class Frontswap(Guarded):
         return self._repatriate_down_to(ops, target_pages)
 
     def _repatriate_down_to(self, ops: Backend, target_pages: int) -> int:
-        """Move the oldest tmem pages to their backing stores, a batch per lock hold."""
+        """Move the oldest tmem pages to their backing stores, a batch at a time: each page
+        under its slot lock, so stores to other offsets go on meanwhile."""
         moved = 0
         while True:
             with self._lock:
@@ -324,26 +393,32 @@ class Frontswap(Guarded):
                 excess = min(self._tmem_pages - target_pages, self.REPATRIATE_BATCH)
                 if excess <= 0:
                     return moved
-                batch = 0
-                for area in list(self._areas.values()):
-                    for offset in list(area.in_tmem)[: excess - batch]:
-                        if offset in area.in_tmem:  # not re-stored or invalidated meanwhile
-                            self._repatriate(ops, area, offset)
-                            batch += 1
-                    if batch >= excess:
+                batch: list[tuple[_SwapArea, int]] = []
+                for area in self._areas.values():
+                    batch += [(area, o) for o in list(area.in_tmem)[: excess - len(batch)]]
+                    if len(batch) >= excess:
                         break
-                moved += batch
+                pool_id = self._pool_id
+            for area, offset in batch:
+                with self._slot_lock(area.swap_type, offset):
+                    with self._lock:
+                        if (self._ops is not ops or offset not in area.in_tmem
+                                or self._areas.get(area.swap_type) is not area):
+                            continue  # re-stored, invalidated or turned off meanwhile
+                    self._repatriate(ops, pool_id, area, offset)
+                    moved += 1
 
-    def _repatriate(self, ops: Backend, area: _SwapArea, offset: int) -> None:
+    def _repatriate(self, ops: Backend, pool_id: int, area: _SwapArea, offset: int) -> None:
         oid, index = self._slot(area, offset)
-        rc, data = ops.get_page(self._pool_id, oid, index)
+        rc, data = ops.get_page(pool_id, oid, index)
         if rc != TMEM_DONE or data is None:
             raise BackendError(
                 f"swap page {area.swap_type}:{offset} unavailable from {ops.name} ({rc_name(rc)})"
             )
         area.backing.write(offset, data)
-        self._flush(ops, area, offset)
-        self.repatriated += 1
+        self._flush(ops, pool_id, area, offset)
+        with self._lock:
+            self.repatriated += 1
 
     # -- reporting ----------------------------------------------------------------------------
 

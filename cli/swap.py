@@ -1,0 +1,214 @@
+"""``xentmem swap add | remove | list``: xentmemd's NBD exports as the guest's swap.
+
+``add`` asks the daemon for an export (a swap area: docs/nbd.md), attaches it to a free
+``/dev/nbdN`` with ``nbd-client`` in swap mode, then ``mkswap`` and ``swapon``; a step that
+fails undoes the ones before it, so a refused ``add`` leaves nothing behind.  ``remove``
+runs ``swapoff`` (the kernel reads every page back), detaches the device, then deletes the
+export.  ``list`` joins the daemon's view (pages in tmem, in the backing file) with the
+kernel's (``/proc/swaps``).  They need root and the ``nbd`` kernel module.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import click
+
+from xentmem.roots import Roots
+from xentmem_cli import render, swap_kernel
+from xentmem_cli.app import App, json_option
+from xentmem_cli.swap_kernel import Kernel, SwapStepFailed
+
+PAGE = 4096
+_SIZE = re.compile(r"(\d+)\s*([KMGT]?)(i?B)?", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+DEFAULT_SIZE = "1G"
+#: The export ``swap start`` makes from the config.
+START_NAME = "swap-at-start"
+#: One connection per CPU (the export offers NBD_FLAG_CAN_MULTI_CONN), at most 8.
+MAX_CONNECTIONS = 8
+
+
+def parse_size(ctx: click.Context, param: click.Parameter, text: str) -> int:
+    """``512M``, ``2G``, ``1048576`` -> pages; a whole number of pages, at least one."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise click.BadParameter(f"{text!r} is not a size such as 512M or 2G", ctx, param)
+    size = int(match[1]) * _UNITS[match[2].upper()]
+    if size < PAGE or size % PAGE:
+        raise click.BadParameter(f"{text} is not a whole number of 4 KiB pages", ctx, param)
+    return size // PAGE
+
+
+def kernel() -> Kernel:
+    """The kernel of ``XENTMEM_ROOT`` (``/``), its tools run by ``swap_kernel.run_tool``."""
+    return Kernel(Roots.from_env(), run=swap_kernel.run_tool)
+
+
+def _unix_socket(addresses: list[str]) -> str:
+    for address in addresses:
+        if address.startswith("unix:"):
+            return address.removeprefix("unix:")
+    raise SwapStepFailed("the daemon serves NBD on no Unix socket")
+
+
+@click.group()
+def swap() -> None:
+    """The guest's swap on xentmemd's NBD exports (frontswap over tmem)."""
+
+
+@swap.command()
+@click.option("--size", "pages", default=DEFAULT_SIZE, show_default=True,
+              callback=parse_size, metavar="SIZE", help="The swap area's size (K, M, G, T).")
+@click.option("--backing", type=click.Choice(["file", "memory"]), default="file",
+              show_default=True, help="Where pages go that tmem refuses.")
+@click.option("--priority", type=click.IntRange(-1, 32767), default=None,
+              help="swapon's priority (default: the kernel's).")
+@click.option("--name", default=None, help="The export's name (default: swapN).")
+@json_option
+@click.pass_obj
+def add(app: App, *, pages: int, backing: str, priority: int | None, name: str | None,
+        as_json: bool) -> None:
+    """Create an export, attach it with nbd-client, mkswap and swapon it."""
+    result = attach(app, pages, backing, priority, name)
+    app.emit(result, as_json=as_json, render=render.tree)
+
+
+def attach(app: App, pages: int, backing: str, priority: int | None,
+           name: str | None) -> dict[str, Any]:
+    """``swap add``'s work: the export, nbd-client, mkswap, swapon; undone if a step fails."""
+    k = kernel()
+    try:
+        k.load_module()
+        taken = [e.get("device") for e in app.call("nbd.list")["exports"]]
+        device = k.free_device([d for d in taken if d])
+    except SwapStepFailed as exc:
+        app.abort(f"swap add: {exc}")
+    args: dict[str, Any] = {"pages": pages, "backing": backing, "device": device}
+    if name is not None:
+        args["name"] = name
+    export = app.call("nbd.add", **args)
+    done: list[str] = []
+    try:
+        k.attach(_unix_socket(export["socket"]), export["name"], device,
+                 min(os.cpu_count() or 1, MAX_CONNECTIONS))
+        done.append("attach")
+        k.mkswap(device, f"xentmem-{export['name']}")
+        k.swapon(device, priority)
+    except SwapStepFailed as exc:
+        undo = []
+        if "attach" in done:
+            try:
+                k.detach(device)
+            except SwapStepFailed as again:
+                undo.append(str(again))
+        try:
+            app.call("nbd.remove", name=export["name"])
+        except Exception as again:  # the daemon's own error, shown with the first
+            undo.append(str(again))
+        app.abort(f"swap add: {exc}" + (f" (and undoing it: {'; '.join(undo)})" if undo
+                                        else "; nothing was left behind"))
+    return {"name": export["name"], "device": device, "pages": pages,
+            "size": pages * PAGE, "backing": backing, "priority": priority}
+
+
+@swap.command()
+@json_option
+@click.pass_obj
+def start(app: App, *, as_json: bool) -> None:
+    """Attach the swap the daemon's config asks for (nbd_swap_mib), unless it is on already.
+
+    The service runs it after the daemon is ready (ExecStartPost=).
+    """
+    listed = app.call("nbd.list")
+    mib = int(listed.get("swap_at_start_mib") or 0)
+    if not mib:
+        result: dict[str, Any] = {"started": False, "why": "nbd_swap_mib is 0"}
+    elif any(e["name"] == START_NAME for e in listed["exports"]):
+        result = {"started": False, "why": f"export {START_NAME} exists already"}
+    else:
+        result = {"started": True,
+                  **attach(app, mib * (1 << 20) // PAGE, "file", None, START_NAME)}
+    app.emit(result, as_json=as_json, render=render.tree)
+
+
+@swap.command()
+@json_option
+@click.pass_obj
+def stop(app: App, *, as_json: bool) -> None:
+    """swapoff and detach every export's device; the exports stay (the daemon's stop ends
+    them).  The service runs it before the daemon is told to stop (ExecStop=), so no swap
+    device outlives its server."""
+    app.expect_long_op()  # swapoff reads every page back
+    k = kernel()
+    stopped, errors = [], []
+    for export in app.call("nbd.list")["exports"]:
+        device = export.get("device")
+        if not device:
+            continue
+        try:
+            if device in k.swaps():
+                k.swapoff(device)
+            if k.connected(device):
+                k.detach(device)
+        except SwapStepFailed as exc:
+            errors.append(str(exc))
+            continue
+        stopped.append(device)
+    if errors:
+        app.abort(f"swap stop: {'; '.join(errors)}"
+                  + (f" (stopped: {', '.join(stopped)})" if stopped else ""))
+    app.emit({"stopped": stopped}, as_json=as_json, render=render.tree)
+
+
+@swap.command()
+@click.argument("target", metavar="NAME|DEVICE")
+@json_option
+@click.pass_obj
+def remove(app: App, *, target: str, as_json: bool) -> None:
+    """swapoff (pages come back through the kernel), detach, delete the export."""
+    exports = app.call("nbd.list")["exports"]
+    found = [e for e in exports if target in (e["name"], e.get("device"))]
+    if not found:
+        app.abort(f"swap remove: no export or device {target!r} (xentmem swap list)")
+    export = found[0]
+    device = export.get("device")
+    app.expect_long_op()  # swapoff reads every page back; the removal waits for it
+    k = kernel()
+    try:
+        if device:
+            if device in k.swaps():
+                k.swapoff(device)
+            if k.connected(device):
+                k.detach(device)
+    except SwapStepFailed as exc:
+        app.abort(f"swap remove: {exc}; the export {export['name']} stays")
+    result = app.call("nbd.remove", name=export["name"])
+    app.emit(result, as_json=as_json, render=render.tree)
+
+
+@swap.command(name="list")
+@json_option
+@click.pass_obj
+def list_(app: App, *, as_json: bool) -> None:
+    """Each export: its device, size, pages in tmem and in the backing file, and the
+    kernel's view of it (/proc/swaps)."""
+    listed = app.call("nbd.list")
+    swaps = kernel().swaps()
+    rows = []
+    for export in listed["exports"]:
+        entry = swaps.get(export.get("device") or "")
+        rows.append({
+            "name": export["name"], "device": export.get("device") or "-",
+            "size": export["size"], "tmem_pages": export["tmem_pages"],
+            "file_pages": export["backing"].get("used", 0),
+            "connections": export["connections"],
+            "swapon": entry is not None,
+            "used_kib": entry.used_kib if entry else None,
+            "priority": entry.priority if entry else None,
+        })
+    app.emit(rows, as_json=as_json, render=lambda r: render.table(r, (
+        "name", "device", "size", "tmem_pages", "file_pages", "connections", "swapon",
+        "used_kib", "priority")) if r else "no exports")

@@ -1,0 +1,123 @@
+"""The kernel's side of ``xentmem swap``: NBD devices, ``nbd-client``, ``mkswap``, ``swapon``.
+
+Paths go through :class:`~xentmem.roots.Roots` (``/sys``, ``/proc``, ``/dev`` under a root)
+and every command through one runner, so the tests drive it on a fake root with recorded
+commands; on a real guest it runs the real tools as root.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from xentmem.errors import XentmemError
+from xentmem.roots import Roots
+
+#: nbd-client's block size: one page, the export's minimum block size (docs/nbd.md).
+BLOCK_SIZE = 4096
+TOOL_TIMEOUT_S = 300.0
+_NBD = re.compile(r"nbd(\d+)")
+
+Runner = Callable[[Sequence[str]], str]
+"""Run a command; its stdout, or SwapStepFailed naming the command and its stderr."""
+
+
+class SwapStepFailed(XentmemError):
+    """One step of attaching or detaching failed (the tool's own words)."""
+
+
+def run_tool(argv: Sequence[str]) -> str:
+    if shutil.which(argv[0]) is None:
+        raise SwapStepFailed(f"{argv[0]}: not found (apt-get install nbd-client util-linux)")
+    try:
+        done = subprocess.run(list(argv), capture_output=True, text=True,
+                              timeout=TOOL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise SwapStepFailed(f"{' '.join(argv)}: no answer in {TOOL_TIMEOUT_S:.0f}s") from None
+    if done.returncode != 0:
+        words = (done.stderr or done.stdout).strip().splitlines()
+        raise SwapStepFailed(f"{' '.join(argv)}: exit {done.returncode}"
+                             + (f": {words[-1]}" if words else ""))
+    return done.stdout
+
+
+@dataclass
+class SwapEntry:
+    """One line of ``/proc/swaps``."""
+
+    device: str
+    kind: str
+    size_kib: int
+    used_kib: int
+    priority: int
+
+
+@dataclass
+class Kernel:
+    roots: Roots = field(default_factory=Roots)
+    run: Runner = run_tool
+
+    def devices(self) -> list[str]:
+        """Every ``/dev/nbdN`` the driver made, by number."""
+        try:
+            names = [p.name for p in self.roots.under("/sys/block").iterdir()]
+        except OSError:
+            return []
+        numbers = sorted(int(m[1]) for n in names if (m := _NBD.fullmatch(n)))
+        return [f"/dev/nbd{n}" for n in numbers]
+
+    def load_module(self) -> None:
+        """``modprobe nbd`` unless its devices are there already."""
+        if not self.devices():
+            self.run(["modprobe", "nbd"])
+            if not self.devices():
+                raise SwapStepFailed("modprobe nbd made no /sys/block/nbd* device")
+
+    def connected(self, device: str) -> bool:
+        """The driver has a connection on ``device`` (``/sys/block/nbdN/pid`` exists)."""
+        return self.roots.under(f"/sys/block/{Path(device).name}/pid").exists()
+
+    def free_device(self, taken: Sequence[str] = ()) -> str:
+        for device in self.devices():
+            if device not in taken and not self.connected(device) and device not in self.swaps():
+                return device
+        raise SwapStepFailed("every /dev/nbd* device is in use (modprobe nbd nbds_max=N)")
+
+    def swaps(self) -> dict[str, SwapEntry]:
+        """``/proc/swaps``: the kernel's swap areas by device."""
+        try:
+            lines = self.roots.under("/proc/swaps").read_text().splitlines()[1:]
+        except OSError:
+            return {}
+        entries = {}
+        for line in lines:
+            words = line.split()
+            if len(words) >= 5:
+                entries[words[0]] = SwapEntry(words[0], words[1], int(words[2]),
+                                              int(words[3]), int(words[4]))
+        return entries
+
+    def attach(self, socket: str, name: str, device: str, connections: int) -> None:
+        """``nbd-client`` in swap mode (it locks itself in memory) over the Unix socket."""
+        self.run(["nbd-client", "-unix", socket, device, "-N", name, "-b", str(BLOCK_SIZE),
+                  "-swap", "-C", str(connections)])
+
+    def detach(self, device: str) -> None:
+        self.run(["nbd-client", "-d", device])
+
+    def mkswap(self, device: str, label: str) -> None:
+        self.run(["mkswap", "-L", label, device])
+
+    def swapon(self, device: str, priority: int | None) -> None:
+        """``--discard=pages``: freed swap slots reach the export as trims, so their pages
+        leave tmem (docs/nbd.md)."""
+        self.run(["swapon", "--discard=pages",
+                  *(["-p", str(priority)] if priority is not None else []), device])
+
+    def swapoff(self, device: str) -> None:
+        """Every page comes back through the kernel first (that is what swapoff does)."""
+        self.run(["swapoff", device])

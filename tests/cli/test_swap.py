@@ -1,0 +1,187 @@
+"""``xentmem swap add | remove | list`` against a real daemon, on a fake kernel.
+
+This machine has no ``nbd`` module, so the kernel's side is faked: ``/sys/block/nbd*`` and
+``/proc/swaps`` under a fake root (``XENTMEM_ROOT``), and the tools (``nbd-client``,
+``mkswap``, ``swapon``, ``swapoff``) recorded by :class:`FakeTools`, whose ``nbd-client``
+really does the NBD handshake (GO) on the socket and export it was given.  Not checked
+here: the real tools' own behaviour and the kernel's NBD client.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from xentmem_cli import swap_kernel
+
+PAGE = 4096
+
+
+class FakeTools:
+    def __init__(self, root: Path, fail: str | None = None) -> None:
+        self.root = root
+        self.fail = fail
+        self.calls: list[list[str]] = []
+
+    def swaps(self) -> Path:
+        return self.root / "proc" / "swaps"
+
+    def __call__(self, argv: Sequence[str]) -> str:
+        argv = list(argv)
+        self.calls.append(argv)
+        if self.fail and argv[0] == self.fail:
+            raise swap_kernel.SwapStepFailed(f"{argv[0]}: exit 1: it failed")
+        if argv[0] == "modprobe":
+            raise swap_kernel.SwapStepFailed("modprobe nbd: exit 1: Module nbd not found")
+        if argv[:2] == ["nbd-client", "-d"]:
+            (self.root / "sys/block" / Path(argv[2]).name / "pid").unlink()
+        elif argv[0] == "nbd-client":
+            sock_path, device, name = argv[2], argv[3], argv[argv.index("-N") + 1]
+            go(sock_path, name)  # the export is there, on that socket, under that name
+            (self.root / "sys/block" / Path(device).name / "pid").write_text("4242\n")
+        elif argv[0] == "swapon":
+            priority = argv[argv.index("-p") + 1] if "-p" in argv else -2
+            lines = self.swaps().read_text()
+            self.swaps().write_text(lines + f"{argv[-1]} partition 1024 0 {priority}\n")
+        elif argv[0] == "swapoff":
+            kept = [line for line in self.swaps().read_text().splitlines()
+                    if not line.startswith(argv[1] + " ")]
+            self.swaps().write_text("\n".join(kept) + "\n")
+        return ""
+
+
+def go(path: str, name: str) -> None:
+    """NBD_OPT_GO on ``name``, then NBD_CMD_DISC: raises unless the server says ACK."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(60)
+        sock.connect(path)
+        sock.recv(18, socket.MSG_WAITALL)
+        raw = name.encode()
+        data = struct.pack(">I", len(raw)) + raw + struct.pack(">HH", 1, 3)
+        sock.sendall(struct.pack(">IQII", 3, 0x49484156454F5054, 7, len(data)) + data)
+        while True:
+            _, _, reply, length = struct.unpack(">QIII", sock.recv(20, socket.MSG_WAITALL))
+            if length:
+                sock.recv(length, socket.MSG_WAITALL)
+            if reply != 3:
+                assert reply == 1, f"GO {name}: reply {reply:#x}"
+                break
+        sock.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 2, 0, 0, 0))
+
+
+@pytest.fixture
+def kernel_root(tmp_path: Path) -> Path:
+    root = tmp_path / "kroot"
+    for n in range(3):
+        (root / "sys/block" / f"nbd{n}").mkdir(parents=True)
+    (root / "proc").mkdir(parents=True)
+    (root / "proc/swaps").write_text("Filename Type Size Used Priority\n")
+    return root
+
+
+@pytest.fixture
+def tools(kernel_root: Path, monkeypatch: pytest.MonkeyPatch) -> FakeTools:
+    fake = FakeTools(kernel_root)
+    monkeypatch.setattr(swap_kernel, "run_tool", fake)
+    return fake
+
+
+def test_add_list_remove(xentmem, daemon, kernel_root: Path, tools: FakeTools) -> None:
+    env = {"XENTMEM_ROOT": str(kernel_root)}
+    result = xentmem("swap", "add", "--size", "1M", "--priority", "5", "--json", env=env)
+    assert result.exit_code == 0, result.output
+    added = json.loads(result.stdout)
+    assert added == {"name": "swap0", "device": "/dev/nbd0", "pages": 256, "size": 1 << 20,
+                     "backing": "file", "priority": 5}
+    sock = str(daemon.run_dir / "nbd.sock")
+    assert [c[0] for c in tools.calls] == ["nbd-client", "mkswap", "swapon"]
+    assert tools.calls[0][:8] == ["nbd-client", "-unix", sock, "/dev/nbd0", "-N", "swap0",
+                                  "-b", "4096"]
+    assert "-swap" in tools.calls[0]
+    assert tools.calls[2] == ["swapon", "--discard=pages", "-p", "5", "/dev/nbd0"]
+
+    second = xentmem("swap", "add", "--size", "64K", "--name", "small", "--json", env=env)
+    assert json.loads(second.stdout)["device"] == "/dev/nbd1"  # nbd0 is taken
+
+    rows = json.loads(xentmem("swap", "list", "--json", env=env).stdout)
+    assert [(r["name"], r["device"], r["swapon"], r["priority"]) for r in rows] == [
+        ("swap0", "/dev/nbd0", True, 5), ("small", "/dev/nbd1", True, -2)]
+    assert rows[0]["size"] == 1 << 20
+
+    tools.calls.clear()
+    removed = xentmem("swap", "remove", "/dev/nbd0", "--json", env=env)
+    assert removed.exit_code == 0, removed.output
+    assert tools.calls == [["swapoff", "/dev/nbd0"], ["nbd-client", "-d", "/dev/nbd0"]]
+    rows = json.loads(xentmem("swap", "list", "--json", env=env).stdout)
+    assert [r["name"] for r in rows] == ["small"]
+    assert xentmem("swap", "remove", "small", env=env).exit_code == 0
+    assert json.loads(xentmem("swap", "list", "--json", env=env).stdout) == []
+
+
+@pytest.mark.parametrize(("failing", "undone"), [
+    ("mkswap", [["nbd-client", "-d", "/dev/nbd0"]]),
+    ("swapon", [["nbd-client", "-d", "/dev/nbd0"]]),
+    ("nbd-client", []),
+])
+def test_a_failed_step_leaves_nothing_behind(xentmem, kernel_root: Path, tools: FakeTools,
+                                             assert_error, failing: str, undone) -> None:
+    tools.fail = failing
+    env = {"XENTMEM_ROOT": str(kernel_root)}
+    result = xentmem("swap", "add", "--size", "1M", env=env)
+    assert_error(result, 1, failing, "nothing was left behind")
+    after = tools.calls[[c[0] for c in tools.calls].index(failing) + 1:]
+    assert after == undone
+    assert json.loads(xentmem("swap", "list", "--json", env=env).stdout) == []
+
+
+def test_without_the_nbd_module_nothing_is_made(xentmem, tmp_path: Path, tools: FakeTools,
+                                                assert_error) -> None:
+    bare = tmp_path / "bare"
+    (bare / "sys/block").mkdir(parents=True)
+    env = {"XENTMEM_ROOT": str(bare)}
+    assert_error(xentmem("swap", "add", env=env), 1, "modprobe nbd")
+    assert json.loads(xentmem("swap", "list", "--json", env=env).stdout) == []
+
+
+@pytest.mark.parametrize("size", ["12", "1000", "lots", "0"])
+def test_a_size_that_is_no_whole_number_of_pages_is_a_usage_error(xentmem, size: str,
+                                                                  assert_error) -> None:
+    assert_error(xentmem("swap", "add", "--size", size), 2, "--size")
+
+
+def test_start_attaches_what_the_config_asks_once_and_stop_turns_it_off(
+        tmp_path: Path, kernel_root: Path, tools: FakeTools, xentmem_at) -> None:
+    from fakes.guest_daemon import DaemonProcess, make_root
+    config = tmp_path / "xentmem.toml"
+    config.write_text("[daemon]\nnbd_swap_mib = 2\n")
+    process = DaemonProcess(tmp_path, make_root(tmp_path), config)
+    try:
+        process.wait_ready()
+        xentmem = xentmem_at(process.socket)
+        env = {"XENTMEM_ROOT": str(kernel_root)}
+        started = json.loads(xentmem("swap", "start", "--json", env=env).stdout)
+        assert started["started"] and started["name"] == "swap-at-start"
+        assert started["size"] == 2 << 20 and started["device"] == "/dev/nbd0"
+        again = json.loads(xentmem("swap", "start", "--json", env=env).stdout)
+        assert again["started"] is False
+        tools.calls.clear()
+        stopped = xentmem("swap", "stop", "--json", env=env)
+        assert stopped.exit_code == 0, stopped.output
+        assert json.loads(stopped.stdout) == {"stopped": ["/dev/nbd0"]}
+        assert tools.calls == [["swapoff", "/dev/nbd0"], ["nbd-client", "-d", "/dev/nbd0"]]
+        assert "/dev/nbd0" not in (kernel_root / "proc/swaps").read_text()
+    finally:
+        assert process.stop() == 0
+
+
+def test_start_without_swap_in_the_config_does_nothing(xentmem, kernel_root: Path,
+                                                       tools: FakeTools) -> None:
+    result = json.loads(xentmem("swap", "start", "--json",
+                                env={"XENTMEM_ROOT": str(kernel_root)}).stdout)
+    assert result == {"started": False, "why": "nbd_swap_mib is 0"}
+    assert tools.calls == []

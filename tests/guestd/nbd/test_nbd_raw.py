@@ -1,0 +1,288 @@
+"""What libnbd will not send: bad magic, unknown flags and options, malformed option data,
+unaligned and oversized requests, half a payload.  Each gets what ``doc/proto.md`` names (an
+error reply, or the end of that session), and the export is unchanged and still served."""
+
+from __future__ import annotations
+
+import errno
+import struct
+
+import pytest
+from fakes.nbd_raw import RawClient
+from fakes.nbd_served import Served, serve
+
+from xentmem.errors import BackendError
+from xentmem.guestd.nbd import proto
+
+PAGE = 4096
+READ, WRITE, DISC, FLUSH, TRIM, CACHE, WRITE_ZEROES, BLOCK_STATUS = range(8)
+ACK, SERVER, INFO = 1, 2, 3
+ERR_UNSUP, ERR_INVALID, ERR_UNKNOWN = (1 << 31) + 1, (1 << 31) + 3, (1 << 31) + 6
+EINVAL, ENOSPC, EIO = 22, 28, 5
+
+
+@pytest.fixture
+def export(served: Served) -> Served:
+    """An export ``e`` of 8 pages, page i holding bytes of value i + 1."""
+    served.exports.add(8, "file", name="e")
+    client = RawClient(served.socket)
+    client.connect("e")
+    for i in range(8):
+        client.request(WRITE, i * PAGE, PAGE, handle=i, payload=bytes([i + 1]) * PAGE)
+        assert client.reply() == (0, i)
+    client.request(DISC, 0, 0)
+    assert client.closed_by_server()
+    client.close()
+    return served
+
+
+def intact(served: Served) -> None:
+    """A new connection reads every page as the fixture wrote it."""
+    client = RawClient(served.socket)
+    client.connect("e")
+    client.request(READ, 0, 8 * PAGE, handle=77)
+    assert client.reply() == (0, 77)
+    data = client.recv_exact(8 * PAGE)
+    assert data == b"".join(bytes([i + 1]) * PAGE for i in range(8))
+    client.close()
+
+
+def test_the_greeting_and_export_name(export: Served) -> None:
+    client = RawClient(export.socket)
+    assert client.greeting() == 3  # FIXED_NEWSTYLE | NO_ZEROES
+    client.sock.sendall(struct.pack(">I", 1))  # fixed newstyle, but zeroes wanted
+    client.option(1, b"e")  # NBD_OPT_EXPORT_NAME
+    size, flags = struct.unpack(">QH", client.recv_exact(10))
+    assert size == 8 * PAGE and flags == proto.TRANSMISSION_FLAGS
+    assert client.recv_exact(124) == bytes(124)
+    client.request(READ, PAGE, PAGE, handle=5)
+    assert client.reply() == (0, 5)
+    assert client.recv_exact(PAGE) == b"\2" * PAGE
+    client.close()
+
+
+def test_export_name_of_an_unknown_export_ends_the_session(export: Served) -> None:
+    client = RawClient(export.socket)
+    client.start()
+    client.option(1, b"nosuch")
+    assert client.closed_by_server()
+    intact(export)
+
+
+@pytest.mark.parametrize("option", [5, 8, 9, 10, 4, 99, 0xFFFFFFFF])
+def test_unknown_options_are_unsupported_and_the_next_one_parses(export: Served,
+                                                                 option: int) -> None:
+    client = RawClient(export.socket)
+    client.start()
+    client.option(option, b"some data")
+    reply = client.option_reply()
+    assert reply[:2] == (option, ERR_UNSUP)
+    final = client.go("e")[-1]
+    assert final[1] == ACK
+    client.close()
+
+
+@pytest.mark.parametrize(("option", "data", "reply"), [
+    (7, b"\0\0\0\x09e\0\0", ERR_INVALID),  # GO: name longer than the data
+    (6, b"\0\0", ERR_INVALID),  # INFO: too short
+    (7, b"\0\0\0\x01e\0\x02\0\x03", ERR_INVALID),  # two requests announced, one sent
+    (7, b"\0\0\0\x01x\0\0", ERR_UNKNOWN),  # no such export
+    (7, b"\0\0\0\0\0\0", ERR_UNKNOWN),  # no default export
+    (3, b"x", ERR_INVALID),  # LIST takes no data
+])
+def test_malformed_options_get_an_error_and_haggling_goes_on(export: Served, option: int,
+                                                            data: bytes, reply: int) -> None:
+    client = RawClient(export.socket)
+    client.start()
+    client.option(option, data)
+    assert client.replies_until_final()[-1][:2] == (option, reply)
+    client.option(3)  # LIST
+    replies = client.replies_until_final()
+    assert [r[1] for r in replies] == [SERVER, ACK]
+    assert replies[0][2] == b"\0\0\0\x01e"
+    client.option(2)  # ABORT: acknowledged, then the server closes
+    assert client.option_reply()[:2] == (2, ACK)
+    assert client.closed_by_server()
+
+
+def test_go_answers_the_information_asked_for(export: Served) -> None:
+    client = RawClient(export.socket)
+    client.start()
+    replies = client.go("e", requests=(1, 2, 3, 999))  # NAME, DESCRIPTION, BLOCK_SIZE, ?
+    infos = {struct.unpack(">H", data[:2])[0]: data[2:] for _, kind, data in replies
+             if kind == INFO}
+    assert replies[-1][1] == ACK
+    assert struct.unpack(">QH", infos[0]) == (8 * PAGE, proto.TRANSMISSION_FLAGS)
+    assert struct.unpack(">III", infos[3]) == (PAGE, PAGE, proto.MAX_BLOCK)
+    assert infos[1] == b"e" and b"swap type" in infos[2]
+    client.close()
+
+
+@pytest.mark.parametrize("send", [
+    lambda c: c.sock.sendall(struct.pack(">I", 4)),  # an unknown client flag
+    lambda c: (c.sock.sendall(struct.pack(">I", 3)), c.option(7, b"", magic=0x1234)),
+    lambda c: (c.sock.sendall(struct.pack(">I", 3)), c.sock.sendall(
+        struct.pack(">QII", 0x49484156454F5054, 7, proto.MAX_OPTION_DATA + 1))),
+])
+def test_handshake_violations_end_only_that_session(export: Served, send) -> None:
+    client = RawClient(export.socket)
+    client.greeting()
+    send(client)
+    assert client.closed_by_server()
+    intact(export)
+
+
+def test_a_bad_request_magic_ends_the_session(export: Served) -> None:
+    client = RawClient(export.socket)
+    client.connect("e")
+    client.request(WRITE, 0, PAGE, payload=b"\xff" * PAGE, magic=0x25609514)
+    assert client.closed_by_server()
+    intact(export)
+
+
+@pytest.mark.parametrize(("cmd", "offset", "length", "flags", "payload", "error"), [
+    (WRITE, 512, PAGE, 0, b"\xee" * PAGE, EINVAL),  # unaligned: payload dropped
+    (WRITE, 0, proto.MAX_BLOCK + PAGE, 0, b"\xee" * (proto.MAX_BLOCK + PAGE), EINVAL),
+    (WRITE, 7 * PAGE, 2 * PAGE, 0, b"\xee" * 2 * PAGE, ENOSPC),
+    (WRITE, 0, PAGE, 4, b"\xee" * PAGE, EINVAL),  # DF on a write
+    (READ, 0, proto.MAX_BLOCK + PAGE, 0, b"", EINVAL),  # oversized
+    (READ, 0, PAGE, 8, b"", EINVAL),  # REQ_ONE on a read
+    (TRIM, 4 * PAGE, 2 * PAGE + 1, 0, b"", EINVAL),
+    (WRITE_ZEROES, 0, proto.MAX_BLOCK + PAGE, 0, b"", EINVAL),
+    (WRITE_ZEROES, 0, PAGE, 16, b"", EINVAL),  # FAST_ZERO: not offered
+    (FLUSH, 0, PAGE, 0, b"", EINVAL),  # a flush's offset and length are zero
+    (CACHE, 0, PAGE, 0, b"", EINVAL),  # not offered
+    (BLOCK_STATUS, 0, PAGE, 0, b"", EINVAL),  # no meta context
+    (9, 0, PAGE, 0, b"", EINVAL),  # unknown command
+])
+def test_refused_requests_change_nothing(export: Served, cmd: int, offset: int, length: int,
+                                         flags: int, payload: bytes, error: int) -> None:
+    client = RawClient(export.socket)
+    client.connect("e")
+    client.request(cmd, offset, length, handle=9, flags=flags, payload=payload)
+    assert client.reply() == (error, 9)
+    client.request(READ, 0, PAGE, handle=10)  # the stream is still in step
+    assert client.reply() == (0, 10)
+    assert client.recv_exact(PAGE) == b"\1" * PAGE
+    client.close()
+    intact(export)
+
+
+def test_a_denial_of_service_write_ends_the_session(export: Served) -> None:
+    client = RawClient(export.socket)
+    client.connect("e")
+    client.request(WRITE, 0, proto.DOS_PAYLOAD)  # no payload follows: not read at all
+    assert client.closed_by_server()
+    intact(export)
+
+
+def test_zero_length_requests_succeed_and_change_nothing(export: Served) -> None:
+    client = RawClient(export.socket)
+    client.connect("e")
+    for handle, cmd in enumerate((READ, WRITE, TRIM, WRITE_ZEROES), 1):
+        client.request(cmd, PAGE, 0, handle=handle)
+        assert client.reply() == (0, handle)
+    client.close()
+    intact(export)
+
+
+def test_a_client_that_vanishes_mid_write_changes_nothing(export: Served) -> None:
+    client = RawClient(export.socket)
+    client.connect("e")
+    client.request(WRITE, 0, 3 * PAGE, handle=1)
+    client.sock.sendall(b"\xaa" * (2 * PAGE + 100))  # two pages and a bit, then gone
+    client.close()
+    export.wait_connections(0)
+    intact(export)
+
+
+def test_pipelined_requests_are_answered_in_full(export: Served) -> None:
+    """Many requests sent before any answer is read (fio's iodepth): one answer each."""
+    client = RawClient(export.socket)
+    client.connect("e")
+    burst = b"".join(struct.pack(">IHHQQI", 0x25609513, 0, READ, h, (h % 8) * PAGE, PAGE)
+                     for h in range(64))
+    client.sock.sendall(burst)
+    for h in range(64):
+        assert client.reply() == (0, h)
+        assert client.recv_exact(PAGE) == bytes([h % 8 + 1]) * PAGE
+    client.close()
+
+
+def test_a_full_backing_store_is_enospc_and_keeps_the_old_page(short_dir) -> None:
+    served = serve(short_dir, backend=None)  # every page goes to the backing file
+    try:
+        served.exports.add(4, "file", name="e")
+        client = RawClient(served.socket)
+        client.connect("e")
+        client.request(WRITE, 0, PAGE, handle=1, payload=b"\1" * PAGE)
+        assert client.reply() == (0, 1)
+        backing = served.swap.store_of(0)
+
+        def full(offset: int, data: bytes) -> None:
+            raise BackendError("swap file: write refused") from OSError(errno.ENOSPC, "full")
+        backing.write = full  # type: ignore[method-assign]
+        client.request(WRITE, 0, PAGE, handle=2, payload=b"\2" * PAGE)
+        assert client.reply() == (ENOSPC, 2)
+        client.request(READ, 0, PAGE, handle=3)
+        assert client.reply() == (0, 3)
+        assert client.recv_exact(PAGE) == b"\1" * PAGE
+        client.close()
+    finally:
+        served.server.stop()
+        served.swap.close()
+
+
+def test_removing_an_export_ends_its_connections(export: Served) -> None:
+    client = RawClient(export.socket)
+    client.connect("e")
+    export.wait_connections(1)
+    summary = export.exports.remove("e")
+    assert summary["name"] == "e"
+    assert client.closed_by_server()
+    export.wait_connections(0)
+    assert export.shim.frontswap.swap_types() == []
+    late = RawClient(export.socket)
+    late.start()
+    assert late.go("e")[-1][1] == ERR_UNKNOWN
+    late.close()
+
+
+def test_a_stop_ends_connections_and_options_then_is_idempotent(export: Served) -> None:
+    transmitting = RawClient(export.socket)
+    transmitting.connect("e")
+    haggling = RawClient(export.socket)
+    haggling.start()
+    export.wait_connections(2)
+    assert export.server.stop()
+    assert transmitting.closed_by_server()
+    assert haggling.closed_by_server()
+    assert not export.socket.exists()
+    assert export.server.stop()  # again: nothing left to do (the fixture stops it once more)
+
+
+def test_an_export_removed_during_go_is_never_acknowledged(export: Served,
+                                                          monkeypatch) -> None:
+    """The export goes between GO's lookup and the attach: the client must not hear an ACK
+    (it once did, from the last flush before the close)."""
+    real_attach = export.server.attach
+
+    def removed_meanwhile(conn, found) -> None:
+        found.closing = True
+        real_attach(conn, found)
+    monkeypatch.setattr(export.server, "attach", removed_meanwhile)
+    client = RawClient(export.socket)
+    client.start()
+    client.option(7, b"\0\0\0\x01e\0\0")  # GO "e", no information requests
+    received = b""
+    while chunk := client.sock.recv(4096):
+        received += chunk
+    replies = []
+    while received:  # every option reply that came before the close
+        _magic, _option, reply, length = struct.unpack(">QIII", received[:20])
+        replies.append(reply)
+        received = received[20 + length:]
+    assert ACK not in replies
+    export.exports.get("e").closing = False
+    monkeypatch.undo()
+    intact(export)

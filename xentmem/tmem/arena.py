@@ -27,6 +27,7 @@ import xxhash
 
 from xentmem.errors import ArenaDamaged
 from xentmem.params import Param, ParamSet
+from xentmem.tmem.arenafile import DATA, DEFAULT_SEGMENT, PAGE, ArenaFile, set_aside
 from xentmem.tmem.frames import Frames
 from xentmem.tmem.index import (
     COMMIT,
@@ -38,7 +39,6 @@ from xentmem.tmem.index import (
     object_commit,
     seal,
 )
-from xentmem.tmem.segments import DEFAULT_SEGMENT, PAGE, ArenaFile, set_aside
 from xentmem.tmem.zbud import Zbud
 from xentmem.tmem.zsmalloc import Zsmalloc
 
@@ -62,8 +62,8 @@ ARENA_PARAMS = ParamSet(
     ),
 )
 
-#: The handle of a page of no bytes.
-NO_FRAME = 0xFFFFFFFF
+#: A page's bytes start at a multiple of this in the data region (zsmalloc's class step).
+UNIT = 16
 #: How many lost keys a report lists (the counts are complete).
 MAX_LOST = 100
 _K = 0x9E3779B97F4A7C15
@@ -74,9 +74,9 @@ PageKey = tuple[int, Oid3, int]
 LostKey = Union[PageKey, tuple[str, int]]
 
 
-def _seed(obj: int, index: int, frame: int, sub: int, length: int) -> int:
+def _seed(obj: int, index: int, where: int, length: int, sub: int) -> int:
     """Binds a page's checksum to its record: a record pointing elsewhere fails."""
-    return ((obj << 32) | index) ^ ((((frame << 32) | (sub << 16) | length) * _K) & _M64)
+    return ((obj << 32) | index) ^ ((((where << 32) | (sub << 16) | length) * _K) & _M64)
 
 
 @dataclass
@@ -115,6 +115,8 @@ class Arena:
 
     def __init__(self, file: ArenaFile, report: OpenReport) -> None:
         self._file = file
+        self._mm = file.mm
+        self._data = file.bases[DATA]
         self.path = file.path
         self.allocator_name = file.allocator
         self._frames = Frames(file)
@@ -136,10 +138,13 @@ class Arena:
         *,
         allocator: str = DEFAULT_ALLOCATOR,
         segment_size: int = DEFAULT_SEGMENT,
+        max_bytes: int = 0,
         on_damage: str = "set-aside",
     ) -> Arena:
         """Open the arena at ``path``, making it if there is none, and rebuild its state.
 
+        ``max_bytes``: the most frames a new arena may hold (default: this machine's RAM;
+        the file is sparse, so only what is used costs memory).
         ``on_damage``: "set-aside" moves a damaged arena (ours, but a bad header, size or
         segment table) to ``<path>.damaged-<time>`` and starts a new one, saying so in the
         log and :attr:`report`; "refuse" raises ArenaDamaged.  A file that is not an arena,
@@ -151,11 +156,12 @@ class Arena:
             raise ValueError(f"on_damage {on_damage!r}: accepted: set-aside, refuse")
         started = time.monotonic()
         path = Path(path)
+        max_bytes = max_bytes or _total_ram()
         how = "reopened"
         aside: str | None = None
         reason = ""
         if not path.exists():
-            _create(path, allocator, segment_size)
+            _create(path, allocator, segment_size, max_bytes)
             how = "created"
         try:
             file = ArenaFile.open(path)
@@ -166,7 +172,7 @@ class Arena:
             aside = str(set_aside(path))
             log.error("%s; set aside as %s: every page it held is lost; starting a new "
                       "arena", exc, aside)
-            _create(path, allocator, segment_size)
+            _create(path, allocator, segment_size, max_bytes)
             file = ArenaFile.open(path)
             how = "set-aside"
         report = OpenReport(str(path), how, file.allocator, set_aside=aside, reason=reason)
@@ -181,7 +187,7 @@ class Arena:
                 # Nothing to keep: remake it with the allocator asked for.
                 file.close()
                 os.unlink(path)
-                _create(path, allocator, segment_size)
+                _create(path, allocator, segment_size, max_bytes)
                 arena = cls(ArenaFile.open(path), report)
                 report.allocator = allocator
             else:
@@ -208,50 +214,43 @@ class Arena:
                 continue
             fields = rec[:nfields]
             key = OBJ_FIELDS.unpack(fields)
-            if commit != object_commit(fields) or idx.find_object(key) >= 0:
+            if commit != object_commit(fields) or idx.find_object(key)[0] >= 0:
                 self._zero(objects, slot, nfields)
                 objects.free.append(slot)
                 self.dropped_records += 1
                 log.error("arena %s: object record %d is damaged; dropped", self.path, slot)
                 continue
-            idx._track_object(key, slot)
+            idx.track_object(key, slot)
             valid_obj[slot] = 1
         alloc = self._alloc
-        segment_size = self._file.segment_size
-        pfields = PAGE_FIELDS.size
+        mm, data_base = self._mm, self._data
+        data_end = self._file.reserved_data()
         for slot, rec in pages.scan():
-            obj, index, frame, sub, n, commit = PAGE_ALL.unpack(rec)
+            obj, index, where, n, sub, commit = PAGE_ALL.unpack(rec)
             if not commit:
                 pages.free.append(slot)
                 continue
             problem = ""
             checksum = False
+            offset = where * UNIT
             if obj >= len(valid_obj) or not valid_obj[obj]:
                 problem = "its object record is missing or damaged"
             elif n > PAGE:
                 problem = f"length {n} is more than a page"
+            elif offset + n > data_end:
+                problem = f"its bytes ({offset}+{n}) are outside the arena's data"
             else:
-                data = b""
-                if n:
-                    try:
-                        mm, off = alloc.locate(frame, sub, n)
-                    except (IndexError, KeyError):
-                        mm, off = None, segment_size
-                    if mm is None or off + n > segment_size:
-                        problem = f"its handle ({frame}, {sub}) is outside the arena"
-                    else:
-                        data = mm[off : off + n]
-                if not problem:
-                    if seal(xxhash.xxh3_64_intdigest(data, _seed(obj, index, frame, sub, n))) \
-                            != commit:
-                        problem = "checksum mismatch"
-                        checksum = True
-                    elif idx.find_page(obj, index) >= 0:
-                        problem = "a second record for the same page"
-                    elif n and not alloc.claim(frame, sub, n):
-                        problem = "its bytes overlap another page's"
+                data = mm[data_base + offset : data_base + offset + n]
+                if seal(xxhash.xxh3_64_intdigest(data, _seed(obj, index, where, n, sub))) \
+                        != commit:
+                    problem = "checksum mismatch"
+                    checksum = True
+                elif idx.find_page(obj, index)[0] >= 0:
+                    problem = "a second record for the same page"
+                elif n and not alloc.claim(offset, sub, n):
+                    problem = "its bytes overlap another page's, or its handle is wrong"
             if problem:
-                self._zero(pages, slot, pfields)
+                self._zero(pages, slot, PAGE_FIELDS.size)
                 pages.free.append(slot)
                 if checksum:
                     self.checksum_failures += 1
@@ -266,7 +265,7 @@ class Arena:
                 log.error("arena %s: page %s dropped, reported missing: %s", self.path,
                           _show(lost), problem)
                 continue
-            idx._track_page(obj, index, slot)
+            idx.track_page(obj, index, slot)
             self.stored_bytes += n
         for slot in range(len(valid_obj)):
             if valid_obj[slot] and not idx.obj_pages[slot]:
@@ -282,10 +281,8 @@ class Arena:
                       "those pages are reported missing", self.path, self.checksum_failures,
                       self.dropped_records)
 
-    @staticmethod
-    def _zero(records: Any, slot: int, commit_at: int) -> None:
-        mm, off = records.where(slot)
-        COMMIT.pack_into(mm, off + commit_at, 0)
+    def _zero(self, records: Any, slot: int, commit_at: int) -> None:
+        COMMIT.pack_into(self._mm, records.offset(slot) + commit_at, 0)
 
     def _key_of(self, obj: int, index: int) -> PageKey:
         pool, w0, w1, w2 = self._index.object_key(obj)
@@ -293,11 +290,10 @@ class Arena:
 
     # -- pages -------------------------------------------------------------------------------
 
-    def _object(self, pool: int, oid: Oid3, create: bool) -> int:
-        okey = (pool, oid[0], oid[1], oid[2])
+    def _object(self, okey: tuple[int, int, int, int], create: bool) -> int:
         if okey == self._last_key:
             return self._last_obj
-        obj = self._index.find_object(okey)
+        obj = self._index.find_object(okey)[0]
         if obj < 0:
             if not create:
                 return -1
@@ -310,30 +306,43 @@ class Arena:
         """Store ``data`` (0..4096 bytes) under ``key``, replacing what was there.
 
         On return, the page and its record are complete and checksummed.  ArenaError when
-        the file cannot grow: then the key holds nothing (a replaced page is gone too, as a
-        failed duplicate put in Xen).
+        the arena is full or cannot grow: then the key holds nothing (a replaced page is
+        gone too, as a failed duplicate put in Xen).
         """
         n = len(data)
         if n > PAGE:
             raise ValueError(f"a stored page is at most {PAGE} bytes, got {n}")
         pool, oid, index = key
+        okey = (pool, oid[0], oid[1], oid[2])
+        obj = self._last_obj if okey == self._last_key else self._object(okey, True)
         idx = self._index
-        obj = self._object(pool, oid, True)
-        old = idx.find_page(obj, index)
-        if old >= 0:
-            self._drop(old, keep_object=True)
-        frame = NO_FRAME
-        sub = 0
+        slot, rec, at = idx.find_page(obj, index)
+        if slot >= 0:  # a duplicate put: the old page goes first, its slot is reused
+            idx.uncommit_page(slot)
+            if rec[3]:
+                self._alloc.free(rec[2] * UNIT, rec[4], rec[3])
+            self.stored_bytes -= rec[3]
+        offset = sub = 0
+        allocated = False
         try:
             if n:
-                frame, sub = self._alloc.alloc(n)
-                mm, off = self._alloc.locate(frame, sub, n)
-                mm[off : off + n] = data
-            commit = seal(xxhash.xxh3_64_intdigest(data, _seed(obj, index, frame, sub, n)))
-            idx.add_page(obj, index, frame, sub, n, commit)
+                offset, sub = self._alloc.alloc(n)
+                allocated = True
+                pos = self._data + offset
+                self._mm[pos : pos + n] = data
+            where = offset // UNIT
+            # seal(checksum seeded by _seed(...)), inline: this is every put's path
+            commit = xxhash.xxh3_64_intdigest(data, ((obj << 32) | index) ^ (
+                (((where << 32) | (sub << 16) | n) * _K) & _M64)) & 0xFFFFFFFF or 1
+            if slot >= 0:
+                idx.write_page(slot, obj, index, where, n, sub, commit)
+            else:
+                idx.add_page(obj, index, where, n, sub, commit, at)
         except BaseException:
-            if frame != NO_FRAME:
-                self._alloc.free(frame, sub, n)
+            if allocated:
+                self._alloc.free(offset, sub, n)
+            if slot >= 0:
+                idx.remove_page(slot, obj, index, at)
             if not idx.obj_pages[obj]:
                 self._forget_object(obj)
             raise
@@ -342,20 +351,22 @@ class Arena:
     def get(self, key: PageKey) -> bytes | None:
         """The bytes stored under ``key``, or None (never, failed its checksum: dropped)."""
         pool, oid, index = key
-        obj = self._object(pool, oid, False)
-        if obj < 0:
-            return None
-        idx = self._index
-        slot = idx.find_page(obj, index)
+        okey = (pool, oid[0], oid[1], oid[2])
+        if okey == self._last_key:
+            obj = self._last_obj
+        else:
+            obj = self._object(okey, False)
+            if obj < 0:
+                return None
+        slot, rec, _ = self._index.find_page(obj, index)
         if slot < 0:
             return None
-        _, _, frame, sub, n, commit = idx.read_page(slot)
-        if n:
-            mm, off = self._alloc.locate(frame, sub, n)
-            data = mm[off : off + n]
-        else:
-            data = b""
-        if seal(xxhash.xxh3_64_intdigest(data, _seed(obj, index, frame, sub, n))) != commit:
+        _, _, where, n, sub, commit = rec
+        at = self._data + where * UNIT
+        data = self._mm[at : at + n]
+        # seal(checksum seeded by _seed(...)), inline: this is every get's path
+        if (xxhash.xxh3_64_intdigest(data, ((obj << 32) | index) ^ (
+                (((where << 32) | (sub << 16) | n) * _K) & _M64)) & 0xFFFFFFFF or 1) != commit:
             self._failed(slot, key)
             return None
         return data
@@ -376,23 +387,23 @@ class Arena:
     def delete(self, key: PageKey) -> bool:
         """Forget ``key``'s page; False if there was none."""
         pool, oid, index = key
-        obj = self._object(pool, oid, False)
+        obj = self._object((pool, oid[0], oid[1], oid[2]), False)
         if obj < 0:
             return False
-        slot = self._index.find_page(obj, index)
+        slot, _, at = self._index.find_page(obj, index)
         if slot < 0:
             return False
-        self._drop(slot)
+        self._drop(slot, at)
         return True
 
-    def _drop(self, slot: int, *, keep_object: bool = False) -> None:
+    def _drop(self, slot: int, at: int = -1) -> None:
         idx = self._index
-        obj, index, frame, sub, n, _ = idx.read_page(slot)
-        left = idx.remove_page(slot, obj, index)  # the commit word goes first
+        obj, index, where, n, sub, _ = idx.read_page(slot)
+        left = idx.remove_page(slot, obj, index, at)  # the commit word goes first
         if n:
-            self._alloc.free(frame, sub, n)
+            self._alloc.free(where * UNIT, sub, n)
         self.stored_bytes -= n
-        if not left and not keep_object:
+        if not left:
             self._forget_object(obj)
 
     def _forget_object(self, obj: int) -> None:
@@ -403,7 +414,7 @@ class Arena:
 
     def delete_object(self, pool: int, oid: Oid3) -> int:
         """Forget every page of one object (FLUSH_OBJECT); how many there were."""
-        obj = self._object(pool, oid, False)
+        obj = self._object((pool, oid[0], oid[1], oid[2]), False)
         if obj < 0:
             return 0
         slots = self._index.object_pages(obj)
@@ -425,11 +436,11 @@ class Arena:
     def size_of(self, key: PageKey) -> int | None:
         """How many bytes ``key``'s page takes (its stored length), or None."""
         pool, oid, index = key
-        obj = self._object(pool, oid, False)
+        obj = self._object((pool, oid[0], oid[1], oid[2]), False)
         if obj < 0:
             return None
-        slot = self._index.find_page(obj, index)
-        return None if slot < 0 else self._index.read_page(slot)[4]
+        slot, rec, _ = self._index.find_page(obj, index)
+        return None if slot < 0 else rec[3]
 
     def keys(self, pool: int | None = None) -> Iterator[PageKey]:
         """Every key held (of one pool), object by object: what a store rebuilds from.
@@ -480,7 +491,7 @@ class Arena:
             "stored_bytes": self.stored_bytes,
             "frames_used": self._frames.used,
             "frames_total": self._frames.total(),
-            "file_bytes": self._file.file_bytes(),
+            "file_bytes": self._file.reserved_bytes(),
             "metadata_bytes": metadata,
             "metadata": meta,
             "metadata_per_page": metadata / pages if pages else 0.0,
@@ -510,10 +521,15 @@ class Arena:
         self.close()
 
 
-def _create(path: Path, allocator: str, segment_size: int) -> None:
+def _create(path: Path, allocator: str, segment_size: int, max_bytes: int) -> None:
     # Another process may have made it first: open that one (its lock decides).
     with contextlib.suppress(FileExistsError):
-        ArenaFile.create(path, allocator=allocator, segment_size=segment_size)
+        ArenaFile.create(path, allocator=allocator, segment_size=segment_size,
+                         data_bytes=max_bytes)
+
+
+def _total_ram() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _show(key: Any) -> str:

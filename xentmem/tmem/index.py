@@ -1,25 +1,26 @@
 """The arena's index: which page is where, as fixed-size records in the arena's file.
 
-Two tables of records, each in segments of its own kind:
+Two tables of records, each in a region of its own:
 
 * objects, 32 bytes: pool (u32), oid (3 x u64), commit (u32);
-* pages, 20 bytes: object slot (u32), index (u32), frame (u32), sub (u16), length (u16),
-  commit (u32): the page's bytes are ``length`` bytes at the allocator's handle
-  (frame, sub).
+* pages, 20 bytes: object slot (u32), index (u32), where (u32: the page's bytes start
+  ``16 * where`` bytes into the data region), length (u16), sub (u16: the allocator's own
+  part of the handle), commit (u32).
 
 A record counts only when its commit word is right: for an object, a checksum of its fields;
 for a page, a checksum of its data seeded with its fields (the arena computes it).  The
 commit word is written last and zeroed first, so a record torn by a crash reads as free.
 An object's record is written before any of its pages' and zeroed after the last of them.
 
-In this process only, rebuilt on open: open-addressed tables (4 bytes a bucket) from a key
-to its slot, each object's pages as a doubly linked list (two 4-byte links a page), and the
-count of pages per object.  ``docs/page-arena.md`` counts the bytes.
+In this process only, rebuilt on open: open-addressed tables from a key to its slot (4 bytes
+a bucket: the slot + 1 and 5 bits of the key's hash, so most probes that miss never read a
+record; double hashing, at most 60% full counting removed buckets), each object's pages as a
+doubly linked list (two 4-byte links a page), and the count of pages per object.
+``docs/page-arena.md`` counts the bytes.
 """
 
 from __future__ import annotations
 
-import mmap
 import struct
 from array import array
 from collections.abc import Iterator
@@ -27,7 +28,8 @@ from typing import Any
 
 import xxhash
 
-from xentmem.tmem.segments import PAGE, SEG_HWM, SEG_HWM_OFFSET, ArenaFile, Kind
+from xentmem.errors import ArenaError
+from xentmem.tmem.arenafile import OBJECTS, PAGES, ArenaFile
 
 OBJ_FIELDS = struct.Struct("<IQQQ")
 OBJ_RECORD = OBJ_FIELDS.size + 4
@@ -36,7 +38,11 @@ PAGE_KEY = struct.Struct("<II")
 PAGE_RECORD = PAGE_FIELDS.size + 4
 PAGE_ALL = struct.Struct("<IIIHHI")
 COMMIT = struct.Struct("<I")
-#: An empty bucket and a removed one.
+#: A bucket: 5 bits of the key's hash above the slot + 1 (27 bits); 0 empty, all ones removed.
+_SLOT_BITS = 27
+SLOT_MASK = (1 << _SLOT_BITS) - 1
+#: Slots a table may name (the removed mark's slot field is never a slot + 1).
+MAX_SLOTS = SLOT_MASK - 1
 _EMPTY = 0
 _TOMB = 0xFFFFFFFF
 #: A persisted high-water mark is raised this many records ahead, not at every new record.
@@ -54,84 +60,83 @@ def object_commit(fields: bytes) -> int:
 
 
 class Records:
-    """Fixed-size records in the segments of one kind; a slot number names one."""
+    """Fixed-size records in one region of the file; a slot number names one."""
 
-    def __init__(self, file: ArenaFile, kind: Kind, size: int) -> None:
+    def __init__(self, file: ArenaFile, region: int, size: int) -> None:
         self.file = file
-        self.kind = kind
+        self.region = region
         self.size = size
-        self.maps = file.maps[kind]
-        self.per_segment = (file.segment_size - PAGE) // size
+        self.base = file.bases[region]
+        self.capacity = min(file.sizes[region] // size, MAX_SLOTS)
         #: Slots below this may hold a record; above it, none ever did.
-        self.hwm = 0
-        self._marks: list[int] = []
+        self.hwm = min(file.marks()[region], self.capacity)
+        self._mark = self.hwm
+        if self.hwm:
+            file.reserve(region, self.hwm * size)
         #: Free slots below ``hwm``, the last freed on top.
         self.free = array("I")
-        for seg, mm in enumerate(self.maps):
-            (mark,) = SEG_HWM.unpack_from(mm, SEG_HWM_OFFSET)
-            mark = min(mark, self.per_segment)
-            self._marks.append(mark)
-            if mark:
-                self.hwm = seg * self.per_segment + mark
 
-    def where(self, slot: int) -> tuple[mmap.mmap, int]:
-        seg, rest = divmod(slot, self.per_segment)
-        return self.maps[seg], PAGE + rest * self.size
+    def offset(self, slot: int) -> int:
+        return self.base + slot * self.size
 
     def new_slot(self) -> int:
         if self.free:
             return self.free.pop()
         slot = self.hwm
-        seg, rest = divmod(slot, self.per_segment)
-        if seg == len(self.maps):
-            self.file.add_segment(self.kind)
-            self._marks.append(0)
-        if rest >= self._marks[seg]:
-            mark = min(self.per_segment, rest + _HWM_STEP)
-            SEG_HWM.pack_into(self.maps[seg], SEG_HWM_OFFSET, mark)
-            self._marks[seg] = mark
+        if slot >= self._mark:
+            if slot >= self.capacity:
+                raise ArenaError(f"arena {self.file.path}: no room for another record "
+                                 f"({self.capacity} at most)")
+            mark = min(self.capacity, slot + _HWM_STEP)
+            self.file.reserve(self.region, mark * self.size)
+            self.file.set_mark(self.region, mark)
+            self._mark = mark
         self.hwm = slot + 1
         return slot
 
     def scan(self) -> Iterator[tuple[int, bytes]]:
-        """Every slot below the persisted marks and its record's bytes."""
+        """Every slot below the mark and its record's bytes."""
         size = self.size
-        for seg, mm in enumerate(self.maps):
-            mark = self._marks[seg]
-            raw = mm[PAGE : PAGE + mark * size]
-            base = seg * self.per_segment
-            for i in range(mark):
-                yield base + i, raw[i * size : (i + 1) * size]
+        raw = self.file.mm[self.base : self.base + self.hwm * size]
+        for i in range(self.hwm):
+            yield i, raw[i * size : (i + 1) * size]
 
     def used_bytes(self) -> int:
         return (self.hwm - len(self.free)) * self.size
 
 
 class Buckets:
-    """An open-addressed table of slot + 1 (0 empty, all ones removed), linear probing.
+    """An open-addressed table of buckets (``_SLOT_BITS``); it holds no keys: a candidate
+    slot's record is compared with the key."""
 
-    It holds no keys: the caller compares a candidate slot's record with the key.
-    """
-
-    def __init__(self, capacity: int = 0) -> None:
+    def __init__(self, count: int = 0) -> None:
         size = _MIN_BUCKETS
-        while size * 3 < capacity * 4:
+        while size * 3 < count * 10:  # at most 30% full when made
             size *= 2
         self.table = array("I", bytes(4 * size))
         self.mask = size - 1
         self.count = 0
         self.tombs = 0
 
+    def full(self) -> bool:
+        return (self.count + self.tombs) * 5 >= len(self.table) * 3
+
     def nbytes(self) -> int:
         return 4 * len(self.table)
+
+
+def _probe_start(h: int, mask: int) -> tuple[int, int, int]:
+    """First bucket, odd step and 5-bit tag of a key's hash."""
+    return h & mask, ((h >> 17) | 1) & mask, ((h >> 40) & 31) << _SLOT_BITS
 
 
 class Index:
     """Both tables and their lookups.  Not thread-safe: the arena's caller serialises."""
 
     def __init__(self, file: ArenaFile) -> None:
-        self.objects = Records(file, Kind.OBJECTS, OBJ_RECORD)
-        self.pages = Records(file, Kind.PAGES, PAGE_RECORD)
+        self.mm = file.mm
+        self.objects = Records(file, OBJECTS, OBJ_RECORD)
+        self.pages = Records(file, PAGES, PAGE_RECORD)
         self.obj_buckets = Buckets()
         self.page_buckets = Buckets()
         #: Per object slot: pages it holds, its first page's slot + 1.
@@ -145,56 +150,61 @@ class Index:
 
     # -- objects -----------------------------------------------------------------------------
 
-    def find_object(self, key: tuple[int, int, int, int]) -> int:
-        """The slot of object ``(pool, w0, w1, w2)``, or -1."""
+    def find_object(self, key: tuple[int, int, int, int]) -> tuple[int, int]:
+        """The slot of object ``(pool, w0, w1, w2)`` (or -1) and the bucket to insert it at."""
         b = self.obj_buckets
         table, mask = b.table, b.mask
-        where = self.objects.where
+        mm = self.mm
+        base = self.objects.base - OBJ_RECORD
         unpack = OBJ_FIELDS.unpack_from
-        i = hash(key) & mask
+        i, step, tag = _probe_start(hash(key), mask)
+        spare = -1
         while True:
             v = table[i]
             if v == _EMPTY:
-                return -1
-            if v != _TOMB:
-                mm, off = where(v - 1)
-                if unpack(mm, off) == key:
-                    return v - 1
-            i = (i + 1) & mask
+                return -1, (i if spare < 0 else spare)
+            if v == _TOMB:
+                if spare < 0:
+                    spare = i
+            elif v & ~SLOT_MASK == tag and unpack(mm, base + (v & SLOT_MASK) * OBJ_RECORD) == key:
+                return (v & SLOT_MASK) - 1, i
+            i = (i + step) & mask
 
     def add_object(self, key: tuple[int, int, int, int]) -> int:
         """Write and commit a new object's record (it must not exist); its slot."""
         slot = self.objects.new_slot()
-        mm, off = self.objects.where(slot)
+        mm, off = self.mm, self.objects.offset(slot)
         fields = OBJ_FIELDS.pack(*key)
         mm[off : off + OBJ_FIELDS.size] = fields
         COMMIT.pack_into(mm, off + OBJ_FIELDS.size, object_commit(fields))
-        self._track_object(key, slot)
+        self.track_object(key, slot)
         return slot
 
-    def _track_object(self, key: tuple[int, int, int, int], slot: int) -> None:
+    def track_object(self, key: tuple[int, int, int, int], slot: int) -> None:
+        """Make a committed object record findable (its key must not be)."""
         if slot >= len(self.obj_pages):
-            more = max(slot + 1, len(self.obj_pages) + len(self.obj_pages) // 4, 64) - len(
-                self.obj_pages)
+            more = max(slot + 1, len(self.obj_pages) * 5 // 4, 64) - len(self.obj_pages)
             self.obj_pages.frombytes(bytes(4 * more))
             self.obj_head.frombytes(bytes(4 * more))
         self.obj_pages[slot] = 0
         self.obj_head[slot] = 0
-        self._insert(self.obj_buckets, hash(key), slot)
+        if self.obj_buckets.full():
+            self._resize(self.obj_buckets)
+        self._place(self.obj_buckets, self.find_object(key)[1], hash(key), slot)
         self.object_count += 1
 
     def remove_object(self, slot: int) -> None:
         """Zero the commit of an object that holds no page, and forget it."""
-        mm, off = self.objects.where(slot)
+        mm, off = self.mm, self.objects.offset(slot)
         key = OBJ_FIELDS.unpack_from(mm, off)
         COMMIT.pack_into(mm, off + OBJ_FIELDS.size, 0)
-        self._remove(self.obj_buckets, hash(key), slot)
+        _, at = self.find_object(key)
+        self._unplace(self.obj_buckets, at)
         self.objects.free.append(slot)
         self.object_count -= 1
 
     def object_key(self, slot: int) -> tuple[int, int, int, int]:
-        mm, off = self.objects.where(slot)
-        return OBJ_FIELDS.unpack_from(mm, off)  # type: ignore[return-value]
+        return OBJ_FIELDS.unpack_from(self.mm, self.objects.offset(slot))  # type: ignore[return-value]
 
     def live_objects(self) -> Iterator[int]:
         counts = self.obj_pages
@@ -204,42 +214,62 @@ class Index:
 
     # -- pages -------------------------------------------------------------------------------
 
-    def find_page(self, obj: int, index: int) -> int:
-        """The slot of page ``index`` of object slot ``obj``, or -1."""
+    def find_page(self, obj: int, index: int) -> tuple[int, tuple[int, ...], int]:
+        """Slot, record (object, index, where, length, sub, commit) and bucket of page
+        ``index`` of object slot ``obj``; else (-1, (), the bucket to insert it at)."""
         b = self.page_buckets
         table, mask = b.table, b.mask
-        where = self.pages.where
-        unpack = PAGE_KEY.unpack_from
-        key = (obj, index)
-        i = hash(key) & mask
+        mm = self.mm
+        base = self.pages.base - PAGE_RECORD
+        unpack = PAGE_ALL.unpack_from
+        h = hash((obj, index))  # _probe_start, inline: this is every put's and get's path
+        i = h & mask
+        step = ((h >> 17) | 1) & mask
+        tag = ((h >> 40) & 31) << _SLOT_BITS
+        spare = -1
         while True:
             v = table[i]
             if v == _EMPTY:
-                return -1
-            if v != _TOMB:
-                mm, off = where(v - 1)
-                if unpack(mm, off) == key:
-                    return v - 1
-            i = (i + 1) & mask
+                return -1, (), (i if spare < 0 else spare)
+            if v == _TOMB:
+                if spare < 0:
+                    spare = i
+            elif v & ~SLOT_MASK == tag:
+                rec = unpack(mm, base + (v & SLOT_MASK) * PAGE_RECORD)
+                if rec[0] == obj and rec[1] == index:
+                    return (v & SLOT_MASK) - 1, rec, i
+            i = (i + step) & mask
 
-    def read_page(self, slot: int) -> tuple[int, int, int, int, int, int]:
-        """(object, index, frame, sub, length, commit) of a page's record."""
-        mm, off = self.pages.where(slot)
-        return PAGE_ALL.unpack_from(mm, off)  # type: ignore[return-value]
+    def read_page(self, slot: int) -> tuple[int, ...]:
+        """(object, index, where, length, sub, commit) of a page's record."""
+        return PAGE_ALL.unpack_from(self.mm, self.pages.offset(slot))
 
-    def add_page(self, obj: int, index: int, frame: int, sub: int, length: int,
-                 commit: int) -> int:
-        """Write a page's record, its commit word last; its slot."""
-        slot = self.pages.new_slot()
-        mm, off = self.pages.where(slot)
-        PAGE_FIELDS.pack_into(mm, off, obj, index, frame, sub, length)
-        COMMIT.pack_into(mm, off + PAGE_FIELDS.size, commit)
-        self._track_page(obj, index, slot)
-        return slot
+    def write_page(self, slot: int, obj: int, index: int, where: int, length: int, sub: int,
+                   commit: int) -> None:
+        """Write a page's record in ``slot``, its commit word last."""
+        off = self.pages.offset(slot)
+        PAGE_FIELDS.pack_into(self.mm, off, obj, index, where, length, sub)
+        COMMIT.pack_into(self.mm, off + PAGE_FIELDS.size, commit)
 
-    def _track_page(self, obj: int, index: int, slot: int) -> None:
+    def add_page(self, obj: int, index: int, where: int, length: int, sub: int, commit: int,
+                 at: int) -> None:
+        """Write a new page's record, its commit word last, and make it findable; ``at``: its
+        bucket from :meth:`find_page`."""
+        pages = self.pages
+        slot = pages.free.pop() if pages.free else pages.new_slot()
+        off = pages.base + slot * PAGE_RECORD
+        PAGE_FIELDS.pack_into(self.mm, off, obj, index, where, length, sub)
+        COMMIT.pack_into(self.mm, off + PAGE_FIELDS.size, commit)
+        self.track_page(obj, index, slot, at)
+
+    def uncommit_page(self, slot: int) -> None:
+        """Zero a page's commit word: from here on, a crash finds no page in this slot."""
+        COMMIT.pack_into(self.mm, self.pages.offset(slot) + PAGE_FIELDS.size, 0)
+
+    def track_page(self, obj: int, index: int, slot: int, at: int = -1) -> None:
+        """Make a committed page record findable; ``at``: its bucket from :meth:`find_page`."""
         if slot >= len(self.next):
-            more = max(slot + 1, len(self.next) + len(self.next) // 4, 256) - len(self.next)
+            more = max(slot + 1, len(self.next) * 5 // 4, 256) - len(self.next)
             self.next.frombytes(bytes(4 * more))
             self.prev.frombytes(bytes(4 * more))
         head = self.obj_head[obj]
@@ -249,14 +279,24 @@ class Index:
             self.prev[head - 1] = slot + 1
         self.obj_head[obj] = slot + 1
         self.obj_pages[obj] += 1
-        self._insert(self.page_buckets, hash((obj, index)), slot)
+        b = self.page_buckets
+        if at < 0 or (b.count + b.tombs) * 5 >= len(b.table) * 3:
+            if b.full():
+                self._resize(b)
+            at = self.find_page(obj, index)[2]
+        table = b.table
+        if table[at] == _TOMB:
+            b.tombs -= 1
+        table[at] = (((hash((obj, index)) >> 40) & 31) << _SLOT_BITS) | (slot + 1)
+        b.count += 1
         self.page_count += 1
 
-    def remove_page(self, slot: int, obj: int, index: int) -> int:
+    def remove_page(self, slot: int, obj: int, index: int, at: int = -1) -> int:
         """Zero a page's commit and forget it; the pages its object still holds."""
-        mm, off = self.pages.where(slot)
-        COMMIT.pack_into(mm, off + PAGE_FIELDS.size, 0)
-        self._remove(self.page_buckets, hash((obj, index)), slot)
+        self.uncommit_page(slot)
+        if at < 0:
+            at = self.find_page(obj, index)[2]
+        self._unplace(self.page_buckets, at)
         nxt, prv = self.next[slot], self.prev[slot]
         if prv:
             self.next[prv - 1] = nxt
@@ -282,62 +322,46 @@ class Index:
 
     # -- the tables --------------------------------------------------------------------------
 
-    def _insert(self, b: Buckets, h: int, slot: int) -> None:
-        if (b.count + b.tombs + 1) * 4 > len(b.table) * 3:
-            self._resize(b, b.count + 1)
-        table, mask = b.table, b.mask
-        i = h & mask
-        while True:
-            v = table[i]
-            if v == _EMPTY:
-                break
-            if v == _TOMB:
-                b.tombs -= 1
-                break
-            i = (i + 1) & mask
-        table[i] = slot + 1
+    @staticmethod
+    def _place(b: Buckets, at: int, h: int, slot: int) -> None:
+        if b.table[at] == _TOMB:
+            b.tombs -= 1
+        b.table[at] = (((h >> 40) & 31) << _SLOT_BITS) | (slot + 1)
         b.count += 1
 
-    def _remove(self, b: Buckets, h: int, slot: int) -> None:
-        table, mask = b.table, b.mask
-        i = h & mask
-        while table[i] != slot + 1:
-            if table[i] == _EMPTY:
-                raise AssertionError(f"slot {slot} is not in its table")
-            i = (i + 1) & mask
-        if table[(i + 1) & mask] == _EMPTY:
-            table[i] = _EMPTY
-        else:
-            table[i] = _TOMB
-            b.tombs += 1
+    @staticmethod
+    def _unplace(b: Buckets, at: int) -> None:
+        b.table[at] = _TOMB
+        b.tombs += 1
         b.count -= 1
 
-    def _resize(self, b: Buckets, count: int) -> None:
-        """Rehash into a table at most half full (tombstones go)."""
-        fresh = Buckets(2 * count)
+    def _resize(self, b: Buckets) -> None:
+        """Rehash into a table at most 30% full (removed buckets go)."""
         if b is self.obj_buckets:
-            keys = ((self.object_key(s), s) for s in self._slots(b))
+            keys = [(self.object_key(s), s) for s in self._slots(b)]
         else:
-            keys = ((PAGE_KEY.unpack_from(*self.pages.where(s)), s) for s in self._slots(b))
+            unpack, mm, off = PAGE_KEY.unpack_from, self.mm, self.pages.offset
+            keys = [(unpack(mm, off(s)), s) for s in self._slots(b)]
+        fresh = Buckets(len(keys) + 1)
         table, mask = fresh.table, fresh.mask
         for key, slot in keys:
-            i = hash(key) & mask
+            h = hash(key)
+            i, step, tag = _probe_start(h, mask)
             while table[i]:
-                i = (i + 1) & mask
-            table[i] = slot + 1
-        fresh.count = b.count
-        b.table, b.mask, b.tombs = fresh.table, fresh.mask, 0
+                i = (i + step) & mask
+            table[i] = tag | (slot + 1)
+        b.table, b.mask, b.count, b.tombs = table, mask, len(keys), 0
 
     @staticmethod
     def _slots(b: Buckets) -> Iterator[int]:
         for v in b.table:
             if v and v != _TOMB:
-                yield v - 1
+                yield (v & SLOT_MASK) - 1
 
     def reserve(self, objects: int, pages: int) -> None:
         """Size the tables for a rebuild, so it does not resize as it goes."""
-        self.obj_buckets = Buckets(2 * objects)
-        self.page_buckets = Buckets(2 * pages)
+        self.obj_buckets = Buckets(objects)
+        self.page_buckets = Buckets(pages)
 
     # -- figures -----------------------------------------------------------------------------
 

@@ -16,12 +16,11 @@ can hold an incompressible page under either allocator.
 
 from __future__ import annotations
 
-import mmap
 from array import array
 from typing import Any
 
+from xentmem.tmem.arenafile import PAGE
 from xentmem.tmem.frames import HUGE, ZBUD, Frames
-from xentmem.tmem.segments import PAGE
 
 CHUNK_SHIFT = 6
 CHUNK_SIZE = 1 << CHUNK_SHIFT
@@ -31,10 +30,8 @@ ZHDR_SIZE = CHUNK_SIZE
 NCHUNKS = (PAGE - ZHDR_SIZE) >> CHUNK_SHIFT
 #: The longest buddy (``zbud_alloc``: ``size > PAGE_SIZE - ZHDR_SIZE_ALIGNED - CHUNK_SIZE``).
 MAX_BUDDY = PAGE - ZHDR_SIZE - CHUNK_SIZE
-#: A handle's sub-field: which buddy, or a frame of its own.
-FIRST = 0
-LAST = 1
-WHOLE = 2
+#: Where a buddy starts in its frame tells which it is (a last buddy is at most 62 chunks).
+FIRST_AT = ZHDR_SIZE
 
 
 def size_to_chunks(size: int) -> int:
@@ -42,7 +39,11 @@ def size_to_chunks(size: int) -> int:
 
 
 class Zbud:
-    """The zbud allocator over the arena's frames; a handle is (frame, FIRST/LAST/WHOLE)."""
+    """The zbud allocator over the arena's frames.
+
+    A handle is the byte offset in the data region (and a sub-field, always 0): the frame
+    and where in it tell a first buddy (after the header), a last one, or a whole frame.
+    """
 
     name = "zbud"
 
@@ -55,6 +56,8 @@ class Zbud:
         #: Entries are checked when taken (a frame that changed since is skipped), so a
         #: frame never has to be found and removed from the middle of a list.
         self.unbuddied = [array("I") for _ in range(NCHUNKS)]
+        #: Bit i set: ``unbuddied[i]`` may hold a frame (the first fit is its lowest bit).
+        self.nonempty = 0
         self.zbud_frames = 0
         self.huge_frames = 0
         self.unbuddied_frames = 0
@@ -66,17 +69,25 @@ class Zbud:
         self.last.extend(bytes(more))
 
     def alloc(self, size: int) -> tuple[int, int]:
-        """A handle for ``size`` bytes (1..4096)."""
+        """A handle (offset, 0) for ``size`` bytes (1..4096)."""
         if size > MAX_BUDDY:
             frame = self.frames.alloc(1, HUGE)
             self.huge_frames += 1
-            return frame, WHOLE
-        chunks = size_to_chunks(size)
+            return frame * PAGE, 0
+        chunks = (size + CHUNK_SIZE - 1) >> CHUNK_SHIFT
         first = self.first
         last = self.last
         unbuddied = self.unbuddied
-        for i in range(chunks, NCHUNKS):
+        while True:
+            # The lowest list >= chunks that may hold a frame (bit i: list i not empty).
+            m = self.nonempty >> chunks
+            if not m:
+                break
+            i = chunks + (m & -m).bit_length() - 1
             stack = unbuddied[i]
+            if not stack:
+                self.nonempty &= ~(1 << i)
+                continue
             while stack:
                 frame = stack.pop()
                 a = first[frame]
@@ -86,19 +97,21 @@ class Zbud:
                 self.unbuddied_frames -= 1
                 if a == 0:
                     first[frame] = chunks
-                    return frame, FIRST
+                    return frame * PAGE + FIRST_AT, 0
                 last[frame] = chunks
-                return frame, LAST
+                return (frame + 1) * PAGE - (chunks << CHUNK_SHIFT), 0
+            self.nonempty &= ~(1 << i)
         frame = self.frames.alloc(1, ZBUD)
         if frame >= len(first):
             self._grow()
         self.first[frame] = chunks
         self.zbud_frames += 1
         self._push(frame, NCHUNKS - chunks)
-        return frame, FIRST
+        return frame * PAGE + FIRST_AT, 0
 
     def _push(self, frame: int, free_chunks: int) -> None:
         self.unbuddied[free_chunks].append(frame)
+        self.nonempty |= 1 << free_chunks
         self.unbuddied_frames += 1
         self._stale_limit -= 1
         if self._stale_limit <= 0:
@@ -120,26 +133,19 @@ class Zbud:
             b = last[frame]
             if (a == 0) != (b == 0):
                 self.unbuddied[NCHUNKS - a - b].append(frame)
+                self.nonempty |= 1 << (NCHUNKS - a - b)
                 count += 1
         self.unbuddied_frames = count
 
-    def locate(self, frame: int, sub: int, size: int) -> tuple[mmap.mmap, int]:
-        """The map and offset of a handle's bytes."""
-        mm, offset = self.frames.where(frame)
-        if sub == FIRST:
-            return mm, offset + ZHDR_SIZE
-        if sub == LAST:
-            return mm, offset + PAGE - (size_to_chunks(size) << CHUNK_SHIFT)
-        return mm, offset
-
-    def free(self, frame: int, sub: int, size: int) -> None:
-        if sub == WHOLE:
+    def free(self, offset: int, sub: int, size: int) -> None:
+        frame, at = divmod(offset, PAGE)
+        if at == 0:
             self.frames.free(frame, 1)
             self.huge_frames -= 1
             return
         first, last = self.first, self.last
         was_unbuddied = not (first[frame] and last[frame])
-        if sub == FIRST:
+        if at == FIRST_AT:
             first[frame] = 0
         else:
             last[frame] = 0
@@ -153,33 +159,36 @@ class Zbud:
 
     # -- reopening ---------------------------------------------------------------------------
 
-    def claim(self, frame: int, sub: int, size: int) -> bool:
-        """Mark a handle found in the index; False if it cannot be (overlap, out of range)."""
+    def claim(self, offset: int, sub: int, size: int) -> bool:
+        """Mark a handle found in the index; False if it cannot be (overlap, misplaced)."""
         frames = self.frames
-        if sub == WHOLE:
-            if not frames.claim(frame, 1, HUGE):
+        frame, at = divmod(offset, PAGE)
+        if sub or not 0 < size <= PAGE:
+            return False
+        if at == 0:
+            if size <= MAX_BUDDY or not frames.claim(frame, 1, HUGE):
                 return False
             self.huge_frames += 1
             return True
-        if sub not in (FIRST, LAST) or not 0 < size <= MAX_BUDDY:
+        chunks = size_to_chunks(size)
+        if size > MAX_BUDDY or at not in (FIRST_AT, PAGE - (chunks << CHUNK_SHIFT)):
             return False
-        if not 0 <= frame < frames.total():
+        if not frames.cover(frame + 1):
             return False
         if len(self.first) < frames.total():
             self._grow()
         tag = frames.state[frame]
         if tag not in (0, ZBUD):
             return False
-        chunks = size_to_chunks(size)
         a, b = self.first[frame], self.last[frame]
-        mine, other = (a, b) if sub == FIRST else (b, a)
+        mine, other = (a, b) if at == FIRST_AT else (b, a)
         if mine or chunks + other > NCHUNKS:
             return False
         if tag == 0:
             if not frames.claim(frame, 1, ZBUD):
                 return False
             self.zbud_frames += 1
-        if sub == FIRST:
+        if at == FIRST_AT:
             self.first[frame] = chunks
         else:
             self.last[frame] = chunks

@@ -25,8 +25,8 @@ from array import array
 from dataclasses import dataclass
 from typing import Any
 
+from xentmem.tmem.arenafile import DATA, PAGE
 from xentmem.tmem.frames import MAX_RUN, ZSPAGE_HEAD, Frames
-from xentmem.tmem.segments import PAGE
 
 ZS_MIN_ALLOC_SIZE = 32
 ZS_MAX_ALLOC_SIZE = PAGE
@@ -70,6 +70,10 @@ class SizeClass:
     objs: int
     zspages: int = 0
     objs_used: int = 0
+    #: The zspage allocated from last: while it is not full, it is still the fullest.
+    current: int = -1
+    #: Entries in this class's group lists, stale ones included.
+    listed: int = 0
 
     def group(self, inuse: int) -> int:
         """``get_fullness_group``."""
@@ -96,13 +100,18 @@ def size_classes() -> list[SizeClass]:
 
 
 class Zsmalloc:
-    """The zsmalloc allocator over the arena's frames; a handle is (zspage's first frame,
-    object index)."""
+    """The zsmalloc allocator over the arena's frames.
+
+    A handle is (byte offset in the data region, object index in its zspage): the index
+    finds the zspage's first frame again when the arena is reopened.
+    """
 
     name = "zsmalloc"
 
     def __init__(self, frames: Frames) -> None:
         self.frames = frames
+        self.mm = frames.file.mm
+        self.base = frames.file.bases[DATA]
         self.size_class = size_classes()
         self.classes = sorted({id(c): c for c in self.size_class}.values(), key=lambda c: c.size)
         self._by_size: list[SizeClass] = [self.size_class[class_index(s)] for s in range(PAGE + 1)]
@@ -127,22 +136,37 @@ class Zsmalloc:
         self.freehead.frombytes(zeros)
 
     def alloc(self, size: int) -> tuple[int, int]:
-        """A handle for ``size`` bytes (1..4096)."""
+        """A handle (offset, object index) for ``size`` bytes (1..4096)."""
         cls = self._by_size[size]
-        groups = self.groups[cls.id]
         class_of = self.class_of
         inuse = self.inuse
         tag = cls.id + 1
-        for g in range(_GROUP_FULL - 1, 0, -1):
+        head = cls.current
+        if head >= 0 and class_of[head] == tag and inuse[head] < cls.objs:
+            # The fast path.  Taken from the fullest group, the zspage stays the fullest
+            # while it fills (frees only empty the others), so this is find_get_zspage's
+            # choice without a search; its group entries are brought up to date lazily.
+            idx = self.freehead[head]
+            at = head * PAGE + idx * cls.size
+            (self.freehead[head],) = _LINK.unpack_from(self.mm, self.base + at)
+            inuse[head] += 1
+            cls.objs_used += 1
+            return at, idx
+        groups = self.groups[cls.id]
+        for g in range(_GROUP_FULL - 1, 0, -1) if cls.listed else ():
             stack = groups[g]
             while stack:
-                head = stack[-1]
+                head = stack.pop()
+                cls.listed -= 1
                 if class_of[head] != tag or cls.group(inuse[head]) != g:
-                    stack.pop()  # stale
-                    continue
-                return head, self._take(cls, head, g)
+                    continue  # stale
+                cls.current = head
+                idx = self._take(cls, head)
+                return head * PAGE + idx * cls.size, idx
         head = self._new_zspage(cls)
-        return head, self._take(cls, head, 0)
+        cls.current = head
+        idx = self._take(cls, head)
+        return head * PAGE + idx * cls.size, idx
 
     def _new_zspage(self, cls: SizeClass) -> int:
         head = self.frames.alloc(cls.pages, ZSPAGE_HEAD)
@@ -151,8 +175,7 @@ class Zsmalloc:
         self.class_of[head] = cls.id + 1
         self.inuse[head] = 0
         self.freehead[head] = 0
-        mm, base = self.frames.where(head)
-        self._link(mm, base, cls, range(cls.objs))
+        self._link(self.mm, self.base + head * PAGE, cls, range(cls.objs))
         cls.zspages += 1
         return head
 
@@ -171,24 +194,19 @@ class Zsmalloc:
             _LINK.pack_into(mm, base + prev * cls.size, _NO_OBJECT)
         return first
 
-    def _take(self, cls: SizeClass, head: int, group: int) -> int:
+    def _take(self, cls: SizeClass, head: int) -> int:
+        """An object of the class's current zspage (which is in no group's list: its group
+        changes with every allocation; a free files it again)."""
         idx = self.freehead[head]
-        mm, base = self.frames.where(head)
-        (self.freehead[head],) = _LINK.unpack_from(mm, base + idx * cls.size)
-        used = self.inuse[head] + 1
-        self.inuse[head] = used
+        (self.freehead[head],) = _LINK.unpack_from(self.mm, self.base + head * PAGE
+                                                   + idx * cls.size)
+        self.inuse[head] += 1
         cls.objs_used += 1
-        new = cls.group(used)
-        if new != group:
-            stack = self.groups[cls.id][group] if group else None
-            if stack and stack[-1] == head:
-                stack.pop()
-            if new != _GROUP_FULL:
-                self._push(cls, head, new)
         return idx
 
     def _push(self, cls: SizeClass, head: int, group: int) -> None:
         self.groups[cls.id][group].append(head)
+        cls.listed += 1
         self._stale_limit -= 1
         if self._stale_limit <= 0:
             self._compact_groups()
@@ -205,21 +223,20 @@ class Zsmalloc:
             for stack in groups:
                 del stack[:]
         by_id = {c.id: c for c in self.classes}
+        for c in self.classes:
+            c.listed = 0
         for head, tag in enumerate(self.class_of):
             if tag:
                 cls = by_id[tag - 1]
                 g = cls.group(self.inuse[head])
                 if 0 < g < _GROUP_FULL:
                     self.groups[cls.id][g].append(head)
+                    cls.listed += 1
 
-    def locate(self, head: int, idx: int, size: int) -> tuple[mmap.mmap, int]:
-        mm, base = self.frames.where(head)
-        return mm, base + idx * self._by_size[size].size
-
-    def free(self, head: int, idx: int, size: int) -> None:
+    def free(self, offset: int, idx: int, size: int) -> None:
         cls = self._by_size[size]
-        mm, base = self.frames.where(head)
-        _LINK.pack_into(mm, base + idx * cls.size, self.freehead[head])
+        head = (offset - idx * cls.size) // PAGE
+        _LINK.pack_into(self.mm, self.base + offset, self.freehead[head])
         self.freehead[head] = idx
         old = cls.group(self.inuse[head])
         used = self.inuse[head] - 1
@@ -236,12 +253,13 @@ class Zsmalloc:
 
     # -- reopening ---------------------------------------------------------------------------
 
-    def claim(self, head: int, idx: int, size: int) -> bool:
+    def claim(self, offset: int, idx: int, size: int) -> bool:
         """Mark a handle found in the index; False if it cannot be (overlap, wrong class)."""
         if not 0 < size <= PAGE:
             return False
         cls = self._by_size[size]
-        if not 0 <= idx < cls.objs or not 0 <= head < self.frames.total():
+        head, at = divmod(offset - idx * cls.size, PAGE)
+        if at or not 0 <= idx < cls.objs or head < 0 or not self.frames.cover(head + cls.pages):
             return False
         if len(self.class_of) < self.frames.total():
             self._grow()
@@ -264,9 +282,8 @@ class Zsmalloc:
         by_id = {c.id: c for c in self.classes}
         for head, used in self._claimed.items():
             cls = by_id[self.class_of[head] - 1]
-            mm, base = self.frames.where(head)
             self.freehead[head] = self._link(
-                mm, base, cls, (i for i in range(cls.objs) if not used[i])
+                self.mm, self.base + head * PAGE, cls, (i for i in range(cls.objs) if not used[i])
             )
         self._claimed = {}
         self._rebuild_groups()

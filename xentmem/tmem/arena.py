@@ -338,7 +338,7 @@ class Arena:
                 idx.write_page(slot, obj, index, where, n, sub, commit)
             else:
                 idx.add_page(obj, index, where, n, sub, commit, at)
-        except BaseException:
+        except Exception:  # not on a BaseException: a crash leaves no cleanup either
             if allocated:
                 self._alloc.free(offset, sub, n)
             if slot >= 0:

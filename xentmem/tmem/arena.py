@@ -37,7 +37,6 @@ from xentmem.tmem.index import (
     PAGE_FIELDS,
     Index,
     object_commit,
-    seal,
 )
 from xentmem.tmem.zbud import Zbud
 from xentmem.tmem.zsmalloc import Zsmalloc
@@ -225,8 +224,7 @@ class Arena:
         alloc = self._alloc
         mm, data_base = self._mm, self._data
         data_end = self._file.reserved_data()
-        for slot, rec in pages.scan():
-            obj, index, where, n, sub, commit = PAGE_ALL.unpack(rec)
+        for slot, (obj, index, where, n, sub, commit) in enumerate(pages.scan_fields(PAGE_ALL)):
             if not commit:
                 pages.free.append(slot)
                 continue
@@ -241,11 +239,14 @@ class Arena:
                 problem = f"its bytes ({offset}+{n}) are outside the arena's data"
             else:
                 data = mm[data_base + offset : data_base + offset + n]
-                if seal(xxhash.xxh3_64_intdigest(data, _seed(obj, index, where, n, sub))) \
-                        != commit:
+                found, tag, at = idx.find_page(obj, index)
+                # seal(checksum seeded by _seed(...)), inline: once per page
+                if (xxhash.xxh3_64_intdigest(data, ((obj << 32) | index) ^ (
+                        (((where << 32) | (sub << 16) | n) * _K) & _M64)) & 0xFFFFFFFF
+                        or 1) != commit:
                     problem = "checksum mismatch"
                     checksum = True
-                elif idx.find_page(obj, index)[0] >= 0:
+                elif found >= 0:
                     problem = "a second record for the same page"
                 elif n and not alloc.claim(offset, sub, n):
                     problem = "its bytes overlap another page's, or its handle is wrong"
@@ -265,7 +266,7 @@ class Arena:
                 log.error("arena %s: page %s dropped, reported missing: %s", self.path,
                           _show(lost), problem)
                 continue
-            idx.track_page(obj, index, slot)
+            idx.track_page(obj, index, slot, tag, at)
             self.stored_bytes += n
         for slot in range(len(valid_obj)):
             if valid_obj[slot] and not idx.obj_pages[slot]:
@@ -337,7 +338,7 @@ class Arena:
             if slot >= 0:
                 idx.write_page(slot, obj, index, where, n, sub, commit)
             else:
-                idx.add_page(obj, index, where, n, sub, commit, at)
+                idx.add_page(obj, index, where, n, sub, commit, rec, at)  # rec: the tag
         except Exception:  # not on a BaseException: a crash leaves no cleanup either
             if allocated:
                 self._alloc.free(offset, sub, n)

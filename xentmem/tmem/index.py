@@ -14,7 +14,7 @@ An object's record is written before any of its pages' and zeroed after the last
 
 In this process only, rebuilt on open: open-addressed tables from a key to its slot (4 bytes
 a bucket: the slot + 1 and 5 bits of the key's hash, so most probes that miss never read a
-record; double hashing, at most 60% full counting removed buckets), each object's pages as a
+record; double hashing, at most 70% full counting removed buckets), each object's pages as a
 doubly linked list (two 4-byte links a page), and the count of pages per object.
 ``docs/page-arena.md`` counts the bytes.
 """
@@ -45,9 +45,13 @@ SLOT_MASK = (1 << _SLOT_BITS) - 1
 MAX_SLOTS = SLOT_MASK - 1
 _EMPTY = 0
 _TOMB = 0xFFFFFFFF
+_TAG_MASK = _TOMB & ~SLOT_MASK
 #: A persisted high-water mark is raised this many records ahead, not at every new record.
 _HWM_STEP = 256
 _MIN_BUCKETS = 1024
+#: A table is full at 70% (used and removed buckets): then it doubles, or is rebuilt at
+#: its size when removed buckets make up most of it.
+_FULL_NUM, _FULL_DEN = 10, 7
 
 
 def seal(checksum: int) -> int:
@@ -70,7 +74,7 @@ class Records:
         self.capacity = min(file.sizes[region] // size, MAX_SLOTS)
         #: Slots below this may hold a record; above it, none ever did.
         self.hwm = min(file.marks()[region], self.capacity)
-        self._mark = self.hwm
+        self.mark = self.hwm
         if self.hwm:
             file.reserve(region, self.hwm * size)
         #: Free slots below ``hwm``, the last freed on top.
@@ -83,14 +87,14 @@ class Records:
         if self.free:
             return self.free.pop()
         slot = self.hwm
-        if slot >= self._mark:
+        if slot >= self.mark:
             if slot >= self.capacity:
                 raise ArenaError(f"arena {self.file.path}: no room for another record "
                                  f"({self.capacity} at most)")
             mark = min(self.capacity, slot + _HWM_STEP)
             self.file.reserve(self.region, mark * self.size)
             self.file.set_mark(self.region, mark)
-            self._mark = mark
+            self.mark = mark
         self.hwm = slot + 1
         return slot
 
@@ -101,6 +105,10 @@ class Records:
         for i in range(self.hwm):
             yield i, raw[i * size : (i + 1) * size]
 
+    def scan_fields(self, fields: struct.Struct) -> Iterator[tuple[int, ...]]:
+        """Every record below the mark, unpacked (slot numbers count from 0)."""
+        return fields.iter_unpack(self.file.mm[self.base : self.base + self.hwm * self.size])
+
     def used_bytes(self) -> int:
         return (self.hwm - len(self.free)) * self.size
 
@@ -109,17 +117,18 @@ class Buckets:
     """An open-addressed table of buckets (``_SLOT_BITS``); it holds no keys: a candidate
     slot's record is compared with the key."""
 
-    def __init__(self, count: int = 0) -> None:
-        size = _MIN_BUCKETS
-        while size * 3 < count * 10:  # at most 30% full when made
-            size *= 2
+    def __init__(self, count: int = 0, size: int = 0) -> None:
+        if not size:
+            size = _MIN_BUCKETS
+            while size * _FULL_DEN < count * _FULL_NUM * 2:  # at most half "full" when made
+                size *= 2
         self.table = array("I", bytes(4 * size))
         self.mask = size - 1
         self.count = 0
         self.tombs = 0
 
     def full(self) -> bool:
-        return (self.count + self.tombs) * 5 >= len(self.table) * 3
+        return (self.count + self.tombs) * _FULL_NUM >= len(self.table) * _FULL_DEN
 
     def nbytes(self) -> int:
         return 4 * len(self.table)
@@ -214,30 +223,37 @@ class Index:
 
     # -- pages -------------------------------------------------------------------------------
 
-    def find_page(self, obj: int, index: int) -> tuple[int, tuple[int, ...], int]:
+    def find_page(self, obj: int, index: int,
+                  _tomb: int = _TOMB, _slots: int = SLOT_MASK, _tags: int = _TAG_MASK,
+                  ) -> tuple[int, Any, int]:
         """Slot, record (object, index, where, length, sub, commit) and bucket of page
-        ``index`` of object slot ``obj``; else (-1, (), the bucket to insert it at)."""
+        ``index`` of object slot ``obj``; else (-1, the key's bucket tag, the bucket to
+        insert it at), which :meth:`add_page` takes.  (The defaults are constants made
+        local: this is every put's and get's path.)"""
         b = self.page_buckets
         table, mask = b.table, b.mask
-        mm = self.mm
-        base = self.pages.base - PAGE_RECORD
-        unpack = PAGE_ALL.unpack_from
-        h = hash((obj, index))  # _probe_start, inline: this is every put's and get's path
+        h = hash((obj, index))  # _probe_start, inline
         i = h & mask
-        step = ((h >> 17) | 1) & mask
         tag = ((h >> 40) & 31) << _SLOT_BITS
+        v = table[i]
+        if v & _tags == tag and v != _tomb:  # the common case: found at the first probe
+            rec = PAGE_ALL.unpack_from(self.mm, self.pages.base + ((v & _slots) - 1) * PAGE_RECORD)
+            if rec[0] == obj and rec[1] == index:
+                return (v & _slots) - 1, rec, i
+        step = ((h >> 17) | 1) & mask
         spare = -1
         while True:
             v = table[i]
             if v == _EMPTY:
-                return -1, (), (i if spare < 0 else spare)
-            if v == _TOMB:
+                return -1, tag, (i if spare < 0 else spare)
+            if v == _tomb:
                 if spare < 0:
                     spare = i
-            elif v & ~SLOT_MASK == tag:
-                rec = unpack(mm, base + (v & SLOT_MASK) * PAGE_RECORD)
+            elif v & _tags == tag:
+                rec = PAGE_ALL.unpack_from(self.mm, self.pages.base + ((v & _slots) - 1)
+                                           * PAGE_RECORD)
                 if rec[0] == obj and rec[1] == index:
-                    return (v & SLOT_MASK) - 1, rec, i
+                    return (v & _slots) - 1, rec, i
             i = (i + step) & mask
 
     def read_page(self, slot: int) -> tuple[int, ...]:
@@ -252,26 +268,58 @@ class Index:
         COMMIT.pack_into(self.mm, off + PAGE_FIELDS.size, commit)
 
     def add_page(self, obj: int, index: int, where: int, length: int, sub: int, commit: int,
-                 at: int) -> None:
-        """Write a new page's record, its commit word last, and make it findable; ``at``: its
-        bucket from :meth:`find_page`."""
+                 tag: int, at: int) -> None:
+        """Write a new page's record, its commit word last, and make it findable; ``tag``
+        and ``at``: what :meth:`find_page` answered for the missing key.  (One call, with
+        :meth:`track_page`'s work inline: this is every put's path.)"""
         pages = self.pages
-        slot = pages.free.pop() if pages.free else pages.new_slot()
+        if pages.free:
+            slot = pages.free.pop()
+        elif pages.hwm < pages.mark:
+            slot = pages.hwm
+            pages.hwm = slot + 1
+        else:
+            slot = pages.new_slot()
         off = pages.base + slot * PAGE_RECORD
-        PAGE_FIELDS.pack_into(self.mm, off, obj, index, where, length, sub)
-        COMMIT.pack_into(self.mm, off + PAGE_FIELDS.size, commit)
-        self.track_page(obj, index, slot, at)
+        mm = self.mm
+        PAGE_FIELDS.pack_into(mm, off, obj, index, where, length, sub)
+        COMMIT.pack_into(mm, off + PAGE_FIELDS.size, commit)
+        nxt, prv = self.next, self.prev
+        if slot >= len(nxt):
+            self._grow_links(slot)
+            nxt, prv = self.next, self.prev
+        head = self.obj_head[obj]
+        nxt[slot] = head
+        prv[slot] = 0
+        if head:
+            prv[head - 1] = slot + 1
+        self.obj_head[obj] = slot + 1
+        self.obj_pages[obj] += 1
+        b = self.page_buckets
+        if (b.count + b.tombs) * _FULL_NUM >= len(b.table) * _FULL_DEN:
+            self._resize(b)
+            _, tag, at = self.find_page(obj, index)
+        table = b.table
+        if table[at] == _TOMB:
+            b.tombs -= 1
+        table[at] = tag | (slot + 1)
+        b.count += 1
+        self.page_count += 1
+
+    def _grow_links(self, slot: int) -> None:
+        more = max(slot + 1, len(self.next) * 5 // 4, 256) - len(self.next)
+        self.next.frombytes(bytes(4 * more))
+        self.prev.frombytes(bytes(4 * more))
 
     def uncommit_page(self, slot: int) -> None:
         """Zero a page's commit word: from here on, a crash finds no page in this slot."""
         COMMIT.pack_into(self.mm, self.pages.offset(slot) + PAGE_FIELDS.size, 0)
 
-    def track_page(self, obj: int, index: int, slot: int, at: int = -1) -> None:
-        """Make a committed page record findable; ``at``: its bucket from :meth:`find_page`."""
+    def track_page(self, obj: int, index: int, slot: int, tag: int = -1, at: int = -1) -> None:
+        """Make a committed page record findable (a reopen's rebuild); ``tag`` and ``at``:
+        what :meth:`find_page` answered for it, if it was asked."""
         if slot >= len(self.next):
-            more = max(slot + 1, len(self.next) * 5 // 4, 256) - len(self.next)
-            self.next.frombytes(bytes(4 * more))
-            self.prev.frombytes(bytes(4 * more))
+            self._grow_links(slot)
         head = self.obj_head[obj]
         self.next[slot] = head
         self.prev[slot] = 0
@@ -280,14 +328,14 @@ class Index:
         self.obj_head[obj] = slot + 1
         self.obj_pages[obj] += 1
         b = self.page_buckets
-        if at < 0 or (b.count + b.tombs) * 5 >= len(b.table) * 3:
-            if b.full():
-                self._resize(b)
-            at = self.find_page(obj, index)[2]
-        table = b.table
-        if table[at] == _TOMB:
+        if b.full():
+            self._resize(b)
+            at = -1
+        if at < 0:
+            _, tag, at = self.find_page(obj, index)
+        if b.table[at] == _TOMB:
             b.tombs -= 1
-        table[at] = (((hash((obj, index)) >> 40) & 31) << _SLOT_BITS) | (slot + 1)
+        b.table[at] = tag | (slot + 1)
         b.count += 1
         self.page_count += 1
 
@@ -336,13 +384,17 @@ class Index:
         b.count -= 1
 
     def _resize(self, b: Buckets) -> None:
-        """Rehash into a table at most 30% full (removed buckets go)."""
+        """Rehash into a table twice the size, or the same size if removed buckets filled
+        it (they go)."""
         if b is self.obj_buckets:
             keys = [(self.object_key(s), s) for s in self._slots(b)]
         else:
             unpack, mm, off = PAGE_KEY.unpack_from, self.mm, self.pages.offset
             keys = [(unpack(mm, off(s)), s) for s in self._slots(b)]
-        fresh = Buckets(len(keys) + 1)
+        size = len(b.table)
+        if len(keys) * _FULL_NUM * 2 >= size * _FULL_DEN:  # more than half "full" live: double
+            size *= 2
+        fresh = Buckets(size=size)
         table, mask = fresh.table, fresh.mask
         for key, slot in keys:
             h = hash(key)

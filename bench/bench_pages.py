@@ -27,7 +27,8 @@ beside the kernel's zram given the same pages, where a zram device can be hot-ad
 takes to rebuild.  Its last line: ``ARENA SUMMARY: ...``.  At large ``--pages`` the corpus's
 distinct pages are capped (``--distinct``) and cycled, each put under its own key.
 
-Run: ``python bench/bench_pages.py [--pages 8000] [--repeat 5] [--part all|zcache|arena]``.
+Run: ``python bench/bench_pages.py [--pages 8000] [--repeat 5] [--part all|zcache|arena]
+[--no-zram]``.
 """
 
 from __future__ import annotations
@@ -357,8 +358,10 @@ def arena_round(
     return stats
 
 
-def zram_figures(pages: list[bytes]) -> dict[str, Any]:
+def zram_figures(pages: list[bytes], wanted: bool) -> dict[str, Any]:
     """The kernel's zram (lz4) given the same pages: its ``mm_stat``, or why there is none."""
+    if not wanted:
+        return {"why": "not measured (--no-zram)"}
     control = Path("/sys/class/zram-control")
     if not control.is_dir():
         return {"why": "no /sys/class/zram-control (zram module not loaded)"}
@@ -400,7 +403,7 @@ def zram_figures(pages: list[bytes]) -> dict[str, Any]:
             print(f"warning: could not remove zram{number}: {exc}", file=sys.stderr)
 
 
-def arena_part(corpus: Corpus, repeat: int, distinct: int) -> None:
+def arena_part(corpus: Corpus, repeat: int, distinct: int, zram_wanted: bool) -> None:
     pages = corpus.pages
     n = len(pages)
     figures = {name: Figure(n, {}) for name in ("raw lz4", *ALLOCATORS)}
@@ -415,7 +418,7 @@ def arena_part(corpus: Corpus, repeat: int, distinct: int) -> None:
                 )
                 if round_ == 0:
                     stats[allocator] = got
-    zram = zram_figures(pages)
+    zram = zram_figures(pages, zram_wanted)
     raw = figures["raw lz4"]
     print(f"\narena ({n} pages, {min(n, distinct)} distinct, each under its own key)")
     print(f"{'allocator':<12}{'put pages/s':>13}{'get pages/s':>13}{'put/raw':>9}{'get/raw':>9}"
@@ -482,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="zcache and the frontends, the page arena, or both")
     parser.add_argument("--distinct", type=int, default=50_000,
                         help="distinct pages at most; a larger corpus cycles them")
+    parser.add_argument("--no-zram", dest="zram", action="store_false",
+                        help="do not hot-add a zram device for the memory table")
     args = parser.parse_args(argv)
     if args.pages < 100 or args.repeat < 1 or args.distinct < 100:
         parser.error("--pages and --distinct must be >= 100 and --repeat >= 1")
@@ -501,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("all", "zcache"):
         zcache_part(corpus, args.repeat)
     if args.part in ("all", "arena"):
-        arena_part(corpus, args.repeat, args.distinct)
+        arena_part(corpus, args.repeat, args.distinct, args.zram)
     return 0
 
 

@@ -156,13 +156,16 @@ class ArenaFile:
         ))
 
     def reserve(self, region: int, upto: int) -> None:
-        """Reserve a region's memory through byte ``upto`` (rounded up to a segment).
+        """Reserve a region's memory through byte ``upto`` (rounded up to a segment, or a
+        32nd of one for the records' regions).
 
         ArenaError when the region is full or tmpfs cannot give the memory.
         """
         if upto <= self.reserved[region]:
             return
-        want = _round_up(upto, self.segment_size)
+        # Records come 20 or 32 bytes at a time: their regions grow in smaller steps.
+        step = self.segment_size if region == DATA else max(MIN_SEGMENT, self.segment_size // 32)
+        want = _round_up(upto, step)
         if want > self.sizes[region]:
             raise ArenaError(
                 f"arena {self.path}: the {_REGION_NAMES[region]} region is full "

@@ -199,6 +199,12 @@ def test_a_damaged_object_record_drops_its_pages(filled: tuple[Path, str]) -> No
 # -- the rest of the file's rules -------------------------------------------------------------
 
 
+def test_an_arena_that_cannot_be_made_says_where(tmp_path: Path) -> None:
+    path = tmp_path / "no-such-directory" / "arena"
+    with pytest.raises(ArenaError, match=f"{path}: cannot create"):
+        small(path)
+
+
 def test_a_second_process_cannot_open_an_arena_in_use(tmp_path: Path) -> None:
     path = tmp_path / "arena"
     with small(path), pytest.raises(ArenaError, match=f"{path}: in use by another process"):

@@ -25,7 +25,7 @@ from typing import Any, Union
 
 import xxhash
 
-from xentmem.errors import ArenaDamaged
+from xentmem.errors import ArenaDamaged, ArenaError
 from xentmem.params import Param, ParamSet
 from xentmem.tmem.arenafile import DATA, DEFAULT_SEGMENT, PAGE, ArenaFile, set_aside
 from xentmem.tmem.frames import Frames
@@ -463,8 +463,9 @@ class Arena:
     # -- figures -----------------------------------------------------------------------------
 
     def footprint(self) -> int:
-        """Bytes the arena's pages and index really take: frames in use, records in use,
-        and this process's lookups; cheap enough for every put's capacity check."""
+        """Bytes the arena's pages and index take (frames and records in use, this
+        process's tables; the per-frame arrays counted at their largest, 7 bytes a frame):
+        a close estimate of :meth:`stats`' ``used_bytes``, cheap enough for every put."""
         idx = self._index
         return (
             self._frames.used * PAGE
@@ -525,8 +526,13 @@ class Arena:
 def _create(path: Path, allocator: str, segment_size: int, max_bytes: int) -> None:
     # Another process may have made it first: open that one (its lock decides).
     with contextlib.suppress(FileExistsError):
-        ArenaFile.create(path, allocator=allocator, segment_size=segment_size,
-                         data_bytes=max_bytes)
+        try:
+            ArenaFile.create(path, allocator=allocator, segment_size=segment_size,
+                             data_bytes=max_bytes)
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            raise ArenaError(f"arena {path}: cannot create: {exc.strerror}") from None
 
 
 def _total_ram() -> int:

@@ -3,7 +3,7 @@
 A page is the bytes a store hands over (lz4 block, raw page or nothing: the arena does not
 look inside) under a key ``(pool, oid, index)``: a u32 pool id, an oid of three u64 words and
 a u32 index.  Its bytes go where the allocator (``allocator=zbud|zsmalloc``) puts them in the
-file's data segments; its record goes in the index (``index.py``) with a commit word, a
+file's data region; its record goes in the index (``index.py``) with a commit word, a
 checksum of the bytes seeded with the record, written last.  :meth:`Arena.put` returns only
 once both are in place, so a put that returned is there after a ``kill -9``; one that did not
 is either there whole or not at all.  :meth:`Arena.open` rebuilds everything else (lookup
@@ -142,11 +142,11 @@ class Arena:
     ) -> Arena:
         """Open the arena at ``path``, making it if there is none, and rebuild its state.
 
-        ``max_bytes``: the most frames a new arena may hold (default: this machine's RAM;
-        the file is sparse, so only what is used costs memory).
-        ``on_damage``: "set-aside" moves a damaged arena (ours, but a bad header, size or
-        segment table) to ``<path>.damaged-<time>`` and starts a new one, saying so in the
-        log and :attr:`report`; "refuse" raises ArenaDamaged.  A file that is not an arena,
+        ``max_bytes``: the bytes of frames a new arena may hold (default: this machine's
+        RAM; the file is sparse, so only what is used costs memory).
+        ``on_damage``: "set-aside" moves a damaged arena (ours, but a bad header, region
+        sizes or file size) to ``<path>.damaged-<time>`` and starts a new one, saying so in
+        the log and :attr:`report`; "refuse" raises ArenaDamaged.  A file that is not an arena,
         or a newer version's, is always refused (ArenaRefused) and never touched.
         """
         if allocator not in ALLOCATORS:

@@ -11,7 +11,7 @@ the fullest non-full group first (``find_get_zspage``), else a new zspage; a zsp
 object is freed goes back at once.  Free objects are linked through their first bytes, as
 the kernel's ``link_free``.
 
-Differences, on purpose: a zspage's pages are contiguous frames of one segment (so an
+Differences, on purpose: a zspage's pages are contiguous frames of the arena (so an
 object that straddles two pages is one slice); an object carries no handle in front of it
 (the kernel adds ``ZS_HANDLE_SIZE`` for compaction and migration, which this arena does not
 do: the index holds where each page is); there is no compaction.

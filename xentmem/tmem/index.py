@@ -146,6 +146,7 @@ class Index:
         self.mm = file.mm
         self.objects = Records(file, OBJECTS, OBJ_RECORD)
         self.pages = Records(file, PAGES, PAGE_RECORD)
+        self.pbase = self.pages.base
         self.obj_buckets = Buckets()
         self.page_buckets = Buckets()
         #: Per object slot: pages it holds, its first page's slot + 1.
@@ -225,6 +226,7 @@ class Index:
 
     def find_page(self, obj: int, index: int,
                   _tomb: int = _TOMB, _slots: int = SLOT_MASK, _tags: int = _TAG_MASK,
+                  _unpack: Any = PAGE_ALL.unpack_from, _size: int = PAGE_RECORD,
                   ) -> tuple[int, Any, int]:
         """Slot, record (object, index, where, length, sub, commit) and bucket of page
         ``index`` of object slot ``obj``; else (-1, the key's bucket tag, the bucket to
@@ -237,7 +239,7 @@ class Index:
         tag = ((h >> 40) & 31) << _SLOT_BITS
         v = table[i]
         if v & _tags == tag and v != _tomb:  # the common case: found at the first probe
-            rec = PAGE_ALL.unpack_from(self.mm, self.pages.base + ((v & _slots) - 1) * PAGE_RECORD)
+            rec = _unpack(self.mm, self.pbase + ((v & _slots) - 1) * _size)
             if rec[0] == obj and rec[1] == index:
                 return (v & _slots) - 1, rec, i
         step = ((h >> 17) | 1) & mask
@@ -250,8 +252,7 @@ class Index:
                 if spare < 0:
                     spare = i
             elif v & _tags == tag:
-                rec = PAGE_ALL.unpack_from(self.mm, self.pages.base + ((v & _slots) - 1)
-                                           * PAGE_RECORD)
+                rec = _unpack(self.mm, self.pbase + ((v & _slots) - 1) * _size)
                 if rec[0] == obj and rec[1] == index:
                     return (v & _slots) - 1, rec, i
             i = (i + step) & mask
@@ -328,7 +329,7 @@ class Index:
         self.obj_head[obj] = slot + 1
         self.obj_pages[obj] += 1
         b = self.page_buckets
-        if b.full():
+        if (b.count + b.tombs) * _FULL_NUM >= len(b.table) * _FULL_DEN:
             self._resize(b)
             at = -1
         if at < 0:

@@ -259,14 +259,14 @@ class Zsmalloc:
             return False
         cls = self._by_size[size]
         head, at = divmod(offset - idx * cls.size, PAGE)
-        if at or not 0 <= idx < cls.objs or head < 0 or not self.frames.cover(head + cls.pages):
+        if at or not 0 <= idx < cls.objs or head < 0:
             return False
-        if len(self.class_of) < self.frames.total():
-            self._grow()
         used = self._claimed.get(head)
         if used is None:
             if not self.frames.claim(head, cls.pages, ZSPAGE_HEAD):
                 return False
+            if len(self.class_of) < self.frames.total():
+                self._grow()
             self.class_of[head] = cls.id + 1
             cls.zspages += 1
             used = self._claimed[head] = bytearray(cls.objs)

@@ -63,8 +63,10 @@ ARENA_PARAMS = ParamSet(
 
 #: A page's bytes start at a multiple of this in the data region (zsmalloc's class step).
 UNIT = 16
-#: How many lost keys a report lists (the counts are complete).
+#: How many lost keys a report lists, and how many drops are logged one by one, on an
+#: open (the counts, and the summary line, are complete).
 MAX_LOST = 100
+MAX_LOGGED = 20
 _K = 0x9E3779B97F4A7C15
 _M64 = (1 << 64) - 1
 
@@ -217,7 +219,8 @@ class Arena:
                 self._zero(objects, slot, nfields)
                 objects.free.append(slot)
                 self.dropped_records += 1
-                log.error("arena %s: object record %d is damaged; dropped", self.path, slot)
+                if self.dropped_records <= MAX_LOGGED:
+                    log.error("arena %s: object record %d is damaged; dropped", self.path, slot)
                 continue
             idx.track_object(key, slot)
             valid_obj[slot] = 1
@@ -263,8 +266,9 @@ class Arena:
                 )
                 if len(report.lost) < MAX_LOST:
                     report.lost.append(lost)
-                log.error("arena %s: page %s dropped, reported missing: %s", self.path,
-                          _show(lost), problem)
+                if self.checksum_failures + self.dropped_records <= MAX_LOGGED:
+                    log.error("arena %s: page %s dropped, reported missing: %s", self.path,
+                              _show(lost), problem)
                 continue
             idx.track_page(obj, index, slot, tag, at)
             self.stored_bytes += n

@@ -189,3 +189,34 @@ TestZsmallocArena = ArenaMachine.TestCase
 TestZsmallocArena.settings = _SETTINGS
 TestZbudArena = ZbudArenaMachine.TestCase
 TestZbudArena.settings = _SETTINGS
+
+
+def test_tables_that_grow_and_shrink_keep_every_page(tmp_path: Path) -> None:
+    """Thousands of pages: the lookup tables double and are rebuilt with removed buckets
+    dropped, through puts, replacements, deletes and reopens."""
+    import random
+
+    rng = random.Random(5)
+    path = tmp_path / "arena"
+    model: dict[Any, bytes] = {}
+    arena = Arena.open(path, segment_size=MIN_SEGMENT, max_bytes=1024 * MIN_SEGMENT)
+    try:
+        for round_ in range(3):
+            for i in range(3000):
+                key = (i % 3, (i % 7, round_, 0), i)
+                model[key] = data = bytes([i % 256]) * rng.randrange(0, 300)
+                arena.put(key, data)
+            for key in rng.sample(sorted(model), 1500):
+                if rng.random() < 0.5:
+                    assert arena.delete(key)
+                    del model[key]
+                else:
+                    model[key] = b"again" * rng.randrange(1, 50)
+                    arena.put(key, model[key])
+            arena.close()
+            arena = Arena.open(path)
+            assert len(arena) == len(model)
+            for key, data in model.items():
+                assert arena.get(key) == data
+    finally:
+        arena.close()

@@ -273,6 +273,10 @@ class Index:
         """Write a new page's record, its commit word last, and make it findable; ``tag``
         and ``at``: what :meth:`find_page` answered for the missing key.  (One call, with
         :meth:`track_page`'s work inline: this is every put's path.)"""
+        b = self.page_buckets
+        if (b.count + b.tombs) * _FULL_NUM >= len(b.table) * _FULL_DEN:
+            self._resize(b, from_records=True)  # before this page's record is written
+            _, tag, at = self.find_page(obj, index)
         pages = self.pages
         if pages.free:
             slot = pages.free.pop()
@@ -296,10 +300,6 @@ class Index:
             prv[head - 1] = slot + 1
         self.obj_head[obj] = slot + 1
         self.obj_pages[obj] += 1
-        b = self.page_buckets
-        if (b.count + b.tombs) * _FULL_NUM >= len(b.table) * _FULL_DEN:
-            self._resize(b)
-            _, tag, at = self.find_page(obj, index)
         table = b.table
         if table[at] == _TOMB:
             b.tombs -= 1
@@ -384,26 +384,34 @@ class Index:
         b.tombs += 1
         b.count -= 1
 
-    def _resize(self, b: Buckets) -> None:
+    def _resize(self, b: Buckets, from_records: bool = False) -> None:
         """Rehash into a table twice the size, or the same size if removed buckets filled
-        it (they go)."""
-        if b is self.obj_buckets:
-            keys = [(self.object_key(s), s) for s in self._slots(b)]
-        else:
-            unpack, mm, off = PAGE_KEY.unpack_from, self.mm, self.pages.offset
-            keys = [(unpack(mm, off(s)), s) for s in self._slots(b)]
+        it (they go).  ``from_records``: the page table holds every committed page record
+        and no other (true between puts, not during a rebuild), so they are read in one
+        pass instead of one slot at a time."""
         size = len(b.table)
-        if len(keys) * _FULL_NUM * 2 >= size * _FULL_DEN:  # more than half "full" live: double
+        if b.count * _FULL_NUM * 2 >= size * _FULL_DEN:  # more than half "full" live: double
             size *= 2
         fresh = Buckets(size=size)
         table, mask = fresh.table, fresh.mask
+        if b is self.obj_buckets:
+            keys: Any = ((self.object_key(s), s) for s in self._slots(b))
+        elif from_records:
+            keys = (((obj, index), slot) for slot, (obj, index, _, _, _, commit)
+                    in enumerate(self.pages.scan_fields(PAGE_ALL)) if commit)
+        else:
+            unpack, mm, off = PAGE_KEY.unpack_from, self.mm, self.pages.offset
+            keys = ((unpack(mm, off(s)), s) for s in self._slots(b))
+        count = 0
         for key, slot in keys:
             h = hash(key)
-            i, step, tag = _probe_start(h, mask)
+            i = h & mask
+            step = ((h >> 17) | 1) & mask
             while table[i]:
                 i = (i + step) & mask
-            table[i] = tag | (slot + 1)
-        b.table, b.mask, b.count, b.tombs = table, mask, len(keys), 0
+            table[i] = (((h >> 40) & 31) << _SLOT_BITS) | (slot + 1)
+            count += 1
+        b.table, b.mask, b.count, b.tombs = table, mask, count, 0
 
     @staticmethod
     def _slots(b: Buckets) -> Iterator[int]:

@@ -18,13 +18,27 @@ checked byte for byte, outside the timed loops.  The last line is the summary:
 ``SUMMARY: put x.xx of raw lz4, get x.xx of raw lz4, ratio x.xx`` (the slower of the two
 frontends for put and get; the compression ratio achieved by the store).
 
-Run: ``python bench/bench_pages.py [--pages 8000] [--repeat 5]``.
+The arena part (``--part arena``; ``all`` runs both) times the page arena
+(``xentmem/tmem/arena.py``) under each allocator, zbud and zsmalloc, the way a store drives it
+(zero page -> no bytes, lz4 block, raw page when lz4 saves too little): put and get against
+raw lz4 on the same pages, both in CPU time of the process (``time.process_time``: on a busy
+shared machine the wall clock mostly measures the other jobs); then a memory table (metadata
+and total bytes per stored page) beside the kernel's zram given the same pages, where a zram
+device can be hot-added (``/sys/class/zram-control``, root; the column says why not
+otherwise), and the CPU time a reopen takes to rebuild.  Its last line: ``ARENA SUMMARY:
+...``.  At large ``--pages`` the corpus's
+distinct pages are capped (``--distinct``) and cycled, each put under its own key.
+
+Run: ``python bench/bench_pages.py [--pages 8000] [--repeat 5] [--part all|zcache|arena]
+[--no-zram]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import mmap
+import os
 import random
 import sys
 import sysconfig
@@ -49,6 +63,7 @@ from xentmem.tmem.abi import (
     ZERO_PAGE,
     Oid,
 )
+from xentmem.tmem.arena import ALLOCATORS, DEFAULT_ALLOCATOR, Arena
 
 #: Share of each kind in the corpus (text, binary, zero, random).
 MIX = {"text": 0.40, "binary": 0.40, "zero": 0.10, "random": 0.10}
@@ -129,16 +144,22 @@ class Corpus:
 # -- timing ---------------------------------------------------------------------------------
 
 
-def timed(loop: Callable[[], Any]) -> float:
+def timed(loop: Callable[[], Any], clock: Callable[[], float] = time.perf_counter) -> float:
     """Seconds one run of ``loop`` takes, garbage collector off."""
     gc.collect()
     gc.disable()
     try:
-        start = time.perf_counter()
+        start = clock()
         loop()
-        return time.perf_counter() - start
+        return clock() - start
     finally:
         gc.enable()
+
+
+def cpu_timed(loop: Callable[[], Any]) -> float:
+    """CPU seconds of this process one run of ``loop`` takes (the arena part: on a shared,
+    busy machine, wall time mostly measures the other jobs)."""
+    return timed(loop, time.process_time)
 
 
 @dataclass
@@ -164,7 +185,8 @@ def check(expected: list[bytes], got: list[bytes | None], what: str) -> None:
 # -- the contenders -------------------------------------------------------------------------
 
 
-def raw_lz4_round(pages: list[bytes], fig: Figure) -> list[bytes]:
+def raw_lz4_round(pages: list[bytes], fig: Figure,
+                  timer: Callable[[Callable[[], Any]], float] = timed) -> list[bytes]:
     blocks: list[bytes] = []
 
     def put() -> None:
@@ -174,8 +196,8 @@ def raw_lz4_round(pages: list[bytes], fig: Figure) -> list[bytes]:
         for block in blocks:
             decompress(block, uncompressed_size=PAGE_SIZE)
 
-    fig.add("put", timed(put))
-    fig.add("get", timed(get))
+    fig.add("put", timer(put))
+    fig.add("get", timer(get))
     check(pages, [decompress(b, uncompressed_size=PAGE_SIZE) for b in blocks], "raw lz4")
     return blocks
 
@@ -287,6 +309,180 @@ def cleancache_round(pages: list[bytes], tmp: Path, fig: Figure) -> None:
     shim.unload()
 
 
+# -- the page arena -------------------------------------------------------------------------
+
+
+def store_form(page: bytes) -> bytes:
+    """What a store hands the arena: nothing for zeros, the page if lz4 saves too little."""
+    if page == ZERO_PAGE:
+        return b""
+    block = compress(page, store_size=False)
+    return page if len(block) > POOR_COMPRESSION_LIMIT else block
+
+
+def page_form(data: bytes) -> bytes:
+    """A page back from what the arena held (:func:`store_form` undone)."""
+    if not data:
+        return ZERO_PAGE
+    if len(data) == PAGE_SIZE:
+        return data
+    return decompress(data, uncompressed_size=PAGE_SIZE)
+
+
+def arena_round(
+    pages: list[bytes], allocator: str, tmp: Path, fig: Figure, reopen: bool
+) -> dict[str, Any]:
+    """Put then get every page, each under its own key; the arena's stats after the puts."""
+    path = tmp / f"arena-{allocator}"
+    arena = Arena.open(path, allocator=allocator)
+    keys = [(1, (i >> 12, 0, 0), i & 0xFFF) for i in range(len(pages))]
+    work = list(zip(keys, pages))
+
+    def put() -> None:
+        store = arena.put
+        for key, page in work:
+            store(key, store_form(page))
+
+    def get() -> None:  # the pages are dropped as raw lz4's are: checked in a pass of its own
+        load = arena.get
+        for key in keys:
+            page_form(load(key))  # type: ignore[arg-type]
+
+    fig.add("put", cpu_timed(put))
+    stats = arena.stats()
+    fig.add("get", cpu_timed(get))
+    bad = sum(1 for key, page in work if page_form(arena.get(key)) != page)  # type: ignore[arg-type]
+    if bad:
+        raise SystemExit(f"arena/{allocator}: {bad} page(s) did not round-trip byte-exact")
+    stats["reopen_seconds"] = None
+    if reopen:
+        arena.close()
+        started = time.process_time()
+        arena = Arena.open(path, allocator=allocator)
+        stats["reopen_seconds"] = time.process_time() - started
+        if len(arena) != len(pages) or arena.report.checksum_failures:
+            raise SystemExit(f"arena/{allocator}: reopen found {len(arena)} pages, "
+                             f"{arena.report.checksum_failures} failed checksums")
+    arena.discard()
+    return stats
+
+
+def zram_figures(pages: list[bytes], wanted: bool) -> dict[str, Any]:
+    """The kernel's zram (lz4) given the same pages: its ``mm_stat``, or why there is none."""
+    if not wanted:
+        return {"why": "not measured (--no-zram)"}
+    control = Path("/sys/class/zram-control")
+    if not control.is_dir():
+        return {"why": "no /sys/class/zram-control (zram module not loaded)"}
+    if os.geteuid() != 0:
+        return {"why": "not root: cannot hot-add a zram device"}
+    try:
+        number = int((control / "hot_add").read_text())
+    except (OSError, ValueError) as exc:
+        return {"why": f"hot_add failed: {exc}"}
+    block = Path(f"/sys/block/zram{number}")
+    try:
+        try:
+            (block / "comp_algorithm").write_text("lz4")
+        except OSError as exc:
+            return {"why": f"zram{number} has no lz4: {exc}"}
+        size = -(-len(pages) * PAGE_SIZE // (1 << 20)) << 20
+        (block / "disksize").write_text(str(size))
+        fd = os.open(f"/dev/zram{number}", os.O_WRONLY | os.O_DIRECT)
+        try:
+            batch = 256
+            buf = mmap.mmap(-1, batch * PAGE_SIZE)  # page-aligned, as O_DIRECT needs
+            for start in range(0, len(pages), batch):
+                chunk = pages[start : start + batch]
+                buf[: len(chunk) * PAGE_SIZE] = b"".join(chunk)
+                os.pwrite(fd, memoryview(buf)[: len(chunk) * PAGE_SIZE], start * PAGE_SIZE)
+        finally:
+            os.close(fd)
+        fields = (block / "mm_stat").read_text().split()
+        names = ("orig_data_size", "compr_data_size", "mem_used_total", "mem_limit",
+                 "mem_used_max", "same_pages", "pages_compacted", "huge_pages")
+        return {"device": f"zram{number}", **dict(zip(names, map(int, fields)))}
+    except OSError as exc:
+        return {"why": f"zram{number}: {exc}"}
+    finally:
+        try:
+            (block / "reset").write_text("1")
+            (control / "hot_remove").write_text(str(number))
+        except OSError as exc:
+            print(f"warning: could not remove zram{number}: {exc}", file=sys.stderr)
+
+
+def arena_part(corpus: Corpus, repeat: int, distinct: int, zram_wanted: bool) -> None:
+    pages = corpus.pages
+    n = len(pages)
+    figures = {name: Figure(n, {}) for name in ("raw lz4", *ALLOCATORS)}
+    stats: dict[str, dict[str, Any]] = {}
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
+    with tempfile.TemporaryDirectory(prefix="xentmem-arena-", dir=shm) as tmp:
+        for round_ in range(repeat):  # interleaved, so a slow spell hits every contender
+            raw_lz4_round(pages, figures["raw lz4"], cpu_timed)
+            for allocator in ALLOCATORS:
+                got = arena_round(
+                    pages, allocator, Path(tmp), figures[allocator], reopen=round_ == 0
+                )
+                if round_ == 0:
+                    stats[allocator] = got
+    zram = zram_figures(pages, zram_wanted)
+    raw = figures["raw lz4"]
+    print(f"\narena ({n} pages, {min(n, distinct)} distinct, each under its own key; "
+          f"CPU time of this process, best of {repeat} rounds)")
+    print(f"{'allocator':<12}{'put pages/s':>13}{'get pages/s':>13}{'put/raw':>9}{'get/raw':>9}"
+          f"{'reopen s':>10}{'s per GiB':>11}")
+    for name in ALLOCATORS:
+        fig = figures[name]
+        reopen = stats[name]["reopen_seconds"]
+        gib = n * PAGE_SIZE / (1 << 30)
+        print(f"{name:<12}{fig.rate('put'):>13,.0f}{fig.rate('get'):>13,.0f}"
+              f"{fig.rate('put') / raw.rate('put'):>9.2f}{fig.rate('get') / raw.rate('get'):>9.2f}"
+              f"{reopen:>10.2f}{reopen / gib:>11.2f}")
+    print("\nmemory per stored page (bytes; 'total' = frames in use + metadata)")
+    print(f"{'':<26}" + "".join(f"{name:>12}" for name in ALLOCATORS) + f"{'zram':>12}")
+    zram_total = zram.get("mem_used_total")
+    rows = [
+        ("stored bytes (data)", lambda s: s["stored_bytes"] / n, zram.get("compr_data_size")),
+        ("metadata", lambda s: s["metadata_bytes"] / n, None),
+        ("  index records", lambda s: s["metadata"]["records"] / n, None),
+        ("  lookup buckets", lambda s: s["metadata"]["buckets"] / n, None),
+        ("  object page lists", lambda s: s["metadata"]["links"] / n, None),
+        ("  allocator + frame map", lambda s: (s["metadata"]["allocator"]
+                                              + s["metadata"]["frame_map"]) / n, None),
+        ("  zbud header chunks", lambda s: s["metadata"]["frame_headers"] / n, None),
+        ("frames in use", lambda s: s["frames_used"] * PAGE_SIZE / n, None),
+        ("total", lambda s: s["used_bytes"] / n, zram_total),
+        ("file (reserved)", lambda s: s["file_bytes"] / n, None),
+    ]
+    for label, of, zram_value in rows:
+        zcol = f"{zram_value / n:>12.1f}" if zram_value is not None else f"{'':>12}"
+        print(f"{label:<26}" + "".join(f"{of(stats[a]):>12.1f}" for a in ALLOCATORS) + zcol)
+    if zram_total is None:
+        print(f"zram: {zram['why']}")
+    else:
+        print(f"zram: {zram['device']} lz4, mem_used_total {zram_total} B "
+              f"({zram['same_pages']} same-filled pages kept without data, "
+              f"{zram['huge_pages']} huge); its table (per page, outside mem_used_total) "
+              "is not counted")
+    totals = {a: stats[a]["used_bytes"] / n for a in ALLOCATORS}
+    denser = min(totals, key=totals.__getitem__)
+    parts = []
+    for a in ALLOCATORS:
+        fig = figures[a]
+        versus = (f", {totals[a] / (zram_total / n):.3f}x zram" if zram_total else
+                  ", zram n/a")
+        parts.append(
+            f"{a} put {fig.rate('put') / raw.rate('put'):.2f} get "
+            f"{fig.rate('get') / raw.rate('get'):.2f} of raw lz4, meta "
+            f"{stats[a]['metadata_bytes'] / n:.1f} B/page, total {totals[a]:.0f} B/page"
+            + versus
+        )
+    print(f"\nARENA SUMMARY: {n} pages: " + "; ".join(parts)
+          + f"; denser: {denser} (default {DEFAULT_ALLOCATOR})")
+
+
 # -- report ---------------------------------------------------------------------------------
 
 
@@ -295,11 +491,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pages", type=int, default=8000, help="pages in the corpus")
     parser.add_argument("--repeat", type=int, default=5, help="rounds; the best is reported")
     parser.add_argument("--seed", type=int, default=1, help="seed of the random pages and mix")
+    parser.add_argument("--part", choices=("all", "zcache", "arena"), default="all",
+                        help="zcache and the frontends, the page arena, or both")
+    parser.add_argument("--distinct", type=int, default=50_000,
+                        help="distinct pages at most; a larger corpus cycles them")
+    parser.add_argument("--no-zram", dest="zram", action="store_false",
+                        help="do not hot-add a zram device for the memory table")
     args = parser.parse_args(argv)
-    if args.pages < 100 or args.repeat < 1:
-        parser.error("--pages must be >= 100 and --repeat >= 1")
+    if args.pages < 100 or args.repeat < 1 or args.distinct < 100:
+        parser.error("--pages and --distinct must be >= 100 and --repeat >= 1")
 
-    corpus = Corpus.build(args.pages, args.seed)
+    corpus = Corpus.build(min(args.pages, args.distinct), args.seed)
+    if args.pages > len(corpus.pages):
+        d = len(corpus.pages)
+        corpus = Corpus([corpus.pages[i % d] for i in range(args.pages)],
+                        [corpus.kinds[i % d] for i in range(args.pages)])
     pages = corpus.pages
     n = len(pages)
     print(
@@ -307,7 +513,16 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{corpus.count(k)} {k}" for k in MIX)
         + f"; python {sys.version.split()[0]}"
     )
+    if args.part in ("all", "zcache"):
+        zcache_part(corpus, args.repeat)
+    if args.part in ("all", "arena"):
+        arena_part(corpus, args.repeat, args.distinct, args.zram)
+    return 0
 
+
+def zcache_part(corpus: Corpus, repeat: int) -> None:
+    pages = corpus.pages
+    n = len(pages)
     figures = {
         name: Figure(n, {})
         for name in (
@@ -323,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     blocks: list[bytes] = []
     direct_stats: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="xentmem-bench-") as tmp:
-        for _ in range(args.repeat):  # interleaved, so a slow spell hits every contender
+        for _ in range(repeat):  # interleaved, so a slow spell hits every contender
             blocks = raw_lz4_round(pages, figures["raw lz4"])
             direct_stats = direct_round(
                 pages, POOL_PRIVATE_PERSISTENT, "off", figures["zcache persistent"]
@@ -379,7 +594,6 @@ def main(argv: list[str] | None = None) -> int:
         f"get {get_ratio / raw.rate('get'):.2f} of raw lz4, "
         f"ratio {raw_bytes / direct_stats['zbytes']:.2f}"
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -22,7 +22,10 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 @pytest.mark.parametrize(
     ("script", "args", "summary"),
     [
-        ("bench_pages.py", ["--pages", "200", "--repeat", "1"], "SUMMARY: put"),
+        ("bench_pages.py", ["--pages", "200", "--repeat", "1", "--part", "zcache"],
+         "SUMMARY: put"),
+        ("bench_pages.py", ["--pages", "300", "--repeat", "1", "--part", "arena", "--no-zram"],
+         "ARENA SUMMARY"),
         ("bench_selfballoon.py", ["--traces", "steady,bursts", "--duration", "600"],
          "summary: guard cuts"),
         ("bench_control.py", ["--pages", "50", "--idle-seconds", "1"], "SUMMARY: socket"),

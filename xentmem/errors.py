@@ -49,3 +49,16 @@ class XenStoreError(XentmemError):
 
 class ConfigError(XentmemError, ValueError):
     """A configuration file or command line was refused; nothing was applied."""
+
+
+class ArenaError(XentmemError):
+    """The page arena's file cannot be used (in use, unwritable, full); names the file."""
+
+
+class ArenaDamaged(ArenaError):
+    """The arena file is ours but damaged (version, size, header checksum): set aside or
+    refused, never read as pages (``docs/page-arena.md``)."""
+
+
+class ArenaRefused(ArenaError):
+    """The arena file is not ours, or is a newer version's: never touched, always refused."""

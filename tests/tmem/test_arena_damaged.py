@@ -1,0 +1,250 @@
+"""Arena files that are not ours or are damaged, and pages whose checksum fails.
+
+What the arena promises (``docs/page-arena.md``): a file that is not an arena, or a newer
+version's, is refused and left untouched; an arena of ours with a damaged header, size or
+region table is set aside (renamed, never read) and a new one started, saying so, or refused
+with ``on_damage="refuse"`` and then unchanged; a page whose bytes or record fail their
+checksum is never served: dropped, counted, logged, listed as lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from xentmem.errors import ArenaDamaged, ArenaError, ArenaRefused, ParamError
+from xentmem.tmem.arena import ARENA_PARAMS, Arena
+from xentmem.tmem.arenafile import _HEADER, DATA, MIN_SEGMENT, PAGE, REGIONS_AT
+from xentmem.tmem.index import PAGE_FIELDS, PAGE_RECORD
+
+KEY = (3, (1, 2, 3), 9)
+OTHER = (3, (1, 2, 3), 10)
+
+
+def small(path: Path, **kw: object) -> Arena:
+    return Arena.open(path, segment_size=MIN_SEGMENT, max_bytes=16 * MIN_SEGMENT, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=["zbud", "zsmalloc"])
+def filled(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, str]:
+    """An arena holding two pages, closed."""
+    path = tmp_path / "arena"
+    with small(path, allocator=request.param) as arena:
+        arena.put(KEY, b"A" * 1500)
+        arena.put(OTHER, b"B" * 700)
+    return path, request.param
+
+
+def flip(path: Path, offset: int) -> None:
+    with path.open("r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def page_record_offset(path: Path, slot: int) -> int:
+    with small(path) as arena:
+        return arena._index.pages.offset(slot)
+
+
+# -- not ours: refused, untouched -------------------------------------------------------------
+
+
+def test_a_file_that_is_not_an_arena_is_refused_and_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "arena"
+    path.write_bytes(b"#!/bin/sh\necho important\n" * 300)
+    before = path.read_bytes()
+    for on_damage in ("set-aside", "refuse"):
+        with pytest.raises(ArenaRefused, match=rf"{path}: not a xentmem page arena"):
+            small(path, on_damage=on_damage)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["arena"]
+
+
+def test_a_newer_versions_arena_is_refused_and_untouched(tmp_path: Path) -> None:
+    import xxhash
+
+    path = tmp_path / "arena"
+    small(path).close()
+    raw = bytearray(path.read_bytes())
+    fields = list(_HEADER.unpack_from(raw))
+    fields[1] = 99
+    _HEADER.pack_into(raw, 0, *fields)
+    raw[_HEADER.size : _HEADER.size + 8] = xxhash.xxh3_64_intdigest(
+        bytes(raw[: _HEADER.size])).to_bytes(8, "little")
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ArenaRefused, match=r"format version 99 is newer"):
+        small(path)
+    assert path.read_bytes() == bytes(raw)
+
+
+# -- ours but damaged: set aside (or refused), never read -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("damage", "why"),
+    [
+        ("header", "header checksum mismatch"),
+        ("short", "size .* is not the .* bytes its header says"),
+        ("long", "size .* is not the .* bytes its header says"),
+        ("truncated", "truncated"),
+    ],
+)
+def test_a_damaged_arena_is_set_aside_and_a_new_one_started(
+    filled: tuple[Path, str], damage: str, why: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    path, allocator = filled
+    if damage == "header":
+        flip(path, 40)
+    elif damage == "short":
+        os.truncate(path, path.stat().st_size - MIN_SEGMENT)
+    elif damage == "long":
+        os.truncate(path, path.stat().st_size + PAGE)
+    else:
+        os.truncate(path, 100)
+    damaged = path.read_bytes()
+    with pytest.raises(ArenaDamaged, match=rf"{path}: {why}"):
+        small(path, allocator=allocator, on_damage="refuse")
+    assert path.read_bytes() == damaged  # refused means unchanged
+    with caplog.at_level(logging.ERROR), small(path, allocator=allocator) as arena:
+        report = arena.report
+        assert report.how == "set-aside"
+        assert len(arena) == 0
+        assert report.set_aside is not None
+    assert Path(report.set_aside).read_bytes() == damaged  # kept for inspection
+    assert str(path) in caplog.text and "every page it held is lost" in caplog.text
+
+
+def test_an_empty_file_is_damaged(tmp_path: Path) -> None:
+    path = tmp_path / "arena"
+    path.touch()
+    with pytest.raises(ArenaDamaged, match="empty file"):
+        small(path, on_damage="refuse")
+
+
+# -- pages whose checksum fails ---------------------------------------------------------------
+
+
+def test_a_page_whose_bytes_changed_is_never_served_after_a_reopen(
+    filled: tuple[Path, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    path, allocator = filled
+    with small(path, allocator=allocator) as arena:
+        _, rec, _ = arena._index.find_page(arena._object((3, 1, 2, 3), False), 9)
+        at = arena._data + rec[2] * 16
+    flip(path, at + 100)
+    with caplog.at_level(logging.ERROR), small(path, allocator=allocator) as arena:
+        report = arena.report
+        assert report.checksum_failures == 1
+        assert report.lost == [KEY]
+        assert arena.get(KEY) is None
+        assert arena.get(OTHER) == b"B" * 700
+        assert arena.stats()["checksum_failures"] == 1
+    assert "pool 3 oid 1.2.3 index 9" in caplog.text and "checksum mismatch" in caplog.text
+    with small(path, allocator=allocator) as arena:  # dropped for good: counted once
+        assert arena.report.checksum_failures == 0
+        assert len(arena) == 1
+
+
+def test_a_page_whose_bytes_change_while_open_is_never_served(
+    filled: tuple[Path, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    path, allocator = filled
+    with small(path, allocator=allocator) as arena:
+        _, rec, _ = arena._index.find_page(arena._object((3, 1, 2, 3), False), 9)
+        at = arena._data + rec[2] * 16
+        arena._mm[at] ^= 0x01
+        with caplog.at_level(logging.ERROR):
+            assert arena.get(KEY) is None
+        assert arena.checksum_failures == 1
+        assert arena.get(KEY) is None and len(arena) == 1  # gone, reported missing
+        assert arena.get(OTHER) == b"B" * 700
+    assert "failed its checksum" in caplog.text
+
+
+def test_a_damaged_record_drops_only_its_page(filled: tuple[Path, str]) -> None:
+    path, allocator = filled
+    flip(path, page_record_offset(path, 0) + 8)  # the first page's "where" field
+    with small(path, allocator=allocator) as arena:
+        assert arena.report.checksum_failures + arena.report.dropped_records == 1
+        assert len(arena) == 1
+        assert arena.get(OTHER) == b"B" * 700 or arena.get(KEY) == b"A" * 1500
+
+
+def test_a_record_pointing_outside_the_data_is_dropped(filled: tuple[Path, str]) -> None:
+    path, allocator = filled
+    with path.open("r+b") as f:
+        f.seek(page_record_offset(path, 0) + 8)
+        f.write((0xFFFFFFF0).to_bytes(4, "little"))
+    with small(path, allocator=allocator) as arena:
+        assert arena.report.dropped_records == 1
+        assert len(arena) == 1
+
+
+def test_a_damaged_object_record_drops_its_pages(filled: tuple[Path, str]) -> None:
+    path, allocator = filled
+    with small(path, allocator=allocator) as arena:
+        at = arena._index.objects.offset(0)
+    flip(path, at + 5)
+    with small(path, allocator=allocator) as arena:
+        assert len(arena) == 0
+        assert arena.report.dropped_records == 3  # the object and its two pages
+        assert ("object slot", 0) in arena.report.lost
+
+
+# -- the rest of the file's rules -------------------------------------------------------------
+
+
+def test_an_arena_that_cannot_be_made_says_where(tmp_path: Path) -> None:
+    path = tmp_path / "no-such-directory" / "arena"
+    with pytest.raises(ArenaError, match=f"{path}: cannot create"):
+        small(path)
+
+
+def test_a_second_process_cannot_open_an_arena_in_use(tmp_path: Path) -> None:
+    path = tmp_path / "arena"
+    with small(path), pytest.raises(ArenaError, match=f"{path}: in use by another process"):
+        small(path)
+
+
+def test_an_arena_holding_pages_keeps_its_allocator(filled: tuple[Path, str]) -> None:
+    path, allocator = filled
+    other = "zsmalloc" if allocator == "zbud" else "zbud"
+    with small(path, allocator=other) as arena:
+        assert arena.allocator_name == allocator
+        assert "kept" in arena.report.note
+        assert arena.get(KEY) == b"A" * 1500
+        arena.delete(KEY)
+        arena.delete(OTHER)
+    with small(path, allocator=other) as arena:  # empty now: made again as asked
+        assert arena.allocator_name == other
+
+
+def test_the_allocator_param_is_checked() -> None:
+    assert ARENA_PARAMS.validate({})["allocator"] == "zsmalloc"
+    assert ARENA_PARAMS.validate({"allocator": "zbud"})["allocator"] == "zbud"
+    with pytest.raises(ParamError, match=r"allocator.*accepted: one of zbud, zsmalloc"):
+        ARENA_PARAMS.validate({"allocator": "z3fold"})
+
+
+def test_a_full_arena_refuses_a_put_and_keeps_the_rest(tmp_path: Path) -> None:
+    path = tmp_path / "arena"
+    with Arena.open(path, segment_size=MIN_SEGMENT, max_bytes=MIN_SEGMENT) as arena:
+        stored = 0
+        with pytest.raises(ArenaError, match="data region is full"):
+            for i in range(10_000):
+                arena.put((0, (0, 0, 0), i), os.urandom(4000))
+                stored += 1
+        assert len(arena) == stored
+        assert arena.get((0, (0, 0, 0), stored)) is None
+        assert arena.get((0, (0, 0, 0), 0)) is not None
+        assert arena._file.reserved[DATA] == MIN_SEGMENT
+
+
+def test_records_are_the_documented_size() -> None:
+    assert PAGE_RECORD == PAGE_FIELDS.size + 4 == 20
+    assert REGIONS_AT == 2 * PAGE

@@ -1,0 +1,554 @@
+"""The page arena: stored pages in one file that outlives the process, an index beside them.
+
+A page is the bytes a store hands over (lz4 block, raw page or nothing: the arena does not
+look inside) under a key ``(pool, oid, index)``: a u32 pool id, an oid of three u64 words and
+a u32 index.  Its bytes go where the allocator (``allocator=zbud|zsmalloc``) puts them in the
+file's data region; its record goes in the index (``index.py``) with a commit word, a
+checksum of the bytes seeded with the record, written last.  :meth:`Arena.put` returns only
+once both are in place, so a put that returned is there after a ``kill -9``; one that did not
+is either there whole or not at all.  :meth:`Arena.open` rebuilds everything else (lookup
+tables, allocator state) from the records, checking each page's checksum; a page that fails
+is dropped, counted, logged and reported, never served.  The interface for a store, the file
+format and the choices behind them: ``docs/page-arena.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import xxhash
+
+from xentmem.errors import ArenaDamaged, ArenaError
+from xentmem.params import Param, ParamSet
+from xentmem.tmem.arenafile import DATA, DEFAULT_SEGMENT, PAGE, ArenaFile, set_aside
+from xentmem.tmem.frames import Frames
+from xentmem.tmem.index import (
+    COMMIT,
+    OBJ_FIELDS,
+    OBJ_RECORD,
+    PAGE_ALL,
+    PAGE_FIELDS,
+    Index,
+    object_commit,
+)
+from xentmem.tmem.zbud import Zbud
+from xentmem.tmem.zsmalloc import Zsmalloc
+
+log = logging.getLogger(__name__)
+
+#: The allocators, by the name the ``allocator`` param takes.
+ALLOCATORS = {"zbud": Zbud, "zsmalloc": Zsmalloc}
+#: Denser on the bench corpus (``bench/bench_pages.py``: zsmalloc packs a page in about
+#: its compressed size, zbud in at least half a frame).
+DEFAULT_ALLOCATOR = "zsmalloc"
+
+ARENA_PARAMS = ParamSet(
+    Param(
+        "allocator",
+        str,
+        DEFAULT_ALLOCATOR,
+        "how stored pages are packed in the arena's frames: zsmalloc (size classes, objects "
+        "across pages) or zbud (at most two a frame); an arena that holds pages keeps the "
+        "allocator it was made with",
+        choices=tuple(ALLOCATORS),
+    ),
+)
+
+#: A page's bytes start at a multiple of this in the data region (zsmalloc's class step).
+UNIT = 16
+#: How many lost keys a report lists, and how many drops are logged one by one, on an
+#: open (the counts, and the summary line, are complete).
+MAX_LOST = 100
+MAX_LOGGED = 20
+_K = 0x9E3779B97F4A7C15
+_M64 = (1 << 64) - 1
+
+Oid3 = tuple[int, int, int]
+PageKey = tuple[int, Oid3, int]
+LostKey = Union[PageKey, tuple[str, int]]
+
+
+def _seed(obj: int, index: int, where: int, length: int, sub: int) -> int:
+    """Binds a page's checksum to its record: a record pointing elsewhere fails."""
+    return ((obj << 32) | index) ^ ((((where << 32) | (sub << 16) | length) * _K) & _M64)
+
+
+@dataclass
+class OpenReport:
+    """What :meth:`Arena.open` found: for the log, ``status`` and the metrics."""
+
+    path: str
+    how: str  # "created", "reopened", "set-aside" (a damaged file moved away, a new one made)
+    allocator: str
+    pages: int = 0
+    objects: int = 0
+    stored_bytes: int = 0
+    #: Pages whose data failed its checksum: dropped, never served.
+    checksum_failures: int = 0
+    #: Records that could not stand (object gone, out of range, overlapping, duplicate).
+    dropped_records: int = 0
+    #: Keys of the pages dropped (the first MAX_LOST); ("object slot", n) when the page's
+    #: object record itself was damaged, so its key is unknown.
+    lost: list[LostKey] = field(default_factory=list)
+    set_aside: str | None = None
+    reason: str = ""
+    note: str = ""
+    seconds: float = 0.0
+
+    def describe(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["lost"] = [list(k) for k in self.lost]
+        return out
+
+
+class Arena:
+    """Pages by key in one arena file.  Not thread-safe: the store calls it under its lock.
+
+    Open with :meth:`open`; ``close`` keeps the file (and every page) for the next open.
+    """
+
+    def __init__(self, file: ArenaFile, report: OpenReport) -> None:
+        self._file = file
+        self._mm = file.mm
+        self._data = file.bases[DATA]
+        self.path = file.path
+        self.allocator_name = file.allocator
+        self._frames = Frames(file)
+        self._alloc: Zbud | Zsmalloc = ALLOCATORS[file.allocator](self._frames)
+        self._index = Index(file)
+        self.report = report
+        self.stored_bytes = 0
+        self.checksum_failures = 0
+        self.dropped_records = 0
+        self._last_key: tuple[int, int, int, int] | None = None
+        self._last_obj = -1
+
+    # -- opening -----------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        allocator: str = DEFAULT_ALLOCATOR,
+        segment_size: int = DEFAULT_SEGMENT,
+        max_bytes: int = 0,
+        on_damage: str = "set-aside",
+    ) -> Arena:
+        """Open the arena at ``path``, making it if there is none, and rebuild its state.
+
+        ``max_bytes``: the bytes of frames a new arena may hold (default: this machine's
+        RAM; the file is sparse, so only what is used costs memory).
+        ``on_damage``: "set-aside" moves a damaged arena (ours, but a bad header, region
+        sizes or file size) to ``<path>.damaged-<time>`` and starts a new one, saying so in
+        the log and :attr:`report`; "refuse" raises ArenaDamaged.  A file that is not an arena,
+        or a newer version's, is always refused (ArenaRefused) and never touched.
+        """
+        if allocator not in ALLOCATORS:
+            raise ValueError(f"allocator {allocator!r}: accepted: {', '.join(ALLOCATORS)}")
+        if on_damage not in ("set-aside", "refuse"):
+            raise ValueError(f"on_damage {on_damage!r}: accepted: set-aside, refuse")
+        started = time.monotonic()
+        path = Path(path)
+        max_bytes = max_bytes or _total_ram()
+        how = "reopened"
+        aside: str | None = None
+        reason = ""
+        if not path.exists():
+            _create(path, allocator, segment_size, max_bytes)
+            how = "created"
+        try:
+            file = ArenaFile.open(path)
+        except ArenaDamaged as exc:
+            if on_damage == "refuse":
+                raise
+            reason = str(exc)
+            aside = str(set_aside(path))
+            log.error("%s; set aside as %s: every page it held is lost; starting a new "
+                      "arena", exc, aside)
+            _create(path, allocator, segment_size, max_bytes)
+            file = ArenaFile.open(path)
+            how = "set-aside"
+        report = OpenReport(str(path), how, file.allocator, set_aside=aside, reason=reason)
+        arena = cls(file, report)
+        try:
+            arena._rebuild()
+        except BaseException:
+            file.close()
+            raise
+        if file.allocator != allocator:
+            if arena._index.page_count == 0:
+                # Nothing to keep: remake it with the allocator asked for.
+                file.close()
+                os.unlink(path)
+                _create(path, allocator, segment_size, max_bytes)
+                arena = cls(ArenaFile.open(path), report)
+                report.allocator = allocator
+            else:
+                report.note = (
+                    f"allocator={allocator} asked, but the arena holds pages packed by "
+                    f"{file.allocator}: kept {file.allocator} until the arena is emptied"
+                )
+                log.warning("arena %s: %s", path, report.note)
+        report.seconds = time.monotonic() - started
+        return arena
+
+    def _rebuild(self) -> None:
+        """Every record checked, the lookups and the allocator rebuilt from those that stand."""
+        idx = self._index
+        report = self.report
+        objects, pages = idx.objects, idx.pages
+        idx.reserve(objects.hwm, pages.hwm)
+        valid_obj = bytearray(objects.hwm)
+        nfields = OBJ_FIELDS.size
+        for slot, rec in objects.scan():
+            commit = int.from_bytes(rec[nfields:], "little")
+            if not commit:
+                objects.free.append(slot)
+                continue
+            fields = rec[:nfields]
+            key = OBJ_FIELDS.unpack(fields)
+            if commit != object_commit(fields) or idx.find_object(key)[0] >= 0:
+                self._zero(objects, slot, nfields)
+                objects.free.append(slot)
+                self.dropped_records += 1
+                if self.dropped_records <= MAX_LOGGED:
+                    log.error("arena %s: object record %d is damaged; dropped", self.path, slot)
+                continue
+            idx.track_object(key, slot)
+            valid_obj[slot] = 1
+        alloc = self._alloc
+        mm, data_base = self._mm, self._data
+        data_end = self._file.reserved_data()
+        for slot, (obj, index, where, n, sub, commit) in enumerate(pages.scan_fields(PAGE_ALL)):
+            if not commit:
+                pages.free.append(slot)
+                continue
+            problem = ""
+            checksum = False
+            offset = where * UNIT
+            if obj >= len(valid_obj) or not valid_obj[obj]:
+                problem = "its object record is missing or damaged"
+            elif n > PAGE:
+                problem = f"length {n} is more than a page"
+            elif offset + n > data_end:
+                problem = f"its bytes ({offset}+{n}) are outside the arena's data"
+            else:
+                data = mm[data_base + offset : data_base + offset + n]
+                found, tag, at = idx.find_page(obj, index)
+                # seal(checksum seeded by _seed(...)), inline: once per page
+                if (xxhash.xxh3_64_intdigest(data, ((obj << 32) | index) ^ (
+                        (((where << 32) | (sub << 16) | n) * _K) & _M64)) & 0xFFFFFFFF
+                        or 1) != commit:
+                    problem = "checksum mismatch"
+                    checksum = True
+                elif found >= 0:
+                    problem = "a second record for the same page"
+                elif n and not alloc.claim(offset, sub, n):
+                    problem = "its bytes overlap another page's, or its handle is wrong"
+            if problem:
+                self._zero(pages, slot, PAGE_FIELDS.size)
+                pages.free.append(slot)
+                if checksum:
+                    self.checksum_failures += 1
+                else:
+                    self.dropped_records += 1
+                lost: LostKey = (
+                    self._key_of(obj, index) if obj < len(valid_obj) and valid_obj[obj]
+                    else ("object slot", obj)
+                )
+                if len(report.lost) < MAX_LOST:
+                    report.lost.append(lost)
+                if self.checksum_failures + self.dropped_records <= MAX_LOGGED:
+                    log.error("arena %s: page %s dropped, reported missing: %s", self.path,
+                              _show(lost), problem)
+                continue
+            idx.track_page(obj, index, slot, tag, at)
+            self.stored_bytes += n
+        for slot in range(len(valid_obj)):
+            if valid_obj[slot] and not idx.obj_pages[slot]:
+                idx.remove_object(slot)  # made for a put that never completed
+        alloc.finish_claims()
+        report.pages = idx.page_count
+        report.objects = idx.object_count
+        report.stored_bytes = self.stored_bytes
+        report.checksum_failures = self.checksum_failures
+        report.dropped_records = self.dropped_records
+        if self.checksum_failures or self.dropped_records:
+            log.error("arena %s: %d page(s) failed their checksum, %d record(s) dropped; "
+                      "those pages are reported missing", self.path, self.checksum_failures,
+                      self.dropped_records)
+
+    def _zero(self, records: Any, slot: int, commit_at: int) -> None:
+        COMMIT.pack_into(self._mm, records.offset(slot) + commit_at, 0)
+
+    def _key_of(self, obj: int, index: int) -> PageKey:
+        pool, w0, w1, w2 = self._index.object_key(obj)
+        return (pool, (w0, w1, w2), index)
+
+    # -- pages -------------------------------------------------------------------------------
+
+    def _object(self, okey: tuple[int, int, int, int], create: bool) -> int:
+        if okey == self._last_key:
+            return self._last_obj
+        obj = self._index.find_object(okey)[0]
+        if obj < 0:
+            if not create:
+                return -1
+            obj = self._index.add_object(okey)
+        self._last_key = okey
+        self._last_obj = obj
+        return obj
+
+    def put(self, key: PageKey, data: bytes) -> None:
+        """Store ``data`` (0..4096 bytes) under ``key``, replacing what was there.
+
+        On return, the page and its record are complete and checksummed.  ArenaError when
+        the arena is full or cannot grow: then the key holds nothing (a replaced page is
+        gone too, as a failed duplicate put in Xen).
+        """
+        n = len(data)
+        if n > PAGE:
+            raise ValueError(f"a stored page is at most {PAGE} bytes, got {n}")
+        pool, oid, index = key
+        okey = (pool, oid[0], oid[1], oid[2])
+        obj = self._last_obj if okey == self._last_key else self._object(okey, True)
+        idx = self._index
+        slot, rec, at = idx.find_page(obj, index)
+        if slot >= 0:  # a duplicate put: the old page goes first, its slot is reused
+            idx.uncommit_page(slot)
+            if rec[3]:
+                self._alloc.free(rec[2] * UNIT, rec[4], rec[3])
+            self.stored_bytes -= rec[3]
+        offset = sub = 0
+        allocated = False
+        try:
+            if n:
+                offset, sub = self._alloc.alloc(n)
+                allocated = True
+                pos = self._data + offset
+                self._mm[pos : pos + n] = data
+            where = offset // UNIT
+            # seal(checksum seeded by _seed(...)), inline: this is every put's path
+            commit = xxhash.xxh3_64_intdigest(data, ((obj << 32) | index) ^ (
+                (((where << 32) | (sub << 16) | n) * _K) & _M64)) & 0xFFFFFFFF or 1
+            if slot >= 0:
+                idx.write_page(slot, obj, index, where, n, sub, commit)
+            else:
+                idx.add_page(obj, index, where, n, sub, commit, rec, at)  # rec: the tag
+        except Exception:  # not on a BaseException: a crash leaves no cleanup either
+            if allocated:
+                self._alloc.free(offset, sub, n)
+            if slot >= 0:
+                idx.remove_page(slot, obj, index, at)
+            if not idx.obj_pages[obj]:
+                self._forget_object(obj)
+            raise
+        self.stored_bytes += n
+
+    def get(self, key: PageKey) -> bytes | None:
+        """The bytes stored under ``key``, or None (never, failed its checksum: dropped)."""
+        pool, oid, index = key
+        okey = (pool, oid[0], oid[1], oid[2])
+        if okey == self._last_key:
+            obj = self._last_obj
+        else:
+            obj = self._object(okey, False)
+            if obj < 0:
+                return None
+        slot, rec, _ = self._index.find_page(obj, index)
+        if slot < 0:
+            return None
+        _, _, where, n, sub, commit = rec
+        at = self._data + where * UNIT
+        data = self._mm[at : at + n]
+        # seal(checksum seeded by _seed(...)), inline: this is every get's path
+        if (xxhash.xxh3_64_intdigest(data, ((obj << 32) | index) ^ (
+                (((where << 32) | (sub << 16) | n) * _K) & _M64)) & 0xFFFFFFFF or 1) != commit:
+            self._failed(slot, key)
+            return None
+        return data
+
+    def take(self, key: PageKey) -> bytes | None:
+        """:meth:`get` and :meth:`delete` in one (an exclusive get)."""
+        data = self.get(key)
+        if data is not None:
+            self.delete(key)
+        return data
+
+    def _failed(self, slot: int, key: PageKey) -> None:
+        self.checksum_failures += 1
+        log.error("arena %s: page %s failed its checksum; dropped, reported missing",
+                  self.path, _show(key))
+        self._drop(slot)
+
+    def delete(self, key: PageKey) -> bool:
+        """Forget ``key``'s page; False if there was none."""
+        pool, oid, index = key
+        obj = self._object((pool, oid[0], oid[1], oid[2]), False)
+        if obj < 0:
+            return False
+        slot, _, at = self._index.find_page(obj, index)
+        if slot < 0:
+            return False
+        self._drop(slot, at)
+        return True
+
+    def _drop(self, slot: int, at: int = -1) -> None:
+        idx = self._index
+        obj, index, where, n, sub, _ = idx.read_page(slot)
+        left = idx.remove_page(slot, obj, index, at)  # the commit word goes first
+        if n:
+            self._alloc.free(where * UNIT, sub, n)
+        self.stored_bytes -= n
+        if not left:
+            self._forget_object(obj)
+
+    def _forget_object(self, obj: int) -> None:
+        self._index.remove_object(obj)
+        if obj == self._last_obj:
+            self._last_key = None
+            self._last_obj = -1
+
+    def delete_object(self, pool: int, oid: Oid3) -> int:
+        """Forget every page of one object (FLUSH_OBJECT); how many there were."""
+        obj = self._object((pool, oid[0], oid[1], oid[2]), False)
+        if obj < 0:
+            return 0
+        slots = self._index.object_pages(obj)
+        for slot in slots:
+            self._drop(slot)
+        return len(slots)
+
+    def delete_pool(self, pool: int) -> int:
+        """Forget every page of one pool (DESTROY_POOL); how many there were."""
+        idx = self._index
+        count = 0
+        for obj in list(idx.live_objects()):
+            if idx.object_key(obj)[0] == pool:
+                for slot in idx.object_pages(obj):
+                    self._drop(slot)
+                    count += 1
+        return count
+
+    def size_of(self, key: PageKey) -> int | None:
+        """How many bytes ``key``'s page takes (its stored length), or None."""
+        pool, oid, index = key
+        obj = self._object((pool, oid[0], oid[1], oid[2]), False)
+        if obj < 0:
+            return None
+        slot, rec, _ = self._index.find_page(obj, index)
+        return None if slot < 0 else rec[3]
+
+    def keys(self, pool: int | None = None) -> Iterator[PageKey]:
+        """Every key held (of one pool), object by object: what a store rebuilds from.
+
+        Do not change the arena while iterating.
+        """
+        idx = self._index
+        for obj in idx.live_objects():
+            p, w0, w1, w2 = idx.object_key(obj)
+            if pool is not None and p != pool:
+                continue
+            oid = (w0, w1, w2)
+            for slot in idx.object_pages(obj):
+                yield (p, oid, idx.read_page(slot)[1])
+
+    def __len__(self) -> int:
+        return self._index.page_count
+
+    # -- figures -----------------------------------------------------------------------------
+
+    def footprint(self) -> int:
+        """Bytes the arena's pages and index take (frames and records in use, this
+        process's tables; the per-frame arrays counted at their largest, 7 bytes a frame):
+        a close estimate of :meth:`stats`' ``used_bytes``, cheap enough for every put."""
+        idx = self._index
+        return (
+            self._frames.used * PAGE
+            + idx.pages.used_bytes()
+            + idx.objects.used_bytes()
+            + idx.obj_buckets.nbytes()
+            + idx.page_buckets.nbytes()
+            + 8 * (len(idx.next) + len(idx.obj_pages))
+            + 7 * len(self._frames.state)
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for ``stats`` and the metrics (``docs/page-arena.md`` says what each is)."""
+        idx = self._index
+        meta = idx.metadata_bytes()
+        meta["frame_map"] = len(self._frames.state)
+        meta["allocator"] = self._alloc.metadata_bytes()
+        meta["frame_headers"] = self._alloc.header_bytes()
+        metadata = sum(meta.values())
+        pages = idx.page_count
+        out: dict[str, Any] = {
+            "path": str(self.path),
+            "pages": pages,
+            "objects": idx.object_count,
+            "stored_bytes": self.stored_bytes,
+            "frames_used": self._frames.used,
+            "frames_total": self._frames.total(),
+            "file_bytes": self._file.reserved_bytes(),
+            "metadata_bytes": metadata,
+            "metadata": meta,
+            "metadata_per_page": metadata / pages if pages else 0.0,
+            "used_bytes": self._frames.used * PAGE - meta["frame_headers"] + metadata,
+            "checksum_failures": self.checksum_failures,
+            "dropped_records": self.dropped_records,
+        }
+        out.update(self._alloc.stats())
+        return out
+
+    # -- closing -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Unmap and unlock; the file keeps every page for the next :meth:`open`."""
+        self._file.close()
+
+    def discard(self) -> None:
+        """Close and remove the file: every page in it is gone (a clean stop that
+        repatriated them, or a test)."""
+        self._file.close()
+        os.unlink(self.path)
+
+    def __enter__(self) -> Arena:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _create(path: Path, allocator: str, segment_size: int, max_bytes: int) -> None:
+    # Another process may have made it first: open that one (its lock decides).
+    with contextlib.suppress(FileExistsError):
+        try:
+            ArenaFile.create(path, allocator=allocator, segment_size=segment_size,
+                             data_bytes=max_bytes)
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            raise ArenaError(f"arena {path}: cannot create: {exc.strerror}") from None
+
+
+def _total_ram() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _show(key: Any) -> str:
+    if isinstance(key, tuple) and len(key) == 3 and isinstance(key[1], tuple):
+        pool, oid, index = key
+        return f"pool {pool} oid {'.'.join(f'{w:x}' for w in oid)} index {index}"
+    return " ".join(str(k) for k in key)
+
+
+__all__ = ["ALLOCATORS", "ARENA_PARAMS", "DEFAULT_ALLOCATOR", "OBJ_RECORD", "Arena",
+           "OpenReport"]

@@ -1,0 +1,99 @@
+"""The 4 KiB frames of the arena's data region: which are in use, and runs of them.
+
+Both allocators take their memory here, as the kernel's take pages from the page allocator:
+zbud one frame at a time, zsmalloc a run of up to 8 for one zspage.  A zspage's frames are
+contiguous, so an object that straddles two of them is one slice of the map.  The map is one
+byte per frame (what holds it), kept in this process only: it is rebuilt from the index when
+the arena is reopened.  The region's memory is reserved a segment at a time as frames are
+first needed.
+"""
+
+from __future__ import annotations
+
+from xentmem.errors import ArenaError
+from xentmem.tmem.arenafile import DATA, PAGE, ArenaFile
+
+#: What holds a frame (one byte per frame).
+FREE = 0
+ZBUD = 1
+HUGE = 2
+ZSPAGE_HEAD = 3
+ZSPAGE_TAIL = 4
+#: The longest run one allocation takes (the kernel's CONFIG_ZSMALLOC_CHAIN_SIZE default).
+MAX_RUN = 8
+
+
+class Frames:
+    """Frame allocation over the data region of one :class:`ArenaFile`."""
+
+    def __init__(self, file: ArenaFile) -> None:
+        self.file = file
+        self.capacity = file.sizes[DATA] // PAGE
+        self.step = file.segment_size // PAGE
+        self.state = bytearray()
+        self.used = 0
+        #: No free run of length n starts before ``_hints[n]``.
+        self._hints = [0] * (MAX_RUN + 1)
+
+    def _grow(self, frames: int) -> None:
+        """Reserve memory for the first ``frames`` frames (a segment at a time)."""
+        want = min(self.capacity, -(-frames // self.step) * self.step)
+        if want < frames:
+            raise ArenaError(f"arena {self.file.path}: the data region is full "
+                             f"({self.capacity} frames)")
+        self.file.reserve(DATA, want * PAGE)
+        self.state.extend(bytes(want - len(self.state)))
+
+    def alloc(self, n: int, tag: int) -> int:
+        """The first frame of a free run of ``n``, now marked ``tag``.
+
+        ArenaError when the region is full or its memory cannot be reserved.
+        """
+        state = self.state
+        zeros = bytes(n)
+        start = self._hints[n]
+        frame = state.find(zeros, start)
+        while frame < 0:  # none before the end: reserve another segment
+            start = max(start, len(state) - n + 1, 0)
+            self._grow(len(state) + 1)
+            frame = state.find(zeros, start)
+        self._hints[n] = frame
+        self._mark(frame, n, tag)
+        return frame
+
+    def _mark(self, frame: int, n: int, tag: int) -> None:
+        if tag == ZSPAGE_HEAD:
+            self.state[frame : frame + n] = bytes((ZSPAGE_HEAD,)) + bytes((ZSPAGE_TAIL,)) * (n - 1)
+        else:
+            self.state[frame : frame + n] = bytes((tag,)) * n
+        self.used += n
+
+    def cover(self, frames: int) -> bool:
+        """Reserve the first ``frames`` frames if they are not yet; False beyond the region."""
+        if frames > self.capacity:
+            return False
+        if frames > len(self.state):
+            self._grow(frames)
+        return True
+
+    def claim(self, frame: int, n: int, tag: int) -> bool:
+        """Mark a run found in use when the arena is reopened; False if it is not free."""
+        if frame < 0 or not self.cover(frame + n):
+            return False
+        if self.state[frame : frame + n] != bytes(n):
+            return False
+        self._mark(frame, n, tag)
+        return True
+
+    def free(self, frame: int, n: int) -> None:
+        self.state[frame : frame + n] = bytes(n)
+        self.used -= n
+        hints = self._hints
+        for k in range(1, MAX_RUN + 1):
+            low = frame - k + 1
+            if low < hints[k]:
+                hints[k] = max(0, low)
+
+    def total(self) -> int:
+        """Frames whose memory is reserved."""
+        return len(self.state)

@@ -71,9 +71,19 @@ class RingProxy:
         return self
 
     def stop(self):
+        """Stop the thread and close everything this proxy opened (a test run introduces
+        hundreds of domains: leaked descriptors would pass select()'s limit of 1024)."""
         os.write(self.stop_w, b"x")
         self.thread.join(5)
         self.lsock.close()
+        if self.thread.is_alive():
+            return  # it still uses them: leave them to the process's exit
+        for fd in (self.notify_fd, self.kick_fd, self.stop_r, self.stop_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        del self.idx  # the ring's mapping holds a descriptor too; the view must go first
+        with contextlib.suppress(BufferError):
+            self.mem.close()
 
     def _get(self, i):
         return self.idx[i]

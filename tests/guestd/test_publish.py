@@ -128,20 +128,22 @@ def test_an_unanswered_write_costs_one_wait_and_keeps_the_session(xs_server: XsS
     hung xenstore cost a tick one wait per published value."""
     clock = FakeClock(0.0)
     socket = xs_server.prepare_domain(7)
-    publisher = XenstorePublisher({"socket_path": socket}, clock=clock, timeout_s=0.05,
-                                  retry_after_s=30.0)
+    publisher = XenstorePublisher({"socket_path": socket}, clock=clock, retry_after_s=30.0)
     try:
         publisher.write("data/selfballoon/mode", "report-only")  # the session is open
         session = publisher._session
+        assert session is not None
         xs_server.faults.mute(7)  # hung: requests are swallowed
+        session.timeout = 0.05  # short only while nobody answers
         with pytest.raises(XenStoreError, match="no answer"):
             publisher.write("data/selfballoon/mode", "active")
         with pytest.raises(XenStoreError, match="did not answer; next try in 30s"):
             publisher.write("data/selfballoon/goal_kb", "1")  # at once, nothing sent
         xs_server.faults.unmute(7)
+        session.timeout = REAL_WAIT_S
         clock.advance(31.0)
         publisher.write("data/selfballoon/mode", "active")
-        assert publisher._session is session and session is not None and session.alive
+        assert publisher._session is session and session.alive
         assert xs_server.snapshot()["/local/domain/7/data/selfballoon/mode"][0] == b"active"
         assert "/local/domain/7/data/selfballoon/goal_kb" not in xs_server.snapshot()
     finally:

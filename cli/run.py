@@ -1,13 +1,13 @@
 """``xentmem run``: the daemon in this terminal, for a first look (the README's main command).
 
-It starts ``xentmemd`` in the foreground in places of its own, for root too (a run dir
-under ``$XDG_RUNTIME_DIR``, or a new temporary one, and its ``state/``), so a try-out never
-takes over the system service's ``/run/xentmem`` and ``/var/lib/xentmem`` unless asked
-(``--system``).  It waits until the daemon reports READY the way it would to systemd, and
-then prints what a newcomer needs: which backend it picked and why, what the balloon does,
-the socket the daemon opened, and commands to paste into a second terminal as they are
-(this CLI's full path: a venv's ``bin/`` is seldom on PATH).  The daemon's own log lines
-follow on stderr; Ctrl-C stops it cleanly.
+It starts ``xentmemd`` in the foreground in places of its own, for root too (a run dir under
+``$XDG_RUNTIME_DIR``, or a new temporary one removed at the end, and its ``state/``), so a
+try-out never takes over the system service's ``/run/xentmem`` and ``/var/lib/xentmem`` unless
+asked (``--system``). It waits until the daemon reports READY the way it would to systemd, and
+then prints what a newcomer needs: which backend it picked and why, what the balloon does, the
+socket the daemon opened, and commands to paste into a second terminal as they are (this CLI's
+full path: a venv's ``bin/`` is seldom on PATH). The daemon's own log lines follow on stderr;
+Ctrl-C stops it cleanly.
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ DEFAULT_START_TIMEOUT_S = 60.0
 #: Environment that describes *our* place under systemd; the child's stderr is a terminal.
 SERVICE_ENV = ("JOURNAL_STREAM", "INVOCATION_ID")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: Why a run dir was chosen when it is a new temporary one, removed again at the end.
+TEMPORARY = "a new temporary directory, removed when the daemon has stopped"
 #: How long to let the daemon stop cleanly if this process itself fails.
 EMERGENCY_STOP_TIMEOUT_S = 30.0
 
@@ -65,7 +67,7 @@ def default_run_dir(env: dict[str, str] | os._Environ[str], *,
     runtime = env.get("XDG_RUNTIME_DIR")
     if runtime and Path(runtime).is_dir() and os.access(runtime, os.W_OK):
         return Path(runtime) / "xentmem", "under $XDG_RUNTIME_DIR"
-    return Path(tempfile.mkdtemp(prefix="xentmem-run-")), "a new temporary directory"
+    return Path(tempfile.mkdtemp(prefix="xentmem-run-")), TEMPORARY
 
 
 def default_state_dir(run_dir: Path, *, system: bool = False) -> Path | None:
@@ -286,6 +288,19 @@ def run(app: App, *, run_dir: Path | None, system: bool, root: str | None,
         why = "-- --run-dir" if after_run_dir is not None else "--run-dir"
     else:
         run_dir, why = default_run_dir(os.environ, system=system)
+    try:
+        _run(app, run_dir, why, system=system, root=root, config=config, backend=backend,
+             log_level=log_level, options=options, start_timeout=start_timeout,
+             daemon_args=daemon_args, after_state_dir=after_state_dir)
+    finally:
+        if why == TEMPORARY:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _run(app: App, run_dir: Path, why: str, *, system: bool, root: str | None,
+         config: str | None, backend: str | None, log_level: str | None,
+         options: tuple[str, ...], start_timeout: float, daemon_args: tuple[str, ...],
+         after_state_dir: Path | None) -> None:
     state_dir = after_state_dir or default_state_dir(run_dir, system=system)
     socket_path = run_dir / SOCKET_NAME
     if already_running(socket_path):

@@ -294,3 +294,36 @@ def test_run_gives_up_on_a_daemon_that_never_gets_ready(
     assert result.stderr.splitlines()[-1] == (
         "xentmem: error: xentmemd was not ready within 0.5s, so it was stopped "
         "(it was killed by signal 15; its messages are above)")
+
+
+READY_THEN_EXIT = """
+import os, socket, sys
+run_dir = sys.argv[sys.argv.index("--run-dir") + 1]
+open(os.path.join(run_dir, "xentmemd.lock"), "w").close()
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.sendto(b"READY=1\\nSTATUS=fake", os.environ["NOTIFY_SOCKET"])
+"""
+
+
+@pytest.mark.parametrize("how", ["stopped", "failed to start"])
+def test_a_temporary_run_dir_is_removed_when_the_daemon_has_stopped(
+    how: str, tmp_path: Path, fake_root: Path, runner: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Fails before: each try-out without $XDG_RUNTIME_DIR left a xentmem-run-* dir behind."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(temp))
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    if how == "stopped":
+        monkeypatch.setattr("xentmem_cli.run.daemon_command",
+                            lambda run_dir, **k: [sys.executable, "-c", READY_THEN_EXIT,
+                                                  "--run-dir", str(run_dir)])
+        args = ["run"]
+    else:
+        bad = tmp_path / "bad.toml"
+        bad.write_text("[selfballoon]\nselfballoon_interval = 0\n")
+        args = ["run", "--config", str(bad), "--", "--root", str(fake_root)]
+    result = runner.invoke(cli, args, prog_name="xentmem")
+    assert result.exit_code == (0 if how == "stopped" else 78), result.output
+    assert [p.name for p in temp.iterdir() if p.name.startswith("xentmem-run-")] == []
+    assert "a new temporary directory, removed when the daemon has stopped" in result.stderr

@@ -108,3 +108,43 @@ def test_a_publisher_only_where_there_is_a_xenstore(tmp_path: Path, fake_root: P
     (fake_root / "dev/xen/xenbus").write_text("")
     guest = xenstore_publisher(Roots(root=fake_root))
     assert guest is not None and guest.where == str(fake_root / "dev/xen/xenbus")
+
+
+def test_a_slow_xenstore_still_gets_the_view(xs_server: XsServer) -> None:
+    """Fails before: a write gave xenstore 1 s, so a loaded dom0 lost every tick's view."""
+    socket = xs_server.prepare_domain(7)
+    xs_server.faults.delay(7, 1.5)  # a loaded dom0's xenstored: slow, but it answers
+    publisher = XenstorePublisher({"socket_path": socket}, clock=FakeClock(0.0))
+    try:
+        publisher.write("data/selfballoon/mode", "active")
+        assert xs_server.snapshot()["/local/domain/7/data/selfballoon/mode"][0] == b"active"
+    finally:
+        xs_server.faults.delay(7, 0)
+        publisher.close()
+
+
+def test_an_unanswered_write_costs_one_wait_and_keeps_the_session(xs_server: XsServer) -> None:
+    """Fails before: each write after a timeout opened a new session and waited again, so a
+    hung xenstore cost a tick one wait per published value."""
+    clock = FakeClock(0.0)
+    socket = xs_server.prepare_domain(7)
+    publisher = XenstorePublisher({"socket_path": socket}, clock=clock, retry_after_s=30.0)
+    try:
+        publisher.write("data/selfballoon/mode", "report-only")  # the session is open
+        session = publisher._session
+        assert session is not None
+        xs_server.faults.mute(7)  # hung: requests are swallowed
+        session.timeout = 0.05  # short only while nobody answers
+        with pytest.raises(XenStoreError, match="no answer"):
+            publisher.write("data/selfballoon/mode", "active")
+        with pytest.raises(XenStoreError, match="did not answer; next try in 30s"):
+            publisher.write("data/selfballoon/goal_kb", "1")  # at once, nothing sent
+        xs_server.faults.unmute(7)
+        session.timeout = REAL_WAIT_S
+        clock.advance(31.0)
+        publisher.write("data/selfballoon/mode", "active")
+        assert publisher._session is session and session.alive
+        assert xs_server.snapshot()["/local/domain/7/data/selfballoon/mode"][0] == b"active"
+        assert "/local/domain/7/data/selfballoon/goal_kb" not in xs_server.snapshot()
+    finally:
+        publisher.close()

@@ -269,7 +269,7 @@ def test_start_after_a_stop_that_timed_out_runs_a_fresh_worker(tree: GuestTree) 
     shim.unload()
     assert not svc.running
     assert svc.status()["not_running_because"] == "no backend loaded"
-    assert svc.stop(1.0)
+    assert svc.stop(10.0)  # generous: a busy machine wakes a thread late
 
 
 def test_stop_joins_a_retired_worker_too(tree: GuestTree) -> None:

@@ -1,9 +1,10 @@
 """The balloon loop's publisher: the guest's view, written to its own xenstore area.
 
 Relative paths under ``data/selfballoon/`` resolve under the guest's home, the part of it a
-guest may write.  The session opens lazily, every wait is bounded and a failed connection is
-not retried for a while, so a xenstore that is gone costs a tick only a logged error
-(docs/selfballoon.md).
+guest may write.  The session opens lazily, every wait is bounded, and a xenstore that could
+not be reached or did not answer is not asked again for a while, so a xenstore that is gone
+costs a tick only a logged error (docs/selfballoon.md).  A late answer is not an error of the
+session, which drops it: the session stays open.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ from pathlib import Path
 from xentmem.clock import Clock, SystemClock
 from xentmem.errors import XenStoreError
 from xentmem.roots import Roots
-from xentmem.xenbus.xs import XsSession, default_xenstore
+from xentmem.xenbus.xs import XsSession, XsTimeout, default_xenstore
 
 log = logging.getLogger(__name__)
 
-#: How long one xenstore request may take before the write fails (the tick goes on).
-WRITE_TIMEOUT_S = 1.0
-#: After a failed connection, writes fail at once for this long before the next try.
+#: How long one xenstore request may take before the write fails (the tick goes on).  dom0's
+#: xenstored answers in milliseconds when idle and in seconds when dom0 is loaded; only a
+#: hung one should cost a tick this wait, and then once per :data:`RETRY_AFTER_S`.
+WRITE_TIMEOUT_S = 10.0
+#: After a failed connection or an unanswered write, writes fail at once for this long.
 RETRY_AFTER_S = 60.0
 
 
@@ -50,6 +53,10 @@ class XenstorePublisher:
             session = self._open_locked()
             try:
                 session.write(path.encode("ascii"), value.encode("ascii"))
+            except XsTimeout:
+                # Slow or hung: keep the session (it drops the late answer), ask again later.
+                self._next_try = self._clock.monotonic() + self._retry_after_s
+                raise
             except (XenStoreError, ValueError):
                 self._close_locked()
                 raise
@@ -60,13 +67,14 @@ class XenstorePublisher:
             self._close_locked()
 
     def _open_locked(self) -> XsSession:
+        now = self._clock.monotonic()
+        if now < self._next_try:
+            why = "did not answer" if self._session is not None else "unreachable"
+            raise XenStoreError(f"xenstore at {self.where} {why}; next try in "
+                                f"{self._next_try - now:.0f}s")
         if self._session is not None and self._session.alive:
             return self._session
         self._close_locked()
-        now = self._clock.monotonic()
-        if now < self._next_try:
-            raise XenStoreError(f"xenstore at {self.where} unreachable; next try in "
-                                f"{self._next_try - now:.0f}s")
         # Real time for the session's own waits: the injected clock may be a fake one.
         session = XsSession(timeout=self._timeout_s, **self._where)  # type: ignore[arg-type]
         try:

@@ -277,6 +277,17 @@ class TmemFront(XenbusDevice):
         self._writer = XsSession(path, device=device, timeout=self.timeout,
                                  on_error=self._on_refusal).open()
 
+    @property
+    def timeout(self) -> float:
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, seconds: float) -> None:
+        """Every wait of this device, the writer connection's included."""
+        self._timeout = seconds
+        if getattr(self, "_writer", None) is not None:
+            self._writer.timeout = seconds  # type: ignore[union-attr]
+
     def _close_writer(self) -> None:
         if self._writer is not None:
             self._writer.close()

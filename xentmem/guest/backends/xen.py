@@ -48,8 +48,13 @@ MAX_PENDING_FLUSHES = 1024
 MAX_STALL_BACKOFF_S = 60.0
 #: Most CPU yields a sender spends letting other callers add to its batch.
 GATHER_YIELDS = 8
-#: How long :meth:`XenBackend.probe` waits for xenstore.
-PROBE_TIMEOUT_S = 2.0
+#: The default of ``connect_timeout_ms``, which :meth:`XenBackend.probe` waits too (it runs
+#: before params apply).  A handshake is a few xenstore round trips and two steps of the
+#: host's service, which a loaded dom0 may take seconds each to make; Linux's frontends wait
+#: up to 300 s for their backends (``wait_for_devices`` in
+#: drivers/xen/xenbus/xenbus_probe_frontend.c).  A host that is not there fails at once (no
+#: device, no state node), so a generous bound costs only a host that hangs.
+CONNECT_TIMEOUT_MS = 30_000
 
 _ETIMEDOUT = -errno.ETIMEDOUT
 _ENODEV = -errno.ENODEV
@@ -76,6 +81,10 @@ class XenBackend(Backend):
     params: ClassVar[ParamSet] = ParamSet(
         Param("timeout_ms", int, 2000,
               "how long an op waits for the host's reply before it fails (-ETIMEDOUT)",
+              writable=True, min=10, max=600_000, unit="ms"),
+        Param("connect_timeout_ms", int, CONNECT_TIMEOUT_MS,
+              "how long loading waits for xenstore and for each step of the host's "
+              "handshake, and unloading for the host's Closed (a loaded dom0 is slow)",
               writable=True, min=10, max=600_000, unit="ms"),
         Param("batch", bool, True,
               "post ephemeral puts and private flushes, and send several ops per message",
@@ -133,7 +142,7 @@ class XenBackend(Backend):
                 raise BackendUnsupported(f"Xen guest ({evidence}) without {roots.xenbus_dev}")
         where = default_xenstore(roots.xenstore_socket, roots.xenbus_dev)
         try:
-            with XsSession(timeout=PROBE_TIMEOUT_S, **where) as xs:
+            with XsSession(timeout=CONNECT_TIMEOUT_MS / 1000.0, **where) as xs:
                 domid = _find_domid(xs)
                 _backend_domid, otherend = find_backend(xs, domid)
                 if xs.read_optional(f"{otherend}/{STATE}".encode()) is None:
@@ -142,12 +151,14 @@ class XenBackend(Backend):
             raise BackendUnsupported(f"no tmem host reachable: {exc}") from None
 
     def connect(self) -> None:
+        """The handshake waits ``connect_timeout_ms`` per step; the ops then ``timeout_ms``."""
         where = default_xenstore(self.roots.xenstore_socket, self.roots.xenbus_dev)
-        xs = XsSession(timeout=self._timeout_s, **where)
+        xs = XsSession(timeout=self._connect_timeout_s, **where)
         try:
             xs.open()
-            front = TmemFront(xs, timeout=self._timeout_s)
+            front = TmemFront(xs, timeout=self._connect_timeout_s)
             front.connect()
+            front.timeout = xs.timeout = self._timeout_s
         except (XenStoreError, WireError) as exc:
             xs.close()
             raise BackendError(f"xen: cannot connect to the tmem host: {exc}") from None
@@ -169,6 +180,9 @@ class XenBackend(Backend):
             self._flusher = None
         self._drain(posted_only=True)
         if self._front is not None:
+            self._front.timeout = self._connect_timeout_s  # the host's Closed is a step too
+            if self._xs is not None:
+                self._xs.timeout = self._connect_timeout_s
             self._front.close()
         if self._xs is not None:
             self._xs.close()
@@ -232,6 +246,10 @@ class XenBackend(Backend):
     @property
     def _timeout_s(self) -> float:
         return self.values["timeout_ms"] / 1000.0
+
+    @property
+    def _connect_timeout_s(self) -> float:
+        return self.values["connect_timeout_ms"] / 1000.0
 
     def _batch_max(self) -> int:
         if not self.values["batch"]:

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Install the Debian 12 packages the test suite needs (run as root): the real-Xen test bed,
-# Debian's xenstored as a protocol peer, and systemd-analyze.
+# Debian's xenstored as a protocol peer, systemd-analyze and Redis (RAMster).
 #
 # Idempotent and quiet: when every package is already installed (checked with
 # dpkg-query) it returns at once without touching apt, so CI pays for apt only
@@ -26,6 +26,7 @@ PACKAGES=(
     libgcc-s1                       # xl dlopen()s libgcc_s.so.1 (pthread_cancel)
     gcc libc6-dev                   # the xenstored peer tests build an LD_PRELOAD shim
     systemd                         # systemd-analyze verify of the shipped units
+    redis-server redis-tools        # a real Redis Cluster for the RAMster tier's tests
 )
 LOCK_TIMEOUT_S=300      # how long apt itself waits for the dpkg lock, each attempt
 ATTEMPTS=4              # runs of one apt-get command at most, when the failures are transient

@@ -7,6 +7,7 @@ appears on no command line, in no ``params list`` and in no log.
 from __future__ import annotations
 
 from xentmem.params import Param, ParamSet
+from xentmem.roots import Roots
 
 from .record import check_node_id
 
@@ -73,3 +74,22 @@ RAMSTER_PARAMS = ParamSet(
           "the TTL of an ephemeral page moved to the cluster (Redis may evict it sooner)",
           min=1, max=86_400 * 30, writable=True),
 )
+
+
+def resolve_node_id(configured: str, roots: Roots) -> str:
+    """``ramster_node_id``, or the domain's UUID (``/sys/hypervisor/uuid`` in a Xen guest),
+    or ``/etc/machine-id``; a node id either way (:func:`.record.check_node_id`)."""
+    if configured:
+        return check_node_id(configured)
+    for path in (roots.sys / "hypervisor" / "uuid", roots.under("/etc/machine-id")):
+        try:
+            untrusted = path.read_text(encoding="ascii", errors="replace").strip()
+        except OSError:
+            continue
+        if untrusted and untrusted != "00000000-0000-0000-0000-000000000000":
+            try:
+                return check_node_id(untrusted)
+            except ValueError as exc:
+                raise ValueError(f"{path}: {exc}") from None
+    raise ValueError("ramster_node_id is not set and neither /sys/hypervisor/uuid nor "
+                     "/etc/machine-id names this node")

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,23 @@ class RamsterUnavailable(BackendError):
 
 class RamsterRefused(BackendError):
     """The cluster answered and refused: this node's ACL user may not touch that key."""
+
+
+@dataclass
+class GetResult:
+    """What a batch get found: pages by key, keys the cluster has not, values refused."""
+
+    pages: dict[PageKey, bytes] = field(default_factory=dict)
+    missing: list[PageKey] = field(default_factory=list)
+    refused: dict[PageKey, RecordError] = field(default_factory=dict)
+
+
+@dataclass
+class PutResult:
+    """What a batch put did: the pages acknowledged, and why the others were not."""
+
+    acknowledged: list[PageKey] = field(default_factory=list)
+    errors: list[BackendError] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -116,10 +134,12 @@ class RemoteTier:
     def connect(self) -> None:
         """Reach the cluster and check every master answers; an error names the node."""
         with self._lock:
-            self._client = self._open()
+            self._client = self._open(check_masters=True)
             self._reachable = True
 
-    def _open(self) -> RedisCluster:
+    def _open(self, *, check_masters: bool = False) -> RedisCluster:
+        """A client on the cluster's current topology; at load, every master must answer
+        (a rebuild after a failure does not wait for a master that is failing over)."""
         config = self.config
         timeout_s = self._try_ms() / 1000
         password = config.password()
@@ -139,7 +159,7 @@ class RemoteTier:
                                      f"{config.user or 'default'!r}: {exc.__cause__ or exc}"
                                      ) from None
             raise self._failed(f"no node of {seeds} answered as a cluster", exc) from None
-        for node in client.get_primaries():
+        for node in client.get_primaries() if check_masters else ():
             try:
                 client.get_redis_connection(node).ping()
             except CLUSTER_ERRORS as exc:
@@ -173,8 +193,9 @@ class RemoteTier:
     def _failed(self, what: str, exc: Exception) -> RamsterUnavailable:
         """Count and log (once per distinct message) a failed operation.
 
-        The client stays: redis-py learns the new topology by itself after a failover.  Only
-        a client that could not reach any node is dropped, to be rebuilt on the next call.
+        The client is dropped and rebuilt on the next call: the batches go to one master's
+        connection directly, so redis-py's own redirection never sees a failover; a new
+        client reads the topology the cluster has now.
         """
         self.counters.cluster_errors += 1
         self._reachable = False
@@ -182,7 +203,7 @@ class RemoteTier:
         if message != self.counters.last_error:
             log.error("%s", message)
         self.counters.last_error = message
-        if isinstance(exc, redis.exceptions.RedisClusterException) and self._client is not None:
+        if self._client is not None:
             self._client.close()
             self._client = None
         return RamsterUnavailable(message)
@@ -190,75 +211,145 @@ class RemoteTier:
     # -- pages ------------------------------------------------------------------------------------
 
     def put(self, key: PageKey, data: bytes, *, persistent: bool) -> None:
-        """Store one page; returns only once it is acknowledged (see the module docstring)."""
-        name = key.name()
-        value = encode(key, data, persistent=persistent)
+        """Store one page; returns only once it is acknowledged, else raises."""
+        done = self.put_many([(key, data)], persistent=persistent)
+        if not done.acknowledged:
+            raise done.errors[0]
+
+    def put_many(self, pages: Sequence[tuple[PageKey, bytes]], *,
+                 persistent: bool) -> PutResult:
+        """Store pages as remotify does, in batches: one pipeline per master that owns some
+        of their slots (the SETs, then one WAIT for a persistent batch).  A master's group
+        that fails or reaches too few replicas is not acknowledged: its pages stay with the
+        caller, and the tier removes what it wrote of them."""
+        result = PutResult()
         with self._lock:
             try:
                 cluster = self._cluster()
-                if persistent:
-                    self._put_replicated(cluster, name, value)
-                else:
-                    cluster.set(name, value, ex=self.config.ephemeral_ttl_s)
-            except RamsterUnavailable:
-                raise
-            except redis.exceptions.NoPermissionError as exc:
-                raise self._refused(exc) from None
+                groups: dict[str, tuple[Any, list[tuple[str, bytes]]]] = {}
+                for key, data in pages:
+                    name = key.name()
+                    node = cluster.get_node_from_key(name)
+                    groups.setdefault(node.name, (node, []))[1].append(
+                        (name, encode(key, data, persistent=persistent)))
+            except RamsterUnavailable as exc:
+                result.errors.append(exc)
+                return result
             except CLUSTER_ERRORS as exc:
-                raise self._failed(f"put {name} failed", exc) from None
-            self._reachable = True
-            self.counters.remotified += 1
-            self._account(name, len(value))
+                result.errors.append(self._failed(f"put of {len(pages)} page(s) failed", exc))
+                return result
+            by_name = {key.name(): key for key, _data in pages}
+            for node, group in groups.values():
+                error = self._put_group(cluster, node, group, persistent)
+                if error is not None:
+                    result.errors.append(error)
+                    continue
+                for name, value in group:
+                    self._account(name, len(value))
+                    result.acknowledged.append(by_name[name])
+            self.counters.remotified += len(result.acknowledged)
+        return result
 
-    def _put_replicated(self, cluster: RedisCluster, name: str, value: bytes) -> None:
-        """SET then WAIT on one connection of the master that owns the slot."""
-        node = cluster.get_node_from_key(name)
+    def _put_group(self, cluster: RedisCluster, node: Any, group: list[tuple[str, bytes]],
+                   persistent: bool) -> BackendError | None:
+        """One master's share of a batch, on one connection; None once acknowledged."""
+        names = [name for name, _value in group]
         pipe = cluster.get_redis_connection(node).pipeline(transaction=False)
-        pipe.set(name, value)
-        # WAIT blocks on the server: most of a try's time, the socket's timeout a bit more.
-        wait_ms = max(self._try_ms() * 4 // 5, 1)
-        pipe.execute_command("WAIT", self.config.replicas, wait_ms)
-        _ok, reached = pipe.execute()
-        if int(reached) < self.config.replicas:
+        for name, value in group:
+            pipe.set(name, value, ex=None if persistent else self.config.ephemeral_ttl_s)
+        wait_ms = 0
+        if persistent:
+            # WAIT blocks on the server: most of a try's time, the socket's timeout a bit more.
+            wait_ms = max(self._try_ms() * 4 // 5, 1)
+            pipe.execute_command("WAIT", self.config.replicas, wait_ms)
+        try:
+            replies = pipe.execute(raise_on_error=False)
+        except CLUSTER_ERRORS as exc:
+            return self._failed(f"put of {len(group)} page(s) on {node.name} failed", exc)
+        refusals = [r for r in replies if isinstance(r, redis.exceptions.NoPermissionError)]
+        if refusals:
+            return self._refused(refusals[0])
+        failures = [r for r in replies if isinstance(r, Exception)]
+        if failures:  # a slot moved mid-batch (a failover): redis-py refreshes its map
+            self._discard(cluster, names)
+            return self._failed(f"put on {node.name} failed", failures[0])
+        self._reachable = True
+        if persistent and int(replies[-1]) < self.config.replicas:
             self.counters.short_replication += 1
-            # Not acknowledged: the caller keeps its own copy; do not leave a stray one.
-            try:
-                cluster.delete(name)
-            except redis.RedisError:
-                log.warning("ramster: %s reached %s of %d replicas and could not be removed",
-                            name, reached, self.config.replicas)
-            raise RamsterUnavailable(
-                f"ramster: put {name} reached {reached} of {self.config.replicas} replica(s) "
-                f"on master {node.name} within {wait_ms} ms")
+            self._discard(cluster, names)
+            return RamsterUnavailable(
+                f"ramster: put of {len(group)} page(s) reached {replies[-1]} of "
+                f"{self.config.replicas} replica(s) on master {node.name} within {wait_ms} ms")
+        return None
+
+    def _discard(self, cluster: RedisCluster, names: list[str]) -> None:
+        """Remove what an unacknowledged put wrote: the caller keeps its own copies."""
+        try:
+            cluster.delete(*names)
+        except CLUSTER_ERRORS:
+            log.warning("ramster: %d unacknowledged page(s) could not be removed (they are "
+                        "never served: the caller's index does not point to them)", len(names))
 
     def get(self, key: PageKey, *, exclusive: bool) -> bytes | None:
-        """The page, or None when the cluster has none; an exclusive get removes it."""
-        name = key.name()
+        """The page, or None when the cluster has none; an exclusive get removes it.
+
+        A value that is not this page's raises :class:`.record.RecordError` (never served).
+        """
+        found = self.get_many([key], exclusive=exclusive)
+        if key in found.refused:
+            raise found.refused[key]
+        return found.pages.get(key)
+
+    def get_many(self, keys: Sequence[PageKey], *, exclusive: bool) -> GetResult:
+        """Fetch pages, one pipeline per master (GET, or GETDEL for exclusive gets).
+
+        Raises :class:`RamsterUnavailable` or :class:`RamsterRefused` when a master's group
+        fails: then none of that call's exclusive gets may be assumed to have happened or
+        not, so the caller treats the whole call as failed (-EIO), as tmem would.
+        """
+        result = GetResult()
         with self._lock:
             try:
                 cluster = self._cluster()
-                untrusted_value = cluster.getdel(name) if exclusive else cluster.get(name)
+                groups: dict[str, tuple[Any, list[PageKey]]] = {}
+                for key in keys:
+                    node = cluster.get_node_from_key(key.name())
+                    groups.setdefault(node.name, (node, []))[1].append(key)
+                replies: list[tuple[PageKey, Any]] = []
+                for node, group in groups.values():
+                    pipe = cluster.get_redis_connection(node).pipeline(transaction=False)
+                    for key in group:
+                        (pipe.getdel if exclusive else pipe.get)(key.name())
+                    replies.extend(zip(group, pipe.execute()))
             except RamsterUnavailable:
                 raise
             except redis.exceptions.NoPermissionError as exc:
                 raise self._refused(exc) from None
             except CLUSTER_ERRORS as exc:
-                raise self._failed(f"get {name} failed", exc) from None
+                raise self._failed(f"get of {len(keys)} page(s) failed", exc) from None
             self._reachable = True
-            if untrusted_value is None:
-                self.counters.misses += 1
-                self._forget(name)
-                return None
-            if exclusive:
-                self._forget(name)
-            try:
-                data = decode(key, untrusted_value)
-            except RecordError as exc:
-                self.counters.refused_records += 1
-                log.error("%s (not served)", exc)
-                raise
-            self.counters.fetched += 1
-            return data
+            for key, untrusted_value in replies:
+                self._take(key, untrusted_value, exclusive, result)
+        return result
+
+    def _take(self, key: PageKey, untrusted_value: bytes | None, exclusive: bool,
+              result: GetResult) -> None:
+        """One fetched value into ``result``: a page, a miss, or a refused record."""
+        name = key.name()
+        if untrusted_value is None or exclusive:
+            self._forget(name)
+        if untrusted_value is None:
+            self.counters.misses += 1
+            result.missing.append(key)
+            return
+        try:
+            result.pages[key] = decode(key, untrusted_value)
+        except RecordError as exc:
+            self.counters.refused_records += 1
+            log.error("%s (not served)", exc)
+            result.refused[key] = exc
+            return
+        self.counters.fetched += 1
 
     def flush(self, keys: list[PageKey]) -> int:
         """Remove these pages (one DEL per slot); how many the cluster had."""

@@ -25,6 +25,8 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
         ("bench_control.py", ["--pages", "50", "--idle-seconds", "1"], "SUMMARY: socket"),
         ("bench_xen.py", ["--ops", "20", "--rounds", "1"], "SUMMARY"),
         ("bench_mock_xenstored.py", ["--ops", "50", "--rounds", "1"], "SUMMARY: server"),
+        ("bench_ramster.py", ["--pages", "200", "--repeat", "1", "--masters", "3"],
+         "SUMMARY: 3m remotify"),
     ],
 )
 def test_benchmark_runs(script: str, args: list[str], summary: str) -> None:

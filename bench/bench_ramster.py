@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the Redis Cluster harness (tests/fake
 from fakes.redis_cluster import RedisClusterFixture, unavailable_reason  # noqa: E402
 from redis.cluster import RedisCluster  # noqa: E402
 
-from xentmem.guest.backends.ramster.record import PageKey  # noqa: E402
+from xentmem.guest.backends.ramster.record import RemoteKey  # noqa: E402
 from xentmem.guest.backends.ramster.tier import RemoteTier, TierConfig  # noqa: E402
 from xentmem.tmem.abi import PAGE_SIZE, Oid  # noqa: E402
 
@@ -73,7 +73,7 @@ def run(masters: int, pages: list[bytes], batch: int, repeat: int) -> dict[str, 
         tier = RemoteTier(TierConfig(nodes=seeds, node_id="bench", timeout_ms=5000))
         tier.connect()
         raw = RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
-        keys = [PageKey("bench", 1, Oid(i // 64, 0, 0), i % 64) for i in range(len(pages))]
+        keys = [RemoteKey("bench", 1, Oid(i // 64, 0, 0), i % 64) for i in range(len(pages))]
         names = [k.name() for k in keys]
         pairs = list(zip(keys, pages))
 

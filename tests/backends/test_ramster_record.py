@@ -9,11 +9,11 @@ import pytest
 from xentmem.errors import ParamError
 from xentmem.guest.backends.ramster import record
 from xentmem.guest.backends.ramster.params import RAMSTER_PARAMS, parse_nodes, resolve_node_id
-from xentmem.guest.backends.ramster.record import PageKey, RecordError
+from xentmem.guest.backends.ramster.record import RecordError, RemoteKey
 from xentmem.roots import Roots
 from xentmem.tmem.abi import Oid
 
-KEY = PageKey("dom5", 2, Oid(1, 2, 3), 0x41)
+KEY = RemoteKey("dom5", 2, Oid(1, 2, 3), 0x41)
 
 
 def test_a_record_round_trips_and_names_its_key() -> None:
@@ -38,13 +38,13 @@ def test_every_truncation_and_every_flipped_byte_is_refused(cut: int) -> None:
 
 
 def test_another_keys_record_is_refused() -> None:
-    other = PageKey("dom5", 2, Oid(1, 2, 3), 0x42)
+    other = RemoteKey("dom5", 2, Oid(1, 2, 3), 0x42)
     with pytest.raises(RecordError, match="'s"):
         record.decode(KEY, record.encode(other, b"page", persistent=True))
 
 
 def test_an_objects_pages_share_one_hash_tag_and_owners_stay_apart() -> None:
-    tags = {PageKey("dom5", 2, Oid(1, 2, 3), i).object_tag() for i in range(50)}
+    tags = {RemoteKey("dom5", 2, Oid(1, 2, 3), i).object_tag() for i in range(50)}
     assert len(tags) == 1
     assert record.key_pattern("dom5") == "xentmem:{dom5:*"
     assert not KEY.name().startswith(record.key_pattern("dom55")[:-1])

@@ -17,7 +17,7 @@ from fakes.required import unavailable
 
 from xentmem.errors import BackendError
 from xentmem.guest.backends.ramster import record
-from xentmem.guest.backends.ramster.record import PageKey, RecordError
+from xentmem.guest.backends.ramster.record import RecordError, RemoteKey
 from xentmem.guest.backends.ramster.tier import (
     RamsterRefused,
     RamsterUnavailable,
@@ -90,8 +90,8 @@ def tier_for(cluster: redis_cluster.RedisClusterFixture, node_id: str, tmp_path:
 DEFAULT_OID = Oid(7, 0, 0)
 
 
-def key(owner: str, index: int, pool: int = 1, oid: Oid = DEFAULT_OID) -> PageKey:
-    return PageKey(owner, pool, oid, index)
+def key(owner: str, index: int, pool: int = 1, oid: Oid = DEFAULT_OID) -> RemoteKey:
+    return RemoteKey(owner, pool, oid, index)
 
 
 def page(n: int) -> bytes:
@@ -230,7 +230,7 @@ def test_a_wrong_password_or_no_cluster_fails_the_connect_naming_it(
 def test_a_master_killed_during_puts_loses_no_acknowledged_page(
         own_cluster: redis_cluster.RedisClusterFixture, tmp_path: Path) -> None:
     tier = tier_for(own_cluster, "node-a", tmp_path, timeout_ms=1500)
-    acknowledged: dict[PageKey, bytes] = {}
+    acknowledged: dict[RemoteKey, bytes] = {}
     victim = own_cluster.master_of(key("node-a", 0).name())
     killed = threading.Event()
     try:

@@ -46,7 +46,7 @@ def check_node_id(untrusted: str) -> str:
 
 
 @dataclass(frozen=True)
-class PageKey:
+class RemoteKey:
     """Where one remote page lives: ``owner`` is the node id, or ``shared:<uuid>``."""
 
     owner: str
@@ -83,7 +83,7 @@ def key_pattern(owner: str) -> str:
     return f"{PREFIX}:{{{owner}:*"
 
 
-def encode(key: PageKey, data: bytes, *, persistent: bool) -> bytes:
+def encode(key: RemoteKey, data: bytes, *, persistent: bool) -> bytes:
     if len(data) > MAX_DATA:
         raise ValueError(f"a remote page holds at most {MAX_DATA} bytes, not {len(data)}")
     name = key.name().encode()
@@ -92,7 +92,7 @@ def encode(key: PageKey, data: bytes, *, persistent: bool) -> bytes:
     return _HEADER.pack(MAGIC, VERSION, flags, len(name), len(data), crc) + name + data
 
 
-def decode(key: PageKey, untrusted_value: bytes) -> bytes:
+def decode(key: RemoteKey, untrusted_value: bytes) -> bytes:
     """The page data of ``untrusted_value`` if it is exactly ``key``'s record; else RecordError."""
     name = key.name().encode()
     if len(untrusted_value) < _HEADER.size:

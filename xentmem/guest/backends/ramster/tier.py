@@ -32,7 +32,7 @@ from redis.retry import Retry
 
 from xentmem.errors import BackendError
 
-from .record import PageKey, RecordError, decode, encode, object_tag
+from .record import RecordError, RemoteKey, decode, encode, object_tag
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +56,16 @@ class RamsterRefused(BackendError):
 class GetResult:
     """What a batch get found: pages by key, keys the cluster has not, values refused."""
 
-    pages: dict[PageKey, bytes] = field(default_factory=dict)
-    missing: list[PageKey] = field(default_factory=list)
-    refused: dict[PageKey, RecordError] = field(default_factory=dict)
+    pages: dict[RemoteKey, bytes] = field(default_factory=dict)
+    missing: list[RemoteKey] = field(default_factory=list)
+    refused: dict[RemoteKey, RecordError] = field(default_factory=dict)
 
 
 @dataclass
 class PutResult:
     """What a batch put did: the pages acknowledged, and why the others were not."""
 
-    acknowledged: list[PageKey] = field(default_factory=list)
+    acknowledged: list[RemoteKey] = field(default_factory=list)
     errors: list[BackendError] = field(default_factory=list)
 
 
@@ -210,13 +210,13 @@ class RemoteTier:
 
     # -- pages ------------------------------------------------------------------------------------
 
-    def put(self, key: PageKey, data: bytes, *, persistent: bool) -> None:
+    def put(self, key: RemoteKey, data: bytes, *, persistent: bool) -> None:
         """Store one page; returns only once it is acknowledged, else raises."""
         done = self.put_many([(key, data)], persistent=persistent)
         if not done.acknowledged:
             raise done.errors[0]
 
-    def put_many(self, pages: Sequence[tuple[PageKey, bytes]], *,
+    def put_many(self, pages: Sequence[tuple[RemoteKey, bytes]], *,
                  persistent: bool) -> PutResult:
         """Store pages as remotify does, in batches: one pipeline per master that owns some
         of their slots (the SETs, then one WAIT for a persistent batch).  A master's group
@@ -290,7 +290,7 @@ class RemoteTier:
             log.warning("ramster: %d unacknowledged page(s) could not be removed (they are "
                         "never served: the caller's index does not point to them)", len(names))
 
-    def get(self, key: PageKey, *, exclusive: bool) -> bytes | None:
+    def get(self, key: RemoteKey, *, exclusive: bool) -> bytes | None:
         """The page, or None when the cluster has none; an exclusive get removes it.
 
         A value that is not this page's raises :class:`.record.RecordError` (never served).
@@ -300,7 +300,7 @@ class RemoteTier:
             raise found.refused[key]
         return found.pages.get(key)
 
-    def get_many(self, keys: Sequence[PageKey], *, exclusive: bool) -> GetResult:
+    def get_many(self, keys: Sequence[RemoteKey], *, exclusive: bool) -> GetResult:
         """Fetch pages, one pipeline per master (GET, or GETDEL for exclusive gets).
 
         Raises :class:`RamsterUnavailable` or :class:`RamsterRefused` when a master's group
@@ -311,11 +311,11 @@ class RemoteTier:
         with self._lock:
             try:
                 cluster = self._cluster()
-                groups: dict[str, tuple[Any, list[PageKey]]] = {}
+                groups: dict[str, tuple[Any, list[RemoteKey]]] = {}
                 for key in keys:
                     node = cluster.get_node_from_key(key.name())
                     groups.setdefault(node.name, (node, []))[1].append(key)
-                replies: list[tuple[PageKey, Any]] = []
+                replies: list[tuple[RemoteKey, Any]] = []
                 for node, group in groups.values():
                     pipe = cluster.get_redis_connection(node).pipeline(transaction=False)
                     for key in group:
@@ -332,7 +332,7 @@ class RemoteTier:
                 self._take(key, untrusted_value, exclusive, result)
         return result
 
-    def _take(self, key: PageKey, untrusted_value: bytes | None, exclusive: bool,
+    def _take(self, key: RemoteKey, untrusted_value: bytes | None, exclusive: bool,
               result: GetResult) -> None:
         """One fetched value into ``result``: a page, a miss, or a refused record."""
         name = key.name()
@@ -351,7 +351,7 @@ class RemoteTier:
             return
         self.counters.fetched += 1
 
-    def flush(self, keys: list[PageKey]) -> int:
+    def flush(self, keys: list[RemoteKey]) -> int:
         """Remove these pages (one DEL per slot); how many the cluster had."""
         return self.delete_names([k.name() for k in keys])
 

@@ -32,6 +32,8 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
         ("bench_xen.py", ["--ops", "20", "--rounds", "1"], "SUMMARY"),
         ("bench_mock_xenstored.py", ["--ops", "50", "--rounds", "1"], "SUMMARY: server"),
         ("bench_nbd.py", ["--size-mib", "1", "--no-zram"], "SUMMARY: iodepth 32"),
+        ("bench_ramster.py", ["--pages", "200", "--repeat", "1", "--masters", "3"],
+         "SUMMARY: 3m remotify"),
     ],
 )
 def test_benchmark_runs(script: str, args: list[str], summary: str) -> None:

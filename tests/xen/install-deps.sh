@@ -1,6 +1,7 @@
 #!/bin/bash
 # Install the Debian 12 packages the test suite needs (run as root): the real-Xen test bed,
-# Debian's xenstored as a protocol peer, systemd-analyze, and the NBD clients (libnbd, fio).
+# Debian's xenstored as a protocol peer, systemd-analyze, the NBD clients (libnbd, fio)
+# and Redis (RAMster).
 #
 # Idempotent and quiet: when every package is already installed (checked with
 # dpkg-query) it returns at once without touching apt, so CI pays for apt only
@@ -29,6 +30,7 @@ PACKAGES=(
     python3-libnbd libnbd-bin       # libnbd, the NBD client the NBD export tests drive
     fio                             # its nbd engine: the NBD tests and bench/bench_nbd.py
     nbdkit                          # `nbdkit memory`, bench/bench_nbd.py's baseline
+    redis-server redis-tools        # a real Redis Cluster for the RAMster tier's tests
 )
 LOCK_TIMEOUT_S=300      # how long apt itself waits for the dpkg lock, each attempt
 ATTEMPTS=4              # runs of one apt-get command at most, when the failures are transient

@@ -1,0 +1,280 @@
+"""RAMster's remote tier against a real Redis Cluster (3 masters + 3 replicas on loopback).
+
+Each node has its own ACL user limited to its own key prefix; a shared pool's namespace is
+granted by pattern.  Fault tests get a cluster of their own, since they kill nodes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from fakes import redis_cluster
+from fakes.required import unavailable
+
+from xentmem.errors import BackendError
+from xentmem.guest.backends.ramster import record
+from xentmem.guest.backends.ramster.record import RecordError, RemoteKey
+from xentmem.guest.backends.ramster.tier import (
+    RamsterRefused,
+    RamsterUnavailable,
+    RemoteTier,
+    TierConfig,
+)
+from xentmem.tmem.abi import Oid
+
+SHARED_UUID = "0123456789abcdef0123456789abcdef"
+OTHER_UUID = "fedcba9876543210fedcba9876543210"
+#: What a node's user may run: reads and writes of pages, WAIT, and what the cluster client
+#: needs to learn the topology.  Keys: its own prefix and the shared pools granted to it.
+NODE_COMMANDS = "+@read +@write +@keyspace +wait +ping +cluster|slots +cluster|shards " \
+                "+cluster|nodes +cluster|keyslot +command +info +readonly +asking +hello"
+
+
+def acl(owner_patterns: list[str], password: str) -> str:
+    keys = " ".join(f"~{p}" for p in owner_patterns)
+    return f"on >{password} resetkeys {keys} -@all {NODE_COMMANDS}"
+
+
+USERS = {
+    "node-a": acl([record.key_pattern("node-a"),
+                   record.key_pattern(record.owner_of_shared(SHARED_UUID))], "pw-a"),
+    "node-b": acl([record.key_pattern("node-b"),
+                   record.key_pattern(record.owner_of_shared(SHARED_UUID))], "pw-b"),
+    "node-c": acl([record.key_pattern("node-c")], "pw-c"),
+}
+
+
+def _require() -> None:
+    reason = redis_cluster.unavailable_reason()
+    if reason is not None:
+        unavailable("REDIS", "a Redis Cluster (redis-server, redis-cli)", reason)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[redis_cluster.RedisClusterFixture]:
+    _require()
+    made = redis_cluster.RedisClusterFixture(users=USERS).start()
+    try:
+        yield made
+    finally:
+        made.stop()
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[redis_cluster.RedisClusterFixture]:
+    """A cluster of this test's own: it kills nodes."""
+    _require()
+    made = redis_cluster.RedisClusterFixture(users=USERS).start()
+    try:
+        yield made
+    finally:
+        made.stop()
+
+
+def tier_for(cluster: redis_cluster.RedisClusterFixture, node_id: str, tmp_path: Path,
+             **overrides: object) -> RemoteTier:
+    password = tmp_path / f"{node_id}.password"
+    password.write_text(f"pw-{node_id[-1]}\n")
+    config = TierConfig(
+        nodes=tuple(("127.0.0.1", n.port) for n in cluster.nodes[:2]),
+        node_id=node_id, user=node_id, password_file=str(password), **overrides)  # type: ignore[arg-type]
+    tier = RemoteTier(config)
+    tier.connect()
+    return tier
+
+
+DEFAULT_OID = Oid(7, 0, 0)
+
+
+def key(owner: str, index: int, pool: int = 1, oid: Oid = DEFAULT_OID) -> RemoteKey:
+    return RemoteKey(owner, pool, oid, index)
+
+
+def page(n: int) -> bytes:
+    return (n.to_bytes(4, "little") * 200)[:700]
+
+
+def raw(cluster: redis_cluster.RedisClusterFixture) -> object:
+    return redis.cluster.RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
+
+
+def test_persistent_and_ephemeral_pages_go_and_come_back(
+        cluster: redis_cluster.RedisClusterFixture, tmp_path: Path) -> None:
+    tier = tier_for(cluster, "node-a", tmp_path)
+    admin = raw(cluster)
+    try:
+        tier.put(key("node-a", 1), page(1), persistent=True)
+        tier.put(key("node-a", 2), page(2), persistent=False)
+        assert admin.ttl(key("node-a", 1).name()) == -1  # never evictable under volatile-lru
+        assert 0 < admin.ttl(key("node-a", 2).name()) <= tier.config.ephemeral_ttl_s
+        assert tier.get(key("node-a", 1), exclusive=False) == page(1)
+        assert tier.get(key("node-a", 2), exclusive=False) == page(2)
+        assert tier.stats()["remote_pages"] == 2
+        assert tier.get(key("node-a", 1), exclusive=True) == page(1)
+        assert admin.exists(key("node-a", 1).name()) == 0  # an exclusive get took it
+        assert tier.get(key("node-a", 1), exclusive=False) is None
+        assert tier.stats()["remote_pages"] == 1
+    finally:
+        tier.close()
+
+
+def test_an_objects_pages_share_a_slot_and_flush_together(
+        cluster: redis_cluster.RedisClusterFixture, tmp_path: Path) -> None:
+    tier = tier_for(cluster, "node-a", tmp_path)
+    admin = raw(cluster)
+    try:
+        keys = [key("node-a", i, pool=3, oid=Oid(99, 1, 2)) for i in range(20)]
+        assert len({admin.keyslot(k.name()) for k in keys}) == 1
+        for k in keys:
+            tier.put(k, page(k.index), persistent=True)
+        other = key("node-a", 0, pool=3, oid=Oid(100, 1, 2))
+        tier.put(other, page(5), persistent=True)
+        assert tier.flush(keys) == 20
+        assert all(admin.exists(k.name()) == 0 for k in keys)
+        assert tier.get(other, exclusive=False) == page(5)
+    finally:
+        tier.close()
+
+
+@pytest.mark.parametrize("damage", ["flip", "other-key", "truncate", "foreign"])
+def test_a_damaged_or_misplaced_value_is_never_returned(
+        cluster: redis_cluster.RedisClusterFixture, tmp_path: Path, damage: str) -> None:
+    tier = tier_for(cluster, "node-a", tmp_path)
+    admin = raw(cluster)
+    try:
+        k = key("node-a", 40, oid=Oid(3, 3, 3))
+        tier.put(k, page(40), persistent=True)
+        value = bytearray(admin.get(k.name()))
+        if damage == "flip":
+            value[-1] ^= 1
+        elif damage == "other-key":  # a genuine record, but of another page
+            value = bytearray(record.encode(key("node-a", 41, oid=Oid(3, 3, 3)), page(41),
+                                            persistent=True))
+        elif damage == "truncate":
+            value = value[:-10]
+        else:
+            value = bytearray(b"not ours at all")
+        admin.set(k.name(), bytes(value))
+        with pytest.raises(RecordError):
+            tier.get(k, exclusive=False)
+        assert tier.stats()["refused_records"] == 1
+    finally:
+        tier.close()
+
+
+def test_one_node_cannot_read_overwrite_or_flush_anothers_pages(
+        cluster: redis_cluster.RedisClusterFixture, tmp_path: Path) -> None:
+    a = tier_for(cluster, "node-a", tmp_path)
+    b = tier_for(cluster, "node-b", tmp_path)
+    try:
+        victim = key("node-a", 50)
+        a.put(victim, page(50), persistent=True)
+        with pytest.raises(RamsterRefused, match="no permissions"):
+            b.get(victim, exclusive=False)
+        with pytest.raises(RamsterRefused, match="no permissions"):
+            b.put(victim, page(666), persistent=True)
+        with pytest.raises(RamsterRefused, match="no permissions"):
+            b.flush([victim])
+        assert a.get(victim, exclusive=False) == page(50)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_shared_pool_is_seen_by_the_nodes_granted_it_only(
+        cluster: redis_cluster.RedisClusterFixture, tmp_path: Path) -> None:
+    a = tier_for(cluster, "node-a", tmp_path)
+    b = tier_for(cluster, "node-b", tmp_path)
+    c = tier_for(cluster, "node-c", tmp_path)
+    try:
+        owner = record.owner_of_shared(SHARED_UUID)
+        shared = key(owner, 9, pool=0, oid=Oid(4, 0, 0))
+        a.put(shared, page(9), persistent=False)
+        assert b.get(shared, exclusive=False) == page(9)
+        assert b.object_names(owner, 0, Oid(4, 0, 0)) == [shared.name()]
+        b.flush([shared])  # an invalidation on one is seen by all
+        assert a.get(shared, exclusive=False) is None
+        a.put(shared, page(10), persistent=False)
+        with pytest.raises(RamsterRefused, match="no permissions"):
+            c.get(shared, exclusive=False)
+        other = key(record.owner_of_shared(OTHER_UUID), 1, pool=0)
+        with pytest.raises(RamsterRefused, match="no permissions"):
+            a.put(other, page(1), persistent=False)
+    finally:
+        for tier in (a, b, c):
+            tier.close()
+
+
+def test_a_wrong_password_or_no_cluster_fails_the_connect_naming_it(
+        cluster: redis_cluster.RedisClusterFixture, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.password"
+    bad.write_text("wrong\n")
+    config = TierConfig(nodes=(("127.0.0.1", cluster.nodes[0].port),), node_id="node-a",
+                        user="node-a", password_file=str(bad))
+    with pytest.raises(RamsterRefused, match="refused user 'node-a'"):
+        RemoteTier(config).connect()
+    port = redis_cluster.free_ports(1, redis_cluster.PORT_RANGE[0] + 7000)[0]
+    nobody = TierConfig(nodes=(("127.0.0.1", port),), node_id="node-a", timeout_ms=500)
+    with pytest.raises(RamsterUnavailable, match=f"127.0.0.1:{port}"):
+        RemoteTier(nobody).connect()
+    missing = TierConfig(nodes=(("127.0.0.1", port),), node_id="node-a",
+                         password_file=str(tmp_path / "absent"))
+    with pytest.raises(BackendError, match="ramster_password_file"):
+        RemoteTier(missing).connect()
+
+
+def test_a_master_killed_during_puts_loses_no_acknowledged_page(
+        own_cluster: redis_cluster.RedisClusterFixture, tmp_path: Path) -> None:
+    tier = tier_for(own_cluster, "node-a", tmp_path, timeout_ms=1500)
+    acknowledged: dict[RemoteKey, bytes] = {}
+    victim = own_cluster.master_of(key("node-a", 0).name())
+    killed = threading.Event()
+    try:
+        for i in range(240):
+            if i == 120:
+                own_cluster.kill(victim)
+                killed.set()
+            k = key("node-a", i, oid=Oid(i % 16, 0, 0))
+            try:
+                tier.put(k, page(i), persistent=True)
+            except RamsterUnavailable:
+                continue  # not acknowledged: the caller keeps its own copy
+            acknowledged[k] = page(i)
+        own_cluster.wait_served(key("node-a", 0).name())
+        for k, data in acknowledged.items():
+            got: bytes | None = None
+            for _attempt in range(3):  # the client may still learn the new topology
+                try:
+                    got = tier.get(k, exclusive=False)
+                    break
+                except RamsterUnavailable:
+                    continue
+            assert got == data, k
+        assert len(acknowledged) >= 120
+    finally:
+        tier.close()
+
+
+def test_the_whole_cluster_down_fails_gets_and_then_resumes_by_itself(
+        own_cluster: redis_cluster.RedisClusterFixture, tmp_path: Path) -> None:
+    tier = tier_for(own_cluster, "node-a", tmp_path, timeout_ms=3000)
+    try:
+        k = key("node-a", 1)
+        tier.put(k, page(1), persistent=True)
+        own_cluster.kill_all()
+        with pytest.raises(RamsterUnavailable, match=r"get .* failed"):
+            tier.get(k, exclusive=False)
+        with pytest.raises(RamsterUnavailable):
+            tier.put(key("node-a", 2), page(2), persistent=True)
+        assert tier.stats()["cluster_errors"] >= 2 and not tier.stats()["reachable"]
+        own_cluster.restart_all()  # no persistence configured: the cluster comes back empty
+        # An ephemeral page: no WAIT, so a replica still resyncing cannot make it fail.
+        tier.put(key("node-a", 3), page(3), persistent=False)
+        assert tier.get(key("node-a", 3), exclusive=False) == page(3)
+        assert tier.stats()["reachable"]
+    finally:
+        tier.close()

@@ -1,0 +1,114 @@
+"""RAMster's keys and values in the cluster: the one place that knows their format.
+
+A key names the node (or, for a cluster-wide shared pool, the pool's UUID), the pool, the
+object and the page index.  The hash tag ``{...}`` covers node, pool and object, so one
+object's pages share a slot and a flush of the object is one slot's work.  A value carries the
+compressed page as stored locally, behind a header that repeats its own key and a CRC32 of key
+and data: a value that came back from the wrong key, or damaged, is refused,
+never served (``docs/ramster.md``, "Keys and values").
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+
+from xentmem.errors import BackendError
+from xentmem.tmem.abi import Oid
+
+#: Every key starts so; an ACL user of a node is granted ``~<PREFIX>:<node id>:*``.
+PREFIX = "xentmem"
+#: The shared pools' part of the key space (``~<PREFIX>:shared:<uuid>:*`` per grant).
+SHARED = "shared"
+#: A node id: what a Redis ACL key pattern can hold without escaping.
+NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+
+MAGIC = b"XTRM"
+VERSION = 1
+#: magic, version, flags, key length, data length, crc32(key + data)
+_HEADER = struct.Struct("<4sBBHII")
+FLAG_PERSISTENT = 1
+#: A value longer than this is not one of ours (a compressed page is at most a page).
+MAX_DATA = 4096 + 64
+
+
+class RecordError(BackendError):
+    """A value from the cluster that is not the page asked for: damaged, foreign or truncated."""
+
+
+def check_node_id(untrusted: str) -> str:
+    if not NODE_ID.match(untrusted):
+        raise ValueError(f"{untrusted!r} is not a node id (letters, digits, '.', '_', '-'; "
+                         "at most 64, starting with a letter or digit)")
+    return untrusted
+
+
+@dataclass(frozen=True)
+class RemoteKey:
+    """Where one remote page lives: ``owner`` is the node id, or ``shared:<uuid>``."""
+
+    owner: str
+    pool: int
+    oid: Oid
+    index: int
+
+    def object_tag(self) -> str:
+        return object_tag(self.owner, self.pool, self.oid)
+
+    def name(self) -> str:
+        return f"{self.object_tag()}:{self.index:x}"
+
+
+def object_tag(owner: str, pool: int, oid: Oid) -> str:
+    """The key prefix of one object's pages: ``xentmem:{owner:pool:oid}``."""
+    return f"{PREFIX}:{{{owner}:{pool:x}:{oid[0]:x}.{oid[1]:x}.{oid[2]:x}}}"
+
+
+def owner_of_node(node_id: str) -> str:
+    """A node's own namespace: its node id (checked: it becomes part of an ACL pattern)."""
+    return check_node_id(node_id)
+
+
+def owner_of_shared(uuid_hex: str) -> str:
+    """A shared pool's namespace: every node that opened the same UUID uses it."""
+    if not re.fullmatch(r"[0-9a-f]{32}", uuid_hex):
+        raise ValueError(f"{uuid_hex!r} is not a pool UUID as 32 hex digits")
+    return f"{SHARED}:{uuid_hex}"
+
+
+def key_pattern(owner: str) -> str:
+    """The ACL key pattern that covers every page of ``owner``."""
+    return f"{PREFIX}:{{{owner}:*"
+
+
+def encode(key: RemoteKey, data: bytes, *, persistent: bool) -> bytes:
+    if len(data) > MAX_DATA:
+        raise ValueError(f"a remote page holds at most {MAX_DATA} bytes, not {len(data)}")
+    name = key.name().encode()
+    crc = zlib.crc32(data, zlib.crc32(name))
+    flags = FLAG_PERSISTENT if persistent else 0
+    return _HEADER.pack(MAGIC, VERSION, flags, len(name), len(data), crc) + name + data
+
+
+def decode(key: RemoteKey, untrusted_value: bytes) -> bytes:
+    """The page data of ``untrusted_value`` if it is exactly ``key``'s record; else RecordError."""
+    name = key.name().encode()
+    if len(untrusted_value) < _HEADER.size:
+        raise RecordError(f"{key.name()}: {len(untrusted_value)} bytes, shorter than a header")
+    magic, version, _flags, name_len, data_len, crc = _HEADER.unpack_from(untrusted_value)
+    if magic != MAGIC or version != VERSION:
+        raise RecordError(f"{key.name()}: not a xentmem record (magic {magic!r}, "
+                          f"version {version})")
+    if _HEADER.size + name_len + data_len != len(untrusted_value) or data_len > MAX_DATA:
+        raise RecordError(f"{key.name()}: lengths {name_len}+{data_len} do not match "
+                          f"{len(untrusted_value)} bytes")
+    stored_name = untrusted_value[_HEADER.size:_HEADER.size + name_len]
+    if stored_name != name:
+        raise RecordError(f"{key.name()}: the value is {stored_name[:80]!r}'s")
+    data = untrusted_value[_HEADER.size + name_len:]
+    if zlib.crc32(data, zlib.crc32(name)) != crc:
+        raise RecordError(f"{key.name()}: checksum mismatch")
+    return data
+

@@ -1,0 +1,428 @@
+"""RAMster's remote tier: compressed pages in a Redis Cluster, through redis-py's cluster client.
+
+The cluster does membership, failover, replication and access control; this module only
+names pages (:mod:`.record`), moves them and counts.  What it promises:
+
+- a persistent page's move is acknowledged only once ``replicas`` replicas hold it (``WAIT``
+  on the connection that wrote it), so a master's failover loses no acknowledged page;
+  persistent pages never carry a TTL, so a cluster on ``maxmemory-policy volatile-lru`` can
+  evict only ephemeral ones;
+- a value that is not the page asked for (damaged, another key's, truncated) is refused,
+  counted and logged, never returned (:class:`.record.RecordError`);
+- an operation fails within about ``timeout_ms`` with :class:`RamsterUnavailable` naming the
+  node and what failed; after a failure the tier rebuilds its client on the next call, so it
+  resumes by itself when the cluster is back.
+
+Design and failure costs: ``docs/ramster.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.retry import Retry
+
+from xentmem.errors import BackendError
+
+from .record import RecordError, RemoteKey, decode, encode, object_tag
+
+log = logging.getLogger(__name__)
+
+#: What redis-py raises when the cluster, a node or the network fails (its cluster errors are
+#: not all RedisErrors).
+CLUSTER_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
+#: redis-py retries an operation this many times after a connection error or a moved slot
+#: (a failover in progress); each try is bounded by the socket timeout.
+CLIENT_RETRIES = 2
+
+
+class RamsterUnavailable(BackendError):
+    """The cluster (or the node serving a page) did not answer in time: the tmem op is -EIO."""
+
+
+class RamsterRefused(BackendError):
+    """The cluster answered and refused: this node's ACL user may not touch that key."""
+
+
+@dataclass
+class GetResult:
+    """What a batch get found: pages by key, keys the cluster has not, values refused."""
+
+    pages: dict[RemoteKey, bytes] = field(default_factory=dict)
+    missing: list[RemoteKey] = field(default_factory=list)
+    refused: dict[RemoteKey, RecordError] = field(default_factory=dict)
+
+
+@dataclass
+class PutResult:
+    """What a batch put did: the pages acknowledged, and why the others were not."""
+
+    acknowledged: list[RemoteKey] = field(default_factory=list)
+    errors: list[BackendError] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """What the tier needs, already validated (from the ``ramster_*`` params)."""
+
+    nodes: tuple[tuple[str, int], ...]
+    node_id: str
+    user: str = ""
+    password_file: str = ""
+    tls: bool = False
+    ca_file: str = ""
+    replicas: int = 1
+    timeout_ms: int = 2000
+    ephemeral_ttl_s: int = 600
+
+    def password(self) -> str | None:
+        """The ACL password, read from its file at connect (never kept in a param)."""
+        if not self.password_file:
+            return None
+        path = Path(self.password_file)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise BackendError(f"ramster_password_file {path}: {exc.strerror or exc}") from None
+        secret = text.rstrip("\r\n")
+        if not secret or "\n" in secret:
+            raise BackendError(f"ramster_password_file {path}: must hold one non-empty line")
+        return secret
+
+
+@dataclass
+class TierCounters:
+    remote_pages: int = 0
+    remote_bytes: int = 0
+    remotified: int = 0
+    fetched: int = 0
+    flushed: int = 0
+    misses: int = 0
+    cluster_errors: int = 0
+    refused_records: int = 0
+    refused_by_acl: int = 0
+    short_replication: int = 0
+    reconnects: int = 0
+    last_error: str = ""
+
+
+class RemoteTier:
+    """One node's view of the cluster; thread-safe (one lock around the client's life)."""
+
+    def __init__(self, config: TierConfig) -> None:
+        if not config.nodes:
+            raise BackendError("ramster: ramster_nodes names no node")
+        self.config = config
+        self.counters = TierCounters()
+        self._client: RedisCluster | None = None
+        #: Whether the last operation reached the cluster (``status`` shows an outage).
+        self._reachable = False
+        self._lock = threading.Lock()
+        #: Bytes each remote page of this node holds in the cluster (for remote_bytes).
+        self._sizes: dict[str, int] = {}
+
+    # -- the client's life ------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """Reach the cluster and check every master answers; an error names the node."""
+        with self._lock:
+            self._client = self._open(check_masters=True)
+            self._reachable = True
+
+    def _open(self, *, check_masters: bool = False) -> RedisCluster:
+        """A client on the cluster's current topology; at load, every master must answer
+        (a rebuild after a failure does not wait for a master that is failing over)."""
+        config = self.config
+        timeout_s = self._try_ms() / 1000
+        password = config.password()
+        seeds = ", ".join(f"{h}:{p}" for h, p in config.nodes)
+        try:
+            client = RedisCluster(
+                startup_nodes=[ClusterNode(host, port) for host, port in config.nodes],
+                username=config.user or None, password=password,
+                ssl=config.tls, ssl_ca_certs=config.ca_file or None,
+                socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                require_full_coverage=True, retry=Retry(NoBackoff(), CLIENT_RETRIES),
+            )
+        except CLUSTER_ERRORS as exc:
+            if isinstance(exc, redis.AuthenticationError) or isinstance(
+                    exc.__cause__, redis.AuthenticationError):
+                raise RamsterRefused(f"ramster: the cluster at {seeds} refused user "
+                                     f"{config.user or 'default'!r}: {exc.__cause__ or exc}"
+                                     ) from None
+            raise self._failed(f"no node of {seeds} answered as a cluster", exc) from None
+        for node in client.get_primaries() if check_masters else ():
+            try:
+                client.get_redis_connection(node).ping()
+            except CLUSTER_ERRORS as exc:
+                client.close()
+                raise self._failed(f"master {node.name} did not answer PING", exc) from None
+        return client
+
+    def _try_ms(self) -> int:
+        """One try's share of ``timeout_ms``: redis-py may try CLIENT_RETRIES more times."""
+        return max(self.config.timeout_ms // (CLIENT_RETRIES + 1), 1)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    def _cluster(self) -> RedisCluster:
+        """The client, rebuilt after a failure (so the tier resumes when the cluster does)."""
+        if self._client is None:
+            self._client = self._open()
+            self.counters.reconnects += 1
+            log.info("ramster: the cluster answers again")
+        return self._client
+
+    def _refused(self, exc: Exception) -> RamsterRefused:
+        """An ACL refusal: the cluster is up, the request was not this node's to make."""
+        self.counters.refused_by_acl += 1
+        return RamsterRefused(f"ramster: user {self.config.user or 'default'!r}: {exc}")
+
+    def _failed(self, what: str, exc: Exception) -> RamsterUnavailable:
+        """Count and log (once per distinct message) a failed operation.
+
+        The client is dropped and rebuilt on the next call: the batches go to one master's
+        connection directly, so redis-py's own redirection never sees a failover; a new
+        client reads the topology the cluster has now.
+        """
+        self.counters.cluster_errors += 1
+        self._reachable = False
+        message = f"ramster: {what}: {exc}"
+        if message != self.counters.last_error:
+            log.error("%s", message)
+        self.counters.last_error = message
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        return RamsterUnavailable(message)
+
+    # -- pages ------------------------------------------------------------------------------------
+
+    def put(self, key: RemoteKey, data: bytes, *, persistent: bool) -> None:
+        """Store one page; returns only once it is acknowledged, else raises."""
+        done = self.put_many([(key, data)], persistent=persistent)
+        if not done.acknowledged:
+            raise done.errors[0]
+
+    def put_many(self, pages: Sequence[tuple[RemoteKey, bytes]], *,
+                 persistent: bool) -> PutResult:
+        """Store pages as remotify does, in batches: one pipeline per master that owns some
+        of their slots (the SETs, then one WAIT for a persistent batch).  A master's group
+        that fails or reaches too few replicas is not acknowledged: its pages stay with the
+        caller, and the tier removes what it wrote of them."""
+        result = PutResult()
+        with self._lock:
+            try:
+                cluster = self._cluster()
+                groups: dict[str, tuple[Any, list[tuple[str, bytes]]]] = {}
+                for key, data in pages:
+                    name = key.name()
+                    node = cluster.get_node_from_key(name)
+                    groups.setdefault(node.name, (node, []))[1].append(
+                        (name, encode(key, data, persistent=persistent)))
+            except RamsterUnavailable as exc:
+                result.errors.append(exc)
+                return result
+            except CLUSTER_ERRORS as exc:
+                result.errors.append(self._failed(f"put of {len(pages)} page(s) failed", exc))
+                return result
+            by_name = {key.name(): key for key, _data in pages}
+            for node, group in groups.values():
+                error = self._put_group(cluster, node, group, persistent)
+                if error is not None:
+                    result.errors.append(error)
+                    continue
+                for name, value in group:
+                    self._account(name, len(value))
+                    result.acknowledged.append(by_name[name])
+            self.counters.remotified += len(result.acknowledged)
+        return result
+
+    def _put_group(self, cluster: RedisCluster, node: Any, group: list[tuple[str, bytes]],
+                   persistent: bool) -> BackendError | None:
+        """One master's share of a batch, on one connection; None once acknowledged."""
+        names = [name for name, _value in group]
+        pipe = cluster.get_redis_connection(node).pipeline(transaction=False)
+        for name, value in group:
+            pipe.set(name, value, ex=None if persistent else self.config.ephemeral_ttl_s)
+        wait_ms = 0
+        if persistent:
+            # WAIT blocks on the server: most of a try's time, the socket's timeout a bit more.
+            wait_ms = max(self._try_ms() * 4 // 5, 1)
+            pipe.execute_command("WAIT", self.config.replicas, wait_ms)
+        try:
+            replies = pipe.execute(raise_on_error=False)
+        except CLUSTER_ERRORS as exc:
+            return self._failed(f"put of {len(group)} page(s) on {node.name} failed", exc)
+        refusals = [r for r in replies if isinstance(r, redis.exceptions.NoPermissionError)]
+        if refusals:
+            return self._refused(refusals[0])
+        failures = [r for r in replies if isinstance(r, Exception)]
+        if failures:  # a slot moved mid-batch (a failover): redis-py refreshes its map
+            self._discard(cluster, names)
+            return self._failed(f"put on {node.name} failed", failures[0])
+        self._reachable = True
+        if persistent and int(replies[-1]) < self.config.replicas:
+            self.counters.short_replication += 1
+            self._discard(cluster, names)
+            return RamsterUnavailable(
+                f"ramster: put of {len(group)} page(s) reached {replies[-1]} of "
+                f"{self.config.replicas} replica(s) on master {node.name} within {wait_ms} ms")
+        return None
+
+    def _discard(self, cluster: RedisCluster, names: list[str]) -> None:
+        """Remove what an unacknowledged put wrote: the caller keeps its own copies."""
+        try:
+            cluster.delete(*names)
+        except CLUSTER_ERRORS:
+            log.warning("ramster: %d unacknowledged page(s) could not be removed (they are "
+                        "never served: the caller's index does not point to them)", len(names))
+
+    def get(self, key: RemoteKey, *, exclusive: bool) -> bytes | None:
+        """The page, or None when the cluster has none; an exclusive get removes it.
+
+        A value that is not this page's raises :class:`.record.RecordError` (never served).
+        """
+        found = self.get_many([key], exclusive=exclusive)
+        if key in found.refused:
+            raise found.refused[key]
+        return found.pages.get(key)
+
+    def get_many(self, keys: Sequence[RemoteKey], *, exclusive: bool) -> GetResult:
+        """Fetch pages, one pipeline per master (GET, or GETDEL for exclusive gets).
+
+        Raises :class:`RamsterUnavailable` or :class:`RamsterRefused` when a master's group
+        fails: then none of that call's exclusive gets may be assumed to have happened or
+        not, so the caller treats the whole call as failed (-EIO), as tmem would.
+        """
+        result = GetResult()
+        with self._lock:
+            try:
+                cluster = self._cluster()
+                groups: dict[str, tuple[Any, list[RemoteKey]]] = {}
+                for key in keys:
+                    node = cluster.get_node_from_key(key.name())
+                    groups.setdefault(node.name, (node, []))[1].append(key)
+                replies: list[tuple[RemoteKey, Any]] = []
+                for node, group in groups.values():
+                    pipe = cluster.get_redis_connection(node).pipeline(transaction=False)
+                    for key in group:
+                        (pipe.getdel if exclusive else pipe.get)(key.name())
+                    replies.extend(zip(group, pipe.execute()))
+            except RamsterUnavailable:
+                raise
+            except redis.exceptions.NoPermissionError as exc:
+                raise self._refused(exc) from None
+            except CLUSTER_ERRORS as exc:
+                raise self._failed(f"get of {len(keys)} page(s) failed", exc) from None
+            self._reachable = True
+            for key, untrusted_value in replies:
+                self._take(key, untrusted_value, exclusive, result)
+        return result
+
+    def _take(self, key: RemoteKey, untrusted_value: bytes | None, exclusive: bool,
+              result: GetResult) -> None:
+        """One fetched value into ``result``: a page, a miss, or a refused record."""
+        name = key.name()
+        if untrusted_value is None or exclusive:
+            self._forget(name)
+        if untrusted_value is None:
+            self.counters.misses += 1
+            result.missing.append(key)
+            return
+        try:
+            result.pages[key] = decode(key, untrusted_value)
+        except RecordError as exc:
+            self.counters.refused_records += 1
+            log.error("%s (not served)", exc)
+            result.refused[key] = exc
+            return
+        self.counters.fetched += 1
+
+    def flush(self, keys: list[RemoteKey]) -> int:
+        """Remove these pages (one DEL per slot); how many the cluster had."""
+        return self.delete_names([k.name() for k in keys])
+
+    def object_names(self, owner: str, pool: int, oid: Any) -> list[str]:
+        """Every key of one object in the cluster (one slot: SCAN on its master only).
+
+        Used for shared pools, whose pages other nodes put; a node's own pages are known
+        locally and flushed by name.
+        """
+        tag = object_tag(owner, pool, oid)
+        pattern = tag.replace("\\", "\\\\").replace("*", "\\*").replace("?", "\\?") \
+            .replace("[", "\\[") + ":*"
+        with self._lock:
+            try:
+                cluster = self._cluster()
+                node = cluster.get_node_from_key(tag + ":0")
+                conn = cluster.get_redis_connection(node)
+                return [n.decode() if isinstance(n, bytes) else n
+                        for n in conn.scan_iter(match=pattern, count=1000)]
+            except RamsterUnavailable:
+                raise
+            except redis.exceptions.NoPermissionError as exc:
+                raise self._refused(exc) from None
+            except CLUSTER_ERRORS as exc:
+                raise self._failed(f"listing {tag} failed", exc) from None
+
+    def delete_names(self, names: list[str]) -> int:
+        """Remove these keys; how many the cluster had."""
+        if not names:
+            return 0
+        with self._lock:
+            try:
+                removed = int(self._cluster().delete(*names))
+            except RamsterUnavailable:
+                raise
+            except redis.exceptions.NoPermissionError as exc:
+                raise self._refused(exc) from None
+            except CLUSTER_ERRORS as exc:
+                raise self._failed(f"flush of {len(names)} page(s) failed", exc) from None
+            self._reachable = True
+            for name in names:
+                self._forget(name)
+            self.counters.flushed += removed
+            return removed
+
+    # -- accounting -------------------------------------------------------------------------------
+
+    def _account(self, name: str, size: int) -> None:
+        old = self._sizes.get(name)
+        if old is None:
+            self.counters.remote_pages += 1
+        else:
+            self.counters.remote_bytes -= old
+        self._sizes[name] = size
+        self.counters.remote_bytes += size
+
+    def _forget(self, name: str) -> None:
+        old = self._sizes.pop(name, None)
+        if old is not None:
+            self.counters.remote_pages -= 1
+            self.counters.remote_bytes -= old
+
+    def stats(self) -> dict[str, Any]:
+        c = self.counters
+        return {
+            "node_id": self.config.node_id,
+            "reachable": self._reachable,
+            "remote_pages": c.remote_pages, "remote_bytes": c.remote_bytes,
+            "remotified": c.remotified, "fetched": c.fetched, "flushed": c.flushed,
+            "remote_misses": c.misses, "cluster_errors": c.cluster_errors,
+            "refused_records": c.refused_records, "refused_by_acl": c.refused_by_acl,
+            "short_replication": c.short_replication,
+            "reconnects": c.reconnects, "last_error": c.last_error,
+        }

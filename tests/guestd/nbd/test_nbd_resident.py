@@ -86,10 +86,11 @@ def test_each_connection_thread_is_marked_an_io_flusher(short_dir: Path) -> None
         served.wait_connections(0)
         marks = [(args, thread) for name, args, thread in served.libc.calls
                  if name == "prctl"]
-        assert [args for args, _ in marks] == [(PR_SET_IO_FLUSHER, 1)] * 2
-        assert all(thread.startswith("nbd-conn-") for _, thread in marks)
-        assert len({thread for _, thread in marks}) == 2
-        assert served.server.describe()["io_flushers"] == 2
+        assert [args for args, _ in marks] == [(PR_SET_IO_FLUSHER, 1)] * 3
+        threads = [thread for _, thread in marks]
+        assert threads[0] == "nbd-accept"  # it allocates each connection's buffers
+        assert all(t.startswith("nbd-conn-") for t in threads[1:]) and len(set(threads)) == 3
+        assert served.server.describe()["io_flushers"] == 3
     finally:
         served.server.stop()
         served.swap.close()
@@ -109,7 +110,7 @@ def test_without_io_flusher_the_threads_serve_on_and_it_is_said_once(
         warnings = [r for r in caplog.records if "PR_SET_IO_FLUSHER" in r.getMessage()]
         assert len(warnings) == 1 and why in warnings[0].getMessage()
         described = served.server.describe()
-        assert described["io_flusher_refused"] == 2 and described["io_flushers"] == 0
+        assert described["io_flusher_refused"] == 3 and described["io_flushers"] == 0
     finally:
         served.server.stop()
         served.swap.close()

@@ -378,6 +378,8 @@ class NbdServer:
         self._thread.start()
 
     def _accept_loop(self) -> None:
+        if self.residency is not None:  # a connection's buffers are allocated here
+            self.residency.serving_thread()
         with selectors.DefaultSelector() as selector:
             selector.register(self._wake_r, selectors.EVENT_READ)
             for sock in self._listeners:

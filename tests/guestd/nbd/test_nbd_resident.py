@@ -148,3 +148,12 @@ def test_the_real_mlockall_reports_its_errno() -> None:
     with pytest.raises(OSError) as refused:
         RealLibc().mlockall(0)
     assert refused.value.errno == errno.EINVAL
+
+
+def test_the_refusal_reaches_a_control_client_as_backend_error() -> None:
+    """What ``xentmem swap add`` shows (docs/nbd.md names the code)."""
+    from xentmem.control import protocol
+    from xentmem.guestd.handlers import error_for
+
+    error = error_for(SwapUnsafe("cannot lock xentmemd in memory"), "nbd.add")
+    assert error.code == protocol.BACKEND_ERROR and "cannot lock" in str(error)

@@ -136,9 +136,9 @@ class _Connection:
                                        daemon=True)
 
     def run(self) -> None:
-        if self.server.residency is not None:
-            self.server.residency.serving_thread()
         try:
+            if self.server.residency is not None:
+                self.server.residency.serving_thread()
             self.sock.settimeout(self.server.handshake_timeout_s)
             export = self._handshake()
             if export is not None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -39,6 +40,7 @@ import psutil
 
 from xentmem.guest.shim import Shim
 from xentmem.guestd.nbd.exports import Exports
+from xentmem.guestd.nbd.resident import NotResident, Residency, SwapUnsafe
 from xentmem.guestd.nbd.server import NbdServer
 from xentmem.guestd.swap import SwapAreas
 
@@ -89,8 +91,13 @@ class Ours:
         self.shim = Shim()
         self.shim.load("zcache")
         self.swap = SwapAreas(self.shim.frontswap, directory / "swap")
-        self.exports = Exports(self.shim.frontswap, self.swap)
-        self.server = NbdServer(self.exports)
+        self.residency = Residency()  # as xentmemd serving swap: memory locked
+        try:
+            self.residency.lock_memory()
+        except SwapUnsafe:
+            self.residency = NotResident()
+        self.exports = Exports(self.shim.frontswap, self.swap, self.residency)
+        self.server = NbdServer(self.exports, residency=self.residency)
         self.exports.server = self.server
         self.socket = self.server.listen_unix(directory / "xentmem.sock")
         self.server.start()
@@ -225,8 +232,10 @@ def main() -> int:
             return 1
     size = args.size_mib * 1024 * 1024
     best: dict[tuple[str, int, str], Phase] = {}
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="xtbench-") as tmp, \
             targets(Path(tmp), size, not args.no_zram) as (made, why_no_zram):
+        locked = made[0].residency.locked and not isinstance(made[0].residency, NotResident)
         try:
             for _ in range(args.repeat):
                 for iodepth in (1, 32):
@@ -243,7 +252,9 @@ def main() -> int:
             return 1
     names = [t.name for t in made]
     print(f"4 KiB random I/O over {args.size_mib} MiB, fio nbd engine; best of "
-          f"{args.repeat} round(s)")
+          f"{args.repeat} round(s); xentmem's memory "
+          f"{'locked (mlockall)' if locked else 'not locked (mlockall refused)'}; load average "
+          f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after ({os.cpu_count()} CPUs)")
     print(f"{'iodepth':>7} {'phase':>9} " + " ".join(f"{n + ' IOPS':>13}" for n in names)
           + f" {'ratio':>6} {'xentmem us/op':>14} {'nbdkit us/op':>13}")
     ratios: dict[tuple[int, str], float] = {}

@@ -6,8 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from fakes.libc import RecordingLibc
+
 from xentmem.guest.shim import Shim
 from xentmem.guestd.nbd.exports import Exports
+from xentmem.guestd.nbd.resident import Residency
 from xentmem.guestd.nbd.server import NbdServer
 from xentmem.guestd.swap import SwapAreas
 
@@ -22,6 +25,7 @@ class Served:
     exports: Exports
     server: NbdServer
     socket: Path
+    libc: RecordingLibc
 
     def uri(self, name: str) -> str:
         return f"nbd+unix:///{name}?socket={self.socket}"
@@ -34,14 +38,18 @@ class Served:
         assert reached, f"{self.server.connections()} connections, expected {count}"
 
 
-def serve(directory: Path, backend: str | None = "zcache") -> Served:
+def serve(directory: Path, backend: str | None = "zcache",
+          libc: RecordingLibc | None = None) -> Served:
+    """Served with ``libc`` (a recording one by default: the test process stays unlocked)."""
+    libc = libc or RecordingLibc()
     shim = Shim()
     if backend is not None:
         shim.load(backend)
     swap = SwapAreas(shim.frontswap, directory / "swap")
-    exports = Exports(shim.frontswap, swap)
-    server = NbdServer(exports)
+    residency = Residency(libc, set_stack_size=libc.stack_size)
+    exports = Exports(shim.frontswap, swap, residency)
+    server = NbdServer(exports, residency=residency)
     exports.server = server
     path = server.listen_unix(directory / "nbd.sock")
     server.start()
-    return Served(shim, swap, exports, server, path)
+    return Served(shim, swap, exports, server, path, libc)

@@ -66,6 +66,16 @@ def test_collect_counters_and_balloon_figures() -> None:
             assert line.split("{")[0].split(" ")[0] in seen_type, line
 
 
+def test_nbd_export_counters_and_its_io_errors() -> None:
+    """A page neither tmem nor a full disk took is an I/O error for the kernel: counted."""
+    text = render(collect(backend="zcache", stats=STATS, balloon=BALLOON, nbd_exports=[
+        {"name": "swap0", "counts": {"writes": 9, "write_errors": 2, "refused_EINVAL": 1}}]))
+    lines = set(text.splitlines())
+    assert "# TYPE xentmem_nbd_events_total counter" in lines
+    assert 'xentmem_nbd_events_total{export="swap0",event="write_errors"} 2' in lines
+    assert 'xentmem_nbd_events_total{export="swap0",event="refused_EINVAL"} 1' in lines
+
+
 def test_no_backend_and_no_balloon() -> None:
     text = render(collect(backend=None, stats={"cleancache": {}, "frontswap": {}},
                           balloon={"running": False}))

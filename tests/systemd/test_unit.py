@@ -160,8 +160,10 @@ def test_hardening_keeps_the_balloon_writable(unit: dict[str, dict[str, list[str
     # "-": the directory is absent off Xen, and a missing path must not fail the start.
     assert service["ReadWritePaths"] == ["-/sys/devices/system/xen_memory"]
     assert one(unit, "Service", "RuntimeDirectory") == "xentmem"
-    # writing target_kb is capable(CAP_SYS_ADMIN) in the balloon driver; nothing else is kept.
-    assert one(unit, "Service", "CapabilityBoundingSet") == "CAP_SYS_ADMIN"
+    # writing target_kb is capable(CAP_SYS_ADMIN) in the balloon driver; the other two are
+    # swap's (test_swap_serving_gets_exactly_what_staying_resident_needs).
+    assert one(unit, "Service", "CapabilityBoundingSet").split() == [
+        "CAP_SYS_ADMIN", "CAP_IPC_LOCK", "CAP_SYS_RESOURCE"]
     assert "User" not in service and "DynamicUser" not in service  # root owns target_kb
     assert "PrivateUsers" not in service  # would make CAP_SYS_ADMIN useless on the host
     for key in ("NoNewPrivileges", "PrivateTmp", "ProtectKernelModules", "ProtectKernelLogs",
@@ -212,3 +214,35 @@ def test_nbd_swap_is_off_before_the_daemon_stops(unit: dict[str, dict[str, list[
     assert one(unit, "Service", "ExecStop") == "+/usr/bin/xentmem swap stop"
     assert one(unit, "Service", "ExecStartPost") == "-+/usr/bin/xentmem swap start"
 
+
+def test_swap_serving_gets_exactly_what_staying_resident_needs(
+    unit: dict[str, dict[str, list[str]]],
+) -> None:
+    """mlockall(MCL_CURRENT|MCL_FUTURE) with CAP_IPC_LOCK (the kernel then skips
+    RLIMIT_MEMLOCK, so no LimitMEMLOCK=), prctl(PR_SET_IO_FLUSHER) with CAP_SYS_RESOURCE, and
+    both system calls through the filter (docs/nbd.md)."""
+    service = unit["Service"]
+    caps = one(unit, "Service", "CapabilityBoundingSet").split()
+    assert {"CAP_IPC_LOCK", "CAP_SYS_RESOURCE"} <= set(caps)
+    assert "LimitMEMLOCK" not in service  # redundant with CAP_IPC_LOCK: no more than needed
+    assert "AmbientCapabilities" not in service  # root: the bounding set is what it keeps
+    filters = service["SystemCallFilter"]
+    assert filters[0] == "@system-service"  # holds @memlock (mlockall) and @process (prctl)
+    for denied in filters[1:]:
+        assert denied.startswith("~")
+        assert not {"@memlock", "@process", "mlockall", "prctl"} & set(denied[1:].split())
+
+
+@needs_analyze
+def test_the_filter_lets_mlockall_and_prctl_through() -> None:
+    """What the groups hold, asked of this machine's systemd rather than assumed."""
+    def members(group: str) -> set[str]:
+        out = subprocess.run([ANALYZE, "syscall-filter", group], capture_output=True,
+                             text=True, timeout=60, check=True).stdout
+        return {line.strip() for line in out.splitlines()
+                if line.strip() and not line.strip().startswith("#")}
+
+    service = members("@system-service")
+    assert "@memlock" in service and "@process" in service
+    assert "mlockall" in members("@memlock") and "prctl" in members("@process")
+    assert not {"mlockall", "prctl"} & members("@resources")  # the unit denies ~@resources

@@ -350,6 +350,7 @@ class Daemon:
             balloon=self.balloon.figures(),
             swap_areas=self.shim.frontswap.describe()["swap_types"],
             uptime_s=self.uptime_s(),
+            nbd_exports=self.nbd.describe(),
         ))
 
     def summary_line(self) -> str:

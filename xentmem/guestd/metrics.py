@@ -103,8 +103,10 @@ def collect(
     balloon: Mapping[str, Any],
     swap_areas: Iterable[Mapping[str, Any]] = (),
     uptime_s: float | None = None,
+    nbd_exports: Iterable[Mapping[str, Any]] = (),
 ) -> list[Family]:
-    """Families from the shim's ``stats()``, the balloon figures and the swap areas."""
+    """Families from the shim's ``stats()``, the balloon figures, the swap areas and the NBD
+    exports' counters."""
     backend_label = backend or "none"
     families: list[Family] = []
 
@@ -156,6 +158,15 @@ def collect(
         area_used.add(area.get("used", 0), **labels)
         area_tmem.add(area.get("tmem_pages", 0), **labels)
     families.extend((area_pages, area_used, area_tmem))
+
+    nbd = Family(PREFIX + "nbd_events_total", "counter",
+                 "each NBD export's requests, pages and errors since it was made "
+                 "(write_errors: a page neither tmem nor the backing store took, an I/O "
+                 "error for the kernel)")
+    for export in nbd_exports:
+        for event, value in sorted((export.get("counts") or {}).items()):
+            nbd.add(value, export=str(export.get("name")), event=_safe_name(event))
+    families.append(nbd)
 
     families.extend(_balloon_families(balloon))
     return families

@@ -5,6 +5,7 @@ flushed at a stop."""
 from __future__ import annotations
 
 import json
+import resource
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,19 @@ from xentmem.control import ControlClient, ControlError, protocol
 from xentmem.guestd.config import parse_loopback
 
 PAGE = 4096
+
+
+def default_sized_stacks(pid: int) -> list[str]:
+    """Anonymous read-write mappings of RLIMIT_STACK's size (with or without the guard page
+    glibc carves out of it): the stacks of threads made at the default size."""
+    limit = resource.getrlimit(resource.RLIMIT_STACK)[0]
+    found = []
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split()
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        if fields[1] == "rw-p" and len(fields) == 5 and high - low in (limit, limit - PAGE):
+            found.append(line)
+    return found
 
 
 def test_the_daemon_serves_exports_over_unix_and_loopback_tcp(
@@ -36,6 +50,12 @@ def test_the_daemon_serves_exports_over_unix_and_loopback_tcp(
         assert over_tcp.pread(2 * PAGE, 3 * PAGE) == b"\x5a" * 2 * PAGE
         listed = client.call("nbd.list")
         assert listed["connections"] == 2
+        # The real mlockall, in the daemon's process (as root: CAP_IPC_LOCK); the accept
+        # thread and both connections' were marked I/O flushers or the refusal was counted.
+        assert listed["memory_locked"] is True
+        assert listed["io_flushers"] + listed["io_flusher_refused"] == 3
+        # Locked memory holds each thread's whole stack: xentmemd's are 1 MiB, not 8.
+        assert default_sized_stacks(daemon.proc.pid) == []
         (export,) = listed["exports"]
         assert export["name"] == "s" and export["counts"]["writes"] == 1
         assert export["tmem_pages"] == 2  # through frontswap, into zcache

@@ -5,6 +5,7 @@ error reply, or the end of that session), and the export is unchanged and still 
 from __future__ import annotations
 
 import errno
+import logging
 import struct
 
 import pytest
@@ -209,7 +210,10 @@ def test_pipelined_requests_are_answered_in_full(export: Served) -> None:
     client.close()
 
 
-def test_a_full_backing_store_is_enospc_and_keeps_the_old_page(short_dir) -> None:
+def test_a_full_backing_store_is_enospc_and_keeps_the_old_page(
+        short_dir, caplog: pytest.LogCaptureFixture) -> None:
+    """tmem refuses (no backend) and the disk is full: the kernel's page gets an I/O error,
+    counted and logged (docs/nbd.md)."""
     served = serve(short_dir, backend=None)  # every page goes to the backing file
     try:
         served.exports.add(4, "file", name="e")
@@ -222,8 +226,11 @@ def test_a_full_backing_store_is_enospc_and_keeps_the_old_page(short_dir) -> Non
         def full(offset: int, data: bytes) -> None:
             raise BackendError("swap file: write refused") from OSError(errno.ENOSPC, "full")
         backing.write = full  # type: ignore[method-assign]
-        client.request(WRITE, 0, PAGE, handle=2, payload=b"\2" * PAGE)
-        assert client.reply() == (ENOSPC, 2)
+        with caplog.at_level(logging.ERROR):
+            client.request(WRITE, 0, PAGE, handle=2, payload=b"\2" * PAGE)
+            assert client.reply() == (ENOSPC, 2)
+        assert served.exports.get("e").describe()["counts"]["write_errors"] == 1
+        assert "page 0 not stored" in caplog.text
         client.request(READ, 0, PAGE, handle=3)
         assert client.reply() == (0, 3)
         assert client.recv_exact(PAGE) == b"\1" * PAGE

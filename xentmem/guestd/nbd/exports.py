@@ -17,6 +17,7 @@ from typing import Any
 from xentmem.errors import AbiError
 from xentmem.guest.frontends import Frontswap
 from xentmem.guestd.nbd.export import Export
+from xentmem.guestd.nbd.resident import Residency
 from xentmem.guestd.nbd.server import STOP_GRACE_S, NbdServer
 from xentmem.guestd.swap import SwapAreas
 
@@ -35,9 +36,13 @@ class ExportBusy(AbiError):
 class Exports:
     """Name -> :class:`Export`; the table an :class:`NbdServer` serves."""
 
-    def __init__(self, frontswap: Frontswap, swap: SwapAreas) -> None:
+    def __init__(self, frontswap: Frontswap, swap: SwapAreas,
+                 residency: Residency | None = None) -> None:
+        """``residency``: how the process stays resident once it serves swap (the real
+        system calls unless a test or a benchmark says otherwise)."""
         self.frontswap = frontswap
         self.swap = swap
+        self.residency = residency if residency is not None else Residency()
         self.server: NbdServer | None = None
         self._lock = threading.Lock()
         self._exports: dict[str, Export] = {}
@@ -65,6 +70,7 @@ class Exports:
         with self._lock:
             if name is not None and name in self._exports:
                 raise AbiError(f"export {name!r} already exists")
+            self.residency.lock_memory()  # SwapUnsafe: refused, nothing made
             area = self.swap.create(pages, backing, swap_type)
             swap_type = int(area["type"])
             name = name or f"swap{swap_type}"

@@ -3,8 +3,10 @@ thread per connection, speaking the fixed newstyle handshake then simple replies
 
 A connection reads requests into one buffer allocated when it is accepted (the longest
 request fits), carries each out in order against its :class:`Export`, and gathers the
-replies, sending them when it would otherwise wait for the client: with many requests in
-flight (fio's iodepth, the kernel's queue) one ``recv`` and one ``send`` serve many.  A
+replies in a second buffer allocated then too, sending them when it would otherwise wait
+for the client: with many requests in flight (fio's iodepth, the kernel's queue) one
+``recv`` and one ``send`` serve many.  Each connection's thread is marked an I/O flusher
+(``resident.py``): it serves swap, so its allocations must not wait on swap.  A
 write is applied only once its whole payload has arrived, so a client that vanishes
 mid-request changes nothing.  A violation the protocol lets a server end the session for
 (a bad magic, unknown client flags, a payload or option large enough to be a denial of
@@ -26,6 +28,7 @@ from typing import Any, Protocol
 
 from xentmem.guestd.nbd import proto
 from xentmem.guestd.nbd.export import Export, NbdError
+from xentmem.guestd.nbd.resident import Residency
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +41,9 @@ HANDSHAKE_TIMEOUT_S = 30.0
 MAX_OPTIONS = 1024
 #: The input buffer: the longest request (header and payload) and room to spare.
 BUFFER_BYTES = proto.MAX_BLOCK + 64 * 1024
-#: Replies gathered beyond this many bytes are sent at once.
-MAX_PENDING_OUT = 1024 * 1024
+#: The output buffer: replies are gathered up to this many bytes (a longer read's data is
+#: sent straight from the bytes the export returned).
+OUT_BYTES = 256 * 1024
 #: How long stop() waits for connections to finish their request before cutting them.
 STOP_GRACE_S = 5.0
 
@@ -65,7 +69,8 @@ class _Wire:
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0
-        self.out = bytearray()
+        self._out = memoryview(bytearray(OUT_BYTES))
+        self._out_end = 0
 
     def take(self, n: int) -> memoryview:
         """The next ``n`` bytes (valid until the next take); EOFError if the client left."""
@@ -97,14 +102,25 @@ class _Wire:
             self._end += got
 
     def send(self, data: bytes | bytearray | memoryview) -> None:
-        self.out += data
-        if len(self.out) >= MAX_PENDING_OUT:
+        """Gather ``data``; what does not fit goes out first (and data longer than the whole
+        buffer goes out as it is)."""
+        n = len(data)
+        if self._out_end + n > OUT_BYTES:
             self.flush()
+            if n > OUT_BYTES:
+                self.sock.sendall(data)
+                return
+        self._out[self._out_end:self._out_end + n] = data
+        self._out_end += n
 
     def flush(self) -> None:
-        if self.out:
-            self.sock.sendall(self.out)
-            self.out.clear()
+        if self._out_end:
+            self.sock.sendall(self._out[:self._out_end])
+            self._out_end = 0
+
+    def discard(self) -> None:
+        """Drop the gathered replies unsent."""
+        self._out_end = 0
 
 
 class _Connection:
@@ -121,6 +137,8 @@ class _Connection:
 
     def run(self) -> None:
         try:
+            if self.server.residency is not None:
+                self.server.residency.serving_thread()
             self.sock.settimeout(self.server.handshake_timeout_s)
             export = self._handshake()
             if export is not None:
@@ -164,7 +182,7 @@ class _Connection:
                     try:
                         self.server.attach(self, export)
                     except HardDisconnect:
-                        wire.out.clear()  # the ACK must not go out: the export is going
+                        wire.discard()  # the ACK must not go out: the export is going
                         raise
                 wire.flush()
                 return export
@@ -297,8 +315,12 @@ class NbdServer:
     """Listeners and connections over one table of exports."""
 
     def __init__(self, exports: ExportTable, *, max_connections: int = MAX_CONNECTIONS,
-                 handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S) -> None:
+                 handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+                 residency: Residency | None = None) -> None:
+        """``residency``: marks each connection's thread an I/O flusher (None: not marked,
+        for a server that serves no swap)."""
         self.exports = exports
+        self.residency = residency
         self.max_connections = max_connections
         self.handshake_timeout_s = handshake_timeout_s
         self.stopping = False
@@ -356,6 +378,8 @@ class NbdServer:
         self._thread.start()
 
     def _accept_loop(self) -> None:
+        if self.residency is not None:  # a connection's buffers are allocated here
+            self.residency.serving_thread()
         with selectors.DefaultSelector() as selector:
             selector.register(self._wake_r, selectors.EVENT_READ)
             for sock in self._listeners:
@@ -450,7 +474,9 @@ class NbdServer:
         return ended
 
     def describe(self) -> dict[str, Any]:
-        return {"listening": list(self.addresses), "connections": self.connections()}
+        resident = {} if self.residency is None else self.residency.describe()
+        return {"listening": list(self.addresses), "connections": self.connections(),
+                **resident}
 
 
 #: The NBD socket's file name inside the daemon's run directory.
@@ -460,7 +486,7 @@ NBD_SOCKET = "nbd.sock"
 def serve_nbd(exports: Any, path: Path, tcp: str = "") -> NbdServer:
     """The daemon's NBD server over ``exports``: the Unix socket ``path``, and TCP at
     ``tcp`` (``HOST:PORT`` on loopback) when set; started."""
-    server = NbdServer(exports)
+    server = NbdServer(exports, residency=exports.residency)
     try:
         server.listen_unix(path)
         if tcp:

@@ -41,12 +41,13 @@ from xentmem.tmem.store.records import Client, Pool
 
 log = logging.getLogger(__name__)
 
-#: Bytes charged per stored page on top of its data, by pool kind: the index entry, the
-#: storage's entry and ``bytes`` header, an ephemeral page's LRU entry.  Measured with
-#: tracemalloc on CPython 3.11 over 16 to thousands of objects (docs/zcache.md, "Capacity"),
-#: rounded up.  Exact accounting of the process's memory comes with a page arena.
-EPHEMERAL_PAGE_OVERHEAD = 288
-PERSISTENT_PAGE_OVERHEAD = 112
+#: Bytes charged per stored page on top of its data, by pool kind: its key (a 5-tuple), its
+#: entries in the index, the storage and (ephemeral) the LRU with its stamp, the ``bytes``
+#: header.  Measured with tracemalloc on CPython 3.11 (docs/zcache.md, "Capacity": 344-377
+#: and 211-242 bytes per page, 16 to 20000 objects), rounded up.  Exact accounting of the
+#: process's memory comes with a page arena.
+EPHEMERAL_PAGE_OVERHEAD = 384
+PERSISTENT_PAGE_OVERHEAD = 248
 #: Uuids one client may be authorised for (Xen: MAX_GLOBAL_SHARED_POOLS as well).
 MAX_AUTH_UUIDS = 16
 #: The heaviest eviction weight (``xl tmem-set -w``).
@@ -76,6 +77,10 @@ class TmemStore:
             raise ValueError("max_pools must be >= 1 and max_shared_pools >= 0")
         self.lock = threading.Lock()
         self.pages: PageStorage = pages if pages is not None else MemoryPages()
+        # Bound once: the data path calls them on every op.
+        self._page_put = self.pages.put
+        self._page_get = self.pages.get
+        self._page_delete = self.pages.delete
         self.capacity_bytes = capacity_bytes
         self.max_pools = max_pools
         self.max_shared_pools = max_shared_pools
@@ -184,7 +189,8 @@ class TmemStore:
             client = self.clients.get(cid) or self._client(cid)
             counters = client.counters
             counters.puts += 1
-            pool = client.pool(pool_id)
+            slots = client.slots
+            pool = slots[pool_id] if 0 <= pool_id < len(slots) else None
             if pool is None:
                 counters.failed_puts += 1
                 return -errno.ENODEV
@@ -216,13 +222,15 @@ class TmemStore:
                 if not fits:
                     self._count_failed_put(client, pool, duplicate)
                     return -errno.ENOSPC if duplicate else -errno.ENOMEM
+                obj = pool.objects.get(oid)  # eviction may have taken the object away
             key = (pool.gid, *oid, index)
             try:
-                self.pages.put(key, data)
+                self._page_put(key, data)
             except PageStorageFull:
                 self._count_failed_put(client, pool, duplicate)
                 return -errno.ENOSPC if duplicate else -errno.ENOMEM
-            obj = pool.objects.get(oid)  # eviction may have taken the object away
+            if duplicate:
+                obj = pool.objects.get(oid)  # the old copy may have been the object's last
             if obj is None:
                 obj = pool.objects[oid] = {}
                 self.obj_count += 1
@@ -279,21 +287,21 @@ class TmemStore:
             client = self.clients.get(cid) or self._client(cid)
             counters = client.counters
             counters.gets += 1
-            pool = client.pool(pool_id)
+            slots = client.slots
+            pool = slots[pool_id] if 0 <= pool_id < len(slots) else None
             if pool is None:
                 return _GET_NODEV
             if not pool.pages:
                 return _GET_EMPTY
-            obj = pool.objects.get(oid)
-            if obj is None or index not in obj:
-                return _GET_MISS
             key = (pool.gid, *oid, index)
-            data = self.pages.get(key)
-            if data is None:  # the storage lost it: never served, reported missing
-                log.warning("tmem: pool %d oid %s index %d: page missing from storage; dropped",
-                            pool.gid, oid, index)
-                counters.lost_pages += 1
-                self._drop(pool, oid, index)
+            data = self._page_get(key)
+            if data is None:
+                obj = pool.objects.get(oid)
+                if obj is not None and index in obj:  # lost by the storage: never served
+                    log.warning("tmem: pool %d oid %s index %d: page missing from storage; "
+                                "dropped", pool.gid, oid, index)
+                    counters.lost_pages += 1
+                    self._drop(pool, oid, index)
                 return _GET_MISS
             if pool.exclusive:
                 self._drop(pool, oid, index)
@@ -465,7 +473,7 @@ class TmemStore:
             del objects[oid]
             self.obj_count -= 1
         key = (pool.gid, *oid, index)
-        self.pages.delete(key)
+        self._page_delete(key)
         pool.pages -= 1
         pool.zbytes -= size
         if pool.persistent:

@@ -70,20 +70,26 @@ class PageStorage(Protocol):
 
 
 class MemoryPages:
-    """:class:`PageStorage` in this process's memory: one dict, one ``bytes`` per page."""
+    """:class:`PageStorage` in this process's memory: one dict, one ``bytes`` per page.
 
-    __slots__ = ("_pages",)
+    ``put``, ``get`` and ``delete`` are the dict's own methods, bound per instance: the store
+    calls them on every op, and a Python-level method around each would double their cost.
+    """
 
     def __init__(self) -> None:
         self._pages: dict[PageKey, bytes] = {}
+        self.put = self._pages.__setitem__  # type: ignore[method-assign]
+        self.get = self._pages.get  # type: ignore[method-assign]
+        pop = self._pages.pop
+        self.delete = lambda key: pop(key, None)  # type: ignore[method-assign]
 
-    def put(self, key: PageKey, data: bytes) -> None:
+    def put(self, key: PageKey, data: bytes) -> None:  # bound per instance in __init__
         self._pages[key] = data
 
-    def get(self, key: PageKey) -> bytes | None:
+    def get(self, key: PageKey) -> bytes | None:  # bound per instance in __init__
         return self._pages.get(key)
 
-    def delete(self, key: PageKey) -> None:
+    def delete(self, key: PageKey) -> None:  # bound per instance in __init__
         self._pages.pop(key, None)
 
     def keys(self) -> Iterator[PageKey]:

@@ -380,3 +380,18 @@ def test_the_charged_overhead_covers_what_the_bookkeeping_takes(flags: int, char
         tracemalloc.stop()
     bytes_header = sys.getsizeof(b"")  # a stored page's ``bytes`` header, charged too
     assert taken / count + bytes_header <= charged
+
+
+def test_pages_handed_over_from_a_leaver_keep_the_heir_within_its_cap() -> None:
+    """Regression (found by the model): a guest leaving a shared pool handed its pages to the
+    next member beyond that member's cap; the heir's own oldest pages now go, as when its cap
+    is lowered."""
+    store = TmemStore(1 << 20, shared_auth=False)
+    heir = store.new_pool(2, UUID, POOL_SHARED_EPHEMERAL)
+    leaver = store.new_pool(3, UUID, POOL_SHARED_EPHEMERAL)
+    store.set_cap(2, EPH)
+    for index in range(4):
+        assert store.put_page(3, leaver, Oid(1), index, RAW) == 1
+    assert store.destroy_client(3) == 1
+    assert store.clients[2].charged == EPH and store.clients[2].counters.evicted == 3
+    assert store.get_page(2, heir, Oid(1), 3) == (1, RAW)  # the newest stayed

@@ -549,7 +549,8 @@ class TmemStore:
             del self.shared_pools[pool.uuid]
 
     def _hand_over(self, pool: Pool, leaver: Client, heir: Client) -> None:
-        """Charge ``leaver``'s pages in shared ``pool`` to ``heir``, keeping their LRU order."""
+        """Charge ``leaver``'s pages in shared ``pool`` to ``heir``, keeping their LRU order;
+        the heir's oldest ephemeral pages go if that takes it over its cap."""
         moved: list[tuple[PageKey, int]] = []
         overhead = self._overhead[0]
         for key, owner in pool.owners.items():
@@ -566,6 +567,8 @@ class TmemStore:
                     who.zero_pages += sign
         if moved:
             heir.lru = OrderedDict(sorted([*heir.lru.items(), *moved], key=lambda kv: kv[1]))
+        while heir.cap and heir.charged > heir.cap and heir.lru:  # the heir's cap holds too
+            self._evict_oldest(heir)
 
 
 __all__ = [

@@ -237,7 +237,7 @@ def test_a_cap_bounds_what_a_guest_holds_and_never_costs_another_guest() -> None
     assert store.get_page(5, eph, Oid(1), 0) == (-EEMPTY, None)
     assert put(store, 5, pers, 1, 3, RAND) == -errno.ENOMEM  # its persistent pages stay
     assert store.get_page(6, other, Oid(1), 0) == (1, RAND)
-    assert store.describe(5)["clients"][0]["cap"] == 3 * cost
+    assert store.describe(5)["clients"][0]["cap_bytes"] == 3 * cost
     assert store.set_cap(5, 0) == 0  # no cap
     assert put(store, 5, pers, 1, 3, RAND) == 1
 

@@ -150,7 +150,7 @@ class HostStore:
             return {
                 "domid": client.cid,
                 "weight": client.weight,
-                "cap": client.cap,
+                "cap_bytes": client.cap,
                 "compress": client.compress,
                 "frozen": client.frozen,
                 "auth": sorted(str(u) for u in client.auth),

@@ -303,8 +303,27 @@ class TmemStore:
                     counters.lost_pages += 1
                     self._drop(pool, oid, index)
                 return _GET_MISS
-            if pool.exclusive:
-                self._drop(pool, oid, index)
+            if pool.exclusive:  # _drop, inlined: the page is there, the pool private
+                objects = pool.objects
+                obj = objects[oid]
+                size = obj.pop(index)
+                if not obj:
+                    del objects[oid]
+                    self.obj_count -= 1
+                self._page_delete(key)
+                pool.pages -= 1
+                pool.zbytes -= size
+                owner = self.clients[pool.owner]
+                del owner.lru[key]
+                cost = size + self._overhead[0]
+                owner.eph_bytes -= cost
+                owner.eph_pages -= 1
+                owner.eph_zbytes -= size
+                self.eph_bytes -= cost
+                self.eph_pages -= 1
+                self.used_bytes -= cost
+                if not size:
+                    owner.zero_pages -= 1
             elif not pool.persistent:  # shared ephemeral: the page becomes most recently used
                 lru = self.clients[pool.owners[key]].lru
                 lru.move_to_end(key)

@@ -43,11 +43,11 @@ log = logging.getLogger(__name__)
 
 #: Bytes charged per stored page on top of its data, by pool kind: its key (a 5-tuple), its
 #: entries in the index, the storage and (ephemeral) the LRU with its stamp, the ``bytes``
-#: header.  Measured with tracemalloc on CPython 3.11 (docs/zcache.md, "Capacity": 344-377
-#: and 211-242 bytes per page, 16 to 20000 objects), rounded up.  Exact accounting of the
-#: process's memory comes with a page arena.
-EPHEMERAL_PAGE_OVERHEAD = 384
-PERSISTENT_PAGE_OVERHEAD = 248
+#: header.  Measured with tracemalloc on CPython 3.11 (docs/zcache.md, "Capacity": 298-401
+#: and 138-255 bytes per page, by how full the dicts are), the worst case rounded up.  Exact
+#: accounting of the process's memory comes with a page arena.
+EPHEMERAL_PAGE_OVERHEAD = 408
+PERSISTENT_PAGE_OVERHEAD = 264
 #: Uuids one client may be authorised for (Xen: MAX_GLOBAL_SHARED_POOLS as well).
 MAX_AUTH_UUIDS = 16
 #: The heaviest eviction weight (``xl tmem-set -w``).

@@ -33,6 +33,7 @@ from xentmem.tmem.store import (
     PERSISTENT_PAGE_OVERHEAD,
     MemoryPages,
     PageKey,
+    PageStorage,
     PageStorageFull,
     TmemStore,
     pack_page,
@@ -305,6 +306,36 @@ def test_tmemc_flush_and_freeable_count_ephemeral_bytes_only() -> None:
 
 
 # -- the storage under the store ---------------------------------------------------------------
+
+#: Every PageStorage the store may run on (a page arena joins them here).
+STORAGES = [MemoryPages]
+
+
+@pytest.mark.parametrize("make", STORAGES)
+def test_a_page_storage_keeps_what_it_is_given_by_key(make: type[PageStorage]) -> None:
+    pages = make()
+    assert isinstance(pages, PageStorage)
+    first, second = (3, 1, 2, (1 << 64) - 1, 0), (3, 1, 2, 3, (1 << 32) - 1)
+    assert pages.get(first) is None
+    pages.put(first, TEXT)
+    pages.put(second, b"")
+    assert (pages.get(first), pages.get(second)) == (TEXT, b"")
+    assert sorted(pages.keys()) == sorted([first, second])
+    pages.delete(first)
+    pages.delete(first)  # an absent key: nothing happens
+    assert pages.get(first) is None and list(pages.keys()) == [second]
+    assert all(isinstance(v, int) for v in pages.counters().values())
+
+
+@pytest.mark.parametrize("make", STORAGES)
+def test_the_store_runs_on_each_storage(make: type[PageStorage]) -> None:
+    store = TmemStore(2 * EPH, pages=make())
+    pool = eph_pool(store, 1)
+    for index in range(3):
+        assert store.put_page(1, pool, Oid(index), index, RAW) == 1
+    assert store.get_page(1, pool, Oid(0), 0) == (0, None)  # evicted
+    assert store.get_page(1, pool, Oid(2), 2) == (1, RAW)
+    assert len(list(store.pages.keys())) == 1
 
 
 class LossyPages(MemoryPages):

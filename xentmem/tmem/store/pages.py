@@ -10,7 +10,7 @@ anything else an lz4 block without its size header.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from lz4.block import compress, decompress
 
@@ -49,6 +49,7 @@ class PageStorageFull(Exception):
     """The storage has no room for a page, whatever the store's capacity says."""
 
 
+@runtime_checkable
 class PageStorage(Protocol):
     """The bytes of each stored page, by key; the store decides what may be kept.
 

@@ -20,6 +20,7 @@ import itertools
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from xentmem.errors import AbiError
@@ -537,7 +538,8 @@ class TmemStore:
             self._evict_oldest(loser)
         return True
 
-    def _evict_until(self, enough: Any) -> int:
+    def _evict_until(self, enough: Callable[[], bool]) -> int:
+        """Evict, whose page the eviction rule says, until ``enough()`` or nothing is left."""
         evicted = 0
         clients = self.clients.values()
         while not enough():

@@ -16,13 +16,14 @@ from collections.abc import Mapping
 from typing import Any, Callable, ClassVar
 
 import psutil
+from lz4.block import decompress
 
 from xentmem.clock import Clock
 from xentmem.errors import ParamError
 from xentmem.guest.backend import Backend, GetResult
 from xentmem.params import Param, ParamSet
 from xentmem.roots import Roots
-from xentmem.tmem.abi import PAGE_SIZE, Oid, PoolUuid, TmemControl
+from xentmem.tmem.abi import PAGE_SIZE, ZERO_PAGE, Oid, PoolUuid, TmemControl
 from xentmem.tmem.capacity import ACCEPTED, MIB, capacity_bytes, is_share_of_ram
 from xentmem.tmem.capacity import parse_capacity as _parse_capacity
 from xentmem.tmem.store import (
@@ -31,7 +32,6 @@ from xentmem.tmem.store import (
     POOR_COMPRESSION_LIMIT,
     TmemStore,
     pack_page,
-    unpack_page,
 )
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ DEFAULT_MAX_POOLS = 1024
 CLIENT = 0
 
 _DONE = 1
+_GET_ZERO: GetResult = (1, ZERO_PAGE)
 
 #: The ops that have a counting twin while ``detailed_stats`` is on.
 _COUNTED_OPS = ("put_page", "flush_page", "flush_object")
@@ -218,7 +219,12 @@ class ZcacheBackend(Backend):
         rc, data = self._store.get_page(CLIENT, pool_id, oid, index)
         if data is None:
             return rc, None
-        return (1, unpack_page(data))
+        size = len(data)  # unpack_page, inlined: a call costs a tenth of a get
+        if size == PAGE_SIZE:
+            return (1, data)
+        if size:
+            return (1, decompress(data, uncompressed_size=PAGE_SIZE))
+        return _GET_ZERO
 
     def flush_page(self, pool_id: int, oid: Oid, index: int) -> int:
         return self._store.flush_page(CLIENT, pool_id, oid, index)

@@ -38,17 +38,15 @@ from xentmem.tmem.abi import (
 )
 from xentmem.tmem.store.eviction import victim
 from xentmem.tmem.store.pages import MemoryPages, PageKey, PageStorage, PageStorageFull
-from xentmem.tmem.store.records import Client, Pool
+from xentmem.tmem.store.records import (
+    EPHEMERAL_PAGE_OVERHEAD,
+    PERSISTENT_PAGE_OVERHEAD,
+    Client,
+    Pool,
+)
 
 log = logging.getLogger(__name__)
 
-#: Bytes charged per stored page on top of its data, by pool kind: its key (a 5-tuple), its
-#: entries in the index, the storage and (ephemeral) the LRU with its stamp, the ``bytes``
-#: header.  Measured with tracemalloc on CPython 3.11 (docs/zcache.md, "Capacity": 298-401
-#: and 138-255 bytes per page, by how full the dicts are), the worst case rounded up.  Exact
-#: accounting of the process's memory comes with a page arena.
-EPHEMERAL_PAGE_OVERHEAD = 408
-PERSISTENT_PAGE_OVERHEAD = 264
 #: Uuids one client may be authorised for (Xen: MAX_GLOBAL_SHARED_POOLS as well).
 MAX_AUTH_UUIDS = 16
 #: The heaviest eviction weight (``xl tmem-set -w``).
@@ -93,8 +91,6 @@ class TmemStore:
         self._stamps = itertools.count()
         self._overhead = (EPHEMERAL_PAGE_OVERHEAD, PERSISTENT_PAGE_OVERHEAD)
         self.used_bytes = 0
-        self.eph_bytes = 0
-        self.eph_pages = 0
         self.total_weight = 0
         self.obj_count = 0
         self.evictions = 0
@@ -105,6 +101,16 @@ class TmemStore:
         """The client ``cid``, made on first use (as a domain's first tmem op makes it)."""
         with self.lock:
             return self._client(cid)
+
+    @property
+    def eph_pages(self) -> int:
+        """Ephemeral pages held, every client's."""
+        return sum(client.eph_pages for client in self.clients.values())
+
+    @property
+    def eph_bytes(self) -> int:
+        """What the ephemeral pages are charged, every client's."""
+        return sum(client.eph_bytes for client in self.clients.values())
 
     def _client(self, cid: int) -> Client:
         found = self.clients.get(cid)
@@ -209,7 +215,7 @@ class TmemStore:
             cost = size + self._overhead[persistent]
             cap = client.cap
             if self.used_bytes + cost > self.capacity_bytes or (
-                    cap and client.eph_bytes + client.pers_bytes + cost > cap):
+                    cap and client.charged + cost > cap):
                 fits = self._make_room(client, cost)
                 if persistent:
                     if fits:
@@ -240,15 +246,11 @@ class TmemStore:
             pool.zbytes += size
             self.used_bytes += cost
             if persistent:
-                client.pers_bytes += cost
                 client.pers_pages += 1
                 client.pers_zbytes += size
             else:
-                client.eph_bytes += cost
                 client.eph_pages += 1
                 client.eph_zbytes += size
-                self.eph_bytes += cost
-                self.eph_pages += 1
                 client.lru[key] = next(self._stamps)
                 if pool.shared:
                     pool.owners[key] = cid
@@ -316,13 +318,9 @@ class TmemStore:
                 pool.zbytes -= size
                 owner = self.clients[pool.owner]
                 del owner.lru[key]
-                cost = size + self._overhead[0]
-                owner.eph_bytes -= cost
                 owner.eph_pages -= 1
                 owner.eph_zbytes -= size
-                self.eph_bytes -= cost
-                self.eph_pages -= 1
-                self.used_bytes -= cost
+                self.used_bytes -= size + EPHEMERAL_PAGE_OVERHEAD
                 if not size:
                     owner.zero_pages -= 1
             elif not pool.persistent:  # shared ephemeral: the page becomes most recently used
@@ -497,23 +495,18 @@ class TmemStore:
         pool.pages -= 1
         pool.zbytes -= size
         if pool.persistent:
-            cost = size + self._overhead[1]
             owner = self.clients[pool.owner]  # persistent pools are never shared
-            owner.pers_bytes -= cost
             owner.pers_pages -= 1
             owner.pers_zbytes -= size
+            self.used_bytes -= size + PERSISTENT_PAGE_OVERHEAD
         else:
-            cost = size + self._overhead[0]
             owner = self.clients[pool.owners.pop(key) if pool.shared else pool.owner]
             del owner.lru[key]
-            owner.eph_bytes -= cost
             owner.eph_pages -= 1
             owner.eph_zbytes -= size
-            self.eph_bytes -= cost
-            self.eph_pages -= 1
+            self.used_bytes -= size + EPHEMERAL_PAGE_OVERHEAD
         if not size:
             owner.zero_pages -= 1
-        self.used_bytes -= cost
 
     def _evict_oldest(self, client: Client) -> None:
         """Evict ``client``'s oldest ephemeral page (it has one)."""
@@ -573,7 +566,6 @@ class TmemStore:
         """Charge ``leaver``'s pages in shared ``pool`` to ``heir``, keeping their LRU order;
         the heir's oldest ephemeral pages go if that takes it over its cap."""
         moved: list[tuple[PageKey, int]] = []
-        overhead = self._overhead[0]
         for key, owner in pool.owners.items():
             if owner != leaver.cid:
                 continue
@@ -581,7 +573,6 @@ class TmemStore:
             moved.append((key, leaver.lru.pop(key)))
             size = pool.objects[Oid(*key[1:4])][key[4]]
             for who, sign in ((leaver, -1), (heir, 1)):
-                who.eph_bytes += sign * (size + overhead)
                 who.eph_pages += sign
                 who.eph_zbytes += sign * size
                 if not size:

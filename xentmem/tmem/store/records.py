@@ -11,6 +11,14 @@ from collections import OrderedDict
 from xentmem.tmem.abi import Oid, PoolUuid, pool_kind
 from xentmem.tmem.store.pages import PageKey
 
+#: Bytes charged per stored page on top of its data, by pool kind: its key (a 5-tuple), its
+#: entries in the index, the storage and (ephemeral) the LRU with its stamp, the ``bytes``
+#: header.  Measured with tracemalloc on CPython 3.11 (docs/zcache.md, "Capacity": 298-401
+#: and 138-255 bytes per page, by how full the dicts are), the worst case rounded up.  Exact
+#: accounting of the process's memory comes with a page arena.
+EPHEMERAL_PAGE_OVERHEAD = 408
+PERSISTENT_PAGE_OVERHEAD = 264
+
 
 class Pool:
     """One pool: private to a client, or shared by every client that joined its uuid."""
@@ -87,9 +95,8 @@ class ClientCounters:
 class Client:
     """One client: its pool slots, its settings (``xl tmem-set``), its pages and counters."""
 
-    __slots__ = ("auth", "cap", "cid", "compress", "counters", "eph_bytes", "eph_pages",
-                 "eph_zbytes", "frozen", "lru", "pers_bytes", "pers_pages", "pers_zbytes",
-                 "slots", "weight", "zero_pages")
+    __slots__ = ("auth", "cap", "cid", "compress", "counters", "eph_pages", "eph_zbytes",
+                 "frozen", "lru", "pers_pages", "pers_zbytes", "slots", "weight", "zero_pages")
 
     def __init__(self, cid: int, max_pools: int) -> None:
         self.cid = cid
@@ -105,16 +112,25 @@ class Client:
         self.auth: set[PoolUuid] = set()
         #: This client's ephemeral pages, oldest first: page key -> put or touch stamp.
         self.lru: OrderedDict[PageKey, int] = OrderedDict()
-        #: Bytes charged against the capacity (data + bookkeeping) and pages, per kind.
-        self.eph_bytes = self.pers_bytes = 0
+        #: Pages and their stored data bytes, per kind, and zero pages held.  What they are
+        #: charged is derived (one number less to keep on every op).
         self.eph_pages = self.pers_pages = 0
-        #: Stored data bytes per kind, and zero pages held.
         self.eph_zbytes = self.pers_zbytes = 0
         self.zero_pages = 0
         self.counters = ClientCounters()
 
     @property
+    def eph_bytes(self) -> int:
+        """Bytes the ephemeral pages are charged (data and bookkeeping)."""
+        return self.eph_zbytes + self.eph_pages * EPHEMERAL_PAGE_OVERHEAD
+
+    @property
+    def pers_bytes(self) -> int:
+        return self.pers_zbytes + self.pers_pages * PERSISTENT_PAGE_OVERHEAD
+
+    @property
     def charged(self) -> int:
+        """Bytes charged to this client, what its cap bounds."""
         return self.eph_bytes + self.pers_bytes
 
     def pool(self, pool_id: int) -> Pool | None:
@@ -124,4 +140,10 @@ class Client:
         return None
 
 
-__all__ = ["Client", "ClientCounters", "Pool"]
+__all__ = [
+    "EPHEMERAL_PAGE_OVERHEAD",
+    "PERSISTENT_PAGE_OVERHEAD",
+    "Client",
+    "ClientCounters",
+    "Pool",
+]

@@ -230,7 +230,8 @@ class TmemStore:
                     self._count_failed_put(client, pool, duplicate)
                     return -errno.ENOSPC if duplicate else -errno.ENOMEM
                 obj = pool.objects.get(oid)  # eviction may have taken the object away
-            key = (pool.gid, *oid, index)
+            w0, w1, w2 = oid  # not (gid, *oid, index): that builds a list first
+            key = (pool.gid, w0, w1, w2, index)
             try:
                 self._page_put(key, data)
             except PageStorageFull:
@@ -296,7 +297,8 @@ class TmemStore:
                 return _GET_NODEV
             if not pool.pages:
                 return _GET_EMPTY
-            key = (pool.gid, *oid, index)
+            w0, w1, w2 = oid
+            key = (pool.gid, w0, w1, w2, index)
             data = self._page_get(key)
             if data is None:
                 obj = pool.objects.get(oid)
@@ -304,7 +306,7 @@ class TmemStore:
                     log.warning("tmem: pool %d oid %s index %d: page missing from storage; "
                                 "dropped", pool.gid, oid, index)
                     counters.lost_pages += 1
-                    self._drop(pool, oid, index)
+                    self._drop(pool, oid, index, stored=False)
                 return _GET_MISS
             if pool.exclusive:  # _drop, inlined: the page is there, the pool private
                 objects = pool.objects
@@ -482,16 +484,19 @@ class TmemStore:
         if duplicate:
             counters.put_to_flush += 1
 
-    def _drop(self, pool: Pool, oid: Oid, index: int) -> None:
-        """Take one page (which is there) out of the pool, its storage and the accounting."""
+    def _drop(self, pool: Pool, oid: Oid, index: int, *, stored: bool = True) -> None:
+        """Take one page (which is there) out of the pool, its storage (unless the storage
+        lost it) and the accounting."""
         objects = pool.objects
         obj = objects[oid]
         size = obj.pop(index)
         if not obj:
             del objects[oid]
             self.obj_count -= 1
-        key = (pool.gid, *oid, index)
-        self._page_delete(key)
+        w0, w1, w2 = oid
+        key = (pool.gid, w0, w1, w2, index)
+        if stored:
+            self._page_delete(key)
         pool.pages -= 1
         pool.zbytes -= size
         if pool.persistent:

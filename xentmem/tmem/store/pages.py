@@ -53,10 +53,12 @@ class PageStorageFull(Exception):
 class PageStorage(Protocol):
     """The bytes of each stored page, by key; the store decides what may be kept.
 
-    ``put`` replaces what a key held (the store never does that: it deletes first) and may
-    raise :class:`PageStorageFull`; ``get`` answers None for a key it does not hold (a page
-    lost or damaged: the store reports it missing); ``delete`` of an absent key does nothing;
-    ``keys`` lists every key held (to rebuild an index); ``counters`` are figures for stats.
+    ``put`` stores a key the storage does not hold (the store deletes a page before it puts
+    its replacement) and may raise :class:`PageStorageFull`; ``get`` answers None for a key
+    it does not hold (a page lost or damaged: the store reports it missing and forgets it);
+    ``delete`` forgets a key it holds (the store never asks for one ``get`` said was not
+    there); ``keys`` lists every key held (to rebuild an index); ``counters`` are figures for
+    stats.
     """
 
     def put(self, key: PageKey, data: bytes) -> None: ...
@@ -81,8 +83,7 @@ class MemoryPages:
         self._pages: dict[PageKey, bytes] = {}
         self.put = self._pages.__setitem__  # type: ignore[method-assign]
         self.get = self._pages.get  # type: ignore[method-assign]
-        pop = self._pages.pop
-        self.delete = lambda key: pop(key, None)  # type: ignore[method-assign]
+        self.delete = self._pages.__delitem__  # type: ignore[method-assign]
 
     def put(self, key: PageKey, data: bytes) -> None:  # bound per instance in __init__
         self._pages[key] = data
@@ -91,7 +92,7 @@ class MemoryPages:
         return self._pages.get(key)
 
     def delete(self, key: PageKey) -> None:  # bound per instance in __init__
-        self._pages.pop(key, None)
+        del self._pages[key]
 
     def keys(self) -> Iterator[PageKey]:
         return iter(list(self._pages))

@@ -9,7 +9,8 @@ import errno
 import random
 import sys
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +32,7 @@ from xentmem.tmem.abi import (
 from xentmem.tmem.store import (
     EPHEMERAL_PAGE_OVERHEAD,
     PERSISTENT_PAGE_OVERHEAD,
+    ArenaPages,
     MemoryPages,
     PageKey,
     PageStorage,
@@ -307,13 +309,18 @@ def test_tmemc_flush_and_freeable_count_ephemeral_bytes_only() -> None:
 
 # -- the storage under the store ---------------------------------------------------------------
 
-#: Every PageStorage the store may run on (a page arena joins them here).
-STORAGES = [MemoryPages]
+def _arena_pages(directory: Path) -> ArenaPages:
+    return ArenaPages.open(directory / "arena", max_bytes=64 << 20, segment_size=1 << 20)
 
 
-@pytest.mark.parametrize("make", STORAGES)
-def test_a_page_storage_keeps_what_it_is_given_by_key(make: type[PageStorage]) -> None:
-    pages = make()
+#: Every PageStorage the store may run on, made in a test's own directory.
+STORAGES: list[Callable[[Path], PageStorage]] = [lambda _: MemoryPages(), _arena_pages]
+
+
+@pytest.mark.parametrize("make", STORAGES, ids=["memory", "arena"])
+def test_a_page_storage_keeps_what_it_is_given_by_key(
+        make: Callable[[Path], PageStorage], tmp_path: Path) -> None:
+    pages = make(tmp_path)
     assert isinstance(pages, PageStorage)
     first, second = (3, 1, 2, (1 << 64) - 1, 0), (3, 1, 2, 3, (1 << 32) - 1)
     assert pages.get(first) is None
@@ -326,15 +333,20 @@ def test_a_page_storage_keeps_what_it_is_given_by_key(make: type[PageStorage]) -
     assert all(isinstance(v, int) for v in pages.counters().values())
 
 
-@pytest.mark.parametrize("make", STORAGES)
-def test_the_store_runs_on_each_storage(make: type[PageStorage]) -> None:
-    store = TmemStore(2 * EPH, pages=make())
+@pytest.mark.parametrize("make", STORAGES, ids=["memory", "arena"])
+def test_the_store_runs_on_each_storage(
+        make: Callable[[Path], PageStorage], tmp_path: Path) -> None:
+    """What the storage takes beyond the pages (an arena's tables) counts against the
+    capacity too: the memory bound holds whatever the storage."""
+    store = TmemStore(8 * EPH + (64 << 10), pages=make(tmp_path))
     pool = eph_pool(store, 1)
-    for index in range(3):
+    for index in range(40):
         assert store.put_page(1, pool, Oid(index), index, RAW) == 1
+        assert store.memory_bytes() <= store.capacity_bytes
+    assert store.evictions > 0
     assert store.get_page(1, pool, Oid(0), 0) == (0, None)  # evicted
-    assert store.get_page(1, pool, Oid(2), 2) == (1, RAW)
-    assert len(list(store.pages.keys())) == 1
+    assert store.get_page(1, pool, Oid(39), 39) == (1, RAW)
+    assert len(list(store.pages.keys())) == store.clients[1].eph_pages
 
 
 class LossyPages(MemoryPages):

@@ -2,10 +2,12 @@
 
 ``core``: :class:`TmemStore`, the ops and rules; ``records``: pools, clients, counters;
 ``eviction``: whose ephemeral page goes; ``pages``: the stored forms of a page and the
-storage that keeps them (:class:`PageStorage`, :class:`MemoryPages`).  The rules and their
+storage that keeps them (:class:`PageStorage`, :class:`MemoryPages`); ``arena_pages``: the
+storage in a page arena that outlives the process (:class:`ArenaPages`).  The rules and their
 sources: ``docs/tmem-semantics.md``, "The store".
 """
 
+from xentmem.tmem.store.arena_pages import ArenaPages
 from xentmem.tmem.store.core import (
     EPHEMERAL_PAGE_OVERHEAD,
     MAX_AUTH_UUIDS,
@@ -30,6 +32,7 @@ __all__ = [
     "MAX_WEIGHT",
     "PERSISTENT_PAGE_OVERHEAD",
     "POOR_COMPRESSION_LIMIT",
+    "ArenaPages",
     "Client",
     "ClientCounters",
     "MemoryPages",

@@ -80,6 +80,9 @@ class TmemStore:
         self._page_put = self.pages.put
         self._page_get = self.pages.get
         self._page_delete = self.pages.delete
+        #: What the storage takes beyond the pages' bytes (an arena's rounding and index),
+        #: counted against the capacity: None for storage without such a figure.
+        self._slack: Callable[[], int] | None = getattr(self.pages, "slack", None)
         self.capacity_bytes = capacity_bytes
         self.max_pools = max_pools
         self.max_shared_pools = max_shared_pools
@@ -214,7 +217,8 @@ class TmemStore:
             persistent = pool.persistent
             cost = size + self._overhead[persistent]
             cap = client.cap
-            if self.used_bytes + cost > self.capacity_bytes or (
+            used = self.used_bytes if self._slack is None else self._memory_bytes()
+            if used + cost > self.capacity_bytes or (
                     cap and client.charged + cost > cap):
                 fits = self._make_room(client, cost)
                 if persistent:
@@ -426,7 +430,7 @@ class TmemStore:
             raise ValueError("capacity must be > 0 bytes")
         with self.lock:
             self.capacity_bytes = capacity_bytes
-            return self._evict_until(lambda: self.used_bytes <= capacity_bytes)
+            return self._evict_until(lambda: self._memory_bytes() <= capacity_bytes)
 
     def flush_ephemeral(self, nbytes: int | None = None) -> int:
         """TMEMC_FLUSH: evict ephemeral pages until ``nbytes`` are freed (all if None), in
@@ -468,11 +472,21 @@ class TmemStore:
                 if pool is not None
             ]
 
+    def memory_bytes(self) -> int:
+        """What the capacity bounds: the bytes charged, plus what the storage takes beyond
+        the pages' bytes when it can tell (a page arena)."""
+        with self.lock:
+            return self._memory_bytes()
+
     def overhead(self, *, persistent: bool) -> int:
         """Bytes charged per page of that kind on top of its data."""
         return self._overhead[persistent]
 
     # -- internals (the lock is held) -----------------------------------------------------------
+
+    def _memory_bytes(self) -> int:
+        slack = self._slack
+        return self.used_bytes if slack is None else self.used_bytes + slack()
 
     def _count_failed_put(self, client: Client, pool: Pool, duplicate: bool) -> None:
         counters = client.counters
@@ -529,7 +543,7 @@ class TmemStore:
                     return False
                 self._evict_oldest(client)
         clients = self.clients.values()
-        while self.used_bytes + cost > self.capacity_bytes:
+        while self._memory_bytes() + cost > self.capacity_bytes:
             loser = victim(client, clients, self.total_weight, self.eph_bytes)
             if loser is None:
                 return False

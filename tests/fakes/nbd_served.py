@@ -10,6 +10,7 @@ from xentmem.guest.shim import Shim
 from xentmem.guestd.nbd.exports import Exports
 from xentmem.guestd.nbd.server import NbdServer
 from xentmem.guestd.swap import SwapAreas
+from xentmem.roots import Roots
 
 #: Every wait on the server: an event, bounded generously (a busy CI machine).
 WAIT_S = 60.0
@@ -35,7 +36,7 @@ class Served:
 
 
 def serve(directory: Path, backend: str | None = "zcache") -> Served:
-    shim = Shim()
+    shim = Shim(roots=Roots(run_dir=directory / "run"))  # zcache's arena goes there
     if backend is not None:
         shim.load(backend)
     swap = SwapAreas(shim.frontswap, directory / "swap")

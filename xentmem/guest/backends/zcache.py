@@ -1,35 +1,44 @@
-"""``zcache``: the local tmem store, lz4-compressed pages in this process's memory.
+"""``zcache``: the local tmem store, lz4-compressed pages in a page arena that outlives the process.
 
 It plays the part zcache2 played in the kernel: one client of the tmem store
 (:class:`~xentmem.tmem.store.TmemStore`), which answers with the hypervisor's rules
 (``docs/tmem-semantics.md``, "The store"), so the frontends see the same behaviour as over
-Xen.  This module adds what is zcache's own: its params, lz4 outside the store's lock, and
-the zcache2 counters (``docs/zcache.md``).
+Xen.  This module adds what is zcache's own: its params, lz4 outside the store's lock, the
+zcache2 counters, and the restart: the pages live in ``<run dir>/zcache.arena`` and the pool
+table beside it in ``zcache.pools``, so after a ``kill -9`` the persistent pools come back
+for frontswap to adopt (``docs/zcache.md``, "Restart").
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import threading
+import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import psutil
+import xxhash
 from lz4.block import decompress
 
 from xentmem.clock import Clock
-from xentmem.errors import ParamError
+from xentmem.errors import ArenaError, BackendError, ParamError
+from xentmem.files import write_atomically
 from xentmem.guest.backend import Backend, GetResult
 from xentmem.params import Param, ParamSet
 from xentmem.roots import Roots
-from xentmem.tmem.abi import PAGE_SIZE, ZERO_PAGE, Oid, PoolUuid, TmemControl
+from xentmem.tmem.abi import PAGE_SIZE, ZERO_PAGE, Oid, PoolFlags, PoolUuid, TmemControl
+from xentmem.tmem.arena import ARENA_PARAMS
 from xentmem.tmem.capacity import ACCEPTED, MIB, capacity_bytes, is_share_of_ram
 from xentmem.tmem.capacity import parse_capacity as _parse_capacity
 from xentmem.tmem.store import (
     EPHEMERAL_PAGE_OVERHEAD,
     PERSISTENT_PAGE_OVERHEAD,
     POOR_COMPRESSION_LIMIT,
+    ArenaPages,
     TmemStore,
     pack_page,
 )
@@ -42,11 +51,26 @@ DEFAULT_MAX_POOLS = 1024
 #: zcache is the store's only client.
 CLIENT = 0
 
+#: In the run directory: the arena (every page) and the pool table (what the pages mean).
+ARENA_FILE = "zcache.arena"
+POOLS_FILE = "zcache.pools"
+#: The pool table file: this line, the xxh3-64 of the JSON body in hex, then the body.
+POOLS_MAGIC = "xentmem-zcache-pools 1"
+
 _DONE = 1
 _GET_ZERO: GetResult = (1, ZERO_PAGE)
 
 #: The ops that have a counting twin while ``detailed_stats`` is on.
 _COUNTED_OPS = ("put_page", "flush_page", "flush_object")
+
+
+def _persistent_row(untrusted_row: Any) -> bool:
+    """A pool table row to restore: persistent, or too broken to tell (the table's check
+    then refuses it, naming what is wrong)."""
+    try:
+        return PoolFlags.decode(untrusted_row["flags"]).persistent
+    except (KeyError, TypeError, ValueError):
+        return True
 
 
 def _system_total_ram() -> int:
@@ -105,7 +129,7 @@ class ZcacheBackend(Backend):
             min=1,
             max=65536,
         ),
-    )
+    ) + ARENA_PARAMS
 
     def __init__(
         self,
@@ -120,7 +144,24 @@ class ZcacheBackend(Backend):
         self._total_ram = total_ram or _system_total_ram
         self._total_ram_bytes = 0
         self._max_pools: int = checked["max_pools"]
-        self._store = self._new_store(self._resolve_capacity(checked["capacity"]))
+        #: Restored persistent pools no NEW_POOL has claimed yet: slot -> uuid.
+        self._unclaimed: dict[int, PoolUuid] = {}
+        #: What the start found in the run directory (``describe``, the log).
+        self.restart: dict[str, Any] = {}
+        capacity = self._resolve_capacity(checked["capacity"])
+        # Without a run directory (a backend made by hand: unit tests, benches) the pages
+        # live in this process only; the daemon always gives one.
+        self._arena: ArenaPages | None = None
+        if roots is not None:
+            self._arena = self._open_arena(roots.run, checked["allocator"])
+        try:
+            self._store = self._new_store(capacity)
+            if self._arena is not None:
+                self._restore()
+        except BaseException:
+            if self._arena is not None:
+                self._arena.close()
+            raise
         self._detail_lock = threading.Lock()
         self._detailed = False
         self._detail = _DetailedCounters()
@@ -130,15 +171,121 @@ class ZcacheBackend(Backend):
     def _new_store(self, capacity: int) -> TmemStore:
         """One client, every uuid may be shared (no authorisation list: Xen's shared_auth off),
         as many shared pools as pool slots."""
-        store = TmemStore(capacity, max_pools=self._max_pools,
+        store = TmemStore(capacity, pages=self._arena, max_pools=self._max_pools,
                           max_shared_pools=self._max_pools, shared_auth=False)
         self._client = store.client(CLIENT)
         return store
 
+    # -- the arena and the pool table: pages that outlive the process -------------------------
+
+    def _open_arena(self, run: Path, allocator: str) -> ArenaPages:
+        """The arena in the run directory, made if missing; a damaged one is set aside (the
+        arena says so and what was lost); one that is not ours is refused."""
+        try:
+            run.mkdir(mode=0o755, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BackendError(f"zcache: run directory {run}: {exc.strerror}") from None
+        try:
+            return ArenaPages.open(run / ARENA_FILE, allocator=allocator)
+        except ArenaError as exc:
+            raise BackendError(f"zcache: {exc}") from None
+
+    @property
+    def _pools_path(self) -> Path:
+        assert self._arena is not None
+        return Path(self._arena.arena.path).with_name(POOLS_FILE)
+
+    def _restore(self) -> None:
+        """After a restart: the persistent pools of the pool table back in their slots, with
+        the arena's pages; ephemeral pages (cleancache's, whose pools are made again by new
+        mounts) and pages of no listed pool are dropped."""
+        assert self._arena is not None
+        started = time.monotonic()
+        report = self._arena.arena.report
+        table: list[Any] = []
+        problem = ""
+        try:
+            table = self._read_pools()
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as exc:
+            problem = str(exc)
+        kept = [row for row in table if _persistent_row(row)]
+        try:
+            found = self._store.restore(kept)
+        except ValueError as exc:
+            problem = f"{self._pools_path}: {exc}"
+            found = self._store.restore([])
+        if problem:
+            log.error("zcache: pool table not usable, every page in %s is dropped: %s",
+                      report.path, problem)
+        for row in kept if not problem else []:
+            for slot in row["slots"].get(str(CLIENT), []):
+                self._unclaimed[slot] = PoolUuid(*row["uuid"])
+        self._save_pools()
+        self.restart = {
+            "arena": report.path, "arena_how": report.how, "allocator": report.allocator,
+            "pools_restored": 0 if problem else found["pools"],
+            "pages_restored": found["pages"], "pages_dropped": found["orphans"],
+            "checksum_failures": report.checksum_failures,
+            "records_dropped": report.dropped_records,
+            "seconds": round(report.seconds + time.monotonic() - started, 3),
+        }
+        if problem:
+            self.restart["error"] = problem
+        if report.how != "created":
+            log.info("zcache: arena %s %s: %d persistent page(s) in %d pool(s) kept, %d "
+                     "dropped (ephemeral or of no pool), %.2fs", report.path, report.how,
+                     found["pages"], self.restart["pools_restored"], found["orphans"],
+                     self.restart["seconds"])
+
+    def _read_pools(self) -> list[Any]:
+        """The pool table file, checked: ValueError naming the file and what is wrong."""
+        path = self._pools_path
+        raw = path.read_bytes()
+        head, _, rest = raw.partition(b"\n")
+        digest, _, body = rest.partition(b"\n")
+        if head.decode("ascii", "replace") != POOLS_MAGIC:
+            raise ValueError(f"{path}: not a zcache pool table (no {POOLS_MAGIC!r} line)")
+        if xxhash.xxh3_64_hexdigest(body) != digest.decode("ascii", "replace"):
+            raise ValueError(f"{path}: checksum mismatch")
+        try:
+            untrusted = json.loads(body)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        if not isinstance(untrusted, list):
+            raise ValueError(f"{path}: not a list of pools")
+        return untrusted
+
+    def _save_pools(self) -> None:
+        """The pool table, written atomically (a temporary file renamed over it)."""
+        if self._arena is None:
+            return
+        body = json.dumps(self._store.pool_table(), separators=(",", ":")).encode()
+        data = f"{POOLS_MAGIC}\n{xxhash.xxh3_64_hexdigest(body)}\n".encode() + body
+        write_atomically(self._pools_path, data, 0o600)
+
+    def restored_pages(self, pool_id: int) -> list[tuple[Oid, int]]:
+        """The (oid, index) of every page a restart brought back in pool ``pool_id``: what
+        frontswap re-adopts for its swap areas (``docs/zcache.md``, "Restart")."""
+        return self._store.page_keys(CLIENT, pool_id)
+
+    @property
+    def outlives_process(self) -> bool:
+        """True when persistent pages survive a kill of this process (an arena file)."""
+        return self._arena is not None
+
     # -- life cycle ----------------------------------------------------------------------------
 
     def remove(self) -> None:
-        """Drop every pool and page; the counting twins go too (they reference ``self``)."""
+        """Drop every pool and page, and the arena with them (a clean unload repatriated
+        the persistent pages first); the counting twins go too (they reference ``self``)."""
+        arena, self._arena = self._arena, None
+        if arena is not None:
+            pools = Path(arena.arena.path).with_name(POOLS_FILE)
+            arena.discard()
+            pools.unlink(missing_ok=True)
+        self._unclaimed.clear()
         self._store = self._new_store(self._store.capacity_bytes)
         self._switch_detailed(False)
 
@@ -152,6 +299,9 @@ class ZcacheBackend(Backend):
             "used_bytes": store.used_bytes,
             "total_ram_bytes": self._total_ram_bytes,
             "max_pools": self._max_pools,
+            "allocator": self.values["allocator"],
+            "arena": None if self._arena is None else str(self._arena.arena.path),
+            "restart": dict(self.restart),
             "detailed_stats": self._detailed,
             "poor_compression_limit": POOR_COMPRESSION_LIMIT,
             "page_overhead": {
@@ -203,10 +353,38 @@ class ZcacheBackend(Backend):
     # -- pools ---------------------------------------------------------------------------------
 
     def new_pool(self, uuid: PoolUuid, flags: int) -> int:
-        return self._store.new_pool(CLIENT, uuid, flags)
+        """NEW_POOL; a private persistent pool restored after a restart is handed back
+        (the lowest such slot with the same uuid) instead of a new one."""
+        if self._unclaimed:
+            try:
+                decoded = PoolFlags.decode(flags)
+            except (ValueError, TypeError):
+                decoded = None
+            if decoded is not None and decoded.persistent and not decoded.shared:
+                for slot, restored_uuid in sorted(self._unclaimed.items()):
+                    if restored_uuid == tuple(uuid):
+                        del self._unclaimed[slot]
+                        return slot
+        rc = self._store.new_pool(CLIENT, uuid, flags)
+        if rc >= 0 and self._arena is not None:
+            try:
+                self._save_pools()
+            except OSError as exc:  # refused means unchanged: the pool goes again
+                log.error("zcache: pool table %s not written: %s; new pool refused",
+                          self._pools_path, exc)
+                self._store.destroy_pool(CLIENT, rc)
+                return -errno.ENOMEM
+        return rc
 
     def destroy_pool(self, pool_id: int) -> int:
-        return self._store.destroy_pool(CLIENT, pool_id)
+        rc = self._store.destroy_pool(CLIENT, pool_id)
+        self._unclaimed.pop(pool_id, None)
+        if rc == _DONE and self._arena is not None:
+            try:
+                self._save_pools()
+            except OSError as exc:  # its pages are gone already; a restart drops the pool
+                log.error("zcache: pool table %s not written: %s", self._pools_path, exc)
+        return rc
 
     # -- the data path (lean: lz4 here, outside the store's lock) ------------------------------
 
@@ -301,7 +479,19 @@ class ZcacheBackend(Backend):
                 "failed_pers_puts": counters.failed_pers_puts,
                 "capacity_bytes": store.capacity_bytes,
                 "used_bytes": store.used_bytes,
+                **self._arena_stats(store),
             }
+
+    def _arena_stats(self, store: TmemStore) -> dict[str, int]:
+        """With an arena: what the capacity bounds (``memory_bytes``: charged bytes plus the
+        arena's beyond the pages' own) and the arena's counters (the store's lock is held)."""
+        if self._arena is None:
+            return {}
+        figures = self._arena.arena.stats()
+        return {"memory_bytes": store._memory_bytes()} | {
+            f"arena_{name}": figures[name] for name in (
+            "pages", "stored_bytes", "frames_used", "file_bytes", "metadata_bytes",
+            "used_bytes", "checksum_failures", "dropped_records")}
 
     def detailed_stats(self) -> dict[str, int]:
         """zcache2's debugfs names; empty while ``detailed_stats`` is off.

@@ -478,6 +478,133 @@ class TmemStore:
         with self.lock:
             return self._memory_bytes()
 
+    def page_keys(self, cid: int, pool_id: int) -> list[tuple[Oid, int]]:
+        """Every (oid, index) held in one pool of ``cid`` (what a frontend re-adopts)."""
+        with self.lock:
+            client = self.clients.get(cid)
+            pool = client.pool(pool_id) if client is not None else None
+            if pool is None:
+                return []
+            return [(oid, index) for oid, obj in pool.objects.items() for index in obj]
+
+    # -- a restart: the pools out, and back in over the storage's pages ---------------------
+
+    def pool_table(self) -> list[dict[str, Any]]:
+        """The pools as a restart needs them: store-wide id, flags, uuid, owner and each
+        member client's slots; plain JSON values (``docs/tmem-semantics.md``, "Restart")."""
+        with self.lock:
+            rows = []
+            for gid, pool in sorted(self._by_gid.items()):
+                slots = {str(cid): [slot for slot, held in enumerate(self.clients[cid].slots)
+                                    if held is pool]
+                         for cid in pool.members}
+                rows.append({"gid": gid, "flags": pool.flags,
+                             "uuid": [pool.uuid.lo, pool.uuid.hi], "owner": pool.owner,
+                             "slots": slots})
+            return rows
+
+    def restore(self, untrusted_table: Any) -> dict[str, int]:
+        """Pools from a :meth:`pool_table` (read back from a file: checked whole first),
+        then every page the storage holds in them; the storage's pages of any other pool
+        are deleted.  Only into an empty store.  ValueError, and nothing changed, when the
+        table does not stand; answers pages restored and orphans deleted."""
+        with self.lock:
+            if self._by_gid or any(c.slots.count(None) != len(c.slots)
+                                   for c in self.clients.values()):
+                raise ValueError("restore: the store already holds pools")
+            pools = self._checked_table(untrusted_table)
+            for pool, slots in pools:
+                self._by_gid[pool.gid] = pool
+                if pool.shared:
+                    self.shared_pools[pool.uuid] = pool
+                for cid, taken in slots.items():
+                    client = self._client(cid)
+                    for slot in taken:
+                        client.slots[slot] = pool
+                    pool.members[cid] = len(taken)
+            restored = orphans = 0
+            storage = self.pages
+            size_of = getattr(storage, "size_of", None)
+            for key in list(storage.keys()):
+                gid, w0, w1, w2, index = key
+                found = self._by_gid.get(gid)
+                size = size_of(key) if size_of is not None else len(storage.get(key) or b"")
+                if found is None or size is None:
+                    self._page_delete(key)
+                    orphans += 1
+                    continue
+                oid = Oid(w0, w1, w2)
+                obj = found.objects.get(oid)
+                if obj is None:
+                    obj = found.objects[oid] = {}
+                    self.obj_count += 1
+                obj[index] = size
+                found.pages += 1
+                found.zbytes += size
+                self.used_bytes += size + self._overhead[found.persistent]
+                owner = self.clients[found.owner if not found.shared else found.first_member()]
+                if found.persistent:
+                    owner.pers_pages += 1
+                    owner.pers_zbytes += size
+                else:
+                    owner.eph_pages += 1
+                    owner.eph_zbytes += size
+                    owner.lru[key] = next(self._stamps)
+                    if found.shared:
+                        found.owners[key] = owner.cid
+                if not size:
+                    owner.zero_pages += 1
+                restored += 1
+            return {"pools": len(pools), "pages": restored, "orphans": orphans}
+
+    def _checked_table(self, untrusted: Any) -> list[tuple[Pool, dict[int, list[int]]]]:
+        """Pools made from a table, each with its members' slots; ValueError naming what is
+        wrong (nothing is changed here)."""
+        if not isinstance(untrusted, list):
+            raise ValueError("the pool table is not a list")
+        out: list[tuple[Pool, dict[int, list[int]]]] = []
+        gids: set[int] = set()
+        taken: set[tuple[int, int]] = set()
+        uuids: set[PoolUuid] = set()
+        for n, row in enumerate(untrusted):
+            try:
+                gid, flags, owner = row["gid"], row["flags"], row["owner"]
+                lo, hi = row["uuid"]
+                slot_rows = row["slots"]
+                if not all(type(v) is int for v in (gid, flags, owner, lo, hi)):
+                    raise TypeError("not an integer")
+                if not isinstance(slot_rows, dict) or not slot_rows:
+                    raise TypeError("no member")
+                decoded = PoolFlags.decode(flags)
+                uuid = PoolUuid.checked(lo, hi)
+                slots = {int(cid): list(held) for cid, held in slot_rows.items()}
+            except (AbiError, KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"pool row {n}: {exc}") from None
+            if not 0 <= gid <= 0xFFFFFFFF or gid in gids:
+                raise ValueError(f"pool row {n}: id {gid} out of range or seen twice")
+            shared = decoded.shared
+            if decoded.refusal() is not None or (shared and decoded.persistent):
+                raise ValueError(f"pool row {n}: flags {flags:#x} are not a pool's")
+            if shared == (owner >= 0) or (not shared and (len(slots) != 1
+                                                          or owner not in slots)):
+                raise ValueError(f"pool row {n}: owner {owner} does not fit its members")
+            if shared and uuid in uuids:
+                raise ValueError(f"pool row {n}: shared uuid {uuid} seen twice")
+            for cid, held in slots.items():
+                if not held or not all(type(s) is int and 0 <= s < self.max_pools
+                                       and (cid, s) not in taken for s in held):
+                    raise ValueError(f"pool row {n}: slots {held} of client {cid} do not fit")
+                taken.update((cid, s) for s in held)
+            gids.add(gid)
+            if shared:
+                uuids.add(uuid)
+            pool = Pool(gid, flags, uuid, persistent=decoded.persistent, shared=shared,
+                        owner=owner)
+            out.append((pool, slots))
+        if sum(pool.shared for pool, _ in out) > self.max_shared_pools:
+            raise ValueError("more shared pools than this store holds")
+        return out
+
     def overhead(self, *, persistent: bool) -> int:
         """Bytes charged per page of that kind on top of its data."""
         return self._overhead[persistent]

@@ -271,6 +271,11 @@ class ZcacheBackend(Backend):
         return self._store.page_keys(CLIENT, pool_id)
 
     @property
+    def restored_pools(self) -> int:
+        """Persistent pools a restart brought back that no NEW_POOL has claimed yet."""
+        return len(self._unclaimed)
+
+    @property
     def outlives_process(self) -> bool:
         """True when persistent pages survive a kill of this process (an arena file)."""
         return self._arena is not None

@@ -2,7 +2,7 @@
 
 A "crash" here is a backend dropped without ``remove()`` (its arena closed, as the kernel
 closes a killed process's files); the next backend on the same run directory finds the
-persistent pages again.  The daemon killed for real: tests/guestd/test_zcache_restart.py.
+persistent pages again.  The daemon killed for real: tests/guestd/test_zcache_killed.py.
 """
 
 from __future__ import annotations

@@ -53,6 +53,11 @@ class ArenaPages:
         return iter([(pool, oid[0], oid[1], oid[2], index)
                      for pool, oid, index in self.arena.keys()])  # noqa: SIM118
 
+    def sized_keys(self) -> list[tuple[PageKey, int]]:
+        """Every key held with its stored length, in one pass over the arena's records."""
+        return [((pool, oid[0], oid[1], oid[2], index), size)
+                for pool, oid, index, size in self.arena.sized_keys()]
+
     def size_of(self, key: PageKey) -> int | None:
         pool, w0, w1, w2, index = key
         return self.arena.size_of((pool, (w0, w1, w2), index))

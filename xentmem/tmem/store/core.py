@@ -524,11 +524,15 @@ class TmemStore:
                     pool.members[cid] = len(taken)
             restored = orphans = 0
             storage = self.pages
-            size_of = getattr(storage, "size_of", None)
-            for key in list(storage.keys()):
+            sized_keys = getattr(storage, "sized_keys", None)
+            held: list[tuple[PageKey, int | None]] = (
+                sized_keys() if sized_keys is not None
+                else [(key, _stored_size(storage, key)) for key in storage.keys()])  # noqa: SIM118
+            overhead = self._overhead
+            by_gid = self._by_gid
+            for key, size in held:
                 gid, w0, w1, w2, index = key
-                found = self._by_gid.get(gid)
-                size = size_of(key) if size_of is not None else len(storage.get(key) or b"")
+                found = by_gid.get(gid)
                 if found is None or size is None:
                     self._page_delete(key)
                     orphans += 1
@@ -541,7 +545,7 @@ class TmemStore:
                 obj[index] = size
                 found.pages += 1
                 found.zbytes += size
-                self.used_bytes += size + self._overhead[found.persistent]
+                self.used_bytes += size + overhead[found.persistent]
                 owner = self.clients[found.owner if not found.shared else found.first_member()]
                 if found.persistent:
                     owner.pers_pages += 1
@@ -727,6 +731,11 @@ class TmemStore:
             heir.lru = OrderedDict(sorted([*heir.lru.items(), *moved], key=lambda kv: kv[1]))
         while heir.cap and heir.charged > heir.cap and heir.lru:  # the heir's cap holds too
             self._evict_oldest(heir)
+
+
+def _stored_size(storage: PageStorage, key: PageKey) -> int | None:
+    data = storage.get(key)
+    return None if data is None else len(data)
 
 
 __all__ = [

@@ -61,3 +61,16 @@ def test_sigkill_keeps_every_acknowledged_tmem_page(tmp_path: Path, fake_root: P
     assert record["clean"] is True and record["lost_pages"] == 0, record
     assert record["repatriated"] == len(acked)
     assert not (run / ARENA_FILE).exists()  # a clean stop leaves no arena behind
+
+
+def test_a_foreign_file_at_the_arena_path_refuses_the_start_naming_it(
+        tmp_path: Path, fake_root: Path, start_daemon: Any) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    foreign = run / ARENA_FILE
+    foreign.write_bytes(b"not an arena\n" * 1000)
+    daemon = start_daemon(fake_root, None, *ARGS, "--run-dir", str(run), "--state-dir",
+                          str(tmp_path / "state"), wait=False)
+    assert daemon.stop(None) == 1
+    assert str(foreign) in daemon.log() and "not a xentmem page arena" in daemon.log()
+    assert foreign.read_bytes() == b"not an arena\n" * 1000  # never touched

@@ -146,6 +146,9 @@ class ZcacheBackend(Backend):
         self._max_pools: int = checked["max_pools"]
         #: Restored persistent pools no NEW_POOL has claimed yet: slot -> uuid.
         self._unclaimed: dict[int, PoolUuid] = {}
+        #: Held across a pool change and the table's rewrite, so the file written last is
+        #: the newest table (two frontends may make pools at once).
+        self._table_lock = threading.Lock()
         #: What the start found in the run directory (``describe``, the log).
         self.restart: dict[str, Any] = {}
         capacity = self._resolve_capacity(checked["capacity"])
@@ -360,36 +363,38 @@ class ZcacheBackend(Backend):
     def new_pool(self, uuid: PoolUuid, flags: int) -> int:
         """NEW_POOL; a private persistent pool restored after a restart is handed back
         (the lowest such slot with the same uuid) instead of a new one."""
-        if self._unclaimed:
-            try:
-                decoded = PoolFlags.decode(flags)
-            except (ValueError, TypeError):
-                decoded = None
-            if decoded is not None and decoded.persistent and not decoded.shared:
-                for slot, restored_uuid in sorted(self._unclaimed.items()):
-                    if restored_uuid == tuple(uuid):
-                        del self._unclaimed[slot]
-                        return slot
-        rc = self._store.new_pool(CLIENT, uuid, flags)
-        if rc >= 0 and self._arena is not None:
-            try:
-                self._save_pools()
-            except OSError as exc:  # refused means unchanged: the pool goes again
-                log.error("zcache: pool table %s not written: %s; new pool refused",
-                          self._pools_path, exc)
-                self._store.destroy_pool(CLIENT, rc)
-                return -errno.ENOMEM
-        return rc
+        with self._table_lock:
+            if self._unclaimed:
+                try:
+                    decoded: PoolFlags | None = PoolFlags.decode(flags)
+                except (ValueError, TypeError):
+                    decoded = None
+                if decoded is not None and decoded.persistent and not decoded.shared:
+                    for slot, restored_uuid in sorted(self._unclaimed.items()):
+                        if restored_uuid == tuple(uuid):
+                            del self._unclaimed[slot]
+                            return slot
+            rc = self._store.new_pool(CLIENT, uuid, flags)
+            if rc >= 0 and self._arena is not None:
+                try:
+                    self._save_pools()
+                except OSError as exc:  # refused means unchanged: the pool goes again
+                    log.error("zcache: pool table %s not written: %s; new pool refused",
+                              self._pools_path, exc)
+                    self._store.destroy_pool(CLIENT, rc)
+                    return -errno.ENOMEM
+            return rc
 
     def destroy_pool(self, pool_id: int) -> int:
-        rc = self._store.destroy_pool(CLIENT, pool_id)
-        self._unclaimed.pop(pool_id, None)
-        if rc == _DONE and self._arena is not None:
-            try:
-                self._save_pools()
-            except OSError as exc:  # its pages are gone already; a restart drops the pool
-                log.error("zcache: pool table %s not written: %s", self._pools_path, exc)
-        return rc
+        with self._table_lock:
+            rc = self._store.destroy_pool(CLIENT, pool_id)
+            self._unclaimed.pop(pool_id, None)
+            if rc == _DONE and self._arena is not None:
+                try:
+                    self._save_pools()
+                except OSError as exc:  # its pages are gone already; a restart drops it
+                    log.error("zcache: pool table %s not written: %s", self._pools_path, exc)
+            return rc
 
     # -- the data path (lean: lz4 here, outside the store's lock) ------------------------------
 

@@ -310,6 +310,7 @@ def test_tmemc_flush_and_freeable_count_ephemeral_bytes_only() -> None:
 # -- the storage under the store ---------------------------------------------------------------
 
 def _arena_pages(directory: Path) -> ArenaPages:
+    directory.mkdir(exist_ok=True)
     return ArenaPages.open(directory / "arena", max_bytes=64 << 20, segment_size=1 << 20)
 
 
@@ -438,3 +439,21 @@ def test_pages_handed_over_from_a_leaver_keep_the_heir_within_its_cap() -> None:
     assert store.destroy_client(3) == 1
     assert store.clients[2].charged == EPH and store.clients[2].counters.evicted == 3
     assert store.get_page(2, heir, Oid(1), 3) == (1, RAW)  # the newest stayed
+
+
+def test_an_arena_storage_dropped_without_close_lets_go_of_its_file(tmp_path: Path) -> None:
+    """The arena holds its file as a plain fd: a backend never removed (a test, a failed
+    load) must not keep it, its lock and its map for the rest of the process."""
+    import gc
+    import os
+
+    before = len(os.listdir("/proc/self/fd"))
+    for n in range(5):
+        pages = _arena_pages(tmp_path / str(n))
+        pages.put((0, 1, 2, 3, 4), TEXT)
+        del pages
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == before
+    again = _arena_pages(tmp_path / "0")  # its lock was released too
+    assert again.get((0, 1, 2, 3, 4)) == TEXT
+    again.close()

@@ -11,6 +11,7 @@ is inside :class:`~xentmem.tmem.store.TmemStore`'s lock), and ``keys``, ``counte
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +25,9 @@ class ArenaPages:
 
     def __init__(self, arena: Arena) -> None:
         self.arena = arena
+        # A storage dropped without close() (a backend never removed, a test) still lets go
+        # of the file's descriptor, lock and map: the arena holds them as a plain fd.
+        self._closer = weakref.finalize(self, arena.close)
         self._put = arena.put
         self._get = arena.get
         self._delete = arena.delete
@@ -76,10 +80,11 @@ class ArenaPages:
 
     def close(self) -> None:
         """Unmap the arena; the file keeps every page for the next open."""
-        self.arena.close()
+        self._closer()
 
     def discard(self) -> None:
         """Close and remove the file (its pages were repatriated, or are not wanted)."""
+        self._closer.detach()
         self.arena.discard()
 
 

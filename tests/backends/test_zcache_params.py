@@ -46,13 +46,14 @@ def test_found_through_its_entry_point() -> None:
 
 def test_declared_params() -> None:
     described = {name: param.describe() for name, param in ZcacheBackend.params.items()}
-    assert set(described) == {"capacity", "detailed_stats", "max_pools"}
+    assert set(described) == {"capacity", "detailed_stats", "max_pools", "allocator"}
     assert described["capacity"]["writable"] and described["detailed_stats"]["writable"]
-    assert not described["max_pools"]["writable"]
+    assert not described["max_pools"]["writable"] and not described["allocator"]["writable"]
     assert ZcacheBackend.params.defaults() == {
         "capacity": "10%",
         "detailed_stats": False,
         "max_pools": 1024,
+        "allocator": "zsmalloc",
     }
 
 

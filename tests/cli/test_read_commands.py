@@ -59,6 +59,9 @@ def test_stats_json_is_exact_on_a_fresh_daemon(reader: Any) -> None:
     data = reader.json("stats")
     capacity = data["backend"].pop("capacity_bytes")  # 10% of the machine's RAM
     assert isinstance(capacity, int) and capacity > 0
+    arena = {k: data["backend"].pop(k) for k in list(data["backend"])
+             if k.startswith("arena_") or k == "memory_bytes"}  # zcache's arena: its tables
+    assert arena["arena_pages"] == 0 and arena["memory_bytes"] >= 0
     assert data == {
         "cleancache": ZERO_CLEANCACHE,
         "frontswap": ZERO_FRONTSWAP,
@@ -112,7 +115,7 @@ def test_params_list_covers_flags_backend_params_and_every_knob(reader: Any) -> 
     assert by_section["tmem"] == ["cleancache", "frontswap", "selfballooning_at_load",
                                   "selfshrinking",
                                   "frontswap_writethrough", "frontswap_exclusive_gets"]
-    assert by_section["backend"] == ["capacity", "detailed_stats", "max_pools"]
+    assert by_section["backend"] == ["capacity", "detailed_stats", "max_pools", "allocator"]
     assert by_section["selfballoon"][:9] == [
         "selfballooning", "selfballoon_interval", "selfballoon_downhysteresis",
         "selfballoon_uphysteresis", "selfballoon_min_usable_mb", "selfballoon_reserved_mb",

@@ -93,7 +93,7 @@ def test_unload_then_load_with_module_params(xentmem: Any, assert_error: Any) ->
         "params": {"cleancache": True, "frontswap": False, "selfballooning_at_load": False,
                    "selfshrinking": False, "frontswap_writethrough": False,
                    "frontswap_exclusive_gets": False, "capacity": "32M",
-                   "detailed_stats": False, "max_pools": 1024},
+                   "detailed_stats": False, "max_pools": 1024, "allocator": "zsmalloc"},
         "choice": {"requested": "zcache", "chosen": "zcache",
                    "reason": "named in the load request", "from": "load request"},
     }

@@ -13,6 +13,7 @@ from xentmem.guestd.nbd.exports import Exports
 from xentmem.guestd.nbd.resident import Residency
 from xentmem.guestd.nbd.server import NbdServer
 from xentmem.guestd.swap import SwapAreas
+from xentmem.roots import Roots
 
 #: Every wait on the server: an event, bounded generously (a busy CI machine).
 WAIT_S = 60.0
@@ -42,7 +43,7 @@ def serve(directory: Path, backend: str | None = "zcache",
           libc: RecordingLibc | None = None) -> Served:
     """Served with ``libc`` (a recording one by default: the test process stays unlocked)."""
     libc = libc or RecordingLibc()
-    shim = Shim()
+    shim = Shim(roots=Roots(run_dir=directory / "run"))  # zcache's arena goes there
     if backend is not None:
         shim.load(backend)
     swap = SwapAreas(shim.frontswap, directory / "swap")

@@ -339,9 +339,12 @@ def test_control_commands_mirror_xl_tmem(ours: TmemHost) -> None:
         assert runner.invoke(cli, [*base, "thaw", "all"]).exit_code == 0
         # Results are text unless --json asks for the one compact document.
         result = runner.invoke(cli, [*base, "set", "5", "-w", "4", "--no-compress", "--json"])
-        assert json.loads(result.output) == {"domids": [5], "weight": 4, "compress": False}
+        assert json.loads(result.output) == {"domids": [5], "weight": 4, "cap_mb": None,
+                                             "compress": False}
         result = runner.invoke(cli, [*base, "set", "5", "-w", "4"])
         assert result.output == "domain 5: weight=4\n"
+        result = runner.invoke(cli, [*base, "set", "5", "-c", "32"])
+        assert result.output == "domain 5: cap=32M\n"
         result = runner.invoke(cli, [*base, "shared-auth", "5", "-u",
                                      "12345678-9abc-def0-1122-334455667788", "-A", "1"])
         assert result.exit_code == 0, result.output

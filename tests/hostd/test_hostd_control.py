@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from xentmem.control import protocol
-from xentmem.hostd.control import MAX_WEIGHT, OPS
+from xentmem.hostd.control import MAX_CAP_MB, MAX_WEIGHT, OPS
 from xentmem.hostd.handlers import HostControl
 from xentmem.hostd.store import HostStore
 
@@ -48,6 +48,7 @@ def test_every_op_is_documented_on_the_one_envelope() -> None:
     ("freeze", {"domid": True}), ("freeze", {"domid": "5"}), ("freeze", {}),
     ("freeze", {"domid": 5, "extra": 1}), ("set", {"domid": 5, "compress": 2}),
     ("set", {"domid": 5, "weight": -1}), ("set", {"domid": 5, "weight": MAX_WEIGHT + 1}),
+    ("set", {"domid": 5, "cap_mb": -1}), ("set", {"domid": 5, "cap_mb": MAX_CAP_MB + 1}),
     ("set", {"domid": 5}), ("shared-auth", {"domid": 5, "auth": True}),
     ("shared-auth", {"domid": 5, "auth": True, "uuid": "x"}),
     ("shared-auth", {"domid": 5, "auth": "yes", "uuid": "x"}),
@@ -65,7 +66,9 @@ def test_ops_reach_the_store(control: HostControl) -> None:
     assert code(control, "set", domid=5, weight=3) == protocol.NOT_FOUND  # no such guest
     store.client(5)  # a guest's first pool makes its client
     assert ask(control, "set", domid=5, weight=3, compress=0)["result"] == {
-        "domids": [5], "weight": 3, "compress": False}
+        "domids": [5], "weight": 3, "cap_mb": None, "compress": False}
+    assert ask(control, "set", domid=5, cap_mb=64)["result"]["cap_mb"] == 64
+    assert ask(control, "list", domid=5)["result"]["clients"][0]["cap_bytes"] == 64 << 20
     frozen = ask(control, "freeze", domid="all")["result"]
     assert (frozen["domids"], frozen["frozen"], frozen["clients"][0]["frozen"]) == (
         [5], True, True)

@@ -1,4 +1,5 @@
-"""The host store follows the hypervisor's rules (docs/tmem-semantics.md, "The host's store")."""
+"""The host's adapter of the tmem store: wire forms, per-client compression, the listing, and
+the hypervisor's rules seen through it (docs/tmem-semantics.md, "The store")."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 
 import pytest
 
-from xentmem.hostd.store import PAGE_OVERHEAD, HostStore
+from xentmem.hostd.store import HostStore
 from xentmem.tmem.abi import (
     EEMPTY,
     EFROZEN,
@@ -21,6 +22,7 @@ from xentmem.tmem.abi import (
     PoolUuid,
     pool_flags,
 )
+from xentmem.tmem.store import EPHEMERAL_PAGE_OVERHEAD, PERSISTENT_PAGE_OVERHEAD
 from xentmem.xenbus.body import PageEncoding, encode_page
 
 TEXT = (b"void *tmem_get(struct tmem_pool *pool, struct oid *oid, u32 index);\n" * 70)[:4096]
@@ -57,29 +59,35 @@ def test_pool_ids_are_the_lowest_free_slot_up_to_sixteen(store: HostStore) -> No
 ])
 def test_new_pool_refuses_what_the_hypervisor_refuses(store: HostStore, flags: int) -> None:
     assert store.new_pool(5, PRIVATE_UUID, flags) == -errno.EPERM
-    assert store.clients[5].pools == [None] * 16
+    assert store.describe(5)["clients"][0]["pools"] == []
+
+
+def shared(store: HostStore, domid: int, pool_id: int) -> bool:
+    (client,) = store.describe(domid)["clients"]
+    return next(p["shared"] for p in client["pools"] if p["pool_id"] == pool_id)
 
 
 def test_shared_pools_need_authorisation_else_they_are_silently_private(store: HostStore) -> None:
     a = store.new_pool(5, UUID, POOL_SHARED_EPHEMERAL)
-    assert store.clients[5].pools[a].shared is False
+    assert shared(store, 5, a) is False
     assert store.new_pool(5, WILDCARD_UUID, POOL_SHARED_EPHEMERAL) == 1
-    assert store.clients[5].pools[1].shared is False  # (-1, -1) is always private
+    assert shared(store, 5, 1) is False  # (-1, -1) is always private
     assert store.authorise(5, UUID, True) == 1 and store.authorise(6, UUID, True) == 1
     s5 = store.new_pool(5, UUID, POOL_SHARED_EPHEMERAL)
     s6 = store.new_pool(6, UUID, POOL_SHARED_EPHEMERAL)
-    assert store.clients[5].pools[s5] is store.clients[6].pools[s6]
+    assert shared(store, 5, s5) and shared(store, 6, s6)
+    assert store.describe()["shared_pools"] == [{"uuid": str(UUID), "members": [5, 6],
+                                                 "pages": 0}]
     assert put(store, 5, s5, 1, 0, TEXT) == 1
     assert store.get_page(6, s6, Oid(1), 0) == (1, TEXT)  # shared gets are not exclusive
     assert store.get_page(5, s5, Oid(1), 0) == (1, TEXT)
     assert store.destroy_pool(5, s5) == 1
     assert store.get_page(6, s6, Oid(1), 0) == (1, TEXT)  # the pool stays for the other member
     assert store.destroy_pool(6, s6) == 1
-    assert store.shared_pools == {}
+    assert store.describe()["shared_pools"] == []
     store.shared_auth = False  # xl tmem-shared-auth -a -A 0: anyone may share
-    assert store.clients[7 if 7 in store.clients else 5] is not None
     t = store.new_pool(7, UUID, POOL_SHARED_EPHEMERAL)
-    assert store.clients[7].pools[t].shared is True
+    assert shared(store, 7, t) is True
 
 
 def test_auth_lists_hold_sixteen_uuids(store: HostStore) -> None:
@@ -119,30 +127,46 @@ def test_a_page_that_is_not_a_page_is_refused(store: HostStore) -> None:
     assert store.used_bytes == 0
 
 
+def test_a_page_that_is_not_a_page_drops_the_older_copy() -> None:
+    """Regression: the host kept the old copy when a put over it was malformed, so a guest
+    whose put failed (cleancache never looks) could later get the stale page back.  Xen's
+    ``do_tmem_dup_put`` drops the old copy on any failure, as zcache did."""
+    store = HostStore(64 << 20)
+    pool = store.new_pool(5, PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+    assert put(store, 5, pool, 1, 0, TEXT) == 1
+    assert store.put_page(5, pool, Oid(1), 0, PageEncoding.RAW, b"short") == -errno.EINVAL
+    assert store.get_page(5, pool, Oid(1), 0) == (-EEMPTY, None)
+    assert store.used_bytes == 0
+    (client,) = store.describe(5)["clients"]
+    assert (client["stats"]["puts"], client["stats"]["failed_puts"]) == (2, 1)
+
+
 def test_capacity_evicts_ephemeral_pages_never_persistent_ones() -> None:
-    raw_cost = PAGE_SIZE + PAGE_OVERHEAD
-    store = HostStore(4 * raw_cost)
+    pers_cost = PAGE_SIZE + PERSISTENT_PAGE_OVERHEAD
+    eph_cost = PAGE_SIZE + EPHEMERAL_PAGE_OVERHEAD
+    store = HostStore(2 * pers_cost + 2 * eph_cost)
     pers = store.new_pool(5, PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
     eph = store.new_pool(5, PRIVATE_UUID, POOL_PRIVATE_EPHEMERAL)
     assert put(store, 5, pers, 1, 0, RAND) == 1
     assert put(store, 5, pers, 1, 1, RAND) == 1
     assert put(store, 5, eph, 2, 0, RAND) == 1
     assert put(store, 5, eph, 2, 1, RAND) == 1
-    assert store.used_bytes == 4 * raw_cost
+    assert store.used_bytes == 2 * pers_cost + 2 * eph_cost
     assert put(store, 5, eph, 2, 2, RAND) == 1  # the oldest ephemeral page goes
-    assert store.evictions == 1
+    assert store.describe()["evictions"] == 1
     assert store.get_page(5, eph, Oid(2), 0) == (0, None)
     assert put(store, 5, pers, 1, 2, RAND) == 1  # a persistent put evicts ephemeral ones
     assert put(store, 5, pers, 1, 3, RAND) == 1
-    assert store.clients[5].eph_pages == 0 and store.clients[5].pers_pages == 4
+    (client,) = store.describe(5)["clients"]
+    assert (client["ephemeral_pages"], client["persistent_pages"]) == (0, 4)
     assert put(store, 5, pers, 1, 4, RAND) == -errno.ENOMEM  # nothing left to evict
     assert put(store, 5, eph, 2, 5, RAND) == -errno.ENOMEM
     assert store.get_page(5, pers, Oid(1), 0) == (1, RAND)  # persistent pages stay
 
 
 def test_a_failed_duplicate_put_drops_the_old_copy() -> None:
-    text_cost = len(encode_page(TEXT)[1]) + PAGE_OVERHEAD
-    store = HostStore(PAGE_SIZE + PAGE_OVERHEAD + text_cost + 100)
+    text_cost = len(encode_page(TEXT)[1]) + PERSISTENT_PAGE_OVERHEAD
+    store = HostStore(PAGE_SIZE + PERSISTENT_PAGE_OVERHEAD + text_cost + 100)
     pers = store.new_pool(5, PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
     assert put(store, 5, pers, 1, 0, TEXT) == 1
     assert put(store, 5, pers, 1, 1, RAND) == 1
@@ -151,8 +175,12 @@ def test_a_failed_duplicate_put_drops_the_old_copy() -> None:
     assert put(store, 5, pers, 1, 1, TEXT) == 1  # a dup that fits replaces
 
 
+def eph_pages(store: HostStore, domid: int) -> int:
+    return int(store.describe(domid)["clients"][0]["ephemeral_pages"])
+
+
 def test_weights_decide_whose_ephemeral_pages_go() -> None:
-    cost = PAGE_SIZE + PAGE_OVERHEAD
+    cost = PAGE_SIZE + EPHEMERAL_PAGE_OVERHEAD
     store = HostStore(8 * cost)
     a = store.new_pool(5, PRIVATE_UUID, POOL_PRIVATE_EPHEMERAL)
     b = store.new_pool(6, PRIVATE_UUID, POOL_PRIVATE_EPHEMERAL)
@@ -164,13 +192,54 @@ def test_weights_decide_whose_ephemeral_pages_go() -> None:
         assert put(store, 5, a, 1, i, RAND) == 1
     # Guest 5 holds 4/8 of the pages with 1/4 of the weight: over quota, it evicts its own.
     assert put(store, 5, a, 1, 9, RAND) == 1
-    assert store.clients[5].eph_pages == 4 and store.clients[6].eph_pages == 4
+    assert (eph_pages(store, 5), eph_pages(store, 6)) == (4, 4)
     assert store.get_page(5, a, Oid(1), 0) == (0, None)
-    # Guest 6 is under its share: it evicts the host's oldest page, which is its own here...
+    # Guest 6 is within its share: guest 5, over its own, pays, though 6 holds the oldest page.
     assert put(store, 6, b, 1, 9, RAND) == 1
+    assert (eph_pages(store, 5), eph_pages(store, 6)) == (3, 5)
+    assert store.get_page(5, a, Oid(1), 1) == (0, None)
+    store.set_weight(6, 0)  # weight 0: never over quota (Xen's default); 5 holds all the weight
+    assert put(store, 5, a, 1, 10, RAND) == 1  # nobody is over quota: the host's oldest goes
+    assert (eph_pages(store, 5), eph_pages(store, 6)) == (4, 4)
     assert store.get_page(6, b, Oid(1), 0) == (0, None)
-    store.set_weight(6, 0)  # weight 0: never over quota (Xen's default)
-    assert store._over_quota(store.clients[6]) is False
+
+
+def test_an_under_quota_guest_no_longer_evicts_its_own_pages_for_an_over_quota_one() -> None:
+    """Regression: a guest within its weight's share that put into a full host lost the host's
+    oldest page, its own here, while another guest sat over its quota (Xen's tmem_evict looks
+    at the putter only).  Eviction is now fair by weight: the most-over-quota guest pays."""
+    cost = PAGE_SIZE + EPHEMERAL_PAGE_OVERHEAD
+    store = HostStore(4 * cost)
+    a = store.new_pool(5, PRIVATE_UUID, POOL_PRIVATE_EPHEMERAL)
+    b = store.new_pool(6, PRIVATE_UUID, POOL_PRIVATE_EPHEMERAL)
+    store.set_weight(5, 1)
+    store.set_weight(6, 1)
+    assert put(store, 6, b, 1, 0, RAND) == 1
+    for i in range(3):
+        assert put(store, 5, a, 1, i, RAND) == 1
+    assert put(store, 6, b, 1, 1, RAND) == 1  # 6 holds 1/4 of a half share; 5 holds 3/4
+    assert store.get_page(6, b, Oid(1), 0) == (1, RAND)
+    assert (eph_pages(store, 5), eph_pages(store, 6)) == (2, 1)
+
+
+def test_a_cap_bounds_what_a_guest_holds_and_never_costs_another_guest() -> None:
+    cost = PAGE_SIZE + PERSISTENT_PAGE_OVERHEAD
+    store = HostStore(64 << 20)
+    pers = store.new_pool(5, PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+    eph = store.new_pool(5, PRIVATE_UUID, POOL_PRIVATE_EPHEMERAL)
+    other = store.new_pool(6, PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+    assert put(store, 6, other, 1, 0, RAND) == 1
+    store.set_cap(5, 3 * cost)
+    assert put(store, 5, eph, 1, 0, RAND) == 1
+    assert put(store, 5, pers, 1, 0, RAND) == 1
+    assert put(store, 5, pers, 1, 1, RAND) == 1
+    assert put(store, 5, pers, 1, 2, RAND) == 1  # its own ephemeral page made room
+    assert store.get_page(5, eph, Oid(1), 0) == (-EEMPTY, None)
+    assert put(store, 5, pers, 1, 3, RAND) == -errno.ENOMEM  # its persistent pages stay
+    assert store.get_page(6, other, Oid(1), 0) == (1, RAND)
+    assert store.describe(5)["clients"][0]["cap_bytes"] == 3 * cost
+    assert store.set_cap(5, 0) == 0  # no cap
+    assert put(store, 5, pers, 1, 3, RAND) == 1
 
 
 def test_frozen_clients_refuse_new_puts_and_say_so_on_flushes(store: HostStore) -> None:
@@ -193,13 +262,15 @@ def test_compression_is_per_client(store: HostStore) -> None:
     for domid, pool in ((5, p5), (6, p6)):
         assert put(store, domid, pool, 1, 0, TEXT) == 1
         assert put(store, domid, pool, 1, 1, bytes(PAGE_SIZE)) == 1
-    kept5 = store.clients[5].pools[p5].objects[Oid(1)]
-    kept6 = store.clients[6].pools[p6].objects[Oid(1)]
-    assert len(kept5[0]) < PAGE_SIZE and kept5[1] == b""
-    assert len(kept6[0]) == PAGE_SIZE and len(kept6[1]) == PAGE_SIZE
+    text5 = store.get_page_form(5, p5, Oid(1), 0)
+    assert text5[1] == PageEncoding.LZ4 and len(text5[2]) < PAGE_SIZE
+    assert store.get_page_form(5, p5, Oid(1), 1) == (1, PageEncoding.ZERO, b"")
+    assert store.get_page_form(6, p6, Oid(1), 0) == (1, PageEncoding.RAW, TEXT)
+    assert store.get_page_form(6, p6, Oid(1), 1) == (1, PageEncoding.RAW, bytes(PAGE_SIZE))
     assert store.get_page(5, p5, Oid(1), 0) == (1, TEXT)
     assert store.get_page(6, p6, Oid(1), 1) == (1, bytes(PAGE_SIZE))
-    assert store.clients[5].stats.compressed_pages == 1 and store.clients[5].stats.zero_pages == 1
+    stats = store.describe(5)["clients"][0]["stats"]
+    assert stats["compressed_pages"] == 1 and stats["zero_pages"] == 1
 
 
 def test_destroying_a_client_frees_everything_and_listing_shows_it(store: HostStore) -> None:
@@ -207,8 +278,8 @@ def test_destroying_a_client_frees_everything_and_listing_shows_it(store: HostSt
     assert put(store, 5, pool, 1, 0, RAND) == 1
     listing = store.describe()
     assert listing["clients"][0]["ephemeral_pages"] == 1
-    assert listing["used_bytes"] == PAGE_SIZE + PAGE_OVERHEAD
+    assert listing["used_bytes"] == PAGE_SIZE + EPHEMERAL_PAGE_OVERHEAD
     assert store.freeable_mb() == 0
     assert store.destroy_client(5) == 1
-    assert store.used_bytes == 0 and len(store.eph_lru) == 0
+    assert store.used_bytes == 0 and store.describe()["ephemeral_pages"] == 0
     assert store.describe()["clients"] == []

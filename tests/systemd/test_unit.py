@@ -186,6 +186,17 @@ def test_swap_areas_survive_a_stop(unit: dict[str, dict[str, list[str]]]) -> Non
     assert int(one(unit, "Service", "StateDirectoryMode"), 8) & 0o077 == 0
 
 
+def test_zcache_pages_survive_a_kill(unit: dict[str, dict[str, list[str]]]) -> None:
+    """zcache's arena is in the run directory (tmpfs): kept across a restart, so a daemon
+    killed with its swap pages in tmem finds them again (docs/zcache.md, "Restart")."""
+    from xentmem.guest.backends.zcache import ARENA_FILE
+    from xentmem.roots import DEFAULT_RUN_DIR
+
+    assert one(unit, "Service", "RuntimeDirectory") == "xentmem"
+    assert DEFAULT_RUN_DIR == "/run/xentmem" and ARENA_FILE == "zcache.arena"
+    assert one(unit, "Service", "RuntimeDirectoryPreserve") == "yes"
+
+
 
 def test_devices_allow_xenbus_and_keep_proc_readable(
     unit: dict[str, dict[str, list[str]]],

@@ -24,7 +24,7 @@ from xentmem.console import (
 )
 from xentmem.control.protocol import MAX_DOMID, ControlError
 from xentmem.control.server import DEFAULT_IDLE_TIMEOUT_S
-from xentmem.hostd.control import DEFAULT_SOCKET, MAX_WEIGHT, HostControlClient
+from xentmem.hostd.control import DEFAULT_SOCKET, MAX_CAP_MB, MAX_WEIGHT, HostControlClient
 from xentmem.hostd.service import HostService, ServiceError, serve
 from xentmem.hostd.store import HostStore
 from xentmem.notify import Notifier
@@ -196,6 +196,8 @@ def render_set(result: dict[str, Any]) -> str:
     settings = []
     if result["weight"] is not None:
         settings.append(f"weight={result['weight']}")
+    if result.get("cap_mb") is not None:
+        settings.append(f"cap={result['cap_mb']}M")
     if result["compress"] is not None:
         settings.append(f"compress={int(result['compress'])}")
     return "\n".join(f"domain {d}: {' '.join(settings)}" for d in result["domids"])
@@ -237,19 +239,23 @@ def thaw(app: App, domid: str, as_json: bool) -> None:
 @cli.command(name="set", epilog=SOCKET_EPILOG)
 @click.argument("domid")
 @click.option("--weight", "-w", type=click.IntRange(0, MAX_WEIGHT), help="Eviction weight.")
+@click.option("--cap", "-c", "cap_mb", type=click.IntRange(0, MAX_CAP_MB), metavar="MIB",
+              help="Most MiB the guest may hold in tmem (0: no cap).")
 @click.option("--compress/--no-compress", "-p", default=None, help="Compress stored pages.")
 @json_option
 @click.pass_obj
-def set_cmd(app: App, domid: str, weight: int | None, compress: bool | None,
-            as_json: bool) -> None:
-    """Weight and compression of a guest's client (xl tmem-set); DOMID or 'all'."""
+def set_cmd(app: App, domid: str, weight: int | None, cap_mb: int | None,
+            compress: bool | None, as_json: bool) -> None:
+    """Weight, cap and compression of a guest's client (xl tmem-set); DOMID or 'all'."""
     args: dict[str, Any] = {"domid": target_of(domid)}
     if weight is not None:
         args["weight"] = weight
+    if cap_mb is not None:
+        args["cap_mb"] = cap_mb
     if compress is not None:
         args["compress"] = compress
     if len(args) == 1:
-        raise click.UsageError("give --weight and/or --compress/--no-compress")
+        raise click.UsageError("give --weight, --cap and/or --compress/--no-compress")
     emit(app.call("set", **args), as_json=as_json, render=render_set)
 
 

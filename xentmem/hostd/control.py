@@ -12,10 +12,14 @@ from typing import Any
 
 from xentmem.control.client import ControlConnection
 from xentmem.control.protocol import Arg, OpSpec
+from xentmem.tmem.capacity import MAX_CAPACITY_MIB
+from xentmem.tmem.store import MAX_WEIGHT as TMEM_MAX_WEIGHT
 
 DEFAULT_SOCKET = "/run/xentmem-hostd/control.sock"
 #: The heaviest eviction weight ``set`` accepts.
-MAX_WEIGHT = 1_000_000
+MAX_WEIGHT = TMEM_MAX_WEIGHT
+#: The largest cap ``set`` accepts, in MiB (16 TiB, as a capacity).
+MAX_CAP_MB = MAX_CAPACITY_MIB
 
 _DOMID = Arg("domid", "domid", 'a domain id, or "all"')
 
@@ -32,11 +36,13 @@ OPS: dict[str, OpSpec] = {
                returns="{domids, frozen, ...list's answer for them}", mutates=True),
         OpSpec("thaw", "undo freeze (xl tmem-thaw)", (_DOMID,),
                returns="{domids, frozen, ...list's answer for them}", mutates=True),
-        OpSpec("set", "eviction weight and compression of a guest's client (xl tmem-set)",
+        OpSpec("set", "eviction weight, cap and compression of a guest's client (xl tmem-set)",
                (_DOMID,
                 Arg("weight", "uint", f"eviction weight, 0..{MAX_WEIGHT}", required=False),
+                Arg("cap_mb", "uint", f"most MiB the guest may hold, 0..{MAX_CAP_MB} "
+                    "(0: no cap)", required=False),
                 Arg("compress", "flag", "compress stored pages", required=False)),
-               returns="{domids, weight, compress}", mutates=True),
+               returns="{domids, weight, cap_mb, compress}", mutates=True),
         OpSpec("shared-auth", "authorise a guest for a shared pool's uuid; for \"all\", switch "
                "the host-wide check (xl tmem-shared-auth)",
                (_DOMID,
@@ -76,10 +82,12 @@ class HostControlClient(ControlConnection):
         return self.call("thaw", domid=domid)
 
     def set_client(self, domid: int | str, *, weight: int | None = None,
-                   compress: bool | None = None) -> dict[str, Any]:
+                   compress: bool | None = None, cap_mb: int | None = None) -> dict[str, Any]:
         args: dict[str, Any] = {"domid": domid}
         if weight is not None:
             args["weight"] = weight
+        if cap_mb is not None:
+            args["cap_mb"] = cap_mb
         if compress is not None:
             args["compress"] = compress
         return self.call("set", **args)

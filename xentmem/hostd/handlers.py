@@ -16,8 +16,9 @@ from xentmem import __version__
 from xentmem.control import protocol
 from xentmem.control.protocol import BAD_ARGS, NOT_FOUND, ControlError, Request
 from xentmem.control.server import respond
-from xentmem.hostd.control import MAX_WEIGHT, OPS
+from xentmem.hostd.control import MAX_CAP_MB, MAX_WEIGHT, OPS
 from xentmem.tmem.abi import PoolUuid
+from xentmem.tmem.capacity import MIB
 
 if TYPE_CHECKING:
     from xentmem.hostd.service import HostService
@@ -98,19 +99,23 @@ class HostControl:
         return {"domids": domids, "frozen": frozen, **self._listing(domids)}
 
     def set_client(self, args: Args) -> dict[str, Any]:
-        weight, compress = args.get("weight"), args.get("compress")
-        if weight is None and compress is None:
-            raise ControlError(BAD_ARGS, "set needs weight and/or compress")
+        weight, cap_mb, compress = args.get("weight"), args.get("cap_mb"), args.get("compress")
+        if weight is None and cap_mb is None and compress is None:
+            raise ControlError(BAD_ARGS, "set needs weight, cap_mb and/or compress")
         if weight is not None and weight > MAX_WEIGHT:
             raise ControlError(BAD_ARGS, f"weight must be 0..{MAX_WEIGHT}, got {weight}")
+        if cap_mb is not None and cap_mb > MAX_CAP_MB:
+            raise ControlError(BAD_ARGS, f"cap_mb must be 0..{MAX_CAP_MB}, got {cap_mb}")
         domids = self._domids(args["domid"])
         store = self.service.store
         for domid in domids:
             if weight is not None:
                 store.set_weight(domid, weight)
+            if cap_mb is not None:
+                store.set_cap(domid, cap_mb * MIB)
             if compress is not None:
                 store.set_compress(domid, compress)
-        return {"domids": domids, "weight": weight, "compress": compress}
+        return {"domids": domids, "weight": weight, "cap_mb": cap_mb, "compress": compress}
 
     def shared_auth(self, args: Args) -> dict[str, Any]:
         auth, store = args["auth"], self.service.store

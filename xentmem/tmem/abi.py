@@ -25,6 +25,11 @@ ZERO_PAGE = bytes(PAGE_SIZE)
 TMEM_SPEC_VERSION = 1
 HYPERVISOR_TMEM_OP = 38  # __HYPERVISOR_tmem_op, for reference and logs
 
+#: Pool slots of one client: NEW_POOL answers 0..15 (``docs/tmem-semantics.md``, "Pool rules").
+MAX_POOLS_PER_DOMAIN = 16
+#: Shared pools on a whole host.
+MAX_GLOBAL_SHARED_POOLS = 16
+
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
 

@@ -65,6 +65,10 @@ class BackingStore(ABC):
     def discard(self, offset: int) -> None:
         """Forget a slot (the swap entry was freed)."""
 
+    def has(self, offset: int) -> bool:
+        """True when the slot holds a page (or a damaged one)."""
+        return offset in self.offsets()
+
     @abstractmethod
     def used(self) -> int:
         """How many slots hold a page."""
@@ -104,6 +108,9 @@ class MemoryBacking(BackingStore):
 
     def discard(self, offset: int) -> None:
         self._slots.pop(offset, None)
+
+    def has(self, offset: int) -> bool:
+        return offset in self._slots
 
     def used(self) -> int:
         return len(self._slots)
@@ -324,6 +331,10 @@ class FileBacking(BackingStore):
                       self.path, offset, exc)
         if entry is not None:
             self._free.append(entry[0])
+
+    @_locked
+    def has(self, offset: int) -> bool:
+        return offset in self._entries or offset in self.damaged
 
     @_locked
     def used(self) -> int:

@@ -82,6 +82,8 @@ class Frontswap(Guarded):
         self._draining = False
         self.writethrough = False
         self.exclusive_gets = False
+        #: The backend keeps its pages across its own restart (see :meth:`_adopt`).
+        self._outlives = False
         # debugfs names (/sys/kernel/debug/frontswap/), plus four of our own.
         self.loads = 0
         self.succ_stores = 0
@@ -121,6 +123,14 @@ class Frontswap(Guarded):
                 self._pool_id = -1
                 raise
             self._need_init.clear()
+            # A backend whose pages outlive its process (zcache's arena) may hold this
+            # frontend's pages from before a crash: they are taken back now, for the areas
+            # re-attached, and a store no longer trusts an older copy in the backing store.
+            self._outlives = bool(getattr(ops, "outlives_process", False))
+            if getattr(ops, "restored_pools", 0) and self._pool_id < 0:
+                self._tmem_init(ops, -1)
+            if self._outlives and self._pool_id >= 0:
+                self._adopt(ops, self._pool_id)
             self.writethrough = writethrough
             self.exclusive_gets = exclusive_gets
             self._ops = ops
@@ -167,6 +177,37 @@ class Frontswap(Guarded):
             if rc < 0:
                 log.warning("frontswap: backend %s refused the persistent pool: %s",
                             ops.name, rc_name(rc))
+
+    def _adopt(self, ops: Backend, pool_id: int) -> None:
+        """Pages the backend kept across a restart become this frontend's again where an
+        area (re-attached from its file) has the offset and its file holds no copy of it;
+        the others are flushed: no area to serve them, or the file's copy is the newer one
+        (a store writes the file before tmem whenever both could hold it: :meth:`_store`)."""
+        owners: dict[Oid, tuple[_SwapArea, int]] = {}
+        for area in self._areas.values():
+            for low, oid in enumerate(area.oids):
+                owners[oid] = (area, low)
+        adopted = flushed = 0
+        for oid, index in ops.restored_pages(pool_id):  # type: ignore[attr-defined]
+            found = owners.get(oid)
+            offset = -1
+            if found is not None:
+                area, low = found
+                offset = (index << SWIZ_BITS) | low
+                if not 0 <= offset < area.backing.pages or area.backing.has(offset) \
+                        or offset in area.in_tmem:
+                    offset = -1
+            if offset < 0:
+                self.quietly("flush_page", ops.flush_page, pool_id, oid, index)
+                flushed += 1
+                continue
+            area.in_tmem[offset] = None
+            self._tmem_pages += 1
+            adopted += 1
+        if adopted or flushed:
+            log.info("frontswap: %d swap page(s) kept by %s across its restart taken back, "
+                     "%d flushed (no area, or the area's file has the page)", adopted,
+                     ops.name, flushed)
 
     # -- swap areas ---------------------------------------------------------------------------
 
@@ -251,6 +292,10 @@ class Frontswap(Guarded):
             return -1
         assert ops is not None
         written = False
+        if self._outlives and not (duplicate or writethrough):
+            # Across a crash of the backend, the file's copy wins over tmem's (_adopt): an
+            # older page there must go before the newer one is put.
+            area.backing.discard(offset)
         if duplicate or writethrough:
             area.backing.write(offset, page)  # raises: nothing changed
             with self._lock:

@@ -79,6 +79,9 @@ def tier_for(cluster: redis_cluster.RedisClusterFixture, node_id: str, tmp_path:
              **overrides: object) -> RemoteTier:
     password = tmp_path / f"{node_id}.password"
     password.write_text(f"pw-{node_id[-1]}\n")
+    # A replica on a busy machine may take a while to acknowledge; a put it does not
+    # acknowledge in time is refused (correctly), which these tests do not mean to check.
+    overrides.setdefault("timeout_ms", 15_000)
     config = TierConfig(
         nodes=tuple(("127.0.0.1", n.port) for n in cluster.nodes[:2]),
         node_id=node_id, user=node_id, password_file=str(password), **overrides)  # type: ignore[arg-type]
@@ -98,14 +101,20 @@ def page(n: int) -> bytes:
     return (n.to_bytes(4, "little") * 200)[:700]
 
 
-def raw(cluster: redis_cluster.RedisClusterFixture) -> object:
-    return redis.cluster.RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
+@pytest.fixture
+def admin(cluster: redis_cluster.RedisClusterFixture) -> Iterator[redis.cluster.RedisCluster]:
+    """The cluster's default user, to look at and damage values (closed afterwards)."""
+    client = redis.cluster.RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 def test_persistent_and_ephemeral_pages_go_and_come_back(
-        cluster: redis_cluster.RedisClusterFixture, tmp_path: Path) -> None:
+        cluster: redis_cluster.RedisClusterFixture, tmp_path: Path,
+        admin: redis.cluster.RedisCluster) -> None:
     tier = tier_for(cluster, "node-a", tmp_path)
-    admin = raw(cluster)
     try:
         tier.put(key("node-a", 1), page(1), persistent=True)
         tier.put(key("node-a", 2), page(2), persistent=False)
@@ -123,9 +132,9 @@ def test_persistent_and_ephemeral_pages_go_and_come_back(
 
 
 def test_an_objects_pages_share_a_slot_and_flush_together(
-        cluster: redis_cluster.RedisClusterFixture, tmp_path: Path) -> None:
+        cluster: redis_cluster.RedisClusterFixture, tmp_path: Path,
+        admin: redis.cluster.RedisCluster) -> None:
     tier = tier_for(cluster, "node-a", tmp_path)
-    admin = raw(cluster)
     try:
         keys = [key("node-a", i, pool=3, oid=Oid(99, 1, 2)) for i in range(20)]
         assert len({admin.keyslot(k.name()) for k in keys}) == 1
@@ -142,9 +151,9 @@ def test_an_objects_pages_share_a_slot_and_flush_together(
 
 @pytest.mark.parametrize("damage", ["flip", "other-key", "truncate", "foreign"])
 def test_a_damaged_or_misplaced_value_is_never_returned(
-        cluster: redis_cluster.RedisClusterFixture, tmp_path: Path, damage: str) -> None:
+        cluster: redis_cluster.RedisClusterFixture, tmp_path: Path,
+        admin: redis.cluster.RedisCluster, damage: str) -> None:
     tier = tier_for(cluster, "node-a", tmp_path)
-    admin = raw(cluster)
     try:
         k = key("node-a", 40, oid=Oid(3, 3, 3))
         tier.put(k, page(40), persistent=True)
@@ -229,7 +238,7 @@ def test_a_wrong_password_or_no_cluster_fails_the_connect_naming_it(
 
 def test_a_master_killed_during_puts_loses_no_acknowledged_page(
         own_cluster: redis_cluster.RedisClusterFixture, tmp_path: Path) -> None:
-    tier = tier_for(own_cluster, "node-a", tmp_path, timeout_ms=1500)
+    tier = tier_for(own_cluster, "node-a", tmp_path, timeout_ms=3000)
     acknowledged: dict[RemoteKey, bytes] = {}
     victim = own_cluster.master_of(key("node-a", 0).name())
     killed = threading.Event()

@@ -229,7 +229,7 @@ def test_nbd_swap_is_off_before_the_daemon_stops(unit: dict[str, dict[str, list[
 def test_swap_serving_gets_exactly_what_staying_resident_needs(
     unit: dict[str, dict[str, list[str]]],
 ) -> None:
-    """mlockall(MCL_CURRENT|MCL_FUTURE) with CAP_IPC_LOCK (the kernel then skips
+    """mlockall(MCL_CURRENT|MCL_FUTURE|MCL_ONFAULT) with CAP_IPC_LOCK (the kernel then skips
     RLIMIT_MEMLOCK, so no LimitMEMLOCK=), prctl(PR_SET_IO_FLUSHER) with CAP_SYS_RESOURCE, and
     both system calls through the filter (docs/nbd.md)."""
     service = unit["Service"]

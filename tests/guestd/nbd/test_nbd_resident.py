@@ -17,6 +17,7 @@ from fakes.nbd_served import serve
 from xentmem.guestd.nbd.resident import (
     MCL_CURRENT,
     MCL_FUTURE,
+    MCL_ONFAULT,
     PR_GET_IO_FLUSHER,
     PR_SET_IO_FLUSHER,
     THREAD_STACK_BYTES,
@@ -34,7 +35,7 @@ def test_memory_is_locked_once_at_the_first_export(short_dir: Path) -> None:
         assert served.libc.named("mlockall") == []  # a server with no export locks nothing
         served.exports.add(4, "file", name="a")
         served.exports.add(4, "file", name="b")
-        assert served.libc.named("mlockall") == [(MCL_CURRENT | MCL_FUTURE,)]
+        assert served.libc.named("mlockall") == [(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT,)]
         assert served.libc.named("stack_size") == [(THREAD_STACK_BYTES,)]
         assert served.server.describe()["memory_locked"] is True
     finally:

@@ -4,20 +4,24 @@ A process that serves a swap device must not need that device to make progress: 
 its pages were swapped out onto its own export, the fault that brings it back would wait
 for the process itself.  Two kernel interfaces prevent it:
 
-* ``mlockall(MCL_CURRENT | MCL_FUTURE)``, once, when the first export is made: every page
-  the daemon has and will map is resident (and populated when mapped, so a buffer made at
-  start is not faulted in under pressure).  Failure refuses the export (:class:`SwapUnsafe`):
-  a swap device that can deadlock the guest under the very pressure swap is for is worse
-  than none.  It needs ``CAP_IPC_LOCK`` or an ``RLIMIT_MEMLOCK`` above the daemon's size.
+* ``mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)``, once, when the first export is made:
+  every page the daemon has touched or will touch stays resident.  ``MCL_ONFAULT`` (Linux
+  >= 4.4) locks a page when it is faulted in instead of populating every mapping whole:
+  zcache's page arena reserves a mapping as large as the guest's RAM and fills it as pages
+  come, and populating it at once would take the guest's whole memory.  The serving
+  buffers are written when they are made, so they are resident before any pressure.
+  Failure refuses the export (:class:`SwapUnsafe`): a swap device that can deadlock the
+  guest under the very pressure swap is for is worse than none.  It needs ``CAP_IPC_LOCK`` or an ``RLIMIT_MEMLOCK`` above the daemon's size.
 * ``prctl(PR_SET_IO_FLUSHER, 1)`` on each thread that serves NBD (Linux >= 5.6, needs
   ``CAP_SYS_RESOURCE``): the thread's allocations never start I/O in direct reclaim
   (``PF_MEMALLOC_NOIO``), so reclaim cannot wait on a write to the device the thread
   serves.  Without it (an older kernel, no capability) the thread serves on, a warning is
   logged once and counted: the locked memory is the guarantee, this flag the margin.
 
-``MCL_FUTURE`` populates every new mapping whole, a thread's stack included, so the threads
-made from then on get :data:`THREAD_STACK_BYTES` instead of the default (``RLIMIT_STACK``,
-8 MiB on Debian).  The system calls go through :class:`Libc` (ctypes), which tests replace.
+A thread's stack is locked as deep as it has ever been used, so the threads made from then
+on get :data:`THREAD_STACK_BYTES` instead of the default (``RLIMIT_STACK``, 8 MiB on
+Debian): their worst case stays small.  The system calls go through :class:`Libc`
+(ctypes), which tests replace.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ log = logging.getLogger(__name__)
 # <sys/mman.h> and <linux/prctl.h>
 MCL_CURRENT = 1
 MCL_FUTURE = 2
+MCL_ONFAULT = 4
+#: What :meth:`Residency.lock_memory` asks for (see the module docstring).
+LOCK_FLAGS = MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT
 PR_SET_IO_FLUSHER = 57
 PR_GET_IO_FLUSHER = 58
 #: The stack of each thread made after the memory is locked: ample for the serving code's
@@ -114,7 +121,7 @@ class Residency:
             if self.locked:
                 return
             try:
-                self.libc.mlockall(MCL_CURRENT | MCL_FUTURE)
+                self.libc.mlockall(LOCK_FLAGS)
             except OSError as exc:
                 message = (f"cannot lock xentmemd in memory ({exc}; RLIMIT_MEMLOCK "
                            f"{_memlock_limit()}): a swap server that can be swapped out "
@@ -124,7 +131,7 @@ class Residency:
                 raise SwapUnsafe(message) from exc
             self._set_stack_size(THREAD_STACK_BYTES)
             self.locked = True
-        log.info("memory locked (mlockall MCL_CURRENT|MCL_FUTURE): swap can be served")
+        log.info("memory locked (mlockall MCL_CURRENT|MCL_FUTURE|MCL_ONFAULT): swap can be served")
 
     def serving_thread(self) -> None:
         """Mark the calling thread an I/O flusher; a refusal is logged once, then counted."""

@@ -11,7 +11,8 @@ for the process itself.  Two kernel interfaces prevent it:
   come, and populating it at once would take the guest's whole memory.  The serving
   buffers are written when they are made, so they are resident before any pressure.
   Failure refuses the export (:class:`SwapUnsafe`): a swap device that can deadlock the
-  guest under the very pressure swap is for is worse than none.  It needs ``CAP_IPC_LOCK`` or an ``RLIMIT_MEMLOCK`` above the daemon's size.
+  guest under the very pressure swap is for is worse than none.  It needs ``CAP_IPC_LOCK``
+  or an ``RLIMIT_MEMLOCK`` above the daemon's size.
 * ``prctl(PR_SET_IO_FLUSHER, 1)`` on each thread that serves NBD (Linux >= 5.6, needs
   ``CAP_SYS_RESOURCE``): the thread's allocations never start I/O in direct reclaim
   (``PF_MEMALLOC_NOIO``), so reclaim cannot wait on a write to the device the thread

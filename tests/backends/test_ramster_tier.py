@@ -270,7 +270,7 @@ def test_a_master_killed_during_puts_loses_no_acknowledged_page(
 
 def test_the_whole_cluster_down_fails_gets_and_then_resumes_by_itself(
         own_cluster: redis_cluster.RedisClusterFixture, tmp_path: Path) -> None:
-    tier = tier_for(own_cluster, "node-a", tmp_path, timeout_ms=3000)
+    tier = tier_for(own_cluster, "node-a", tmp_path)  # refused connections fail at once
     try:
         k = key("node-a", 1)
         tier.put(k, page(1), persistent=True)

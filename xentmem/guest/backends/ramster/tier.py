@@ -18,9 +18,10 @@ Design and failure costs: ``docs/ramster.md``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,19 @@ class RemoteTier:
             log.info("ramster: the cluster answers again")
         return self._client
 
+    @contextlib.contextmanager
+    def _calling(self, what: str) -> Iterator[None]:
+        """One call to the cluster: an ACL refusal becomes :class:`RamsterRefused`, any other
+        failure :class:`RamsterUnavailable` (counted and logged by :meth:`_failed`)."""
+        try:
+            yield
+        except RamsterUnavailable:
+            raise
+        except redis.exceptions.NoPermissionError as exc:
+            raise self._refused(exc) from None
+        except CLUSTER_ERRORS as exc:
+            raise self._failed(what, exc) from None
+
     def _refused(self, exc: Exception) -> RamsterRefused:
         """An ACL refusal: the cluster is up, the request was not this node's to make."""
         self.counters.refused_by_acl += 1
@@ -309,7 +323,7 @@ class RemoteTier:
         """
         result = GetResult()
         with self._lock:
-            try:
+            with self._calling(f"get of {len(keys)} page(s) failed"):
                 cluster = self._cluster()
                 groups: dict[str, tuple[Any, list[RemoteKey]]] = {}
                 for key in keys:
@@ -321,12 +335,6 @@ class RemoteTier:
                     for key in group:
                         (pipe.getdel if exclusive else pipe.get)(key.name())
                     replies.extend(zip(group, pipe.execute()))
-            except RamsterUnavailable:
-                raise
-            except redis.exceptions.NoPermissionError as exc:
-                raise self._refused(exc) from None
-            except CLUSTER_ERRORS as exc:
-                raise self._failed(f"get of {len(keys)} page(s) failed", exc) from None
             self._reachable = True
             for key, untrusted_value in replies:
                 self._take(key, untrusted_value, exclusive, result)
@@ -364,33 +372,20 @@ class RemoteTier:
         tag = object_tag(owner, pool, oid)
         pattern = tag.replace("\\", "\\\\").replace("*", "\\*").replace("?", "\\?") \
             .replace("[", "\\[") + ":*"
-        with self._lock:
-            try:
-                cluster = self._cluster()
-                node = cluster.get_node_from_key(tag + ":0")
-                conn = cluster.get_redis_connection(node)
-                return [n.decode() if isinstance(n, bytes) else n
-                        for n in conn.scan_iter(match=pattern, count=1000)]
-            except RamsterUnavailable:
-                raise
-            except redis.exceptions.NoPermissionError as exc:
-                raise self._refused(exc) from None
-            except CLUSTER_ERRORS as exc:
-                raise self._failed(f"listing {tag} failed", exc) from None
+        with self._lock, self._calling(f"listing {tag} failed"):
+            cluster = self._cluster()
+            node = cluster.get_node_from_key(tag + ":0")
+            conn = cluster.get_redis_connection(node)
+            return [n.decode() if isinstance(n, bytes) else n
+                    for n in conn.scan_iter(match=pattern, count=1000)]
 
     def delete_names(self, names: list[str]) -> int:
         """Remove these keys; how many the cluster had."""
         if not names:
             return 0
         with self._lock:
-            try:
+            with self._calling(f"flush of {len(names)} page(s) failed"):
                 removed = int(self._cluster().delete(*names))
-            except RamsterUnavailable:
-                raise
-            except redis.exceptions.NoPermissionError as exc:
-                raise self._refused(exc) from None
-            except CLUSTER_ERRORS as exc:
-                raise self._failed(f"flush of {len(names)} page(s) failed", exc) from None
             self._reachable = True
             for name in names:
                 self._forget(name)

@@ -131,3 +131,14 @@ def test_a_sighup_storm_does_not_hang_the_daemon(fake_root: Path, start_daemon: 
     for _ in range(3000):
         daemon.send(signal.SIGHUP)
     assert daemon.stop(signal.SIGTERM) == 0, daemon.log()
+
+
+def test_flags_dropped_unused_give_their_pipe_back() -> None:
+    """An application built and never run (most tests build many) must not leak two fds."""
+    import gc
+
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        SignalFlags()
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == before

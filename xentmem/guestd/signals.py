@@ -17,6 +17,7 @@ import collections
 import contextlib
 import os
 import signal
+import weakref
 from types import FrameType
 
 #: How many signal names :attr:`SignalFlags.received` keeps (a SIGHUP storm must not grow it).
@@ -37,6 +38,10 @@ class SignalFlags:
         self._wakeup_installed = False
         #: The last signals received, by name (for logs and tests); appending takes no lock.
         self.received: collections.deque[str] = collections.deque(maxlen=RECEIVED_KEPT)
+        # Flags dropped without close() (an application built and never run) give their pipe
+        # back; flags that were installed keep it, since the interpreter may still write to it.
+        self._pipe = [self._read_fd, self._write_fd]
+        weakref.finalize(self, _close_unless_installed, self._pipe)
 
     # -- what the main loop reads -----------------------------------------------------------------
 
@@ -101,6 +106,7 @@ class SignalFlags:
             signal.signal(signum, self._on_signal)
         signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
         self._wakeup_installed = True
+        self._pipe.clear()  # from now on only close() may close it
 
     def ignore_from_now(self) -> None:
         """After the stop: ignore SIGTERM, SIGINT and SIGHUP until the process is gone.
@@ -124,7 +130,16 @@ class SignalFlags:
             self._wakeup_installed = False
         fds = (self._read_fd, self._write_fd)
         self._read_fd = self._write_fd = -1
+        self._pipe.clear()
         for fd in fds:
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+
+
+def _close_unless_installed(pipe: list[int]) -> None:
+    """The finaliser of :class:`SignalFlags`: close a pipe that was never a wakeup fd."""
+    for fd in pipe:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    pipe.clear()

@@ -18,6 +18,7 @@ import lz4.block
 
 from xentmem.errors import XentmemError
 from xentmem.tmem.abi import (
+    MAX_POOLS_PER_DOMAIN,
     PAGE_SIZE,
     ZERO_PAGE,
     Oid,
@@ -31,8 +32,6 @@ from xentmem.tmem.abi import (
 WIRE_VERSION = 3
 #: Versions this code speaks, newest first.
 SUPPORTED_VERSIONS = (WIRE_VERSION,)
-#: Xen's MAX_POOLS_PER_DOMAIN: a NEW_POOL result >= this is not a pool id a host may give.
-MAX_POOLS_PER_DOMAIN = 16
 #: Most ops one message may carry (the host advertises its own, never above this).
 MAX_OPS_LIMIT = 64
 #: Most negative errno a reply may carry; EFROZEN (1000) and EEMPTY (1001) are below it.

@@ -22,6 +22,9 @@ from xentmem.errors import BackendError, ParamError
 from xentmem.guest.backends.ramster import record
 from xentmem.guest.backends.ramster.remote import PAUSE_S
 from xentmem.guest.backends.zcache import ZcacheBackend
+from xentmem.guest.cmdline import BootParams
+from xentmem.guest.frontends import MemoryBacking
+from xentmem.guest.shim import Shim
 from xentmem.roots import Roots
 from xentmem.tmem.abi import (
     PAGE_SIZE,
@@ -401,3 +404,29 @@ def test_the_cluster_down_fails_remote_gets_only_and_remotify_resumes(
         assert made.get_page(pool, Oid(101), 0) == (1, page(20_000))
     finally:
         made.remove()
+
+
+# -- unload ------------------------------------------------------------------------------------
+
+
+def test_unload_repatriates_every_remote_swap_page(
+        cluster: redis_cluster.RedisClusterFixture, tmp_path: Path,
+        admin: redis.cluster.RedisCluster) -> None:
+    password = tmp_path / "zc-a.password"
+    password.write_text("pw-zc-a\n")
+    shim = Shim(roots=Roots(root=tmp_path), boot=BootParams())
+    shim.frontswap.init(0, MemoryBacking(PAGES))
+    backend = shim.load("zcache", {
+        "capacity": "1M", "ramster": True, "ramster_nodes": cluster.seeds(),
+        "ramster_node_id": "zc-a", "ramster_user": "zc-a",
+        "ramster_password_file": str(password), "ramster_timeout_ms": 15_000})
+    for offset in range(PAGES):
+        assert shim.frontswap.store(0, offset, page(offset)) == 0
+    remote = backend.stats()["ramster_remote_pages"]
+    assert remote > PAGES // 2 and len(node_keys(admin, "zc-a")) == remote
+
+    assert shim.unload()["repatriated"] == PAGES
+
+    assert node_keys(admin, "zc-a") == set()
+    for offset in range(PAGES):  # every page in its backing store, none lost
+        assert shim.frontswap.load(0, offset) == page(offset)

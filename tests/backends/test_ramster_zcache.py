@@ -8,6 +8,7 @@ Fault tests get a cluster of their own, since they stop nodes; time is an inject
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import random
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from xentmem.guest.backends.zcache import ZcacheBackend
 from xentmem.guest.cmdline import BootParams
 from xentmem.guest.frontends import MemoryBacking
 from xentmem.guest.shim import Shim
+from xentmem.guestd.metrics import collect, render
 from xentmem.roots import Roots
 from xentmem.tmem.abi import (
     PAGE_SIZE,
@@ -424,6 +426,18 @@ def test_unload_repatriates_every_remote_swap_page(
         assert shim.frontswap.store(0, offset, page(offset)) == 0
     remote = backend.stats()["ramster_remote_pages"]
     assert remote > PAGES // 2 and len(node_keys(admin, "zc-a")) == remote
+    # visible where zcache's counters are: stats (and --json), status, metrics
+    stats = shim.stats()["backend"]
+    assert stats["ramster_node_id"] == "zc-a" and stats["ramster_remotified"] >= remote
+    assert stats["ramster_remote_zbytes"] > 0 and stats["ramster_cluster_errors"] == 0
+    described = shim.status()["backend"]["ramster"]
+    assert described["node_id"] == "zc-a" and described["reachable"]
+    assert "password" not in json.dumps(described) and "pw-zc-a" not in json.dumps(
+        shim.params())
+    text = render(collect(backend="zcache", stats=shim.stats(), balloon={}))
+    assert f'stat="ramster_remote_pages"}} {remote}' in text
+    assert 'xentmem_backend_text{backend="zcache",stat="ramster_node_id",text="zc-a"} 1' \
+        in text
 
     assert shim.unload()["repatriated"] == PAGES
 

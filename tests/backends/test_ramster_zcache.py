@@ -444,3 +444,20 @@ def test_unload_repatriates_every_remote_swap_page(
     assert node_keys(admin, "zc-a") == set()
     for offset in range(PAGES):  # every page in its backing store, none lost
         assert shim.frontswap.load(0, offset) == page(offset)
+
+
+def test_a_smaller_capacity_moves_persistent_pages_at_once(
+        cluster: redis_cluster.RedisClusterFixture, tmp_path: Path) -> None:
+    made = zcache(cluster, tmp_path, capacity="8M")
+    try:
+        pool = made.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        fill(made, pool)
+        assert made.stats()["ramster_remote_pages"] == 0
+        made.set_param("capacity", "1M")
+        stats = made.stats()
+        assert stats["memory_bytes"] + stats["ramster_bookkeeping_bytes"] \
+            <= stats["capacity_bytes"]
+        assert stats["ramster_remote_pages"] + stats["pers_pages"] == PAGES
+        assert made.get_page(pool, *where(0)) == (1, page(0))
+    finally:
+        made.remove()

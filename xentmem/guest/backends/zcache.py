@@ -405,6 +405,8 @@ class ZcacheBackend(Backend):
     def apply_param(self, name: str, value: Any) -> None:
         if name == "capacity":
             self._store.set_capacity(self._resolve_capacity(value))
+            while self._remote is not None and self._remote.remotify():
+                pass  # a smaller store: persistent pages beyond it move now
         elif name == "detailed_stats":
             self._switch_detailed(bool(value))
         elif name.startswith("ramster_") and self._remote is not None:

@@ -320,7 +320,15 @@ class RemoteTier:
 
         A value that is not this page's raises :class:`.record.RecordError` (never served).
         """
-        found = self.get_many([key], exclusive=exclusive)
+        name = key.name()
+        found = GetResult()
+        with self._lock:  # one page: one command on its master's connection, no pipeline
+            with self._calling("get of 1 page failed"):
+                cluster = self._cluster()
+                conn = cluster.get_redis_connection(cluster.get_node_from_key(name))
+                untrusted_value = conn.getdel(name) if exclusive else conn.get(name)
+            self._reachable = True
+            self._take(key, untrusted_value, exclusive, found)
         if key in found.refused:
             raise found.refused[key]
         return found.pages.get(key)

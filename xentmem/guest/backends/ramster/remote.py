@@ -370,6 +370,7 @@ class RemotePages:
                     undo.append(key.name())
                     continue
                 self._record(where, len(data))
+                self._stale.discard(key.name())  # a pending delete must not take this copy
                 if self._store.take_page_if(self._cid, *where, data):
                     self._lru.pop(where, None)
                     moved += 1

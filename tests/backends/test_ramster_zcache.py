@@ -288,7 +288,9 @@ def test_a_persistent_move_waits_for_the_replicas(
         results = [made.put_page(pool, *where(n), page(n)) for n in range(PAGES)]
         assert -errno.ENOMEM in results
         stats = made.stats()
-        assert stats["ramster_remote_pages"] == 0 and stats["ramster_short_replication"] > 0
+        assert stats["ramster_remote_pages"] == 0 and stats["ramster_remotify_failures"] > 0
+        # WAIT answered too few (or, on a busy machine, did not answer within the timeout)
+        assert stats["ramster_short_replication"] + stats["ramster_cluster_errors"] > 0
         assert node_keys(admin, "zc-a") == set()
         for n, rc in enumerate(results):
             if rc == 1:

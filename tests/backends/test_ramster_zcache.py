@@ -463,3 +463,28 @@ def test_a_smaller_capacity_moves_persistent_pages_at_once(
         assert made.get_page(pool, *where(0)) == (1, page(0))
     finally:
         made.remove()
+
+
+def test_a_master_killed_during_remotify_loses_no_acknowledged_page(
+        own_cluster: redis_cluster.RedisClusterFixture, tmp_path: Path) -> None:
+    clock = StepClock()
+    made = zcache(own_cluster, tmp_path, clock=clock, ramster_timeout_ms=3000)
+    try:
+        pool = made.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        stored: set[int] = set()
+        for n in range(PAGES):
+            if n == PAGES // 2:  # half way: the master of the first object's slot dies
+                own_cluster.kill(own_cluster.master_of(
+                    record.RemoteKey("zc-a", pool, Oid(0), 0).name()))
+            if made.put_page(pool, *where(n), page(n)) == 1:
+                stored.add(n)
+        own_cluster.wait_served(record.RemoteKey("zc-a", pool, Oid(0), 0).name())
+        clock.now += PAUSE_S
+        for n in range(PAGES, PAGES + 200):  # remotify resumes on the new topology
+            if made.put_page(pool, *where(n), page(n)) == 1:
+                stored.add(n)
+        assert made.stats()["ramster_remote_pages"] > 0
+        for n in sorted(stored):  # every acknowledged page, local or remote, intact
+            assert made.get_page(pool, *where(n)) == (1, page(n)), n
+    finally:
+        made.remove()

@@ -30,6 +30,9 @@ class StandInTier:
         self.down = False
         #: Deletes that fail (as a cluster that blinks) before deletes work again.
         self.failing_deletes = 0
+        #: Called once the values are stored, before the put is acknowledged (what another
+        #: thread may do while a batch is on the wire).
+        self.meanwhile: list[Any] = []
 
     def _check(self) -> None:
         if self.down:
@@ -43,6 +46,8 @@ class StandInTier:
         for key, data in pages:
             self.values[key.name()] = encode(key, data, persistent=persistent)
             result.acknowledged.append(key)
+        while self.meanwhile:
+            self.meanwhile.pop(0)()
         return result
 
     def get(self, key: RemoteKey, *, exclusive: bool) -> bytes | None:
@@ -136,3 +141,29 @@ def test_the_index_follows_puts_flushes_and_gets_exactly() -> None:
     assert store.destroy_pool(0, pool) == 1
     remote.destroyed(pool)
     assert tier.values == {} and remote.stats()["ramster_remote_pages"] == 0
+
+
+def test_a_page_flushed_or_put_while_it_moves_stays_as_the_guest_left_it() -> None:
+    store, tier, remote, pool, _clock = setup()
+    for n in range(40):
+        assert remote.put_page(pool, Oid(1), n, page(n)) == 1
+    first, second = (pool, Oid(1), 0), (pool, Oid(1), 1)
+    remote._lru.move_to_end(first, last=False)
+    remote._lru.move_to_end(second, last=False)
+    # while the batch with both oldest pages is on the wire: one flushed, one put again (by
+    # the store directly, as a put that needs no room does, under the books)
+    tier.meanwhile.append(lambda: remote.flush_page(pool, Oid(1), 0))
+
+    def put_again() -> None:
+        with remote._books:
+            assert store.put_page(0, pool, Oid(1), 1, b"new") == 1
+            remote._moving.discard(second)
+    tier.meanwhile.append(put_again)
+    for n in range(40, 120):
+        assert remote.put_page(pool, Oid(2), n, page(n)) == 1
+    assert remote.get_page(pool, Oid(1), 0)[1] is None  # flushed: never back
+    assert store.peek_page(0, pool, Oid(1), 1) == b"new"  # the new local copy stays
+    assert (Oid(1), 0) not in remote.remote_keys(pool)
+    assert (Oid(1), 1) not in remote.remote_keys(pool)
+    names = set(tier.values)
+    assert names == {RemoteKey("node", pool, oid, i).name() for oid, i in remote.remote_keys(pool)}

@@ -388,9 +388,11 @@ class TmemStore:
             w0, w1, w2 = oid
             return self._page_get((pool.gid, w0, w1, w2, index))
 
-    def take_page_if(self, cid: int, pool_id: int, oid: Oid, index: int, data: bytes) -> bool:
-        """Drop one page if it still holds ``data`` (a copy of it went elsewhere: a put since
-        then wins); no flush is counted.  True when it was dropped."""
+    def take_page_if(self, cid: int, pool_id: int, oid: Oid, index: int,
+                     data: bytes | None) -> bool:
+        """Drop one page if it is there and still holds ``data`` (a copy of it went
+        elsewhere: a put since then wins; None: the caller tracks changes itself); no flush
+        is counted.  True when it was dropped."""
         with self.lock:
             client = self.clients.get(cid)
             pool = client.pool(pool_id) if client is not None else None
@@ -398,7 +400,7 @@ class TmemStore:
             if obj is None or index not in obj:
                 return False
             w0, w1, w2 = oid
-            if self._page_get((pool.gid, w0, w1, w2, index)) != data:
+            if data is not None and self._page_get((pool.gid, w0, w1, w2, index)) != data:
                 return False
             self._drop(pool, oid, index)
             return True

@@ -81,6 +81,9 @@ class RemotePages:
         self._lru: OrderedDict[Where, None] = OrderedDict()
         #: Pages whose remote copy a put or a flush is deleting: remotify leaves them alone.
         self._deleting: set[Where] = set()
+        #: Pages a remotify read and is moving: a put or flush of one takes it out, so the
+        #: move knows the page changed without reading it again.
+        self._moving: set[Where] = set()
         #: Key names whose delete failed (the cluster was down); retried, never served.
         self._stale: set[str] = set()
         #: slot -> owner of the cluster-wide namespace of a shared pool.
@@ -124,6 +127,7 @@ class RemotePages:
             self._remote_pages -= len(names)
             self._remote_zbytes -= sum(sum(obj.values()) for obj in objects.values())
             self._lru = OrderedDict((w, None) for w in self._lru if w[0] != slot)
+            self._moving.difference_update([w for w in self._moving if w[0] == slot])
         self._delete(names)
 
     def _pool(self, slot: int) -> Any:
@@ -148,6 +152,7 @@ class RemotePages:
         self._make_room(len(data) + store.overhead(persistent=persistent))
         with self._books:
             rc = store.put_page(cid, slot, oid, index, data)
+            self._moving.discard(where)
             if persistent:
                 if rc == _DONE:
                     self._lru[where] = None
@@ -213,6 +218,7 @@ class RemotePages:
         where = (slot, oid, index)
         with self._books:
             rc = self._store.flush_page(self._cid, slot, oid, index)
+            self._moving.discard(where)
             self._lru.pop(where, None)
             name = self._unrecord(where)
         if name is None:
@@ -230,6 +236,7 @@ class RemotePages:
             return self._shared_flush(names)
         with self._books:
             rc = self._store.flush_object(self._cid, slot, oid)
+            self._moving.difference_update([w for w in self._moving if w[:2] == (slot, oid)])
             obj = self._remote.get(slot, {}).pop(oid, None) or {}
             if not self._remote.get(slot, True):
                 del self._remote[slot]
@@ -311,12 +318,15 @@ class RemotePages:
             need = max(need, BATCH_BYTES)
             eph: list[tuple[Where, bytes]] = []
             if self.ephemeral == "move":
-                for slot, oid, index, data in self._store.oldest_ephemeral(self._cid, BATCH_PAGES):
-                    if need <= 0:
-                        break
-                    eph.append(((slot, oid, index), data))
-                    need -= len(data) + self._store.overhead(persistent=False) \
-                        - REMOTE_ENTRY_BYTES
+                cost_each = self._store.overhead(persistent=False) - REMOTE_ENTRY_BYTES
+                with self._books:
+                    for slot, oid, index, data in self._store.oldest_ephemeral(
+                            self._cid, BATCH_PAGES):
+                        if need <= 0:
+                            break
+                        eph.append(((slot, oid, index), data))
+                        self._moving.add((slot, oid, index))
+                        need -= len(data) + cost_each
             pers = self._persistent_victims(need, BATCH_PAGES - len(eph))
             moved = 0
             for persistent, batch in ((True, pers), (False, eph)):
@@ -342,6 +352,7 @@ class RemotePages:
                     gone.append(where)
                     continue
                 found.append((where, data))
+                self._moving.add(where)
                 need -= len(data) + overhead
             for where in gone:
                 del self._lru[where]
@@ -363,22 +374,26 @@ class RemotePages:
             log.warning("ramster: remotify: %s", result.errors[0])
         moved = 0
         undo: list[str] = []
+        undone: list[Where] = []
         with self._books:
             for key in result.acknowledged:
-                where, data = keys[key]
-                if where in self._deleting:
+                where, _data = keys[key]
+                # still in _moving: no put, flush or destroy since it was read
+                if where in self._deleting or where not in self._moving:
                     undo.append(key.name())
                     continue
-                self._record(where, len(data))
+                self._record(where, len(_data))
                 self._stale.discard(key.name())  # a pending delete must not take this copy
-                if self._store.take_page_if(self._cid, *where, data):
+                if self._store.take_page_if(self._cid, *where, None):
                     self._lru.pop(where, None)
                     moved += 1
-                else:  # re-put or flushed meanwhile: the local state wins
+                else:  # evicted or taken by an exclusive get meanwhile
                     self._unrecord(where)
                     undo.append(key.name())
+                    undone.append(where)
+            self._moving.difference_update(w for w, _d in batch)
             self._prune_lru()
-        self._delete(undo)
+        self._delete(undo, deleting=undone)
         return moved
 
     def _prune_lru(self) -> None:
@@ -415,6 +430,7 @@ class RemotePages:
 
     def _superseded(self, where: Where) -> None:
         with self._books:
+            self._moving.discard(where)
             name = self._unrecord(where)
             self._lru.pop(where, None)
         if name is not None:

@@ -388,19 +388,14 @@ class TmemStore:
             w0, w1, w2 = oid
             return self._page_get((pool.gid, w0, w1, w2, index))
 
-    def take_page_if(self, cid: int, pool_id: int, oid: Oid, index: int,
-                     data: bytes | None) -> bool:
-        """Drop one page if it is there and still holds ``data`` (a copy of it went
-        elsewhere: a put since then wins; None: the caller tracks changes itself); no flush
-        is counted.  True when it was dropped."""
+    def take_page(self, cid: int, pool_id: int, oid: Oid, index: int) -> bool:
+        """Drop one page if it is there (a copy of it went elsewhere; the caller knows it
+        did not change meanwhile); no flush is counted.  True when it was dropped."""
         with self.lock:
             client = self.clients.get(cid)
             pool = client.pool(pool_id) if client is not None else None
             obj = pool.objects.get(oid) if pool is not None else None
             if obj is None or index not in obj:
-                return False
-            w0, w1, w2 = oid
-            if data is not None and self._page_get((pool.gid, w0, w1, w2, index)) != data:
                 return False
             self._drop(pool, oid, index)
             return True

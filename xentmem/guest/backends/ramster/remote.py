@@ -377,14 +377,14 @@ class RemotePages:
         undone: list[Where] = []
         with self._books:
             for key in result.acknowledged:
-                where, _data = keys[key]
+                where, data = keys[key]
                 # still in _moving: no put, flush or destroy since it was read
                 if where in self._deleting or where not in self._moving:
                     undo.append(key.name())
                     continue
-                self._record(where, len(_data))
+                self._record(where, len(data))
                 self._stale.discard(key.name())  # a pending delete must not take this copy
-                if self._store.take_page_if(self._cid, *where, None):
+                if self._store.take_page(self._cid, *where):
                     self._lru.pop(where, None)
                     moved += 1
                 else:  # evicted or taken by an exclusive get meanwhile

@@ -9,7 +9,13 @@ cluster size:
   pipelines of ``--batch`` (redis-py's cluster pipeline groups them per master);
 * remotify: :meth:`RemoteTier.put_many` in batches of ``--batch``, persistent (the record
   header, and ``WAIT`` for one replica per master's share) and ephemeral (a TTL, no WAIT);
-* fetch: :meth:`RemoteTier.get_many` (checked records) in batches of ``--batch``.
+* fetch: :meth:`RemoteTier.get_many` (checked records) in batches of ``--batch``;
+* through zcache (``ramster=1``, a local capacity of ``--local-mib``, its arena in a temporary
+  run directory): the same pages, uncompressed, put into a persistent pool, so zcache
+  compresses them and remotifies the least recently used in batches (zcache remotify: pages
+  moved per second of the whole put loop); then every remote page read back by
+  ``get_page``, one tmem op per page, as frontswap reads (zcache fetch), beside raw ``GET`` of
+  one page per round trip (what a per-page op can at best do).
 
 Each figure is the best of ``--repeat`` rounds; the process's CPU time per page is printed
 beside the wall time (the Redis servers' CPU is not in it).  Goal: remotify and fetch at least
@@ -21,8 +27,10 @@ Run: ``python bench/bench_ramster.py [--pages 20000] [--batch 64] [--masters 3,6
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import sysconfig
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,18 +45,24 @@ from redis.cluster import RedisCluster  # noqa: E402
 
 from xentmem.guest.backends.ramster.record import RemoteKey  # noqa: E402
 from xentmem.guest.backends.ramster.tier import RemoteTier, TierConfig  # noqa: E402
-from xentmem.tmem.abi import PAGE_SIZE, Oid  # noqa: E402
+from xentmem.guest.backends.zcache import ZcacheBackend  # noqa: E402
+from xentmem.roots import Roots  # noqa: E402
+from xentmem.tmem.abi import PAGE_SIZE, POOL_PRIVATE_PERSISTENT, PRIVATE_UUID, Oid  # noqa: E402
 
 GOAL = 0.5
 
 
 def corpus(count: int) -> list[bytes]:
-    """``count`` lz4-compressed 4 KiB pages of text (what zcache would hold)."""
+    """``count`` 4 KiB pages of text."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     whole = b"".join(p.read_bytes() for p in sorted(stdlib.glob("*.py"))[:200])
     pages = len(whole) // PAGE_SIZE
-    return [compress(whole[(i % pages) * PAGE_SIZE:(i % pages + 1) * PAGE_SIZE],
-                     store_size=False) for i in range(count)]
+    return [whole[(i % pages) * PAGE_SIZE:(i % pages + 1) * PAGE_SIZE] for i in range(count)]
+
+
+def compressed(raw: list[bytes]) -> list[bytes]:
+    """The pages as zcache holds them (lz4 blocks)."""
+    return [compress(page, store_size=False) for page in raw]
 
 
 def timed(fn: Callable[[], None], repeat: int) -> tuple[float, float]:
@@ -66,7 +80,9 @@ def batches(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def run(masters: int, pages: list[bytes], batch: int, repeat: int) -> dict[str, float]:
+def run(masters: int, raw_pages: list[bytes], batch: int, repeat: int,
+        local_mib: int) -> dict[str, float]:
+    pages = compressed(raw_pages)
     cluster = RedisClusterFixture(masters=masters, replicas=1).start()
     try:
         seeds = tuple(("127.0.0.1", n.port) for n in cluster.nodes[:3])
@@ -105,21 +121,71 @@ def run(masters: int, pages: list[bytes], batch: int, repeat: int) -> dict[str, 
                 if len(found.pages) != len(chunk):
                     raise SystemExit("bench: a fetch missed")
 
+        def raw_get_one() -> None:
+            for name in names:
+                raw.get(name)
+
         figures: dict[str, float] = {}
         for label, fn in (("raw SET", raw_set), ("raw GET", raw_get),
+                          ("raw GET one by one", raw_get_one),
                           ("remotify ephemeral", remotify(False)),
                           ("remotify persistent", remotify(True)), ("fetch", fetch)):
             wall, cpu = timed(fn, repeat)
-            figures[label] = wall
-            print(f"  {masters} masters  {label:20s} {len(pages) / wall:9.0f} pages/s  "
+            figures[label] = len(pages) / wall
+            print(f"  {masters} masters  {label:22s} {len(pages) / wall:9.0f} pages/s  "
                   f"{cpu / len(pages) * 1e6:6.1f} us CPU/page")
         found = tier.get_many(keys[:batch], exclusive=False)
         assert all(found.pages[k] == d for k, d in pairs[:batch]), "bench: wrong data"
         tier.close()
         raw.close()
+        figures.update(through_zcache(cluster, masters, raw_pages, repeat, local_mib))
         return figures
     finally:
         cluster.stop()
+
+
+def through_zcache(cluster: RedisClusterFixture, masters: int, raw_pages: list[bytes],
+                   repeat: int, local_mib: int) -> dict[str, float]:
+    """zcache remotify and fetch rates (pages per second of remote pages), best of
+    ``repeat`` rounds; each round a fresh pool."""
+    # enough pages that most of them must move: four times what the local store holds
+    enough = local_mib * (1 << 20) * 4 // max(1, sum(map(len, compressed(raw_pages[:100]))) // 100)
+    raw_pages = (raw_pages * (enough // len(raw_pages) + 1))[:max(enough, len(raw_pages))]
+    run_dir = Path(tempfile.mkdtemp(prefix="bench-ramster-"))
+    made = ZcacheBackend({"capacity": f"{local_mib}M", "ramster": True,
+                          "ramster_nodes": cluster.seeds(), "ramster_node_id": "bench-zc",
+                          "ramster_timeout_ms": 5000}, roots=Roots(run_dir=run_dir))
+    best = {"zcache remotify": 0.0, "zcache fetch": 0.0}
+    try:
+        for _ in range(repeat):
+            pool = made.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+            before = made.stats()["ramster_remotified"]
+            wall, cpu = time.perf_counter(), time.process_time()
+            for n, page in enumerate(raw_pages):
+                if made.put_page(pool, Oid(n // 512), n % 512, page) != 1:
+                    raise SystemExit(f"bench: zcache put {n} failed")
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            moved = made.stats()["ramster_remotified"] - before
+            remote = made._remote.remote_keys(pool) if made._remote is not None else []
+            best["zcache remotify"] = max(best["zcache remotify"], moved / wall)
+            print(f"  {masters} masters  zcache remotify        {moved / wall:9.0f} pages/s  "
+                  f"({moved} of {len(raw_pages)} pages moved, {wall:.2f} s, "
+                  f"{cpu / max(moved, 1) * 1e6:.1f} us CPU/page moved)")
+            wall, cpu = time.perf_counter(), time.process_time()
+            for oid, index in remote:
+                n = oid[0] * 512 + index
+                if made.get_page(pool, oid, index) != (1, raw_pages[n]):
+                    raise SystemExit(f"bench: zcache fetch of page {n} failed")
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            best["zcache fetch"] = max(best["zcache fetch"], len(remote) / wall)
+            print(f"  {masters} masters  zcache fetch           {len(remote) / wall:9.0f} "
+                  f"pages/s  ({len(remote)} remote pages, {cpu / max(len(remote), 1) * 1e6:.1f}"
+                  " us CPU/page)")
+            made.destroy_pool(pool)
+    finally:
+        made.remove()
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return best
 
 
 def main() -> int:
@@ -128,6 +194,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--masters", default="3,6")
+    parser.add_argument("--local-mib", type=int, default=4,
+                        help="zcache's local capacity in the through-zcache rounds")
     args = parser.parse_args()
     reason = unavailable_reason()
     if reason is not None:
@@ -135,28 +203,37 @@ def main() -> int:
         print("SUMMARY: not run (no Redis Cluster here)")
         return 0
     pages = corpus(args.pages)
-    print(f"{len(pages)} pages, {sum(map(len, pages)) / len(pages):.0f} bytes each "
-          f"compressed, batches of {args.batch}, best of {args.repeat}")
+    print(f"{len(pages)} pages, {sum(map(len, compressed(pages))) / len(pages):.0f} bytes "
+          f"each compressed, batches of {args.batch}, best of {args.repeat}")
     results = {}
     for masters in (int(m) for m in args.masters.split(",")):
-        results[masters] = run(masters, pages, args.batch, args.repeat)
+        results[masters] = run(masters, pages, args.batch, args.repeat, args.local_mib)
     summary = []
     for masters, f in results.items():
         ratios = {
-            "remotify": f["raw SET"] / f["remotify persistent"],
-            "remotify-eph": f["raw SET"] / f["remotify ephemeral"],
-            "fetch": f["raw GET"] / f["fetch"],
+            "remotify": f["remotify persistent"] / f["raw SET"],
+            "remotify-eph": f["remotify ephemeral"] / f["raw SET"],
+            "fetch": f["fetch"] / f["raw GET"],
+            "zc-remotify": f["zcache remotify"] / f["raw SET"],
+            "zc-fetch": f["zcache fetch"] / f["raw GET"],
+            "zc-fetch-one": f["zcache fetch"] / f["raw GET one by one"],
         }
-        print(f"{masters} masters: remotify persistent {ratios['remotify']:.2f}x raw SET, "
-              f"ephemeral {ratios['remotify-eph']:.2f}x, fetch {ratios['fetch']:.2f}x raw GET "
-              f"(goal {GOAL}x)")
+        print(f"{masters} masters: tier remotify persistent {ratios['remotify']:.2f}x raw SET, "
+              f"ephemeral {ratios['remotify-eph']:.2f}x, fetch {ratios['fetch']:.2f}x raw GET; "
+              f"zcache remotify {ratios['zc-remotify']:.2f}x raw SET, zcache fetch "
+              f"{ratios['zc-fetch']:.2f}x raw pipelined GET, {ratios['zc-fetch-one']:.2f}x raw "
+              f"GET one by one (goal {GOAL}x)")
         summary.append(f"{masters}m remotify {ratios['remotify']:.2f}x fetch "
-                       f"{ratios['fetch']:.2f}x")
+                       f"{ratios['fetch']:.2f}x zcache remotify {ratios['zc-remotify']:.2f}x "
+                       f"fetch {ratios['zc-fetch']:.2f}x ({ratios['zc-fetch-one']:.2f}x "
+                       "one by one)")
     if len(results) > 1:
         first, last = min(results), max(results)
-        scale = results[first]["remotify persistent"] / results[last]["remotify persistent"]
-        print(f"scale-out {first} -> {last} masters: remotify {scale:.2f}x the throughput "
-              "(one client process: the client, not the cluster, is the bound here)")
+        for label in ("raw SET", "remotify persistent", "zcache remotify"):
+            scale = results[last][label] / results[first][label]
+            print(f"scale-out {first} -> {last} masters: {label} {scale:.2f}x the throughput")
+        print("(one client process on this machine: the client and the machine's cores, not "
+              "the cluster, bound these figures)")
     print("SUMMARY: " + "; ".join(summary))
     return 0
 

@@ -28,15 +28,8 @@ from xentmem.tmem.abi import Oid
 
 SHARED_UUID = "0123456789abcdef0123456789abcdef"
 OTHER_UUID = "fedcba9876543210fedcba9876543210"
-#: What a node's user may run: reads and writes of pages, WAIT, and what the cluster client
-#: needs to learn the topology.  Keys: its own prefix and the shared pools granted to it.
-NODE_COMMANDS = "+@read +@write +@keyspace +wait +ping +cluster|slots +cluster|shards " \
-                "+cluster|nodes +cluster|keyslot +command +info +readonly +asking +hello"
-
-
-def acl(owner_patterns: list[str], password: str) -> str:
-    keys = " ".join(f"~{p}" for p in owner_patterns)
-    return f"on >{password} resetkeys {keys} -@all {NODE_COMMANDS}"
+#: Each node's user: its own prefix and the shared pools granted to it.
+acl = redis_cluster.node_acl
 
 
 USERS = {

@@ -13,6 +13,7 @@ import pytest
 
 from xentmem.errors import ParamError
 from xentmem.guest import registry
+from xentmem.guest.backends.ramster.params import RAMSTER_PARAMS
 from xentmem.guest.backends.zcache import (
     EPHEMERAL_PAGE_OVERHEAD,
     PERSISTENT_PAGE_OVERHEAD,
@@ -46,15 +47,17 @@ def test_found_through_its_entry_point() -> None:
 
 def test_declared_params() -> None:
     described = {name: param.describe() for name, param in ZcacheBackend.params.items()}
-    assert set(described) == {"capacity", "detailed_stats", "max_pools", "allocator"}
+    own = {"capacity", "detailed_stats", "max_pools", "allocator"}
+    assert set(described) == own | set(RAMSTER_PARAMS)
     assert described["capacity"]["writable"] and described["detailed_stats"]["writable"]
     assert not described["max_pools"]["writable"] and not described["allocator"]["writable"]
-    assert ZcacheBackend.params.defaults() == {
+    assert {k: v for k, v in ZcacheBackend.params.defaults().items() if k in own} == {
         "capacity": "10%",
         "detailed_stats": False,
         "max_pools": 1024,
         "allocator": "zsmalloc",
     }
+    assert ZcacheBackend.params.defaults()["ramster"] is False
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from xentmem.control import ControlClient
+from xentmem.guest.backends.ramster.params import RAMSTER_PARAMS
 
 ZERO_CLEANCACHE = {"succ_gets": 0, "failed_gets": 0, "puts": 0, "invalidates": 0,
                    "failed_puts": 0, "backend_errors": 0}
@@ -115,7 +116,11 @@ def test_params_list_covers_flags_backend_params_and_every_knob(reader: Any) -> 
     assert by_section["tmem"] == ["cleancache", "frontswap", "selfballooning_at_load",
                                   "selfshrinking",
                                   "frontswap_writethrough", "frontswap_exclusive_gets"]
-    assert by_section["backend"] == ["capacity", "detailed_stats", "max_pools", "allocator"]
+    assert by_section["backend"] == ["capacity", "detailed_stats", "max_pools", "allocator",
+                                     *RAMSTER_PARAMS]
+    ramster = {r["name"]: r for r in records if r["name"].startswith("ramster")}
+    assert "ramster_password_file" in ramster and not any(  # a file's name, never a password
+        "password" in name and name != "ramster_password_file" for name in ramster)
     assert by_section["selfballoon"][:9] == [
         "selfballooning", "selfballoon_interval", "selfballoon_downhysteresis",
         "selfballoon_uphysteresis", "selfballoon_min_usable_mb", "selfballoon_reserved_mb",

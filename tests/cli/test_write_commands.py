@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 from xentmem.control import ControlClient
+from xentmem.guest.backends.ramster.params import RAMSTER_PARAMS
 
 PAGE = bytes(range(256)) * 16
 
@@ -93,7 +94,8 @@ def test_unload_then_load_with_module_params(xentmem: Any, assert_error: Any) ->
         "params": {"cleancache": True, "frontswap": False, "selfballooning_at_load": False,
                    "selfshrinking": False, "frontswap_writethrough": False,
                    "frontswap_exclusive_gets": False, "capacity": "32M",
-                   "detailed_stats": False, "max_pools": 1024, "allocator": "zsmalloc"},
+                   "detailed_stats": False, "max_pools": 1024, "allocator": "zsmalloc",
+                   **RAMSTER_PARAMS.defaults()},
         "choice": {"requested": "zcache", "chosen": "zcache",
                    "reason": "named in the load request", "from": "load request"},
     }
@@ -108,6 +110,11 @@ def test_refused_load_leaves_nothing_loaded(xentmem: Any, assert_error: Any) -> 
     assert_error(xentmem("load", "nosuch"), 1, "unknown backend 'nosuch'")
     assert_error(xentmem("load", "zcache", "capacity=lots"), 1, "capacity")
     assert_error(xentmem("load", "zcache", "nosuch=1"), 1, "nosuch")
+    assert_error(xentmem("load", "zcache", "ramster=1"), 1, "ramster_nodes")
+    # nothing listens on port 1: the load fails naming the node, and nothing is loaded
+    assert_error(xentmem("load", "zcache", "ramster=1", "ramster_nodes=127.0.0.1:1",
+                         "ramster_node_id=dom5", "ramster_timeout_ms=300"), 1,
+                 "ramster node dom5", "127.0.0.1:1")
     assert xentmem.json("status")["backend"] is None
     assert xentmem.json("load", "auto")["choice"]["chosen"] == "zcache"
 

@@ -33,6 +33,18 @@ POLL_S = 0.05
 PORT_RANGE = (21000, 29000)
 
 
+#: What a node's ACL user may run: reads and writes of pages, WAIT, and what the cluster
+#: client needs to learn the topology (``docs/ramster.md``, "Security").
+NODE_COMMANDS = "+@read +@write +@keyspace +wait +ping +cluster|slots +cluster|shards " \
+                "+cluster|nodes +cluster|keyslot +command +info +readonly +asking +hello"
+
+
+def node_acl(key_patterns: list[str], password: str) -> str:
+    """The ACL rules of one node's user: only these key patterns."""
+    keys = " ".join(f"~{p}" for p in key_patterns)
+    return f"on >{password} resetkeys {keys} -@all {NODE_COMMANDS}"
+
+
 def unavailable_reason() -> str | None:
     for tool in (SERVER, CLI):
         if shutil.which(tool) is None:

@@ -141,10 +141,17 @@ def collect(
                         "untyped", "the backend's own "
                         + ("detailed " if detailed == "1" else "") + "counters and levels, "
                         "by the backend's names")
+        texts = Family(PREFIX + "backend_text" + ("_detailed" if detailed == "1" else ""),
+                       "gauge", "the backend's text figures (a RAMster node id) as the text "
+                       "label; always 1")
         for name, value in sorted(values.items()):
             if isinstance(value, (int, float)):
                 family.add(value, backend=backend_label, stat=_safe_name(name))
+            elif isinstance(value, str):
+                texts.add(1, backend=backend_label, stat=_safe_name(name), text=value)
         families.append(family)
+        if texts.samples:
+            families.append(texts)
 
     area_pages = Family(PREFIX + "swap_area_pages", "gauge",
                         "slots of each swap area made through the control socket")

@@ -17,8 +17,9 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import psutil
 import xxhash
@@ -28,6 +29,7 @@ from xentmem.clock import Clock
 from xentmem.errors import ArenaError, BackendError, ParamError
 from xentmem.files import write_atomically
 from xentmem.guest.backend import Backend, GetResult
+from xentmem.guest.backends.ramster.params import RAMSTER_PARAMS, parse_nodes, resolve_node_id
 from xentmem.params import Param, ParamSet
 from xentmem.roots import Roots
 from xentmem.tmem.abi import PAGE_SIZE, ZERO_PAGE, Oid, PoolFlags, PoolUuid, TmemControl
@@ -42,6 +44,10 @@ from xentmem.tmem.store import (
     TmemStore,
     pack_page,
 )
+
+if TYPE_CHECKING:  # redis-py is an extra: imported only with ramster=1
+    from xentmem.guest.backends.ramster.remote import RemotePages
+    from xentmem.guest.backends.ramster.tier import RemoteTier
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +135,7 @@ class ZcacheBackend(Backend):
             min=1,
             max=65536,
         ),
-    ) + ARENA_PARAMS
+    ) + ARENA_PARAMS + RAMSTER_PARAMS
 
     def __init__(
         self,
@@ -152,24 +158,76 @@ class ZcacheBackend(Backend):
         #: What the start found in the run directory (``describe``, the log).
         self.restart: dict[str, Any] = {}
         capacity = self._resolve_capacity(checked["capacity"])
+        #: RAMster's second tier (ramster=1): reached before anything local is opened, so a
+        #: cluster that does not answer refuses the load with nothing half-made.
+        self._remote: RemotePages | None = None
+        tier = self._connect_tier(checked) if checked["ramster"] else None
         # Without a run directory (a backend made by hand: unit tests, benches) the pages
         # live in this process only; the daemon always gives one.
         self._arena: ArenaPages | None = None
-        if roots is not None:
-            self._arena = self._open_arena(roots.run, checked["allocator"])
         try:
+            if roots is not None:
+                self._arena = self._open_arena(roots.run, checked["allocator"])
             self._store = self._new_store(capacity)
             if self._arena is not None:
                 self._restore()
+            if tier is not None:
+                self._attach_tier(tier, checked["ramster_ephemeral"])
         except BaseException:
             if self._arena is not None:
                 self._arena.close()
+            if tier is not None:
+                tier.close()
             raise
         self._detail_lock = threading.Lock()
         self._detailed = False
         self._detail = _DetailedCounters()
         if checked["detailed_stats"]:
             self._switch_detailed(True)
+
+    def _connect_tier(self, checked: Mapping[str, Any]) -> RemoteTier:
+        """The remote tier on the cluster of ``ramster_nodes``, connected (every master
+        answered); BackendError naming the node and what failed (``docs/ramster.md``)."""
+        if not checked["ramster_nodes"]:
+            raise ParamError("ramster=1 needs ramster_nodes (host:port,... of the cluster)")
+        try:
+            node_id = resolve_node_id(checked["ramster_node_id"], self.roots)
+        except ValueError as exc:
+            raise ParamError(f"ramster_node_id: {exc}") from None
+        try:
+            from xentmem.guest.backends.ramster.tier import RemoteTier, TierConfig
+        except ImportError as exc:
+            raise BackendError(f"zcache: ramster=1 needs redis-py ({exc}); install "
+                               "xentmem[ramster]") from None
+        tier = RemoteTier(TierConfig(
+            nodes=parse_nodes(checked["ramster_nodes"]), node_id=node_id,
+            user=checked["ramster_user"], password_file=checked["ramster_password_file"],
+            tls=checked["ramster_tls"], ca_file=checked["ramster_ca_file"],
+            replicas=checked["ramster_replicas"], timeout_ms=checked["ramster_timeout_ms"],
+            ephemeral_ttl_s=checked["ramster_ephemeral_ttl_s"]))
+        try:
+            tier.connect()
+        except BackendError as exc:
+            raise BackendError(f"zcache: ramster node {node_id}: {exc}") from None
+        return tier
+
+    def _attach_tier(self, tier: RemoteTier, ephemeral: str) -> None:
+        """The remote pages of this node as the cluster holds them after a restart: those of
+        restored persistent pools adopted, the rest deleted (``docs/ramster.md``, "Restart")."""
+        from xentmem.guest.backends.ramster.remote import RemotePages
+
+        remote = RemotePages(self._store, CLIENT, tier, ephemeral=ephemeral,
+                             clock_now=self.clock.monotonic)
+        try:
+            found = remote.adopt(self._unclaimed)
+        except BackendError as exc:
+            raise BackendError(f"zcache: ramster node {tier.config.node_id}: {exc}") from None
+        self.restart.update(found)
+        if found["remote_pages_adopted"] or found["remote_pages_dropped"]:
+            log.info("zcache: ramster node %s: %d remote page(s) adopted, %d dropped",
+                     tier.config.node_id, found["remote_pages_adopted"],
+                     found["remote_pages_dropped"])
+        self._remote = remote
 
     def _new_store(self, capacity: int) -> TmemStore:
         """One client, every uuid may be shared (no authorisation list: Xen's shared_auth off),
@@ -271,7 +329,10 @@ class ZcacheBackend(Backend):
     def restored_pages(self, pool_id: int) -> list[tuple[Oid, int]]:
         """The (oid, index) of every page a restart brought back in pool ``pool_id``: what
         frontswap re-adopts for its swap areas (``docs/zcache.md``, "Restart")."""
-        return self._store.page_keys(CLIENT, pool_id)
+        found = self._store.page_keys(CLIENT, pool_id)
+        if self._remote is not None:
+            found += self._remote.remote_keys(pool_id)
+        return found
 
     @property
     def restored_pools(self) -> int:
@@ -288,6 +349,9 @@ class ZcacheBackend(Backend):
     def remove(self) -> None:
         """Drop every pool and page, and the arena with them (a clean unload repatriated
         the persistent pages first); the counting twins go too (they reference ``self``)."""
+        remote, self._remote = self._remote, None
+        if remote is not None:
+            remote.drop_all()
         arena, self._arena = self._arena, None
         if arena is not None:
             pools = Path(arena.arena.path).with_name(POOLS_FILE)
@@ -311,6 +375,8 @@ class ZcacheBackend(Backend):
             "arena": None if self._arena is None else str(self._arena.arena.path),
             "restart": dict(self.restart),
             "detailed_stats": self._detailed,
+            "ramster": {"enabled": False} if self._remote is None
+            else {"enabled": True, **self._remote.describe()},
             "poor_compression_limit": POOR_COMPRESSION_LIMIT,
             "page_overhead": {
                 "ephemeral": EPHEMERAL_PAGE_OVERHEAD,
@@ -339,8 +405,19 @@ class ZcacheBackend(Backend):
     def apply_param(self, name: str, value: Any) -> None:
         if name == "capacity":
             self._store.set_capacity(self._resolve_capacity(value))
+            while self._remote is not None and self._remote.remotify():
+                pass  # a smaller store: persistent pages beyond it move now
         elif name == "detailed_stats":
             self._switch_detailed(bool(value))
+        elif name.startswith("ramster_") and self._remote is not None:
+            tier = self._remote.tier
+            if name == "ramster_ephemeral":
+                self._remote.ephemeral = value
+            elif name == "ramster_timeout_ms":
+                tier.config = replace(tier.config, timeout_ms=value)
+                tier.reconnect_soon()
+            elif name == "ramster_ephemeral_ttl_s":
+                tier.config = replace(tier.config, ephemeral_ttl_s=value)
 
     def _switch_detailed(self, on: bool) -> None:
         """Swap the counting twins in (or out) as instance attributes: no per-op test."""
@@ -375,6 +452,8 @@ class ZcacheBackend(Backend):
                             del self._unclaimed[slot]
                             return slot
             rc = self._store.new_pool(CLIENT, uuid, flags)
+            if rc >= 0 and self._remote is not None:
+                self._remote.opened(rc, PoolUuid(*uuid))
             if rc >= 0 and self._arena is not None:
                 try:
                     self._save_pools()
@@ -389,6 +468,8 @@ class ZcacheBackend(Backend):
         with self._table_lock:
             rc = self._store.destroy_pool(CLIENT, pool_id)
             self._unclaimed.pop(pool_id, None)
+            if rc == _DONE and self._remote is not None:
+                self._remote.destroyed(pool_id)
             if rc == _DONE and self._arena is not None:
                 try:
                     self._save_pools()
@@ -399,11 +480,17 @@ class ZcacheBackend(Backend):
     # -- the data path (lean: lz4 here, outside the store's lock) ------------------------------
 
     def put_page(self, pool_id: int, oid: Oid, index: int, page: bytes) -> int:
+        remote = self._remote
+        if remote is not None:
+            return remote.put_page(pool_id, oid, index, page)
         if len(page) != PAGE_SIZE:
             return self._store.refuse_put(CLIENT, pool_id, oid, index, -errno.EINVAL)
         return self._store.put_page(CLIENT, pool_id, oid, index, pack_page(page))
 
     def get_page(self, pool_id: int, oid: Oid, index: int) -> GetResult:
+        remote = self._remote
+        if remote is not None:
+            return remote.get_page(pool_id, oid, index)
         rc, data = self._store.get_page(CLIENT, pool_id, oid, index)
         if data is None:
             return rc, None
@@ -415,9 +502,15 @@ class ZcacheBackend(Backend):
         return _GET_ZERO
 
     def flush_page(self, pool_id: int, oid: Oid, index: int) -> int:
+        remote = self._remote
+        if remote is not None:
+            return remote.flush_page(pool_id, oid, index)
         return self._store.flush_page(CLIENT, pool_id, oid, index)
 
     def flush_object(self, pool_id: int, oid: Oid) -> int:
+        remote = self._remote
+        if remote is not None:
+            return remote.flush_object(pool_id, oid)
         return self._store.flush_object(CLIENT, pool_id, oid)
 
     # -- the counting twins (swapped in by detailed_stats) -------------------------------------
@@ -470,7 +563,12 @@ class ZcacheBackend(Backend):
             return self._store.freeable_bytes() // MIB
         return -errno.ENOSYS
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
+        """zcache's counters; with ramster=1 the remote tier's too (``ramster_*``, the node
+        id as text: metrics keep the numbers)."""
+        remote = self._remote
+        extra: dict[str, Any] = {} if remote is None else {
+            "ramster_node_id": remote.owner, **remote.stats()}
         store, client = self._store, self._client
         with store.lock:
             counters = client.counters
@@ -490,6 +588,7 @@ class ZcacheBackend(Backend):
                 "capacity_bytes": store.capacity_bytes,
                 "used_bytes": store.used_bytes,
                 **self._arena_stats(store),
+                **extra,
             }
 
     def _arena_stats(self, store: TmemStore) -> dict[str, int]:

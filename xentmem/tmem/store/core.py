@@ -375,6 +375,50 @@ class TmemStore:
                 return -EFROZEN
             return _DONE if found else 0
 
+    # -- a second tier (zcache's RAMster): pages read and taken out without a guest op -------
+
+    def peek_page(self, cid: int, pool_id: int, oid: Oid, index: int) -> bytes | None:
+        """The stored form of one page, or None; no get is counted and nothing changes."""
+        with self.lock:
+            client = self.clients.get(cid)
+            pool = client.pool(pool_id) if client is not None else None
+            obj = pool.objects.get(oid) if pool is not None else None
+            if obj is None or index not in obj:
+                return None
+            w0, w1, w2 = oid
+            return self._page_get((pool.gid, w0, w1, w2, index))
+
+    def take_page(self, cid: int, pool_id: int, oid: Oid, index: int) -> bool:
+        """Drop one page if it is there (a copy of it went elsewhere; the caller knows it
+        did not change meanwhile); no flush is counted.  True when it was dropped."""
+        with self.lock:
+            client = self.clients.get(cid)
+            pool = client.pool(pool_id) if client is not None else None
+            obj = pool.objects.get(oid) if pool is not None else None
+            if obj is None or index not in obj:
+                return False
+            self._drop(pool, oid, index)
+            return True
+
+    def oldest_ephemeral(self, cid: int, count: int) -> list[tuple[int, Oid, int, bytes]]:
+        """Up to ``count`` of ``cid``'s ephemeral pages in private pools, oldest first, as
+        (slot, oid, index, stored form): what a second tier may take in eviction order."""
+        with self.lock:
+            client = self.clients.get(cid)
+            if client is None:
+                return []
+            slots = {id(pool): slot for slot, pool in enumerate(client.slots)
+                     if pool is not None and pool.exclusive}
+            found = []
+            for key in client.lru:
+                if len(found) >= count:
+                    break
+                slot = slots.get(id(self._by_gid[key[0]]))
+                data = self._page_get(key) if slot is not None else None
+                if data is not None:
+                    found.append((slot, Oid(*key[1:4]), key[4], data))
+            return found
+
     # -- control (xl tmem-*, TMEMC_*) -----------------------------------------------------------
 
     def freeze(self, cid: int, frozen: bool = True) -> None:

@@ -78,6 +78,25 @@ def owner_of_shared(uuid_hex: str) -> str:
     return f"{SHARED}:{uuid_hex}"
 
 
+_NAME = re.compile(r"xentmem:\{(?P<owner>[A-Za-z0-9][A-Za-z0-9._-]{0,63}|shared:[0-9a-f]{32})"
+                   r":(?P<pool>[0-9a-f]{1,8}):(?P<w0>[0-9a-f]{1,16})\.(?P<w1>[0-9a-f]{1,16})"
+                   r"\.(?P<w2>[0-9a-f]{1,16})\}:(?P<index>[0-9a-f]{1,8})\Z")
+
+
+def parse_name(untrusted_name: str) -> RemoteKey:
+    """The :class:`RemoteKey` a key name stands for (a listing of the cluster's keys after a
+    restart); ValueError for a name that is not exactly one of ours."""
+    found = _NAME.match(untrusted_name)
+    if found is None:
+        raise ValueError(f"{untrusted_name[:120]!r} is not a xentmem page key")
+    key = RemoteKey(found["owner"], int(found["pool"], 16),
+                    Oid(int(found["w0"], 16), int(found["w1"], 16), int(found["w2"], 16)),
+                    int(found["index"], 16))
+    if key.name() != untrusted_name:  # leading zeros: not a name this module writes
+        raise ValueError(f"{untrusted_name[:120]!r} is not a xentmem page key")
+    return key
+
+
 def key_pattern(owner: str) -> str:
     """The ACL key pattern that covers every page of ``owner``."""
     return f"{PREFIX}:{{{owner}:*"

@@ -32,8 +32,9 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
 from xentmem.errors import BackendError
+from xentmem.tmem.abi import Oid
 
-from .record import RecordError, RemoteKey, decode, encode, object_tag
+from .record import RecordError, RemoteKey, decode, encode, key_pattern, object_tag
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,9 @@ class PutResult:
 
     acknowledged: list[RemoteKey] = field(default_factory=list)
     errors: list[BackendError] = field(default_factory=list)
+    #: Names an unacknowledged put may have written and that could not be removed: the
+    #: caller deletes them later (nothing points to them, so they are never served).
+    leftover: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,10 @@ class RemoteTier:
                 self._client.close()
                 self._client = None
 
+    def reconnect_soon(self) -> None:
+        """The next call builds a new client (a changed timeout takes effect there)."""
+        self.close()
+
     def _cluster(self) -> RedisCluster:
         """The client, rebuilt after a failure (so the tier resumes when the cluster does)."""
         if self._client is None:
@@ -254,7 +262,7 @@ class RemoteTier:
                 return result
             by_name = {key.name(): key for key, _data in pages}
             for node, group in groups.values():
-                error = self._put_group(cluster, node, group, persistent)
+                error = self._put_group(cluster, node, group, persistent, result.leftover)
                 if error is not None:
                     result.errors.append(error)
                     continue
@@ -265,8 +273,9 @@ class RemoteTier:
         return result
 
     def _put_group(self, cluster: RedisCluster, node: Any, group: list[tuple[str, bytes]],
-                   persistent: bool) -> BackendError | None:
-        """One master's share of a batch, on one connection; None once acknowledged."""
+                   persistent: bool, leftover: list[str]) -> BackendError | None:
+        """One master's share of a batch, on one connection; None once acknowledged.  What
+        a failed group may have written is removed (or named in ``leftover``)."""
         names = [name for name, _value in group]
         pipe = cluster.get_redis_connection(node).pipeline(transaction=False)
         for name, value in group:
@@ -278,38 +287,48 @@ class RemoteTier:
             pipe.execute_command("WAIT", self.config.replicas, wait_ms)
         try:
             replies = pipe.execute(raise_on_error=False)
-        except CLUSTER_ERRORS as exc:
+        except CLUSTER_ERRORS as exc:  # the SETs may have landed (a WAIT that timed out)
+            self._discard(cluster, names, leftover)
             return self._failed(f"put of {len(group)} page(s) on {node.name} failed", exc)
         refusals = [r for r in replies if isinstance(r, redis.exceptions.NoPermissionError)]
         if refusals:
             return self._refused(refusals[0])
         failures = [r for r in replies if isinstance(r, Exception)]
         if failures:  # a slot moved mid-batch (a failover): redis-py refreshes its map
-            self._discard(cluster, names)
+            self._discard(cluster, names, leftover)
             return self._failed(f"put on {node.name} failed", failures[0])
         self._reachable = True
         if persistent and int(replies[-1]) < self.config.replicas:
             self.counters.short_replication += 1
-            self._discard(cluster, names)
+            self._discard(cluster, names, leftover)
             return RamsterUnavailable(
                 f"ramster: put of {len(group)} page(s) reached {replies[-1]} of "
                 f"{self.config.replicas} replica(s) on master {node.name} within {wait_ms} ms")
         return None
 
-    def _discard(self, cluster: RedisCluster, names: list[str]) -> None:
+    def _discard(self, cluster: RedisCluster, names: list[str], leftover: list[str]) -> None:
         """Remove what an unacknowledged put wrote: the caller keeps its own copies."""
         try:
             cluster.delete(*names)
         except CLUSTER_ERRORS:
-            log.warning("ramster: %d unacknowledged page(s) could not be removed (they are "
-                        "never served: the caller's index does not point to them)", len(names))
+            leftover.extend(names)
+            log.warning("ramster: %d unacknowledged page(s) could not be removed yet (never "
+                        "served: the caller's index does not point to them)", len(names))
 
     def get(self, key: RemoteKey, *, exclusive: bool) -> bytes | None:
         """The page, or None when the cluster has none; an exclusive get removes it.
 
         A value that is not this page's raises :class:`.record.RecordError` (never served).
         """
-        found = self.get_many([key], exclusive=exclusive)
+        name = key.name()
+        found = GetResult()
+        with self._lock:  # one page: one command on its master's connection, no pipeline
+            with self._calling("get of 1 page failed"):
+                cluster = self._cluster()
+                conn = cluster.get_redis_connection(cluster.get_node_from_key(name))
+                untrusted_value = conn.getdel(name) if exclusive else conn.get(name)
+            self._reachable = True
+            self._take(key, untrusted_value, exclusive, found)
         if key in found.refused:
             raise found.refused[key]
         return found.pages.get(key)
@@ -378,6 +397,40 @@ class RemoteTier:
             conn = cluster.get_redis_connection(node)
             return [n.decode() if isinstance(n, bytes) else n
                     for n in conn.scan_iter(match=pattern, count=1000)]
+
+    def may_access(self, owner: str) -> bool:
+        """Whether this node's ACL user may touch ``owner``'s keys (a shared pool's grant):
+        one EXISTS of a key in that namespace; RamsterUnavailable when the cluster is down."""
+        probe = RemoteKey(owner, 0, Oid(0, 0, 0), 0).name()
+        try:
+            with self._lock, self._calling(f"checking access to {owner} failed"):
+                self._cluster().exists(probe)
+        except RamsterRefused:
+            return False
+        return True
+
+    def owner_sizes(self, owner: str) -> dict[str, int]:
+        """Every key of ``owner`` in the cluster with its value's length: SCAN of each master
+        (a restart's rebuild of the remote index, ``docs/ramster.md``, "Restart"), then
+        STRLEN in one pipeline per master.  The keys found are counted as this node's."""
+        pattern = key_pattern(owner)  # no glob character: a node id cannot hold one
+        found: dict[str, int] = {}
+        with self._lock:
+            with self._calling(f"listing {pattern} failed"):
+                cluster = self._cluster()
+                for node in cluster.get_primaries():
+                    conn = cluster.get_redis_connection(node)
+                    names = [n.decode() if isinstance(n, bytes) else n
+                             for n in conn.scan_iter(match=pattern, count=1000)]
+                    pipe = conn.pipeline(transaction=False)
+                    for name in names:
+                        pipe.strlen(name)
+                    found.update(zip(names, (int(n) for n in pipe.execute())))
+            self._reachable = True
+            for name, size in found.items():
+                if size:
+                    self._account(name, size)
+        return {name: size for name, size in found.items() if size}
 
     def delete_names(self, names: list[str]) -> int:
         """Remove these keys; how many the cluster had."""

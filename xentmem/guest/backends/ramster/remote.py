@@ -1,0 +1,552 @@
+"""zcache's second tier: which pages are remote, remotify when the local store runs short, and
+the tmem ops over both tiers (``docs/ramster.md``, "Remotify").
+
+The local store (:class:`~xentmem.tmem.store.TmemStore`, pages in the arena) stays the first
+tier.  Before a put that would not fit, the least recently used persistent pages (and, with
+``ramster_ephemeral=move``, the oldest private ephemeral pages) move to the cluster in one
+batch: acknowledged by the tier (``WAIT`` for persistent pages), then recorded here, then
+dropped from the store if they did not change meanwhile.  A get looks locally first, then
+here.  The index below is the one record of which pages are remote: exact (an entry exists
+exactly while the cluster holds this node's acknowledged copy) and bounded (each entry is
+charged :data:`REMOTE_ENTRY_BYTES` of the local capacity, so remote pages cannot outgrow
+what the local store could index).
+
+A shared ephemeral pool whose UUID this node's ACL user was granted is cluster-wide: its
+pages live only in the cluster, under the UUID's namespace, so every node that opened the
+same UUID sees them and an invalidation on one is seen by all.  Without the grant the pool
+stays local (as Xen makes a private pool when shared authorisation fails).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from xentmem.errors import BackendError
+from xentmem.guest.backend import GetResult
+from xentmem.tmem.abi import PAGE_SIZE, Oid, PoolUuid
+from xentmem.tmem.store import TmemStore, pack_page, unpack_page
+
+from .record import RecordError, RemoteKey, owner_of_shared, parse_name
+from .tier import RamsterUnavailable, RemoteTier
+
+log = logging.getLogger(__name__)
+
+#: Local memory one remote page's bookkeeping costs (its entries in this index and in the
+#: tier's size table), charged against the local capacity: 197 bytes measured with
+#: tracemalloc on CPython 3.11, 512 pages per object (docs/ramster.md, "Capacity"), rounded up.
+REMOTE_ENTRY_BYTES = 256
+#: The persistent LRU's entry per local persistent page (an OrderedDict entry and its key
+#: tuple): 289 bytes measured the same way, rounded up.
+LRU_ENTRY_BYTES = 320
+#: A remotify moves at least this much (one pipeline per master and one WAIT per batch).
+BATCH_BYTES = 256 * 1024
+BATCH_PAGES = 256
+#: After the cluster failed a remotify, the next one waits this long (puts meanwhile are
+#: what the local store alone can take); then it is tried again by itself.
+PAUSE_S = 5.0
+
+_DONE = 1
+_MISS: GetResult = (0, None)
+_EIO: GetResult = (-errno.EIO, None)
+
+#: (slot, oid, index): one page of this node's pools.
+Where = tuple[int, Oid, int]
+
+
+class RemotePages:
+    """The remote half of one zcache: its index, its persistent LRU and the ops over both."""
+
+    def __init__(self, store: TmemStore, cid: int, tier: RemoteTier, *,
+                 ephemeral: str, clock_now: Callable[[], float]) -> None:
+        self._store = store
+        self._cid = cid
+        self.tier = tier
+        self.owner = tier.config.node_id
+        self.ephemeral = ephemeral
+        self._now = clock_now
+        #: Guards the index, the LRU and the pending deletes, and makes "record remote,
+        #: then take local" one step against a put of the same page.
+        self._books = threading.Lock()
+        #: slot -> oid -> index -> stored size: this node's pages the cluster holds.
+        self._remote: dict[int, dict[Oid, dict[int, int]]] = {}
+        self._remote_pages = 0
+        self._remote_zbytes = 0
+        #: Local persistent pages, least recently used first (entries of flushed pages are
+        #: dropped when met, and all of them pruned when they outnumber the pages twice).
+        self._lru: OrderedDict[Where, None] = OrderedDict()
+        #: Pages whose remote copy a put or a flush is deleting: remotify leaves them alone.
+        self._deleting: set[Where] = set()
+        #: Pages a remotify read and is moving: a put or flush of one takes it out, so the
+        #: move knows the page changed without reading it again.
+        self._moving: set[Where] = set()
+        #: Key names whose delete failed (the cluster was down); retried, never served.
+        self._stale: set[str] = set()
+        #: slot -> owner of the cluster-wide namespace of a shared pool.
+        self._shared: dict[int, str] = {}
+        self._remotify = threading.Lock()
+        self._paused_until = 0.0
+        self._get_failing = False
+        self.remotify_failures = 0
+        self.remotify_rounds = 0
+
+    # -- pools ------------------------------------------------------------------------------------
+
+    def opened(self, slot: int, uuid: PoolUuid) -> None:
+        """A new pool in ``slot``: a shared one is cluster-wide when this node was granted
+        its UUID's namespace."""
+        pool = self._pool(slot)
+        if pool is None or not pool.shared:
+            return
+        owner = owner_of_shared(f"{uuid.hi:016x}{uuid.lo:016x}")
+        try:
+            granted = self.tier.may_access(owner)
+        except RamsterUnavailable as exc:
+            log.warning("ramster: shared pool %s kept local: %s", uuid, exc)
+            return
+        if granted:
+            self._shared[slot] = owner
+            log.info("ramster: shared pool %s is cluster-wide (%s)", uuid, owner)
+        else:
+            log.info("ramster: user %r was not granted shared pool %s: kept local",
+                     self.tier.config.user or "default", uuid)
+
+    def destroyed(self, slot: int) -> None:
+        """The pool in ``slot`` is gone: its remote pages go too.  A cluster-wide shared
+        pool's pages stay for the other nodes (they carry a TTL)."""
+        if self._shared.pop(slot, None) is not None:
+            return
+        with self._books:
+            objects = self._remote.pop(slot, {})
+            names = [RemoteKey(self.owner, slot, oid, index).name()
+                     for oid, obj in objects.items() for index in obj]
+            self._remote_pages -= len(names)
+            self._remote_zbytes -= sum(sum(obj.values()) for obj in objects.values())
+            self._lru = OrderedDict((w, None) for w in self._lru if w[0] != slot)
+            self._moving.difference_update([w for w in self._moving if w[0] == slot])
+        self._delete(names)
+
+    def _pool(self, slot: int) -> Any:
+        slots = self._store.clients[self._cid].slots
+        return slots[slot] if 0 <= slot < len(slots) else None
+
+    # -- the data path ----------------------------------------------------------------------------
+
+    def put_page(self, slot: int, oid: Oid, index: int, page: bytes) -> int:
+        store, cid = self._store, self._cid
+        pool = self._pool(slot)
+        if pool is not None and slot in self._shared:
+            return self._shared_put(slot, oid, index, page)
+        where = (slot, oid, index)
+        if len(page) != PAGE_SIZE or pool is None:
+            rc = store.refuse_put(cid, slot, oid, index, -errno.EINVAL) if pool is not None \
+                else store.put_page(cid, slot, oid, index, b"")
+            self._superseded(where)
+            return rc
+        data = pack_page(page)
+        persistent = pool.persistent
+        self._make_room(len(data) + store.overhead(persistent=persistent))
+        with self._books:
+            rc = store.put_page(cid, slot, oid, index, data)
+            self._moving.discard(where)
+            if persistent:
+                if rc == _DONE:
+                    self._lru[where] = None
+                    self._lru.move_to_end(where)
+                else:
+                    self._lru.pop(where, None)
+            name = self._unrecord(where)
+        if name is not None:  # a put, failed or not, supersedes the remote copy
+            self._delete([name], deleting=[where])
+        return rc
+
+    def get_page(self, slot: int, oid: Oid, index: int) -> GetResult:
+        rc, data = self._store.get_page(self._cid, slot, oid, index)
+        where = (slot, oid, index)
+        if data is not None:
+            if where in self._lru:
+                with self._books:
+                    if where in self._lru:
+                        self._lru.move_to_end(where)
+            return (1, unpack_page(data))
+        if rc == -errno.ENODEV:
+            return rc, None
+        if slot in self._shared:
+            return self._shared_get(slot, oid, index)
+        with self._books:
+            obj = self._remote.get(slot, {}).get(oid)
+            if obj is None or index not in obj:
+                return rc, None
+        pool = self._pool(slot)
+        exclusive = pool is not None and pool.exclusive
+        key = RemoteKey(self.owner, slot, oid, index)
+        try:
+            found = self.tier.get(key, exclusive=exclusive)
+        except RecordError:  # logged and counted by the tier: never served
+            with self._books:
+                self._unrecord(where)
+            return _EIO if pool is not None and pool.persistent else _MISS
+        except BackendError as exc:
+            self._get_failed(key, exc)
+            return _EIO
+        self._get_failing = False
+        if found is None or exclusive:
+            with self._books:
+                self._unrecord(where)
+        if found is None:  # an ephemeral page's TTL ran out, or Redis evicted it
+            if pool is not None and pool.persistent:
+                log.error("ramster: %s: the cluster lost an acknowledged persistent page",
+                          key.name())
+                return _EIO
+            return _MISS
+        return (1, unpack_page(found))
+
+    def _get_failed(self, key: RemoteKey, exc: BaseException) -> None:
+        """One log line per outage (the tier's line names the node and what failed)."""
+        if not self._get_failing:
+            log.error("ramster: get of remote page %s failed with -EIO: %s", key.name(), exc)
+        self._get_failing = True
+
+    def flush_page(self, slot: int, oid: Oid, index: int) -> int:
+        if slot in self._shared:
+            self._store.flush_page(self._cid, slot, oid, index)
+            return self._shared_flush([RemoteKey(self._shared[slot], 0, oid, index).name()])
+        where = (slot, oid, index)
+        with self._books:
+            rc = self._store.flush_page(self._cid, slot, oid, index)
+            self._moving.discard(where)
+            self._lru.pop(where, None)
+            name = self._unrecord(where)
+        if name is None:
+            return rc
+        self._delete([name], deleting=[where])
+        return _DONE if rc >= 0 else rc
+
+    def flush_object(self, slot: int, oid: Oid) -> int:
+        if slot in self._shared:
+            self._store.flush_object(self._cid, slot, oid)
+            try:
+                names = self.tier.object_names(self._shared[slot], 0, oid)
+            except BackendError:
+                return 0
+            return self._shared_flush(names)
+        with self._books:
+            rc = self._store.flush_object(self._cid, slot, oid)
+            self._moving.difference_update([w for w in self._moving if w[:2] == (slot, oid)])
+            obj = self._remote.get(slot, {}).pop(oid, None) or {}
+            if not self._remote.get(slot, True):
+                del self._remote[slot]
+            self._remote_pages -= len(obj)
+            self._remote_zbytes -= sum(obj.values())
+            wheres = [(slot, oid, index) for index in obj]
+            self._deleting.update(wheres)
+        if not obj:
+            return rc
+        self._delete([RemoteKey(self.owner, slot, oid, i).name() for i in obj],
+                     deleting=wheres)  # one object: one slot, one DEL
+        return _DONE if rc >= 0 else rc
+
+    # -- shared pools: the cluster is their only tier ---------------------------------------------
+
+    def _shared_put(self, slot: int, oid: Oid, index: int, page: bytes) -> int:
+        key = RemoteKey(self._shared[slot], 0, oid, index)
+        if len(page) != PAGE_SIZE:
+            self._shared_flush([key.name()])
+            return -errno.EINVAL
+        try:
+            self.tier.put(key, pack_page(page), persistent=False)
+        except BackendError:  # the old copy must not outlive a failed put
+            self._shared_flush([key.name()])
+            return -errno.EIO
+        self._stale.discard(key.name())
+        return _DONE
+
+    def _shared_get(self, slot: int, oid: Oid, index: int) -> GetResult:
+        key = RemoteKey(self._shared[slot], 0, oid, index)
+        if key.name() in self._stale:
+            return _MISS
+        try:
+            found = self.tier.get(key, exclusive=False)
+        except RecordError:
+            return _MISS
+        except BackendError as exc:
+            self._get_failed(key, exc)
+            return _EIO
+        self._get_failing = False
+        return _MISS if found is None else (1, unpack_page(found))
+
+    def _shared_flush(self, names: list[str]) -> int:
+        try:
+            removed = self.tier.delete_names(names)
+        except BackendError:
+            self._stale.update(names)
+            return -errno.EIO
+        self._stale.difference_update(names)
+        return _DONE if removed else 0
+
+    # -- remotify ---------------------------------------------------------------------------------
+
+    def _bookkeeping_bytes(self) -> int:
+        return self._remote_pages * REMOTE_ENTRY_BYTES + len(self._lru) * LRU_ENTRY_BYTES
+
+    def shortfall(self, cost: int) -> int:
+        """Bytes to free before a put of ``cost`` fits (the store evicts ephemeral pages
+        itself unless they are to move)."""
+        store = self._store
+        short = store.memory_bytes() + self._bookkeeping_bytes() + cost - store.capacity_bytes
+        if short > 0 and self.ephemeral != "move":
+            short -= store.freeable_bytes()
+        return short
+
+    def _make_room(self, cost: int) -> None:
+        if self._now() < self._paused_until or self.shortfall(cost) <= 0:
+            return
+        self.remotify(cost)
+
+    def remotify(self, cost: int = 0) -> int:
+        """Move pages until ``cost`` more bytes fit (at least one batch's worth); answers how
+        many moved.  One remotify at a time; a cluster failure pauses it for PAUSE_S."""
+        with self._remotify:
+            need = self.shortfall(cost)
+            if need <= 0:
+                return 0
+            self._retry_stale()
+            need = max(need, BATCH_BYTES)
+            eph: list[tuple[Where, bytes]] = []
+            if self.ephemeral == "move":
+                cost_each = self._store.overhead(persistent=False) - REMOTE_ENTRY_BYTES
+                with self._books:
+                    for slot, oid, index, data in self._store.oldest_ephemeral(
+                            self._cid, BATCH_PAGES):
+                        if need <= 0:
+                            break
+                        eph.append(((slot, oid, index), data))
+                        self._moving.add((slot, oid, index))
+                        need -= len(data) + cost_each
+            pers = self._persistent_victims(need, BATCH_PAGES - len(eph))
+            moved = 0
+            for persistent, batch in ((True, pers), (False, eph)):
+                if batch:
+                    moved += self._move(batch, persistent=persistent)
+            self.remotify_rounds += 1
+            return moved
+
+    def _persistent_victims(self, need: int, limit: int) -> list[tuple[Where, bytes]]:
+        """The least recently used local persistent pages, until ``need`` bytes or ``limit``
+        pages; LRU entries of pages no longer there are dropped on the way."""
+        found: list[tuple[Where, bytes]] = []
+        gone: list[Where] = []
+        overhead = self._store.overhead(persistent=True) + LRU_ENTRY_BYTES - REMOTE_ENTRY_BYTES
+        with self._books:
+            for where in self._lru:
+                if need <= 0 or len(found) >= limit:
+                    break
+                if where in self._deleting:
+                    continue
+                data = self._store.peek_page(self._cid, *where)
+                if data is None:
+                    gone.append(where)
+                    continue
+                found.append((where, data))
+                self._moving.add(where)
+                need -= len(data) + overhead
+            for where in gone:
+                del self._lru[where]
+        return found
+
+    def _move(self, batch: list[tuple[Where, bytes]], *, persistent: bool) -> int:
+        """One batch to the cluster; each acknowledged page recorded, then taken out of the
+        store if it is unchanged (else its fresh remote copy is removed again)."""
+        keys = {RemoteKey(self.owner, *where): (where, data) for where, data in batch}
+        result = self.tier.put_many([(k, d) for k, (_w, d) in keys.items()],
+                                    persistent=persistent)
+        self._stale.update(result.leftover)
+        if any(isinstance(e, RamsterUnavailable) for e in result.errors):
+            self.remotify_failures += 1
+            self._paused_until = self._now() + PAUSE_S
+            log.warning("ramster: remotify paused for %.0f s: %s", PAUSE_S, result.errors[0])
+        elif result.errors:
+            self.remotify_failures += 1
+            log.warning("ramster: remotify: %s", result.errors[0])
+        moved = 0
+        undo: list[str] = []
+        undone: list[Where] = []
+        with self._books:
+            for key in result.acknowledged:
+                where, data = keys[key]
+                # still in _moving: no put, flush or destroy since it was read
+                if where in self._deleting or where not in self._moving:
+                    undo.append(key.name())
+                    continue
+                self._record(where, len(data))
+                self._stale.discard(key.name())  # a pending delete must not take this copy
+                if self._store.take_page(self._cid, *where):
+                    self._lru.pop(where, None)
+                    moved += 1
+                else:  # evicted or taken by an exclusive get meanwhile
+                    self._unrecord(where)
+                    undo.append(key.name())
+                    undone.append(where)
+            self._moving.difference_update(w for w, _d in batch)
+            self._prune_lru()
+        self._delete(undo, deleting=undone)
+        return moved
+
+    def _prune_lru(self) -> None:
+        """Drop the LRU's entries of pages flushed with their object (the books are held)."""
+        if len(self._lru) > 2 * self._store.clients[self._cid].pers_pages + 1024:
+            self._lru = OrderedDict(
+                (w, None) for w in self._lru if self._store.peek_page(self._cid, *w) is not None)
+
+    # -- the index --------------------------------------------------------------------------------
+
+    def _record(self, where: Where, size: int) -> None:
+        slot, oid, index = where
+        obj = self._remote.setdefault(slot, {}).setdefault(oid, {})
+        if index not in obj:
+            self._remote_pages += 1
+        self._remote_zbytes += size - obj.get(index, 0)
+        obj[index] = size
+
+    def _unrecord(self, where: Where) -> str | None:
+        """Forget one remote page (the books are held); its key name, None if not remote."""
+        slot, oid, index = where
+        objects = self._remote.get(slot)
+        obj = objects.get(oid) if objects is not None else None
+        if obj is None or index not in obj:
+            return None
+        self._remote_zbytes -= obj.pop(index)
+        if not obj:
+            del objects[oid]
+            if not objects:
+                del self._remote[slot]
+        self._remote_pages -= 1
+        self._deleting.add(where)
+        return RemoteKey(self.owner, *where).name()
+
+    def _superseded(self, where: Where) -> None:
+        with self._books:
+            self._moving.discard(where)
+            name = self._unrecord(where)
+            self._lru.pop(where, None)
+        if name is not None:
+            self._delete([name], deleting=[where])
+
+    def _delete(self, names: list[str], *, deleting: Iterable[Where] = ()) -> None:
+        """Remove remote copies no index entry points to; a failure keeps their names to
+        retry (they are never served: nothing points to them)."""
+        try:
+            if names:
+                self.tier.delete_names(names)
+        except BackendError:
+            self._stale.update(names)
+        finally:
+            if deleting:
+                with self._books:
+                    self._deleting.difference_update(deleting)
+
+    def _retry_stale(self) -> None:
+        if not self._stale:
+            return
+        names = list(self._stale)
+        try:
+            self.tier.delete_names(names)
+        except BackendError:
+            return
+        self._stale.difference_update(names)
+
+    def remote_keys(self, slot: int) -> list[tuple[Oid, int]]:
+        with self._books:
+            return [(oid, index) for oid, obj in self._remote.get(slot, {}).items()
+                    for index in obj]
+
+    # -- a restart, and the end -------------------------------------------------------------------
+
+    def adopt(self, restored_slots: Iterable[int]) -> dict[str, int]:
+        """After the local store's restore: this node's keys in the cluster (SCAN) become the
+        index where their pool came back and no local copy exists (a local copy is never
+        older); every other key of this node is deleted.  Answers the figures."""
+        slots = set(restored_slots)
+        for slot in slots:
+            for oid, index in self._store.page_keys(self._cid, slot):
+                self._lru[(slot, oid, index)] = None
+        found = self.tier.owner_sizes(self.owner)
+        drop: list[str] = []
+        adopted = 0
+        with self._books:
+            for name, size in found.items():
+                try:
+                    key = parse_name(name)
+                except ValueError:
+                    drop.append(name)
+                    continue
+                where = (key.pool, key.oid, key.index)
+                if key.owner != self.owner or key.pool not in slots or \
+                        self._store.peek_page(self._cid, *where) is not None:
+                    drop.append(name)
+                    continue
+                self._record(where, size)
+                adopted += 1
+        self._delete(drop)
+        return {"remote_pages_adopted": adopted, "remote_pages_dropped": len(drop)}
+
+    def drop_all(self) -> None:
+        """Every remote page of this node goes (an unload: persistent ones were repatriated
+        already); what the cluster cannot delete now, the next load's SCAN deletes."""
+        with self._books:
+            names = [RemoteKey(self.owner, slot, oid, index).name()
+                     for slot, objects in self._remote.items()
+                     for oid, obj in objects.items() for index in obj]
+            self._remote.clear()
+            self._remote_pages = self._remote_zbytes = 0
+            self._lru.clear()
+        self._delete(names + list(self._stale))
+        self.tier.close()
+
+    # -- reporting --------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        tier = self.tier.stats()
+        return {
+            "ramster_remote_pages": self._remote_pages,
+            "ramster_remote_zbytes": self._remote_zbytes,
+            "ramster_remote_bytes": tier["remote_bytes"],
+            "ramster_remotified": tier["remotified"],
+            "ramster_fetched": tier["fetched"],
+            "ramster_flushed": tier["flushed"],
+            "ramster_misses": tier["remote_misses"],
+            "ramster_cluster_errors": tier["cluster_errors"],
+            "ramster_refused_records": tier["refused_records"],
+            "ramster_refused_by_acl": tier["refused_by_acl"],
+            "ramster_short_replication": tier["short_replication"],
+            "ramster_reconnects": tier["reconnects"],
+            "ramster_remotify_rounds": self.remotify_rounds,
+            "ramster_remotify_failures": self.remotify_failures,
+            "ramster_reachable": int(tier["reachable"]),
+            "ramster_shared_pools": len(self._shared),
+            "ramster_stale_keys": len(self._stale),
+            "ramster_bookkeeping_bytes": self._bookkeeping_bytes(),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        tier = self.tier.stats()
+        config = self.tier.config
+        return {
+            "node_id": self.owner,
+            "nodes": ",".join(f"{h}:{p}" for h, p in config.nodes),
+            "user": config.user or "default",
+            "tls": config.tls,
+            "replicas": config.replicas,
+            "timeout_ms": config.timeout_ms,
+            "ephemeral": self.ephemeral,
+            "reachable": tier["reachable"],
+            "remotify_paused": self._now() < self._paused_until,
+            "last_error": tier["last_error"],
+        }
+
+
+__all__ = ["REMOTE_ENTRY_BYTES", "RemotePages"]

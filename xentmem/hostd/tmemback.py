@@ -514,24 +514,24 @@ class TmemBack(XenbusDevice):
         paths = [message_path, *(path for _, path in parts)]
         slots = {path.rsplit("/", 2)[-2] for path in paths}
         reads: list[int] = []
+        chunk_paths: list[str] = []
         if envelope.chunks:
             counters.spilled_requests += 1
             chunk_paths = [f"{self.otherend}/{REQ_DATA_DIR}/{self.key.chunk(i, reply=False)}"
                            for i in range(1, envelope.chunks)]
             reads = [conn.post_read(path) for path in (message_path, *chunk_paths)]
-            paths += chunk_paths
         elif envelope.parts:
             counters.parted_requests += 1
         else:
             counters.inline_requests += 1
         req_dir = f"{self.otherend}/{REQ_DIR}"
         req_ids: tuple[int, int] | None = None
-        if not perms_known:
-            req_ids = (conn.post_get_perms(req_dir), conn.post_directory(req_dir))
-        elif not envelope.chunks:
-            paths = []  # chunks live in data/, whose changes nobody watches: read each time
-        if paths:
+        if perms_known:
+            paths = chunk_paths  # data/ is not watched: its chunks are read each time
+        else:
             counters.perm_checks += 1
+            paths += chunk_paths
+            req_ids = (conn.post_get_perms(req_dir), conn.post_directory(req_dir))
         perm_ids = [conn.post_get_perms(path) for path in paths]
         deadline = conn.clock.monotonic() + conn.timeout
         failure: XsError | XsTimeout | None = None

@@ -18,6 +18,7 @@ only the guest and dom0 can read.  A message that fails either is never run
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import re
@@ -568,12 +569,15 @@ class TmemBack(XenbusDevice):
         guest and dom0 only: ``req_dir`` may be, and it holds no directory but ``slots`` (this
         message's), so no directory made before with other permissions awaits a request."""
         conn = self.conn
-        try:
+        untrusted_perms: list[bytes] | None = None
+        untrusted_children: list[bytes] | None = None
+        with contextlib.suppress(XsError, XsTimeout):  # both answers are collected
             untrusted_perms = conn.collect_perms(perms_id, what=f"get-perms {req_dir}",
                                                  deadline=deadline)
+        with contextlib.suppress(XsError, XsTimeout):
             untrusted_children = conn.collect_directory(listing_id, what=f"list {req_dir}",
                                                         deadline=deadline)
-        except (XsError, XsTimeout):
+        if untrusted_perms is None or untrusted_children is None:
             return False
         return not self.foreign_writers_of(req_dir, untrusted_perms) and {
             child.decode("ascii", "replace") for child in untrusted_children} == slots

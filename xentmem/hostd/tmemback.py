@@ -10,10 +10,10 @@ exception out of the service.  The guest's domid comes from *where* the request 
 never from what it says, so a guest only ever reaches its own pages.
 
 Only the guest may write what the host serves: every node a message's name or text comes
-from is checked, when it is read, against xenstore's permission rule
-(:mod:`xentmem.xenbus.perms`), and a message must carry the MAC of this session's key, which
-only the guest and dom0 can read.  A message that fails either is never run
-(``docs/protocol.md``, Who may write a request).
+from is checked against xenstore's permission rule (:mod:`xentmem.xenbus.perms`; read,
+or known from the watch on ``req/`` since the last read), and a message must carry the MAC
+of this session's key, which only the guest and dom0 can read.  A message that fails either
+is never run (``docs/protocol.md``, Who may write a request).
 """
 
 from __future__ import annotations

@@ -266,6 +266,38 @@ def test_a_spilled_request_whose_chunk_another_domain_may_write_is_refused(
     assert (device.counters.foreign, device.counters.ops) == (1, 3)
 
 
+def test_a_foreign_chunk_is_refused_while_the_request_nodes_permissions_are_known(
+        tmem_host: TmemHost) -> None:
+    """The host knows the permissions of nodes below ``req/`` from its watch between bulk
+    removals (docs/protocol.md §9), but ``data/`` is not watched: a chunk's are read every
+    time, also when the request nodes' are not."""
+    from xentmem.xenbus.area import REQ_SLOTS
+
+    g = HandGuest(tmem_host, 5)
+    g.connect()
+    key = g.key
+    assert key is not None
+    device = tmem_host.service.devices[5]  # type: ignore[union-attr]
+    pool = encode_request([OpRecord.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)])
+    flush = encode_request([OpRecord.flush_page(0, Oid(1), 0)])
+    for seq in range(1, REQ_SLOTS + 3):  # the bulk removal after 8, then known from 9 on
+        g.send(frame(seq, pool if seq == 1 else flush, LIMITS, reply=False, key=key)
+               .envelope.name)
+        assert status_of(g.reply(seq)) == 0
+    checks = device.counters.perm_checks
+    body = encode_request([OpRecord.put_page(0, Oid(1), i, os.urandom(4096)) for i in range(2)])
+    seq = REQ_SLOTS + 3
+    framed = frame(seq, body, Limits(max_parts=1), reply=False, key=key)
+    for i, value in framed.chunks:
+        chunk = f"{g.fe}/data/{key.chunk(i, reply=False)}".encode()
+        g.c.write(chunk, value.encode())
+        g.c.set_perms(chunk, [b"n5", b"r0", b"w6"])
+    g.send(framed.envelope.name, framed.value.encode())
+    assert status_of(g.reply(seq)) == -errno.EACCES
+    assert device.counters.perm_checks == checks  # the request nodes' were known
+    assert device.counters.foreign == 1
+
+
 def test_a_guest_whose_area_another_domain_may_write_is_refused(tmem_host: TmemHost) -> None:
     roots = tmem_host.guest(5)
     guest = tmem_host.client(roots)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import errno
+import hmac
 import os
 import re
 import struct
@@ -465,6 +467,22 @@ def test_names_derive_from_the_key_so_a_guess_confirms_nothing() -> None:
         assert KEY.chunk(1, reply=reply) != other.chunk(1, reply=reply)
     assert KEY.slot(1, reply=False) != KEY.slot(1, reply=True)
     assert KEY.chunk(1, reply=False) != KEY.chunk(1, reply=True)
+
+
+@given(st.binary(min_size=32, max_size=32), st.integers(0, 2**63 - 1), st.integers(0, 255),
+       st.binary(max_size=3000))
+def test_names_and_macs_are_hmac_sha256_of_the_key(raw: bytes, seq: int, part: int,
+                                                   text: bytes) -> None:
+    """What the other end computes with any HMAC-SHA256: its first 12 bytes, base64url."""
+    key = SessionKey(raw)
+
+    def tag(data: bytes) -> str:
+        digest = hmac.digest(raw, data, "sha256")[:12]
+        return base64.urlsafe_b64encode(digest).decode()
+
+    assert key.slot(seq, part, reply=False) == tag(struct.pack("<4sQB", b"req/", seq, part))
+    assert key.mac(seq, "p2", text, reply=True) == tag(
+        struct.pack("<4sQB", b"rsp!", seq, 0) + b"p2@" + text)
 
 
 def test_the_key_travels_as_hex_and_is_never_shown() -> None:

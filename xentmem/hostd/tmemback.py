@@ -10,14 +10,15 @@ exception out of the service.  The guest's domid comes from *where* the request 
 never from what it says, so a guest only ever reaches its own pages.
 
 Only the guest may write what the host serves: every node a message's name or text comes
-from is checked, when it is read, against xenstore's permission rule
-(:mod:`xentmem.xenbus.perms`), and a message must carry the MAC of this session's key, which
-only the guest and dom0 can read.  A message that fails either is never run
-(``docs/protocol.md``, Who may write a request).
+from is checked against xenstore's permission rule (:mod:`xentmem.xenbus.perms`; read,
+or known from the watch on ``req/`` since the last read), and a message must carry the MAC
+of this session's key, which only the guest and dom0 can read.  A message that fails either
+is never run (``docs/protocol.md``, Who may write a request).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import re
@@ -105,6 +106,9 @@ class TmemBackCounters:
     foreign: int = 0
     #: Messages dropped because they do not authenticate (torn, or written without the key).
     unauthentic: int = 0
+    #: Messages whose nodes' permissions were read (the others' were known: see
+    #: :meth:`TmemBack.request`).
+    perm_checks: int = 0
 
 
 class TmemBack(XenbusDevice):
@@ -152,6 +156,10 @@ class TmemBack(XenbusDevice):
         #: The permissions of every node the guest makes in its area (the host's own at
         #: set-up): nothing to parse when a node has them.
         self._own_perms = [f"n{domid}".encode(), f"r{backend_domid}".encode()]
+        #: Whether a request node the guest creates now, in a fresh directory below ``req/``,
+        #: may be written by the guest and dom0 only, as checked at the last message and
+        #: unchanged since: no event but fresh requests' nodes has come from ``req/`` since.
+        self._perms_known = False
 
     # -- set-up and tear-down -------------------------------------------------------------------
 
@@ -319,6 +327,7 @@ class TmemBack(XenbusDevice):
         self.last_reply = None
         self._served = self._replies_kept = 0
         self._parts.clear()
+        self._perms_known = False
         # A fresh key before InitWait: the guest reads it once it sees InitWait.
         self.key = SessionKey.new()
         key_path = f"{self.nodename}/{BE_SESSION_KEY}"
@@ -354,6 +363,7 @@ class TmemBack(XenbusDevice):
         self.last_reply = None
         self._served = self._replies_kept = 0
         self._parts.clear()
+        self._perms_known = False
         self.counters.sessions += 1
         self.switch_state(XenbusState.CONNECTED)
         log.info("tmem device of domain %d connected (version %d)", self.domid, version)
@@ -395,7 +405,14 @@ class TmemBack(XenbusDevice):
     # -- requests -------------------------------------------------------------------------------
 
     def request(self, untrusted_path: bytes, run: Callable[[int, OpRecord], ResultRecord]) -> None:
-        """A watch event under the guest's ``req/``: serve the message it names, if new."""
+        """A watch event under the guest's ``req/``: serve the message it names, if new.
+
+        A node takes its directory's permissions when it is created, and xenstore fires the
+        watch on ``req/`` for every change below it, permissions included.  So while only
+        fresh requests' nodes arrive, the next request's permissions are those the last check
+        found, and are not read again (``docs/protocol.md`` §9, What the host checks).
+        """
+        perms_known, self._perms_known = self._perms_known, False
         if self.state != XenbusState.CONNECTED or not untrusted_path.startswith(self._req_prefix):
             return
         untrusted_rest = untrusted_path[len(self._req_prefix) :].decode("ascii", "replace")
@@ -403,7 +420,8 @@ class TmemBack(XenbusDevice):
         if not sep or "/" in untrusted_name:
             return  # the directory itself, a slot directory, or something deeper
         if is_part_name(untrusted_name):
-            self._part(untrusted_slot, untrusted_name, untrusted_path)
+            if self._part(untrusted_slot, untrusted_name, untrusted_path):
+                self._perms_known = perms_known
             return
         try:
             envelope = parse_name(untrusted_name, self.limits, reply=False)
@@ -423,7 +441,7 @@ class TmemBack(XenbusDevice):
                  if self._parts[k][0].seq == envelope.seq]
         self._parts.clear()
         try:
-            body, foreign = self._body(envelope, message_path, parts)
+            body, foreign = self._body(envelope, message_path, parts, perms_known)
         except (WireError, XsError, XsTimeout) as exc:
             # Not authenticated: a torn message, or one written without the key.  Nobody is
             # answered, and the sequence does not move (it is not the guest's word).
@@ -465,8 +483,8 @@ class TmemBack(XenbusDevice):
             self.writer.post_rm(f"{self.otherend}/{REQ_DIR}")
             self._served = 0
 
-    def _part(self, untrusted_slot: str, untrusted_name: str, untrusted_path: bytes) -> None:
-        """A name part of the next message: kept until its message node arrives.
+    def _part(self, untrusted_slot: str, untrusted_name: str, untrusted_path: bytes) -> bool:
+        """A name part of the next message: kept until its message node arrives (True).
 
         A malformed part is counted and dropped: its message then lacks it and does not
         authenticate.  Parts of messages already served (a replay) are ignored.
@@ -481,28 +499,40 @@ class TmemBack(XenbusDevice):
             self.counters.malformed += 1
             log.warning("domain %d: malformed request part %r: %s", self.domid,
                         untrusted_name[:60], exc)
-            return
-        if part.seq > self.last_seq:
-            self._parts[part.k] = (part, untrusted_path.decode("ascii", "replace"))
+            return False
+        if part.seq <= self.last_seq:
+            return False
+        self._parts[part.k] = (part, untrusted_path.decode("ascii", "replace"))
+        return True
 
-    def _body(self, envelope: Envelope, message_path: str,
-              parts: list[tuple[Part, str]]) -> tuple[bytes, str]:
+    def _body(self, envelope: Envelope, message_path: str, parts: list[tuple[Part, str]],
+              perms_known: bool) -> tuple[bytes, str]:
         """The message's body (authenticated), and why another domain may write one of its
-        nodes ("" if none may).  Values and permissions are read in one round trip."""
+        nodes ("" if none may).  Values and permissions are read in one round trip; the
+        permissions of nodes below ``req/`` only when not ``perms_known``."""
         conn = self.conn
         counters = self.counters
         paths = [message_path, *(path for _, path in parts)]
+        slots = {path.rsplit("/", 2)[-2] for path in paths}
         reads: list[int] = []
+        chunk_paths: list[str] = []
         if envelope.chunks:
             counters.spilled_requests += 1
             chunk_paths = [f"{self.otherend}/{REQ_DATA_DIR}/{self.key.chunk(i, reply=False)}"
                            for i in range(1, envelope.chunks)]
             reads = [conn.post_read(path) for path in (message_path, *chunk_paths)]
-            paths += chunk_paths
         elif envelope.parts:
             counters.parted_requests += 1
         else:
             counters.inline_requests += 1
+        req_dir = f"{self.otherend}/{REQ_DIR}"
+        req_ids: tuple[int, int] | None = None
+        if perms_known:
+            paths = chunk_paths  # data/ is not watched: its chunks are read each time
+        else:
+            counters.perm_checks += 1
+            paths += chunk_paths
+            req_ids = (conn.post_get_perms(req_dir), conn.post_directory(req_dir))
         perm_ids = [conn.post_get_perms(path) for path in paths]
         deadline = conn.clock.monotonic() + conn.timeout
         failure: XsError | XsTimeout | None = None
@@ -523,12 +553,34 @@ class TmemBack(XenbusDevice):
                 failure = failure or exc
                 continue
             foreign = foreign or self.foreign_writers_of(path, untrusted_perms)
+        if req_ids is not None:
+            perms_known = self._only_own_below(req_dir, *req_ids, slots, deadline)
         if failure is not None:
             raise failure
         body = unframe(envelope, untrusted[0] if untrusted else None, untrusted[1:],
                        self.limits, reply=False, key=self.key,
                        untrusted_parts=[part for part, _ in parts])
+        self._perms_known = perms_known and not foreign
         return body, foreign
+
+    def _only_own_below(self, req_dir: str, perms_id: int, listing_id: int, slots: set[str],
+                        deadline: float) -> bool:
+        """Whether the nodes the guest creates next below ``req_dir`` may be written by the
+        guest and dom0 only: ``req_dir`` may be, and it holds no directory but ``slots`` (this
+        message's), so no directory made before with other permissions awaits a request."""
+        conn = self.conn
+        untrusted_perms: list[bytes] | None = None
+        untrusted_children: list[bytes] | None = None
+        with contextlib.suppress(XsError, XsTimeout):  # both answers are collected
+            untrusted_perms = conn.collect_perms(perms_id, what=f"get-perms {req_dir}",
+                                                 deadline=deadline)
+        with contextlib.suppress(XsError, XsTimeout):
+            untrusted_children = conn.collect_directory(listing_id, what=f"list {req_dir}",
+                                                        deadline=deadline)
+        if untrusted_perms is None or untrusted_children is None:
+            return False
+        return not self.foreign_writers_of(req_dir, untrusted_perms) and {
+            child.decode("ascii", "replace") for child in untrusted_children} == slots
 
     def _reply(self, seq: int, results: list[ResultRecord], status: int) -> None:
         limits = self._reply_limits()

@@ -576,6 +576,16 @@ class XsSession:
         payload = self.wait(req_id, msg_type=XS.GET_PERMS, what=what, deadline=deadline)
         return [perm for perm in payload.split(NUL) if perm]
 
+    def post_directory(self, path: PathLike) -> int:
+        """A listing sent with the next flush; :meth:`collect_directory` has its answer."""
+        with self._lock:
+            return self._send(XS.DIRECTORY, _bytes(path) + NUL, 0, buffered=True)
+
+    def collect_directory(self, req_id: int, *, what: str, deadline: float) -> list[bytes]:
+        """Child names, untrusted."""
+        payload = self.wait(req_id, msg_type=XS.DIRECTORY, what=what, deadline=deadline)
+        return [name for name in payload.split(NUL) if name]
+
     # -- watches ------------------------------------------------------------------------------
 
     def watch(self, path: PathLike, token: bytes) -> Watch:

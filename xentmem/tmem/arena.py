@@ -27,7 +27,15 @@ import xxhash
 
 from xentmem.errors import ArenaDamaged, ArenaError
 from xentmem.params import Param, ParamSet
-from xentmem.tmem.arenafile import DATA, DEFAULT_SEGMENT, PAGE, ArenaFile, set_aside
+from xentmem.tmem.arenafile import (
+    DATA,
+    DEFAULT_SEGMENT,
+    OBJECTS,
+    PAGE,
+    PAGES,
+    ArenaFile,
+    set_aside,
+)
 from xentmem.tmem.frames import Frames
 from xentmem.tmem.index import (
     COMMIT,
@@ -276,6 +284,7 @@ class Arena:
             if valid_obj[slot] and not idx.obj_pages[slot]:
                 idx.remove_object(slot)  # made for a put that never completed
         alloc.finish_claims()
+        self._frames.finish_claims()
         report.pages = idx.page_count
         report.objects = idx.object_count
         report.stored_bytes = self.stored_bytes
@@ -479,19 +488,26 @@ class Arena:
     # -- figures -----------------------------------------------------------------------------
 
     def footprint(self) -> int:
-        """Bytes the arena's pages and index take (frames and records in use, this
-        process's tables; the per-frame arrays counted at their largest, 7 bytes a frame):
-        a close estimate of :meth:`stats`' ``used_bytes``, cheap enough for every put."""
+        """Bytes of memory the arena holds: frames whose memory is held (in use, or free and
+        not yet given back: :meth:`trim`), the records' regions as reserved, this process's
+        tables (the per-frame arrays counted at their largest, 7 bytes a frame).  What a
+        capacity must bound; cheap enough for every put."""
         idx = self._index
+        reserved = self._file.reserved
         return (
-            self._frames.used * PAGE
-            + idx.pages.used_bytes()
-            + idx.objects.used_bytes()
+            self._frames.resident * PAGE
+            + reserved[OBJECTS] + reserved[PAGES]
+            + 4 * (len(idx.objects.free) + len(idx.pages.free))
             + idx.obj_buckets.nbytes()
             + idx.page_buckets.nbytes()
             + 8 * (len(idx.next) + len(idx.obj_pages))
             + 7 * len(self._frames.state)
         )
+
+    def trim(self) -> int:
+        """Give the memory of every free frame back to tmpfs; the bytes given back (0 when
+        every frame that holds memory is in use: a cheap test)."""
+        return self._frames.trim() * PAGE
 
     def stats(self) -> dict[str, Any]:
         """Counters for ``stats`` and the metrics (``docs/page-arena.md`` says what each is)."""
@@ -508,6 +524,7 @@ class Arena:
             "objects": idx.object_count,
             "stored_bytes": self.stored_bytes,
             "frames_used": self._frames.used,
+            "frames_resident": self._frames.resident,
             "frames_total": self._frames.total(),
             "file_bytes": self._file.reserved_bytes(),
             "metadata_bytes": metadata,

@@ -67,10 +67,15 @@ class ArenaPages:
         return self.arena.size_of((pool, (w0, w1, w2), index))
 
     def slack(self) -> int:
-        """Bytes the arena really takes beyond the pages' own bytes (the allocator's rounding,
-        its frame headers, the index): what a capacity must count on top of the data."""
+        """Bytes of memory the arena holds beyond the pages' own bytes (the allocator's
+        rounding, its frame headers, free frames not yet given back, the index): what a
+        capacity must count on top of the data."""
         arena = self.arena
         return max(0, arena.footprint() - arena.stored_bytes)
+
+    def trim(self) -> int:
+        """Give the memory of the arena's free frames back; the bytes given back."""
+        return self.arena.trim()
 
     def counters(self) -> dict[str, int]:
         arena = self.arena

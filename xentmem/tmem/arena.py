@@ -75,6 +75,8 @@ UNIT = 16
 #: open (the counts, and the summary line, are complete).
 MAX_LOST = 100
 MAX_LOGGED = 20
+#: Objects whose slot the arena keeps at hand (a dict entry each).
+_RECENT_OBJECTS = 256
 _K = 0x9E3779B97F4A7C15
 _M64 = (1 << 64) - 1
 
@@ -135,8 +137,9 @@ class Arena:
         self.stored_bytes = 0
         self.checksum_failures = 0
         self.dropped_records = 0
-        self._last_key: tuple[int, int, int, int] | None = None
-        self._last_obj = -1
+        #: Object slots of the objects used last, by key: a put or get of a recent object
+        #: skips the lookup table (emptied when full, so its size stays bounded).
+        self._recent: dict[tuple[int, int, int, int], int] = {}
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -305,15 +308,18 @@ class Arena:
     # -- pages -------------------------------------------------------------------------------
 
     def _object(self, okey: tuple[int, int, int, int], create: bool) -> int:
-        if okey == self._last_key:
-            return self._last_obj
+        recent = self._recent
+        obj = recent.get(okey, -1)
+        if obj >= 0:
+            return obj
         obj = self._index.find_object(okey)[0]
         if obj < 0:
             if not create:
                 return -1
             obj = self._index.add_object(okey)
-        self._last_key = okey
-        self._last_obj = obj
+        if len(recent) >= _RECENT_OBJECTS:
+            recent.clear()
+        recent[okey] = obj
         return obj
 
     def put(self, key: PageKey, data: bytes) -> None:
@@ -328,7 +334,9 @@ class Arena:
             raise ValueError(f"a stored page is at most {PAGE} bytes, got {n}")
         pool, oid, index = key
         okey = (pool, oid[0], oid[1], oid[2])
-        obj = self._last_obj if okey == self._last_key else self._object(okey, True)
+        obj = self._recent.get(okey, -1)
+        if obj < 0:
+            obj = self._object(okey, True)
         idx = self._index
         slot, rec, at = idx.find_page(obj, index)
         if slot >= 0:  # a duplicate put: the old page goes first, its slot is reused
@@ -364,15 +372,18 @@ class Arena:
 
     def get(self, key: PageKey) -> bytes | None:
         """The bytes stored under ``key``, or None (never, failed its checksum: dropped)."""
+        return self._read(key, False)
+
+    def _read(self, key: PageKey, take: bool) -> bytes | None:
+        """:meth:`get`, and with ``take`` the page dropped after it is read: one lookup."""
         pool, oid, index = key
         okey = (pool, oid[0], oid[1], oid[2])
-        if okey == self._last_key:
-            obj = self._last_obj
-        else:
+        obj = self._recent.get(okey, -1)
+        if obj < 0:
             obj = self._object(okey, False)
             if obj < 0:
                 return None
-        slot, rec, _ = self._index.find_page(obj, index)
+        slot, rec, bucket = self._index.find_page(obj, index)
         if slot < 0:
             return None
         _, _, where, n, sub, commit = rec
@@ -383,14 +394,13 @@ class Arena:
                 (((where << 32) | (sub << 16) | n) * _K) & _M64)) & 0xFFFFFFFF or 1) != commit:
             self._failed(slot, key)
             return None
+        if take:
+            self._drop(slot, bucket)
         return data
 
     def take(self, key: PageKey) -> bytes | None:
         """:meth:`get` and :meth:`delete` in one (an exclusive get)."""
-        data = self.get(key)
-        if data is not None:
-            self.delete(key)
-        return data
+        return self._read(key, True)
 
     def _failed(self, slot: int, key: PageKey) -> None:
         self.checksum_failures += 1
@@ -421,10 +431,8 @@ class Arena:
             self._forget_object(obj)
 
     def _forget_object(self, obj: int) -> None:
+        self._recent.pop(self._index.object_key(obj), None)
         self._index.remove_object(obj)
-        if obj == self._last_obj:
-            self._last_key = None
-            self._last_obj = -1
 
     def delete_object(self, pool: int, oid: Oid3) -> int:
         """Forget every page of one object (FLUSH_OBJECT); how many there were."""

@@ -51,8 +51,8 @@ MAX_SEGMENT = 1 << 30
 DEFAULT_SEGMENT = 8 << 20
 #: How much a region's reservation grows at a time (at most a segment): what the arena may
 #: hold beyond what it uses, until the next put or trim.
-DATA_STEP = 16 * PAGE
-RECORDS_STEP = 4 * PAGE
+DATA_STEP = 256 << 10
+RECORDS_STEP = 16 << 10
 #: A page record names its bytes in 16-byte units with a u32: at most 64 GiB of frames.
 MAX_DATA = (1 << 32) * 16
 #: The allocators' numbers in the header.

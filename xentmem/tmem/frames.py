@@ -30,9 +30,12 @@ UNBACKED = 5
 MAX_RUN = 8
 #: Free frames that may keep their memory (1 MiB): beyond, every free frame gives it back.
 IDLE_FRAMES = 256
+#: Unbacked frames taken back at once when one is reused (one reservation for several).
+BACK_FRAMES = 64
 
 
 _FREE_RUNS = re.compile(b"\\x00+")
+_UNBACKED_RUN = re.compile(b"\\x05+")
 _UNBACKED = [bytes((UNBACKED,)) * n for n in range(MAX_RUN + 1)]
 
 
@@ -72,9 +75,15 @@ class Frames:
         frame = state.find(zeros, start)
         if frame < 0 and self.resident < len(state):
             frame = state.find(_UNBACKED[n])
-            if frame >= 0:
-                self.file.back(frame * PAGE, n * PAGE)  # ArenaError: nothing changed
-                self.resident += n
+            if frame >= 0:  # its memory, and that of a few unbacked frames after it
+                end = _UNBACKED_RUN.match(state, frame, frame + BACK_FRAMES).end()  # type: ignore[union-attr]
+                self.file.back(frame * PAGE, (end - frame) * PAGE)  # ArenaError: unchanged
+                state[frame:end] = bytes(end - frame)
+                self.resident += end - frame
+                hints = self._hints
+                for k in range(1, MAX_RUN + 1):
+                    if frame + n < hints[k]:
+                        hints[k] = frame + n
                 self._mark(frame, n, tag)
                 return frame
         while frame < 0:  # none before the end: reserve another step

@@ -31,6 +31,7 @@ class ArenaPages:
         self._put = arena.put
         self._get = arena.get
         self._delete = arena.delete
+        self._take = arena.take
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], **arena_args: Any) -> ArenaPages:
@@ -51,6 +52,11 @@ class ArenaPages:
     def delete(self, key: PageKey) -> None:
         pool, w0, w1, w2, index = key
         self._delete((pool, (w0, w1, w2), index))
+
+    def take(self, key: PageKey) -> bytes | None:
+        """``get`` and ``delete`` in one lookup (an exclusive get)."""
+        pool, w0, w1, w2, index = key
+        return self._take((pool, (w0, w1, w2), index))
 
     def keys(self) -> Iterator[PageKey]:
         """Every key held, listed first (the caller may change the arena while it iterates)."""

@@ -83,6 +83,8 @@ class TmemStore:
         self._page_put = self.pages.put
         self._page_get = self.pages.get
         self._page_delete = self.pages.delete
+        self._page_take: Callable[[PageKey], bytes | None] = getattr(
+            self.pages, "take", self._get_and_delete)
         #: What the storage takes beyond the pages' bytes (an arena's rounding and index),
         #: counted against the capacity: None for storage without such a figure.
         self._slack: Callable[[], int] | None = getattr(self.pages, "slack", None)
@@ -309,7 +311,8 @@ class TmemStore:
                 return _GET_EMPTY
             w0, w1, w2 = oid
             key = (pool.gid, w0, w1, w2, index)
-            data = self._page_get(key)
+            exclusive = pool.exclusive
+            data = self._page_take(key) if exclusive else self._page_get(key)
             if data is None:
                 obj = pool.objects.get(oid)
                 if obj is not None and index in obj:  # lost by the storage: never served
@@ -318,7 +321,7 @@ class TmemStore:
                     counters.lost_pages += 1
                     self._drop(pool, oid, index, stored=False)
                 return _GET_MISS
-            if pool.exclusive:  # _drop, inlined: the page is there, the pool private
+            if exclusive:  # _drop, inlined: the page was there (now taken), the pool private
                 objects = pool.objects
                 obj = objects[oid]
                 size = obj.pop(index)
@@ -328,7 +331,6 @@ class TmemStore:
                     self.obj_count -= 1
                 elif not left & (left - 1):
                     objects[oid] = _compacted(obj)
-                self._page_delete(key)
                 pool.pages -= 1
                 pool.zbytes -= size
                 owner = self.clients[pool.owner]
@@ -627,6 +629,13 @@ class TmemStore:
         return self._overhead[persistent]
 
     # -- internals (the lock is held) -----------------------------------------------------------
+
+    def _get_and_delete(self, key: PageKey) -> bytes | None:
+        """An exclusive get's page, for a storage without ``take``."""
+        data = self._page_get(key)
+        if data is not None:
+            self._page_delete(key)
+        return data
 
     def _memory_bytes(self) -> int:
         slack = self._slack

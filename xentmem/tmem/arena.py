@@ -236,8 +236,15 @@ class Arena:
             idx.track_object(key, slot)
             valid_obj[slot] = 1
         alloc = self._alloc
-        mm, data_base = self._mm, self._data
+        data_base = self._data
         data_end = self._file.reserved_data()
+        self._frames.cover(data_end // PAGE)  # reserved in one step, not claim by claim
+        # Locals, and the pages' bytes read in place (no copy): one pass over every page.
+        view = memoryview(self._mm)
+        find, track, claim, digest = idx.find_page, idx.track_page, alloc.claim, \
+            xxhash.xxh3_64_intdigest
+        objects = len(valid_obj)
+        stored = 0
         for slot, (obj, index, where, n, sub, commit) in enumerate(pages.scan_fields(PAGE_ALL)):
             if not commit:
                 pages.free.append(slot)
@@ -245,24 +252,24 @@ class Arena:
             problem = ""
             checksum = False
             offset = where * UNIT
-            if obj >= len(valid_obj) or not valid_obj[obj]:
+            if obj >= objects or not valid_obj[obj]:
                 problem = "its object record is missing or damaged"
             elif n > PAGE:
                 problem = f"length {n} is more than a page"
             elif offset + n > data_end:
                 problem = f"its bytes ({offset}+{n}) are outside the arena's data"
             else:
-                data = mm[data_base + offset : data_base + offset + n]
-                found, tag, at = idx.find_page(obj, index)
+                data = view[data_base + offset : data_base + offset + n]
+                found, tag, at = find(obj, index)
                 # seal(checksum seeded by _seed(...)), inline: once per page
-                if (xxhash.xxh3_64_intdigest(data, ((obj << 32) | index) ^ (
+                if (digest(data, ((obj << 32) | index) ^ (
                         (((where << 32) | (sub << 16) | n) * _K) & _M64)) & 0xFFFFFFFF
                         or 1) != commit:
                     problem = "checksum mismatch"
                     checksum = True
                 elif found >= 0:
                     problem = "a second record for the same page"
-                elif n and not alloc.claim(offset, sub, n):
+                elif n and not claim(offset, sub, n):
                     problem = "its bytes overlap another page's, or its handle is wrong"
             if problem:
                 self._zero(pages, slot, PAGE_FIELDS.size)
@@ -281,8 +288,10 @@ class Arena:
                     log.error("arena %s: page %s dropped, reported missing: %s", self.path,
                               _show(lost), problem)
                 continue
-            idx.track_page(obj, index, slot, tag, at)
-            self.stored_bytes += n
+            track(obj, index, slot, tag, at)
+            stored += n
+        view.release()
+        self.stored_bytes += stored
         for slot in range(len(valid_obj)):
             if valid_obj[slot] and not idx.obj_pages[slot]:
                 idx.remove_object(slot)  # made for a put that never completed
@@ -489,6 +498,18 @@ class Arena:
             for slot in idx.object_pages(obj):
                 rec = read_page(slot)
                 yield (p, oid, rec[1], rec[3])
+
+    def sized_objects(self) -> Iterator[tuple[int, int, int, int, dict[int, int]]]:
+        """Every object held: (pool, oid words, {index: stored length} of its pages), in
+        one pass; what a store's index is rebuilt from.  Do not change the arena while
+        iterating."""
+        idx = self._index
+        mm, unpack = self._mm, PAGE_ALL.unpack_from
+        base, size = idx.pages.base, idx.pages.size
+        for obj in idx.live_objects():
+            p, w0, w1, w2 = idx.object_key(obj)
+            recs = [unpack(mm, base + slot * size) for slot in idx.object_pages(obj)]
+            yield p, w0, w1, w2, {rec[1]: rec[3] for rec in recs}
 
     def __len__(self) -> int:
         return self._index.page_count

@@ -68,6 +68,10 @@ class ArenaPages:
         return [((pool, oid[0], oid[1], oid[2], index), size)
                 for pool, oid, index, size in self.arena.sized_keys()]
 
+    def sized_objects(self) -> Iterator[tuple[int, int, int, int, dict[int, int]]]:
+        """Every object held: (pool, oid words, {index: stored length}), one per object."""
+        return self.arena.sized_objects()
+
     def size_of(self, key: PageKey) -> int | None:
         pool, w0, w1, w2, index = key
         return self.arena.size_of((pool, (w0, w1, w2), index))

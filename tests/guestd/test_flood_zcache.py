@@ -30,7 +30,7 @@ ARGS = ("-o", "tmem.selfballooning_at_load=0", "-o", "tmem.selfshrinking=0",
 #: (kind, puts): half frontswap (persistent), half cleancache (ephemeral).  Incompressible
 #: pages fill the capacity first; zero and text pages then replace them (duplicates on the
 #: same offsets) and come on top of them.
-PHASES = (("random", 24_000), ("zero", 60_000), ("text", 20_000), ("random", 16_000))
+PHASES = (("random", 20_000), ("zero", 24_000), ("text", 8_000), ("random", 8_000))
 
 
 class Pipe:

@@ -36,7 +36,7 @@ KEPT = 512
 AREA = 4_000
 #: (kind, puts) of guest 6, half persistent and half ephemeral; guest 5 puts ephemeral
 #: pages beside it, a quarter as many.
-PHASES = (("random", 24_000), ("zero", 24_000), ("text", 12_000), ("random", 8_000))
+PHASES = (("random", 20_000), ("zero", 12_000), ("text", 6_000), ("random", 6_000))
 
 
 @pytest.fixture

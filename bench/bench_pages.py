@@ -490,7 +490,7 @@ def arena_part(corpus: Corpus, repeat: int, distinct: int, zram_wanted: bool) ->
 
 def store_round(pages: list[bytes], allocator: str, tmp: Path,
                 seconds: dict[str, list[float]]) -> float | None:
-    """zcache on an arena (each allocator), a persistent then a private ephemeral pool: put
+    """zcache on an arena (each allocator), a private ephemeral then a persistent pool: put
     then get every page, CPU time of this process; raw lz4 on the same pages in the same
     round.  Then the restart: the arena left as a ``kill -9`` leaves it (unmapped, not
     removed) and zcache made again on it; the CPU seconds of that (reopen, rebuild, the
@@ -503,7 +503,9 @@ def store_round(pages: list[bytes], allocator: str, tmp: Path,
     work = list(zip(keys, pages))
     got: list[GetResult] = []
     put_page, get_page = backend.put_page, backend.get_page
-    for flags, kind in ((POOL_PRIVATE_PERSISTENT, "pers"), (POOL_PRIVATE_EPHEMERAL, "eph")):
+    # The ephemeral pool first, destroyed after: the capacity holds one pool's pages (a
+    # page evicted would fail the check), and the persistent one's stay for the restart.
+    for flags, kind in ((POOL_PRIVATE_EPHEMERAL, "eph"), (POOL_PRIVATE_PERSISTENT, "pers")):
         pool = backend.new_pool(PRIVATE_UUID, flags)
 
         def put(pool: int = pool) -> None:

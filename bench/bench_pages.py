@@ -40,6 +40,7 @@ import gc
 import mmap
 import os
 import random
+import statistics
 import sys
 import sysconfig
 import tempfile
@@ -50,6 +51,7 @@ from typing import Any, Callable
 
 from lz4.block import compress, decompress
 
+from xentmem.guest.backend import GetResult
 from xentmem.guest.backends.zcache import POOR_COMPRESSION_LIMIT, ZcacheBackend
 from xentmem.guest.cmdline import BootParams
 from xentmem.guest.frontends import MemoryBacking
@@ -483,6 +485,103 @@ def arena_part(corpus: Corpus, repeat: int, distinct: int, zram_wanted: bool) ->
           + f"; denser: {denser} (default {DEFAULT_ALLOCATOR})")
 
 
+# -- the store on an arena: what zcache really does -------------------------------------------
+
+
+def store_round(pages: list[bytes], allocator: str, tmp: Path,
+                seconds: dict[str, list[float]]) -> float | None:
+    """zcache on an arena (each allocator), a private ephemeral then a persistent pool: put
+    then get every page, CPU time of this process; raw lz4 on the same pages in the same
+    round.  Then the restart: the arena left as a ``kill -9`` leaves it (unmapped, not
+    removed) and zcache made again on it; the CPU seconds of that (reopen, rebuild, the
+    store's index from the arena's records) are returned."""
+    run = tmp / f"run-{allocator}"
+    roots = Roots(root=tmp, run_dir=run)
+    backend = ZcacheBackend({"capacity": capacity_for(pages), "allocator": allocator},
+                            roots=roots)
+    keys = [(Oid(i & 0xF), i >> 4) for i in range(len(pages))]
+    work = list(zip(keys, pages))
+    got: list[GetResult] = []
+    put_page, get_page = backend.put_page, backend.get_page
+    # The ephemeral pool first, destroyed after: the capacity holds one pool's pages (a
+    # page evicted would fail the check), and the persistent one's stay for the restart.
+    for flags, kind in ((POOL_PRIVATE_EPHEMERAL, "eph"), (POOL_PRIVATE_PERSISTENT, "pers")):
+        pool = backend.new_pool(PRIVATE_UUID, flags)
+
+        def put(pool: int = pool) -> None:
+            for (oid, index), page in work:
+                put_page(pool, oid, index, page)
+
+        def get(pool: int = pool) -> None:
+            append = got.append
+            for oid, index in keys:
+                append(get_page(pool, oid, index))
+
+        seconds.setdefault(f"{allocator} {kind} put", []).append(cpu_timed(put))
+        got.clear()
+        seconds.setdefault(f"{allocator} {kind} get", []).append(cpu_timed(get))
+        check(pages, [data for _, data in got], f"zcache on {allocator}, {kind}")
+        if kind == "eph":
+            backend.destroy_pool(pool)
+    arena = backend._arena
+    assert arena is not None
+    arena.close()  # as a kill -9 leaves it: the file keeps every page
+    started = time.process_time()
+    again = ZcacheBackend({"capacity": capacity_for(pages), "allocator": allocator},
+                          roots=roots)
+    restart = time.process_time() - started
+    if again.restart["pages_restored"] != len(pages):
+        raise SystemExit(f"zcache on {allocator}: the restart found "
+                         f"{again.restart['pages_restored']} of {len(pages)} pages")
+    again.remove()
+    return restart
+
+
+def store_part(corpus: Corpus, repeat: int) -> None:
+    pages = corpus.pages
+    n = len(pages)
+    seconds: dict[str, list[float]] = {}
+    restarts: dict[str, float] = {}
+    load = os.getloadavg()[0]
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
+    with tempfile.TemporaryDirectory(prefix="xentmem-store-", dir=shm) as tmp:
+        for round_ in range(repeat):  # interleaved, so a slow spell hits every contender
+            raw = Figure(n, {})
+            raw_lz4_round(pages, raw, cpu_timed)
+            seconds.setdefault("raw put", []).append(raw.best["put"])
+            seconds.setdefault("raw get", []).append(raw.best["get"])
+            for allocator in ALLOCATORS:
+                took = store_round(pages, allocator, Path(tmp), seconds)
+                if round_ == 0 and took is not None:
+                    restarts[allocator] = took
+    load = max(load, os.getloadavg()[0])
+
+    def ratio(name: str, op: str) -> float:
+        """The median over the rounds of raw time / store time, each round's own raw."""
+        return statistics.median(r / t for r, t in zip(seconds[f"raw {op}"], seconds[name]))
+
+    gib = n * PAGE_SIZE / (1 << 30)
+    print(f"\nzcache on an arena ({n} pages, {len(set(pages))} distinct; CPU time of this "
+          f"process, median of {repeat} rounds of store/raw ratios; load average {load:.1f})")
+    print(f"{'allocator':<12}{'pool':<6}{'put pages/s':>13}{'get pages/s':>13}{'put/raw':>9}"
+          f"{'get/raw':>9}")
+    parts = []
+    for allocator in ALLOCATORS:
+        for kind in ("pers", "eph"):
+            name = f"{allocator} {kind}"
+            put_s = statistics.median(seconds[f"{name} put"])
+            get_s = statistics.median(seconds[f"{name} get"])
+            print(f"{allocator:<12}{kind:<6}{n / put_s:>13,.0f}{n / get_s:>13,.0f}"
+                  f"{ratio(name + ' put', 'put'):>9.2f}{ratio(name + ' get', 'get'):>9.2f}")
+            parts.append(f"{name} put {ratio(name + ' put', 'put'):.2f} get "
+                         f"{ratio(name + ' get', 'get'):.2f}")
+    print("restart (the arena as a kill -9 leaves it, zcache made again on it; CPU s): "
+          + ", ".join(f"{a} {t:.2f} s = {t / gib:.2f} s per GiB of pages"
+                      for a, t in restarts.items()))
+    print(f"\nSTORE SUMMARY: {n} pages, load {load:.1f}: " + "; ".join(parts) + "; restart "
+          + ", ".join(f"{a} {t / gib:.2f} s/GiB" for a, t in restarts.items()))
+
+
 # -- report ---------------------------------------------------------------------------------
 
 
@@ -491,8 +590,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pages", type=int, default=8000, help="pages in the corpus")
     parser.add_argument("--repeat", type=int, default=5, help="rounds; the best is reported")
     parser.add_argument("--seed", type=int, default=1, help="seed of the random pages and mix")
-    parser.add_argument("--part", choices=("all", "zcache", "arena"), default="all",
-                        help="zcache and the frontends, the page arena, or both")
+    parser.add_argument("--part", choices=("all", "zcache", "arena", "store"), default="all",
+                        help="zcache and the frontends, the page arena, zcache on an arena "
+                             "(both pool kinds, and its restart), or all three")
     parser.add_argument("--distinct", type=int, default=50_000,
                         help="distinct pages at most; a larger corpus cycles them")
     parser.add_argument("--no-zram", dest="zram", action="store_false",
@@ -517,6 +617,8 @@ def main(argv: list[str] | None = None) -> int:
         zcache_part(corpus, args.repeat)
     if args.part in ("all", "arena"):
         arena_part(corpus, args.repeat, args.distinct, args.zram)
+    if args.part in ("all", "store"):
+        store_part(corpus, args.repeat)
     return 0
 
 

@@ -29,6 +29,7 @@ from xentmem.tmem.abi import (
     PoolUuid,
     pool_flags,
 )
+from xentmem.tmem.arenafile import DATA_STEP
 from xentmem.tmem.store import (
     EPHEMERAL_PAGE_OVERHEAD,
     PERSISTENT_PAGE_OVERHEAD,
@@ -337,13 +338,14 @@ def test_a_page_storage_keeps_what_it_is_given_by_key(
 @pytest.mark.parametrize("make", STORAGES, ids=["memory", "arena"])
 def test_the_store_runs_on_each_storage(
         make: Callable[[Path], PageStorage], tmp_path: Path) -> None:
-    """What the storage takes beyond the pages (an arena's tables) counts against the
-    capacity too: the memory bound holds whatever the storage."""
+    """What the storage takes beyond the pages (an arena's tables, its free frames) counts
+    against the capacity too: the memory bound holds whatever the storage (give or take an
+    arena's one growth step, given back at the next put)."""
     store = TmemStore(8 * EPH + (64 << 10), pages=make(tmp_path))
     pool = eph_pool(store, 1)
     for index in range(40):
         assert store.put_page(1, pool, Oid(index), index, RAW) == 1
-        assert store.memory_bytes() <= store.capacity_bytes
+        assert store.memory_bytes() <= store.capacity_bytes + DATA_STEP
     assert store.evictions > 0
     assert store.get_page(1, pool, Oid(0), 0) == (0, None)  # evicted
     assert store.get_page(1, pool, Oid(39), 39) == (1, RAW)
@@ -457,3 +459,29 @@ def test_an_arena_storage_dropped_without_close_lets_go_of_its_file(tmp_path: Pa
     again = _arena_pages(tmp_path / "0")  # its lock was released too
     assert again.get((0, 1, 2, 3, 4)) == TEXT
     again.close()
+
+
+@pytest.mark.parametrize("make", STORAGES, ids=["memory", "arena"])
+def test_a_flood_evicts_by_weight_and_never_another_clients_persistent_pages(
+        make: Callable[[Path], PageStorage], tmp_path: Path) -> None:
+    """Client 6 floods, client 5 puts a third as often; weights 1 and 3: at capacity each
+    keeps about its weight's share of the ephemeral bytes, and client 5's persistent pages
+    all stay, on either storage (an arena's free frames count until given back)."""
+    store = TmemStore(2 << 20, pages=make(tmp_path))
+    pers5, eph5, eph6, pers6 = (pers_pool(store, 5), eph_pool(store, 5), eph_pool(store, 6),
+                                pers_pool(store, 6))
+    store.set_weight(5, 1)
+    store.set_weight(6, 3)
+    kept = [random.Random(i).randbytes(PAGE_SIZE) for i in range(64)]
+    for index, page in enumerate(kept):
+        assert store.put_page(5, pers5, Oid(1), index, page) == 1
+    for n in range(3000):
+        store.put_page(6, eph6, Oid(2), n, RAW if n % 2 else TEXT)
+        store.put_page(6, pers6, Oid(3), n % 16, RAW2)  # duplicates on 16 keys
+        if n % 3 == 0:
+            store.put_page(5, eph5, Oid(2), n, RAW)
+    five, six = store.clients[5], store.clients[6]
+    assert store.evictions > 1000 and five.eph_pages and six.eph_pages
+    assert 2 <= six.eph_bytes / five.eph_bytes <= 4, (six.eph_bytes, five.eph_bytes)
+    assert store.memory_bytes() <= store.capacity_bytes + DATA_STEP
+    assert all(store.get_page(5, pers5, Oid(1), i) == (1, page) for i, page in enumerate(kept))

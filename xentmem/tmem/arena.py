@@ -27,7 +27,15 @@ import xxhash
 
 from xentmem.errors import ArenaDamaged, ArenaError
 from xentmem.params import Param, ParamSet
-from xentmem.tmem.arenafile import DATA, DEFAULT_SEGMENT, PAGE, ArenaFile, set_aside
+from xentmem.tmem.arenafile import (
+    DATA,
+    DEFAULT_SEGMENT,
+    OBJECTS,
+    PAGE,
+    PAGES,
+    ArenaFile,
+    set_aside,
+)
 from xentmem.tmem.frames import Frames
 from xentmem.tmem.index import (
     COMMIT,
@@ -67,6 +75,8 @@ UNIT = 16
 #: open (the counts, and the summary line, are complete).
 MAX_LOST = 100
 MAX_LOGGED = 20
+#: Objects whose slot the arena keeps at hand (a dict entry each).
+_RECENT_OBJECTS = 256
 _K = 0x9E3779B97F4A7C15
 _M64 = (1 << 64) - 1
 
@@ -127,8 +137,9 @@ class Arena:
         self.stored_bytes = 0
         self.checksum_failures = 0
         self.dropped_records = 0
-        self._last_key: tuple[int, int, int, int] | None = None
-        self._last_obj = -1
+        #: Object slots of the objects used last, by key: a put or get of a recent object
+        #: skips the lookup table (emptied when full, so its size stays bounded).
+        self._recent: dict[tuple[int, int, int, int], int] = {}
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -225,8 +236,15 @@ class Arena:
             idx.track_object(key, slot)
             valid_obj[slot] = 1
         alloc = self._alloc
-        mm, data_base = self._mm, self._data
+        data_base = self._data
         data_end = self._file.reserved_data()
+        self._frames.cover(data_end // PAGE)  # reserved in one step, not claim by claim
+        # Locals, and the pages' bytes read in place (no copy): one pass over every page.
+        view = memoryview(self._mm)
+        find, track, claim, digest = idx.find_page, idx.track_page, alloc.claim, \
+            xxhash.xxh3_64_intdigest
+        objects = len(valid_obj)
+        stored = 0
         for slot, (obj, index, where, n, sub, commit) in enumerate(pages.scan_fields(PAGE_ALL)):
             if not commit:
                 pages.free.append(slot)
@@ -234,24 +252,24 @@ class Arena:
             problem = ""
             checksum = False
             offset = where * UNIT
-            if obj >= len(valid_obj) or not valid_obj[obj]:
+            if obj >= objects or not valid_obj[obj]:
                 problem = "its object record is missing or damaged"
             elif n > PAGE:
                 problem = f"length {n} is more than a page"
             elif offset + n > data_end:
                 problem = f"its bytes ({offset}+{n}) are outside the arena's data"
             else:
-                data = mm[data_base + offset : data_base + offset + n]
-                found, tag, at = idx.find_page(obj, index)
+                data = view[data_base + offset : data_base + offset + n]
+                found, tag, at = find(obj, index)
                 # seal(checksum seeded by _seed(...)), inline: once per page
-                if (xxhash.xxh3_64_intdigest(data, ((obj << 32) | index) ^ (
+                if (digest(data, ((obj << 32) | index) ^ (
                         (((where << 32) | (sub << 16) | n) * _K) & _M64)) & 0xFFFFFFFF
                         or 1) != commit:
                     problem = "checksum mismatch"
                     checksum = True
                 elif found >= 0:
                     problem = "a second record for the same page"
-                elif n and not alloc.claim(offset, sub, n):
+                elif n and not claim(offset, sub, n):
                     problem = "its bytes overlap another page's, or its handle is wrong"
             if problem:
                 self._zero(pages, slot, PAGE_FIELDS.size)
@@ -270,12 +288,15 @@ class Arena:
                     log.error("arena %s: page %s dropped, reported missing: %s", self.path,
                               _show(lost), problem)
                 continue
-            idx.track_page(obj, index, slot, tag, at)
-            self.stored_bytes += n
+            track(obj, index, slot, tag, at)
+            stored += n
+        view.release()
+        self.stored_bytes += stored
         for slot in range(len(valid_obj)):
             if valid_obj[slot] and not idx.obj_pages[slot]:
                 idx.remove_object(slot)  # made for a put that never completed
         alloc.finish_claims()
+        self._frames.finish_claims()
         report.pages = idx.page_count
         report.objects = idx.object_count
         report.stored_bytes = self.stored_bytes
@@ -296,15 +317,18 @@ class Arena:
     # -- pages -------------------------------------------------------------------------------
 
     def _object(self, okey: tuple[int, int, int, int], create: bool) -> int:
-        if okey == self._last_key:
-            return self._last_obj
+        recent = self._recent
+        obj = recent.get(okey, -1)
+        if obj >= 0:
+            return obj
         obj = self._index.find_object(okey)[0]
         if obj < 0:
             if not create:
                 return -1
             obj = self._index.add_object(okey)
-        self._last_key = okey
-        self._last_obj = obj
+        if len(recent) >= _RECENT_OBJECTS:
+            recent.clear()
+        recent[okey] = obj
         return obj
 
     def put(self, key: PageKey, data: bytes) -> None:
@@ -319,7 +343,9 @@ class Arena:
             raise ValueError(f"a stored page is at most {PAGE} bytes, got {n}")
         pool, oid, index = key
         okey = (pool, oid[0], oid[1], oid[2])
-        obj = self._last_obj if okey == self._last_key else self._object(okey, True)
+        obj = self._recent.get(okey, -1)
+        if obj < 0:
+            obj = self._object(okey, True)
         idx = self._index
         slot, rec, at = idx.find_page(obj, index)
         if slot >= 0:  # a duplicate put: the old page goes first, its slot is reused
@@ -355,15 +381,18 @@ class Arena:
 
     def get(self, key: PageKey) -> bytes | None:
         """The bytes stored under ``key``, or None (never, failed its checksum: dropped)."""
+        return self._read(key, False)
+
+    def _read(self, key: PageKey, take: bool) -> bytes | None:
+        """:meth:`get`, and with ``take`` the page dropped after it is read: one lookup."""
         pool, oid, index = key
         okey = (pool, oid[0], oid[1], oid[2])
-        if okey == self._last_key:
-            obj = self._last_obj
-        else:
+        obj = self._recent.get(okey, -1)
+        if obj < 0:
             obj = self._object(okey, False)
             if obj < 0:
                 return None
-        slot, rec, _ = self._index.find_page(obj, index)
+        slot, rec, bucket = self._index.find_page(obj, index)
         if slot < 0:
             return None
         _, _, where, n, sub, commit = rec
@@ -374,14 +403,13 @@ class Arena:
                 (((where << 32) | (sub << 16) | n) * _K) & _M64)) & 0xFFFFFFFF or 1) != commit:
             self._failed(slot, key)
             return None
+        if take:
+            self._drop(slot, bucket)
         return data
 
     def take(self, key: PageKey) -> bytes | None:
         """:meth:`get` and :meth:`delete` in one (an exclusive get)."""
-        data = self.get(key)
-        if data is not None:
-            self.delete(key)
-        return data
+        return self._read(key, True)
 
     def _failed(self, slot: int, key: PageKey) -> None:
         self.checksum_failures += 1
@@ -412,10 +440,8 @@ class Arena:
             self._forget_object(obj)
 
     def _forget_object(self, obj: int) -> None:
+        self._recent.pop(self._index.object_key(obj), None)
         self._index.remove_object(obj)
-        if obj == self._last_obj:
-            self._last_key = None
-            self._last_obj = -1
 
     def delete_object(self, pool: int, oid: Oid3) -> int:
         """Forget every page of one object (FLUSH_OBJECT); how many there were."""
@@ -473,25 +499,44 @@ class Arena:
                 rec = read_page(slot)
                 yield (p, oid, rec[1], rec[3])
 
+    def sized_objects(self) -> Iterator[tuple[int, int, int, int, dict[int, int]]]:
+        """Every object held: (pool, oid words, {index: stored length} of its pages), in
+        one pass; what a store's index is rebuilt from.  Do not change the arena while
+        iterating."""
+        idx = self._index
+        mm, unpack = self._mm, PAGE_ALL.unpack_from
+        base, size = idx.pages.base, idx.pages.size
+        for obj in idx.live_objects():
+            p, w0, w1, w2 = idx.object_key(obj)
+            recs = [unpack(mm, base + slot * size) for slot in idx.object_pages(obj)]
+            yield p, w0, w1, w2, {rec[1]: rec[3] for rec in recs}
+
     def __len__(self) -> int:
         return self._index.page_count
 
     # -- figures -----------------------------------------------------------------------------
 
     def footprint(self) -> int:
-        """Bytes the arena's pages and index take (frames and records in use, this
-        process's tables; the per-frame arrays counted at their largest, 7 bytes a frame):
-        a close estimate of :meth:`stats`' ``used_bytes``, cheap enough for every put."""
+        """Bytes of memory the arena holds: frames whose memory is held (in use, or free and
+        not yet given back: :meth:`trim`), the records' regions as reserved, this process's
+        tables (the per-frame arrays counted at their largest, 7 bytes a frame).  What a
+        capacity must bound; cheap enough for every put."""
         idx = self._index
+        reserved = self._file.reserved
         return (
-            self._frames.used * PAGE
-            + idx.pages.used_bytes()
-            + idx.objects.used_bytes()
+            self._frames.resident * PAGE
+            + reserved[OBJECTS] + reserved[PAGES]
+            + 4 * (len(idx.objects.free) + len(idx.pages.free))
             + idx.obj_buckets.nbytes()
             + idx.page_buckets.nbytes()
             + 8 * (len(idx.next) + len(idx.obj_pages))
             + 7 * len(self._frames.state)
         )
+
+    def trim(self) -> int:
+        """Give the memory of every free frame back to tmpfs; the bytes given back (0 when
+        every frame that holds memory is in use: a cheap test)."""
+        return self._frames.trim() * PAGE
 
     def stats(self) -> dict[str, Any]:
         """Counters for ``stats`` and the metrics (``docs/page-arena.md`` says what each is)."""
@@ -508,6 +553,7 @@ class Arena:
             "objects": idx.object_count,
             "stored_bytes": self.stored_bytes,
             "frames_used": self._frames.used,
+            "frames_resident": self._frames.resident,
             "frames_total": self._frames.total(),
             "file_bytes": self._file.reserved_bytes(),
             "metadata_bytes": metadata,

@@ -49,6 +49,10 @@ _MARKS = struct.Struct("<QQQ")
 MIN_SEGMENT = 16 * PAGE
 MAX_SEGMENT = 1 << 30
 DEFAULT_SEGMENT = 8 << 20
+#: How much a region's reservation grows at a time (at most a segment): what the arena may
+#: hold beyond what it uses, until the next put or trim.
+DATA_STEP = 256 << 10
+RECORDS_STEP = 16 << 10
 #: A page record names its bytes in 16-byte units with a u32: at most 64 GiB of frames.
 MAX_DATA = (1 << 32) * 16
 #: The allocators' numbers in the header.
@@ -163,8 +167,10 @@ class ArenaFile:
         """
         if upto <= self.reserved[region]:
             return
-        # Records come 20 or 32 bytes at a time: their regions grow in smaller steps.
-        step = self.segment_size if region == DATA else max(MIN_SEGMENT, self.segment_size // 32)
+        # Frames and records come a few at a time: the regions grow in small steps, so what
+        # is reserved stays close to what is used (the capacity counts reserved memory:
+        # docs/page-arena.md, "Memory given back").
+        step = min(self.segment_size, DATA_STEP if region == DATA else RECORDS_STEP)
         want = _round_up(upto, step)
         if want > self.sizes[region]:
             raise ArenaError(
@@ -187,6 +193,24 @@ class ArenaFile:
         self.reserved[region] = want
         if region == DATA and want > self.marks()[DATA]:
             self.set_mark(DATA, want)
+
+    def back(self, start: int, length: int) -> None:
+        """Reserve again ``length`` bytes at ``start`` of the data region after
+        :meth:`unback` gave them back (a frame reused): ArenaError when tmpfs has no memory."""
+        at = self.bases[DATA] + start
+        try:
+            os.posix_fallocate(self.fd, at, length)
+        except OSError as exc:
+            raise ArenaError(f"arena {self.path}: cannot reserve {length} bytes of the data "
+                             f"region again: {exc.strerror}") from None
+        with contextlib.suppress(OSError, ValueError):
+            self.mm.madvise(_MADV_POPULATE_WRITE, at, length)
+
+    def unback(self, start: int, length: int) -> None:
+        """Give the memory of ``length`` bytes at ``start`` of the data region (free frames)
+        back to tmpfs: a hole in the file, unmapped here (``MADV_REMOVE``).  The reserved
+        size of the region is unchanged; :meth:`back` takes the memory again."""
+        self.mm.madvise(mmap.MADV_REMOVE, self.bases[DATA] + start, length)
 
     def reserved_data(self) -> int:
         """Bytes of the data region reserved by any process (a page's bytes lie within)."""

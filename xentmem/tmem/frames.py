@@ -4,14 +4,19 @@ Both allocators take their memory here, as the kernel's take pages from the page
 zbud one frame at a time, zsmalloc a run of up to 8 for one zspage.  A zspage's frames are
 contiguous, so an object that straddles two of them is one slice of the map.  The map is one
 byte per frame (what holds it), kept in this process only: it is rebuilt from the index when
-the arena is reopened.  The region's memory is reserved a segment at a time as frames are
-first needed.
+the arena is reopened.  The region's memory is reserved a step at a time as frames are first
+needed; the memory of free frames is given back to tmpfs (a hole in the file) once more than
+:data:`IDLE_FRAMES` of them hold memory, or when the store asks (:meth:`Frames.trim`), and
+taken again when such a frame is reused: so the memory the arena holds is the frames in use
+and a bounded few more (``docs/page-arena.md``, "Memory given back").
 """
 
 from __future__ import annotations
 
+import re
+
 from xentmem.errors import ArenaError
-from xentmem.tmem.arenafile import DATA, PAGE, ArenaFile
+from xentmem.tmem.arenafile import DATA, DATA_STEP, PAGE, ArenaFile
 
 #: What holds a frame (one byte per frame).
 FREE = 0
@@ -19,8 +24,19 @@ ZBUD = 1
 HUGE = 2
 ZSPAGE_HEAD = 3
 ZSPAGE_TAIL = 4
+#: Free, and its memory given back to tmpfs (a hole in the file).
+UNBACKED = 5
 #: The longest run one allocation takes (the kernel's CONFIG_ZSMALLOC_CHAIN_SIZE default).
 MAX_RUN = 8
+#: Free frames that may keep their memory (1 MiB): beyond, every free frame gives it back.
+IDLE_FRAMES = 256
+#: Unbacked frames taken back at once when one is reused (one reservation for several).
+BACK_FRAMES = 64
+
+
+_FREE_RUNS = re.compile(b"\\x00+")
+_UNBACKED_RUN = re.compile(b"\\x05+")
+_UNBACKED = [bytes((UNBACKED,)) * n for n in range(MAX_RUN + 1)]
 
 
 class Frames:
@@ -29,9 +45,11 @@ class Frames:
     def __init__(self, file: ArenaFile) -> None:
         self.file = file
         self.capacity = file.sizes[DATA] // PAGE
-        self.step = file.segment_size // PAGE
+        self.step = min(file.segment_size, DATA_STEP) // PAGE
         self.state = bytearray()
         self.used = 0
+        #: Frames whose memory is held (in use, or free and not given back).
+        self.resident = 0
         #: No free run of length n starts before ``_hints[n]``.
         self._hints = [0] * (MAX_RUN + 1)
 
@@ -42,10 +60,12 @@ class Frames:
             raise ArenaError(f"arena {self.file.path}: the data region is full "
                              f"({self.capacity} frames)")
         self.file.reserve(DATA, want * PAGE)
+        self.resident += want - len(self.state)
         self.state.extend(bytes(want - len(self.state)))
 
     def alloc(self, n: int, tag: int) -> int:
-        """The first frame of a free run of ``n``, now marked ``tag``.
+        """The first frame of a free run of ``n``, now marked ``tag``: a run whose memory is
+        held, else one whose memory was given back (taken again), else new frames.
 
         ArenaError when the region is full or its memory cannot be reserved.
         """
@@ -53,7 +73,20 @@ class Frames:
         zeros = bytes(n)
         start = self._hints[n]
         frame = state.find(zeros, start)
-        while frame < 0:  # none before the end: reserve another segment
+        if frame < 0 and self.resident < len(state):
+            frame = state.find(_UNBACKED[n])
+            if frame >= 0:  # its memory, and that of a few unbacked frames after it
+                end = _UNBACKED_RUN.match(state, frame, frame + BACK_FRAMES).end()  # type: ignore[union-attr]
+                self.file.back(frame * PAGE, (end - frame) * PAGE)  # ArenaError: unchanged
+                state[frame:end] = bytes(end - frame)
+                self.resident += end - frame
+                hints = self._hints
+                for k in range(1, MAX_RUN + 1):
+                    if frame + n < hints[k]:
+                        hints[k] = frame + n
+                self._mark(frame, n, tag)
+                return frame
+        while frame < 0:  # none before the end: reserve another step
             start = max(start, len(state) - n + 1, 0)
             self._grow(len(state) + 1)
             frame = state.find(zeros, start)
@@ -93,6 +126,32 @@ class Frames:
             low = frame - k + 1
             if low < hints[k]:
                 hints[k] = max(0, low)
+        if self.resident - self.used > IDLE_FRAMES:
+            self.trim()
+
+    def idle(self) -> int:
+        """Free frames whose memory is held."""
+        return self.resident - self.used
+
+    def trim(self) -> int:
+        """Give the memory of every free frame back to tmpfs; how many frames gave it."""
+        if self.resident == self.used:
+            return 0
+        state, unback = self.state, self.file.unback
+        given = 0
+        for run in _FREE_RUNS.finditer(state):
+            frame, stop = run.span()
+            unback(frame * PAGE, (stop - frame) * PAGE)
+            state[frame:stop] = bytes((UNBACKED,)) * (stop - frame)
+            given += stop - frame
+        self.resident -= given
+        return given
+
+    def finish_claims(self) -> None:
+        """After a reopen's claims: the free frames' memory given back (a crash may have
+        left it held, or already given back: either way it is counted right after)."""
+        self.resident = len(self.state)
+        self.trim()
 
     def total(self) -> int:
         """Frames whose memory is reserved."""

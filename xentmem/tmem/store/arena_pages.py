@@ -31,6 +31,7 @@ class ArenaPages:
         self._put = arena.put
         self._get = arena.get
         self._delete = arena.delete
+        self._take = arena.take
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], **arena_args: Any) -> ArenaPages:
@@ -52,6 +53,11 @@ class ArenaPages:
         pool, w0, w1, w2, index = key
         self._delete((pool, (w0, w1, w2), index))
 
+    def take(self, key: PageKey) -> bytes | None:
+        """``get`` and ``delete`` in one lookup (an exclusive get)."""
+        pool, w0, w1, w2, index = key
+        return self._take((pool, (w0, w1, w2), index))
+
     def keys(self) -> Iterator[PageKey]:
         """Every key held, listed first (the caller may change the arena while it iterates)."""
         return iter([(pool, oid[0], oid[1], oid[2], index)
@@ -62,15 +68,24 @@ class ArenaPages:
         return [((pool, oid[0], oid[1], oid[2], index), size)
                 for pool, oid, index, size in self.arena.sized_keys()]
 
+    def sized_objects(self) -> Iterator[tuple[int, int, int, int, dict[int, int]]]:
+        """Every object held: (pool, oid words, {index: stored length}), one per object."""
+        return self.arena.sized_objects()
+
     def size_of(self, key: PageKey) -> int | None:
         pool, w0, w1, w2, index = key
         return self.arena.size_of((pool, (w0, w1, w2), index))
 
     def slack(self) -> int:
-        """Bytes the arena really takes beyond the pages' own bytes (the allocator's rounding,
-        its frame headers, the index): what a capacity must count on top of the data."""
+        """Bytes of memory the arena holds beyond the pages' own bytes (the allocator's
+        rounding, its frame headers, free frames not yet given back, the index): what a
+        capacity must count on top of the data."""
         arena = self.arena
         return max(0, arena.footprint() - arena.stored_bytes)
+
+    def trim(self) -> int:
+        """Give the memory of the arena's free frames back; the bytes given back."""
+        return self.arena.trim()
 
     def counters(self) -> dict[str, int]:
         arena = self.arena

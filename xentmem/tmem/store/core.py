@@ -18,10 +18,11 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from xentmem.errors import AbiError
 from xentmem.tmem.abi import (
@@ -46,6 +47,8 @@ from xentmem.tmem.store.records import (
 )
 
 log = logging.getLogger(__name__)
+
+_D = TypeVar("_D", bound=dict)  # type: ignore[type-arg]
 
 #: Uuids one client may be authorised for (Xen: MAX_GLOBAL_SHARED_POOLS as well).
 MAX_AUTH_UUIDS = 16
@@ -80,9 +83,14 @@ class TmemStore:
         self._page_put = self.pages.put
         self._page_get = self.pages.get
         self._page_delete = self.pages.delete
+        self._page_take: Callable[[PageKey], bytes | None] = getattr(
+            self.pages, "take", self._get_and_delete)
         #: What the storage takes beyond the pages' bytes (an arena's rounding and index),
         #: counted against the capacity: None for storage without such a figure.
         self._slack: Callable[[], int] | None = getattr(self.pages, "slack", None)
+        #: Gives the memory of the storage's free space back (an arena's free frames): tried
+        #: before a page is evicted to make room.
+        self._trim: Callable[[], int] | None = getattr(self.pages, "trim", None)
         self.capacity_bytes = capacity_bytes
         self.max_pools = max_pools
         self.max_shared_pools = max_shared_pools
@@ -303,7 +311,8 @@ class TmemStore:
                 return _GET_EMPTY
             w0, w1, w2 = oid
             key = (pool.gid, w0, w1, w2, index)
-            data = self._page_get(key)
+            exclusive = pool.exclusive
+            data = self._page_take(key) if exclusive else self._page_get(key)
             if data is None:
                 obj = pool.objects.get(oid)
                 if obj is not None and index in obj:  # lost by the storage: never served
@@ -312,18 +321,24 @@ class TmemStore:
                     counters.lost_pages += 1
                     self._drop(pool, oid, index, stored=False)
                 return _GET_MISS
-            if pool.exclusive:  # _drop, inlined: the page is there, the pool private
+            if exclusive:  # _drop, inlined: the page was there (now taken), the pool private
                 objects = pool.objects
                 obj = objects[oid]
                 size = obj.pop(index)
-                if not obj:
+                left = len(obj)
+                if not left:
                     del objects[oid]
                     self.obj_count -= 1
-                self._page_delete(key)
+                elif not left & (left - 1):
+                    objects[oid] = _compacted(obj)
                 pool.pages -= 1
                 pool.zbytes -= size
                 owner = self.clients[pool.owner]
-                del owner.lru[key]
+                lru = owner.lru
+                del lru[key]
+                left = len(lru)
+                if not left & (left - 1):
+                    owner.lru = _compacted(lru)
                 owner.eph_pages -= 1
                 owner.eph_zbytes -= size
                 self.used_bytes -= size + EPHEMERAL_PAGE_OVERHEAD
@@ -568,12 +583,35 @@ class TmemStore:
                     pool.members[cid] = len(taken)
             restored = orphans = 0
             storage = self.pages
-            sized_keys = getattr(storage, "sized_keys", None)
-            held: list[tuple[PageKey, int | None]] = (
-                sized_keys() if sized_keys is not None
-                else [(key, _stored_size(storage, key)) for key in storage.keys()])  # noqa: SIM118
             overhead = self._overhead
             by_gid = self._by_gid
+            sized_objects = getattr(storage, "sized_objects", None)
+            sized_keys = getattr(storage, "sized_keys", None)
+            held: list[tuple[PageKey, int | None]] = []
+            if sized_objects is not None:
+                # A persistent object's pages come back whole, as the dict the store keeps
+                # (index -> size), without a Python step per page: what a restart mostly is.
+                for gid, w0, w1, w2, sizes in sized_objects():
+                    found = by_gid.get(gid)
+                    if found is None or not found.persistent:
+                        held += [((gid, w0, w1, w2, index), size)
+                                 for index, size in sizes.items()]
+                        continue
+                    found.objects[Oid(w0, w1, w2)] = sizes
+                    self.obj_count += 1
+                    count, total = len(sizes), sum(sizes.values())
+                    found.pages += count
+                    found.zbytes += total
+                    self.used_bytes += total + count * PERSISTENT_PAGE_OVERHEAD
+                    owner = self.clients[found.owner]  # persistent pools are never shared
+                    owner.pers_pages += count
+                    owner.pers_zbytes += total
+                    owner.zero_pages += count - sum(map(bool, sizes.values()))
+                    restored += count
+            elif sized_keys is not None:
+                held = sized_keys()
+            else:
+                held = [(key, _stored_size(storage, key)) for key in storage.keys()]  # noqa: SIM118
             for key, size in held:
                 gid, w0, w1, w2, index = key
                 found = by_gid.get(gid)
@@ -659,6 +697,13 @@ class TmemStore:
 
     # -- internals (the lock is held) -----------------------------------------------------------
 
+    def _get_and_delete(self, key: PageKey) -> bytes | None:
+        """An exclusive get's page, for a storage without ``take``."""
+        data = self._page_get(key)
+        if data is not None:
+            self._page_delete(key)
+        return data
+
     def _memory_bytes(self) -> int:
         slack = self._slack
         return self.used_bytes if slack is None else self.used_bytes + slack()
@@ -679,9 +724,15 @@ class TmemStore:
         objects = pool.objects
         obj = objects[oid]
         size = obj.pop(index)
-        if not obj:
+        left = len(obj)
+        if not left:
             del objects[oid]
             self.obj_count -= 1
+            left = len(objects)
+            if not left & (left - 1):
+                pool.objects = _compacted(objects)
+        elif not left & (left - 1):
+            objects[oid] = _compacted(obj)
         w0, w1, w2 = oid
         key = (pool.gid, w0, w1, w2, index)
         if stored:
@@ -694,8 +745,19 @@ class TmemStore:
             owner.pers_zbytes -= size
             self.used_bytes -= size + PERSISTENT_PAGE_OVERHEAD
         else:
-            owner = self.clients[pool.owners.pop(key) if pool.shared else pool.owner]
-            del owner.lru[key]
+            if pool.shared:
+                owners = pool.owners
+                owner = self.clients[owners.pop(key)]
+                left = len(owners)
+                if not left & (left - 1):
+                    pool.owners = _compacted(owners)
+            else:
+                owner = self.clients[pool.owner]
+            lru = owner.lru
+            del lru[key]
+            left = len(lru)
+            if not left & (left - 1):
+                owner.lru = _compacted(lru)
             owner.eph_pages -= 1
             owner.eph_zbytes -= size
             self.used_bytes -= size + EPHEMERAL_PAGE_OVERHEAD
@@ -718,7 +780,10 @@ class TmemStore:
                     return False
                 self._evict_oldest(client)
         clients = self.clients.values()
+        trim = self._trim
         while self._memory_bytes() + cost > self.capacity_bytes:
+            if trim is not None and trim():
+                continue  # memory given back: perhaps no page need go
             loser = victim(client, clients, self.total_weight, self.eph_bytes)
             if loser is None:
                 return False
@@ -729,7 +794,10 @@ class TmemStore:
         """Evict, whose page the eviction rule says, until ``enough()`` or nothing is left."""
         evicted = 0
         clients = self.clients.values()
+        trim = self._trim
         while not enough():
+            if trim is not None and trim():
+                continue
             loser = victim(None, clients, self.total_weight, self.eph_bytes)
             if loser is None:
                 break
@@ -775,6 +843,27 @@ class TmemStore:
             heir.lru = OrderedDict(sorted([*heir.lru.items(), *moved], key=lambda kv: kv[1]))
         while heir.cap and heir.charged > heir.cap and heir.lru:  # the heir's cap holds too
             self._evict_oldest(heir)
+
+
+#: A dict of n entries takes about 40 bytes each, an OrderedDict about 90 (CPython 3.11),
+#: and up to twice that just after growing; one past these took its size from entries
+#: deleted since.
+_DICT_BYTES = 120
+_ORDERED_BYTES = 200
+
+
+def _compacted(table: _D) -> _D:
+    """``table``, or a copy of it when deletions left it holding memory for far more entries
+    than it has: a dict never shrinks by itself, so after a flood its table would stay
+    sized for the flood's peak, memory the capacity no longer counts.  Called when a table
+    shrank to a power of two entries, so each copy is paid for by as many deletions."""
+    entries = len(table)
+    if entries < 64:
+        return table
+    per_entry = _ORDERED_BYTES if type(table) is OrderedDict else _DICT_BYTES
+    if sys.getsizeof(table) <= per_entry * entries:
+        return table
+    return type(table)(table)  # type: ignore[return-value]
 
 
 def _stored_size(storage: PageStorage, key: PageKey) -> int | None:

@@ -94,6 +94,10 @@ class MemoryPages:
     def delete(self, key: PageKey) -> None:  # bound per instance in __init__
         del self._pages[key]
 
+    def take(self, key: PageKey) -> bytes | None:
+        """``get`` and ``delete`` in one (an exclusive get); None if not held."""
+        return self._pages.pop(key, None)
+
     def keys(self) -> Iterator[PageKey]:
         return iter(list(self._pages))
 

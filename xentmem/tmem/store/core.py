@@ -80,6 +80,9 @@ class TmemStore:
         self._page_put = self.pages.put
         self._page_get = self.pages.get
         self._page_delete = self.pages.delete
+        #: What an exclusive get does with the page it took: a storage may hold its deletion
+        #: until the reply is recorded (the host's, across a crash); else a delete.
+        self._page_release = getattr(self.pages, "release", self.pages.delete)
         #: What the storage takes beyond the pages' bytes (an arena's rounding and index),
         #: counted against the capacity: None for storage without such a figure.
         self._slack: Callable[[], int] | None = getattr(self.pages, "slack", None)
@@ -319,7 +322,7 @@ class TmemStore:
                 if not obj:
                     del objects[oid]
                     self.obj_count -= 1
-                self._page_delete(key)
+                self._page_release(key)
                 pool.pages -= 1
                 pool.zbytes -= size
                 owner = self.clients[pool.owner]

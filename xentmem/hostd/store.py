@@ -16,7 +16,7 @@ from typing import Any
 
 from xentmem.errors import AbiError, ArenaError, XentmemError
 from xentmem.hostd.runstate import Record, RunState, SessionFile
-from xentmem.tmem.abi import PAGE_SIZE, Oid, PoolUuid
+from xentmem.tmem.abi import MAX_POOLS_PER_DOMAIN, PAGE_SIZE, Oid, PoolUuid
 from xentmem.tmem.store import (
     MAX_AUTH_UUIDS,
     POOR_COMPRESSION_LIMIT,
@@ -44,7 +44,7 @@ class HostStore:
     """
 
     def __init__(self, capacity_bytes: int, *, run_dir: str | Path | None = None,
-                 allocator: str = "zsmalloc") -> None:
+                 allocator: str = "zsmalloc", max_pools: int = MAX_POOLS_PER_DOMAIN) -> None:
         self.run: RunState | None = None
         #: Sessions a restart found, waiting for their guest's device: domid -> session.
         self.resumable: dict[int, SessionFile] = {}
@@ -54,13 +54,13 @@ class HostStore:
         #: Records of messages that changed pools, kept in the state table (domid -> record).
         self._table_records: dict[int, Record] = {}
         if run_dir is None:
-            self.tmem = TmemStore(capacity_bytes)
+            self.tmem = TmemStore(capacity_bytes, max_pools=max_pools)
             return
         try:
             self.run = RunState(Path(run_dir), allocator=allocator)
         except (ArenaError, OSError) as exc:
             raise StoreError(f"xentmem-hostd: {exc}") from None
-        self.tmem = TmemStore(capacity_bytes, pages=self.run.pages)
+        self.tmem = TmemStore(capacity_bytes, pages=self.run.pages, max_pools=max_pools)
         try:
             self._rebuild()
         except BaseException:
@@ -358,7 +358,8 @@ class HostStore:
                 self._restore_clients(table)
             except (AbiError, KeyError, TypeError, ValueError) as exc:
                 problem = f"{run.table.path}: {exc}"
-                self.tmem = TmemStore(self.tmem.capacity_bytes, pages=run.pages)
+                self.tmem = TmemStore(self.tmem.capacity_bytes, pages=run.pages,
+                                      max_pools=self.tmem.max_pools)
         if problem or table is None:
             found = self.tmem.restore([]) if not self.tmem.clients else found
             for session in sessions.values():

@@ -230,3 +230,18 @@ def test_pages_come_back_in_their_wire_form(tmp_path: Path) -> None:
     rc, encoding, data = again.get_page_form(1, 0, Oid(1), 2)
     assert rc == 1 and encoding == PageEncoding.LZ4 and decode_page(encoding, data) == TEXT
     again.close()
+
+
+def test_the_service_refuses_to_start_over_a_foreign_arena_naming_it(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / ARENA_FILE).write_bytes(b"not an arena\n" * 1000)
+    result = subprocess.run(
+        [sys.executable, "-m", "xentmem.hostd", "--control", str(tmp_path / "c.sock"), "run",
+         "--run-dir", str(tmp_path), "--xenstore", str(tmp_path / "no-xenstored")],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert str(tmp_path / ARENA_FILE) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / ARENA_FILE).read_bytes() == b"not an arena\n" * 1000

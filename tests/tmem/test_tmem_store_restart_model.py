@@ -7,9 +7,10 @@ store over the same directory.  Afterwards the store must hold exactly the model
 byte for byte (nothing lost, nothing stale), in the same pools and slots, with the same
 clients and settings, and go on answering as the model does.
 
-Two things a restart does not keep, on purpose, are set aside: the eviction counter starts
-again (the model's is reset with it), and the ephemeral pages' LRU order is rebuilt from the
-arena (the model takes the store's new order).  The model does not know the arena's slack
+Three things a restart does not keep are set aside: the eviction counter starts again (the
+model's is reset with it), the ephemeral pages' LRU order is rebuilt from the arena, and a
+shared page is charged to the pool's first member (the model takes the store's new order
+and owners).  The model does not know the arena's slack
 (its rounding and index, which the capacity counts: ``test_tmem_store.py``), so the store's
 capacity here counts the pages' charges only.
 """
@@ -97,6 +98,11 @@ class RestartModel(StoreModel):
         for key, page in keyed:  # a shared page is charged to a member again, maybe another
             pool = store._by_gid[key[0]]
             page.owner = pool.owners[key] if pool.shared else pool.owner
+        # So a member may be over its cap until its next put evicts its oldest pages; the
+        # model holds caps after every op, so the cap is applied at once, to both.
+        for cid, mclient in model.clients.items():
+            if mclient.cap:
+                assert store.set_cap(cid, mclient.cap) == model.set_cap(cid, mclient.cap)
 
 
 TestRestartModel = RestartModel.TestCase

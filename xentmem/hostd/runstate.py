@@ -217,7 +217,9 @@ class HeldPages:
         self.held.add(key)
 
     def keys(self) -> Iterator[PageKey]:
-        return self.arena.keys()
+        """Every key the store holds: not the pages its exclusive gets took."""
+        held = self.held
+        return iter([key for key in self.arena.keys() if key not in held])  # noqa: SIM118
 
     def taken(self) -> list[PageKey]:
         return sorted(self.held)

@@ -354,8 +354,9 @@ class HostStore:
             try:
                 if not isinstance(table, dict):
                     raise ValueError("not a table of pools and clients")
-                found = self.tmem.restore(table.get("pools"))
+                # Settings first: a cap set on a client holding nothing evicts nothing.
                 self._restore_clients(table)
+                found = self.tmem.restore(table.get("pools"))
             except (AbiError, KeyError, TypeError, ValueError) as exc:
                 problem = f"{run.table.path}: {exc}"
                 self.tmem = TmemStore(self.tmem.capacity_bytes, pages=run.pages,

@@ -188,6 +188,7 @@ def test_a_damaged_page_is_dropped_counted_and_never_served(tmp_path: Path) -> N
         handle.write(bytes([byte[0] ^ 0x55]))
     again = HostStore(64 << 20, run_dir=tmp_path)
     assert again.restart["checksum_failures"] == 1
+    assert again.describe()["restart"]["checksum_failures"] == 1  # `xentmem-hostd list`
     assert [get(again, 1, 0, 1, n) for n in range(4)] == [data[0], data[1], None, data[3]]
     again.close()
 

@@ -193,6 +193,10 @@ class HostStore:
                 ],
                 "freeable_mb": tmem.eph_bytes >> 20,
             }
+            if self.run is not None:  # the arena's counters, checksum failures among them
+                listing["storage"] = self.run.pages.counters()
+        if self.restart:
+            listing["restart"] = dict(self.restart)
         listing["clients"] = [self._describe_client(c) for c in clients]
         return listing
 

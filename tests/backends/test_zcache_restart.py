@@ -153,7 +153,7 @@ def test_the_allocator_param_reaches_the_arena(tmp_path: Path) -> None:
 
 def test_a_pool_table_that_cannot_be_written_refuses_the_new_pool(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import xentmem.guest.backends.zcache as zcache_mod
+    import xentmem.tmem.store.table as table_mod
 
     made = backend(tmp_path)
     kept = made.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
@@ -161,6 +161,6 @@ def test_a_pool_table_that_cannot_be_written_refuses_the_new_pool(
     def full(*_: object, **__: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(zcache_mod, "write_atomically", full)
+    monkeypatch.setattr(table_mod, "write_atomically", full)
     assert made.new_pool(PRIVATE_UUID, POOL_PRIVATE_EPHEMERAL) == -12
     assert [row["pool_id"] for row in made.pools()] == [kept]  # refused means unchanged

@@ -88,10 +88,6 @@ def spread(count: int, put: object) -> None:
         thread.join()
 
 
-@pytest.mark.xfail(reason="xentmem-hostd keeps its pages in process memory (MemoryPages): "
-                          "with 24k random, 24k zero and 12k text puts its RSS reached 101 MiB "
-                          "for a 97 MiB bound (these phases may pass); the bound is the "
-                          "arena's to hold", strict=False)
 @pytest.mark.parametrize("xenstore_host", ["c-xenstored"], indirect=True)
 def test_a_flood_from_two_guests_keeps_hostd_within_its_capacity(
         xenstore_host: XenstoreHost, hostd: tuple[subprocess.Popen[bytes], Path]) -> None:

@@ -65,3 +65,15 @@ def test_the_unit_runs_the_service_in_dom0_only_without_capabilities() -> None:
     assert service["RestrictAddressFamilies"] == ["AF_UNIX"]
     assert unit["Unit"]["ConditionPathExists"] == ["/proc/xen/capabilities"]
     assert "xenstored.service" in unit["Unit"]["After"][0]
+
+
+def test_a_crash_keeps_the_run_directory_and_restarts_the_service() -> None:
+    """The page arena, the state table and the guests' sessions live in the run directory
+    (docs/protocol.md §10): kept across a restart, and the service restarted on a crash.
+    The service finds the directory in $RUNTIME_DIRECTORY, which systemd sets."""
+    from xentmem.hostd.runstate import ARENA_FILE
+
+    service = directives()["Service"]
+    assert service["RuntimeDirectoryPreserve"] == ["yes"]
+    assert service["Restart"] == ["on-failure"]
+    assert ARENA_FILE == "arena"

@@ -55,8 +55,10 @@ class TmemHost:
         self._short = Path(tempfile.mkdtemp(prefix="hostd-", dir="/tmp"))
         self.control_path = self._short / "hostd.sock"
 
-    def start(self, **kw: object) -> HostService:
-        service = HostService(xenstore=self.xs.dom0_socket, store=HostStore(self.capacity),
+    def start(self, run_dir: Path | None = None, **kw: object) -> HostService:
+        """``run_dir``: where the store's arena and sessions outlive :meth:`crash`."""
+        service = HostService(xenstore=self.xs.dom0_socket,
+                              store=HostStore(self.capacity, run_dir=run_dir),
                               control_path=self.control_path, timeout=WAIT_S, **kw)  # type: ignore[arg-type]
         service.open()
         thread = threading.Thread(target=service.run, name="hostd", daemon=True)
@@ -77,6 +79,13 @@ class TmemHost:
             self.thread.join(WAIT_S)
             assert not self.thread.is_alive(), "host service did not stop"
             self.thread = None
+
+    def crash(self) -> None:
+        """Stop as a killed process does: nothing told, nothing dropped, files kept."""
+        self.halt()
+        if self.service is not None:
+            self.service.close(clean=False)
+            self.service = None
 
     def stop(self) -> None:
         """Stop and close the devices (every guest sees Closed)."""

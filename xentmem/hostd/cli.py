@@ -26,7 +26,7 @@ from xentmem.control.protocol import MAX_DOMID, ControlError
 from xentmem.control.server import DEFAULT_IDLE_TIMEOUT_S
 from xentmem.hostd.control import DEFAULT_SOCKET, MAX_CAP_MB, MAX_WEIGHT, HostControlClient
 from xentmem.hostd.service import HostService, ServiceError, serve
-from xentmem.hostd.store import HostStore
+from xentmem.hostd.store import HostStore, StoreError
 from xentmem.notify import Notifier
 from xentmem.tmem.capacity import ACCEPTED as CAPACITY_ACCEPTED
 from xentmem.tmem.capacity import capacity_bytes, parse_capacity
@@ -128,12 +128,29 @@ log_level_option = click.option("--log-level", type=click.Choice(LOG_LEVELS), de
 @click.option("--control-idle-timeout", "idle_timeout", type=click.IntRange(1, 3600),
               default=DEFAULT_IDLE_TIMEOUT_S, show_default=True,
               help="Seconds a control connection may stay silent before it is closed.")
+@click.option("--run-dir", envvar="RUNTIME_DIRECTORY",
+              help="Where the page arena and the sessions outlive a crash of the service "
+                   "[default: $RUNTIME_DIRECTORY (systemd), else the control socket's "
+                   "directory].")
+@click.option("--in-memory", is_flag=True,
+              help="Keep pages in this process only: a crash loses every guest's pages.")
+@click.option("--allocator", type=click.Choice(["zsmalloc", "zbud"]), default="zsmalloc",
+              show_default=True, help="How compressed pages are packed in the arena.")
 @log_level_option
 @click.pass_obj
 def run(app: App, xenstore_path: str | None, xenbus_path: str | None, capacity: str,
-        domains: tuple[int, ...], idle_timeout: int, log_level: str) -> None:
-    """Serve guests' tmem until SIGTERM."""
+        domains: tuple[int, ...], idle_timeout: int, run_dir: str | None, in_memory: bool,
+        allocator: str, log_level: str) -> None:
+    """Serve guests' tmem until SIGTERM (a crash leaves the pages for the next start)."""
     configure_logging(log_level)
+    if in_memory:
+        run_dir = None
+    elif not run_dir:
+        run_dir = os.path.dirname(os.path.abspath(app.control_path))
+    try:
+        store = HostStore(capacity_of(capacity), run_dir=run_dir, allocator=allocator)
+    except StoreError as exc:
+        abort(str(exc))
     if xenbus_path:
         kind, where = "device", xenbus_path
     elif xenstore_path:
@@ -142,8 +159,7 @@ def run(app: App, xenstore_path: str | None, xenbus_path: str | None, capacity: 
         kind, where = default_xenstore_path()
     log.info("xenstore: %s %s", kind, where)
     service = HostService(xenstore=where, device=kind == "device",
-                          store=HostStore(capacity_of(capacity)),
-                          control_path=app.control_path, domains=domains,
+                          store=store, control_path=app.control_path, domains=domains,
                           control_idle_timeout_s=idle_timeout)
     serve_or_abort(service, Notifier.from_env())
 

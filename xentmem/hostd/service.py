@@ -87,6 +87,7 @@ class HostService:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._by_token: dict[bytes, tuple[TmemBack, str]] = {}
+        self._scanned = False
         self.ready = threading.Event()
 
     # -- life cycle -----------------------------------------------------------------------------
@@ -111,15 +112,22 @@ class HostService:
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
 
-    def close(self) -> None:
-        """Tell every guest the device is closed (its pages go with us), then disconnect."""
-        for device in list(self.devices.values()):
+    def close(self, *, clean: bool = True) -> None:
+        """A clean stop: tell every guest the device is closed (its pages go with us), then
+        disconnect; the run directory's arena and sessions go too.  Not clean (the service
+        failed): nothing is told or dropped, the run directory is kept as a crash leaves it,
+        for the next start to resume."""
+        for device in list(self.devices.values()) if clean else []:
             try:
                 device.store.destroy_client(device.domid)
                 device.switch_state(device.state.CLOSED)
             except (XsError, XsTimeout, XsConnectionLost):
                 log.debug("closing device of domain %d", device.domid, exc_info=True)
         self.devices.clear()
+        if clean:
+            self.store.discard()
+        else:
+            self.store.close()
         if self.control is not None:
             self.control.close()
         self.conn.close()
@@ -212,7 +220,8 @@ class HostService:
                 writer=self.writer, split_replies=self.split_replies,
             )
             try:
-                device.setup()
+                if not self._resume(device):
+                    device.setup()
             except (XsError, XsTimeout) as exc:
                 log.warning("cannot set up a tmem device for domain %d: %s", domid, exc)
                 continue
@@ -222,6 +231,27 @@ class HostService:
         for domid in self.devices:
             if self.conn.is_domain_introduced(domid):
                 self._seen_introduced.add(domid)
+        if self.store.resumable or not self._scanned:
+            # The first scan after a crash: sessions no device took up lose their pools.
+            self.store.drop_unresumed({d for d, dev in self.devices.items()
+                                       if dev.state == dev.state.CONNECTED})
+        self._scanned = True
+
+    def _resume(self, device: TmemBack) -> bool:
+        """Take up the session a crashed instance left for this guest, if it still stands."""
+        session = self.store.resumable.pop(device.domid, None)
+        if session is None:
+            return False
+        record = session.record
+        why = device.resume(session.key, record.seq, record.reply, session.vm, self.run_op)
+        if why:
+            log.warning("domain %d: session not resumed: %s; its pools are dropped",
+                        device.domid, why)
+            self.store.destroy_client(device.domid)
+            return False
+        self._by_token[device.state_token] = (device, "state")
+        self._by_token[device.req_token] = (device, "req")
+        return True
 
     def reap(self) -> None:
         """Tear down the devices of guests that are gone."""
@@ -298,12 +328,14 @@ def serve(service: HostService, notifier: Notifier | None = None) -> None:
                     notifier.send("WATCHDOG=1")
                     last[0] = clock.monotonic()
 
+    clean = False
     try:
         service.run(on_idle=on_idle)
+        clean = True
     except XsConnectionLost as exc:
         raise ServiceError(f"lost xenstore: {exc}") from exc
     finally:
-        service.close()
+        service.close(clean=clean)
     log.info("xentmem-hostd stopped")
 
 

@@ -9,9 +9,14 @@ listing.  The host service runs it from its one loop.
 from __future__ import annotations
 
 import errno
+import logging
+import time
+from pathlib import Path
 from typing import Any
 
-from xentmem.tmem.abi import PAGE_SIZE, Oid, PoolUuid
+from xentmem.errors import AbiError, ArenaError, XentmemError
+from xentmem.hostd.runstate import Record, RunState, SessionFile
+from xentmem.tmem.abi import MAX_POOLS_PER_DOMAIN, PAGE_SIZE, Oid, PoolUuid
 from xentmem.tmem.store import (
     MAX_AUTH_UUIDS,
     POOR_COMPRESSION_LIMIT,
@@ -21,14 +26,46 @@ from xentmem.tmem.store import (
 )
 from xentmem.xenbus.body import PageEncoding, WireError, decode_page
 
-__all__ = ["MAX_AUTH_UUIDS", "HostStore"]
+__all__ = ["MAX_AUTH_UUIDS", "HostStore", "StoreError"]
+
+log = logging.getLogger(__name__)
+
+
+class StoreError(XentmemError):
+    """The run directory's arena cannot be used (not ours, a newer version's, in use)."""
 
 
 class HostStore:
-    """Every guest's pools and pages, within one host-wide capacity in bytes."""
+    """Every guest's pools and pages, within one host-wide capacity in bytes.
 
-    def __init__(self, capacity_bytes: int) -> None:
-        self.tmem = TmemStore(capacity_bytes)
+    With a ``run_dir`` the pages live in an arena there and the pools, clients and guest
+    sessions in files beside it (:mod:`xentmem.hostd.runstate`), so a crashed service
+    started again finds them; without one (tests, the demo) everything is in memory.
+    """
+
+    def __init__(self, capacity_bytes: int, *, run_dir: str | Path | None = None,
+                 allocator: str = "zsmalloc", max_pools: int = MAX_POOLS_PER_DOMAIN) -> None:
+        self.run: RunState | None = None
+        #: Sessions a restart found, waiting for their guest's device: domid -> session.
+        self.resumable: dict[int, SessionFile] = {}
+        #: What the start found in the run directory (``describe``, the log).
+        self.restart: dict[str, Any] = {}
+        self._pools_changed = False
+        #: Records of messages that changed pools, kept in the state table (domid -> record).
+        self._table_records: dict[int, Record] = {}
+        if run_dir is None:
+            self.tmem = TmemStore(capacity_bytes, max_pools=max_pools)
+            return
+        try:
+            self.run = RunState(Path(run_dir), allocator=allocator)
+        except (ArenaError, OSError) as exc:
+            raise StoreError(f"xentmem-hostd: {exc}") from None
+        self.tmem = TmemStore(capacity_bytes, pages=self.run.pages, max_pools=max_pools)
+        try:
+            self._rebuild()
+        except BaseException:
+            self.run.close()
+            raise
 
     # -- what the service and the control handlers read ---------------------------------------
 
@@ -52,22 +89,30 @@ class HostStore:
     @shared_auth.setter
     def shared_auth(self, on: bool) -> None:
         self.tmem.shared_auth = on
+        self._save_quietly()
 
     def client(self, domid: int) -> Client:
         """The client of ``domid``, made on first use (as Xen's first tmem op does)."""
         return self.tmem.client(domid)
 
     def destroy_client(self, domid: int) -> int:
-        """Drop every pool of ``domid`` (the guest closed its device or died); pools dropped."""
-        return self.tmem.destroy_client(domid)
+        """Drop every pool of ``domid`` (the guest closed its device or died) and its
+        session; answers the pools dropped."""
+        dropped = self.tmem.destroy_client(domid)
+        self.end_session(domid)
+        return dropped
 
     # -- the tmem ops ---------------------------------------------------------------------------
 
     def new_pool(self, domid: int, uuid: PoolUuid, flags_word: int) -> int:
-        return self.tmem.new_pool(domid, uuid, flags_word)
+        rc = self.tmem.new_pool(domid, uuid, flags_word)
+        self._pools_changed = self._pools_changed or rc >= 0
+        return rc
 
     def destroy_pool(self, domid: int, pool_id: int) -> int:
-        return self.tmem.destroy_pool(domid, pool_id)
+        rc = self.tmem.destroy_pool(domid, pool_id)
+        self._pools_changed = self._pools_changed or rc > 0
+        return rc
 
     def put_page(self, domid: int, pool_id: int, oid: Oid, index: int,
                  encoding: PageEncoding, untrusted_data: bytes) -> int:
@@ -102,20 +147,27 @@ class HostStore:
 
     def freeze(self, domid: int, frozen: bool = True) -> None:
         self.tmem.freeze(domid, frozen)
+        self._save_quietly()
 
     def set_weight(self, domid: int, weight: int) -> None:
         self.tmem.set_weight(domid, weight)
+        self._save_quietly()
 
     def set_cap(self, domid: int, cap_bytes: int) -> int:
-        return self.tmem.set_cap(domid, cap_bytes)
+        evicted = self.tmem.set_cap(domid, cap_bytes)
+        self._save_quietly()
+        return evicted
 
     def set_compress(self, domid: int, compress: bool) -> None:
         """Affects pages put from now on (stored pages keep their form, as in Xen)."""
         self.tmem.set_compress(domid, compress)
+        self._save_quietly()
 
     def authorise(self, domid: int, uuid: PoolUuid, allow: bool) -> int:
         """``tmem-shared-auth``: 1 done, -ENOSPC when the client's list is full."""
-        return self.tmem.authorise(domid, uuid, allow)
+        rc = self.tmem.authorise(domid, uuid, allow)
+        self._save_quietly()
+        return rc
 
     def freeable_mb(self) -> int:
         """``tmem-freeable``: MiB the host could take back at once (the ephemeral pages)."""
@@ -141,6 +193,10 @@ class HostStore:
                 ],
                 "freeable_mb": tmem.eph_bytes >> 20,
             }
+            if self.run is not None:  # the arena's counters, checksum failures among them
+                listing["storage"] = self.run.pages.counters()
+        if self.restart:
+            listing["restart"] = dict(self.restart)
         listing["clients"] = [self._describe_client(c) for c in clients]
         return listing
 
@@ -179,6 +235,190 @@ class HostStore:
             for slot, pool in enumerate(client.slots)
             if pool is not None
         ]
+
+    # -- the run directory: what a crash leaves for the next start -----------------------------
+
+    def open_session(self, domid: int, key: Any, vm: str) -> None:
+        """A guest's session connected: its session file, made new (a fresh key)."""
+        if self.run is None:
+            return
+        self.end_session(domid)
+        try:
+            self.run.sessions[domid] = SessionFile.create(self.run.session_path(domid), domid,
+                                                          key, vm)
+        except OSError as exc:
+            log.error("domain %d: session file %s not written (%s): its session will not "
+                      "survive a crash of the service", domid, self.run.session_path(domid),
+                      exc)
+
+    def end_session(self, domid: int) -> None:
+        """The guest's session ended (closed, a new one, gone): its file goes."""
+        if self.run is None:
+            return
+        self.resumable.pop(domid, None)
+        session = self.run.sessions.pop(domid, None)
+        if session is not None:
+            session.remove()
+        else:
+            self.run.session_path(domid).unlink(missing_ok=True)
+        if self._table_records.pop(domid, None) is not None:
+            self._save_quietly()
+
+    def commit(self, domid: int, seq: int, reply: bytes) -> None:
+        """A message was run and this is its reply: record it before it is sent (with the
+        pages its exclusive gets took, which are deleted only now), and the state table if
+        its pools changed.  Without a run directory there is nothing to record."""
+        run = self.run
+        if run is None:
+            return
+        pages = run.pages
+        record = Record(seq, reply, pages.taken())
+        if self._pools_changed:
+            self._pools_changed = False
+            self._table_records[domid] = record
+            self._save_quietly()
+        session = run.sessions.get(domid)
+        if session is not None:
+            try:
+                session.write(record)
+            except ValueError as exc:
+                log.error("domain %d message %d not recorded: %s", domid, seq, exc)
+        pages.settle()
+
+    def record_of(self, domid: int) -> Record:
+        session = self.run.sessions.get(domid) if self.run is not None else None
+        return session.record if session is not None else Record()
+
+    def state_table(self) -> dict[str, Any]:
+        """What the ``state`` file holds: pools, clients' settings, pool-changing records."""
+        tmem = self.tmem
+        with tmem.lock:
+            clients = [{"cid": c.cid, "weight": c.weight, "cap": c.cap, "frozen": c.frozen,
+                        "compress": c.compress,
+                        "auth": sorted([u.lo, u.hi] for u in c.auth)}
+                       for c in tmem.clients.values()]
+        return {"shared_auth": tmem.shared_auth, "clients": clients, "pools": tmem.pool_table(),
+                "records": {str(d): r.as_json() for d, r in self._table_records.items()}}
+
+    def save_state(self) -> None:
+        """The state table, rewritten atomically (OSError when it cannot be)."""
+        if self.run is not None:
+            self.run.table.write(self.state_table())
+
+    def _save_quietly(self) -> None:
+        try:
+            self.save_state()
+        except OSError as exc:
+            log.error("state table %s not written: %s; a crash now would lose what the "
+                      "pages mean", self.run.table.path if self.run else "?", exc)
+
+    def close(self) -> None:
+        """Let go of the run directory's files, keeping them (as a crash would)."""
+        if self.run is not None:
+            self.run.close()
+
+    def discard(self) -> None:
+        """A clean stop: every guest was told its pages are gone; the files go."""
+        if self.run is not None:
+            self._table_records.clear()
+            self.resumable.clear()
+            self.run.discard()
+            self.run = None
+
+    def _rebuild(self) -> None:
+        """After a crash: pools, clients and pages back from the run directory, and the
+        sessions that may resume (each guest's device decides when the service starts)."""
+        run = self.run
+        assert run is not None
+        started = time.monotonic()
+        report = run.report
+        problem = ""
+        table: Any = None
+        try:
+            table = run.read_state()
+        except (OSError, ValueError) as exc:
+            problem = str(exc)
+        sessions = run.read_sessions()
+        records: dict[int, Record] = {}
+        if isinstance(table, dict):
+            for domid, row in (table.get("records") or {}).items():
+                try:
+                    records[int(domid)] = Record.from_json(row)
+                except (TypeError, ValueError) as exc:
+                    problem = problem or f"{run.table.path}: {exc}"
+        for domid, session in sessions.items():
+            if records.get(domid, Record()).seq > session.record.seq:
+                session.record = records[domid]
+        # The pages the last messages' exclusive gets took, if a crash came before they went.
+        for session in sessions.values():
+            for key in session.record.taken:
+                run.arena.delete(key)  # type: ignore[arg-type]
+        found = {"pools": 0, "pages": 0, "orphans": 0}
+        if table is not None and not problem:
+            try:
+                if not isinstance(table, dict):
+                    raise ValueError("not a table of pools and clients")
+                # Settings first: a cap set on a client holding nothing evicts nothing.
+                self._restore_clients(table)
+                found = self.tmem.restore(table.get("pools"))
+            except (AbiError, KeyError, TypeError, ValueError) as exc:
+                problem = f"{run.table.path}: {exc}"
+                self.tmem = TmemStore(self.tmem.capacity_bytes, pages=run.pages,
+                                      max_pools=self.tmem.max_pools)
+        if problem or table is None:
+            found = self.tmem.restore([]) if not self.tmem.clients else found
+            for session in sessions.values():
+                session.remove()
+            sessions = {}
+        if problem:
+            log.error("xentmem-hostd: state table not usable, every page in %s is dropped: "
+                      "%s", report.path, problem)
+        run.sessions = dict(sessions)
+        self.resumable = dict(sessions)
+        self._table_records = {d: r for d, r in records.items() if d in sessions}
+        self.restart = {
+            "arena": report.path, "arena_how": report.how, "allocator": report.allocator,
+            "pools_restored": found["pools"], "pages_restored": found["pages"],
+            "pages_dropped": found["orphans"], "sessions": sorted(sessions),
+            "checksum_failures": report.checksum_failures,
+            "records_dropped": report.dropped_records,
+            "seconds": round(report.seconds + time.monotonic() - started, 3),
+        }
+        if problem:
+            self.restart["error"] = problem
+        if report.how != "created":
+            log.info("xentmem-hostd: arena %s %s: %d page(s) in %d pool(s) kept, %d dropped, "
+                     "%d checksum failure(s), sessions of domains %s may resume, %.2fs",
+                     report.path, report.how, found["pages"], found["pools"], found["orphans"],
+                     report.checksum_failures, sorted(sessions) or "none",
+                     self.restart["seconds"])
+        self.save_state()
+
+    def _restore_clients(self, table: dict[str, Any]) -> None:
+        """Each client's ``xl tmem-set`` settings and authorisations, checked."""
+        tmem = self.tmem
+        rows = table.get("clients", [])
+        if not isinstance(rows, list):
+            raise ValueError("clients is not a list")
+        for row in rows:
+            cid = row["cid"]
+            if type(cid) is not int:
+                raise ValueError(f"client {cid!r} is not a domid")
+            tmem.set_weight(cid, int(row["weight"]))
+            tmem.set_cap(cid, int(row["cap"]))
+            tmem.freeze(cid, bool(row["frozen"]))
+            tmem.set_compress(cid, bool(row["compress"]))
+            for lo, hi in row["auth"]:
+                tmem.authorise(cid, PoolUuid.checked(lo, hi), True)
+        tmem.shared_auth = bool(table.get("shared_auth", True))
+
+    def drop_unresumed(self, kept: set[int]) -> None:
+        """After the devices were set up: clients whose session did not resume lose their
+        pools (their guest is told the host lost them, as before)."""
+        for domid, client in list(self.tmem.clients.items()):
+            if domid not in kept and any(pool is not None for pool in client.slots):
+                self.destroy_client(domid)
+        self.resumable.clear()
 
     # -- internals ------------------------------------------------------------------------------
 

@@ -68,6 +68,7 @@ from xentmem.xenbus.framing import (
     MAX_REPLY_INLINE_BYTES,
     NAME_OVERHEAD,
     Envelope,
+    Framed,
     Limits,
     Part,
     frame,
@@ -230,6 +231,73 @@ class TmemBack(XenbusDevice):
         self._watching = True
         log.info("tmem device for domain %d: %s <-> %s", self.domid, self.otherend, self.nodename)
 
+    def resume(self, key: SessionKey, seq: int, reply: bytes, vm: str,
+               run: Callable[[int, OpRecord], ResultRecord]) -> str:
+        """Take up the session a crashed instance of the service left (its key, its last
+        message and reply, kept in the run directory): "" when resumed, else why not.
+
+        Resumed only if both ends are still Connected with that very key in the backend
+        area, and the domain is the same one (its ``vm`` node): the guest then goes on
+        without a new handshake.  The last reply is written again (the guest may be waiting
+        for it: it is answered from the record, never run twice), requests the guest wrote
+        meanwhile are served, and the backend's ``state`` is written again, which fires the
+        guest's watch on it: the sign that the host is back (``docs/protocol.md``, §10).
+        """
+        conn = self.conn
+        untrusted_key = conn.read_optional(f"{self.nodename}/{BE_SESSION_KEY}") or b""
+        untrusted_vm = (conn.read_optional(f"{self.home}/vm") or b"").decode("ascii", "replace")
+        own_state = self.read_state(self.nodename)
+        frontend = self.read_otherend_state()
+        if untrusted_key.rstrip(b"\x00") != key.encode():
+            return "its backend area holds another session key"
+        if untrusted_vm != vm:
+            return f"domain {self.domid} is another domain now (vm {untrusted_vm!r})"
+        if own_state != XenbusState.CONNECTED or frontend != XenbusState.CONNECTED:
+            return (f"the device is {own_state.strstate()}/{frontend.strstate()}, "
+                    "not Connected on both ends")
+        self.key = key
+        self.state = XenbusState.CONNECTED
+        self.last_seq = seq
+        self.last_reply = None
+        self._served = self._replies_kept = 0
+        self._parts.clear()
+        self.conn.watch(f"{self.otherend}/{STATE}", self.state_token)
+        self.conn.watch(f"{self.otherend}/{REQ_DIR}", self.req_token)
+        self._watching = True
+        if seq:
+            self._reply(seq, frame(seq, reply, self._reply_limits(), reply=True, key=key))
+        self._serve_waiting(run)
+        self.writer.settle()
+        self.conn.write(f"{self.nodename}/{STATE}", str(int(XenbusState.CONNECTED)).encode())
+        log.info("tmem device of domain %d resumed after a restart of the service "
+                 "(last message %d)", self.domid, seq)
+        return ""
+
+    def _serve_waiting(self, run: Callable[[int, OpRecord], ResultRecord]) -> None:
+        """Serve the requests in ``req/`` that no watch event will announce again (written
+        while the service was down): name parts first, then messages by seq."""
+        conn = self.conn
+        req = f"{self.otherend}/{REQ_DIR}"
+        try:
+            untrusted_slots = conn.directory(req)
+        except XsError:
+            return
+        waiting: list[tuple[int, bool, bytes]] = []  # seq, is the message, path
+        for untrusted_slot in untrusted_slots[:4 * REQ_SLOTS * 8]:
+            slot = untrusted_slot.decode("ascii", "replace")
+            try:
+                untrusted_names = conn.directory(f"{req}/{slot}")
+            except XsError:
+                continue
+            for untrusted_name in untrusted_names[:8]:
+                name = untrusted_name.decode("ascii", "replace")
+                match = _LEADING_SEQ.match(name)
+                if match is not None and int(match[1]) > self.last_seq:
+                    waiting.append((int(match[1]), not is_part_name(name),
+                                    f"{req}/{slot}/{name}".encode()))
+        for _, _, path in sorted(waiting):  # a message's parts before the message
+            self.request(path, run)
+
     def teardown(self, *, remove_areas: bool) -> None:
         """The guest is gone (or the service stops): drop its pages, optionally its areas."""
         self._settle_writes()
@@ -365,6 +433,8 @@ class TmemBack(XenbusDevice):
         self._parts.clear()
         self._perms_known = False
         self.counters.sessions += 1
+        vm = self.conn.read_optional(f"{self.home}/vm") or b""
+        self.store.open_session(self.domid, self.key, vm.decode("ascii", "replace"))
         self.switch_state(XenbusState.CONNECTED)
         log.info("tmem device of domain %d connected (version %d)", self.domid, version)
 
@@ -468,7 +538,9 @@ class TmemBack(XenbusDevice):
                 counters.ops += len(ops)
                 results = [run(self.domid, op) for op in ops]
         self._consumed()
-        self._reply(envelope.seq, results, status)
+        body, framed = self._framed_reply(envelope.seq, results, status)
+        self.store.commit(self.domid, envelope.seq, body)  # before it is sent: see resume()
+        self._reply(envelope.seq, framed)
 
     def _consumed(self) -> None:
         """Remove served requests in bulk, before the guest can add the next one.
@@ -582,16 +654,20 @@ class TmemBack(XenbusDevice):
         return not self.foreign_writers_of(req_dir, untrusted_perms) and {
             child.decode("ascii", "replace") for child in untrusted_children} == slots
 
-    def _reply(self, seq: int, results: list[ResultRecord], status: int) -> None:
+    def _framed_reply(self, seq: int, results: list[ResultRecord],
+                      status: int) -> tuple[bytes, Framed]:
+        """The reply's body, and its nodes' names and values."""
         limits = self._reply_limits()
-        key = self.key
         try:
-            framed = frame(seq, encode_reply(results, status=status), limits, reply=True,
-                           key=key)
+            body = encode_reply(results, status=status)
+            return body, frame(seq, body, limits, reply=True, key=self.key)
         except WireError as exc:
             log.warning("domain %d message %d: reply does not fit (%s)", self.domid, seq, exc)
-            framed = frame(seq, encode_reply([], status=-errno.E2BIG), limits, reply=True,
-                           key=key)
+            body = encode_reply([], status=-errno.E2BIG)
+            return body, frame(seq, body, limits, reply=True, key=self.key)
+
+    def _reply(self, seq: int, framed: Framed) -> None:
+        key = self.key
         if self._replies_kept >= REPLIES_KEPT:
             # Every earlier reply has been read: the guest sent a new request since.
             self.writer.post_rm(f"{self.nodename}/{RSP_DIR}")

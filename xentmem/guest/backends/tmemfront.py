@@ -598,6 +598,21 @@ class TmemFront(XenbusDevice):
             log.debug("could not mark %s closed", self.nodename, exc_info=True)
         raise Disconnected(self.broken)
 
+    def host_back(self, wait: float = 0.0) -> bool:
+        """After the host went silent (an op timed out): has it said it is back?
+
+        A host service that restarts and resumes this session writes its ``state``
+        (Connected) again, which fires our watch on it (``docs/protocol.md`` §10).  Reads
+        what arrives within ``wait`` seconds; only the sender calls it (it uses the session).
+        Disconnected if the host came back without our session (it left Connected).
+        """
+        if self._state_watch is None or self.broken:
+            return False
+        if self._state_watch.get(wait) is None:
+            return False
+        self._otherend_changed()
+        return True
+
     def _check_writes(self) -> None:
         """Fail the message at once if xenstore refused one of its writes (quota, permission),
         rather than after the whole timeout."""

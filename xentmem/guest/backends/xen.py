@@ -118,13 +118,15 @@ class XenBackend(Backend):
         self._stalled_until = 0.0
         self._backoff_s = 0.0
         self._last_error = ""
+        #: Since when (this backend's clock) the host has been silent, or None.
+        self._outage_since: float | None = None
         self._stop = threading.Event()
         self._kick = threading.Event()
         self._flusher: threading.Thread | None = None
         self._counts = {
             "ops": 0, "posted": 0, "posted_failed": 0, "posted_dropped": 0,
             "queue_timeouts": 0, "failed_fast": 0, "rejected": 0, "redelivered_flushes": 0,
-            "poisoned_pools": 0,
+            "poisoned_pools": 0, "host_outages": 0, "host_returns": 0,
         }
 
     # -- life cycle -----------------------------------------------------------------------------
@@ -209,6 +211,9 @@ class XenBackend(Backend):
             "batch": self.values["batch"],
             "batch_max": self._batch_max(),
             "stalled": self._stalled_until > self.clock.monotonic(),
+            "outage": None if self._outage_since is None else {
+                "for_s": round(self.clock.monotonic() - self._outage_since, 1),
+                "why": self._last_error},
             "broken": front.broken,
             "last_error": self._last_error,
         })
@@ -487,9 +492,7 @@ class XenBackend(Backend):
                 self._counts["rejected"] += 1
             self._settle(batch, None, _EIO)
         else:
-            with self._lock:
-                self._stalled_until = 0.0
-                self._backoff_s = 0.0
+            self._host_answers("answers again")
             self._settle(batch, results, 0)
 
     def _settle(self, batch: list[_Slot], results: list[ResultRecord] | None, failure: int) -> None:
@@ -542,8 +545,44 @@ class XenBackend(Backend):
         self._counts["posted_dropped"] += len(self._queue) - len(kept)
         self._queue = kept
 
+    def _host_answers(self, how: str) -> None:
+        """The host answered (or said it is back): the stall and the outage are over."""
+        with self._lock:
+            self._stalled_until = 0.0
+            self._backoff_s = 0.0
+            since, self._outage_since = self._outage_since, None
+            if since is not None:
+                self._counts["host_returns"] += 1
+        if since is not None:
+            log.warning("xen: the tmem host %s after %.1f s; ops go through again", how,
+                        self.clock.monotonic() - since)
+
+    def _probe_host(self, wait: float = 0.0) -> None:
+        """While stalled: has the host said it is back (a restarted service that resumed
+        our session)?  Then the stall ends at once rather than at its backoff's end."""
+        with self._lock:
+            front = self._front
+            if not self._stalled_until or self._sending or front is None:
+                return
+            self._sending = True
+        try:
+            back = front.host_back(wait)
+        except Disconnected as exc:
+            self._last_error = str(exc)
+            back = False
+        except (XenStoreError, WireError) as exc:
+            log.debug("xen: looking for the host's return: %s", exc)
+            back = False
+        finally:
+            self._hand_over()
+        if back:
+            self._host_answers("is back")
+
     def _stall(self, why: str) -> None:
         with self._lock:
+            if self._outage_since is None:
+                self._outage_since = self.clock.monotonic()
+                self._counts["host_outages"] += 1
             backoff_s = self.values["stall_backoff_ms"] / 1000.0
             self._backoff_s = (min(self._backoff_s * 2, MAX_STALL_BACKOFF_S)
                                if self._backoff_s else backoff_s)
@@ -555,6 +594,7 @@ class XenBackend(Backend):
         """Send posted ops that waited ``batch_delay_ms`` without a synchronous op to ride."""
         while not self._stop.is_set():
             if not self._kick.wait(timeout=1.0):
+                self._probe_host()
                 continue
             self._kick.clear()
             if self._stop.is_set():

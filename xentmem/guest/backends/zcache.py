@@ -12,7 +12,6 @@ for frontswap to adopt (``docs/zcache.md``, "Restart").
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import threading
 import time
@@ -22,12 +21,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import psutil
-import xxhash
 from lz4.block import decompress
 
 from xentmem.clock import Clock
 from xentmem.errors import ArenaError, BackendError, ParamError
-from xentmem.files import write_atomically
 from xentmem.guest.backend import Backend, GetResult
 from xentmem.guest.backends.ramster.params import RAMSTER_PARAMS, parse_nodes, resolve_node_id
 from xentmem.params import Param, ParamSet
@@ -44,6 +41,7 @@ from xentmem.tmem.store import (
     TmemStore,
     pack_page,
 )
+from xentmem.tmem.store.table import TableFile
 
 if TYPE_CHECKING:  # redis-py is an extra: imported only with ramster=1
     from xentmem.guest.backends.ramster.remote import RemotePages
@@ -300,31 +298,22 @@ class ZcacheBackend(Backend):
                      found["pages"], self.restart["pools_restored"], found["orphans"],
                      self.restart["seconds"])
 
+    @property
+    def _pools_file(self) -> TableFile:
+        return TableFile(self._pools_path, POOLS_MAGIC)
+
     def _read_pools(self) -> list[Any]:
         """The pool table file, checked: ValueError naming the file and what is wrong."""
-        path = self._pools_path
-        raw = path.read_bytes()
-        head, _, rest = raw.partition(b"\n")
-        digest, _, body = rest.partition(b"\n")
-        if head.decode("ascii", "replace") != POOLS_MAGIC:
-            raise ValueError(f"{path}: not a zcache pool table (no {POOLS_MAGIC!r} line)")
-        if xxhash.xxh3_64_hexdigest(body) != digest.decode("ascii", "replace"):
-            raise ValueError(f"{path}: checksum mismatch")
-        try:
-            untrusted = json.loads(body)
-        except ValueError as exc:
-            raise ValueError(f"{path}: {exc}") from None
+        untrusted = self._pools_file.read()
         if not isinstance(untrusted, list):
-            raise ValueError(f"{path}: not a list of pools")
+            raise ValueError(f"{self._pools_path}: not a list of pools")
         return untrusted
 
     def _save_pools(self) -> None:
         """The pool table, written atomically (a temporary file renamed over it)."""
         if self._arena is None:
             return
-        body = json.dumps(self._store.pool_table(), separators=(",", ":")).encode()
-        data = f"{POOLS_MAGIC}\n{xxhash.xxh3_64_hexdigest(body)}\n".encode() + body
-        write_atomically(self._pools_path, data, 0o600)
+        self._pools_file.write(self._store.pool_table())
 
     def restored_pages(self, pool_id: int) -> list[tuple[Oid, int]]:
         """The (oid, index) of every page a restart brought back in pool ``pool_id``: what

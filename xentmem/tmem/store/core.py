@@ -83,6 +83,8 @@ class TmemStore:
         self._page_put = self.pages.put
         self._page_get = self.pages.get
         self._page_delete = self.pages.delete
+        #: An exclusive get's page, gone from the storage (a storage may only hide it until
+        #: the reply is recorded: the host's, across a crash).
         self._page_take: Callable[[PageKey], bytes | None] = getattr(
             self.pages, "take", self._get_and_delete)
         #: What the storage takes beyond the pages' bytes (an arena's rounding and index),

@@ -1,0 +1,185 @@
+"""A guest's session across a crash of the host service (``docs/protocol.md`` §10): the
+service's store and sessions in a run directory, the service stopped as a kill stops it
+(:meth:`TmemHost.crash`: nothing told, nothing dropped) and started again over the same
+directory.  Against our xenstored and Debian's two daemons (the ``xenstore_host`` fixture).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from xenhost import TIMEOUT_MS, WAIT_S, TmemHost
+
+from xentmem.guest.backends.xen import XenBackend
+from xentmem.hostd.control import HostControlClient
+from xentmem.hostd.tmemback import TmemBack
+from xentmem.tmem.abi import (
+    EEMPTY,
+    PAGE_SIZE,
+    POOL_PRIVATE_EPHEMERAL,
+    POOL_PRIVATE_PERSISTENT,
+    PRIVATE_UUID,
+    Oid,
+)
+
+TEXT = (b"static int tmem_resume(struct tmem_pool *pool);\n" * 90)[:PAGE_SIZE]
+
+
+def page(n: int) -> bytes:
+    return (b"%06d" % n + TEXT)[:PAGE_SIZE] if n % 4 else random.Random(n).randbytes(PAGE_SIZE)
+
+
+@pytest.fixture
+def run_dir() -> Iterator[Path]:
+    made = Path(tempfile.mkdtemp(prefix="hostd-run-", dir="/tmp"))
+    yield made
+    shutil.rmtree(made, ignore_errors=True)
+
+
+@pytest.fixture
+def host(run_dir: Path, tmem_host: TmemHost) -> TmemHost:
+    tmem_host.stop()
+    tmem_host.start(run_dir=run_dir)
+    return tmem_host
+
+
+def listing(host: TmemHost, domid: int) -> dict[str, Any]:
+    with HostControlClient(host.control_path, timeout=WAIT_S) as control:
+        return control.call("list", domid=domid)
+
+
+def client_of(host: TmemHost, domid: int) -> dict[str, Any]:
+    (found,) = [c for c in listing(host, domid)["clients"] if c["domid"] == domid]
+    return found
+
+
+def connect(host: TmemHost, domid: int, **params: Any) -> XenBackend:
+    backend = XenBackend({"timeout_ms": TIMEOUT_MS * 4, "batch": False, **params},
+                         roots=host.guest(domid))
+    backend.connect()
+    return backend
+
+
+def test_a_crashed_host_resumes_every_session_with_its_pages(host: TmemHost,
+                                                             run_dir: Path) -> None:
+    a, b = connect(host, 5), connect(host, 6)
+    try:
+        pa = a.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        ea = a.new_pool(PRIVATE_UUID, POOL_PRIVATE_EPHEMERAL)
+        pb = b.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        for n in range(12):
+            assert a.put_page(pa, Oid(1), n, page(n)) == 1
+            assert b.put_page(pb, Oid(2), n, page(n + 50)) == 1
+        assert a.put_page(ea, Oid(3), 0, page(99)) == 1
+        host.crash()
+        host.start(run_dir=run_dir)
+        # No new handshake: the same pool ids, the same pages, exactly.
+        for n in range(12):
+            assert a.get_page(pa, Oid(1), n) == (1, page(n))
+            assert b.get_page(pb, Oid(2), n) == (1, page(n + 50))
+        assert a.get_page(ea, Oid(3), 0) == (1, page(99))  # exclusive: taken now
+        assert a.get_page(ea, Oid(3), 0) == (-EEMPTY, None)  # the pool holds nothing
+        assert a.put_page(pa, Oid(1), 12, page(12)) == 1
+        assert client_of(host, 5)["persistent_pages"] == 13
+        assert host.service is not None
+        assert host.service.devices[5].counters.sessions == 0  # resumed, not reconnected
+        assert not a.describe()["broken"] and not b.describe()["broken"]
+    finally:
+        a.remove()
+        b.remove()
+
+
+def _lose_the_next_reply(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """The service runs and records the next message, then dies before its reply is
+    written: the reply never reaches xenstore."""
+    served = threading.Event()
+
+    def lost(self: TmemBack, seq: int, framed: object) -> None:
+        served.set()
+
+    monkeypatch.setattr(TmemBack, "_reply", lost)
+    return served
+
+
+@pytest.mark.parametrize("kind", ["exclusive get", "persistent put"])
+def test_a_reply_lost_with_the_host_is_answered_from_the_record_never_run_twice(
+        host: TmemHost, run_dir: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    guest = connect(host, 5)
+    try:
+        eph = guest.new_pool(PRIVATE_UUID, POOL_PRIVATE_EPHEMERAL)
+        pers = guest.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        assert guest.put_page(eph, Oid(1), 0, page(1)) == 1
+        served = _lose_the_next_reply(monkeypatch)
+        outcome: list[Any] = []
+        if kind == "exclusive get":
+            op = threading.Thread(target=lambda: outcome.append(guest.get_page(eph, Oid(1), 0)))
+        else:
+            op = threading.Thread(
+                target=lambda: outcome.append(guest.put_page(pers, Oid(2), 0, page(2))))
+        op.start()
+        assert served.wait(WAIT_S)
+        host.crash()
+        monkeypatch.undo()
+        host.start(run_dir=run_dir)  # sends the recorded reply again
+        op.join(WAIT_S * 2)
+        assert not op.is_alive()
+        if kind == "exclusive get":
+            assert outcome == [(1, page(1))]
+            assert guest.get_page(eph, Oid(1), 0) == (-EEMPTY, None)  # taken once
+        else:
+            assert outcome == [1]
+            client = client_of(host, 5)
+            assert client["persistent_pages"] == 1
+            assert client["stats"]["puts"] == 0  # this instance never ran it again
+            assert guest.get_page(pers, Oid(2), 0) == (1, page(2))
+    finally:
+        guest.remove()
+
+
+def test_the_guest_sees_the_outage_and_the_return(host: TmemHost, run_dir: Path) -> None:
+    guest = connect(host, 5, stall_backoff_ms=60_000)
+    try:
+        pers = guest.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        assert guest.put_page(pers, Oid(1), 0, page(1)) == 1
+        host.crash()
+        guest.set_param("timeout_ms", 300)  # short only while nobody can answer
+        assert guest.put_page(pers, Oid(1), 1, page(2)) == -errno.ETIMEDOUT
+        assert guest.get_page(pers, Oid(1), 0) == (-errno.ETIMEDOUT, None)  # fails fast
+        described = guest.describe()
+        assert described["stalled"] and described["outage"] is not None
+        assert "no reply from the tmem host" in described["outage"]["why"]
+        host.start(run_dir=run_dir)
+        guest.set_param("timeout_ms", TIMEOUT_MS * 4)
+        for _ in range(int(WAIT_S * 2)):  # the state watch fires when the host resumed us
+            if guest.stats()["host_returns"]:
+                break
+            guest._probe_host(wait=1.0)
+        assert guest.stats()["host_returns"] == 1 and guest.stats()["host_outages"] == 1
+        assert guest.describe()["outage"] is None and not guest.describe()["stalled"]
+        assert guest.get_page(pers, Oid(1), 0) == (1, page(1))  # nothing lost
+        assert guest.put_page(pers, Oid(1), 1, page(2)) == 1
+    finally:
+        guest.remove()
+
+
+def test_a_clean_stop_still_closes_the_guests(host: TmemHost, run_dir: Path) -> None:
+    guest = connect(host, 5)
+    try:
+        pers = guest.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        assert guest.put_page(pers, Oid(1), 0, page(1)) == 1
+        host.stop()
+        assert sorted(os.listdir(run_dir)) == []
+        host.start(run_dir=run_dir)
+        assert guest.get_page(pers, Oid(1), 0) == (-errno.ENODEV, None)
+        assert "unload and load" in guest.describe()["broken"]
+    finally:
+        guest.remove()

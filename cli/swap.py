@@ -29,6 +29,9 @@ DEFAULT_SIZE = "1G"
 START_NAME = "swap-at-start"
 #: One connection per CPU (the export offers NBD_FLAG_CAN_MULTI_CONN), at most 8.
 MAX_CONNECTIONS = 8
+#: How long the kernel holds a device's I/O for the daemon to come back when its connection
+#: dies (``dead_conn_timeout``): the service's restart (RestartSec=, then the start) fits.
+DEFAULT_PERSIST_S = 120
 
 
 def parse_size(ctx: click.Context, param: click.Parameter, text: str) -> int:
@@ -43,8 +46,10 @@ def parse_size(ctx: click.Context, param: click.Parameter, text: str) -> int:
 
 
 def kernel() -> Kernel:
-    """The kernel of ``XENTMEM_ROOT`` (``/``), its tools run by ``swap_kernel.run_tool``."""
-    return Kernel(Roots.from_env(), run=swap_kernel.run_tool)
+    """The kernel of ``XENTMEM_ROOT`` (``/``): its tools run by ``swap_kernel.run_tool``, its
+    netlink by ``swap_kernel.kernel_reconfigure``, handshakes by ``swap_kernel.handshake``."""
+    return Kernel(Roots.from_env(), run=swap_kernel.run_tool,
+                  reconfigure=swap_kernel.kernel_reconfigure, connect=swap_kernel.handshake)
 
 
 def _unix_socket(addresses: list[str]) -> str:
@@ -67,17 +72,21 @@ def swap() -> None:
 @click.option("--priority", type=click.IntRange(-1, 32767), default=None,
               help="swapon's priority (default: the kernel's).")
 @click.option("--name", default=None, help="The export's name (default: swapN).")
+@click.option("--persist", "persist_s", type=click.IntRange(0, 86400),
+              default=DEFAULT_PERSIST_S, show_default=True, metavar="SECONDS",
+              help="If the daemon dies, the kernel holds the device's I/O this long for it "
+                   "to restart and `swap start` to reconnect (0: fail it at once).")
 @json_option
 @click.pass_obj
 def add(app: App, *, pages: int, backing: str, priority: int | None, name: str | None,
-        as_json: bool) -> None:
+        persist_s: int, as_json: bool) -> None:
     """Create an export, attach it with nbd-client, mkswap and swapon it."""
-    result = attach(app, pages, backing, priority, name)
+    result = attach(app, pages, backing, priority, name, persist_s)
     app.emit(result, as_json=as_json, render=render.tree)
 
 
 def attach(app: App, pages: int, backing: str, priority: int | None,
-           name: str | None) -> dict[str, Any]:
+           name: str | None, persist_s: int = DEFAULT_PERSIST_S) -> dict[str, Any]:
     """``swap add``'s work: the export, nbd-client, mkswap, swapon; undone if a step fails."""
     k = kernel()
     try:
@@ -95,6 +104,8 @@ def attach(app: App, pages: int, backing: str, priority: int | None,
         k.attach(_unix_socket(export["socket"]), export["name"], device,
                  min(os.cpu_count() or 1, MAX_CONNECTIONS))
         done.append("attach")
+        if persist_s:
+            k.persist(device, persist_s)
         k.mkswap(device, f"xentmem-{export['name']}")
         k.swapon(device, priority)
     except SwapStepFailed as exc:
@@ -111,18 +122,44 @@ def attach(app: App, pages: int, backing: str, priority: int | None,
         app.abort(f"swap add: {exc}" + (f" (and undoing it: {'; '.join(undo)})" if undo
                                         else "; nothing was left behind"))
     return {"name": export["name"], "device": device, "pages": pages,
-            "size": pages * PAGE, "backing": backing, "priority": priority}
+            "size": pages * PAGE, "backing": backing, "priority": priority,
+            "persist_s": persist_s}
+
+
+def reconnect(k: Kernel, listed: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Every export whose device the kernel still holds gets a new connection: after the
+    daemon died, the device's connection is dead and its I/O waits (``--persist``) for one.
+    The devices reconnected, and the errors."""
+    done, errors = [], []
+    sock = _unix_socket(listed.get("listening", []))
+    for export in listed["exports"]:
+        device = export.get("device")
+        if not device or not k.connected(device):
+            continue
+        try:
+            k.reconnect(sock, export["name"], device)
+        except SwapStepFailed as exc:
+            errors.append(str(exc))
+            continue
+        done.append(device)
+    return done, errors
 
 
 @swap.command()
 @json_option
 @click.pass_obj
 def start(app: App, *, as_json: bool) -> None:
-    """Attach the swap the daemon's config asks for (nbd_swap_mib), unless it is on already.
+    """Reconnect the devices of the exports a restarted daemon took back, then attach the
+    swap the daemon's config asks for (nbd_swap_mib), unless it is on already.
 
-    The service runs it after the daemon is ready (ExecStartPost=).
+    The service runs it after the daemon is ready (ExecStartPost=), after every start:
+    after a crash, the kernel still holds the devices, their I/O waiting for the daemon.
     """
     listed = app.call("nbd.list")
+    reconnected, errors = reconnect(kernel(), listed) if listed["exports"] else ([], [])
+    if errors:
+        app.abort(f"swap start: {'; '.join(errors)}"
+                  + (f" (reconnected: {', '.join(reconnected)})" if reconnected else ""))
     mib = int(listed.get("swap_at_start_mib") or 0)
     if not mib:
         result: dict[str, Any] = {"started": False, "why": "nbd_swap_mib is 0"}
@@ -131,6 +168,7 @@ def start(app: App, *, as_json: bool) -> None:
     else:
         result = {"started": True,
                   **attach(app, mib * (1 << 20) // PAGE, "file", None, START_NAME)}
+    result["reconnected"] = reconnected
     app.emit(result, as_json=as_json, render=render.tree)
 
 

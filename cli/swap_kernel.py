@@ -16,6 +16,7 @@ from pathlib import Path
 
 from xentmem.errors import XentmemError
 from xentmem.roots import Roots
+from xentmem_cli.swap_reconnect import Connected, ReconnectFailed, handshake, kernel_reconfigure
 
 #: nbd-client's block size: one page, the export's minimum block size (docs/nbd.md).
 BLOCK_SIZE = 4096
@@ -24,6 +25,10 @@ _NBD = re.compile(r"nbd(\d+)")
 
 Runner = Callable[[Sequence[str]], str]
 """Run a command; its stdout, or SwapStepFailed naming the command and its stderr."""
+Reconfigure = Callable[..., None]
+"""``NBD_CMD_RECONFIGURE(index, dead_conn_timeout_s=None, fds=())``: swap_reconnect's."""
+Connect = Callable[[str, str, float], Connected]
+"""The handshake with an export: (Unix socket path, export name, timeout) -> a socket."""
 
 
 class SwapStepFailed(XentmemError):
@@ -60,6 +65,8 @@ class SwapEntry:
 class Kernel:
     roots: Roots = field(default_factory=Roots)
     run: Runner = run_tool
+    reconfigure: Reconfigure = kernel_reconfigure
+    connect: Connect = handshake
 
     def devices(self) -> list[str]:
         """Every ``/dev/nbdN`` the driver made, by number."""
@@ -105,6 +112,41 @@ class Kernel:
         """``nbd-client`` in swap mode (it locks itself in memory) over the Unix socket."""
         self.run(["nbd-client", "-unix", socket, device, "-N", name, "-b", str(BLOCK_SIZE),
                   "-swap", "-C", str(connections)])
+
+    def index(self, device: str) -> int:
+        match = _NBD.fullmatch(Path(device).name)
+        if match is None or not device.startswith("/dev/"):
+            raise SwapStepFailed(f"{device} is not an NBD device (/dev/nbdN)")
+        return int(match[1])
+
+    def persist(self, device: str, seconds: int) -> None:
+        """The kernel holds the device's I/O up to ``seconds`` for a new connection when
+        its connection dies (``dead_conn_timeout``), instead of failing it at once."""
+        try:
+            self.reconfigure(self.index(device), dead_conn_timeout_s=seconds)
+        except ReconnectFailed as exc:
+            raise SwapStepFailed(f"{device}: dead_conn_timeout {seconds}s: {exc}") from None
+
+    def reconnect(self, socket: str, name: str, device: str) -> None:
+        """A new connection to export ``name`` replaces the device's dead one (the kernel
+        keeps a connection that is alive: then this changes nothing)."""
+        try:
+            size = int(self.roots.under(f"/sys/block/{Path(device).name}/size")
+                       .read_text().strip()) * 512
+        except (OSError, ValueError) as exc:
+            raise SwapStepFailed(f"{device}: no size in sysfs: {exc}") from None
+        try:
+            connected = self.connect(socket, name, TOOL_TIMEOUT_S)
+        except ReconnectFailed as exc:
+            raise SwapStepFailed(f"{device}: {exc}") from None
+        with connected.sock:
+            if connected.size != size:
+                raise SwapStepFailed(f"{device}: export {name} has {connected.size} bytes, the "
+                                     f"device {size}: not the same export")
+            try:
+                self.reconfigure(self.index(device), fds=[connected.sock.fileno()])
+            except ReconnectFailed as exc:
+                raise SwapStepFailed(f"{device}: {exc}") from None
 
     def detach(self, device: str) -> None:
         self.run(["nbd-client", "-d", device])

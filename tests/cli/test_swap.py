@@ -27,6 +27,12 @@ class FakeTools:
         self.root = root
         self.fail = fail
         self.calls: list[list[str]] = []
+        #: NBD_CMD_RECONFIGURE calls (swap_reconnect's netlink): (index, timeout, fds).
+        self.reconfigured: list[tuple[int, int | None, list[int]]] = []
+
+    def reconfigure(self, index: int, dead_conn_timeout_s: int | None = None,
+                    fds: Sequence[int] = ()) -> None:
+        self.reconfigured.append((index, dead_conn_timeout_s, list(fds)))
 
     def swaps(self) -> Path:
         return self.root / "proc" / "swaps"
@@ -42,8 +48,9 @@ class FakeTools:
             (self.root / "sys/block" / Path(argv[2]).name / "pid").unlink()
         elif argv[0] == "nbd-client":
             sock_path, device, name = argv[2], argv[3], argv[argv.index("-N") + 1]
-            go(sock_path, name)  # the export is there, on that socket, under that name
+            size = go(sock_path, name)  # the export is there, on that socket, that name
             (self.root / "sys/block" / Path(device).name / "pid").write_text("4242\n")
+            (self.root / "sys/block" / Path(device).name / "size").write_text(f"{size // 512}\n")
         elif argv[0] == "swapon":
             priority = argv[argv.index("-p") + 1] if "-p" in argv else -2
             lines = self.swaps().read_text()
@@ -55,8 +62,9 @@ class FakeTools:
         return ""
 
 
-def go(path: str, name: str) -> None:
-    """NBD_OPT_GO on ``name``, then NBD_CMD_DISC: raises unless the server says ACK."""
+def go(path: str, name: str) -> int:
+    """NBD_OPT_GO on ``name``, then NBD_CMD_DISC: raises unless the server says ACK; the
+    export's size."""
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(60)
         sock.connect(path)
@@ -64,14 +72,17 @@ def go(path: str, name: str) -> None:
         raw = name.encode()
         data = struct.pack(">I", len(raw)) + raw + struct.pack(">HH", 1, 3)
         sock.sendall(struct.pack(">IQII", 3, 0x49484156454F5054, 7, len(data)) + data)
+        size = -1
         while True:
             _, _, reply, length = struct.unpack(">QIII", sock.recv(20, socket.MSG_WAITALL))
-            if length:
-                sock.recv(length, socket.MSG_WAITALL)
+            info = sock.recv(length, socket.MSG_WAITALL) if length else b""
+            if reply == 3 and info[:2] == b"\0\0":  # NBD_INFO_EXPORT
+                size = struct.unpack_from(">Q", info, 2)[0]
             if reply != 3:
                 assert reply == 1, f"GO {name}: reply {reply:#x}"
                 break
         sock.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 2, 0, 0, 0))
+        return size
 
 
 @pytest.fixture
@@ -88,6 +99,7 @@ def kernel_root(tmp_path: Path) -> Path:
 def tools(kernel_root: Path, monkeypatch: pytest.MonkeyPatch) -> FakeTools:
     fake = FakeTools(kernel_root)
     monkeypatch.setattr(swap_kernel, "run_tool", fake)
+    monkeypatch.setattr(swap_kernel, "kernel_reconfigure", fake.reconfigure)
     return fake
 
 
@@ -97,7 +109,8 @@ def test_add_list_remove(xentmem, daemon, kernel_root: Path, tools: FakeTools) -
     assert result.exit_code == 0, result.output
     added = json.loads(result.stdout)
     assert added == {"name": "swap0", "device": "/dev/nbd0", "pages": 256, "size": 1 << 20,
-                     "backing": "file", "priority": 5}
+                     "backing": "file", "priority": 5, "persist_s": 120}
+    assert tools.reconfigured == [(0, 120, [])]  # dead_conn_timeout, before mkswap
     sock = str(daemon.run_dir / "nbd.sock")
     assert [c[0] for c in tools.calls] == ["nbd-client", "mkswap", "swapon"]
     assert tools.calls[0][:8] == ["nbd-client", "-unix", sock, "/dev/nbd0", "-N", "swap0",
@@ -169,6 +182,11 @@ def test_start_attaches_what_the_config_asks_once_and_stop_turns_it_off(
         assert started["size"] == 2 << 20 and started["device"] == "/dev/nbd0"
         again = json.loads(xentmem("swap", "start", "--json", env=env).stdout)
         assert again["started"] is False
+        # The device is held: it gets a new connection (a live one stays: the kernel
+        # replaces only a dead socket), after a handshake with its export.
+        assert again["reconnected"] == ["/dev/nbd0"]
+        assert [(i, t, len(fds)) for i, t, fds in tools.reconfigured] == [
+            (0, 120, 0), (0, None, 1)]
         tools.calls.clear()
         stopped = xentmem("swap", "stop", "--json", env=env)
         assert stopped.exit_code == 0, stopped.output
@@ -183,5 +201,5 @@ def test_start_without_swap_in_the_config_does_nothing(xentmem, kernel_root: Pat
                                                        tools: FakeTools) -> None:
     result = json.loads(xentmem("swap", "start", "--json",
                                 env={"XENTMEM_ROOT": str(kernel_root)}).stdout)
-    assert result == {"started": False, "why": "nbd_swap_mib is 0"}
+    assert result == {"started": False, "why": "nbd_swap_mib is 0", "reconnected": []}
     assert tools.calls == []

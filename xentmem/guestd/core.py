@@ -51,6 +51,7 @@ from xentmem.guestd.config import (
 )
 from xentmem.guestd.mainthread import DaemonBusy
 from xentmem.guestd.metrics import collect, render
+from xentmem.guestd.nbd.exports import TABLE as NBD_EXPORTS_TABLE
 from xentmem.guestd.nbd.exports import Exports
 from xentmem.guestd.record import SHUTDOWN_FILE, START_FAILED, RunRecord
 from xentmem.guestd.record import STOPPED as RUN_STOPPED
@@ -109,7 +110,8 @@ class Daemon:
         self.state_dir = state_dir or roots.under(DEFAULT_STATE_DIR)
         self.swap = SwapAreas(self.shim.frontswap, self.state_dir / "swap", boot_id(roots))
         #: NBD exports of swap areas; the application serves them (docs/nbd.md).
-        self.nbd = Exports(self.shim.frontswap, self.swap)
+        self.nbd = Exports(self.shim.frontswap, self.swap,
+                           table=self.state_dir / "swap" / NBD_EXPORTS_TABLE)
         #: This run's entry in ``<state_dir>/shutdown.json`` (docs/swap-areas.md).
         self.record = RunRecord(self.state_dir)
         self.choice: BackendChoice | None = None
@@ -564,7 +566,8 @@ class Daemon:
     def begin_run(self) -> list[dict[str, Any]]:
         """At start, with the state directory's lock held: mark the record ``running`` (a
         crash from now on shows as unclean), then re-attach the file swap areas an earlier
-        run left; what was found (and damaged) goes into the record."""
+        run left and export again those it exported; what was found (and damaged) goes
+        into the record."""
         crashed = [r for r in self.record.previous[:1] if r.get("state") == "crashed"]
         if crashed:
             log.error("the previous xentmemd (pid %s) did not stop: killed or crashed; its "
@@ -573,6 +576,9 @@ class Daemon:
         found = self.swap.reattach()
         if found:
             self.record.add(reattached=found)
+        restored = self.nbd.restore()  # the kernel's devices reconnect to them by name
+        if restored:
+            self.record.add(nbd_restored=restored)
         return found
 
     def shutdown(self, start_error: str | None = None) -> dict[str, Any]:

@@ -20,6 +20,7 @@ every record is below its mark.  What is checked, refused or set aside: ``docs/p
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import logging
 import mmap
@@ -60,6 +61,12 @@ ALLOCATORS = {"zbud": 1, "zsmalloc": 2}
 _ALLOCATOR_NAMES = {number: name for name, number in ALLOCATORS.items()}
 OBJECTS, PAGES, DATA = 0, 1, 2
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+#: fallocate(2)'s mode for a hole that keeps the file's size (linux/falloc.h).
+_FALLOC_PUNCH_HOLE = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate64
+_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_fallocate.restype = ctypes.c_int
 _REGION_NAMES = ("objects", "pages", "data")
 
 
@@ -208,9 +215,15 @@ class ArenaFile:
 
     def unback(self, start: int, length: int) -> None:
         """Give the memory of ``length`` bytes at ``start`` of the data region (free frames)
-        back to tmpfs: a hole in the file, unmapped here (``MADV_REMOVE``).  The reserved
-        size of the region is unchanged; :meth:`back` takes the memory again."""
-        self.mm.madvise(mmap.MADV_REMOVE, self.bases[DATA] + start, length)
+        back to tmpfs: a hole punched in the file, which the kernel also unmaps.  Not
+        ``MADV_REMOVE`` on the mapping: once a process serving swap has locked its memory
+        (``mlockall``, docs/nbd.md) madvise refuses locked ranges with EINVAL, while a hole
+        punched in the file is allowed.  The reserved size of the region is unchanged;
+        :meth:`back` takes the memory again."""
+        if _fallocate(self.fd, _FALLOC_PUNCH_HOLE, self.bases[DATA] + start, length) != 0:
+            err = ctypes.get_errno()
+            raise ArenaError(f"arena {self.path}: cannot give back {length} bytes of the data "
+                             f"region: {os.strerror(err)}")
 
     def reserved_data(self) -> int:
         """Bytes of the data region reserved by any process (a page's bytes lie within)."""

@@ -5,19 +5,27 @@ names under its state directory) and exports it; :meth:`Exports.remove` ends the
 connections, then turns the area off (its pages are dropped and its file removed, as
 ``swapoff`` after the kernel read every page back).  Names are the client's handle:
 ``nbd-client -N NAME``, ``nbd+unix:///NAME?socket=...``.
+
+The exports of file areas are also written to a table next to the areas' files
+(:data:`TABLE`), so that after a kill the next daemon, once it has re-attached the files,
+exports each area again under its name (:meth:`Exports.restore`) and the kernel's device
+can reconnect to it (docs/nbd.md, "When the daemon dies").
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 import threading
+from pathlib import Path
 from typing import Any
 
 from xentmem.errors import AbiError
-from xentmem.guest.frontends import Frontswap
+from xentmem.guest.frontends import FileBacking, Frontswap
 from xentmem.guestd.nbd.export import Export
-from xentmem.guestd.nbd.resident import Residency
+from xentmem.guestd.nbd.resident import Residency, SwapUnsafe
 from xentmem.guestd.nbd.server import STOP_GRACE_S, NbdServer
 from xentmem.guestd.swap import SwapAreas
 
@@ -27,6 +35,8 @@ log = logging.getLogger(__name__)
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: The kernel's NBD devices.
 DEVICE = re.compile(r"/dev/nbd[0-9]{1,4}")
+#: The exports of file areas, in the areas' directory: ``[{name, type, pages, device}]``.
+TABLE = "nbd-exports.json"
 
 
 class ExportBusy(AbiError):
@@ -37,11 +47,13 @@ class Exports:
     """Name -> :class:`Export`; the table an :class:`NbdServer` serves."""
 
     def __init__(self, frontswap: Frontswap, swap: SwapAreas,
-                 residency: Residency | None = None) -> None:
+                 residency: Residency | None = None, table: Path | None = None) -> None:
         """``residency``: how the process stays resident once it serves swap (the real
-        system calls unless a test or a benchmark says otherwise)."""
+        system calls unless a test or a benchmark says otherwise); ``table``: where the
+        exports of file areas are kept for the next daemon (None: nowhere)."""
         self.frontswap = frontswap
         self.swap = swap
+        self.table = table
         self.residency = residency if residency is not None else Residency()
         self.server: NbdServer | None = None
         self._lock = threading.Lock()
@@ -81,6 +93,7 @@ class Exports:
                             self.swap.store_of(swap_type))
             export.device = device
             self._exports[name] = export
+            self._save()
         log.info("nbd export %s: swap type %d, %d pages (%s)", name, swap_type, pages, backing)
         return self.describe_one(export)
 
@@ -99,8 +112,84 @@ class Exports:
             summary = self.describe_one(export)
             self.swap.forget(export.swap_type)
             del self._exports[name]
+            self._save()
         log.info("nbd export %s removed (swap type %d)", name, export.swap_type)
         return summary
+
+    def restore(self) -> list[str]:
+        """At start, once the area files are re-attached: export each area the table names
+        again, under its name and with its device; the names restored.
+
+        A row whose area did not come back (its file was damaged, or it was a memory area)
+        or does not match it is dropped with a warning; the table is rewritten.
+        """
+        if self.table is None:
+            return []
+        try:
+            untrusted_rows = json.loads(self.table.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as exc:
+            log.error("nbd exports table %s unreadable, no export restored: %s", self.table, exc)
+            return []
+        restored = []
+        with self._lock:
+            attached = set(self.frontswap.swap_types())
+            for row in untrusted_rows if isinstance(untrusted_rows, list) else []:
+                why = self._unrestorable(row, attached)
+                if why:
+                    log.warning("nbd export not restored (%s): %.200r", why, row)
+                    continue
+                try:
+                    self.residency.lock_memory()
+                except SwapUnsafe as exc:  # as a refused add: no swap that can deadlock
+                    log.error("nbd export %s not restored: %s", row["name"], exc)
+                    continue
+                export = Export(row["name"], self.frontswap, row["type"], row["pages"],
+                                self.swap.store_of(row["type"]))
+                export.device = row["device"]
+                self._exports[export.name] = export
+                restored.append(export.name)
+                log.info("nbd export %s restored: swap type %d, %d pages, device %s",
+                         export.name, export.swap_type, export.pages, export.device)
+            self._save()
+        return restored
+
+    def _unrestorable(self, untrusted_row: Any, attached: set[int]) -> str:
+        """Why a table row cannot be exported again ("" if it can)."""
+        row = untrusted_row
+        if not isinstance(row, dict) or set(row) != {"name", "type", "pages", "device"}:
+            return "not a table row"
+        if not isinstance(row["name"], str) or not NAME.fullmatch(row["name"]):
+            return "bad name"
+        if row["device"] is not None and not (isinstance(row["device"], str)
+                                              and DEVICE.fullmatch(row["device"])):
+            return "bad device"
+        if row["name"] in self._exports:
+            return "name taken"
+        if type(row["type"]) is not int or row["type"] not in attached or \
+                any(e.swap_type == row["type"] for e in self._exports.values()):
+            return "its area was not re-attached"
+        store = self.swap.store_of(row["type"])
+        if not isinstance(store, FileBacking) or type(row["pages"]) is not int or \
+                store.pages != row["pages"]:
+            return f"the area is not a file area of {row['pages']} pages"
+        return ""
+
+    def _save(self) -> None:
+        """Rewrite the table (under the lock): the exports of file areas, atomically."""
+        if self.table is None:
+            return
+        rows = [{"name": e.name, "type": e.swap_type, "pages": e.pages, "device": e.device}
+                for e in self._exports.values()
+                if isinstance(self.swap.store_of(e.swap_type), FileBacking)]
+        temporary = self.table.with_name(self.table.name + ".tmp")
+        try:
+            self.table.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            temporary.write_text(json.dumps(rows), encoding="utf-8")
+            os.replace(temporary, self.table)
+        except OSError as exc:  # the exports work; only a restart would not restore them
+            log.error("nbd exports table %s not written: %s", self.table, exc)
 
     def describe_one(self, export: Export) -> dict[str, Any]:
         info = export.describe()

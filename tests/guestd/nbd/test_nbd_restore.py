@@ -1,0 +1,81 @@
+"""A killed ``xentmemd``'s successor exports its file areas again under their names, so the
+kernel's NBD device can reconnect (``xentmem swap start``) and read every page it wrote.
+
+Before the exports table, the restarted daemon re-attached the area but exported nothing:
+the device had no export to reconnect to, and the kernel failed its queued swap I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+from fakes.libnbd_peer import LibNbd
+
+from xentmem.control import ControlClient
+from xentmem.guestd.nbd.exports import TABLE
+
+PAGE = 4096
+ARGS = ("-o", "tmem.selfballooning_at_load=0", "-o", "tmem.selfshrinking=0",
+        "-o", "backend=zcache")
+
+
+def page(n: int) -> bytes:
+    return (f"page {n:05d} ".encode() * 410)[:PAGE]
+
+
+def test_sigkill_then_restart_exports_the_file_area_again(
+        tmp_path: Path, fake_root: Path, start_daemon: Any, libnbd: LibNbd) -> None:
+    run, state = tmp_path / "run", tmp_path / "state"
+    args = (*ARGS, "--run-dir", str(run), "--state-dir", str(state))
+    daemon = start_daemon(fake_root, None, *args, base=tmp_path / "first")
+    with ControlClient(run / "control.sock", timeout=30) as client:
+        kept = client.call("nbd.add", pages=64, name="kept", device="/dev/nbd3")
+        client.call("nbd.add", pages=8, name="gone", backing="memory")
+    writer = libnbd.handle()
+    writer.connect_uri(f"nbd+unix:///kept?socket={run / 'nbd.sock'}")
+    for n in range(0, 64, 3):
+        writer.pwrite(page(n), n * PAGE)
+    writer.close()
+    table = json.loads((state / "swap" / TABLE).read_text())
+    assert table == [{"name": "kept", "type": kept["type"], "pages": 64, "device": "/dev/nbd3"}]
+    daemon.send(signal.SIGKILL)
+    assert daemon.stop(None) == -signal.SIGKILL
+
+    daemon = start_daemon(fake_root, None, *args, base=tmp_path / "second")
+    with ControlClient(run / "control.sock", timeout=30) as client:
+        exports = client.call("nbd.list")["exports"]
+    assert [(e["name"], e["type"], e["device"], e["pages"]) for e in exports] == [
+        ("kept", kept["type"], "/dev/nbd3", 64)]  # the memory area died with the daemon
+    reader = libnbd.handle()
+    reader.connect_uri(f"nbd+unix:///kept?socket={run / 'nbd.sock'}")
+    for n in range(64):
+        assert reader.pread(PAGE, n * PAGE) == (page(n) if n % 3 == 0 else bytes(PAGE)), n
+    reader.close()
+    assert "nbd export kept restored" in daemon.log()
+
+
+def test_rows_that_do_not_fit_an_area_are_dropped_not_exported(
+        tmp_path: Path, fake_root: Path, start_daemon: Any) -> None:
+    run, state = tmp_path / "run", tmp_path / "state"
+    args = (*ARGS, "--run-dir", str(run), "--state-dir", str(state))
+    daemon = start_daemon(fake_root, None, *args, base=tmp_path / "first")
+    with ControlClient(run / "control.sock", timeout=30) as client:
+        swap_type = client.call("nbd.add", pages=16, name="real")["type"]
+    daemon.send(signal.SIGKILL)
+    daemon.stop(None)
+    rows = [{"name": "real", "type": swap_type, "pages": 16, "device": None},
+            {"name": "wrong-size", "type": swap_type, "pages": 99, "device": None},
+            {"name": "no-area", "type": 7, "pages": 16, "device": None},
+            {"name": "../evil", "type": swap_type, "pages": 16, "device": None},
+            {"name": "dev", "type": swap_type, "pages": 16, "device": "/etc/passwd"},
+            {"name": "extra", "type": swap_type, "pages": 16, "device": None, "x": 1},
+            "not a row"]
+    (state / "swap" / TABLE).write_text(json.dumps(rows))
+    daemon = start_daemon(fake_root, None, *args, base=tmp_path / "second")
+    with ControlClient(run / "control.sock", timeout=30) as client:
+        assert [e["name"] for e in client.call("nbd.list")["exports"]] == ["real"]
+    assert json.loads((state / "swap" / TABLE).read_text()) == rows[:1]
+    assert daemon.log().count("nbd export not restored") == 6

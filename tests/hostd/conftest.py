@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import faulthandler
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fakes.hang_guard import hang_guard
 from fakes.xenstore_hosts import XenstoreHost  # the fixtures come from tests/conftest.py
 from xenhost import TmemHost
 
-HANG_GUARD_S = 120
-
-
-@pytest.fixture(autouse=True)
-def _hang_guard() -> Iterator[None]:
-    faulthandler.dump_traceback_later(HANG_GUARD_S, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+__all__ = ["hang_guard"]
 
 
 @pytest.fixture

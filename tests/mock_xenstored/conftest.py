@@ -6,16 +6,6 @@ here that hangs is killed with a traceback instead of stalling the run.
 
 from __future__ import annotations
 
-import faulthandler
-from collections.abc import Iterator
+from fakes.hang_guard import hang_guard
 
-import pytest
-
-HANG_GUARD_S = 120
-
-
-@pytest.fixture(autouse=True)
-def _hang_guard() -> Iterator[None]:
-    faulthandler.dump_traceback_later(HANG_GUARD_S, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+__all__ = ["hang_guard"]

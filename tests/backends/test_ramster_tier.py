@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import redis
 from fakes import redis_cluster
-from fakes.required import unavailable
 
 from xentmem.errors import BackendError
 from xentmem.guest.backends.ramster import record
@@ -41,31 +40,17 @@ USERS = {
 }
 
 
-def _require() -> None:
-    reason = redis_cluster.unavailable_reason()
-    if reason is not None:
-        unavailable("REDIS", "a Redis Cluster (redis-server, redis-cli)", reason)
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[redis_cluster.RedisClusterFixture]:
-    _require()
-    made = redis_cluster.RedisClusterFixture(users=USERS).start()
-    try:
+    with redis_cluster.running(USERS) as made:
         yield made
-    finally:
-        made.stop()
 
 
 @pytest.fixture
 def own_cluster() -> Iterator[redis_cluster.RedisClusterFixture]:
     """A cluster of this test's own: it kills nodes."""
-    _require()
-    made = redis_cluster.RedisClusterFixture(users=USERS).start()
-    try:
+    with redis_cluster.running(USERS) as made:
         yield made
-    finally:
-        made.stop()
 
 
 def tier_for(cluster: redis_cluster.RedisClusterFixture, node_id: str, tmp_path: Path,

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import redis
 from fakes import redis_cluster
-from fakes.required import unavailable
 
 from xentmem.errors import BackendError, ParamError
 from xentmem.guest.backends.ramster import record
@@ -69,30 +68,17 @@ class StepClock:
         return False
 
 
-def _require() -> None:
-    reason = redis_cluster.unavailable_reason()
-    if reason is not None:
-        unavailable("REDIS", "a Redis Cluster (redis-server, redis-cli)", reason)
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[redis_cluster.RedisClusterFixture]:
-    _require()
-    made = redis_cluster.RedisClusterFixture(users=USERS).start()
-    try:
+    with redis_cluster.running(USERS) as made:
         yield made
-    finally:
-        made.stop()
 
 
 @pytest.fixture
 def own_cluster() -> Iterator[redis_cluster.RedisClusterFixture]:
-    _require()
-    made = redis_cluster.RedisClusterFixture(users=USERS).start()
-    try:
+    """A cluster of this test's own: it kills nodes."""
+    with redis_cluster.running(USERS) as made:
         yield made
-    finally:
-        made.stop()
 
 
 @pytest.fixture

@@ -17,10 +17,12 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+from fakes.required import unavailable
 
 SERVER = "redis-server"
 CLI = "redis-cli"
@@ -254,3 +256,17 @@ class RedisClusterFixture:
         if self._owned_dir and self.base is not None:
             shutil.rmtree(self.base, ignore_errors=True)
 
+
+
+@contextlib.contextmanager
+def running(users: dict[str, str]) -> Iterator[RedisClusterFixture]:
+    """A started cluster with these ACL users, stopped after; a missing redis-server skips,
+    or fails under ``CI=true`` (:mod:`fakes.required`)."""
+    reason = unavailable_reason()
+    if reason is not None:
+        unavailable("REDIS", "a Redis Cluster (redis-server, redis-cli)", reason)
+    made = RedisClusterFixture(users=users).start()
+    try:
+        yield made
+    finally:
+        made.stop()

@@ -233,6 +233,29 @@ def test_large_messages_spill_within_every_daemons_limits(pages: list[bytes]) ->
                    reply=False, key=KEY) == body
 
 
+@pytest.mark.parametrize(("pages", "reply"), [
+    ([RANDOM[:1500] + bytes(PAGE_SIZE - 1500)], True), ([MIXED], True), ([MIXED], False),
+    ([RANDOM], True), ([RANDOM], False), ([TEXT, RANDOM] * 3, False), ([RANDOM] * 8, True)])
+def test_a_spilled_name_carries_only_what_the_values_cannot(pages: list[bytes],
+                                                            reply: bool) -> None:
+    """The name travels three times (the write, the watch event, the receiver's read of the
+    value): as few nodes as with the longest name, and of the text as little in the name."""
+    limits = Limits(reply_chunk_bytes=3000, max_parts=1)
+    body = encode_request([OpRecord.put_page(0, Oid(1), i, p) for i, p in enumerate(pages)])
+    text = to_text(body)
+    framed = frame(4321, body, limits, reply=reply, key=KEY)
+    chunk, spill = limits.chunk_for(reply=reply), limits.spill_inline_for(reply=reply)
+    step = chunk - len("4321@")
+    fewest = 1 + max(0, -(-(len(text) - spill - chunk) // step))
+    assert framed.envelope.chunks == fewest
+    assert len(framed.envelope.inline) == max(0, len(text) - chunk - (fewest - 1) * step)
+    if len(text) <= chunk:
+        assert framed.envelope.inline == "" and framed.value == text
+    envelope = parse_name(framed.envelope.name, limits, reply=reply)
+    assert unframe(envelope, framed.value, [v for _, v in framed.chunks], limits,
+                   reply=reply, key=KEY) == body
+
+
 @pytest.mark.parametrize(("inline", "page", "count"), [
     (900, MIXED, 3), (900, RANDOM, 0), (MAX_REQUEST_INLINE_BYTES, RANDOM, 3),
     (MAX_REPLY_INLINE_BYTES, RANDOM, 3)])

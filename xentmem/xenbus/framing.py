@@ -306,10 +306,15 @@ def frame(seq: int, body: bytes, limits: Limits, *, reply: bool, key: SessionKey
         return Framed(Envelope(seq, 0, mac, pieces[-1], len(pieces)), "", (), parts)
     spill_inline = limits.spill_inline_for(reply=reply)
     chunk = limits.chunk_for(reply=reply)
-    inline, rest = text[:spill_inline], text[spill_inline:]
-    first, rest = rest[:chunk], rest[chunk:]
     prefix = f"{seq}@"
     step = chunk - len(prefix)
+    # As few nodes as with the longest name, and as little of the text in the name as that
+    # count allows: the name travels again in the watch event and in the receiver's read.
+    beyond = len(text) - spill_inline - chunk
+    spread = -(-beyond // step) * step if beyond > 0 else 0
+    inline_length = max(0, len(text) - chunk - spread)
+    inline, rest = text[:inline_length], text[inline_length:]
+    first, rest = rest[:chunk], rest[chunk:]
     chunks = tuple((i + 1, prefix + rest[pos:pos + step])
                    for i, pos in enumerate(range(0, len(rest), step)))
     count = 1 + len(chunks)

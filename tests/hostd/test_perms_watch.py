@@ -97,6 +97,32 @@ def test_a_steady_guest_costs_one_permission_read_per_bulk_removal(tmem_host: Tm
         assert checks <= 2 * ops // REQ_SLOTS + 2, checks
 
 
+def test_a_steady_guest_costs_the_host_about_one_request_per_message(
+        tmem_host: TmemHost) -> None:
+    """The host's requests beyond each reply's write: a bulk removal of ``req/`` and the
+    permission read after it once per 16 messages, a removal of ``rsp/`` once per 32.  (Once
+    per 8 messages cost about a fifth more requests per unbatched op.)"""
+    with connected(tmem_host.guest(5)) as b5:
+        pool = b5.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        service = tmem_host.service
+        assert service is not None
+        sent: list[int] = []
+        for conn in (service.conn, service.writer):
+            def counted(msg_type: int, *args: object, _send=conn._send, **kw: object) -> int:
+                sent.append(msg_type)
+                return _send(msg_type, *args, **kw)
+            conn._send = counted  # type: ignore[method-assign]
+        before = service.devices[5].counters.messages  # type: ignore[union-attr]
+        for i in range(64):
+            assert b5.put_page(pool, Oid(1), i, PAGE) == 1
+            assert b5.get_page(pool, Oid(1), i) == (1, PAGE)
+        messages = service.devices[5].counters.messages - before  # type: ignore[union-attr]
+        # Each message: its reply; per 16: the removal of req/ and, after it, the permissions
+        # of req/ and of the message node and a listing of req/; per 32: the removal of rsp/.
+        assert messages == 128
+        assert len(sent) <= messages * (1 + 4 / 16 + 1 / 32) + 8, len(sent)
+
+
 def test_a_directory_made_while_the_door_was_open_is_caught_after_it_closed(
         tmem_host: TmemHost) -> None:
     """Guest 5 opens ``req/`` to everybody; guest 6 makes the directories of guest 5's 2nd and

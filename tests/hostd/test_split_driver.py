@@ -306,6 +306,29 @@ def test_concurrent_callers_share_messages(tmem_host: TmemHost) -> None:
         assert b.stats()["messages"] - before <= 32
 
 
+def test_a_caller_that_finds_the_channel_free_makes_no_event(
+        tmem_host: TmemHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An event (a lock and a condition) is made only for a caller that has to wait: a lone
+    caller sends its op itself, every op."""
+    import xentmem.guest.backends.xen as xen_module
+
+    made: list[threading.Event] = []
+
+    class CountedEvent(threading.Event):
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(self)
+
+    with connected(tmem_host.guest(5), batch=False) as b:
+        pers = b.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        monkeypatch.setattr(xen_module.threading, "Event", CountedEvent)
+        for i in range(8):
+            assert b.put_page(pers, Oid(3), i, TEXT) == 1
+            assert b.get_page(pers, Oid(3), i) == (1, TEXT)
+        monkeypatch.undo()
+        assert made == []
+
+
 # -- failures ---------------------------------------------------------------------------------
 
 

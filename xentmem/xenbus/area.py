@@ -30,7 +30,7 @@ RSP_DATA_DIR = "rsp-data"
 #: directory's child names against the 2048-byte record quota when a guest adds a child, so
 #: long names are spread over directories (one each), and the host clears ``req/`` once per
 #: ``REQ_SLOTS`` messages instead of once per message.
-REQ_SLOTS = 8
+REQ_SLOTS = 16
 #: Frontend nodes the host writes at set-up (pointers to the other end, as libxl writes).
 FE_BACKEND = "backend"
 FE_BACKEND_ID = "backend-id"

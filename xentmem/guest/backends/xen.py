@@ -69,7 +69,8 @@ class _Slot:
     op: OpRecord
     posted: bool
     result: ResultRecord | None = None
-    #: Set when the result is in, or when this caller should send the next message.
+    #: Set when the result is in, or when this caller should send the next message; made
+    #: only when the caller has to wait (a caller that finds the channel free sends itself).
     wake: threading.Event | None = None
 
 
@@ -339,7 +340,7 @@ class XenBackend(Backend):
         the sender finishes and hands the channel to the oldest of them; so nobody wakes
         for nothing, and a finished follower does not wait behind the next message.
         """
-        slot = _Slot(op, posted=False, wake=threading.Event())
+        slot = _Slot(op, posted=False)
         deadline = self._real.monotonic() + self._timeout_s
         with self._lock:
             self._counts["ops"] += 1
@@ -350,6 +351,8 @@ class XenBackend(Backend):
             self._queue.append(slot)
             leading = not self._sending
             self._sending = True
+            if not leading:
+                slot.wake = threading.Event()
         while True:
             if not leading:
                 remaining = deadline - self._real.monotonic()
@@ -386,6 +389,8 @@ class XenBackend(Backend):
                     return ResultRecord(refusal)
                 leading = not self._sending  # our op did not fit: send again if free
                 self._sending = True
+                if not leading and slot.wake is None:
+                    slot.wake = threading.Event()
 
     def _hand_over(self) -> None:
         """The sender is done: wake the oldest waiting caller to send next (or the flusher)."""
@@ -393,8 +398,9 @@ class XenBackend(Backend):
             self._sending = False
             self._progress.notify_all()
             for waiting in self._queue:
-                if waiting.wake is not None:
-                    waiting.wake.set()
+                if not waiting.posted:
+                    if waiting.wake is not None:  # else the sender's own op, which did not fit
+                        waiting.wake.set()
                     return
             if self._queue:
                 self._kick.set()

@@ -29,7 +29,8 @@ RSP_DATA_DIR = "rsp-data"
 #: session key (:meth:`~xentmem.xenbus.session_key.SessionKey.slot`): C xenstored counts a
 #: directory's child names against the 2048-byte record quota when a guest adds a child, so
 #: long names are spread over directories (one each), and the host clears ``req/`` once per
-#: ``REQ_SLOTS`` messages instead of once per message.
+#: ``REQ_SLOTS`` messages instead of once per message (16 messages of up to four names: 64
+#: directory names in ``req/``, 1128 bytes of the 2048-byte record).
 REQ_SLOTS = 16
 #: Frontend nodes the host writes at set-up (pointers to the other end, as libxl writes).
 FE_BACKEND = "backend"

@@ -31,6 +31,7 @@ from xentmem.guest.backend import GetResult
 from xentmem.tmem.abi import PAGE_SIZE, Oid, PoolUuid
 from xentmem.tmem.store import TmemStore, pack_page, unpack_page
 
+from .fetch import Fetcher
 from .record import RecordError, RemoteKey, owner_of_shared, parse_name
 from .tier import RamsterUnavailable, RemoteTier
 
@@ -49,6 +50,10 @@ BATCH_PAGES = 256
 #: After the cluster failed a remotify, the next one waits this long (puts meanwhile are
 #: what the local store alone can take); then it is tried again by itself.
 PAUSE_S = 5.0
+#: A get waits its turn behind other callers' fetches at most this many ``ramster_timeout_ms``
+#: plus FETCH_WAIT_S, then fails with -EIO (a safety net: each fetch is bounded already).
+FETCH_WAIT_TIMEOUTS = 2
+FETCH_WAIT_S = 5.0
 
 _DONE = 1
 _MISS: GetResult = (0, None)
@@ -93,6 +98,9 @@ class RemotePages:
         self._get_failing = False
         self.remotify_failures = 0
         self.remotify_rounds = 0
+        #: Gets of remote pages: concurrent callers share one pipeline per master.
+        self.fetcher = Fetcher(tier, wait_s=lambda: FETCH_WAIT_TIMEOUTS *
+                               tier.config.timeout_ms / 1000 + FETCH_WAIT_S)
 
     # -- pools ------------------------------------------------------------------------------------
 
@@ -185,7 +193,7 @@ class RemotePages:
         exclusive = pool is not None and pool.exclusive
         key = RemoteKey(self.owner, slot, oid, index)
         try:
-            found = self.tier.get(key, exclusive=exclusive)
+            found = self.fetcher.get(key, exclusive=exclusive)
         except RecordError:  # logged and counted by the tier: never served
             with self._books:
                 self._unrecord(where)
@@ -270,7 +278,7 @@ class RemotePages:
         if key.name() in self._stale:
             return _MISS
         try:
-            found = self.tier.get(key, exclusive=False)
+            found = self.fetcher.get(key, exclusive=False)
         except RecordError:
             return _MISS
         except BackendError as exc:

@@ -44,9 +44,13 @@ REMOTE_ENTRY_BYTES = 256
 #: The persistent LRU's entry per local persistent page (an OrderedDict entry and its key
 #: tuple): 289 bytes measured the same way, rounded up.
 LRU_ENTRY_BYTES = 320
-#: A remotify moves at least this much (one pipeline per master and one WAIT per batch).
-BATCH_BYTES = 256 * 1024
-BATCH_PAGES = 256
+#: A remotify moves at least a quarter of the local capacity, between these bounds, and at
+#: most BATCH_PAGES pages: one pipeline per master and one WAIT per batch, so the fewer the
+#: batches, the fewer the waits for a replica (1 MiB moved 1.6x the pages per second of
+#: 256 KiB in the put loop of bench_ramster.py, medians of 6 rounds, docs/ramster.md).
+BATCH_MIN_BYTES = 256 * 1024
+BATCH_MAX_BYTES = 1024 * 1024
+BATCH_PAGES = 512
 #: After the cluster failed a remotify, the next one waits this long (puts meanwhile are
 #: what the local store alone can take); then it is tried again by itself.
 PAUSE_S = 5.0
@@ -310,6 +314,10 @@ class RemotePages:
             short -= store.freeable_bytes()
         return short
 
+    def batch_bytes(self) -> int:
+        """What one remotify moves at least: a quarter of the local capacity, within bounds."""
+        return max(BATCH_MIN_BYTES, min(BATCH_MAX_BYTES, self._store.capacity_bytes // 4))
+
     def _make_room(self, cost: int) -> None:
         if self._now() < self._paused_until or self.shortfall(cost) <= 0:
             return
@@ -323,7 +331,7 @@ class RemotePages:
             if need <= 0:
                 return 0
             self._retry_stale()
-            need = max(need, BATCH_BYTES)
+            need = max(need, self.batch_bytes())
             eph: list[tuple[Where, bytes]] = []
             if self.ephemeral == "move":
                 cost_each = self._store.overhead(persistent=False) - REMOTE_ENTRY_BYTES

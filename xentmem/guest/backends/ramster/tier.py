@@ -147,6 +147,11 @@ class RemoteTier:
         self._lock = threading.Lock()
         #: Bytes each remote page of this node holds in the cluster (for remote_bytes).
         self._sizes: dict[str, int] = {}
+        #: Per master, a connection taken from its pool for the client's life (the lock
+        #: serialises its use): a lone get is one command written and its reply read, without
+        #: redis-py's per-call pool, retry and tracing layers, which cost twice the CPU of the
+        #: round trip itself (``docs/ramster.md``, "Fetch").
+        self._held: dict[str, tuple[Any, Any]] = {}
 
     # -- the client's life ------------------------------------------------------------------------
 
@@ -192,9 +197,24 @@ class RemoteTier:
 
     def close(self) -> None:
         with self._lock:
+            self._drop_held()
             if self._client is not None:
                 self._client.close()
                 self._client = None
+
+    def _drop_held(self) -> None:
+        """The held connections go back to their pools, closed (the lock is held)."""
+        for pool, conn in self._held.values():
+            conn.disconnect()
+            pool.release(conn)
+        self._held.clear()
+
+    def _held_for(self, cluster: RedisCluster, node: Any) -> Any:
+        held = self._held.get(node.name)
+        if held is None:
+            pool = cluster.get_redis_connection(node).connection_pool
+            held = self._held[node.name] = (pool, pool.get_connection())
+        return held[1]
 
     def reconnect_soon(self) -> None:
         """The next call builds a new client (a changed timeout takes effect there)."""
@@ -239,6 +259,7 @@ class RemoteTier:
         if message != self.counters.last_error:
             log.error("%s", message)
         self.counters.last_error = message
+        self._drop_held()
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -357,16 +378,41 @@ class RemoteTier:
         """
         name = key.name()
         found = GetResult()
-        with self._lock:  # one page: one command on its master's connection, no pipeline
+        command = "GETDEL" if exclusive else "GET"
+        with self._lock:  # one page: one command on its master's held connection
             with self._calling("get of 1 page failed"):
                 cluster = self._cluster()
-                conn = cluster.get_redis_connection(cluster.get_node_from_key(name))
-                untrusted_value = conn.getdel(name) if exclusive else conn.get(name)
+                node = cluster.get_node_from_key(name)
+                try:
+                    untrusted_value = self._command(cluster, node, command, name)
+                except redis.ConnectionError:  # closed while idle: one more try, on a new one
+                    self._drop_held()
+                    untrusted_value = self._command(cluster, node, command, name)
             self._reachable = True
             self._take(key, name, untrusted_value, exclusive, found)
         if key in found.refused:
             raise found.refused[key]
         return found.pages.get(key)
+
+    def _command(self, cluster: RedisCluster, node: Any, *args: Any) -> Any:
+        """One command on ``node``'s held connection, its reply (an error reply raised)."""
+        conn = self._held_for(cluster, node)
+        conn.send_command(*args)
+        return conn.read_response()
+
+    def _commands(self, cluster: RedisCluster, node: Any, commands: list[tuple[Any, ...]]
+                  ) -> list[Any]:
+        """Commands pipelined on ``node``'s held connection: one write, then every reply in
+        order, an error reply in its command's place (the connection stays in step)."""
+        conn = self._held_for(cluster, node)
+        conn.send_packed_command(conn.pack_commands(commands))
+        replies: list[Any] = []
+        for _command in commands:
+            try:
+                replies.append(conn.read_response())
+            except redis.ResponseError as exc:
+                replies.append(exc)
+        return replies
 
     def get_many(self, keys: Sequence[RemoteKey], *, exclusive: bool) -> GetResult:
         """Fetch pages, one pipeline per master (GET, or GETDEL for exclusive gets); as
@@ -398,10 +444,14 @@ class RemoteTier:
                     found[1].append((key, page_name(found[0], key.index), exclusive))
                 replies: list[tuple[tuple[RemoteKey, str, bool], Any]] = []
                 for node, group in groups.values():
-                    pipe = cluster.get_redis_connection(node).pipeline(transaction=False)
-                    for _key, name, exclusive in group:
-                        pipe.execute_command("GETDEL" if exclusive else "GET", name)
-                    replies.extend(zip(group, pipe.execute(raise_on_error=False)))
+                    commands = [("GETDEL" if exclusive else "GET", name)
+                                for _key, name, exclusive in group]
+                    try:
+                        answers = self._commands(cluster, node, commands)
+                    except redis.ConnectionError:  # closed while idle: once more, on a new one
+                        self._drop_held()
+                        answers = self._commands(cluster, node, commands)
+                    replies.extend(zip(group, answers))
                 failures = [r for _g, r in replies if isinstance(r, Exception) and
                             not isinstance(r, redis.exceptions.NoPermissionError)]
                 if failures:  # a slot moved (a failover): the whole call failed

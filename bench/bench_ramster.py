@@ -11,8 +11,9 @@ cluster size:
   header, and ``WAIT`` for one replica per master's share) and ephemeral (a TTL, no WAIT);
 * fetch: :meth:`RemoteTier.get_many` (checked records) in batches of ``--batch``;
 * through zcache (``ramster=1``, a local capacity of ``--local-mib``, its arena in a temporary
-  run directory): the same pages, uncompressed, put into a persistent pool, so zcache
-  compresses them and remotifies the least recently used in batches (zcache remotify: pages
+  run directory on tmpfs, as ``/run`` is under systemd, see ``--arena-dir``): the same pages,
+  uncompressed, put into a persistent pool, so zcache compresses them and remotifies the
+  least recently used in batches (zcache remotify: pages
   moved per second of the whole put loop); then every remote page read back by
   ``get_page``, one tmem op per page, as frontswap reads: by one caller (zcache fetch, 1
   caller: one round trip per page, beside raw ``GET`` of one page per round trip, what a
@@ -54,6 +55,8 @@ from xentmem.roots import Roots  # noqa: E402
 from xentmem.tmem.abi import PAGE_SIZE, POOL_PRIVATE_PERSISTENT, PRIVATE_UUID, Oid  # noqa: E402
 
 GOAL = 0.5
+#: zcache's arena is a file on tmpfs (``docs/zcache.md``); /tmp may be a disk.
+SHM = "/dev/shm"
 
 
 def corpus(count: int) -> list[bytes]:
@@ -85,7 +88,7 @@ def batches(items: list, size: int) -> list[list]:
 
 
 def run(masters: int, raw_pages: list[bytes], batch: int, repeat: int,
-        local_mib: int, callers: int) -> dict[str, float]:
+        local_mib: int, callers: int, arena_dir: str | None) -> dict[str, float]:
     pages = compressed(raw_pages)
     cluster = RedisClusterFixture(masters=masters, replicas=1).start()
     try:
@@ -142,7 +145,8 @@ def run(masters: int, raw_pages: list[bytes], batch: int, repeat: int,
         assert all(found.pages[k] == d for k, d in pairs[:batch]), "bench: wrong data"
         tier.close()
         raw.close()
-        figures.update(through_zcache(cluster, masters, raw_pages, repeat, local_mib, callers))
+        figures.update(through_zcache(cluster, masters, raw_pages, repeat, local_mib, callers,
+                                      arena_dir))
         return figures
     finally:
         cluster.stop()
@@ -176,13 +180,14 @@ def fetch_by(made: ZcacheBackend, pool: int, remote: list[tuple[Oid, int]],
 
 
 def through_zcache(cluster: RedisClusterFixture, masters: int, raw_pages: list[bytes],
-                   repeat: int, local_mib: int, callers: int) -> dict[str, float]:
+                   repeat: int, local_mib: int, callers: int,
+                   arena_dir: str | None) -> dict[str, float]:
     """zcache remotify and fetch rates (pages per second of remote pages), best of
     ``repeat`` rounds; each round a fresh pool."""
     # enough pages that most of them must move: four times what the local store holds
     enough = local_mib * (1 << 20) * 4 // max(1, sum(map(len, compressed(raw_pages[:100]))) // 100)
     raw_pages = (raw_pages * (enough // len(raw_pages) + 1))[:max(enough, len(raw_pages))]
-    run_dir = Path(tempfile.mkdtemp(prefix="bench-ramster-"))
+    run_dir = Path(tempfile.mkdtemp(prefix="bench-ramster-", dir=arena_dir))
     made = ZcacheBackend({"capacity": f"{local_mib}M", "ramster": True,
                           "ramster_nodes": cluster.seeds(), "ramster_node_id": "bench-zc",
                           "ramster_timeout_ms": 5000}, roots=Roots(run_dir=run_dir))
@@ -240,6 +245,10 @@ def main() -> int:
     parser.add_argument("--callers", type=int, default=8,
                         help="threads getting pages at once in the N-caller zcache fetch "
                              "(the swap frontend opens up to 8 NBD connections)")
+    parser.add_argument("--arena-dir", default=SHM if Path(SHM).is_dir() else None,
+                        help="where zcache's run directory (its arena) is made: a tmpfs, as "
+                             f"/run is under systemd (default {SHM}, else the temporary "
+                             "directory)")
     args = parser.parse_args()
     reason = unavailable_reason()
     if reason is not None:
@@ -248,11 +257,12 @@ def main() -> int:
         return 0
     pages = corpus(args.pages)
     print(f"{len(pages)} pages, {sum(map(len, compressed(pages))) / len(pages):.0f} bytes "
-          f"each compressed, batches of {args.batch}, best of {args.repeat}")
+          f"each compressed, batches of {args.batch}, best of {args.repeat}, zcache's arena "
+          f"in {args.arena_dir or tempfile.gettempdir()}")
     results = {}
     for masters in (int(m) for m in args.masters.split(",")):
         results[masters] = run(masters, pages, args.batch, args.repeat, args.local_mib,
-                               args.callers)
+                               args.callers, args.arena_dir)
     summary = []
     callers = args.callers
     for masters, f in results.items():

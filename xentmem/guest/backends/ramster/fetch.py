@@ -15,6 +15,7 @@ have answered it (the page, None, or the error), checked records only.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from typing import Protocol
@@ -26,6 +27,8 @@ from .tier import GetResult, RamsterUnavailable
 
 #: Most gets in one call: a batch of compressed pages (at most a page each) stays under 1 MiB.
 BATCH_GETS = 256
+#: Most CPU yields a leader spends letting callers just answered queue their next get.
+GATHER_YIELDS = 8
 
 
 class Tier(Protocol):
@@ -42,7 +45,8 @@ class _Request:
     def __init__(self, key: RemoteKey, exclusive: bool) -> None:
         self.key = key
         self.exclusive = exclusive
-        self.wake = threading.Event()
+        #: Made only for a caller that waits (a leader's own get needs none).
+        self.wake: threading.Event | None = None
         self.finished = False
         self.page: bytes | None = None
         self.error: BackendError | None = None
@@ -71,6 +75,8 @@ class Fetcher:
         self._busy = False
         self.calls = 0
         self.gets = 0
+        #: Gets in the last call: more than one means other callers are about.
+        self._last_batch = 1
 
     def get(self, key: RemoteKey, *, exclusive: bool) -> bytes | None:
         """As :meth:`RemoteTier.get`: the page, None when the cluster has none, or the
@@ -79,6 +85,8 @@ class Fetcher:
         with self._lock:
             self._queue.append(request)
             leading = not self._busy
+            if not leading:
+                request.wake = threading.Event()
             self._busy = True
         if not leading and not self._wait_turn(request):
             return request.answer()
@@ -93,6 +101,7 @@ class Fetcher:
         the turn did not come within the wait (a safety net: every fetch is bounded by the
         tier's socket timeouts)."""
         wait_s = self._wait_s()
+        assert request.wake is not None
         request.wake.wait(wait_s)
         with self._lock:
             if request.finished:
@@ -127,13 +136,30 @@ class Fetcher:
             self._queue = rest
             return batch
 
+    def _gather(self) -> None:
+        """Yield the CPU while the queue still grows: callers just answered queue their next
+        get before the batch is taken.  Only when the last call carried several gets: a
+        single caller would only give its CPU away (a yield on a busy machine costs more than
+        a get's own Python)."""
+        if self._last_batch <= 1:
+            return
+        queued = len(self._queue)
+        for _ in range(GATHER_YIELDS):
+            os.sched_yield()
+            now = len(self._queue)
+            if now == queued or now >= self._batch:
+                return
+            queued = now
+
     def _fetch_next(self) -> None:
         """One call to the tier for the queued gets; each request answered."""
+        self._gather()
         batch = self._take()
         if not batch:
             return
         self.calls += 1
         self.gets += len(batch)
+        self._last_batch = len(batch)
         try:
             if len(batch) == 1:
                 only = batch[0]
@@ -157,14 +183,17 @@ class Fetcher:
         with self._lock:
             for request in batch:
                 request.finished = True
-                request.wake.set()
+                if request.wake is not None:
+                    request.wake.set()
 
     def _hand_over(self) -> None:
         """The leader is done: the oldest waiting caller fetches next, or nobody is busy."""
         with self._lock:
             if self._queue:
-                self._queue[0].lead = True
-                self._queue[0].wake.set()
+                first = self._queue[0]
+                first.lead = True
+                if first.wake is not None:
+                    first.wake.set()
             else:
                 self._busy = False
 

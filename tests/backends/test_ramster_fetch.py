@@ -197,3 +197,21 @@ def test_a_get_that_never_gets_its_turn_fails_and_leaves_the_queue() -> None:
     leader.join(DEADLINE_S)
     assert out[key(1)] == bytes([1]) * 8 and key(2) in tier.pages
     assert not fetcher._busy
+
+
+def test_the_leader_hands_each_caller_its_page_ready_and_a_page_that_fails_is_refused() -> None:
+    """``ready`` (zcache: lz4) runs in the leader for the whole batch; a page it cannot make
+    fails only its own get, as a refused record, and is never served."""
+    tier = HeldTier()
+    tier.pages[key(3)] = b"not lz4"
+
+    def ready(data: bytes) -> bytes:
+        if data == b"not lz4":
+            raise ValueError("corrupt input")
+        return data.upper() + b"!"
+
+    fetcher = Fetcher(tier, wait_s=lambda: DEADLINE_S, ready=ready)  # type: ignore[arg-type]
+    out = start_leader_then(fetcher, tier, (key(1), False), [(key(2), False), (key(3), False)])
+    assert out[key(1)] == bytes([1]) * 8 + b"!" and out[key(2)] == bytes([2]) * 8 + b"!"
+    assert isinstance(out[key(3)], RecordError) and "does not unpack" in str(out[key(3)])
+    assert fetcher.get(key(99), exclusive=False) is None  # a miss is not made ready

@@ -15,20 +15,28 @@ have answered it (the page, None, or the error), checked records only.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from xentmem.errors import BackendError
 
-from .record import RemoteKey
+from .record import RecordError, RemoteKey
 from .tier import GetResult, RamsterUnavailable
 
 #: Most gets in one call: a batch of compressed pages (at most a page each) stays under 1 MiB.
 BATCH_GETS = 256
 #: Most CPU yields a leader spends letting callers just answered queue their next get.
 GATHER_YIELDS = 8
+
+
+log = logging.getLogger(__name__)
+
+
+def _as_is(data: bytes) -> bytes:
+    return data
 
 
 class Tier(Protocol):
@@ -45,8 +53,9 @@ class _Request:
     def __init__(self, key: RemoteKey, exclusive: bool) -> None:
         self.key = key
         self.exclusive = exclusive
-        #: Made only for a caller that waits (a leader's own get needs none).
-        self.wake: threading.Event | None = None
+        #: Made only for a caller that waits (a leader's own get needs none): a lock taken
+        #: at once and released to wake it, once (lighter than an Event).
+        self.wake: Any = None
         self.finished = False
         self.page: bytes | None = None
         self.error: BackendError | None = None
@@ -63,8 +72,13 @@ class Fetcher:
     """Gets of remote pages, coalesced across concurrent callers."""
 
     def __init__(self, tier: Tier, *, wait_s: Callable[[], float],
+                 ready: Callable[[bytes], bytes] | None = None,
                  batch: int = BATCH_GETS) -> None:
         self._tier = tier
+        #: What a caller gets of a fetched record's data (zcache: the page decompressed).
+        #: The leader applies it to the whole batch while the others wait, so a woken caller
+        #: only returns: one hand-over of the interpreter per get, not one per step.
+        self._ready = ready or _as_is
         #: How long a caller waits for its turn before it gives up with -EIO: a safety net
         #: only (every fetch is bounded by the tier's socket timeouts).
         self._wait_s = wait_s
@@ -79,14 +93,15 @@ class Fetcher:
         self._last_batch = 1
 
     def get(self, key: RemoteKey, *, exclusive: bool) -> bytes | None:
-        """As :meth:`RemoteTier.get`: the page, None when the cluster has none, or the
-        tier's error (RecordError for a value that is not this page's)."""
+        """As :meth:`RemoteTier.get`, then ``ready``: the page, None when the cluster has
+        none, or the tier's error (RecordError for a value that is not this page's)."""
         request = _Request(key, exclusive)
         with self._lock:
             self._queue.append(request)
             leading = not self._busy
             if not leading:
-                request.wake = threading.Event()
+                request.wake = threading.Lock()
+                request.wake.acquire()
             self._busy = True
         if not leading and not self._wait_turn(request):
             return request.answer()
@@ -101,8 +116,7 @@ class Fetcher:
         the turn did not come within the wait (a safety net: every fetch is bounded by the
         tier's socket timeouts)."""
         wait_s = self._wait_s()
-        assert request.wake is not None
-        request.wake.wait(wait_s)
+        request.wake.acquire(timeout=wait_s)
         with self._lock:
             if request.finished:
                 return False
@@ -113,7 +127,7 @@ class Fetcher:
                 raise RamsterUnavailable(f"ramster: get of {request.key.name()} waited "
                                          f"{wait_s:g} s behind other gets")
         # taken by a leader whose call is bounded by the tier's timeouts: wait for it
-        if request.wake.wait(wait_s):
+        if request.wake.acquire(timeout=wait_s):
             with self._lock:
                 if request.finished:
                     return False
@@ -170,6 +184,9 @@ class Fetcher:
                     request.error = found.refused.get(request.key) or \
                         found.denied.get(request.key)
                     request.page = found.pages.get(request.key)
+            for request in batch:
+                if request.page is not None:
+                    self._make_ready(request)
         except BackendError as exc:
             failed = [request for request in batch if request.error is None]
             for request in failed:
@@ -184,7 +201,18 @@ class Fetcher:
             for request in batch:
                 request.finished = True
                 if request.wake is not None:
-                    request.wake.set()
+                    request.wake.release()
+
+    def _make_ready(self, request: _Request) -> None:
+        """The caller's form of its page; one that cannot be made is refused, never served."""
+        assert request.page is not None
+        try:
+            request.page = self._ready(request.page)
+        except Exception as exc:  # lz4's errors and any other: the page is not served
+            request.page = None
+            request.error = RecordError(f"{request.key.name()}: the page does not unpack: "
+                                        f"{exc}")
+            log.error("%s (not served)", request.error)
 
     def _hand_over(self) -> None:
         """The leader is done: the oldest waiting caller fetches next, or nobody is busy."""
@@ -193,7 +221,7 @@ class Fetcher:
                 first = self._queue[0]
                 first.lead = True
                 if first.wake is not None:
-                    first.wake.set()
+                    first.wake.release()
             else:
                 self._busy = False
 

@@ -104,7 +104,7 @@ class RemotePages:
         self.remotify_rounds = 0
         #: Gets of remote pages: concurrent callers share one pipeline per master.
         self.fetcher = Fetcher(tier, wait_s=lambda: FETCH_WAIT_TIMEOUTS *
-                               tier.config.timeout_ms / 1000 + FETCH_WAIT_S)
+                               tier.config.timeout_ms / 1000 + FETCH_WAIT_S, ready=unpack_page)
 
     # -- pools ------------------------------------------------------------------------------------
 
@@ -215,7 +215,7 @@ class RemotePages:
                           key.name())
                 return _EIO
             return _MISS
-        return (1, unpack_page(found))
+        return (1, found)
 
     def _get_failed(self, key: RemoteKey, exc: BaseException) -> None:
         """One log line per outage (the tier's line names the node and what failed)."""
@@ -289,7 +289,7 @@ class RemotePages:
             self._get_failed(key, exc)
             return _EIO
         self._get_failing = False
-        return _MISS if found is None else (1, unpack_page(found))
+        return _MISS if found is None else (1, found)
 
     def _shared_flush(self, names: list[str]) -> int:
         try:

@@ -11,11 +11,15 @@ cluster size:
   header, and ``WAIT`` for one replica per master's share) and ephemeral (a TTL, no WAIT);
 * fetch: :meth:`RemoteTier.get_many` (checked records) in batches of ``--batch``;
 * through zcache (``ramster=1``, a local capacity of ``--local-mib``, its arena in a temporary
-  run directory): the same pages, uncompressed, put into a persistent pool, so zcache
-  compresses them and remotifies the least recently used in batches (zcache remotify: pages
+  run directory on tmpfs, as ``/run`` is under systemd, see ``--arena-dir``): the same pages,
+  uncompressed, put into a persistent pool, so zcache compresses them and remotifies the
+  least recently used in batches (zcache remotify: pages
   moved per second of the whole put loop); then every remote page read back by
-  ``get_page``, one tmem op per page, as frontswap reads (zcache fetch), beside raw ``GET`` of
-  one page per round trip (what a per-page op can at best do).
+  ``get_page``, one tmem op per page, as frontswap reads: by one caller (zcache fetch, 1
+  caller: one round trip per page, beside raw ``GET`` of one page per round trip, what a
+  per-page op can at best do), and by ``--callers`` threads at once, each reading its share
+  (zcache fetch, N callers: as the kernel's NBD connections call, their gets coalesced into
+  one pipeline per master).
 
 Each figure is the best of ``--repeat`` rounds; the process's CPU time per page is printed
 beside the wall time (the Redis servers' CPU is not in it).  Goal: remotify and fetch at least
@@ -31,6 +35,7 @@ import shutil
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +55,8 @@ from xentmem.roots import Roots  # noqa: E402
 from xentmem.tmem.abi import PAGE_SIZE, POOL_PRIVATE_PERSISTENT, PRIVATE_UUID, Oid  # noqa: E402
 
 GOAL = 0.5
+#: zcache's arena is a file on tmpfs (``docs/zcache.md``); /tmp may be a disk.
+SHM = "/dev/shm"
 
 
 def corpus(count: int) -> list[bytes]:
@@ -81,7 +88,7 @@ def batches(items: list, size: int) -> list[list]:
 
 
 def run(masters: int, raw_pages: list[bytes], batch: int, repeat: int,
-        local_mib: int) -> dict[str, float]:
+        local_mib: int, callers: int, arena_dir: str | None) -> dict[str, float]:
     pages = compressed(raw_pages)
     cluster = RedisClusterFixture(masters=masters, replicas=1).start()
     try:
@@ -138,24 +145,53 @@ def run(masters: int, raw_pages: list[bytes], batch: int, repeat: int,
         assert all(found.pages[k] == d for k, d in pairs[:batch]), "bench: wrong data"
         tier.close()
         raw.close()
-        figures.update(through_zcache(cluster, masters, raw_pages, repeat, local_mib))
+        figures.update(through_zcache(cluster, masters, raw_pages, repeat, local_mib, callers,
+                                      arena_dir))
         return figures
     finally:
         cluster.stop()
 
 
+def fetch_by(made: ZcacheBackend, pool: int, remote: list[tuple[Oid, int]],
+             raw_pages: list[bytes], callers: int) -> float:
+    """Wall seconds for ``callers`` threads to get every remote page, each its share."""
+    start = threading.Barrier(callers + 1)
+    failed: list[str] = []
+
+    def share(first: int) -> None:
+        start.wait()
+        for oid, index in remote[first::callers]:
+            n = oid[0] * 512 + index
+            if made.get_page(pool, oid, index) != (1, raw_pages[n]):
+                failed.append(f"bench: zcache fetch of page {n} failed")
+                return
+
+    threads = [threading.Thread(target=share, args=(i,)) for i in range(callers)]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    wall = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - wall
+    if failed:
+        raise SystemExit(failed[0])
+    return wall
+
+
 def through_zcache(cluster: RedisClusterFixture, masters: int, raw_pages: list[bytes],
-                   repeat: int, local_mib: int) -> dict[str, float]:
+                   repeat: int, local_mib: int, callers: int,
+                   arena_dir: str | None) -> dict[str, float]:
     """zcache remotify and fetch rates (pages per second of remote pages), best of
     ``repeat`` rounds; each round a fresh pool."""
     # enough pages that most of them must move: four times what the local store holds
     enough = local_mib * (1 << 20) * 4 // max(1, sum(map(len, compressed(raw_pages[:100]))) // 100)
     raw_pages = (raw_pages * (enough // len(raw_pages) + 1))[:max(enough, len(raw_pages))]
-    run_dir = Path(tempfile.mkdtemp(prefix="bench-ramster-"))
+    run_dir = Path(tempfile.mkdtemp(prefix="bench-ramster-", dir=arena_dir))
     made = ZcacheBackend({"capacity": f"{local_mib}M", "ramster": True,
                           "ramster_nodes": cluster.seeds(), "ramster_node_id": "bench-zc",
                           "ramster_timeout_ms": 5000}, roots=Roots(run_dir=run_dir))
-    best = {"zcache remotify": 0.0, "zcache fetch": 0.0}
+    best = {"zcache remotify": 0.0, "zcache fetch": 0.0, "zcache fetch N": 0.0}
     try:
         for _ in range(repeat):
             pool = made.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
@@ -178,9 +214,19 @@ def through_zcache(cluster: RedisClusterFixture, masters: int, raw_pages: list[b
                     raise SystemExit(f"bench: zcache fetch of page {n} failed")
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             best["zcache fetch"] = max(best["zcache fetch"], len(remote) / wall)
-            print(f"  {masters} masters  zcache fetch           {len(remote) / wall:9.0f} "
+            print(f"  {masters} masters  zcache fetch, 1 caller {len(remote) / wall:9.0f} "
                   f"pages/s  ({len(remote)} remote pages, {cpu / max(len(remote), 1) * 1e6:.1f}"
                   " us CPU/page)")
+            fetcher = made._remote.fetcher if made._remote is not None else None
+            calls = fetcher.calls if fetcher is not None else 0
+            cpu = time.process_time()
+            wall = fetch_by(made, pool, remote, raw_pages, callers)
+            cpu = time.process_time() - cpu
+            calls = (fetcher.calls if fetcher is not None else 0) - calls
+            best["zcache fetch N"] = max(best["zcache fetch N"], len(remote) / wall)
+            print(f"  {masters} masters  zcache fetch, {callers} callers{len(remote) / wall:8.0f} "
+                  f"pages/s  ({cpu / max(len(remote), 1) * 1e6:.1f} us CPU/page, "
+                  f"{len(remote) / max(calls, 1):.1f} gets per call to the cluster)")
             made.destroy_pool(pool)
     finally:
         made.remove()
@@ -196,6 +242,13 @@ def main() -> int:
     parser.add_argument("--masters", default="3,6")
     parser.add_argument("--local-mib", type=int, default=4,
                         help="zcache's local capacity in the through-zcache rounds")
+    parser.add_argument("--callers", type=int, default=8,
+                        help="threads getting pages at once in the N-caller zcache fetch "
+                             "(the swap frontend opens up to 8 NBD connections)")
+    parser.add_argument("--arena-dir", default=SHM if Path(SHM).is_dir() else None,
+                        help="where zcache's run directory (its arena) is made: a tmpfs, as "
+                             f"/run is under systemd (default {SHM}, else the temporary "
+                             "directory)")
     args = parser.parse_args()
     reason = unavailable_reason()
     if reason is not None:
@@ -204,11 +257,14 @@ def main() -> int:
         return 0
     pages = corpus(args.pages)
     print(f"{len(pages)} pages, {sum(map(len, compressed(pages))) / len(pages):.0f} bytes "
-          f"each compressed, batches of {args.batch}, best of {args.repeat}")
+          f"each compressed, batches of {args.batch}, best of {args.repeat}, zcache's arena "
+          f"in {args.arena_dir or tempfile.gettempdir()}")
     results = {}
     for masters in (int(m) for m in args.masters.split(",")):
-        results[masters] = run(masters, pages, args.batch, args.repeat, args.local_mib)
+        results[masters] = run(masters, pages, args.batch, args.repeat, args.local_mib,
+                               args.callers, args.arena_dir)
     summary = []
+    callers = args.callers
     for masters, f in results.items():
         ratios = {
             "remotify": f["remotify persistent"] / f["raw SET"],
@@ -217,16 +273,18 @@ def main() -> int:
             "zc-remotify": f["zcache remotify"] / f["raw SET"],
             "zc-fetch": f["zcache fetch"] / f["raw GET"],
             "zc-fetch-one": f["zcache fetch"] / f["raw GET one by one"],
+            "zc-fetch-n": f["zcache fetch N"] / f["raw GET"],
         }
         print(f"{masters} masters: tier remotify persistent {ratios['remotify']:.2f}x raw SET, "
               f"ephemeral {ratios['remotify-eph']:.2f}x, fetch {ratios['fetch']:.2f}x raw GET; "
-              f"zcache remotify {ratios['zc-remotify']:.2f}x raw SET, zcache fetch "
-              f"{ratios['zc-fetch']:.2f}x raw pipelined GET, {ratios['zc-fetch-one']:.2f}x raw "
-              f"GET one by one (goal {GOAL}x)")
+              f"zcache remotify {ratios['zc-remotify']:.2f}x raw SET, zcache fetch by 1 "
+              f"caller {ratios['zc-fetch']:.2f}x raw pipelined GET ({ratios['zc-fetch-one']:.2f}x"
+              f" raw GET one by one), by {callers} callers {ratios['zc-fetch-n']:.2f}x raw "
+              f"pipelined GET (goal {GOAL}x)")
         summary.append(f"{masters}m remotify {ratios['remotify']:.2f}x fetch "
                        f"{ratios['fetch']:.2f}x zcache remotify {ratios['zc-remotify']:.2f}x "
-                       f"fetch {ratios['zc-fetch']:.2f}x ({ratios['zc-fetch-one']:.2f}x "
-                       "one by one)")
+                       f"fetch 1 caller {ratios['zc-fetch']:.2f}x ({ratios['zc-fetch-one']:.2f}x "
+                       f"one by one) {callers} callers {ratios['zc-fetch-n']:.2f}x")
     if len(results) > 1:
         first, last = min(results), max(results)
         for label in ("raw SET", "remotify persistent", "zcache remotify"):

@@ -127,6 +127,50 @@ def test_an_objects_pages_share_a_slot_and_flush_together(
         tier.close()
 
 
+def test_a_batch_of_many_objects_goes_by_mset_and_comes_back_each_get_as_asked(
+        cluster: redis_cluster.RedisClusterFixture, tmp_path: Path,
+        admin: redis.cluster.RedisCluster) -> None:
+    """put_many writes one MSET per object; get_each answers each get as asked (GETDEL for an
+    exclusive one) and a get the ACL refuses only for itself."""
+    tier = tier_for(cluster, "node-a", tmp_path)
+    try:
+        keys = [key("node-a", i, pool=4, oid=Oid(i % 5, 2, 3)) for i in range(40)]
+        done = tier.put_many([(k, page(k.index)) for k in keys], persistent=True)
+        assert set(done.acknowledged) == set(keys) and not done.errors
+        assert all(admin.ttl(k.name()) == -1 for k in keys)
+        foreign = key("node-c", 1)
+        found = tier.get_each([(k, k.index % 2 == 0) for k in keys] + [(foreign, False)])
+        assert found.pages == {k: page(k.index) for k in keys}
+        assert list(found.denied) == [foreign] and not found.refused and not found.missing
+        assert sorted(k.index for k in keys if admin.exists(k.name())) == \
+            list(range(1, 40, 2))  # the exclusive gets took theirs
+    finally:
+        tier.close()
+
+
+def test_a_get_on_a_connection_the_server_closed_tries_once_more_on_a_new_one(
+        cluster: redis_cluster.RedisClusterFixture, tmp_path: Path) -> None:
+    """The tier holds one connection per master for lone gets; a connection closed while
+    idle (a server's ``timeout``, a proxy) costs a second try, not an -EIO and a new client."""
+    tier = tier_for(cluster, "node-a", tmp_path)
+    try:
+        tier.put(key("node-a", 1), page(1), persistent=True)
+        tier.put(key("node-a", 2), page(2), persistent=True)
+        assert tier.get(key("node-a", 1), exclusive=False) == page(1)
+        master = cluster.master_of(key("node-a", 1).name())
+        with redis.Redis(host="127.0.0.1", port=master.port) as direct:
+            assert direct.client_kill_filter(_type="normal", skipme=True) >= 1
+        assert tier.get(key("node-a", 1), exclusive=False) == page(1)
+        with redis.Redis(host="127.0.0.1", port=master.port) as direct:
+            assert direct.client_kill_filter(_type="normal", skipme=True) >= 1
+        found = tier.get_many([key("node-a", 1), key("node-a", 2)], exclusive=False)
+        assert found.pages == {key("node-a", 1): page(1), key("node-a", 2): page(2)}
+        stats = tier.stats()
+        assert stats["cluster_errors"] == 0 and stats["reconnects"] == 0
+    finally:
+        tier.close()
+
+
 @pytest.mark.parametrize("damage", ["flip", "other-key", "truncate", "foreign"])
 def test_a_damaged_or_misplaced_value_is_never_returned(
         cluster: redis_cluster.RedisClusterFixture, tmp_path: Path,

@@ -58,12 +58,18 @@ class RemoteKey:
         return object_tag(self.owner, self.pool, self.oid)
 
     def name(self) -> str:
-        return f"{self.object_tag()}:{self.index:x}"
+        return page_name(self.object_tag(), self.index)
 
 
 def object_tag(owner: str, pool: int, oid: Oid) -> str:
     """The key prefix of one object's pages: ``xentmem:{owner:pool:oid}``."""
     return f"{PREFIX}:{{{owner}:{pool:x}:{oid[0]:x}.{oid[1]:x}.{oid[2]:x}}}"
+
+
+def page_name(tag: str, index: int) -> str:
+    """The key of page ``index`` of the object whose :func:`object_tag` is ``tag`` (a batch
+    computes the tag once per object)."""
+    return f"{tag}:{index:x}"
 
 
 def owner_of_node(node_id: str) -> str:
@@ -103,31 +109,40 @@ def key_pattern(owner: str) -> str:
 
 
 def encode(key: RemoteKey, data: bytes, *, persistent: bool) -> bytes:
+    return encode_named(key.name().encode(), data, persistent=persistent)
+
+
+def encode_named(name: bytes, data: bytes, *, persistent: bool) -> bytes:
+    """The value of the page whose key is ``name`` (a batch names each page once)."""
     if len(data) > MAX_DATA:
         raise ValueError(f"a remote page holds at most {MAX_DATA} bytes, not {len(data)}")
-    name = key.name().encode()
     crc = zlib.crc32(data, zlib.crc32(name))
     flags = FLAG_PERSISTENT if persistent else 0
-    return _HEADER.pack(MAGIC, VERSION, flags, len(name), len(data), crc) + name + data
+    return b"".join((_HEADER.pack(MAGIC, VERSION, flags, len(name), len(data), crc), name, data))
 
 
 def decode(key: RemoteKey, untrusted_value: bytes) -> bytes:
     """The page data of ``untrusted_value`` if it is exactly ``key``'s record; else RecordError."""
-    name = key.name().encode()
-    if len(untrusted_value) < _HEADER.size:
-        raise RecordError(f"{key.name()}: {len(untrusted_value)} bytes, shorter than a header")
+    return decode_named(key.name().encode(), untrusted_value)
+
+
+def decode_named(name: bytes, untrusted_value: bytes) -> bytes:
+    """As :func:`decode`, for the page whose key is ``name``."""
+    size = len(untrusted_value)
+    if size < _HEADER.size:
+        raise RecordError(f"{name.decode()}: {size} bytes, shorter than a header")
     magic, version, _flags, name_len, data_len, crc = _HEADER.unpack_from(untrusted_value)
     if magic != MAGIC or version != VERSION:
-        raise RecordError(f"{key.name()}: not a xentmem record (magic {magic!r}, "
+        raise RecordError(f"{name.decode()}: not a xentmem record (magic {magic!r}, "
                           f"version {version})")
-    if _HEADER.size + name_len + data_len != len(untrusted_value) or data_len > MAX_DATA:
-        raise RecordError(f"{key.name()}: lengths {name_len}+{data_len} do not match "
-                          f"{len(untrusted_value)} bytes")
-    stored_name = untrusted_value[_HEADER.size:_HEADER.size + name_len]
+    if _HEADER.size + name_len + data_len != size or data_len > MAX_DATA:
+        raise RecordError(f"{name.decode()}: lengths {name_len}+{data_len} do not match "
+                          f"{size} bytes")
+    start = _HEADER.size + name_len
+    stored_name = untrusted_value[_HEADER.size:start]
     if stored_name != name:
-        raise RecordError(f"{key.name()}: the value is {stored_name[:80]!r}'s")
-    data = untrusted_value[_HEADER.size + name_len:]
+        raise RecordError(f"{name.decode()}: the value is {stored_name[:80]!r}'s")
+    data = untrusted_value[start:]
     if zlib.crc32(data, zlib.crc32(name)) != crc:
-        raise RecordError(f"{key.name()}: checksum mismatch")
+        raise RecordError(f"{name.decode()}: checksum mismatch")
     return data
-

@@ -31,6 +31,7 @@ from xentmem.guest.backend import GetResult
 from xentmem.tmem.abi import PAGE_SIZE, Oid, PoolUuid
 from xentmem.tmem.store import TmemStore, pack_page, unpack_page
 
+from .fetch import Fetcher
 from .record import RecordError, RemoteKey, owner_of_shared, parse_name
 from .tier import RamsterUnavailable, RemoteTier
 
@@ -43,12 +44,20 @@ REMOTE_ENTRY_BYTES = 256
 #: The persistent LRU's entry per local persistent page (an OrderedDict entry and its key
 #: tuple): 289 bytes measured the same way, rounded up.
 LRU_ENTRY_BYTES = 320
-#: A remotify moves at least this much (one pipeline per master and one WAIT per batch).
-BATCH_BYTES = 256 * 1024
-BATCH_PAGES = 256
+#: A remotify moves at least a quarter of the local capacity, between these bounds, and at
+#: most BATCH_PAGES pages: one pipeline per master and one WAIT per batch, so the fewer the
+#: batches, the fewer the waits for a replica (1 MiB moved 1.6x the pages per second of
+#: 256 KiB in the put loop of bench_ramster.py, medians of 6 rounds, docs/ramster.md).
+BATCH_MIN_BYTES = 256 * 1024
+BATCH_MAX_BYTES = 1024 * 1024
+BATCH_PAGES = 512
 #: After the cluster failed a remotify, the next one waits this long (puts meanwhile are
 #: what the local store alone can take); then it is tried again by itself.
 PAUSE_S = 5.0
+#: A get waits its turn behind other callers' fetches at most this many ``ramster_timeout_ms``
+#: plus FETCH_WAIT_S, then fails with -EIO (a safety net: each fetch is bounded already).
+FETCH_WAIT_TIMEOUTS = 2
+FETCH_WAIT_S = 5.0
 
 _DONE = 1
 _MISS: GetResult = (0, None)
@@ -93,6 +102,9 @@ class RemotePages:
         self._get_failing = False
         self.remotify_failures = 0
         self.remotify_rounds = 0
+        #: Gets of remote pages: concurrent callers share one pipeline per master.
+        self.fetcher = Fetcher(tier, wait_s=lambda: FETCH_WAIT_TIMEOUTS *
+                               tier.config.timeout_ms / 1000 + FETCH_WAIT_S, ready=unpack_page)
 
     # -- pools ------------------------------------------------------------------------------------
 
@@ -185,7 +197,7 @@ class RemotePages:
         exclusive = pool is not None and pool.exclusive
         key = RemoteKey(self.owner, slot, oid, index)
         try:
-            found = self.tier.get(key, exclusive=exclusive)
+            found = self.fetcher.get(key, exclusive=exclusive)
         except RecordError:  # logged and counted by the tier: never served
             with self._books:
                 self._unrecord(where)
@@ -203,7 +215,7 @@ class RemotePages:
                           key.name())
                 return _EIO
             return _MISS
-        return (1, unpack_page(found))
+        return (1, found)
 
     def _get_failed(self, key: RemoteKey, exc: BaseException) -> None:
         """One log line per outage (the tier's line names the node and what failed)."""
@@ -270,14 +282,14 @@ class RemotePages:
         if key.name() in self._stale:
             return _MISS
         try:
-            found = self.tier.get(key, exclusive=False)
+            found = self.fetcher.get(key, exclusive=False)
         except RecordError:
             return _MISS
         except BackendError as exc:
             self._get_failed(key, exc)
             return _EIO
         self._get_failing = False
-        return _MISS if found is None else (1, unpack_page(found))
+        return _MISS if found is None else (1, found)
 
     def _shared_flush(self, names: list[str]) -> int:
         try:
@@ -302,6 +314,10 @@ class RemotePages:
             short -= store.freeable_bytes()
         return short
 
+    def batch_bytes(self) -> int:
+        """What one remotify moves at least: a quarter of the local capacity, within bounds."""
+        return max(BATCH_MIN_BYTES, min(BATCH_MAX_BYTES, self._store.capacity_bytes // 4))
+
     def _make_room(self, cost: int) -> None:
         if self._now() < self._paused_until or self.shortfall(cost) <= 0:
             return
@@ -315,7 +331,7 @@ class RemotePages:
             if need <= 0:
                 return 0
             self._retry_stale()
-            need = max(need, BATCH_BYTES)
+            need = max(need, self.batch_bytes())
             eph: list[tuple[Where, bytes]] = []
             if self.ephemeral == "move":
                 cost_each = self._store.overhead(persistent=False) - REMOTE_ENTRY_BYTES

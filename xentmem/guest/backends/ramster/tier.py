@@ -34,7 +34,15 @@ from redis.retry import Retry
 from xentmem.errors import BackendError
 from xentmem.tmem.abi import Oid
 
-from .record import RecordError, RemoteKey, decode, encode, key_pattern, object_tag
+from .record import (
+    RecordError,
+    RemoteKey,
+    decode_named,
+    encode_named,
+    key_pattern,
+    object_tag,
+    page_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +52,10 @@ CLUSTER_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException, OSEr
 #: redis-py retries an operation this many times after a connection error or a moved slot
 #: (a failover in progress); each try is bounded by the socket timeout.
 CLIENT_RETRIES = 2
+
+
+#: One page of a batch put: its key, its key's name and its value (the record).
+_Record = tuple[RemoteKey, str, bytes]
 
 
 class RamsterUnavailable(BackendError):
@@ -56,11 +68,13 @@ class RamsterRefused(BackendError):
 
 @dataclass
 class GetResult:
-    """What a batch get found: pages by key, keys the cluster has not, values refused."""
+    """What a batch get found: pages by key, keys the cluster has not, values refused, and
+    gets this node's ACL user may not make."""
 
     pages: dict[RemoteKey, bytes] = field(default_factory=dict)
     missing: list[RemoteKey] = field(default_factory=list)
     refused: dict[RemoteKey, RecordError] = field(default_factory=dict)
+    denied: dict[RemoteKey, RamsterRefused] = field(default_factory=dict)
 
 
 @dataclass
@@ -133,6 +147,11 @@ class RemoteTier:
         self._lock = threading.Lock()
         #: Bytes each remote page of this node holds in the cluster (for remote_bytes).
         self._sizes: dict[str, int] = {}
+        #: Per master, a connection taken from its pool for the client's life (the lock
+        #: serialises its use): a lone get is one command written and its reply read, without
+        #: redis-py's per-call pool, retry and tracing layers, which cost twice the CPU of the
+        #: round trip itself (``docs/ramster.md``, "Fetch").
+        self._held: dict[str, tuple[Any, Any]] = {}
 
     # -- the client's life ------------------------------------------------------------------------
 
@@ -178,9 +197,24 @@ class RemoteTier:
 
     def close(self) -> None:
         with self._lock:
+            self._drop_held()
             if self._client is not None:
                 self._client.close()
                 self._client = None
+
+    def _drop_held(self) -> None:
+        """The held connections go back to their pools, closed (the lock is held)."""
+        for pool, conn in self._held.values():
+            conn.disconnect()
+            pool.release(conn)
+        self._held.clear()
+
+    def _held_for(self, cluster: RedisCluster, node: Any) -> Any:
+        held = self._held.get(node.name)
+        if held is None:
+            pool = cluster.get_redis_connection(node).connection_pool
+            held = self._held[node.name] = (pool, pool.get_connection())
+        return held[1]
 
     def reconnect_soon(self) -> None:
         """The next call builds a new client (a changed timeout takes effect there)."""
@@ -225,6 +259,7 @@ class RemoteTier:
         if message != self.counters.last_error:
             log.error("%s", message)
         self.counters.last_error = message
+        self._drop_held()
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -241,45 +276,66 @@ class RemoteTier:
     def put_many(self, pages: Sequence[tuple[RemoteKey, bytes]], *,
                  persistent: bool) -> PutResult:
         """Store pages as remotify does, in batches: one pipeline per master that owns some
-        of their slots (the SETs, then one WAIT for a persistent batch).  A master's group
-        that fails or reaches too few replicas is not acknowledged: its pages stay with the
-        caller, and the tier removes what it wrote of them."""
+        of their slots (one MSET per object of a persistent batch, then one WAIT; one SET
+        with its TTL per ephemeral page).  A master's group that fails or reaches too few
+        replicas is not acknowledged: its pages stay with the caller, and the tier removes
+        what it wrote of them."""
         result = PutResult()
         with self._lock:
             try:
                 cluster = self._cluster()
-                groups: dict[str, tuple[Any, list[tuple[str, bytes]]]] = {}
-                for key, data in pages:
-                    name = key.name()
-                    node = cluster.get_node_from_key(name)
-                    groups.setdefault(node.name, (node, []))[1].append(
-                        (name, encode(key, data, persistent=persistent)))
+                groups = self._by_master(cluster, pages, persistent)
             except RamsterUnavailable as exc:
                 result.errors.append(exc)
                 return result
             except CLUSTER_ERRORS as exc:
                 result.errors.append(self._failed(f"put of {len(pages)} page(s) failed", exc))
                 return result
-            by_name = {key.name(): key for key, _data in pages}
-            for node, group in groups.values():
-                error = self._put_group(cluster, node, group, persistent, result.leftover)
+            for node, objects in groups.values():
+                error = self._put_group(cluster, node, objects, persistent, result.leftover)
                 if error is not None:
                     result.errors.append(error)
                     continue
-                for name, value in group:
-                    self._account(name, len(value))
-                    result.acknowledged.append(by_name[name])
+                for records in objects:
+                    for key, name, value in records:
+                        self._account(name, len(value))
+                        result.acknowledged.append(key)
             self.counters.remotified += len(result.acknowledged)
         return result
 
-    def _put_group(self, cluster: RedisCluster, node: Any, group: list[tuple[str, bytes]],
+    @staticmethod
+    def _by_master(cluster: RedisCluster, pages: Sequence[tuple[RemoteKey, bytes]],
+                   persistent: bool) -> dict[str, tuple[Any, list[list[_Record]]]]:
+        """The pages' records by master, then by object: an object's pages share its hash
+        tag's slot, so the tag and its master are found once per object."""
+        groups: dict[str, tuple[Any, list[list[_Record]]]] = {}
+        objects: dict[tuple[str, int, Oid], tuple[str, list[_Record]]] = {}
+        for key, data in pages:
+            found = objects.get((key.owner, key.pool, key.oid))
+            if found is None:
+                tag = key.object_tag()
+                node = cluster.get_node_from_key(tag)
+                found = objects[(key.owner, key.pool, key.oid)] = (tag, [])
+                groups.setdefault(node.name, (node, []))[1].append(found[1])
+            name = page_name(found[0], key.index)
+            found[1].append((key, name, encode_named(name.encode(), data,
+                                                     persistent=persistent)))
+        return groups
+
+    def _put_group(self, cluster: RedisCluster, node: Any, objects: list[list[_Record]],
                    persistent: bool, leftover: list[str]) -> BackendError | None:
         """One master's share of a batch, on one connection; None once acknowledged.  What
         a failed group may have written is removed (or named in ``leftover``)."""
-        names = [name for name, _value in group]
+        names = [name for records in objects for _key, name, _value in records]
         pipe = cluster.get_redis_connection(node).pipeline(transaction=False)
-        for name, value in group:
-            pipe.set(name, value, ex=None if persistent else self.config.ephemeral_ttl_s)
+        ttl = self.config.ephemeral_ttl_s
+        for records in objects:
+            if persistent:  # one object: one slot, so one MSET (no TTL: never evicted)
+                pipe.execute_command("MSET", *(part for _key, name, value in records
+                                               for part in (name, value)))
+            else:
+                for _key, name, value in records:
+                    pipe.execute_command("SET", name, value, "EX", ttl)
         wait_ms = 0
         if persistent:
             # WAIT blocks on the server: most of a try's time, the socket's timeout a bit more.
@@ -289,7 +345,7 @@ class RemoteTier:
             replies = pipe.execute(raise_on_error=False)
         except CLUSTER_ERRORS as exc:  # the SETs may have landed (a WAIT that timed out)
             self._discard(cluster, names, leftover)
-            return self._failed(f"put of {len(group)} page(s) on {node.name} failed", exc)
+            return self._failed(f"put of {len(names)} page(s) on {node.name} failed", exc)
         refusals = [r for r in replies if isinstance(r, redis.exceptions.NoPermissionError)]
         if refusals:
             return self._refused(refusals[0])
@@ -302,7 +358,7 @@ class RemoteTier:
             self.counters.short_replication += 1
             self._discard(cluster, names, leftover)
             return RamsterUnavailable(
-                f"ramster: put of {len(group)} page(s) reached {replies[-1]} of "
+                f"ramster: put of {len(names)} page(s) reached {replies[-1]} of "
                 f"{self.config.replicas} replica(s) on master {node.name} within {wait_ms} ms")
         return None
 
@@ -322,47 +378,95 @@ class RemoteTier:
         """
         name = key.name()
         found = GetResult()
-        with self._lock:  # one page: one command on its master's connection, no pipeline
+        command = "GETDEL" if exclusive else "GET"
+        with self._lock:  # one page: one command on its master's held connection
             with self._calling("get of 1 page failed"):
                 cluster = self._cluster()
-                conn = cluster.get_redis_connection(cluster.get_node_from_key(name))
-                untrusted_value = conn.getdel(name) if exclusive else conn.get(name)
+                node = cluster.get_node_from_key(name)
+                try:
+                    untrusted_value = self._command(cluster, node, command, name)
+                except redis.ConnectionError:  # closed while idle: one more try, on a new one
+                    self._drop_held()
+                    untrusted_value = self._command(cluster, node, command, name)
             self._reachable = True
-            self._take(key, untrusted_value, exclusive, found)
+            self._take(key, name, untrusted_value, exclusive, found)
         if key in found.refused:
             raise found.refused[key]
         return found.pages.get(key)
 
-    def get_many(self, keys: Sequence[RemoteKey], *, exclusive: bool) -> GetResult:
-        """Fetch pages, one pipeline per master (GET, or GETDEL for exclusive gets).
+    def _command(self, cluster: RedisCluster, node: Any, *args: Any) -> Any:
+        """One command on ``node``'s held connection, its reply (an error reply raised)."""
+        conn = self._held_for(cluster, node)
+        conn.send_command(*args)
+        return conn.read_response()
 
-        Raises :class:`RamsterUnavailable` or :class:`RamsterRefused` when a master's group
-        fails: then none of that call's exclusive gets may be assumed to have happened or
-        not, so the caller treats the whole call as failed (-EIO), as tmem would.
+    def _commands(self, cluster: RedisCluster, node: Any, commands: list[tuple[Any, ...]]
+                  ) -> list[Any]:
+        """Commands pipelined on ``node``'s held connection: one write, then every reply in
+        order, an error reply in its command's place (the connection stays in step)."""
+        conn = self._held_for(cluster, node)
+        conn.send_packed_command(conn.pack_commands(commands))
+        replies: list[Any] = []
+        for _command in commands:
+            try:
+                replies.append(conn.read_response())
+            except redis.ResponseError as exc:
+                replies.append(exc)
+        return replies
+
+    def get_many(self, keys: Sequence[RemoteKey], *, exclusive: bool) -> GetResult:
+        """Fetch pages, one pipeline per master (GET, or GETDEL for exclusive gets); as
+        :meth:`get_each`."""
+        return self.get_each([(key, exclusive) for key in keys])
+
+    def get_each(self, requests: Sequence[tuple[RemoteKey, bool]]) -> GetResult:
+        """Fetch distinct pages, each with its own exclusiveness, one pipeline per master
+        (GET, or GETDEL for an exclusive get).
+
+        Raises :class:`RamsterUnavailable` when a master's group fails: then none of that
+        call's exclusive gets may be assumed to have happened or not, so the caller treats
+        the whole call as failed (-EIO), as tmem would.  A get the ACL refuses is in
+        ``denied`` (the others are answered).
         """
         result = GetResult()
         with self._lock:
-            with self._calling(f"get of {len(keys)} page(s) failed"):
+            with self._calling(f"get of {len(requests)} page(s) failed"):
                 cluster = self._cluster()
-                groups: dict[str, tuple[Any, list[RemoteKey]]] = {}
-                for key in keys:
-                    node = cluster.get_node_from_key(key.name())
-                    groups.setdefault(node.name, (node, []))[1].append(key)
-                replies: list[tuple[RemoteKey, Any]] = []
+                groups: dict[str, tuple[Any, list[tuple[RemoteKey, str, bool]]]] = {}
+                objects: dict[tuple[str, int, Oid], tuple[str, list[Any]]] = {}
+                for key, exclusive in requests:
+                    found = objects.get((key.owner, key.pool, key.oid))
+                    if found is None:  # one object: one slot, found once
+                        tag = key.object_tag()
+                        node = cluster.get_node_from_key(tag)
+                        group = groups.setdefault(node.name, (node, []))[1]
+                        found = objects[(key.owner, key.pool, key.oid)] = (tag, group)
+                    found[1].append((key, page_name(found[0], key.index), exclusive))
+                replies: list[tuple[tuple[RemoteKey, str, bool], Any]] = []
                 for node, group in groups.values():
-                    pipe = cluster.get_redis_connection(node).pipeline(transaction=False)
-                    for key in group:
-                        (pipe.getdel if exclusive else pipe.get)(key.name())
-                    replies.extend(zip(group, pipe.execute()))
+                    commands = [("GETDEL" if exclusive else "GET", name)
+                                for _key, name, exclusive in group]
+                    try:
+                        answers = self._commands(cluster, node, commands)
+                    except redis.ConnectionError:  # closed while idle: once more, on a new one
+                        self._drop_held()
+                        answers = self._commands(cluster, node, commands)
+                    replies.extend(zip(group, answers))
+                failures = [r for _g, r in replies if isinstance(r, Exception) and
+                            not isinstance(r, redis.exceptions.NoPermissionError)]
+                if failures:  # a slot moved (a failover): the whole call failed
+                    raise failures[0]
             self._reachable = True
-            for key, untrusted_value in replies:
-                self._take(key, untrusted_value, exclusive, result)
+            for (key, name, exclusive), untrusted_value in replies:
+                if isinstance(untrusted_value, redis.exceptions.NoPermissionError):
+                    result.denied[key] = self._refused(untrusted_value)
+                else:
+                    self._take(key, name, untrusted_value, exclusive, result)
         return result
 
-    def _take(self, key: RemoteKey, untrusted_value: bytes | None, exclusive: bool,
-              result: GetResult) -> None:
+    def _take(self, key: RemoteKey, name: str, untrusted_value: bytes | None,
+              exclusive: bool, result: GetResult) -> None:
         """One fetched value into ``result``: a page, a miss, or a refused record."""
-        name = key.name()
         if untrusted_value is None or exclusive:
             self._forget(name)
         if untrusted_value is None:
@@ -370,7 +474,7 @@ class RemoteTier:
             result.missing.append(key)
             return
         try:
-            result.pages[key] = decode(key, untrusted_value)
+            result.pages[key] = decode_named(name.encode(), untrusted_value)
         except RecordError as exc:
             self.counters.refused_records += 1
             log.error("%s (not served)", exc)

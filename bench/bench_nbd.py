@@ -4,7 +4,9 @@ fio's ``nbd`` engine (libnbd) does 4 KiB random writes over the whole export, th
 random reads of it, at iodepth 1 and 32, against
 
 * **xentmem**: a swap area exported by ``xentmem/guestd/nbd`` in this process, every page
-  through frontswap to the ``zcache`` backend (file backing for what zcache refuses);
+  through frontswap to the ``zcache`` backend (file backing for what zcache refuses), whose
+  pages live in a page arena (checksummed, as the daemon's) in the benchmark's own temporary
+  run directory, never the system's ``/run/xentmem``;
 * **nbdkit**: ``nbdkit memory`` (Debian's nbdkit: a C server keeping the export in memory),
   started by this benchmark on a Unix socket of its own;
 * **zram** (for reference, when one can be hot-added: root and ``/sys/class/zram-control``):
@@ -13,13 +15,15 @@ random reads of it, at iodepth 1 and 32, against
 
 Each (target, iodepth) gets a fresh export; the phases of the targets are interleaved so a
 change in the machine's load hits both.  fio's buffers are 50 % compressible (a swap page
-is rarely random).  Reported per phase: IOPS, the server's CPU time per op (this process's
-for xentmem, nbdkit's process for nbdkit), and xentmem's IOPS as a ratio of nbdkit's.  The
-last line: ``SUMMARY: iodepth 32: write x.xx of nbdkit, read x.xx of nbdkit (goal >= 0.50)
-...``.  Exit 1 if a fio run failed; a missed goal is reported, not an error (the machine is
-shared).
+is rarely random).  Each round gives, per phase, IOPS, the server's CPU time per op (this
+process's for xentmem, nbdkit's process for nbdkit) and xentmem's IOPS as a ratio of
+nbdkit's in that round; reported are the medians over the rounds (the ratio's median is of
+the rounds' ratios: both sides of a ratio ran under the same load), each round's iodepth-32
+ratios and the load average.  The last line: ``SUMMARY: iodepth 32: write x.xx of nbdkit,
+read x.xx of nbdkit (goal >= 0.50) ...``.  Exit 1 if a fio run failed; a missed goal is
+reported, not an error (the machine is shared).
 
-Run (as root for the zram column): ``python bench/bench_nbd.py [--size-mib 64] [--repeat 1]``.
+Run (as root for the zram column): ``python bench/bench_nbd.py [--size-mib 64] [--repeat 3]``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import argparse
 import contextlib
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,6 +48,7 @@ from xentmem.guestd.nbd.exports import Exports
 from xentmem.guestd.nbd.resident import NotResident, Residency, SwapUnsafe
 from xentmem.guestd.nbd.server import NbdServer
 from xentmem.guestd.swap import SwapAreas
+from xentmem.roots import Roots
 
 PAGE = 4096
 GOAL = 0.5
@@ -87,15 +93,21 @@ def fio(target: list[str], rw: str, iodepth: int, size: int) -> tuple[float, int
 class Ours:
     name = "xentmem"
 
-    def __init__(self, directory: Path, size: int) -> None:
-        self.shim = Shim()
+    def __init__(self, directory: Path, size: int, residency: Residency | None = None) -> None:
+        """``residency``: None to lock this process in memory as ``xentmemd`` serving swap
+        does (not locked if refused)."""
+        # zcache keeps its arena in the run directory: this benchmark's own, never the
+        # system's (a daemon's, or another benchmark's).
+        self.shim = Shim(roots=Roots(run_dir=directory / "run"))
         self.shim.load("zcache")
         self.swap = SwapAreas(self.shim.frontswap, directory / "swap")
-        self.residency = Residency()  # as xentmemd serving swap: memory locked
-        try:
-            self.residency.lock_memory()
-        except SwapUnsafe:
-            self.residency = NotResident()
+        if residency is None:
+            residency = Residency()
+            try:
+                residency.lock_memory()
+            except SwapUnsafe:
+                residency = NotResident()
+        self.residency = residency
         self.exports = Exports(self.shim.frontswap, self.swap, self.residency)
         self.server = NbdServer(self.exports, residency=self.residency)
         self.exports.server = self.server
@@ -218,55 +230,72 @@ def targets(directory: Path, size: int, zram: bool) -> Iterator[tuple[list, str 
             target.close()
 
 
+def median_phase(phases: list[Phase]) -> Phase:
+    """The median IOPS and the median CPU time of a phase's rounds."""
+    cpus = [p.cpu_s for p in phases if p.cpu_s is not None]
+    return Phase(statistics.median(p.iops for p in phases), phases[0].ops,
+                 statistics.median(cpus) if cpus else None)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=64,
                         help="export size; each phase writes or reads all of it once")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="rounds; the best IOPS of each phase is reported")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds; the median of each figure is reported")
     parser.add_argument("--no-zram", action="store_true", help="skip the zram column")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     for tool in ("fio", "nbdkit"):
         if shutil.which(tool) is None:
             print(f"bench_nbd: {tool} is missing (apt-get install fio nbdkit)", file=sys.stderr)
             return 1
     size = args.size_mib * 1024 * 1024
-    best: dict[tuple[str, int, str], Phase] = {}
-    load_before = os.getloadavg()
+    rounds: dict[tuple[str, int, str], list[Phase]] = {}
+    round_ratios: list[tuple[float, float, float]] = []  # iodepth 32: write, read, load
     with tempfile.TemporaryDirectory(prefix="xtbench-") as tmp, \
             targets(Path(tmp), size, not args.no_zram) as (made, why_no_zram):
         locked = made[0].residency.locked and not isinstance(made[0].residency, NotResident)
         try:
             for _ in range(args.repeat):
+                load = os.getloadavg()[0]
                 for iodepth in (1, 32):
                     for target in made:
                         target.fresh()
                     for rw in ("randwrite", "randread"):
                         for target in made:
                             phase = measured(target, rw, iodepth, size)
-                            key = (target.name, iodepth, rw)
-                            if key not in best or phase.iops > best[key].iops:
-                                best[key] = phase
+                            rounds.setdefault((target.name, iodepth, rw), []).append(phase)
+                w, r = (rounds[("xentmem", 32, rw)][-1].iops / rounds[("nbdkit", 32, rw)][-1].iops
+                        for rw in ("randwrite", "randread"))
+                round_ratios.append((w, r, load))
         except FioFailed as exc:
             print(f"bench_nbd: {exc}", file=sys.stderr)
             return 1
     names = [t.name for t in made]
-    print(f"4 KiB random I/O over {args.size_mib} MiB, fio nbd engine; best of "
+    loads = [load for _, _, load in round_ratios]
+    print(f"4 KiB random I/O over {args.size_mib} MiB, fio nbd engine; median of "
           f"{args.repeat} round(s); xentmem's memory "
           f"{'locked (mlockall)' if locked else 'not locked (mlockall refused)'}; load average "
-          f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after ({os.cpu_count()} CPUs)")
+          f"{min(loads):.2f}-{max(loads):.2f} at the rounds' starts, {os.getloadavg()[0]:.2f} "
+          f"after ({os.cpu_count()} CPUs)")
     print(f"{'iodepth':>7} {'phase':>9} " + " ".join(f"{n + ' IOPS':>13}" for n in names)
           + f" {'ratio':>6} {'xentmem us/op':>14} {'nbdkit us/op':>13}")
     ratios: dict[tuple[int, str], float] = {}
     for iodepth in (1, 32):
         for rw in ("randwrite", "randread"):
-            row = [best[(n, iodepth, rw)] for n in names]
-            ratio = row[0].iops / row[1].iops
+            runs = [rounds[(n, iodepth, rw)] for n in names]
+            row = [median_phase(phases) for phases in runs]
+            ratio = statistics.median(ours.iops / theirs.iops
+                                      for ours, theirs in zip(runs[0], runs[1]))
             ratios[(iodepth, rw)] = ratio
             cpu = [f"{p.cpu_us_per_op:.1f}" if p.cpu_us_per_op is not None else "n/a"
                    for p in row[:2]]
             print(f"{iodepth:>7} {rw:>9} " + " ".join(f"{p.iops:>13.0f}" for p in row)
                   + f" {ratio:>6.2f} {cpu[0]:>14} {cpu[1]:>13}")
+    print("rounds at iodepth 32 (write, read ratio; load average at the start): " + ", ".join(
+        f"{w:.2f}/{r:.2f} @{load:.1f}" for w, r, load in round_ratios))
     if why_no_zram:
         print(f"zram: no column ({why_no_zram})")
     w32, r32 = ratios[(32, "randwrite")], ratios[(32, "randread")]

@@ -210,6 +210,20 @@ def test_pipelined_requests_are_answered_in_full(export: Served) -> None:
     client.close()
 
 
+def test_reads_and_writes_are_counted_page_by_page(export: Served) -> None:
+    """The export's counters (``nbd.list``) after the fixture's 8 one-page writes, a
+    two-page write and one read of every page."""
+    client = RawClient(export.socket)
+    client.connect("e")
+    client.request(WRITE, 2 * PAGE, 2 * PAGE, handle=9, payload=b"\3" * PAGE + b"\4" * PAGE)
+    assert client.reply() == (0, 9)
+    client.close()
+    intact(export)
+    counts = export.exports.get("e").describe()["counts"]
+    assert counts["writes"] == 9 and counts["reads"] == 1
+    assert counts["pages_to_tmem"] + counts["pages_to_backing"] == 10
+
+
 def test_a_full_backing_store_is_enospc_and_keeps_the_old_page(
         short_dir, caplog: pytest.LogCaptureFixture) -> None:
     """tmem refuses (no backend) and the disk is full: the kernel's page gets an I/O error,

@@ -72,6 +72,8 @@ class Export:
         self.closing = False
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
+        #: The counters of every read and write (the hot path): attributes, not dict items.
+        self._reads = self._writes = self._to_tmem = self._to_backing = 0
 
     @property
     def description(self) -> str:
@@ -82,13 +84,16 @@ class Export:
         with self._lock:
             counts[what] = counts.get(what, 0) + n
 
-    def _count_write(self, to_tmem: int, to_backing: int) -> None:
-        """The three counters of a write, under one hold of the lock (the hot path)."""
-        counts = self._counts
+    def counts(self) -> dict[str, int]:
+        """Every counter that moved, by name (``nbd.list``'s ``counts``)."""
         with self._lock:
-            counts["writes"] = counts.get("writes", 0) + 1
-            counts["pages_to_tmem"] = counts.get("pages_to_tmem", 0) + to_tmem
-            counts["pages_to_backing"] = counts.get("pages_to_backing", 0) + to_backing
+            counts = dict(self._counts)
+            if self._reads:
+                counts["reads"] = self._reads
+            if self._writes:
+                counts.update(writes=self._writes, pages_to_tmem=self._to_tmem,
+                              pages_to_backing=self._to_backing)
+        return counts
 
     # -- checks ------------------------------------------------------------------------------
 
@@ -121,37 +126,52 @@ class Export:
     def read(self, offset: int, length: int) -> bytes:
         """The pages of ``[offset, offset+length)``; EIO (and no data) if one is unreadable."""
         first = offset // PAGE_SIZE
+        load, swap_type = self.frontswap.load, self.swap_type
         pages = []
-        for page in range(first, first + length // PAGE_SIZE):
-            try:
-                data = self.frontswap.load(self.swap_type, page)
-            except BackendError as exc:
-                self.count("read_errors")
-                log.error("nbd export %s: page %d: %s", self.name, page, exc)
-                raise NbdError(_backend_errno(exc, writing=False), str(exc)) from exc
-            except AbiError as exc:
-                raise NbdError(proto.EINVAL, str(exc)) from exc
-            pages.append(ZERO_PAGE if data is None else data)
-        self.count("reads")
-        return b"".join(pages)
+        page = first
+        try:
+            for page in range(first, first + length // PAGE_SIZE):
+                data = load(swap_type, page)
+                pages.append(ZERO_PAGE if data is None else data)
+        except BackendError as exc:
+            self.count("read_errors")
+            log.error("nbd export %s: page %d: %s", self.name, page, exc)
+            raise NbdError(_backend_errno(exc, writing=False), str(exc)) from exc
+        except AbiError as exc:
+            raise NbdError(proto.EINVAL, str(exc)) from exc
+        with self._lock:
+            self._reads += 1
+        return pages[0] if len(pages) == 1 else b"".join(pages)
 
-    def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+    def write(self, offset: int, data: bytes | memoryview, fua: int = 0) -> None:
         """Store each page.  A page is all or nothing; if the backing store refuses page k
-        (a full disk), pages before k are written and the request fails (ENOSPC or EIO)."""
+        (a full disk), pages before k are written and the request fails (ENOSPC or EIO).
+
+        ``data`` may be a view of a buffer that is reused: each page is copied before it is
+        handed to frontswap (a backend may keep the object)."""
         first = offset // PAGE_SIZE
+        count = len(data) // PAGE_SIZE
+        store, swap_type = self.frontswap.store, self.swap_type
         in_tmem = 0
-        for i in range(len(data) // PAGE_SIZE):
-            page = bytes(data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
-            try:
-                rc = self.frontswap.store(self.swap_type, first + i, page)
-            except BackendError as exc:
-                self.count("write_errors")
-                log.error("nbd export %s: page %d not stored: %s", self.name, first + i, exc)
-                raise NbdError(_backend_errno(exc, writing=True), str(exc)) from exc
-            except AbiError as exc:
-                raise NbdError(proto.EINVAL, str(exc)) from exc
-            in_tmem += rc == 0
-        self._count_write(in_tmem, len(data) // PAGE_SIZE - in_tmem)
+        page = first
+        try:
+            if count == 1:
+                in_tmem = store(swap_type, first, bytes(data)) == 0
+            else:
+                for i in range(count):
+                    page = first + i
+                    in_tmem += store(swap_type, page,
+                                     bytes(data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])) == 0
+        except BackendError as exc:
+            self.count("write_errors")
+            log.error("nbd export %s: page %d not stored: %s", self.name, page, exc)
+            raise NbdError(_backend_errno(exc, writing=True), str(exc)) from exc
+        except AbiError as exc:
+            raise NbdError(proto.EINVAL, str(exc)) from exc
+        with self._lock:
+            self._writes += 1
+            self._to_tmem += in_tmem
+            self._to_backing += count - in_tmem
         if fua:
             self.flush()
 
@@ -195,8 +215,6 @@ class Export:
         self.count("flushes")
 
     def describe(self) -> dict[str, Any]:
-        with self._lock:
-            counts = dict(self._counts)
         return {"name": self.name, "device": self.device, "type": self.swap_type,
                 "pages": self.pages,
-                "size": self.size, "closing": self.closing, "counts": counts}
+                "size": self.size, "closing": self.closing, "counts": self.counts()}

@@ -44,6 +44,10 @@ BUFFER_BYTES = proto.MAX_BLOCK + 64 * 1024
 #: The output buffer: replies are gathered up to this many bytes (a longer read's data is
 #: sent straight from the bytes the export returned).
 OUT_BYTES = 256 * 1024
+_REQUEST_SIZE = proto.REQUEST.size
+_unpack_request = proto.REQUEST.unpack_from
+_REPLY_SIZE = proto.SIMPLE_REPLY.size
+_pack_reply = proto.SIMPLE_REPLY.pack_into
 #: How long stop() waits for connections to finish their request before cutting them.
 STOP_GRACE_S = 5.0
 
@@ -71,6 +75,25 @@ class _Wire:
         self._end = 0
         self._out = memoryview(bytearray(OUT_BYTES))
         self._out_end = 0
+
+    def request(self) -> tuple[int, int, int, int, int, int]:
+        """The next request header, unpacked: (magic, flags, type, handle, offset, length).
+        Read in place (no view, no copy): this and :meth:`reply` are every request's path."""
+        start = self._start
+        if self._end - start < _REQUEST_SIZE:
+            self._fill(_REQUEST_SIZE)
+            start = self._start
+        self._start = start + _REQUEST_SIZE
+        return _unpack_request(self._buf, start)
+
+    def reply(self, error: int, handle: int) -> None:
+        """Gather a simple reply, packed in place."""
+        end = self._out_end
+        if end + _REPLY_SIZE > OUT_BYTES:
+            self.flush()
+            end = 0
+        _pack_reply(self._out, end, proto.SIMPLE_REPLY_MAGIC, error, handle)
+        self._out_end = end + _REPLY_SIZE
 
     def take(self, n: int) -> memoryview:
         """The next ``n`` bytes (valid until the next take); EOFError if the client left."""
@@ -255,51 +278,47 @@ class _Connection:
 
     def _transmit(self, export: Export) -> None:
         wire = self.wire
+        request, reply = wire.request, wire.reply
         while True:
-            header = wire.take(proto.REQUEST.size)
-            magic, flags, cmd, handle, offset, length = proto.REQUEST.unpack(header)
+            magic, flags, cmd, handle, offset, length = request()
             if magic != proto.REQUEST_MAGIC:
                 raise HardDisconnect(f"request magic {magic:#x}")
-            if cmd == proto.CMD_DISC:  # every earlier request is answered: close
-                return
             try:
                 if cmd == proto.CMD_WRITE:
-                    self._write(export, flags, handle, offset, length)
-                    continue
-                export.check(cmd, flags, offset, length)
-                if cmd == proto.CMD_READ:
+                    if length >= proto.DOS_PAYLOAD:
+                        raise HardDisconnect(f"a write of {length} bytes")
+                    try:
+                        export.check(cmd, flags, offset, length)
+                    except NbdError:
+                        wire.skip(length)  # the payload is in the stream: drop it, refuse
+                        raise
+                    # Applied only once the whole payload is here (take waits for it).
+                    export.write(offset, wire.take(length), flags & proto.CMD_FLAG_FUA)
+                elif cmd == proto.CMD_READ:
+                    export.check(cmd, flags, offset, length)
                     data = export.read(offset, length)
-                    wire.send(proto.SIMPLE_REPLY.pack(proto.SIMPLE_REPLY_MAGIC, 0, handle))
+                    reply(0, handle)
                     wire.send(data)
                     continue
-                if cmd == proto.CMD_TRIM:
-                    export.trim(offset, length, bool(flags & proto.CMD_FLAG_FUA))
-                elif cmd == proto.CMD_WRITE_ZEROES:
-                    export.write_zeroes(offset, length, flags)
-                elif cmd == proto.CMD_FLUSH:
-                    export.flush()
+                elif cmd == proto.CMD_DISC:  # every earlier request is answered: close
+                    return
+                else:
+                    export.check(cmd, flags, offset, length)
+                    if cmd == proto.CMD_TRIM:
+                        export.trim(offset, length, bool(flags & proto.CMD_FLAG_FUA))
+                    elif cmd == proto.CMD_WRITE_ZEROES:
+                        export.write_zeroes(offset, length, flags)
+                    elif cmd == proto.CMD_FLUSH:
+                        export.flush()
             except NbdError as exc:
                 self._refused(export, cmd, handle, exc)
                 continue
-            wire.send(proto.SIMPLE_REPLY.pack(proto.SIMPLE_REPLY_MAGIC, 0, handle))
-
-    def _write(self, export: Export, flags: int, handle: int, offset: int, length: int) -> None:
-        """A write's payload is read whole before anything is stored."""
-        if length >= proto.DOS_PAYLOAD:
-            raise HardDisconnect(f"a write of {length} bytes")
-        try:
-            export.check(proto.CMD_WRITE, flags, offset, length)
-        except NbdError:
-            self.wire.skip(length)  # the payload is in the stream: drop it, then refuse
-            raise
-        payload = self.wire.take(length)
-        export.write(offset, payload, bool(flags & proto.CMD_FLAG_FUA))
-        self.wire.send(proto.SIMPLE_REPLY.pack(proto.SIMPLE_REPLY_MAGIC, 0, handle))
+            reply(0, handle)
 
     def _refused(self, export: Export, cmd: int, handle: int, exc: NbdError) -> None:
         export.count(f"refused_{exc.name}")
         log.debug("nbd export %s: command %d refused (%s): %s", export.name, cmd, exc.name, exc)
-        self.wire.send(proto.SIMPLE_REPLY.pack(proto.SIMPLE_REPLY_MAGIC, exc.error, handle))
+        self.wire.reply(exc.error, handle)
 
     def stop_reading(self) -> None:
         """Wake the thread: its next wait for a request sees the end of the stream."""

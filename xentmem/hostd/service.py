@@ -21,6 +21,7 @@ import os
 import select
 import signal
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -43,6 +44,7 @@ INTRODUCE_TOKEN = b"xentmem-hostd-introduce"
 RELEASE_TOKEN = b"xentmem-hostd-release"
 #: Longest the loop sleeps when nothing happens (it also wakes for the watchdog).
 IDLE_S = 1.0
+IDLE_MS = int(IDLE_S * 1000)
 #: The answers to replies written are read once this many wait, or when the loop is idle.
 DRAIN_AT = 16
 
@@ -149,30 +151,51 @@ class HostService:
             self._stop.clear()
 
     def _loop(self, on_idle: Any) -> None:
+        """One wakeup per burst of events.  The descriptors are registered once, and the
+        control socket's again only when they may have changed (a control descriptor was
+        ready, the loop was idle, or ``IDLE_S`` passed, when idle clients expire): a busy
+        guest's wakeups do not rebuild them (``docs/protocol.md`` §8)."""
+        conn_fd = self.conn.fileno()
+        poller = select.poll()
+        poller.register(conn_fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        control: frozenset[int] = frozenset()
+        refresh_at = -1.0  # the control descriptors are read now
         while not self._stop.is_set():
-            fds = [self.conn.fileno(), self._wake_r]
-            if self.control is not None:
-                fds += self.control.filenos()
-            timeout = 0.0 if self.conn.events else IDLE_S
-            readable, _, _ = select.select(fds, [], [], timeout)
-            if self.conn.fileno() in readable:
-                self.conn.receive()
+            if self.control is not None and time.monotonic() >= refresh_at:
+                control = self._register_control(poller, control)
+                refresh_at = time.monotonic() + IDLE_S
+            ready = poller.poll(0 if self.conn.events else IDLE_MS)
+            readable = {fd for fd, _ in ready}
+            if conn_fd in readable:
+                self.conn.receive()  # XsConnectionLost if xenstore hung up
             while self.conn.events and not self._stop.is_set():
                 path, token = self.conn.events.popleft()
                 self._dispatch(path, token)
                 self.writer.flush()
                 self.conn.flush()
-            if self.writer.outstanding >= DRAIN_AT or not readable:
+            if self.writer.outstanding >= DRAIN_AT or not ready:
                 self.writer.drain()
-            if self.control is not None:
-                for fd in readable:
-                    if fd in self.control.filenos():
-                        self.control.ready(fd)
+            if not ready or not readable.isdisjoint(control):
+                refresh_at = -1.0  # accepted, closed or idle: read the set again
+                for fd in readable & control:
+                    self.control.ready(fd)  # type: ignore[union-attr]
             if self._wake_r in readable:
                 with contextlib.suppress(OSError):
                     os.read(self._wake_r, 64)
             if on_idle is not None:
                 on_idle()
+
+    def _register_control(self, poller: select.poll, old: frozenset[int]) -> frozenset[int]:
+        """The control socket's descriptors now (idle clients expired), registered in place
+        of ``old``."""
+        assert self.control is not None
+        new = frozenset(self.control.filenos())
+        for fd in old - new:
+            poller.unregister(fd)
+        for fd in new - old:
+            poller.register(fd, select.POLLIN)
+        return new
 
     # -- events ---------------------------------------------------------------------------------
 

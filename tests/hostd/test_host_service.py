@@ -430,6 +430,17 @@ def test_the_control_socket_refuses_bad_requests(ours: TmemHost) -> None:
         assert answers[3] == {"v": 1, "id": 3, "ok": True, "result": {"freeable_mb": 0}}
 
 
+def test_control_clients_come_and_go_while_the_loop_runs(ours: TmemHost) -> None:
+    """The loop registers the control socket's descriptors once, and again only after control
+    activity: a client that leaves frees its descriptor, the next one (likely given the same
+    number) is served, and a client that stayed throughout is still served."""
+    with HostControlClient(ours.control_path, timeout=5) as stayed:
+        for _ in range(5):
+            with HostControlClient(ours.control_path, timeout=5) as passing:
+                assert passing.hello()["service"] == "xentmem-hostd"
+        assert stayed.hello()["service"] == "xentmem-hostd"
+
+
 def test_the_cli_says_when_the_service_is_not_there(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["--control", str(tmp_path / "none.sock"), "freeable"])
     assert result.exit_code == 3  # the exit-code table of every console script

@@ -442,6 +442,32 @@ class RemoteTier:
                 replies.append(exc)
         return replies
 
+    def get_object(self, keys: Sequence[RemoteKey]) -> GetResult:
+        """Pages of one object (one hash slot) in one ``MGET`` on its master's held
+        connection, never exclusive: a readahead (``docs/ramster.md``, "Readahead").  Each
+        page checked as :meth:`get_each` checks it; an ACL refusal refuses the whole call."""
+        tag = keys[0].object_tag()
+        if any(key.object_tag() != tag for key in keys):
+            raise ValueError("get_object: the keys are not one object's")
+        names = [page_name(tag, key.index) for key in keys]
+        result = GetResult()
+        with self._lock:
+            with self._calling(f"get of {len(keys)} page(s) of {tag} failed"):
+                cluster = self._cluster()
+                node = cluster.get_node_from_key(tag)
+                try:
+                    values = self._command(cluster, node, "MGET", *names)
+                except redis.ConnectionError:  # closed while idle: once more, on a new one
+                    self._drop_held()
+                    values = self._command(cluster, node, "MGET", *names)
+            self._reachable = True
+            if not isinstance(values, list) or len(values) != len(names):
+                raise self._failed(f"MGET of {len(names)} page(s) on {node.name}",
+                                   ValueError(f"a reply of {type(values).__name__}"))
+            for key, name, untrusted_value in zip(keys, names, values):
+                self._take(key, name, untrusted_value, False, result)
+        return result
+
     def get_many(self, keys: Sequence[RemoteKey], *, exclusive: bool) -> GetResult:
         """Fetch pages, one pipeline per master (GET, or GETDEL for exclusive gets); as
         :meth:`get_each`."""

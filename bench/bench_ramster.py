@@ -21,6 +21,14 @@ cluster size:
   (zcache fetch, N callers: as the kernel's NBD connections call, their gets coalesced into
   one pipeline per master).
 
+The access pattern of the zcache fetches: first in order (each object's remote pages by
+index, objects in the order they moved: a sequential swap-in, where zcache reads an
+object's next remote pages ahead in one ``MGET``; the N callers each take every Nth page of
+that order, so together they read in order), then the same pages in a random order (a
+shuffle with a fixed seed: where readahead cannot help and must not cost much).  The
+in-order figures are the ones compared before readahead existed; the random-order ones are
+printed beside them and in the summary.
+
 Each figure is the best of ``--repeat`` rounds; the process's CPU time per page is printed
 beside the wall time (the Redis servers' CPU is not in it).  Goal: remotify and fetch at least
 0.5x raw.  The last line is the summary.
@@ -31,6 +39,7 @@ Run: ``python bench/bench_ramster.py [--pages 20000] [--batch 64] [--masters 3,6
 from __future__ import annotations
 
 import argparse
+import random
 import shutil
 import sys
 import sysconfig
@@ -179,6 +188,42 @@ def fetch_by(made: ZcacheBackend, pool: int, remote: list[tuple[Oid, int]],
     return wall
 
 
+def fetch_rounds(made: ZcacheBackend, pool: int, remote: list[tuple[Oid, int]],
+                 raw_pages: list[bytes], callers: int, masters: int, order: str,
+                 best: dict[str, float]) -> None:
+    """``remote`` read back in its order by one caller, then by ``callers`` threads."""
+    def read_ahead() -> tuple[int, int]:
+        stats = made.stats()
+        return stats.get("ramster_readahead_pages", 0), stats.get("ramster_readahead_hits", 0)
+
+    ahead = read_ahead()
+    wall, cpu = time.perf_counter(), time.process_time()
+    for oid, index in remote:
+        n = oid[0] * 512 + index
+        if made.get_page(pool, oid, index) != (1, raw_pages[n]):
+            raise SystemExit(f"bench: zcache fetch of page {n} failed")
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    now = read_ahead()
+    best["zcache fetch" + order] = max(best["zcache fetch" + order], len(remote) / wall)
+    print(f"  {masters} masters  zcache fetch{order}, 1 caller {len(remote) / wall:9.0f} "
+          f"pages/s  ({len(remote)} remote pages, {cpu / max(len(remote), 1) * 1e6:.1f}"
+          f" us CPU/page, {now[0] - ahead[0]} read ahead, {now[1] - ahead[1]} served from "
+          "there)")
+    fetcher = made._remote.fetcher if made._remote is not None else None
+    calls = fetcher.calls if fetcher is not None else 0
+    ahead = now
+    cpu = time.process_time()
+    wall = fetch_by(made, pool, remote, raw_pages, callers)
+    cpu = time.process_time() - cpu
+    calls = (fetcher.calls if fetcher is not None else 0) - calls
+    now = read_ahead()
+    best["zcache fetch N" + order] = max(best["zcache fetch N" + order], len(remote) / wall)
+    print(f"  {masters} masters  zcache fetch{order}, {callers} callers"
+          f"{len(remote) / wall:8.0f} pages/s  ({cpu / max(len(remote), 1) * 1e6:.1f} us "
+          f"CPU/page, {calls} calls of the fetcher, {now[0] - ahead[0]} read ahead, "
+          f"{now[1] - ahead[1]} served from there)")
+
+
 def through_zcache(cluster: RedisClusterFixture, masters: int, raw_pages: list[bytes],
                    repeat: int, local_mib: int, callers: int,
                    arena_dir: str | None) -> dict[str, float]:
@@ -191,7 +236,8 @@ def through_zcache(cluster: RedisClusterFixture, masters: int, raw_pages: list[b
     made = ZcacheBackend({"capacity": f"{local_mib}M", "ramster": True,
                           "ramster_nodes": cluster.seeds(), "ramster_node_id": "bench-zc",
                           "ramster_timeout_ms": 5000}, roots=Roots(run_dir=run_dir))
-    best = {"zcache remotify": 0.0, "zcache fetch": 0.0, "zcache fetch N": 0.0}
+    best = {"zcache remotify": 0.0, "zcache fetch": 0.0, "zcache fetch N": 0.0,
+            "zcache fetch random": 0.0, "zcache fetch N random": 0.0}
     try:
         for _ in range(repeat):
             pool = made.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
@@ -207,26 +253,10 @@ def through_zcache(cluster: RedisClusterFixture, masters: int, raw_pages: list[b
             print(f"  {masters} masters  zcache remotify        {moved / wall:9.0f} pages/s  "
                   f"({moved} of {len(raw_pages)} pages moved, {wall:.2f} s, "
                   f"{cpu / max(moved, 1) * 1e6:.1f} us CPU/page moved)")
-            wall, cpu = time.perf_counter(), time.process_time()
-            for oid, index in remote:
-                n = oid[0] * 512 + index
-                if made.get_page(pool, oid, index) != (1, raw_pages[n]):
-                    raise SystemExit(f"bench: zcache fetch of page {n} failed")
-            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            best["zcache fetch"] = max(best["zcache fetch"], len(remote) / wall)
-            print(f"  {masters} masters  zcache fetch, 1 caller {len(remote) / wall:9.0f} "
-                  f"pages/s  ({len(remote)} remote pages, {cpu / max(len(remote), 1) * 1e6:.1f}"
-                  " us CPU/page)")
-            fetcher = made._remote.fetcher if made._remote is not None else None
-            calls = fetcher.calls if fetcher is not None else 0
-            cpu = time.process_time()
-            wall = fetch_by(made, pool, remote, raw_pages, callers)
-            cpu = time.process_time() - cpu
-            calls = (fetcher.calls if fetcher is not None else 0) - calls
-            best["zcache fetch N"] = max(best["zcache fetch N"], len(remote) / wall)
-            print(f"  {masters} masters  zcache fetch, {callers} callers{len(remote) / wall:8.0f} "
-                  f"pages/s  ({cpu / max(len(remote), 1) * 1e6:.1f} us CPU/page, "
-                  f"{len(remote) / max(calls, 1):.1f} gets per call to the cluster)")
+            shuffled = list(remote)
+            random.Random(1).shuffle(shuffled)
+            for order, keys in (("", remote), (" random", shuffled)):
+                fetch_rounds(made, pool, keys, raw_pages, callers, masters, order, best)
             made.destroy_pool(pool)
     finally:
         made.remove()
@@ -274,17 +304,24 @@ def main() -> int:
             "zc-fetch": f["zcache fetch"] / f["raw GET"],
             "zc-fetch-one": f["zcache fetch"] / f["raw GET one by one"],
             "zc-fetch-n": f["zcache fetch N"] / f["raw GET"],
+            "zc-fetch-rnd": f["zcache fetch random"] / f["raw GET"],
+            "zc-fetch-n-rnd": f["zcache fetch N random"] / f["raw GET"],
         }
         print(f"{masters} masters: tier remotify persistent {ratios['remotify']:.2f}x raw SET, "
               f"ephemeral {ratios['remotify-eph']:.2f}x, fetch {ratios['fetch']:.2f}x raw GET; "
               f"zcache remotify {ratios['zc-remotify']:.2f}x raw SET, zcache fetch by 1 "
               f"caller {ratios['zc-fetch']:.2f}x raw pipelined GET ({ratios['zc-fetch-one']:.2f}x"
               f" raw GET one by one), by {callers} callers {ratios['zc-fetch-n']:.2f}x raw "
-              f"pipelined GET (goal {GOAL}x)")
+              f"pipelined GET, in order (goal {GOAL}x); in random order by 1 caller "
+              f"{ratios['zc-fetch-rnd']:.2f}x, by {callers} callers "
+              f"{ratios['zc-fetch-n-rnd']:.2f}x raw pipelined GET")
         summary.append(f"{masters}m remotify {ratios['remotify']:.2f}x fetch "
                        f"{ratios['fetch']:.2f}x zcache remotify {ratios['zc-remotify']:.2f}x "
-                       f"fetch 1 caller {ratios['zc-fetch']:.2f}x ({ratios['zc-fetch-one']:.2f}x "
-                       f"one by one) {callers} callers {ratios['zc-fetch-n']:.2f}x")
+                       f"fetch in order 1 caller {ratios['zc-fetch']:.2f}x "
+                       f"({ratios['zc-fetch-one']:.2f}x one by one) {callers} callers "
+                       f"{ratios['zc-fetch-n']:.2f}x, random order 1 caller "
+                       f"{ratios['zc-fetch-rnd']:.2f}x {callers} callers "
+                       f"{ratios['zc-fetch-n-rnd']:.2f}x")
     if len(results) > 1:
         first, last = min(results), max(results)
         for label in ("raw SET", "remotify persistent", "zcache remotify"):

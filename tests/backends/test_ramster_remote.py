@@ -7,12 +7,18 @@ here the stand-in only answers or fails as told.
 
 from __future__ import annotations
 
+import functools
 import random
 from typing import Any
 
-from xentmem.guest.backends.ramster.record import RemoteKey, decode, encode
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from xentmem.guest.backends.ramster.record import RecordError, RemoteKey, decode, encode
 from xentmem.guest.backends.ramster.remote import PAUSE_S, RemotePages
 from xentmem.guest.backends.ramster.tier import (
+    GetResult,
     PutResult,
     RamsterUnavailable,
     TierConfig,
@@ -33,6 +39,9 @@ class StandInTier:
         #: Called once the values are stored, before the put is acknowledged (what another
         #: thread may do while a batch is on the wire).
         self.meanwhile: list[Any] = []
+        self.during_mget: list[Any] = []
+        #: The keys of every MGET (a readahead), in order.
+        self.mgets: list[list[RemoteKey]] = []
 
     def _check(self) -> None:
         if self.down:
@@ -54,6 +63,26 @@ class StandInTier:
         self._check()
         value = self.values.pop(key.name()) if exclusive else self.values.get(key.name())
         return None if value is None else decode(key, value)
+
+    def get_object(self, keys: list[RemoteKey]) -> GetResult:
+        """One MGET of one object's pages; ``during_mget`` runs while it is on the wire (what
+        another thread may do meanwhile), after the values were read."""
+        self._check()
+        assert len({key.object_tag() for key in keys}) == 1
+        self.mgets.append(keys)
+        values = [self.values.get(key.name()) for key in keys]
+        while self.during_mget:
+            self.during_mget.pop(0)()
+        found = GetResult()
+        for key, value in zip(keys, values):
+            if value is None:
+                found.missing.append(key)
+                continue
+            try:
+                found.pages[key] = decode(key, value)
+            except RecordError as exc:
+                found.refused[key] = exc
+        return found
 
     def delete_names(self, names: list[str]) -> int:
         self._check()
@@ -167,3 +196,250 @@ def test_a_page_flushed_or_put_while_it_moves_stays_as_the_guest_left_it() -> No
     assert (Oid(1), 1) not in remote.remote_keys(pool)
     names = set(tier.values)
     assert names == {RemoteKey("node", pool, oid, i).name() for oid, i in remote.remote_keys(pool)}
+
+
+# -- readahead ---------------------------------------------------------------------------------
+
+
+def remote_setup() -> tuple[TmemStore, StandInTier, RemotePages, int]:
+    """Pages 0-99 of Oid(1) put, most of them moved to the stand-in cluster."""
+    store, tier, remote, pool, _clock = setup()
+    for n in range(100):
+        assert remote.put_page(pool, Oid(1), n, page(n)) == 1
+    assert (Oid(1), 0) in remote.remote_keys(pool)
+    return store, tier, remote, pool
+
+
+def counting_gets(tier: StandInTier) -> list[RemoteKey]:
+    """Every key the fetcher's path gets from then on (one round trip each)."""
+    asked: list[RemoteKey] = []
+    plain = tier.get
+
+    def get(key: RemoteKey, *, exclusive: bool) -> bytes | None:
+        asked.append(key)
+        return plain(key, exclusive=exclusive)
+    tier.get = get  # type: ignore[method-assign]
+    return asked
+
+
+def test_gets_in_order_read_the_next_pages_ahead_in_one_mget() -> None:
+    _store, tier, remote, pool = remote_setup()
+    remote_indexes = sorted(i for oid, i in remote.remote_keys(pool))
+    asked = counting_gets(tier)
+    for n in remote_indexes[:40]:
+        assert remote.get_page(pool, Oid(1), n) == (1, page(n)), n
+    # the first two gets are alone; the third ends a run in order, so it reads ahead; the
+    # rest are served from the buffer, or read ahead again
+    assert len(asked) == 2
+    assert 1 <= len(tier.mgets) <= 2
+    assert all(len({k.object_tag() for k in keys}) == 1 for keys in tier.mgets)
+    stats = remote.stats()
+    assert stats["ramster_readahead_hits"] == 40 - 2 - len(tier.mgets)
+    assert stats["ramster_remote_pages"] == len(remote_indexes)  # persistent gets: still remote
+
+
+def test_gets_out_of_order_read_nothing_ahead() -> None:
+    _store, tier, remote, pool = remote_setup()
+    remote_indexes = sorted(i for oid, i in remote.remote_keys(pool))
+    asked = counting_gets(tier)
+    jumps = remote_indexes[::10]  # forward, but further apart than IN_ORDER_GAP
+    for n in jumps:
+        assert remote.get_page(pool, Oid(1), n) == (1, page(n)), n
+    assert tier.mgets == [] and len(asked) == len(jumps)
+    backwards = remote_indexes[::-1]  # each get is before the previous one
+    for n in backwards:
+        assert remote.get_page(pool, Oid(1), n) == (1, page(n)), n
+    assert tier.mgets == [] and len(asked) == len(jumps) + len(backwards)
+
+
+def read_ahead_from(remote: RemotePages, pool: int, first: int) -> None:
+    """Three gets in order from ``first``: the third reads the pages after it ahead."""
+    for n in range(first, first + 3):
+        assert remote.get_page(pool, Oid(1), n)[0] == 1
+
+
+def test_a_put_flush_or_destroy_drops_the_page_read_ahead() -> None:
+    store, _tier, remote, pool = remote_setup()
+    read_ahead_from(remote, pool, 0)
+    assert len(remote._ahead) > 4
+    assert remote.put_page(pool, Oid(1), 2, page(1002)) == 1  # over a buffered page
+    assert remote.get_page(pool, Oid(1), 2) == (1, page(1002))
+    assert remote.flush_page(pool, Oid(1), 3) == 1
+    assert remote.get_page(pool, Oid(1), 3)[1] is None
+    assert remote.flush_object(pool, Oid(1)) == 1
+    assert len(remote._ahead) == 0
+    assert remote.get_page(pool, Oid(1), 4)[1] is None
+    # a pool destroyed and another made in its slot: nothing of the old one is served
+    for n in range(100):
+        assert remote.put_page(pool, Oid(1), n, page(n)) == 1
+    read_ahead_from(remote, pool, 0)
+    assert len(remote._ahead) > 4
+    assert store.destroy_pool(0, pool) == 1
+    remote.destroyed(pool)
+    assert len(remote._ahead) == 0
+    again = store.new_pool(0, PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+    assert again == pool
+    assert remote.get_page(pool, Oid(1), 5)[1] is None
+
+
+def test_a_page_changed_while_its_readahead_is_on_the_wire_is_not_kept() -> None:
+    """The MGET read the old values; a put and a flush of two of its pages happen before it
+    returns: neither old value may be served afterwards."""
+    _store, tier, remote, pool = remote_setup()
+    assert remote.get_page(pool, Oid(1), 0)[0] == 1
+    assert remote.get_page(pool, Oid(1), 1)[0] == 1
+    tier.during_mget.append(lambda: remote.put_page(pool, Oid(1), 4, page(1004)))
+    tier.during_mget.append(lambda: remote.flush_page(pool, Oid(1), 5))
+    tier.during_mget.append(lambda: remote.flush_object(pool, Oid(9)))  # another object
+    assert remote.get_page(pool, Oid(1), 2) == (1, page(2))  # reads 3.. ahead
+    assert len(tier.mgets) == 1
+    assert remote.get_page(pool, Oid(1), 3) == (1, page(3))  # kept: not changed
+    assert remote.get_page(pool, Oid(1), 4) == (1, page(1004))
+    assert remote.get_page(pool, Oid(1), 5)[1] is None
+    assert remote.get_page(pool, Oid(1), 6) == (1, page(6))  # kept: not changed
+    assert remote.stats()["ramster_readahead_hits"] == 2  # pages 3 and 6
+
+
+def test_a_page_moved_again_while_its_readahead_is_on_the_wire_is_not_kept() -> None:
+    """Put anew and moved to the cluster again before the MGET that read its old value
+    returns: the index says remote again, so only the readahead's own record of what was
+    dropped meanwhile keeps the old value out."""
+    _store, tier, remote, pool = remote_setup()
+    assert remote.get_page(pool, Oid(1), 0)[0] == 1
+    assert remote.get_page(pool, Oid(1), 1)[0] == 1
+
+    def put_and_move() -> None:
+        assert remote.put_page(pool, Oid(1), 4, page(1004)) == 1
+        remote.remotify(remote._store.capacity_bytes)
+        assert (Oid(1), 4) in remote.remote_keys(pool)
+    tier.during_mget.append(put_and_move)
+    assert remote.get_page(pool, Oid(1), 2) == (1, page(2))  # reads 3.. ahead
+    assert len(tier.mgets) == 1
+    assert remote.get_page(pool, Oid(1), 4) == (1, page(1004))
+
+
+def test_a_damaged_page_read_ahead_is_never_served() -> None:
+    _store, tier, remote, pool = remote_setup()
+    name = RemoteKey("node", pool, Oid(1), 3).name()
+    tier.values[name] = tier.values[name][:-1] + bytes([tier.values[name][-1] ^ 1])
+    for n in range(3):
+        assert remote.get_page(pool, Oid(1), n) == (1, page(n))  # the third reads ahead
+    assert remote.get_page(pool, Oid(1), 3)[1] is None  # refused by its checksum
+    assert remote.get_page(pool, Oid(1), 4) == (1, page(4))
+    assert (Oid(1), 3) not in remote.remote_keys(pool)
+
+
+# -- a model: whatever the order of puts, flushes and gets, readahead serves nothing stale ----
+
+
+@functools.cache
+def version(n: int) -> bytes:
+    return page(n)
+
+
+OBJECTS = st.integers(0, 2)
+INDEXES = st.integers(0, 47)
+
+
+class ReadaheadModel(RuleBasedStateMachine):
+    """RemotePages over the stand-in cluster against a dict of what each page must read.
+
+    The local store holds about 40 pages, so most pages are remote and runs of gets in order
+    read ahead.  Puts and flushes also happen while a readahead's MGET is on the wire (after
+    the MGET read its values, before it returns), as another thread would make them.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.store, self.tier, self.remote, self.pool, _clock = setup()
+        self.model: dict[tuple[int, int], bytes] = {}
+        self.serial = 0
+        #: Actions made while an MGET was on the wire, so far.
+        self.fired = 0
+
+    def _put(self, obj: int, index: int) -> None:
+        self.serial += 1
+        assert self.remote.put_page(self.pool, Oid(obj), index, version(self.serial)) == 1
+        self.model[(obj, index)] = version(self.serial)
+
+    def _flush(self, obj: int, index: int) -> None:
+        self.remote.flush_page(self.pool, Oid(obj), index)
+        self.model.pop((obj, index), None)
+
+    def _flush_object(self, obj: int) -> None:
+        self.remote.flush_object(self.pool, Oid(obj))
+        for where in [w for w in self.model if w[0] == obj]:
+            del self.model[where]
+
+    def _get(self, obj: int, index: int) -> None:
+        before, fired = self.model.get((obj, index)), self.fired
+        rc, data = self.remote.get_page(self.pool, Oid(obj), index)
+        want = self.model.get((obj, index))
+        if self.fired != fired and data == before:
+            # this get's own MGET read the page before a put or flush made meanwhile: the
+            # get happened first (a page read ahead, served later, gets no such leeway)
+            want = before
+        assert data == want, (obj, index, rc)
+        assert (rc == 1) == (want is not None)
+
+    @rule(obj=OBJECTS, first=INDEXES, count=st.integers(1, 24))
+    def put_run(self, obj: int, first: int, count: int) -> None:
+        for index in range(first, first + count):
+            self._put(obj, index)
+
+    @rule(obj=OBJECTS, index=INDEXES)
+    def put(self, obj: int, index: int) -> None:
+        self._put(obj, index)
+
+    @rule(obj=OBJECTS, index=INDEXES)
+    def flush_page(self, obj: int, index: int) -> None:
+        self._flush(obj, index)
+
+    @rule(obj=OBJECTS)
+    def flush_object(self, obj: int) -> None:
+        self._flush_object(obj)
+
+    @rule(obj=OBJECTS, index=INDEXES)
+    def get(self, obj: int, index: int) -> None:
+        self._get(obj, index)
+
+    @rule(obj=OBJECTS, first=INDEXES, count=st.integers(3, 40), step=st.integers(1, 3))
+    def get_run(self, obj: int, first: int, count: int, step: int) -> None:
+        for index in range(first, first + count * step, step):
+            self._get(obj, index)
+
+    def _move_all(self) -> None:
+        """Every local page the store can spare moves to the cluster (a big remotify)."""
+        self.remote.remotify(self.store.capacity_bytes)
+
+    @rule()
+    def move_all(self) -> None:
+        self._move_all()
+
+    @rule(obj=OBJECTS, index=INDEXES,
+          what=st.sampled_from(["put", "flush", "flush_object", "put_and_move"]))
+    def meanwhile(self, obj: int, index: int, what: str) -> None:
+        """At the next readahead's MGET (if any), while it is on the wire: a put and a move
+        makes the page remote again, with new data, before the readahead returns."""
+        action = {"put": lambda: self._put(obj, index), "flush": lambda: self._flush(obj, index),
+                  "flush_object": lambda: self._flush_object(obj),
+                  "put_and_move": lambda: (self._put(obj, index), self._move_all())}[what]
+
+        def fire() -> None:
+            self.fired += 1
+            action()
+        self.tier.during_mget.append(fire)
+
+    @invariant()
+    def the_buffer_holds_only_remote_pages(self) -> None:
+        remote = {(self.pool, oid, i) for oid, i in self.remote.remote_keys(self.pool)}
+        assert set(self.remote._ahead._buffered) <= remote
+        assert len(self.remote._ahead) <= self.remote._ahead.buffer
+        assert not self.remote._ahead._flights and not self.remote._ahead._flying
+
+    def teardown(self) -> None:
+        self.tier.during_mget.clear()
+
+
+TestReadaheadModel = ReadaheadModel.TestCase
+TestReadaheadModel.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)

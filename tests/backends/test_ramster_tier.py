@@ -309,3 +309,32 @@ def test_the_whole_cluster_down_fails_gets_and_then_resumes_by_itself(
         assert tier.stats()["reachable"]
     finally:
         tier.close()
+
+
+def test_an_objects_pages_come_back_in_one_mget_each_checked(
+        cluster: redis_cluster.RedisClusterFixture, tmp_path: Path,
+        admin: redis.cluster.RedisCluster) -> None:
+    """A readahead: one object's pages in one MGET; a damaged one refused, a missing one a
+    miss, the others served; another node's object refused by the ACL as a whole."""
+    a = tier_for(cluster, "node-a", tmp_path)
+    b = tier_for(cluster, "node-b", tmp_path)
+    try:
+        oid = Oid(9, 9, 9)
+        keys = [key("node-a", i, oid=oid) for i in range(8)]
+        assert len(a.put_many([(k, page(i)) for i, k in enumerate(keys[:6])],
+                              persistent=True).acknowledged) == 6
+        damaged = bytearray(admin.get(keys[2].name()))
+        damaged[-1] ^= 1
+        admin.set(keys[2].name(), bytes(damaged))
+        found = a.get_object(keys)
+        assert found.pages == {k: page(i) for i, k in enumerate(keys[:6]) if i != 2}
+        assert set(found.refused) == {keys[2]} and found.missing == keys[6:]
+        assert a.stats()["remote_pages"] == 6  # not exclusive: every page stays
+        with pytest.raises(ValueError, match="one object"):
+            a.get_object([keys[0], key("node-a", 0, oid=Oid(1, 2, 3))])
+        with pytest.raises(RamsterRefused, match="no permissions"):
+            b.get_object(keys[:3])
+    finally:
+        a.flush(keys)
+        a.close()
+        b.close()

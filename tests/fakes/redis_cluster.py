@@ -1,5 +1,7 @@
 """A real Redis Cluster for tests: Debian's ``redis-server`` nodes on loopback, made into a
-cluster with ``redis-cli --cluster create``, stopped and removed afterwards.
+cluster with ``redis-cli --cluster create``, stopped and removed afterwards.  With ``tls``
+(:func:`make_tls`) every node listens only on its TLS port, and the cluster bus and
+replication run over TLS too (``docs/ramster.md``, "Security").
 
 Each node has its own directory, port and ACL file (ACLs are per node in Redis Cluster: every
 node loads the same users).  ``cluster-node-timeout`` is short so that a killed master's
@@ -26,6 +28,7 @@ from fakes.required import unavailable
 
 SERVER = "redis-server"
 CLI = "redis-cli"
+OPENSSL = "openssl"
 #: A killed master is marked failed after this, and a replica promoted soon after.
 NODE_TIMEOUT_MS = 1000
 START_TIMEOUT_S = 60.0
@@ -47,11 +50,44 @@ def node_acl(key_patterns: list[str], password: str) -> str:
     return f"on >{password} resetkeys {keys} -@all {NODE_COMMANDS}"
 
 
-def unavailable_reason() -> str | None:
-    for tool in (SERVER, CLI):
+def unavailable_reason(*, tls: bool = False) -> str | None:
+    for tool in (SERVER, CLI, *((OPENSSL,) if tls else ())):
         if shutil.which(tool) is None:
-            return f"{tool} is missing (apt-get install redis-server redis-tools)"
+            return f"{tool} is missing (apt-get install redis-server redis-tools openssl)"
     return None
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A private CA and one certificate for every node (all on 127.0.0.1)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def _openssl(*args: str | Path) -> None:
+    subprocess.run([OPENSSL, *map(str, args)], check=True, capture_output=True,
+                   timeout=START_TIMEOUT_S)
+
+
+def make_tls(directory: Path, name: str = "xentmem test CA") -> TlsFiles:
+    """A new CA called ``name`` in ``directory`` and a node certificate it signed, valid for
+    127.0.0.1 and localhost (the addresses the nodes announce, which a client verifies)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = directory / "ca.crt", directory / "ca.key"
+    cert, key, request = directory / "node.crt", directory / "node.key", directory / "node.csr"
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    _openssl("req", "-x509", "-new", *ec, "-keyout", ca_key, "-out", ca, "-days", "2",
+             "-subj", f"/CN={name}")
+    _openssl("req", "-new", *ec, "-keyout", key, "-out", request, "-subj", "/CN=127.0.0.1")
+    extensions = directory / "node.ext"
+    extensions.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                          "basicConstraints=CA:FALSE\n"
+                          "extendedKeyUsage=serverAuth,clientAuth\n")
+    _openssl("x509", "-req", "-in", request, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+             "-out", cert, "-days", "2", "-extfile", extensions)
+    return TlsFiles(ca=ca, cert=cert, key=key)
 
 
 def _port_free(port: int) -> bool:
@@ -96,6 +132,8 @@ class RedisClusterFixture:
     replicas: int = 1
     users: dict[str, str] = field(default_factory=dict)
     base: Path | None = None
+    #: TLS only: no plain port, and the cluster bus and replication over TLS too.
+    tls: TlsFiles | None = None
     nodes: list[Node] = field(default_factory=list)
     _owned_dir: bool = False
 
@@ -119,7 +157,7 @@ class RedisClusterFixture:
             for node in self.nodes:
                 self._wait_pong(node)
             subprocess.run(
-                [CLI, "--cluster", "create", *(n.address for n in self.nodes),
+                [CLI, *self.cli_tls(), "--cluster", "create", *(n.address for n in self.nodes),
                  "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                 check=True, capture_output=True, text=True, timeout=START_TIMEOUT_S)
             self.wait_ok()
@@ -128,10 +166,24 @@ class RedisClusterFixture:
             raise
         return self
 
+    def cli_tls(self) -> list[str]:
+        """``redis-cli``'s options to reach the nodes."""
+        return [] if self.tls is None else ["--tls", "--cacert", str(self.tls.ca)]
+
+    def _listen(self, node: Node) -> list[str]:
+        """The port options: the plain port, or only the TLS port (clients need no
+        certificate of their own: their ACL user and password authenticate them)."""
+        if self.tls is None:
+            return ["--port", str(node.port)]
+        return ["--port", "0", "--tls-port", str(node.port),
+                "--tls-cert-file", str(self.tls.cert), "--tls-key-file", str(self.tls.key),
+                "--tls-ca-cert-file", str(self.tls.ca), "--tls-auth-clients", "no",
+                "--tls-cluster", "yes", "--tls-replication", "yes"]
+
     def _spawn(self, node: Node) -> None:
         assert self.base is not None
         node.process = subprocess.Popen(
-            [SERVER, "--port", str(node.port), "--bind", "127.0.0.1",
+            [SERVER, *self._listen(node), "--bind", "127.0.0.1",
              "--dir", str(node.directory), "--cluster-enabled", "yes",
              "--cluster-config-file", "nodes.conf",
              "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
@@ -141,9 +193,13 @@ class RedisClusterFixture:
              "--logfile", str(node.directory / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
+    def client_tls(self) -> dict[str, object]:
+        """redis-py's options to reach the nodes."""
+        return {} if self.tls is None else {"ssl": True, "ssl_ca_certs": str(self.tls.ca)}
+
     def _client(self, node: Node) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=node.port, socket_timeout=2.0,
-                           socket_connect_timeout=2.0)
+                           socket_connect_timeout=2.0, **self.client_tls())
 
     def _wait_pong(self, node: Node) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -259,13 +315,14 @@ class RedisClusterFixture:
 
 
 @contextlib.contextmanager
-def running(users: dict[str, str]) -> Iterator[RedisClusterFixture]:
-    """A started cluster with these ACL users, stopped after; a missing redis-server skips,
-    or fails under ``CI=true`` (:mod:`fakes.required`)."""
-    reason = unavailable_reason()
+def running(users: dict[str, str], tls: TlsFiles | None = None
+            ) -> Iterator[RedisClusterFixture]:
+    """A started cluster with these ACL users (over TLS only with ``tls``), stopped after; a
+    missing redis-server (or openssl) skips, or fails under ``CI=true`` (:mod:`fakes.required`)."""
+    reason = unavailable_reason(tls=tls is not None)
     if reason is not None:
-        unavailable("REDIS", "a Redis Cluster (redis-server, redis-cli)", reason)
-    made = RedisClusterFixture(users=users).start()
+        unavailable("REDIS", "a Redis Cluster (redis-server, redis-cli, openssl)", reason)
+    made = RedisClusterFixture(users=users, tls=tls).start()
     try:
         yield made
     finally:

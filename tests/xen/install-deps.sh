@@ -31,6 +31,7 @@ PACKAGES=(
     fio                             # its nbd engine: the NBD tests and bench/bench_nbd.py
     nbdkit                          # `nbdkit memory`, bench/bench_nbd.py's baseline
     redis-server redis-tools        # a real Redis Cluster for the RAMster tier's tests
+    openssl                         # the TLS Redis Cluster test makes its CA and certificates
 )
 LOCK_TIMEOUT_S=300      # how long apt itself waits for the dpkg lock, each attempt
 ATTEMPTS=4              # runs of one apt-get command at most, when the failures are transient

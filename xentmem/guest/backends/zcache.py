@@ -188,6 +188,9 @@ class ZcacheBackend(Backend):
         answered); BackendError naming the node and what failed (``docs/ramster.md``)."""
         if not checked["ramster_nodes"]:
             raise ParamError("ramster=1 needs ramster_nodes (host:port,... of the cluster)")
+        if checked["ramster_ca_file"] and not checked["ramster_tls"]:
+            raise ParamError("ramster_ca_file needs ramster_tls=1 (it names the CAs that "
+                             "verify the nodes' TLS certificates)")
         try:
             node_id = resolve_node_id(checked["ramster_node_id"], self.roots)
         except ValueError as exc:

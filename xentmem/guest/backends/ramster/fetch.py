@@ -81,7 +81,7 @@ class Fetcher:
         self._ready = ready or _as_is
         #: How long a caller waits for its turn before it gives up with -EIO: a safety net
         #: only (every fetch is bounded by the tier's socket timeouts).
-        self._wait_s = wait_s
+        self.wait_s = wait_s
         self._batch = batch
         self._lock = threading.Lock()
         self._queue: list[_Request] = []
@@ -115,7 +115,7 @@ class Fetcher:
         """Wait until answered (False) or handed the queue (True); RamsterUnavailable when
         the turn did not come within the wait (a safety net: every fetch is bounded by the
         tier's socket timeouts)."""
-        wait_s = self._wait_s()
+        wait_s = self.wait_s()
         request.wake.acquire(timeout=wait_s)
         with self._lock:
             if request.finished:

@@ -32,6 +32,7 @@ from xentmem.tmem.abi import PAGE_SIZE, Oid, PoolUuid
 from xentmem.tmem.store import TmemStore, pack_page, unpack_page
 
 from .fetch import Fetcher
+from .readahead import Flight, Readahead
 from .record import RecordError, RemoteKey, owner_of_shared, parse_name
 from .tier import RamsterUnavailable, RemoteTier
 
@@ -105,6 +106,10 @@ class RemotePages:
         #: Gets of remote pages: concurrent callers share one pipeline per master.
         self.fetcher = Fetcher(tier, wait_s=lambda: FETCH_WAIT_TIMEOUTS *
                                tier.config.timeout_ms / 1000 + FETCH_WAIT_S, ready=unpack_page)
+        #: Pages of an object read ahead of their gets (persistent pools, gets in order):
+        #: whatever changes a page's index entry drops its copy there (:meth:`_record`,
+        #: :meth:`_unrecord` and the flushes of objects and pools).
+        self._ahead = Readahead()
 
     # -- pools ------------------------------------------------------------------------------------
 
@@ -134,6 +139,7 @@ class RemotePages:
             return
         with self._books:
             objects = self._remote.pop(slot, {})
+            self._ahead.drop_where(lambda w: w[0] == slot)
             names = [RemoteKey(self.owner, slot, oid, index).name()
                      for oid, obj in objects.items() for index in obj]
             self._remote_pages -= len(names)
@@ -189,15 +195,37 @@ class RemotePages:
             return rc, None
         if slot in self._shared:
             return self._shared_get(slot, oid, index)
+        pool = self._pool(slot)
+        exclusive = pool is not None and pool.exclusive
+        ahead = pool is not None and pool.persistent and not exclusive
+        flight = waiting = None
+        buffered: bytes | None = None
         with self._books:
             obj = self._remote.get(slot, {}).get(oid)
             if obj is None or index not in obj:
                 return rc, None
-        pool = self._pool(slot)
-        exclusive = pool is not None and pool.exclusive
+            if ahead:
+                in_order = self._ahead.in_order(where)
+                buffered = self._ahead.take(where)
+                if buffered is None:
+                    waiting = self._ahead.flying(where)
+                    if waiting is None and in_order:
+                        flight = self._ahead.begin(where, obj)
+        if waiting is not None:  # another caller's readahead asked for it: wait for that
+            waiting.done.wait(self.fetcher.wait_s())
+            with self._books:
+                obj = self._remote.get(slot, {}).get(oid)
+                if obj is None or index not in obj:  # flushed meanwhile
+                    return rc, None
+                buffered = self._ahead.take(where)
         key = RemoteKey(self.owner, slot, oid, index)
         try:
-            found = self.fetcher.get(key, exclusive=exclusive)
+            if buffered is not None:
+                found: bytes | None = self._unpacked(key, buffered)
+            elif flight is not None:
+                found = self._read_ahead(key, flight)
+            else:
+                found = self.fetcher.get(key, exclusive=exclusive)
         except RecordError:  # logged and counted by the tier: never served
             with self._books:
                 self._unrecord(where)
@@ -216,6 +244,36 @@ class RemotePages:
                 return _EIO
             return _MISS
         return (1, found)
+
+    @staticmethod
+    def _unpacked(key: RemoteKey, data: bytes) -> bytes:
+        """The page of a checked record; RecordError when it does not unpack (as the
+        fetcher refuses it)."""
+        try:
+            return unpack_page(data)
+        except Exception as exc:  # lz4's errors and any other: the page is not served
+            refused = RecordError(f"{key.name()}: the page does not unpack: {exc}")
+            log.error("%s (not served)", refused)
+            raise refused from None
+
+    def _read_ahead(self, key: RemoteKey, flight: Flight) -> bytes | None:
+        """The missed page and the object's next remote pages in one MGET; the others wait
+        in the buffer (none dropped meanwhile).  Answers as :meth:`Fetcher.get` does."""
+        keys = [key] + [RemoteKey(self.owner, *where) for where in flight.wheres]
+        kept: dict[Where, bytes] = {}
+        try:
+            found = self.tier.get_object(keys)
+            for other, where in zip(keys[1:], flight.wheres):
+                data = found.pages.get(other)
+                if data is not None:
+                    kept[where] = data
+        finally:
+            with self._books:
+                self._ahead.end(flight, kept)
+        if key in found.refused:
+            raise found.refused[key]
+        data = found.pages.get(key)
+        return None if data is None else self._unpacked(key, data)
 
     def _get_failed(self, key: RemoteKey, exc: BaseException) -> None:
         """One log line per outage (the tier's line names the node and what failed)."""
@@ -250,6 +308,7 @@ class RemotePages:
             rc = self._store.flush_object(self._cid, slot, oid)
             self._moving.difference_update([w for w in self._moving if w[:2] == (slot, oid)])
             obj = self._remote.get(slot, {}).pop(oid, None) or {}
+            self._ahead.drop_where(lambda w: w[0] == slot and w[1] == oid)
             if not self._remote.get(slot, True):
                 del self._remote[slot]
             self._remote_pages -= len(obj)
@@ -422,6 +481,7 @@ class RemotePages:
 
     def _record(self, where: Where, size: int) -> None:
         slot, oid, index = where
+        self._ahead.drop(where)
         obj = self._remote.setdefault(slot, {}).setdefault(oid, {})
         if index not in obj:
             self._remote_pages += 1
@@ -436,6 +496,7 @@ class RemotePages:
         if obj is None or index not in obj:
             return None
         self._remote_zbytes -= obj.pop(index)
+        self._ahead.drop(where)
         if not obj:
             del objects[oid]
             if not objects:
@@ -518,6 +579,7 @@ class RemotePages:
                      for slot, objects in self._remote.items()
                      for oid, obj in objects.items() for index in obj]
             self._remote.clear()
+            self._ahead.drop_where(lambda _w: True)
             self._remote_pages = self._remote_zbytes = 0
             self._lru.clear()
         self._delete(names + list(self._stale))
@@ -546,6 +608,9 @@ class RemotePages:
             "ramster_shared_pools": len(self._shared),
             "ramster_stale_keys": len(self._stale),
             "ramster_bookkeeping_bytes": self._bookkeeping_bytes(),
+            "ramster_readahead_pages": self._ahead.read,
+            "ramster_readahead_hits": self._ahead.hits,
+            "ramster_readahead_unused": self._ahead.unused,
         }
 
     def describe(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -116,6 +117,28 @@ class TierConfig:
             raise BackendError(f"ramster_password_file {path}: must hold one non-empty line")
         return secret
 
+    def check_tls(self) -> None:
+        """At load: ``ca_file`` must load as CA certificates (PEM), so a missing or wrong
+        file is named as such, not taken for a node that did not answer."""
+        if not self.tls or not self.ca_file:
+            return
+        try:
+            ssl.create_default_context(cafile=self.ca_file)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise BackendError(f"ramster_ca_file {self.ca_file}: not a readable file of CA "
+                               f"certificates (PEM): {reason}") from None
+
+    def tls_failure(self, exc: BaseException) -> str | None:
+        """What a failed connect says when a node's certificate was not verified (the
+        message redis-py gives names the node)."""
+        text = str(exc)
+        verify_failed = "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text
+        if not self.tls or not verify_failed:
+            return None
+        trusted = f"ramster_ca_file {self.ca_file}" if self.ca_file else "the system's CAs"
+        return f"TLS: a node's certificate is not signed by {trusted} (or not for its address)"
+
 
 @dataclass
 class TierCounters:
@@ -157,6 +180,7 @@ class RemoteTier:
 
     def connect(self) -> None:
         """Reach the cluster and check every master answers; an error names the node."""
+        self.config.check_tls()
         with self._lock:
             self._client = self._open(check_masters=True)
             self._reachable = True
@@ -182,13 +206,17 @@ class RemoteTier:
                 raise RamsterRefused(f"ramster: the cluster at {seeds} refused user "
                                      f"{config.user or 'default'!r}: {exc.__cause__ or exc}"
                                      ) from None
-            raise self._failed(f"no node of {seeds} answered as a cluster", exc) from None
+            tls = config.tls_failure(exc)
+            raise self._failed(f"{tls}: no node of {seeds} was reached" if tls else
+                               f"no node of {seeds} answered as a cluster", exc) from None
         for node in client.get_primaries() if check_masters else ():
             try:
                 client.get_redis_connection(node).ping()
             except CLUSTER_ERRORS as exc:
                 client.close()
-                raise self._failed(f"master {node.name} did not answer PING", exc) from None
+                tls = config.tls_failure(exc)
+                raise self._failed(f"{tls}: master {node.name}" if tls else
+                                   f"master {node.name} did not answer PING", exc) from None
         return client
 
     def _try_ms(self) -> int:
@@ -413,6 +441,32 @@ class RemoteTier:
             except redis.ResponseError as exc:
                 replies.append(exc)
         return replies
+
+    def get_object(self, keys: Sequence[RemoteKey]) -> GetResult:
+        """Pages of one object (one hash slot) in one ``MGET`` on its master's held
+        connection, never exclusive: a readahead (``docs/ramster.md``, "Readahead").  Each
+        page checked as :meth:`get_each` checks it; an ACL refusal refuses the whole call."""
+        tag = keys[0].object_tag()
+        if any(key.object_tag() != tag for key in keys):
+            raise ValueError("get_object: the keys are not one object's")
+        names = [page_name(tag, key.index) for key in keys]
+        result = GetResult()
+        with self._lock:
+            with self._calling(f"get of {len(keys)} page(s) of {tag} failed"):
+                cluster = self._cluster()
+                node = cluster.get_node_from_key(tag)
+                try:
+                    values = self._command(cluster, node, "MGET", *names)
+                except redis.ConnectionError:  # closed while idle: once more, on a new one
+                    self._drop_held()
+                    values = self._command(cluster, node, "MGET", *names)
+            self._reachable = True
+            if not isinstance(values, list) or len(values) != len(names):
+                raise self._failed(f"MGET of {len(names)} page(s) on {node.name}",
+                                   ValueError(f"a reply of {type(values).__name__}"))
+            for key, name, untrusted_value in zip(keys, names, values):
+                self._take(key, name, untrusted_value, False, result)
+        return result
 
     def get_many(self, keys: Sequence[RemoteKey], *, exclusive: bool) -> GetResult:
         """Fetch pages, one pipeline per master (GET, or GETDEL for exclusive gets); as

@@ -1,0 +1,160 @@
+"""Readahead of one object's remote pages (``docs/ramster.md``, "Readahead").
+
+A get of a remote page is one round trip.  When the gets of an object come in index order
+(a swap-in of a range, a file read through cleancache), the pages after the one missed are
+likely next: one object's pages share a hash slot, so the missed page and its remote
+neighbours come back in one ``MGET`` on one master, and the neighbours wait here for their
+own gets.
+
+Nothing here is ever stale.  The buffer holds only pages the index says are remote, as the
+cluster returned them; the caller (:class:`.remote.RemotePages`, under its lock) drops a page
+here whenever its index entry goes or changes (a put, a flush of the page, its object or its
+pool, an exclusive get, a remotify's record), and a readahead on the wire when such a drop
+happens brings back none of the dropped pages (:meth:`Readahead.end`).  A page is served
+once from here (a get takes it out): a second get fetches again.
+
+Not thread-safe: every method is called with the caller's lock held.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+
+from xentmem.tmem.abi import Oid
+
+#: (slot, oid, index): one page of this node's pools.
+Where = tuple[int, Oid, int]
+
+#: Most pages one readahead asks for beside the missed one (one MGET, one reply).
+READAHEAD_PAGES = 32
+#: Most pages the buffer holds (compressed, as stored: at most a page each); the oldest go
+#: first, unread.
+BUFFER_PAGES = 256
+#: A get is in order when it is at most this many indexes from the object's furthest get so
+#: far (concurrent callers reading one range arrive a little out of order).
+IN_ORDER_GAP = 8
+#: Gets in order in a row before a miss reads ahead: a random order seldom makes two (one
+#: object of 512 remote pages: about 1 get in 4000 instead of 1 in 64).
+IN_ORDER_RUN = 2
+#: Objects whose last get is remembered (the oldest forgotten first).
+OBJECTS_TRACKED = 1024
+
+
+class Flight:
+    """One readahead on the wire: the pages asked for, and those dropped meanwhile."""
+
+    __slots__ = ("asked", "done", "dropped", "wheres")
+
+    def __init__(self, wheres: list[Where]) -> None:
+        self.wheres = wheres
+        self.asked = frozenset(wheres)
+        self.dropped: set[Where] = set()
+        #: Set once it came back (kept or not): a get of one of its pages waits for it
+        #: rather than asking the cluster a second time.
+        self.done = threading.Event()
+
+
+class Readahead:
+    """The buffer of pages read ahead, and what says when to read ahead."""
+
+    def __init__(self, *, pages: int = READAHEAD_PAGES, buffer: int = BUFFER_PAGES) -> None:
+        self.pages = pages
+        self.buffer = buffer
+        self._buffered: OrderedDict[Where, bytes] = OrderedDict()
+        #: (slot, oid) -> the index of the object's last get of a remote page, and how many
+        #: gets in order led to it.
+        self._last: OrderedDict[tuple[int, Oid], tuple[int, int]] = OrderedDict()
+        self._flights: list[Flight] = []
+        #: The pages on the wire, by the readahead that asked for them.
+        self._flying: dict[Where, Flight] = {}
+        self.read = 0
+        self.hits = 0
+        self.unused = 0
+
+    def __len__(self) -> int:
+        return len(self._buffered)
+
+    def take(self, where: Where) -> bytes | None:
+        """The buffered page (taken out: served once), or None."""
+        data = self._buffered.pop(where, None)
+        if data is not None:
+            self.hits += 1
+        return data
+
+    def flying(self, where: Where) -> Flight | None:
+        """The readahead on the wire that asked for ``where``, if any."""
+        return self._flying.get(where)
+
+    def in_order(self, where: Where) -> bool:
+        """Note a get of a remote page; whether it ends a run of IN_ORDER_RUN gets in order
+        in its object (each at most IN_ORDER_GAP indexes from the furthest before it) and
+        goes further than any of them (a run backwards reads nothing ahead)."""
+        slot, oid, index = where
+        last, run = self._last.pop((slot, oid), (None, 0))
+        forward = last is None or index > last
+        if last is not None and 0 < abs(index - last) <= IN_ORDER_GAP:
+            run, index = run + 1, max(index, last)  # a little out of order: still a run
+        else:
+            run = 0
+        self._last[(slot, oid)] = (index, run)
+        if len(self._last) > OBJECTS_TRACKED:
+            self._last.popitem(last=False)
+        return run >= IN_ORDER_RUN and forward
+
+    def begin(self, where: Where, remote: Mapping[int, int]) -> Flight | None:
+        """A readahead after a missed ``where``: the object's next remote pages (``remote``:
+        its index -> size) that are not buffered, at most ``pages``; None when there are none."""
+        if self.pages <= 0:
+            return None
+        slot, oid, index = where
+        wanted: list[Where] = []
+        for following in range(index + 1, index + 1 + self.pages):
+            page = (slot, oid, following)
+            if following in remote and page not in self._buffered and page not in self._flying:
+                wanted.append(page)
+        if not wanted:
+            return None
+        flight = Flight(wanted)
+        self._flights.append(flight)
+        for page in wanted:
+            self._flying[page] = flight
+        return flight
+
+    def end(self, flight: Flight, found: Mapping[Where, bytes]) -> None:
+        """The readahead came back: keep what it found, but none of the pages dropped while
+        it was on the wire."""
+        self._flights.remove(flight)
+        flight.done.set()
+        for where in flight.wheres:
+            del self._flying[where]
+            data = found.get(where)
+            if data is None or where in flight.dropped:
+                continue
+            self._buffered[where] = data
+            self._buffered.move_to_end(where)
+            self.read += 1
+        while len(self._buffered) > self.buffer:
+            self._buffered.popitem(last=False)
+            self.unused += 1
+
+    def drop(self, where: Where) -> None:
+        """``where``'s index entry goes or changes: its buffered copy goes too."""
+        self._buffered.pop(where, None)
+        for flight in self._flights:
+            if where in flight.asked:
+                flight.dropped.add(where)
+
+    def drop_where(self, matches: Callable[[Where], bool]) -> None:
+        """Drop every page ``matches`` says (an object's, a pool's, all: any index of a
+        matching object matches), and forget those objects' gets."""
+        for where in [w for w in self._buffered if matches(w)]:
+            del self._buffered[where]
+        for slot, oid in [o for o in self._last if matches((*o, 0))]:  # an object's or all
+            del self._last[(slot, oid)]
+        for flight in self._flights:
+            flight.dropped.update(w for w in flight.wheres if matches(w))
+
+
+__all__ = ["BUFFER_PAGES", "READAHEAD_PAGES", "Flight", "Readahead"]

@@ -137,8 +137,10 @@ def test_flags_dropped_unused_give_their_pipe_back() -> None:
     """An application built and never run (most tests build many) must not leak two fds."""
     import gc
 
+    gc.collect()  # earlier tests' garbage may hold fds: let it go first, not during the loop
     before = len(os.listdir("/proc/self/fd"))
     for _ in range(20):
         SignalFlags()
     gc.collect()
-    assert len(os.listdir("/proc/self/fd")) == before
+    # Not ==: an earlier test's leftover thread may close an fd meanwhile; a leak is 40 more.
+    assert len(os.listdir("/proc/self/fd")) <= before

@@ -256,18 +256,90 @@ static PyObject *hot_page_commit(PyObject *self, PyObject *const *args, Py_ssize
     return PyLong_FromLong((long)c);
 }
 
-/* get_page(table, mm, pbase, dbase, obj, index) -> None | (data, slot, bucket, sound)
- * ``sound`` is False when the bytes fail their commit word, or the record names bytes
- * outside the map (then ``data`` is None): the page must be dropped, never served. */
+/* copy_page(mm, pos, data, obj, index, where, sub) -> commit
+ * A page's bytes copied to ``pos`` of the map, and their commit word (as page_commit). */
+static PyObject *hot_copy_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    NARGS(7, "copy_page");
+    Buf m = {0}, d = {0};
+    Py_ssize_t pos;
+    uint32_t obj, index, where, sub;
+    PyObject *out = NULL;
+    if (as_size(args[1], &pos) < 0 || as_u32(args[3], &obj) < 0 || as_u32(args[4], &index) < 0
+        || as_u32(args[5], &where) < 0 || as_u32(args[6], &sub) < 0)
+        return NULL;
+    if (get_buf(args[0], &m, 1, 1, "mm") < 0 || get_buf(args[2], &d, 0, 1, "data") < 0)
+        goto done;
+    if (d.view.len > PAGE || pos + d.view.len > m.view.len) {
+        PyErr_SetString(PyExc_ValueError, "copy_page: the page does not fit there");
+        goto done;
+    }
+    memcpy((char *)m.view.buf + pos, d.view.buf, (size_t)d.view.len);
+    int64_t c = commit_of(args[2], page_seed(obj, index, where, (uint32_t)d.view.len, sub));
+    if (c >= 0)
+        out = PyLong_FromLong((long)c);
+done:
+    put_buf(&m);
+    put_buf(&d);
+    return out;
+}
+
+/* link_free(mm, pos, size, used) -> first
+ * zsmalloc's free objects of the zspage at ``pos`` (objects of ``size`` bytes, one byte of
+ * ``used`` each: nonzero in use) chained through their first two bytes, ascending, the last
+ * naming 0xFFFF; the first free object's index (0xFFFF: none). */
+static PyObject *hot_link_free(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    NARGS(4, "link_free");
+    Buf m = {0}, u = {0};
+    Py_ssize_t pos, size;
+    PyObject *out = NULL;
+    if (as_size(args[1], &pos) < 0 || as_size(args[2], &size) < 0)
+        return NULL;
+    if (get_buf(args[0], &m, 1, 1, "mm") < 0 || get_buf(args[3], &u, 0, 1, "used") < 0)
+        goto done;
+    const unsigned char *used = u.view.buf;
+    Py_ssize_t count = u.view.len;
+    if (size < 2 || count > 0xFFFF || pos + count * size > m.view.len) {
+        PyErr_SetString(PyExc_ValueError, "link_free: the zspage does not fit in the arena");
+        goto done;
+    }
+    unsigned char *base = (unsigned char *)m.view.buf + pos;
+    Py_ssize_t prev = -1;
+    uint16_t first = 0xFFFF;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (used[i])
+            continue;
+        if (prev < 0)
+            first = (uint16_t)i;
+        else
+            wr16(base + prev * size, (uint16_t)i);
+        prev = i;
+    }
+    if (prev >= 0)
+        wr16(base + prev * size, 0xFFFF);
+    out = PyLong_FromLong(first);
+done:
+    put_buf(&m);
+    put_buf(&u);
+    return out;
+}
+
+/* get_page(table, mm, pbase, dbase, obj, index, where) -> see below
+ * ``where`` false (a get): the page's bytes, None when there is no such page, or its slot
+ * (an int) when its bytes fail their commit word or its record names bytes outside the map:
+ * the page must be dropped, never served.  ``where`` true (an exclusive get, which drops
+ * it): None, or (bytes or None, slot, bucket, sound). */
 static PyObject *hot_get_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    NARGS(6, "get_page");
+    NARGS(7, "get_page");
     Buf t = {0}, m = {0};
     Py_ssize_t pbase, dbase;
     uint32_t obj, index;
-    PyObject *out = NULL;
-    if (as_size(args[2], &pbase) < 0 || as_size(args[3], &dbase) < 0 || as_u32(args[4], &obj) < 0
-        || as_u32(args[5], &index) < 0)
+    PyObject *out = NULL, *data = NULL;
+    int where_too = PyObject_IsTrue(args[6]);
+    if (where_too < 0 || as_size(args[2], &pbase) < 0 || as_size(args[3], &dbase) < 0
+        || as_u32(args[4], &obj) < 0 || as_u32(args[5], &index) < 0)
         return NULL;
     if (get_buf(args[0], &t, 0, 4, "table") < 0 || get_buf(args[1], &m, 0, 1, "mm") < 0)
         goto done;
@@ -284,20 +356,27 @@ static PyObject *hot_get_page(PyObject *self, PyObject *const *args, Py_ssize_t 
     uint32_t where = rd32(f.rec + REC_WHERE), sub = rd16(f.rec + REC_SUB);
     uint32_t n = rd16(f.rec + REC_LENGTH), commit = rd32(f.rec + REC_COMMIT);
     Py_ssize_t at = dbase + (Py_ssize_t)where * UNIT;
-    if (n > PAGE || at + (Py_ssize_t)n > m.view.len) {
-        out = Py_BuildValue("(OnnO)", Py_None, f.slot, f.at, Py_False);
-        goto done;
+    int sound = 0;
+    if (n <= PAGE && at + (Py_ssize_t)n <= m.view.len) {
+        data = PyBytes_FromStringAndSize((const char *)mm + at, n);
+        if (data == NULL)
+            goto done;
+        int64_t c = commit_of(data, page_seed(obj, index, where, n, sub));
+        if (c < 0)
+            goto done;
+        sound = (uint32_t)c == commit;
     }
-    PyObject *data = PyBytes_FromStringAndSize((const char *)mm + at, n);
-    if (data == NULL)
-        goto done;
-    int64_t c = commit_of(data, page_seed(obj, index, where, n, sub));
-    if (c < 0) {
-        Py_DECREF(data);
-        goto done;
+    if (where_too) {
+        out = Py_BuildValue("(OnnO)", sound ? data : Py_None, f.slot, f.at,
+                            sound ? Py_True : Py_False);
+    } else if (sound) {
+        out = data;
+        data = NULL;
+    } else {
+        out = PyLong_FromSsize_t(f.slot);
     }
-    out = Py_BuildValue("(NnnO)", data, f.slot, f.at, (uint32_t)c == commit ? Py_True : Py_False);
 done:
+    Py_XDECREF(data);
     put_buf(&t);
     put_buf(&m);
     return out;
@@ -578,8 +657,13 @@ static PyMethodDef hot_methods[] = {
      "find_page(table, mm, pbase, obj, index): (slot, record, bucket) or (-1, tag, bucket)"},
     {"page_commit", (PyCFunction)(void (*)(void))hot_page_commit, METH_FASTCALL,
      "page_commit(data, obj, index, where, length, sub): a page's commit word"},
+    {"copy_page", (PyCFunction)(void (*)(void))hot_copy_page, METH_FASTCALL,
+     "copy_page(mm, pos, data, obj, index, where, sub): the bytes copied, their commit word"},
+    {"link_free", (PyCFunction)(void (*)(void))hot_link_free, METH_FASTCALL,
+     "link_free(mm, pos, size, used): a zspage's free objects chained; the first"},
     {"get_page", (PyCFunction)(void (*)(void))hot_get_page, METH_FASTCALL,
-     "get_page(table, mm, pbase, dbase, obj, index): None or (data, slot, bucket, sound)"},
+     "get_page(table, mm, pbase, dbase, obj, index, where): a page's bytes, None or its "
+     "slot when unsound; with where, None or (bytes, slot, bucket, sound)"},
     {"add_page", (PyCFunction)(void (*)(void))hot_add_page, METH_FASTCALL,
      "add_page(mm, pbase, slot, obj, index, where, length, sub, commit, table, bucket, tag, "
      "next, prev, obj_head, obj_pages): a new page's record, links and bucket"},

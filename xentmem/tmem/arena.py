@@ -32,6 +32,8 @@ from xentmem.tmem._hot import (
     BAD_LENGTH,
     BAD_OBJECT,
     BAD_OUTSIDE,
+    copy_page,
+    find_page,
     get_page,
     page_commit,
     scan_pages,
@@ -341,7 +343,7 @@ class Arena:
         if obj < 0:
             obj = self._object(okey, True)
         idx = self._index
-        slot, rec, at = idx.find_page(obj, index)
+        slot, rec, at = find_page(idx.page_buckets.table, self._mm, idx.pbase, obj, index)
         if slot >= 0:  # a duplicate put: the old page goes first, its slot is reused
             idx.uncommit_page(slot)
             if rec[3]:
@@ -353,10 +355,11 @@ class Arena:
             if n:
                 offset, sub = self._alloc.alloc(n)
                 allocated = True
-                pos = self._data + offset
-                self._mm[pos : pos + n] = data
+                commit = copy_page(self._mm, self._data + offset, data, obj, index,
+                                   offset // UNIT, sub)
+            else:
+                commit = page_commit(data, obj, index, 0, 0, 0)
             where = offset // UNIT
-            commit = page_commit(data, obj, index, where, n, sub)
             if slot >= 0:
                 idx.write_page(slot, obj, index, where, n, sub, commit)
             else:
@@ -373,10 +376,6 @@ class Arena:
 
     def get(self, key: PageKey) -> bytes | None:
         """The bytes stored under ``key``, or None (never, failed its checksum: dropped)."""
-        return self._read(key, False)
-
-    def _read(self, key: PageKey, take: bool) -> bytes | None:
-        """:meth:`get`, and with ``take`` the page dropped after it is read: one lookup."""
         pool, oid, index = key
         okey = (pool, oid[0], oid[1], oid[2])
         obj = self._recent.get(okey, -1)
@@ -385,20 +384,30 @@ class Arena:
             if obj < 0:
                 return None
         idx = self._index
-        found = get_page(idx.page_buckets.table, self._mm, idx.pbase, self._data, obj, index)
+        got = get_page(idx.page_buckets.table, self._mm, idx.pbase, self._data, obj, index,
+                       False)
+        if got.__class__ is int:  # its slot: the page failed its checksum
+            self._failed(got, key)
+            return None
+        return got  # type: ignore[no-any-return]
+
+    def take(self, key: PageKey) -> bytes | None:
+        """:meth:`get` and :meth:`delete` in one lookup (an exclusive get)."""
+        pool, oid, index = key
+        obj = self._object((pool, oid[0], oid[1], oid[2]), False)
+        if obj < 0:
+            return None
+        idx = self._index
+        found = get_page(idx.page_buckets.table, self._mm, idx.pbase, self._data, obj, index,
+                         True)
         if found is None:
             return None
         data, slot, bucket, sound = found
         if not sound:
             self._failed(slot, key)
             return None
-        if take:
-            self._drop(slot, bucket)
-        return data
-
-    def take(self, key: PageKey) -> bytes | None:
-        """:meth:`get` and :meth:`delete` in one (an exclusive get)."""
-        return self._read(key, True)
+        self._drop(slot, bucket)
+        return data  # type: ignore[no-any-return]
 
     def _failed(self, slot: int, key: PageKey) -> None:
         self.checksum_failures += 1

@@ -19,12 +19,12 @@ do: the index holds where each page is); there is no compaction.
 
 from __future__ import annotations
 
-import mmap
 import struct
 from array import array
 from dataclasses import dataclass
 from typing import Any
 
+from xentmem.tmem._hot import link_free
 from xentmem.tmem.arenafile import DATA, PAGE
 from xentmem.tmem.frames import MAX_RUN, ZSPAGE_HEAD, Frames
 
@@ -175,24 +175,9 @@ class Zsmalloc:
         self.class_of[head] = cls.id + 1
         self.inuse[head] = 0
         self.freehead[head] = 0
-        self._link(self.mm, self.base + head * PAGE, cls, range(cls.objs))
+        link_free(self.mm, self.base + head * PAGE, cls.size, bytes(cls.objs))
         cls.zspages += 1
         return head
-
-    @staticmethod
-    def _link(mm: mmap.mmap, base: int, cls: SizeClass, free: Any) -> int:
-        """Chain the free objects ``free`` (ascending) through their first bytes."""
-        prev = -1
-        first = _NO_OBJECT
-        for idx in free:
-            if prev < 0:
-                first = idx
-            else:
-                _LINK.pack_into(mm, base + prev * cls.size, idx)
-            prev = idx
-        if prev >= 0:
-            _LINK.pack_into(mm, base + prev * cls.size, _NO_OBJECT)
-        return first
 
     def _take(self, cls: SizeClass, head: int) -> int:
         """An object of the class's current zspage (which is in no group's list: its group
@@ -282,9 +267,7 @@ class Zsmalloc:
         by_id = {c.id: c for c in self.classes}
         for head, used in self._claimed.items():
             cls = by_id[self.class_of[head] - 1]
-            self.freehead[head] = self._link(
-                self.mm, self.base + head * PAGE, cls, (i for i in range(cls.objs) if not used[i])
-            )
+            self.freehead[head] = link_free(self.mm, self.base + head * PAGE, cls.size, used)
         self._claimed = {}
         self._rebuild_groups()
 

@@ -326,8 +326,8 @@ done:
 }
 
 /* get_page(table, mm, pbase, dbase, obj, index, where) -> see below
- * ``where`` false (a get): the page's bytes, None when there is no such page, or its slot
- * (an int) when its bytes fail their commit word or its record names bytes outside the map:
+ * ``where`` false (a get): the page's bytes, None when there is no such page, or (slot,
+ * bucket) when its bytes fail their commit word or its record names bytes outside the map:
  * the page must be dropped, never served.  ``where`` true (an exclusive get, which drops
  * it): None, or (bytes or None, slot, bucket, sound). */
 static PyObject *hot_get_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -373,7 +373,7 @@ static PyObject *hot_get_page(PyObject *self, PyObject *const *args, Py_ssize_t 
         out = data;
         data = NULL;
     } else {
-        out = PyLong_FromSsize_t(f.slot);
+        out = Py_BuildValue("(nn)", f.slot, f.at);
     }
 done:
     Py_XDECREF(data);
@@ -662,8 +662,8 @@ static PyMethodDef hot_methods[] = {
     {"link_free", (PyCFunction)(void (*)(void))hot_link_free, METH_FASTCALL,
      "link_free(mm, pos, size, used): a zspage's free objects chained; the first"},
     {"get_page", (PyCFunction)(void (*)(void))hot_get_page, METH_FASTCALL,
-     "get_page(table, mm, pbase, dbase, obj, index, where): a page's bytes, None or its "
-     "slot when unsound; with where, None or (bytes, slot, bucket, sound)"},
+     "get_page(table, mm, pbase, dbase, obj, index, where): a page's bytes, None, or "
+     "(slot, bucket) when unsound; with where, None or (bytes, slot, bucket, sound)"},
     {"add_page", (PyCFunction)(void (*)(void))hot_add_page, METH_FASTCALL,
      "add_page(mm, pbase, slot, obj, index, where, length, sub, commit, table, bucket, tag, "
      "next, prev, obj_head, obj_pages): a new page's record, links and bucket"},

@@ -386,8 +386,8 @@ class Arena:
         idx = self._index
         got = get_page(idx.page_buckets.table, self._mm, idx.pbase, self._data, obj, index,
                        False)
-        if got.__class__ is int:  # its slot: the page failed its checksum
-            self._failed(got, key)
+        if got.__class__ is tuple:  # (slot, bucket): the page failed its checksum
+            self._failed(got[0], got[1], key)
             return None
         return got  # type: ignore[no-any-return]
 
@@ -404,16 +404,24 @@ class Arena:
             return None
         data, slot, bucket, sound = found
         if not sound:
-            self._failed(slot, key)
+            self._failed(slot, bucket, key)
             return None
         self._drop(slot, bucket)
         return data  # type: ignore[no-any-return]
 
-    def _failed(self, slot: int, key: PageKey) -> None:
+    def _failed(self, slot: int, bucket: int, key: PageKey) -> None:
+        """Drop a page whose bytes or record failed while open.  Its bytes go back to the
+        allocator only if its record still names an allocation the allocator holds: a
+        record damaged in place must not free someone else's bytes (those it named stay
+        taken until the next reopen, which claims only what sound records name)."""
         self.checksum_failures += 1
-        log.error("arena %s: page %s failed its checksum; dropped, reported missing",
-                  self.path, _show(key))
-        self._drop(slot)
+        _, _, where, n, sub, _ = self._index.read_page(slot)
+        held = not n or self._alloc.holds(where * UNIT, sub, n)
+        log.error("arena %s: page %s failed its checksum; dropped, reported missing%s",
+                  self.path, _show(key),
+                  "" if held else " (its record is damaged: its bytes are kept until the "
+                  "arena is reopened)")
+        self._drop(slot, bucket, free=held)
 
     def delete(self, key: PageKey) -> bool:
         """Forget ``key``'s page; False if there was none."""
@@ -427,13 +435,14 @@ class Arena:
         self._drop(slot, at)
         return True
 
-    def _drop(self, slot: int, at: int = -1) -> None:
+    def _drop(self, slot: int, at: int = -1, free: bool = True) -> None:
         idx = self._index
         obj, index, where, n, sub, _ = idx.read_page(slot)
         left = idx.remove_page(slot, obj, index, at)  # the commit word goes first
-        if n:
-            self._alloc.free(where * UNIT, sub, n)
-        self.stored_bytes -= n
+        if free:
+            if n:
+                self._alloc.free(where * UNIT, sub, n)
+            self.stored_bytes -= n
         if not left:
             self._forget_object(obj)
 

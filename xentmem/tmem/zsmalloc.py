@@ -236,6 +236,16 @@ class Zsmalloc:
         if new != old:
             self._push(cls, head, new)
 
+    def holds(self, offset: int, idx: int, size: int) -> bool:
+        """Whether handle ``(offset, idx)`` of ``size`` bytes names an object of a zspage of
+        its class in use (a record damaged while open must not free another's bytes)."""
+        if not 0 < size <= PAGE:
+            return False
+        cls = self._by_size[size]
+        head, at = divmod(offset - idx * cls.size, PAGE)
+        return (not at and 0 <= idx < cls.objs and 0 <= head < len(self.class_of)
+                and self.class_of[head] == cls.id + 1 and self.inuse[head] > 0)
+
     # -- reopening ---------------------------------------------------------------------------
 
     def claim(self, offset: int, idx: int, size: int) -> bool:

@@ -171,6 +171,13 @@ def test_the_c_functions_refuse_to_reach_outside_their_buffers() -> None:
     with pytest.raises(ValueError, match="out of range"):
         _hot.scan_pages(mm, 0, 10_000, 0, 0, bytearray(1), array("I", bytes(64)), links,
                         links, links, links)
+    cycle = array("I", [2, 1])  # slot 0 -> slot 1 -> slot 0 ...
+    with pytest.raises(ValueError, match="page list is broken"):
+        _hot.object_pages(cycle, 1)
+    with pytest.raises(ValueError, match="page list is broken"):
+        _hot.object_sizes(mm, 0, array("I", [9]), 1)  # names slot 8 of a 1-slot list
+    with pytest.raises(ValueError, match="outside the arena"):
+        _hot.object_sizes(mm, 4090, array("I", [0]), 1)
     with pytest.raises(OverflowError):
         _hot.page_commit(b"", 1 << 32, 0, 0, 0, 0)
     assert mm == bytearray(4096)  # nothing written by a refused call

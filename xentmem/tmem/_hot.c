@@ -652,7 +652,108 @@ done:
     return out;
 }
 
+/* The slots of an object's pages, from its first page's slot + 1 through ``next``. */
+static int walk(const uint32_t *nxt, Py_ssize_t n, uint32_t link, void *ctx,
+                int (*visit)(Py_ssize_t slot, void *ctx))
+{
+    for (Py_ssize_t steps = 0; link; steps++) {
+        Py_ssize_t slot = (Py_ssize_t)link - 1;
+        if (slot >= n || steps >= n) {
+            PyErr_SetString(PyExc_ValueError, "an object's page list is broken");
+            return -1;
+        }
+        if (visit(slot, ctx) < 0)
+            return -1;
+        link = nxt[slot];
+    }
+    return 0;
+}
+
+static int visit_append(Py_ssize_t slot, void *ctx)
+{
+    PyObject *v = PyLong_FromSsize_t(slot);
+    if (v == NULL)
+        return -1;
+    int rc = PyList_Append((PyObject *)ctx, v);
+    Py_DECREF(v);
+    return rc;
+}
+
+typedef struct {
+    PyObject *dict;
+    const unsigned char *mm;
+    Py_ssize_t mmlen, pbase;
+} SizesCtx;
+
+static int visit_size(Py_ssize_t slot, void *ctx)
+{
+    SizesCtx *c = ctx;
+    Py_ssize_t off = c->pbase + slot * PAGE_RECORD;
+    if (off + PAGE_RECORD > c->mmlen) {
+        PyErr_SetString(PyExc_ValueError, "a page list names a record outside the arena");
+        return -1;
+    }
+    PyObject *k = PyLong_FromUnsignedLong(rd32(c->mm + off + REC_INDEX));
+    PyObject *v = PyLong_FromLong(rd16(c->mm + off + REC_LENGTH));
+    int rc = (k && v) ? PyDict_SetItem(c->dict, k, v) : -1;
+    Py_XDECREF(k);
+    Py_XDECREF(v);
+    return rc;
+}
+
+/* object_pages(next, head) -> [slot, ...]: an object's pages, ``head`` its first's slot + 1 */
+static PyObject *hot_object_pages(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    NARGS(2, "object_pages");
+    Buf nx = {0};
+    uint32_t head;
+    PyObject *out = NULL, *list = NULL;
+    if (as_u32(args[1], &head) < 0 || get_buf(args[0], &nx, 0, 4, "next") < 0)
+        goto done;
+    list = PyList_New(0);
+    if (list == NULL || walk(nx.view.buf, nx.view.len / 4, head, list, visit_append) < 0)
+        goto done;
+    out = list;
+    list = NULL;
+done:
+    Py_XDECREF(list);
+    put_buf(&nx);
+    return out;
+}
+
+/* object_sizes(mm, pbase, next, head) -> {index: length} of an object's pages */
+static PyObject *hot_object_sizes(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    NARGS(4, "object_sizes");
+    Buf m = {0}, nx = {0};
+    Py_ssize_t pbase;
+    uint32_t head;
+    SizesCtx c = {0};
+    PyObject *out = NULL;
+    if (as_size(args[1], &pbase) < 0 || as_u32(args[3], &head) < 0)
+        return NULL;
+    if (get_buf(args[0], &m, 0, 1, "mm") < 0 || get_buf(args[2], &nx, 0, 4, "next") < 0)
+        goto done;
+    c.dict = PyDict_New();
+    c.mm = m.view.buf;
+    c.mmlen = m.view.len;
+    c.pbase = pbase;
+    if (c.dict == NULL || walk(nx.view.buf, nx.view.len / 4, head, &c, visit_size) < 0)
+        goto done;
+    out = c.dict;
+    c.dict = NULL;
+done:
+    Py_XDECREF(c.dict);
+    put_buf(&m);
+    put_buf(&nx);
+    return out;
+}
+
 static PyMethodDef hot_methods[] = {
+    {"object_pages", (PyCFunction)(void (*)(void))hot_object_pages, METH_FASTCALL,
+     "object_pages(next, head): the slots of an object's pages"},
+    {"object_sizes", (PyCFunction)(void (*)(void))hot_object_sizes, METH_FASTCALL,
+     "object_sizes(mm, pbase, next, head): {index: length} of an object's pages"},
     {"find_page", (PyCFunction)(void (*)(void))hot_find_page, METH_FASTCALL,
      "find_page(table, mm, pbase, obj, index): (slot, record, bucket) or (-1, tag, bucket)"},
     {"page_commit", (PyCFunction)(void (*)(void))hot_page_commit, METH_FASTCALL,

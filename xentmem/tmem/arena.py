@@ -511,12 +511,9 @@ class Arena:
         one pass; what a store's index is rebuilt from.  Do not change the arena while
         iterating."""
         idx = self._index
-        mm, unpack = self._mm, PAGE_ALL.unpack_from
-        base, size = idx.pages.base, idx.pages.size
         for obj in idx.live_objects():
             p, w0, w1, w2 = idx.object_key(obj)
-            recs = [unpack(mm, base + slot * size) for slot in idx.object_pages(obj)]
-            yield p, w0, w1, w2, {rec[1]: rec[3] for rec in recs}
+            yield p, w0, w1, w2, idx.object_sizes(obj)
 
     def __len__(self) -> int:
         return self._index.page_count

@@ -313,13 +313,12 @@ class Index:
 
     def object_pages(self, obj: int) -> list[int]:
         """The slots of an object's pages."""
-        out = []
-        link = self.obj_head[obj]
-        nxt = self.next
-        while link:
-            out.append(link - 1)
-            link = nxt[link - 1]
-        return out
+        return _hot.object_pages(self.next, self.obj_head[obj])  # type: ignore[no-any-return]
+
+    def object_sizes(self, obj: int) -> dict[int, int]:
+        """{index: stored length} of an object's pages."""
+        return _hot.object_sizes(self.mm, self.pbase, self.next,  # type: ignore[no-any-return]
+                                 self.obj_head[obj])
 
     # -- the tables --------------------------------------------------------------------------
 

@@ -159,6 +159,8 @@ def test_the_c_functions_refuse_to_reach_outside_their_buffers() -> None:
         _hot.rehash_records(array("I", bytes(64)), mm, 0, 1000)
     with pytest.raises(ValueError, match="outside the arena"):
         _hot.rehash_pages(array("I", bytes(64)), mm, 0, array("I", [10_000]))
+    with pytest.raises(ValueError, match="outside the arena"):
+        _hot.rehash_pages(array("I", bytes(64)), mm, 0, array("I", [1 << 27]))  # slot -1
     with pytest.raises(ValueError, match="does not fit"):
         _hot.copy_page(mm, 4000, b"x" * 200, 0, 0, 0, 0)
     with pytest.raises(ValueError, match="does not fit"):

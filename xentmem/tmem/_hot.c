@@ -478,7 +478,7 @@ static PyObject *hot_rehash_pages(PyObject *self, PyObject *const *args, Py_ssiz
             continue;
         Py_ssize_t slot = (Py_ssize_t)(v & SLOT_MASK) - 1;
         Py_ssize_t off = pbase + slot * PAGE_RECORD;
-        if (off + PAGE_RECORD > m.view.len) {
+        if (slot < 0 || off + PAGE_RECORD > m.view.len) {
             PyErr_SetString(PyExc_ValueError, "a bucket names a record outside the arena");
             goto done;
         }
@@ -781,7 +781,7 @@ static PyMethodDef hot_methods[] = {
 static struct PyModuleDef hot_module = {
     PyModuleDef_HEAD_INIT, "xentmem.tmem._hot",
     "The page arena's hot loops (xentmem/tmem/_hot.c; the rules are in index.py and arena.py).",
-    -1, hot_methods,
+    -1, hot_methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__hot(void)

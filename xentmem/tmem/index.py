@@ -50,7 +50,6 @@ SLOT_MASK = (1 << _SLOT_BITS) - 1
 MAX_SLOTS = SLOT_MASK - 1
 _EMPTY = 0
 _TOMB = 0xFFFFFFFF
-_TAG_MASK = _TOMB & ~SLOT_MASK
 #: A persisted high-water mark is raised this many records ahead, not at every new record.
 _HWM_STEP = 256
 _MIN_BUCKETS = 1024

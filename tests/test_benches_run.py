@@ -28,6 +28,8 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
          "ARENA SUMMARY"),
         ("bench_pages.py", ["--pages", "300", "--repeat", "1", "--part", "store"],
          "STORE SUMMARY"),
+        ("bench_pages.py", ["--pages", "300", "--repeat", "1", "--part", "hostd"],
+         "HOSTD SUMMARY"),
         ("bench_selfballoon.py", ["--traces", "steady,bursts", "--duration", "600"],
          "summary: guard cuts"),
         ("bench_control.py", ["--pages", "50", "--idle-seconds", "1"], "SUMMARY: socket"),

@@ -72,13 +72,20 @@ build_site_packages() {
     # sdist is offered), become wheels that the binary-only install below accepts.
     "$BUILD_PYTHON" -m pip wheel -q --disable-pip-version-check --no-deps -w "$wheels" "$src" pyxs
     # Everything else: binary wheels for the guest's CPython 3.11 (lz4 and psutil have
-    # C extensions, so the build machine's own python must not decide the tags).
+    # C extensions, so the build machine's own python must not decide the tags).  The
+    # project has one too (xentmem/tmem/_hot.c): its wheel, built here by $BUILD_PYTHON,
+    # is tagged cp311-cp311-linux_x86_64, so that platform is accepted as well.
     "$BUILD_PYTHON" -m pip install -q --disable-pip-version-check --no-warn-script-location \
         --target "$site" --only-binary=:all: --find-links "$wheels" \
         --implementation cp --python-version 3.11 --abi cp311 \
         --platform manylinux_2_36_x86_64 --platform manylinux2014_x86_64 \
+        --platform linux_x86_64 \
         xentmem
     rm -rf "$site/bin"     # launchers with the build python's shebang; made below instead
+    # The page arena's C loops must be there, built for the guest's CPython 3.11 (a wheel
+    # from another minor version would not import in the guest).
+    compgen -G "$site/xentmem/tmem/_hot.cpython-311-*.so" >/dev/null ||
+        die "xentmem/tmem/_hot.cpython-311-*.so missing from the site: $BUILD_PYTHON must be a CPython 3.11 with its headers (python3-dev)"
 }
 
 # Console-script launchers for the guest interpreter, from the installed .dist-info.

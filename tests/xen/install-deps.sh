@@ -1,7 +1,7 @@
 #!/bin/bash
 # Install the Debian 12 packages the test suite needs (run as root): the real-Xen test bed,
-# Debian's xenstored as a protocol peer, systemd-analyze, the NBD clients (libnbd, fio)
-# and Redis (RAMster).
+# Debian's xenstored as a protocol peer, systemd-analyze, the NBD clients (libnbd, fio),
+# Redis (RAMster) and what builds the project's C extension (gcc, python3-dev).
 #
 # Idempotent and quiet: when every package is already installed (checked with
 # dpkg-query) it returns at once without touching apt, so CI pays for apt only
@@ -25,7 +25,8 @@ PACKAGES=(
     python3                         # Debian's /usr/bin/python3.11, copied into the images
     python3-venv                    # .ci/run's `python3 -m venv` (ensurepip) on a fresh machine
     libgcc-s1                       # xl dlopen()s libgcc_s.so.1 (pthread_cancel)
-    gcc libc6-dev                   # the xenstored peer tests build an LD_PRELOAD shim
+    gcc libc6-dev                   # the xenstored peer tests build an LD_PRELOAD shim; and
+    python3-dev                     # `pip install .` builds xentmem/tmem/_hot.c (headers)
     systemd                         # systemd-analyze verify of the shipped units
     python3-libnbd libnbd-bin       # libnbd, the NBD client the NBD export tests drive
     fio                             # its nbd engine: the NBD tests and bench/bench_nbd.py

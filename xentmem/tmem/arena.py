@@ -18,15 +18,26 @@ import contextlib
 import logging
 import os
 import time
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-import xxhash
-
 from xentmem.errors import ArenaDamaged, ArenaError
 from xentmem.params import Param, ParamSet
+from xentmem.tmem._hot import (
+    BAD_CHECKSUM,
+    BAD_DUPLICATE,
+    BAD_LENGTH,
+    BAD_OBJECT,
+    BAD_OUTSIDE,
+    copy_page,
+    find_page,
+    get_page,
+    page_commit,
+    scan_pages,
+)
 from xentmem.tmem.arenafile import (
     DATA,
     DEFAULT_SEGMENT,
@@ -43,6 +54,7 @@ from xentmem.tmem.index import (
     OBJ_RECORD,
     PAGE_ALL,
     PAGE_FIELDS,
+    PAGE_RECORD,
     Index,
     object_commit,
 )
@@ -77,17 +89,19 @@ MAX_LOST = 100
 MAX_LOGGED = 20
 #: Objects whose slot the arena keeps at hand (a dict entry each).
 _RECENT_OBJECTS = 256
-_K = 0x9E3779B97F4A7C15
-_M64 = (1 << 64) - 1
+#: Why a reopen drops a page record (the C pass's codes; the claim's is the last).
+_PROBLEMS = {
+    BAD_OBJECT: "its object record is missing or damaged",
+    BAD_LENGTH: "its length is more than a page",
+    BAD_OUTSIDE: "its bytes are outside the arena's data",
+    BAD_CHECKSUM: "checksum mismatch",
+    BAD_DUPLICATE: "a second record for the same page",
+}
+_UNCLAIMED = "its bytes overlap another page's, or its handle is wrong"
 
 Oid3 = tuple[int, int, int]
 PageKey = tuple[int, Oid3, int]
 LostKey = Union[PageKey, tuple[str, int]]
-
-
-def _seed(obj: int, index: int, where: int, length: int, sub: int) -> int:
-    """Binds a page's checksum to its record: a record pointing elsewhere fails."""
-    return ((obj << 32) | index) ^ ((((where << 32) | (sub << 16) | length) * _K) & _M64)
 
 
 @dataclass
@@ -236,61 +250,43 @@ class Arena:
             idx.track_object(key, slot)
             valid_obj[slot] = 1
         alloc = self._alloc
-        data_base = self._data
         data_end = self._file.reserved_data()
         self._frames.cover(data_end // PAGE)  # reserved in one step, not claim by claim
-        # Locals, and the pages' bytes read in place (no copy): one pass over every page.
-        view = memoryview(self._mm)
-        find, track, claim, digest = idx.find_page, idx.track_page, alloc.claim, \
-            xxhash.xxh3_64_intdigest
-        objects = len(valid_obj)
-        stored = 0
-        for slot, (obj, index, where, n, sub, commit) in enumerate(pages.scan_fields(PAGE_ALL)):
-            if not commit:
-                pages.free.append(slot)
-                continue
-            problem = ""
-            checksum = False
-            offset = where * UNIT
-            if obj >= objects or not valid_obj[obj]:
-                problem = "its object record is missing or damaged"
-            elif n > PAGE:
-                problem = f"length {n} is more than a page"
-            elif offset + n > data_end:
-                problem = f"its bytes ({offset}+{n}) are outside the arena's data"
-            else:
-                data = view[data_base + offset : data_base + offset + n]
-                found, tag, at = find(obj, index)
-                # seal(checksum seeded by _seed(...)), inline: once per page
-                if (digest(data, ((obj << 32) | index) ^ (
-                        (((where << 32) | (sub << 16) | n) * _K) & _M64)) & 0xFFFFFFFF
-                        or 1) != commit:
-                    problem = "checksum mismatch"
-                    checksum = True
-                elif found >= 0:
-                    problem = "a second record for the same page"
-                elif n and not claim(offset, sub, n):
-                    problem = "its bytes overlap another page's, or its handle is wrong"
-            if problem:
+        idx.grow_links(pages.hwm, objects.hwm)
+        # The C pass: commit words, bounds, checksums (the bytes read in place), duplicate
+        # keys; the pages that stand are placed in the lookup table and their object's list.
+        free, kept, stored, dropped = scan_pages(
+            self._mm, pages.base, pages.hwm, self._data, data_end, valid_obj,
+            idx.page_buckets.table, idx.next, idx.prev, idx.obj_head, idx.obj_pages)
+        pages.free.frombytes(free)
+        idx.page_buckets.count = idx.page_count = len(kept) // 4
+        bad = [(slot, obj, index, _PROBLEMS[why]) for slot, obj, index, why in dropped]
+        # The allocator claims each page's bytes: one overlapping another's, or in the wrong
+        # place for its size, is dropped as well.
+        claim, unpack, mm, pbase = alloc.claim, PAGE_ALL.unpack_from, self._mm, pages.base
+        for slot in array("I", kept):
+            obj, index, where, n, sub, _ = unpack(mm, pbase + slot * PAGE_RECORD)
+            if n and not claim(where * UNIT, sub, n):
+                idx.remove_page(slot, obj, index)  # its commit word zeroed, its slot freed
+                stored -= n
+                bad.append((slot, obj, index, _UNCLAIMED))
+        for slot, obj, index, problem in bad:
+            if problem is not _UNCLAIMED:
                 self._zero(pages, slot, PAGE_FIELDS.size)
                 pages.free.append(slot)
-                if checksum:
-                    self.checksum_failures += 1
-                else:
-                    self.dropped_records += 1
-                lost: LostKey = (
-                    self._key_of(obj, index) if obj < len(valid_obj) and valid_obj[obj]
-                    else ("object slot", obj)
-                )
-                if len(report.lost) < MAX_LOST:
-                    report.lost.append(lost)
-                if self.checksum_failures + self.dropped_records <= MAX_LOGGED:
-                    log.error("arena %s: page %s dropped, reported missing: %s", self.path,
-                              _show(lost), problem)
-                continue
-            track(obj, index, slot, tag, at)
-            stored += n
-        view.release()
+            if problem is _PROBLEMS[BAD_CHECKSUM]:
+                self.checksum_failures += 1
+            else:
+                self.dropped_records += 1
+            lost: LostKey = (
+                self._key_of(obj, index) if obj < len(valid_obj) and valid_obj[obj]
+                else ("object slot", obj)
+            )
+            if len(report.lost) < MAX_LOST:
+                report.lost.append(lost)
+            if self.checksum_failures + self.dropped_records <= MAX_LOGGED:
+                log.error("arena %s: page %s dropped, reported missing: %s", self.path,
+                          _show(lost), problem)
         self.stored_bytes += stored
         for slot in range(len(valid_obj)):
             if valid_obj[slot] and not idx.obj_pages[slot]:
@@ -347,7 +343,7 @@ class Arena:
         if obj < 0:
             obj = self._object(okey, True)
         idx = self._index
-        slot, rec, at = idx.find_page(obj, index)
+        slot, rec, at = find_page(idx.page_buckets.table, self._mm, idx.pbase, obj, index)
         if slot >= 0:  # a duplicate put: the old page goes first, its slot is reused
             idx.uncommit_page(slot)
             if rec[3]:
@@ -359,12 +355,11 @@ class Arena:
             if n:
                 offset, sub = self._alloc.alloc(n)
                 allocated = True
-                pos = self._data + offset
-                self._mm[pos : pos + n] = data
+                commit = copy_page(self._mm, self._data + offset, data, obj, index,
+                                   offset // UNIT, sub)
+            else:
+                commit = page_commit(data, obj, index, 0, 0, 0)
             where = offset // UNIT
-            # seal(checksum seeded by _seed(...)), inline: this is every put's path
-            commit = xxhash.xxh3_64_intdigest(data, ((obj << 32) | index) ^ (
-                (((where << 32) | (sub << 16) | n) * _K) & _M64)) & 0xFFFFFFFF or 1
             if slot >= 0:
                 idx.write_page(slot, obj, index, where, n, sub, commit)
             else:
@@ -381,10 +376,6 @@ class Arena:
 
     def get(self, key: PageKey) -> bytes | None:
         """The bytes stored under ``key``, or None (never, failed its checksum: dropped)."""
-        return self._read(key, False)
-
-    def _read(self, key: PageKey, take: bool) -> bytes | None:
-        """:meth:`get`, and with ``take`` the page dropped after it is read: one lookup."""
         pool, oid, index = key
         okey = (pool, oid[0], oid[1], oid[2])
         obj = self._recent.get(okey, -1)
@@ -392,30 +383,45 @@ class Arena:
             obj = self._object(okey, False)
             if obj < 0:
                 return None
-        slot, rec, bucket = self._index.find_page(obj, index)
-        if slot < 0:
+        idx = self._index
+        got = get_page(idx.page_buckets.table, self._mm, idx.pbase, self._data, obj, index,
+                       False)
+        if got.__class__ is tuple:  # (slot, bucket): the page failed its checksum
+            self._failed(got[0], got[1], key)
             return None
-        _, _, where, n, sub, commit = rec
-        at = self._data + where * UNIT
-        data = self._mm[at : at + n]
-        # seal(checksum seeded by _seed(...)), inline: this is every get's path
-        if (xxhash.xxh3_64_intdigest(data, ((obj << 32) | index) ^ (
-                (((where << 32) | (sub << 16) | n) * _K) & _M64)) & 0xFFFFFFFF or 1) != commit:
-            self._failed(slot, key)
-            return None
-        if take:
-            self._drop(slot, bucket)
-        return data
+        return got  # type: ignore[no-any-return]
 
     def take(self, key: PageKey) -> bytes | None:
-        """:meth:`get` and :meth:`delete` in one (an exclusive get)."""
-        return self._read(key, True)
+        """:meth:`get` and :meth:`delete` in one lookup (an exclusive get)."""
+        pool, oid, index = key
+        obj = self._object((pool, oid[0], oid[1], oid[2]), False)
+        if obj < 0:
+            return None
+        idx = self._index
+        found = get_page(idx.page_buckets.table, self._mm, idx.pbase, self._data, obj, index,
+                         True)
+        if found is None:
+            return None
+        data, slot, bucket, sound = found
+        if not sound:
+            self._failed(slot, bucket, key)
+            return None
+        self._drop(slot, bucket)
+        return data  # type: ignore[no-any-return]
 
-    def _failed(self, slot: int, key: PageKey) -> None:
+    def _failed(self, slot: int, bucket: int, key: PageKey) -> None:
+        """Drop a page whose bytes or record failed while open.  Its bytes go back to the
+        allocator only if its record still names an allocation the allocator holds: a
+        record damaged in place must not free someone else's bytes (those it named stay
+        taken until the next reopen, which claims only what sound records name)."""
         self.checksum_failures += 1
-        log.error("arena %s: page %s failed its checksum; dropped, reported missing",
-                  self.path, _show(key))
-        self._drop(slot)
+        _, _, where, n, sub, _ = self._index.read_page(slot)
+        held = not n or self._alloc.holds(where * UNIT, sub, n)
+        log.error("arena %s: page %s failed its checksum; dropped, reported missing%s",
+                  self.path, _show(key),
+                  "" if held else " (its record is damaged: its bytes are kept until the "
+                  "arena is reopened)")
+        self._drop(slot, bucket, free=held)
 
     def delete(self, key: PageKey) -> bool:
         """Forget ``key``'s page; False if there was none."""
@@ -429,13 +435,14 @@ class Arena:
         self._drop(slot, at)
         return True
 
-    def _drop(self, slot: int, at: int = -1) -> None:
+    def _drop(self, slot: int, at: int = -1, free: bool = True) -> None:
         idx = self._index
         obj, index, where, n, sub, _ = idx.read_page(slot)
         left = idx.remove_page(slot, obj, index, at)  # the commit word goes first
-        if n:
-            self._alloc.free(where * UNIT, sub, n)
-        self.stored_bytes -= n
+        if free:
+            if n:
+                self._alloc.free(where * UNIT, sub, n)
+            self.stored_bytes -= n
         if not left:
             self._forget_object(obj)
 
@@ -504,12 +511,9 @@ class Arena:
         one pass; what a store's index is rebuilt from.  Do not change the arena while
         iterating."""
         idx = self._index
-        mm, unpack = self._mm, PAGE_ALL.unpack_from
-        base, size = idx.pages.base, idx.pages.size
         for obj in idx.live_objects():
             p, w0, w1, w2 = idx.object_key(obj)
-            recs = [unpack(mm, base + slot * size) for slot in idx.object_pages(obj)]
-            yield p, w0, w1, w2, {rec[1]: rec[3] for rec in recs}
+            yield p, w0, w1, w2, idx.object_sizes(obj)
 
     def __len__(self) -> int:
         return self._index.page_count

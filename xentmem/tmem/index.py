@@ -16,7 +16,8 @@ In this process only, rebuilt on open: open-addressed tables from a key to its s
 a bucket: the slot + 1 and 5 bits of the key's hash, so most probes that miss never read a
 record; double hashing, at most 70% full counting removed buckets), each object's pages as a
 doubly linked list (two 4-byte links a page), and the count of pages per object.
-``docs/page-arena.md`` counts the bytes.
+``docs/page-arena.md`` counts the bytes.  The page table's loops (its probe, a new page's
+record, its rehash, the rebuild's pass) are C, in ``_hot.c``, over these arrays and the map.
 """
 
 from __future__ import annotations
@@ -29,23 +30,26 @@ from typing import Any
 import xxhash
 
 from xentmem.errors import ArenaError
+from xentmem.tmem import _hot
 from xentmem.tmem.arenafile import OBJECTS, PAGES, ArenaFile
 
 OBJ_FIELDS = struct.Struct("<IQQQ")
 OBJ_RECORD = OBJ_FIELDS.size + 4
 PAGE_FIELDS = struct.Struct("<IIIHH")
-PAGE_KEY = struct.Struct("<II")
 PAGE_RECORD = PAGE_FIELDS.size + 4
 PAGE_ALL = struct.Struct("<IIIHHI")
 COMMIT = struct.Struct("<I")
 #: A bucket: 5 bits of the key's hash above the slot + 1 (27 bits); 0 empty, all ones removed.
 _SLOT_BITS = 27
+# The page records and buckets are also read and written by the C loops (_hot.c): the
+# same layout, or nothing works.
+if (PAGE_RECORD, _SLOT_BITS) != (_hot.PAGE_RECORD, _hot.SLOT_BITS):  # pragma: no cover
+    raise ImportError("xentmem.tmem._hot was built for another record layout: rebuild it")
 SLOT_MASK = (1 << _SLOT_BITS) - 1
 #: Slots a table may name (the removed mark's slot field is never a slot + 1).
 MAX_SLOTS = SLOT_MASK - 1
 _EMPTY = 0
 _TOMB = 0xFFFFFFFF
-_TAG_MASK = _TOMB & ~SLOT_MASK
 #: A persisted high-water mark is raised this many records ahead, not at every new record.
 _HWM_STEP = 256
 _MIN_BUCKETS = 1024
@@ -224,38 +228,11 @@ class Index:
 
     # -- pages -------------------------------------------------------------------------------
 
-    def find_page(self, obj: int, index: int,
-                  _tomb: int = _TOMB, _slots: int = SLOT_MASK, _tags: int = _TAG_MASK,
-                  _unpack: Any = PAGE_ALL.unpack_from, _size: int = PAGE_RECORD,
-                  ) -> tuple[int, Any, int]:
+    def find_page(self, obj: int, index: int) -> tuple[int, Any, int]:
         """Slot, record (object, index, where, length, sub, commit) and bucket of page
         ``index`` of object slot ``obj``; else (-1, the key's bucket tag, the bucket to
-        insert it at), which :meth:`add_page` takes.  (The defaults are constants made
-        local: this is every put's and get's path.)"""
-        b = self.page_buckets
-        table, mask = b.table, b.mask
-        h = hash((obj, index))  # _probe_start, inline
-        i = h & mask
-        tag = ((h >> 40) & 31) << _SLOT_BITS
-        v = table[i]
-        if v & _tags == tag and v != _tomb:  # the common case: found at the first probe
-            rec = _unpack(self.mm, self.pbase + ((v & _slots) - 1) * _size)
-            if rec[0] == obj and rec[1] == index:
-                return (v & _slots) - 1, rec, i
-        step = ((h >> 17) | 1) & mask
-        spare = -1
-        while True:
-            v = table[i]
-            if v == _EMPTY:
-                return -1, tag, (i if spare < 0 else spare)
-            if v == _tomb:
-                if spare < 0:
-                    spare = i
-            elif v & _tags == tag:
-                rec = _unpack(self.mm, self.pbase + ((v & _slots) - 1) * _size)
-                if rec[0] == obj and rec[1] == index:
-                    return (v & _slots) - 1, rec, i
-            i = (i + step) & mask
+        insert it at), which :meth:`add_page` takes.  The probe is ``_hot.find_page``."""
+        return _hot.find_page(self.page_buckets.table, self.mm, self.pbase, obj, index)
 
     def read_page(self, slot: int) -> tuple[int, ...]:
         """(object, index, where, length, sub, commit) of a page's record."""
@@ -271,8 +248,8 @@ class Index:
     def add_page(self, obj: int, index: int, where: int, length: int, sub: int, commit: int,
                  tag: int, at: int) -> None:
         """Write a new page's record, its commit word last, and make it findable; ``tag``
-        and ``at``: what :meth:`find_page` answered for the missing key.  (One call, with
-        :meth:`track_page`'s work inline: this is every put's path.)"""
+        and ``at``: what :meth:`find_page` answered for the missing key (the record, links
+        and bucket are written by ``_hot.add_page``: this is every put's path)."""
         b = self.page_buckets
         if (b.count + b.tombs) * _FULL_NUM >= len(b.table) * _FULL_DEN:
             self._resize(b, from_records=True)  # before this page's record is written
@@ -285,27 +262,25 @@ class Index:
             pages.hwm = slot + 1
         else:
             slot = pages.new_slot()
-        off = pages.base + slot * PAGE_RECORD
-        mm = self.mm
-        PAGE_FIELDS.pack_into(mm, off, obj, index, where, length, sub)
-        COMMIT.pack_into(mm, off + PAGE_FIELDS.size, commit)
-        nxt, prv = self.next, self.prev
-        if slot >= len(nxt):
+        if slot >= len(self.next):
             self._grow_links(slot)
-            nxt, prv = self.next, self.prev
-        head = self.obj_head[obj]
-        nxt[slot] = head
-        prv[slot] = 0
-        if head:
-            prv[head - 1] = slot + 1
-        self.obj_head[obj] = slot + 1
-        self.obj_pages[obj] += 1
         table = b.table
         if table[at] == _TOMB:
             b.tombs -= 1
-        table[at] = tag | (slot + 1)
+        _hot.add_page(self.mm, pages.base, slot, obj, index, where, length, sub, commit,
+                      table, at, tag, self.next, self.prev, self.obj_head, self.obj_pages)
         b.count += 1
         self.page_count += 1
+
+    def grow_links(self, pages: int, objects: int) -> None:
+        """Links for ``pages`` page slots and counts for ``objects`` object slots (before the
+        rebuild's C pass, which fills them)."""
+        if pages > len(self.next):
+            self._grow_links(pages - 1)
+        more = objects - len(self.obj_pages)
+        if more > 0:
+            self.obj_pages.frombytes(bytes(4 * more))
+            self.obj_head.frombytes(bytes(4 * more))
 
     def _grow_links(self, slot: int) -> None:
         more = max(slot + 1, len(self.next) * 5 // 4, 256) - len(self.next)
@@ -315,30 +290,6 @@ class Index:
     def uncommit_page(self, slot: int) -> None:
         """Zero a page's commit word: from here on, a crash finds no page in this slot."""
         COMMIT.pack_into(self.mm, self.pages.offset(slot) + PAGE_FIELDS.size, 0)
-
-    def track_page(self, obj: int, index: int, slot: int, tag: int = -1, at: int = -1) -> None:
-        """Make a committed page record findable (a reopen's rebuild); ``tag`` and ``at``:
-        what :meth:`find_page` answered for it, if it was asked."""
-        if slot >= len(self.next):
-            self._grow_links(slot)
-        head = self.obj_head[obj]
-        self.next[slot] = head
-        self.prev[slot] = 0
-        if head:
-            self.prev[head - 1] = slot + 1
-        self.obj_head[obj] = slot + 1
-        self.obj_pages[obj] += 1
-        b = self.page_buckets
-        if (b.count + b.tombs) * _FULL_NUM >= len(b.table) * _FULL_DEN:
-            self._resize(b)
-            at = -1
-        if at < 0:
-            _, tag, at = self.find_page(obj, index)
-        if b.table[at] == _TOMB:
-            b.tombs -= 1
-        b.table[at] = tag | (slot + 1)
-        b.count += 1
-        self.page_count += 1
 
     def remove_page(self, slot: int, obj: int, index: int, at: int = -1) -> int:
         """Zero a page's commit and forget it; the pages its object still holds."""
@@ -361,13 +312,12 @@ class Index:
 
     def object_pages(self, obj: int) -> list[int]:
         """The slots of an object's pages."""
-        out = []
-        link = self.obj_head[obj]
-        nxt = self.next
-        while link:
-            out.append(link - 1)
-            link = nxt[link - 1]
-        return out
+        return _hot.object_pages(self.next, self.obj_head[obj])  # type: ignore[no-any-return]
+
+    def object_sizes(self, obj: int) -> dict[int, int]:
+        """{index: stored length} of an object's pages."""
+        return _hot.object_sizes(self.mm, self.pbase, self.next,  # type: ignore[no-any-return]
+                                 self.obj_head[obj])
 
     # -- the tables --------------------------------------------------------------------------
 
@@ -394,16 +344,15 @@ class Index:
             size *= 2
         fresh = Buckets(size=size)
         table, mask = fresh.table, fresh.mask
-        if b is self.obj_buckets:
-            keys: Any = ((self.object_key(s), s) for s in self._slots(b))
-        elif from_records:
-            keys = (((obj, index), slot) for slot, (obj, index, _, _, _, commit)
-                    in enumerate(self.pages.scan_fields(PAGE_ALL)) if commit)
-        else:
-            unpack, mm, off = PAGE_KEY.unpack_from, self.mm, self.pages.offset
-            keys = ((unpack(mm, off(s)), s) for s in self._slots(b))
+        if b is not self.obj_buckets:  # pages: hashed and placed in C, as they are probed
+            if from_records:
+                count = _hot.rehash_records(table, self.mm, self.pbase, self.pages.hwm)
+            else:
+                count = _hot.rehash_pages(table, self.mm, self.pbase, b.table)
+            b.table, b.mask, b.count, b.tombs = table, mask, count, 0
+            return
         count = 0
-        for key, slot in keys:
+        for key, slot in ((self.object_key(s), s) for s in self._slots(b)):
             h = hash(key)
             i = h & mask
             step = ((h >> 17) | 1) & mask

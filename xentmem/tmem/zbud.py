@@ -157,6 +157,22 @@ class Zbud:
         else:
             self._push(frame, NCHUNKS - first[frame] - last[frame])
 
+    def holds(self, offset: int, sub: int, size: int) -> bool:
+        """Whether handle ``(offset, sub)`` of ``size`` bytes is an allocation this allocator
+        holds (a record damaged while open must not free another's bytes)."""
+        frame, at = divmod(offset, PAGE)
+        state = self.frames.state
+        if sub or not 0 < size <= PAGE or frame >= len(state) or frame >= len(self.first):
+            return False
+        if at == 0:
+            return size > MAX_BUDDY and state[frame] == HUGE
+        chunks = size_to_chunks(size)
+        if size > MAX_BUDDY or state[frame] != ZBUD:
+            return False
+        if at == FIRST_AT:
+            return self.first[frame] == chunks
+        return at == PAGE - (chunks << CHUNK_SHIFT) and self.last[frame] == chunks
+
     # -- reopening ---------------------------------------------------------------------------
 
     def claim(self, offset: int, sub: int, size: int) -> bool:

@@ -19,12 +19,12 @@ do: the index holds where each page is); there is no compaction.
 
 from __future__ import annotations
 
-import mmap
 import struct
 from array import array
 from dataclasses import dataclass
 from typing import Any
 
+from xentmem.tmem._hot import link_free
 from xentmem.tmem.arenafile import DATA, PAGE
 from xentmem.tmem.frames import MAX_RUN, ZSPAGE_HEAD, Frames
 
@@ -175,24 +175,9 @@ class Zsmalloc:
         self.class_of[head] = cls.id + 1
         self.inuse[head] = 0
         self.freehead[head] = 0
-        self._link(self.mm, self.base + head * PAGE, cls, range(cls.objs))
+        link_free(self.mm, self.base + head * PAGE, cls.size, bytes(cls.objs))
         cls.zspages += 1
         return head
-
-    @staticmethod
-    def _link(mm: mmap.mmap, base: int, cls: SizeClass, free: Any) -> int:
-        """Chain the free objects ``free`` (ascending) through their first bytes."""
-        prev = -1
-        first = _NO_OBJECT
-        for idx in free:
-            if prev < 0:
-                first = idx
-            else:
-                _LINK.pack_into(mm, base + prev * cls.size, idx)
-            prev = idx
-        if prev >= 0:
-            _LINK.pack_into(mm, base + prev * cls.size, _NO_OBJECT)
-        return first
 
     def _take(self, cls: SizeClass, head: int) -> int:
         """An object of the class's current zspage (which is in no group's list: its group
@@ -251,6 +236,16 @@ class Zsmalloc:
         if new != old:
             self._push(cls, head, new)
 
+    def holds(self, offset: int, idx: int, size: int) -> bool:
+        """Whether handle ``(offset, idx)`` of ``size`` bytes names an object of a zspage of
+        its class in use (a record damaged while open must not free another's bytes)."""
+        if not 0 < size <= PAGE:
+            return False
+        cls = self._by_size[size]
+        head, at = divmod(offset - idx * cls.size, PAGE)
+        return (not at and 0 <= idx < cls.objs and 0 <= head < len(self.class_of)
+                and self.class_of[head] == cls.id + 1 and self.inuse[head] > 0)
+
     # -- reopening ---------------------------------------------------------------------------
 
     def claim(self, offset: int, idx: int, size: int) -> bool:
@@ -282,9 +277,7 @@ class Zsmalloc:
         by_id = {c.id: c for c in self.classes}
         for head, used in self._claimed.items():
             cls = by_id[self.class_of[head] - 1]
-            self.freehead[head] = self._link(
-                self.mm, self.base + head * PAGE, cls, (i for i in range(cls.objs) if not used[i])
-            )
+            self.freehead[head] = link_free(self.mm, self.base + head * PAGE, cls.size, used)
         self._claimed = {}
         self._rebuild_groups()
 

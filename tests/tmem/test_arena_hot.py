@@ -1,0 +1,196 @@
+"""The C loops (``xentmem/tmem/_hot.c``) given damaged records: checked as the Python was.
+
+Every field of a record comes from the file and is untrusted: a length over a page, bytes
+outside the data region or the map, an object slot that is not one, a second record for a
+key, two records over the same bytes.  Each is dropped, counted and reported missing on a
+reopen, or dropped on the get that meets it, never served and never read outside the map
+(``docs/page-arena.md``, "Reopening").  And each C function refuses arguments that would
+take it outside the buffers it is given.
+"""
+
+from __future__ import annotations
+
+import logging
+from array import array
+from pathlib import Path
+
+import pytest
+
+from xentmem.tmem import _hot
+from xentmem.tmem.arena import Arena
+from xentmem.tmem.arenafile import MIN_SEGMENT
+from xentmem.tmem.index import PAGE_FIELDS, PAGE_RECORD
+
+KEY = (3, (1, 2, 3), 9)
+OTHER = (3, (1, 2, 3), 10)
+ALLOCATORS = ["zbud", "zsmalloc"]
+
+
+def small(path: Path, allocator: str) -> Arena:
+    return Arena.open(path, allocator=allocator, segment_size=MIN_SEGMENT,
+                      max_bytes=16 * MIN_SEGMENT)
+
+
+def filled(path: Path, allocator: str) -> None:
+    with small(path, allocator) as arena:
+        arena.put(KEY, b"A" * 1500)
+        arena.put(OTHER, b"B" * 700)
+
+
+def edit_record(path: Path, allocator: str, slot: int, **fields: int) -> None:
+    """Rewrite fields of page record ``slot`` in the closed file, its commit word kept
+    (``commit=True``: made right for the new fields, as a writer that meant it would)."""
+    names = ("obj", "index", "where", "length", "sub")
+    with small(path, allocator) as arena:
+        off = arena._index.pages.offset(slot)
+        rec = dict(zip(names, PAGE_FIELDS.unpack_from(arena._mm, off)))
+        offset_bytes = arena._mm[off:off + PAGE_RECORD]
+    remake = fields.pop("commit", False)
+    rec.update(fields)
+    raw = bytearray(offset_bytes)
+    PAGE_FIELDS.pack_into(raw, 0, *(rec[n] for n in names))
+    if remake:
+        with small(path, allocator) as arena:
+            data = bytes(arena._mm[arena._data + rec["where"] * 16:][: rec["length"]])
+        commit = _hot.page_commit(data, *(rec[n] for n in names))
+        raw[PAGE_FIELDS.size:] = commit.to_bytes(4, "little")
+    with path.open("r+b") as f:
+        f.seek(off)
+        f.write(raw)
+
+
+@pytest.mark.parametrize("allocator", ALLOCATORS)
+def test_a_record_longer_than_a_page_is_dropped_on_reopen(
+    tmp_path: Path, allocator: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "arena"
+    filled(path, allocator)
+    edit_record(path, allocator, 0, length=0xFFFF)
+    with caplog.at_level(logging.ERROR), small(path, allocator) as arena:
+        assert arena.report.dropped_records == 1 and len(arena) == 1
+        assert arena.report.lost == [KEY]
+        assert arena.get(KEY) is None
+        assert arena.get(OTHER) == b"B" * 700
+    assert "more than a page" in caplog.text
+
+
+@pytest.mark.parametrize("allocator", ALLOCATORS)
+def test_a_record_naming_no_object_is_dropped_on_reopen(tmp_path: Path, allocator: str) -> None:
+    path = tmp_path / "arena"
+    filled(path, allocator)
+    edit_record(path, allocator, 1, obj=0xFFFFFFFF)
+    with small(path, allocator) as arena:
+        assert arena.report.dropped_records == 1 and len(arena) == 1
+        assert arena.report.lost == [("object slot", 0xFFFFFFFF)]
+        assert arena.get(KEY) == b"A" * 1500
+
+
+@pytest.mark.parametrize("allocator", ALLOCATORS)
+def test_a_second_record_for_a_key_is_dropped_on_reopen(tmp_path: Path, allocator: str) -> None:
+    path = tmp_path / "arena"
+    filled(path, allocator)
+    edit_record(path, allocator, 1, index=KEY[2], commit=True)  # OTHER's record, now KEY's
+    with small(path, allocator) as arena:
+        assert arena.report.dropped_records == 1 and len(arena) == 1
+        assert arena.get(KEY) == b"A" * 1500  # the first record stands
+        assert arena.get(OTHER) is None
+
+
+@pytest.mark.parametrize("allocator", ALLOCATORS)
+def test_two_records_over_the_same_bytes_keep_one(
+    tmp_path: Path, allocator: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "arena"
+    filled(path, allocator)
+    with small(path, allocator) as arena:
+        _, first, _ = arena._index.find_page(arena._object((3, 1, 2, 3), False), 9)
+    # OTHER's record over KEY's bytes, with a commit word that matches them: the allocator
+    # cannot claim them twice.
+    edit_record(path, allocator, 1, where=first[2], length=first[3], sub=first[4],
+                commit=True)
+    with caplog.at_level(logging.ERROR), small(path, allocator) as arena:
+        assert arena.report.dropped_records == 1 and len(arena) == 1
+        assert arena.get(KEY) == b"A" * 1500
+        assert arena.get(OTHER) is None
+        arena.put(OTHER, b"C" * 900)  # the dropped slot and bytes are usable again
+        assert arena.get(OTHER) == b"C" * 900 and arena.get(KEY) == b"A" * 1500
+    assert "overlap" in caplog.text
+    with small(path, allocator) as arena:
+        assert arena.report.dropped_records == 0 and len(arena) == 2
+
+
+@pytest.mark.parametrize("allocator", ALLOCATORS)
+@pytest.mark.parametrize("field,value", [("where", 0xFFFFFFFF), ("length", 0xFFFF)])
+@pytest.mark.parametrize("exclusive", [False, True])
+def test_a_record_damaged_while_open_is_never_read_outside_the_map(
+    tmp_path: Path, allocator: str, field: str, value: int, exclusive: bool
+) -> None:
+    path = tmp_path / "arena"
+    filled(path, allocator)
+    with small(path, allocator) as arena:
+        slot, _, _ = arena._index.find_page(arena._object((3, 1, 2, 3), False), 9)
+        at = arena._index.pages.offset(slot) + {"where": 8, "length": 12}[field]
+        size = 4 if field == "where" else 2
+        arena._mm[at:at + size] = value.to_bytes(size, "little")
+        read = arena.take if exclusive else arena.get
+        assert read(KEY) is None
+        assert arena.checksum_failures == 1 and len(arena) == 1
+        assert arena.get(KEY) is None
+        assert arena.get(OTHER) == b"B" * 700
+        arena.put(KEY, b"D" * 1200)  # the allocator was not misled into freeing elsewhere
+        assert arena.get(KEY) == b"D" * 1200 and arena.get(OTHER) == b"B" * 700
+    with small(path, allocator) as arena:
+        assert arena.report.dropped_records == arena.report.checksum_failures == 0
+        assert arena.get(KEY) == b"D" * 1200 and arena.get(OTHER) == b"B" * 700
+
+
+# -- the C functions' own guards ----------------------------------------------------------------
+
+
+def test_the_c_functions_refuse_to_reach_outside_their_buffers() -> None:
+    mm = bytearray(4096)
+    full = array("I", [10_000] * 16)  # every bucket names a slot far beyond the map
+    for tag in range(32):  # whatever the key's tag, its bucket's is one of these
+        full[tag % 16] = (tag << 27) | 10_000
+    with pytest.raises(ValueError, match="outside the arena"):
+        for obj in range(64):  # some key's tag matches a bucket's: its record is read
+            _hot.find_page(full, mm, 0, obj, 2)
+    with pytest.raises(ValueError, match="records beyond the arena"):
+        _hot.rehash_records(array("I", bytes(64)), mm, 0, 1000)
+    with pytest.raises(ValueError, match="outside the arena"):
+        _hot.rehash_pages(array("I", bytes(64)), mm, 0, array("I", [10_000]))
+    with pytest.raises(ValueError, match="outside the arena"):
+        _hot.rehash_pages(array("I", bytes(64)), mm, 0, array("I", [1 << 27]))  # slot -1
+    with pytest.raises(ValueError, match="does not fit"):
+        _hot.copy_page(mm, 4000, b"x" * 200, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match="does not fit"):
+        _hot.link_free(mm, 4000, 64, bytes(8))
+    with pytest.raises(IndexError, match="out of range"):
+        nxt = array("I", bytes(4))
+        _hot.add_page(mm, 0, 5, 0, 0, 0, 0, 0, 1, array("I", bytes(64)), 0, 0, nxt, nxt,
+                      nxt, nxt)
+    links = array("I", bytes(40))
+    with pytest.raises(ValueError, match="out of range"):
+        _hot.scan_pages(mm, 0, 10_000, 0, 0, bytearray(1), array("I", bytes(64)), links,
+                        links, links, links)
+    cycle = array("I", [2, 1])  # slot 0 -> slot 1 -> slot 0 ...
+    with pytest.raises(ValueError, match="page list is broken"):
+        _hot.object_pages(cycle, 1)
+    with pytest.raises(ValueError, match="page list is broken"):
+        _hot.object_sizes(mm, 0, array("I", [9]), 1)  # names slot 8 of a 1-slot list
+    with pytest.raises(ValueError, match="outside the arena"):
+        _hot.object_sizes(mm, 4090, array("I", [0]), 1)
+    with pytest.raises(OverflowError):
+        _hot.page_commit(b"", 1 << 32, 0, 0, 0, 0)
+    assert mm == bytearray(4096)  # nothing written by a refused call
+
+
+def test_the_commit_word_is_xxh3_seeded_by_the_record() -> None:
+    import xxhash
+
+    data = b"some page bytes"
+    obj, index, where, length, sub = 7, 9, 123, len(data), 2
+    seed = ((obj << 32) | index) ^ (
+        (((where << 32) | (sub << 16) | length) * 0x9E3779B97F4A7C15) & ((1 << 64) - 1))
+    expected = (xxhash.xxh3_64_intdigest(data, seed) & 0xFFFFFFFF) or 1
+    assert _hot.page_commit(data, obj, index, where, length, sub) == expected

@@ -91,6 +91,12 @@ class Backend(ABC):
         """TMEM_CONTROL: privileged sub-ops; a guest-side backend says -ENOSYS."""
         return -errno.ENOSYS
 
+    def concurrency(self) -> int:
+        """How many callers' page ops gain from being under way at once: more than one where
+        the backend carries several in one message (``xen``), so callers with many pages
+        (an NBD request) hand them over side by side."""
+        return 1
+
     # -- params and counters ----------------------------------------------------------------
 
     def set_param(self, name: str, value: Any) -> Any:

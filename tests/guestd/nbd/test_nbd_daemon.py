@@ -13,6 +13,7 @@ from fakes.libnbd_peer import LibNbd, LibNbdError
 
 from xentmem.control import ControlClient, ControlError, protocol
 from xentmem.guestd.config import parse_loopback
+from xentmem.guestd.nbd.fanout import WORKERS
 
 PAGE = 4096
 
@@ -51,9 +52,10 @@ def test_the_daemon_serves_exports_over_unix_and_loopback_tcp(
         listed = client.call("nbd.list")
         assert listed["connections"] == 2
         # The real mlockall, in the daemon's process (as root: CAP_IPC_LOCK); the accept
-        # thread and both connections' were marked I/O flushers or the refusal was counted.
+        # thread, both connections' and the page threads were marked I/O flushers or the
+        # refusal was counted.
         assert listed["memory_locked"] is True
-        assert listed["io_flushers"] + listed["io_flusher_refused"] == 3
+        assert listed["io_flushers"] + listed["io_flusher_refused"] == 3 + WORKERS
         # Locked memory holds each thread's whole stack: xentmemd's are 1 MiB, not 8.
         assert default_sized_stacks(daemon.proc.pid) == []
         (export,) = listed["exports"]

@@ -58,9 +58,10 @@ def test_a_fio_killed_mid_write_leaves_the_export_intact(served: Served, fio: st
     real_write = Export.write
     writes = 0
 
-    def counting_write(self: Export, offset: int, data, fua: bool = False) -> None:
+    def counting_write(self: Export, offset: int, data, fua: bool = False,
+                       fanout=None) -> None:
         nonlocal writes
-        real_write(self, offset, data, fua)
+        real_write(self, offset, data, fua, fanout)
         writes += 1
         if writes >= 200:
             busy.set()  # fio is well into its writes: now kill it

@@ -14,6 +14,7 @@ from fakes.libc import RecordingLibc
 from fakes.nbd_raw import RawClient
 from fakes.nbd_served import serve
 
+from xentmem.guestd.nbd.fanout import WORKERS
 from xentmem.guestd.nbd.resident import (
     MCL_CURRENT,
     MCL_FUTURE,
@@ -87,11 +88,15 @@ def test_each_connection_thread_is_marked_an_io_flusher(short_dir: Path) -> None
         served.wait_connections(0)
         marks = [(args, thread) for name, args, thread in served.libc.calls
                  if name == "prctl"]
-        assert [args for args, _ in marks] == [(PR_SET_IO_FLUSHER, 1)] * 3
+        assert [args for args, _ in marks] == [(PR_SET_IO_FLUSHER, 1)] * (3 + WORKERS)
         threads = [thread for _, thread in marks]
         assert threads[0] == "nbd-accept"  # it allocates each connection's buffers
-        assert all(t.startswith("nbd-conn-") for t in threads[1:]) and len(set(threads)) == 3
-        assert served.server.describe()["io_flushers"] == 3
+        # The page threads are made (and marked) by the first connection, once.
+        assert sorted(t for t in threads if t.startswith("nbd-conn-")) == [
+            "nbd-conn-1", "nbd-conn-2"]
+        assert sorted(t for t in threads if t.startswith("nbd-page-")) == sorted(
+            f"nbd-page-{n}" for n in range(WORKERS))
+        assert served.server.describe()["io_flushers"] == 3 + WORKERS
     finally:
         served.server.stop()
         served.swap.close()
@@ -111,7 +116,8 @@ def test_without_io_flusher_the_threads_serve_on_and_it_is_said_once(
         warnings = [r for r in caplog.records if "PR_SET_IO_FLUSHER" in r.getMessage()]
         assert len(warnings) == 1 and why in warnings[0].getMessage()
         described = served.server.describe()
-        assert described["io_flusher_refused"] == 3 and described["io_flushers"] == 0
+        assert described["io_flusher_refused"] == 3 + WORKERS
+        assert described["io_flushers"] == 0
     finally:
         served.server.stop()
         served.swap.close()

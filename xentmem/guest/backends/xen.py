@@ -257,6 +257,9 @@ class XenBackend(Backend):
     def _connect_timeout_s(self) -> float:
         return self.values["connect_timeout_ms"] / 1000.0
 
+    def concurrency(self) -> int:
+        return self._batch_max()
+
     def _batch_max(self) -> int:
         if not self.values["batch"]:
             return 1

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from xentmem.guestd.nbd import proto
 from xentmem.guestd.nbd.export import Export, NbdError
+from xentmem.guestd.nbd.fanout import PageFanout
 from xentmem.guestd.nbd.resident import Residency
 
 log = logging.getLogger(__name__)
@@ -279,6 +280,7 @@ class _Connection:
     def _transmit(self, export: Export) -> None:
         wire = self.wire
         request, reply = wire.request, wire.reply
+        fanout = self.server.fanout
         while True:
             magic, flags, cmd, handle, offset, length = request()
             if magic != proto.REQUEST_MAGIC:
@@ -293,10 +295,11 @@ class _Connection:
                         wire.skip(length)  # the payload is in the stream: drop it, refuse
                         raise
                     # Applied only once the whole payload is here (take waits for it).
-                    export.write(offset, wire.take(length), flags & proto.CMD_FLAG_FUA)
+                    export.write(offset, wire.take(length), flags & proto.CMD_FLAG_FUA,
+                                 fanout)
                 elif cmd == proto.CMD_READ:
                     export.check(cmd, flags, offset, length)
-                    data = export.read(offset, length)
+                    data = export.read(offset, length, fanout)
                     reply(0, handle)
                     wire.send(data)
                     continue
@@ -350,6 +353,8 @@ class NbdServer:
         self._number = 0
         self._wake_r, self._wake_w = os.pipe()
         self._thread: threading.Thread | None = None
+        #: Threads that carry a request's pages side by side (made by the first attach).
+        self.fanout = PageFanout(on_start=residency.serving_thread if residency else None)
         #: Signalled whenever a connection ends (tests and stop() wait on it).
         self.changed = threading.Condition(self._lock)
 
@@ -438,6 +443,7 @@ class NbdServer:
             if export.closing:
                 raise HardDisconnect(f"export {export.name} went away during the handshake")
             conn.export = export
+        self.fanout.start()  # once, before the first request: made now, not under pressure
         export.count("connections")
 
     def gone(self, conn: _Connection) -> None:
@@ -487,6 +493,8 @@ class NbdServer:
             sock.close()
         self._listeners.clear()
         ended = self._end(lambda c: True, timeout_s)
+        if ended:  # a connection still serving may be waiting on its pages' threads
+            self.fanout.stop(timeout_s)
         os.close(self._wake_r)
         os.close(self._wake_w)
         self._wake_r = self._wake_w = -1

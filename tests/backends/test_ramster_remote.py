@@ -252,6 +252,24 @@ def test_gets_out_of_order_read_nothing_ahead() -> None:
     assert tier.mgets == [] and len(asked) == len(jumps) + len(backwards)
 
 
+def test_interleaved_callers_read_no_page_from_the_cluster_twice() -> None:
+    """Two callers share one range: B, ahead, reads 20-40; A, behind, then reads 0-19 and
+    its run starts again at 0.  A's readahead must not bring back B's pages."""
+    _store, tier, remote, pool = remote_setup()
+    remote_indexes = sorted(i for oid, i in remote.remote_keys(pool))
+    assert set(range(45)) <= set(remote_indexes)
+    asked = counting_gets(tier)
+    for n in [*range(20, 41), *range(20)]:
+        assert remote.get_page(pool, Oid(1), n) == (1, page(n)), n
+    read = [k.index for k in asked] + [k.index for keys in tier.mgets for k in keys]
+    assert len(read) == len(set(read)), sorted(read)
+    assert set(range(41)) <= set(read)
+    # a page served lately is fetched again when asked for again (served, not cached)
+    assert remote.get_page(pool, Oid(1), 25) == (1, page(25))
+    again = [k.index for k in asked] + [k.index for keys in tier.mgets for k in keys]
+    assert again.count(25) == 2
+
+
 def read_ahead_from(remote: RemotePages, pool: int, first: int) -> None:
     """Three gets in order from ``first``: the third reads the pages after it ahead."""
     for n in range(first, first + 3):

@@ -13,6 +13,11 @@ pool, an exclusive get, a remotify's record), and a readahead on the wire when s
 happens brings back none of the dropped pages (:meth:`Readahead.end`).  A page is served
 once from here (a get takes it out): a second get fetches again.
 
+Pages served lately (from here or fetched) are remembered and not read ahead again: callers
+that share one range (a swap-in on several threads) each reset an object's run when one of
+them lags, and the laggard's readahead would otherwise bring back pages the others already
+had.
+
 Not thread-safe: every method is called with the caller's lock held.
 """
 
@@ -40,6 +45,8 @@ IN_ORDER_GAP = 8
 IN_ORDER_RUN = 2
 #: Objects whose last get is remembered (the oldest forgotten first).
 OBJECTS_TRACKED = 1024
+#: Pages served lately that no readahead asks for again (the oldest forgotten first).
+SERVED_REMEMBERED = 4 * BUFFER_PAGES
 
 
 class Flight:
@@ -69,6 +76,8 @@ class Readahead:
         self._flights: list[Flight] = []
         #: The pages on the wire, by the readahead that asked for them.
         self._flying: dict[Where, Flight] = {}
+        #: Pages served lately, oldest first (values unused: an ordered set).
+        self._served: OrderedDict[Where, None] = OrderedDict()
         self.read = 0
         self.hits = 0
         self.unused = 0
@@ -81,7 +90,15 @@ class Readahead:
         data = self._buffered.pop(where, None)
         if data is not None:
             self.hits += 1
+            self.served(where)
         return data
+
+    def served(self, where: Where) -> None:
+        """``where`` was just served: no readahead asks for it again for a while."""
+        self._served[where] = None
+        self._served.move_to_end(where)
+        if len(self._served) > SERVED_REMEMBERED:
+            self._served.popitem(last=False)
 
     def flying(self, where: Where) -> Flight | None:
         """The readahead on the wire that asked for ``where``, if any."""
@@ -112,7 +129,8 @@ class Readahead:
         wanted: list[Where] = []
         for following in range(index + 1, index + 1 + self.pages):
             page = (slot, oid, following)
-            if following in remote and page not in self._buffered and page not in self._flying:
+            if (following in remote and page not in self._buffered
+                    and page not in self._flying and page not in self._served):
                 wanted.append(page)
         if not wanted:
             return None
@@ -123,14 +141,14 @@ class Readahead:
         return flight
 
     def end(self, flight: Flight, found: Mapping[Where, bytes]) -> None:
-        """The readahead came back: keep what it found, but none of the pages dropped while
-        it was on the wire."""
+        """The readahead came back: keep what it found, but none of the pages dropped or
+        served while it was on the wire."""
         self._flights.remove(flight)
         flight.done.set()
         for where in flight.wheres:
             del self._flying[where]
             data = found.get(where)
-            if data is None or where in flight.dropped:
+            if data is None or where in flight.dropped or where in self._served:
                 continue
             self._buffered[where] = data
             self._buffered.move_to_end(where)
@@ -142,6 +160,7 @@ class Readahead:
     def drop(self, where: Where) -> None:
         """``where``'s index entry goes or changes: its buffered copy goes too."""
         self._buffered.pop(where, None)
+        self._served.pop(where, None)
         for flight in self._flights:
             if where in flight.asked:
                 flight.dropped.add(where)
@@ -151,10 +170,12 @@ class Readahead:
         matching object matches), and forget those objects' gets."""
         for where in [w for w in self._buffered if matches(w)]:
             del self._buffered[where]
+        for where in [w for w in self._served if matches(w)]:
+            del self._served[where]
         for slot, oid in [o for o in self._last if matches((*o, 0))]:  # an object's or all
             del self._last[(slot, oid)]
         for flight in self._flights:
             flight.dropped.update(w for w in flight.wheres if matches(w))
 
 
-__all__ = ["BUFFER_PAGES", "READAHEAD_PAGES", "Flight", "Readahead"]
+__all__ = ["BUFFER_PAGES", "READAHEAD_PAGES", "SERVED_REMEMBERED", "Flight", "Readahead"]

@@ -237,6 +237,10 @@ class RemotePages:
         if found is None or exclusive:
             with self._books:
                 self._unrecord(where)
+        elif ahead and buffered is None:  # fetched: no readahead brings it back again
+            with self._books:
+                if index in self._remote.get(slot, {}).get(oid, ()):
+                    self._ahead.served(where)
         if found is None:  # an ephemeral page's TTL ran out, or Redis evicted it
             if pool is not None and pool.persistent:
                 log.error("ramster: %s: the cluster lost an acknowledged persistent page",

@@ -15,6 +15,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from xentmem.guest.backends.ramster.readahead import STALE_GETS, Readahead
 from xentmem.guest.backends.ramster.record import RecordError, RemoteKey, decode, encode
 from xentmem.guest.backends.ramster.remote import PAUSE_S, RemotePages
 from xentmem.guest.backends.ramster.tier import (
@@ -268,6 +269,34 @@ def test_interleaved_callers_read_no_page_from_the_cluster_twice() -> None:
     assert remote.get_page(pool, Oid(1), 25) == (1, page(25))
     again = [k.index for k in asked] + [k.index for keys in tier.mgets for k in keys]
     assert again.count(25) == 2
+
+
+def fill_buffer(ahead: Readahead, first: int, remote: dict[int, int]) -> list[tuple]:
+    """One readahead from ``first`` in object 1 of slot 0, come back whole; what it read."""
+    flight = ahead.begin((0, Oid(1), first), remote)
+    if flight is None:
+        return []
+    ahead.end(flight, {w: b"page %d" % w[2] for w in flight.wheres})
+    return flight.wheres
+
+
+def test_a_full_buffer_reads_no_more_ahead_until_its_pages_are_taken_or_stale() -> None:
+    """A starved caller's pages wait for it: no readahead pushes them out unread."""
+    ahead = Readahead(pages=4, buffer=8)
+    remote = dict.fromkeys(range(1000), 100)
+    assert len(fill_buffer(ahead, 0, remote)) == 4
+    assert len(fill_buffer(ahead, 4, remote)) == 4
+    assert fill_buffer(ahead, 8, remote) == []  # full: none read, none pushed out
+    assert len(ahead) == 8 and ahead.unused == 0
+    assert ahead.take((0, Oid(1), 1)) == b"page 1"
+    assert ahead.take((0, Oid(1), 2)) == b"page 2"
+    assert len(fill_buffer(ahead, 8, remote)) == 2  # as many as there is room for
+    # pages nobody asks for are given up after STALE_GETS gets of remote pages
+    for n in range(STALE_GETS):
+        ahead.in_order((0, Oid(2), 5000 + 100 * n))  # another object's gets, far apart
+    assert len(fill_buffer(ahead, 20, remote)) == 4
+    assert ahead.unused == 8 and len(ahead) == 4
+    assert ahead.take((0, Oid(1), 3)) is None  # given up: a get fetches it again
 
 
 def read_ahead_from(remote: RemotePages, pool: int, first: int) -> None:

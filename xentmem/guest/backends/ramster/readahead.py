@@ -34,8 +34,8 @@ Where = tuple[int, Oid, int]
 
 #: Most pages one readahead asks for beside the missed one (one MGET, one reply).
 READAHEAD_PAGES = 32
-#: Most pages the buffer holds (compressed, as stored: at most a page each); the oldest go
-#: first, unread.
+#: Most pages the buffer holds (compressed, as stored: at most a page each, with those on
+#: the wire): a full buffer reads no more ahead until its pages are taken or go stale.
 BUFFER_PAGES = 256
 #: A get is in order when it is at most this many indexes from the object's furthest get so
 #: far (concurrent callers reading one range arrive a little out of order).
@@ -47,6 +47,9 @@ IN_ORDER_RUN = 2
 OBJECTS_TRACKED = 1024
 #: Pages served lately that no readahead asks for again (the oldest forgotten first).
 SERVED_REMEMBERED = 4 * BUFFER_PAGES
+#: Gets of remote pages after which a page read ahead and not asked for is given up (its
+#: reader stopped, or went elsewhere), counted unused: a slow reader's pages wait this long.
+STALE_GETS = 4 * BUFFER_PAGES
 
 
 class Flight:
@@ -69,7 +72,10 @@ class Readahead:
     def __init__(self, *, pages: int = READAHEAD_PAGES, buffer: int = BUFFER_PAGES) -> None:
         self.pages = pages
         self.buffer = buffer
-        self._buffered: OrderedDict[Where, bytes] = OrderedDict()
+        #: Where -> (the page, the get count when it came), oldest first.
+        self._buffered: OrderedDict[Where, tuple[bytes, int]] = OrderedDict()
+        #: Gets of remote pages noted so far (the buffer's clock).
+        self._gets = 0
         #: (slot, oid) -> the index of the object's last get of a remote page, and how many
         #: gets in order led to it.
         self._last: OrderedDict[tuple[int, Oid], tuple[int, int]] = OrderedDict()
@@ -87,11 +93,12 @@ class Readahead:
 
     def take(self, where: Where) -> bytes | None:
         """The buffered page (taken out: served once), or None."""
-        data = self._buffered.pop(where, None)
-        if data is not None:
-            self.hits += 1
-            self.served(where)
-        return data
+        entry = self._buffered.pop(where, None)
+        if entry is None:
+            return None
+        self.hits += 1
+        self.served(where)
+        return entry[0]
 
     def served(self, where: Where) -> None:
         """``where`` was just served: no readahead asks for it again for a while."""
@@ -108,6 +115,7 @@ class Readahead:
         """Note a get of a remote page; whether it ends a run of IN_ORDER_RUN gets in order
         in its object (each at most IN_ORDER_GAP indexes from the furthest before it) and
         goes further than any of them (a run backwards reads nothing ahead)."""
+        self._gets += 1
         slot, oid, index = where
         last, run = self._last.pop((slot, oid), (None, 0))
         forward = last is None or index > last
@@ -122,8 +130,16 @@ class Readahead:
 
     def begin(self, where: Where, remote: Mapping[int, int]) -> Flight | None:
         """A readahead after a missed ``where``: the object's next remote pages (``remote``:
-        its index -> size) that are not buffered, at most ``pages``; None when there are none."""
-        if self.pages <= 0:
+        its index -> size) that are not buffered, at most ``pages`` and as many as the buffer
+        has room for; None when there are none.
+
+        A full buffer pushes out none of its pages for a new readahead: callers that share a
+        range (each takes every Nth page) leave a starved one's pages behind, and pushing
+        them out before it comes reads them from the cluster again and again.
+        """
+        self._expire()
+        room = min(self.pages, self.buffer - len(self._buffered) - len(self._flying))
+        if room <= 0:
             return None
         slot, oid, index = where
         wanted: list[Where] = []
@@ -132,6 +148,8 @@ class Readahead:
             if (following in remote and page not in self._buffered
                     and page not in self._flying and page not in self._served):
                 wanted.append(page)
+                if len(wanted) == room:
+                    break
         if not wanted:
             return None
         flight = Flight(wanted)
@@ -150,11 +168,19 @@ class Readahead:
             data = found.get(where)
             if data is None or where in flight.dropped or where in self._served:
                 continue
-            self._buffered[where] = data
+            self._buffered[where] = (data, self._gets)
             self._buffered.move_to_end(where)
             self.read += 1
-        while len(self._buffered) > self.buffer:
+        while len(self._buffered) > self.buffer:  # only if ``buffer`` was lowered meanwhile
             self._buffered.popitem(last=False)
+            self.unused += 1
+
+    def _expire(self) -> None:
+        """Give up the pages that waited STALE_GETS gets of remote pages unasked."""
+        stale = self._gets - STALE_GETS
+        buffered = self._buffered
+        while buffered and next(iter(buffered.values()))[1] <= stale:
+            buffered.popitem(last=False)
             self.unused += 1
 
     def drop(self, where: Where) -> None:
@@ -178,4 +204,5 @@ class Readahead:
             flight.dropped.update(w for w in flight.wheres if matches(w))
 
 
-__all__ = ["BUFFER_PAGES", "READAHEAD_PAGES", "SERVED_REMEMBERED", "Flight", "Readahead"]
+__all__ = ["BUFFER_PAGES", "READAHEAD_PAGES", "SERVED_REMEMBERED", "STALE_GETS", "Flight",
+           "Readahead"]

@@ -58,6 +58,7 @@ from fakes.redis_cluster import RedisClusterFixture, unavailable_reason  # noqa:
 from redis.cluster import RedisCluster  # noqa: E402
 
 from xentmem.guest.backends.ramster.record import RemoteKey  # noqa: E402
+from xentmem.guest.backends.ramster.remote import REMOTE_ENTRY_BYTES  # noqa: E402
 from xentmem.guest.backends.ramster.tier import RemoteTier, TierConfig  # noqa: E402
 from xentmem.guest.backends.zcache import ZcacheBackend  # noqa: E402
 from xentmem.roots import Roots  # noqa: E402
@@ -224,6 +225,15 @@ def fetch_rounds(made: ZcacheBackend, pool: int, remote: list[tuple[Oid, int]],
           f"{now[1] - ahead[1]} served from there)")
 
 
+def local_capacity_mib(asked_mib: int, pages: int) -> int:
+    """At least ``asked_mib``, and enough that the index of ``pages`` remote pages (charged
+    to the local capacity, REMOTE_ENTRY_BYTES each: docs/ramster.md) takes at most a quarter:
+    beyond, the local store shrinks to nothing and every put waits for a remotify of a page
+    or two, which measures a full node, not remotify (20,000 pages in 4 MiB: 7811 batches
+    of 2-3 pages)."""
+    return max(asked_mib, -(-4 * pages * REMOTE_ENTRY_BYTES // (1 << 20)))
+
+
 def through_zcache(cluster: RedisClusterFixture, masters: int, raw_pages: list[bytes],
                    repeat: int, local_mib: int, callers: int,
                    arena_dir: str | None) -> dict[str, float]:
@@ -232,7 +242,10 @@ def through_zcache(cluster: RedisClusterFixture, masters: int, raw_pages: list[b
     # enough pages that most of them must move: four times what the local store holds
     enough = local_mib * (1 << 20) * 4 // max(1, sum(map(len, compressed(raw_pages[:100]))) // 100)
     raw_pages = (raw_pages * (enough // len(raw_pages) + 1))[:max(enough, len(raw_pages))]
+    local_mib = local_capacity_mib(local_mib, len(raw_pages))
     run_dir = Path(tempfile.mkdtemp(prefix="bench-ramster-", dir=arena_dir))
+    print(f"  {masters} masters  zcache: {len(raw_pages)} pages put, local capacity "
+          f"{local_mib} MiB")
     made = ZcacheBackend({"capacity": f"{local_mib}M", "ramster": True,
                           "ramster_nodes": cluster.seeds(), "ramster_node_id": "bench-zc",
                           "ramster_timeout_ms": 5000}, roots=Roots(run_dir=run_dir))
@@ -271,7 +284,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--masters", default="3,6")
     parser.add_argument("--local-mib", type=int, default=4,
-                        help="zcache's local capacity in the through-zcache rounds")
+                        help="zcache's local capacity in the through-zcache rounds, at "
+                             "least (raised so the remote index takes at most a quarter)")
     parser.add_argument("--callers", type=int, default=8,
                         help="threads getting pages at once in the N-caller zcache fetch "
                              "(the swap frontend opens up to 8 NBD connections)")

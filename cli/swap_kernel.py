@@ -113,6 +113,24 @@ class Kernel:
         self.run(["nbd-client", "-unix", socket, device, "-N", name, "-b", str(BLOCK_SIZE),
                   "-swap", "-C", str(connections)])
 
+    def throttle_off(self, device: str) -> bool:
+        """Turn the block layer's writeback throttling off on ``device``
+        (``queue/wbt_lat_usec`` = 0); False where the kernel has none (no such file).
+
+        Its latency target is for disks: an NBD device's writes, served from memory a few
+        pages at a time, look slow to it, and reclaim then waits in ``wbt_wait`` to swap a
+        page out while memory runs short (seen in the real-Xen bed: tasks blocked >120 s).
+        """
+        knob = self.roots.under(f"/sys/block/{Path(device).name}/queue/wbt_lat_usec")
+        if not knob.exists():
+            return False
+        try:
+            knob.write_text("0\n")
+        except OSError as exc:
+            raise SwapStepFailed(f"{device}: cannot turn writeback throttling off "
+                                 f"({knob}): {exc.strerror}") from None
+        return True
+
     def index(self, device: str) -> int:
         match = _NBD.fullmatch(Path(device).name)
         if match is None or not device.startswith("/dev/"):

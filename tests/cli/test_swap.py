@@ -90,6 +90,8 @@ def kernel_root(tmp_path: Path) -> Path:
     root = tmp_path / "kroot"
     for n in range(3):
         (root / "sys/block" / f"nbd{n}").mkdir(parents=True)
+    (root / "sys/block/nbd0/queue").mkdir()  # nbd1 and nbd2: a kernel without wbt
+    (root / "sys/block/nbd0/queue/wbt_lat_usec").write_text("75000\n")
     (root / "proc").mkdir(parents=True)
     (root / "proc/swaps").write_text("Filename Type Size Used Priority\n")
     return root
@@ -117,6 +119,8 @@ def test_add_list_remove(xentmem, daemon, kernel_root: Path, tools: FakeTools) -
                                   "-b", "4096"]
     assert "-swap" in tools.calls[0]
     assert tools.calls[2] == ["swapon", "--discard=pages", "-p", "5", "/dev/nbd0"]
+    # writeback throttling off where the kernel has it (nbd0 here), nothing where not
+    assert (kernel_root / "sys/block/nbd0/queue/wbt_lat_usec").read_text() == "0\n"
 
     second = xentmem("swap", "add", "--size", "64K", "--name", "small", "--json", env=env)
     assert json.loads(second.stdout)["device"] == "/dev/nbd1"  # nbd0 is taken
@@ -149,6 +153,18 @@ def test_a_failed_step_leaves_nothing_behind(xentmem, kernel_root: Path, tools: 
     assert_error(result, 1, failing, "nothing was left behind")
     after = tools.calls[[c[0] for c in tools.calls].index(failing) + 1:]
     assert after == undone
+    assert json.loads(xentmem("swap", "list", "--json", env=env).stdout) == []
+
+
+def test_writeback_throttling_that_cannot_be_turned_off_leaves_nothing_behind(
+        xentmem, kernel_root: Path, tools: FakeTools, assert_error) -> None:
+    knob = kernel_root / "sys/block/nbd0/queue/wbt_lat_usec"
+    knob.unlink()
+    knob.mkdir()  # a write to it fails, as a sysfs write the kernel refuses
+    env = {"XENTMEM_ROOT": str(kernel_root)}
+    result = xentmem("swap", "add", "--size", "1M", env=env)
+    assert_error(result, 1, "writeback throttling", "nothing was left behind")
+    assert [c[0] for c in tools.calls] == ["nbd-client", "nbd-client"]  # attach, then -d
     assert json.loads(xentmem("swap", "list", "--json", env=env).stdout) == []
 
 

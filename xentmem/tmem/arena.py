@@ -261,15 +261,14 @@ class Arena:
         pages.free.frombytes(free)
         idx.page_buckets.count = idx.page_count = len(kept) // 4
         bad = [(slot, obj, index, _PROBLEMS[why]) for slot, obj, index, why in dropped]
-        # The allocator claims each page's bytes: one overlapping another's, or in the wrong
-        # place for its size, is dropped as well.
-        claim, unpack, mm, pbase = alloc.claim, PAGE_ALL.unpack_from, self._mm, pages.base
-        for slot in array("I", kept):
-            obj, index, where, n, sub, _ = unpack(mm, pbase + slot * PAGE_RECORD)
-            if n and not claim(where * UNIT, sub, n):
-                idx.remove_page(slot, obj, index)  # its commit word zeroed, its slot freed
-                stored -= n
-                bad.append((slot, obj, index, _UNCLAIMED))
+        # The allocator claims every page's bytes in one C pass (zero pages have none): one
+        # overlapping another's, or in the wrong place for its size, is dropped as well.
+        unpack, mm, pbase = PAGE_ALL.unpack_from, self._mm, pages.base
+        for slot in alloc.claim_pages(mm, pbase, array("I", kept)):
+            obj, index, _, n, _, _ = unpack(mm, pbase + slot * PAGE_RECORD)
+            idx.remove_page(slot, obj, index)  # its commit word zeroed, its slot freed
+            stored -= n
+            bad.append((slot, obj, index, _UNCLAIMED))
         for slot, obj, index, problem in bad:
             if problem is not _UNCLAIMED:
                 self._zero(pages, slot, PAGE_FIELDS.size)

@@ -14,8 +14,10 @@ and a bounded few more (``docs/page-arena.md``, "Memory given back").
 from __future__ import annotations
 
 import re
+import struct
 
 from xentmem.errors import ArenaError
+from xentmem.tmem import _hot
 from xentmem.tmem.arenafile import DATA, DATA_STEP, PAGE, ArenaFile
 
 #: What holds a frame (one byte per frame).
@@ -32,6 +34,22 @@ MAX_RUN = 8
 IDLE_FRAMES = 256
 #: Unbacked frames taken back at once when one is reused (one reservation for several).
 BACK_FRAMES = 64
+# The rebuild's claims mark frames in C (_hot.c): the same tags, or nothing works.
+if (ZBUD, HUGE, ZSPAGE_HEAD, ZSPAGE_TAIL) != (  # pragma: no cover
+        _hot.FRAME_ZBUD, _hot.FRAME_HUGE, _hot.FRAME_ZS_HEAD, _hot.FRAME_ZS_TAIL):
+    raise ImportError("xentmem.tmem._hot was built for other frame tags: rebuild it")
+_ONE_RECORD = struct.Struct("<IIIHHI")  # index.py's PAGE_ALL
+_UNIT = 16  # arena.py's UNIT: a page's bytes start on a multiple of it
+
+
+def one_record(offset: int, sub: int, size: int) -> bytes | None:
+    """A page record naming handle ``(offset, sub)`` of ``size`` bytes (None if no record
+    can: not on a 16-byte boundary, or a field too wide): an allocator's single ``claim``
+    goes through the same C as a reopen's claims."""
+    if offset < 0 or offset % _UNIT or not 0 <= size <= 0xFFFF or not 0 <= sub <= 0xFFFF \
+            or offset // _UNIT > 0xFFFFFFFF:
+        return None
+    return _ONE_RECORD.pack(0, 0, offset // _UNIT, size, sub, 1)
 
 
 _FREE_RUNS = re.compile(b"\\x00+")
@@ -109,14 +127,10 @@ class Frames:
             self._grow(frames)
         return True
 
-    def claim(self, frame: int, n: int, tag: int) -> bool:
-        """Mark a run found in use when the arena is reopened; False if it is not free."""
-        if frame < 0 or not self.cover(frame + n):
-            return False
-        if self.state[frame : frame + n] != bytes(n):
-            return False
-        self._mark(frame, n, tag)
-        return True
+    def claimed(self, frames: int) -> None:
+        """Count ``frames`` an allocator's claims marked in :attr:`state` (``_hot``'s
+        ``claim_zbud`` and ``claim_zsmalloc`` mark them in C, a reopen's pages at once)."""
+        self.used += frames
 
     def free(self, frame: int, n: int) -> None:
         self.state[frame : frame + n] = bytes(n)

@@ -290,3 +290,49 @@ def test_claim_zsmalloc_refuses_what_no_zspage_can_hold() -> None:
         _hot.link_zspages(bytearray(100), 0, class_of, used, sizes, nobjs, freehead)
     with pytest.raises(ValueError, match="does not fit"):  # a class of no size
         _hot.link_zspages(mm, 0, array("H", [2]), used, sizes, nobjs, freehead)
+
+
+def one_page(data: bytes, where: int = 2) -> tuple[bytearray, array, list[array]]:
+    """A map with page (obj 0, index 5) of ``data`` at ``16 * where`` of a data region at
+    1024, its record in slot 0, and its table and links, as the arena would have them."""
+    mm = bytearray(4096)
+    mm[1024 + 16 * where : 1024 + 16 * where + len(data)] = data
+    table = array("I", bytes(64))
+    links = [array("I", bytes(4)) for _ in range(4)]  # next, prev, obj_head, obj_pages
+    _, tag, bucket = _hot.find_page(table, mm, 0, 0, 5)
+    commit = _hot.page_commit(data, 0, 5, where, len(data), 0)
+    _hot.add_page(mm, 0, 0, 0, 5, where, len(data), 0, commit, table, bucket, tag, *links)
+    return mm, table, links
+
+
+def test_take_page_drops_a_sound_page_and_refuses_a_damaged_one() -> None:
+    mm, table, links = one_page(b"page bytes")
+    got = _hot.take_page(table, mm, 0, 1024, 0, 5, *links)
+    assert got == (b"page bytes", 0, 2, 10, 0, 0)
+    assert mm[16:20] == bytes(4) and 0xFFFFFFFF in table  # commit word zeroed, bucket removed
+    assert links[2][0] == 0 and links[3][0] == 0  # the object's list and count
+    assert _hot.take_page(table, mm, 0, 1024, 0, 5, *links) is None
+    # Bytes changed, or a record naming bytes past the map: (slot, bucket), nothing changed.
+    for damage in ("bytes", "where", "length"):
+        mm, table, links = one_page(b"page bytes")
+        if damage == "bytes":
+            mm[1024 + 32] ^= 1
+        else:
+            at, size = {"where": (8, 4), "length": (12, 2)}[damage]
+            mm[at:at + size] = b"\xff" * size
+        before, table_before = bytes(mm), table.tobytes()
+        got = _hot.take_page(table, mm, 0, 1024, 0, 5, *links)
+        assert len(got) == 2 and got[0] == 0
+        assert bytes(mm) == before and table.tobytes() == table_before
+    # A slot or object past the arrays, or a list naming a slot past them: refused before
+    # anything is written.
+    mm, table, links = one_page(b"page bytes")
+    before = bytes(mm)
+    with pytest.raises(IndexError, match="out of range"):
+        _hot.take_page(table, mm, 0, 1024, 0, 5, array("I"), *links[1:])
+    with pytest.raises(IndexError, match="out of range"):
+        _hot.take_page(table, mm, 0, 1024, 0, 5, *links[:2], array("I"), links[3])
+    links[0][0] = 99
+    with pytest.raises(ValueError, match="page list is broken"):
+        _hot.take_page(table, mm, 0, 1024, 0, 5, *links)
+    assert bytes(mm) == before

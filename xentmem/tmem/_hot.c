@@ -384,6 +384,93 @@ done:
     return out;
 }
 
+/* take_page(table, mm, pbase, dbase, obj, index, next, prev, obj_head, obj_pages) -> below
+ * An exclusive get in one call: the page's record found, its bytes copied out and checked
+ * against its commit word, then the page dropped from the index: its commit word zeroed
+ * (from here a crash finds no page), its bucket marked removed, its slot unlinked from its
+ * object's list, the object's count lowered.  None when there is no such page; (slot,
+ * bucket) when its bytes fail their commit word or its record names bytes outside the map
+ * (nothing changed: the caller drops it as a failed page, never serves it); else (bytes,
+ * slot, where, length, sub, pages its object still holds).  Its bytes are the caller's to
+ * give back to the allocator; a slot or object past the arrays is refused before anything
+ * is written. */
+static PyObject *hot_take_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    NARGS(10, "take_page");
+    Buf t = {0}, m = {0}, nx = {0}, pv = {0}, hd = {0}, ct = {0};
+    Py_ssize_t pbase, dbase;
+    uint32_t obj, index;
+    PyObject *out = NULL, *data = NULL;
+    if (as_size(args[2], &pbase) < 0 || as_size(args[3], &dbase) < 0 || as_u32(args[4], &obj) < 0
+        || as_u32(args[5], &index) < 0)
+        return NULL;
+    if (get_buf(args[0], &t, 1, 4, "table") < 0 || get_buf(args[1], &m, 1, 1, "mm") < 0
+        || get_buf(args[6], &nx, 1, 4, "next") < 0 || get_buf(args[7], &pv, 1, 4, "prev") < 0
+        || get_buf(args[8], &hd, 1, 4, "obj_head") < 0
+        || get_buf(args[9], &ct, 1, 4, "obj_pages") < 0)
+        goto done;
+    Found f;
+    unsigned char *mm = m.view.buf;
+    if (probe(t.view.buf, (uint64_t)(t.view.len / 4) - 1, mm, m.view.len, pbase, obj, index, &f)
+        < 0)
+        goto done;
+    if (f.slot < 0) {
+        Py_INCREF(Py_None);
+        out = Py_None;
+        goto done;
+    }
+    Py_ssize_t slot = f.slot, nlinks = nx.view.len / 4;
+    uint32_t *nxt = nx.view.buf, *prv = pv.view.buf, *head = hd.view.buf, *count = ct.view.buf;
+    if (slot >= nlinks || slot >= pv.view.len / 4 || obj >= hd.view.len / 4
+        || obj >= ct.view.len / 4) {
+        PyErr_SetString(PyExc_IndexError, "take_page: a slot or object out of range");
+        goto done;
+    }
+    uint32_t where = rd32(f.rec + REC_WHERE), sub = rd16(f.rec + REC_SUB);
+    uint32_t n = rd16(f.rec + REC_LENGTH), commit = rd32(f.rec + REC_COMMIT);
+    Py_ssize_t at = dbase + (Py_ssize_t)where * UNIT;
+    int sound = 0;
+    if (n <= PAGE && at + (Py_ssize_t)n <= m.view.len) {
+        data = PyBytes_FromStringAndSize((const char *)mm + at, n);
+        if (data == NULL)
+            goto done;
+        int64_t c = commit_of(data, page_seed(obj, index, where, n, sub));
+        if (c < 0)
+            goto done;
+        sound = (uint32_t)c == commit;
+    }
+    if (!sound) {
+        out = Py_BuildValue("(nn)", slot, f.at);
+        goto done;
+    }
+    uint32_t after = nxt[slot], before = prv[slot];
+    if ((after && after > nlinks) || (before && before > nlinks)) {
+        PyErr_SetString(PyExc_ValueError, "an object's page list is broken");
+        goto done;
+    }
+    wr32(mm + pbase + slot * PAGE_RECORD + REC_COMMIT, 0); /* first: a crash finds no page */
+    ((uint32_t *)t.view.buf)[f.at] = TOMB;
+    if (before)
+        nxt[before - 1] = after;
+    else
+        head[obj] = after;
+    if (after)
+        prv[after - 1] = before;
+    uint32_t left = count[obj] ? count[obj] - 1 : 0;
+    count[obj] = left;
+    out = Py_BuildValue("(Onkkkk)", data, slot, (unsigned long)where, (unsigned long)n,
+                        (unsigned long)sub, (unsigned long)left);
+done:
+    Py_XDECREF(data);
+    put_buf(&t);
+    put_buf(&m);
+    put_buf(&nx);
+    put_buf(&pv);
+    put_buf(&hd);
+    put_buf(&ct);
+    return out;
+}
+
 /* Link page ``slot`` first in its object's list and count it. */
 static void link_page(uint32_t *nxt, uint32_t *prv, uint32_t *head, uint32_t *count,
                       Py_ssize_t slot, uint32_t obj)
@@ -1087,6 +1174,10 @@ static PyMethodDef hot_methods[] = {
     {"get_page", (PyCFunction)(void (*)(void))hot_get_page, METH_FASTCALL,
      "get_page(table, mm, pbase, dbase, obj, index, where): a page's bytes, None, or "
      "(slot, bucket) when unsound; with where, None or (bytes, slot, bucket, sound)"},
+    {"take_page", (PyCFunction)(void (*)(void))hot_take_page, METH_FASTCALL,
+     "take_page(table, mm, pbase, dbase, obj, index, next, prev, obj_head, obj_pages): an "
+     "exclusive get: None, (slot, bucket) when unsound, or (bytes, slot, where, length, sub, "
+     "left) with the page dropped from the index"},
     {"add_page", (PyCFunction)(void (*)(void))hot_add_page, METH_FASTCALL,
      "add_page(mm, pbase, slot, obj, index, where, length, sub, commit, table, bucket, tag, "
      "next, prev, obj_head, obj_pages): a new page's record, links and bucket"},

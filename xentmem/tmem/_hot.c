@@ -327,20 +327,18 @@ done:
     return out;
 }
 
-/* get_page(table, mm, pbase, dbase, obj, index, where) -> see below
- * ``where`` false (a get): the page's bytes, None when there is no such page, or (slot,
- * bucket) when its bytes fail their commit word or its record names bytes outside the map:
- * the page must be dropped, never served.  ``where`` true (an exclusive get, which drops
- * it): None, or (bytes or None, slot, bucket, sound). */
+/* get_page(table, mm, pbase, dbase, obj, index) -> the page's bytes, None when there is no
+ * such page, or (slot, bucket) when its bytes fail their commit word or its record names
+ * bytes outside the map: the page must be dropped, never served.  (An exclusive get is
+ * take_page.) */
 static PyObject *hot_get_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    NARGS(7, "get_page");
+    NARGS(6, "get_page");
     Buf t = {0}, m = {0};
     Py_ssize_t pbase, dbase;
     uint32_t obj, index;
     PyObject *out = NULL, *data = NULL;
-    int where_too = PyObject_IsTrue(args[6]);
-    if (where_too < 0 || as_size(args[2], &pbase) < 0 || as_size(args[3], &dbase) < 0
+    if (as_size(args[2], &pbase) < 0 || as_size(args[3], &dbase) < 0
         || as_u32(args[4], &obj) < 0 || as_u32(args[5], &index) < 0)
         return NULL;
     if (get_buf(args[0], &t, 0, 4, "table") < 0 || get_buf(args[1], &m, 0, 1, "mm") < 0)
@@ -368,10 +366,7 @@ static PyObject *hot_get_page(PyObject *self, PyObject *const *args, Py_ssize_t 
             goto done;
         sound = (uint32_t)c == commit;
     }
-    if (where_too) {
-        out = Py_BuildValue("(OnnO)", sound ? data : Py_None, f.slot, f.at,
-                            sound ? Py_True : Py_False);
-    } else if (sound) {
+    if (sound) {
         out = data;
         data = NULL;
     } else {
@@ -1172,8 +1167,8 @@ static PyMethodDef hot_methods[] = {
     {"link_free", (PyCFunction)(void (*)(void))hot_link_free, METH_FASTCALL,
      "link_free(mm, pos, size, used): a zspage's free objects chained; the first"},
     {"get_page", (PyCFunction)(void (*)(void))hot_get_page, METH_FASTCALL,
-     "get_page(table, mm, pbase, dbase, obj, index, where): a page's bytes, None, or "
-     "(slot, bucket) when unsound; with where, None or (bytes, slot, bucket, sound)"},
+     "get_page(table, mm, pbase, dbase, obj, index): a page's bytes, None, or "
+     "(slot, bucket) when unsound"},
     {"take_page", (PyCFunction)(void (*)(void))hot_take_page, METH_FASTCALL,
      "take_page(table, mm, pbase, dbase, obj, index, next, prev, obj_head, obj_pages): an "
      "exclusive get: None, (slot, bucket) when unsound, or (bytes, slot, where, length, sub, "

@@ -383,8 +383,7 @@ class Arena:
             if obj < 0:
                 return None
         idx = self._index
-        got = get_page(idx.page_buckets.table, self._mm, idx.pbase, self._data, obj, index,
-                       False)
+        got = get_page(idx.page_buckets.table, self._mm, idx.pbase, self._data, obj, index)
         if got.__class__ is tuple:  # (slot, bucket): the page failed its checksum
             self._failed(got[0], got[1], key)
             return None

@@ -47,9 +47,9 @@ _UNIT = 16  # arena.py's UNIT: a page's bytes start on a multiple of it
 
 def one_record(offset: int, sub: int, size: int) -> bytes | None:
     """A page record naming handle ``(offset, sub)`` of ``size`` bytes (None if no record
-    can: not on a 16-byte boundary, or a field too wide): an allocator's single ``claim``
-    goes through the same C as a reopen's claims."""
-    if offset < 0 or offset % _UNIT or not 0 <= size <= 0xFFFF or not 0 <= sub <= 0xFFFF \
+    can, or it would name no allocation: no bytes, not on a 16-byte boundary, a field too
+    wide): an allocator's single ``claim`` goes through the same C as a reopen's claims."""
+    if offset < 0 or offset % _UNIT or not 0 < size <= 0xFFFF or not 0 <= sub <= 0xFFFF \
             or offset // _UNIT > 0xFFFFFFFF:
         return None
     return _ONE_RECORD.pack(0, 0, offset // _UNIT, size, sub, 1)

@@ -207,3 +207,16 @@ def test_allocations_never_overlap_and_survive_a_reopen(
             fresh_file.close()
     finally:
         file.close()
+
+
+@pytest.mark.parametrize("name", list(ALLOCATORS))
+def test_a_single_claim_refuses_what_names_no_allocation(name: str, tmp_path: Path) -> None:
+    file, frames = open_frames(tmp_path, name)
+    try:
+        alloc = ALLOCATORS[name](frames)
+        assert not alloc.claim(64, 0, 0)  # no bytes
+        assert not alloc.claim(72, 0, 100)  # not on a 16-byte boundary
+        assert not alloc.claim(-64, 0, 100)
+        assert frames.used == 0
+    finally:
+        file.close()

@@ -15,7 +15,7 @@ import pytest
 
 from xentmem.tmem.abi import PAGE_SIZE, POOL_PRIVATE_EPHEMERAL, PRIVATE_UUID, Oid
 from xentmem.tmem.arena import ALLOCATORS, Arena
-from xentmem.tmem.frames import IDLE_FRAMES
+from xentmem.tmem.frames import IDLE_FRAMES, IDLE_SHARE, UNBACKED
 from xentmem.tmem.store import TmemStore
 
 MIB = 1 << 20
@@ -69,3 +69,29 @@ def test_a_store_s_tables_shrink_after_a_flood() -> None:
     assert sys.getsizeof(store.clients[1].lru) < lru_peak / 8
     assert sys.getsizeof(objects[Oid(1)]) < object_peak / 8
     assert store.flush_ephemeral() > 0
+
+
+def test_a_trim_after_a_free_looks_at_what_was_freed(tmp_path: Path) -> None:
+    """Frees give memory back once the idle frames pass the allowance (the larger of
+    IDLE_FRAMES and a 64th of the frames), from the frames freed since the last trim; and
+    frees that churn below it keep a bounded list of them."""
+    arena = Arena.open(tmp_path / "arena", allocator="zbud")
+    frames = arena._frames
+    rng = random.Random(3)
+    pages = {(1, (i, 0, 0), 0): rng.randbytes(PAGE_SIZE) for i in range(PAGES)}
+    for key, page in pages.items():
+        arena.put(key, page)
+    assert frames.idle_allowance == max(IDLE_FRAMES, frames.total() // IDLE_SHARE)
+    keys = list(pages)
+    rng.shuffle(keys)
+    for key in keys[: PAGES // 2]:  # scattered frees: many runs, some adjacent
+        assert arena.delete(key)
+        assert frames.idle() <= frames.idle_allowance
+    assert frames.state.count(UNBACKED) >= PAGES // 2 - frames.idle_allowance
+    for _ in range(20 * frames.idle_allowance):  # churn under the allowance
+        key = keys[rng.randrange(PAGES // 2, PAGES)]
+        assert arena.delete(key)
+        arena.put(key, pages[key])
+    assert len(frames._freed) <= 4 * frames.idle_allowance + 1
+    assert all(arena.get(key) == pages[key] for key in keys[PAGES // 2:])
+    arena.discard()

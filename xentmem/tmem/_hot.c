@@ -1,9 +1,11 @@
 /* The page arena's hot loops in C: the page index's probe, a page's commit word, a get, a
- * new page's record, the page table's rehash and the rebuild's pass over every page record.
+ * new page's record, the page table's rehash, the rebuild's pass over every page record and
+ * its claim of every kept page's bytes in the allocator's frames.
  *
  * Only loops live here; the rules (what a record means, when it counts, what is dropped and
- * why, the allocators, the object table) stay in xentmem/tmem/index.py and arena.py, which
- * call these functions with their arrays and the arena's map.  The record layout below is
+ * why, the allocators' choices, the object table) stay in xentmem/tmem/index.py, arena.py,
+ * zbud.py and zsmalloc.py, which call these functions with their arrays and the arena's map
+ * (the claims follow the allocators' layouts, whose constants the modules check at import).  The record layout below is
  * index.py's (PAGE_ALL, "<IIIHHI"); index.py checks PAGE_RECORD against it at import.
  * Every field read from the file is untrusted: each slot, offset and length is checked
  * against the map's size before it is used, and a record that does not fit reads as a
@@ -325,20 +327,18 @@ done:
     return out;
 }
 
-/* get_page(table, mm, pbase, dbase, obj, index, where) -> see below
- * ``where`` false (a get): the page's bytes, None when there is no such page, or (slot,
- * bucket) when its bytes fail their commit word or its record names bytes outside the map:
- * the page must be dropped, never served.  ``where`` true (an exclusive get, which drops
- * it): None, or (bytes or None, slot, bucket, sound). */
+/* get_page(table, mm, pbase, dbase, obj, index) -> the page's bytes, None when there is no
+ * such page, or (slot, bucket) when its bytes fail their commit word or its record names
+ * bytes outside the map: the page must be dropped, never served.  (An exclusive get is
+ * take_page.) */
 static PyObject *hot_get_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    NARGS(7, "get_page");
+    NARGS(6, "get_page");
     Buf t = {0}, m = {0};
     Py_ssize_t pbase, dbase;
     uint32_t obj, index;
     PyObject *out = NULL, *data = NULL;
-    int where_too = PyObject_IsTrue(args[6]);
-    if (where_too < 0 || as_size(args[2], &pbase) < 0 || as_size(args[3], &dbase) < 0
+    if (as_size(args[2], &pbase) < 0 || as_size(args[3], &dbase) < 0
         || as_u32(args[4], &obj) < 0 || as_u32(args[5], &index) < 0)
         return NULL;
     if (get_buf(args[0], &t, 0, 4, "table") < 0 || get_buf(args[1], &m, 0, 1, "mm") < 0)
@@ -366,10 +366,7 @@ static PyObject *hot_get_page(PyObject *self, PyObject *const *args, Py_ssize_t 
             goto done;
         sound = (uint32_t)c == commit;
     }
-    if (where_too) {
-        out = Py_BuildValue("(OnnO)", sound ? data : Py_None, f.slot, f.at,
-                            sound ? Py_True : Py_False);
-    } else if (sound) {
+    if (sound) {
         out = data;
         data = NULL;
     } else {
@@ -379,6 +376,93 @@ done:
     Py_XDECREF(data);
     put_buf(&t);
     put_buf(&m);
+    return out;
+}
+
+/* take_page(table, mm, pbase, dbase, obj, index, next, prev, obj_head, obj_pages) -> below
+ * An exclusive get in one call: the page's record found, its bytes copied out and checked
+ * against its commit word, then the page dropped from the index: its commit word zeroed
+ * (from here a crash finds no page), its bucket marked removed, its slot unlinked from its
+ * object's list, the object's count lowered.  None when there is no such page; (slot,
+ * bucket) when its bytes fail their commit word or its record names bytes outside the map
+ * (nothing changed: the caller drops it as a failed page, never serves it); else (bytes,
+ * slot, where, length, sub, pages its object still holds).  Its bytes are the caller's to
+ * give back to the allocator; a slot or object past the arrays is refused before anything
+ * is written. */
+static PyObject *hot_take_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    NARGS(10, "take_page");
+    Buf t = {0}, m = {0}, nx = {0}, pv = {0}, hd = {0}, ct = {0};
+    Py_ssize_t pbase, dbase;
+    uint32_t obj, index;
+    PyObject *out = NULL, *data = NULL;
+    if (as_size(args[2], &pbase) < 0 || as_size(args[3], &dbase) < 0 || as_u32(args[4], &obj) < 0
+        || as_u32(args[5], &index) < 0)
+        return NULL;
+    if (get_buf(args[0], &t, 1, 4, "table") < 0 || get_buf(args[1], &m, 1, 1, "mm") < 0
+        || get_buf(args[6], &nx, 1, 4, "next") < 0 || get_buf(args[7], &pv, 1, 4, "prev") < 0
+        || get_buf(args[8], &hd, 1, 4, "obj_head") < 0
+        || get_buf(args[9], &ct, 1, 4, "obj_pages") < 0)
+        goto done;
+    Found f;
+    unsigned char *mm = m.view.buf;
+    if (probe(t.view.buf, (uint64_t)(t.view.len / 4) - 1, mm, m.view.len, pbase, obj, index, &f)
+        < 0)
+        goto done;
+    if (f.slot < 0) {
+        Py_INCREF(Py_None);
+        out = Py_None;
+        goto done;
+    }
+    Py_ssize_t slot = f.slot, nlinks = nx.view.len / 4;
+    uint32_t *nxt = nx.view.buf, *prv = pv.view.buf, *head = hd.view.buf, *count = ct.view.buf;
+    if (slot >= nlinks || slot >= pv.view.len / 4 || obj >= hd.view.len / 4
+        || obj >= ct.view.len / 4) {
+        PyErr_SetString(PyExc_IndexError, "take_page: a slot or object out of range");
+        goto done;
+    }
+    uint32_t where = rd32(f.rec + REC_WHERE), sub = rd16(f.rec + REC_SUB);
+    uint32_t n = rd16(f.rec + REC_LENGTH), commit = rd32(f.rec + REC_COMMIT);
+    Py_ssize_t at = dbase + (Py_ssize_t)where * UNIT;
+    int sound = 0;
+    if (n <= PAGE && at + (Py_ssize_t)n <= m.view.len) {
+        data = PyBytes_FromStringAndSize((const char *)mm + at, n);
+        if (data == NULL)
+            goto done;
+        int64_t c = commit_of(data, page_seed(obj, index, where, n, sub));
+        if (c < 0)
+            goto done;
+        sound = (uint32_t)c == commit;
+    }
+    if (!sound) {
+        out = Py_BuildValue("(nn)", slot, f.at);
+        goto done;
+    }
+    uint32_t after = nxt[slot], before = prv[slot];
+    if ((after && after > nlinks) || (before && before > nlinks)) {
+        PyErr_SetString(PyExc_ValueError, "an object's page list is broken");
+        goto done;
+    }
+    wr32(mm + pbase + slot * PAGE_RECORD + REC_COMMIT, 0); /* first: a crash finds no page */
+    ((uint32_t *)t.view.buf)[f.at] = TOMB;
+    if (before)
+        nxt[before - 1] = after;
+    else
+        head[obj] = after;
+    if (after)
+        prv[after - 1] = before;
+    uint32_t left = count[obj] ? count[obj] - 1 : 0;
+    count[obj] = left;
+    out = Py_BuildValue("(Onkkkk)", data, slot, (unsigned long)where, (unsigned long)n,
+                        (unsigned long)sub, (unsigned long)left);
+done:
+    Py_XDECREF(data);
+    put_buf(&t);
+    put_buf(&m);
+    put_buf(&nx);
+    put_buf(&pv);
+    put_buf(&hd);
+    put_buf(&ct);
     return out;
 }
 
@@ -652,6 +736,326 @@ done:
     return out;
 }
 
+/* -- the rebuild's claims: every kept page's bytes marked taken in its allocator ---------- */
+
+/* What holds a frame (frames.py's tags, one byte a frame). */
+#define FRAME_FREE 0
+#define FRAME_ZBUD 1
+#define FRAME_HUGE 2
+#define FRAME_ZS_HEAD 3
+#define FRAME_ZS_TAIL 4
+/* zbud's geometry (zbud.py's): 64-byte chunks, the first the header's, 63 for data. */
+#define ZBUD_CHUNK_SHIFT 6
+#define ZBUD_FIRST_AT 64
+#define ZBUD_NCHUNKS 63
+#define ZBUD_MAX_BUDDY (PAGE - 2 * 64)
+/* zsmalloc's class ids (zsmalloc.py's ZS_SIZE_CLASSES) and a free object chain's end. */
+#define ZS_CLASSES 255
+#define ZS_NO_OBJECT 0xFFFF
+
+/* The handle of kept page ``slot``: 0 when its record lies outside the map (the caller's
+ * slots are untrusted too). */
+static int read_handle(const unsigned char *mm, Py_ssize_t mmlen, Py_ssize_t pbase, uint32_t slot,
+                       int64_t *offset, uint32_t *length, uint32_t *sub)
+{
+    Py_ssize_t off = pbase + (Py_ssize_t)slot * PAGE_RECORD;
+    if (off + PAGE_RECORD > mmlen)
+        return 0;
+    const unsigned char *rec = mm + off;
+    *offset = (int64_t)rd32(rec + REC_WHERE) * UNIT;
+    *length = rd16(rec + REC_LENGTH);
+    *sub = rd16(rec + REC_SUB);
+    return 1;
+}
+
+/* The refused slots, as array('I') bytes. */
+static PyObject *slots_bytes(const uint32_t *slots, Py_ssize_t n)
+{
+    return PyBytes_FromStringAndSize((const char *)slots, n * (Py_ssize_t)sizeof(uint32_t));
+}
+
+/* claim_zbud(mm, pbase, slots, state, first, last) -> (refused, zbud_frames, huge_frames)
+ * zbud's claim of every page in ``slots`` (array('I'), in order: the first of two records
+ * over the same bytes wins), as zbud.c lays buddies out: a first buddy right after the
+ * header chunk, a last one ending at the frame's end, a page over the largest buddy a frame
+ * of its own at offset 0.  A handle that is none of these, overlaps a claimed one, or lies
+ * beyond ``state`` (the frame map, one tag a frame) is refused: its slot in ``refused``.
+ * ``first``/``last`` (bytearrays, a frame each) get the buddies' chunks; ``state`` the
+ * frames newly taken; the counts are of frames newly taken.  A page of no bytes (a zero
+ * page) has nothing to claim; a slot whose record lies outside the map is refused. */
+static PyObject *hot_claim_zbud(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    NARGS(6, "claim_zbud");
+    Buf m = {0}, s = {0}, st = {0}, fi = {0}, la = {0};
+    Py_ssize_t pbase;
+    uint32_t *refused = NULL;
+    Py_ssize_t nrefused = 0, zbud = 0, huge = 0;
+    PyObject *out = NULL, *rb = NULL;
+    if (as_size(args[1], &pbase) < 0)
+        return NULL;
+    if (get_buf(args[0], &m, 0, 1, "mm") < 0 || get_buf(args[2], &s, 0, 4, "slots") < 0
+        || get_buf(args[3], &st, 1, 1, "state") < 0 || get_buf(args[4], &fi, 1, 1, "first") < 0
+        || get_buf(args[5], &la, 1, 1, "last") < 0)
+        goto done;
+    const unsigned char *mm = m.view.buf;
+    const uint32_t *slots = s.view.buf;
+    Py_ssize_t nslots = s.view.len / 4;
+    unsigned char *state = st.view.buf, *first = fi.view.buf, *last = la.view.buf;
+    int64_t nframes = st.view.len;
+    if (fi.view.len < nframes)
+        nframes = fi.view.len;
+    if (la.view.len < nframes)
+        nframes = la.view.len;
+    refused = PyMem_Malloc(sizeof(uint32_t) * (size_t)(nslots ? nslots : 1));
+    if (refused == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t k = 0; k < nslots; k++) {
+        int64_t offset;
+        uint32_t n, sub;
+        if (!read_handle(mm, m.view.len, pbase, slots[k], &offset, &n, &sub)) {
+            refused[nrefused++] = slots[k];
+            continue;
+        }
+        if (n == 0)
+            continue; /* a zero page: no bytes to claim */
+        int ok = 0;
+        if (!sub && n <= PAGE) {
+            int64_t frame = offset / PAGE, at = offset % PAGE;
+            if (frame < nframes) {
+                if (at == 0) {
+                    if (n > ZBUD_MAX_BUDDY && state[frame] == FRAME_FREE) {
+                        state[frame] = FRAME_HUGE;
+                        huge++;
+                        ok = 1;
+                    }
+                } else if (n <= ZBUD_MAX_BUDDY) {
+                    uint32_t chunks = (n + (1u << ZBUD_CHUNK_SHIFT) - 1) >> ZBUD_CHUNK_SHIFT;
+                    int is_first = at == ZBUD_FIRST_AT;
+                    unsigned char tag = state[frame];
+                    if ((is_first || at == PAGE - ((int64_t)chunks << ZBUD_CHUNK_SHIFT))
+                        && (tag == FRAME_FREE || tag == FRAME_ZBUD)) {
+                        unsigned char *mine = is_first ? first + frame : last + frame;
+                        unsigned char other = is_first ? last[frame] : first[frame];
+                        if (!*mine && chunks + other <= ZBUD_NCHUNKS) {
+                            if (tag == FRAME_FREE) {
+                                state[frame] = FRAME_ZBUD;
+                                zbud++;
+                            }
+                            *mine = (unsigned char)chunks;
+                            ok = 1;
+                        }
+                    }
+                }
+            }
+        }
+        if (!ok)
+            refused[nrefused++] = slots[k];
+    }
+    rb = slots_bytes(refused, nrefused);
+    if (rb != NULL)
+        out = Py_BuildValue("(Nnn)", rb, zbud, huge);
+done:
+    PyMem_Free(refused);
+    put_buf(&m);
+    put_buf(&s);
+    put_buf(&st);
+    put_buf(&fi);
+    put_buf(&la);
+    return out;
+}
+
+/* claim_zsmalloc(mm, pbase, slots, state, class_of, inuse, used, by_size, sizes, pages,
+ *                objs, counts) -> (refused, frames)
+ * zsmalloc's claim of every page in ``slots`` (in order: the first of two records over
+ * the same object wins).  A page of n bytes is object ``sub`` of a zspage of class
+ * ``by_size[n]`` (array('H'), 4097 entries) whose first frame is where its bytes start
+ * less ``sub`` objects; ``sizes``, ``pages``, ``objs`` (array('H') by class id) give the
+ * class's object size, frames and objects per zspage.  The zspage's frames are taken in
+ * ``state`` the first time one of its objects is claimed (all must be free), its class
+ * written in ``class_of`` (id + 1, array('H') by first frame); ``inuse`` counts its
+ * objects; ``used`` (a bytearray, a bit for each 16 bytes of the data region) marks the
+ * objects claimed.  A zero page (no bytes) has nothing to claim.  A record outside the
+ * map, a length over a page, an object index past its class's, a zspage not on a frame
+ * boundary, frames taken by something else, another class at that zspage, an object
+ * claimed already or anything beyond the arrays is refused.
+ * ``counts`` (array('I'), 2 a class id): zspages and objects newly claimed; ``frames``:
+ * the frames newly taken. */
+static PyObject *hot_claim_zsmalloc(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    NARGS(12, "claim_zsmalloc");
+    Buf m = {0}, s = {0}, st = {0}, co = {0}, iu = {0}, us = {0}, bs = {0}, sz = {0}, pg = {0},
+        ob = {0}, ct = {0};
+    Py_ssize_t pbase;
+    uint32_t *refused = NULL;
+    Py_ssize_t nrefused = 0, frames = 0;
+    PyObject *out = NULL, *rb = NULL;
+    if (as_size(args[1], &pbase) < 0)
+        return NULL;
+    if (get_buf(args[0], &m, 0, 1, "mm") < 0 || get_buf(args[2], &s, 0, 4, "slots") < 0
+        || get_buf(args[3], &st, 1, 1, "state") < 0
+        || get_buf(args[4], &co, 1, 2, "class_of") < 0 || get_buf(args[5], &iu, 1, 2, "inuse") < 0
+        || get_buf(args[6], &us, 1, 1, "used") < 0 || get_buf(args[7], &bs, 0, 2, "by_size") < 0
+        || get_buf(args[8], &sz, 0, 2, "sizes") < 0 || get_buf(args[9], &pg, 0, 2, "pages") < 0
+        || get_buf(args[10], &ob, 0, 2, "objs") < 0 || get_buf(args[11], &ct, 1, 4, "counts") < 0)
+        goto done;
+    if (bs.view.len / 2 < PAGE + 1 || sz.view.len / 2 < ZS_CLASSES || pg.view.len / 2 < ZS_CLASSES
+        || ob.view.len / 2 < ZS_CLASSES || ct.view.len / 4 < 2 * ZS_CLASSES) {
+        PyErr_SetString(PyExc_ValueError, "claim_zsmalloc: a class table is too short");
+        goto done;
+    }
+    const unsigned char *mm = m.view.buf;
+    const uint32_t *slots = s.view.buf;
+    Py_ssize_t nslots = s.view.len / 4;
+    unsigned char *state = st.view.buf, *used = us.view.buf;
+    uint16_t *class_of = co.view.buf, *inuse = iu.view.buf;
+    const uint16_t *by_size = bs.view.buf, *sizes = sz.view.buf, *cpages = pg.view.buf,
+                   *cobjs = ob.view.buf;
+    uint32_t *counts = ct.view.buf;
+    int64_t nstate = st.view.len, nheads = co.view.len / 2;
+    if (iu.view.len / 2 < nheads)
+        nheads = iu.view.len / 2;
+    int64_t nbits = (int64_t)us.view.len * 8;
+    refused = PyMem_Malloc(sizeof(uint32_t) * (size_t)(nslots ? nslots : 1));
+    if (refused == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t k = 0; k < nslots; k++) {
+        int64_t offset;
+        uint32_t n, idx;
+        if (!read_handle(mm, m.view.len, pbase, slots[k], &offset, &n, &idx)) {
+            refused[nrefused++] = slots[k];
+            continue;
+        }
+        if (n == 0)
+            continue; /* a zero page: no bytes to claim */
+        int ok = 0;
+        if (n <= PAGE) {
+            uint32_t cid = by_size[n];
+            int64_t size = cid < ZS_CLASSES ? sizes[cid] : 0;
+            int64_t npages = cid < ZS_CLASSES ? cpages[cid] : 0;
+            int64_t base = offset - (int64_t)idx * size;
+            int64_t head = base / PAGE, unit = offset / UNIT;
+            if (size >= n && npages && idx < cobjs[cid] && base >= 0 && base % PAGE == 0
+                && head < nheads && head + npages <= nstate && unit < nbits
+                && !(used[unit >> 3] & (1u << (unit & 7)))) {
+                if (class_of[head] == 0) {
+                    int64_t f = head;
+                    while (f < head + npages && state[f] == FRAME_FREE)
+                        f++;
+                    if (f == head + npages) {
+                        state[head] = FRAME_ZS_HEAD;
+                        for (f = head + 1; f < head + npages; f++)
+                            state[f] = FRAME_ZS_TAIL;
+                        frames += npages;
+                        class_of[head] = (uint16_t)(cid + 1);
+                        counts[2 * cid] += 1;
+                        ok = 1;
+                    }
+                } else {
+                    ok = class_of[head] == cid + 1;
+                }
+                if (ok) {
+                    used[unit >> 3] |= (unsigned char)(1u << (unit & 7));
+                    inuse[head] += 1;
+                    counts[2 * cid + 1] += 1;
+                }
+            }
+        }
+        if (!ok)
+            refused[nrefused++] = slots[k];
+    }
+    rb = slots_bytes(refused, nrefused);
+    if (rb != NULL)
+        out = Py_BuildValue("(Nn)", rb, frames);
+done:
+    PyMem_Free(refused);
+    put_buf(&m);
+    put_buf(&s);
+    put_buf(&st);
+    put_buf(&co);
+    put_buf(&iu);
+    put_buf(&us);
+    put_buf(&bs);
+    put_buf(&sz);
+    put_buf(&pg);
+    put_buf(&ob);
+    put_buf(&ct);
+    return out;
+}
+
+/* link_zspages(mm, dbase, class_of, used, sizes, objs, freehead) -> zspages
+ * After the claims: every zspage in ``class_of`` gets its free objects (those not marked in
+ * ``used``) chained through their first two bytes, ascending, the last naming 0xFFFF, and
+ * its first free object in ``freehead`` (0xFFFF: none), as link_free does for one. */
+static PyObject *hot_link_zspages(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    NARGS(7, "link_zspages");
+    Buf m = {0}, co = {0}, us = {0}, sz = {0}, ob = {0}, fh = {0};
+    Py_ssize_t dbase, zspages = 0;
+    PyObject *out = NULL;
+    if (as_size(args[1], &dbase) < 0)
+        return NULL;
+    if (get_buf(args[0], &m, 1, 1, "mm") < 0 || get_buf(args[2], &co, 0, 2, "class_of") < 0
+        || get_buf(args[3], &us, 0, 1, "used") < 0 || get_buf(args[4], &sz, 0, 2, "sizes") < 0
+        || get_buf(args[5], &ob, 0, 2, "objs") < 0
+        || get_buf(args[6], &fh, 1, 2, "freehead") < 0)
+        goto done;
+    if (sz.view.len / 2 < ZS_CLASSES || ob.view.len / 2 < ZS_CLASSES) {
+        PyErr_SetString(PyExc_ValueError, "link_zspages: a class table is too short");
+        goto done;
+    }
+    unsigned char *mm = m.view.buf;
+    const uint16_t *class_of = co.view.buf, *sizes = sz.view.buf, *cobjs = ob.view.buf;
+    const unsigned char *used = us.view.buf;
+    uint16_t *freehead = fh.view.buf;
+    int64_t nheads = co.view.len / 2, nbits = (int64_t)us.view.len * 8;
+    if (fh.view.len / 2 < nheads)
+        nheads = fh.view.len / 2;
+    for (int64_t head = 0; head < nheads; head++) {
+        uint32_t tag = class_of[head];
+        if (!tag)
+            continue;
+        uint32_t cid = tag - 1;
+        int64_t size = cid < ZS_CLASSES ? sizes[cid] : 0;
+        int64_t objs = cid < ZS_CLASSES ? cobjs[cid] : 0;
+        int64_t start = head * PAGE;
+        if (size < 2 || size % UNIT || dbase + start + objs * size > m.view.len
+            || (start + objs * size) / UNIT > nbits) {
+            PyErr_SetString(PyExc_ValueError, "link_zspages: a zspage does not fit in the arena");
+            goto done;
+        }
+        unsigned char *base = mm + dbase + start;
+        int64_t prev = -1;
+        uint16_t first = ZS_NO_OBJECT;
+        for (int64_t i = 0; i < objs; i++) {
+            int64_t unit = (start + i * size) / UNIT;
+            if (used[unit >> 3] & (1u << (unit & 7)))
+                continue;
+            if (prev < 0)
+                first = (uint16_t)i;
+            else
+                wr16(base + prev * size, (uint16_t)i);
+            prev = i;
+        }
+        if (prev >= 0)
+            wr16(base + prev * size, ZS_NO_OBJECT);
+        freehead[head] = first;
+        zspages++;
+    }
+    out = PyLong_FromSsize_t(zspages);
+done:
+    put_buf(&m);
+    put_buf(&co);
+    put_buf(&us);
+    put_buf(&sz);
+    put_buf(&ob);
+    put_buf(&fh);
+    return out;
+}
+
 /* The slots of an object's pages, from its first page's slot + 1 through ``next``. */
 static int walk(const uint32_t *nxt, Py_ssize_t n, uint32_t link, void *ctx,
                 int (*visit)(Py_ssize_t slot, void *ctx))
@@ -763,8 +1167,12 @@ static PyMethodDef hot_methods[] = {
     {"link_free", (PyCFunction)(void (*)(void))hot_link_free, METH_FASTCALL,
      "link_free(mm, pos, size, used): a zspage's free objects chained; the first"},
     {"get_page", (PyCFunction)(void (*)(void))hot_get_page, METH_FASTCALL,
-     "get_page(table, mm, pbase, dbase, obj, index, where): a page's bytes, None, or "
-     "(slot, bucket) when unsound; with where, None or (bytes, slot, bucket, sound)"},
+     "get_page(table, mm, pbase, dbase, obj, index): a page's bytes, None, or "
+     "(slot, bucket) when unsound"},
+    {"take_page", (PyCFunction)(void (*)(void))hot_take_page, METH_FASTCALL,
+     "take_page(table, mm, pbase, dbase, obj, index, next, prev, obj_head, obj_pages): an "
+     "exclusive get: None, (slot, bucket) when unsound, or (bytes, slot, where, length, sub, "
+     "left) with the page dropped from the index"},
     {"add_page", (PyCFunction)(void (*)(void))hot_add_page, METH_FASTCALL,
      "add_page(mm, pbase, slot, obj, index, where, length, sub, commit, table, bucket, tag, "
      "next, prev, obj_head, obj_pages): a new page's record, links and bucket"},
@@ -775,6 +1183,15 @@ static PyMethodDef hot_methods[] = {
     {"scan_pages", (PyCFunction)(void (*)(void))hot_scan_pages, METH_FASTCALL,
      "scan_pages(mm, pbase, hwm, dbase, data_end, valid_obj, table, next, prev, obj_head, "
      "obj_pages): (free, kept, stored, dropped), the rebuild's pass"},
+    {"claim_zbud", (PyCFunction)(void (*)(void))hot_claim_zbud, METH_FASTCALL,
+     "claim_zbud(mm, pbase, slots, state, first, last): (refused, zbud_frames, huge_frames), "
+     "the rebuild's zbud claims"},
+    {"claim_zsmalloc", (PyCFunction)(void (*)(void))hot_claim_zsmalloc, METH_FASTCALL,
+     "claim_zsmalloc(mm, pbase, slots, state, class_of, inuse, used, by_size, sizes, pages, "
+     "objs, counts): (refused, frames), the rebuild's zsmalloc claims"},
+    {"link_zspages", (PyCFunction)(void (*)(void))hot_link_zspages, METH_FASTCALL,
+     "link_zspages(mm, dbase, class_of, used, sizes, objs, freehead): every zspage's free "
+     "objects chained; how many zspages"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -803,7 +1220,14 @@ PyMODINIT_FUNC PyInit__hot(void)
         || PyModule_AddIntConstant(m, "BAD_LENGTH", BAD_LENGTH) < 0
         || PyModule_AddIntConstant(m, "BAD_OUTSIDE", BAD_OUTSIDE) < 0
         || PyModule_AddIntConstant(m, "BAD_CHECKSUM", BAD_CHECKSUM) < 0
-        || PyModule_AddIntConstant(m, "BAD_DUPLICATE", BAD_DUPLICATE) < 0) {
+        || PyModule_AddIntConstant(m, "BAD_DUPLICATE", BAD_DUPLICATE) < 0
+        || PyModule_AddIntConstant(m, "FRAME_ZBUD", FRAME_ZBUD) < 0
+        || PyModule_AddIntConstant(m, "FRAME_HUGE", FRAME_HUGE) < 0
+        || PyModule_AddIntConstant(m, "FRAME_ZS_HEAD", FRAME_ZS_HEAD) < 0
+        || PyModule_AddIntConstant(m, "FRAME_ZS_TAIL", FRAME_ZS_TAIL) < 0
+        || PyModule_AddIntConstant(m, "ZBUD_MAX_BUDDY", ZBUD_MAX_BUDDY) < 0
+        || PyModule_AddIntConstant(m, "ZBUD_NCHUNKS", ZBUD_NCHUNKS) < 0
+        || PyModule_AddIntConstant(m, "ZS_CLASSES", ZS_CLASSES) < 0) {
         Py_DECREF(m);
         return NULL;
     }

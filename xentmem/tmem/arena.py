@@ -261,15 +261,14 @@ class Arena:
         pages.free.frombytes(free)
         idx.page_buckets.count = idx.page_count = len(kept) // 4
         bad = [(slot, obj, index, _PROBLEMS[why]) for slot, obj, index, why in dropped]
-        # The allocator claims each page's bytes: one overlapping another's, or in the wrong
-        # place for its size, is dropped as well.
-        claim, unpack, mm, pbase = alloc.claim, PAGE_ALL.unpack_from, self._mm, pages.base
-        for slot in array("I", kept):
-            obj, index, where, n, sub, _ = unpack(mm, pbase + slot * PAGE_RECORD)
-            if n and not claim(where * UNIT, sub, n):
-                idx.remove_page(slot, obj, index)  # its commit word zeroed, its slot freed
-                stored -= n
-                bad.append((slot, obj, index, _UNCLAIMED))
+        # The allocator claims every page's bytes in one C pass (zero pages have none): one
+        # overlapping another's, or in the wrong place for its size, is dropped as well.
+        unpack, mm, pbase = PAGE_ALL.unpack_from, self._mm, pages.base
+        for slot in alloc.claim_pages(mm, pbase, array("I", kept)):
+            obj, index, _, n, _, _ = unpack(mm, pbase + slot * PAGE_RECORD)
+            idx.remove_page(slot, obj, index)  # its commit word zeroed, its slot freed
+            stored -= n
+            bad.append((slot, obj, index, _UNCLAIMED))
         for slot, obj, index, problem in bad:
             if problem is not _UNCLAIMED:
                 self._zero(pages, slot, PAGE_FIELDS.size)
@@ -384,29 +383,35 @@ class Arena:
             if obj < 0:
                 return None
         idx = self._index
-        got = get_page(idx.page_buckets.table, self._mm, idx.pbase, self._data, obj, index,
-                       False)
+        got = get_page(idx.page_buckets.table, self._mm, idx.pbase, self._data, obj, index)
         if got.__class__ is tuple:  # (slot, bucket): the page failed its checksum
             self._failed(got[0], got[1], key)
             return None
         return got  # type: ignore[no-any-return]
 
     def take(self, key: PageKey) -> bytes | None:
-        """:meth:`get` and :meth:`delete` in one lookup (an exclusive get)."""
+        """:meth:`get` and :meth:`delete` in one lookup (an exclusive get): the record's
+        lookup, the copy out, the checksum and the index's part of the delete are one C
+        call (``_hot.take_page``); the allocator frees the bytes."""
         pool, oid, index = key
-        obj = self._object((pool, oid[0], oid[1], oid[2]), False)
+        okey = (pool, oid[0], oid[1], oid[2])
+        obj = self._recent.get(okey, -1)
         if obj < 0:
+            obj = self._object(okey, False)
+            if obj < 0:
+                return None
+        got = self._index.take_page(obj, index, self._data)
+        if got is None:
             return None
-        idx = self._index
-        found = get_page(idx.page_buckets.table, self._mm, idx.pbase, self._data, obj, index,
-                         True)
-        if found is None:
+        if len(got) == 2:  # (slot, bucket): the page failed its checksum
+            self._failed(got[0], got[1], key)
             return None
-        data, slot, bucket, sound = found
-        if not sound:
-            self._failed(slot, bucket, key)
-            return None
-        self._drop(slot, bucket)
+        data, _, where, n, sub, left = got
+        if n:
+            self._alloc.free(where * UNIT, sub, n)
+            self.stored_bytes -= n
+        if not left:
+            self._forget_object(obj)
         return data  # type: ignore[no-any-return]
 
     def _failed(self, slot: int, bucket: int, key: PageKey) -> None:

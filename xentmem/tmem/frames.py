@@ -14,8 +14,11 @@ and a bounded few more (``docs/page-arena.md``, "Memory given back").
 from __future__ import annotations
 
 import re
+import struct
+from array import array
 
 from xentmem.errors import ArenaError
+from xentmem.tmem import _hot
 from xentmem.tmem.arenafile import DATA, DATA_STEP, PAGE, ArenaFile
 
 #: What holds a frame (one byte per frame).
@@ -28,15 +31,34 @@ ZSPAGE_TAIL = 4
 UNBACKED = 5
 #: The longest run one allocation takes (the kernel's CONFIG_ZSMALLOC_CHAIN_SIZE default).
 MAX_RUN = 8
-#: Free frames that may keep their memory (1 MiB): beyond, every free frame gives it back.
+#: Free frames that may keep their memory (1 MiB), or 1/:data:`IDLE_SHARE` of the frames
+#: reserved if more: beyond, the frames freed since the last trim give it back.
 IDLE_FRAMES = 256
+IDLE_SHARE = 64
 #: Unbacked frames taken back at once when one is reused (one reservation for several).
 BACK_FRAMES = 64
+# The rebuild's claims mark frames in C (_hot.c): the same tags, or nothing works.
+if (ZBUD, HUGE, ZSPAGE_HEAD, ZSPAGE_TAIL) != (  # pragma: no cover
+        _hot.FRAME_ZBUD, _hot.FRAME_HUGE, _hot.FRAME_ZS_HEAD, _hot.FRAME_ZS_TAIL):
+    raise ImportError("xentmem.tmem._hot was built for other frame tags: rebuild it")
+_ONE_RECORD = struct.Struct("<IIIHHI")  # index.py's PAGE_ALL
+_UNIT = 16  # arena.py's UNIT: a page's bytes start on a multiple of it
+
+
+def one_record(offset: int, sub: int, size: int) -> bytes | None:
+    """A page record naming handle ``(offset, sub)`` of ``size`` bytes (None if no record
+    can, or it would name no allocation: no bytes, not on a 16-byte boundary, a field too
+    wide): an allocator's single ``claim`` goes through the same C as a reopen's claims."""
+    if offset < 0 or offset % _UNIT or not 0 < size <= 0xFFFF or not 0 <= sub <= 0xFFFF \
+            or offset // _UNIT > 0xFFFFFFFF:
+        return None
+    return _ONE_RECORD.pack(0, 0, offset // _UNIT, size, sub, 1)
 
 
 _FREE_RUNS = re.compile(b"\\x00+")
 _UNBACKED_RUN = re.compile(b"\\x05+")
 _UNBACKED = [bytes((UNBACKED,)) * n for n in range(MAX_RUN + 1)]
+_UNBACKED_ANY = bytes((UNBACKED,))
 
 
 class Frames:
@@ -52,6 +74,11 @@ class Frames:
         self.resident = 0
         #: No free run of length n starts before ``_hints[n]``.
         self._hints = [0] * (MAX_RUN + 1)
+        #: Runs freed since the last trim (``frame << 4 | length``): what a trim looks at
+        #: first, instead of the whole map.
+        self._freed = array("Q")
+        #: Free frames that keep their memory before a free trims (see IDLE_SHARE).
+        self.idle_allowance = IDLE_FRAMES
 
     def _grow(self, frames: int) -> None:
         """Reserve memory for the first ``frames`` frames (a segment at a time)."""
@@ -62,6 +89,7 @@ class Frames:
         self.file.reserve(DATA, want * PAGE)
         self.resident += want - len(self.state)
         self.state.extend(bytes(want - len(self.state)))
+        self.idle_allowance = max(IDLE_FRAMES, want // IDLE_SHARE)
 
     def alloc(self, n: int, tag: int) -> int:
         """The first frame of a free run of ``n``, now marked ``tag``: a run whose memory is
@@ -109,14 +137,10 @@ class Frames:
             self._grow(frames)
         return True
 
-    def claim(self, frame: int, n: int, tag: int) -> bool:
-        """Mark a run found in use when the arena is reopened; False if it is not free."""
-        if frame < 0 or not self.cover(frame + n):
-            return False
-        if self.state[frame : frame + n] != bytes(n):
-            return False
-        self._mark(frame, n, tag)
-        return True
+    def claimed(self, frames: int) -> None:
+        """Count ``frames`` an allocator's claims marked in :attr:`state` (``_hot``'s
+        ``claim_zbud`` and ``claim_zsmalloc`` mark them in C, a reopen's pages at once)."""
+        self.used += frames
 
     def free(self, frame: int, n: int) -> None:
         self.state[frame : frame + n] = bytes(n)
@@ -126,15 +150,58 @@ class Frames:
             low = frame - k + 1
             if low < hints[k]:
                 hints[k] = max(0, low)
-        if self.resident - self.used > IDLE_FRAMES:
-            self.trim()
+        freed = self._freed
+        freed.append(frame << 4 | n)
+        if self.resident - self.used > self.idle_allowance:
+            self._trim_freed()
+        elif len(freed) > 4 * self.idle_allowance:
+            self._forget_taken()
 
     def idle(self) -> int:
         """Free frames whose memory is held."""
         return self.resident - self.used
 
+    def _trim_freed(self) -> None:
+        """Give back the memory of the frames freed since the last trim that are still
+        free, adjacent ones in one call: a free's trim costs what was freed, not a scan of
+        the whole map.  Free frames it does not know of (a step reserved ahead, frames
+        taken back with one reused) are few; if they alone keep the idle frames over the
+        allowance, the whole map is trimmed."""
+        freed = sorted(set(self._freed))
+        del self._freed[:]
+        state, unback = self.state, self.file.unback
+        given = start = stop = seen = 0
+        for run in freed:
+            for f in range(max(run >> 4, seen), (run >> 4) + (run & 15)):
+                if state[f] != FREE:
+                    continue  # taken again since it was freed
+                if f != stop:
+                    if stop > start:
+                        unback(start * PAGE, (stop - start) * PAGE)
+                        state[start:stop] = _UNBACKED_ANY * (stop - start)
+                        given += stop - start
+                    start = f
+                stop = f + 1
+            seen = max(seen, (run >> 4) + (run & 15))
+        if stop > start:
+            unback(start * PAGE, (stop - start) * PAGE)
+            state[start:stop] = _UNBACKED_ANY * (stop - start)
+            given += stop - start
+        self.resident -= given
+        if self.resident - self.used > self.idle_allowance:
+            self.trim()
+
+    def _forget_taken(self) -> None:
+        """Drop the freed runs taken again since (frees and allocations that churn below
+        the allowance never trim, and must not grow the list without end)."""
+        state = self.state
+        self._freed = array("Q", sorted({
+            run for run in self._freed
+            if state.find(b"\x00", run >> 4, (run >> 4) + (run & 15)) >= 0}))
+
     def trim(self) -> int:
         """Give the memory of every free frame back to tmpfs; how many frames gave it."""
+        del self._freed[:]
         if self.resident == self.used:
             return 0
         state, unback = self.state, self.file.unback
@@ -142,7 +209,7 @@ class Frames:
         for run in _FREE_RUNS.finditer(state):
             frame, stop = run.span()
             unback(frame * PAGE, (stop - frame) * PAGE)
-            state[frame:stop] = bytes((UNBACKED,)) * (stop - frame)
+            state[frame:stop] = _UNBACKED_ANY * (stop - frame)
             given += stop - frame
         self.resident -= given
         return given

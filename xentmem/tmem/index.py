@@ -310,6 +310,21 @@ class Index:
         self.obj_pages[obj] = left
         return left
 
+    def take_page(self, obj: int, index: int, dbase: int) -> Any:
+        """An exclusive get of page ``index`` of object slot ``obj`` (its bytes at ``dbase``
+        of the map): ``_hot.take_page`` finds, checks and drops it in one call, this counts
+        it gone.  None: no such page; (slot, bucket): it failed its checksum (nothing
+        changed); else (bytes, slot, where, length, sub, pages its object still holds)."""
+        got = _hot.take_page(self.page_buckets.table, self.mm, self.pbase, dbase, obj, index,
+                             self.next, self.prev, self.obj_head, self.obj_pages)
+        if got is not None and len(got) == 6:
+            b = self.page_buckets
+            b.tombs += 1
+            b.count -= 1
+            self.pages.free.append(got[1])
+            self.page_count -= 1
+        return got
+
     def object_pages(self, obj: int) -> list[int]:
         """The slots of an object's pages."""
         return _hot.object_pages(self.next, self.obj_head[obj])  # type: ignore[no-any-return]

@@ -19,8 +19,9 @@ from __future__ import annotations
 from array import array
 from typing import Any
 
+from xentmem.tmem._hot import ZBUD_MAX_BUDDY, ZBUD_NCHUNKS, claim_zbud
 from xentmem.tmem.arenafile import PAGE
-from xentmem.tmem.frames import HUGE, ZBUD, Frames
+from xentmem.tmem.frames import HUGE, ZBUD, Frames, one_record
 
 CHUNK_SHIFT = 6
 CHUNK_SIZE = 1 << CHUNK_SHIFT
@@ -32,6 +33,9 @@ NCHUNKS = (PAGE - ZHDR_SIZE) >> CHUNK_SHIFT
 MAX_BUDDY = PAGE - ZHDR_SIZE - CHUNK_SIZE
 #: Where a buddy starts in its frame tells which it is (a last buddy is at most 62 chunks).
 FIRST_AT = ZHDR_SIZE
+# A reopen's claims are C (_hot.c): the same geometry, or nothing works.
+if (MAX_BUDDY, NCHUNKS) != (ZBUD_MAX_BUDDY, ZBUD_NCHUNKS):  # pragma: no cover
+    raise ImportError("xentmem.tmem._hot was built for another zbud geometry: rebuild it")
 
 
 def size_to_chunks(size: int) -> int:
@@ -175,40 +179,25 @@ class Zbud:
 
     # -- reopening ---------------------------------------------------------------------------
 
-    def claim(self, offset: int, sub: int, size: int) -> bool:
-        """Mark a handle found in the index; False if it cannot be (overlap, misplaced)."""
+    def claim_pages(self, mm: Any, pbase: int, slots: array) -> array:
+        """Mark the bytes of every page record in ``slots`` (at ``pbase`` of ``mm``) taken,
+        in one C pass (``_hot.claim_zbud``); the slots refused (overlap, misplaced)."""
         frames = self.frames
-        frame, at = divmod(offset, PAGE)
-        if sub or not 0 < size <= PAGE:
-            return False
-        if at == 0:
-            if size <= MAX_BUDDY or not frames.claim(frame, 1, HUGE):
-                return False
-            self.huge_frames += 1
-            return True
-        chunks = size_to_chunks(size)
-        if size > MAX_BUDDY or at not in (FIRST_AT, PAGE - (chunks << CHUNK_SHIFT)):
-            return False
-        if not frames.cover(frame + 1):
-            return False
+        frames.cover(frames.file.reserved_data() // PAGE)
         if len(self.first) < frames.total():
             self._grow()
-        tag = frames.state[frame]
-        if tag not in (0, ZBUD):
+        refused, zbud, huge = claim_zbud(mm, pbase, slots, frames.state, self.first, self.last)
+        self.zbud_frames += zbud
+        self.huge_frames += huge
+        frames.claimed(zbud + huge)
+        return array("I", refused)
+
+    def claim(self, offset: int, sub: int, size: int) -> bool:
+        """Mark one handle found in the index; False if it cannot be (overlap, misplaced)."""
+        rec = one_record(offset, sub, size)
+        if rec is None or not self.frames.cover(min(self.frames.capacity, offset // PAGE + 1)):
             return False
-        a, b = self.first[frame], self.last[frame]
-        mine, other = (a, b) if at == FIRST_AT else (b, a)
-        if mine or chunks + other > NCHUNKS:
-            return False
-        if tag == 0:
-            if not frames.claim(frame, 1, ZBUD):
-                return False
-            self.zbud_frames += 1
-        if at == FIRST_AT:
-            self.first[frame] = chunks
-        else:
-            self.last[frame] = chunks
-        return True
+        return not self.claim_pages(rec, 0, array("I", [0]))
 
     def finish_claims(self) -> None:
         """Fill the unbuddied lists once every handle of the index is claimed."""

@@ -24,9 +24,9 @@ from array import array
 from dataclasses import dataclass
 from typing import Any
 
-from xentmem.tmem._hot import link_free
+from xentmem.tmem._hot import ZS_CLASSES, claim_zsmalloc, link_free, link_zspages
 from xentmem.tmem.arenafile import DATA, PAGE
-from xentmem.tmem.frames import MAX_RUN, ZSPAGE_HEAD, Frames
+from xentmem.tmem.frames import MAX_RUN, ZSPAGE_HEAD, Frames, one_record
 
 ZS_MIN_ALLOC_SIZE = 32
 ZS_MAX_ALLOC_SIZE = PAGE
@@ -38,6 +38,11 @@ ZS_MAX_PAGES_PER_ZSPAGE = MAX_RUN
 _GROUP_FULL = 11
 _NO_OBJECT = 0xFFFF
 _LINK = struct.Struct("<H")
+#: A page's bytes start on a multiple of this (arena.py's UNIT; every class size is one).
+_UNIT = 16
+# A reopen's claims are C (_hot.c): the same number of classes, or nothing works.
+if ZS_SIZE_CLASSES != ZS_CLASSES:  # pragma: no cover
+    raise ImportError("xentmem.tmem._hot was built for other zsmalloc classes: rebuild it")
 
 
 def chain_size(class_size: int) -> int:
@@ -126,7 +131,18 @@ class Zsmalloc:
             c.id: [array("I") for _ in range(_GROUP_FULL)] for c in self.classes
         }
         self._stale_limit = 4096
-        self._claimed: dict[int, bytearray] = {}
+        #: A reopen's claims: a bit for each 16 bytes of the data region, set where a claimed
+        #: object starts (freed once the zspages are linked).
+        self._claimed = bytearray()
+        #: The classes as the C claims read them: the class id of every size 0..4096, and
+        #: each class id's object size, pages and objects per zspage (0 for merged ids).
+        self._class_by_size = array("H", [c.id for c in self._by_size])
+        self._class_size = array("H", bytes(2 * ZS_SIZE_CLASSES))
+        self._class_pages = array("H", bytes(2 * ZS_SIZE_CLASSES))
+        self._class_objs = array("H", bytes(2 * ZS_SIZE_CLASSES))
+        for c in self.classes:
+            self._class_size[c.id], self._class_pages[c.id] = c.size, c.pages
+            self._class_objs[c.id] = c.objs
 
     def _grow(self) -> None:
         more = self.frames.total() - len(self.class_of)
@@ -248,37 +264,42 @@ class Zsmalloc:
 
     # -- reopening ---------------------------------------------------------------------------
 
+    def claim_pages(self, mm: Any, pbase: int, slots: array) -> array:
+        """Mark the object of every page record in ``slots`` (at ``pbase`` of ``mm``) in use,
+        its zspage's frames taken, in one C pass (``_hot.claim_zsmalloc``); the slots
+        refused (overlap, wrong class, misplaced)."""
+        frames = self.frames
+        frames.cover(frames.file.reserved_data() // PAGE)
+        if len(self.class_of) < frames.total():
+            self._grow()
+        need = frames.total() * (PAGE // _UNIT // 8)
+        if len(self._claimed) < need:
+            self._claimed.extend(bytes(need - len(self._claimed)))
+        counts = array("I", bytes(8 * ZS_SIZE_CLASSES))
+        refused, taken = claim_zsmalloc(
+            mm, pbase, slots, frames.state, self.class_of, self.inuse, self._claimed,
+            self._class_by_size, self._class_size, self._class_pages, self._class_objs, counts)
+        frames.claimed(taken)
+        for cls in self.classes:
+            cls.zspages += counts[2 * cls.id]
+            cls.objs_used += counts[2 * cls.id + 1]
+        return array("I", refused)
+
     def claim(self, offset: int, idx: int, size: int) -> bool:
-        """Mark a handle found in the index; False if it cannot be (overlap, wrong class)."""
-        if not 0 < size <= PAGE:
+        """Mark one handle found in the index; False if it cannot be (overlap, wrong class)."""
+        rec = one_record(offset, idx, size)
+        end = offset // PAGE + MAX_RUN
+        if rec is None or not self.frames.cover(min(self.frames.capacity, end)):
             return False
-        cls = self._by_size[size]
-        head, at = divmod(offset - idx * cls.size, PAGE)
-        if at or not 0 <= idx < cls.objs or head < 0:
-            return False
-        used = self._claimed.get(head)
-        if used is None:
-            if not self.frames.claim(head, cls.pages, ZSPAGE_HEAD):
-                return False
-            if len(self.class_of) < self.frames.total():
-                self._grow()
-            self.class_of[head] = cls.id + 1
-            cls.zspages += 1
-            used = self._claimed[head] = bytearray(cls.objs)
-        elif self.class_of[head] != cls.id + 1 or used[idx]:
-            return False
-        used[idx] = 1
-        self.inuse[head] += 1
-        cls.objs_used += 1
-        return True
+        return not self.claim_pages(rec, 0, array("I", [0]))
 
     def finish_claims(self) -> None:
-        """Link every claimed zspage's free objects and file it by fullness."""
-        by_id = {c.id: c for c in self.classes}
-        for head, used in self._claimed.items():
-            cls = by_id[self.class_of[head] - 1]
-            self.freehead[head] = link_free(self.mm, self.base + head * PAGE, cls.size, used)
-        self._claimed = {}
+        """Link every claimed zspage's free objects (in C: ``_hot.link_zspages``) and file
+        it by fullness."""
+        if self._claimed:
+            link_zspages(self.mm, self.base, self.class_of, self._claimed, self._class_size,
+                         self._class_objs, self.freehead)
+        self._claimed = bytearray()
         self._rebuild_groups()
 
     # -- figures -----------------------------------------------------------------------------

@@ -376,16 +376,8 @@ class HostStore:
         run.sessions = dict(sessions)
         self.resumable = dict(sessions)
         self._table_records = {d: r for d, r in records.items() if d in sessions}
-        self.restart = {
-            "arena": report.path, "arena_how": report.how, "allocator": report.allocator,
-            "pools_restored": found["pools"], "pages_restored": found["pages"],
-            "pages_dropped": found["orphans"], "sessions": sorted(sessions),
-            "checksum_failures": report.checksum_failures,
-            "records_dropped": report.dropped_records,
-            "seconds": round(report.seconds + time.monotonic() - started, 3),
-        }
-        if problem:
-            self.restart["error"] = problem
+        self.restart = report.restart_summary(found, started=started, problem=problem)
+        self.restart["sessions"] = sorted(sessions)
         if report.how != "created":
             log.info("xentmem-hostd: arena %s %s: %d page(s) in %d pool(s) kept, %d dropped, "
                      "%d checksum failure(s), sessions of domains %s may resume, %.2fs",

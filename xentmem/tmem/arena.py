@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -129,6 +129,24 @@ class OpenReport:
     def describe(self) -> dict[str, Any]:
         out = dict(self.__dict__)
         out["lost"] = [list(k) for k in self.lost]
+        return out
+
+    def restart_summary(self, found: Mapping[str, int], *, started: float, problem: str = "",
+                        pools: int | None = None) -> dict[str, Any]:
+        """What a service's restart on this arena kept (``found``: its store's restore:
+        pools, pages, orphans), as ``status`` shows it; ``started``: when the service's own
+        part began (monotonic), added to the arena's time; ``problem``: why its pool table
+        was not used."""
+        out: dict[str, Any] = {
+            "arena": self.path, "arena_how": self.how, "allocator": self.allocator,
+            "pools_restored": found["pools"] if pools is None else pools,
+            "pages_restored": found["pages"], "pages_dropped": found["orphans"],
+            "checksum_failures": self.checksum_failures,
+            "records_dropped": self.dropped_records,
+            "seconds": round(self.seconds + time.monotonic() - started, 3),
+        }
+        if problem:
+            out["error"] = problem
         return out
 
 

@@ -285,16 +285,8 @@ class ZcacheBackend(Backend):
             for slot in row["slots"].get(str(CLIENT), []):
                 self._unclaimed[slot] = PoolUuid(*row["uuid"])
         self._save_pools()
-        self.restart = {
-            "arena": report.path, "arena_how": report.how, "allocator": report.allocator,
-            "pools_restored": 0 if problem else found["pools"],
-            "pages_restored": found["pages"], "pages_dropped": found["orphans"],
-            "checksum_failures": report.checksum_failures,
-            "records_dropped": report.dropped_records,
-            "seconds": round(report.seconds + time.monotonic() - started, 3),
-        }
-        if problem:
-            self.restart["error"] = problem
+        self.restart = report.restart_summary(found, started=started, problem=problem,
+                                              pools=0 if problem else None)
         if report.how != "created":
             log.info("zcache: arena %s %s: %d persistent page(s) in %d pool(s) kept, %d "
                      "dropped (ephemeral or of no pool), %.2fs", report.path, report.how,

@@ -377,6 +377,13 @@ def test_a_restarted_host_closes_the_guest_until_it_reloads(tmem_host: TmemHost)
         assert b.put_page(pers, Oid(1), 0, TEXT) == 1
         tmem_host.stop()  # the service goes away (Closed) and its store with it
         tmem_host.start()  # a new instance: the guest's pools are gone
+        # the guest has not looked yet (still Connected): the new instance published the
+        # device closed, with why, never InitWait, which a guest reloading at this moment
+        # would take for its own handshake's
+        host = tmem_host.client(roots)
+        be = b"/local/domain/0/backend/tmem/5/0"
+        assert host.read(be + b"/state") == str(int(XenbusState.CLOSED)).encode()
+        assert host.read(be + b"/error").startswith(b"%d " % errno.ESTALE)
         assert b.get_page(pers, Oid(1), 0) == (-errno.ENODEV, None)
         assert "unload and load" in b.describe()["broken"]
     with connected(roots) as again:

@@ -90,6 +90,9 @@ _LEADING_SEQ = re.compile(r"(0|[1-9][0-9]{0,18})@")
 #: the session's states (a device the host closed keeps its pools until the guest says so).
 _ENDING_STATES = frozenset({XenbusState.INITIALISING, XenbusState.CLOSING, XenbusState.CLOSED})
 _SESSION_STATES = frozenset({XenbusState.CONNECTED, XenbusState.CLOSING})
+#: Why a guest still Connected to an earlier instance of the service is closed (ESTALE).
+STALE_SESSION = ("the tmem host restarted and lost this guest's pools; load the backend "
+                 "again to reconnect")
 
 
 @dataclass
@@ -171,14 +174,25 @@ class TmemBack(XenbusDevice):
         host_reads = [f"n{d}", f"r{b}"]
         limits = self.limits
         self.key = SessionKey.new()
+        left_connected = False
 
         def body(tx: int) -> None:
+            nonlocal left_connected
             conn = self.conn
             for path in (f"{self.home}/device", f"{self.home}/device/tmem"):
                 if conn.read_optional(path, tx=tx) is None:
                     conn.write(path, b"", tx=tx)
                     conn.set_perms(path, guest_reads, tx=tx)
             fe = self.otherend
+            # A guest still Connected here was connected to an earlier instance of this
+            # service, whose store (its pools) is gone: the device is published Closed (no
+            # session: nothing left to end, so the guest's next Initialising needs no
+            # signature), with why, in this same transaction.  Published InitWait first, a
+            # guest reloading its backend at this moment could take that InitWait for its
+            # own and be closed halfway through its handshake when the stale session is
+            # noticed.
+            left_connected = conn.read_optional(f"{fe}/{STATE}", tx=tx) == str(
+                int(XenbusState.CONNECTED)).encode()
             if conn.read_optional(fe, tx=tx) is None:
                 conn.write(fe, b"", tx=tx)
                 conn.write(f"{fe}/{STATE}", str(int(XenbusState.INITIALISING)).encode(), tx=tx)
@@ -215,15 +229,19 @@ class TmemBack(XenbusDevice):
                 BE_MAX_PARTS: str(limits.max_parts).encode(),
                 BE_FEATURE_LZ4: b"1",
                 BE_SESSION_KEY: self.key.encode(),
-                STATE: str(int(XenbusState.INIT_WAIT)).encode(),
+                STATE: b"%d" % (XenbusState.CLOSED if left_connected else XenbusState.INIT_WAIT),
             }
+            if left_connected:
+                nodes[ERROR_NODE] = f"{errno.ESTALE} {STALE_SESSION}".encode()
             for node, value in nodes.items():
                 path = f"{be}/{node}" if node else be
                 conn.write(path, value, tx=tx)
                 conn.set_perms(path, guest_reads, tx=tx)
 
         self.conn.transaction(body)
-        self.state = XenbusState.INIT_WAIT
+        self.state = XenbusState.CLOSED if left_connected else XenbusState.INIT_WAIT
+        if left_connected:
+            log.error("%s: %s", self.nodename, STALE_SESSION)
         self.last_seq = 0
         self.last_reply = None
         self.conn.watch(f"{self.otherend}/{STATE}", self.state_token)
@@ -364,11 +382,7 @@ class TmemBack(XenbusDevice):
             if self.state == XenbusState.INIT_WAIT:
                 # A guest connected to an earlier instance of this service: its pools are
                 # gone with that instance, so it must not go on as if nothing happened.
-                self.dev_fatal(
-                    errno.ESTALE,
-                    "the tmem host restarted and lost this guest's "
-                    "pools; load the backend again to reconnect",
-                )
+                self.dev_fatal(errno.ESTALE, STALE_SESSION)
         elif frontend in (XenbusState.CLOSING, XenbusState.CLOSED) and self.state not in (
             XenbusState.CLOSED,
             XenbusState.UNKNOWN,

@@ -371,7 +371,7 @@ def test_the_cluster_down_fails_remote_gets_only_and_remotify_resumes(
         own_cluster: redis_cluster.RedisClusterFixture, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
     clock = StepClock()
-    made = zcache(own_cluster, tmp_path, clock=clock, ramster_timeout_ms=600)
+    made = zcache(own_cluster, tmp_path, clock=clock, ramster_timeout_ms=3000)
     try:
         pool = made.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
         fill(made, pool)
@@ -397,7 +397,7 @@ def test_the_cluster_down_fails_remote_gets_only_and_remotify_resumes(
         assert made.describe()["ramster"]["remotify_paused"]
         own_cluster.restart_all()  # no persistence configured: the cluster comes back empty
         # remotify resumes by itself once its pause is over; on a busy machine the first
-        # call to a just restarted cluster may outlast ramster_timeout_ms (600 ms here): it
+        # call to a just restarted cluster may outlast ramster_timeout_ms (3 s here): it
         # then pauses again and the next pause's end tries again
         for _attempt in range(5):
             clock.now += PAUSE_S

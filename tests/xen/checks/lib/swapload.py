@@ -1,0 +1,157 @@
+"""A workload that makes the guest kernel swap, and proves every page came back intact.
+
+Run as ``python3 -m swapload PAGES SEED`` (``checks/lib`` is on ``PYTHONPATH`` in the
+guests).  It maps PAGES anonymous pages in chunks, writes each page once with its own
+checksum, then reads every page back twice and verifies it: a page holds its index, the
+seed, a payload and a BLAKE2b digest of all that, so a page that came back from swap with
+any other content (another page's, zeroes, a torn write) fails.  Then it waits for commands
+on stdin, one a line, and answers each with one JSON line on stdout:
+
+``release KEEP``  unmaps all chunks but every KEEP-th (so that what is left fits in RAM
+                   before ``swapoff`` must bring it back) and answers how many pages it kept;
+``verify``         reads the kept pages again and answers the verdict;
+``exit``           ends.
+
+Its first JSON lines report the passes (``{"phase": "written", ...}``, ``"verified"`` twice).
+
+The payload is a short per-page pattern repeated: it compresses well, so that a backend that
+compresses (``zcache``) keeps the guest's swap in a fraction of the RAM it frees.  While the
+guest's free memory is below ``MIN_FREE_KB``, the writer waits for reclaim to catch up (the
+kernel swaps out meanwhile): a PV guest under software emulation lets one process dirty
+memory far faster than its swap device takes it, and the kernel's last reserves then go to
+the dirtier instead of the swap server's requests.  The wait is bounded by ``deadline``
+(seconds since the epoch, the bed's), never by a figure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import struct
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+PAGE = 4096
+CHUNK_PAGES = 256  # 1 MiB: what ``release`` frees or keeps at a time
+HEADER = struct.Struct("<QQ")  # index, seed
+DIGEST = 16
+PAYLOAD = PAGE - HEADER.size - DIGEST
+MAGIC = b"xentmem-swapload"
+#: Below this much free memory the writer lets reclaim catch up (see the module docstring).
+MIN_FREE_KB = 12 * 1024
+FREE_POLL_S = 0.05
+FREE_CHECK_EVERY = 32  # pages written between two looks at /proc/meminfo
+
+
+def make_page(index: int, seed: int) -> bytes:
+    pattern = MAGIC + HEADER.pack(index, seed)
+    body = HEADER.pack(index, seed) + (pattern * (PAYLOAD // len(pattern) + 1))[:PAYLOAD]
+    return body + hashlib.blake2b(body, digest_size=DIGEST).digest()
+
+
+def page_problem(data: bytes, index: int, seed: int) -> str:
+    """"" when ``data`` is the page written at ``index``; else what is wrong with it."""
+    body, digest = data[:-DIGEST], data[-DIGEST:]
+    if hashlib.blake2b(body, digest_size=DIGEST).digest() != digest:
+        if not any(data):
+            return "zeroes"
+        return "checksum mismatch"
+    got_index, got_seed = HEADER.unpack_from(body)
+    if (got_index, got_seed) != (index, seed):
+        return f"intact page {got_index} of seed {got_seed} in its place"
+    return ""
+
+
+def free_kb(meminfo: Path = Path("/proc/meminfo")) -> int:
+    for line in meminfo.read_text().splitlines():
+        if line.startswith("MemFree:"):
+            return int(line.split()[1])
+    return 0
+
+
+class Load:
+    """The workload's memory: chunks of anonymous pages, each page at its global index."""
+
+    def __init__(self, pages: int, seed: int, *, deadline: float = 0.0,
+                 min_free_kb: int = MIN_FREE_KB, free: object = free_kb) -> None:
+        self.pages, self.seed = pages, seed
+        self.deadline, self.min_free_kb, self.free = deadline, min_free_kb, free
+        self.chunks: dict[int, mmap.mmap] = {}
+        for first in range(0, pages, CHUNK_PAGES):
+            count = min(CHUNK_PAGES, pages - first)
+            self.chunks[first] = mmap.mmap(-1, count * PAGE)
+        self.throttled_s = 0.0
+
+    def _pages(self) -> Iterator[tuple[mmap.mmap, int, int]]:
+        for first, chunk in self.chunks.items():
+            for i in range(len(chunk) // PAGE):
+                yield chunk, i * PAGE, first + i
+
+    def _let_reclaim_catch_up(self) -> None:
+        started = time.monotonic()
+        while self.free() < self.min_free_kb and (not self.deadline or time.time() < self.deadline):
+            time.sleep(FREE_POLL_S)
+        self.throttled_s += time.monotonic() - started
+
+    def write(self) -> int:
+        written = 0
+        for chunk, at, index in self._pages():
+            if written % FREE_CHECK_EVERY == 0:
+                self._let_reclaim_catch_up()
+            chunk[at:at + PAGE] = make_page(index, self.seed)
+            written += 1
+        return written
+
+    def verify(self) -> dict[str, object]:
+        """Every page still mapped, checked; the first few problems named."""
+        checked, bad = 0, []
+        for chunk, at, index in self._pages():
+            problem = page_problem(chunk[at:at + PAGE], index, self.seed)
+            checked += 1
+            if problem:
+                bad.append(f"page {index}: {problem}")
+        return {"checked": checked, "bad": len(bad), "first_bad": bad[:5]}
+
+    def release(self, keep_every: int) -> int:
+        """Unmap all chunks but every ``keep_every``-th; the pages kept."""
+        for n, first in enumerate(sorted(self.chunks)):
+            if n % keep_every:
+                self.chunks.pop(first).close()
+        return sum(len(c) // PAGE for c in self.chunks.values())
+
+
+def answer(**fields: object) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def main(argv: list[str]) -> int:
+    pages, seed = int(argv[0]), int(argv[1])
+    deadline = float(argv[2]) if len(argv) > 2 else 0.0
+    load = Load(pages, seed, deadline=deadline)
+    started = time.monotonic()
+    written = load.write()
+    answer(phase="written", pages=written, seconds=round(time.monotonic() - started, 1),
+           throttled_s=round(load.throttled_s, 1))
+    for n in (1, 2):
+        started = time.monotonic()
+        verdict = load.verify()
+        answer(phase="verified", round=n, seconds=round(time.monotonic() - started, 1),
+               **verdict)
+    for line in sys.stdin:
+        words = line.split()
+        if not words:
+            continue
+        if words[0] == "release":
+            answer(phase="released", kept=load.release(int(words[1])))
+        elif words[0] == "verify":
+            answer(phase="verified", round="kept", **load.verify())
+        elif words[0] == "exit":
+            break
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

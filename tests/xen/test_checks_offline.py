@@ -235,9 +235,15 @@ def test_swapload_waits_for_free_memory_until_its_deadline_only(
 
 
 @pytest.fixture
-def swap_check(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+def swap_check(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    """checks/lib/swapcheck.py, which 60-swap and 65-swap-killed share (60-swap loads too)."""
     monkeypatch.syspath_prepend(str(LIB))
-    return load_script("domu/60-swap", monkeypatch)
+    sys.modules.pop("swapcheck", None)
+    load_script("domu/60-swap", monkeypatch)
+    import swapcheck
+
+    yield swapcheck
+    sys.modules.pop("swapcheck", None)
 
 
 def test_swap_verdicts_count_every_page(swap_check: ModuleType) -> None:

@@ -16,11 +16,15 @@ Its first JSON lines report the passes (``{"phase": "written", ...}``, ``"verifi
 
 The payload is a short per-page pattern repeated: it compresses well, so that a backend that
 compresses (``zcache``) keeps the guest's swap in a fraction of the RAM it frees.  While the
-guest's free memory is below ``MIN_FREE_KB``, the writer waits for reclaim to catch up (the
-kernel swaps out meanwhile): a PV guest under software emulation lets one process dirty
-memory far faster than its swap device takes it, and the kernel's last reserves then go to
-the dirtier instead of the swap server's requests.  The wait is bounded by ``deadline``
-(seconds since the epoch, the bed's), never by a figure.
+guest's free memory is below ``MIN_FREE_KB``, or more than ``MAX_WRITEBACK_KB`` are queued
+for writeback, the writer waits for reclaim and the device to catch up (the kernel swaps out
+meanwhile): a PV guest under software emulation lets one process dirty memory far faster
+than its swap device takes it (every page a trip through xenstore to dom0), and then the
+kernel's last reserves go to the dirtier instead of the swap server, and the tasks that
+submit swap writes (kswapd, the dirtier in direct reclaim) wait minutes on the device's
+full socket: the hung-task detector reported both after 120 s in the bed before this wait
+looked at the writeback queue.  The wait is bounded by ``deadline`` (seconds since the
+epoch, the bed's), never by a figure.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ PAYLOAD = PAGE - HEADER.size - DIGEST
 MAGIC = b"xentmem-swapload"
 #: Below this much free memory the writer lets reclaim catch up (see the module docstring).
 MIN_FREE_KB = 12 * 1024
+#: Pages queued for writeback beyond this much count as not free (see the module docstring).
+MAX_WRITEBACK_KB = 1024
 FREE_POLL_S = 0.05
 FREE_CHECK_EVERY = 32  # pages written between two looks at /proc/meminfo
 
@@ -66,10 +72,14 @@ def page_problem(data: bytes, index: int, seed: int) -> str:
 
 
 def free_kb(meminfo: Path = Path("/proc/meminfo")) -> int:
+    """Free memory, less what is queued for writeback (to the swap device): the writer
+    waits for both, so the device's queue stays short (see the module docstring)."""
+    figures = {}
     for line in meminfo.read_text().splitlines():
-        if line.startswith("MemFree:"):
-            return int(line.split()[1])
-    return 0
+        key, _, rest = line.partition(":")
+        if key in ("MemFree", "Writeback"):
+            figures[key] = int(rest.split()[0])
+    return figures.get("MemFree", 0) - max(0, figures.get("Writeback", 0) - MAX_WRITEBACK_KB)
 
 
 class Load:

@@ -29,6 +29,7 @@ SOCK = RUN_DIR / "control.sock"
 BALLOON = Path("/sys/devices/system/xen_memory/xen_memory0")
 WATERMARK = Path("/proc/sys/vm/watermark_scale_factor")
 WATERMARK_SCALE = 1000
+PRINTK = Path("/proc/sys/kernel/printk")
 KEEP_EVERY = 4  # the workload keeps a quarter of its pages across swapoff
 FLOOR_HEADROOM_MB = 64
 MAX_XEN_TIMEOUT_MS = 600_000
@@ -213,6 +214,7 @@ class Daemon:
                  "--state-dir", str(STATE_DIR), "--backend", backend, "--log-level", "info"],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+        DAEMON_PID_FILE.write_text(f"{self.proc.pid}\n")
 
     def wait_ready(self) -> dict[str, Any]:
         while True:
@@ -416,3 +418,15 @@ def answer_waiting(work: Workload) -> bool:
     assert work.proc.stdout is not None
     ready, _, _ = select.select([work.proc.stdout], [], [], 0)
     return bool(ready)
+
+
+MONITOR = Path(__file__).with_name("swapmonitor.sh")
+DAEMON_PID_FILE = BASE / "daemon.pid"
+
+
+def start_monitor() -> subprocess.Popen[bytes]:
+    """swapmonitor.sh: a line on the console every 10 s for as long as this process lives,
+    and the stacks of blocked tasks and of xentmemd's threads when the device stalls."""
+    BASE.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(["sh", str(MONITOR), str(os.getpid()), str(DAEMON_PID_FILE)],
+                            stdin=subprocess.DEVNULL, start_new_session=True)

@@ -196,7 +196,7 @@ def swapload(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
 
 
 def test_swapload_finds_every_kind_of_damaged_page(swapload: ModuleType) -> None:
-    load = swapload.Load(600, seed=7, free=lambda: 1 << 30)
+    load = swapload.Load(600, seed=7, free=lambda: (1 << 30, 0))
     assert load.write() == 600
     assert load.verify() == {"checked": 600, "bad": 0, "first_bad": []}
     first = load.chunks[0]
@@ -212,7 +212,7 @@ def test_swapload_finds_every_kind_of_damaged_page(swapload: ModuleType) -> None
 
 
 def test_swapload_release_keeps_every_nth_chunk_and_verifies_them(swapload: ModuleType) -> None:
-    load = swapload.Load(4 * swapload.CHUNK_PAGES + 10, seed=1, free=lambda: 1 << 30)
+    load = swapload.Load(4 * swapload.CHUNK_PAGES + 10, seed=1, free=lambda: (1 << 30, 0))
     load.write()
     kept = load.release(4)
     assert kept == swapload.CHUNK_PAGES + 10                       # chunks 0 and 4
@@ -223,15 +223,18 @@ def test_swapload_waits_for_free_memory_until_its_deadline_only(
         swapload: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
     looks = []
 
-    def low() -> int:
+    def low() -> tuple[int, int]:
         looks.append(1)
-        return 0
+        return 0, 1 << 20
 
     monkeypatch.setattr(swapload, "FREE_POLL_S", 0.0)
     past = swapload.time.time() - 1
     load = swapload.Load(40, seed=1, deadline=past, free=low)
     assert load.write() == 40                                       # the deadline ends the wait
     assert len(looks) == 2                                          # every FREE_CHECK_EVERY pages
+    assert not swapload.behind(0, 0)         # memory low, nothing written: allocate, reclaim
+    assert swapload.behind(0, 4) and swapload.behind(1 << 30, swapload.MAX_WRITEBACK_KB + 1)
+    assert not swapload.behind(swapload.MIN_FREE_KB, swapload.MAX_WRITEBACK_KB)
 
 
 @pytest.fixture

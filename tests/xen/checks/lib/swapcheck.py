@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from xcheck import run, send_signal, time_left
+from xcheck import CheckReport, run, send_signal, time_left
 
 from xentmem.control import ControlClient
 
@@ -430,3 +430,13 @@ def start_monitor() -> subprocess.Popen[bytes]:
     BASE.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(["sh", str(MONITOR), str(os.getpid()), str(DAEMON_PID_FILE)],
                             stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+class ConsoleReport(CheckReport):
+    """A CheckReport whose verdicts also go to the console at once (as ``swap-check:
+    result ...``, not as check lines): the runner prints a script's check lines only when it
+    ends, and these scripts run long."""
+
+    def record(self, name: str, status: str, detail: str = "") -> None:
+        super().record(name, status, detail)
+        say(f"result {name} {status} {' '.join(detail.split())[:300]}")

@@ -16,9 +16,9 @@ Its first JSON lines report the passes (``{"phase": "written", ...}``, ``"verifi
 
 The payload is a short per-page pattern repeated: it compresses well, so that a backend that
 compresses (``zcache``) keeps the guest's swap in a fraction of the RAM it frees.  While the
-guest's free memory is below ``MIN_FREE_KB``, or more than ``MAX_WRITEBACK_KB`` are queued
-for writeback, the writer waits for reclaim and the device to catch up (the kernel swaps out
-meanwhile): a PV guest under software emulation lets one process dirty memory far faster
+device is behind (more than ``MAX_WRITEBACK_KB`` queued for writeback), or free memory is
+below ``MIN_FREE_KB`` while reclaim writes, the writer waits for the device to catch up
+(see :func:`behind`): a PV guest under software emulation lets one process dirty memory far faster
 than its swap device takes it (every page a trip through xenstore to dom0), and then the
 kernel's last reserves go to the dirtier instead of the swap server, and the tasks that
 submit swap writes (kswapd, the dirtier in direct reclaim) wait minutes on the device's
@@ -35,7 +35,7 @@ import mmap
 import struct
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 PAGE = 4096
@@ -71,24 +71,32 @@ def page_problem(data: bytes, index: int, seed: int) -> str:
     return ""
 
 
-def free_kb(meminfo: Path = Path("/proc/meminfo")) -> int:
-    """Free memory, less what is queued for writeback (to the swap device): the writer
-    waits for both, so the device's queue stays short (see the module docstring)."""
+def memory_kb(meminfo: Path = Path("/proc/meminfo")) -> tuple[int, int]:
+    """Free memory and what is under writeback (to the swap device), in kB."""
     figures = {}
     for line in meminfo.read_text().splitlines():
         key, _, rest = line.partition(":")
         if key in ("MemFree", "Writeback"):
             figures[key] = int(rest.split()[0])
-    return figures.get("MemFree", 0) - max(0, figures.get("Writeback", 0) - MAX_WRITEBACK_KB)
+    return figures.get("MemFree", 0), figures.get("Writeback", 0)
+
+
+def behind(free: int, writeback: int) -> bool:
+    """Should the writer wait?  While the device is behind (more than MAX_WRITEBACK_KB
+    queued), or memory is low and reclaim is writing: not while memory is low and nothing
+    is being written, for then only the writer's next allocation makes the kernel reclaim
+    (waiting for free memory that kswapd, above its watermarks, would never make, the writer
+    waited for good in the bed)."""
+    return writeback > MAX_WRITEBACK_KB or (free < MIN_FREE_KB and writeback > 0)
 
 
 class Load:
     """The workload's memory: chunks of anonymous pages, each page at its global index."""
 
     def __init__(self, pages: int, seed: int, *, deadline: float = 0.0,
-                 min_free_kb: int = MIN_FREE_KB, free: object = free_kb) -> None:
+                 free: Callable[[], tuple[int, int]] = memory_kb) -> None:
         self.pages, self.seed = pages, seed
-        self.deadline, self.min_free_kb, self.free = deadline, min_free_kb, free
+        self.deadline, self.free = deadline, free
         self.chunks: dict[int, mmap.mmap] = {}
         for first in range(0, pages, CHUNK_PAGES):
             count = min(CHUNK_PAGES, pages - first)
@@ -102,7 +110,7 @@ class Load:
 
     def _let_reclaim_catch_up(self) -> None:
         started = time.monotonic()
-        while self.free() < self.min_free_kb and (not self.deadline or time.time() < self.deadline):
+        while behind(*self.free()) and (not self.deadline or time.time() < self.deadline):
             time.sleep(FREE_POLL_S)
         self.throttled_s += time.monotonic() - started
 

@@ -104,6 +104,7 @@ def attach(app: App, pages: int, backing: str, priority: int | None,
         k.attach(_unix_socket(export["socket"]), export["name"], device,
                  min(os.cpu_count() or 1, MAX_CONNECTIONS))
         done.append("attach")
+        k.no_writeback_throttle(device)
         if persist_s:
             k.persist(device, persist_s)
         k.mkswap(device, f"xentmem-{export['name']}")

@@ -113,6 +113,23 @@ class Kernel:
         self.run(["nbd-client", "-unix", socket, device, "-N", name, "-b", str(BLOCK_SIZE),
                   "-swap", "-C", str(connections)])
 
+    def no_writeback_throttle(self, device: str) -> bool:
+        """Turn the block layer's writeback throttling off on ``device`` (``wbt_lat_usec``
+        0); False where the kernel has no such knob.
+
+        blk-wbt cuts a device's write queue down when its requests take long; an export
+        whose pages go through tmem can take seconds a request, and then kswapd, whose
+        swap-out is those writes, sleeps in ``wbt_wait`` uninterruptibly for minutes (the
+        real-Xen bed: "kswapd0 blocked for more than 120 seconds", its stack in
+        ``rq_qos_wait``).  Swap needs its writes to go out under pressure; the queue's own
+        depth still bounds them."""
+        knob = self.roots.under(f"/sys/block/{Path(device).name}/queue/wbt_lat_usec")
+        try:
+            knob.write_text("0\n")
+        except OSError:
+            return False
+        return True
+
     def index(self, device: str) -> int:
         match = _NBD.fullmatch(Path(device).name)
         if match is None or not device.startswith("/dev/"):

@@ -89,7 +89,8 @@ def go(path: str, name: str) -> int:
 def kernel_root(tmp_path: Path) -> Path:
     root = tmp_path / "kroot"
     for n in range(3):
-        (root / "sys/block" / f"nbd{n}").mkdir(parents=True)
+        (root / "sys/block" / f"nbd{n}" / "queue").mkdir(parents=True)
+        (root / "sys/block" / f"nbd{n}" / "queue/wbt_lat_usec").write_text("2000\n")
     (root / "proc").mkdir(parents=True)
     (root / "proc/swaps").write_text("Filename Type Size Used Priority\n")
     return root
@@ -117,6 +118,8 @@ def test_add_list_remove(xentmem, daemon, kernel_root: Path, tools: FakeTools) -
                                   "-b", "4096"]
     assert "-swap" in tools.calls[0]
     assert tools.calls[2] == ["swapon", "--discard=pages", "-p", "5", "/dev/nbd0"]
+    # writeback throttling off: kswapd's swap-out must not sleep in wbt_wait
+    assert (kernel_root / "sys/block/nbd0/queue/wbt_lat_usec").read_text() == "0\n"
 
     second = xentmem("swap", "add", "--size", "64K", "--name", "small", "--json", env=env)
     assert json.loads(second.stdout)["device"] == "/dev/nbd1"  # nbd0 is taken

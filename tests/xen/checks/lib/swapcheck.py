@@ -22,13 +22,18 @@ from xcheck import CheckReport, run, send_signal, time_left
 from xentmem.control import ControlClient
 
 BASE = Path("/var/lib/xentmem-swap-bed")  # on the ramfs root
-RUN_DIR = BASE / "run"
+#: The run directory on tmpfs, as the unit's RuntimeDirectory=: zcache's page arena lives
+#: there and gives memory back by punching holes, which ramfs refuses (EOPNOTSUPP: the arena
+#: could not start again after a kill, and never shrank).  The daemon's memory is locked, so
+#: the arena's pages stay resident all the same.
+RUN_DIR = Path("/run/xentmem-swap-bed")
 STATE_DIR = BASE / "state"
 CONFIG = BASE / "xentmem.toml"
 SOCK = RUN_DIR / "control.sock"
 BALLOON = Path("/sys/devices/system/xen_memory/xen_memory0")
 WATERMARK = Path("/proc/sys/vm/watermark_scale_factor")
 WATERMARK_SCALE = 1000
+WATERMARK_DEFAULT = 10  # the kernel's
 PRINTK = Path("/proc/sys/kernel/printk")
 KEEP_EVERY = 4  # the workload keeps a quarter of its pages across swapoff
 FLOOR_HEADROOM_MB = 64
@@ -400,9 +405,17 @@ def pressure(daemon: Daemon, name: str, extra_mib: int, need_mib: int, seed: int
                   f"nbd lines)")
 
 
-def release_remove_verify(work: Workload | None, added: dict[str, Any], daemon: Daemon) -> str:
-    kept = work.tell(f"release {KEEP_EVERY}")["kept"] if work else 0
-    removed = remove(added["name"], added["device"], work, daemon)
+def release_remove_verify(work: Workload | None, added: dict[str, Any], daemon: Daemon,
+                          keep_every: int = KEEP_EVERY) -> str:
+    kept = work.tell(f"release {keep_every}")["kept"] if work else 0
+    # swapoff needs room for every page it brings back: the kernel's own watermarks again
+    # (not the early-kswapd margin) for the removal.
+    saved = WATERMARK.read_text().strip()
+    WATERMARK.write_text(f"{WATERMARK_DEFAULT}\n")
+    try:
+        removed = remove(added["name"], added["device"], work, daemon)
+    finally:
+        WATERMARK.write_text(saved + "\n")
     if work is None:
         return f"{removed}; no workload to verify"
     problem = verdict_problem(work.tell("verify"), kept)

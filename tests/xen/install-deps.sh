@@ -31,6 +31,7 @@ PACKAGES=(
     python3-libnbd libnbd-bin       # libnbd, the NBD client the NBD export tests drive
     fio                             # its nbd engine: the NBD tests and bench/bench_nbd.py
     nbdkit                          # `nbdkit memory`, bench/bench_nbd.py's baseline
+    nbd-client util-linux           # the bed's domU swap checks: nbd-client, mkswap, swapon/off
     redis-server redis-tools        # a real Redis Cluster for the RAMster tier's tests
     openssl                         # the TLS Redis Cluster test makes its CA and certificates
 )

@@ -180,3 +180,150 @@ def test_no_check_waits_a_fixed_time() -> None:
     assert len(scripts) >= 10
     found = {str(path.relative_to(CHECKS)): fixed_waits(path) for path in scripts}
     assert {name: waits for name, waits in found.items() if waits} == {}
+
+
+# -- NBD swap (domu/60-swap, lib/swapload.py, dom0/during-domu/07-swap-host-tmem) ----------------
+
+
+@pytest.fixture
+def swapload(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    monkeypatch.syspath_prepend(str(LIB))
+    sys.modules.pop("swapload", None)
+    import swapload
+
+    yield swapload
+    sys.modules.pop("swapload", None)
+
+
+def test_swapload_finds_every_kind_of_damaged_page(swapload: ModuleType) -> None:
+    load = swapload.Load(600, seed=7, free=lambda: (1 << 30, 0))
+    assert load.write() == 600
+    assert load.verify() == {"checked": 600, "bad": 0, "first_bad": []}
+    first = load.chunks[0]
+    first[5 * 4096 + 100] ^= 1                                      # a flipped bit
+    first[6 * 4096:7 * 4096] = bytes(4096)                          # a page of zeroes
+    first[7 * 4096:8 * 4096] = swapload.make_page(9, 7)             # another page's copy
+    verdict = load.verify()
+    assert verdict["bad"] == 3
+    assert verdict["first_bad"] == ["page 5: checksum mismatch", "page 6: zeroes",
+                                    "page 7: intact page 9 of seed 7 in its place"]
+    assert swapload.page_problem(swapload.make_page(3, 8), 3, 7) == \
+        "intact page 3 of seed 8 in its place"
+
+
+def test_swapload_release_keeps_every_nth_chunk_and_verifies_them(swapload: ModuleType) -> None:
+    load = swapload.Load(4 * swapload.CHUNK_PAGES + 10, seed=1, free=lambda: (1 << 30, 0))
+    load.write()
+    kept = load.release(4)
+    assert kept == swapload.CHUNK_PAGES + 10                       # chunks 0 and 4
+    assert load.verify() == {"checked": kept, "bad": 0, "first_bad": []}
+
+
+def test_swapload_waits_for_free_memory_until_its_deadline_only(
+        swapload: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    looks = []
+
+    def low() -> tuple[int, int]:
+        looks.append(1)
+        return 0, 1 << 20
+
+    monkeypatch.setattr(swapload, "FREE_POLL_S", 0.0)
+    past = swapload.time.time() - 1
+    load = swapload.Load(40, seed=1, deadline=past, free=low)
+    assert load.write() == 40                                       # the deadline ends the wait
+    assert len(looks) == 2                                          # every FREE_CHECK_EVERY pages
+    assert not swapload.behind(0, 0)         # memory low, nothing written: allocate, reclaim
+    assert swapload.behind(0, 4) and swapload.behind(1 << 30, swapload.MAX_WRITEBACK_KB + 1)
+    assert not swapload.behind(swapload.MIN_FREE_KB, swapload.MAX_WRITEBACK_KB)
+
+
+@pytest.fixture
+def swap_check(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    """checks/lib/swapcheck.py, which 60-swap and 65-swap-killed share (60-swap loads too)."""
+    monkeypatch.syspath_prepend(str(LIB))
+    sys.modules.pop("swapcheck", None)
+    load_script("domu/60-swap", monkeypatch)
+    import swapcheck
+
+    yield swapcheck
+    sys.modules.pop("swapcheck", None)
+
+
+def test_swap_verdicts_count_every_page(swap_check: ModuleType) -> None:
+    good = {"phase": "verified", "round": 1, "checked": 10, "bad": 0, "first_bad": []}
+    assert swap_check.verdict_problem(good, 10) == ""
+    assert "expected 11 checked" in swap_check.verdict_problem(good, 11)
+    bad = {**good, "bad": 1, "first_bad": ["page 3: zeroes"]}
+    assert "page 3: zeroes" in swap_check.verdict_problem(bad, 10)
+    assert "expected a verification" in swap_check.verdict_problem({"phase": "written"}, 10)
+
+
+def test_swap_judges_only_the_kernel_lines_of_its_phase(
+        swap_check: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(swap_check, "kernel_log", lambda: [
+        "[   10.000000] INFO: task python3:99 blocked for more than 120 seconds.",
+        "[  200.500000] block nbd0: Connection timed out",
+        "<3>[  201.000000] blk_update_request: I/O error, dev nbd0, sector 8",
+        "[  202.000000] Adding 262140k swap on /dev/nbd0.",
+        "no stamp: I/O error"])
+    bad, nbd_lines = swap_check.kernel_problems(200.0)
+    assert bad == ["<3>[  201.000000] blk_update_request: I/O error, dev nbd0, sector 8"]
+    assert nbd_lines == 3
+    assert swap_check.through_mib({"pages_to_tmem": 3000, "pages_to_backing": 1096}) == 16.0
+
+
+@pytest.fixture
+def host_check(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(str(LIB))
+    return load_script("dom0/during-domu/07-swap-host-tmem", monkeypatch)
+
+
+def run_host_check(host_check: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                   script: list[tuple[dict[int, int], list[str]]]) -> list[str]:
+    """07's verdicts for listings in turn, each with the signals sent by then."""
+    import io
+
+    signals = tmp_path / "signals"
+    signals.mkdir()
+    steps = iter(script)
+
+    def listing() -> dict[int, int]:
+        pages, words = next(steps)
+        for word in words:
+            (signals / word).write_text("domu1\n")
+        return pages
+
+    out = io.StringIO()
+    monkeypatch.setattr(host_check, "STATE_DIR", tmp_path)
+    monkeypatch.setattr(host_check, "SAMPLE_POLL_S", 0.0)
+    monkeypatch.setattr(host_check, "domids", lambda: {"domu1": 3})
+    monkeypatch.setattr(host_check, "persistent_pages", listing)
+    monkeypatch.setattr(host_check, "CheckReport", lambda: real_report(out))
+    host_check.main()
+    return out.getvalue().splitlines()
+
+
+def real_report(out: object) -> object:
+    sys.modules.pop("xcheck", None)
+    import xcheck
+
+    return xcheck.CheckReport(out)  # type: ignore[arg-type]
+
+
+def test_host_check_passes_a_rise_over_the_lowest_count_before_the_start(
+        host_check: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    lines = run_host_check(host_check, monkeypatch, tmp_path, [
+        ({3: 300}, []), ({3: 100}, []), ({3: 150}, ["swap-xen-start-first"]),
+        ({3: 1200}, []), ({3: 900}, ["swap-xen-end-first"])])
+    assert lines[0].startswith("XENTMEM-CHECK domu1/swap.in-host-tmem PASS domid 3: "
+                               "persistent pages 100 before the load, peak 1200")
+
+
+def test_host_check_fails_a_small_rise_and_a_domu_that_never_started(
+        host_check: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    lines = run_host_check(host_check, monkeypatch, tmp_path, [
+        ({3: 0}, ["swap-xen-start-first"]), ({3: 1000}, ["swap-xen-end-first"])])
+    assert lines[0].startswith("XENTMEM-CHECK domu1/swap.in-host-tmem FAIL")
+    (tmp_path / "again").mkdir()
+    lines = run_host_check(host_check, monkeypatch, tmp_path / "again", [({3: 0}, ["bed-domu1"])])
+    assert "never signalled the start" in lines[0]

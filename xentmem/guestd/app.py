@@ -35,7 +35,7 @@ from xentmem.guestd.core import Daemon
 from xentmem.guestd.logs import set_level, setup_logging
 from xentmem.guestd.mainthread import DaemonBusy, MainThreadCalls, NotNow
 from xentmem.guestd.metrics import write_textfile
-from xentmem.guestd.nbd.resident import THREAD_STACK_BYTES
+from xentmem.guestd.nbd.resident import THREAD_STACK_BYTES, io_flusher_for_every_thread
 from xentmem.guestd.nbd.server import NBD_SOCKET, NbdServer, serve_nbd
 from xentmem.guestd.rundir import RunDirLock
 from xentmem.guestd.server import ControlServer, ServerError
@@ -476,6 +476,8 @@ def command(**params: Any) -> None:
     # Before any thread: once the daemon serves swap its memory is locked, each thread's
     # whole stack with it (docs/nbd.md, "No deadlock under memory pressure").
     threading.stack_size(THREAD_STACK_BYTES)
+    # And every thread an I/O flusher, so that none waits in reclaim on its own device.
+    io_flusher_for_every_thread()
     app.signals.install()
     status = serve(app)
     app.signals.ignore_from_now()  # the stop is done: a late signal must not change its status

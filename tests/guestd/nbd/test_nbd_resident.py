@@ -24,6 +24,7 @@ from xentmem.guestd.nbd.resident import (
     THREAD_STACK_BYTES,
     RealLibc,
     SwapUnsafe,
+    io_flusher_for_every_thread,
 )
 
 PAGE = 4096
@@ -164,3 +165,14 @@ def test_the_refusal_reaches_a_control_client_as_backend_error() -> None:
 
     error = error_for(SwapUnsafe("cannot lock xentmemd in memory"), "nbd.add")
     assert error.code == protocol.BACKEND_ERROR and "cannot lock" in str(error)
+
+
+def test_the_whole_daemon_is_an_io_flusher_or_says_why_not(
+        caplog: pytest.LogCaptureFixture) -> None:
+    libc = RecordingLibc()
+    assert io_flusher_for_every_thread(libc) is True
+    assert libc.named("prctl") == [(PR_SET_IO_FLUSHER, 1)]
+    refused = RecordingLibc(fail={"prctl": errno.EPERM})
+    with caplog.at_level(logging.WARNING):
+        assert io_flusher_for_every_thread(refused) is False
+    assert "only the NBD threads will be marked" in caplog.text

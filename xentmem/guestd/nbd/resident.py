@@ -158,6 +158,27 @@ class Residency:
                     "io_flusher_refused": self.io_flusher_refused}
 
 
+def io_flusher_for_every_thread(libc: Libc | None = None) -> bool:
+    """Mark the calling thread an I/O flusher before it makes any other: every thread made
+    after inherits the flag (``PR_SET_IO_FLUSHER`` is kept across ``clone``), so none of the
+    daemon's threads can wait in reclaim on a write to the device it serves.
+
+    The serving threads alone are not enough: a thread the serving path waits for (the
+    ``xen`` backend's flusher, which sends the posted ops under the lock the page threads'
+    puts need; the control server answering ``nbd.list``) that enters direct reclaim holding
+    such a lock can pick a page to swap out to this very device and wait on the device's
+    full socket, which only the waiting serving threads drain.  ``xentmemd`` calls this first
+    thing; True when the kernel took it (a refusal is logged: the serving threads still try).
+    """
+    try:
+        (libc or RealLibc()).prctl(PR_SET_IO_FLUSHER, 1)
+    except OSError as exc:
+        log.warning("PR_SET_IO_FLUSHER for the whole daemon refused (%s): only the NBD "
+                    "threads will be marked", exc)
+        return False
+    return True
+
+
 class NotResident(Residency):
     """For tests and benchmarks that serve no real swap: locks nothing, marks nothing."""
 

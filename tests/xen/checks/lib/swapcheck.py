@@ -14,6 +14,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,14 @@ WATERMARK = Path("/proc/sys/vm/watermark_scale_factor")
 WATERMARK_SCALE = 1000
 WATERMARK_DEFAULT = 10  # the kernel's
 PRINTK = Path("/proc/sys/kernel/printk")
+PAGE_CLUSTER = Path("/proc/sys/vm/page-cluster")
+#: Swap-in reads ahead 2^5 = 32 pages (the kernel's default, 3, reads 8).  Under the ``xen``
+#: backend every NBD request costs round trips through xenstore to dom0, and the pages of one
+#: request travel together (several to a message), so the workload's sequential reads and
+#: swapoff's went 8 pages per fault, a few requests a second: the xen phase's two verify
+#: passes took 200-240 s each with two domUs (bed run of 2026-12-04 19:05).  What a swap
+#: device with a long round trip wants, as a slow disk does.
+SWAP_READAHEAD_CLUSTER = 5
 KEEP_EVERY = 4  # the workload keeps a quarter of its pages across swapoff
 FLOOR_HEADROOM_MB = 64
 MAX_XEN_TIMEOUT_MS = 600_000
@@ -43,6 +53,25 @@ PAGE = 4096
 #: Kernel log lines that fail a phase: a hung task, an I/O error, an OOM kill, a bad swap entry.
 BAD_KERNEL = re.compile(r"blocked for more than|hung_task|I/O error|Out of memory|oom-kill|"
                         r"Killed process|Bad swap|swap_info_get|Unable to handle", re.IGNORECASE)
+
+
+@contextmanager
+def vm_settings() -> Iterator[None]:
+    """The kernel's settings for the swap checks, put back at the end: kswapd early
+    (WATERMARK_SCALE), hung-task reports with their call traces on the console (printk level
+    7: KERN_INFO), swap readahead of SWAP_READAHEAD_CLUSTER."""
+    saved_watermark = WATERMARK.read_text().strip()
+    saved_printk = PRINTK.read_text().split()[0]
+    saved_cluster = PAGE_CLUSTER.read_text().strip()
+    WATERMARK.write_text(f"{WATERMARK_SCALE}\n")
+    PRINTK.write_text("7\n")
+    PAGE_CLUSTER.write_text(f"{SWAP_READAHEAD_CLUSTER}\n")
+    try:
+        yield
+    finally:
+        WATERMARK.write_text(saved_watermark + "\n")
+        PRINTK.write_text(saved_printk + "\n")
+        PAGE_CLUSTER.write_text(saved_cluster + "\n")
 
 
 def say(text: str) -> None:

@@ -230,6 +230,28 @@ def workload_pages(extra_mib: int) -> int:
 # -- the daemon ------------------------------------------------------------------------------
 
 
+#: The daemon's cgroup, as systemd/xentmem.service's (MemorySwapMax=0), kept for the bed's
+#: whole run as systemd keeps a unit's cgroup across Restart=.
+DAEMON_CGROUP = Path("/sys/fs/cgroup/bed-xentmemd")
+
+
+def daemon_cgroup() -> str:
+    """The cgroup.procs of a cgroup whose memory.swap.max is 0, for xentmemd: what outlives
+    a killed daemon, zcache's page arena on the tmpfs run directory, stays charged to it and
+    so out of swap.  Without it the arena's pages, no longer locked once the daemon died,
+    went to the very NBD device the daemon served, and the restarted daemon waited for good
+    on that dead device to read its own arena (``shmem_swapin_folio``; bed run of
+    2026-12-04 19:05).  init mounts cgroup2 with the memory controller (image/init)."""
+    try:
+        DAEMON_CGROUP.mkdir(exist_ok=True)
+        (DAEMON_CGROUP / "memory.swap.max").write_text("0\n")
+    except OSError as exc:
+        say(f"no cgroup with memory.swap.max 0 for xentmemd ({exc}): a killed daemon's arena "
+            "may be swapped out onto its own device")
+        return "/dev/null"
+    return str(DAEMON_CGROUP / "cgroup.procs")
+
+
 class Daemon:
     def __init__(self, backend: str, label: str = "") -> None:
         self.backend = backend
@@ -242,9 +264,11 @@ class Daemon:
             f"[backend.xen]\ntimeout_ms = {min(MAX_XEN_TIMEOUT_MS, int(time_left() * 1000))}\n\n"
             "[tmem]\nselfshrinking = false\n\n"
             f"[selfballoon]\nselfballoon_min_usable_mb = {used_mb + FLOOR_HEADROOM_MB}\n")
+        procs = daemon_cgroup()
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                ["xentmemd", "--config", str(CONFIG), "--run-dir", str(RUN_DIR),
+                ["sh", "-c", 'echo $$ >"$1"; shift; exec "$@"', "sh", procs,
+                 "xentmemd", "--config", str(CONFIG), "--run-dir", str(RUN_DIR),
                  "--state-dir", str(STATE_DIR), "--backend", backend, "--log-level", "info"],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)

@@ -327,14 +327,3 @@ def test_host_check_fails_a_small_rise_and_a_domu_that_never_started(
     (tmp_path / "again").mkdir()
     lines = run_host_check(host_check, monkeypatch, tmp_path / "again", [({3: 0}, ["bed-domu1"])])
     assert "never signalled the start" in lines[0]
-
-
-def test_swap_workload_goes_beyond_free_memory_when_asked(
-        swap_check: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(swap_check, "meminfo",
-                        lambda: {"MemFree": 52 * 1024, "MemAvailable": 15 * 1024})
-    assert swap_check.workload_pages(16) == 31 * 256
-    assert swap_check.workload_pages(16, beyond_free=True) == 68 * 256
-    monkeypatch.setattr(swap_check, "meminfo",
-                        lambda: {"MemFree": 10 * 1024, "MemAvailable": 20 * 1024})
-    assert swap_check.workload_pages(16, beyond_free=True) == 36 * 256

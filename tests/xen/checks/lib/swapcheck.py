@@ -222,16 +222,9 @@ def verdict_problem(answer: dict[str, Any], expected: int) -> str:
     return ""
 
 
-def workload_pages(extra_mib: int, beyond_free: bool = False) -> int:
-    """What is available now plus ``extra_mib``, in pages.  With ``beyond_free``, what is
-    free if that is more: MemAvailable leaves out the kernel's reserves (the high watermarks,
-    large with WATERMARK_SCALE), and the kernel hands out free memory down to its low
-    watermark before it reclaims anything, so a workload of MemAvailable + 16 MiB can fit
-    without a page swapped (two domUs, run of 2026-12-04 19:38: 52 MiB free, 15 MiB
-    available, 30 MiB written, nothing swapped)."""
-    info = meminfo()
-    base = max(info["MemAvailable"], info["MemFree"]) if beyond_free else info["MemAvailable"]
-    return (base + extra_mib * 1024) // 4
+def workload_pages(extra_mib: int) -> int:
+    """What is available now plus ``extra_mib``, in pages."""
+    return (meminfo()["MemAvailable"] + extra_mib * 1024) // 4
 
 
 # -- the daemon ------------------------------------------------------------------------------
@@ -433,12 +426,11 @@ def kernel_problems(since: float) -> tuple[list[str], int]:
 
 
 def pressure(daemon: Daemon, name: str, extra_mib: int, need_mib: int, seed: int,
-             signals: tuple[str, str] | None = None,
-             beyond_free: bool = False) -> tuple[Workload, str]:
+             signals: tuple[str, str] | None = None) -> tuple[Workload, str]:
     """The workload through the swap, verified twice; the judgement of the kernel's log,
     the pages through the export and the balloon's ticks.  The workload stays."""
     since, swapped0, ticks0 = uptime(), vmstat("pswpout"), balloon_ticks()
-    pages = workload_pages(extra_mib, beyond_free)
+    pages = workload_pages(extra_mib)
     if signals:
         send_signal(signals[0])
     try:

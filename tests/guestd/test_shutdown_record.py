@@ -64,14 +64,20 @@ def test_a_start_marks_the_record_running_and_a_clean_stop_clean(tmp_path: Path,
     assert stopped["pid"] == running["pid"] and stopped["started"] == running["started"]
 
 
-def test_a_killed_run_shows_as_crashed_at_the_next_start(tmp_path: Path,
-                                                         fake_root: Path) -> None:
+def test_a_killed_run_shows_as_crashed_at_the_next_start(
+        tmp_path: Path, fake_root: Path, caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "state").mkdir()
     killed = {"state": "running", "clean": False, "pid": 4242, "started": "then",
               "previous": [{"state": "stopped", "clean": True, "pid": 4000}]}
     (tmp_path / "state" / "shutdown.json").write_text(json.dumps(killed))
     app = application(tmp_path, fake_root)
-    app.start()
+    with caplog.at_level(logging.ERROR, logger="xentmem.guestd.core"):
+        app.start()
+    # Said before the backend loads: it must not claim that pages a backend keeps across a
+    # restart (zcache's page arena) are gone.
+    said = [r.getMessage() for r in caplog.records if "did not stop" in r.getMessage()]
+    assert len(said) == 1 and "pid 4242" in said[0]
+    assert "unless the backend kept them" in said[0]
     assert app.shutdown() == 0
     app.signals.close()
     record = record_of(tmp_path)

@@ -197,6 +197,13 @@ def test_zcache_pages_survive_a_kill(unit: dict[str, dict[str, list[str]]]) -> N
     assert one(unit, "Service", "RuntimeDirectoryPreserve") == "yes"
 
 
+def test_what_outlives_a_kill_stays_out_of_swap(unit: dict[str, dict[str, list[str]]]) -> None:
+    """The arena's pages, unlocked once the daemon died, must not go to the NBD swap device
+    they serve: the restarted daemon would wait on that dead device to read its arena (the
+    real-Xen bed's swap.daemon-killed-resumed, docs/nbd.md)."""
+    assert one(unit, "Service", "MemorySwapMax") == "0"
+
+
 
 def test_devices_allow_xenbus_and_keep_proc_readable(
     unit: dict[str, dict[str, list[str]]],

@@ -570,8 +570,13 @@ class Daemon:
         into the record."""
         crashed = [r for r in self.record.previous[:1] if r.get("state") == "crashed"]
         if crashed:
+            # Said before the backend loads, so it cannot know what the backend kept: zcache's
+            # page arena keeps the swap pages across a kill (the backend says how many when it
+            # loads), so "gone" would be wrong there (seen in the real-Xen bed's log).
             log.error("the previous xentmemd (pid %s) did not stop: killed or crashed; its "
-                      "pages in tmem and in memory areas are gone", crashed[0].get("pid"))
+                      "memory areas' pages are gone, its pages in tmem too unless the backend "
+                      "kept them across the restart (zcache's page arena does: see its line "
+                      "when it loads)", crashed[0].get("pid"))
         self.record.begin()
         found = self.swap.reattach()
         if found:

@@ -14,6 +14,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,12 @@ WATERMARK = Path("/proc/sys/vm/watermark_scale_factor")
 WATERMARK_SCALE = 1000
 WATERMARK_DEFAULT = 10  # the kernel's
 PRINTK = Path("/proc/sys/kernel/printk")
+PAGE_CLUSTER = Path("/proc/sys/vm/page-cluster")
+#: 65-swap-killed's swap readahead: 2^5 = 32 pages a fault (the kernel's default, 3, reads 8),
+#: as in the two-domU run it passed in (2026-12-04 19:38).  60-swap keeps the kernel's
+#: default: with 32 and a larger workload its xen phase's verify passes were far slower
+#: (run of 19:51), and it passed with the default (19:05).
+SWAP_READAHEAD_CLUSTER = 5
 KEEP_EVERY = 4  # the workload keeps a quarter of its pages across swapoff
 FLOOR_HEADROOM_MB = 64
 MAX_XEN_TIMEOUT_MS = 600_000
@@ -43,6 +51,26 @@ PAGE = 4096
 #: Kernel log lines that fail a phase: a hung task, an I/O error, an OOM kill, a bad swap entry.
 BAD_KERNEL = re.compile(r"blocked for more than|hung_task|I/O error|Out of memory|oom-kill|"
                         r"Killed process|Bad swap|swap_info_get|Unable to handle", re.IGNORECASE)
+
+
+@contextmanager
+def vm_settings(page_cluster: int | None = None) -> Iterator[None]:
+    """The kernel's settings for the swap checks, put back at the end: kswapd early
+    (WATERMARK_SCALE), hung-task reports with their call traces on the console (printk level
+    7: KERN_INFO), and swap readahead of ``page_cluster`` when given."""
+    saved_watermark = WATERMARK.read_text().strip()
+    saved_printk = PRINTK.read_text().split()[0]
+    saved_cluster = PAGE_CLUSTER.read_text().strip()
+    WATERMARK.write_text(f"{WATERMARK_SCALE}\n")
+    PRINTK.write_text("7\n")
+    if page_cluster is not None:
+        PAGE_CLUSTER.write_text(f"{page_cluster}\n")
+    try:
+        yield
+    finally:
+        WATERMARK.write_text(saved_watermark + "\n")
+        PRINTK.write_text(saved_printk + "\n")
+        PAGE_CLUSTER.write_text(saved_cluster + "\n")
 
 
 def say(text: str) -> None:
@@ -201,6 +229,28 @@ def workload_pages(extra_mib: int) -> int:
 # -- the daemon ------------------------------------------------------------------------------
 
 
+#: The daemon's cgroup, as systemd/xentmem.service's (MemorySwapMax=0), kept for the bed's
+#: whole run as systemd keeps a unit's cgroup across Restart=.
+DAEMON_CGROUP = Path("/sys/fs/cgroup/bed-xentmemd")
+
+
+def daemon_cgroup() -> str:
+    """The cgroup.procs of a cgroup whose memory.swap.max is 0, for xentmemd: what outlives
+    a killed daemon, zcache's page arena on the tmpfs run directory, stays charged to it and
+    so out of swap.  Without it the arena's pages, no longer locked once the daemon died,
+    went to the very NBD device the daemon served, and the restarted daemon waited for good
+    on that dead device to read its own arena (``shmem_swapin_folio``; bed run of
+    2026-12-04 19:05).  init mounts cgroup2 with the memory controller (image/init)."""
+    try:
+        DAEMON_CGROUP.mkdir(exist_ok=True)
+        (DAEMON_CGROUP / "memory.swap.max").write_text("0\n")
+    except OSError as exc:
+        say(f"no cgroup with memory.swap.max 0 for xentmemd ({exc}): a killed daemon's arena "
+            "may be swapped out onto its own device")
+        return "/dev/null"
+    return str(DAEMON_CGROUP / "cgroup.procs")
+
+
 class Daemon:
     def __init__(self, backend: str, label: str = "") -> None:
         self.backend = backend
@@ -213,9 +263,11 @@ class Daemon:
             f"[backend.xen]\ntimeout_ms = {min(MAX_XEN_TIMEOUT_MS, int(time_left() * 1000))}\n\n"
             "[tmem]\nselfshrinking = false\n\n"
             f"[selfballoon]\nselfballoon_min_usable_mb = {used_mb + FLOOR_HEADROOM_MB}\n")
+        procs = daemon_cgroup()
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                ["xentmemd", "--config", str(CONFIG), "--run-dir", str(RUN_DIR),
+                ["sh", "-c", 'echo $$ >"$1"; shift; exec "$@"', "sh", procs,
+                 "xentmemd", "--config", str(CONFIG), "--run-dir", str(RUN_DIR),
                  "--state-dir", str(STATE_DIR), "--backend", backend, "--log-level", "info"],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)

@@ -9,6 +9,7 @@ keeps it that way.
 from __future__ import annotations
 
 import ast
+import importlib
 import importlib.machinery
 import importlib.util
 import sys
@@ -22,14 +23,17 @@ CHECKS = Path(__file__).resolve().parent / "checks"
 LIB = CHECKS / "lib"
 
 
+def fresh_lib_module(name: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    """checks/lib/<name>.py imported afresh for one test, and forgotten after it."""
+    monkeypatch.syspath_prepend(str(LIB))
+    sys.modules.pop(name, None)
+    yield importlib.import_module(name)
+    sys.modules.pop(name, None)
+
+
 @pytest.fixture
 def xcheck(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
-    monkeypatch.syspath_prepend(str(LIB))
-    sys.modules.pop("xcheck", None)
-    import xcheck
-
-    yield xcheck
-    sys.modules.pop("xcheck", None)
+    yield from fresh_lib_module("xcheck", monkeypatch)
 
 
 def load_script(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
@@ -187,12 +191,7 @@ def test_no_check_waits_a_fixed_time() -> None:
 
 @pytest.fixture
 def swapload(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
-    monkeypatch.syspath_prepend(str(LIB))
-    sys.modules.pop("swapload", None)
-    import swapload
-
-    yield swapload
-    sys.modules.pop("swapload", None)
+    yield from fresh_lib_module("swapload", monkeypatch)
 
 
 def test_swapload_finds_every_kind_of_damaged_page(swapload: ModuleType) -> None:

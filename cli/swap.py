@@ -45,6 +45,18 @@ def parse_size(ctx: click.Context, param: click.Parameter, text: str) -> int:
     return size // PAGE
 
 
+def parse_backing(ctx: click.Context, param: click.Parameter, text: str
+                  ) -> tuple[str, str | None]:
+    """``--backing``: ``file`` (a file the daemon names), ``memory``, or a path (one with a
+    ``/``: ``./NAME`` for this directory) -> the daemon's ``backing`` and ``path``."""
+    if text in ("file", "memory"):
+        return text, None
+    if "/" not in text:
+        raise click.BadParameter(f"{text!r} is neither file, memory nor a path (write "
+                                 f"./{text} for a file in this directory)", ctx, param)
+    return "file", os.path.normpath(os.path.join(os.getcwd(), text))
+
+
 def kernel() -> Kernel:
     """The kernel of ``XENTMEM_ROOT`` (``/``): its tools run by ``swap_kernel.run_tool``, its
     netlink by ``swap_kernel.kernel_reconfigure``, handshakes by ``swap_kernel.handshake``."""
@@ -67,8 +79,11 @@ def swap() -> None:
 @swap.command()
 @click.option("--size", "pages", default=DEFAULT_SIZE, show_default=True,
               callback=parse_size, metavar="SIZE", help="The swap area's size (K, M, G, T).")
-@click.option("--backing", type=click.Choice(["file", "memory"]), default="file",
-              show_default=True, help="Where pages go that tmem refuses.")
+@click.option("--backing", default="file", show_default=True, callback=parse_backing,
+              metavar="FILE|file|memory",
+              help="Where pages go that tmem refuses: a new file at the path FILE (in a "
+                   "directory only root can write), a file the daemon names in its state "
+                   "directory (file), or its memory (memory: lost if it dies).")
 @click.option("--priority", type=click.IntRange(-1, 32767), default=None,
               help="swapon's priority (default: the kernel's).")
 @click.option("--name", default=None, help="The export's name (default: swapN).")
@@ -78,16 +93,18 @@ def swap() -> None:
                    "to restart and `swap start` to reconnect (0: fail it at once).")
 @json_option
 @click.pass_obj
-def add(app: App, *, pages: int, backing: str, priority: int | None, name: str | None,
-        persist_s: int, as_json: bool) -> None:
+def add(app: App, *, pages: int, backing: tuple[str, str | None], priority: int | None,
+        name: str | None, persist_s: int, as_json: bool) -> None:
     """Create an export, attach it with nbd-client, mkswap and swapon it."""
-    result = attach(app, pages, backing, priority, name, persist_s)
+    result = attach(app, pages, backing[0], priority, name, persist_s, path=backing[1])
     app.emit(result, as_json=as_json, render=render.tree)
 
 
 def attach(app: App, pages: int, backing: str, priority: int | None,
-           name: str | None, persist_s: int = DEFAULT_PERSIST_S) -> dict[str, Any]:
-    """``swap add``'s work: the export, nbd-client, mkswap, swapon; undone if a step fails."""
+           name: str | None, persist_s: int = DEFAULT_PERSIST_S,
+           path: str | None = None) -> dict[str, Any]:
+    """``swap add``'s work: the export, nbd-client, mkswap, swapon; undone if a step fails.
+    ``path``: the backing file the daemon creates (default: one it names)."""
     k = kernel()
     try:
         k.load_module()
@@ -98,6 +115,8 @@ def attach(app: App, pages: int, backing: str, priority: int | None,
     args: dict[str, Any] = {"pages": pages, "backing": backing, "device": device}
     if name is not None:
         args["name"] = name
+    if path is not None:
+        args["path"] = path
     export = app.call("nbd.add", **args)
     done: list[str] = []
     try:
@@ -124,7 +143,7 @@ def attach(app: App, pages: int, backing: str, priority: int | None,
                                         else "; nothing was left behind"))
     return {"name": export["name"], "device": device, "pages": pages,
             "size": pages * PAGE, "backing": backing, "priority": priority,
-            "persist_s": persist_s}
+            "persist_s": persist_s, "path": export["backing"].get("path")}
 
 
 def reconnect(k: Kernel, listed: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -232,8 +251,8 @@ def remove(app: App, *, target: str, as_json: bool) -> None:
 @json_option
 @click.pass_obj
 def list_(app: App, *, as_json: bool) -> None:
-    """Each export: its device, size, pages in tmem and in the backing file, and the
-    kernel's view of it (/proc/swaps)."""
+    """Each export: its device, size, pages in tmem and in the backing file (and where
+    that is), and the kernel's view of it (/proc/swaps)."""
     listed = app.call("nbd.list")
     swaps = kernel().swaps()
     rows = []
@@ -243,6 +262,7 @@ def list_(app: App, *, as_json: bool) -> None:
             "name": export["name"], "device": export.get("device") or "-",
             "size": export["size"], "tmem_pages": export["tmem_pages"],
             "file_pages": export["backing"].get("used", 0),
+            "backing": export["backing"].get("path", "memory"),
             "connections": export["connections"],
             "swapon": entry is not None,
             "used_kib": entry.used_kib if entry else None,
@@ -250,4 +270,4 @@ def list_(app: App, *, as_json: bool) -> None:
         })
     app.emit(rows, as_json=as_json, render=lambda r: render.table(r, (
         "name", "device", "size", "tmem_pages", "file_pages", "connections", "swapon",
-        "used_kib", "priority")) if r else "no exports")
+        "used_kib", "priority", "backing")) if r else "no exports")

@@ -39,9 +39,9 @@ class Xentmem:
         return self.runner.invoke(cli, full, prog_name="xentmem", env=env,
                                   catch_exceptions=False)
 
-    def json(self, *args: str) -> Any:
+    def json(self, *args: str, env: dict[str, str] | None = None) -> Any:
         """``xentmem ARGS --json``, which must succeed; its stdout parsed."""
-        result = self(*args, "--json")
+        result = self(*args, "--json", env=env)
         assert result.exit_code == 0, result.output
         assert result.stdout.count("\n") == 1, "--json prints exactly one line"
         return json.loads(result.stdout)

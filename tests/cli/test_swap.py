@@ -110,8 +110,10 @@ def test_add_list_remove(xentmem, daemon, kernel_root: Path, tools: FakeTools) -
     result = xentmem("swap", "add", "--size", "1M", "--priority", "5", "--json", env=env)
     assert result.exit_code == 0, result.output
     added = json.loads(result.stdout)
+    path = added.pop("path")
     assert added == {"name": "swap0", "device": "/dev/nbd0", "pages": 256, "size": 1 << 20,
                      "backing": "file", "priority": 5, "persist_s": 120}
+    assert path.endswith("/swap/type-0.swap")  # the daemon's own name for it
     assert tools.reconfigured == [(0, 120, [])]  # dead_conn_timeout, before mkswap
     sock = str(daemon.run_dir / "nbd.sock")
     assert [c[0] for c in tools.calls] == ["nbd-client", "mkswap", "swapon"]
@@ -138,6 +140,38 @@ def test_add_list_remove(xentmem, daemon, kernel_root: Path, tools: FakeTools) -
     assert [r["name"] for r in rows] == ["small"]
     assert xentmem("swap", "remove", "small", env=env).exit_code == 0
     assert json.loads(xentmem("swap", "list", "--json", env=env).stdout) == []
+
+
+def test_a_backing_file_at_a_chosen_path(xentmem, kernel_root: Path, tools: FakeTools,
+                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         assert_error) -> None:
+    """``--backing FILE``: a new file there (relative to where the command runs), shown by
+    ``list``, removed with the export; a file that exists is refused and left as it was."""
+    env = {"XENTMEM_ROOT": str(kernel_root)}
+    disk = tmp_path / "disk"
+    disk.mkdir(mode=0o700)
+    monkeypatch.chdir(tmp_path)
+    added = xentmem.json("swap", "add", "--size", "64K", "--backing", "disk/../disk/a.swap",
+                         env=env)
+    assert added["path"] == str(disk / "a.swap") and (disk / "a.swap").is_file()
+    memory = xentmem.json("swap", "add", "--size", "64K", "--backing", "memory", env=env)
+    assert (memory["backing"], memory["path"]) == ("memory", None)
+    rows = xentmem.json("swap", "list", env=env)
+    assert [r["backing"] for r in rows] == [str(disk / "a.swap"), "memory"]
+    table = xentmem("swap", "list", env=env).stdout
+    assert str(disk / "a.swap") in table
+
+    (disk / "b.swap").write_text("kept")
+    tools.calls.clear()
+    assert_error(xentmem("swap", "add", "--backing", str(disk / "b.swap"), env=env), 1,
+                 "exists")
+    assert (disk / "b.swap").read_text() == "kept" and tools.calls == []
+    assert_error(xentmem("swap", "add", "--backing", "a.swap", env=env), 2,
+                 "--backing", "./a.swap")
+    assert len(xentmem.json("swap", "list", env=env)) == 2
+
+    assert xentmem("swap", "remove", added["name"], env=env).exit_code == 0
+    assert sorted(p.name for p in disk.iterdir()) == ["b.swap"]
 
 
 @pytest.mark.parametrize(("failing", "undone"), [

@@ -230,6 +230,9 @@ OPS: dict[str, OpSpec] = {
                 required=False),
             Arg("device", "str", "the /dev/nbdN the caller attaches it to (shown by nbd.list)",
                 required=False),
+            Arg("path", "str", "with backing \"file\": the file to create, a new absolute path "
+                "in a directory only the daemon's user can write (default: "
+                "<state_dir>/swap/type-N.swap)", required=False),
             returns="{name, type, pages, size, tmem_pages, backing, connections, socket}",
             mutates=True),
         _op("nbd.remove", "end an export's connections, then turn its swap area off",

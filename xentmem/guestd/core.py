@@ -442,9 +442,9 @@ class Daemon:
     # -- NBD exports ----------------------------------------------------------------------------
 
     def nbd_add(self, pages: int, backing: str = "file", name: str | None = None,
-                device: str | None = None) -> dict[str, Any]:
+                device: str | None = None, path: str | None = None) -> dict[str, Any]:
         """A new swap area exported over NBD; its description and where it is served."""
-        export = self.nbd.add(pages, backing, name, device=device)
+        export = self.nbd.add(pages, backing, name, device=device, path=path)
         server = self.nbd.server
         export["socket"] = server.addresses if server is not None else []
         return export
@@ -578,7 +578,7 @@ class Daemon:
                       "kept them across the restart (zcache's page arena does: see its line "
                       "when it loads)", crashed[0].get("pid"))
         self.record.begin()
-        found = self.swap.reattach()
+        found = self.swap.reattach(self.nbd.recorded_files())
         if found:
             self.record.add(reattached=found)
         restored = self.nbd.restore()  # the kernel's devices reconnect to them by name

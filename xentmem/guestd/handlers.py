@@ -135,7 +135,7 @@ HANDLERS: dict[str, Handler] = {
     "frontswap.shrink": lambda d, a: {"moved": d.frontswap_shrink(a["target_pages"])},
     "frontswap.curr_pages": lambda d, a: {"pages": d.frontswap_curr_pages()},
     "nbd.add": lambda d, a: d.nbd_add(a["pages"], a.get("backing", "file"), a.get("name"),
-                                      a.get("device")),
+                                      a.get("device"), a.get("path")),
     "nbd.remove": lambda d, a: d.nbd_remove(a["name"]),
     "nbd.list": lambda d, a: d.nbd_list(),
 }

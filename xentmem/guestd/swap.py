@@ -1,11 +1,13 @@
 """The swap areas the daemon creates for the socket's page API, and what they leave behind.
 
 ``frontswap.init`` makes an area in memory or as a sparse file
-``<state_dir>/swap/type-<N>.swap`` the daemon names itself (a client never chooses a path).
+``<state_dir>/swap/type-<N>.swap`` the daemon names itself; an NBD export's area may also
+be a file at a path its administrator chose (``xentmem swap add --backing FILE``), which
+the daemon creates itself and never lets replace anything (:func:`check_area_path`).
 A file area holds its own checksummed index, rewritten with every page, so the file alone
-names every page stored through the socket, whenever the daemon stops or dies; a restart
-re-attaches it (:meth:`SwapAreas.reattach`).  A memory area dies with the daemon and its
-pages count as lost.  The format and its guarantees: ``docs/swap-areas.md``.
+names every page stored, whenever the daemon stops or dies; a restart re-attaches it
+(:meth:`SwapAreas.reattach`).  A memory area dies with the daemon and its pages count as
+lost.  The format and its guarantees: ``docs/swap-areas.md``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 import threading
 import uuid
 from pathlib import Path
@@ -42,6 +45,8 @@ DEFAULT_STATE_DIR = "/var/lib/xentmem"
 AREA_FILE = re.compile(r"type-(\d{1,2})\.swap")
 #: The kernel's id of the current boot (a random uuid per boot).
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
+#: Linux's PATH_MAX, less the NUL.
+MAX_PATH = 4095
 
 
 def boot_id(roots: Roots) -> bytes | None:
@@ -50,6 +55,58 @@ def boot_id(roots: Roots) -> bytes | None:
         return uuid.UUID(roots.under(BOOT_ID).read_text(encoding="ascii").strip()).bytes
     except (OSError, ValueError):
         return None
+
+
+def check_area_path(untrusted_path: object, own_directory: Path, new: bool = True) -> Path:
+    """A backing file's path a client chose, once it is safe to create; AbiError if not.
+
+    The daemon runs as root and a client may be a group member (``control_group``), so the
+    path must name a new file (it never replaces one), written plainly (absolute, no ``.``,
+    ``..`` or symlink in its directory's path), in a directory that only the daemon's user
+    can change (no one can move the file away under it), and outside the daemon's own
+    directory of area files (whose names are the daemon's).  What systemd's sandbox lets
+    the daemon write is the kernel's to say (EROFS at create): ``docs/swap-areas.md``.
+    ``new=False``: the same for a file made so before, re-attached after a restart.
+    """
+    if not isinstance(untrusted_path, str) or not 1 <= len(untrusted_path) <= MAX_PATH \
+            or "\0" in untrusted_path:
+        raise AbiError(f"a backing file's path is 1 to {MAX_PATH} characters without NUL")
+    if not os.path.isabs(untrusted_path) or os.path.normpath(untrusted_path) != untrusted_path \
+            or untrusted_path.startswith("//"):
+        raise AbiError(f"a backing file's path is absolute and plainly written (no ., .. "
+                       f"or //), got {untrusted_path!r}")
+    path = Path(untrusted_path)
+    parent = path.parent
+    if path == parent:
+        raise AbiError("a backing file's path names a file, not /")
+    try:
+        real_parent = Path(os.path.realpath(parent, strict=True))
+        status = os.stat(parent)
+    except OSError as exc:
+        raise AbiError(f"backing file {path}: its directory: {exc.strerror}") from None
+    if real_parent != parent:
+        raise AbiError(f"backing file {path}: its directory's path has a symlink (it is "
+                       f"{real_parent}): give that path")
+    if not stat.S_ISDIR(status.st_mode):
+        raise AbiError(f"backing file {path}: {parent} is not a directory")
+    if status.st_uid != os.geteuid() or status.st_mode & 0o022:
+        raise AbiError(f"backing file {path}: {parent} must belong to the daemon's user "
+                       f"(uid {os.geteuid()}) and be writable by no one else (it is uid "
+                       f"{status.st_uid}, mode {stat.S_IMODE(status.st_mode):04o})")
+    own = Path(os.path.realpath(own_directory))
+    if real_parent == own or own in real_parent.parents:
+        raise AbiError(f"backing file {path}: {own_directory} holds the daemon's own area "
+                       "files; choose a path outside it")
+    if new and os.path.lexists(path):
+        raise AbiError(f"backing file {path} exists: the daemon creates the file itself and "
+                       "never replaces one (remove it, or choose another path)")
+    if not new:
+        try:
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                raise AbiError(f"backing file {path} is not a regular file")
+        except OSError as exc:
+            raise AbiError(f"backing file {path}: {exc.strerror}") from None
+    return path
 
 
 class SwapAreaDamaged(SwapFileError):
@@ -99,13 +156,23 @@ class SwapAreas:
     def path_of(self, swap_type: int) -> Path:
         return self.directory / f"type-{swap_type}.swap"
 
-    def create(self, pages: int, backing: str = "memory", swap_type: int | None = None
-               ) -> dict[str, Any]:
-        """``swapon``: a new area of ``pages`` slots; its type and backing description."""
+    def check_path(self, untrusted_path: object) -> Path:
+        """:func:`check_area_path` against this daemon's directory."""
+        return check_area_path(untrusted_path, self.directory)
+
+    def create(self, pages: int, backing: str = "memory", swap_type: int | None = None,
+               path: str | None = None) -> dict[str, Any]:
+        """``swapon``: a new area of ``pages`` slots; its type and backing description.
+
+        ``path``: a file area's file, one the daemon creates (default: its own name for it
+        in :attr:`directory`)."""
         if backing not in BACKING_KINDS:
             raise AbiError(f"backing must be one of {', '.join(BACKING_KINDS)}, got {backing!r}")
         if not 1 <= pages <= MAX_AREA_PAGES:
             raise AbiError(f"pages must be from 1 to {MAX_AREA_PAGES}, got {pages}")
+        if path is not None and backing != "file":
+            raise AbiError("a backing file's path goes with backing \"file\" only")
+        chosen = None if path is None else self.check_path(path)
         with self._lock:
             in_use = set(self._frontswap.swap_types())
             if swap_type is None:
@@ -118,14 +185,15 @@ class SwapAreas:
             elif swap_type in in_use:
                 raise AbiError(f"swap type {swap_type} is already initialised")
             store: BackingStore
-            if backing == "file":
-                path = self.path_of(swap_type)
+            if chosen is not None:  # a new file, never one that exists (O_EXCL)
+                store = FileBacking(chosen, pages, swap_type, self.this_boot, exclusive=True)
+            elif backing == "file":
                 try:
                     self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
                 except OSError as exc:
                     raise BackendError(f"swap directory {self.directory}: {exc}") from exc
                 # Replaces an old file of that name, as swapon.
-                store = FileBacking(path, pages, swap_type, self.this_boot)
+                store = FileBacking(self.path_of(swap_type), pages, swap_type, self.this_boot)
             else:
                 store = MemoryBacking(pages)
             try:
@@ -156,51 +224,72 @@ class SwapAreas:
                 except OSError as exc:  # the area is off; its file is only litter now
                     log.error("swapoff of area %d: %s stays: %s", swap_type, store.path, exc)
 
-    def reattach(self) -> list[dict[str, Any]]:
+    def reattach(self, elsewhere: dict[int, str] | None = None) -> list[dict[str, Any]]:
         """At start: take over the area files a stopped or killed daemon left, each with
         its pages checked; one summary per file found.
 
-        A file that is not a usable area is left where it is (for an administrator to look
-        at) and reported with its ``error``; its swap type stays free for a new area, which
-        then replaces it.
+        The files in :attr:`directory` are found by their names; ``elsewhere`` (swap type
+        -> untrusted path, as the NBD exports table recorded them) adds the files at paths a
+        client chose, each checked as at create (:func:`check_area_path`) but for existing.  A file
+        that is not a usable area is left where it is (for an administrator to look at) and
+        reported with its ``error``; its swap type stays free for a new area, which then
+        replaces a file in :attr:`directory` (never one elsewhere).
         """
         found: list[dict[str, Any]] = []
+        candidates: list[tuple[int, Path | str]] = []
         try:
             names = sorted(p.name for p in self.directory.iterdir())
         except FileNotFoundError:
-            return found
+            names = []
         except OSError as exc:
             log.error("swap areas: cannot list %s: %s", self.directory, exc)
-            return [{"path": str(self.directory), "error": str(exc)}]
+            found.append({"path": str(self.directory), "error": str(exc)})
+            names = []
+        for name in names:
+            match = AREA_FILE.fullmatch(name)
+            if match is not None and int(match[1]) < MAX_SWAP_TYPES:
+                candidates.append((int(match[1]), self.directory / name))
+        candidates.extend(sorted((t, p) for t, p in (elsewhere or {}).items()
+                                 if Path(p).parent != self.directory))  # found by name
         with self._lock:
-            for name in names:
-                match = AREA_FILE.fullmatch(name)
-                if match is None or int(match[1]) >= MAX_SWAP_TYPES:
-                    continue
-                swap_type, path = int(match[1]), self.directory / name
-                try:
-                    store = FileBacking.attach(path, self.this_boot)
-                    if store.swap_type != swap_type:
-                        store.close()
-                        raise SwapFileError(f"{path}: the header says swap type "
-                                            f"{store.swap_type}")
-                    self._frontswap.init(swap_type, store)
-                except (SwapFileError, BackendError, AbiError) as exc:
-                    log.error("swap area %d not re-attached: %s", swap_type, exc)
-                    found.append({"type": swap_type, "path": str(path), "error": str(exc)})
-                    continue
-                self._stores[swap_type] = store
-                summary = {"type": swap_type, **store.describe()}
-                if store.damaged:
-                    summary["damaged_offsets"] = sorted(store.damaged)[:64]
-                    log.error("swap area %d re-attached from %s: %d page(s), %d damaged "
-                              "(never returned; a load of one is an error)", swap_type, path,
-                              store.used(), len(store.damaged))
-                else:
-                    log.info("swap area %d re-attached from %s: %d page(s)", swap_type, path,
-                             store.used())
+            for swap_type, untrusted_path in candidates:
+                summary = self._reattach_one(swap_type, untrusted_path,
+                                             own=isinstance(untrusted_path, Path))
                 found.append(summary)
         return found
+
+    def _reattach_one(self, swap_type: int, untrusted_path: Path | str, own: bool
+                      ) -> dict[str, Any]:
+        """Re-attach one file (under the lock); its summary, with ``error`` if it was not."""
+        try:
+            if swap_type in self._stores:  # two files for one type: the first one stays
+                raise AbiError(f"swap type {swap_type} is taken by "
+                               f"{self._stores[swap_type].describe().get('path')}")
+            path = (Path(untrusted_path) if own
+                    else check_area_path(untrusted_path, self.directory, new=False))
+            store = FileBacking.attach(path, self.this_boot)
+            if store.swap_type != swap_type:
+                store.close()
+                raise SwapFileError(f"{path}: the header says swap type {store.swap_type}")
+            try:
+                self._frontswap.init(swap_type, store)
+            except BaseException:
+                store.close()
+                raise
+        except (SwapFileError, BackendError, AbiError) as exc:
+            log.error("swap area %d not re-attached: %s", swap_type, exc)
+            return {"type": swap_type, "path": str(untrusted_path), "error": str(exc)}
+        self._stores[swap_type] = store
+        summary = {"type": swap_type, **store.describe()}
+        if store.damaged:
+            summary["damaged_offsets"] = sorted(store.damaged)[:64]
+            log.error("swap area %d re-attached from %s: %d page(s), %d damaged (never "
+                      "returned; a load of one is an error)", swap_type, path, store.used(),
+                      len(store.damaged))
+        else:
+            log.info("swap area %d re-attached from %s: %d page(s)", swap_type, path,
+                     store.used())
+        return summary
 
     def sync(self) -> list[dict[str, Any]]:
         """At exit: flush each file area to disk; one summary per area, all kinds.

@@ -40,7 +40,8 @@ def test_sigkill_then_restart_exports_the_file_area_again(
         writer.pwrite(page(n), n * PAGE)
     writer.close()
     table = json.loads((state / "swap" / TABLE).read_text())
-    assert table == [{"name": "kept", "type": kept["type"], "pages": 64, "device": "/dev/nbd3"}]
+    assert table == [{"name": "kept", "type": kept["type"], "pages": 64, "device": "/dev/nbd3",
+                      "path": str(state / "swap" / f"type-{kept['type']}.swap")}]
     daemon.send(signal.SIGKILL)
     assert daemon.stop(None) == -signal.SIGKILL
 
@@ -66,16 +67,50 @@ def test_rows_that_do_not_fit_an_area_are_dropped_not_exported(
         swap_type = client.call("nbd.add", pages=16, name="real")["type"]
     daemon.send(signal.SIGKILL)
     daemon.stop(None)
-    rows = [{"name": "real", "type": swap_type, "pages": 16, "device": None},
+    rows = [{"name": "real", "type": swap_type, "pages": 16, "device": None,
+             "path": str(state / "swap" / f"type-{swap_type}.swap")},
             {"name": "wrong-size", "type": swap_type, "pages": 99, "device": None},
             {"name": "no-area", "type": 7, "pages": 16, "device": None},
             {"name": "../evil", "type": swap_type, "pages": 16, "device": None},
             {"name": "dev", "type": swap_type, "pages": 16, "device": "/etc/passwd"},
             {"name": "extra", "type": swap_type, "pages": 16, "device": None, "x": 1},
+            {"name": "elsewhere", "type": swap_type, "pages": 16, "device": None,
+             "path": str(tmp_path / "other.swap")},
             "not a row"]
     (state / "swap" / TABLE).write_text(json.dumps(rows))
     daemon = start_daemon(fake_root, None, *args, base=tmp_path / "second")
     with ControlClient(run / "control.sock", timeout=30) as client:
         assert [e["name"] for e in client.call("nbd.list")["exports"]] == ["real"]
     assert json.loads((state / "swap" / TABLE).read_text()) == rows[:1]
-    assert daemon.log().count("nbd export not restored") == 6
+    assert daemon.log().count("nbd export not restored") == 7
+
+
+def test_sigkill_then_restart_finds_a_file_at_a_chosen_path(
+        tmp_path: Path, fake_root: Path, start_daemon: Any, libnbd: LibNbd) -> None:
+    """``swap add --backing FILE``: the table says where the file is."""
+    run, state, disk = tmp_path / "run", tmp_path / "state", tmp_path / "disk"
+    disk.mkdir(mode=0o700)
+    args = (*ARGS, "--run-dir", str(run), "--state-dir", str(state))
+    daemon = start_daemon(fake_root, None, *args, base=tmp_path / "first")
+    with ControlClient(run / "control.sock", timeout=30) as client:
+        added = client.call("nbd.add", pages=32, name="chosen", path=str(disk / "xtm.swap"))
+    assert added["backing"]["path"] == str(disk / "xtm.swap")
+    writer = libnbd.handle()
+    writer.connect_uri(f"nbd+unix:///chosen?socket={run / 'nbd.sock'}")
+    for n in range(0, 32, 5):
+        writer.pwrite(page(n), n * PAGE)
+    writer.close()
+    daemon.send(signal.SIGKILL)
+    daemon.stop(None)
+
+    daemon = start_daemon(fake_root, None, *args, base=tmp_path / "second")
+    with ControlClient(run / "control.sock", timeout=30) as client:
+        [export] = client.call("nbd.list")["exports"]
+        assert (export["name"], export["backing"]["path"]) == ("chosen", str(disk / "xtm.swap"))
+        reader = libnbd.handle()
+        reader.connect_uri(f"nbd+unix:///chosen?socket={run / 'nbd.sock'}")
+        for n in range(32):
+            assert reader.pread(PAGE, n * PAGE) == (page(n) if n % 5 == 0 else bytes(PAGE)), n
+        reader.close()
+        client.call("nbd.remove", name="chosen")
+    assert list(disk.iterdir()) == []

@@ -133,8 +133,9 @@ class FileBacking(BackingStore):
     """
 
     def __init__(self, path: Path | str, pages: int, swap_type: int = 0,
-                 boot_id: bytes | None = None) -> None:
-        """Create the area file (an older file of that name is replaced, as ``swapon``).
+                 boot_id: bytes | None = None, exclusive: bool = False) -> None:
+        """Create the area file (an older file of that name is replaced, as ``swapon``;
+        with ``exclusive``, a file that exists is refused instead).
 
         ``boot_id`` (16 bytes: the kernel's ``boot_id``) goes into the file's use mark, so a
         restart after a reboot can tell the area was in use when the system went down.
@@ -145,7 +146,8 @@ class FileBacking(BackingStore):
         self.path = Path(path)
         layout = swapfile.Layout(pages, swap_type)
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+                         | (os.O_EXCL if exclusive else os.O_TRUNC), 0o600)
         except OSError as exc:
             raise BackendError(f"swap file {self.path}: cannot create it: {exc}") from exc
         try:
@@ -177,7 +179,7 @@ class FileBacking(BackingStore):
         """
         path = Path(path)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError as exc:
             raise BackendError(f"swap file {path}: cannot open it: {exc}") from exc
         try:

@@ -1,14 +1,15 @@
 """The daemon's NBD exports: each one a swap area of its own, made and deleted together.
 
 :meth:`Exports.add` makes a swap area (``guestd/swap.py``: memory, or a file the daemon
-names under its state directory) and exports it; :meth:`Exports.remove` ends the export's
-connections, then turns the area off (its pages are dropped and its file removed, as
-``swapoff`` after the kernel read every page back).  Names are the client's handle:
-``nbd-client -N NAME``, ``nbd+unix:///NAME?socket=...``.
+names under its state directory or creates at a path the client chose) and exports it;
+:meth:`Exports.remove` ends the export's connections, then turns the area off (its pages
+are dropped and its file removed, as ``swapoff`` after the kernel read every page back).
+Names are the client's handle: ``nbd-client -N NAME``, ``nbd+unix:///NAME?socket=...``.
 
 The exports of file areas are also written to a table next to the areas' files
-(:data:`TABLE`), so that after a kill the next daemon, once it has re-attached the files,
-exports each area again under its name (:meth:`Exports.restore`) and the kernel's device
+(:data:`TABLE`), with each file's path, so that after a kill the next daemon re-attaches
+the files (those at chosen paths by the table, :meth:`Exports.recorded_files`) and exports
+each area again under its name (:meth:`Exports.restore`) and the kernel's device
 can reconnect to it (docs/nbd.md, "When the daemon dies").
 """
 
@@ -35,8 +36,10 @@ log = logging.getLogger(__name__)
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: The kernel's NBD devices.
 DEVICE = re.compile(r"/dev/nbd[0-9]{1,4}")
-#: The exports of file areas, in the areas' directory: ``[{name, type, pages, device}]``.
+#: The exports of file areas, in the areas' directory: ``[{name, type, pages, device, path}]``
+#: (``path`` was added later: a row without one names a file in the directory).
 TABLE = "nbd-exports.json"
+ROW_KEYS = frozenset({"name", "type", "pages", "device"})
 
 
 class ExportBusy(AbiError):
@@ -70,10 +73,14 @@ class Exports:
     # -- the daemon's ---------------------------------------------------------------------------
 
     def add(self, pages: int, backing: str = "file", name: str | None = None,
-            swap_type: int | None = None, device: str | None = None) -> dict[str, Any]:
+            swap_type: int | None = None, device: str | None = None,
+            path: str | None = None) -> dict[str, Any]:
         """A new swap area of ``pages`` pages, exported under ``name`` (``swapN`` by
         default, N its swap type).  ``device``: the ``/dev/nbdN`` the caller attaches it to,
-        kept to be shown (``xentmem swap remove`` finds the device by it)."""
+        kept to be shown (``xentmem swap remove`` finds the device by it); ``path``: the
+        backing file to create (default: the daemon's own name for it)."""
+        if path is not None:
+            self.swap.check_path(path)  # before anything is locked or made
         if device is not None and not DEVICE.fullmatch(device):
             raise AbiError(f"a device is /dev/nbdN, got {device!r}")
         if name is not None and not NAME.fullmatch(name):
@@ -83,7 +90,7 @@ class Exports:
             if name is not None and name in self._exports:
                 raise AbiError(f"export {name!r} already exists")
             self.residency.lock_memory()  # SwapUnsafe: refused, nothing made
-            area = self.swap.create(pages, backing, swap_type)
+            area = self.swap.create(pages, backing, swap_type, path)
             swap_type = int(area["type"])
             name = name or f"swap{swap_type}"
             if name in self._exports:  # a default name taken by a chosen one
@@ -116,13 +123,8 @@ class Exports:
         log.info("nbd export %s removed (swap type %d)", name, export.swap_type)
         return summary
 
-    def restore(self) -> list[str]:
-        """At start, once the area files are re-attached: export each area the table names
-        again, under its name and with its device; the names restored.
-
-        A row whose area did not come back (its file was damaged, or it was a memory area)
-        or does not match it is dropped with a warning; the table is rewritten.
-        """
+    def _read_table(self) -> list[Any]:
+        """The table's rows as found (untrusted), [] if there is none or it is unreadable."""
         if self.table is None:
             return []
         try:
@@ -132,10 +134,32 @@ class Exports:
         except (OSError, ValueError) as exc:
             log.error("nbd exports table %s unreadable, no export restored: %s", self.table, exc)
             return []
+        return untrusted_rows if isinstance(untrusted_rows, list) else []
+
+    def recorded_files(self) -> dict[int, str]:
+        """Swap type -> path of each file area the table names, for
+        :meth:`SwapAreas.reattach` (which checks them); untrusted."""
+        files: dict[int, str] = {}
+        for row in self._read_table():
+            if isinstance(row, dict) and type(row.get("type")) is int and \
+                    isinstance(row.get("path"), str):
+                files.setdefault(row["type"], row["path"])
+        return files
+
+    def restore(self) -> list[str]:
+        """At start, once the area files are re-attached: export each area the table names
+        again, under its name and with its device; the names restored.
+
+        A row whose area did not come back (its file was damaged, or it was a memory area)
+        or does not match it is dropped with a warning; the table is rewritten.
+        """
+        if self.table is None:
+            return []
+        untrusted_rows = self._read_table()
         restored = []
         with self._lock:
             attached = set(self.frontswap.swap_types())
-            for row in untrusted_rows if isinstance(untrusted_rows, list) else []:
+            for row in untrusted_rows:
                 why = self._unrestorable(row, attached)
                 if why:
                     log.warning("nbd export not restored (%s): %.200r", why, row)
@@ -158,7 +182,7 @@ class Exports:
     def _unrestorable(self, untrusted_row: Any, attached: set[int]) -> str:
         """Why a table row cannot be exported again ("" if it can)."""
         row = untrusted_row
-        if not isinstance(row, dict) or set(row) != {"name", "type", "pages", "device"}:
+        if not isinstance(row, dict) or set(row) not in (ROW_KEYS, ROW_KEYS | {"path"}):
             return "not a table row"
         if not isinstance(row["name"], str) or not NAME.fullmatch(row["name"]):
             return "bad name"
@@ -174,15 +198,20 @@ class Exports:
         if not isinstance(store, FileBacking) or type(row["pages"]) is not int or \
                 store.pages != row["pages"]:
             return f"the area is not a file area of {row['pages']} pages"
+        if "path" in row and row["path"] != str(store.path):
+            return f"its area's file is {store.path}"
         return ""
 
     def _save(self) -> None:
         """Rewrite the table (under the lock): the exports of file areas, atomically."""
         if self.table is None:
             return
-        rows = [{"name": e.name, "type": e.swap_type, "pages": e.pages, "device": e.device}
-                for e in self._exports.values()
-                if isinstance(self.swap.store_of(e.swap_type), FileBacking)]
+        rows = []
+        for e in self._exports.values():
+            store = self.swap.store_of(e.swap_type)
+            if isinstance(store, FileBacking):
+                rows.append({"name": e.name, "type": e.swap_type, "pages": e.pages,
+                             "device": e.device, "path": str(store.path)})
         temporary = self.table.with_name(self.table.name + ".tmp")
         try:
             self.table.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

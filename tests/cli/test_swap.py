@@ -253,3 +253,29 @@ def test_start_without_swap_in_the_config_does_nothing(xentmem, kernel_root: Pat
                                 env={"XENTMEM_ROOT": str(kernel_root)}).stdout)
     assert result == {"started": False, "why": "nbd_swap_mib is 0", "reconnected": []}
     assert tools.calls == []
+
+
+def test_after_a_clean_stop_the_next_start_attaches_swap_again(
+        tmp_path: Path, kernel_root: Path, tools: FakeTools, xentmem_at) -> None:
+    """``systemctl stop`` (swap stop, then the daemon's stop) and ``start``: the guest has its
+    swap again, on a fresh area (the old one's pages were read back by swapoff)."""
+    from fakes.guest_daemon import DaemonProcess, make_root
+    config = tmp_path / "xentmem.toml"
+    config.write_text("[daemon]\nnbd_swap_mib = 2\n")
+    root = make_root(tmp_path)
+    env = {"XENTMEM_ROOT": str(kernel_root)}
+    dirs = ("--run-dir", str(tmp_path / "run"), "--state-dir", str(tmp_path / "state"))
+    for run in ("first", "second"):
+        (tmp_path / run).mkdir()
+        process = DaemonProcess(tmp_path / run, root, config, dirs)
+        try:
+            process.wait_ready()
+            xentmem = xentmem_at(tmp_path / "run" / "control.sock")
+            started = json.loads(xentmem("swap", "start", "--json", env=env).stdout)
+            assert started["started"], (run, started)
+            assert xentmem("swap", "stop", env=env).exit_code == 0
+        finally:
+            assert process.stop() == 0
+        record = json.loads((tmp_path / "state" / "shutdown.json").read_text())
+        assert record["nbd_removed"] == ["swap-at-start"]  # its device was detached
+        assert list((tmp_path / "state" / "swap").glob("type-*.swap")) == []

@@ -383,7 +383,10 @@ class Application:
             return EXIT_FAILURE
         self.notifier.stopping("stopping: repatriating swap pages")
         status = EXIT_OK
+        held: set[str] | None = None
         if self.nbd_server is not None:  # no NBD write may land after the areas are flushed
+            if self.daemon is not None:
+                held = self.daemon.nbd.held()
             try:
                 if not self.nbd_server.stop():
                     log.error("NBD: connections still open after the grace period")
@@ -392,7 +395,7 @@ class Application:
                 status = EXIT_FAILURE
         if self.daemon is not None:
             try:
-                if not self.daemon.shutdown(start_error)["clean"]:
+                if not self.daemon.shutdown(start_error, nbd_held=held)["clean"]:
                     status = EXIT_FAILURE
             except Exception:  # Daemon.shutdown records its own failures; this is a bug
                 log.exception("shutdown of the daemon core failed")

@@ -586,9 +586,13 @@ class Daemon:
             self.record.add(nbd_restored=restored)
         return found
 
-    def shutdown(self, start_error: str | None = None) -> dict[str, Any]:
+    def shutdown(self, start_error: str | None = None,
+                 nbd_held: set[str] | None = None) -> dict[str, Any]:
         """Stop the loops, unload (repatriating swap pages), flush the swap areas; in that
         order.  ``start_error``: the start failed (the record says ``start_failed``).
+        ``nbd_held``: the NBD exports a device was connected to when the server stopped
+        (:meth:`Exports.held`); the others are removed first, their areas and files with
+        them (None: every export stays).
 
         Returns (and writes to ``<state_dir>/shutdown.json``) what happened; ``clean`` is False
         if any step failed (each is recorded under ``errors``) or any page can no longer be
@@ -622,6 +626,11 @@ class Daemon:
         # the backend is back, which would start them again for nobody to stop).
         with contextlib.suppress(ValueError):
             self.shim.remove_listener(self.balloon)
+        if nbd_held is not None:
+            try:
+                summary["nbd_removed"] = self.nbd.remove_unheld(nbd_held)
+            except Exception as exc:
+                failed("removing the NBD exports no device holds", exc)
         areas: list[dict[str, Any]] = []
         with self._lock:
             backend = self.shim.backend

@@ -114,3 +114,33 @@ def test_sigkill_then_restart_finds_a_file_at_a_chosen_path(
         reader.close()
         client.call("nbd.remove", name="chosen")
     assert list(disk.iterdir()) == []
+
+
+def test_a_clean_stop_keeps_only_the_exports_a_device_holds(
+        tmp_path: Path, fake_root: Path, start_daemon: Any, libnbd: LibNbd) -> None:
+    """After ``swap stop`` detached a device, its export is removed at the stop (swapoff read
+    its pages back); one still connected (its swap still on) stays for the next daemon."""
+    run, state = tmp_path / "run", tmp_path / "state"
+    args = (*ARGS, "--run-dir", str(run), "--state-dir", str(state))
+    daemon = start_daemon(fake_root, None, *args, base=tmp_path / "first")
+    with ControlClient(run / "control.sock", timeout=30) as client:
+        held = client.call("nbd.add", pages=16, name="held", device="/dev/nbd1")
+        detached = client.call("nbd.add", pages=16, name="detached", device="/dev/nbd2")
+    device = libnbd.handle()
+    device.connect_uri(f"nbd+unix:///held?socket={run / 'nbd.sock'}")
+    device.pwrite(page(1), PAGE)
+    assert daemon.stop() == 0
+    device.close()
+    record = json.loads((state / "shutdown.json").read_text())
+    assert record["nbd_removed"] == ["detached"]
+    assert not Path(detached["backing"]["path"]).exists()
+    assert [r["name"] for r in json.loads((state / "swap" / TABLE).read_text())] == ["held"]
+
+    start_daemon(fake_root, None, *args, base=tmp_path / "second")
+    with ControlClient(run / "control.sock", timeout=30) as client:
+        exports = client.call("nbd.list")["exports"]
+    assert [(e["name"], e["type"]) for e in exports] == [("held", held["type"])]
+    reader = libnbd.handle()
+    reader.connect_uri(f"nbd+unix:///held?socket={run / 'nbd.sock'}")
+    assert reader.pread(PAGE, PAGE) == page(1)
+    reader.close()

@@ -146,6 +146,25 @@ class Exports:
                 files.setdefault(row["type"], row["path"])
         return files
 
+    def held(self) -> set[str]:
+        """The exports some client (the kernel's device) is connected to."""
+        server = self.server
+        with self._lock:
+            exports = list(self._exports.values())
+        return {e.name for e in exports if server is not None and server.connections(e)}
+
+    def remove_unheld(self, held: set[str]) -> list[str]:
+        """At a clean stop: remove each export not in ``held`` (its device was detached:
+        ``xentmem swap stop`` turned its swap off, so no page on it will be read again);
+        the names removed.  An export still held stays, with its table row, for the next
+        daemon to serve again (docs/nbd.md, "At start and stop")."""
+        removed = []
+        for name in self.names():
+            if name not in held:
+                self.remove(name)
+                removed.append(name)
+        return removed
+
     def restore(self) -> list[str]:
         """At start, once the area files are re-attached: export each area the table names
         again, under its name and with its device; the names restored.

@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from xentmem.control.protocol import SWAP_BACKINGS
 from xentmem.roots import Roots
 from xentmem_cli import render, swap_kernel
 from xentmem_cli.app import App, json_option
@@ -49,7 +50,7 @@ def parse_backing(ctx: click.Context, param: click.Parameter, text: str
                   ) -> tuple[str, str | None]:
     """``--backing``: ``file`` (a file the daemon names), ``memory``, or a path (one with a
     ``/``: ``./NAME`` for this directory) -> the daemon's ``backing`` and ``path``."""
-    if text in ("file", "memory"):
+    if text in SWAP_BACKINGS:
         return text, None
     if "/" not in text:
         raise click.BadParameter(f"{text!r} is neither file, memory nor a path (write "
@@ -170,7 +171,8 @@ def reconnect(k: Kernel, listed: dict[str, Any]) -> tuple[list[str], list[str]]:
 @click.pass_obj
 def start(app: App, *, as_json: bool) -> None:
     """Reconnect the devices of the exports a restarted daemon took back, then attach the
-    swap the daemon's config asks for (nbd_swap_mib), unless it is on already.
+    swap the daemon's config asks for (nbd_swap_mib, on nbd_swap_backing), unless it is on
+    already.
 
     The service runs it after the daemon is ready (ExecStartPost=), after every start:
     after a crash, the kernel still holds the devices, their I/O waiting for the daemon.
@@ -186,8 +188,10 @@ def start(app: App, *, as_json: bool) -> None:
     elif any(e["name"] == START_NAME for e in listed["exports"]):
         result = {"started": False, "why": f"export {START_NAME} exists already"}
     else:
+        backing = listed.get("swap_at_start_backing") or "file"
+        kind, path = (backing, None) if backing in SWAP_BACKINGS else ("file", backing)
         result = {"started": True,
-                  **attach(app, mib * (1 << 20) // PAGE, "file", None, START_NAME)}
+                  **attach(app, mib * (1 << 20) // PAGE, kind, None, START_NAME, path=path)}
     result["reconnected"] = reconnected
     app.emit(result, as_json=as_json, render=render.tree)
 

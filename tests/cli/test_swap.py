@@ -279,3 +279,35 @@ def test_after_a_clean_stop_the_next_start_attaches_swap_again(
         record = json.loads((tmp_path / "state" / "shutdown.json").read_text())
         assert record["nbd_removed"] == ["swap-at-start"]  # its device was detached
         assert list((tmp_path / "state" / "swap").glob("type-*.swap")) == []
+
+
+def test_start_puts_the_swap_on_the_configured_backing_file(
+        tmp_path: Path, kernel_root: Path, tools: FakeTools, xentmem_at) -> None:
+    from fakes.guest_daemon import DaemonProcess, make_root
+    disk = tmp_path / "disk"
+    disk.mkdir(mode=0o700)
+    config = tmp_path / "xentmem.toml"
+    config.write_text(f'[daemon]\nnbd_swap_mib = 1\nnbd_swap_backing = "{disk}/boot.swap"\n')
+    process = DaemonProcess(tmp_path, make_root(tmp_path), config)
+    try:
+        process.wait_ready()
+        xentmem = xentmem_at(process.socket)
+        env = {"XENTMEM_ROOT": str(kernel_root)}
+        started = json.loads(xentmem("swap", "start", "--json", env=env).stdout)
+        assert started["started"] and started["path"] == str(disk / "boot.swap")
+        assert (disk / "boot.swap").is_file()
+        assert xentmem("swap", "stop", env=env).exit_code == 0
+    finally:
+        assert process.stop() == 0
+    assert list(disk.iterdir()) == []  # removed at the stop, with its detached export
+
+
+@pytest.mark.parametrize("value", ["disk/boot.swap", "/srv/../boot.swap", "", "files"])
+def test_a_backing_for_swap_at_start_that_is_no_path_is_refused_at_load(
+        tmp_path: Path, value: str) -> None:
+    from fakes.guest_daemon import DaemonProcess, make_root
+    config = tmp_path / "xentmem.toml"
+    config.write_text(f'[daemon]\nnbd_swap_mib = 1\nnbd_swap_backing = "{value}"\n')
+    process = DaemonProcess(tmp_path, make_root(tmp_path), config)
+    assert process.stop(None) != 0
+    assert "nbd_swap_backing" in process.log()

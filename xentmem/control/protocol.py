@@ -32,6 +32,9 @@ MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 #: The socket's file name inside the daemon's run directory.
 SOCKET_NAME = "control.sock"
 DEFAULT_SOCKET_PATH = "/run/xentmem/" + SOCKET_NAME
+#: The backing stores of a swap area (``frontswap.init``, ``nbd.add``): a file the daemon
+#: names, or its memory; a file at a chosen path is ``"file"`` with a ``path``.
+SWAP_BACKINGS = ("file", "memory")
 #: The content type of the ``metrics`` op's text (Prometheus text exposition format 0.0.4).
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -239,7 +242,8 @@ OPS: dict[str, OpSpec] = {
             Arg("name", "str", "the export's name"),
             returns="{name, type, pages, ...}", mutates=True),
         _op("nbd.list", "the NBD server's sockets and every export with its counters",
-            returns="{listening, connections, exports: [...], swap_at_start_mib}"),
+            returns="{listening, connections, exports: [...], swap_at_start_mib, "
+            "swap_at_start_backing}"),
     )
 }
 

@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from xentmem.control.protocol import SWAP_BACKINGS
 from xentmem.control.server import DEFAULT_IDLE_TIMEOUT_S
-from xentmem.errors import ConfigError, ParamError, XentmemError
+from xentmem.errors import AbiError, ConfigError, ParamError, XentmemError
 from xentmem.guest.shim import SHIM_PARAMS
+from xentmem.guestd.swap import check_path_text
 from xentmem.params import Param, ParamSet, parse_assignments
 from xentmem_selfballoon.service import LOAD_FLAGS
 
@@ -113,6 +115,10 @@ DAEMON_PARAMS = ParamSet(
     Param("nbd_swap_mib", int, 0, "swap to attach when the service starts (`xentmem swap "
           "start`, the unit's ExecStartPost=): an export of this many MiB, as swap; 0: none",
           min=0, max=4096, unit="MiB"),
+    Param("nbd_swap_backing", str, "file", "where that swap puts the pages tmem refuses, as "
+          "`xentmem swap add --backing`: file (a file the daemon names in its state "
+          "directory), memory, or the absolute path of a new file",
+          accepts="file, memory, or an absolute path"),
 )
 
 
@@ -123,6 +129,12 @@ def _check_daemon_value(key: str, typed: Any) -> None:
             parse_loopback(typed)
         except ValueError as exc:
             raise ParamError(f"{key}: {exc}") from None
+    if key == "nbd_swap_backing" and typed not in SWAP_BACKINGS:
+        try:
+            check_path_text(typed)
+        except AbiError as exc:
+            raise ParamError(f"{key}: {exc} (or one of {', '.join(SWAP_BACKINGS)})") \
+                from None
     if key == "control_mode":
         try:
             check_control_mode(typed)

@@ -460,7 +460,8 @@ class Daemon:
         return {**(server.describe() if server is not None
                    else {"listening": [], "connections": 0}),
                 "exports": self.nbd.describe(),
-                "swap_at_start_mib": self.config.daemon["nbd_swap_mib"]}
+                "swap_at_start_mib": self.config.daemon["nbd_swap_mib"],
+                "swap_at_start_backing": self.config.daemon["nbd_swap_backing"]}
 
     # -- configuration ----------------------------------------------------------------------------
 

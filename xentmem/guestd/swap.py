@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from xentmem.control.protocol import SWAP_BACKINGS
 from xentmem.errors import AbiError, BackendError
 from xentmem.guest.frontends import FileBacking, Frontswap, MemoryBacking
 from xentmem.guest.frontends.backing import BackingStore
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 MAX_SWAP_TYPES = 32
 #: 4 GiB of slots per area; a memory area only costs what is stored in it.
 MAX_AREA_PAGES = 1 << 20
-BACKING_KINDS = ("memory", "file")
 #: The state directory (systemd's ``StateDirectory=xentmem``); swap files go in ``swap/``.
 DEFAULT_STATE_DIR = "/var/lib/xentmem"
 #: The name of an area file; what :meth:`SwapAreas.reattach` looks for.
@@ -57,6 +57,22 @@ def boot_id(roots: Roots) -> bytes | None:
         return None
 
 
+def check_path_text(untrusted_path: object) -> Path:
+    """A backing file's path as written: absolute, plainly (no ``.``, ``..``, ``//``, NUL),
+    naming a file; AbiError if not.  What it names is :func:`check_area_path`'s to check."""
+    if not isinstance(untrusted_path, str) or not 1 <= len(untrusted_path) <= MAX_PATH \
+            or "\0" in untrusted_path:
+        raise AbiError(f"a backing file's path is 1 to {MAX_PATH} characters without NUL")
+    if not os.path.isabs(untrusted_path) or os.path.normpath(untrusted_path) != untrusted_path \
+            or untrusted_path.startswith("//"):
+        raise AbiError(f"a backing file's path is absolute and plainly written (no ., .. "
+                       f"or //), got {untrusted_path!r}")
+    path = Path(untrusted_path)
+    if path == path.parent:
+        raise AbiError("a backing file's path names a file, not /")
+    return path
+
+
 def check_area_path(untrusted_path: object, own_directory: Path, new: bool = True) -> Path:
     """A backing file's path a client chose, once it is safe to create; AbiError if not.
 
@@ -68,17 +84,8 @@ def check_area_path(untrusted_path: object, own_directory: Path, new: bool = Tru
     the daemon write is the kernel's to say (EROFS at create): ``docs/swap-areas.md``.
     ``new=False``: the same for a file made so before, re-attached after a restart.
     """
-    if not isinstance(untrusted_path, str) or not 1 <= len(untrusted_path) <= MAX_PATH \
-            or "\0" in untrusted_path:
-        raise AbiError(f"a backing file's path is 1 to {MAX_PATH} characters without NUL")
-    if not os.path.isabs(untrusted_path) or os.path.normpath(untrusted_path) != untrusted_path \
-            or untrusted_path.startswith("//"):
-        raise AbiError(f"a backing file's path is absolute and plainly written (no ., .. "
-                       f"or //), got {untrusted_path!r}")
-    path = Path(untrusted_path)
+    path = check_path_text(untrusted_path)
     parent = path.parent
-    if path == parent:
-        raise AbiError("a backing file's path names a file, not /")
     try:
         real_parent = Path(os.path.realpath(parent, strict=True))
         status = os.stat(parent)
@@ -166,8 +173,8 @@ class SwapAreas:
 
         ``path``: a file area's file, one the daemon creates (default: its own name for it
         in :attr:`directory`)."""
-        if backing not in BACKING_KINDS:
-            raise AbiError(f"backing must be one of {', '.join(BACKING_KINDS)}, got {backing!r}")
+        if backing not in SWAP_BACKINGS:
+            raise AbiError(f"backing must be one of {', '.join(SWAP_BACKINGS)}, got {backing!r}")
         if not 1 <= pages <= MAX_AREA_PAGES:
             raise AbiError(f"pages must be from 1 to {MAX_AREA_PAGES}, got {pages}")
         if path is not None and backing != "file":

@@ -178,14 +178,22 @@ def start(app: App, *, as_json: bool) -> None:
     after a crash, the kernel still holds the devices, their I/O waiting for the daemon.
     """
     listed = app.call("nbd.list")
-    reconnected, errors = reconnect(kernel(), listed) if listed["exports"] else ([], [])
+    k = kernel()
+    reconnected, errors = reconnect(k, listed) if listed["exports"] else ([], [])
     if errors:
         app.abort(f"swap start: {'; '.join(errors)}"
                   + (f" (reconnected: {', '.join(reconnected)})" if reconnected else ""))
     mib = int(listed.get("swap_at_start_mib") or 0)
+    ours = next((e for e in listed["exports"] if e["name"] == START_NAME), None)
+    retired = None
+    if ours is not None and mib and not _held(k, ours.get("device")):
+        # No device holds it: its swap was turned off (the daemon's stop keeps an export
+        # whose disconnect it had not seen yet), so its pages are stale: a fresh one.
+        retired = app.call("nbd.remove", name=START_NAME)["name"]
+        ours = None
     if not mib:
         result: dict[str, Any] = {"started": False, "why": "nbd_swap_mib is 0"}
-    elif any(e["name"] == START_NAME for e in listed["exports"]):
+    elif ours is not None:
         result = {"started": False, "why": f"export {START_NAME} exists already"}
     else:
         backing = listed.get("swap_at_start_backing") or "file"
@@ -193,7 +201,14 @@ def start(app: App, *, as_json: bool) -> None:
         result = {"started": True,
                   **attach(app, mib * (1 << 20) // PAGE, kind, None, START_NAME, path=path)}
     result["reconnected"] = reconnected
+    if retired is not None:
+        result["replaced"] = retired
     app.emit(result, as_json=as_json, render=render.tree)
+
+
+def _held(k: Kernel, device: str | None) -> bool:
+    """Whether the kernel holds ``device``: a connection on it, or swap on it."""
+    return bool(device) and (k.connected(device) or device in k.swaps())
 
 
 @swap.command()

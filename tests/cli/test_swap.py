@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from xentmem.control import ControlClient
 from xentmem_cli import swap_kernel
 
 PAGE = 4096
@@ -311,3 +312,29 @@ def test_a_backing_for_swap_at_start_that_is_no_path_is_refused_at_load(
     process = DaemonProcess(tmp_path, make_root(tmp_path), config)
     assert process.stop(None) != 0
     assert "nbd_swap_backing" in process.log()
+
+
+def test_start_replaces_its_export_when_no_device_holds_it(
+        tmp_path: Path, kernel_root: Path, tools: FakeTools, xentmem_at) -> None:
+    """An export ``swap-at-start`` that came back with the daemon (kept at a stop whose
+    disconnect the daemon had not seen yet) while the kernel holds no device for it: its
+    swap was off, so start replaces it rather than leave the guest without swap."""
+    from fakes.guest_daemon import DaemonProcess, make_root
+    config = tmp_path / "xentmem.toml"
+    config.write_text("[daemon]\nnbd_swap_mib = 1\n")
+    process = DaemonProcess(tmp_path, make_root(tmp_path), config)
+    try:
+        process.wait_ready()
+        xentmem = xentmem_at(process.socket)
+        env = {"XENTMEM_ROOT": str(kernel_root)}
+        with ControlClient(process.socket, timeout=30) as client:
+            client.call("nbd.add", pages=256, name="swap-at-start", device="/dev/nbd3")
+        started = json.loads(xentmem("swap", "start", "--json", env=env).stdout)
+        assert started["started"] and started["replaced"] == "swap-at-start"
+        assert started["device"] == "/dev/nbd0"
+        exports = json.loads(xentmem("swap", "list", "--json", env=env).stdout)
+        assert [(e["name"], e["device"]) for e in exports] == [("swap-at-start", "/dev/nbd0")]
+        again = json.loads(xentmem("swap", "start", "--json", env=env).stdout)
+        assert again["started"] is False and "replaced" not in again  # nbd0 is held
+    finally:
+        assert process.stop() == 0

@@ -194,11 +194,12 @@ depmod -b "$ROOT" "$KVER"
 # The test bed: init, and the whole checks tree (exec bits kept)
 install -m 755 "$HERE/image/init" "$ROOT/init"
 cp -a "$HERE/checks" "$ROOT$CHECKS_DIR"
-# The NBD swap checks (issue 13: domu/60-swap, domu/65-swap-killed, dom0's 07-swap-host-tmem)
-# are built in unless XENTMEM_XEN_SWAP=0 (a quicker bed for work elsewhere; test_real_xen.py
-# then drops their required names too).
+# The NBD swap checks (issue 13: domu/60-swap, 65-swap-killed, 66-swap-restart, dom0's
+# 07-swap-host-tmem) are built in unless XENTMEM_XEN_SWAP=0 (a quicker bed for work
+# elsewhere; test_real_xen.py then drops their required names too).
 if [ "${XENTMEM_XEN_SWAP:-1}" = 0 ]; then
     rm -f "$ROOT$CHECKS_DIR/domu/60-swap" "$ROOT$CHECKS_DIR/domu/65-swap-killed" \
+          "$ROOT$CHECKS_DIR/domu/66-swap-restart" \
           "$ROOT$CHECKS_DIR/dom0/during-domu/07-swap-host-tmem"
 fi
 find "$ROOT$CHECKS_DIR" -name __pycache__ -prune -exec rm -rf {} +

@@ -252,7 +252,8 @@ def daemon_cgroup() -> str:
 
 
 class Daemon:
-    def __init__(self, backend: str, label: str = "") -> None:
+    def __init__(self, backend: str, label: str = "", daemon_config: str = "") -> None:
+        """``daemon_config``: lines for the config's ``[daemon]`` section."""
         self.backend = backend
         self.log = Path(f"/var/log/xentmemd-swap-{backend}{label}.log")
         used_mb = (meminfo()["MemTotal"] - meminfo()["MemAvailable"]) // 1024
@@ -262,7 +263,8 @@ class Daemon:
             "# written by checks/domu/60-swap for the real-Xen bed\n"
             f"[backend.xen]\ntimeout_ms = {min(MAX_XEN_TIMEOUT_MS, int(time_left() * 1000))}\n\n"
             "[tmem]\nselfshrinking = false\n\n"
-            f"[selfballoon]\nselfballoon_min_usable_mb = {used_mb + FLOOR_HEADROOM_MB}\n")
+            f"[selfballoon]\nselfballoon_min_usable_mb = {used_mb + FLOOR_HEADROOM_MB}\n"
+            + (f"\n[daemon]\n{daemon_config}" if daemon_config else ""))
         procs = daemon_cgroup()
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(

@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -104,6 +106,26 @@ def tools(kernel_root: Path, monkeypatch: pytest.MonkeyPatch) -> FakeTools:
     monkeypatch.setattr(swap_kernel, "run_tool", fake)
     monkeypatch.setattr(swap_kernel, "kernel_reconfigure", fake.reconfigure)
     return fake
+
+
+@contextmanager
+def configured_daemon(base: Path, config_text: str, xentmem_at: Any,
+                      state: Path | None = None) -> Iterator[Any]:
+    """A daemon started on ``config_text`` (its run and state directories in ``state`` when
+    given, so that a second one finds the first's), and ``xentmem`` for it; stopped after,
+    which must exit 0."""
+    from fakes.guest_daemon import DaemonProcess, make_root
+    base.mkdir(exist_ok=True)
+    config = base / "xentmem.toml"
+    config.write_text(config_text)
+    dirs = () if state is None else ("--run-dir", str(state / "run"), "--state-dir",
+                                      str(state / "state"))
+    process = DaemonProcess(base, make_root(base), config, dirs)
+    try:
+        process.wait_ready()
+        yield xentmem_at(process.socket if state is None else state / "run" / "control.sock")
+    finally:
+        assert process.stop() == 0
 
 
 def test_add_list_remove(xentmem, daemon, kernel_root: Path, tools: FakeTools) -> None:
@@ -220,14 +242,8 @@ def test_a_size_that_is_no_whole_number_of_pages_is_a_usage_error(xentmem, size:
 
 def test_start_attaches_what_the_config_asks_once_and_stop_turns_it_off(
         tmp_path: Path, kernel_root: Path, tools: FakeTools, xentmem_at) -> None:
-    from fakes.guest_daemon import DaemonProcess, make_root
-    config = tmp_path / "xentmem.toml"
-    config.write_text("[daemon]\nnbd_swap_mib = 2\n")
-    process = DaemonProcess(tmp_path, make_root(tmp_path), config)
-    try:
-        process.wait_ready()
-        xentmem = xentmem_at(process.socket)
-        env = {"XENTMEM_ROOT": str(kernel_root)}
+    env = {"XENTMEM_ROOT": str(kernel_root)}
+    with configured_daemon(tmp_path, "[daemon]\nnbd_swap_mib = 2\n", xentmem_at) as xentmem:
         started = json.loads(xentmem("swap", "start", "--json", env=env).stdout)
         assert started["started"] and started["name"] == "swap-at-start"
         assert started["size"] == 2 << 20 and started["device"] == "/dev/nbd0"
@@ -244,8 +260,6 @@ def test_start_attaches_what_the_config_asks_once_and_stop_turns_it_off(
         assert json.loads(stopped.stdout) == {"stopped": ["/dev/nbd0"]}
         assert tools.calls == [["swapoff", "/dev/nbd0"], ["nbd-client", "-d", "/dev/nbd0"]]
         assert "/dev/nbd0" not in (kernel_root / "proc/swaps").read_text()
-    finally:
-        assert process.stop() == 0
 
 
 def test_start_without_swap_in_the_config_does_nothing(xentmem, kernel_root: Path,
@@ -260,23 +274,13 @@ def test_after_a_clean_stop_the_next_start_attaches_swap_again(
         tmp_path: Path, kernel_root: Path, tools: FakeTools, xentmem_at) -> None:
     """``systemctl stop`` (swap stop, then the daemon's stop) and ``start``: the guest has its
     swap again, on a fresh area (the old one's pages were read back by swapoff)."""
-    from fakes.guest_daemon import DaemonProcess, make_root
-    config = tmp_path / "xentmem.toml"
-    config.write_text("[daemon]\nnbd_swap_mib = 2\n")
-    root = make_root(tmp_path)
     env = {"XENTMEM_ROOT": str(kernel_root)}
-    dirs = ("--run-dir", str(tmp_path / "run"), "--state-dir", str(tmp_path / "state"))
     for run in ("first", "second"):
-        (tmp_path / run).mkdir()
-        process = DaemonProcess(tmp_path / run, root, config, dirs)
-        try:
-            process.wait_ready()
-            xentmem = xentmem_at(tmp_path / "run" / "control.sock")
+        with configured_daemon(tmp_path / run, "[daemon]\nnbd_swap_mib = 2\n", xentmem_at,
+                               state=tmp_path) as xentmem:
             started = json.loads(xentmem("swap", "start", "--json", env=env).stdout)
             assert started["started"], (run, started)
             assert xentmem("swap", "stop", env=env).exit_code == 0
-        finally:
-            assert process.stop() == 0
         record = json.loads((tmp_path / "state" / "shutdown.json").read_text())
         assert record["nbd_removed"] == ["swap-at-start"]  # its device was detached
         assert list((tmp_path / "state" / "swap").glob("type-*.swap")) == []
@@ -284,22 +288,15 @@ def test_after_a_clean_stop_the_next_start_attaches_swap_again(
 
 def test_start_puts_the_swap_on_the_configured_backing_file(
         tmp_path: Path, kernel_root: Path, tools: FakeTools, xentmem_at) -> None:
-    from fakes.guest_daemon import DaemonProcess, make_root
     disk = tmp_path / "disk"
     disk.mkdir(mode=0o700)
-    config = tmp_path / "xentmem.toml"
-    config.write_text(f'[daemon]\nnbd_swap_mib = 1\nnbd_swap_backing = "{disk}/boot.swap"\n')
-    process = DaemonProcess(tmp_path, make_root(tmp_path), config)
-    try:
-        process.wait_ready()
-        xentmem = xentmem_at(process.socket)
-        env = {"XENTMEM_ROOT": str(kernel_root)}
+    env = {"XENTMEM_ROOT": str(kernel_root)}
+    text = f'[daemon]\nnbd_swap_mib = 1\nnbd_swap_backing = "{disk}/boot.swap"\n'
+    with configured_daemon(tmp_path, text, xentmem_at) as xentmem:
         started = json.loads(xentmem("swap", "start", "--json", env=env).stdout)
         assert started["started"] and started["path"] == str(disk / "boot.swap")
         assert (disk / "boot.swap").is_file()
         assert xentmem("swap", "stop", env=env).exit_code == 0
-    finally:
-        assert process.stop() == 0
     assert list(disk.iterdir()) == []  # removed at the stop, with its detached export
 
 
@@ -319,15 +316,9 @@ def test_start_replaces_its_export_when_no_device_holds_it(
     """An export ``swap-at-start`` that came back with the daemon (kept at a stop whose
     disconnect the daemon had not seen yet) while the kernel holds no device for it: its
     swap was off, so start replaces it rather than leave the guest without swap."""
-    from fakes.guest_daemon import DaemonProcess, make_root
-    config = tmp_path / "xentmem.toml"
-    config.write_text("[daemon]\nnbd_swap_mib = 1\n")
-    process = DaemonProcess(tmp_path, make_root(tmp_path), config)
-    try:
-        process.wait_ready()
-        xentmem = xentmem_at(process.socket)
-        env = {"XENTMEM_ROOT": str(kernel_root)}
-        with ControlClient(process.socket, timeout=30) as client:
+    env = {"XENTMEM_ROOT": str(kernel_root)}
+    with configured_daemon(tmp_path, "[daemon]\nnbd_swap_mib = 1\n", xentmem_at) as xentmem:
+        with ControlClient(xentmem.socket_path, timeout=30) as client:
             client.call("nbd.add", pages=256, name="swap-at-start", device="/dev/nbd3")
         started = json.loads(xentmem("swap", "start", "--json", env=env).stdout)
         assert started["started"] and started["replaced"] == "swap-at-start"
@@ -336,5 +327,3 @@ def test_start_replaces_its_export_when_no_device_holds_it(
         assert [(e["name"], e["device"]) for e in exports] == [("swap-at-start", "/dev/nbd0")]
         again = json.loads(xentmem("swap", "start", "--json", env=env).stdout)
         assert again["started"] is False and "replaced" not in again  # nbd0 is held
-    finally:
-        assert process.stop() == 0

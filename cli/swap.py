@@ -186,7 +186,7 @@ def start(app: App, *, as_json: bool) -> None:
     mib = int(listed.get("swap_at_start_mib") or 0)
     ours = next((e for e in listed["exports"] if e["name"] == START_NAME), None)
     retired = None
-    if ours is not None and mib and not _held(k, ours.get("device")):
+    if ours is not None and mib and not (ours.get("device") and k.holds(ours["device"])):
         # No device holds it: its swap was turned off (the daemon's stop keeps an export
         # whose disconnect it had not seen yet), so its pages are stale: a fresh one.
         retired = app.call("nbd.remove", name=START_NAME)["name"]
@@ -205,10 +205,6 @@ def start(app: App, *, as_json: bool) -> None:
         result["replaced"] = retired
     app.emit(result, as_json=as_json, render=render.tree)
 
-
-def _held(k: Kernel, device: str | None) -> bool:
-    """Whether the kernel holds ``device``: a connection on it, or swap on it."""
-    return bool(device) and (k.connected(device) or device in k.swaps())
 
 
 @swap.command()

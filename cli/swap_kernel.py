@@ -88,9 +88,13 @@ class Kernel:
         """The driver has a connection on ``device`` (``/sys/block/nbdN/pid`` exists)."""
         return self.roots.under(f"/sys/block/{Path(device).name}/pid").exists()
 
+    def holds(self, device: str) -> bool:
+        """The kernel uses ``device``: a connection on it, or swap on it."""
+        return self.connected(device) or device in self.swaps()
+
     def free_device(self, taken: Sequence[str] = ()) -> str:
         for device in self.devices():
-            if device not in taken and not self.connected(device) and device not in self.swaps():
+            if device not in taken and not self.holds(device):
                 return device
         raise SwapStepFailed("every /dev/nbd* device is in use (modprobe nbd nbds_max=N)")
 

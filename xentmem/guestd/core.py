@@ -52,7 +52,7 @@ from xentmem.guestd.config import (
 from xentmem.guestd.mainthread import DaemonBusy
 from xentmem.guestd.metrics import collect, render
 from xentmem.guestd.nbd.exports import TABLE as NBD_EXPORTS_TABLE
-from xentmem.guestd.nbd.exports import Exports
+from xentmem.guestd.nbd.exports import Exports, recorded_files
 from xentmem.guestd.record import SHUTDOWN_FILE, START_FAILED, RunRecord
 from xentmem.guestd.record import STOPPED as RUN_STOPPED
 from xentmem.guestd.swap import DEFAULT_STATE_DIR, SwapAreas, boot_id, lost_at_exit
@@ -579,10 +579,11 @@ class Daemon:
                       "kept them across the restart (zcache's page arena does: see its line "
                       "when it loads)", crashed[0].get("pid"))
         self.record.begin()
-        found = self.swap.reattach(self.nbd.recorded_files())
+        rows = self.nbd.read_table()
+        found = self.swap.reattach(recorded_files(rows))
         if found:
             self.record.add(reattached=found)
-        restored = self.nbd.restore()  # the kernel's devices reconnect to them by name
+        restored = self.nbd.restore(rows)  # the kernel's devices reconnect to them by name
         if restored:
             self.record.add(nbd_restored=restored)
         return found

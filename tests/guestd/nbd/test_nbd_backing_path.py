@@ -19,7 +19,7 @@ from fakes.libc import RecordingLibc
 from xentmem.errors import AbiError
 from xentmem.guest.frontends import Frontswap
 from xentmem.guest.shim import Shim
-from xentmem.guestd.nbd.exports import TABLE, Exports
+from xentmem.guestd.nbd.exports import TABLE, Exports, recorded_files
 from xentmem.guestd.nbd.resident import Residency
 from xentmem.guestd.swap import SwapAreas
 from xentmem.roots import Roots
@@ -58,8 +58,9 @@ def guest(state: Path) -> Guest:
 def restarted(state: Path) -> tuple[Guest, list[dict], list[str]]:
     """A new daemon over ``state``, as the daemon's start does it."""
     again = guest(state)
-    found = again.swap.reattach(again.exports.recorded_files())
-    return again, found, again.exports.restore()
+    rows = again.exports.read_table()
+    found = again.swap.reattach(recorded_files(rows))
+    return again, found, again.exports.restore(rows)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ Names are the client's handle: ``nbd-client -N NAME``, ``nbd+unix:///NAME?socket
 
 The exports of file areas are also written to a table next to the areas' files
 (:data:`TABLE`), with each file's path, so that after a kill the next daemon re-attaches
-the files (those at chosen paths by the table, :meth:`Exports.recorded_files`) and exports
+the files (those at chosen paths by the table, :func:`recorded_files`) and exports
 each area again under its name (:meth:`Exports.restore`) and the kernel's device
 can reconnect to it (docs/nbd.md, "When the daemon dies").
 """
@@ -40,6 +40,17 @@ DEVICE = re.compile(r"/dev/nbd[0-9]{1,4}")
 #: (``path`` was added later: a row without one names a file in the directory).
 TABLE = "nbd-exports.json"
 ROW_KEYS = frozenset({"name", "type", "pages", "device"})
+
+
+def recorded_files(untrusted_rows: list[Any]) -> dict[int, str]:
+    """Swap type -> path of each file area the table's rows name, for
+    :meth:`SwapAreas.reattach` (which checks them); untrusted."""
+    files: dict[int, str] = {}
+    for row in untrusted_rows:
+        if isinstance(row, dict) and type(row.get("type")) is int and \
+                isinstance(row.get("path"), str):
+            files.setdefault(row["type"], row["path"])
+    return files
 
 
 class ExportBusy(AbiError):
@@ -123,8 +134,9 @@ class Exports:
         log.info("nbd export %s removed (swap type %d)", name, export.swap_type)
         return summary
 
-    def _read_table(self) -> list[Any]:
-        """The table's rows as found (untrusted), [] if there is none or it is unreadable."""
+    def read_table(self) -> list[Any]:
+        """The table's rows as found (untrusted), [] if there is none or it is unreadable;
+        read once at start, for :func:`recorded_files` and :meth:`restore`."""
         if self.table is None:
             return []
         try:
@@ -135,16 +147,6 @@ class Exports:
             log.error("nbd exports table %s unreadable, no export restored: %s", self.table, exc)
             return []
         return untrusted_rows if isinstance(untrusted_rows, list) else []
-
-    def recorded_files(self) -> dict[int, str]:
-        """Swap type -> path of each file area the table names, for
-        :meth:`SwapAreas.reattach` (which checks them); untrusted."""
-        files: dict[int, str] = {}
-        for row in self._read_table():
-            if isinstance(row, dict) and type(row.get("type")) is int and \
-                    isinstance(row.get("path"), str):
-                files.setdefault(row["type"], row["path"])
-        return files
 
     def held(self) -> set[str]:
         """The exports some client (the kernel's device) is connected to."""
@@ -165,16 +167,16 @@ class Exports:
                 removed.append(name)
         return removed
 
-    def restore(self) -> list[str]:
-        """At start, once the area files are re-attached: export each area the table names
-        again, under its name and with its device; the names restored.
+    def restore(self, untrusted_rows: list[Any]) -> list[str]:
+        """At start, once the area files are re-attached: export each area the table's rows
+        (:meth:`read_table`) name again, under its name and with its device; the names
+        restored.
 
         A row whose area did not come back (its file was damaged, or it was a memory area)
         or does not match it is dropped with a warning; the table is rewritten.
         """
         if self.table is None:
             return []
-        untrusted_rows = self._read_table()
         restored = []
         with self._lock:
             attached = set(self.frontswap.swap_types())

@@ -229,13 +229,17 @@ def test_gets_in_order_read_the_next_pages_ahead_in_one_mget() -> None:
     asked = counting_gets(tier)
     for n in remote_indexes[:40]:
         assert remote.get_page(pool, Oid(1), n) == (1, page(n)), n
-    # the first two gets are alone; the third ends a run in order, so it reads ahead; the
-    # rest are served from the buffer, or read ahead again
+    # the first two gets are alone; the third ends a run in order, so it reads the next pages
+    # ahead; the fourth, served from them, reads the window after them, so the reader finds
+    # every later page buffered instead of missing at the first window's end
     assert len(asked) == 2
-    assert 1 <= len(tier.mgets) <= 2
+    assert len(tier.mgets) == 2
     assert all(len({k.object_tag() for k in keys}) == 1 for keys in tier.mgets)
+    first, second = ([k.index for k in keys] for keys in tier.mgets)
+    assert first[0] == remote_indexes[2]
+    assert remote_indexes.index(second[0]) == remote_indexes.index(first[-1]) + 1
     stats = remote.stats()
-    assert stats["ramster_readahead_hits"] == 40 - 2 - len(tier.mgets)
+    assert stats["ramster_readahead_hits"] == 40 - 3
     assert stats["ramster_remote_pages"] == len(remote_indexes)  # persistent gets: still remote
 
 
@@ -297,6 +301,64 @@ def test_a_full_buffer_reads_no_more_ahead_until_its_pages_are_taken_or_stale() 
     assert len(fill_buffer(ahead, 20, remote)) == 4
     assert ahead.unused == 8 and len(ahead) == 4
     assert ahead.take((0, Oid(1), 3)) is None  # given up: a get fetches it again
+
+
+def test_a_get_near_the_furthest_page_read_ahead_reads_the_next_window() -> None:
+    """Asynchronous readahead: a page served within a window of the furthest page read ahead
+    in its object reads the window after it; one further back reads nothing."""
+    ahead = Readahead(pages=4, buffer=16)
+    remote = dict.fromkeys(range(100), 100)
+    assert [w[2] for w in fill_buffer(ahead, 0, remote)] == [1, 2, 3, 4]
+    assert ahead.begin_next((0, Oid(1), 9), remote) is None  # not buffered: a miss's case
+    flight = ahead.begin_next((0, Oid(1), 1), remote)
+    assert flight is not None and [w[2] for w in flight.wheres] == [5, 6, 7, 8]
+    ahead.end(flight, {w: b"page %d" % w[2] for w in flight.wheres})
+    assert ahead.begin_next((0, Oid(1), 2), remote) is None  # 2 < 8 - 4: far enough ahead
+    flight = ahead.begin_next((0, Oid(1), 4), remote)
+    assert flight is not None and [w[2] for w in flight.wheres] == [9, 10, 11, 12]
+    assert ahead.begin_next((0, Oid(1), 5), remote) is None  # 5 < 12 - 4 while on the wire
+
+
+def test_the_furthest_page_read_ahead_starts_again_at_a_miss_at_the_front() -> None:
+    """A miss behind another reader (pages ahead of it buffered) leaves the object's
+    furthest page read ahead; a miss with nothing ahead of it (what was read ahead has been
+    served: a second pass over a range) starts it again, so the pass reads ahead too."""
+    ahead = Readahead(pages=4, buffer=16)
+    remote = dict.fromkeys(range(100), 100)
+    assert [w[2] for w in fill_buffer(ahead, 40, remote)] == [41, 42, 43, 44]
+    behind = ahead.begin((0, Oid(1), 38), remote)  # a laggard: 41 on is buffered
+    assert behind is not None and [w[2] for w in behind.wheres] == [39, 40]
+    ahead.end(behind, {w: b"page %d" % w[2] for w in behind.wheres})
+    flight = ahead.begin_next((0, Oid(1), 41), remote)
+    assert flight is not None and [w[2] for w in flight.wheres] == [45, 46, 47, 48]
+    ahead.end(flight, {w: b"page %d" % w[2] for w in flight.wheres})
+    for n in range(39, 49):
+        assert ahead.take((0, Oid(1), n)) == b"page %d" % n
+    # a second pass from the start: its miss finds nothing ahead, so 48 is forgotten
+    assert [w[2] for w in fill_buffer(ahead, 2, remote)] == [3, 4, 5, 6]
+    flight = ahead.begin_next((0, Oid(1), 3), remote)
+    assert flight is not None and [w[2] for w in flight.wheres] == [7, 8, 9, 10]
+
+
+def test_a_failed_window_read_ahead_fails_no_get() -> None:
+    """The next window's MGET fails (the cluster blinks): the get that started it is served
+    from the buffer, and each page of that window is fetched by its own get later."""
+    _store, tier, remote, pool = remote_setup()
+    remote_indexes = sorted(i for oid, i in remote.remote_keys(pool))
+    for n in remote_indexes[:3]:  # the third reads ahead
+        assert remote.get_page(pool, Oid(1), n) == (1, page(n))
+    assert len(tier.mgets) == 1
+
+    def fail_next_mget(keys: list[RemoteKey]) -> GetResult:
+        tier.get_object = plain_mget  # type: ignore[method-assign]
+        raise RamsterUnavailable("ramster: stand-in cluster blinked")
+    plain_mget = tier.get_object
+    tier.get_object = fail_next_mget  # type: ignore[method-assign]
+    n = remote_indexes[3]
+    assert remote.get_page(pool, Oid(1), n) == (1, page(n))  # served; its window failed
+    assert tier.get_object is plain_mget
+    for n in remote_indexes[4:]:
+        assert remote.get_page(pool, Oid(1), n) == (1, page(n)), n
 
 
 def read_ahead_from(remote: RemotePages, pool: int, first: int) -> None:

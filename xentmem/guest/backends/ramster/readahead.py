@@ -13,6 +13,13 @@ pool, an exclusive get, a remotify's record), and a readahead on the wire when s
 happens brings back none of the dropped pages (:meth:`Readahead.end`).  A page is served
 once from here (a get takes it out): a second get fetches again.
 
+Readahead runs ahead of its readers, as the kernel's asynchronous readahead does: a get served
+from here within half a window of the furthest page read ahead in its object reads the next
+window, while the other callers sharing the range go on through this one (they find their
+pages buffered instead of each missing at the window's end and waiting for a round trip).
+The trigger is the object's furthest page asked for, not a marked page: callers that share a
+range do not keep step, and a marked page taken by a laggard comes too late.
+
 Pages served lately (from here or fetched) are remembered and not read ahead again: callers
 that share one range (a swap-in on several threads) each reset an object's run when one of
 them lags, and the laggard's readahead would otherwise bring back pages the others already
@@ -33,7 +40,7 @@ from xentmem.tmem.abi import Oid
 Where = tuple[int, Oid, int]
 
 #: Most pages one readahead asks for beside the missed one (one MGET, one reply).
-READAHEAD_PAGES = 32
+READAHEAD_PAGES = 64
 #: Most pages the buffer holds (compressed, as stored: at most a page each, with those on
 #: the wire): a full buffer reads no more ahead until its pages are taken or go stale.
 BUFFER_PAGES = 256
@@ -84,6 +91,8 @@ class Readahead:
         self._flying: dict[Where, Flight] = {}
         #: Pages served lately, oldest first (values unused: an ordered set).
         self._served: OrderedDict[Where, None] = OrderedDict()
+        #: (slot, oid) -> the furthest index a readahead of the object asked for.
+        self._asked_to: OrderedDict[tuple[int, Oid], int] = OrderedDict()
         self.read = 0
         self.hits = 0
         self.unused = 0
@@ -107,6 +116,18 @@ class Readahead:
         if len(self._served) > SERVED_REMEMBERED:
             self._served.popitem(last=False)
 
+    def begin_next(self, where: Where, remote: Mapping[int, int]) -> Flight | None:
+        """For a get of buffered ``where`` within half a window of the furthest page read
+        ahead in its object: the readahead of the next window (as :meth:`begin`), else None.
+        Called before :meth:`take` serves it."""
+        if where not in self._buffered:
+            return None
+        slot, oid, index = where
+        furthest = self._asked_to.get((slot, oid), -1)
+        if index < furthest - self.pages:
+            return None
+        return self.begin(where, remote, after=furthest)
+
     def flying(self, where: Where) -> Flight | None:
         """The readahead on the wire that asked for ``where``, if any."""
         return self._flying.get(where)
@@ -128,10 +149,12 @@ class Readahead:
             self._last.popitem(last=False)
         return run >= IN_ORDER_RUN and forward
 
-    def begin(self, where: Where, remote: Mapping[int, int]) -> Flight | None:
-        """A readahead after a missed ``where``: the object's next remote pages (``remote``:
-        its index -> size) that are not buffered, at most ``pages`` and as many as the buffer
-        has room for; None when there are none.
+    def begin(self, where: Where, remote: Mapping[int, int], *,
+              after: int | None = None) -> Flight | None:
+        """A readahead after a missed ``where`` (or, ``after`` given, after that index):
+        the object's next remote pages (``remote``: its index -> size) that are not
+        buffered, at most ``pages`` and as many as the buffer has room for; None when there
+        are none.
 
         A full buffer pushes out none of its pages for a new readahead: callers that share a
         range (each takes every Nth page) leave a starved one's pages behind, and pushing
@@ -142,17 +165,29 @@ class Readahead:
         if room <= 0:
             return None
         slot, oid, index = where
+        if after is not None:
+            index = max(index, after)
         wanted: list[Where] = []
+        behind = False  # a page ahead is buffered or on the wire: another reader is further
         for following in range(index + 1, index + 1 + self.pages):
             page = (slot, oid, following)
-            if (following in remote and page not in self._buffered
-                    and page not in self._flying and page not in self._served):
+            if page in self._buffered or page in self._flying:
+                behind = True
+            elif following in remote and page not in self._served:
                 wanted.append(page)
                 if len(wanted) == room:
                     break
         if not wanted:
             return None
         flight = Flight(wanted)
+        # The furthest page asked for: a miss at the front starts it again (what was read
+        # ahead before has been served), one behind another reader leaves it.
+        asked_to = self._asked_to
+        furthest = asked_to.pop((slot, oid), -1)
+        asked_to[(slot, oid)] = (max(furthest, wanted[-1][2]) if behind or after is not None
+                                 else wanted[-1][2])
+        if len(asked_to) > OBJECTS_TRACKED:
+            asked_to.popitem(last=False)
         self._flights.append(flight)
         for page in wanted:
             self._flying[page] = flight
@@ -200,6 +235,8 @@ class Readahead:
             del self._served[where]
         for slot, oid in [o for o in self._last if matches((*o, 0))]:  # an object's or all
             del self._last[(slot, oid)]
+        for slot, oid in [o for o in self._asked_to if matches((*o, 0))]:
+            del self._asked_to[(slot, oid)]
         for flight in self._flights:
             flight.dropped.update(w for w in flight.wheres if matches(w))
 

@@ -34,6 +34,7 @@ from xentmem.tmem.store import TmemStore, pack_page, unpack_page
 from .fetch import Fetcher
 from .readahead import Flight, Readahead
 from .record import RecordError, RemoteKey, owner_of_shared, parse_name
+from .tier import GetResult as GetMany
 from .tier import RamsterUnavailable, RemoteTier
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,8 @@ class RemotePages:
                 return rc, None
             if ahead:
                 in_order = self._ahead.in_order(where)
+                if in_order:  # near the furthest page read ahead: the next window
+                    flight = self._ahead.begin_next(where, obj)
                 buffered = self._ahead.take(where)
                 if buffered is None:
                     waiting = self._ahead.flying(where)
@@ -217,11 +220,15 @@ class RemotePages:
                 obj = self._remote.get(slot, {}).get(oid)
                 if obj is None or index not in obj:  # flushed meanwhile
                     return rc, None
+                if in_order:
+                    flight = self._ahead.begin_next(where, obj)
                 buffered = self._ahead.take(where)
         key = RemoteKey(self.owner, slot, oid, index)
         try:
             if buffered is not None:
                 found: bytes | None = self._unpacked(key, buffered)
+                if flight is not None:
+                    self._read_window(flight)
             elif flight is not None:
                 found = self._read_ahead(key, flight)
             else:
@@ -263,21 +270,32 @@ class RemotePages:
     def _read_ahead(self, key: RemoteKey, flight: Flight) -> bytes | None:
         """The missed page and the object's next remote pages in one MGET; the others wait
         in the buffer (none dropped meanwhile).  Answers as :meth:`Fetcher.get` does."""
-        keys = [key] + [RemoteKey(self.owner, *where) for where in flight.wheres]
-        kept: dict[Where, bytes] = {}
-        try:
-            found = self.tier.get_object(keys)
-            for other, where in zip(keys[1:], flight.wheres):
-                data = found.pages.get(other)
-                if data is not None:
-                    kept[where] = data
-        finally:
-            with self._books:
-                self._ahead.end(flight, kept)
+        found = self._read_window(flight, key)
         if key in found.refused:
             raise found.refused[key]
         data = found.pages.get(key)
         return None if data is None else self._unpacked(key, data)
+
+    def _read_window(self, flight: Flight, key: RemoteKey | None = None) -> GetMany:
+        """``flight``'s pages (and ``key``'s, a miss) in one MGET; they wait in the buffer.
+        Without a miss (a marker's next window) a failure keeps nothing and raises nothing:
+        each page is fetched by its own get, which reports it."""
+        keys = [RemoteKey(self.owner, *where) for where in flight.wheres]
+        kept: dict[Where, bytes] = {}
+        try:
+            found = self.tier.get_object(keys if key is None else [key, *keys])
+            for other, where in zip(keys, flight.wheres):
+                data = found.pages.get(other)
+                if data is not None:
+                    kept[where] = data
+        except BackendError:
+            if key is not None:
+                raise
+            found = GetMany()
+        finally:
+            with self._books:
+                self._ahead.end(flight, kept)
+        return found
 
     def _get_failed(self, key: RemoteKey, exc: BaseException) -> None:
         """One log line per outage (the tier's line names the node and what failed)."""

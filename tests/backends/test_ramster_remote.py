@@ -223,6 +223,35 @@ def counting_gets(tier: StandInTier) -> list[RemoteKey]:
     return asked
 
 
+def test_a_cramped_remotify_is_counted_and_said_once(caplog: Any) -> None:
+    """Once the remote pages' index takes half the capacity, remotify finds few local pages
+    to move: each such round is counted, the first one warned about (what to raise); the
+    warning comes again only after the index fell below a quarter."""
+    store, _tier, remote, pool, _clock = setup(capacity_pages=40)
+    caplog.set_level("WARNING", logger="xentmem.guest.backends.ramster.remote")
+
+    def put_until_cramped(oid: Oid) -> None:
+        before = remote.remotify_cramped
+        for n in range(2000):
+            if remote.put_page(pool, oid, n, page(n)) != 1 or remote.remotify_cramped > before:
+                return
+        raise AssertionError("2000 puts and no cramped remotify")
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "remotify found" in r.getMessage()]
+
+    put_until_cramped(Oid(1))
+    assert 2 * remote.stats()["ramster_bookkeeping_bytes"] >= store.capacity_bytes
+    for n in range(2000, 2050):  # more puts in the same state: counted, not said again
+        remote.put_page(pool, Oid(1), n, page(n))
+    assert remote.stats()["ramster_remotify_cramped"] > 1
+    assert len(warnings()) == 1 and "raise zcache's capacity" in warnings()[0]
+    assert remote.flush_object(pool, Oid(1)) == 1  # the index empties
+    remote.remotify(store.capacity_bytes)  # a round that sees it small again
+    put_until_cramped(Oid(2))
+    assert len(warnings()) == 2
+
+
 def test_gets_in_order_read_the_next_pages_ahead_in_one_mget() -> None:
     _store, tier, remote, pool = remote_setup()
     remote_indexes = sorted(i for oid, i in remote.remote_keys(pool))

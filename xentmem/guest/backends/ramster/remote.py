@@ -53,6 +53,10 @@ LRU_ENTRY_BYTES = 320
 BATCH_MIN_BYTES = 256 * 1024
 BATCH_MAX_BYTES = 1024 * 1024
 BATCH_PAGES = 512
+#: A remotify that finds fewer local pages than this to move while the remote pages' index
+#: takes half the capacity or more is *cramped*: the local store has almost nothing left,
+#: so puts wait for a remotify of a page or two each (warned once, counted).
+CRAMPED_PAGES = 16
 #: After the cluster failed a remotify, the next one waits this long (puts meanwhile are
 #: what the local store alone can take); then it is tried again by itself.
 PAUSE_S = 5.0
@@ -104,6 +108,8 @@ class RemotePages:
         self._get_failing = False
         self.remotify_failures = 0
         self.remotify_rounds = 0
+        self.remotify_cramped = 0
+        self._cramped_warned = False
         #: Gets of remote pages: concurrent callers share one pipeline per master.
         self.fetcher = Fetcher(tier, wait_s=lambda: FETCH_WAIT_TIMEOUTS *
                                tier.config.timeout_ms / 1000 + FETCH_WAIT_S, ready=unpack_page)
@@ -430,7 +436,26 @@ class RemotePages:
                 if batch:
                     moved += self._move(batch, persistent=persistent)
             self.remotify_rounds += 1
+            self._note_cramped(len(pers) + len(eph))
             return moved
+
+    def _note_cramped(self, found: int) -> None:
+        """Count a cramped remotify (CRAMPED_PAGES), and say once why and what to do; said
+        again after the index has fallen below a quarter of the capacity."""
+        index = self._bookkeeping_bytes()
+        capacity = self._store.capacity_bytes
+        if found < CRAMPED_PAGES and 2 * index >= capacity:
+            self.remotify_cramped += 1
+            if not self._cramped_warned:
+                self._cramped_warned = True
+                log.warning(
+                    "ramster: the index of %d remote page(s) takes %d of zcache's %d KiB "
+                    "capacity: remotify found %d local page(s) to move, so puts wait for a "
+                    "round trip each; raise zcache's capacity (each remote page costs %d "
+                    "bytes of it: docs/ramster.md, \"Capacity planning\")", self._remote_pages,
+                    index >> 10, capacity >> 10, found, REMOTE_ENTRY_BYTES)
+        elif 4 * index < capacity:
+            self._cramped_warned = False
 
     def _persistent_victims(self, need: int, limit: int) -> list[tuple[Where, bytes]]:
         """The least recently used local persistent pages, until ``need`` bytes or ``limit``
@@ -626,6 +651,7 @@ class RemotePages:
             "ramster_reconnects": tier["reconnects"],
             "ramster_remotify_rounds": self.remotify_rounds,
             "ramster_remotify_failures": self.remotify_failures,
+            "ramster_remotify_cramped": self.remotify_cramped,
             "ramster_reachable": int(tier["reachable"]),
             "ramster_shared_pools": len(self._shared),
             "ramster_stale_keys": len(self._stale),

@@ -7,6 +7,7 @@ here the stand-in only answers or fails as told.
 
 from __future__ import annotations
 
+import errno
 import functools
 import random
 from typing import Any
@@ -386,6 +387,24 @@ def test_a_failed_window_read_ahead_fails_no_get() -> None:
     n = remote_indexes[3]
     assert remote.get_page(pool, Oid(1), n) == (1, page(n))  # served; its window failed
     assert tier.get_object is plain_mget
+    for n in remote_indexes[4:]:
+        assert remote.get_page(pool, Oid(1), n) == (1, page(n)), n
+
+
+def test_a_page_that_does_not_unpack_still_ends_the_window_it_started() -> None:
+    """The get that starts the next window serves a buffered page that fails to unpack
+    (checked record, bad lz4): -EIO for it, and the window is read and ended all the same,
+    none of its pages left on the wire for other gets to wait for."""
+    _store, tier, remote, pool = remote_setup()
+    remote_indexes = sorted(i for oid, i in remote.remote_keys(pool))
+    bad = remote_indexes[3]
+    key = RemoteKey("node", pool, Oid(1), bad)
+    tier.values[key.name()] = encode(key, b"\xff" * 100, persistent=True)
+    for n in remote_indexes[:3]:  # the third reads the next pages, the bad one among them
+        assert remote.get_page(pool, Oid(1), n) == (1, page(n))
+    assert remote.get_page(pool, Oid(1), bad)[0] == -errno.EIO
+    assert len(tier.mgets) == 2
+    assert remote._ahead._flights == []  # ended: no page of it waited for
     for n in remote_indexes[4:]:
         assert remote.get_page(pool, Oid(1), n) == (1, page(n)), n
 

@@ -232,9 +232,11 @@ class RemotePages:
         key = RemoteKey(self.owner, slot, oid, index)
         try:
             if buffered is not None:
-                found: bytes | None = self._unpacked(key, buffered)
-                if flight is not None:
-                    self._read_window(flight)
+                try:
+                    found: bytes | None = self._unpacked(key, buffered)
+                finally:  # the next window is read (and so ended) whatever this page is
+                    if flight is not None:
+                        self._read_window(flight)
             elif flight is not None:
                 found = self._read_ahead(key, flight)
             else:

@@ -13,11 +13,11 @@ pool, an exclusive get, a remotify's record), and a readahead on the wire when s
 happens brings back none of the dropped pages (:meth:`Readahead.end`).  A page is served
 once from here (a get takes it out): a second get fetches again.
 
-Readahead runs ahead of its readers, as the kernel's asynchronous readahead does: a get served
-from here within half a window of the furthest page read ahead in its object reads the next
-window, while the other callers sharing the range go on through this one (they find their
-pages buffered instead of each missing at the window's end and waiting for a round trip).
-The trigger is the object's furthest page asked for, not a marked page: callers that share a
+Readahead runs ahead of its readers, as the kernel's asynchronous readahead does: a get in
+order served from here within one window of the furthest page read ahead in its object reads
+the next window, while the other callers sharing the range go on through this one (they find
+their pages buffered instead of each missing at the window's end).  The trigger is the
+object's furthest page asked for, not a marked page as the kernel's: callers that share a
 range do not keep step, and a marked page taken by a laggard comes too late.
 
 Pages served lately (from here or fetched) are remembered and not read ahead again: callers
@@ -120,8 +120,8 @@ class Readahead:
             self._served.popitem(last=False)
 
     def begin_next(self, where: Where, remote: Mapping[int, int]) -> Flight | None:
-        """For a get of buffered ``where`` within half a window of the furthest page read
-        ahead in its object: the readahead of the next window (as :meth:`begin`), else None.
+        """For a get of buffered ``where`` within a window of the furthest page read ahead
+        in its object: the readahead of the next window (as :meth:`begin`), else None.
         Called before :meth:`take` serves it."""
         if where not in self._buffered:
             return None

@@ -286,7 +286,7 @@ class RemotePages:
 
     def _read_window(self, flight: Flight, key: RemoteKey | None = None) -> GetMany:
         """``flight``'s pages (and ``key``'s, a miss) in one MGET; they wait in the buffer.
-        Without a miss (a marker's next window) a failure keeps nothing and raises nothing:
+        Without a miss (the window ahead of the readers) a failure keeps nothing and raises nothing:
         each page is fetched by its own get, which reports it."""
         keys = [RemoteKey(self.owner, *where) for where in flight.wheres]
         kept: dict[Where, bytes] = {}
@@ -444,7 +444,7 @@ class RemotePages:
     def _note_cramped(self, found: int) -> None:
         """Count a cramped remotify (CRAMPED_PAGES), and say once why and what to do; said
         again after the index has fallen below a quarter of the capacity."""
-        index = self._bookkeeping_bytes()
+        index = self._remote_pages * REMOTE_ENTRY_BYTES  # the LRU's share is not the index's
         capacity = self._store.capacity_bytes
         if found < CRAMPED_PAGES and 2 * index >= capacity:
             self.remotify_cramped += 1

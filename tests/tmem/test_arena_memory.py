@@ -71,6 +71,22 @@ def test_a_store_s_tables_shrink_after_a_flood() -> None:
     assert store.flush_ephemeral() > 0
 
 
+def test_a_pool_s_object_table_shrinks_when_exclusive_gets_empty_its_objects() -> None:
+    """An exclusive get that takes an object's last page drops the object as a flush does,
+    the pool's table of objects compacted with it (the get once kept the flood's table)."""
+    store = TmemStore(256 * MIB)
+    pool = store.new_pool(1, PRIVATE_UUID, POOL_PRIVATE_EPHEMERAL)
+    for n in range(1 << 14):
+        assert store.put_page(1, pool, Oid(n), 0, b"") == 1
+    slot = store.clients[1].slots[pool]
+    assert slot is not None
+    peak = sys.getsizeof(slot.objects)
+    for n in range((1 << 14) - 100):
+        assert store.get_page(1, pool, Oid(n), 0) == (1, b"")
+    assert len(slot.objects) == 100 and store.obj_count == 100
+    assert sys.getsizeof(slot.objects) < peak / 8
+
+
 def test_a_trim_after_a_free_looks_at_what_was_freed(tmp_path: Path) -> None:
     """Frees give memory back once the idle frames pass the allowance (the larger of
     IDLE_FRAMES and a 64th of the frames), from the frames freed since the last trim; and

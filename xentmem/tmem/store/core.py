@@ -323,29 +323,8 @@ class TmemStore:
                     counters.lost_pages += 1
                     self._drop(pool, oid, index, stored=False)
                 return _GET_MISS
-            if exclusive:  # _drop, inlined: the page was there (now taken), the pool private
-                objects = pool.objects
-                obj = objects[oid]
-                size = obj.pop(index)
-                left = len(obj)
-                if not left:
-                    del objects[oid]
-                    self.obj_count -= 1
-                elif not left & (left - 1):
-                    objects[oid] = _compacted(obj)
-                pool.pages -= 1
-                pool.zbytes -= size
-                owner = self.clients[pool.owner]
-                lru = owner.lru
-                del lru[key]
-                left = len(lru)
-                if not left & (left - 1):
-                    owner.lru = _compacted(lru)
-                owner.eph_pages -= 1
-                owner.eph_zbytes -= size
-                self.used_bytes -= size + EPHEMERAL_PAGE_OVERHEAD
-                if not size:
-                    owner.zero_pages -= 1
+            if exclusive:  # the page is taken already: the rest of a flush
+                self._drop(pool, oid, index, stored=False)
             elif not pool.persistent:  # shared ephemeral: the page becomes most recently used
                 lru = self.clients[pool.owners[key]].lru
                 lru.move_to_end(key)

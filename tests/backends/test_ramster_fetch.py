@@ -215,3 +215,56 @@ def test_the_leader_hands_each_caller_its_page_ready_and_a_page_that_fails_is_re
     assert out[key(1)] == bytes([1]) * 8 + b"!" and out[key(2)] == bytes([2]) * 8 + b"!"
     assert isinstance(out[key(3)], RecordError) and "does not unpack" in str(out[key(3)])
     assert fetcher.get(key(99), exclusive=False) is None  # a miss is not made ready
+
+
+class _GatedLock:
+    """The fetcher's lock, where thread B's second entry (after its first wait timed out)
+    waits until ``opened``: the order a slow cluster makes, without sleeping."""
+
+    def __init__(self, opened: threading.Event) -> None:
+        self._lock = threading.Lock()
+        self._opened = opened
+        self.b_entries = 0
+
+    def __enter__(self) -> None:
+        if threading.current_thread().name == "B":
+            self.b_entries += 1
+            if self.b_entries == 2:
+                assert self._opened.wait(DEADLINE_S)
+        self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+def test_a_caller_handed_the_queue_after_its_wait_timed_out_answers_its_whole_batch() -> None:
+    """B's first wait times out just as the leader hands it the queue: B leads with its
+    wake already released, and must still answer itself and C (its own release once
+    raised RuntimeError, and C waited out its deadline)."""
+    tier = HeldTier()
+    handed = threading.Event()
+
+    class Handing(Fetcher):
+        def _hand_over(self) -> None:
+            super()._hand_over()
+            if threading.current_thread().name == "A":
+                handed.set()
+
+    fetcher = Handing(tier, wait_s=lambda: 0.0 if threading.current_thread().name == "B"
+                      else DEADLINE_S)  # type: ignore[arg-type]
+    lock = fetcher._lock = _GatedLock(handed)  # type: ignore[assignment]
+    out: dict[RemoteKey, Any] = {}
+    threads = [threading.Thread(target=call, args=(fetcher, key(n), False, out), name=name)
+               for n, name in ((1, "A"), (2, "B"), (3, "C"))]
+    threads[0].start()
+    assert tier.entered.wait(DEADLINE_S)
+    threads[1].start()
+    until(lambda: lock.b_entries == 2)  # B's first wait timed out: it waits at the lock
+    threads[2].start()
+    until(lambda: len(fetcher._queue) == 2)
+    tier.release.set()
+    for thread in threads:
+        thread.join(DEADLINE_S)
+        assert not thread.is_alive()
+    assert out == {key(n): bytes([n]) * 8 for n in (1, 2, 3)}
+    assert [len(c) for c in tier.calls] == [1, 2]

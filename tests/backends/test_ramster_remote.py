@@ -12,6 +12,7 @@ import functools
 import random
 from typing import Any
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -25,7 +26,13 @@ from xentmem.guest.backends.ramster.tier import (
     RamsterUnavailable,
     TierConfig,
 )
-from xentmem.tmem.abi import PAGE_SIZE, POOL_PRIVATE_PERSISTENT, PRIVATE_UUID, Oid
+from xentmem.tmem.abi import (
+    PAGE_SIZE,
+    POOL_PRIVATE_EPHEMERAL,
+    POOL_PRIVATE_PERSISTENT,
+    PRIVATE_UUID,
+    Oid,
+)
 from xentmem.tmem.store import TmemStore
 
 
@@ -201,6 +208,93 @@ def test_a_page_flushed_or_put_while_it_moves_stays_as_the_guest_left_it() -> No
 
 
 # -- readahead ---------------------------------------------------------------------------------
+
+
+def racing(tier: StandInTier, meanwhile: Any) -> None:
+    """The tier's next get first lets ``meanwhile`` run: what another thread does while a
+    get fetches outside the books."""
+    get = tier.get
+
+    def first(key: RemoteKey, *, exclusive: bool) -> bytes | None:
+        tier.get = get  # type: ignore[method-assign]
+        meanwhile()
+        return get(key, exclusive=exclusive)
+
+    tier.get = first  # type: ignore[method-assign]
+
+
+def test_a_get_racing_a_put_and_a_remotify_of_its_page_never_drops_the_new_copy() -> None:
+    """The get read the index (version 1 remote), the guest put version 2 and a remotify
+    moved it back out under the same key: the get's empty fetch must not take the new
+    entry with it (it once did: every later get missed an acknowledged page)."""
+    store, tier, remote, pool, _clock = setup()
+    for n in range(100):
+        assert remote.put_page(pool, Oid(1), n, page(n)) == 1
+    where = (pool, Oid(1), 5)
+
+    def put_then_move() -> None:
+        assert remote.put_page(pool, Oid(1), 5, page(555)) == 1
+        remote._lru.move_to_end(where, last=False)  # the oldest local page: moved first
+        remote.remotify(cost=store.capacity_bytes)
+        assert store.peek_page(0, pool, Oid(1), 5) is None
+
+    racing(tier, put_then_move)
+    assert remote.get_page(pool, Oid(1), 5) == (1, page(555))
+    assert remote.get_page(pool, Oid(1), 5) == (1, page(555))
+    assert (Oid(1), 5) in remote.remote_keys(pool)
+    assert not remote._deleting and not remote._versions
+
+
+@pytest.mark.parametrize("race", ["flush", "put"])
+def test_a_get_racing_a_flush_misses_and_one_racing_a_put_finds_the_new_page(
+        race: str) -> None:
+    _store, tier, remote, pool, _clock = setup()
+    for n in range(100):
+        assert remote.put_page(pool, Oid(1), n, page(n)) == 1
+    assert (Oid(1), 5) in remote.remote_keys(pool)
+    if race == "flush":
+        racing(tier, lambda: remote.flush_page(pool, Oid(1), 5))
+        assert remote.get_page(pool, Oid(1), 5) == (0, None)
+    else:
+        racing(tier, lambda: remote.put_page(pool, Oid(1), 5, page(555)))
+        assert remote.get_page(pool, Oid(1), 5) == (1, page(555))
+    assert not remote._deleting and not remote._versions
+
+
+def test_a_put_between_a_get_s_local_miss_and_its_index_lookup_is_found() -> None:
+    store, _tier, remote, pool, _clock = setup()
+    for n in range(100):
+        assert remote.put_page(pool, Oid(1), n, page(n)) == 1
+    assert (Oid(1), 5) in remote.remote_keys(pool)
+    get_page = store.get_page
+
+    def local_then_put(*args: Any) -> Any:
+        store.get_page = get_page  # type: ignore[method-assign]
+        found = get_page(*args)
+        assert remote.put_page(pool, Oid(1), 5, page(555)) == 1  # another thread
+        return found
+
+    store.get_page = local_then_put  # type: ignore[method-assign]
+    assert remote.get_page(pool, Oid(1), 5) == (1, page(555))
+
+
+def test_a_page_taken_by_an_exclusive_get_can_move_again() -> None:
+    """An exclusive get of a remote page forgets it without a delete pending: the page,
+    put again, is remotified like any other (it was once never moved again)."""
+    store = TmemStore(40 * (PAGE_SIZE + 600))
+    tier = StandInTier()
+    remote = RemotePages(store, 0, tier, ephemeral="move",  # type: ignore[arg-type]
+                         clock_now=lambda: 0.0)
+    pool = store.new_pool(0, PRIVATE_UUID, POOL_PRIVATE_EPHEMERAL)
+    for n in range(100):
+        assert remote.put_page(pool, Oid(1), n, page(n)) == 1
+    assert remote.get_page(pool, Oid(1), 0) == (1, page(0))
+    assert not remote._deleting
+    assert remote.put_page(pool, Oid(1), 0, page(1000)) == 1
+    for n in range(100, 400):
+        assert remote.put_page(pool, Oid(2), n, page(n)) == 1
+    assert (Oid(1), 0) in remote.remote_keys(pool)
+    assert store.peek_page(0, pool, Oid(1), 0) is None
 
 
 def remote_setup() -> tuple[TmemStore, StandInTier, RemotePages, int]:

@@ -200,7 +200,9 @@ class Fetcher:
         with self._lock:
             for request in batch:
                 request.finished = True
-                if request.wake is not None:
+                # A caller handed the queue after its first wait timed out leads with its
+                # wake already released (and nobody waits on it): release only a held one.
+                if request.wake is not None and request.wake.locked():
                     request.wake.release()
 
     def _make_ready(self, request: _Request) -> None:

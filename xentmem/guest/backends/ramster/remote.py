@@ -65,6 +65,10 @@ PAUSE_S = 5.0
 FETCH_WAIT_TIMEOUTS = 2
 FETCH_WAIT_S = 5.0
 
+#: A get whose page was put, flushed or moved while it fetched asks again, this many times
+#: at most (then -EIO for a persistent page, a miss for an ephemeral one).
+GET_TRIES = 4
+
 _DONE = 1
 _MISS: GetResult = (0, None)
 _EIO: GetResult = (-errno.EIO, None)
@@ -99,6 +103,13 @@ class RemotePages:
         #: Pages a remotify read and is moving: a put or flush of one takes it out, so the
         #: move knows the page changed without reading it again.
         self._moving: set[Where] = set()
+        #: Pages with gets fetching outside the books: [version, gets]; every change of
+        #: the page's index entry bumps its version, so a get can tell that what it
+        #: fetched is no longer what the entry it read named.
+        self._versions: dict[Where, list[int]] = {}
+        #: Puts into the local store so far: a get that missed there and then finds no
+        #: remote copy looks again only when a put came in between.
+        self._local_puts = 0
         #: Key names whose delete failed (the cluster was down); retried, never served.
         self._stale: set[str] = set()
         #: slot -> owner of the cluster-wide namespace of a shared pool.
@@ -177,6 +188,7 @@ class RemotePages:
         self._make_room(len(data) + store.overhead(persistent=persistent))
         with self._books:
             rc = store.put_page(cid, slot, oid, index, data)
+            self._local_puts += 1
             self._moving.discard(where)
             if persistent:
                 if rc == _DONE:
@@ -190,6 +202,20 @@ class RemotePages:
         return rc
 
     def get_page(self, slot: int, oid: Oid, index: int) -> GetResult:
+        for _ in range(GET_TRIES):
+            got = self._get_once(slot, oid, index)
+            if got is not None:
+                return got
+        pool = self._pool(slot)
+        log.warning("ramster: pool %d oid %s index %d changed under %d gets in a row; "
+                    "not served", slot, oid, index, GET_TRIES)
+        return _EIO if pool is not None and pool.persistent else _MISS
+
+    def _get_once(self, slot: int, oid: Oid, index: int) -> GetResult | None:
+        """One try of a get; None when the page's index entry changed while its remote copy
+        was fetched (a put, a flush, a remotify): what came back may be another version's
+        or nothing, so the caller asks again and the page's state now answers."""
+        puts = self._local_puts
         rc, data = self._store.get_page(self._cid, slot, oid, index)
         where = (slot, oid, index)
         if data is not None:
@@ -204,13 +230,19 @@ class RemotePages:
             return self._shared_get(slot, oid, index)
         pool = self._pool(slot)
         exclusive = pool is not None and pool.exclusive
-        ahead = pool is not None and pool.persistent and not exclusive
+        persistent = pool is not None and pool.persistent
+        ahead = persistent and not exclusive
         flight = waiting = None
         buffered: bytes | None = None
+        in_order = False
         with self._books:
             obj = self._remote.get(slot, {}).get(oid)
             if obj is None or index not in obj:
+                if puts != self._local_puts and \
+                        self._store.peek_page(self._cid, slot, oid, index) is not None:
+                    return None  # put (and its remote copy dropped) since the store missed
                 return rc, None
+            seen = self._watch(where)
             if ahead:
                 in_order = self._ahead.in_order(where)
                 if in_order:  # near the furthest page read ahead: the next window
@@ -220,49 +252,81 @@ class RemotePages:
                     waiting = self._ahead.flying(where)
                     if waiting is None and in_order:
                         flight = self._ahead.begin(where, obj)
-        if waiting is not None:  # another caller's readahead asked for it: wait for that
-            waiting.done.wait(self.fetcher.wait_s())
-            with self._books:
-                obj = self._remote.get(slot, {}).get(oid)
-                if obj is None or index not in obj:  # flushed meanwhile
-                    return rc, None
-                if in_order:
-                    flight = self._ahead.begin_next(where, obj)
-                buffered = self._ahead.take(where)
-        key = RemoteKey(self.owner, slot, oid, index)
+        watching = True
         try:
-            if buffered is not None:
-                try:
-                    found: bytes | None = self._unpacked(key, buffered)
-                finally:  # the next window is read (and so ended) whatever this page is
-                    if flight is not None:
-                        self._read_window(flight)
-            elif flight is not None:
-                found = self._read_ahead(key, flight)
-            else:
-                found = self.fetcher.get(key, exclusive=exclusive)
-        except RecordError:  # logged and counted by the tier: never served
+            if waiting is not None:  # another caller's readahead asked for it: wait for that
+                waiting.done.wait(self.fetcher.wait_s())
+                with self._books:
+                    if self._versions[where][0] != seen:
+                        return None
+                    obj = self._remote.get(slot, {}).get(oid)
+                    if obj is None or index not in obj:  # its pool destroyed meanwhile
+                        return rc, None
+                    if in_order:
+                        flight = self._ahead.begin_next(where, obj)
+                    buffered = self._ahead.take(where)
+            key = RemoteKey(self.owner, slot, oid, index)
+            try:
+                if buffered is not None:
+                    try:
+                        found: bytes | None = self._unpacked(key, buffered)
+                    finally:  # the next window is read (and so ended) whatever this page is
+                        if flight is not None:
+                            self._read_window(flight)
+                elif flight is not None:
+                    found = self._read_ahead(key, flight)
+                else:
+                    found = self.fetcher.get(key, exclusive=exclusive)
+            except RecordError:  # logged and counted by the tier: never served
+                with self._books:
+                    watching = False
+                    if not self._unwatch(where, seen):
+                        return None
+                    name = self._unrecord(where)
+                if name is not None:  # the damaged value goes too
+                    self._delete([name], deleting=[where])
+                return _EIO if persistent else _MISS
+            except BackendError as exc:
+                self._get_failed(key, exc)
+                return _EIO
+            self._get_failing = False
             with self._books:
-                self._unrecord(where)
-            return _EIO if pool is not None and pool.persistent else _MISS
-        except BackendError as exc:
-            self._get_failed(key, exc)
-            return _EIO
-        self._get_failing = False
-        if found is None or exclusive:
-            with self._books:
-                self._unrecord(where)
-        elif ahead and buffered is None:  # fetched: no readahead brings it back again
-            with self._books:
-                if index in self._remote.get(slot, {}).get(oid, ()):
+                watching = False
+                if not self._unwatch(where, seen):
+                    return None
+                if found is None or exclusive:  # its remote copy is gone: nothing to delete
+                    if self._unrecord(where) is not None:
+                        self._deleting.discard(where)
+                elif ahead and buffered is None:  # fetched: no readahead brings it back again
                     self._ahead.served(where)
+        finally:
+            if watching:
+                with self._books:
+                    self._unwatch(where, seen)
         if found is None:  # an ephemeral page's TTL ran out, or Redis evicted it
-            if pool is not None and pool.persistent:
+            if persistent:
                 log.error("ramster: %s: the cluster lost an acknowledged persistent page",
                           key.name())
                 return _EIO
             return _MISS
         return (1, found)
+
+    def _watch(self, where: Where) -> int:
+        """A get is about to fetch ``where`` outside the books (held): its version now."""
+        version = self._versions.get(where)
+        if version is None:
+            version = self._versions[where] = [0, 0]
+        version[1] += 1
+        return version[0]
+
+    def _unwatch(self, where: Where, seen: int) -> bool:
+        """That get is done (the books are held): whether ``where``'s index entry is still
+        the one it read (version ``seen``)."""
+        version = self._versions[where]
+        version[1] -= 1
+        if not version[1]:
+            del self._versions[where]
+        return version[0] == seen
 
     @staticmethod
     def _unpacked(key: RemoteKey, data: bytes) -> bytes:
@@ -531,6 +595,9 @@ class RemotePages:
     def _record(self, where: Where, size: int) -> None:
         slot, oid, index = where
         self._ahead.drop(where)
+        version = self._versions.get(where)
+        if version is not None:
+            version[0] += 1
         obj = self._remote.setdefault(slot, {}).setdefault(oid, {})
         if index not in obj:
             self._remote_pages += 1
@@ -546,6 +613,9 @@ class RemotePages:
             return None
         self._remote_zbytes -= obj.pop(index)
         self._ahead.drop(where)
+        version = self._versions.get(where)
+        if version is not None:
+            version[0] += 1
         if not obj:
             del objects[oid]
             if not objects:

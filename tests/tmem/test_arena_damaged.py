@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 
 from xentmem.errors import ArenaDamaged, ArenaError, ArenaRefused, ParamError
+from xentmem.tmem.abi import POOL_PRIVATE_EPHEMERAL, PRIVATE_UUID, Oid
 from xentmem.tmem.arena import ARENA_PARAMS, Arena
 from xentmem.tmem.arenafile import _HEADER, DATA, MIN_SEGMENT, PAGE, REGIONS_AT
 from xentmem.tmem.index import PAGE_FIELDS, PAGE_RECORD
+from xentmem.tmem.store import ArenaPages, TmemStore
 
 KEY = (3, (1, 2, 3), 9)
 OTHER = (3, (1, 2, 3), 10)
@@ -164,6 +166,43 @@ def test_a_page_whose_bytes_change_while_open_is_never_served(
         assert arena.get(KEY) is None and len(arena) == 1  # gone, reported missing
         assert arena.get(OTHER) == b"B" * 700
     assert "failed its checksum" in caplog.text
+
+
+@pytest.mark.parametrize("allocator", ["zbud", "zsmalloc"])
+def test_a_page_kept_raw_that_fails_while_open_gives_its_frame_back(
+    tmp_path: Path, allocator: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 4096-byte page (zbud: a "huge" frame of its own, outside its buddy lists) dropped
+    for its checksum frees its frame (zbud once kept it until the arena was reopened)."""
+    with small(tmp_path / "arena", allocator=allocator) as arena:
+        arena.put(KEY, os.urandom(PAGE))
+        _, rec, _ = arena._index.find_page(arena._object((3, 1, 2, 3), False), 9)
+        arena._mm[arena._data + rec[2] * 16] ^= 0x01
+        with caplog.at_level(logging.ERROR):
+            assert arena.get(KEY) is None
+        assert arena.checksum_failures == 1 and len(arena) == 0
+        assert arena._frames.used == 0 and "kept until" not in caplog.text
+
+
+def test_a_store_never_keeps_a_page_its_arena_dropped_for_a_checksum(tmp_path: Path) -> None:
+    """A second tier's reads (peek_page, oldest_ephemeral) meet a damaged page as a get
+    does: dropped from the store's index and accounting, counted lost, never handed on."""
+    for reader in ("peek", "oldest"):
+        pages = ArenaPages(small(tmp_path / f"arena-{reader}"))
+        store = TmemStore(PAGE * 64, pages=pages)
+        pool = store.new_pool(1, PRIVATE_UUID, POOL_PRIVATE_EPHEMERAL)
+        assert store.put_page(1, pool, Oid(7), 3, b"C" * 1000) == 1
+        arena = pages.arena
+        gid = store.clients[1].slots[pool].gid  # type: ignore[union-attr]
+        _, rec, _ = arena._index.find_page(arena._object((gid, 7, 0, 0), False), 3)
+        arena._mm[arena._data + rec[2] * 16] ^= 0x01
+        if reader == "peek":
+            assert store.peek_page(1, pool, Oid(7), 3) is None
+        else:
+            assert store.oldest_ephemeral(1, 4) == []
+        assert store.page_keys(1, pool) == [] and store.used_bytes == 0
+        assert store.clients[1].counters.lost_pages == 1
+        pages.close()
 
 
 def test_a_damaged_record_drops_only_its_page(filled: tuple[Path, str]) -> None:

@@ -166,12 +166,12 @@ class Zbud:
         holds (a record damaged while open must not free another's bytes)."""
         frame, at = divmod(offset, PAGE)
         state = self.frames.state
-        if sub or not 0 < size <= PAGE or frame >= len(state) or frame >= len(self.first):
+        if sub or not 0 < size <= PAGE or frame >= len(state):
             return False
-        if at == 0:
+        if at == 0:  # a huge page's frame: not in first/last, which only buddies grow
             return size > MAX_BUDDY and state[frame] == HUGE
         chunks = size_to_chunks(size)
-        if size > MAX_BUDDY or state[frame] != ZBUD:
+        if size > MAX_BUDDY or state[frame] != ZBUD or frame >= len(self.first):
             return False
         if at == FIRST_AT:
             return self.first[frame] == chunks

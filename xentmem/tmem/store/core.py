@@ -317,11 +317,8 @@ class TmemStore:
             data = self._page_take(key) if exclusive else self._page_get(key)
             if data is None:
                 obj = pool.objects.get(oid)
-                if obj is not None and index in obj:  # lost by the storage: never served
-                    log.warning("tmem: pool %d oid %s index %d: page missing from storage; "
-                                "dropped", pool.gid, oid, index)
-                    counters.lost_pages += 1
-                    self._drop(pool, oid, index, stored=False)
+                if obj is not None and index in obj:
+                    self._lost(client, pool, oid, index)
                 return _GET_MISS
             if exclusive:  # the page is taken already: the rest of a flush
                 self._drop(pool, oid, index, stored=False)
@@ -382,7 +379,10 @@ class TmemStore:
             if obj is None or index not in obj:
                 return None
             w0, w1, w2 = oid
-            return self._page_get((pool.gid, w0, w1, w2, index))
+            data = self._page_get((pool.gid, w0, w1, w2, index))
+            if data is None:
+                self._lost(client, pool, oid, index)  # type: ignore[arg-type]
+            return data
 
     def take_page(self, cid: int, pool_id: int, oid: Oid, index: int) -> bool:
         """Drop one page if it is there (a copy of it went elsewhere; the caller knows it
@@ -406,13 +406,20 @@ class TmemStore:
             slots = {id(pool): slot for slot, pool in enumerate(client.slots)
                      if pool is not None and pool.exclusive}
             found = []
+            lost = []
             for key in client.lru:
                 if len(found) >= count:
                     break
                 slot = slots.get(id(self._by_gid[key[0]]))
-                data = self._page_get(key) if slot is not None else None
-                if data is not None:
+                if slot is None:
+                    continue
+                data = self._page_get(key)
+                if data is None:
+                    lost.append(key)
+                else:
                     found.append((slot, Oid(*key[1:4]), key[4], data))
+            for key in lost:
+                self._lost(client, self._by_gid[key[0]], Oid(*key[1:4]), key[4])
             return found
 
     # -- control (xl tmem-*, TMEMC_*) -----------------------------------------------------------
@@ -698,6 +705,14 @@ class TmemStore:
             counters.failed_eph_puts += 1
         if duplicate:
             counters.put_to_flush += 1
+
+    def _lost(self, client: Client, pool: Pool, oid: Oid, index: int) -> None:
+        """The storage no longer holds a page the index lists (it failed its checksum):
+        never served, counted, and dropped from the index and the accounting."""
+        log.warning("tmem: pool %d oid %s index %d: page missing from storage; dropped",
+                    pool.gid, oid, index)
+        client.counters.lost_pages += 1
+        self._drop(pool, oid, index, stored=False)
 
     def _drop(self, pool: Pool, oid: Oid, index: int, *, stored: bool = True) -> None:
         """Take one page (which is there) out of the pool, its storage (unless the storage

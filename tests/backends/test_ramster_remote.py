@@ -297,6 +297,38 @@ def test_a_page_taken_by_an_exclusive_get_can_move_again() -> None:
     assert store.peek_page(0, pool, Oid(1), 0) is None
 
 
+def test_an_ephemeral_page_whose_old_copy_is_being_deleted_does_not_move() -> None:
+    """While a put's delete of the page's old remote copy is on the wire, a remotify (on
+    another thread) leaves the page alone: a copy it sent could be the one that delete
+    takes (persistent pages were already skipped)."""
+    store = TmemStore(40 * (PAGE_SIZE + 600))
+    tier = StandInTier()
+    remote = RemotePages(store, 0, tier, ephemeral="move",  # type: ignore[arg-type]
+                         clock_now=lambda: 0.0)
+    pool = store.new_pool(0, PRIVATE_UUID, POOL_PRIVATE_EPHEMERAL)
+    for n in range(100):
+        assert remote.put_page(pool, Oid(1), n, page(n)) == 1
+    assert (Oid(1), 0) in remote.remote_keys(pool)
+    name = RemoteKey("node", pool, Oid(1), 0).name()
+    sent: list[str] = []
+    put_many, delete_names = tier.put_many, tier.delete_names
+
+    def spy(pages: Any, *, persistent: bool) -> Any:
+        sent.extend(k.name() for k, _d in pages)
+        return put_many(pages, persistent=persistent)
+
+    def deleting(names: list[str]) -> None:
+        tier.delete_names = delete_names  # type: ignore[method-assign]
+        remote.remotify(cost=store.capacity_bytes)  # another thread, meanwhile
+        delete_names(names)
+
+    tier.put_many = spy  # type: ignore[method-assign]
+    tier.delete_names = deleting  # type: ignore[method-assign]
+    assert remote.put_page(pool, Oid(1), 0, page(1000)) == 1
+    assert sent and name not in sent
+    assert remote.get_page(pool, Oid(1), 0) == (1, page(1000))
+
+
 def remote_setup() -> tuple[TmemStore, StandInTier, RemotePages, int]:
     """Pages 0-99 of Oid(1) put, most of them moved to the stand-in cluster."""
     store, tier, remote, pool, _clock = setup()

@@ -493,8 +493,11 @@ class RemotePages:
                             self._cid, BATCH_PAGES):
                         if need <= 0:
                             break
-                        eph.append(((slot, oid, index), data))
-                        self._moving.add((slot, oid, index))
+                        where = (slot, oid, index)
+                        if where in self._deleting:  # its old copy's delete could take it
+                            continue
+                        eph.append((where, data))
+                        self._moving.add(where)
                         need -= len(data) + cost_each
             pers = self._persistent_victims(need, BATCH_PAGES - len(eph))
             moved = 0

@@ -13,8 +13,11 @@ from fakes.recording_backend import RecordingBackend
 
 from xentmem.guest.cmdline import BootParams
 from xentmem.guest.frontends import FileBacking, MemoryBacking
+from xentmem.guest.frontends.frontswap import Frontswap
+from xentmem.guest.frontends.keys import swizzle_oids
 from xentmem.guest.shim import Shim
 from xentmem.roots import Roots
+from xentmem.tmem.abi import POOL_PRIVATE_PERSISTENT, PRIVATE_UUID
 
 PAGE = 4096
 #: Every wait for another thread: bounded, generously (a busy CI machine).
@@ -152,3 +155,49 @@ def test_an_unload_waits_for_a_store_inside_the_backend(tmp_path: Path) -> None:
     assert not store.is_alive() and not unload.is_alive()
     assert shim.backend is None
     assert shim.frontswap.load(0, 5) == page(5)
+
+
+class OutlivingBackend(RecordingBackend):
+    """A backend whose pages outlived a crash (as zcache's arena): its pool already holds
+    an old copy of a swap page when frontswap registers it."""
+
+    name = "outliving"
+    outlives_process = True
+    restored_pools = 1
+
+    def restored_pages(self, pool_id: int) -> list[tuple[Any, int]]:
+        return [(oid, index) for (pool, oid, index) in self.pages if pool == pool_id]
+
+
+def test_a_backend_registered_while_a_store_writes_the_backing_store_adopts_no_older_page(
+        ) -> None:
+    """A store that found no backend writes the backing store; a backend whose pages
+    outlived a crash registers meanwhile and holds an older copy of that slot: it must not
+    adopt it (it once did, and later loads served the old page)."""
+    frontswap = Frontswap()
+    backing = MemoryBacking(16)
+    frontswap.init(0, backing)
+    backend = OutlivingBackend({"max_pools": 16, "label": "x"})
+    pool = backend.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+    backend.pages[(pool, swizzle_oids(0)[0], 0)] = b"O" * PAGE  # offset 0's old copy
+    backend.new_pool = lambda uuid, flags: pool  # type: ignore[method-assign]
+    writing, go_on = threading.Event(), threading.Event()
+    write = backing.write
+
+    def slow_write(offset: int, data: bytes) -> None:
+        writing.set()
+        assert go_on.wait(WAIT_S)
+        write(offset, data)
+
+    backing.write = slow_write  # type: ignore[method-assign]
+    store = threading.Thread(target=frontswap.store, args=(0, 0, b"N" * PAGE))
+    store.start()
+    assert writing.wait(WAIT_S)
+    register = threading.Thread(target=frontswap.register_ops, args=(backend,))
+    register.start()
+    register.join(0.5)  # a chance for a registration that does not wait to adopt first
+    go_on.set()
+    store.join(WAIT_S)
+    register.join(WAIT_S)
+    assert not store.is_alive() and not register.is_alive()
+    assert frontswap.load(0, 0) == b"N" * PAGE

@@ -224,12 +224,17 @@ def test_reads_and_writes_are_counted_page_by_page(export: Served) -> None:
     assert counts["pages_to_tmem"] + counts["pages_to_backing"] == 10
 
 
+@pytest.mark.parametrize("backend", [None, "zcache"])
 def test_a_full_backing_store_is_enospc_and_keeps_the_old_page(
-        short_dir, caplog: pytest.LogCaptureFixture) -> None:
-    """tmem refuses (no backend) and the disk is full: the kernel's page gets an I/O error,
-    counted and logged (docs/nbd.md)."""
-    served = serve(short_dir, backend=None)  # every page goes to the backing file
+        short_dir, caplog: pytest.LogCaptureFixture, backend: str | None) -> None:
+    """tmem refuses (no backend, or zcache refusing its puts) and the disk is full: the
+    kernel's page gets an I/O error, counted and logged, and the slot's old page stays
+    (docs/nbd.md); with zcache, whose pages outlive it, it once went before the put."""
+    served = serve(short_dir, backend=backend)  # every page goes to the backing file
     try:
+        ops = served.shim.frontswap.ops
+        if ops is not None:
+            ops.put_page = lambda *args: -errno.ENOMEM  # type: ignore[method-assign]
         served.exports.add(4, "file", name="e")
         client = RawClient(served.socket)
         client.connect("e")

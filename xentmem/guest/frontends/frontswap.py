@@ -112,7 +112,7 @@ class Frontswap(Guarded):
 
         All or nothing: if the backend raises while the pool is created, nothing is kept.
         """
-        with self._lock:
+        with self._all_slots(), self._lock:  # no store or load is half done meanwhile
             if self._ops is not None:
                 raise BackendError(f"frontswap already has a backend ({self._ops.name})")
             self._pool_id = -1
@@ -292,10 +292,9 @@ class Frontswap(Guarded):
             return -1
         assert ops is not None
         written = False
-        if self._outlives and not (duplicate or writethrough):
-            # Across a crash of the backend, the file's copy wins over tmem's (_adopt): an
-            # older page there must go before the newer one is put.
-            area.backing.discard(offset)
+        # An older copy in the backing store goes only once the new page is in tmem (below):
+        # across a crash of a backend whose pages outlive it, the file's copy wins over
+        # tmem's (_adopt), which is right for a store that had not returned yet.
         if duplicate or writethrough:
             area.backing.write(offset, page)  # raises: nothing changed
             with self._lock:

@@ -15,7 +15,7 @@ from typing import Any, TextIO
 import click
 
 from xentmem.clock import Clock, SystemClock
-from xentmem.console import EXIT_FAILURE
+from xentmem.console import EXIT_FAILURE, Seconds
 from xentmem.errors import ParamError
 from xentmem_cli import balloon_chart, balloon_plot, render
 from xentmem_cli.app import App, json_option
@@ -113,11 +113,11 @@ def balloon(ctx: click.Context, *, limit: int, as_chart: bool | None, as_json: b
 @balloon.command()
 @click.option("-c", "--count", type=click.IntRange(min=1), default=None,
               help="Stop after this many decisions.")
-@click.option("-d", "--duration", type=click.FloatRange(min=0.0), default=None,
+@click.option("-d", "--duration", type=Seconds(min=0.0), default=None,
               metavar="SECONDS", help="Stop after this long.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True), default="-",
               show_default=True, help="The JSON-lines file to write ('-': stdout).")
-@click.option("--poll", type=click.FloatRange(min=0.01), default=DEFAULT_POLL_S,
+@click.option("--poll", type=Seconds(min=0.01), default=DEFAULT_POLL_S,
               show_default=True, metavar="SECONDS",
               help="How often to ask the daemon for new decisions.")
 @click.option("--backlog", is_flag=True,

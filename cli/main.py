@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from xentmem.console import CONTEXT_SETTINGS
+from xentmem.console import CONTEXT_SETTINGS, Seconds
 from xentmem.control.protocol import DEFAULT_SOCKET_PATH
 from xentmem_cli import backend, balloon, metrics, params, pools, run, stats, status, swap
 from xentmem_cli.app import App
@@ -28,7 +28,7 @@ from xentmem_cli.app import App
 )
 @click.option(
     "--timeout", envvar="XENTMEM_TIMEOUT", default=10.0, show_default=True, show_envvar=True,
-    type=click.FloatRange(min=0.0, min_open=True), metavar="SECONDS",
+    type=Seconds(min=0.0, min_open=True), metavar="SECONDS",
     help="How long to wait for the daemon's answer (load and unload: 300 s unless given).",
 )
 @click.version_option(package_name="xentmem", prog_name="xentmem")

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import click
 
 from xentmem.clock import SystemClock
-from xentmem.console import EXIT_FAILURE
+from xentmem.console import EXIT_FAILURE, Seconds
 from xentmem.control.client import ControlClient
 from xentmem.control.protocol import DEFAULT_SOCKET_PATH, SOCKET_NAME, ControlError
 from xentmem_cli.app import App
@@ -266,7 +266,7 @@ def already_running(socket_path: Path) -> bool:
               help="How much the daemon says [default: info].")
 @click.option("-o", "--option", "options", multiple=True, metavar="NAME=VALUE",
               help="A param, flag or knob for the daemon (repeatable): capacity=64M.")
-@click.option("--start-timeout", type=click.FloatRange(min=0.0, min_open=True),
+@click.option("--start-timeout", type=Seconds(min=0.0, min_open=True),
               default=DEFAULT_START_TIMEOUT_S, show_default=True, metavar="SECONDS",
               help="Give up if the daemon is not ready by then.")
 @click.argument("daemon_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- XENTMEMD_ARGS]")

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Callable, NoReturn
 
 import click
@@ -31,6 +32,18 @@ EXIT_CONFIG = 78
 #: Every script's click context: ``-h`` as well as ``--help``, and a readable width.
 CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"],
                                     "max_content_width": 100}
+
+
+class Seconds(click.FloatRange):
+    """A duration in seconds for an option: a finite number within the range (click's
+    ``FloatRange`` lets ``nan`` and ``inf`` through, which no timeout or sleep takes)."""
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        seconds = super().convert(value, param, ctx)
+        if not math.isfinite(seconds):
+            self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+        return seconds
 
 
 def program_name() -> str:

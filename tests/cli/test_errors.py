@@ -216,6 +216,9 @@ def test_socket_without_permission(
     (("stats", "--bogus"), ("No such option", "--bogus")),
     (("--timeout", "0", "status"), ("0.0", "range")),
     (("--timeout", "soon", "status"), ("'soon'", "float")),
+    (("--timeout", "nan", "status"), ("'nan'", "finite")),
+    (("--timeout", "1e400", "status"), ("'1e400'", "finite")),
+    (("balloon", "record", "--duration", "inf"), ("'inf'", "finite")),
     (("frobnicate",), ("No such command", "frobnicate")),
     (("params", "frob"), ("No such command", "frob")),
 ])

@@ -111,6 +111,11 @@ def test_params_by_section(make_daemon) -> None:
         daemon.param_set("max_pools", 3)
     with pytest.raises(UnknownName, match="unknown param section"):
         daemon.param_get("zcache.capacity")
+    # "tmem." names the shim's flags only: a backend param under it is unknown, unchanged
+    # (it was once set on the backend, then answered as unknown).
+    with pytest.raises(UnknownName, match=r"tmem\.label"):
+        daemon.param_set("tmem.label", "other")
+    assert daemon.param_get("label")["value"] == "new"
 
 
 RELOAD_BEFORE = """\

@@ -283,8 +283,10 @@ class Daemon:
         with self._lock:
             section, key = self._locate(name)
             backend = self.shim.backend
-            if section == "tmem":
-                self.shim.set_param(key, value)  # raises: read-only module param
+            if section == "tmem":  # a shim flag is read-only; anything else is not the shim's
+                if key in SHIM_PARAMS:
+                    self.shim.set_param(key, value)  # raises: read-only module param
+                raise UnknownName(self._unknown_param(name))
             if section == "backend":
                 if backend is None or key not in backend.params:
                     raise UnknownName(self._unknown_param(name))

@@ -63,6 +63,11 @@ def check_path_text(untrusted_path: object) -> Path:
     if not isinstance(untrusted_path, str) or not 1 <= len(untrusted_path) <= MAX_PATH \
             or "\0" in untrusted_path:
         raise AbiError(f"a backing file's path is 1 to {MAX_PATH} characters without NUL")
+    try:
+        untrusted_path.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: no file can have that name
+        raise AbiError(f"a backing file's path is text (UTF-8), got {untrusted_path!r}") \
+            from None
     if not os.path.isabs(untrusted_path) or os.path.normpath(untrusted_path) != untrusted_path \
             or untrusted_path.startswith("//"):
         raise AbiError(f"a backing file's path is absolute and plainly written (no ., .. "
@@ -167,19 +172,24 @@ class SwapAreas:
         """:func:`check_area_path` against this daemon's directory."""
         return check_area_path(untrusted_path, self.directory)
 
-    def create(self, pages: int, backing: str = "memory", swap_type: int | None = None,
-               path: str | None = None) -> dict[str, Any]:
-        """``swapon``: a new area of ``pages`` slots; its type and backing description.
-
-        ``path``: a file area's file, one the daemon creates (default: its own name for it
-        in :attr:`directory`)."""
+    def check_new(self, pages: int, backing: str, path: str | None) -> Path | None:
+        """What :meth:`create` refuses before it makes anything (AbiError); the path
+        checked, if one was given."""
         if backing not in SWAP_BACKINGS:
             raise AbiError(f"backing must be one of {', '.join(SWAP_BACKINGS)}, got {backing!r}")
         if not 1 <= pages <= MAX_AREA_PAGES:
             raise AbiError(f"pages must be from 1 to {MAX_AREA_PAGES}, got {pages}")
         if path is not None and backing != "file":
             raise AbiError("a backing file's path goes with backing \"file\" only")
-        chosen = None if path is None else self.check_path(path)
+        return None if path is None else self.check_path(path)
+
+    def create(self, pages: int, backing: str = "memory", swap_type: int | None = None,
+               path: str | None = None) -> dict[str, Any]:
+        """``swapon``: a new area of ``pages`` slots; its type and backing description.
+
+        ``path``: a file area's file, one the daemon creates (default: its own name for it
+        in :attr:`directory`)."""
+        chosen = self.check_new(pages, backing, path)
         with self._lock:
             in_use = set(self._frontswap.swap_types())
             if swap_type is None:

@@ -18,6 +18,7 @@ import psutil
 from xentmem.console import (
     CONTEXT_SETTINGS,
     EXIT_UNREACHABLE,
+    Seconds,
     abort,
     emit,
     json_option,
@@ -97,7 +98,7 @@ def serve_or_abort(service: HostService, notifier: Notifier | None = None) -> No
 @click.option("--control", "control_path", envvar=SOCKET_ENV,
               default=DEFAULT_SOCKET, show_default=True, show_envvar=True, metavar="PATH",
               help="The service's control socket.")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+@click.option("--timeout", type=Seconds(min=0.1), default=5.0, show_default=True,
               metavar="SECONDS", help="How long to wait for the service's answer.")
 @click.pass_context
 def cli(ctx: click.Context, control_path: str, timeout: float) -> None:
@@ -310,7 +311,7 @@ def freeable(app: App, as_json: bool) -> None:
 @click.option("--load", is_flag=True,
               help="Also start a guest daemon (xentmemd, xen backend) for the first guest "
                    "that swaps a few pages each second, so `list` shows pages moving.")
-@click.option("--load-interval", type=click.FloatRange(min=0.05), default=1.0,
+@click.option("--load-interval", type=Seconds(min=0.05), default=1.0,
               show_default=True, metavar="SECONDS", help="Seconds between two load rounds.")
 @log_level_option
 def demo(directory: Path, guests: tuple[int, ...], flavour: str, capacity: str,

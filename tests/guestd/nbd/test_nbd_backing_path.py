@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fakes.libc import RecordingLibc
@@ -134,6 +135,7 @@ def refusals(tmp_path: Path, disk: Path, state: Path) -> dict[str, tuple[str, st
         "double slash": (f"/{disk}/x.swap", "plainly written"),
         "trailing slash": (f"{disk}/x.swap/", "plainly written"),
         "NUL": (f"{disk}/x\0.swap", "without NUL"),
+        "lone surrogate": (f"{disk}/x\ud800.swap", "is text"),
         "root": ("/", "names a file"),
         "exists": (str(disk / "taken.swap"), "exists"),
         "group-writable directory": (str(tmp_path / "open" / "x.swap"), "writable by no one"),
@@ -145,7 +147,8 @@ def refusals(tmp_path: Path, disk: Path, state: Path) -> dict[str, tuple[str, st
 
 
 @pytest.mark.parametrize("case", [
-    "relative", "dot-dot", "double slash", "trailing slash", "NUL", "root", "exists",
+    "relative", "dot-dot", "double slash", "trailing slash", "NUL", "lone surrogate", "root",
+    "exists",
     "group-writable directory", "symlink in the directory's path", "no directory",
     "a file as directory", "the daemon's own directory"])
 def test_a_path_that_is_not_safe_to_create_is_refused_and_nothing_is_made(
@@ -176,6 +179,18 @@ def test_a_path_goes_with_a_file_backing_only(state: Path, disk: Path) -> None:
     with pytest.raises(AbiError, match="backing \"file\" only"):
         g.exports.add(PAGES, backing="memory", path=str(disk / "x.swap"))
     assert list(disk.iterdir()) == [] and g.exports.names() == []
+    assert g.libc.named("mlockall") == []
+
+
+@pytest.mark.parametrize("args", [{"pages": 0}, {"pages": 1 << 30},
+                                  {"pages": PAGES, "backing": "tape"}])
+def test_an_export_refused_for_its_size_or_backing_locks_nothing(
+        state: Path, args: dict[str, Any]) -> None:
+    """Checked before the daemon locks itself in memory (an mlockall is never undone)."""
+    g = guest(state)
+    with pytest.raises(AbiError):
+        g.exports.add(**args)
+    assert g.libc.named("mlockall") == [] and g.exports.names() == []
 
 
 def test_at_restart_a_recorded_path_is_checked_again(tmp_path: Path, state: Path,

@@ -90,8 +90,7 @@ class Exports:
         default, N its swap type).  ``device``: the ``/dev/nbdN`` the caller attaches it to,
         kept to be shown (``xentmem swap remove`` finds the device by it); ``path``: the
         backing file to create (default: the daemon's own name for it)."""
-        if path is not None:
-            self.swap.check_path(path)  # before anything is locked or made
+        self.swap.check_new(pages, backing, path)  # before anything is locked or made
         if device is not None and not DEVICE.fullmatch(device):
             raise AbiError(f"a device is /dev/nbdN, got {device!r}")
         if name is not None and not NAME.fullmatch(name):

@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from xentmem.hostd.runstate import ARENA_FILE, STATE_FILE, Record, SessionFile
+from xentmem.hostd.runstate import (
+    _SLOTS_AT,
+    ARENA_FILE,
+    SLOT_BYTES,
+    STATE_FILE,
+    Record,
+    SessionFile,
+)
 from xentmem.hostd.store import HostStore, StoreError
 from xentmem.tmem.abi import (
     PAGE_SIZE,
@@ -147,10 +154,29 @@ def test_a_torn_session_record_reads_as_the_one_before(tmp_path: Path) -> None:
     made.write(Record(7, b"seven", []))
     made.write(Record(8, b"eight", [(1, 2, 3, 4, 5)]))
     assert made._map is not None
-    made._map[4096 + 20] ^= 0xFF  # record 8 went to slot 8 % 2 = 0: torn by a kill
+    made._map[_SLOTS_AT + made.slot * SLOT_BYTES + 20] ^= 0xFF  # record 8 torn by a kill
     made.close()
     found = SessionFile.load(tmp_path / "session-3")
     assert (found.record.seq, found.record.reply) == (7, b"seven")
+
+
+def test_a_record_torn_after_a_skipped_seq_still_leaves_the_last_whole_one(
+        tmp_path: Path) -> None:
+    """Seqs skip (a message dropped as not authentic, one the guest gave up on): each record
+    still goes to the slot not holding the last one, so a kill tearing the next leaves the
+    last (records once went to slot seq % 2: 12 over 10, and a torn 12 fell back to 9)."""
+    made = SessionFile.create(tmp_path / "session-3", 3, SessionKey.new(), "")
+    for seq in (9, 10, 12, 13, 15):
+        made.write(Record(seq, b"%d" % seq, []))
+        found = SessionFile.load(tmp_path / "session-3")
+        assert found.record.seq == seq
+        found.write(Record(seq + 5, b"torn", []))  # the next one, torn by a kill
+        assert found._map is not None
+        found._map[_SLOTS_AT + found.slot * SLOT_BYTES + 20] ^= 0xFF
+        found.close()
+        assert SessionFile.load(tmp_path / "session-3").record.seq == seq
+        made.close()
+        made = SessionFile.load(tmp_path / "session-3")
 
 
 def test_a_pool_change_whose_message_was_recorded_only_in_the_table(tmp_path: Path) -> None:

@@ -183,3 +183,38 @@ def test_a_clean_stop_still_closes_the_guests(host: TmemHost, run_dir: Path) -> 
         assert "unload and load" in guest.describe()["broken"]
     finally:
         guest.remove()
+
+
+def test_a_host_that_dies_in_a_guest_s_handshake_connects_it_with_the_key_it_read(
+        host: TmemHost, run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed after it published its key and InitWait, before it answered the guest's
+    Initialised: the next instance goes on with that key, the one the guest read (it once
+    published a fresh one, and every message of the guest was refused as not its own)."""
+    roots = host.guest(5)
+    reached = threading.Event()
+    monkeypatch.setattr(TmemBack, "_connect", lambda self: reached.set())  # dies here
+    backend = XenBackend({"timeout_ms": TIMEOUT_MS, "connect_timeout_ms": 60000,
+                          "batch": False}, roots=roots)
+    errors: list[BaseException] = []
+
+    def connect() -> None:
+        try:
+            backend.connect()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    guest = threading.Thread(target=connect)
+    guest.start()
+    assert reached.wait(WAIT_S)
+    host.crash()
+    monkeypatch.undo()
+    host.start(run_dir=run_dir)
+    guest.join(WAIT_S)
+    assert not guest.is_alive() and errors == []
+    try:
+        pool = backend.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        assert pool >= 0
+        assert backend.put_page(pool, Oid(1), 0, page(1)) == 1
+        assert backend.get_page(pool, Oid(1), 0) == (1, page(1))
+    finally:
+        backend.remove()

@@ -87,8 +87,9 @@ class SessionFile:
     """``session-<domid>``: one guest's key and its last record, mapped and written in place.
 
     Made new (header once, by an atomic rename) when a session connects; each message's
-    record goes to slot ``seq % 2`` with its checksum, so a record torn by a kill fails its
-    checksum and the other slot, the message before, is the one read back.
+    record goes, with its checksum, to the slot not holding the last one (not ``seq % 2``:
+    seqs may skip), so a record torn by a kill fails its checksum and the other slot, the
+    message before, is the one read back.
     """
 
     def __init__(self, path: Path, domid: int, key: SessionKey, vm: str,
@@ -98,6 +99,9 @@ class SessionFile:
         self.key = key
         self.vm = vm
         self.record = record or Record()
+        #: The slot holding :attr:`record` (-1: none yet): the next record goes in the other,
+        #: so a write torn by a crash always leaves the last whole one (seqs may skip).
+        self.slot = -1
         self._map: mmap.mmap | None = None
 
     @classmethod
@@ -132,11 +136,13 @@ class SessionFile:
         if xxhash.xxh3_64_intdigest(header) != want or vm_len > 256:
             raise ValueError(f"{path}: header checksum mismatch")
         best: Record | None = None
+        best_slot = -1
         for slot in range(2):
             record = _read_record(raw, _SLOTS_AT + slot * SLOT_BYTES)
             if record is not None and (best is None or record.seq > best.seq):
-                best = record
+                best, best_slot = record, slot
         found = cls(path, domid, SessionKey(key), vm[:vm_len].decode("utf-8", "replace"), best)
+        found.slot = best_slot
         fd = os.open(path, os.O_RDWR)
         try:
             found._map = mmap.mmap(fd, SESSION_BYTES)
@@ -152,11 +158,13 @@ class SessionFile:
         body = head + record.reply + b"".join(_TAKEN.pack(*k) for k in taken)
         if len(body) + _RECORD_SUM.size > SLOT_BYTES:
             raise ValueError(f"session record of {len(body)} bytes does not fit a slot")
-        at = _SLOTS_AT + (record.seq % 2) * SLOT_BYTES
+        slot = 0 if self.slot == 1 else 1 if self.slot == 0 else 0
+        at = _SLOTS_AT + slot * SLOT_BYTES
         self._map[at:at + _RECORD_SUM.size] = b"\0" * _RECORD_SUM.size  # torn until summed
         self._map[at + _RECORD_SUM.size:at + _RECORD_SUM.size + len(body)] = body
         self._map[at:at + _RECORD_SUM.size] = _RECORD_SUM.pack(xxhash.xxh3_64_intdigest(body))
         self.record = Record(record.seq, record.reply, taken)
+        self.slot = slot
 
     def close(self) -> None:
         if self._map is not None:

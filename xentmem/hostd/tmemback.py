@@ -95,6 +95,11 @@ STALE_SESSION = ("the tmem host restarted and lost this guest's pools; load the 
                  "again to reconnect")
 
 
+#: A frontend state meaning a handshake is under way (Initialising, Initialised), as read.
+_HANDSHAKING = {str(int(XenbusState.INITIALISING)).encode(),
+                str(int(XenbusState.INITIALISED)).encode()}
+
+
 @dataclass
 class TmemBackCounters:
     messages: int = 0
@@ -173,12 +178,13 @@ class TmemBack(XenbusDevice):
         guest_reads = [f"n{b}", f"r{d}"]
         host_reads = [f"n{d}", f"r{b}"]
         limits = self.limits
-        self.key = SessionKey.new()
+        fresh = SessionKey.new()
         left_connected = False
 
         def body(tx: int) -> None:
             nonlocal left_connected
             conn = self.conn
+            self.key = fresh
             for path in (f"{self.home}/device", f"{self.home}/device/tmem"):
                 if conn.read_optional(path, tx=tx) is None:
                     conn.write(path, b"", tx=tx)
@@ -191,8 +197,16 @@ class TmemBack(XenbusDevice):
             # guest reloading its backend at this moment could take that InitWait for its
             # own and be closed halfway through its handshake when the stale session is
             # noticed.
-            left_connected = conn.read_optional(f"{fe}/{STATE}", tx=tx) == str(
-                int(XenbusState.CONNECTED)).encode()
+            untrusted_state = conn.read_optional(f"{fe}/{STATE}", tx=tx)
+            left_connected = untrusted_state == str(int(XenbusState.CONNECTED)).encode()
+            if untrusted_state in _HANDSHAKING:
+                # An earlier instance died in the middle of this guest's handshake: the guest
+                # may have read that instance's key (written by dom0 alone) and will use it
+                # once Connected, so the handshake goes on with it, not with a fresh one.
+                published = conn.read_optional(f"{self.nodename}/{BE_SESSION_KEY}", tx=tx)
+                if published is not None:  # not a key: the fresh one (the guest's load fails)
+                    with contextlib.suppress(WireError):
+                        self.key = SessionKey.parse(published)
             if conn.read_optional(fe, tx=tx) is None:
                 conn.write(fe, b"", tx=tx)
                 conn.write(f"{fe}/{STATE}", str(int(XenbusState.INITIALISING)).encode(), tx=tx)

@@ -188,6 +188,11 @@ class KnobStore:
         """Set one knob from a string (``"8"``, ``"auto"``) or a typed value."""
         return self.update({name: value})
 
+    def check(self, values: Mapping[str, Any]) -> None:
+        """What :meth:`update` would refuse (ParamError), changing nothing: a caller that
+        changes other things with these checks them all before changing any."""
+        self.params.validate(dict(values), owner="selfballoon", base=self._knobs.values())
+
     def update(self, values: Mapping[str, Any]) -> Knobs:
         """Set several knobs at once: all are checked first, a refusal changes nothing."""
         with self._lock:

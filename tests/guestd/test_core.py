@@ -154,6 +154,21 @@ def test_reload_applies_changes_and_names_what_needs_a_reload(make_daemon, tmp_p
     assert settings and settings[-1]["log_level"] == "debug"
 
 
+def test_a_reload_that_drops_an_automatic_knob_makes_it_automatic_again(
+        make_daemon, tmp_path: Path) -> None:
+    """The two _mb knobs default to automatic: a file that no longer names one puts it back
+    to automatic (the reload once failed on it, after applying the backend's changes)."""
+    text = RELOAD_BEFORE + "selfballoon_reserved_mb = 100\n"
+    daemon = make_daemon(text, backends={"picky": Picky})
+    daemon.load("picky", {"selfballooning_at_load": 0, "selfshrinking": 0})
+    assert daemon.balloon.knobs.get("selfballoon_reserved_mb") == 100
+    (tmp_path / "xentmem.toml").write_text(RELOAD_BEFORE.replace("alpha = 2", "alpha = 5"))
+    result = daemon.reload_config()
+    assert sorted(result["applied"]) == ["picky.alpha", "selfballoon.selfballoon_reserved_mb"]
+    assert daemon.balloon.knobs.get("selfballoon_reserved_mb") is None
+    assert daemon.shim.backend.values["alpha"] == 5
+
+
 def test_a_bad_reload_changes_nothing(make_daemon, tmp_path: Path) -> None:
     daemon = make_daemon(RELOAD_BEFORE, backends={"picky": Picky})
     daemon.load("picky", {"selfballooning_at_load": 0, "selfshrinking": 0})
@@ -165,6 +180,9 @@ def test_a_bad_reload_changes_nothing(make_daemon, tmp_path: Path) -> None:
         # Both parse; alpha applies, zeta fails when applied: alpha is rolled back.
         (RELOAD_BEFORE.replace("alpha = 2", "alpha = 7").replace("zeta = 2", "zeta = 13"),
          "zeta: 13 cannot be applied"),
+        # Checked before anything applies (alpha once changed, and the reload said applied).
+        (RELOAD_BEFORE.replace("alpha = 2", "alpha = 7")
+         + "[daemon]\ncontrol_group = 'no-such-group-here'\n", "does not exist"),
     ):
         (tmp_path / "xentmem.toml").write_text(text)
         with pytest.raises(ConfigError, match=message):

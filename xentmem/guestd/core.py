@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from xentmem import __version__
 from xentmem.clock import Clock
+from xentmem.control.server import ServerError, group_id
 from xentmem.errors import (
     AbiError,
     BackendError,
@@ -56,7 +57,6 @@ from xentmem.guestd.nbd.exports import Exports, recorded_files
 from xentmem.guestd.record import SHUTDOWN_FILE, START_FAILED, RunRecord
 from xentmem.guestd.record import STOPPED as RUN_STOPPED
 from xentmem.guestd.swap import DEFAULT_STATE_DIR, SwapAreas, boot_id, lost_at_exit
-from xentmem.params import ParamSet
 from xentmem.roots import Roots
 from xentmem.tmem.abi import PoolUuid
 from xentmem_selfballoon.service import LOAD_FLAGS, SelfballoonService
@@ -504,20 +504,34 @@ class Daemon:
         new = load_config(self.config_path, self.schema(), self.overrides,
                           missing_ok=self.config_missing_ok)
         old = self.config
+        settings = {k for k in DAEMON_PARAMS if k != "backend"
+                    and old.daemon.get(k) != new.daemon.get(k)}
+        # Everything that can refuse is checked before anything changes.
+        group = new.daemon.get("control_group")
+        if "control_group" in settings and group:
+            try:
+                group_id(group)
+            except ServerError as exc:
+                raise ConfigError(f"{self.config_path}: control_group: {exc}") from None
+        knobs = self.balloon.knobs
+        knob_set, knob_dropped = _knob_changes(old.knobs, new.knobs)
+        try:
+            knobs.check(knob_set)
+        except ParamError as exc:
+            raise ConfigError(f"{self.config_path}: [selfballoon] {exc}") from None
         applied: list[str] = []
         needs_reload: list[str] = []
         if new.backend != old.backend:
             needs_reload.append("daemon.backend")
-        self._apply_backend_changes(old, new, applied, needs_reload)
-        knob_changes = _changed(old.knobs, new.knobs, self.balloon.knobs.params)
-        if knob_changes:
-            self.balloon.knobs.update(knob_changes)
-            applied.extend(f"selfballoon.{k}" for k in knob_changes)
+        self._apply_backend_changes(old, new, applied, needs_reload)  # all, or none
+        if knob_set:
+            knobs.update(knob_set)
+        for key in knob_dropped:  # back to its default (automatic, for the _mb knobs)
+            knobs.reset(key)
+        applied.extend(f"selfballoon.{k}" for k in sorted([*knob_set, *knob_dropped]))
         for name in applied:  # the file's line is in force again
             section, _, key = name.partition(".")
             self._changed_by.pop((section if section == KNOB_SECTION else "backend", key), None)
-        settings = {k for k in DAEMON_PARAMS if k != "backend"
-                    and old.daemon.get(k) != new.daemon.get(k)}
         self.config = new
         if settings and self.on_settings is not None:
             self.on_settings(new.daemon)
@@ -701,10 +715,10 @@ class Daemon:
 _MISSING = object()
 
 
-def _changed(old: Mapping[str, Any], new: Mapping[str, Any], params: ParamSet) -> dict[str, Any]:
-    """Keys whose value differs between two configs; a dropped key goes back to its default."""
-    out: dict[str, Any] = {}
-    for key in set(old) | set(new):
-        if old.get(key, _MISSING) != new.get(key, _MISSING):
-            out[key] = new[key] if key in new else params[key].default
-    return out
+def _knob_changes(old: Mapping[str, Any],
+                  new: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Knobs whose value differs between two configs: those the new one sets, and those it
+    no longer names (they go back to their default)."""
+    changed = [key for key in set(old) | set(new)
+               if old.get(key, _MISSING) != new.get(key, _MISSING)]
+    return {k: new[k] for k in changed if k in new}, sorted(k for k in changed if k not in new)

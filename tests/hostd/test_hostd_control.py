@@ -64,6 +64,9 @@ def test_ops_reach_the_store(control: HostControl) -> None:
     store = control.service.store
     assert code(control, "list", domid=5) == protocol.NOT_FOUND
     assert code(control, "set", domid=5, weight=3) == protocol.NOT_FOUND  # no such guest
+    assert code(control, "shared-auth", domid=5, auth=1,  # a typo makes no client
+                uuid="12345678-9abc-def0-1122-334455667788") == protocol.NOT_FOUND
+    assert 5 not in store.clients
     store.client(5)  # a guest's first pool makes its client
     assert ask(control, "set", domid=5, weight=3, compress=0)["result"] == {
         "domids": [5], "weight": 3, "cap_mb": None, "compress": False}

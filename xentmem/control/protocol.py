@@ -405,10 +405,10 @@ def decode_request(untrusted_line: bytes, ops: Mapping[str, OpSpec] | None = Non
         raise ControlError(BAD_REQUEST, "unknown request field(s): "
                                         + ", ".join(sorted(unknown_fields)))
     untrusted_id = untrusted.get("id")
-    if untrusted_id is not None and not isinstance(untrusted_id, (int, str)):
+    if untrusted_id is not None and type(untrusted_id) not in (int, str):  # true is no id
         raise ControlError(BAD_REQUEST, "id must be an integer or a string")
     version = untrusted.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:  # not true, not 1.0
         raise ControlError(UNSUPPORTED_VERSION, f"protocol version {version!r} is not "
                                                 f"supported; this daemon speaks {PROTOCOL_VERSION}")
     op = untrusted.get("op")

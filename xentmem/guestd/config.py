@@ -79,7 +79,7 @@ def parse_loopback(text: str) -> tuple[str, int]:
     ValueError otherwise."""
     host, sep, port = text.strip().rpartition(":")
     host = host.strip("[]")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) < 65536:
         raise ValueError(f"{text!r} is not HOST:PORT")
     try:
         loopback = ipaddress.ip_address(host).is_loopback

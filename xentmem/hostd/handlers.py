@@ -122,10 +122,11 @@ class HostControl:
         if args["domid"] == "all":
             store.shared_auth = auth
             return {"shared_auth": auth}
-        domid = int(args["domid"])
         if "uuid" not in args:
             raise ControlError(BAD_ARGS, "shared-auth for one domain needs a uuid")
-        if store.authorise(domid, parse_pool_uuid(args["uuid"]), auth) < 0:
+        uuid = parse_pool_uuid(args["uuid"])
+        (domid,) = self._domids(args["domid"])  # a guest the service knows, as every op's
+        if store.authorise(domid, uuid, auth) < 0:
             raise ControlError(BAD_ARGS,
                                f"domain {domid} already has the most authorised uuids (16)")
         return {"domid": domid, "uuid": args["uuid"], "auth": auth}

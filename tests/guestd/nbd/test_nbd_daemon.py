@@ -81,7 +81,8 @@ def test_the_daemon_serves_exports_over_unix_and_loopback_tcp(
 
 
 @pytest.mark.parametrize("text", ["10.0.0.1:10809", "0.0.0.0:10809", "localhost:1",
-                                  "127.0.0.1", "127.0.0.1:70000", "[2001:db8::1]:10809"])
+                                  "127.0.0.1", "127.0.0.1:70000", "[2001:db8::1]:10809",
+                                  "127.0.0.1:\u0668\u0660", "127.0.0.1:\uff18\uff10"])
 def test_nbd_tcp_is_loopback_only(text: str) -> None:
     with pytest.raises(ValueError):
         parse_loopback(text)

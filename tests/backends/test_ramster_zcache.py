@@ -20,6 +20,7 @@ from fakes import redis_cluster
 
 from xentmem.errors import BackendError, ParamError
 from xentmem.guest.backends.ramster import record
+from xentmem.guest.backends.ramster import tier as tier_module
 from xentmem.guest.backends.ramster.remote import PAUSE_S
 from xentmem.guest.backends.zcache import ZcacheBackend
 from xentmem.guest.cmdline import BootParams
@@ -335,6 +336,43 @@ def test_after_a_kill_the_remote_pages_are_found_again_by_scan(
     finally:
         second.remove()
     assert node_keys(admin, "zc-a") == set()
+
+
+def test_a_page_flushed_while_its_delete_failed_does_not_come_back_after_a_kill(
+        cluster: redis_cluster.RedisClusterFixture, tmp_path: Path,
+        admin: redis.cluster.RedisCluster) -> None:
+    """The flush's DEL failed (a blip), then a kill: the name was kept beside the arena, so
+    the restart's SCAN deletes that copy instead of adopting the flushed page again (it was
+    adopted, and a load served it)."""
+    run = tmp_path / "run"
+    first = zcache(cluster, tmp_path, run=run)
+    pool = first.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+    fill(first, pool)
+    assert first._arena is not None and first._remote is not None
+    tier = first._remote.tier
+    gone = next(w for w in (where(n) for n in range(PAGES))
+                if record.RemoteKey("zc-a", pool, *w).name() in node_keys(admin, "zc-a"))
+    delete_names = tier.delete_names
+
+    def blip(names: list[str]) -> int:
+        tier.delete_names = delete_names  # type: ignore[method-assign]
+        raise tier_module.RamsterUnavailable("ramster: a blip")
+
+    tier.delete_names = blip  # type: ignore[method-assign]
+    assert first.flush_page(pool, *gone) == 1
+    assert first.get_page(pool, *gone) == (0, None)
+    assert record.RemoteKey("zc-a", pool, *gone).name() in node_keys(admin, "zc-a")
+    first._arena.close()  # a kill -9
+    tier.close()
+    second = zcache(cluster, tmp_path, run=run)
+    try:
+        assert second.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT) == pool
+        assert second.get_page(pool, *gone) == (0, None)
+        assert gone not in set(second.restored_pages(pool))
+        assert record.RemoteKey("zc-a", pool, *gone).name() not in node_keys(admin, "zc-a")
+    finally:
+        second.remove()
+    assert not (run / "ramster.deletes").exists()
 
 
 # -- shared pools across nodes -----------------------------------------------------------------

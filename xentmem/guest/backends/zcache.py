@@ -58,6 +58,8 @@ CLIENT = 0
 #: In the run directory: the arena (every page) and the pool table (what the pages mean).
 ARENA_FILE = "zcache.arena"
 POOLS_FILE = "zcache.pools"
+#: RAMster's remote copies whose delete failed: kept so a restart does not adopt them again.
+DELETES_FILE = "ramster.deletes"
 #: The pool table file: this line, the xxh3-64 of the JSON body in hex, then the body.
 POOLS_MAGIC = "xentmem-zcache-pools 1"
 
@@ -217,8 +219,10 @@ class ZcacheBackend(Backend):
         restored persistent pools adopted, the rest deleted (``docs/ramster.md``, "Restart")."""
         from xentmem.guest.backends.ramster.remote import RemotePages
 
+        deletes = None if self._arena is None else \
+            Path(self._arena.arena.path).with_name(DELETES_FILE)
         remote = RemotePages(self._store, CLIENT, tier, ephemeral=ephemeral,
-                             clock_now=self.clock.monotonic)
+                             clock_now=self.clock.monotonic, deletes_path=deletes)
         try:
             found = remote.adopt(self._unclaimed)
         except BackendError as exc:
@@ -337,10 +341,11 @@ class ZcacheBackend(Backend):
         if remote is not None:
             remote.drop_all()
         arena, self._arena = self._arena, None
-        if arena is not None:
-            pools = Path(arena.arena.path).with_name(POOLS_FILE)
+        if arena is not None:  # remote copies left undeleted: the next load's SCAN drops them
+            run = Path(arena.arena.path)
             arena.discard()
-            pools.unlink(missing_ok=True)
+            run.with_name(POOLS_FILE).unlink(missing_ok=True)
+            run.with_name(DELETES_FILE).unlink(missing_ok=True)
         self._unclaimed.clear()
         self._store = self._new_store(self._store.capacity_bytes)
         self._switch_detailed(False)

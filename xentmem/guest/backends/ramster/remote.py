@@ -24,6 +24,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from xentmem.errors import BackendError
@@ -32,6 +33,7 @@ from xentmem.tmem.abi import PAGE_SIZE, Oid, PoolUuid
 from xentmem.tmem.store import TmemStore, pack_page, unpack_page
 
 from .fetch import Fetcher
+from .pending import PendingDeletes
 from .readahead import Flight, Readahead
 from .record import RecordError, RemoteKey, owner_of_shared, parse_name
 from .tier import GetResult as GetMany
@@ -81,7 +83,8 @@ class RemotePages:
     """The remote half of one zcache: its index, its persistent LRU and the ops over both."""
 
     def __init__(self, store: TmemStore, cid: int, tier: RemoteTier, *,
-                 ephemeral: str, clock_now: Callable[[], float]) -> None:
+                 ephemeral: str, clock_now: Callable[[], float],
+                 deletes_path: Path | None = None) -> None:
         self._store = store
         self._cid = cid
         self.tier = tier
@@ -111,7 +114,7 @@ class RemotePages:
         #: remote copy looks again only when a put came in between.
         self._local_puts = 0
         #: Key names whose delete failed (the cluster was down); retried, never served.
-        self._stale: set[str] = set()
+        self._stale = PendingDeletes(deletes_path)
         #: slot -> owner of the cluster-wide namespace of a shared pool.
         self._shared: dict[int, str] = {}
         self._remotify = threading.Lock()
@@ -684,8 +687,8 @@ class RemotePages:
                     drop.append(name)
                     continue
                 where = (key.pool, key.oid, key.index)
-                if key.owner != self.owner or key.pool not in slots or \
-                        self._store.peek_page(self._cid, *where) is not None:
+                if key.owner != self.owner or key.pool not in slots or name in self._stale \
+                        or self._store.peek_page(self._cid, *where) is not None:
                     drop.append(name)
                     continue
                 self._record(where, size)

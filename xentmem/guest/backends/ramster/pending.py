@@ -1,0 +1,83 @@
+"""Remote copies whose delete failed (the cluster was down), kept in a file beside the arena.
+
+A flush must hold across a crash: a remote copy whose ``DEL`` failed is only named here, and
+a restart's SCAN would otherwise find the key and adopt the flushed page again, which a load
+would then serve.  The file is rewritten (atomically) only when the set changes, which is only
+when the cluster fails a delete or a retry succeeds: nothing on the data path while it is up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+#: At most this many names are kept in the file (each well under 200 bytes); beyond, the
+#: oldest are still retried in memory but a crash may let SCAN find them (logged once).
+MAX_KEPT = 65536
+
+
+class PendingDeletes:
+    """A set of key names, mirrored to ``path`` (None: in memory only)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._names: set[str] = set()
+        if path is not None:
+            self._names = _read(path)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._names))
+
+    def update(self, names: Iterable[str]) -> None:
+        before = len(self._names)
+        self._names.update(names)
+        if len(self._names) != before:
+            self._save()
+
+    def discard(self, name: str) -> None:
+        if name in self._names:
+            self._names.discard(name)
+            self._save()
+
+    def difference_update(self, names: Iterable[str]) -> None:
+        before = len(self._names)
+        self._names.difference_update(names)
+        if len(self._names) != before:
+            self._save()
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        kept = sorted(self._names)[:MAX_KEPT]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            tmp.write_text("".join(f"{name}\n" for name in kept), encoding="ascii")
+            os.replace(tmp, self.path)
+        except OSError as exc:  # the deletes are still retried; only a crash could miss them
+            log.error("ramster: pending deletes not saved to %s: %s", self.path, exc)
+
+
+def _read(path: Path) -> set[str]:
+    """The names a previous run left; a file that cannot be read is logged and counts as
+    none (the pages it named may then come back with SCAN, as before it existed)."""
+    try:
+        text = path.read_text(encoding="ascii")
+    except FileNotFoundError:
+        return set()
+    except (OSError, UnicodeDecodeError) as exc:
+        log.error("ramster: pending deletes in %s not read: %s", path, exc)
+        return set()
+    return {line for line in text.splitlines() if line}
+
+
+__all__ = ["MAX_KEPT", "PendingDeletes"]

@@ -49,7 +49,7 @@ def test_an_objects_pages_share_one_hash_tag_and_owners_stay_apart() -> None:
     assert record.key_pattern("dom5") == "xentmem:{dom5:*"
     assert not KEY.name().startswith(record.key_pattern("dom55")[:-1])
     assert record.owner_of_shared("ab" * 16) == "shared:" + "ab" * 16
-    for bad in ["", "a*b", "a{b", "x" * 65, "-lead", "sp ace", "\u0661"]:
+    for bad in ["", "a*b", "a{b", "x" * 65, "-lead", "sp ace", "\u0661", "shared"]:
         with pytest.raises(ValueError):
             record.check_node_id(bad)
 

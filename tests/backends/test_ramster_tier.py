@@ -258,6 +258,34 @@ def test_a_wrong_password_or_no_cluster_fails_the_connect_naming_it(
         RemoteTier(missing).connect()
 
 
+def test_keys_under_a_node_s_prefix_that_are_not_its_pages_are_skipped_not_fatal(
+        cluster: redis_cluster.RedisClusterFixture, tmp_path: Path,
+        admin: redis.cluster.RedisCluster) -> None:
+    """A name that is not UTF-8 and a key that is not a string (any holder of the node's
+    ACL can make them) are skipped by the restart's listing, which once failed on them
+    (and with it every load); a password file gone at a rebuild fails puts as an outage
+    would, not with an exception out of put_many."""
+    tier = tier_for(cluster, "node-a", tmp_path)
+    try:
+        assert tier.put_many([(key("node-a", 1), page(1))], persistent=True).acknowledged
+        odd = b"xentmem:{node-a:1:7.0.0}:\xff"
+        admin.set(odd, b"x")
+        admin.hset("xentmem:{node-a:1:7.0.0}:9999", "f", "v")
+        try:
+            found = tier.owner_sizes("node-a")  # other tests' pages of node-a too
+            assert key("node-a", 1).name() in found
+            assert "xentmem:{node-a:1:7.0.0}:9999" not in found
+        finally:
+            admin.delete(odd, "xentmem:{node-a:1:7.0.0}:9999")
+        Path(tier.config.password_file).unlink()
+        tier.reconnect_soon()
+        done = tier.put_many([(key("node-a", 2), page(2))], persistent=True)
+        assert not done.acknowledged and isinstance(done.errors[0], RamsterUnavailable)
+        assert "ramster_password_file" in str(done.errors[0])
+    finally:
+        tier.close()
+
+
 def test_a_master_killed_during_puts_loses_no_acknowledged_page(
         own_cluster: redis_cluster.RedisClusterFixture, tmp_path: Path) -> None:
     tier = tier_for(own_cluster, "node-a", tmp_path, timeout_ms=3000)

@@ -42,6 +42,8 @@ def check_node_id(untrusted: str) -> str:
     if not NODE_ID.match(untrusted):
         raise ValueError(f"{untrusted!r} is not a node id (letters, digits, '.', '_', '-'; "
                          "at most 64, starting with a letter or digit)")
+    if untrusted == SHARED:  # its keys would be every shared pool's, its ACL grant too
+        raise ValueError(f"{SHARED!r} is not a node id: it names the shared pools' keys")
     return untrusted
 
 

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import ssl
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,8 +190,11 @@ class RemoteTier:
         (a rebuild after a failure does not wait for a master that is failing over)."""
         config = self.config
         timeout_s = self._try_ms() / 1000
-        password = config.password()
         seeds = ", ".join(f"{h}:{p}" for h, p in config.nodes)
+        try:
+            password = config.password()
+        except BackendError as exc:  # removed or half-rotated: as unreachable, paused and retried
+            raise RamsterUnavailable(f"ramster: cannot connect to {seeds}: {exc}") from None
         try:
             client = RedisCluster(
                 startup_nodes=[ClusterNode(host, port) for host, port in config.nodes],
@@ -553,8 +556,7 @@ class RemoteTier:
             cluster = self._cluster()
             node = cluster.get_node_from_key(tag + ":0")
             conn = cluster.get_redis_connection(node)
-            return [n.decode() if isinstance(n, bytes) else n
-                    for n in conn.scan_iter(match=pattern, count=1000)]
+            return _text_names(conn.scan_iter(match=pattern, count=1000))
 
     def may_access(self, owner: str) -> bool:
         """Whether this node's ACL user may touch ``owner``'s keys (a shared pool's grant):
@@ -578,12 +580,13 @@ class RemoteTier:
                 cluster = self._cluster()
                 for node in cluster.get_primaries():
                     conn = cluster.get_redis_connection(node)
-                    names = [n.decode() if isinstance(n, bytes) else n
-                             for n in conn.scan_iter(match=pattern, count=1000)]
+                    names = _text_names(conn.scan_iter(match=pattern, count=1000))
                     pipe = conn.pipeline(transaction=False)
                     for name in names:
                         pipe.strlen(name)
-                    found.update(zip(names, (int(n) for n in pipe.execute())))
+                    for name, size in zip(names, pipe.execute(raise_on_error=False)):
+                        # a key that is not a string (WRONGTYPE) is not a page: size 0, gone
+                        found[name] = size if isinstance(size, int) else 0
             self._reachable = True
             for name, size in found.items():
                 if size:
@@ -632,3 +635,18 @@ class RemoteTier:
             "short_replication": c.short_replication,
             "reconnects": c.reconnects, "last_error": c.last_error,
         }
+
+
+def _text_names(untrusted_names: Iterable[bytes | str]) -> list[str]:
+    """Key names from a SCAN as text; one that is not UTF-8 is none of ours (no name this
+    project writes is) and is skipped, logged, never parsed."""
+    names = []
+    for untrusted in untrusted_names:
+        if isinstance(untrusted, bytes):
+            try:
+                untrusted = untrusted.decode()
+            except UnicodeDecodeError:
+                log.warning("ramster: key %r is not UTF-8: not ours, skipped", untrusted[:80])
+                continue
+        names.append(untrusted)
+    return names

@@ -12,6 +12,7 @@ import random
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -218,3 +219,42 @@ def test_a_host_that_dies_in_a_guest_s_handshake_connects_it_with_the_key_it_rea
         assert backend.get_page(pool, Oid(1), 0) == (1, page(1))
     finally:
         backend.remove()
+
+
+def back_again(host: TmemHost, guest: XenBackend, run_dir: Path) -> None:
+    """The crashed host started again, and the stalled guest told so by the state watch
+    (polled with no wait, as the flusher polls: what came on the socket is read)."""
+    host.start(run_dir=run_dir)
+    guest.set_param("timeout_ms", TIMEOUT_MS * 4)
+    deadline = time.monotonic() + WAIT_S
+    while not guest.stats()["host_returns"]:
+        assert time.monotonic() < deadline, "the guest never saw the host come back"
+        guest._probe_host()
+        threading.Event().wait(0.01)
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_a_flush_or_a_put_that_failed_in_an_outage_leaves_no_older_page_behind(
+        host: TmemHost, run_dir: Path, batch: bool) -> None:
+    """While the guest stalls (the host crashed), a flush fails at once and a put is
+    refused or dropped: each still removes the host's older copy before any later get
+    (a flush was once forgotten, and a refused put left the old page to be read)."""
+    guest = connect(host, 5, stall_backoff_ms=60_000, batch=batch)
+    try:
+        pers = guest.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        eph = guest.new_pool(PRIVATE_UUID, POOL_PRIVATE_EPHEMERAL)
+        assert guest.put_page(pers, Oid(1), 0, page(1)) == 1
+        assert guest.put_page(eph, Oid(1), 0, page(2)) == 1
+        guest.flush_object(eph, Oid(9))  # a sync op: the posted put above goes with it
+        host.crash()
+        guest.set_param("timeout_ms", 300)  # short only while nobody can answer
+        assert guest.get_page(pers, Oid(9), 9) == (-errno.ETIMEDOUT, None)  # the stall
+        guest.flush_page(pers, Oid(1), 0)  # fails at once (batch off) or is posted
+        assert guest.put_page(eph, Oid(1), 0, page(3)) in (1, -errno.ETIMEDOUT)
+        back_again(host, guest, run_dir)
+        gone = ((0, None), (-EEMPTY, None))  # a miss, or a pool holding nothing now
+        assert guest.get_page(pers, Oid(1), 0) in gone
+        assert guest.get_page(eph, Oid(1), 0) in gone
+        assert guest.stats()["redelivered_flushes"] >= 1
+    finally:
+        guest.remove()

@@ -620,16 +620,21 @@ class XsSession:
             return None
 
     def _next_event(self, token: bytes, timeout: float) -> Event | None:
+        """The oldest event of ``token``, waiting up to ``timeout``; what has already arrived
+        on the socket is read even with no time to wait (a caller polling with 0, as the
+        xen backend's flusher looks for the host's return, would see nothing else)."""
         with self._lock:
             deadline = self.clock.monotonic() + timeout
+            polled = False
             while True:
                 event = self._take_event(token)
                 if event is not None:
                     return event
                 remaining = deadline - self.clock.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 and polled:
                     return None
-                self.pump(remaining)
+                polled = True
+                self.pump(max(remaining, 0.0))
 
     # -- transactions -------------------------------------------------------------------------
 

@@ -62,6 +62,16 @@ _EIO = -errno.EIO
 _INVALIDATIONS = (TmemOp.FLUSH_PAGE, TmemOp.FLUSH_OBJECT)
 
 
+def _invalidation_of(op: OpRecord) -> OpRecord | None:
+    """What must reach the host in place of ``op`` when ``op`` did not: an invalidation
+    itself, a flush of a put's page; None for the rest."""
+    if op.cmd in _INVALIDATIONS:
+        return op
+    if op.cmd == TmemOp.PUT_PAGE:
+        return OpRecord.flush_page(op.pool_id, op.oid, op.index)
+    return None
+
+
 @dataclass(eq=False)
 class _Slot:
     """One op waiting in the queue; ``posted`` ops have no caller waiting for the result."""
@@ -321,6 +331,7 @@ class XenBackend(Backend):
             refusal = self._fail_fast()
             if refusal and op.cmd not in _INVALIDATIONS:
                 self._counts["failed_fast"] += 1
+                self._undelivered(_Slot(op, posted=True), refusal)
                 return refusal
             if refusal == _ENODEV:
                 return refusal
@@ -350,6 +361,7 @@ class XenBackend(Backend):
             refusal = self._fail_fast()
             if refusal:
                 self._counts["failed_fast"] += 1
+                self._undelivered(slot, refusal)
                 return ResultRecord(refusal)
             self._queue.append(slot)
             leading = not self._sending
@@ -372,7 +384,7 @@ class XenBackend(Backend):
                         continue  # someone else took the channel meanwhile
                     refusal = self._fail_fast()
                     if refusal:  # the host went silent while we queued: do not wait again
-                        self._queue.remove(slot)
+                        self._undelivered(slot, refusal)
                         self._counts["failed_fast"] += 1
                         return ResultRecord(refusal)
                     self._sending = True
@@ -387,7 +399,7 @@ class XenBackend(Backend):
                     return slot.result
                 refusal = self._fail_fast()
                 if refusal:  # our op did not fit, and the host has gone silent meanwhile
-                    self._queue.remove(slot)
+                    self._undelivered(slot, refusal)
                     self._counts["failed_fast"] += 1
                     return ResultRecord(refusal)
                 leading = not self._sending  # our op did not fit: send again if free
@@ -424,11 +436,28 @@ class XenBackend(Backend):
 
     def _abandon_slot(self, slot: _Slot) -> None:
         """A follower waited its whole timeout.  Holds ``_lock``."""
-        if slot in self._queue:
-            self._queue.remove(slot)
+        self._undelivered(slot, _ETIMEDOUT)
         slot.result = ResultRecord(_ETIMEDOUT)
         self._counts["queue_timeouts"] += 1
         self._last_error = f"an op waited {self._timeout_s:g}s for the channel to the tmem host"
+
+    def _undelivered(self, slot: _Slot, rc: int) -> None:
+        """``slot``'s op will not reach the host now (``rc``: stalled, or its wait ran out;
+        it leaves the queue).  What it would have removed on the host must still go before
+        any later get of its page (``docs/protocol.md`` §5): an invalidation stays queued as
+        a posted op, and a put is replaced by a posted flush of its page (as Xen's failed
+        duplicate put drops the old copy).  Not when the device is gone (its pools went with
+        it).  Holds ``_lock``."""
+        if slot in self._queue:
+            self._queue.remove(slot)
+        if rc == _ENODEV:
+            return
+        instead = _invalidation_of(slot.op)
+        if instead is None:
+            return
+        self._queue.append(_Slot(instead, posted=True))
+        self._counts["redelivered_flushes"] += 1
+        self._bound_pending()
 
     def _drain(self, *, posted_only: bool) -> None:
         """Send queued ops until none (or no posted one) is left; bounded by the timeout."""
@@ -511,15 +540,15 @@ class XenBackend(Backend):
                 if slot.wake is not None:
                     slot.wake.set()  # read after the lock is released: results are in by then
             if results is None:
-                redeliver = [s for s in batch if s.op.cmd in _INVALIDATIONS
-                             and failure != _ENODEV]
+                redeliver = [] if failure == _ENODEV else [_invalidation_of(s.op) for s in batch]
                 for slot in batch:
                     slot.result = ResultRecord(failure)
                     if slot.posted and slot.op.cmd == TmemOp.PUT_PAGE:
                         self._counts["posted_dropped"] += 1
-                for slot in reversed(redeliver):
-                    self._queue.appendleft(_Slot(slot.op, posted=True))
-                self._counts["redelivered_flushes"] += len(redeliver)
+                for op in reversed(redeliver):
+                    if op is not None:
+                        self._queue.appendleft(_Slot(op, posted=True))
+                self._counts["redelivered_flushes"] += sum(op is not None for op in redeliver)
                 self._bound_pending()
                 return
             for slot, result in zip(batch, results):
@@ -549,9 +578,14 @@ class XenBackend(Backend):
             self._queue.remove(slot)
 
     def _drop_posted_puts(self) -> None:
-        """While stalled, posted puts are dropped (ephemeral pages may vanish anyway)."""
-        kept = deque(s for s in self._queue if not (s.posted and s.op.cmd == TmemOp.PUT_PAGE))
-        self._counts["posted_dropped"] += len(self._queue) - len(kept)
+        """While stalled, posted puts are dropped (ephemeral pages may vanish anyway), each
+        for a flush of its page (an older copy on the host must not answer a later get)."""
+        kept: deque[_Slot] = deque()
+        for slot in self._queue:
+            if slot.posted and slot.op.cmd == TmemOp.PUT_PAGE:
+                self._counts["posted_dropped"] += 1
+                slot = _Slot(_invalidation_of(slot.op), posted=True)  # type: ignore[arg-type]
+            kept.append(slot)
         self._queue = kept
 
     def _host_answers(self, how: str) -> None:
@@ -562,6 +596,8 @@ class XenBackend(Backend):
             since, self._outage_since = self._outage_since, None
             if since is not None:
                 self._counts["host_returns"] += 1
+            if self._queue:  # what waited out the outage (flushes) goes now
+                self._kick.set()
         if since is not None:
             log.warning("xen: the tmem host %s after %.1f s; ops go through again", how,
                         self.clock.monotonic() - since)

@@ -278,9 +278,8 @@ def test_a_put_between_a_get_s_local_miss_and_its_index_lookup_is_found() -> Non
     assert remote.get_page(pool, Oid(1), 5) == (1, page(555))
 
 
-def test_a_page_taken_by_an_exclusive_get_can_move_again() -> None:
-    """An exclusive get of a remote page forgets it without a delete pending: the page,
-    put again, is remotified like any other (it was once never moved again)."""
+def moving_ephemeral() -> tuple[TmemStore, StandInTier, RemotePages, int]:
+    """A private ephemeral pool whose pages move (``ephemeral=move``), 100 put: most moved."""
     store = TmemStore(40 * (PAGE_SIZE + 600))
     tier = StandInTier()
     remote = RemotePages(store, 0, tier, ephemeral="move",  # type: ignore[arg-type]
@@ -288,6 +287,13 @@ def test_a_page_taken_by_an_exclusive_get_can_move_again() -> None:
     pool = store.new_pool(0, PRIVATE_UUID, POOL_PRIVATE_EPHEMERAL)
     for n in range(100):
         assert remote.put_page(pool, Oid(1), n, page(n)) == 1
+    return store, tier, remote, pool
+
+
+def test_a_page_taken_by_an_exclusive_get_can_move_again() -> None:
+    """An exclusive get of a remote page forgets it without a delete pending: the page,
+    put again, is remotified like any other (it was once never moved again)."""
+    store, _tier, remote, pool = moving_ephemeral()
     assert remote.get_page(pool, Oid(1), 0) == (1, page(0))
     assert not remote._deleting
     assert remote.put_page(pool, Oid(1), 0, page(1000)) == 1
@@ -301,13 +307,7 @@ def test_an_ephemeral_page_whose_old_copy_is_being_deleted_does_not_move() -> No
     """While a put's delete of the page's old remote copy is on the wire, a remotify (on
     another thread) leaves the page alone: a copy it sent could be the one that delete
     takes (persistent pages were already skipped)."""
-    store = TmemStore(40 * (PAGE_SIZE + 600))
-    tier = StandInTier()
-    remote = RemotePages(store, 0, tier, ephemeral="move",  # type: ignore[arg-type]
-                         clock_now=lambda: 0.0)
-    pool = store.new_pool(0, PRIVATE_UUID, POOL_PRIVATE_EPHEMERAL)
-    for n in range(100):
-        assert remote.put_page(pool, Oid(1), n, page(n)) == 1
+    store, tier, remote, pool = moving_ephemeral()
     assert (Oid(1), 0) in remote.remote_keys(pool)
     name = RemoteKey("node", pool, Oid(1), 0).name()
     sent: list[str] = []

@@ -15,8 +15,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-#: At most this many names are kept in the file (each well under 200 bytes); beyond, the
-#: oldest are still retried in memory but a crash may let SCAN find them (logged once).
+#: At most this many names are kept in the file (each well under 200 bytes); the others are
+#: still retried from memory, but a crash may let SCAN find them (said once, when it happens).
 MAX_KEPT = 65536
 
 
@@ -25,6 +25,7 @@ class PendingDeletes:
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
+        self._warned = False
         self._names: set[str] = set()
         if path is not None:
             self._names = _read(path)
@@ -59,6 +60,11 @@ class PendingDeletes:
         if self.path is None:
             return
         kept = sorted(self._names)[:MAX_KEPT]
+        if len(self._names) > MAX_KEPT and not self._warned:
+            self._warned = True
+            log.warning("ramster: %d pending deletes, %d kept in %s: a crash now may let "
+                        "the restart find the others again", len(self._names), MAX_KEPT,
+                        self.path)
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         try:
             tmp.write_text("".join(f"{name}\n" for name in kept), encoding="ascii")

@@ -245,7 +245,6 @@ class RemotePages:
                         self._store.peek_page(self._cid, slot, oid, index) is not None:
                     return None  # put (and its remote copy dropped) since the store missed
                 return rc, None
-            seen = self._watch(where)
             if ahead:
                 in_order = self._ahead.in_order(where)
                 if in_order:  # near the furthest page read ahead: the next window
@@ -255,7 +254,10 @@ class RemotePages:
                     waiting = self._ahead.flying(where)
                     if waiting is None and in_order:
                         flight = self._ahead.begin(where, obj)
-        watching = True
+            # Taken from the buffer under the books, a page is the entry's own; one fetched
+            # outside them is checked against the entry's version afterwards.
+            watching = buffered is None
+            seen = self._watch(where) if watching else 0
         try:
             if waiting is not None:  # another caller's readahead asked for it: wait for that
                 waiting.done.wait(self.fetcher.wait_s())
@@ -268,6 +270,9 @@ class RemotePages:
                     if in_order:
                         flight = self._ahead.begin_next(where, obj)
                     buffered = self._ahead.take(where)
+                    if buffered is not None:
+                        watching = False
+                        self._unwatch(where, seen)
             key = RemoteKey(self.owner, slot, oid, index)
             try:
                 if buffered is not None:
@@ -281,6 +286,8 @@ class RemotePages:
                 else:
                     found = self.fetcher.get(key, exclusive=exclusive)
             except RecordError:  # logged and counted by the tier: never served
+                if not watching:  # a buffered page: its own get fetches it and drops it
+                    return _EIO if persistent else _MISS
                 with self._books:
                     watching = False
                     if not self._unwatch(where, seen):
@@ -293,15 +300,16 @@ class RemotePages:
                 self._get_failed(key, exc)
                 return _EIO
             self._get_failing = False
-            with self._books:
-                watching = False
-                if not self._unwatch(where, seen):
-                    return None
-                if found is None or exclusive:  # its remote copy is gone: nothing to delete
-                    if self._unrecord(where) is not None:
-                        self._deleting.discard(where)
-                elif ahead and buffered is None:  # fetched: no readahead brings it back again
-                    self._ahead.served(where)
+            if watching:
+                with self._books:
+                    watching = False
+                    if not self._unwatch(where, seen):
+                        return None
+                    if found is None or exclusive:  # its remote copy is gone: nothing to delete
+                        if self._unrecord(where) is not None:
+                            self._deleting.discard(where)
+                    elif ahead:  # fetched: no readahead brings it back again
+                        self._ahead.served(where)
         finally:
             if watching:
                 with self._books:

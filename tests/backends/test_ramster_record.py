@@ -55,9 +55,10 @@ def test_an_objects_pages_share_one_hash_tag_and_owners_stay_apart() -> None:
 
 
 def test_nodes_and_node_ids_are_validated_as_params() -> None:
-    assert parse_nodes("10.0.0.1:7000, redis-a ,[::1]:7001") == (
-        ("10.0.0.1", 7000), ("redis-a", 6379), ("::1", 7001))
-    for bad in ["h:0", "h:65536", "h:\uff11", "h:1,h:1", "h x:1"]:
+    assert parse_nodes("10.0.0.1:7000, redis-a ,[::1]:7001, [fe80::2]") == (
+        ("10.0.0.1", 7000), ("redis-a", 6379), ("::1", 7001), ("fe80::2", 6379))
+    for bad in ["h:0", "h:65536", "h:\uff11", "h:1,h:1", "h x:1", "h:", "::1", "fe80::1:6379",
+                "[::1", "[::1]7000", "[]:7000", "[[::1]]:7000"]:
         with pytest.raises(ParamError, match="ramster_nodes"):
             RAMSTER_PARAMS["ramster_nodes"].coerce(bad)
     with pytest.raises(ParamError, match="ramster_replicas"):

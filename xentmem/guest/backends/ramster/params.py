@@ -17,15 +17,13 @@ EPHEMERAL_POLICIES = ("evict", "move")
 
 
 def parse_nodes(text: str) -> tuple[tuple[str, int], ...]:
-    """``host:port,host:port`` (a bare host means port 6379); at least one, no duplicates."""
+    """``host:port,host:port`` (a bare host means port 6379; an IPv6 address in brackets,
+    ``[::1]:7000``); at least one, no duplicates."""
     nodes: list[tuple[str, int]] = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
-        host, sep, port_text = item.rpartition(":")
-        if not sep:
-            host, port_text = item, str(DEFAULT_PORT)
-        host = host.strip("[]")
+        host, port_text = _split_node(item)
         if not host or not host.isascii() or any(c.isspace() for c in host):
             raise ValueError(f"{item!r} is not host:port")
         if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
@@ -34,6 +32,20 @@ def parse_nodes(text: str) -> tuple[tuple[str, int], ...]:
             raise ValueError(f"{item!r} is listed twice")
         nodes.append((host, int(port_text)))
     return tuple(nodes)
+
+
+def _split_node(item: str) -> tuple[str, str]:
+    """One node's host and port text; a colon beyond the port's is an IPv6 address's, which
+    must be in brackets (else ``fe80::1`` would read as host ``fe80:`` and port 1)."""
+    if item.startswith("["):
+        host, closed, rest = item[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")) or "[" in host:
+            raise ValueError(f"{item!r} is not [address]:port")
+        return host, rest[1:] if rest else str(DEFAULT_PORT)
+    if item.count(":") > 1:
+        raise ValueError(f"{item!r}: an IPv6 address goes in brackets, [address]:port")
+    host, sep, port_text = item.partition(":")
+    return host, port_text if sep else str(DEFAULT_PORT)
 
 
 def _nodes_text(text: str) -> str:
@@ -51,7 +63,7 @@ RAMSTER_PARAMS = ParamSet(
           "move pages to a Redis Cluster when the local store runs short (RAMster)"),
     Param("ramster_nodes", str, "",
           "seed nodes of the cluster, host:port,... (required with ramster=1)",
-          parse=_nodes_text, accepts="host:port,... (ports 1-65535)"),
+          parse=_nodes_text, accepts="host:port,... ([address]:port for IPv6; ports 1-65535)"),
     Param("ramster_node_id", str, "",
           "this node's name in the cluster's keys (default: the domain's UUID on Xen, "
           "else /etc/machine-id)", parse=_node_id_text,

@@ -506,3 +506,48 @@ def test_a_host_of_wire_version_2_is_refused_cleanly(tmem_host: TmemHost) -> Non
     with pytest.raises(BackendError, match=r"tmem host speaks versions \[2\]; this guest "
                                            rf"speaks \[{WIRE_VERSION}\]"):
         XenBackend({"timeout_ms": 5000}, roots=roots).connect()
+
+
+def test_an_op_that_waited_its_turn_fails_within_its_own_timeout(ours: TmemHost) -> None:
+    """A caller queued behind a slow message sends when its turn comes, but waits for the
+    reply only for what is left of its timeout: -ETIMEDOUT then, not a success after about
+    twice the timeout; and the host is not taken for silent (the next op goes through)."""
+    import threading
+    import time
+
+    timeout_s = 2.0  # the slow host's 0.7 of it leaves the first op room on a busy machine
+    backend = XenBackend({"timeout_ms": int(timeout_s * 1000), "batch": False},
+                         roots=ours.guest(5))
+    backend.connect()
+    try:
+        pool = backend.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        store = ours.service.store  # type: ignore[union-attr]
+        real_put = store.put_page
+        slow = threading.Event()
+        in_put = threading.Event()
+
+        def slow_put(*args, **kw):  # type: ignore[no-untyped-def]
+            if slow.is_set():
+                in_put.set()
+                time.sleep(0.7 * timeout_s)  # the host is slow, not gone
+            return real_put(*args, **kw)
+
+        store.put_page = slow_put
+        slow.set()
+        first: list[int] = []
+        sender = threading.Thread(target=lambda: first.append(
+            backend.put_page(pool, Oid(1), 0, TEXT)))
+        sender.start()
+        assert in_put.wait(WAIT_S)  # the first message is at the host: the next op queues
+        started = time.monotonic()
+        rc = backend.put_page(pool, Oid(1), 1, TEXT)
+        took = time.monotonic() - started
+        sender.join(WAIT_S)
+        assert first == [1]
+        assert rc == -errno.ETIMEDOUT and took < timeout_s + 0.5, (rc, took)
+        slow.clear()
+        assert backend.put_page(pool, Oid(1), 2, TEXT) == 1  # not failed fast: no stall
+        rc, data = backend.get_page(pool, Oid(1), 1)
+        assert (rc, data) in ((1, TEXT), (0, None))  # the timed-out put: its page or a miss
+    finally:
+        backend.remove()

@@ -409,9 +409,11 @@ class TmemFront(XenbusDevice):
             raise BackendError("tmem device not connected")
         return self.negotiated.limits
 
-    def exchange(self, ops: Sequence[OpRecord]) -> list[ResultRecord]:
+    def exchange(self, ops: Sequence[OpRecord], *,
+                 timeout: float | None = None) -> list[ResultRecord]:
         """Send ``ops`` as one message; their results, or ChannelTimeout / Disconnected /
-        WireError (a malformed reply) / XenStoreError (xenstore refused us)."""
+        WireError (a malformed reply) / XenStoreError (xenstore refused us).  ``timeout``:
+        wait less than :attr:`timeout` for the reply (what is left of a caller's own)."""
         if self.broken or self.state != XenbusState.CONNECTED:
             raise Disconnected(self.broken or f"tmem device {self.nodename or '?'} is not "
                                "connected")
@@ -451,8 +453,10 @@ class TmemFront(XenbusDevice):
             counters.inline_messages += 1
         counters.text_sent += len(framed.envelope.inline) + len(framed.value) + sum(
             len(v) for _, v in framed.chunks) + sum(len(p.text) for p in framed.parts)
+        wait = self.timeout if timeout is None else max(0.0, min(timeout, self.timeout))
+        deadline = self.clock.monotonic() + wait
         try:
-            envelope, parts, reply_path = self._await_reply(seq, limits, key)
+            envelope, parts, reply_path = self._await_reply(seq, limits, key, deadline, wait)
         except ChannelTimeout:
             counters.timeouts += 1
             self._abandon(paths)
@@ -460,7 +464,7 @@ class TmemFront(XenbusDevice):
         except Disconnected:
             self._abandon(paths)
             raise
-        body = self._reply_body(envelope, parts, limits, key, reply_path)
+        body = self._reply_body(envelope, parts, limits, key, reply_path, deadline)
         try:
             results = decode_reply(body, ops)
         except WireError as exc:
@@ -470,8 +474,8 @@ class TmemFront(XenbusDevice):
         # refused part or chunk makes a torn message, which the host answers -EINVAL).
         return results
 
-    def _await_reply(self, seq: int, limits: Limits,
-                     key: SessionKey) -> tuple[Envelope, list[Part], bytes]:
+    def _await_reply(self, seq: int, limits: Limits, key: SessionKey, deadline: float,
+                     limit_s: float) -> tuple[Envelope, list[Part], bytes]:
         """The envelope of reply ``seq``, the name parts that came before it, and its path.
 
         Every name sits in the directory the session key gives it; one elsewhere is not
@@ -480,7 +484,6 @@ class TmemFront(XenbusDevice):
         xs = self.xs
         events = xs.events
         parts: dict[int, Part] = {}
-        deadline = self.clock.monotonic() + self.timeout
         acks_checked = False
         prefix = self._rsp_prefix
         while True:
@@ -488,7 +491,7 @@ class TmemFront(XenbusDevice):
             if remaining <= 0:
                 raise ChannelTimeout(
                     f"no reply from the tmem host at {self.otherend} to message {seq} within "
-                    f"{self.timeout:g}s (is xentmem-hostd running?)")
+                    f"{limit_s:g}s (is xentmem-hostd running?)")
             wait = min(remaining, _STATE_CHECK_S if acks_checked else _ACK_CHECK_S)
             if not events:
                 xs.pump(wait)
@@ -540,7 +543,7 @@ class TmemFront(XenbusDevice):
             return envelope, [parts[k] for k in sorted(parts)], untrusted_path
 
     def _reply_body(self, envelope: Envelope, parts: list[Part], limits: Limits,
-                    key: SessionKey, path: bytes) -> bytes:
+                    key: SessionKey, path: bytes, deadline: float) -> bytes:
         counters = self.counters
         counters.text_received += len(envelope.inline)
         if envelope.parts:
@@ -557,7 +560,6 @@ class TmemFront(XenbusDevice):
             reads = [xs.post_read(path)]
             reads += [xs.post_read(f"{otherend}/{RSP_DATA_DIR}/{key.chunk(i, reply=True)}")
                       for i in range(1, envelope.chunks)]
-            deadline = xs.clock.monotonic() + self.timeout
             try:
                 raw = [xs.collect(r, what=f"read reply {envelope.seq}", deadline=deadline)
                        for r in reads]

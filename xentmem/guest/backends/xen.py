@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import threading
 from collections import deque
@@ -82,6 +83,9 @@ class _Slot:
     #: Set when the result is in, or when this caller should send the next message; made
     #: only when the caller has to wait (a caller that finds the channel free sends itself).
     wake: threading.Event | None = None
+    #: When the waiting caller's timeout runs out (the real clock's monotonic seconds): a
+    #: message carrying its op waits for the reply no longer than that.
+    deadline: float = math.inf
 
 
 class XenBackend(Backend):
@@ -354,8 +358,8 @@ class XenBackend(Backend):
         the sender finishes and hands the channel to the oldest of them; so nobody wakes
         for nothing, and a finished follower does not wait behind the next message.
         """
-        slot = _Slot(op, posted=False)
         deadline = self._real.monotonic() + self._timeout_s
+        slot = _Slot(op, posted=False, deadline=deadline)
         with self._lock:
             self._counts["ops"] += 1
             refusal = self._fail_fast()
@@ -435,7 +439,8 @@ class XenBackend(Backend):
             queued = now
 
     def _abandon_slot(self, slot: _Slot) -> None:
-        """A follower waited its whole timeout.  Holds ``_lock``."""
+        """A caller's op waited its whole timeout unsent (for the channel, or in a batch
+        taken too late).  Holds ``_lock``."""
         self._undelivered(slot, _ETIMEDOUT)
         slot.result = ResultRecord(_ETIMEDOUT)
         self._counts["queue_timeouts"] += 1
@@ -506,19 +511,35 @@ class XenBackend(Backend):
         return batch
 
     def _send_next(self) -> None:
-        """One message: take a batch, exchange it, hand out results.  Only the sender."""
+        """One message: take a batch, exchange it, hand out results.  Only the sender.
+
+        The reply is awaited until the earliest deadline of the callers waiting in the batch
+        (a follower that sends after waiting its turn has only what is left of its timeout);
+        a wait cut short that way times out the batch without taking the host for silent.
+        """
         with self._lock:
             batch = self._take()
+            now = self._real.monotonic()
+            for slot in [s for s in batch if s.deadline <= now]:  # its caller gave up: unsent
+                batch.remove(slot)
+                self._abandon_slot(slot)
+                if slot.wake is not None:
+                    slot.wake.set()
             front = self._front
         if not batch:
             return
         if front is None:
             self._settle(batch, None, _ENODEV)
             return
+        left = min(s.deadline for s in batch) - now
+        cut_short = left < self._timeout_s
         try:
-            results = front.exchange([s.op for s in batch])
+            results = front.exchange([s.op for s in batch], timeout=left if cut_short else None)
         except ChannelTimeout as exc:
-            self._stall(str(exc))
+            if cut_short:
+                self._last_error = str(exc)
+            else:
+                self._stall(str(exc))
             self._settle(batch, None, _ETIMEDOUT)
         except Disconnected as exc:
             self._last_error = str(exc)

@@ -75,6 +75,10 @@ def test_ops_reach_the_store(control: HostControl) -> None:
     frozen = ask(control, "freeze", domid="all")["result"]
     assert (frozen["domids"], frozen["frozen"], frozen["clients"][0]["frozen"]) == (
         [5], True, True)
+    # A uuid that is not one is refused for every domain too (xc_tmem_auth parsed it first).
+    assert code(control, "shared-auth", domid="all", auth=0, uuid="not-a-uuid") == (
+        protocol.BAD_ARGS)
+    assert store.shared_auth is True
     assert ask(control, "shared-auth", domid="all", auth=0)["result"] == {"shared_auth": False}
     assert store.shared_auth is False
     hello = ask(control, "hello")["result"]

@@ -119,12 +119,13 @@ class HostControl:
 
     def shared_auth(self, args: Args) -> dict[str, Any]:
         auth, store = args["auth"], self.service.store
-        if args["domid"] == "all":
+        uuid = parse_pool_uuid(args["uuid"]) if "uuid" in args else None  # refused first,
+        if args["domid"] == "all":  # as xc_tmem_auth parsed it even for every domain
             store.shared_auth = auth
             return {"shared_auth": auth}
         if "uuid" not in args:
             raise ControlError(BAD_ARGS, "shared-auth for one domain needs a uuid")
-        uuid = parse_pool_uuid(args["uuid"])
+        assert uuid is not None
         (domid,) = self._domids(args["domid"])  # a guest the service knows, as every op's
         if store.authorise(domid, uuid, auth) < 0:
             raise ControlError(BAD_ARGS,

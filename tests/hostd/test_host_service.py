@@ -551,3 +551,31 @@ def test_an_op_that_waited_its_turn_fails_within_its_own_timeout(ours: TmemHost)
         assert (rc, data) in ((1, TEXT), (0, None))  # the timed-out put: its page or a miss
     finally:
         backend.remove()
+
+
+def test_a_guest_keeps_what_the_administrator_set_across_a_reload(ours: TmemHost) -> None:
+    """Unloading and loading the backend (a new session) drops the guest's pools, not its
+    client: freeze, cap, weight and authorised uuids stay, as Xen's client lives as long as
+    its domain (a frozen guest once thawed itself by reloading)."""
+    uuid = "12345678-9abc-def0-1122-334455667788"
+    roots = ours.guest(5)
+    backend = XenBackend({"timeout_ms": 5000, "batch": False}, roots=roots)
+    backend.connect()
+    pool = backend.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+    assert backend.put_page(pool, Oid(1), 0, TEXT) == 1
+    with HostControlClient(ours.control_path, timeout=WAIT_S) as control:
+        control.call("set", domid=5, weight=7, cap_mb=1)
+        control.call("shared-auth", domid=5, uuid=uuid, auth=True)
+        control.call("freeze", domid=5)
+        backend.remove()
+        backend = XenBackend({"timeout_ms": 5000, "batch": False}, roots=roots)
+        backend.connect()
+        try:
+            pool = backend.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+            assert backend.get_page(pool, Oid(1), 0)[1] is None  # the old pools are gone
+            assert backend.put_page(pool, Oid(1), 0, TEXT) == -1000  # -EFROZEN: still frozen
+            (client,) = control.call("list", domid=5)["clients"]
+            assert (client["frozen"], client["weight"], client["cap_bytes"]) == (True, 7, 1 << 20)
+            assert len(client["auth"]) == 1
+        finally:
+            backend.remove()

@@ -270,7 +270,7 @@ class HostService:
         if why:
             log.warning("domain %d: session not resumed: %s; its pools are dropped",
                         device.domid, why)
-            self.store.destroy_client(device.domid)
+            self.store.drop_pools(device.domid)
             return False
         self._by_token[device.state_token] = (device, "state")
         self._by_token[device.req_token] = (device, "req")

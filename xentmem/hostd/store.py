@@ -96,9 +96,17 @@ class HostStore:
         return self.tmem.client(domid)
 
     def destroy_client(self, domid: int) -> int:
-        """Drop every pool of ``domid`` (the guest closed its device or died) and its
-        session; answers the pools dropped."""
+        """Forget ``domid``: every pool, its session and what the administrator set (the
+        domain is gone, or the service stops); answers the pools dropped."""
         dropped = self.tmem.destroy_client(domid)
+        self.end_session(domid)
+        return dropped
+
+    def drop_pools(self, domid: int) -> int:
+        """Drop every pool of ``domid`` and its session (the guest closed its device or
+        starts a new session): its weight, cap, freeze, compression and authorised uuids
+        stay, so a guest cannot shed them by reloading its backend; the pools dropped."""
+        dropped = self.tmem.drop_pools(domid)
         self.end_session(domid)
         return dropped
 
@@ -409,7 +417,7 @@ class HostStore:
         pools (their guest is told the host lost them, as before)."""
         for domid, client in list(self.tmem.clients.items()):
             if domid not in kept and any(pool is not None for pool in client.slots):
-                self.destroy_client(domid)
+                self.drop_pools(domid)
         self.resumable.clear()
 
     # -- internals ------------------------------------------------------------------------------

@@ -412,7 +412,7 @@ class TmemBack(XenbusDevice):
     def _new_session(self) -> None:
         self._settle_writes()
         if self.state in _SESSION_STATES:
-            self.store.destroy_client(self.domid)
+            self.store.drop_pools(self.domid)
         for stale in (RSP_DIR, RSP_DATA_DIR, ERROR_NODE):
             try:
                 self.conn.rm(f"{self.nodename}/{stale}")
@@ -496,7 +496,7 @@ class TmemBack(XenbusDevice):
         return f"{path} is writable by {foreign}" if foreign else ""
 
     def _close_session(self) -> None:
-        dropped = self.store.destroy_client(self.domid)
+        dropped = self.store.drop_pools(self.domid)
         self.switch_state(XenbusState.CLOSED)
         log.info("tmem device of domain %d closed (%d pools dropped)", self.domid, dropped)
 

@@ -132,19 +132,32 @@ class TmemStore:
         return found
 
     def destroy_client(self, cid: int) -> int:
-        """Let go of every pool of ``cid`` and forget it; answers how many pools it had."""
+        """Let go of every pool of ``cid`` and forget it (its domain is gone); answers how
+        many pools it had."""
         with self.lock:
             client = self.clients.get(cid)
             if client is None:
                 return 0
-            dropped = 0
-            for slot, pool in enumerate(client.slots):
-                if pool is not None:
-                    self._leave(client, slot, pool)
-                    dropped += 1
+            dropped = self._drop_pools(client)
             self.total_weight -= client.weight
             del self.clients[cid]
             return dropped
+
+    def drop_pools(self, cid: int) -> int:
+        """Let go of every pool of ``cid`` but keep the client with what the administrator
+        set (weight, cap, frozen, compress, authorised uuids): Xen's client lives as long as
+        its domain, whatever the guest does with its pools.  Answers the pools dropped."""
+        with self.lock:
+            client = self.clients.get(cid)
+            return 0 if client is None else self._drop_pools(client)
+
+    def _drop_pools(self, client: Client) -> int:
+        dropped = 0
+        for slot, pool in enumerate(client.slots):
+            if pool is not None:
+                self._leave(client, slot, pool)
+                dropped += 1
+        return dropped
 
     # -- pools ----------------------------------------------------------------------------------
 

@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 MAX_PENDING_FLUSHES = 1024
 #: Longest fail-fast period after repeated timeouts.
 MAX_STALL_BACKOFF_S = 60.0
+#: A message's wait for its reply cut to less than this share of ``timeout_ms`` (its callers
+#: waited their turn) does not take the host for silent when it runs out.
+CUT_SHORT = 0.9
 #: Most CPU yields a sender spends letting other callers add to its batch.
 GATHER_YIELDS = 8
 #: The default of ``connect_timeout_ms``, which :meth:`XenBackend.probe` waits too (it runs
@@ -532,9 +535,10 @@ class XenBackend(Backend):
             self._settle(batch, None, _ENODEV)
             return
         left = min(s.deadline for s in batch) - now
-        cut_short = left < self._timeout_s
+        # (a sender's own op is always a little short of its timeout: its queueing, gather)
+        cut_short = left < CUT_SHORT * self._timeout_s
         try:
-            results = front.exchange([s.op for s in batch], timeout=left if cut_short else None)
+            results = front.exchange([s.op for s in batch], timeout=left)
         except ChannelTimeout as exc:
             if cut_short:
                 self._last_error = str(exc)

@@ -14,6 +14,7 @@ import pytest
 
 from xentmem.guest.backends.zcache import (
     EPHEMERAL_PAGE_OVERHEAD,
+    OBJECT_OVERHEAD,
     PERSISTENT_PAGE_OVERHEAD,
     ZcacheBackend,
 )
@@ -259,7 +260,7 @@ def test_the_zero_page_costs_only_its_bookkeeping(store: ZcacheBackend) -> None:
     store.put_page(pool, Oid(1), 0, ZERO_PAGE)
     stats = store.stats()
     assert (stats["zbytes"], stats["zero_pages"]) == (0, 1)
-    assert stats["used_bytes"] == PERSISTENT_PAGE_OVERHEAD
+    assert stats["used_bytes"] == PERSISTENT_PAGE_OVERHEAD + OBJECT_OVERHEAD  # and its object
 
 
 def test_an_incompressible_page_is_stored_raw(store: ZcacheBackend) -> None:
@@ -341,7 +342,7 @@ def test_flush_object_drops_every_page_of_that_object_only(store: ZcacheBackend)
     assert all(store.get_page(pool, Oid(1, 2, 3), i) == (0, None) for i in range(5))
     stats = store.stats()
     assert (stats["pages"], stats["zero_pages"]) == (1, 1)
-    assert stats["used_bytes"] == EPHEMERAL_PAGE_OVERHEAD
+    assert stats["used_bytes"] == EPHEMERAL_PAGE_OVERHEAD + OBJECT_OVERHEAD
 
 
 # -- capacity, eviction ------------------------------------------------------------------------
@@ -467,5 +468,6 @@ def test_concurrent_callers_keep_the_accounting_exact() -> None:
     overheads = {"persistent": PERSISTENT_PAGE_OVERHEAD}
     assert stats["used_bytes"] == sum(
         row["zbytes"] + row["pages"] * overheads.get(row["kind"], EPHEMERAL_PAGE_OVERHEAD)
+        + row["objects"] * OBJECT_OVERHEAD
         for row in rows
     )

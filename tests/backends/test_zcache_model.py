@@ -16,6 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from xentmem.guest.backends.zcache import (
     EPHEMERAL_PAGE_OVERHEAD,
+    OBJECT_OVERHEAD,
     PERSISTENT_PAGE_OVERHEAD,
     ZcacheBackend,
 )
@@ -144,7 +145,7 @@ class ZcacheModel(RuleBasedStateMachine):
             )
             pages += row["pages"]
             zbytes += row["zbytes"]
-            overhead += row["pages"] * per_page
+            overhead += row["pages"] * per_page + row["objects"] * OBJECT_OVERHEAD
         assert (stats["pages"], stats["zbytes"]) == (pages, zbytes)
         assert stats["used_bytes"] == zbytes + overhead
         assert stats["eph_pages"] <= sum(1 for k in self.model if k[0] != "persistent")

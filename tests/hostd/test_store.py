@@ -22,7 +22,7 @@ from xentmem.tmem.abi import (
     PoolUuid,
     pool_flags,
 )
-from xentmem.tmem.store import EPHEMERAL_PAGE_OVERHEAD, PERSISTENT_PAGE_OVERHEAD
+from xentmem.tmem.store import EPHEMERAL_PAGE_OVERHEAD, OBJECT_OVERHEAD, PERSISTENT_PAGE_OVERHEAD
 from xentmem.xenbus.body import PageEncoding, encode_page
 
 TEXT = (b"void *tmem_get(struct tmem_pool *pool, struct oid *oid, u32 index);\n" * 70)[:4096]
@@ -144,14 +144,14 @@ def test_a_page_that_is_not_a_page_drops_the_older_copy() -> None:
 def test_capacity_evicts_ephemeral_pages_never_persistent_ones() -> None:
     pers_cost = PAGE_SIZE + PERSISTENT_PAGE_OVERHEAD
     eph_cost = PAGE_SIZE + EPHEMERAL_PAGE_OVERHEAD
-    store = HostStore(2 * pers_cost + 2 * eph_cost)
+    store = HostStore(2 * pers_cost + 2 * eph_cost + 2 * OBJECT_OVERHEAD)  # an object a pool
     pers = store.new_pool(5, PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
     eph = store.new_pool(5, PRIVATE_UUID, POOL_PRIVATE_EPHEMERAL)
     assert put(store, 5, pers, 1, 0, RAND) == 1
     assert put(store, 5, pers, 1, 1, RAND) == 1
     assert put(store, 5, eph, 2, 0, RAND) == 1
     assert put(store, 5, eph, 2, 1, RAND) == 1
-    assert store.used_bytes == 2 * pers_cost + 2 * eph_cost
+    assert store.used_bytes == 2 * pers_cost + 2 * eph_cost + 2 * OBJECT_OVERHEAD
     assert put(store, 5, eph, 2, 2, RAND) == 1  # the oldest ephemeral page goes
     assert store.describe()["evictions"] == 1
     assert store.get_page(5, eph, Oid(2), 0) == (0, None)
@@ -166,7 +166,7 @@ def test_capacity_evicts_ephemeral_pages_never_persistent_ones() -> None:
 
 def test_a_failed_duplicate_put_drops_the_old_copy() -> None:
     text_cost = len(encode_page(TEXT)[1]) + PERSISTENT_PAGE_OVERHEAD
-    store = HostStore(PAGE_SIZE + PERSISTENT_PAGE_OVERHEAD + text_cost + 100)
+    store = HostStore(PAGE_SIZE + PERSISTENT_PAGE_OVERHEAD + text_cost + OBJECT_OVERHEAD + 100)
     pers = store.new_pool(5, PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
     assert put(store, 5, pers, 1, 0, TEXT) == 1
     assert put(store, 5, pers, 1, 1, RAND) == 1
@@ -181,7 +181,7 @@ def eph_pages(store: HostStore, domid: int) -> int:
 
 def test_weights_decide_whose_ephemeral_pages_go() -> None:
     cost = PAGE_SIZE + EPHEMERAL_PAGE_OVERHEAD
-    store = HostStore(8 * cost)
+    store = HostStore(8 * cost + 2 * OBJECT_OVERHEAD)
     a = store.new_pool(5, PRIVATE_UUID, POOL_PRIVATE_EPHEMERAL)
     b = store.new_pool(6, PRIVATE_UUID, POOL_PRIVATE_EPHEMERAL)
     store.set_weight(5, 1)
@@ -209,7 +209,7 @@ def test_an_under_quota_guest_no_longer_evicts_its_own_pages_for_an_over_quota_o
     oldest page, its own here, while another guest sat over its quota (Xen's tmem_evict looks
     at the putter only).  Eviction is now fair by weight: the most-over-quota guest pays."""
     cost = PAGE_SIZE + EPHEMERAL_PAGE_OVERHEAD
-    store = HostStore(4 * cost)
+    store = HostStore(4 * cost + 2 * OBJECT_OVERHEAD)
     a = store.new_pool(5, PRIVATE_UUID, POOL_PRIVATE_EPHEMERAL)
     b = store.new_pool(6, PRIVATE_UUID, POOL_PRIVATE_EPHEMERAL)
     store.set_weight(5, 1)
@@ -278,7 +278,7 @@ def test_destroying_a_client_frees_everything_and_listing_shows_it(store: HostSt
     assert put(store, 5, pool, 1, 0, RAND) == 1
     listing = store.describe()
     assert listing["clients"][0]["ephemeral_pages"] == 1
-    assert listing["used_bytes"] == PAGE_SIZE + EPHEMERAL_PAGE_OVERHEAD
+    assert listing["used_bytes"] == PAGE_SIZE + EPHEMERAL_PAGE_OVERHEAD + OBJECT_OVERHEAD
     assert store.freeable_mb() == 0
     assert store.destroy_client(5) == 1
     assert store.used_bytes == 0 and store.describe()["ephemeral_pages"] == 0

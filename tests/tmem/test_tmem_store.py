@@ -32,6 +32,7 @@ from xentmem.tmem.abi import (
 from xentmem.tmem.arenafile import DATA_STEP
 from xentmem.tmem.store import (
     EPHEMERAL_PAGE_OVERHEAD,
+    OBJECT_OVERHEAD,
     PERSISTENT_PAGE_OVERHEAD,
     ArenaPages,
     MemoryPages,
@@ -165,7 +166,7 @@ def test_gets_exclusive_from_private_ephemeral_pools_only() -> None:
 
 
 def test_a_duplicate_put_replaces_and_a_failed_one_leaves_no_stale_copy() -> None:
-    store = TmemStore(PERS + 2 * (len(TEXT) + PERSISTENT_PAGE_OVERHEAD))
+    store = TmemStore(PERS + 2 * (len(TEXT) + PERSISTENT_PAGE_OVERHEAD) + OBJECT_OVERHEAD)
     pool = pers_pool(store, 1)
     assert store.put_page(1, pool, Oid(1), 0, TEXT) == 1
     assert store.put_page(1, pool, Oid(1), 1, TEXT) == 1
@@ -211,7 +212,7 @@ def test_freeze_refuses_new_puts_allows_duplicates_and_flushes_say_efrozen() -> 
 
 
 def test_the_oldest_ephemeral_page_goes_and_persistent_pages_never_do() -> None:
-    store = TmemStore(2 * EPH + 2 * PERS)
+    store = TmemStore(2 * EPH + 2 * PERS + 2 * OBJECT_OVERHEAD)  # one object a pool
     eph, pers = eph_pool(store, 1), pers_pool(store, 2)
     assert store.put_page(1, eph, Oid(1), 0, RAW) == 1
     assert store.put_page(1, eph, Oid(1), 1, RAW) == 1
@@ -231,7 +232,7 @@ def test_the_oldest_ephemeral_page_goes_and_persistent_pages_never_do() -> None:
 
 
 def test_a_shared_get_makes_the_page_most_recently_used() -> None:
-    store = TmemStore(3 * EPH, shared_auth=False)
+    store = TmemStore(3 * EPH + OBJECT_OVERHEAD, shared_auth=False)
     pool = store.new_pool(1, UUID, POOL_SHARED_EPHEMERAL)
     for index in range(3):
         store.put_page(1, pool, Oid(1), index, RAW)
@@ -252,7 +253,7 @@ def test_without_weights_the_hosts_oldest_page_goes_whoever_holds_it() -> None:
 
 
 def test_with_weights_the_client_most_over_its_share_pays() -> None:
-    store = TmemStore(6 * EPH)
+    store = TmemStore(6 * EPH + 3 * OBJECT_OVERHEAD)
     pools = {cid: eph_pool(store, cid) for cid in (1, 2, 3)}
     for cid, weight in ((1, 1), (2, 1), (3, 2)):
         store.set_weight(cid, weight)
@@ -286,13 +287,14 @@ def test_a_cap_bounds_a_client_evicting_its_own_pages_only() -> None:
 
 
 def test_a_smaller_capacity_evicts_ephemeral_pages_and_keeps_persistent_ones() -> None:
-    store = TmemStore(4 * EPH + PERS)
+    store = TmemStore(4 * EPH + PERS + 2 * OBJECT_OVERHEAD)
     eph, pers = eph_pool(store, 1), pers_pool(store, 1)
     store.put_page(1, pers, Oid(1), 0, RAW)
     for index in range(4):
         store.put_page(1, eph, Oid(1), index, RAW)
     assert store.set_capacity(PERS // 2) == 4
-    assert store.used_bytes == PERS and store.put_page(1, eph, Oid(1), 0, b"") == -errno.ENOMEM
+    assert store.used_bytes == PERS + OBJECT_OVERHEAD  # the ephemeral object went too
+    assert store.put_page(1, eph, Oid(1), 0, b"") == -errno.ENOMEM
     assert store.get_page(1, pers, Oid(1), 0) == (1, RAW)
 
 
@@ -304,7 +306,7 @@ def test_tmemc_flush_and_freeable_count_ephemeral_bytes_only() -> None:
         store.put_page(1, pers, Oid(1), index, RAW)
     assert store.freeable_bytes() == 3 * EPH
     assert store.flush_ephemeral(1) == EPH
-    assert store.flush_ephemeral() == 2 * EPH
+    assert store.flush_ephemeral() == 2 * EPH + OBJECT_OVERHEAD  # the object with its last
     assert store.flush_ephemeral() == 0 and store.clients[1].pers_pages == 3
 
 
@@ -426,6 +428,43 @@ def test_the_charged_overhead_covers_what_the_bookkeeping_takes(flags: int, char
         tracemalloc.stop()
     bytes_header = sys.getsizeof(b"")  # a stored page's ``bytes`` header, charged too
     assert taken / count + bytes_header <= charged
+
+
+@pytest.mark.parametrize(("flags", "charged"), [
+    (POOL_PRIVATE_EPHEMERAL, EPHEMERAL_PAGE_OVERHEAD),
+    (POOL_PRIVATE_PERSISTENT, PERSISTENT_PAGE_OVERHEAD),
+])
+def test_an_object_of_one_page_is_charged_what_it_takes(flags: int, charged: int) -> None:
+    """A guest that puts every page in an object of its own, with oid words and indexes as
+    large as the ABI allows (as a request decodes them: fresh ints each), is charged at least
+    what the store allocates for it; it once held twice what it was charged.  The charge
+    goes with the object's last page."""
+    store = TmemStore(1 << 40)
+    pool = store.new_pool(1, PRIVATE_UUID, flags)
+    count = 22_000
+    rnd = random.Random(1)
+    top = 1 << 63
+    words = [(rnd.getrandbits(64) | top, rnd.getrandbits(64) | top, rnd.getrandbits(64) | top,
+              rnd.getrandbits(32) | 1 << 31) for _ in range(count)]
+    blocks = [i.to_bytes(4, "little") * 25 for i in range(count)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for (w0, w1, w2, index), block in zip(words, blocks, strict=True):
+            oid = Oid(int(str(w0)), int(str(w1)), int(str(w2)))  # fresh, as decoded
+            assert store.put_page(1, pool, oid, int(str(index)), block) == 1
+        taken = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert taken / count + sys.getsizeof(b"") <= charged + OBJECT_OVERHEAD
+    data = sum(map(len, blocks))
+    assert store.used_bytes == data + count * (charged + OBJECT_OVERHEAD)
+    for w0, w1, w2, _index in words[: count // 2]:
+        assert store.flush_object(1, pool, Oid(w0, w1, w2)) == 1
+    assert store.used_bytes == (count - count // 2) * (charged + OBJECT_OVERHEAD) + sum(
+        map(len, blocks[count // 2:]))
+    store.destroy_pool(1, pool)
+    assert store.used_bytes == 0 and store.obj_count == 0
 
 
 def test_pages_handed_over_from_a_leaver_keep_the_heir_within_its_cap() -> None:

@@ -34,6 +34,7 @@ from xentmem.tmem.abi import (
 )
 from xentmem.tmem.store import (
     EPHEMERAL_PAGE_OVERHEAD,
+    OBJECT_OVERHEAD,
     PERSISTENT_PAGE_OVERHEAD,
     TmemStore,
     pack_page,
@@ -107,7 +108,11 @@ class Model:
                    if not p.pool.persistent and cid in (None, p.owner))
 
     def used(self) -> int:
-        return sum(p.cost for p in self.pages)
+        objects = {(id(p.pool), p.oid) for p in self.pages}
+        return sum(p.cost for p in self.pages) + len(objects) * OBJECT_OVERHEAD
+
+    def holds_object(self, pool: MPool, oid: int) -> bool:
+        return any(p.pool is pool and p.oid == oid for p in self.pages)
 
     def oldest(self, cid: int | None = None) -> MPage | None:
         return next((p for p in self.pages
@@ -205,16 +210,23 @@ class Model:
         elif client.frozen:
             return -EFROZEN
         page = MPage(pool, oid, index, data, cid)
+        grows = 0 if self.holds_object(pool, oid) else OBJECT_OVERHEAD  # an object costs too
         while client.cap and self.charged(cid) + page.cost > client.cap:
             mine = self.oldest(cid)
             if mine is None:
                 return -errno.ENOSPC if old else -errno.ENOMEM
             self.evict(mine)
-        while self.used() + page.cost > self.capacity:
+        while self.used() + page.cost + grows > self.capacity:
             loser = self.victim(cid)
             if loser is None:
                 return -errno.ENOSPC if old else -errno.ENOMEM
             self.evict(loser)
+        if not grows and not self.holds_object(pool, oid):  # evicted with its other pages
+            while self.used() + page.cost + OBJECT_OVERHEAD > self.capacity:
+                loser = self.victim(cid)
+                if loser is None:
+                    return -errno.ENOSPC if old else -errno.ENOMEM
+                self.evict(loser)
         self.pages.append(page)
         return 1
 

@@ -35,6 +35,7 @@ from xentmem.tmem.capacity import ACCEPTED, MIB, capacity_bytes, is_share_of_ram
 from xentmem.tmem.capacity import parse_capacity as _parse_capacity
 from xentmem.tmem.store import (
     EPHEMERAL_PAGE_OVERHEAD,
+    OBJECT_OVERHEAD,
     PERSISTENT_PAGE_OVERHEAD,
     POOR_COMPRESSION_LIMIT,
     ArenaPages,
@@ -370,6 +371,7 @@ class ZcacheBackend(Backend):
             "page_overhead": {
                 "ephemeral": EPHEMERAL_PAGE_OVERHEAD,
                 "persistent": PERSISTENT_PAGE_OVERHEAD,
+                "object": OBJECT_OVERHEAD,
             },
         }
 
@@ -637,6 +639,7 @@ class ZcacheBackend(Backend):
 
 __all__ = [
     "EPHEMERAL_PAGE_OVERHEAD",
+    "OBJECT_OVERHEAD",
     "PERSISTENT_PAGE_OVERHEAD",
     "POOR_COMPRESSION_LIMIT",
     "ZcacheBackend",

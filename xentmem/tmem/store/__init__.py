@@ -12,6 +12,7 @@ from xentmem.tmem.store.core import (
     EPHEMERAL_PAGE_OVERHEAD,
     MAX_AUTH_UUIDS,
     MAX_WEIGHT,
+    OBJECT_OVERHEAD,
     PERSISTENT_PAGE_OVERHEAD,
     TmemStore,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "EPHEMERAL_PAGE_OVERHEAD",
     "MAX_AUTH_UUIDS",
     "MAX_WEIGHT",
+    "OBJECT_OVERHEAD",
     "PERSISTENT_PAGE_OVERHEAD",
     "POOR_COMPRESSION_LIMIT",
     "ArenaPages",

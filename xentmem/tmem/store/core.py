@@ -41,6 +41,7 @@ from xentmem.tmem.store.eviction import victim
 from xentmem.tmem.store.pages import MemoryPages, PageKey, PageStorage, PageStorageFull
 from xentmem.tmem.store.records import (
     EPHEMERAL_PAGE_OVERHEAD,
+    OBJECT_OVERHEAD,
     PERSISTENT_PAGE_OVERHEAD,
     Client,
     Pool,
@@ -239,11 +240,13 @@ class TmemStore:
                 counters.compress_poor += 1
             persistent = pool.persistent
             cost = size + self._overhead[persistent]
+            # A new object costs the store too (a duplicate's drop may have taken its object).
+            grows = OBJECT_OVERHEAD if oid not in pool.objects else 0
             cap = client.cap
             used = self.used_bytes if self._slack is None else self._memory_bytes()
-            if used + cost > self.capacity_bytes or (
+            if used + cost + grows > self.capacity_bytes or (
                     cap and client.charged + cost > cap):
-                fits = self._make_room(client, cost)
+                fits = self._make_room(client, cost, grows)
                 if persistent:
                     if fits:
                         counters.pers_ate_eph += 1
@@ -253,10 +256,12 @@ class TmemStore:
                     counters.eph_ate_tail += 1
                 else:
                     counters.eph_ate_tail_failed += 1
+                obj = pool.objects.get(oid)  # eviction may have taken the object away:
+                if fits and obj is None and not grows:  # then it is a new one to make room for
+                    fits = self._make_room(client, cost, OBJECT_OVERHEAD)
                 if not fits:
                     self._count_failed_put(client, pool, duplicate)
                     return -errno.ENOSPC if duplicate else -errno.ENOMEM
-                obj = pool.objects.get(oid)  # eviction may have taken the object away
             w0, w1, w2 = oid  # not (gid, *oid, index): that builds a list first
             key = (pool.gid, w0, w1, w2, index)
             try:
@@ -269,6 +274,7 @@ class TmemStore:
             if obj is None:
                 obj = pool.objects[oid] = {}
                 self.obj_count += 1
+                self.used_bytes += OBJECT_OVERHEAD
             obj[index] = size
             pool.pages += 1
             pool.zbytes += size
@@ -603,7 +609,7 @@ class TmemStore:
                     count, total = len(sizes), sum(sizes.values())
                     found.pages += count
                     found.zbytes += total
-                    self.used_bytes += total + count * PERSISTENT_PAGE_OVERHEAD
+                    self.used_bytes += total + count * PERSISTENT_PAGE_OVERHEAD + OBJECT_OVERHEAD
                     owner = self.clients[found.owner]  # persistent pools are never shared
                     owner.pers_pages += count
                     owner.pers_zbytes += total
@@ -625,6 +631,7 @@ class TmemStore:
                 if obj is None:
                     obj = found.objects[oid] = {}
                     self.obj_count += 1
+                    self.used_bytes += OBJECT_OVERHEAD
                 obj[index] = size
                 found.pages += 1
                 found.zbytes += size
@@ -737,6 +744,7 @@ class TmemStore:
         if not left:
             del objects[oid]
             self.obj_count -= 1
+            self.used_bytes -= OBJECT_OVERHEAD
             left = len(objects)
             if not left & (left - 1):
                 pool.objects = _compacted(objects)
@@ -780,8 +788,9 @@ class TmemStore:
         client.counters.evicted += 1
         self.evictions += 1
 
-    def _make_room(self, client: Client, cost: int) -> bool:
-        """Evict until ``cost`` more bytes fit the client's cap and the capacity."""
+    def _make_room(self, client: Client, cost: int, grows: int = 0) -> bool:
+        """Evict until ``cost`` more bytes fit the client's cap and, with ``grows`` (a new
+        object's), the capacity."""
         cap = client.cap
         if cap:
             while client.charged + cost > cap:
@@ -790,7 +799,7 @@ class TmemStore:
                 self._evict_oldest(client)
         clients = self.clients.values()
         trim = self._trim
-        while self._memory_bytes() + cost > self.capacity_bytes:
+        while self._memory_bytes() + cost + grows > self.capacity_bytes:
             if trim is not None and trim():
                 continue  # memory given back: perhaps no page need go
             loser = victim(client, clients, self.total_weight, self.eph_bytes)
@@ -884,6 +893,7 @@ __all__ = [
     "EPHEMERAL_PAGE_OVERHEAD",
     "MAX_AUTH_UUIDS",
     "MAX_WEIGHT",
+    "OBJECT_OVERHEAD",
     "PERSISTENT_PAGE_OVERHEAD",
     "TmemStore",
 ]

@@ -18,6 +18,11 @@ from xentmem.tmem.store.pages import PageKey
 #: accounting of the process's memory comes with a page arena.
 EPHEMERAL_PAGE_OVERHEAD = 408
 PERSISTENT_PAGE_OVERHEAD = 264
+#: Bytes charged per object on top of its pages: its oid (three words, each up to 64 bits),
+#: its page dict and its entry in the pool's, measured as above with one page an object
+#: (370-404 bytes); a guest could else hold twice what it is charged, one page an object.
+#: Charged to the store (what its capacity bounds), not to a client's cap.
+OBJECT_OVERHEAD = 448
 
 
 class Pool:
@@ -142,6 +147,7 @@ class Client:
 
 __all__ = [
     "EPHEMERAL_PAGE_OVERHEAD",
+    "OBJECT_OVERHEAD",
     "PERSISTENT_PAGE_OVERHEAD",
     "Client",
     "ClientCounters",

@@ -81,6 +81,8 @@ class Param:
     ``writable`` says whether it may change while loaded (sysfs 0644) or only at load
     (module param 0444).  ``parse`` converts a string for types with their own syntax
     (sizes such as ``64M`` or ``10%``); ``check`` adds a rule beyond min/max/choices.
+    A param whose default is ``None`` (an automatic value, such as a knob's ``auto``)
+    takes ``None`` too, so a value already read can be checked again.
     """
 
     name: str
@@ -112,6 +114,8 @@ class Param:
 
     def coerce(self, value: Any) -> Any:
         """Turn ``value`` (a string or a typed value) into this param's type, or refuse it."""
+        if value is None and self.default is None:
+            return None
         try:
             if isinstance(value, str):
                 if self.parse is not None:

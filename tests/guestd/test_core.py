@@ -169,6 +169,21 @@ def test_a_reload_that_drops_an_automatic_knob_makes_it_automatic_again(
     assert daemon.shim.backend.values["alpha"] == 5
 
 
+def test_a_reload_to_auto_and_back(make_daemon, tmp_path: Path) -> None:
+    """``"auto"`` in the file is read as None; the reload's check and update take it (the
+    check once refused it: "None is not an integer")."""
+    daemon = make_daemon(RELOAD_BEFORE + "selfballoon_reserved_mb = 64\n",
+                         backends={"picky": Picky})
+    knobs = daemon.balloon.knobs
+    for text, value in (('selfballoon_reserved_mb = "auto"\n', None),
+                        ("selfballoon_reserved_mb = 64\n", 64),
+                        ("selfballoon_min_usable_mb = 'auto'\n", None)):
+        (tmp_path / "xentmem.toml").write_text(RELOAD_BEFORE + text)
+        daemon.reload_config()
+        assert knobs.get("selfballoon_reserved_mb") == value
+    assert knobs.get("selfballoon_min_usable_mb") is None
+
+
 def test_a_bad_reload_changes_nothing(make_daemon, tmp_path: Path) -> None:
     daemon = make_daemon(RELOAD_BEFORE, backends={"picky": Picky})
     daemon.load("picky", {"selfballooning_at_load": 0, "selfshrinking": 0})

@@ -185,3 +185,30 @@ def test_flags_become_overrides() -> None:
     assert overrides_of(args) == ["daemon.backend=zcache", "daemon.log_level=debug",
                                   "daemon.control_group=adm", "capacity=8M",
                                   "daemon.backend=xen"]
+
+
+@pytest.mark.parametrize(("knob_line", "overrides"), [
+    ('selfballoon_min_usable_mb = "auto"\n', []),  # docs/configuration.md's example
+    ("", ["selfballoon_reserved_mb=auto"]),
+])
+def test_an_auto_knob_from_the_file_or_from_o_starts_the_daemon(
+        tmp_path: Path, fake_root: Path, knob_line: str, overrides: list[str]) -> None:
+    """``auto`` is read as None, the automatic value, which the knob store takes again (it
+    once refused to start with "None is not an integer", after --check-config said ok)."""
+    config = tmp_path / "xentmem.toml"
+    config.write_text("[tmem]\nselfballooning_at_load = false\nselfshrinking = false\n"
+                      "[selfballoon]\n" + knob_line)
+    signals = SignalFlags()
+    app = Application(roots=Roots(root=fake_root, run_dir=tmp_path / "run"),
+                      config_path=config, config_missing_ok=False, clock=FakeClock(0.0),
+                      notifier=RecordingNotifier(watchdog_usec=None), signals=signals,
+                      overrides=overrides)
+    try:
+        app.start()
+        assert app.daemon is not None
+        knobs = app.daemon.balloon.knobs
+        assert knobs.get("selfballoon_min_usable_mb") is None
+        assert knobs.get("selfballoon_reserved_mb") is None
+    finally:
+        assert app.shutdown() == 0
+        signals.close()

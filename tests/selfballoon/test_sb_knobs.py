@@ -49,6 +49,7 @@ def test_guard_is_off_by_default_and_every_param_is_a_snapshot_field() -> None:
         ("selfballoon_min_usable_mb", "300", 300),
         ("selfballoon_min_usable_mb", "auto", None),
         ("selfballoon_reserved_mb", "AUTO\n", None),
+        ("selfballoon_reserved_mb", None, None),  # auto as read from a config file
         ("pressure_guard", "1", True),
         ("pressure_guard_poll_ms", 250, 250),
         ("selfballoon_uphysteresis", 3, 3),
@@ -79,7 +80,7 @@ def test_accepted_values(name: str, text: Any, typed: Any) -> None:
         ("selfballoon_interval", "auto"),  # only the two _mb knobs have an automatic value
         ("selfballoon_min_usable_mb", "0"),  # 0 is not "auto"; say auto
         ("selfballoon_reserved_mb", 0),
-        ("selfballoon_reserved_mb", None),
+        ("selfballoon_interval", None),  # only a param whose default is None takes None
         ("selfballooning", "2"),  # switches take 0 or 1 only
         ("selfballooning", "yes"),
         ("frontswap_selfshrinking", 2),

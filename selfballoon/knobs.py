@@ -9,7 +9,7 @@ snapshot whole on every accepted change, so a tick never sees half of an update.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, field, fields, make_dataclass, replace
 from typing import Any, Optional
 
@@ -188,30 +188,32 @@ class KnobStore:
         """Set one knob from a string (``"8"``, ``"auto"``) or a typed value."""
         return self.update({name: value})
 
-    def check(self, values: Mapping[str, Any]) -> None:
+    def check(self, values: Mapping[str, Any], *, reset: Collection[str] = ()) -> None:
         """What :meth:`update` would refuse (ParamError), changing nothing: a caller that
         changes other things with these checks them all before changing any."""
-        self.params.validate(dict(values), owner="selfballoon", base=self._knobs.values())
+        self._merged(self._knobs, values, reset)
 
-    def update(self, values: Mapping[str, Any]) -> Knobs:
-        """Set several knobs at once: all are checked first, a refusal changes nothing."""
+    def update(self, values: Mapping[str, Any], *, reset: Collection[str] = ()) -> Knobs:
+        """Set several knobs and put those named in ``reset`` back to their default, as one
+        change: all are checked first, a refusal changes nothing, and one snapshot is swapped
+        in (a tick sees all of it or none).  A name in both is set."""
         with self._lock:
             current = self._knobs
-            checked = self.params.validate(
-                dict(values), owner="selfballoon", base=current.values()
-            )
+            checked = self._merged(current, values, reset)
             self._knobs = _snapshot(checked, current.auto_reserved_mb,
-                                    _writes(current, values))
+                                    _writes(current, [*values, *reset]))
             return self._knobs
 
     def reset(self, name: str) -> Knobs:
         """Back to the default; for the two ``_mb`` knobs that is the automatic value."""
-        param = self.params.lookup(name, owner="selfballoon")
-        with self._lock:
-            current = self._knobs
-            self._knobs = replace(current, **{name: param.default},
-                                  inertia_writes=_writes(current, (name,)))
-            return self._knobs
+        return self.update({}, reset=(name,))
+
+    def _merged(self, current: Knobs, values: Mapping[str, Any],
+                reset: Collection[str]) -> Mapping[str, Any]:
+        base = current.values()
+        for name in reset:
+            base[name] = self.params.lookup(name, owner="selfballoon").default
+        return self.params.validate(dict(values), owner="selfballoon", base=base)
 
     def set_auto_reserved_mb(self, mb: int) -> Knobs:
         """Record ``reserved_mb``'s automatic value (done once, when the loop starts)."""

@@ -21,6 +21,7 @@ from xentmem.guestd.core import UnknownName
 from xentmem.guestd.swap import read_swap_area
 from xentmem.params import Param, ParamSet
 from xentmem.roots import Roots
+from xentmem_selfballoon.knobs import KnobStore
 
 PAGE = 4096
 
@@ -182,6 +183,41 @@ def test_a_reload_to_auto_and_back(make_daemon, tmp_path: Path) -> None:
         daemon.reload_config()
         assert knobs.get("selfballoon_reserved_mb") == value
     assert knobs.get("selfballoon_min_usable_mb") is None
+
+
+class PublishingKnobStore(KnobStore):
+    """A knob store that keeps every snapshot it publishes (each one the balloon worker
+    could read at a tick); it sees them where the store swaps them in, ``_knobs``."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        self.published: list[Any] = []
+        super().__init__(*args, **kw)
+
+    @property
+    def _knobs(self) -> Any:
+        return self.published[-1]
+
+    @_knobs.setter
+    def _knobs(self, knobs: Any) -> None:
+        self.published.append(knobs)
+
+
+def test_a_reload_changes_the_knobs_in_one_snapshot(make_daemon, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """One knob changed and two dropped: the worker sees the old knobs or the new ones,
+    never a mix (the reload once swapped in one snapshot per dropped knob)."""
+    monkeypatch.setattr("xentmem.guestd.balloon.KnobStore", PublishingKnobStore)
+    daemon = make_daemon("[selfballoon]\nselfballoon_downhysteresis = 2\n"
+                         "selfballoon_uphysteresis = 4\nfrontswap_inertia = 7\n")
+    knobs = daemon.balloon.knobs
+    assert isinstance(knobs, PublishingKnobStore)
+    seen = len(knobs.published)
+    (tmp_path / "xentmem.toml").write_text("[selfballoon]\nselfballoon_downhysteresis = 16\n")
+    assert daemon.reload_config()["applied"] == [
+        "selfballoon.frontswap_inertia", "selfballoon.selfballoon_downhysteresis",
+        "selfballoon.selfballoon_uphysteresis"]
+    assert [(k.selfballoon_downhysteresis, k.selfballoon_uphysteresis, k.frontswap_inertia,
+             k.inertia_writes) for k in knobs.published[seen:]] == [(16, 1, 3, 1)]
 
 
 def test_a_bad_reload_changes_nothing(make_daemon, tmp_path: Path) -> None:

@@ -184,3 +184,22 @@ def test_every_write_of_frontswap_inertia_is_counted_even_unchanged() -> None:
         store.set("frontswap_inertia", "0")  # refused: changed nothing, counted nothing
     assert store.snapshot().inertia_writes == 3
     assert "inertia_writes" not in store.snapshot().values()
+
+
+def test_an_update_with_resets_is_one_change() -> None:
+    """A reload sets some knobs and puts back those its file no longer names: one snapshot
+    (never a mix of old and new), checked whole first, one write of frontswap_inertia."""
+    store = KnobStore({"selfballoon_uphysteresis": 4, "frontswap_inertia": 7})
+    before = store.snapshot()
+    for values, reset in (({"selfballoon_interval": "0"}, ("frontswap_inertia",)),
+                          ({"selfballoon_interval": "9"}, ("no_such_knob",))):
+        with pytest.raises(ParamError):
+            store.update(values, reset=reset)
+        with pytest.raises(ParamError):
+            store.check(values, reset=reset)
+        assert store.snapshot() is before
+    knobs = store.update({"selfballoon_downhysteresis": "16"},
+                         reset=("selfballoon_uphysteresis", "frontswap_inertia"))
+    assert store.snapshot() is knobs
+    assert (knobs.selfballoon_downhysteresis, knobs.selfballoon_uphysteresis,
+            knobs.frontswap_inertia, knobs.inertia_writes) == (16, 1, 3, 1)

@@ -516,7 +516,7 @@ class Daemon:
         knobs = self.balloon.knobs
         knob_set, knob_dropped = _knob_changes(old.knobs, new.knobs)
         try:
-            knobs.check(knob_set)
+            knobs.check(knob_set, reset=knob_dropped)
         except ParamError as exc:
             raise ConfigError(f"{self.config_path}: [selfballoon] {exc}") from None
         applied: list[str] = []
@@ -524,10 +524,8 @@ class Daemon:
         if new.backend != old.backend:
             needs_reload.append("daemon.backend")
         self._apply_backend_changes(old, new, applied, needs_reload)  # all, or none
-        if knob_set:
-            knobs.update(knob_set)
-        for key in knob_dropped:  # back to its default (automatic, for the _mb knobs)
-            knobs.reset(key)
+        if knob_set or knob_dropped:  # one change; a dropped knob goes back to its default
+            knobs.update(knob_set, reset=knob_dropped)
         applied.extend(f"selfballoon.{k}" for k in sorted([*knob_set, *knob_dropped]))
         for name in applied:  # the file's line is in force again
             section, _, key = name.partition(".")

@@ -23,8 +23,12 @@ AUTO = "auto"
 
 
 def parse_switch(text: str) -> bool:
-    """The kernel's switch stores: ``kstrtoul`` then exactly 0 or 1."""
-    value = parse_count(text)
+    """The kernel's switch stores: ``kstrtoul`` (no sign but ``+``: ``-0`` is refused), then
+    exactly 0 or 1."""
+    try:
+        value = parse_int(text, signs="+")
+    except ValueError:
+        value = None
     if value not in (0, 1):
         raise ValueError(f"{text!r} is not 0 or 1")
     return value == 1

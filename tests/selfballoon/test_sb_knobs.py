@@ -45,6 +45,7 @@ def test_guard_is_off_by_default_and_every_param_is_a_snapshot_field() -> None:
         ("frontswap_inertia", str(2**32 - 1), 2**32 - 1),
         ("selfballooning", "0", False),
         ("selfballooning", "1\n", True),
+        ("frontswap_selfshrinking", "+0", False),
         ("frontswap_selfshrinking", "0", False),
         ("selfballoon_min_usable_mb", "300", 300),
         ("selfballoon_min_usable_mb", "auto", None),
@@ -83,6 +84,8 @@ def test_accepted_values(name: str, text: Any, typed: Any) -> None:
         ("selfballoon_interval", None),  # only a param whose default is None takes None
         ("selfballooning", "2"),  # switches take 0 or 1 only
         ("selfballooning", "yes"),
+        ("selfballooning", "-0"),  # kstrtoul takes no "-", not even before 0
+        ("pressure_guard", "-0"),
         ("frontswap_selfshrinking", 2),
         ("pressure_guard_stall_us_per_s", "0"),
         ("selfballoon_interval", True),

@@ -88,7 +88,8 @@ _KERNEL_DECLARATIONS = (
     _count_or_auto("selfballoon_min_usable_mb",
                    "never balloon below totalreserve + this; auto = the kernel's piecewise floor"),
     _count_or_auto("selfballoon_reserved_mb",
-                   "added to the goal (room for slab and caches); auto = 10% of RAM at start"),
+                   "added to the goal (room for slab and caches); auto = 10% of RAM at the "
+                   "first start"),
     _switch("frontswap_selfshrinking", True,
             "frontswap self-shrinking on (1) or off (0); set from the tmem flag selfshrinking "
             "at each load"),
@@ -144,7 +145,7 @@ def _knob_field(param: Param) -> tuple[str, Any, Any]:
 _NOT_KNOBS = ("auto_reserved_mb", "inertia_writes")
 
 #: One field per declared knob (same name and default), plus two that are not knobs:
-#: ``auto_reserved_mb``, ``reserved_mb``'s automatic value, measured when the loop started;
+#: ``auto_reserved_mb``, ``reserved_mb``'s automatic value, measured at the first start;
 #: ``inertia_writes``, how many times ``frontswap_inertia`` was written, for the loop to
 #: restart the shrink countdown on each write as the kernel's store does, even unchanged.
 Knobs = make_dataclass(
@@ -220,7 +221,7 @@ class KnobStore:
         return self.params.validate(dict(values), owner="selfballoon", base=base)
 
     def set_auto_reserved_mb(self, mb: int) -> Knobs:
-        """Record ``reserved_mb``'s automatic value (done once, when the loop starts)."""
+        """Record ``reserved_mb``'s automatic value (the service does, at its first start)."""
         if mb < 0:
             raise ParamError(f"automatic reserved_mb must be >= 0, got {mb}")
         with self._lock:

@@ -55,7 +55,7 @@ def pages2kb(pages: int) -> int:
 def auto_reserved_mb(totalram_pages: int) -> int:
     """``selfballoon_reserved_mb`` when left at 0: ``PAGES2MB(totalram_pages / 10)``.
 
-    Computed once at start, as ``xen_selfballoon_init`` does (bc1b0df59e3f, "deaggressive
+    Computed once, at the first start, as ``xen_selfballoon_init`` does (bc1b0df59e3f, "deaggressive
     selfballoon driver": room for slab and for a balloon that gives memory back slowly).
     """
     return pages2mb(totalram_pages // 10)

@@ -72,6 +72,8 @@ class SelfballoonService:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._why_not: str | None = "no backend loaded"
+        #: ``reserved_mb``'s automatic value, measured at the first start only.
+        self._auto_reserved_mb: int | None = None
         #: Workers told to stop that were still in a tick when a new one started.
         self._retired: list[threading.Thread] = []
 
@@ -124,12 +126,16 @@ class SelfballoonService:
                     self._log.info("selfballoon: already running")
                     return True
                 self._retire_locked(self._thread)
-            try:
-                totalram = read_meminfo(roots).totalram_pages
-            except InputError as exc:
-                self._refuse_locked(f"cannot measure RAM for reserved_mb: {exc}")
-                return False
-            self._knobs.set_auto_reserved_mb(auto_reserved_mb(totalram))
+            if self._auto_reserved_mb is None:
+                # xen_selfballoon_init, once per boot: the RAM ballooned down since would
+                # shrink the reserve at each load.
+                try:
+                    totalram = read_meminfo(roots).totalram_pages
+                except InputError as exc:
+                    self._refuse_locked(f"cannot measure RAM for reserved_mb: {exc}")
+                    return False
+                self._auto_reserved_mb = auto_reserved_mb(totalram)
+                self._knobs.set_auto_reserved_mb(self._auto_reserved_mb)
             # xen_selfballoon_init(): each job's knob takes its flag's value at every load.
             self._knobs.update({"selfballooning": selfballooning,
                                 "frontswap_selfshrinking": selfshrinking})

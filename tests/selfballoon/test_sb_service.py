@@ -108,6 +108,24 @@ def test_reload_after_a_refused_unload_restarts(tree: GuestTree) -> None:
     assert not svc.running
 
 
+def test_the_automatic_reserve_is_measured_at_the_first_start_only(tree: GuestTree) -> None:
+    """xen_selfballoon_init sets reserved_mb once per boot; measured again at each load,
+    from the RAM ballooned down since, the reserve shrank with every unload/load."""
+    svc = service()
+    shim = FakeShim(tree.roots)
+    shim.add_listener(svc)
+    shim.load()
+    shim.unload()
+    assert svc.knobs.show("selfballoon_reserved_mb") == "auto (198)"  # 507669 // 10 >> 8
+    tree.write(mem_total_kb=600 * 1024, committed_kb=300000, current_kb=600 * 1024)
+    shim.load()
+    try:
+        assert svc.running
+        assert svc.knobs.show("selfballoon_reserved_mb") == "auto (198)"  # not 60
+    finally:
+        shim.unload()
+
+
 def test_knob_set_while_running_reaches_the_next_tick(tree: GuestTree) -> None:
     clock = StepClock()
     pub = RecordingPublisher()

@@ -7,13 +7,16 @@ from __future__ import annotations
 import errno
 import logging
 import struct
+import threading
+from pathlib import Path
 
 import pytest
 from fakes.nbd_raw import RawClient
-from fakes.nbd_served import Served, serve
+from fakes.nbd_served import WAIT_S, Served, serve
 
 from xentmem.errors import BackendError
 from xentmem.guestd.nbd import proto
+from xentmem.guestd.nbd.exports import ExportBusy
 
 PAGE = 4096
 READ, WRITE, DISC, FLUSH, TRIM, CACHE, WRITE_ZEROES, BLOCK_STATUS = range(8)
@@ -272,6 +275,69 @@ def test_removing_an_export_ends_its_connections(export: Served) -> None:
     late.start()
     assert late.go("e")[-1][1] == ERR_UNKNOWN
     late.close()
+
+
+def test_a_second_remove_while_the_first_waits_is_refused(export: Served,
+                                                          monkeypatch) -> None:
+    """Two removes of one export (control clients are served on threads of their own): the
+    second, while the first waits for the connections to end, is refused and leaves the
+    first's mark.  It once went through; the first then turned off the swap type that an
+    export added meanwhile had reused, deleting that export's area and file."""
+    real_detach = export.server.detach
+    waiting, go_on = threading.Event(), threading.Event()
+
+    def slow_detach(found, timeout_s):
+        if not waiting.is_set():  # the first remove's connections take a while
+            waiting.set()
+            assert go_on.wait(WAIT_S)
+        return real_detach(found, timeout_s)
+    monkeypatch.setattr(export.server, "detach", slow_detach)
+    removed: list[dict] = []
+    first = threading.Thread(target=lambda: removed.append(export.exports.remove("e")))
+    first.start()
+    assert waiting.wait(WAIT_S)
+    try:
+        with pytest.raises(ExportBusy, match="already being removed"):
+            export.exports.remove("e")
+        assert export.exports.get("e").closing
+        new = export.exports.add(8, "file", name="new")
+    finally:
+        go_on.set()
+        first.join(WAIT_S)
+    assert [r["name"] for r in removed] == ["e"]
+    assert export.exports.names() == ["new"]
+    assert export.shim.frontswap.swap_types() == [new["type"]]
+    client = RawClient(export.socket)
+    client.connect("new")
+    client.request(WRITE, 0, PAGE, handle=1, payload=b"N" * PAGE)
+    assert client.reply() == (0, 1)
+    client.request(READ, 0, PAGE, handle=2)
+    assert client.reply() == (0, 2)
+    assert client.recv_exact(PAGE) == b"N" * PAGE
+    client.close()
+
+
+def test_a_remove_spares_an_export_that_took_the_name_meanwhile(export: Served,
+                                                              monkeypatch) -> None:
+    """While the connections end the lock is not held: if the export went meanwhile (by a
+    path other than remove, simulated on the table itself) and a new one took its name and
+    its swap type, the remove turns nothing off and says the export is gone."""
+    exports = export.exports
+    real_detach = export.server.detach
+
+    def replaced_meanwhile(found, timeout_s):
+        ended = real_detach(found, timeout_s)
+        with exports._lock:
+            del exports._exports["e"]
+            export.swap.forget(found.swap_type)
+        exports.add(8, "file", name="e")  # the lowest free swap type: the one just freed
+        return ended
+    monkeypatch.setattr(export.server, "detach", replaced_meanwhile)
+    with pytest.raises(KeyError):
+        exports.remove("e")
+    assert exports.names() == ["e"] and not exports.get("e").closing
+    assert export.shim.frontswap.swap_types() == [exports.get("e").swap_type]
+    assert Path(exports.describe_one(exports.get("e"))["backing"]["path"]).exists()
 
 
 def test_a_stop_ends_connections_and_options_then_is_idempotent(export: Served) -> None:

@@ -54,7 +54,8 @@ def recorded_files(untrusted_rows: list[Any]) -> dict[int, str]:
 
 
 class ExportBusy(AbiError):
-    """An export whose connections did not end in time: it stays."""
+    """An export not removed now: its connections did not end in time, or another remove
+    of it is under way.  It stays (as the other remove leaves it)."""
 
 
 class Exports:
@@ -115,17 +116,27 @@ class Exports:
         return self.describe_one(export)
 
     def remove(self, name: str, timeout_s: float = STOP_GRACE_S) -> dict[str, Any]:
-        """End the export's connections, then turn its swap area off."""
+        """End the export's connections, then turn its swap area off.
+
+        The lock is not held while the connections end (up to ``timeout_s``): a second
+        remove of the export meanwhile is refused (ExportBusy), and the area is turned off
+        only if the name still maps to this export, so an export added under that name, on
+        the swap type this one freed, is never touched."""
         with self._lock:
             export = self._exports.get(name)
             if export is None:
                 raise KeyError(name)
+            if export.closing:
+                raise ExportBusy(f"export {name!r} is already being removed")
             export.closing = True
         if self.server is not None and not self.server.detach(export, timeout_s):
-            export.closing = False
+            export.closing = False  # this call set it (a second remove is refused above)
             raise ExportBusy(f"export {name!r}: its connections did not end in "
                              f"{timeout_s:g}s; it stays")
         with self._lock:
+            if self._exports.get(name) is not export:  # gone meanwhile: nothing of ours left
+                log.warning("nbd export %s was removed by another call meanwhile", name)
+                raise KeyError(name)
             summary = self.describe_one(export)
             self.swap.forget(export.swap_type)
             del self._exports[name]

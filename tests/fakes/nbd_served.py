@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fakes.libc import RecordingLibc
 
@@ -40,8 +41,9 @@ class Served:
 
 
 def serve(directory: Path, backend: str | None = "zcache",
-          libc: RecordingLibc | None = None) -> Served:
-    """Served with ``libc`` (a recording one by default: the test process stays unlocked)."""
+          libc: RecordingLibc | None = None, **server_options: Any) -> Served:
+    """Served with ``libc`` (a recording one by default: the test process stays unlocked);
+    ``server_options``: :class:`NbdServer`'s (``handshake_timeout_s``, ``clock``, ...)."""
     libc = libc or RecordingLibc()
     shim = Shim(roots=Roots(run_dir=directory / "run"))  # zcache's arena goes there
     if backend is not None:
@@ -49,7 +51,7 @@ def serve(directory: Path, backend: str | None = "zcache",
     swap = SwapAreas(shim.frontswap, directory / "swap")
     residency = Residency(libc, set_stack_size=libc.stack_size)
     exports = Exports(shim.frontswap, swap, residency)
-    server = NbdServer(exports, residency=residency)
+    server = NbdServer(exports, residency=residency, **server_options)
     exports.server = server
     path = server.listen_unix(directory / "nbd.sock")
     server.start()

@@ -11,9 +11,10 @@ import threading
 from pathlib import Path
 
 import pytest
-from fakes.nbd_raw import RawClient
+from fakes.nbd_raw import IHAVEOPT, RawClient
 from fakes.nbd_served import WAIT_S, Served, serve
 
+from xentmem.clock import FakeClock
 from xentmem.errors import BackendError
 from xentmem.guestd.nbd import proto
 from xentmem.guestd.nbd.exports import ExportBusy
@@ -134,6 +135,63 @@ def test_handshake_violations_end_only_that_session(export: Served, send) -> Non
     send(client)
     assert client.closed_by_server()
     intact(export)
+
+
+def test_the_handshake_limit_counts_from_its_start_not_per_receive(short_dir) -> None:
+    """A client whose bytes each come well within the limit is cut once its handshake as a
+    whole took longer (docs/nbd.md); the limit was once per receive, so a client trickling
+    bytes held its connection, one of ``max_connections``, for good.  The server's clock
+    is a FakeClock the test moves: nothing waits for time to pass."""
+    clock = FakeClock()
+    served = serve(short_dir, handshake_timeout_s=600.0, clock=clock)
+    try:
+        served.exports.add(8, "file", name="e")
+        client = RawClient(served.socket)
+        client.start()  # the greeting came: the handshake's deadline is set
+        clock.advance(300.0)
+        client.option(99)  # within the limit: answered, the handshake goes on
+        assert client.option_reply()[1] == ERR_UNSUP
+        client.sock.sendall(struct.pack(">Q", IHAVEOPT))  # half an option's header
+        clock.advance(301.0)  # 601 s in all, though only 301 since the last byte
+        client.sock.sendall(b"\0")
+        assert client.closed_by_server()
+        client.close()
+        served.wait_connections(0)
+    finally:
+        assert served.server.stop(WAIT_S)
+        served.swap.close()
+
+
+def test_a_client_trickling_its_handshake_gives_its_slot_back(short_dir) -> None:
+    """The same on the real clock: a limit of 0.5 s, one connection allowed, a client that
+    sends its flags, an option's header, then a byte of the option's data whenever 50 ms
+    pass without an answer (at most 600 bytes, 30 s); it is cut, and its slot taken by
+    the next client (greeted, not refused)."""
+    served = serve(short_dir, handshake_timeout_s=0.5, max_connections=1)
+    try:
+        slow = RawClient(served.socket)
+        slow.greeting()
+        slow.sock.settimeout(0.05)
+        trickle = [struct.pack(">IQII", 3, IHAVEOPT, 6, 4000)] + [b"x"] * 600  # INFO
+        closed = False
+        for chunk in trickle:
+            try:
+                slow.sock.sendall(chunk)
+                closed = slow.sock.recv(1) == b""
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+            break
+        assert closed
+        slow.close()
+        served.wait_connections(0)
+        client = RawClient(served.socket)
+        client.greeting()
+        client.close()
+    finally:
+        assert served.server.stop(WAIT_S)
+        served.swap.close()
 
 
 def test_a_bad_request_magic_ends_the_session(export: Served) -> None:

@@ -26,6 +26,7 @@ import threading
 from pathlib import Path
 from typing import Any, Protocol
 
+from xentmem.clock import Clock, SystemClock
 from xentmem.guestd.nbd import proto
 from xentmem.guestd.nbd.export import Export, NbdError
 from xentmem.guestd.nbd.fanout import PageFanout
@@ -35,8 +36,8 @@ log = logging.getLogger(__name__)
 
 #: Connections at once (over all exports); one more is closed at accept.
 MAX_CONNECTIONS = 64
-#: How long a client may take over the whole handshake (a transmission has no limit: the
-#: kernel's connection idles as long as swap does).
+#: How long a client may take over the whole handshake, counted from its start (a
+#: transmission has no limit: the kernel's connection idles as long as swap does).
 HANDSHAKE_TIMEOUT_S = 30.0
 #: Options one connection may send before we take it for a denial of service.
 MAX_OPTIONS = 1024
@@ -65,10 +66,46 @@ class HardDisconnect(Exception):
     """The protocol lets us (or makes us) end the session: close the connection."""
 
 
+class _Stream(Protocol):
+    """What :class:`_Wire` needs of its socket."""
+
+    def recv_into(self, buffer: memoryview) -> int: ...
+
+    def sendall(self, data: bytes | bytearray | memoryview) -> None: ...
+
+
+class _Handshaking:
+    """A connection's socket during the handshake: each receive and send may wait only for
+    what is left of the whole handshake's time, so a client that trickles its bytes cannot
+    hold a connection (one of ``max_connections``) past the limit."""
+
+    def __init__(self, sock: socket.socket, clock: Clock, limit_s: float) -> None:
+        self.sock = sock
+        self.clock = clock
+        self.limit_s = limit_s
+        self.deadline = clock.monotonic() + limit_s
+
+    def _time_left(self) -> None:
+        """The socket's timeout set to the time left; TimeoutError (as the socket's own)
+        once there is none."""
+        left = self.deadline - self.clock.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"the handshake took longer than {self.limit_s:g}s")
+        self.sock.settimeout(left)
+
+    def recv_into(self, buffer: memoryview) -> int:
+        self._time_left()
+        return self.sock.recv_into(buffer)
+
+    def sendall(self, data: bytes | bytearray | memoryview) -> None:
+        self._time_left()
+        self.sock.sendall(data)
+
+
 class _Wire:
     """A connection's socket with its input buffer and its pending replies."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: _Stream) -> None:
         self.sock = sock
         self._buf = bytearray(BUFFER_BYTES)
         self._view = memoryview(self._buf)
@@ -154,7 +191,7 @@ class _Connection:
         self.peer = peer
         self.number = number
         self.export: Export | None = None
-        self.wire = _Wire(sock)
+        self.wire = _Wire(sock)  # through _Handshaking until the handshake is over
         self.no_zeroes = False
         self.thread = threading.Thread(target=self.run, name=f"nbd-conn-{number}",
                                        daemon=True)
@@ -163,9 +200,11 @@ class _Connection:
         try:
             if self.server.residency is not None:
                 self.server.residency.serving_thread()
-            self.sock.settimeout(self.server.handshake_timeout_s)
+            self.wire.sock = _Handshaking(self.sock, self.server.clock,
+                                          self.server.handshake_timeout_s)
             export = self._handshake()
             if export is not None:
+                self.wire.sock = self.sock
                 self.sock.settimeout(None)
                 self._transmit(export)
         except HardDisconnect as exc:
@@ -338,13 +377,15 @@ class NbdServer:
 
     def __init__(self, exports: ExportTable, *, max_connections: int = MAX_CONNECTIONS,
                  handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
-                 residency: Residency | None = None) -> None:
+                 residency: Residency | None = None, clock: Clock | None = None) -> None:
         """``residency``: marks each connection's thread an I/O flusher (None: not marked,
-        for a server that serves no swap)."""
+        for a server that serves no swap); ``clock``: what the handshake's limit is counted
+        on (the real clock unless a test says otherwise)."""
         self.exports = exports
         self.residency = residency
         self.max_connections = max_connections
         self.handshake_timeout_s = handshake_timeout_s
+        self.clock: Clock = clock or SystemClock()
         self.stopping = False
         self._listeners: list[socket.socket] = []
         self.addresses: list[str] = []

@@ -16,6 +16,7 @@ from fakes.nbd_served import WAIT_S, Served, serve
 
 from xentmem.clock import FakeClock
 from xentmem.errors import BackendError
+from xentmem.guest.frontends import FileBacking, swapfile
 from xentmem.guestd.nbd import proto
 from xentmem.guestd.nbd.exports import ExportBusy
 
@@ -318,6 +319,53 @@ def test_a_full_backing_store_is_enospc_and_keeps_the_old_page(
     finally:
         served.server.stop()
         served.swap.close()
+
+
+def test_a_write_zeroes_whose_index_entry_stays_is_eio_a_trim_is_not(
+        short_dir, monkeypatch) -> None:
+    """Every page in the area's file (no backend), and clearing an index entry fails: a
+    WRITE_ZEROES is EIO and leaves the page as the file has it (it was acknowledged, a
+    flush after it too, and a restart read the old page back).  A TRIM may leave old data:
+    it is answered done, and a WRITE_ZEROES of its page after it is EIO as well.  Once the
+    index can be written, a WRITE_ZEROES of both pages succeeds and the file, attached
+    again, names neither."""
+    served = serve(short_dir, backend=None)
+    try:
+        served.exports.add(4, "file", name="e")
+        store = served.swap.store_of(served.exports.get("e").swap_type)
+        client = RawClient(served.socket)
+        client.connect("e")
+        client.request(WRITE, 0, 2 * PAGE, handle=1, payload=b"A" * PAGE + b"B" * PAGE)
+        assert client.reply() == (0, 1)
+        real_pwrite = store._pwrite
+
+        def index_eio(data: bytes, position: int) -> None:
+            if data == swapfile.EMPTY_ENTRY:
+                raise OSError(errno.EIO, "injected")
+            real_pwrite(data, position)
+        monkeypatch.setattr(store, "_pwrite", index_eio)
+        client.request(WRITE_ZEROES, 0, PAGE, handle=2)
+        assert client.reply() == (EIO, 2)
+        client.request(READ, 0, PAGE, handle=3)  # refused: the page stays as the file has it
+        assert client.reply() == (0, 3)
+        assert client.recv_exact(PAGE) == b"A" * PAGE
+        client.request(TRIM, PAGE, PAGE, handle=4)
+        assert client.reply() == (0, 4)
+        client.request(WRITE_ZEROES, PAGE, PAGE, handle=5)
+        assert client.reply() == (EIO, 5)
+        monkeypatch.undo()
+        client.request(WRITE_ZEROES, 0, 2 * PAGE, handle=6, flags=1)  # FUA
+        assert client.reply() == (0, 6)
+        client.close()
+        assert served.server.stop(WAIT_S)
+    finally:
+        served.server.stop(WAIT_S)
+        served.swap.close()
+    again = FileBacking.attach(store.path)
+    try:
+        assert again.offsets() == [] and not again.damaged
+    finally:
+        again.close()
 
 
 def test_removing_an_export_ends_its_connections(export: Served) -> None:

@@ -62,8 +62,10 @@ class BackingStore(ABC):
         """The page at ``offset``, or None if the slot holds nothing."""
 
     @abstractmethod
-    def discard(self, offset: int) -> None:
-        """Forget a slot (the swap entry was freed)."""
+    def discard(self, offset: int, durable: bool = False) -> None:
+        """Forget a slot (the swap entry was freed).  ``durable``: if the forgetting would
+        not last across a restart (a failed index write), raise BackendError and keep the
+        slot as it was; else that is only logged and counted."""
 
     def has(self, offset: int) -> bool:
         """True when the slot holds a page (or a damaged one)."""
@@ -106,7 +108,7 @@ class MemoryBacking(BackingStore):
     def read(self, offset: int) -> bytes | None:
         return self._slots.get(offset)
 
-    def discard(self, offset: int) -> None:
+    def discard(self, offset: int, durable: bool = False) -> None:
         self._slots.pop(offset, None)
 
     def has(self, offset: int) -> bool:
@@ -228,6 +230,9 @@ class FileBacking(BackingStore):
         self._free = [s for s in range(found.layout.slots - 1, -1, -1) if s not in used]
         #: Index writes that failed (the file may name an older page there after a crash).
         self.index_errors = 0
+        #: Offsets forgotten whose index entry could not be cleared: the file may still
+        #: name a page there (each later discard tries again; a write replaces the entry).
+        self._uncleared: set[int] = set()
 
     def _mark(self, state: int) -> None:
         """Write and flush the use mark (OSError as BackendError)."""
@@ -288,6 +293,7 @@ class FileBacking(BackingStore):
             raise self._fail(f"write of slot {offset} refused (index)", exc) from exc
         self._entries[offset] = (slot, crc)
         self.damaged.pop(offset, None)
+        self._uncleared.discard(offset)
         if old is not None:
             self._free.append(old[0])
 
@@ -312,25 +318,35 @@ class FileBacking(BackingStore):
             raise BackendError(f"swap file {self.path}: slot {offset} is damaged ({why})")
         return page
 
-    def discard(self, offset: int) -> None:
-        if offset not in self._entries and offset not in self.damaged:
+    def discard(self, offset: int, durable: bool = False) -> None:
+        if offset not in self._entries and offset not in self.damaged and \
+                offset not in self._uncleared:
             return  # nothing there (frontswap's slot lock keeps this offset still meanwhile)
-        self._discard(offset)
+        self._discard(offset, durable)
 
     @_locked
-    def _discard(self, offset: int) -> None:
-        entry = self._entries.pop(offset, None)
-        was_damaged = self.damaged.pop(offset, None) is not None
-        if entry is None and not was_damaged:
+    def _discard(self, offset: int, durable: bool) -> None:
+        entry = self._entries.get(offset)
+        if entry is None and offset not in self.damaged and offset not in self._uncleared:
             return
         try:
             self._touch()
             self._pwrite(swapfile.EMPTY_ENTRY, self.layout.entry_at(offset))
         except (OSError, BackendError) as exc:
             self.index_errors += 1
+            if durable:  # refused: the slot stays as the file names it
+                log.error("swap file %s: slot %d not freed: its index entry could not be "
+                          "cleared (%s)", self.path, offset, exc)
+                raise BackendError(f"swap file {self.path}: slot {offset} not freed: its "
+                                   f"index entry could not be cleared: {exc}") from exc
+            self._uncleared.add(offset)
             log.error("swap file %s: slot %d freed but its index entry could not be "
                       "cleared (%s); a restart may find the older page there",
                       self.path, offset, exc)
+        else:
+            self._uncleared.discard(offset)
+        self._entries.pop(offset, None)
+        self.damaged.pop(offset, None)
         if entry is not None:
             self._free.append(entry[0])
 

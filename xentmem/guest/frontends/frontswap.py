@@ -372,8 +372,10 @@ class Frontswap(Guarded):
             f"{area.swap_type}:{offset} ({rc_name(rc)})"
         )
 
-    def invalidate_page(self, swap_type: int, offset: int) -> None:
-        """The swap entry was freed: drop the page wherever it is."""
+    def invalidate_page(self, swap_type: int, offset: int, durable: bool = False) -> None:
+        """The swap entry was freed: drop the page wherever it is.  ``durable``: a backing
+        store that cannot make its drop last across a restart raises BackendError and keeps
+        its copy (a tmem copy is dropped all the same); else it only logs and counts it."""
         with self._slot_lock(swap_type, offset):
             with self._lock:
                 area = self._area(swap_type)
@@ -386,7 +388,7 @@ class Frontswap(Guarded):
             if in_tmem and ops is not None:
                 oid, index = self._slot(area, offset)
                 self.quietly("flush_page", ops.flush_page, pool_id, oid, index)
-            area.backing.discard(offset)
+            area.backing.discard(offset, durable)
 
     def invalidate_area(self, swap_type: int) -> None:
         """swapoff: flush the type's 16 objects and forget the area (every slot lock held:

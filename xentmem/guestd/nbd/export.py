@@ -2,7 +2,8 @@
 
 A 4 KiB write is a frontswap store (tmem first; what tmem refuses goes to the area's backing
 store), a read is a load (a page never written reads as zeroes, as a fresh disk), trim and
-write-zeroes invalidate, flush syncs the backing store.  Every request is checked before
+write-zeroes invalidate (a write-zeroes only if that lasts across a restart), flush syncs
+the backing store.  Every request is checked before
 anything changes (:meth:`Export.check`): a refused request changed nothing.  The errors are
 the protocol's (``proto.EINVAL`` ...), raised as :class:`NbdError`.
 """
@@ -208,20 +209,25 @@ class Export:
 
     def write_zeroes(self, offset: int, length: int, flags: int) -> None:
         """Invalidate the pages (they read as zeroes); with NO_HOLE store zero pages instead,
-        so the backing store's slots are provisioned where tmem refuses them."""
+        so the backing store's slots are provisioned where tmem refuses them.
+
+        Unlike a trim's, the invalidation must last: a page whose backing file still names
+        its old contents (its index entry could not be cleared) fails the request with EIO,
+        for a restart would read that page back (the protocol lets a trim leave old data,
+        not a write-zeroes)."""
         if flags & proto.CMD_FLAG_NO_HOLE:
             self.write(offset, bytes(length))
         else:
             first = offset // PAGE_SIZE
             for page in range(first, first + length // PAGE_SIZE):
-                self._invalidate(page)
+                self._invalidate(page, durable=True)
         self.count("write_zeroes")
         if flags & proto.CMD_FLAG_FUA:
             self.flush()
 
-    def _invalidate(self, page: int) -> None:
+    def _invalidate(self, page: int, durable: bool = False) -> None:
         try:
-            self.frontswap.invalidate_page(self.swap_type, page)
+            self.frontswap.invalidate_page(self.swap_type, page, durable)
         except (BackendError, AbiError) as exc:
             self.count("trim_errors")
             raise NbdError(proto.EIO, str(exc)) from exc

@@ -228,18 +228,21 @@ class _Connection:
         or ABORT (None)."""
         wire = self.wire
         wire.send(proto.GREETING.pack(proto.NBDMAGIC, proto.IHAVEOPT, proto.HANDSHAKE_FLAGS))
-        (client_flags,) = proto.CLIENT_FLAGS.unpack(wire.take(proto.CLIENT_FLAGS.size))
-        if client_flags & ~proto.CLIENT_FLAGS_KNOWN:
-            raise HardDisconnect(f"unknown client flags {client_flags:#x}")
-        self.no_zeroes = bool(client_flags & proto.FLAG_C_NO_ZEROES)
+        (untrusted_client_flags,) = proto.CLIENT_FLAGS.unpack(
+            wire.take(proto.CLIENT_FLAGS.size))
+        if untrusted_client_flags & ~proto.CLIENT_FLAGS_KNOWN:
+            raise HardDisconnect(f"unknown client flags {untrusted_client_flags:#x}")
+        self.no_zeroes = bool(untrusted_client_flags & proto.FLAG_C_NO_ZEROES)
         for _ in range(MAX_OPTIONS):
-            magic, option, length = proto.OPTION.unpack(wire.take(proto.OPTION.size))
-            if magic != proto.IHAVEOPT:
-                raise HardDisconnect(f"option magic {magic:#x}")
-            if length > proto.MAX_OPTION_DATA:
-                raise HardDisconnect(f"option {option} with {length} bytes of data")
-            data = bytes(wire.take(length))
-            export, done = self._option(option, data)
+            # The option's number is only compared (an unknown one is answered UNSUP).
+            untrusted_magic, option, untrusted_length = proto.OPTION.unpack(
+                wire.take(proto.OPTION.size))
+            if untrusted_magic != proto.IHAVEOPT:
+                raise HardDisconnect(f"option magic {untrusted_magic:#x}")
+            if untrusted_length > proto.MAX_OPTION_DATA:
+                raise HardDisconnect(f"option {option} with {untrusted_length} bytes of data")
+            untrusted_data = bytes(wire.take(untrusted_length))
+            export, done = self._option(option, untrusted_data)
             if done:
                 if export is not None:  # attached before the client hears it may start
                     try:
@@ -257,15 +260,16 @@ class _Connection:
     def _error(self, option: int, reply: int, message: str) -> None:
         self._reply(option, reply, proto.error_message(message))
 
-    def _option(self, option: int, data: bytes) -> tuple[Export | None, bool]:
+    def _option(self, option: int, untrusted_data: bytes) -> tuple[Export | None, bool]:
         """Answer one option; (the export, True) to enter transmission, (None, True) to
-        close after an abort, (None, False) to go on haggling."""
+        close after an abort, (None, False) to go on haggling.  ``untrusted_data`` as the
+        client sent it: each option parses (checks) its own."""
         if option == proto.OPT_ABORT:  # data, if any, is ignored
             self._reply(option, proto.REP_ACK)
             return None, True
         if option == proto.OPT_EXPORT_NAME:
             try:
-                name = proto.decode_string(data)
+                name = proto.decode_string(untrusted_data)
             except proto.OptionInvalid as exc:
                 raise HardDisconnect(f"NBD_OPT_EXPORT_NAME: {exc}") from None
             export = self._lookup(name)
@@ -278,7 +282,7 @@ class _Connection:
             self._error(option, proto.REP_ERR_SHUTDOWN, "the server is shutting down")
             return None, False
         if option == proto.OPT_LIST:
-            if data:
+            if untrusted_data:
                 self._error(option, proto.REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
                 return None, False
             for name in self.server.exports.names():
@@ -287,7 +291,7 @@ class _Connection:
             return None, False
         if option in (proto.OPT_INFO, proto.OPT_GO):
             try:
-                request = proto.parse_info_request(data)
+                request = proto.parse_info_request(untrusted_data)
             except proto.OptionInvalid as exc:
                 self._error(option, proto.REP_ERR_INVALID, str(exc))
                 return None, False
@@ -321,31 +325,42 @@ class _Connection:
         request, reply = wire.request, wire.reply
         fanout = self.server.fanout
         while True:
-            magic, flags, cmd, handle, offset, length = request()
-            if magic != proto.REQUEST_MAGIC:
-                raise HardDisconnect(f"request magic {magic:#x}")
+            # The handle is opaque (only sent back); the rest is untrusted until
+            # export.check passed it (the command: until compared with one we serve).
+            (untrusted_magic, untrusted_flags, untrusted_cmd, handle, untrusted_offset,
+             untrusted_length) = request()
+            if untrusted_magic != proto.REQUEST_MAGIC:
+                raise HardDisconnect(f"request magic {untrusted_magic:#x}")
             try:
-                if cmd == proto.CMD_WRITE:
-                    if length >= proto.DOS_PAYLOAD:
-                        raise HardDisconnect(f"a write of {length} bytes")
+                if untrusted_cmd == proto.CMD_WRITE:
+                    if untrusted_length >= proto.DOS_PAYLOAD:
+                        raise HardDisconnect(f"a write of {untrusted_length} bytes")
                     try:
-                        export.check(cmd, flags, offset, length)
+                        export.check(proto.CMD_WRITE, untrusted_flags, untrusted_offset,
+                                     untrusted_length)
                     except NbdError:
-                        wire.skip(length)  # the payload is in the stream: drop it, refuse
+                        # The payload is in the stream (less than DOS_PAYLOAD): drop it.
+                        wire.skip(untrusted_length)
                         raise
+                    flags, offset, length = untrusted_flags, untrusted_offset, untrusted_length
                     # Applied only once the whole payload is here (take waits for it).
                     export.write(offset, wire.take(length), flags & proto.CMD_FLAG_FUA,
                                  fanout)
-                elif cmd == proto.CMD_READ:
-                    export.check(cmd, flags, offset, length)
+                elif untrusted_cmd == proto.CMD_READ:
+                    export.check(proto.CMD_READ, untrusted_flags, untrusted_offset,
+                                 untrusted_length)
+                    offset, length = untrusted_offset, untrusted_length
                     data = export.read(offset, length, fanout)
                     reply(0, handle)
                     wire.send(data)
                     continue
-                elif cmd == proto.CMD_DISC:  # every earlier request is answered: close
+                elif untrusted_cmd == proto.CMD_DISC:  # every earlier request is answered
                     return
                 else:
-                    export.check(cmd, flags, offset, length)
+                    export.check(untrusted_cmd, untrusted_flags, untrusted_offset,
+                                 untrusted_length)
+                    cmd, flags, offset, length = (untrusted_cmd, untrusted_flags,
+                                                  untrusted_offset, untrusted_length)
                     if cmd == proto.CMD_TRIM:
                         export.trim(offset, length, bool(flags & proto.CMD_FLAG_FUA))
                     elif cmd == proto.CMD_WRITE_ZEROES:
@@ -353,13 +368,15 @@ class _Connection:
                     elif cmd == proto.CMD_FLUSH:
                         export.flush()
             except NbdError as exc:
-                self._refused(export, cmd, handle, exc)
+                self._refused(export, untrusted_cmd, handle, exc)
                 continue
             reply(0, handle)
 
-    def _refused(self, export: Export, cmd: int, handle: int, exc: NbdError) -> None:
+    def _refused(self, export: Export, untrusted_cmd: int, handle: int,
+                 exc: NbdError) -> None:
         export.count(f"refused_{exc.name}")
-        log.debug("nbd export %s: command %d refused (%s): %s", export.name, cmd, exc.name, exc)
+        log.debug("nbd export %s: command %d refused (%s): %s", export.name, untrusted_cmd,
+                  exc.name, exc)
         self.wire.reply(exc.error, handle)
 
     def stop_reading(self) -> None:

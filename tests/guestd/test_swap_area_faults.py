@@ -197,6 +197,35 @@ def test_a_write_the_disk_refuses_leaves_the_previous_page(
     store.close()
 
 
+def test_an_index_entry_a_refused_write_left_unknown_goes_at_the_next_discard(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new page's index entry reached the file though its write said EIO, and putting
+    the previous (empty) entry back failed: the file names the refused page.  The next
+    discard of the offset (frontswap's, once tmem took a newer page of it) must clear that
+    entry, or a restart takes the refused page over tmem's newer one."""
+    path = tmp_path / "type-0.swap"
+    store = FileBacking(path, PAGES)
+    real_pwrite = os.pwrite
+    entries: list[bytes] = []
+
+    def pwrite(fd: int, data: bytes, position: int) -> int:
+        if len(data) != ENTRY.size:
+            return real_pwrite(fd, data, position)
+        entries.append(data)
+        if len(entries) == 1:  # the new entry lands, then the error
+            real_pwrite(fd, data, position)
+        raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(backing_module.os, "pwrite", pwrite)
+    with pytest.raises(BackendError, match="injected"):
+        store.write(2, page(2))
+    monkeypatch.undo()
+    assert len(entries) == 2 and store.read(2) is None
+    store.discard(2, durable=True)
+    store.close()
+    assert read_swap_area(path) == {}
+
+
 def test_a_write_past_the_file_size_limit_is_efbig_and_changes_nothing(tmp_path: Path) -> None:
     path = tmp_path / "type-0.swap"
     store = FileBacking(path, PAGES)

@@ -16,9 +16,13 @@ from fakes.nbd_served import WAIT_S, Served, serve
 
 from xentmem.clock import FakeClock
 from xentmem.errors import BackendError
+from xentmem.guest.backends.zcache import ZcacheBackend
 from xentmem.guest.frontends import FileBacking, swapfile
+from xentmem.guest.shim import Shim
 from xentmem.guestd.nbd import proto
 from xentmem.guestd.nbd.exports import ExportBusy
+from xentmem.guestd.swap import SwapAreas
+from xentmem.roots import Roots
 
 PAGE = 4096
 READ, WRITE, DISC, FLUSH, TRIM, CACHE, WRITE_ZEROES, BLOCK_STATUS = range(8)
@@ -366,6 +370,125 @@ def test_a_write_zeroes_whose_index_entry_stays_is_eio_a_trim_is_not(
         assert again.offsets() == [] and not again.damaged
     finally:
         again.close()
+
+
+def kill_and_restart(served: Served, short_dir: Path) -> tuple[Shim, SwapAreas]:
+    """What a kill -9 and the next daemon do (``DaemonCore.begin_run``, then the load): the
+    area files and zcache's arena stay as they are; the areas are re-attached, then zcache
+    loads and frontswap takes back the pages it kept that the files do not have."""
+    backend = served.shim.backend
+    assert isinstance(backend, ZcacheBackend) and backend._arena is not None
+    served.server.stop(WAIT_S)
+    served.swap.close()  # no sync, no "stopped" mark: killed
+    backend._arena.close()
+    shim = Shim(roots=Roots(run_dir=short_dir / "run"))
+    areas = SwapAreas(shim.frontswap, short_dir / "swap")
+    assert [a.get("error") for a in areas.reattach()] == [None]
+    shim.load("zcache")
+    return shim, areas
+
+
+def read_back(shim: Shim, swap_type: int, offsets: range) -> dict[int, bytes | str]:
+    found: dict[int, bytes | str] = {}
+    for offset in offsets:
+        try:
+            found[offset] = shim.frontswap.load(swap_type, offset) or bytes(PAGE)
+        except BackendError as exc:
+            found[offset] = f"error: {exc}"
+    return found
+
+
+def test_a_write_tmem_takes_whose_older_file_copy_stays_named_reads_back_after_a_kill(
+        short_dir, monkeypatch) -> None:
+    """Pages 0 and 1 are in the area's file (written before zcache loaded), then WRITEs of
+    them go to tmem while clearing an index entry fails: both are answered done, and a
+    flush too, so after a kill -9 and a restart on zcache's arena each must read back as
+    written.  They did not: the file still named the older pages, and a restart takes the
+    file's copy over tmem's, so page 0 read back its older contents; page 1's old slot,
+    freed while its entry still named it, went to page 2 (a page tmem refused), so page 1
+    read back damaged (EIO)."""
+    served = serve(short_dir, backend=None)
+    try:
+        served.exports.add(4, "file", name="e")
+        swap_type = served.exports.get("e").swap_type
+        store = served.swap.store_of(swap_type)
+        client = RawClient(served.socket)
+        client.connect("e")
+        client.request(WRITE, 0, 2 * PAGE, handle=1, payload=b"A" * PAGE + b"B" * PAGE)
+        assert client.reply() == (0, 1)
+        served.shim.load("zcache")
+        real_pwrite = store._pwrite
+
+        def index_eio(data: bytes, position: int) -> None:
+            if data == swapfile.EMPTY_ENTRY:
+                raise OSError(errno.EIO, "injected")
+            real_pwrite(data, position)
+        monkeypatch.setattr(store, "_pwrite", index_eio)
+        for handle, (offset, data) in enumerate([(0, b"a"), (1, b"b")], start=2):
+            client.request(WRITE, offset * PAGE, PAGE, handle=handle, payload=data * PAGE)
+            assert client.reply() == (0, handle)
+        ops = served.shim.frontswap.ops
+        assert ops is not None
+        monkeypatch.setattr(ops, "put_page", lambda *args: -errno.ENOMEM)  # to the file
+        client.request(WRITE, 2 * PAGE, PAGE, handle=4, payload=b"c" * PAGE)
+        assert client.reply() == (0, 4)
+        client.request(FLUSH, 0, 0, handle=5)
+        assert client.reply() == (0, 5)
+        client.close()
+        shim, areas = kill_and_restart(served, short_dir)
+    finally:
+        served.server.stop(WAIT_S)
+        served.swap.close()
+    try:
+        assert read_back(shim, swap_type, range(4)) == {
+            0: b"a" * PAGE, 1: b"b" * PAGE, 2: b"c" * PAGE, 3: bytes(PAGE)}
+    finally:
+        shim.unload()
+        areas.close()
+
+
+def test_a_write_whose_older_file_copy_cannot_go_at_all_is_eio_and_keeps_it(
+        short_dir, monkeypatch) -> None:
+    """Page 0 is in the area's file; zcache takes a WRITE of it while no index entry can be
+    written: the file can neither forget its older copy nor take the new page, so the WRITE
+    is EIO, and page 0 reads back its older contents, before and after a kill -9 and a
+    restart on zcache's arena alike (it was answered done: the restart read the old page,
+    the running daemon the new one)."""
+    served = serve(short_dir, backend=None)
+    try:
+        served.exports.add(4, "file", name="e")
+        swap_type = served.exports.get("e").swap_type
+        store = served.swap.store_of(swap_type)
+        client = RawClient(served.socket)
+        client.connect("e")
+        client.request(WRITE, 0, PAGE, handle=1, payload=b"A" * PAGE)
+        assert client.reply() == (0, 1)
+        served.shim.load("zcache")
+        real_pwrite = store._pwrite
+        index = range(store.layout.index_start, store.layout.data_start)
+
+        def index_eio(data: bytes, position: int) -> None:
+            if position in index:
+                raise OSError(errno.EIO, "injected")
+            real_pwrite(data, position)
+        monkeypatch.setattr(store, "_pwrite", index_eio)
+        client.request(WRITE, 0, PAGE, handle=2, payload=b"a" * PAGE)
+        assert client.reply() == (EIO, 2)
+        client.request(READ, 0, PAGE, handle=3)
+        assert client.reply() == (0, 3)
+        assert client.recv_exact(PAGE) == b"A" * PAGE
+        client.request(FLUSH, 0, 0, handle=4)
+        assert client.reply() == (0, 4)
+        client.close()
+        shim, areas = kill_and_restart(served, short_dir)
+    finally:
+        served.server.stop(WAIT_S)
+        served.swap.close()
+    try:
+        assert read_back(shim, swap_type, range(1)) == {0: b"A" * PAGE}
+    finally:
+        shim.unload()
+        areas.close()
 
 
 def test_removing_an_export_ends_its_connections(export: Served) -> None:

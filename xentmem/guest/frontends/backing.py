@@ -288,6 +288,9 @@ class FileBacking(BackingStore):
             except OSError:
                 log.error("swap file %s: the index entry of slot %d is unknown after a "
                           "failed write; a restart may find it damaged", self.path, offset)
+                # It may name the refused page: the next discard clears it (else a later
+                # page of this offset kept in tmem only lost to it after a restart).
+                self._uncleared.add(offset)
             else:
                 self._free.append(slot)
             raise self._fail(f"write of slot {offset} refused (index)", exc) from exc

@@ -182,7 +182,8 @@ class Frontswap(Guarded):
         """Pages the backend kept across a restart become this frontend's again where an
         area (re-attached from its file) has the offset and its file holds no copy of it;
         the others are flushed: no area to serve them, or the file's copy is the newer one
-        (a store writes the file before tmem whenever both could hold it: :meth:`_store`)."""
+        (a store writes the file before tmem whenever both could hold it, and one answered
+        with its page in tmem only has had the file forget its copy: :meth:`_store`)."""
         owners: dict[Oid, tuple[_SwapArea, int]] = {}
         for area in self._areas.values():
             for low, oid in enumerate(area.oids):
@@ -263,7 +264,11 @@ class Frontswap(Guarded):
         A store the backing store refuses (BackendError: a full disk, an I/O error) changes
         nothing: the slot's previous page stays readable.  So the old copy is only flushed
         once the new page is safe: a duplicate, which a failed put would drop (Xen's rule,
-        ``docs/tmem-semantics.md``), is written to the backing store before the put.
+        ``docs/tmem-semantics.md``), is written to the backing store before the put.  A page
+        tmem took is answered 0 only once the backing store dropped its older copy for good
+        (a file: its index entry cleared), for a restart on a backend whose pages outlive it
+        takes that copy over tmem's (:meth:`_adopt`); if it cannot, the page goes to the
+        backing store instead (-1), and if that refuses too, BackendError as above.
         """
         if len(page) != PAGE_SIZE:
             raise AbiError(f"a page is {PAGE_SIZE} bytes, got {len(page)}")
@@ -294,7 +299,8 @@ class Frontswap(Guarded):
         written = False
         # An older copy in the backing store goes only once the new page is in tmem (below):
         # across a crash of a backend whose pages outlive it, the file's copy wins over
-        # tmem's (_adopt), which is right for a store that had not returned yet.
+        # tmem's (_adopt), which is right for a store that had not returned yet, and wrong
+        # for one that had: so the store returns only once that copy is gone for good.
         if duplicate or writethrough:
             area.backing.write(offset, page)  # raises: nothing changed
             with self._lock:
@@ -311,7 +317,10 @@ class Frontswap(Guarded):
                 self.succ_stores += 1
             if writethrough:
                 return -1
-            area.backing.discard(offset)  # an older (or this) copy there is not needed
+            try:  # an older (or this) copy there is not needed, but must go for good:
+                area.backing.discard(offset, durable=True)
+            except BackendError as exc:
+                return self._keep_in_backing(ops, pool_id, area, offset, page, written, exc)
             return 0
         with self._lock:
             self.failed_stores += 1
@@ -319,6 +328,22 @@ class Frontswap(Guarded):
             self._flush(ops, pool_id, area, offset)  # a failed duplicate put drops the old copy
         if not written:
             area.backing.write(offset, page)  # raises: the slot had no tmem copy
+            with self._lock:
+                self.backing_writes += 1
+        return -1
+
+    def _keep_in_backing(self, ops: Backend, pool_id: int, area: _SwapArea, offset: int,
+                         page: bytes, written: bool, exc: BackendError) -> int:
+        """tmem took the page, but the backing store could not forget its copy of the slot
+        for good (a file whose index entry could not be cleared): after a restart that copy
+        would win over tmem's (:meth:`_adopt`), so the page goes to the backing store
+        instead, as when tmem refuses it (already there if ``written``).  If the backing
+        store refuses it too, raise: the slot's previous page stays, there and only there."""
+        log.warning("frontswap: swap page %d:%d goes to the backing store: its older copy "
+                    "there could not be dropped (%s)", area.swap_type, offset, exc)
+        self._flush(ops, pool_id, area, offset)
+        if not written:
+            area.backing.write(offset, page)  # raises: the backing store's copy stays
             with self._lock:
                 self.backing_writes += 1
         return -1

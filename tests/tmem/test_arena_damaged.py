@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ import pytest
 from xentmem.errors import ArenaDamaged, ArenaError, ArenaRefused, ParamError
 from xentmem.tmem.abi import POOL_PRIVATE_EPHEMERAL, PRIVATE_UUID, Oid
 from xentmem.tmem.arena import ARENA_PARAMS, Arena
-from xentmem.tmem.arenafile import _HEADER, DATA, MIN_SEGMENT, PAGE, REGIONS_AT
+from xentmem.tmem.arenafile import _HEADER, DATA, MIN_SEGMENT, OBJECTS, PAGE, PAGES, REGIONS_AT
 from xentmem.tmem.index import PAGE_FIELDS, PAGE_RECORD
 from xentmem.tmem.store import ArenaPages, TmemStore
 
@@ -233,6 +234,59 @@ def test_a_damaged_object_record_drops_its_pages(filled: tuple[Path, str]) -> No
         assert len(arena) == 0
         assert arena.report.dropped_records == 3  # the object and its two pages
         assert ("object slot", 0) in arena.report.lost
+
+
+# -- the marks page (no checksum: its marks are checked against the file) ---------------------
+
+
+def set_mark(path: Path, region: int, value: int) -> None:
+    """Write one mark of the marks page (objects, pages, data: a u64 each at 4096)."""
+    with path.open("r+b") as f:
+        f.seek(PAGE + 8 * region)
+        f.write(struct.pack("<Q", value))
+
+
+@pytest.mark.parametrize("allocator", ["zbud", "zsmalloc"])
+@pytest.mark.parametrize("region", [OBJECTS, PAGES])
+def test_a_lowered_records_mark_loses_no_page_and_lends_none_to_another_key(
+    tmp_path: Path, allocator: str, region: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A records mark lowered to 0 once hid every record above it: the pages were lost
+    without a word, their object's slot went to another object, and the next mark raised
+    over the old records brought them back, after a kill, under that other object's key."""
+    path = tmp_path / "arena"
+    with small(path, allocator=allocator) as arena:
+        arena.put(KEY, b"A" * 1500)
+        arena.put(OTHER, b"")  # a zero page: no bytes, as a store keeps one
+    set_mark(path, region, 0)
+    new = (7, (9, 9, 9), 3)
+    with caplog.at_level(logging.ERROR), small(path, allocator=allocator) as arena:
+        assert len(arena) == 2 and arena.report.lost == []
+        assert arena.get(KEY) == b"A" * 1500 and arena.get(OTHER) == b""
+        assert "past the mark" in arena.report.note
+        arena.put(new, b"C" * 50)
+        arena.put(KEY, b"D" * 1000)
+    assert "past the mark of 0" in caplog.text and str(path) in caplog.text
+    with small(path, allocator=allocator) as arena:  # as a kill -9 leaves it
+        assert sorted(arena.keys()) == sorted([KEY, OTHER, new])
+        assert arena.get(KEY) == b"D" * 1000 and arena.get(new) == b"C" * 50
+        assert arena.get((7, (9, 9, 9), 9)) is None and arena.get((7, (9, 9, 9), 10)) is None
+        assert arena.report.checksum_failures == arena.report.dropped_records == 0
+
+
+def test_a_records_mark_goes_only_over_zeroed_slots(tmp_path: Path) -> None:
+    """A record left past the mark (a mark lowered in an earlier life, the records above it
+    then reused) is zeroed before the mark is raised over it: it can never come back."""
+    with small(tmp_path / "arena") as arena:
+        arena.put(KEY, b"A" * 100)
+        pages, mm = arena._index.pages, arena._mm
+        assert pages.hwm == 1 and pages.mark == 256
+        stale = pages.offset(300)
+        mm[stale : stale + PAGE_RECORD] = mm[pages.offset(0) : pages.offset(1)]
+        for i in range(256):  # slots 1..256: the mark goes from 256 to 512
+            arena.put((3, (1, 2, 3), 100 + i), b"x" * 40)
+        assert pages.hwm == 257 and pages.mark == 512
+        assert mm[stale : stale + PAGE_RECORD] == bytes(PAGE_RECORD)
 
 
 # -- the rest of the file's rules -------------------------------------------------------------

@@ -235,11 +235,12 @@ class Arena:
                 arena = cls(ArenaFile.open(path), report)
                 report.allocator = allocator
             else:
-                report.note = (
+                note = (
                     f"allocator={allocator} asked, but the arena holds pages packed by "
                     f"{file.allocator}: kept {file.allocator} until the arena is emptied"
                 )
-                log.warning("arena %s: %s", path, report.note)
+                log.warning("arena %s: %s", path, note)
+                report.note = f"{report.note}; {note}" if report.note else note
         report.seconds = time.monotonic() - started
         return arena
 
@@ -248,6 +249,13 @@ class Arena:
         idx = self._index
         report = self.report
         objects, pages = idx.objects, idx.pages
+        for records, what in ((objects, "object"), (pages, "page")):
+            if records.past_mark:
+                mark, end = records.past_mark
+                note = (f"committed {what} records reach slot {end}, past the mark of {mark} "
+                        "in the marks page (damaged): they are checked as every record is")
+                log.error("arena %s: %s", self.path, note)
+                report.note = f"{report.note}; {note}" if report.note else note
         idx.reserve(objects.hwm, pages.hwm)
         valid_obj = bytearray(objects.hwm)
         nfields = OBJ_FIELDS.size

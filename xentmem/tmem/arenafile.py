@@ -14,13 +14,16 @@ The file is sparse and mapped whole, once: a region's memory is reserved
 moment rather than a SIGBUS on a later write into the map, and the process pays for what
 the arena holds, not for its size.  The header is written once, to a temporary file linked
 into place, so it is never torn.  A mark is raised before a record beyond it is written, so
-every record is below its mark.  What is checked, refused or set aside: ``docs/page-arena.md``.
+every record is below its mark, and only over slots zeroed first; the marks have no checksum,
+so a reopen also reads what the file holds past a records mark (:meth:`ArenaFile.records_past`).
+What is checked, refused or set aside: ``docs/page-arena.md``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import logging
 import mmap
@@ -105,6 +108,12 @@ class ArenaFile:
         self.mm = mmap.mmap(fd, self.size)
         #: Bytes of each region reserved so far (from its start).
         self.reserved = [0, 0, 0]
+        #: Whether the filesystem tells the file's holes apart (tmpfs, ext4, xfs do): the
+        #: file is always sparse, so one that reports no hole before its end does not.
+        try:
+            self.holes_told = os.lseek(fd, 0, os.SEEK_HOLE) < self.size
+        except OSError:
+            self.holes_told = False
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -165,6 +174,49 @@ class ArenaFile:
         _MARKS.pack_into(self.mm, PAGE, *(
             value if r == region else m for r, m in enumerate(self.marks())
         ))
+
+    def held_runs(self, region: int, start: int, end: int) -> list[tuple[int, int]] | None:
+        """The runs ``(a, b)`` of bytes from ``start`` to ``end`` of a region (counted from
+        the region's start) that the file holds (``SEEK_DATA``, ``SEEK_HOLE``): what was
+        ever written there and not given back.  None when the filesystem does not tell."""
+        if not self.holes_told:
+            return None
+        base = self.bases[region]
+        pos, stop = base + start, base + end
+        runs: list[tuple[int, int]] = []
+        while pos < stop:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data after pos
+                    break
+                raise
+            if data >= stop:
+                break
+            pos = min(os.lseek(self.fd, data, os.SEEK_HOLE), stop)
+            runs.append((data - base, pos - base))
+        return runs
+
+    def records_past(self, region: int, size: int, mark: int, capacity: int) -> int:
+        """The slot after the last committed record (commit word, a record's last 4 bytes,
+        not 0) at or past slot ``mark`` of a records region, in what the file holds there
+        (read with ``pread``: a hole costs no memory); ``mark`` if there is none, or the
+        filesystem does not tell holes (then past the mark is not looked at)."""
+        runs = self.held_runs(region, mark * size, capacity * size)
+        end = mark
+        words = size // 4
+        step = max(1, (1 << 20) // size)
+        for a, b in runs or ():
+            slot, stop = max(mark, a // size), min(capacity, -(-b // size))
+            while slot < stop:
+                n = min(step, stop - slot)
+                raw = os.pread(self.fd, n * size, self.bases[region] + slot * size)
+                commits = memoryview(raw[: len(raw) // size * size]).cast("I")[words - 1 :: words]
+                last = commits.tobytes().rstrip(bytes(1))
+                if last:
+                    end = max(end, slot + (len(last) - 1) // 4 + 1)
+                slot += n
+        return end
 
     def reserve(self, region: int, upto: int) -> None:
         """Reserve a region's memory through byte ``upto`` (rounded up to a segment, or a

@@ -76,8 +76,14 @@ class Records:
         self.size = size
         self.base = file.bases[region]
         self.capacity = min(file.sizes[region] // size, MAX_SLOTS)
-        #: Slots below this may hold a record; above it, none ever did.
-        self.hwm = min(file.marks()[region], self.capacity)
+        #: Slots below this may hold a record; above it, none ever did.  The mark in the
+        #: file has no checksum: committed records the file holds past it (a mark lowered
+        #: by damage) count too, and are checked as every record is.
+        mark = min(file.marks()[region], self.capacity)
+        self.hwm = file.records_past(region, size, mark, self.capacity)
+        #: (the mark in the file, the slot after the last committed record past it) when
+        #: records were found past the mark.
+        self.past_mark = (mark, self.hwm) if self.hwm > mark else None
         self.mark = self.hwm
         if self.hwm:
             file.reserve(region, self.hwm * size)
@@ -97,6 +103,11 @@ class Records:
                                  f"({self.capacity} at most)")
             mark = min(self.capacity, slot + _HWM_STEP)
             self.file.reserve(self.region, mark * self.size)
+            # Slots from here to the new mark were never handed out: zeroed before the mark
+            # goes over them, so no record left there (a mark once lowered by damage) can
+            # come back under a slot reused since.
+            start, stop = self.offset(slot), self.offset(mark)
+            self.file.mm[start:stop] = bytes(stop - start)
             self.file.set_mark(self.region, mark)
             self.mark = mark
         self.hwm = slot + 1

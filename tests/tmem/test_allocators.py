@@ -153,6 +153,21 @@ def test_zsmalloc_allocates_from_the_fullest_zspage(tmp_path: Path) -> None:
     file.close()
 
 
+def test_zsmalloc_holds_no_object_on_its_free_chain(tmp_path: Path) -> None:
+    """holds() once asked only that the zspage was in use: a freed object of a live zspage
+    passed, and a damaged record freeing it again broke the zspage's free chain."""
+    file, frames = open_frames(tmp_path, "zsmalloc")
+    zs = Zsmalloc(frames)
+    a, b, c = (zs.alloc(1000) for _ in range(3))
+    assert all(zs.holds(*h, 1000) for h in (a, b, c))
+    zs.free(*b, 1000)
+    assert not zs.holds(*b, 1000) and zs.holds(*a, 1000) and zs.holds(*c, 1000)
+    zs.free(*a, 1000)
+    assert not zs.holds(*a, 1000) and not zs.holds(*b, 1000) and zs.holds(*c, 1000)
+    assert not zs.holds(c[0], c[1], 2000)  # another class
+    file.close()
+
+
 # -- both, against a model ------------------------------------------------------------------
 
 SIZES = st.one_of(st.integers(1, 200), st.integers(1, PAGE), st.sampled_from([32, 3968, 3969]))

@@ -185,6 +185,35 @@ def test_the_c_functions_refuse_to_reach_outside_their_buffers() -> None:
     assert mm == bytearray(4096)  # nothing written by a refused call
 
 
+def test_page_sound_and_zs_chain_has_stay_inside_the_map() -> None:
+    """What a delete checks before it frees: a record outside the map, with no commit word,
+    naming bytes past the map or failing its commit word is not sound; a free chain that
+    loops, names an object past its zspage's or a link past the map is broken (-1)."""
+    mm = bytearray(4096)
+    data = b"P" * 100
+    mm[1024:1124] = data
+    commit = _hot.page_commit(data, 1, 2, 64, 100, 0)  # where 64: byte 1024
+    PAGE_ALL.pack_into(mm, 0, 1, 2, 64, 100, 0, commit)
+    assert _hot.page_sound(mm, 0, 0, 0) is True
+    assert _hot.page_sound(mm, 0, 0, 300) is False  # the record is past the map
+    assert _hot.page_sound(mm, 0, 4000, 0) is False  # its bytes are past the map
+    mm[1024] ^= 1
+    assert _hot.page_sound(mm, 0, 0, 0) is False
+    mm[1024] ^= 1
+    PAGE_ALL.pack_into(mm, 20, 1, 2, 64, 100, 0, 0)
+    assert _hot.page_sound(mm, 0, 0, 1) is False  # no commit word
+    zspage = bytearray(4096)
+    for i, nxt in enumerate([2, 0xFFFF, 3, 1]):  # 0 -> 2 -> 3 -> 1, end
+        zspage[i * 64 : i * 64 + 2] = nxt.to_bytes(2, "little")
+    assert [_hot.zs_chain_has(zspage, 0, 64, 8, 0, i) for i in range(5)] == [1, 1, 1, 1, 0]
+    assert _hot.zs_chain_has(zspage, 0, 64, 8, 0xFFFF, 0) == 0  # no free object
+    zspage[64:66] = (0).to_bytes(2, "little")  # ... 1 -> 0: a loop
+    assert _hot.zs_chain_has(zspage, 0, 64, 8, 0, 7) == -1
+    zspage[64:66] = (9).to_bytes(2, "little")  # ... 1 -> 9, past the 8 objects
+    assert _hot.zs_chain_has(zspage, 0, 64, 8, 0, 7) == -1
+    assert _hot.zs_chain_has(zspage, 4000, 64, 8, 0, 7) == -1  # a link past the map
+
+
 def test_the_commit_word_is_xxh3_seeded_by_the_record() -> None:
     import xxhash
 

@@ -466,6 +466,48 @@ done:
     return out;
 }
 
+/* page_sound(mm, pbase, dbase, slot) -> bool
+ * Whether page record ``slot`` (at ``pbase`` of the map) has a commit word and its bytes
+ * (at ``dbase``) match it: what a delete, or a put over the page, checks before its bytes
+ * go back to the allocator (a record damaged in place must not free another page's
+ * bytes).  A record or bytes outside the map are not sound. */
+static PyObject *hot_page_sound(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    NARGS(4, "page_sound");
+    Buf m = {0};
+    Py_ssize_t pbase, dbase, slot;
+    PyObject *out = NULL, *page = NULL;
+    if (as_size(args[1], &pbase) < 0 || as_size(args[2], &dbase) < 0
+        || as_size(args[3], &slot) < 0)
+        return NULL;
+    if (get_buf(args[0], &m, 0, 1, "mm") < 0)
+        goto done;
+    const unsigned char *mm = m.view.buf;
+    Py_ssize_t off = pbase + slot * PAGE_RECORD;
+    int sound = 0;
+    if (off + PAGE_RECORD <= m.view.len) {
+        const unsigned char *rec = mm + off;
+        uint32_t where = rd32(rec + REC_WHERE), sub = rd16(rec + REC_SUB);
+        uint32_t n = rd16(rec + REC_LENGTH), commit = rd32(rec + REC_COMMIT);
+        Py_ssize_t at = dbase + (Py_ssize_t)where * UNIT;
+        if (commit && n <= PAGE && at + (Py_ssize_t)n <= m.view.len) {
+            page = PyMemoryView_FromMemory((char *)mm + at, n, PyBUF_READ);
+            if (page == NULL)
+                goto done;
+            int64_t c = commit_of(page, page_seed(rd32(rec + REC_OBJ), rd32(rec + REC_INDEX),
+                                                  where, n, sub));
+            if (c < 0)
+                goto done;
+            sound = (uint32_t)c == commit;
+        }
+    }
+    out = PyBool_FromLong(sound);
+done:
+    Py_XDECREF(page);
+    put_buf(&m);
+    return out;
+}
+
 /* Link page ``slot`` first in its object's list and count it. */
 static void link_page(uint32_t *nxt, uint32_t *prv, uint32_t *head, uint32_t *count,
                       Py_ssize_t slot, uint32_t obj)
@@ -1056,6 +1098,43 @@ done:
     return out;
 }
 
+/* zs_chain_has(mm, pos, size, objs, first, idx) -> 1, 0 or -1
+ * Whether object ``idx`` is on the free chain of the zspage at ``pos`` of the map (objects
+ * of ``size`` bytes, ``objs`` of them, the chain starting at ``first`` and linked through
+ * each free object's first two bytes, 0xFFFF its end): 1 on it (free), 0 not (in use), -1
+ * when the chain is broken (an index past the zspage's, a loop, a link outside the map). */
+static PyObject *hot_zs_chain_has(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    NARGS(6, "zs_chain_has");
+    Buf m = {0};
+    Py_ssize_t pos, size, objs, first, idx;
+    PyObject *out = NULL;
+    if (as_size(args[1], &pos) < 0 || as_size(args[2], &size) < 0 || as_size(args[3], &objs) < 0
+        || as_size(args[4], &first) < 0 || as_size(args[5], &idx) < 0)
+        return NULL;
+    if (get_buf(args[0], &m, 0, 1, "mm") < 0)
+        goto done;
+    const unsigned char *mm = m.view.buf;
+    long found = 0;
+    Py_ssize_t i = first;
+    for (Py_ssize_t steps = 0; i != ZS_NO_OBJECT; steps++) {
+        Py_ssize_t at = pos + i * size;
+        if (i >= objs || steps >= objs || at + 2 > m.view.len) {
+            found = -1;
+            break;
+        }
+        if (i == idx) {
+            found = 1;
+            break;
+        }
+        i = rd16(mm + at);
+    }
+    out = PyLong_FromLong(found);
+done:
+    put_buf(&m);
+    return out;
+}
+
 /* The slots of an object's pages, from its first page's slot + 1 through ``next``. */
 static int walk(const uint32_t *nxt, Py_ssize_t n, uint32_t link, void *ctx,
                 int (*visit)(Py_ssize_t slot, void *ctx))
@@ -1173,6 +1252,12 @@ static PyMethodDef hot_methods[] = {
      "take_page(table, mm, pbase, dbase, obj, index, next, prev, obj_head, obj_pages): an "
      "exclusive get: None, (slot, bucket) when unsound, or (bytes, slot, where, length, sub, "
      "left) with the page dropped from the index"},
+    {"page_sound", (PyCFunction)(void (*)(void))hot_page_sound, METH_FASTCALL,
+     "page_sound(mm, pbase, dbase, slot): whether a page record and its bytes pass its "
+     "commit word"},
+    {"zs_chain_has", (PyCFunction)(void (*)(void))hot_zs_chain_has, METH_FASTCALL,
+     "zs_chain_has(mm, pos, size, objs, first, idx): 1 if object idx is on the zspage's free "
+     "chain, 0 if not, -1 if the chain is broken"},
     {"add_page", (PyCFunction)(void (*)(void))hot_add_page, METH_FASTCALL,
      "add_page(mm, pbase, slot, obj, index, where, length, sub, commit, table, bucket, tag, "
      "next, prev, obj_head, obj_pages): a new page's record, links and bucket"},

@@ -36,6 +36,7 @@ from xentmem.tmem._hot import (
     find_page,
     get_page,
     page_commit,
+    page_sound,
     scan_pages,
 )
 from xentmem.tmem.arenafile import (
@@ -370,8 +371,10 @@ class Arena:
         idx = self._index
         slot, rec, at = find_page(idx.page_buckets.table, self._mm, idx.pbase, obj, index)
         if slot >= 0:  # a duplicate put: the old page goes first, its slot is reused
+            # (checked before its commit word goes: a damaged record frees nothing)
+            release = rec[3] > 0 and self._releasable(slot, obj, index, rec[2], rec[3], rec[4])
             idx.uncommit_page(slot)
-            if rec[3]:
+            if release:
                 self._alloc.free(rec[2] * UNIT, rec[4], rec[3])
             self.stored_bytes -= rec[3]
         offset = sub = 0
@@ -441,18 +444,33 @@ class Arena:
         return data  # type: ignore[no-any-return]
 
     def _failed(self, slot: int, bucket: int, key: PageKey) -> None:
-        """Drop a page whose bytes or record failed while open.  Its bytes go back to the
-        allocator only if its record still names an allocation the allocator holds: a
-        record damaged in place must not free someone else's bytes (those it named stay
-        taken until the next reopen, which claims only what sound records name)."""
+        """Drop a page whose bytes or record failed while open.  Its bytes are not given
+        back: whether the record or the bytes were damaged cannot be told, and a record
+        damaged in place would free another page's bytes.  They stay taken until the next
+        reopen, which claims only what sound records name."""
         self.checksum_failures += 1
-        _, _, where, n, sub, _ = self._index.read_page(slot)
-        held = not n or self._alloc.holds(where * UNIT, sub, n)
-        log.error("arena %s: page %s failed its checksum; dropped, reported missing%s",
-                  self.path, _show(key),
-                  "" if held else " (its record is damaged: its bytes are kept until the "
-                  "arena is reopened)")
-        self._drop(slot, bucket, free=held)
+        log.error("arena %s: page %s failed its checksum; dropped, reported missing (its "
+                  "bytes are kept until the arena is reopened)", self.path, _show(key))
+        self._drop(slot, bucket, free=False)
+
+    def _releasable(self, slot: int, obj: int, index: int, where: int, n: int,
+                    sub: int) -> bool:
+        """Whether the bytes of a page being deleted or replaced may go back to the
+        allocator: its record and bytes still pass its commit word (C: ``page_sound``)
+        and the allocator holds that allocation.  Else the page is counted and logged and
+        its bytes stay taken until the next reopen: a record damaged in place must not
+        free another page's bytes, nor free an object twice."""
+        if page_sound(self._mm, self._index.pbase, self._data, slot):
+            if self._alloc.holds(where * UNIT, sub, n):
+                return True
+            self.dropped_records += 1
+            why = "its allocator holds no such allocation"
+        else:
+            self.checksum_failures += 1
+            why = "it failed its checksum"
+        log.error("arena %s: page %s dropped: %s (its bytes are kept until the arena is "
+                  "reopened)", self.path, _show(self._key_of(obj, index)), why)
+        return False
 
     def delete(self, key: PageKey) -> bool:
         """Forget ``key``'s page; False if there was none."""
@@ -469,10 +487,11 @@ class Arena:
     def _drop(self, slot: int, at: int = -1, free: bool = True) -> None:
         idx = self._index
         obj, index, where, n, sub, _ = idx.read_page(slot)
+        release = free and n > 0 and self._releasable(slot, obj, index, where, n, sub)
         left = idx.remove_page(slot, obj, index, at)  # the commit word goes first
+        if release:
+            self._alloc.free(where * UNIT, sub, n)
         if free:
-            if n:
-                self._alloc.free(where * UNIT, sub, n)
             self.stored_bytes -= n
         if not left:
             self._forget_object(obj)

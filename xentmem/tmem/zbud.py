@@ -163,7 +163,9 @@ class Zbud:
 
     def holds(self, offset: int, sub: int, size: int) -> bool:
         """Whether handle ``(offset, sub)`` of ``size`` bytes is an allocation this allocator
-        holds (a record damaged while open must not free another's bytes)."""
+        holds: a buddy of that many chunks at that place (a frame holds at most one first
+        and one last), or a huge frame.  Whose it is only the page's checksum tells: the
+        arena checks both before it frees a page's bytes."""
         frame, at = divmod(offset, PAGE)
         state = self.frames.state
         if sub or not 0 < size <= PAGE or frame >= len(state):

@@ -24,7 +24,13 @@ from array import array
 from dataclasses import dataclass
 from typing import Any
 
-from xentmem.tmem._hot import ZS_CLASSES, claim_zsmalloc, link_free, link_zspages
+from xentmem.tmem._hot import (
+    ZS_CLASSES,
+    claim_zsmalloc,
+    link_free,
+    link_zspages,
+    zs_chain_has,
+)
 from xentmem.tmem.arenafile import DATA, PAGE
 from xentmem.tmem.frames import MAX_RUN, ZSPAGE_HEAD, Frames, one_record
 
@@ -253,14 +259,18 @@ class Zsmalloc:
             self._push(cls, head, new)
 
     def holds(self, offset: int, idx: int, size: int) -> bool:
-        """Whether handle ``(offset, idx)`` of ``size`` bytes names an object of a zspage of
-        its class in use (a record damaged while open must not free another's bytes)."""
+        """Whether handle ``(offset, idx)`` of ``size`` bytes is an object in use: of a
+        zspage of its class in use, and not on that zspage's free chain (freeing it again
+        would break the chain)."""
         if not 0 < size <= PAGE:
             return False
         cls = self._by_size[size]
         head, at = divmod(offset - idx * cls.size, PAGE)
-        return (not at and 0 <= idx < cls.objs and 0 <= head < len(self.class_of)
-                and self.class_of[head] == cls.id + 1 and self.inuse[head] > 0)
+        if at or not (0 <= idx < cls.objs and 0 <= head < len(self.class_of)
+                      and self.class_of[head] == cls.id + 1 and self.inuse[head] > 0):
+            return False
+        return zs_chain_has(self.mm, self.base + head * PAGE, cls.size, cls.objs,
+                            self.freehead[head], idx) == 0
 
     # -- reopening ---------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ checksum is never served: dropped, counted, logged, listed as lost.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import struct
@@ -17,10 +18,20 @@ from pathlib import Path
 import pytest
 
 from xentmem.errors import ArenaDamaged, ArenaError, ArenaRefused, ParamError
+from xentmem.tmem import arena as arena_module
 from xentmem.tmem.abi import POOL_PRIVATE_EPHEMERAL, PRIVATE_UUID, Oid
 from xentmem.tmem.arena import ARENA_PARAMS, Arena
-from xentmem.tmem.arenafile import _HEADER, DATA, MIN_SEGMENT, OBJECTS, PAGE, PAGES, REGIONS_AT
-from xentmem.tmem.index import PAGE_FIELDS, PAGE_RECORD
+from xentmem.tmem.arenafile import (
+    _HEADER,
+    DATA,
+    MIN_SEGMENT,
+    OBJECTS,
+    PAGE,
+    PAGES,
+    REGIONS_AT,
+    ArenaFile,
+)
+from xentmem.tmem.index import PAGE_FIELDS, PAGE_RECORD, Index
 from xentmem.tmem.store import ArenaPages, TmemStore
 
 KEY = (3, (1, 2, 3), 9)
@@ -352,6 +363,57 @@ def test_a_second_process_cannot_open_an_arena_in_use(tmp_path: Path) -> None:
     path = tmp_path / "arena"
     with small(path), pytest.raises(ArenaError, match=f"{path}: in use by another process"):
         small(path)
+
+
+def open_descriptors(path: Path) -> int:
+    """Descriptors of this process open on ``path``."""
+    return sum(1 for fd in os.listdir("/proc/self/fd")
+               if os.path.realpath(f"/proc/self/fd/{fd}") == str(path))
+
+
+def test_an_open_that_fails_leaves_no_descriptor_lock_or_map(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The arena built on an opened file failing (tmpfs full as its records are reserved
+    again) left the file open and locked: a retry in the same process was told the arena
+    was in use by another process."""
+    path = tmp_path / "arena"
+    with small(path) as arena:
+        arena.put(KEY, b"A" * 500)
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(ArenaError, match="No space left"):
+        small(path)
+    monkeypatch.undo()
+    assert open_descriptors(path) == 0
+    with small(path) as arena:
+        assert arena.get(KEY) == b"A" * 500
+
+
+def test_an_empty_arena_made_again_that_fails_leaves_nothing_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same when an empty arena is made again with the allocator asked for."""
+    path = tmp_path / "arena"
+    small(path, allocator="zbud").close()
+    made = []
+
+    def index(file: ArenaFile) -> Index:
+        made.append(file)
+        if len(made) == 2:  # the arena made again
+            raise ArenaError("no memory for the index (a test)")
+        return Index(file)
+
+    monkeypatch.setattr(arena_module, "Index", index)
+    with pytest.raises(ArenaError, match="a test"):
+        small(path, allocator="zsmalloc")
+    monkeypatch.undo()
+    assert len(made) == 2 and open_descriptors(path) == 0
+    with small(path, allocator="zsmalloc") as arena:
+        assert arena.allocator_name == "zsmalloc"
 
 
 def test_an_arena_holding_pages_keeps_its_allocator(filled: tuple[Path, str]) -> None:

@@ -221,8 +221,8 @@ class Arena:
             file = ArenaFile.open(path)
             how = "set-aside"
         report = OpenReport(str(path), how, file.allocator, set_aside=aside, reason=reason)
-        arena = cls(file, report)
-        try:
+        try:  # a failure closes the file: its descriptor, lock and map are not left behind
+            arena = cls(file, report)
             arena._rebuild()
         except BaseException:
             file.close()
@@ -233,7 +233,12 @@ class Arena:
                 file.close()
                 os.unlink(path)
                 _create(path, allocator, segment_size, max_bytes)
-                arena = cls(ArenaFile.open(path), report)
+                file = ArenaFile.open(path)
+                try:
+                    arena = cls(file, report)
+                except BaseException:
+                    file.close()
+                    raise
                 report.allocator = allocator
             else:
                 note = (

@@ -18,7 +18,7 @@ import pytest
 
 from xentmem.tmem import _hot
 from xentmem.tmem.arena import Arena
-from xentmem.tmem.arenafile import MIN_SEGMENT
+from xentmem.tmem.arenafile import MIN_SEGMENT, PAGE
 from xentmem.tmem.index import PAGE_ALL, PAGE_FIELDS, PAGE_RECORD
 
 KEY = (3, (1, 2, 3), 9)
@@ -171,7 +171,7 @@ def test_the_c_functions_refuse_to_reach_outside_their_buffers() -> None:
                       nxt, nxt)
     links = array("I", bytes(40))
     with pytest.raises(ValueError, match="out of range"):
-        _hot.scan_pages(mm, 0, 10_000, 0, 0, bytearray(1), array("I", bytes(64)), links,
+        _hot.scan_pages(mm, 0, 10_000, 0, bytearray(), bytearray(1), array("I", bytes(64)), links,
                         links, links, links)
     cycle = array("I", [2, 1])  # slot 0 -> slot 1 -> slot 0 ...
     with pytest.raises(ValueError, match="page list is broken"):
@@ -235,11 +235,12 @@ def test_a_record_naming_no_allocation_of_its_size_is_dropped_on_reopen(
 ) -> None:
     """A record whose checksum was made right for a handle the allocator cannot hold (an
     object index past its class's, bytes not where its allocator puts them, a frame past
-    the reserved ones) is refused by the C claims: dropped, reported, the rest served."""
+    the reserved ones) is refused by the C claims (a frame whose memory was given back, by
+    the pass before them): dropped, reported, the rest served."""
     path = tmp_path / "arena"
     filled(path, allocator)
     with small(path, allocator) as arena:
-        data_end = arena._file.reserved_data()
+        data_end = arena._frames.total() * PAGE
     if field == "where" and value > 1:
         value = (data_end - 720) // 16  # inside the data, where neither puts 700 bytes
     edit_record(path, allocator, 1, commit=True, **{field: value})

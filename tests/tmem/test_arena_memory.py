@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import struct
 import sys
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import pytest
 
 from xentmem.tmem.abi import PAGE_SIZE, POOL_PRIVATE_EPHEMERAL, PRIVATE_UUID, Oid
 from xentmem.tmem.arena import ALLOCATORS, Arena
+from xentmem.tmem.arenafile import DATA, MIN_SEGMENT, OBJECTS
+from xentmem.tmem.arenafile import PAGES as PAGE_RECORDS
 from xentmem.tmem.frames import IDLE_FRAMES, IDLE_SHARE, UNBACKED
 from xentmem.tmem.store import TmemStore
 
@@ -111,3 +114,83 @@ def test_a_trim_after_a_free_looks_at_what_was_freed(tmp_path: Path) -> None:
     assert len(frames._freed) <= 4 * frames.idle_allowance + 1
     assert all(arena.get(key) == pages[key] for key in keys[PAGES // 2:])
     arena.discard()
+
+
+# -- a reopen holds what the file held, whatever its marks say --------------------------------
+
+SMALL = {"segment_size": MIN_SEGMENT, "max_bytes": 256 * MIN_SEGMENT}  # 16 MiB of frames
+
+
+def opened_counting_reservations(monkeypatch: pytest.MonkeyPatch, path: Path,
+                                 allocator: str) -> tuple[Arena, int]:
+    """The arena at ``path`` opened, and the bytes it asked tmpfs to reserve meanwhile."""
+    asked = []
+    real = os.posix_fallocate
+
+    def counting(fd: int, offset: int, length: int) -> None:
+        asked.append(length)
+        real(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", counting)
+    try:
+        return Arena.open(path, allocator=allocator, **SMALL), sum(asked)  # type: ignore[arg-type]
+    finally:
+        monkeypatch.undo()
+
+
+def set_mark(path: Path, region: int, value: int) -> None:
+    with path.open("r+b") as f:
+        f.seek(PAGE_SIZE + 8 * region)
+        f.write(struct.pack("<Q", value))
+
+
+@pytest.mark.parametrize("allocator", list(ALLOCATORS))
+def test_a_reopen_reserves_no_frame_the_file_does_not_hold(
+    tmp_path: Path, allocator: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reopen reserved the data region up to its all-time high-water mark, then gave the
+    free frames back: for a moment, memory the capacity never allowed for (8 MiB here,
+    for one page held)."""
+    path = tmp_path / "arena"
+    rng = random.Random(3)
+    with Arena.open(path, allocator=allocator, **SMALL) as arena:  # type: ignore[arg-type]
+        for i in range(2000):
+            arena.put((1, (1, 1, 1), i), rng.randbytes(4000))
+        for i in range(2000):
+            arena.delete((1, (1, 1, 1), i))
+        arena.put((1, (1, 1, 1), 0), b"x" * 100)
+        arena.trim()
+        held = allocated(path)
+    arena, asked = opened_counting_reservations(monkeypatch, path, allocator)
+    with arena:
+        assert asked < MIB and allocated(path) <= held
+        assert arena.get((1, (1, 1, 1), 0)) == b"x" * 100 and len(arena) == 1
+        stats = arena.stats()
+        assert arena.footprint() < MIB and stats["frames_resident"] == stats["frames_used"]
+
+
+@pytest.mark.parametrize("allocator", list(ALLOCATORS))
+@pytest.mark.parametrize(("region", "value"), [
+    (DATA, (1 << 64) - 1), (DATA, 0), (OBJECTS, (1 << 64) - 1), (PAGE_RECORDS, (1 << 64) - 1)])
+def test_a_damaged_mark_neither_loses_pages_nor_reserves_its_region(
+    tmp_path: Path, allocator: str, region: int, value: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The marks page has no checksum: a data mark raised by damage had a reopen reserve the
+    whole data region (the machine's RAM by default), a records mark its records region;
+    one lowered dropped every page whose bytes lay past it."""
+    path = tmp_path / "arena"
+    pages = {(1, (2, 3, 4), i): bytes([i]) * (500 + 300 * i) for i in range(8)}
+    with Arena.open(path, allocator=allocator, **SMALL) as arena:  # type: ignore[arg-type]
+        for key, data in pages.items():
+            arena.put(key, data)
+    set_mark(path, region, value)
+    arena, asked = opened_counting_reservations(monkeypatch, path, allocator)
+    with arena:
+        assert asked < MIB
+        assert arena.report.dropped_records == arena.report.checksum_failures == 0
+        assert all(arena.get(key) == data for key, data in pages.items())
+        assert arena._frames.total() <= 64 and arena._file.reserved_bytes() < MIB
+        assert arena.footprint() < MIB
+        arena.put((1, (2, 3, 4), 99), b"y" * 3000)  # the frames are taken, and reserved, again
+    with Arena.open(path, allocator=allocator, **SMALL) as arena:  # type: ignore[arg-type]
+        assert len(arena) == len(pages) + 1 and arena.get((1, (2, 3, 4), 99)) == b"y" * 3000

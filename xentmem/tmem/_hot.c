@@ -33,6 +33,9 @@
 #define PAGE 4096
 #define SEED_K 0x9E3779B97F4A7C15ull
 
+/* A frame whose memory was given back (frames.py's UNBACKED): the rebuild never reads it. */
+#define FRAME_UNBACKED 5
+
 /* What the rebuild's pass says of a record it drops (arena.py words each one). */
 enum { BAD_OBJECT = 1, BAD_LENGTH = 2, BAD_OUTSIDE = 3, BAD_CHECKSUM = 4, BAD_DUPLICATE = 5 };
 
@@ -659,35 +662,37 @@ done:
     return out;
 }
 
-/* scan_pages(mm, pbase, hwm, dbase, data_end, valid_obj, table, next, prev, obj_head,
+/* scan_pages(mm, pbase, hwm, dbase, frames, valid_obj, table, next, prev, obj_head,
  *            obj_pages) -> (free, kept, stored, dropped)
  * The rebuild's pass over every page record below ``hwm``: a record with no commit word is
  * free (its slot in ``free``, an array('I') of bytes); one whose object is not in
  * ``valid_obj`` (a byte per object slot), whose length is over a page, whose bytes lie
- * beyond ``data_end`` of the data region, whose bytes fail its commit word, or whose key
- * was seen already is dropped: (slot, object, index, why) in ``dropped``; the others are
+ * beyond the frames of ``frames`` (the frame map, a byte a frame) or in a frame it marks
+ * unbacked (memory given back: never read, which would take memory), whose bytes fail its
+ * commit word, or whose key was seen already is dropped: (slot, object, index, why) in
+ * ``dropped``; the others are
  * placed in ``table`` (empty, sized for them all) and linked in their object's list:
  * ``kept`` (their slots, as array('I') bytes) and ``stored`` (their bytes).  The caller
  * zeroes the dropped records' commit words and claims the kept pages' bytes. */
 static PyObject *hot_scan_pages(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     NARGS(11, "scan_pages");
-    Buf m = {0}, vo = {0}, t = {0}, nx = {0}, pv = {0}, hd = {0}, ct = {0};
-    Py_ssize_t pbase, hwm, dbase, data_end;
+    Buf m = {0}, fr = {0}, vo = {0}, t = {0}, nx = {0}, pv = {0}, hd = {0}, ct = {0};
+    Py_ssize_t pbase, hwm, dbase;
     PyObject *out = NULL, *dropped = NULL, *page = NULL;
     uint32_t *freel = NULL, *kept = NULL;
     Py_ssize_t nfree = 0, nkept = 0;
     unsigned long long stored = 0;
-    if (as_size(args[1], &pbase) < 0 || as_size(args[2], &hwm) < 0 || as_size(args[3], &dbase) < 0
-        || as_size(args[4], &data_end) < 0)
+    if (as_size(args[1], &pbase) < 0 || as_size(args[2], &hwm) < 0 || as_size(args[3], &dbase) < 0)
         return NULL;
-    if (get_buf(args[0], &m, 0, 1, "mm") < 0 || get_buf(args[5], &vo, 0, 1, "valid_obj") < 0
+    if (get_buf(args[0], &m, 0, 1, "mm") < 0 || get_buf(args[4], &fr, 0, 1, "frames") < 0
+        || get_buf(args[5], &vo, 0, 1, "valid_obj") < 0
         || get_buf(args[6], &t, 1, 4, "table") < 0 || get_buf(args[7], &nx, 1, 4, "next") < 0
         || get_buf(args[8], &pv, 1, 4, "prev") < 0 || get_buf(args[9], &hd, 1, 4, "obj_head") < 0
         || get_buf(args[10], &ct, 1, 4, "obj_pages") < 0)
         goto done;
-    const unsigned char *mm = m.view.buf;
-    Py_ssize_t mmlen = m.view.len;
+    const unsigned char *mm = m.view.buf, *frames = fr.view.buf;
+    Py_ssize_t mmlen = m.view.len, data_end = fr.view.len * PAGE;
     if (pbase + hwm * PAGE_RECORD > mmlen || dbase + data_end > mmlen || hwm > nx.view.len / 4
         || hwm > pv.view.len / 4 || vo.view.len > hd.view.len / 4 || vo.view.len > ct.view.len / 4) {
         PyErr_SetString(PyExc_ValueError, "scan_pages: regions or arrays out of range");
@@ -721,7 +726,9 @@ static PyObject *hot_scan_pages(PyObject *self, PyObject *const *args, Py_ssize_
             why = BAD_OBJECT;
         } else if (n > PAGE) {
             why = BAD_LENGTH;
-        } else if (offset + (Py_ssize_t)n > data_end) {
+        } else if (offset + (Py_ssize_t)n > data_end
+                   || (n && (frames[offset / PAGE] == FRAME_UNBACKED
+                             || frames[(offset + n - 1) / PAGE] == FRAME_UNBACKED))) {
             why = BAD_OUTSIDE;
         } else {
             page = PyMemoryView_FromMemory((char *)mm + dbase + offset, n, PyBUF_READ);
@@ -769,6 +776,7 @@ done:
     PyMem_Free(freel);
     PyMem_Free(kept);
     put_buf(&m);
+    put_buf(&fr);
     put_buf(&vo);
     put_buf(&t);
     put_buf(&nx);
@@ -1266,7 +1274,7 @@ static PyMethodDef hot_methods[] = {
     {"rehash_records", (PyCFunction)(void (*)(void))hot_rehash_records, METH_FASTCALL,
      "rehash_records(fresh, mm, pbase, hwm): every committed record placed in fresh"},
     {"scan_pages", (PyCFunction)(void (*)(void))hot_scan_pages, METH_FASTCALL,
-     "scan_pages(mm, pbase, hwm, dbase, data_end, valid_obj, table, next, prev, obj_head, "
+     "scan_pages(mm, pbase, hwm, dbase, frames, valid_obj, table, next, prev, obj_head, "
      "obj_pages): (free, kept, stored, dropped), the rebuild's pass"},
     {"claim_zbud", (PyCFunction)(void (*)(void))hot_claim_zbud, METH_FASTCALL,
      "claim_zbud(mm, pbase, slots, state, first, last): (refused, zbud_frames, huge_frames), "
@@ -1310,6 +1318,7 @@ PyMODINIT_FUNC PyInit__hot(void)
         || PyModule_AddIntConstant(m, "FRAME_HUGE", FRAME_HUGE) < 0
         || PyModule_AddIntConstant(m, "FRAME_ZS_HEAD", FRAME_ZS_HEAD) < 0
         || PyModule_AddIntConstant(m, "FRAME_ZS_TAIL", FRAME_ZS_TAIL) < 0
+        || PyModule_AddIntConstant(m, "FRAME_UNBACKED", FRAME_UNBACKED) < 0
         || PyModule_AddIntConstant(m, "ZBUD_MAX_BUDDY", ZBUD_MAX_BUDDY) < 0
         || PyModule_AddIntConstant(m, "ZBUD_NCHUNKS", ZBUD_NCHUNKS) < 0
         || PyModule_AddIntConstant(m, "ZS_CLASSES", ZS_CLASSES) < 0) {

@@ -94,7 +94,7 @@ _RECENT_OBJECTS = 256
 _PROBLEMS = {
     BAD_OBJECT: "its object record is missing or damaged",
     BAD_LENGTH: "its length is more than a page",
-    BAD_OUTSIDE: "its bytes are outside the arena's data",
+    BAD_OUTSIDE: "its bytes are outside the arena's data (or in memory given back)",
     BAD_CHECKSUM: "checksum mismatch",
     BAD_DUPLICATE: "a second record for the same page",
 }
@@ -282,13 +282,13 @@ class Arena:
             idx.track_object(key, slot)
             valid_obj[slot] = 1
         alloc = self._alloc
-        data_end = self._file.reserved_data()
-        self._frames.cover(data_end // PAGE)  # reserved in one step, not claim by claim
+        # The frames the file holds, none reserved (those in holes are never read).
+        self._frames.cover_held()
         idx.grow_links(pages.hwm, objects.hwm)
         # The C pass: commit words, bounds, checksums (the bytes read in place), duplicate
         # keys; the pages that stand are placed in the lookup table and their object's list.
         free, kept, stored, dropped = scan_pages(
-            self._mm, pages.base, pages.hwm, self._data, data_end, valid_obj,
+            self._mm, pages.base, pages.hwm, self._data, self._frames.state, valid_obj,
             idx.page_buckets.table, idx.next, idx.prev, idx.obj_head, idx.obj_pages)
         pages.free.frombytes(free)
         idx.page_buckets.count = idx.page_count = len(kept) // 4

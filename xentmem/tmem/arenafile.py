@@ -15,7 +15,7 @@ moment rather than a SIGBUS on a later write into the map, and the process pays 
 the arena holds, not for its size.  The header is written once, to a temporary file linked
 into place, so it is never torn.  A mark is raised before a record beyond it is written, so
 every record is below its mark, and only over slots zeroed first; the marks have no checksum,
-so a reopen also reads what the file holds past a records mark (:meth:`ArenaFile.records_past`).
+so a reopen checks a records mark against what the file holds (:meth:`ArenaFile.records_end`).
 What is checked, refused or set aside: ``docs/page-arena.md``.
 """
 
@@ -197,16 +197,21 @@ class ArenaFile:
             runs.append((data - base, pos - base))
         return runs
 
-    def records_past(self, region: int, size: int, mark: int, capacity: int) -> int:
-        """The slot after the last committed record (commit word, a record's last 4 bytes,
-        not 0) at or past slot ``mark`` of a records region, in what the file holds there
-        (read with ``pread``: a hole costs no memory); ``mark`` if there is none, or the
-        filesystem does not tell holes (then past the mark is not looked at)."""
-        runs = self.held_runs(region, mark * size, capacity * size)
+    def records_end(self, region: int, size: int, mark: int, capacity: int) -> int:
+        """The slot after the last record a reopen reads in a records region, from its mark
+        (the marks page has no checksum) checked against what the file holds there: no
+        further than the last byte it holds (a mark raised by damage reserves nothing past
+        it), and as far as the last committed record (commit word, a record's last 4 bytes,
+        not 0) it holds at or past the mark (read with ``pread``: a hole costs no memory).
+        The mark as it is when the filesystem does not tell holes."""
+        runs = self.held_runs(region, 0, capacity * size)
+        if runs is None:
+            return mark
+        mark = min(mark, -(-runs[-1][1] // size) if runs else 0)
         end = mark
         words = size // 4
         step = max(1, (1 << 20) // size)
-        for a, b in runs or ():
+        for a, b in runs:
             slot, stop = max(mark, a // size), min(capacity, -(-b // size))
             while slot < stop:
                 n = min(step, stop - slot)
@@ -276,10 +281,6 @@ class ArenaFile:
             err = ctypes.get_errno()
             raise ArenaError(f"arena {self.path}: cannot give back {length} bytes of the data "
                              f"region: {os.strerror(err)}")
-
-    def reserved_data(self) -> int:
-        """Bytes of the data region reserved by any process (a page's bytes lie within)."""
-        return min(max(self.marks()[DATA], self.reserved[DATA]), self.sizes[DATA])
 
     # -- figures and closing -----------------------------------------------------------------
 

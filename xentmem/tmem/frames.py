@@ -38,8 +38,9 @@ IDLE_SHARE = 64
 #: Unbacked frames taken back at once when one is reused (one reservation for several).
 BACK_FRAMES = 64
 # The rebuild's claims mark frames in C (_hot.c): the same tags, or nothing works.
-if (ZBUD, HUGE, ZSPAGE_HEAD, ZSPAGE_TAIL) != (  # pragma: no cover
-        _hot.FRAME_ZBUD, _hot.FRAME_HUGE, _hot.FRAME_ZS_HEAD, _hot.FRAME_ZS_TAIL):
+if (ZBUD, HUGE, ZSPAGE_HEAD, ZSPAGE_TAIL, UNBACKED) != (  # pragma: no cover
+        _hot.FRAME_ZBUD, _hot.FRAME_HUGE, _hot.FRAME_ZS_HEAD, _hot.FRAME_ZS_TAIL,
+        _hot.FRAME_UNBACKED):
     raise ImportError("xentmem.tmem._hot was built for other frame tags: rebuild it")
 _ONE_RECORD = struct.Struct("<IIIHHI")  # index.py's PAGE_ALL
 _UNIT = 16  # arena.py's UNIT: a page's bytes start on a multiple of it
@@ -137,6 +138,27 @@ class Frames:
             self._grow(frames)
         return True
 
+    def cover_held(self) -> None:
+        """A reopen's frame map, before its claims, reserving no memory: a frame the file
+        holds (written and not given back: ``SEEK_DATA``) is free, one it does not (a hole)
+        unbacked, up to the last frame it holds; the marks page's data mark is not trusted
+        for that (no checksum: a damaged one once had a reopen reserve the whole region).
+        Frames that hold pages are held already; the claims take them, the rest are given
+        back (:meth:`finish_claims`) or reserved when an allocation takes them.  Where the
+        filesystem does not tell holes, every frame below the data mark is taken as held."""
+        file = self.file
+        runs = file.held_runs(DATA, 0, self.capacity * PAGE)
+        if runs is None:
+            runs = [(0, min(file.marks()[DATA], self.capacity * PAGE))]
+        end = -(-runs[-1][1] // PAGE) if runs else 0
+        state = bytearray(_UNBACKED_ANY * end)
+        for start, stop in runs:
+            first, last = start // PAGE, -(-stop // PAGE)
+            state[first:last] = bytes(last - first)
+        self.state = state
+        file.reserved[DATA] = max(file.reserved[DATA], end * PAGE)
+        self.idle_allowance = max(IDLE_FRAMES, end // IDLE_SHARE)
+
     def claimed(self, frames: int) -> None:
         """Count ``frames`` an allocator's claims marked in :attr:`state` (``_hot``'s
         ``claim_zbud`` and ``claim_zsmalloc`` mark them in C, a reopen's pages at once)."""
@@ -217,7 +239,7 @@ class Frames:
     def finish_claims(self) -> None:
         """After a reopen's claims: the free frames' memory given back (a crash may have
         left it held, or already given back: either way it is counted right after)."""
-        self.resident = len(self.state)
+        self.resident = len(self.state) - self.state.count(_UNBACKED_ANY)
         self.trim()
 
     def total(self) -> int:

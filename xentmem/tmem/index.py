@@ -78,9 +78,10 @@ class Records:
         self.capacity = min(file.sizes[region] // size, MAX_SLOTS)
         #: Slots below this may hold a record; above it, none ever did.  The mark in the
         #: file has no checksum: committed records the file holds past it (a mark lowered
-        #: by damage) count too, and are checked as every record is.
+        #: by damage) count too, and are checked as every record is; past what it holds
+        #: there is none (a mark raised by damage).
         mark = min(file.marks()[region], self.capacity)
-        self.hwm = file.records_past(region, size, mark, self.capacity)
+        self.hwm = file.records_end(region, size, mark, self.capacity)
         #: (the mark in the file, the slot after the last committed record past it) when
         #: records were found past the mark.
         self.past_mark = (mark, self.hwm) if self.hwm > mark else None

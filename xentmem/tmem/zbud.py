@@ -185,7 +185,6 @@ class Zbud:
         """Mark the bytes of every page record in ``slots`` (at ``pbase`` of ``mm``) taken,
         in one C pass (``_hot.claim_zbud``); the slots refused (overlap, misplaced)."""
         frames = self.frames
-        frames.cover(frames.file.reserved_data() // PAGE)
         if len(self.first) < frames.total():
             self._grow()
         refused, zbud, huge = claim_zbud(mm, pbase, slots, frames.state, self.first, self.last)

@@ -279,7 +279,6 @@ class Zsmalloc:
         its zspage's frames taken, in one C pass (``_hot.claim_zsmalloc``); the slots
         refused (overlap, wrong class, misplaced)."""
         frames = self.frames
-        frames.cover(frames.file.reserved_data() // PAGE)
         if len(self.class_of) < frames.total():
             self._grow()
         need = frames.total() * (PAGE // _UNIT // 8)

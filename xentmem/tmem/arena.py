@@ -381,7 +381,9 @@ class Arena:
             idx.uncommit_page(slot)
             if release:
                 self._alloc.free(rec[2] * UNIT, rec[4], rec[3])
-            self.stored_bytes -= rec[3]
+                self.stored_bytes -= rec[3]
+            else:
+                self._uncount(rec[3])
         offset = sub = 0
         allocated = False
         try:
@@ -496,10 +498,17 @@ class Arena:
         left = idx.remove_page(slot, obj, index, at)  # the commit word goes first
         if release:
             self._alloc.free(where * UNIT, sub, n)
-        if free:
             self.stored_bytes -= n
+        else:  # its bytes kept (or none): it is no longer stored all the same
+            self._uncount(n)
         if not left:
             self._forget_object(obj)
+
+    def _uncount(self, n: int) -> None:
+        """Count a page gone from :attr:`stored_bytes` whose record may be damaged, its
+        length too: never more than a page, never below 0 (a length changed in place
+        leaves the count off by the change until the next reopen, which recounts)."""
+        self.stored_bytes = max(0, self.stored_bytes - min(n, PAGE))
 
     def _forget_object(self, obj: int) -> None:
         self._recent.pop(self._index.object_key(obj), None)

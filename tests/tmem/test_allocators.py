@@ -153,6 +153,27 @@ def test_zsmalloc_allocates_from_the_fullest_zspage(tmp_path: Path) -> None:
     file.close()
 
 
+def test_zsmalloc_leaves_its_current_zspage_once_frees_empty_it_below_another(
+    tmp_path: Path
+) -> None:
+    """The zspage allocated from last was kept as the class's current one (the fast path)
+    even after frees from it left another zspage fuller: find_get_zspage takes that one."""
+    file, frames = open_frames(tmp_path, "zsmalloc")
+    zs = Zsmalloc(frames)
+    cls = zs.size_class[class_index(1000)]
+    half = cls.objs // 2
+    first = [zs.alloc(1000) for _ in range(cls.objs)]  # full
+    second = [zs.alloc(1000) for _ in range(half + 1)]  # the current zspage
+    for handle in first[:half]:  # the first half full
+        zs.free(*handle, 1000)
+    for handle in second[1:]:  # the current one down to one object: the emptier
+        zs.free(*handle, 1000)
+    assert cls.group(zs.inuse[first[0][0] // PAGE]) > cls.group(1)
+    offset, _ = zs.alloc(1000)
+    assert offset // PAGE // cls.pages == first[0][0] // PAGE // cls.pages
+    file.close()
+
+
 def test_zsmalloc_holds_no_object_on_its_free_chain(tmp_path: Path) -> None:
     """holds() once asked only that the zspage was in use: a freed object of a live zspage
     passed, and a damaged record freeing it again broke the zspage's free chain."""

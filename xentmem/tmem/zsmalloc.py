@@ -81,7 +81,8 @@ class SizeClass:
     objs: int
     zspages: int = 0
     objs_used: int = 0
-    #: The zspage allocated from last: while it is not full, it is still the fullest.
+    #: The zspage allocated from last: while it is not full, and no free lowered its
+    #: fullness group, it is still the fullest (-1: none, search the groups).
     current: int = -1
     #: Entries in this class's group lists, stale ones included.
     listed: int = 0
@@ -166,8 +167,9 @@ class Zsmalloc:
         head = cls.current
         if head >= 0 and class_of[head] == tag and inuse[head] < cls.objs:
             # The fast path.  Taken from the fullest group, the zspage stays the fullest
-            # while it fills (frees only empty the others), so this is find_get_zspage's
-            # choice without a search; its group entries are brought up to date lazily.
+            # while it fills and frees empty only the others (a free that lowers its own
+            # group ends it), so this is find_get_zspage's choice without a search; its
+            # group entries are brought up to date lazily.
             idx = self.freehead[head]
             at = head * PAGE + idx * cls.size
             (self.freehead[head],) = _LINK.unpack_from(self.mm, self.base + at)
@@ -257,6 +259,10 @@ class Zsmalloc:
         new = cls.group(used)
         if new != old:
             self._push(cls, head, new)
+            if head == cls.current:
+                # No longer surely the fullest: the next allocation looks in the groups,
+                # as find_get_zspage does.
+                cls.current = -1
 
     def holds(self, offset: int, idx: int, size: int) -> bool:
         """Whether handle ``(offset, idx)`` of ``size`` bytes is an object in use: of a

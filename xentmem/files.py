@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -41,11 +42,19 @@ def fsync_directory(directory: Path) -> None:
 
 
 def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` atomically: a temporary file beside it, fsync, rename, fsync the dir."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    """Replace ``path`` atomically: a temporary file beside it, fsync, rename, fsync the dir.
+
+    The temporary file is new and random-named (``O_CREAT|O_EXCL|O_NOFOLLOW``, as
+    :func:`tempfile.mkstemp` opens it): the directory may belong to another account
+    (node_exporter's textfile directory), which could otherwise plant a symlink at a
+    predictable name and have root write through it.  Its mode is set with ``fchmod``
+    (exactly ``mode``, whatever the umask).
+    """
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

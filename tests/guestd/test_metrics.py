@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+
+import pytest
 
 from xentmem.guestd.metrics import Family, collect, render, write_textfile
 
@@ -125,3 +128,26 @@ def test_write_atomically_replaces_and_cleans_up(tmp_path: Path) -> None:
         pass
     else:  # pragma: no cover
         raise AssertionError("a missing directory must fail")
+
+
+def test_the_temporary_file_never_follows_a_planted_symlink(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The textfile's directory may be another account's (node_exporter's): a symlink it
+    plants where the temporary file goes (the old ``.<name>.<pid>.tmp``, or whatever name
+    the writer draws) is never written through; the target gets the new text anyway."""
+    collector = tmp_path / "collector"
+    collector.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    target = collector / "xentmem.prom"
+    planted = [collector / f".{target.name}.{os.getpid()}.tmp",
+               collector / f".{target.name}.planted.tmp"]
+    for link in planted:
+        link.symlink_to(victim)
+    # The writer's first draw is the planted name: it must be refused (O_EXCL), not followed.
+    monkeypatch.setattr(tempfile, "_get_candidate_names", lambda: iter(["planted", "fresh"]))
+    write_textfile(target, "xentmem_backend_loaded 1\n")
+    assert victim.read_text() == "precious\n"
+    assert target.read_text() == "xentmem_backend_loaded 1\n" and not target.is_symlink()
+    assert all(link.is_symlink() for link in planted)  # left alone
+    assert target.stat().st_mode & 0o777 == 0o644

@@ -39,6 +39,11 @@ class NoBackend(BackendError):
     """The operation needs a loaded backend and none is (``no_backend`` on the socket)."""
 
 
+class DaemonStopping(XentmemError):
+    """The daemon is stopping: a change that had not started when the stop began is refused
+    and nothing changed (``shutting_down`` on the control socket)."""
+
+
 class UnloadRefused(XentmemError):
     """Unloading the backend would lose data, so it was refused and nothing changed."""
 

@@ -1,9 +1,11 @@
 """Shutdown: every step runs even when one before it fails, every failure is recorded
-(``clean`` false, a non-zero exit), and a refused unload does not restart the loops."""
+(``clean`` false, a non-zero exit), a refused unload does not restart the loops, and a change
+counted in before the stop but reaching the daemon after it is refused."""
 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,10 @@ import pytest
 
 from xentmem.clock import FakeClock
 from xentmem.console import EXIT_FAILURE
+from xentmem.control import protocol
+from xentmem.guestd import core
 from xentmem.guestd.app import Application
+from xentmem.guestd.handlers import handle_line
 from xentmem.guestd.signals import SignalFlags
 from xentmem.notify import Notifier
 from xentmem.roots import Roots
@@ -96,3 +101,52 @@ def test_a_refused_unload_at_shutdown_does_not_restart_the_loops(make_daemon: An
     assert summary["frontswap_curr_pages"] == 1
     status = daemon.balloon.status()
     assert status["running"] is False, "the refused unload restarted the balloon loop"
+
+
+@pytest.mark.parametrize(("op", "args"), [
+    ("backend.load", {"name": "recording"}),
+    ("backend.unload", {}),
+    ("params.set", {"name": "selfballoon_interval", "value": 9}),
+    ("frontswap.init", {"pages": 8, "backing": "file"}),
+    ("config.reload", {}),
+])
+def test_a_change_counted_in_before_the_stop_does_not_run_after_it(
+        make_daemon: Any, monkeypatch: pytest.MonkeyPatch, op: str, args: dict[str, Any]
+) -> None:
+    """A request counted in before the stop began (so the drain waited for it) but held up
+    until the stop was done (the drain timed out; it waited behind the unload) is refused
+    ``shutting_down`` and changes nothing: no backend loaded into a stopped daemon, no knob
+    set, no swap area made after the areas were flushed."""
+    daemon = make_daemon(None, balloon_loops=False)
+    if op == "backend.unload":
+        daemon.load("recording")
+    counted, go = threading.Event(), threading.Event()
+    begin = daemon.begin
+
+    def begin_then_wait(mutates: bool) -> bool:  # the request thread, scheduled late
+        admitted = begin(mutates)
+        counted.set()
+        assert go.wait(10.0)
+        return admitted
+
+    monkeypatch.setattr(daemon, "begin", begin_then_wait)
+    monkeypatch.setattr(core, "DRAIN_TIMEOUT_S", 0.0)  # it is still in flight: do not wait
+    line = json.dumps({"v": 1, "id": 1, "op": op, "args": args}).encode()
+    replies: list[bytes] = []
+    request = threading.Thread(target=lambda: replies.append(handle_line(daemon, line)))
+    request.start()
+    assert counted.wait(10.0)
+    interval = daemon.balloon.knobs.get("selfballoon_interval")
+
+    summary = daemon.shutdown()
+    go.set()
+    request.join(10.0)
+
+    assert not request.is_alive()
+    reply = json.loads(replies[0])
+    assert reply.get("error", {}).get("code") == protocol.SHUTTING_DOWN, reply
+    assert daemon.state == "stopped" and summary["state"] == "stopped"
+    assert daemon.shim.backend is None
+    assert daemon.balloon.knobs.get("selfballoon_interval") == interval
+    assert daemon.shim.frontswap.swap_types() == []
+    assert not (daemon.state_dir / "swap" / "type-0.swap").exists()

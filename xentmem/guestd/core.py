@@ -24,6 +24,7 @@ from xentmem.errors import (
     AbiError,
     BackendError,
     ConfigError,
+    DaemonStopping,
     NoBackend,
     ParamError,
     XentmemError,
@@ -152,12 +153,20 @@ class Daemon:
         with self._work:
             return self._work.wait_for(lambda: self._in_flight == 0, timeout_s)
 
+    def _refuse_if_stopping(self, what: str) -> None:
+        """With ``_lock`` held: a change counted in before the stop began, but which got
+        the lock only once it had (the drain timed out, or it waited behind the stop's
+        unload), must not run on a stopping or stopped daemon."""
+        if self.state in (STOPPING, STOPPED):
+            raise DaemonStopping(f"{what}: xentmemd is stopping")
+
     # -- backend ----------------------------------------------------------------------------------
 
     def load(self, name: str | None = None, params: Mapping[str, Any] | None = None
              ) -> dict[str, Any]:
         """Load ``name`` (default: the configured backend) with config params under ``params``."""
         with self._lock:
+            self._refuse_if_stopping("backend.load")
             requested = name or self.config.backend
             origin = FROM_LOAD if name else (self.config.origin(DAEMON_SECTION, "backend")
                                              or FROM_DEFAULT)
@@ -182,6 +191,7 @@ class Daemon:
 
     def unload(self) -> dict[str, Any]:
         with self._lock:
+            self._refuse_if_stopping("backend.unload")
             if self.shim.backend is None:
                 raise NoBackend("no backend is loaded")
             result = self.shim.unload()
@@ -281,6 +291,7 @@ class Daemon:
     def param_set(self, name: str, value: Any) -> dict[str, Any]:
         """Set a backend param or a knob; a shim flag is refused (read-only module param)."""
         with self._lock:
+            self._refuse_if_stopping("params.set")
             section, key = self._locate(name)
             backend = self.shim.backend
             if section == "tmem":  # a shim flag is read-only; anything else is not the shim's
@@ -499,6 +510,7 @@ class Daemon:
             self._lock.release()
 
     def _reload_config_locked(self) -> dict[str, Any]:
+        self._refuse_if_stopping("config.reload")
         if self.config_path is None:
             raise ConfigError("the daemon was started without a config file path")
         new = load_config(self.config_path, self.schema(), self.overrides,
@@ -618,6 +630,7 @@ class Daemon:
         """
         with self._work:
             self.state = STOPPING
+        self.swap.refuse_new("xentmemd is stopping")  # no area is made after the flush below
         if not self._drain(DRAIN_TIMEOUT_S):
             log.error("shutdown: requests still running after %.0fs; going on", DRAIN_TIMEOUT_S)
         summary: dict[str, Any] = {"clean": True, "backend": None, "repatriated": 0,

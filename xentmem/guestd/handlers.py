@@ -22,6 +22,7 @@ from xentmem.errors import (
     BackendError,
     BackendUnsupported,
     ConfigError,
+    DaemonStopping,
     NoBackend,
     ParamError,
     UnknownBackend,
@@ -153,6 +154,8 @@ def error_for(exc: BaseException, op: str) -> ControlError:
         return ControlError(protocol.NOT_FOUND, str(exc))
     if isinstance(exc, DaemonBusy):
         return ControlError(protocol.BUSY, str(exc))
+    if isinstance(exc, DaemonStopping):
+        return ControlError(protocol.SHUTTING_DOWN, str(exc))
     if isinstance(exc, UnloadRefused):
         return ControlError(protocol.UNLOAD_REFUSED, str(exc))
     if isinstance(exc, (UnknownBackend, UnknownParam)):

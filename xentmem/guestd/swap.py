@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from xentmem.control.protocol import SWAP_BACKINGS
-from xentmem.errors import AbiError, BackendError
+from xentmem.errors import AbiError, BackendError, DaemonStopping
 from xentmem.guest.frontends import FileBacking, Frontswap, MemoryBacking
 from xentmem.guest.frontends.backing import BackingStore
 from xentmem.guest.frontends.swapfile import (
@@ -164,6 +164,14 @@ class SwapAreas:
         self.this_boot = this_boot
         self._lock = threading.Lock()
         self._stores: dict[int, BackingStore] = {}
+        #: Why no new area may be made (the daemon is stopping); None while they may.
+        self._refusing: str | None = None
+
+    def refuse_new(self, why: str) -> None:
+        """From now on :meth:`create` refuses (DaemonStopping): the daemon is stopping, and
+        an area made after :meth:`sync` would be left out of it.  One being made now is
+        done before :meth:`sync` starts (both hold the lock)."""
+        self._refusing = why
 
     def path_of(self, swap_type: int) -> Path:
         return self.directory / f"type-{swap_type}.swap"
@@ -191,6 +199,8 @@ class SwapAreas:
         in :attr:`directory`)."""
         chosen = self.check_new(pages, backing, path)
         with self._lock:
+            if self._refusing is not None:
+                raise DaemonStopping(f"no new swap area: {self._refusing}")
             in_use = set(self._frontswap.swap_types())
             if swap_type is None:
                 free = [t for t in range(MAX_SWAP_TYPES) if t not in in_use]

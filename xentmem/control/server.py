@@ -68,6 +68,32 @@ def group_id(name: str) -> int:
         raise ServerError(f"control socket group {name!r} does not exist") from None
 
 
+def check_group(directory: Path, group: str) -> int:
+    """The gid of ``group``, once a file made in ``directory`` (the socket's) has been given
+    to it: a throwaway file, removed again, so nothing else changes.  Whether the socket can
+    be given to a group depends on the daemon's privileges (CAP_CHOWN, or being a member of
+    the group) and the file system, which only trying tells.
+
+    ServerError: no such group, or the file could not be given to it.  OSError: no file
+    could be made in ``directory`` (nothing is known about the group then).
+    """
+    gid = group_id(group)
+    fd, name = tempfile.mkstemp(prefix=".group-check-", dir=directory)
+    try:
+        os.close(fd)
+        try:
+            os.chown(name, -1, gid)
+        except OSError as exc:
+            raise ServerError(
+                f"the control socket cannot be given to group {group!r} (gid {gid}): "
+                f"{exc.strerror}; the daemon needs CAP_CHOWN, or to be a member of the "
+                f"group (SupplementaryGroups={group} in a drop-in of the unit)") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+    return gid
+
+
 # -- the answer ---------------------------------------------------------------------------------
 
 def respond(untrusted_line: bytes, ops: Mapping[str, OpSpec],

@@ -24,13 +24,20 @@ import click
 from xentmem import __version__
 from xentmem.clock import Clock, SystemClock, WakeableClock
 from xentmem.console import CONTEXT_SETTINGS, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, abort
+from xentmem.control.server import check_group
 from xentmem.errors import ConfigError, ParamError, XentmemError
 from xentmem.guest import registry
 from xentmem.guestd import balloon as balloon_mod
 from xentmem.guestd import config as config_mod
 from xentmem.guestd import handlers
 from xentmem.guestd.choice import Resolve
-from xentmem.guestd.config import DEFAULT_CONFIG, BackendNames, Config, ConfigSchema
+from xentmem.guestd.config import (
+    DAEMON_SECTION,
+    DEFAULT_CONFIG,
+    BackendNames,
+    Config,
+    ConfigSchema,
+)
 from xentmem.guestd.core import Daemon
 from xentmem.guestd.logs import set_level, setup_logging
 from xentmem.guestd.mainthread import DaemonBusy, MainThreadCalls, NotNow
@@ -235,13 +242,22 @@ class Application:
         # Before the backend, the socket or any file: a second daemon stops here (RunDirBusy).
         self.run_lock.acquire()
         self.state_lock.acquire()
+        # Before anything changes: a group the socket cannot be given to is a config error
+        # (exit 78, not restarted), as a reload refuses it.
+        group = config.daemon["control_group"]
+        if group:
+            try:
+                self.check_control_group(group)
+            except ServerError as exc:
+                where = config.origin(DAEMON_SECTION, "control_group") or "control_group"
+                raise ConfigError(f"{where}: control_group: {exc}") from None
         balloon = self._make_balloon(self.roots, self.clock, config.knobs)
         self.daemon = Daemon(
             roots=self.roots, clock=self.clock, config=config, balloon=balloon,
             config_path=self.config_path, overrides=self.overrides,
             config_missing_ok=self.config_missing_ok, resolve=self.resolve,
             on_settings=self.apply_settings, state_dir=self.state_dir,
-            backend_names=self.backend_names,
+            backend_names=self.backend_names, check_control_group=self.check_control_group,
         )
         # A client's config.reload runs here, on the main thread, which owns the schedule
         # and the daemon settings a reload changes.
@@ -264,6 +280,11 @@ class Application:
         self.daemon.state = "running"
         self.notifier.ready(self.daemon.summary_line())
         log.info("ready: %s", self.daemon.summary_line())
+
+    def check_control_group(self, group: str) -> None:
+        """That the control socket (in the run directory) can be given to ``group``:
+        ServerError if not (no such group, no CAP_CHOWN and not a member of it)."""
+        check_group(self.roots.run, group)
 
     def _schedule_tasks(self, settings: Mapping[str, Any]) -> None:
         self.schedule.every("watchdog", self.notifier.watchdog_interval_s, self.notifier.watchdog,

@@ -93,6 +93,7 @@ class Daemon:
         on_settings: Callable[[Mapping[str, Any]], None] | None = None,
         state_dir: Path | None = None,
         backend_names: BackendNames | None = registry.available,
+        check_control_group: Callable[[str], None] | None = None,
     ) -> None:
         self.roots = roots
         self.clock = clock
@@ -104,6 +105,9 @@ class Daemon:
         self.resolve = resolve
         self.backend_names = backend_names
         self.on_settings = on_settings
+        #: Whether the control socket can be given to a group (the application owns the
+        #: socket); ServerError if not.  A reload checks it before it changes anything.
+        self.check_control_group = check_control_group
         self.shim = Shim(roots=roots, clock=clock)
         self.shim.add_listener(balloon)  # the loops start and stop with the backend
         #: File-backed swap areas and the shutdown record outlive the daemon: they go to the
@@ -523,7 +527,9 @@ class Daemon:
         if "control_group" in settings and group:
             try:
                 group_id(group)
-            except ServerError as exc:
+                if self.check_control_group is not None:
+                    self.check_control_group(group)
+            except (ServerError, OSError) as exc:
                 raise ConfigError(f"{self.config_path}: control_group: {exc}") from None
         knobs = self.balloon.knobs
         knob_set, knob_dropped = _knob_changes(old.knobs, new.knobs)

@@ -29,10 +29,11 @@ def page(rng: random.Random, seq: int) -> bytes:
     return ((seq.to_bytes(8, "little") + b"swap page text " * 4) * 64)[:PAGE_SIZE]
 
 
-def test_sigkill_keeps_every_acknowledged_tmem_page(tmp_path: Path, fake_root: Path,
-                                                    start_daemon: Any) -> None:
-    run, state = tmp_path / "run", tmp_path / "state"
-    args = (*ARGS, "--run-dir", str(run), "--state-dir", str(state))
+def killed_with_pages_in_tmem(tmp_path: Path, fake_root: Path, start_daemon: Any,
+                              args: tuple[str, ...]) -> dict[int, bytes]:
+    """A daemon with zcache, its swap pages in tmem (not in the area's file), SIGKILLed;
+    the pages it acknowledged, by offset."""
+    run = tmp_path / "run"
     rng = random.Random(20261203)
     acked: dict[int, bytes] = {}
     daemon = start_daemon(fake_root, None, *args, base=tmp_path / "first")
@@ -50,6 +51,14 @@ def test_sigkill_keeps_every_acknowledged_tmem_page(tmp_path: Path, fake_root: P
     daemon.send(signal.SIGKILL)
     assert daemon.stop(None) == -signal.SIGKILL
     assert (run / ARENA_FILE).exists() and (run / POOLS_FILE).exists()
+    return acked
+
+
+def test_sigkill_keeps_every_acknowledged_tmem_page(tmp_path: Path, fake_root: Path,
+                                                    start_daemon: Any) -> None:
+    run, state = tmp_path / "run", tmp_path / "state"
+    args = (*ARGS, "--run-dir", str(run), "--state-dir", str(state))
+    acked = killed_with_pages_in_tmem(tmp_path, fake_root, start_daemon, args)
 
     daemon = start_daemon(fake_root, None, *args, base=tmp_path / "second")
     with ControlClient(run / "control.sock", timeout=10) as client:
@@ -61,6 +70,28 @@ def test_sigkill_keeps_every_acknowledged_tmem_page(tmp_path: Path, fake_root: P
     assert record["clean"] is True and record["lost_pages"] == 0, record
     assert record["repatriated"] == len(acked)
     assert not (run / ARENA_FILE).exists()  # a clean stop leaves no arena behind
+
+
+def test_a_restart_with_frontswap_off_gives_the_kept_pages_back_to_their_area(
+        tmp_path: Path, fake_root: Path, start_daemon: Any) -> None:
+    """``tmem.frontswap=0`` (or ``nofrontswap``) at the restart: zcache would never claim
+    its restored pool and a clean stop would delete the arena with the pages; they are
+    given back to the area first, so each one reads back and the stop is truly clean."""
+    run, state = tmp_path / "run", tmp_path / "state"
+    args = (*ARGS, "--run-dir", str(run), "--state-dir", str(state))
+    acked = killed_with_pages_in_tmem(tmp_path, fake_root, start_daemon, args)
+
+    daemon = start_daemon(fake_root, None, *args, "-o", "tmem.frontswap=0",
+                          base=tmp_path / "second")
+    with ControlClient(run / "control.sock", timeout=10) as client:
+        assert client.status()["flags"]["frontswap"] is False
+        loaded = {o: client.frontswap.load(0, o) for o in range(PAGES)}
+    assert {o: p for o, p in loaded.items() if p is not None} == acked
+    assert daemon.stop(signal.SIGTERM) == 0, daemon.log()
+    record = json.loads((state / "shutdown.json").read_text())
+    assert record["clean"] is True and record["lost_pages"] == 0, record
+    assert record["kept_pages_given_back"] == {"backend": "zcache", "repatriated": len(acked)}
+    assert record["areas"][0]["used"] == len(acked)
 
 
 def test_a_foreign_file_at_the_arena_path_refuses_the_start_naming_it(

@@ -112,3 +112,41 @@ def test_listeners_hear_load_and_unload(shim: Shim) -> None:
     shim.load(RecordingBackend)
     shim.unload()
     assert events == ["loaded:recording", "unloading:recording"]
+
+
+def test_giving_back_kept_pages_is_a_quiet_frontswap_only_load_and_unload(
+        tmp_path: Path) -> None:
+    """zcache's pages kept across a kill, given back to their area: loaded with frontswap
+    alone whatever the params say, unloaded, no listener told, the arena gone."""
+    from xentmem.guest.backends.zcache import ARENA_FILE, ZcacheBackend
+
+    roots = Roots(root=tmp_path, run_dir=tmp_path / "run")
+    area = tmp_path / "swap0"
+    first = Shim(roots=roots, boot=BootParams())
+    first.frontswap.init(0, FileBacking(area, 64))
+    kept = first.load(ZcacheBackend, {"capacity": "8M"})
+    for off in range(10):
+        assert first.frontswap.store(0, off, page(off)) == 0
+    assert isinstance(kept, ZcacheBackend) and kept._arena is not None
+    kept._arena.close()  # the kill
+    assert ZcacheBackend.kept_pages_waiting(roots)
+
+    second = Shim(roots=roots, boot=BootParams())
+    second.frontswap.init(0, FileBacking.attach(area, None))
+    events: list[str] = []
+
+    class Listener:
+        def backend_loaded(self, s: Shim) -> None:
+            events.append("loaded")
+
+        def backend_unloading(self, s: Shim) -> None:
+            events.append("unloading")
+
+    second.add_listener(Listener())
+    done = second.give_back_kept_pages(
+        ZcacheBackend, {"capacity": "8M", "frontswap": False, "cleancache": True,
+                        "frontswap_writethrough": True})
+    assert done == {"backend": "zcache", "repatriated": 10, "pools_dropped": 0}
+    assert events == [] and second.backend is None
+    assert not (roots.run / ARENA_FILE).exists() and not ZcacheBackend.kept_pages_waiting(roots)
+    assert [second.frontswap.load(0, off) for off in range(10)] == [page(off) for off in range(10)]

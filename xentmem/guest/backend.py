@@ -51,6 +51,13 @@ class Backend(ABC):
     def probe(cls, roots: Roots) -> None:
         """Raise :class:`~xentmem.errors.BackendUnsupported` if this backend cannot run here."""
 
+    @classmethod
+    def kept_pages_waiting(cls, roots: Roots) -> bool:
+        """True when a process killed earlier left pages of this backend in ``roots`` (its
+        run directory) that only a load of this backend with frontswap takes back (zcache's
+        page arena and pool table: ``docs/zcache.md``, "Restart").  None by default."""
+        return False
+
     def connect(self) -> None:
         """Bring the backend up (a handshake, an allocation).  Called once, before any op."""
 

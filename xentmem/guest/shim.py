@@ -41,6 +41,14 @@ SHIM_PARAMS = ParamSet(
 )
 
 
+#: A load that only gives back the swap pages a backend kept across a kill
+#: (:meth:`Shim.give_back_kept_pages`): frontswap alone, no balloon loop, no copies.
+GIVE_BACK_FLAGS: Mapping[str, Any] = MappingProxyType({
+    "frontswap": True, "cleancache": False, "selfballooning_at_load": False,
+    "selfshrinking": False, "frontswap_writethrough": False, "frontswap_exclusive_gets": False,
+})
+
+
 def loaded_flags(values: Mapping[str, Any]) -> dict[str, Any]:
     """The shim's flags as a load sets them: without frontswap, no balloon loops
     (``xen_tmem_init``: "no point driving pages to swap").  The one place of that rule."""
@@ -133,12 +141,13 @@ class Shim:
     # -- load / unload --------------------------------------------------------------------------
 
     def load(
-        self, backend: str | type[Backend], params: Mapping[str, Any] | None = None
+        self, backend: str | type[Backend], params: Mapping[str, Any] | None = None, *,
+        quiet: bool = False,
     ) -> Backend:
         """Load a backend (by entry-point name, or a class) with module params.
 
         Nothing changes if anything is refused: params are all validated, the backend probed
-        and connected before the frontends see it.
+        and connected before the frontends see it.  ``quiet``: no listener hears of it.
         """
         with self._lock:
             if self._backend is not None:
@@ -172,9 +181,24 @@ class Shim:
                 raise
             self._flags = MappingProxyType(flags)
             self._backend = instance
-            for listener in list(self._listeners):
+            for listener in [] if quiet else list(self._listeners):
                 self._notify("backend_loaded", listener)
             return instance
+
+    def give_back_kept_pages(self, backend: type[Backend],
+                             params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The swap pages ``backend`` kept across the kill of an earlier process, back in
+        their swap areas: it is loaded with frontswap alone (:data:`GIVE_BACK_FLAGS` over
+        ``params``), so frontswap takes the pages back for the areas re-attached, then
+        unloaded, which repatriates them to the areas' backing stores and removes what the
+        backend kept (zcache: its arena and pool table).  No listener hears of either.
+
+        Returns what the unload did.  If the repatriation is refused (:class:`UnloadRefused`)
+        the backend stays loaded with the pages, as after any refused unload.
+        """
+        with self._lock:
+            self.load(backend, {**(params or {}), **GIVE_BACK_FLAGS}, quiet=True)
+            return self.unload(quiet=True)
 
     def _rollback(self, backend: Backend) -> None:
         """Undo a load that failed half way: no page was stored through it yet."""
@@ -194,23 +218,24 @@ class Shim:
         except Exception:
             log.exception("backend %s: remove() failed", backend.name)
 
-    def unload(self) -> dict[str, Any]:
+    def unload(self, *, quiet: bool = False) -> dict[str, Any]:
         """Stop the loops, repatriate swap pages, drop ephemeral pools, remove the backend.
 
         Raises :class:`UnloadRefused` (backend still loaded, loops restarted) when persistent
-        pages cannot all be repatriated.
+        pages cannot all be repatriated.  ``quiet``: no listener hears of it.
         """
         with self._lock:
             backend = self._backend
             if backend is None:
                 raise NoBackend("no backend is loaded")
-            for listener in list(self._listeners):
+            listeners = [] if quiet else list(self._listeners)
+            for listener in listeners:
                 self._notify("backend_unloading", listener)
             try:
                 repatriated = self.frontswap.unregister_ops()
             except UnloadRefused:
                 log.error("unload of %s refused; it stays loaded", backend.name)
-                for listener in list(self._listeners):
+                for listener in listeners:
                     self._notify("backend_loaded", listener)
                 raise
             dropped = self.cleancache.unregister_ops()

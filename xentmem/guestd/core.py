@@ -181,6 +181,7 @@ class Daemon:
             explicit = self.config.load_params(choice.chosen)
             explicit.update(params or {})
             log.info("backend %s chosen (%s): %s", choice.chosen, choice.requested, choice.reason)
+            self._give_back_kept_pages(choice, explicit)
             self.shim.load(choice.backend_class, explicit)
             self.choice = choice
             # This load set the flags and the backend's params afresh; the two job knobs too.
@@ -192,6 +193,50 @@ class Daemon:
                      ", ".join(f"{k}={v}" for k, v in sorted(self.shim.params().items())))
             return {"backend": choice.chosen, "params": self.shim.params(),
                     "choice": choice.describe()}
+
+    def _give_back_kept_pages(self, choice: BackendChoice, explicit: Mapping[str, Any]) -> None:
+        """Before ``choice`` loads: the swap pages a backend kept across the kill of an
+        earlier daemon (zcache's arena) come back only through a load of that backend with
+        frontswap.  If this load is not one (``auto`` now finds the Xen tmem host, or
+        frontswap is off), that backend is first loaded for that alone and unloaded, which
+        puts the pages in their swap areas (``docs/zcache.md``, "Restart"); without it they
+        would be left unread (or deleted with the arena) and the next stop would say clean.
+
+        If they cannot be given back, BackendError and ``choice`` is not loaded: the pages
+        stay where they are (in the arena, or in the backend left loaded by a refused
+        repatriation), never dropped.
+        """
+        # The load's own params are checked first: a load refused anyway gives nothing back.
+        frontswap = self.shim.resolve_params(choice.backend_class, explicit)["frontswap"]
+        names = self.backend_names() if self.backend_names is not None else registry.available()
+        for name in names:
+            try:
+                cls = self.resolve(name)
+            except (XentmemError, LookupError):  # not installed here, or broken: not asked
+                continue
+            if not cls.kept_pages_waiting(self.roots):
+                continue
+            if cls is choice.backend_class and frontswap:
+                continue  # this load takes them back itself
+            kept_params = explicit if cls is choice.backend_class \
+                else self.config.load_params(name)
+            log.warning("%s kept swap pages across the kill of an earlier xentmemd; %s is "
+                        "to be loaded%s, which would leave them behind: %s is loaded with "
+                        "frontswap first, to give them back to their swap areas", name,
+                        choice.chosen, "" if frontswap else " without frontswap", name)
+            try:
+                result = self.shim.give_back_kept_pages(cls, kept_params)
+            except XentmemError as exc:
+                still = (f"{name} stays loaded with them" if self.shim.backend is not None
+                         else f"they stay in {self.roots.run}")
+                raise BackendError(
+                    f"{name} kept swap pages across the kill of an earlier xentmemd and they "
+                    f"could not be given back to their swap areas: {exc}; {choice.chosen} is "
+                    f"not loaded and {still} (docs/zcache.md, \"Restart\")") from exc
+            self.record.add(kept_pages_given_back={"backend": name,
+                                                   "repatriated": result["repatriated"]})
+            log.info("%d swap page(s) %s kept given back to their swap areas; %s unloaded",
+                     result["repatriated"], name, name)
 
     def unload(self) -> dict[str, Any]:
         with self._lock:

@@ -257,6 +257,12 @@ class ZcacheBackend(Backend):
         except ArenaError as exc:
             raise BackendError(f"zcache: {exc}") from None
 
+    @classmethod
+    def kept_pages_waiting(cls, roots: Roots) -> bool:
+        """An arena and its pool table in the run directory: a process killed earlier (or
+        stopped with its unload refused) left them, with the persistent pages in them."""
+        return (roots.run / ARENA_FILE).exists() and (roots.run / POOLS_FILE).exists()
+
     @property
     def _pools_path(self) -> Path:
         assert self._arena is not None

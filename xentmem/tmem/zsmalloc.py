@@ -19,6 +19,7 @@ do: the index holds where each page is); there is no compaction.
 
 from __future__ import annotations
 
+import logging
 import struct
 from array import array
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ ZS_SIZE_CLASSES = -(-(ZS_MAX_ALLOC_SIZE - ZS_MIN_ALLOC_SIZE) // ZS_SIZE_CLASS_DE
 ZS_MAX_PAGES_PER_ZSPAGE = MAX_RUN
 #: Fullness groups: 0 (empty, freed at once), 1..10 (up to 10%, ..., 99%), 11 (full).
 _GROUP_FULL = 11
+log = logging.getLogger(__name__)
+
 _NO_OBJECT = 0xFFFF
 _LINK = struct.Struct("<H")
 #: A page's bytes start on a multiple of this (arena.py's UNIT; every class size is one).
@@ -138,6 +141,10 @@ class Zsmalloc:
             c.id: [array("I") for _ in range(_GROUP_FULL)] for c in self.classes
         }
         self._stale_limit = 4096
+        #: Zspages whose free chain (kept in the data region, so damage can reach it) named
+        #: an object past the zspage: never allocated from again; their objects stay until
+        #: freed (the last free gives the zspage back) or a reopen links the chain anew.
+        self.broken: set[int] = set()
         #: A reopen's claims: a bit for each 16 bytes of the data region, set where a claimed
         #: object starts (freed once the zspages are linked).
         self._claimed = bytearray()
@@ -171,11 +178,13 @@ class Zsmalloc:
             # group ends it), so this is find_get_zspage's choice without a search; its
             # group entries are brought up to date lazily.
             idx = self.freehead[head]
-            at = head * PAGE + idx * cls.size
-            (self.freehead[head],) = _LINK.unpack_from(self.mm, self.base + at)
-            inuse[head] += 1
-            cls.objs_used += 1
-            return at, idx
+            if idx < cls.objs:
+                at = head * PAGE + idx * cls.size
+                (self.freehead[head],) = _LINK.unpack_from(self.mm, self.base + at)
+                inuse[head] += 1
+                cls.objs_used += 1
+                return at, idx
+            self._break(cls, head)
         groups = self.groups[cls.id]
         for g in range(_GROUP_FULL - 1, 0, -1) if cls.listed else ():
             stack = groups[g]
@@ -184,6 +193,9 @@ class Zsmalloc:
                 cls.listed -= 1
                 if class_of[head] != tag or cls.group(inuse[head]) != g:
                     continue  # stale
+                if head in self.broken or self.freehead[head] >= cls.objs:
+                    self._break(cls, head)
+                    continue
                 cls.current = head
                 idx = self._take(cls, head)
                 return head * PAGE + idx * cls.size, idx
@@ -191,6 +203,17 @@ class Zsmalloc:
         cls.current = head
         idx = self._take(cls, head)
         return head * PAGE + idx * cls.size, idx
+
+    def _break(self, cls: SizeClass, head: int) -> None:
+        """The free chain of zspage ``head`` names no object of it (damaged in place): it is
+        allocated from no more (an object taken there could overlap a live one)."""
+        if head not in self.broken:
+            self.broken.add(head)
+            log.error("zsmalloc: zspage at frame %d (class %d bytes): its free chain is "
+                      "damaged; no more objects are allocated there until the arena is "
+                      "reopened", head, cls.size)
+        if cls.current == head:
+            cls.current = -1
 
     def _new_zspage(self, cls: SizeClass) -> int:
         head = self.frames.alloc(cls.pages, ZSPAGE_HEAD)
@@ -252,12 +275,13 @@ class Zsmalloc:
         self.inuse[head] = used
         cls.objs_used -= 1
         if used == 0:
+            self.broken.discard(head)
             self.class_of[head] = 0
             self.frames.free(head, cls.pages)
             cls.zspages -= 1
             return
         new = cls.group(used)
-        if new != old:
+        if new != old and head not in self.broken:
             self._push(cls, head, new)
             if head == cls.current:
                 # No longer surely the fullest: the next allocation looks in the groups,

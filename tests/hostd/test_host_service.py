@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import pyxs
 from click.testing import CliRunner
+from fakes.xenstore_hosts import raw_request
 from xenhost import WAIT_S, TmemHost, wait_for_node
 
 from xentmem.control import ControlError
@@ -38,6 +39,7 @@ from xentmem.xenbus.framing import (
     unframe,
 )
 from xentmem.xenbus.session_key import TAG_CHARS, SessionKey
+from xentmem.xenbus.xs import XS
 
 TEXT = (b"static void tmem_flush(struct pool *pool, struct oid *oid);\n" * 70)[:4096]
 LIMITS = Limits()
@@ -495,6 +497,39 @@ def test_a_guest_of_wire_version_2_is_refused_cleanly(tmem_host: TmemHost) -> No
     assert g.c.read(f"{g.be}/error".encode()) == (
         f"{errno.EPROTONOSUPPORT} frontend asks for version 2; this host speaks "
         f"[{WIRE_VERSION}]").encode()
+
+
+def test_a_version_that_is_not_ascii_closes_the_device_saying_why(tmem_host: TmemHost) -> None:
+    """Before, the error message quoted the version with repr(), which kept the U+FFFD its
+    decoding made of the byte 0xff; the write of the ``error`` node refused that
+    (ValueError), so there was no ``error`` node and the backend stayed in InitWait."""
+    g = HandGuest(tmem_host, 5)
+    g.c.write(f"{g.fe}/state".encode(), b"1")
+    g.wait_state(2)
+    # pyxs refuses such a value: the guest writes it by hand.
+    written = raw_request(g.roots.xenstore_socket, XS.WRITE,
+                          f"{g.fe}/version".encode() + b"\0\xff3")
+    assert written is not None and written.payload == b"OK\0"
+    g.c.write(f"{g.fe}/state".encode(), b"3")
+    g.wait_state(5)
+    assert g.c.read(f"{g.be}/error".encode()) == (
+        f"{errno.EPROTO} frontend version unusable: version: '\\ufffd3' is not an integer "
+        "in 0..255").encode()
+
+
+def test_an_error_message_is_written_as_printable_ascii_whatever_it_quotes(
+        ours: TmemHost) -> None:
+    """``dev_error`` itself: a message with characters a value may not hold (non-ASCII, a
+    newline) is still written, each such character as ``?``."""
+    ours.guest(5)
+    ours.halt()  # its turn done (the device registered); its session is used from here
+    device = ours.service.devices[5]  # type: ignore[union-attr]
+    try:
+        device.dev_error(errno.EPROTO, "caf\u00e9\nline \ufffd")
+    finally:
+        ours.resume()
+    assert ours.xs.dom0.read(f"{device.nodename}/error".encode()) == (
+        f"{errno.EPROTO} caf??line ?").encode()
 
 
 def test_a_host_of_wire_version_2_is_refused_cleanly(tmem_host: TmemHost) -> None:

@@ -8,6 +8,7 @@ import hmac
 import os
 import re
 import struct
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -371,6 +372,17 @@ def test_node_values_are_parsed_with_bounds() -> None:
     with pytest.raises(WireError, match="chunk-bytes"):
         parse_uint("10", low=64, high=4000, what="chunk-bytes")
 
+
+
+@pytest.mark.parametrize("parse", [parse_domid, lambda text: parse_uint(
+    text, low=0, high=255, what="version")])
+def test_a_refused_value_is_quoted_in_printable_ascii(parse: Callable[[str], int]) -> None:
+    """Before, the text was quoted with repr(), which keeps non-ASCII characters: the
+    message could not be written to an ``error`` node (values are printable ASCII)."""
+    with pytest.raises(WireError) as refused:
+        parse("\ufffd3\u00e9")
+    assert "'\\ufffd3\\xe9'" in str(refused.value)
+    assert str(refused.value).isascii() and str(refused.value).isprintable()
 
 # -- fuzz: anything a peer writes is refused cleanly or understood ------------------------------
 

@@ -283,7 +283,7 @@ class TmemBack(XenbusDevice):
         if untrusted_key.rstrip(b"\x00") != key.encode():
             return "its backend area holds another session key"
         if untrusted_vm != vm:
-            return f"domain {self.domid} is another domain now (vm {untrusted_vm!r})"
+            return f"domain {self.domid} is another domain now (vm {untrusted_vm!a})"
         if own_state != XenbusState.CONNECTED or frontend != XenbusState.CONNECTED:
             return (f"the device is {own_state.strstate()}/{frontend.strstate()}, "
                     "not Connected on both ends")
@@ -530,7 +530,7 @@ class TmemBack(XenbusDevice):
             return  # our own removal of a consumed request, or a replay
         if untrusted_slot != self.key.slot(envelope.seq, reply=False):
             self._malformed(untrusted_name, WireError(
-                f"message {envelope.seq} in directory {untrusted_slot[:20]!r}, not its own"))
+                f"message {envelope.seq} in directory {untrusted_slot[:20]!a}, not its own"))
             return
         counters = self.counters
         message_path = untrusted_path.decode("ascii", "replace")
@@ -594,7 +594,7 @@ class TmemBack(XenbusDevice):
             if part.seq > self.last_seq and untrusted_slot != self.key.slot(
                     part.seq, part.k, reply=False):
                 raise WireError(f"part {part.k} of message {part.seq} in directory "
-                                f"{untrusted_slot[:20]!r}, not its own")
+                                f"{untrusted_slot[:20]!a}, not its own")
         except WireError as exc:
             self.counters.malformed += 1
             log.warning("domain %d: malformed request part %r: %s", self.domid,

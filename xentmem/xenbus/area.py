@@ -69,16 +69,18 @@ def backend_path(backend_domid: int, domid: int) -> str:
 
 
 def parse_domid(untrusted_text: str) -> int:
-    """A domid written as decimal text, 0..0x7FEF, or WireError."""
+    """A domid written as decimal text, 0..0x7FEF, or WireError (which shows the text as
+    ``ascii()`` does: its message may end up in an ``error`` node, printable ASCII only)."""
     text = untrusted_text.strip("\x00")
     if not _DOMID_RE.fullmatch(text) or int(text) > MAX_DOMID:
-        raise WireError(f"{untrusted_text[:20]!r} is not a domid")
+        raise WireError(f"{untrusted_text[:20]!a} is not a domid")
     return int(text)
 
 
 def parse_uint(untrusted_text: str, *, low: int, high: int, what: str) -> int:
-    """A bounded decimal from a node, or WireError naming the node."""
+    """A bounded decimal from a node, or WireError naming the node (the text shown as
+    ``ascii()`` does, as in :func:`parse_domid`)."""
     text = untrusted_text.strip("\x00")
     if not _UINT_RE.fullmatch(text) or not low <= int(text) <= high:
-        raise WireError(f"{what}: {untrusted_text[:20]!r} is not an integer in {low}..{high}")
+        raise WireError(f"{what}: {untrusted_text[:20]!a} is not an integer in {low}..{high}")
     return int(text)

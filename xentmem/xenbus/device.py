@@ -22,6 +22,8 @@ STATE = "state"
 #: ``xenbus_dev_error``'s node: ``"<errno> <message>"``.
 ERROR_NODE = "error"
 _STATE_RE = re.compile(rb"[0-9]{1,10}")
+#: What an ``error`` node may not hold: anything but printable ASCII.
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 
 def parse_state(untrusted: bytes | None) -> XenbusState:
@@ -68,7 +70,12 @@ class XenbusDevice:
         self.state = state
 
     def dev_error(self, code: int, message: str) -> None:
-        """``xenbus_dev_error``: say why in this end's ``error`` node (and the log)."""
+        """``xenbus_dev_error``: say why in this end's ``error`` node (and the log).
+
+        The message may quote what the other end wrote, and a value is written only as
+        printable ASCII (:class:`~xentmem.xenbus.xs.XsSession` refuses anything else), so
+        anything else in it becomes ``?``: the ``error`` node is written whatever it says."""
+        message = _UNPRINTABLE.sub("?", message)
         log.error("%s: %s", self.nodename, message)
         self.xs.write(f"{self.nodename}/{ERROR_NODE}", f"{code} {message}".encode())
 

@@ -234,10 +234,10 @@ def parse_name(untrusted_name: str, limits: Limits, *, reply: bool) -> Envelope:
         raise WireError(f"message name of {len(untrusted_name)} characters is too long")
     match = _NAME_RE.match(untrusted_name)
     if match is None:
-        raise WireError(f"{untrusted_name[:40]!r} is not a message name")
+        raise WireError(f"{untrusted_name[:40]!a} is not a message name")
     inline = untrusted_name[match.end():]
     _check_text(inline.encode("ascii", "replace"),
-                f"{untrusted_name[:40]!r} is not a message name")
+                f"{untrusted_name[:40]!a} is not a message name")
     seq, mac = check_seq(int(match[1])), match[3]
     if match[2].startswith("p"):
         parts = int(match[2][1:])
@@ -266,8 +266,8 @@ def parse_part(untrusted_name: str, limits: Limits, *, reply: bool) -> Part:
     match = _PART_RE.match(untrusted_name)
     text = untrusted_name[match.end():] if match is not None else ""
     if match is None or not text:
-        raise WireError(f"{untrusted_name[:40]!r} is not a message part")
-    _check_text(text.encode("ascii", "replace"), f"{untrusted_name[:40]!r} is not a message part")
+        raise WireError(f"{untrusted_name[:40]!a} is not a message part")
+    _check_text(text.encode("ascii", "replace"), f"{untrusted_name[:40]!a} is not a message part")
     part = Part(check_seq(int(match[1])), int(match[2]), text)
     if part.k >= limits.max_parts:
         raise WireError(f"part {part.k} of a message; at most {limits.max_parts - 1} before "

@@ -72,7 +72,7 @@ class Perms:
             text = untrusted_entry.rstrip(b"\x00").decode("ascii", "replace")
             match = _ENTRY_RE.fullmatch(text)
             if match is None:
-                raise PermsError(f"bad permission {text[:20]!r}")
+                raise PermsError(f"bad permission {text[:20]!a}")
             entries.append(PermEntry(int(match[2]), LETTER_ACCESS[match[1]]))
         return cls(tuple(entries))
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes.xenstore_hosts import outcome
 from xenhost import TIMEOUT_MS, WAIT_S, TmemHost
 
 from xentmem.guest.backends.xen import XenBackend
@@ -31,6 +32,10 @@ from xentmem.tmem.abi import (
     PRIVATE_UUID,
     Oid,
 )
+from xentmem.xenbus.area import REQ_SLOTS
+from xentmem.xenbus.body import OpRecord, encode_request
+from xentmem.xenbus.framing import Limits, frame
+from xentmem.xenbus.session_key import SessionKey
 
 TEXT = (b"static int tmem_resume(struct tmem_pool *pool);\n" * 90)[:PAGE_SIZE]
 
@@ -258,3 +263,55 @@ def test_a_flush_or_a_put_that_failed_in_an_outage_leaves_no_older_page_behind(
         assert guest.stats()["redelivered_flushes"] >= 1
     finally:
         guest.remove()
+
+
+def test_a_resumed_session_clears_req_before_the_guest_s_quota_is_reached(
+        host: TmemHost, run_dir: Path) -> None:
+    """The host removes ``req/`` once per ``REQ_SLOTS`` messages, and the crashed instance
+    may leave it holding ``REQ_SLOTS - 1`` served messages.  Before, the resumed host counted
+    from 0 again, so ``req/`` held up to 31 messages before its next removal: with messages
+    of four names each, that is 124 directory names, past C xenstored's 2048-byte record
+    quota for ``req/`` (our xenstored keeps the same), and a part's write was refused
+    (ENOSPC), the message torn and lost.  Now the first message served after resuming
+    clears ``req/``."""
+    roots = host.guest(5)
+    backend = XenBackend({"timeout_ms": TIMEOUT_MS * 4, "batch": False}, roots=roots)
+    backend.connect()
+    fe = "/local/domain/5/device/tmem/0"
+    try:
+        guest = host.client(roots)  # the guest again, writing its messages by hand
+        key = SessionKey.parse(host.xs.dom0.read(b"/local/domain/0/backend/tmem/5/0/session-key"))
+        # Four names a message, however short its names: it is names that fill req/.
+        body = encode_request([OpRecord.flush_page(0, Oid(1), n) for n in range(4)])
+        small = Limits(inline_bytes=60)
+
+        def send_and_wait(seq: int) -> None:
+            framed = frame(seq, body, small, reply=False, key=key)
+            assert framed.envelope.parts == 4
+            names = [(p.name, key.slot(seq, p.k, reply=False)) for p in framed.parts]
+            names.append((framed.envelope.name, key.slot(seq, reply=False)))
+            written = [outcome(lambda n=n, s=s: guest.write(f"{fe}/req/{s}/{n}".encode(), b"-"))
+                       for n, s in names]
+            assert written == ["OK"] * 4, f"message {seq}: {written}"
+            # Its reply, as the guest waits for it (the removal of req/ comes before it).
+            reply = f"/local/domain/0/backend/tmem/5/0/rsp/{key.slot(seq, reply=True)}"
+            deadline = time.monotonic() + WAIT_S
+            while not guest.exists(reply.encode()):
+                assert time.monotonic() < deadline, f"message {seq} was never answered"
+                threading.Event().wait(0.01)
+
+        device = host.service.devices[5]  # type: ignore[union-attr]
+        seq = device.last_seq + 1
+        while device._served != REQ_SLOTS - 1:  # the most a crash can find unremoved
+            send_and_wait(seq)
+            seq += 1
+        host.crash()
+        host.start(run_dir=run_dir)
+        assert host.service.devices[5].last_seq == seq - 1  # type: ignore[union-attr]
+        for _ in range(REQ_SLOTS + 1):
+            send_and_wait(seq)
+            seq += 1
+            req = f"{fe}/req".encode()
+            assert not guest.exists(req) or len(guest.list(req)) <= (REQ_SLOTS + 1) * 4
+    finally:
+        backend.remove()

@@ -291,7 +291,11 @@ class TmemBack(XenbusDevice):
         self.state = XenbusState.CONNECTED
         self.last_seq = seq
         self.last_reply = None
-        self._served = self._replies_kept = 0
+        # req/ may still hold the directories of up to REQ_SLOTS - 1 served messages (one
+        # more if the crash came before the removal reached xenstore): the first message
+        # served now clears it, as the REQ_SLOTS-th would have, before its reply.
+        self._served = REQ_SLOTS - 1
+        self._replies_kept = 0
         self._parts.clear()
         self.conn.watch(f"{self.otherend}/{STATE}", self.state_token)
         self.conn.watch(f"{self.otherend}/{REQ_DIR}", self.req_token)

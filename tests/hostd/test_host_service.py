@@ -12,19 +12,23 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import pyxs
 from click.testing import CliRunner
-from fakes.xenstore_hosts import raw_request
-from xenhost import WAIT_S, TmemHost, wait_for_node
+from fakes.xenstore_hosts import raw_exchange, raw_request
+from xenhost import TIMEOUT_MS, WAIT_S, TmemHost, wait_for_node
 
 from xentmem.control import ControlError
 from xentmem.guest.backends.xen import XenBackend
 from xentmem.hostd.cli import cli
 from xentmem.hostd.control import OPS as HOST_OPS
 from xentmem.hostd.control import HostControlClient
+from xentmem.hostd.tmemback import UNAUTHENTIC_BURST
+from xentmem.mock_xenstored.wire import Packet
 from xentmem.roots import Roots
 from xentmem.tmem.abi import POOL_PRIVATE_PERSISTENT, PRIVATE_UUID, Oid
 from xentmem.xenbus.body import WIRE_VERSION, OpRecord, decode_reply, encode_request
@@ -39,7 +43,7 @@ from xentmem.xenbus.framing import (
     unframe,
 )
 from xentmem.xenbus.session_key import TAG_CHARS, SessionKey
-from xentmem.xenbus.xs import XS
+from xentmem.xenbus.xs import XS, Event
 
 TEXT = (b"static void tmem_flush(struct pool *pool, struct oid *oid);\n" * 70)[:4096]
 LIMITS = Limits()
@@ -191,6 +195,152 @@ def test_requests_in_name_parts_are_assembled_and_torn_ones_refused(
     assert served.unauthentic == 3
     assert served.malformed == (pieces - 1) + 1
     assert tmem_host.service.store.get_page(5, 0, Oid(7), 3) == (1, TEXT)  # type: ignore[union-attr]
+
+
+def test_a_forged_request_in_names_costs_the_host_no_xenstore_request(
+        tmem_host: TmemHost) -> None:
+    """A message carried in names is authenticated from its names alone, before the host
+    asks xenstore anything: before, the host read its nodes' permissions and listed
+    ``req/`` first (one round trip per forged name, whose event is all it cost the guest),
+    then found the MAC wrong."""
+    g = HandGuest(tmem_host, 5)
+    g.connect()
+    device = tmem_host.service.devices[5]  # type: ignore[union-attr]
+    checks = device.counters.perm_checks
+    g.send(f"1@0@{BAD_MAC}@AQID")  # inline
+    g.send(f"1@p2@{BAD_MAC}@AQID")  # in two names, its part 1 missing
+    g.send("1@p1@AQID")
+    g.send(f"1@p2@{BAD_MAC}@AQID")  # both names there, the MAC wrong
+    body = encode_request([OpRecord.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)])
+    framed = frame(1, body, LIMITS, reply=False, key=g.key)  # type: ignore[arg-type]
+    g.send(framed.envelope.name)
+    assert status_of(g.reply(1)) == 0
+    assert device.counters.unauthentic == 3
+    assert device.counters.perm_checks == checks + 1  # the honest message's only
+
+
+def flood(sock: Path, path: str, writes: int, *, per_connection: int = 250) -> None:
+    """``writes`` writes of ``path`` by the guest whose socket is ``sock``, pipelined, every
+    answer read (so xenstore has sent every watch event they fire)."""
+    packet = Packet(int(XS.WRITE), 1, 0, path.encode() + b"\0")
+    for done in range(0, writes, per_connection):
+        count = min(per_connection, writes - done)
+        answers = raw_exchange(sock, [packet] * count, replies=count)
+        assert answers is not None and all(a.op == XS.WRITE for a in answers)
+
+
+#: Writes of one forged node by guest 5: before, its host spent 67 requests on each (reads of
+#: 32 chunks and 34 permissions, a listing), about 1.5 ms here, behind which guest 6 waited.
+FLOOD = 20_000
+
+
+def test_a_guest_flooding_its_req_starves_neither_the_loop_nor_another_guest(
+        ours: TmemHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guest 5 rewrites one node of its ``req/``, a message name of 32 spilled chunks in its
+    right directory with a wrong MAC: each write fires one event and is "new" again, since
+    the seq of a message that does not authenticate does not move.  Before, the host served
+    every event (67 requests each) in one inner loop that never returned while events kept
+    coming: no ``on_idle`` (the watchdog's ping), no control socket, no drain, and guest 6's
+    ops, queued behind the flood, timed out.  Now guest 5's ``req/`` goes unwatched past
+    ``UNAUTHENTIC_BURST`` such messages (its queued events dropped with the watch), and one
+    turn of the loop serves only the events queued when it began."""
+    service = ours.service
+    assert service is not None
+    ours.halt()
+    dispatched = [0]  # guest 5's request events served
+    turns: list[tuple[float, int]] = []  # (when, dispatched) at each on_idle
+    serve = service._dispatch
+
+    def counting(untrusted_path: bytes, token: bytes) -> None:
+        dispatched[0] += token == b"xentmem-hostd-fe-req-5"
+        serve(untrusted_path, token)
+
+    monkeypatch.setattr(service, "_dispatch", counting)
+    ours.resume(on_idle=lambda: turns.append((time.monotonic(), dispatched[0])))
+    g = HandGuest(ours, 5)
+    g.connect()
+    other = XenBackend({"timeout_ms": TIMEOUT_MS, "batch": False}, roots=ours.guest(6))
+    other.connect()
+    try:
+        pool = other.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        assert other.put_page(pool, Oid(1), 0, TEXT) == 1
+        device = service.devices[5]
+        assert g.key is not None
+        seq = device.last_seq + 1
+        started = time.monotonic()
+        flood(g.roots.xenstore_socket,
+              f"{g.fe}/req/{g.key.slot(seq, reply=False)}/{seq}@32@{BAD_MAC}@", FLOOD)
+        # Guest 6's request comes after every event of the flood, within its timeout.
+        assert other.get_page(pool, Oid(1), 0) == (1, TEXT)
+        ended = time.monotonic()
+        assert device.counters.pauses >= 1
+        assert device.last_seq == seq - 1
+        assert device.counters.unauthentic < FLOOD // 100
+        during = [t for t in turns if started <= t[0] <= ended]
+        assert during, "on_idle was never called during the flood"
+        per_turn = [b[1] - a[1] for a, b in zip(turns, turns[1:], strict=False)]
+        assert max(per_turn) <= 4 * UNAUTHENTIC_BURST
+        # The watchdog (WatchdogSec=30, pinged every 15 s) would have been pinged in time.
+        moments = [started, *(t for t, _ in during), ended]
+        assert max(b - a for a, b in zip(moments, moments[1:], strict=False)) < 15
+    finally:
+        other.remove()
+
+
+def test_one_turn_of_the_loop_serves_only_the_events_queued_when_it_began(
+        ours: TmemHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Events that arrive while a turn serves events wait for the next turn, after
+    ``on_idle``: before, the loop served events until none was left, so events arriving as
+    fast as they were served kept ``on_idle`` (the watchdog's ping) from ever being called."""
+    service = ours.service
+    assert service is not None
+    ours.halt()
+    served = [0]
+    first_idle: list[int] = []
+
+    def endless(untrusted_path: bytes, token: bytes) -> None:
+        if token != b"flood":
+            return  # the service's own (none is expected)
+        served[0] += 1
+        if served[0] < 10_000:  # each event served, another has arrived (bounded here)
+            service.conn.events.append(Event(b"/flood", b"flood"))
+
+    monkeypatch.setattr(service, "_dispatch", endless)
+    for _ in range(100):
+        service.conn.events.append(Event(b"/flood", b"flood"))
+    ours.resume(on_idle=lambda: first_idle.append(served[0]))
+    deadline = time.monotonic() + WAIT_S
+    while not first_idle:
+        assert time.monotonic() < deadline, "on_idle was never called"
+        threading.Event().wait(0.01)
+    assert first_idle[0] <= 100
+
+
+def test_a_paused_req_is_served_again_with_what_the_guest_wrote_meanwhile(
+        tmem_host: TmemHost) -> None:
+    """Past ``UNAUTHENTIC_BURST`` forged messages at once the host stops watching the guest's
+    ``req/``; when the pause ends it watches again and serves the message the guest wrote
+    meanwhile (no event will announce it again), as after a restart."""
+    g = HandGuest(tmem_host, 5)
+    g.connect()
+    assert g.key is not None
+    device = tmem_host.service.devices[5]  # type: ignore[union-attr]
+    device.pause_s = 3.0
+    for n in range(UNAUTHENTIC_BURST + 1):
+        g.send(f"{n + 1}@0@{BAD_MAC}@AQID")
+    deadline = time.monotonic() + WAIT_S
+    while device.paused_until is None:
+        assert time.monotonic() < deadline, "the host never paused guest 5's req/"
+        threading.Event().wait(0.01)
+    paused_until = device.paused_until
+    body = encode_request([OpRecord.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)])
+    seq = UNAUTHENTIC_BURST + 2
+    framed = frame(seq, body, LIMITS, reply=False, key=g.key)
+    g.send(framed.envelope.name)
+    assert device.paused_until == paused_until  # written while paused (3 s is ample)
+    assert status_of(g.reply(seq)) == 0
+    assert device.counters.pauses == 1 and device.last_seq == seq
+    assert g.answered == {seq}
 
 
 def test_a_part_left_from_a_message_that_never_came_does_not_tear_the_next(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pyxs
@@ -66,10 +67,12 @@ class TmemHost:
         self.service, self.thread = service, thread
         return service
 
-    def resume(self) -> None:
-        """Serve again after :meth:`halt` (events that arrived meanwhile are handled)."""
+    def resume(self, on_idle: Callable[[], None] | None = None) -> None:
+        """Serve again after :meth:`halt` (events that arrived meanwhile are handled), with
+        ``on_idle`` called at every turn of the loop, as the watchdog's ping is."""
         assert self.service is not None and self.thread is None
-        self.thread = threading.Thread(target=self.service.run, name="hostd", daemon=True)
+        self.thread = threading.Thread(target=self.service.run, kwargs={"on_idle": on_idle},
+                                       name="hostd", daemon=True)
         self.thread.start()
 
     def halt(self) -> None:

@@ -47,6 +47,9 @@ IDLE_S = 1.0
 IDLE_MS = int(IDLE_S * 1000)
 #: The answers to replies written are read once this many wait, or when the loop is idle.
 DRAIN_AT = 16
+#: Longest one turn of the loop serves events before it polls again (an event that reads
+#: may take a round trip through xenstore).
+BURST_S = 0.25
 
 
 class HostService:
@@ -154,29 +157,44 @@ class HostService:
         """One wakeup per burst of events.  The descriptors are registered once, and the
         control socket's again only when they may have changed (a control descriptor was
         ready, the loop was idle, or ``IDLE_S`` passed, when idle clients expire): a busy
-        guest's wakeups do not rebuild them (``docs/protocol.md`` §8)."""
+        guest's wakeups do not rebuild them (``docs/protocol.md`` §8).
+
+        A turn serves the events queued when it begins, for ``BURST_S`` at most: those that
+        arrive meanwhile (or are left) wait for the next turn, after the writer's answers,
+        the control socket, the devices' :meth:`~TmemBack.tick` and ``on_idle`` (the
+        watchdog), so a guest writing events faster than they are served starves none of
+        them (``docs/protocol.md`` §7)."""
         conn_fd = self.conn.fileno()
         poller = select.poll()
         poller.register(conn_fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         control: frozenset[int] = frozenset()
         refresh_at = -1.0  # the control descriptors are read now
+        tick_at = time.monotonic() + IDLE_S
         while not self._stop.is_set():
             if self.control is not None and time.monotonic() >= refresh_at:
                 control = self._register_control(poller, control)
                 refresh_at = time.monotonic() + IDLE_S
-            ready = poller.poll(0 if self.conn.events else IDLE_MS)
+            backlog = bool(self.conn.events)
+            ready = poller.poll(0 if backlog else IDLE_MS)
+            idle = not ready and not backlog
             readable = {fd for fd, _ in ready}
             if conn_fd in readable:
                 self.conn.receive()  # XsConnectionLost if xenstore hung up
-            while self.conn.events and not self._stop.is_set():
+            turn_ends = time.monotonic() + BURST_S
+            for _ in range(len(self.conn.events)):  # a dispatch may drop events: re-read
+                if not self.conn.events or self._stop.is_set() or time.monotonic() > turn_ends:
+                    break
                 path, token = self.conn.events.popleft()
                 self._dispatch(path, token)
                 self.writer.flush()
                 self.conn.flush()
-            if self.writer.outstanding >= DRAIN_AT or not ready:
+            if time.monotonic() >= tick_at:
+                self._tick()
+                tick_at = time.monotonic() + IDLE_S
+            if self.writer.outstanding >= DRAIN_AT or idle:
                 self.writer.drain()
-            if not ready or not readable.isdisjoint(control):
+            if idle or not readable.isdisjoint(control):
                 refresh_at = -1.0  # accepted, closed or idle: read the set again
                 for fd in readable & control:
                     self.control.ready(fd)  # type: ignore[union-attr]
@@ -198,6 +216,20 @@ class HostService:
         return new
 
     # -- events ---------------------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        """Each device's :meth:`~TmemBack.tick` (a paused ``req/`` served again)."""
+        for device in list(self.devices.values()):
+            try:
+                device.tick(self.run_op)
+            except XsConnectionLost:
+                raise
+            except (XsError, XsTimeout, WireError) as exc:
+                log.warning("domain %d: %s", device.domid, exc)
+            except Exception:  # one guest's device must not stop the service for all
+                log.exception("domain %d: tick failed", device.domid)
+        self.writer.flush()
+        self.conn.flush()
 
     def _dispatch(self, untrusted_path: bytes, token: bytes) -> None:
         try:

@@ -85,6 +85,14 @@ log = logging.getLogger(__name__)
 
 #: Replies left in ``rsp/`` before it is cleared (dom0's own area: no quota applies).
 REPLIES_KEPT = 32
+#: Request nodes that do not authenticate (malformed, torn, forged) a guest may write at
+#: once, and how many more per second after that; past it, the host stops watching the
+#: guest's ``req/`` for ``UNAUTHENTIC_PAUSE_S``, then serves what it finds there.  An honest
+#: guest writes almost none (a message torn by a refused write, one abandoned after a
+#: timeout): a flood of them costs the host an event each, and a spilled one reads.
+UNAUTHENTIC_BURST = 16
+UNAUTHENTIC_PER_S = 1.0
+UNAUTHENTIC_PAUSE_S = 10.0
 _LEADING_SEQ = re.compile(r"(0|[1-9][0-9]{0,18})@")
 #: Frontend states that end a session (its pools are dropped) while the host is in one of
 #: the session's states (a device the host closed keeps its pools until the guest says so).
@@ -118,6 +126,8 @@ class TmemBackCounters:
     #: Messages whose nodes' permissions were read (the others' were known: see
     #: :meth:`TmemBack.request`).
     perm_checks: int = 0
+    #: Times the guest's ``req/`` went unwatched for its unauthentic requests.
+    pauses: int = 0
 
 
 class TmemBack(XenbusDevice):
@@ -169,6 +179,14 @@ class TmemBack(XenbusDevice):
         #: may be written by the guest and dom0 only, as checked at the last message and
         #: unchanged since: no event but fresh requests' nodes has come from ``req/`` since.
         self._perms_known = False
+        #: Unauthentic request nodes still allowed now (``UNAUTHENTIC_BURST`` at most), as
+        #: counted at ``_allowance_at``.
+        self._allowance = float(UNAUTHENTIC_BURST)
+        self._allowance_at = conn.clock.monotonic()
+        #: While the guest's ``req/`` is not watched (too many unauthentic requests): until
+        #: when, on ``conn``'s clock.
+        self.paused_until: float | None = None
+        self.pause_s = UNAUTHENTIC_PAUSE_S
 
     # -- set-up and tear-down -------------------------------------------------------------------
 
@@ -515,7 +533,8 @@ class TmemBack(XenbusDevice):
         found, and are not read again (``docs/protocol.md`` §9, What the host checks).
         """
         perms_known, self._perms_known = self._perms_known, False
-        if self.state != XenbusState.CONNECTED or not untrusted_path.startswith(self._req_prefix):
+        if (self.state != XenbusState.CONNECTED or self.paused_until is not None
+                or not untrusted_path.startswith(self._req_prefix)):
             return
         untrusted_rest = untrusted_path[len(self._req_prefix) :].decode("ascii", "replace")
         untrusted_slot, sep, untrusted_name = untrusted_rest.partition("/")
@@ -550,6 +569,7 @@ class TmemBack(XenbusDevice):
             counters.unauthentic += 1
             self._consumed()
             log.warning("domain %d message %d dropped: %s", self.domid, envelope.seq, exc)
+            self._distrust()
             return
         self.last_seq = envelope.seq
         counters.messages += 1
@@ -603,6 +623,7 @@ class TmemBack(XenbusDevice):
             self.counters.malformed += 1
             log.warning("domain %d: malformed request part %r: %s", self.domid,
                         untrusted_name[:60], exc)
+            self._distrust()
             return False
         if part.seq <= self.last_seq:
             return False
@@ -612,23 +633,29 @@ class TmemBack(XenbusDevice):
     def _body(self, envelope: Envelope, message_path: str, parts: list[tuple[Part, str]],
               perms_known: bool) -> tuple[bytes, str]:
         """The message's body (authenticated), and why another domain may write one of its
-        nodes ("" if none may).  Values and permissions are read in one round trip; the
-        permissions of nodes below ``req/`` only when not ``perms_known``."""
+        nodes ("" if none may).  A message in names is authenticated before anything is
+        asked of xenstore, so a forged or torn one costs the host no request; a spilled one
+        has its values and permissions read in one round trip first.  The permissions of
+        nodes below ``req/`` are read only when not ``perms_known``."""
         conn = self.conn
         counters = self.counters
         paths = [message_path, *(path for _, path in parts)]
         slots = {path.rsplit("/", 2)[-2] for path in paths}
         reads: list[int] = []
         chunk_paths: list[str] = []
+        body: bytes | None = None
         if envelope.chunks:
             counters.spilled_requests += 1
             chunk_paths = [f"{self.otherend}/{REQ_DATA_DIR}/{self.key.chunk(i, reply=False)}"
                            for i in range(1, envelope.chunks)]
             reads = [conn.post_read(path) for path in (message_path, *chunk_paths)]
-        elif envelope.parts:
-            counters.parted_requests += 1
         else:
-            counters.inline_requests += 1
+            if envelope.parts:
+                counters.parted_requests += 1
+            else:
+                counters.inline_requests += 1
+            body = unframe(envelope, None, (), self.limits, reply=False, key=self.key,
+                           untrusted_parts=[part for part, _ in parts])
         req_dir = f"{self.otherend}/{REQ_DIR}"
         req_ids: tuple[int, int] | None = None
         if perms_known:
@@ -661,9 +688,9 @@ class TmemBack(XenbusDevice):
             perms_known = self._only_own_below(req_dir, *req_ids, slots, deadline)
         if failure is not None:
             raise failure
-        body = unframe(envelope, untrusted[0] if untrusted else None, untrusted[1:],
-                       self.limits, reply=False, key=self.key,
-                       untrusted_parts=[part for part, _ in parts])
+        if body is None:
+            body = unframe(envelope, untrusted[0], untrusted[1:], self.limits, reply=False,
+                           key=self.key)
         self._perms_known = perms_known and not foreign
         return body, foreign
 
@@ -740,6 +767,42 @@ class TmemBack(XenbusDevice):
         log.warning("domain %d: request node %r is not a message: %s", self.domid,
                     untrusted_name[:60], exc)
         self._consumed()
+        self._distrust()
+
+    def _distrust(self) -> None:
+        """One more request node that did not authenticate: past the allowance, the guest's
+        ``req/`` goes unwatched for :attr:`pause_s` (its events queued so far dropped with
+        the watch), and :meth:`tick` takes it up again."""
+        now = self.conn.clock.monotonic()
+        self._allowance = min(float(UNAUTHENTIC_BURST), self._allowance
+                              + (now - self._allowance_at) * UNAUTHENTIC_PER_S) - 1
+        self._allowance_at = now
+        if self._allowance >= 0 or self.paused_until is not None:
+            return
+        self.paused_until = now + self.pause_s
+        self.counters.pauses += 1
+        self._parts.clear()
+        log.warning("domain %d: too many requests that do not authenticate; its %s/ is not "
+                    "served for %gs", self.domid, REQ_DIR, self.pause_s)
+        try:
+            self.conn.unwatch(self.req_token)
+        except (XsError, XsTimeout) as exc:  # its events are still ignored while paused
+            log.warning("domain %d: unwatch of %s/: %s", self.domid, REQ_DIR, exc)
+
+    def tick(self, run: Callable[[int, OpRecord], ResultRecord]) -> None:
+        """Called by the service about once a second: once a pause is over, watch ``req/``
+        again and serve what the guest wrote meanwhile (as after a restart)."""
+        if self.paused_until is None or self.conn.clock.monotonic() < self.paused_until:
+            return
+        self.paused_until = None
+        self._perms_known = False
+        if not self._watching:  # torn down meanwhile
+            return
+        if not self.conn.watching(self.req_token):
+            self.conn.watch(f"{self.otherend}/{REQ_DIR}", self.req_token)
+        log.info("domain %d: its %s/ is served again", self.domid, REQ_DIR)
+        if self.state == XenbusState.CONNECTED:
+            self._serve_waiting(run)
 
     def describe(self) -> dict[str, object]:
         return {

@@ -598,6 +598,10 @@ class XsSession:
         watch = self._watches[token] = Watch(self, raw, token)
         return watch
 
+    def watching(self, token: bytes) -> bool:
+        """Whether ``token`` is watched (by :meth:`watch`, not :meth:`unwatch` since)."""
+        return token in self._watches
+
     def unwatch(self, token: bytes) -> None:
         watch = self._watches.pop(token, None)
         if watch is None:

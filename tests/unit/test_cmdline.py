@@ -30,3 +30,10 @@ def test_unrelated_cmdline_has_no_effect(tmp_path: Path) -> None:
     assert read_cmdline(tmp_path / "missing").enabled is False
     assert parse_cmdline("tmem.bogus=1").warnings == ("kernel command line 'tmem.bogus=1': "
                                                       "unknown tmem param, ignored",)
+
+
+def test_words_after_a_double_dash_are_inits_not_the_kernels() -> None:
+    """The kernel's parse_args stops at "--": what follows goes to init, so a tmem word
+    there turns nothing off (it once did)."""
+    boot = parse_cmdline("root=/dev/xvda1 ro tmem.cleancache=0 -- nofrontswap tmem.frontswap=0")
+    assert boot.params == {"cleancache": "0"} and len(boot.warnings) == 1  # its deprecation

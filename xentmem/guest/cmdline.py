@@ -43,6 +43,8 @@ def parse_cmdline(text: str) -> BootParams:
     params: dict[str, str] = {}
     warnings: list[str] = []
     for word in text.split():
+        if word == "--":  # the kernel's parse_args stops there: the rest is init's
+            break
         if word == "tmem":
             enabled = True
             warnings.append(

@@ -59,3 +59,41 @@ def test_unmounted_fs_id_is_never_reused(shim: Shim) -> None:
     with pytest.raises(AbiError, match="no cleancache filesystem"):
         shim.cleancache.get_page(fs, 1, 1)
     assert shim.cleancache.get_page(again, 1, 1) is None
+
+
+def test_a_failed_flush_drops_a_shared_pool_for_every_fs_of_the_guest_that_shares_it(
+        tmp_path: Path) -> None:
+    """Two filesystems mounted with one uuid share one pool: a flush that fails on one
+    dropped only that one's slot, so the pool and the stale page lived on, read by the
+    other; every fs sharing it lets go now, and the pool goes with the page."""
+    from xentmem.guest.backends.zcache import ZcacheBackend
+
+    shim = Shim(roots=Roots(root=tmp_path), boot=BootParams())
+    backend = shim.load(ZcacheBackend, {"capacity": "8M"})
+    uuid = PoolUuid(0x1111, 0x2222)
+    fs1, fs2 = shim.cleancache.init_shared_fs(uuid), shim.cleancache.init_shared_fs(uuid)
+    private = shim.cleancache.init_fs()
+    shim.cleancache.put_page(fs1, 42, 0, A)
+    shim.cleancache.put_page(private, 42, 0, B)
+    assert shim.cleancache.get_page(fs2, 42, 0) == A
+
+    def fails(*_args: object) -> int:
+        raise RuntimeError("flush: no reply")
+
+    backend.flush_page = fails  # type: ignore[method-assign]
+    shim.cleancache.invalidate_page(fs1, 42, 0)
+    del backend.flush_page
+    assert shim.cleancache.get_page(fs2, 42, 0) is None  # never the stale A
+    assert shim.cleancache.real_pool_id(fs1) == shim.cleancache.real_pool_id(fs2) == -1
+    assert shim.cleancache.get_page(private, 42, 0) == B  # another pool: untouched
+    assert backend.pools() == [row for row in backend.pools() if not row["shared"]]
+    shim.unload()
+
+
+@pytest.mark.parametrize("uuid", [(-1, 0), (2**64, 0), (1, 2, 3), 5, (1.0, 2)])
+def test_a_shared_fs_with_a_uuid_that_is_not_one_is_refused_and_recorded_nowhere(
+        shim: Shim, uuid: object) -> None:
+    before = shim.status()
+    with pytest.raises(AbiError, match="u64"):
+        shim.cleancache.init_shared_fs(uuid)  # type: ignore[arg-type]
+    assert shim.status() == before

@@ -120,11 +120,18 @@ class Cleancache(Guarded):
             return dropped
 
     def _disable(self, ops: Backend, fs: _Filesystem) -> None:
-        """A flush failed: the pool may hold a stale page, so this fs stops using it."""
+        """A flush failed: the pool may hold a stale page, so this fs stops using it, and so
+        does every fs of this guest that shares it (same uuid): the pool goes with the last
+        of them, the stale page with it."""
         log.error("cleancache: fs %d: a flush failed; its pool %d is dropped so no stale page "
                   "can be returned", fs.fake_id, fs.real_id)
-        self.quietly("destroy_pool", ops.destroy_pool, fs.real_id)
-        fs.real_id = FS_NO_BACKEND
+        members = [fs]
+        if fs.uuid is not None:
+            members += [other for other in self._filesystems.values()
+                        if other is not fs and other.uuid == fs.uuid and other.real_id >= 0]
+        for member in members:
+            self.quietly("destroy_pool", ops.destroy_pool, member.real_id)
+            member.real_id = FS_NO_BACKEND
 
     @staticmethod
     def _new_pool(ops: Backend, fs: _Filesystem) -> int:
@@ -141,8 +148,13 @@ class Cleancache(Guarded):
         return self._init(None)
 
     def init_shared_fs(self, uuid: PoolUuid) -> int:
-        """A clustered filesystem (ocfs2) was mounted: a shared pool named by its uuid."""
-        return self._init(uuid)
+        """A clustered filesystem (ocfs2) was mounted: a shared pool named by its uuid
+        (AbiError for one that is not two u64 words: nothing is recorded)."""
+        try:
+            lo, hi = uuid
+        except (TypeError, ValueError):
+            raise AbiError(f"a pool uuid is two u64 words, got {uuid!r}") from None
+        return self._init(PoolUuid.checked(lo, hi))
 
     def _init(self, uuid: PoolUuid | None) -> int:
         with self._lock:

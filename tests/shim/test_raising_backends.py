@@ -80,6 +80,34 @@ def test_a_load_that_fails_half_way_leaves_no_stale_pool_ids(shim: Shim) -> None
     assert len(other.pool_flags) == 3
 
 
+def test_a_load_refused_while_kept_pages_are_taken_back_leaves_frontswap_as_it_was(
+        shim: Shim) -> None:
+    """A backend whose pages outlive it failing while frontswap takes its kept pages back
+    (restored_pages raising half way) once left frontswap with the removed backend's pool
+    id, its swap types forgotten and pages marked in tmem: every later load made no pool
+    and every store went to the backing store."""
+    shim.frontswap.init(0, MemoryBacking(64))
+    before = (shim.frontswap.describe(), shim.frontswap.curr_pages())
+
+    class KeptThenFails(RecordingBackend):
+        name = "kept"
+        outlives_process = True
+
+        def restored_pages(self, pool_id: int) -> Any:
+            yield Oid(0), 1  # offset 16 of swap type 0: taken back, then the read fails
+            raise XenStoreError("restored_pages: the arena's index is unreadable")
+
+    with pytest.raises(XenStoreError, match="unreadable"):
+        shim.load(KeptThenFails)
+    assert shim.backend is None and shim.frontswap.pool_id == -1
+    # the swap type waits for the next backend, no page is marked in tmem
+    assert (shim.frontswap.describe(), shim.frontswap.curr_pages()) == before
+    shim.load(OtherBackend)
+    assert shim.frontswap.pool_id == 0  # the swap type was replayed on the next backend
+    assert shim.frontswap.store(0, 3, page(3)) == 0  # into tmem
+    assert shim.frontswap.curr_pages() == 1
+
+
 def test_connect_failure_tears_the_backend_down(shim: Shim) -> None:
     removed: list[bool] = []
 

@@ -110,27 +110,32 @@ class Frontswap(Guarded):
     ) -> None:
         """``frontswap_register_ops``: replay recorded swap types, then publish the ops.
 
-        All or nothing: if the backend raises while the pool is created, nothing is kept.
+        All or nothing: if the backend raises while the pool is made or its kept pages are
+        taken back, nothing is kept (the swap types wait for the next backend).
         """
         with self._all_slots(), self._lock:  # no store or load is half done meanwhile
             if self._ops is not None:
                 raise BackendError(f"frontswap already has a backend ({self._ops.name})")
             self._pool_id = -1
-            try:
-                for swap_type in self._need_init:
-                    self._tmem_init(ops, swap_type)
-            except Exception:
-                self._pool_id = -1
-                raise
-            self._need_init.clear()
             # A backend whose pages outlive its process (zcache's arena) may hold this
             # frontend's pages from before a crash: they are taken back now, for the areas
             # re-attached, and a store no longer trusts an older copy in the backing store.
-            self._outlives = bool(getattr(ops, "outlives_process", False))
-            if getattr(ops, "restored_pools", 0) and self._pool_id < 0:
-                self._tmem_init(ops, -1)
-            if self._outlives and self._pool_id >= 0:
-                self._adopt(ops, self._pool_id)
+            outlives = bool(getattr(ops, "outlives_process", False))
+            adopted: list[tuple[_SwapArea, int]] = []
+            try:
+                for swap_type in self._need_init:
+                    self._tmem_init(ops, swap_type)
+                if getattr(ops, "restored_pools", 0) and self._pool_id < 0:
+                    self._tmem_init(ops, -1)
+                if outlives and self._pool_id >= 0:
+                    self._adopt(ops, self._pool_id, adopted)
+            except Exception:  # as if never called: the types wait for the next backend
+                for area, offset in adopted:
+                    self._forget(area, offset)
+                self._pool_id = -1
+                raise
+            self._need_init.clear()
+            self._outlives = outlives
             self.writethrough = writethrough
             self.exclusive_gets = exclusive_gets
             self._ops = ops
@@ -178,17 +183,18 @@ class Frontswap(Guarded):
                 log.warning("frontswap: backend %s refused the persistent pool: %s",
                             ops.name, rc_name(rc))
 
-    def _adopt(self, ops: Backend, pool_id: int) -> None:
+    def _adopt(self, ops: Backend, pool_id: int, adopted: list[tuple[_SwapArea, int]]) -> None:
         """Pages the backend kept across a restart become this frontend's again where an
         area (re-attached from its file) has the offset and its file holds no copy of it;
         the others are flushed: no area to serve them, or the file's copy is the newer one
         (a store writes the file before tmem whenever both could hold it, and one answered
-        with its page in tmem only has had the file forget its copy: :meth:`_store`)."""
+        with its page in tmem only has had the file forget its copy: :meth:`_store`).
+        Each page taken back is listed in ``adopted`` (undone if the registration fails)."""
         owners: dict[Oid, tuple[_SwapArea, int]] = {}
         for area in self._areas.values():
             for low, oid in enumerate(area.oids):
                 owners[oid] = (area, low)
-        adopted = flushed = 0
+        flushed = 0
         for oid, index in ops.restored_pages(pool_id):  # type: ignore[attr-defined]
             found = owners.get(oid)
             offset = -1
@@ -204,10 +210,10 @@ class Frontswap(Guarded):
                 continue
             area.in_tmem[offset] = None
             self._tmem_pages += 1
-            adopted += 1
+            adopted.append((area, offset))
         if adopted or flushed:
             log.info("frontswap: %d swap page(s) kept by %s across its restart taken back, "
-                     "%d flushed (no area, or the area's file has the page)", adopted,
+                     "%d flushed (no area, or the area's file has the page)", len(adopted),
                      ops.name, flushed)
 
     # -- swap areas ---------------------------------------------------------------------------

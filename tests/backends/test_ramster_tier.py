@@ -23,6 +23,8 @@ from xentmem.guest.backends.ramster.tier import (
     RemoteTier,
     TierConfig,
 )
+from xentmem.guest.backends.zcache import ZcacheBackend
+from xentmem.roots import Roots
 from xentmem.tmem.abi import Oid
 
 SHARED_UUID = "0123456789abcdef0123456789abcdef"
@@ -256,6 +258,52 @@ def test_a_wrong_password_or_no_cluster_fails_the_connect_naming_it(
                          password_file=str(tmp_path / "absent"))
     with pytest.raises(BackendError, match="ramster_password_file"):
         RemoteTier(missing).connect()
+
+
+def _chain(exc: BaseException | None) -> list[BaseException]:
+    """``exc`` and every exception it carries as cause or context."""
+    found: list[BaseException] = []
+    while exc is not None and exc not in found:
+        found.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return found
+
+
+def test_a_password_file_that_is_not_utf8_fails_as_a_backend_error_without_the_password(
+        tmp_path: Path) -> None:
+    """Fails before: read_text raised a bare UnicodeDecodeError, at load and out of put_many
+    at a rebuild, whose ``object`` (and so its repr's neighbours) held the whole file."""
+    secret = b"hunter2-\xff-secret"
+    bad = tmp_path / "bad.password"
+    bad.write_bytes(secret + b"\n")
+    port = redis_cluster.free_ports(1, redis_cluster.PORT_RANGE[0] + 7300)[0]  # nothing there
+    config = TierConfig(nodes=(("127.0.0.1", port),), node_id="node-a", user="node-a",
+                        password_file=str(bad), timeout_ms=300)
+
+    def clean(exc: BaseException) -> None:
+        for each in _chain(exc):
+            for text in (str(each), repr(each), repr(each.args),
+                         repr(getattr(each, "object", b""))):
+                assert "hunter2" not in text and "secret" not in text, text
+
+    with pytest.raises(BackendError, match=f"ramster_password_file {bad}: not UTF-8 text"
+                       ) as loaded:
+        RemoteTier(config).connect()
+    clean(loaded.value)
+    with pytest.raises(BackendError, match="not UTF-8 text") as by_zcache:
+        ZcacheBackend({"capacity": "1M", "ramster": True, "ramster_nodes": f"127.0.0.1:{port}",
+                       "ramster_node_id": "node-a", "ramster_password_file": str(bad),
+                       "ramster_timeout_ms": 300},
+                      roots=Roots(run_dir=tmp_path / "run"), total_ram=lambda: 1 << 30)
+    clean(by_zcache.value)
+    tier = RemoteTier(config)  # at a rebuild: an outage (paused, retried), not an exception
+    done = tier.put_many([(key("node-a", 1), page(1))], persistent=True)
+    assert not done.acknowledged and isinstance(done.errors[0], RamsterUnavailable)
+    assert "not UTF-8 text" in str(done.errors[0])
+    clean(done.errors[0])
+    with pytest.raises(RamsterUnavailable, match="not UTF-8 text") as got:
+        tier.get(key("node-a", 1), exclusive=False)
+    clean(got.value)
 
 
 def test_keys_under_a_node_s_prefix_that_are_not_its_pages_are_skipped_not_fatal(

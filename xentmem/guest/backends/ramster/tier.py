@@ -109,9 +109,14 @@ class TierConfig:
             return None
         path = Path(self.password_file)
         try:
-            text = path.read_text(encoding="utf-8")
+            raw = path.read_bytes()
         except OSError as exc:
             raise BackendError(f"ramster_password_file {path}: {exc.strerror or exc}") from None
+        text: str | None = None
+        with contextlib.suppress(UnicodeDecodeError):
+            text = raw.decode("utf-8")
+        if text is None:  # raised here, not in an except: no context holding the file's bytes
+            raise BackendError(f"ramster_password_file {path}: not UTF-8 text")
         secret = text.rstrip("\r\n")
         if not secret or "\n" in secret:
             raise BackendError(f"ramster_password_file {path}: must hold one non-empty line")

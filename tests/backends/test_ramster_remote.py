@@ -51,6 +51,7 @@ class StandInTier:
         self.during_mget: list[Any] = []
         #: The keys of every MGET (a readahead), in order.
         self.mgets: list[list[RemoteKey]] = []
+        self.refused_records = 0
 
     def _check(self) -> None:
         if self.down:
@@ -106,6 +107,9 @@ class StandInTier:
 
     def may_access(self, owner: str) -> bool:
         return True
+
+    def count_refused_record(self) -> None:
+        self.refused_records += 1
 
     def close(self) -> None:
         pass
@@ -529,6 +533,7 @@ def test_a_page_that_does_not_unpack_still_ends_the_window_it_started() -> None:
     for n in remote_indexes[:3]:  # the third reads the next pages, the bad one among them
         assert remote.get_page(pool, Oid(1), n) == (1, page(n))
     assert remote.get_page(pool, Oid(1), bad)[0] == -errno.EIO
+    assert tier.refused_records == 1  # counted as a refused record
     assert len(tier.mgets) == 2
     assert remote._ahead._flights == []  # ended: no page of it waited for
     for n in remote_indexes[4:]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import redis
 from fakes import redis_cluster
+from lz4.block import compress
 
 from xentmem.errors import BackendError, ParamError
 from xentmem.guest.backends.ramster import record
@@ -37,6 +38,7 @@ from xentmem.tmem.abi import (
     Oid,
     PoolUuid,
 )
+from xentmem.tmem.store import pack_page
 
 GIB = 1 << 30
 SHARED_UUID = PoolUuid(0x0123456789ABCDEF, 0xFEDCBA9876543210)
@@ -400,6 +402,30 @@ def test_a_shared_pool_is_cluster_wide_for_the_nodes_granted_it(
     finally:
         for made in (a, b, c):
             made.remove()
+
+
+def test_a_short_page_another_host_wrote_in_a_shared_pool_is_refused(
+        cluster: redis_cluster.RedisClusterFixture, tmp_path: Path) -> None:
+    """Fails before: node B (granted the UUID, its own ACL user) writes a well-formed record
+    (right key, right checksum) whose lz4 decodes to 100 bytes; A's get_page served it as
+    a 'page' of 100 bytes.  Now a refused record: a miss, counted, never served."""
+    a = zcache(cluster, tmp_path, "zc-a")
+    b = redis.cluster.RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port,
+                                   username="zc-b", password="pw-zc-b")
+    try:
+        pa = a.new_pool(SHARED_UUID, POOL_SHARED_EPHEMERAL)
+        owner = record.owner_of_shared(SHARED_HEX)
+        short, fine = (record.RemoteKey(owner, 0, Oid(77), i) for i in (1, 2))
+        b.set(short.name(), record.encode(short, compress(b"z" * 100, store_size=False),
+                                          persistent=False), ex=600)
+        b.set(fine.name(), record.encode(fine, pack_page(page(2)), persistent=False), ex=600)
+        assert a.get_page(pa, Oid(77), 1) == (0, None)
+        assert a.stats()["ramster_refused_records"] == 1
+        assert a.get_page(pa, Oid(77), 2) == (1, page(2))  # a whole page is served
+    finally:
+        b.delete(short.name(), fine.name())
+        b.close()
+        a.remove()
 
 
 # -- faults ------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from lz4.block import compress
 
 from xentmem.tmem.abi import (
     EEMPTY,
@@ -69,6 +70,16 @@ def test_stored_forms_are_told_apart_by_length() -> None:
     assert pack_page(RAW) is RAW and unpack_page(RAW) is RAW
     assert 0 < len(pack_page(text)) < PAGE_SIZE and unpack_page(pack_page(text)) == text
     assert pack_page(bytearray(RAW)) == RAW  # a mutable page is copied
+
+
+def test_an_lz4_block_that_decodes_to_less_than_a_page_is_refused() -> None:
+    """Fails before: ``uncompressed_size`` only bounds lz4's output, so a block of 100
+    bytes' worth came back as a 'page' of 100 bytes (a shared pool's value, written by
+    another host, reached get_page so)."""
+    with pytest.raises(ValueError, match="decodes to 100 bytes, not 4096"):
+        unpack_page(compress(b"z" * 100, store_size=False))
+    with pytest.raises(ValueError, match="decodes to 4095 bytes"):
+        unpack_page(compress(b"z" * (PAGE_SIZE - 1), store_size=False))
 
 
 # -- pools -------------------------------------------------------------------------------------

@@ -36,12 +36,20 @@ def pack_page(page: bytes) -> bytes:
 
 
 def unpack_page(data: bytes) -> bytes:
-    """The 4096-byte page a stored form stands for."""
+    """The 4096-byte page a stored form stands for.
+
+    ValueError for an lz4 block that decodes to fewer bytes (``uncompressed_size`` only
+    bounds the output): a stored form may come from elsewhere (a shared pool's value in
+    RAMster's cluster is written by other hosts), and a page is never shorter than a page.
+    """
     size = len(data)
     if size == PAGE_SIZE:
         return data
     if size:
-        return decompress(data, uncompressed_size=PAGE_SIZE)
+        page = decompress(data, uncompressed_size=PAGE_SIZE)
+        if len(page) != PAGE_SIZE:
+            raise ValueError(f"an lz4 page decodes to {len(page)} bytes, not {PAGE_SIZE}")
+        return page
     return ZERO_PAGE
 
 

@@ -126,7 +126,8 @@ class RemotePages:
         self._cramped_warned = False
         #: Gets of remote pages: concurrent callers share one pipeline per master.
         self.fetcher = Fetcher(tier, wait_s=lambda: FETCH_WAIT_TIMEOUTS *
-                               tier.config.timeout_ms / 1000 + FETCH_WAIT_S, ready=unpack_page)
+                               tier.config.timeout_ms / 1000 + FETCH_WAIT_S,
+                               ready=self._ready)
         #: Pages of an object read ahead of their gets (persistent pools, gets in order):
         #: whatever changes a page's index entry drops its copy there (:meth:`_record`,
         #: :meth:`_unrecord` and the flushes of objects and pools).
@@ -339,13 +340,24 @@ class RemotePages:
             del self._versions[where]
         return version[0] == seen
 
-    @staticmethod
-    def _unpacked(key: RemoteKey, data: bytes) -> bytes:
-        """The page of a checked record; RecordError when it does not unpack (as the
-        fetcher refuses it)."""
+    def _ready(self, data: bytes) -> bytes:
+        """The fetcher's form of a fetched record's data: its page.  Data that does not
+        unpack to exactly a page (damaged lz4, or a short page another host wrote in a
+        shared pool) is counted as a refused record; the fetcher logs it and never serves
+        it."""
+        try:
+            return unpack_page(data)
+        except Exception:
+            self.tier.count_refused_record()
+            raise
+
+    def _unpacked(self, key: RemoteKey, data: bytes) -> bytes:
+        """The page of a checked record; RecordError when it does not unpack to exactly a
+        page (counted and logged as the fetcher refuses it)."""
         try:
             return unpack_page(data)
         except Exception as exc:  # lz4's errors and any other: the page is not served
+            self.tier.count_refused_record()
             refused = RecordError(f"{key.name()}: the page does not unpack: {exc}")
             log.error("%s (not served)", refused)
             raise refused from None

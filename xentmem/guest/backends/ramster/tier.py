@@ -613,6 +613,12 @@ class RemoteTier:
 
     # -- accounting -------------------------------------------------------------------------------
 
+    def count_refused_record(self) -> None:
+        """A record that passed its checks but whose page the caller refused (it does not
+        unpack to exactly a page): counted with the records refused here."""
+        with self._lock:
+            self.counters.refused_records += 1
+
     def _account(self, name: str, size: int) -> None:
         old = self._sizes.get(name)
         if old is None:

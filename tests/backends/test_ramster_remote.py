@@ -163,6 +163,19 @@ def test_a_pending_delete_never_takes_a_newer_copy_of_the_same_page() -> None:
     assert remote.get_page(pool, Oid(1), 0) == (1, page(1000))
 
 
+def test_a_pool_opened_in_a_slot_forgets_what_the_slot_held_before() -> None:
+    """Fails before: opened() returned early for a pool that is not shared, so a slot left
+    cluster-wide by an earlier pool (one refused after it was opened) stayed so, and the
+    private pool now in it put its pages under the shared pool's namespace."""
+    _store, tier, remote, pool, _clock = setup()
+    remote._shared[pool] = "shared:0123456789abcdeffedcba9876543210"  # left by a refused pool
+    remote.opened(pool, PRIVATE_UUID)
+    assert remote.stats()["ramster_shared_pools"] == 0
+    assert remote.put_page(pool, Oid(1), 0, page(0)) == 1
+    remote.remotify(1 << 30)  # whatever moves goes under this node's own keys
+    assert tier.values and all(name.startswith("xentmem:{node:") for name in tier.values)
+
+
 def test_the_index_follows_puts_flushes_and_gets_exactly() -> None:
     store, tier, remote, pool, _clock = setup()
     for n in range(200):

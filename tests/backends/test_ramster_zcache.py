@@ -404,6 +404,45 @@ def test_a_shared_pool_is_cluster_wide_for_the_nodes_granted_it(
             made.remove()
 
 
+def test_a_refused_shared_pool_leaves_its_slot_private_for_the_next_pool(
+        cluster: redis_cluster.RedisClusterFixture, tmp_path: Path,
+        admin: redis.cluster.RedisCluster) -> None:
+    """Fails before: a shared NEW_POOL made cluster-wide and then refused (the pool table
+    could not be written) was destroyed in the store only, so its slot stayed cluster-wide;
+    the next pool there, frontswap's private persistent one, put its swap pages in the
+    shared namespace with a TTL, where node B (granted the UUID) read them."""
+    a = zcache(cluster, tmp_path, "zc-a")
+    b = zcache(cluster, tmp_path, "zc-b")
+    shared_keys = record.key_pattern(record.owner_of_shared(SHARED_HEX))
+
+    def shared() -> set[bytes]:  # other tests' pages of that pool may be there too
+        return set(admin.scan_iter(match=shared_keys, target_nodes=admin.PRIMARIES))
+
+    try:
+        before = shared()
+        pools = a._pools_path
+        saved = pools.read_bytes()
+        pools.unlink()
+        pools.mkdir()  # a directory that is not empty: the table cannot be replaced
+        (pools / "x").write_text("")
+        assert a.new_pool(SHARED_UUID, POOL_SHARED_EPHEMERAL) == -errno.ENOMEM
+        (pools / "x").unlink()
+        pools.rmdir()
+        pools.write_bytes(saved)
+        slot = a.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        assert slot == 0 and a.stats()["ramster_shared_pools"] == 0
+        fill(a, slot)  # the oldest swap pages move to the cluster: under A's own keys
+        remote = a.stats()["ramster_remote_pages"]
+        assert remote > PAGES // 2 and len(node_keys(admin, "zc-a")) == remote
+        assert shared() == before  # nothing of A's swap went to the shared namespace
+        pb = b.new_pool(SHARED_UUID, POOL_SHARED_EPHEMERAL)
+        assert b.get_page(pb, *where(0)) == (0, None)  # B sees nothing of A's swap
+        assert a.get_page(slot, *where(0)) == (1, page(0))
+    finally:
+        a.remove()
+        b.remove()
+
+
 def test_a_short_page_another_host_wrote_in_a_shared_pool_is_refused(
         cluster: redis_cluster.RedisClusterFixture, tmp_path: Path) -> None:
     """Fails before: node B (granted the UUID, its own ACL user) writes a well-formed record

@@ -457,6 +457,8 @@ class ZcacheBackend(Backend):
                 except OSError as exc:  # refused means unchanged: the pool goes again
                     log.error("zcache: pool table %s not written: %s; new pool refused",
                               self._pools_path, exc)
+                    if self._remote is not None:  # its slot must not stay cluster-wide
+                        self._remote.destroyed(rc)
                     self._store.destroy_pool(CLIENT, rc)
                     return -errno.ENOMEM
             return rc

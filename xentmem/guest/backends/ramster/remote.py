@@ -137,7 +137,9 @@ class RemotePages:
 
     def opened(self, slot: int, uuid: PoolUuid) -> None:
         """A new pool in ``slot``: a shared one is cluster-wide when this node was granted
-        its UUID's namespace."""
+        its UUID's namespace.  Whatever the slot held before is forgotten first: a pool
+        that is not cluster-wide must never send its pages to another pool's namespace."""
+        self._shared.pop(slot, None)
         pool = self._pool(slot)
         if pool is None or not pool.shared:
             return

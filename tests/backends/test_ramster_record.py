@@ -54,6 +54,17 @@ def test_an_objects_pages_share_one_hash_tag_and_owners_stay_apart() -> None:
             record.check_node_id(bad)
 
 
+def test_a_pending_flush_of_an_object_is_told_from_a_key_name() -> None:
+    tag = record.object_tag(record.owner_of_shared("0123456789abcdef0123456789abcdef"), 0,
+                            Oid(7, 0, 0))
+    mark = record.object_mark(tag)
+    assert mark == "xentmem:{shared:0123456789abcdef0123456789abcdef:0:7.0.0}:*"
+    assert record.marked_object(mark) == tag
+    assert record.marked_object(KEY.name()) is None  # a key name is no mark
+    for other in ("*:*", "xentmem:{dom5:2:1.2.3:*", "xentmem:{dom5:2:01.2.3}:*", ":*"):
+        assert record.marked_object(other) is None, other  # not a tag this module writes
+
+
 def test_nodes_and_node_ids_are_validated_as_params() -> None:
     assert parse_nodes("10.0.0.1:7000, redis-a ,[::1]:7001, [fe80::2]") == (
         ("10.0.0.1", 7000), ("redis-a", 6379), ("::1", 7001), ("fe80::2", 6379))

@@ -404,6 +404,67 @@ def test_a_shared_pool_is_cluster_wide_for_the_nodes_granted_it(
             made.remove()
 
 
+def _cluster_down_once(made: ZcacheBackend) -> None:
+    """The next call of ``made``'s tier finds the cluster down (then it answers again)."""
+    assert made._remote is not None
+    tier = made._remote.tier
+    real = tier._cluster
+
+    def down() -> redis.cluster.RedisCluster:
+        tier._cluster = real  # type: ignore[method-assign]
+        raise redis.ConnectionError("a blip")
+
+    tier._cluster = down  # type: ignore[method-assign]
+
+
+def test_a_shared_objects_failed_flush_is_remembered_until_it_is_done(
+        cluster: redis_cluster.RedisClusterFixture, tmp_path: Path) -> None:
+    """Fails before: a shared pool's flush_object whose SCAN failed returned 0 and kept
+    nothing, so once the cluster answered again the node served the pages it had
+    invalidated.  Now -EIO, the object kept pending (in ramster.deletes, across a kill):
+    each of its keys a miss here until the SCAN and DEL are done again (a put into the
+    object, the retry of pending deletes), which B then sees too."""
+    run = tmp_path / "run-a"
+    a = zcache(cluster, tmp_path, "zc-a", run=run)
+    b = zcache(cluster, tmp_path, "zc-b")
+    second: ZcacheBackend | None = None
+    try:
+        pa, pb = (n.new_pool(SHARED_UUID, POOL_SHARED_EPHEMERAL) for n in (a, b))
+        for oid in (Oid(7), Oid(8)):
+            for index in (0, 1):
+                assert a.put_page(pa, oid, index, page(index)) == 1
+        _cluster_down_once(a)
+        assert a.flush_object(pa, Oid(7)) == -errno.EIO
+        assert a.get_page(pa, Oid(7), 0) == (0, None)  # never its invalidated page
+        assert a.get_page(pa, Oid(7), 1) == (0, None)
+        assert b.get_page(pb, Oid(7), 0) == (1, page(0))  # the cluster has it still
+        mark = record.object_tag(record.owner_of_shared(SHARED_HEX), 0, Oid(7)) + ":*"
+        assert mark in (run / "ramster.deletes").read_text().split()
+        _cluster_down_once(a)
+        assert a.flush_object(pa, Oid(8)) == -errno.EIO
+        assert a.put_page(pa, Oid(8), 2, page(2)) == 1  # a put into it flushes it first
+        assert b.get_page(pb, Oid(8), 0) == (0, None)
+        assert a.get_page(pa, Oid(8), 2) == (1, page(2)) == b.get_page(pb, Oid(8), 2)
+        assert a._arena is not None and a._remote is not None
+        a._arena.close()  # a kill -9: Oid(7)'s flush is still to be done
+        a._remote.tier.close()
+        second = zcache(cluster, tmp_path, "zc-a", run=run)
+        p2 = second.new_pool(SHARED_UUID, POOL_SHARED_EPHEMERAL)
+        assert second.get_page(p2, Oid(7), 0) == (0, None)
+        assert second.stats()["ramster_stale_keys"] == 1
+        assert second._remote is not None
+        second._remote._retry_stale()  # what a remotify does first
+        assert second.stats()["ramster_stale_keys"] == 0
+        assert b.get_page(pb, Oid(7), 0) == (0, None) and b.get_page(pb, Oid(7), 1) == (0, None)
+        assert mark not in (run / "ramster.deletes").read_text().split()
+        assert second.put_page(p2, Oid(7), 0, page(5)) == 1
+        assert b.get_page(pb, Oid(7), 0) == (1, page(5))
+        assert second.flush_object(p2, Oid(7)) == 1 and b.flush_object(pb, Oid(8)) == 1
+    finally:
+        for made in (second or a, b):
+            made.remove()
+
+
 def test_a_refused_shared_pool_leaves_its_slot_private_for_the_next_pool(
         cluster: redis_cluster.RedisClusterFixture, tmp_path: Path,
         admin: redis.cluster.RedisCluster) -> None:

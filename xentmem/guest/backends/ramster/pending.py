@@ -4,6 +4,11 @@ A flush must hold across a crash: a remote copy whose ``DEL`` failed is only nam
 a restart's SCAN would otherwise find the key and adopt the flushed page again, which a load
 would then serve.  The file is rewritten (atomically) only when the set changes, which is only
 when the cluster fails a delete or a retry succeeds: nothing on the data path while it is up.
+
+Beside key names it keeps the flushes of whole objects of shared pools whose SCAN or DEL
+failed (:func:`.record.object_mark`: the object's tag and ``:*``), since other nodes put
+that object's keys and this node cannot name them: every key of such an object is a miss
+until its SCAN and DEL are done again.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ MAX_KEPT = 65536
 
 
 class PendingDeletes:
-    """A set of key names, mirrored to ``path`` (None: in memory only)."""
+    """A set of key names (and object marks), mirrored to ``path`` (None: in memory only)."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path

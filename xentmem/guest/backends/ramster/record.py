@@ -68,6 +68,26 @@ def object_tag(owner: str, pool: int, oid: Oid) -> str:
     return f"{PREFIX}:{{{owner}:{pool:x}:{oid[0]:x}.{oid[1]:x}.{oid[2]:x}}}"
 
 
+def object_mark(tag: str) -> str:
+    """How a flush of a whole object that has yet to be done is kept among the pending
+    deletes of key names (``ramster.deletes``): the object's tag and ``:*``, its keys' SCAN
+    pattern, which no key name ends with (an index is hex)."""
+    return f"{tag}:*"
+
+
+def marked_object(name: str) -> str | None:
+    """The tag of the object an :func:`object_mark` names; None for anything else (a key
+    name, or a mark whose tag is not one this module writes)."""
+    if not name.endswith(":*"):
+        return None
+    tag = name[:-2]
+    try:
+        parse_name(page_name(tag, 0))
+    except ValueError:
+        return None
+    return tag
+
+
 def page_name(tag: str, index: int) -> str:
     """The key of page ``index`` of the object whose :func:`object_tag` is ``tag`` (a batch
     computes the tag once per object)."""

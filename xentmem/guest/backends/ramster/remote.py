@@ -35,7 +35,15 @@ from xentmem.tmem.store import TmemStore, pack_page, unpack_page
 from .fetch import Fetcher
 from .pending import PendingDeletes
 from .readahead import Flight, Readahead
-from .record import RecordError, RemoteKey, owner_of_shared, parse_name
+from .record import (
+    RecordError,
+    RemoteKey,
+    marked_object,
+    object_mark,
+    object_tag,
+    owner_of_shared,
+    parse_name,
+)
 from .tier import GetResult as GetMany
 from .tier import RamsterUnavailable, RemoteTier
 
@@ -418,11 +426,7 @@ class RemotePages:
     def flush_object(self, slot: int, oid: Oid) -> int:
         if slot in self._shared:
             self._store.flush_object(self._cid, slot, oid)
-            try:
-                names = self.tier.object_names(self._shared[slot], 0, oid)
-            except BackendError:
-                return 0
-            return self._shared_flush(names)
+            return self._shared_flush_object(object_tag(self._shared[slot], 0, oid))
         with self._books:
             rc = self._store.flush_object(self._cid, slot, oid)
             self._moving.difference_update([w for w in self._moving if w[:2] == (slot, oid)])
@@ -447,6 +451,9 @@ class RemotePages:
         if len(page) != PAGE_SIZE:
             self._shared_flush([key.name()])
             return -errno.EINVAL
+        if self._stale and object_mark(key.object_tag()) in self._stale \
+                and self._shared_flush_object(key.object_tag()) < 0:
+            return -errno.EIO  # its object's flush is still to be done: nothing put in it
         try:
             self.tier.put(key, pack_page(page), persistent=False)
         except BackendError:  # the old copy must not outlive a failed put
@@ -457,8 +464,9 @@ class RemotePages:
 
     def _shared_get(self, slot: int, oid: Oid, index: int) -> GetResult:
         key = RemoteKey(self._shared[slot], 0, oid, index)
-        if key.name() in self._stale:
-            return _MISS
+        if self._stale and (key.name() in self._stale
+                            or object_mark(key.object_tag()) in self._stale):
+            return _MISS  # flushed here, its delete still to be done: never served
         try:
             found = self.fetcher.get(key, exclusive=False)
         except RecordError:
@@ -476,6 +484,22 @@ class RemotePages:
             self._stale.update(names)
             return -errno.EIO
         self._stale.difference_update(names)
+        return _DONE if removed else 0
+
+    def _shared_flush_object(self, tag: str) -> int:
+        """One shared object's keys (other nodes put them) listed by SCAN of its slot and
+        deleted: 1 if the cluster had some, 0 if none, -EIO when it failed.  A failure is
+        remembered (:func:`.record.object_mark` among the pending deletes, so in
+        ``ramster.deletes`` too): every key of the object is then a miss here until this is
+        done again, by a put into the object, a flush of it or the retry of pending deletes."""
+        mark = object_mark(tag)
+        try:
+            names = self.tier.tag_names(tag)
+            removed = self.tier.delete_names(names) if names else 0
+        except BackendError:
+            self._stale.update([mark])
+            return -errno.EIO
+        self._stale.difference_update([mark, *names])
         return _DONE if removed else 0
 
     # -- remotify ---------------------------------------------------------------------------------
@@ -676,12 +700,23 @@ class RemotePages:
     def _retry_stale(self) -> None:
         if not self._stale:
             return
-        names = list(self._stale)
-        try:
-            self.tier.delete_names(names)
-        except BackendError:
-            return
-        self._stale.difference_update(names)
+        names: list[str] = []
+        tags: list[str] = []
+        for name in self._stale:
+            tag = marked_object(name)
+            if tag is None:
+                names.append(name)
+            else:
+                tags.append(tag)
+        if names:
+            try:
+                self.tier.delete_names(names)
+            except BackendError:
+                return
+            self._stale.difference_update(names)
+        for tag in tags:  # a shared object's flush: SCAN and DEL again
+            if self._shared_flush_object(tag) < 0:
+                return
 
     def remote_keys(self, slot: int) -> list[tuple[Oid, int]]:
         with self._books:
@@ -729,7 +764,10 @@ class RemotePages:
             self._ahead.drop_where(lambda _w: True)
             self._remote_pages = self._remote_zbytes = 0
             self._lru.clear()
-        self._delete(names + list(self._stale))
+        pending = list(self._stale)
+        self._delete(names + [name for name in pending if marked_object(name) is None])
+        for tag in filter(None, map(marked_object, pending)):
+            self._shared_flush_object(tag)
         self.tier.close()
 
     # -- reporting --------------------------------------------------------------------------------

@@ -554,7 +554,11 @@ class RemoteTier:
         Used for shared pools, whose pages other nodes put; a node's own pages are known
         locally and flushed by name.
         """
-        tag = object_tag(owner, pool, oid)
+        return self.tag_names(object_tag(owner, pool, oid))
+
+    def tag_names(self, tag: str) -> list[str]:
+        """As :meth:`object_names`, for the object whose :func:`.record.object_tag` is
+        ``tag`` (a pending flush of an object is kept by its tag)."""
         pattern = tag.replace("\\", "\\\\").replace("*", "\\*").replace("?", "\\?") \
             .replace("[", "\\[") + ":*"
         with self._lock, self._calling(f"listing {tag} failed"):

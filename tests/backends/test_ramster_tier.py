@@ -218,6 +218,43 @@ def test_one_node_cannot_read_overwrite_or_flush_anothers_pages(
         b.close()
 
 
+def test_a_node_cannot_flush_list_or_script_the_whole_cluster(
+        cluster: redis_cluster.RedisClusterFixture, tmp_path: Path) -> None:
+    """Fails before: the node users had +@read +@write +@keyspace, whose commands without
+    keys no ~pattern restricts: node B's FLUSHALL on a master deleted node A's pages, KEYS
+    and RANDOMKEY showed every key, FUNCTION FLUSH/LOAD changed the server's functions."""
+    a = tier_for(cluster, "node-a", tmp_path)
+    victim = key("node-a", 60, oid=Oid(60, 0, 0))
+    a.put(victim, page(60), persistent=True)
+    master = cluster.master_of(victim.name())
+    b = redis.Redis(host="127.0.0.1", port=master.port, username="node-b", password="pw-b")
+    try:
+        for command in (("FLUSHALL",), ("FLUSHDB",), ("KEYS", "*"), ("RANDOMKEY",),
+                        ("FUNCTION", "FLUSH"), ("FUNCTION", "DELETE", "lib"),
+                        ("FUNCTION", "LOAD", "#!lua name=lib\nreturn 1"),
+                        ("INFO", "keyspace"), ("DBSIZE",), ("CONFIG", "GET", "*"),
+                        ("EVAL", "return 1", "0"), ("OBJECT", "ENCODING", victim.name())):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                b.execute_command(*command)
+        assert a.get(victim, exclusive=False) == page(60)  # node A's page survived
+        # What docs/ramster.md says SCAN still shows another node: its keys' names (SCAN
+        # has no key for the ACL to check), never a value.
+        assert victim.name().encode() in b.scan(0, match="xentmem:{node-a:*", count=10_000)[1]
+    finally:
+        b.close()
+        a.flush([victim])
+        a.close()
+
+
+def test_the_documented_acl_line_grants_what_the_test_clusters_grant() -> None:
+    """docs/ramster.md's ACL SETUSER line and the fixture's users grant the same commands."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "ramster.md").read_text()
+    lines = [line for line in doc.splitlines() if line.startswith("ACL SETUSER dom5 ")]
+    assert len(lines) == 1
+    documented = lines[0].split(" -@all ", 1)[1].split()
+    assert documented == redis_cluster.NODE_COMMANDS.split()
+
+
 def test_a_shared_pool_is_seen_by_the_nodes_granted_it_only(
         cluster: redis_cluster.RedisClusterFixture, tmp_path: Path) -> None:
     a = tier_for(cluster, "node-a", tmp_path)

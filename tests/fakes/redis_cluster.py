@@ -38,10 +38,14 @@ POLL_S = 0.05
 PORT_RANGE = (21000, 29000)
 
 
-#: What a node's ACL user may run: reads and writes of pages, WAIT, and what the cluster
-#: client needs to learn the topology (``docs/ramster.md``, "Security").
-NODE_COMMANDS = "+@read +@write +@keyspace +wait +ping +cluster|slots +cluster|shards " \
-                "+cluster|nodes +cluster|keyslot +command +info +readonly +asking +hello"
+#: What a node's ACL user may run, and nothing else (``docs/ramster.md``, "Security"): the
+#: commands ``xentmem/guest/backends/ramster`` sends (its pages' reads, writes and deletes,
+#: SCAN, WAIT, PING) and what redis-py's cluster client sends (CLUSTER SLOTS and COMMAND to
+#: learn the topology and the key positions, ASKING while a slot migrates).  Not categories:
+#: @read, @write and @keyspace hold commands without keys that no ``~pattern`` restricts
+#: (FLUSHALL, FLUSHDB, KEYS, RANDOMKEY, FUNCTION LOAD/DELETE/FLUSH/RESTORE).
+NODE_COMMANDS = "+get +getdel +set +mset +mget +del +exists +strlen +scan +wait +ping " \
+                "+cluster|slots +command +asking"
 
 
 def node_acl(key_patterns: list[str], password: str) -> str:

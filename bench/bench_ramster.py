@@ -54,8 +54,11 @@ from lz4.block import compress
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the Redis Cluster harness (tests/fakes)
 
-from fakes.redis_cluster import RedisClusterFixture, unavailable_reason  # noqa: E402
-from redis.cluster import RedisCluster  # noqa: E402
+from fakes.redis_cluster import (  # noqa: E402
+    ADMIN_USER,
+    RedisClusterFixture,
+    unavailable_reason,
+)
 
 from xentmem.guest.backends.ramster.record import RemoteKey  # noqa: E402
 from xentmem.guest.backends.ramster.remote import REMOTE_ENTRY_BYTES  # noqa: E402
@@ -103,9 +106,12 @@ def run(masters: int, raw_pages: list[bytes], batch: int, repeat: int,
     cluster = RedisClusterFixture(masters=masters, replicas=1).start()
     try:
         seeds = tuple(("127.0.0.1", n.port) for n in cluster.nodes[:3])
-        tier = RemoteTier(TierConfig(nodes=seeds, node_id="bench", timeout_ms=5000))
+        # the harness's own user: the clusters' default user is off (docs/ramster.md)
+        tier = RemoteTier(TierConfig(nodes=seeds, node_id="bench", timeout_ms=5000,
+                                     user=ADMIN_USER,
+                                     password_file=str(cluster.admin_password_file())))
         tier.connect()
-        raw = RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
+        raw = cluster.admin_cluster()
         keys = [RemoteKey("bench", 1, Oid(i // 64, 0, 0), i % 64) for i in range(len(pages))]
         names = [k.name() for k in keys]
         pairs = list(zip(keys, pages))
@@ -248,6 +254,8 @@ def through_zcache(cluster: RedisClusterFixture, masters: int, raw_pages: list[b
           f"{local_mib} MiB")
     made = ZcacheBackend({"capacity": f"{local_mib}M", "ramster": True,
                           "ramster_nodes": cluster.seeds(), "ramster_node_id": "bench-zc",
+                          "ramster_user": ADMIN_USER,
+                          "ramster_password_file": str(cluster.admin_password_file()),
                           "ramster_timeout_ms": 5000}, roots=Roots(run_dir=run_dir))
     best = {"zcache remotify": 0.0, "zcache fetch": 0.0, "zcache fetch N": 0.0,
             "zcache fetch random": 0.0, "zcache fetch N random": 0.0}

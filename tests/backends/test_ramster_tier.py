@@ -83,8 +83,8 @@ def page(n: int) -> bytes:
 
 @pytest.fixture
 def admin(cluster: redis_cluster.RedisClusterFixture) -> Iterator[redis.cluster.RedisCluster]:
-    """The cluster's default user, to look at and damage values (closed afterwards)."""
-    client = redis.cluster.RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
+    """The harness's own user, to look at and damage values (closed afterwards)."""
+    client = cluster.admin_cluster()
     try:
         yield client
     finally:
@@ -160,10 +160,10 @@ def test_a_get_on_a_connection_the_server_closed_tries_once_more_on_a_new_one(
         tier.put(key("node-a", 2), page(2), persistent=True)
         assert tier.get(key("node-a", 1), exclusive=False) == page(1)
         master = cluster.master_of(key("node-a", 1).name())
-        with redis.Redis(host="127.0.0.1", port=master.port) as direct:
+        with cluster.admin_node(master) as direct:
             assert direct.client_kill_filter(_type="normal", skipme=True) >= 1
         assert tier.get(key("node-a", 1), exclusive=False) == page(1)
-        with redis.Redis(host="127.0.0.1", port=master.port) as direct:
+        with cluster.admin_node(master) as direct:
             assert direct.client_kill_filter(_type="normal", skipme=True) >= 1
         found = tier.get_many([key("node-a", 1), key("node-a", 2)], exclusive=False)
         assert found.pages == {key("node-a", 1): page(1), key("node-a", 2): page(2)}
@@ -242,6 +242,27 @@ def test_a_node_cannot_flush_list_or_script_the_whole_cluster(
         assert victim.name().encode() in b.scan(0, match="xentmem:{node-a:*", count=10_000)[1]
     finally:
         b.close()
+        a.flush([victim])
+        a.close()
+
+
+def test_a_client_without_a_user_gets_nothing(
+        cluster: redis_cluster.RedisClusterFixture, tmp_path: Path) -> None:
+    """Fails before: the ACL file left ``user default on nopass ~* &* +@all`` (what Redis
+    makes of a file without a default line too), so a client that did not authenticate
+    read, and could flush, every node's pages.  The clusters now have ``user default off``
+    as docs/ramster.md asks; the harness has a user of its own."""
+    a = tier_for(cluster, "node-a", tmp_path)
+    victim = key("node-a", 61, oid=Oid(61, 0, 0))
+    a.put(victim, page(61), persistent=True)
+    anyone = redis.Redis(host="127.0.0.1", port=cluster.master_of(victim.name()).port)
+    try:
+        for command in (("GET", victim.name()), ("FLUSHALL",), ("PING",)):
+            with pytest.raises(redis.exceptions.AuthenticationError):
+                anyone.execute_command(*command)
+        assert a.get(victim, exclusive=False) == page(61)
+    finally:
+        anyone.close()
         a.flush([victim])
         a.close()
 

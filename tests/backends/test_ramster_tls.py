@@ -81,8 +81,7 @@ def test_pages_move_to_a_tls_cluster_and_come_back(
             assert made.get_page(pool, Oid(n // 64), n % 64) == (1, page(n)), n
         assert made.stats()["ramster_fetched"] > 0
         # the pages are in the cluster, as seen through TLS with the same CA
-        admin = redis.cluster.RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port,
-                                           **cluster.client_tls())
+        admin = cluster.admin_cluster()
         try:
             keys = list(admin.scan_iter(match=record.key_pattern(NODE),
                                         target_nodes=admin.PRIMARIES))

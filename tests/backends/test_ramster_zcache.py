@@ -1,7 +1,7 @@
 """zcache with ramster=1 against a real Redis Cluster (3 masters + 3 replicas on loopback).
 
 Local zcache stays the first tier; these tests fill a small local store and check what moves,
-what comes back and what the cluster holds afterwards (through the cluster's default user).
+what comes back and what the cluster holds afterwards (through the harness's own user).
 Fault tests get a cluster of their own, since they stop nodes; time is an injected clock.
 """
 
@@ -86,7 +86,7 @@ def own_cluster() -> Iterator[redis_cluster.RedisClusterFixture]:
 
 @pytest.fixture
 def admin(cluster: redis_cluster.RedisClusterFixture) -> Iterator[redis.cluster.RedisCluster]:
-    client = redis.cluster.RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
+    client = cluster.admin_cluster()
     try:
         yield client
     finally:

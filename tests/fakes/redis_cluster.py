@@ -13,6 +13,7 @@ cluster cannot run here (the tests skip with it, or fail under CI).
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -46,6 +47,14 @@ PORT_RANGE = (21000, 29000)
 #: (FLUSHALL, FLUSHDB, KEYS, RANDOMKEY, FUNCTION LOAD/DELETE/FLUSH/RESTORE).
 NODE_COMMANDS = "+get +getdel +set +mset +mget +del +exists +strlen +scan +wait +ping " \
                 "+cluster|slots +command +asking"
+
+
+#: The harness's own user: it makes the cluster (``redis-cli --cluster create``), replicas
+#: authenticate to their masters as it (``masteruser``), and the tests look at and damage
+#: values through it.  The ``default`` user is off, as ``docs/ramster.md`` ("Security") asks
+#: of a deployment: a client that does not authenticate gets nothing.
+ADMIN_USER = "xentmem-admin"
+ADMIN_PASSWORD = "xentmem-admin-test-password"
 
 
 def node_acl(key_patterns: list[str], password: str) -> str:
@@ -130,7 +139,8 @@ class Node:
 @dataclass
 class RedisClusterFixture:
     """``masters`` masters, each with ``replicas`` replicas; ``users`` become ACL lines
-    (``name -> rules`` after ``user name``); the default user stays for the harness."""
+    (``name -> rules`` after ``user name``) beside ``user default off`` and the harness's
+    own :data:`ADMIN_USER` (:meth:`admin`)."""
 
     masters: int = 3
     replicas: int = 1
@@ -148,7 +158,7 @@ class RedisClusterFixture:
         start = PORT_RANGE[0] + (hash(str(self.base)) % 4000)
         ports = free_ports(self.masters * (1 + self.replicas), start)
         acl = self.base / "users.acl"
-        lines = ["user default on nopass ~* &* +@all"]
+        lines = ["user default off", f"user {ADMIN_USER} on >{ADMIN_PASSWORD} ~* &* +@all"]
         lines += [f"user {name} {rules}" for name, rules in self.users.items()]
         acl.write_text("\n".join(lines) + "\n")
         for port in ports:
@@ -161,9 +171,11 @@ class RedisClusterFixture:
             for node in self.nodes:
                 self._wait_pong(node)
             subprocess.run(
-                [CLI, *self.cli_tls(), "--cluster", "create", *(n.address for n in self.nodes),
+                [CLI, *self.cli_tls(), "--user", ADMIN_USER, "--cluster", "create",
+                 *(n.address for n in self.nodes),
                  "--cluster-replicas", str(self.replicas), "--cluster-yes"],
-                check=True, capture_output=True, text=True, timeout=START_TIMEOUT_S)
+                check=True, capture_output=True, text=True, timeout=START_TIMEOUT_S,
+                env={**os.environ, "REDISCLI_AUTH": ADMIN_PASSWORD})
             self.wait_ok()
         except BaseException:
             self.stop()
@@ -192,6 +204,7 @@ class RedisClusterFixture:
              "--cluster-config-file", "nodes.conf",
              "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
              "--aclfile", str(self.base / "users.acl"),
+             "--masteruser", ADMIN_USER, "--masterauth", ADMIN_PASSWORD,
              "--maxmemory-policy", "volatile-lru",
              "--save", "", "--appendonly", "no", "--daemonize", "no",
              "--logfile", str(node.directory / "redis.log")],
@@ -201,9 +214,28 @@ class RedisClusterFixture:
         """redis-py's options to reach the nodes."""
         return {} if self.tls is None else {"ssl": True, "ssl_ca_certs": str(self.tls.ca)}
 
-    def _client(self, node: Node) -> redis.Redis:
+    def admin(self) -> dict[str, object]:
+        """redis-py's options to reach the nodes as the harness's own user."""
+        return {"username": ADMIN_USER, "password": ADMIN_PASSWORD, **self.client_tls()}
+
+    def admin_password_file(self) -> Path:
+        """A file holding :data:`ADMIN_PASSWORD` (a ``ramster_password_file``)."""
+        assert self.base is not None
+        path = self.base / "admin.password"
+        path.write_text(f"{ADMIN_PASSWORD}\n")
+        return path
+
+    def admin_cluster(self) -> redis.cluster.RedisCluster:
+        """A cluster client as the harness's own user (the caller closes it)."""
+        return redis.cluster.RedisCluster(host="127.0.0.1", port=self.nodes[0].port,
+                                          **self.admin())  # type: ignore[arg-type]
+
+    def admin_node(self, node: Node) -> redis.Redis:
+        """A client of one node as the harness's own user (the caller closes it)."""
         return redis.Redis(host="127.0.0.1", port=node.port, socket_timeout=2.0,
-                           socket_connect_timeout=2.0, **self.client_tls())
+                           socket_connect_timeout=2.0, **self.admin())  # type: ignore[arg-type]
+
+    _client = admin_node
 
     def _wait_pong(self, node: Node) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S

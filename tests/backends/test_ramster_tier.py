@@ -39,6 +39,8 @@ USERS = {
     "node-b": acl([record.key_pattern("node-b"),
                    record.key_pattern(record.owner_of_shared(SHARED_UUID))], "pw-b"),
     "node-c": acl([record.key_pattern("node-c")], "pw-c"),
+    # an operator's slip: everything but WAIT
+    "node-w": acl([record.key_pattern("node-w")], "pw-w").replace(" +wait ", " "),
 }
 
 
@@ -274,6 +276,24 @@ def test_the_documented_acl_line_grants_what_the_test_clusters_grant() -> None:
     assert len(lines) == 1
     documented = lines[0].split(" -@all ", 1)[1].split()
     assert documented == redis_cluster.NODE_COMMANDS.split()
+
+
+def test_a_batch_the_acl_refuses_in_part_leaves_nothing_in_the_cluster(
+        cluster: redis_cluster.RedisClusterFixture, tmp_path: Path,
+        admin: redis.cluster.RedisCluster) -> None:
+    """Fails before: a batch whose WAIT the ACL refused (a user without +wait) returned
+    the refusal and left the MSETs that had landed in the cluster, named nowhere."""
+    assert "+wait" not in USERS["node-w"]
+    tier = tier_for(cluster, "node-w", tmp_path)
+    try:
+        keys = [key("node-w", i, oid=Oid(i % 3, 0, 0)) for i in range(9)]
+        done = tier.put_many([(k, page(k.index)) for k in keys], persistent=True)
+        assert not done.acknowledged and isinstance(done.errors[0], RamsterRefused)
+        assert "wait" in str(done.errors[0]) and not done.leftover
+        assert [k for k in keys if admin.exists(k.name())] == []
+        assert tier.stats()["remote_pages"] == 0 and tier.stats()["refused_by_acl"] >= 1
+    finally:
+        tier.close()
 
 
 def test_a_shared_pool_is_seen_by_the_nodes_granted_it_only(

@@ -50,6 +50,8 @@ USERS = {
         f"pw-{name}")
     for name, granted in (("zc-a", True), ("zc-b", True), ("zc-c", False))
 }
+#: An operator's slip: a user without +wait, whose persistent moves the ACL refuses.
+USERS["zc-w"] = USERS["zc-c"].replace("zc-c", "zc-w").replace(" +wait ", " ")
 #: Pages per test: enough that a 1 MiB local store must move most of them.
 PAGES = 600
 
@@ -287,6 +289,31 @@ def test_a_persistent_move_waits_for_the_replicas(
         for n, rc in enumerate(results):
             if rc == 1:
                 assert made.get_page(pool, *where(n)) == (1, page(n))
+    finally:
+        made.remove()
+
+
+def test_a_remotify_the_acl_refuses_pauses_and_leaves_nothing_in_the_cluster(
+        cluster: redis_cluster.RedisClusterFixture, tmp_path: Path,
+        admin: redis.cluster.RedisCluster) -> None:
+    """Fails before: each put that needed room sent a batch the ACL refused (its WAIT), left
+    the batch's MSETs in the cluster and did not pause: every later put repeated it."""
+    assert "+wait" not in USERS["zc-w"]
+    clock = StepClock()
+    made = zcache(cluster, tmp_path, "zc-w", clock=clock)
+    try:
+        pool = made.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        results = [made.put_page(pool, *where(n), page(n)) for n in range(PAGES)]
+        assert -errno.ENOMEM in results  # nothing moved: the local store filled up
+        stats = made.stats()
+        assert stats["ramster_remote_pages"] == 0 and stats["ramster_refused_by_acl"] >= 1
+        assert stats["ramster_remotify_failures"] == 1  # then paused, not tried at each put
+        assert made.describe()["ramster"]["remotify_paused"]
+        assert node_keys(admin, "zc-w") == set()
+        clock.now += PAUSE_S  # tried again after the pause, refused again, nothing left
+        assert made.put_page(pool, Oid(99), 0, page(1)) == -errno.ENOMEM
+        assert made.stats()["ramster_remotify_failures"] == 2
+        assert node_keys(admin, "zc-w") == set()
     finally:
         made.remove()
 

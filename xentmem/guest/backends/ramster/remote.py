@@ -605,13 +605,10 @@ class RemotePages:
         result = self.tier.put_many([(k, d) for k, (_w, d) in keys.items()],
                                     persistent=persistent)
         self._stale.update(result.leftover)
-        if any(isinstance(e, RamsterUnavailable) for e in result.errors):
+        if result.errors:  # an outage, or a refusal by the ACL (no use retrying at each put)
             self.remotify_failures += 1
             self._paused_until = self._now() + PAUSE_S
             log.warning("ramster: remotify paused for %.0f s: %s", PAUSE_S, result.errors[0])
-        elif result.errors:
-            self.remotify_failures += 1
-            log.warning("ramster: remotify: %s", result.errors[0])
         moved = 0
         undo: list[str] = []
         undone: list[Where] = []

@@ -365,13 +365,16 @@ class RemoteTier:
         names = [name for records in objects for _key, name, _value in records]
         pipe = cluster.get_redis_connection(node).pipeline(transaction=False)
         ttl = self.config.ephemeral_ttl_s
+        written: list[list[str]] = []  # the names each write command writes, in order
         for records in objects:
             if persistent:  # one object: one slot, so one MSET (no TTL: never evicted)
                 pipe.execute_command("MSET", *(part for _key, name, value in records
                                                for part in (name, value)))
+                written.append([name for _key, name, _value in records])
             else:
                 for _key, name, value in records:
                     pipe.execute_command("SET", name, value, "EX", ttl)
+                    written.append([name])
         wait_ms = 0
         if persistent:
             # WAIT blocks on the server: most of a try's time, the socket's timeout a bit more.
@@ -383,7 +386,11 @@ class RemoteTier:
             self._discard(cluster, names, leftover)
             return self._failed(f"put of {len(names)} page(s) on {node.name} failed", exc)
         refusals = [r for r in replies if isinstance(r, redis.exceptions.NoPermissionError)]
-        if refusals:
+        if refusals:  # what the commands the ACL let through wrote goes (not the others')
+            landed = [name for names_of, reply in zip(written, replies)
+                      if not isinstance(reply, Exception) for name in names_of]
+            if landed:
+                self._discard(cluster, landed, leftover)
             return self._refused(refusals[0])
         failures = [r for r in replies if isinstance(r, Exception)]
         if failures:  # a slot moved mid-batch (a failover): redis-py refreshes its map

@@ -296,6 +296,22 @@ def test_a_batch_the_acl_refuses_in_part_leaves_nothing_in_the_cluster(
         tier.close()
 
 
+def test_a_password_the_cluster_refuses_at_a_rebuild_fails_puts_without_raising(
+        cluster: redis_cluster.RedisClusterFixture, tmp_path: Path) -> None:
+    """Fails before: put_many answers its failures in its result, but a rebuild of the
+    client whose password the cluster refused (a file rotated before the ACL) raised
+    RamsterRefused out of it, and so out of remotify and the put that started it."""
+    tier = tier_for(cluster, "node-a", tmp_path)
+    try:
+        Path(tier.config.password_file).write_text("rotated-too-early\n")
+        tier.reconnect_soon()
+        done = tier.put_many([(key("node-a", 70), page(70))], persistent=True)
+        assert not done.acknowledged and isinstance(done.errors[0], RamsterRefused)
+        assert "refused user 'node-a'" in str(done.errors[0])
+    finally:
+        tier.close()
+
+
 def test_a_shared_pool_is_seen_by_the_nodes_granted_it_only(
         cluster: redis_cluster.RedisClusterFixture, tmp_path: Path) -> None:
     a = tier_for(cluster, "node-a", tmp_path)

@@ -321,7 +321,7 @@ class RemoteTier:
             try:
                 cluster = self._cluster()
                 groups = self._by_master(cluster, pages, persistent)
-            except RamsterUnavailable as exc:
+            except (RamsterUnavailable, RamsterRefused) as exc:  # a rebuild refused too
                 result.errors.append(exc)
                 return result
             except CLUSTER_ERRORS as exc:

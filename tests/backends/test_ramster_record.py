@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from xentmem.errors import ParamError
-from xentmem.guest.backends.ramster import record
+from xentmem.guest.backends.ramster import pending, record
 from xentmem.guest.backends.ramster.params import RAMSTER_PARAMS, parse_nodes, resolve_node_id
 from xentmem.guest.backends.ramster.record import RecordError, RemoteKey
 from xentmem.roots import Roots
@@ -93,3 +95,49 @@ def test_the_node_id_defaults_to_the_domains_uuid_then_the_machine_id(tmp_path: 
     uuid.write_text("not a {node}\n")
     with pytest.raises(ValueError, match="hypervisor/uuid"):
         resolve_node_id("", roots)
+
+
+def test_pending_deletes_saved_by_two_threads_at_once_keep_every_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fails before: each save wrote its own snapshot of the names through one temporary
+    path, unlocked; a save that took its snapshot first and wrote last replaced the file
+    with the older set, so a name another thread had just saved was not in it (and a kill
+    then let the restart's SCAN adopt that flushed page).  Thread A's write is held until
+    B's update returned (or, once saves are serialised, for a bound: B then waits for A)."""
+    path = tmp_path / "ramster.deletes"
+    kept = pending.PendingDeletes(path)
+    b_done = threading.Event()
+    first = threading.Event()
+    real_text, real_atomic = Path.write_text, getattr(pending, "write_atomically", None)
+
+    def hold_first() -> None:
+        if not first.is_set():
+            first.set()
+            b_done.wait(2.0)  # a bound only: serialised saves pass either way
+
+    def write_text(self: Path, *args: Any, **kwargs: Any) -> int:
+        hold_first()
+        return real_text(self, *args, **kwargs)
+
+    def write_atomically(*args: Any, **kwargs: Any) -> None:
+        hold_first()
+        assert real_atomic is not None
+        real_atomic(*args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    if real_atomic is not None:
+        monkeypatch.setattr(pending, "write_atomically", write_atomically)
+    a = threading.Thread(target=kept.update, args=(["xentmem:{n:1:1.0.0}:a"],))
+    a.start()
+    assert first.wait(60)
+
+    def b() -> None:
+        kept.update(["xentmem:{n:1:1.0.0}:b"])
+        b_done.set()
+
+    other = threading.Thread(target=b)
+    other.start()
+    a.join(60)
+    other.join(60)
+    assert set(path.read_text().split()) == {"xentmem:{n:1:1.0.0}:a", "xentmem:{n:1:1.0.0}:b"}
+    assert set(pending.PendingDeletes(path)) == set(kept)

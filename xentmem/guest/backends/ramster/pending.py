@@ -14,9 +14,11 @@ until its SCAN and DEL are done again.
 from __future__ import annotations
 
 import logging
-import os
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from xentmem.files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +28,16 @@ MAX_KEPT = 65536
 
 
 class PendingDeletes:
-    """A set of key names (and object marks), mirrored to ``path`` (None: in memory only)."""
+    """A set of key names (and object marks), mirrored to ``path`` (None: in memory only).
+
+    Thread-safe: the ops of several callers change it at once, and each change and the
+    save of the set it left are one step, so the file always holds the latest set (two
+    saves at once could write their snapshots in the other order)."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._warned = False
+        self._lock = threading.Lock()
         self._names: set[str] = set()
         if path is not None:
             self._names = _read(path)
@@ -45,23 +52,31 @@ class PendingDeletes:
         return iter(list(self._names))
 
     def update(self, names: Iterable[str]) -> None:
-        before = len(self._names)
-        self._names.update(names)
-        if len(self._names) != before:
-            self._save()
+        names = list(names)
+        with self._lock:
+            before = len(self._names)
+            self._names.update(names)
+            if len(self._names) != before:
+                self._save()
 
     def discard(self, name: str) -> None:
-        if name in self._names:
-            self._names.discard(name)
-            self._save()
+        if name not in self._names:  # the data path's common case: no lock taken
+            return
+        with self._lock:
+            if name in self._names:
+                self._names.discard(name)
+                self._save()
 
     def difference_update(self, names: Iterable[str]) -> None:
-        before = len(self._names)
-        self._names.difference_update(names)
-        if len(self._names) != before:
-            self._save()
+        names = list(names)
+        with self._lock:
+            before = len(self._names)
+            self._names.difference_update(names)
+            if len(self._names) != before:
+                self._save()
 
     def _save(self) -> None:
+        """The set to ``path`` (the lock is held)."""
         if self.path is None:
             return
         kept = sorted(self._names)[:MAX_KEPT]
@@ -70,11 +85,10 @@ class PendingDeletes:
             log.warning("ramster: %d pending deletes, %d kept in %s: a crash now may let "
                         "the restart find the others again", len(self._names), MAX_KEPT,
                         self.path)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
         try:
-            tmp.write_text("".join(f"{name}\n" for name in kept), encoding="ascii")
-            os.replace(tmp, self.path)
-        except OSError as exc:  # the deletes are still retried; only a crash could miss them
+            write_atomically(self.path, "".join(f"{name}\n" for name in kept).encode("ascii"),
+                             0o600)
+        except (OSError, UnicodeEncodeError) as exc:  # still retried: only a crash misses them
             log.error("ramster: pending deletes not saved to %s: %s", self.path, exc)
 
 

@@ -325,6 +325,20 @@ def test_a_full_backing_store_is_enospc_and_keeps_the_old_page(
         served.swap.close()
 
 
+def fail_index_writes(store: FileBacking, monkeypatch: pytest.MonkeyPatch, *,
+                      clears_only: bool) -> None:
+    """Writes of the area file's index fail with EIO (only those that clear an entry when
+    ``clears_only``): a disk that takes the pages but not their index."""
+    real_pwrite = store._pwrite
+    index = range(store.layout.index_start, store.layout.data_start)
+
+    def index_eio(data: bytes, position: int) -> None:
+        if (data == swapfile.EMPTY_ENTRY) if clears_only else (position in index):
+            raise OSError(errno.EIO, "injected")
+        real_pwrite(data, position)
+    monkeypatch.setattr(store, "_pwrite", index_eio)
+
+
 def test_a_write_zeroes_whose_index_entry_stays_is_eio_a_trim_is_not(
         short_dir, monkeypatch) -> None:
     """Every page in the area's file (no backend), and clearing an index entry fails: a
@@ -341,13 +355,7 @@ def test_a_write_zeroes_whose_index_entry_stays_is_eio_a_trim_is_not(
         client.connect("e")
         client.request(WRITE, 0, 2 * PAGE, handle=1, payload=b"A" * PAGE + b"B" * PAGE)
         assert client.reply() == (0, 1)
-        real_pwrite = store._pwrite
-
-        def index_eio(data: bytes, position: int) -> None:
-            if data == swapfile.EMPTY_ENTRY:
-                raise OSError(errno.EIO, "injected")
-            real_pwrite(data, position)
-        monkeypatch.setattr(store, "_pwrite", index_eio)
+        fail_index_writes(store, monkeypatch, clears_only=True)
         client.request(WRITE_ZEROES, 0, PAGE, handle=2)
         assert client.reply() == (EIO, 2)
         client.request(READ, 0, PAGE, handle=3)  # refused: the page stays as the file has it
@@ -417,13 +425,7 @@ def test_a_write_tmem_takes_whose_older_file_copy_stays_named_reads_back_after_a
         client.request(WRITE, 0, 2 * PAGE, handle=1, payload=b"A" * PAGE + b"B" * PAGE)
         assert client.reply() == (0, 1)
         served.shim.load("zcache")
-        real_pwrite = store._pwrite
-
-        def index_eio(data: bytes, position: int) -> None:
-            if data == swapfile.EMPTY_ENTRY:
-                raise OSError(errno.EIO, "injected")
-            real_pwrite(data, position)
-        monkeypatch.setattr(store, "_pwrite", index_eio)
+        fail_index_writes(store, monkeypatch, clears_only=True)
         for handle, (offset, data) in enumerate([(0, b"a"), (1, b"b")], start=2):
             client.request(WRITE, offset * PAGE, PAGE, handle=handle, payload=data * PAGE)
             assert client.reply() == (0, handle)
@@ -464,14 +466,7 @@ def test_a_write_whose_older_file_copy_cannot_go_at_all_is_eio_and_keeps_it(
         client.request(WRITE, 0, PAGE, handle=1, payload=b"A" * PAGE)
         assert client.reply() == (0, 1)
         served.shim.load("zcache")
-        real_pwrite = store._pwrite
-        index = range(store.layout.index_start, store.layout.data_start)
-
-        def index_eio(data: bytes, position: int) -> None:
-            if position in index:
-                raise OSError(errno.EIO, "injected")
-            real_pwrite(data, position)
-        monkeypatch.setattr(store, "_pwrite", index_eio)
+        fail_index_writes(store, monkeypatch, clears_only=False)
         client.request(WRITE, 0, PAGE, handle=2, payload=b"a" * PAGE)
         assert client.reply() == (EIO, 2)
         client.request(READ, 0, PAGE, handle=3)

@@ -398,7 +398,7 @@ class XenBackend(Backend):
             try:
                 if self.values["batch"]:
                     self._gather()
-                self._send_next()
+                self._send_next(deadline)
             finally:
                 self._hand_over()
             with self._lock:
@@ -513,12 +513,13 @@ class XenBackend(Backend):
             batch.append(self._queue.popleft())
         return batch
 
-    def _send_next(self) -> None:
+    def _send_next(self, deadline: float = math.inf) -> None:
         """One message: take a batch, exchange it, hand out results.  Only the sender.
 
-        The reply is awaited until the earliest deadline of the callers waiting in the batch
-        (a follower that sends after waiting its turn has only what is left of its timeout);
-        a wait cut short that way times out the batch without taking the host for silent.
+        The reply is awaited until the sender's own ``deadline`` (a caller that sends after
+        waiting its turn has only what is left of its timeout; the flusher has none), the
+        timeout at most; a wait cut short that way times out the message without taking
+        the host for silent.  The other callers in it time out on their own.
         """
         with self._lock:
             batch = self._take()
@@ -534,7 +535,7 @@ class XenBackend(Backend):
         if front is None:
             self._settle(batch, None, _ENODEV)
             return
-        left = min(s.deadline for s in batch) - now
+        left = min(deadline - now, self._timeout_s)
         # (a sender's own op is always a little short of its timeout: its queueing, gather)
         cut_short = left < CUT_SHORT * self._timeout_s
         try:

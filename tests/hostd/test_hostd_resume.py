@@ -104,6 +104,34 @@ def test_a_crashed_host_resumes_every_session_with_its_pages(host: TmemHost,
         b.remove()
 
 
+def test_a_domain_gone_while_the_host_was_down_is_forgotten_with_its_settings(
+        host: TmemHost, run_dir: Path) -> None:
+    """A guest's client now outlives its sessions (a reload keeps what the administrator
+    set); one whose domain died while the service was down gets no @releaseDomain, so the
+    restart forgets it then, settings and all: a domain given its domid later starts afresh.
+    A guest still there keeps its client and pages."""
+    a, b = connect(host, 5), connect(host, 6)
+    try:
+        pa = a.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        pb = b.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        assert a.put_page(pa, Oid(1), 0, page(1)) == 1
+        assert b.put_page(pb, Oid(1), 0, page(2)) == 1
+        with HostControlClient(host.control_path, timeout=WAIT_S) as control:
+            control.call("set", domid=6, weight=7)
+            control.call("freeze", domid=6)
+        b.remove()  # the guest's device closes: its pools go, its client stays
+        assert client_of(host, 6)["frozen"]
+        host.crash()
+        host.xs.kill(6)
+        host.xs.dom0.delete(b"/local/domain/6")  # as the toolstack does once it is dead
+        host.start(run_dir=run_dir)
+        with HostControlClient(host.control_path, timeout=WAIT_S) as control:
+            assert [c["domid"] for c in control.call("list")["clients"]] == [5]
+        assert a.get_page(pa, Oid(1), 0) == (1, page(1))
+    finally:
+        a.remove()
+
+
 def _lose_the_next_reply(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     """The service runs and records the next message, then dies before its reply is
     written: the reply never reaches xenstore."""

@@ -261,11 +261,13 @@ class HostService:
             if exc.name != "ENOENT":
                 raise
             untrusted_names = []  # no guest was ever built here
+        listed: set[int] = set()
         for untrusted_name in untrusted_names:
             try:
                 domid = parse_domid(untrusted_name.decode("ascii", "replace"))
             except WireError:
                 continue
+            listed.add(domid)
             if domid == self.backend_domid or domid in self.devices:
                 continue
             if self.only is not None and domid not in self.only:
@@ -289,7 +291,7 @@ class HostService:
         if self.store.resumable or not self._scanned:
             # The first scan after a crash: sessions no device took up lose their pools.
             self.store.drop_unresumed({d for d, dev in self.devices.items()
-                                       if dev.state == dev.state.CONNECTED})
+                                       if dev.state == dev.state.CONNECTED}, listed)
         self._scanned = True
 
     def _resume(self, device: TmemBack) -> bool:

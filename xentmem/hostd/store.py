@@ -412,11 +412,16 @@ class HostStore:
                 tmem.authorise(cid, PoolUuid.checked(lo, hi), True)
         tmem.shared_auth = bool(table.get("shared_auth", True))
 
-    def drop_unresumed(self, kept: set[int]) -> None:
-        """After the devices were set up: clients whose session did not resume lose their
-        pools (their guest is told the host lost them, as before)."""
+    def drop_unresumed(self, kept: set[int], present: set[int]) -> None:
+        """After the devices were set up: a client whose domain is no longer ``present``
+        (it died while the service was down: no @releaseDomain will come) is forgotten with
+        what the administrator set, so a domain given its domid later starts afresh; one
+        whose session did not resume loses its pools (its guest is told the host lost them,
+        as before)."""
         for domid, client in list(self.tmem.clients.items()):
-            if domid not in kept and any(pool is not None for pool in client.slots):
+            if domid not in present:
+                self.destroy_client(domid)
+            elif domid not in kept and any(pool is not None for pool in client.slots):
                 self.drop_pools(domid)
         self.resumable.clear()
 

@@ -541,6 +541,32 @@ def test_a_second_remove_while_the_first_waits_is_refused(export: Served,
     client.close()
 
 
+def test_the_stop_removes_every_unheld_export_past_one_being_removed(export: Served,
+                                                                     monkeypatch) -> None:
+    """At a clean stop, an export a control client is still removing (its remove waits for
+    its connections) is passed over, logged; the exports after it are removed all the same
+    (the refusal once ended the stop's loop)."""
+    export.exports.add(8, "file", name="later")
+    real_detach = export.server.detach
+    waiting, go_on = threading.Event(), threading.Event()
+
+    def slow_detach(found, timeout_s):
+        if found.name == "e" and not waiting.is_set():
+            waiting.set()
+            assert go_on.wait(WAIT_S)
+        return real_detach(found, timeout_s)
+    monkeypatch.setattr(export.server, "detach", slow_detach)
+    first = threading.Thread(target=lambda: export.exports.remove("e"))
+    first.start()
+    assert waiting.wait(WAIT_S)
+    try:
+        assert export.exports.remove_unheld(set()) == ["later"]
+    finally:
+        go_on.set()
+        first.join(WAIT_S)
+    assert export.exports.names() == []
+
+
 def test_a_remove_spares_an_export_that_took_the_name_meanwhile(export: Served,
                                                               monkeypatch) -> None:
     """While the connections end the lock is not held: if the export went meanwhile (by a

@@ -173,7 +173,11 @@ class Exports:
         removed = []
         for name in self.names():
             if name not in held:
-                self.remove(name)
+                try:
+                    self.remove(name)
+                except (ExportBusy, KeyError) as exc:  # a control client's remove under way
+                    log.warning("nbd: export %r not removed at stop: %s", name, exc)
+                    continue
                 removed.append(name)
         return removed
 

@@ -343,6 +343,42 @@ def test_a_paused_req_is_served_again_with_what_the_guest_wrote_meanwhile(
     assert g.answered == {seq}
 
 
+def test_a_paused_req_whose_watch_fails_again_is_tried_at_the_next_tick(
+        tmem_host: TmemHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the pause ends, watching ``req/`` again may fail (xenstore busy, EAGAIN): the
+    guest stays paused and the next tick tries again.  The pause was once cleared before
+    the watch, so a failed one left the guest unserved until its next session."""
+    from xentmem.xenbus.xs import XsError
+
+    g = HandGuest(tmem_host, 5)
+    g.connect()
+    assert g.key is not None
+    service = tmem_host.service
+    assert service is not None
+    device = service.devices[5]
+    device.pause_s = 2.0
+    real_watch = service.conn.watch
+    failed: list[bytes] = []
+
+    def watch_fails_once(path: str, token: bytes) -> None:
+        if token == device.req_token and not failed:
+            failed.append(token)
+            raise XsError("EAGAIN", f"watch {path}")
+        real_watch(path, token)
+    monkeypatch.setattr(service.conn, "watch", watch_fails_once)
+    for n in range(UNAUTHENTIC_BURST + 1):
+        g.send(f"{n + 1}@0@{BAD_MAC}@AQID")
+    deadline = time.monotonic() + WAIT_S
+    while device.paused_until is None:
+        assert time.monotonic() < deadline, "the host never paused guest 5's req/"
+        threading.Event().wait(0.01)
+    seq = UNAUTHENTIC_BURST + 2
+    body = encode_request([OpRecord.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)])
+    g.send(frame(seq, body, LIMITS, reply=False, key=g.key).envelope.name)
+    assert status_of(g.reply(seq)) == 0  # served once a later tick watched again
+    assert failed and device.paused_until is None
+
+
 def test_a_part_left_from_a_message_that_never_came_does_not_tear_the_next(
         tmem_host: TmemHost) -> None:
     """Before, every kept part joined the next message: a part 3 of an abandoned message 6

@@ -794,12 +794,13 @@ class TmemBack(XenbusDevice):
         again and serve what the guest wrote meanwhile (as after a restart)."""
         if self.paused_until is None or self.conn.clock.monotonic() < self.paused_until:
             return
-        self.paused_until = None
         self._perms_known = False
         if not self._watching:  # torn down meanwhile
+            self.paused_until = None
             return
-        if not self.conn.watching(self.req_token):
+        if not self.conn.watching(self.req_token):  # raises: still paused, tried next tick
             self.conn.watch(f"{self.otherend}/{REQ_DIR}", self.req_token)
+        self.paused_until = None
         log.info("domain %d: its %s/ is served again", self.domid, REQ_DIR)
         if self.state == XenbusState.CONNECTED:
             self._serve_waiting(run)

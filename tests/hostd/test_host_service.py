@@ -27,7 +27,7 @@ from xentmem.guest.backends.xen import XenBackend
 from xentmem.hostd.cli import cli
 from xentmem.hostd.control import OPS as HOST_OPS
 from xentmem.hostd.control import HostControlClient
-from xentmem.hostd.tmemback import UNAUTHENTIC_BURST
+from xentmem.hostd.tmemback import UNAUTHENTIC_BURST, TmemBack
 from xentmem.mock_xenstored.wire import Packet
 from xentmem.roots import Roots
 from xentmem.tmem.abi import POOL_PRIVATE_PERSISTENT, PRIVATE_UUID, Oid
@@ -316,6 +316,16 @@ def test_one_turn_of_the_loop_serves_only_the_events_queued_when_it_began(
     assert first_idle[0] <= 100
 
 
+def forge_until_paused(g: HandGuest, device: TmemBack) -> None:
+    """One forged message more than ``UNAUTHENTIC_BURST``: the host pauses the guest's req/."""
+    for n in range(UNAUTHENTIC_BURST + 1):
+        g.send(f"{n + 1}@0@{BAD_MAC}@AQID")
+    deadline = time.monotonic() + WAIT_S
+    while device.paused_until is None:
+        assert time.monotonic() < deadline, "the host never paused the guest's req/"
+        threading.Event().wait(0.01)
+
+
 def test_a_paused_req_is_served_again_with_what_the_guest_wrote_meanwhile(
         tmem_host: TmemHost) -> None:
     """Past ``UNAUTHENTIC_BURST`` forged messages at once the host stops watching the guest's
@@ -326,12 +336,7 @@ def test_a_paused_req_is_served_again_with_what_the_guest_wrote_meanwhile(
     assert g.key is not None
     device = tmem_host.service.devices[5]  # type: ignore[union-attr]
     device.pause_s = 3.0
-    for n in range(UNAUTHENTIC_BURST + 1):
-        g.send(f"{n + 1}@0@{BAD_MAC}@AQID")
-    deadline = time.monotonic() + WAIT_S
-    while device.paused_until is None:
-        assert time.monotonic() < deadline, "the host never paused guest 5's req/"
-        threading.Event().wait(0.01)
+    forge_until_paused(g, device)
     paused_until = device.paused_until
     body = encode_request([OpRecord.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)])
     seq = UNAUTHENTIC_BURST + 2
@@ -366,12 +371,7 @@ def test_a_paused_req_whose_watch_fails_again_is_tried_at_the_next_tick(
             raise XsError("EAGAIN", f"watch {path}")
         real_watch(path, token)
     monkeypatch.setattr(service.conn, "watch", watch_fails_once)
-    for n in range(UNAUTHENTIC_BURST + 1):
-        g.send(f"{n + 1}@0@{BAD_MAC}@AQID")
-    deadline = time.monotonic() + WAIT_S
-    while device.paused_until is None:
-        assert time.monotonic() < deadline, "the host never paused guest 5's req/"
-        threading.Event().wait(0.01)
+    forge_until_paused(g, device)
     seq = UNAUTHENTIC_BURST + 2
     body = encode_request([OpRecord.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)])
     g.send(frame(seq, body, LIMITS, reply=False, key=g.key).envelope.name)

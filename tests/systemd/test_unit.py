@@ -78,7 +78,8 @@ def install_root(tmp_path_factory: pytest.TempPathFactory,
         source = (installed_daemon().with_name(binary.name)
                   if binary.name in ("xentmemd", "xentmem") else shutil.which(binary.name))
         assert source is not None, f"{binary.name} not found to install at {binary}"
-        target = root / binary.relative_to("/")
+        # a bare name is looked up on systemd's PATH: a package puts it in /usr/bin
+        target = root / (binary.relative_to("/") if binary.is_absolute() else "usr/bin" / binary)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(source, target)
     system_dir = next((d for d in SYSTEM_UNIT_DIRS if (d / "multi-user.target").exists()), None)
@@ -130,7 +131,8 @@ def test_notify_ready_watchdog_and_restart(unit: dict[str, dict[str, list[str]]]
     assert one(unit, "Service", "Restart") == "on-failure"
     assert one(unit, "Service", "WatchdogSec").rstrip("s").isdigit()
     assert one(unit, "Service", "ExecReload") == "/bin/kill -HUP $MAINPID"
-    assert one(unit, "Service", "ExecStart").split()[0] == "/usr/bin/xentmemd"
+    # bare: found on systemd's PATH whether a package (/usr/bin) or pip (/usr/local/bin) put it
+    assert one(unit, "Service", "ExecStart").split()[0] == "xentmemd"
     assert one(unit, "Install", "WantedBy") == "multi-user.target"
 
 
@@ -229,8 +231,8 @@ def test_the_file_parses_as_plain_ini() -> None:
 def test_nbd_swap_is_off_before_the_daemon_stops(unit: dict[str, dict[str, list[str]]]) -> None:
     """ExecStop= runs before systemd signals the daemon: swap on its NBD devices is turned
     off while the server still answers (docs/nbd.md)."""
-    assert one(unit, "Service", "ExecStop") == "+/usr/bin/xentmem swap stop"
-    assert one(unit, "Service", "ExecStartPost") == "-+/usr/bin/xentmem swap start"
+    assert one(unit, "Service", "ExecStop") == "+xentmem swap stop"
+    assert one(unit, "Service", "ExecStartPost") == "-+xentmem swap start"
 
 
 def test_swap_serving_gets_exactly_what_staying_resident_needs(

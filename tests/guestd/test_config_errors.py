@@ -35,6 +35,18 @@ def test_the_reviewers_command_line_is_refused_with_78(fake_root: Path) -> None:
     assert "ok" not in result.stdout
 
 
+def test_check_config_refuses_a_control_group_the_start_would_refuse(fake_root: Path) -> None:
+    """The start refuses a group that does not exist (78, so systemd does not restart it):
+    --check-config once said ok to it (docs/configuration.md's example names a group)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "xentmem.guestd.app", "--root", str(fake_root),
+         "--check-config", "-o", "daemon.control_group=no-such-group-xentmem"],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
+    assert "control socket group 'no-such-group-xentmem' does not exist" in result.stderr
+    assert "ok" not in result.stdout
+
+
 @pytest.mark.parametrize(("words", "message"), [
     (["-o", "selfbalooning=1"], "command line: selfbalooning: unknown name: not a shim flag, "
                                 "knob or daemon setting, nor a param of any installed backend"),

@@ -24,7 +24,7 @@ import click
 from xentmem import __version__
 from xentmem.clock import Clock, SystemClock, WakeableClock
 from xentmem.console import CONTEXT_SETTINGS, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, abort
-from xentmem.control.server import check_group
+from xentmem.control.server import check_group, group_id
 from xentmem.errors import ConfigError, ParamError, XentmemError
 from xentmem.guest import registry
 from xentmem.guestd import balloon as balloon_mod
@@ -550,6 +550,13 @@ def check_config(app: Application) -> None:
         config = app.read_config()
     except ConfigError as exc:
         abort(str(exc), EXIT_CONFIG)
+    group = config.daemon["control_group"]
+    if group:  # the start refuses a group that does not exist (78, not restarted): say so now
+        try:
+            group_id(group)
+        except ServerError as exc:
+            where = config.origin(DAEMON_SECTION, "control_group") or "control_group"
+            abort(f"{where}: control_group: {exc}", EXIT_CONFIG)
     click.echo(f"{config.path or app.config_path}: ok")
     for key, where in sorted(config.origins.items()):
         section, _, name = key.partition(".")

@@ -206,3 +206,25 @@ def test_watchdog_runs_before_the_other_due_tasks() -> None:
     clock.advance(5.0)
     assert schedule.run_due() == ["watchdog", "metrics", "status"]
     assert ran == ["watchdog", "metrics", "status"]
+
+
+def test_a_textfile_that_cannot_be_written_is_said_once_not_a_traceback_each_interval(
+        app: Application, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Under the shipped unit a textfile outside ReadWritePaths= is EROFS: the write went to
+    ``log.exception`` every metrics_interval, a traceback in the journal each time."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    textfile = blocker / "xentmem.prom"  # ENOTDIR, whoever runs the test (root too)
+    app.config_path.write_text(BASE_CONFIG + f"options xentmemd metrics_textfile={textfile}\n")
+    app.start()
+    caplog.clear()
+    for _ in range(3):
+        app.write_metrics()
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1, [r.getMessage() for r in caplog.records]
+    assert str(textfile) in errors[0].getMessage() and errors[0].exc_info is None
+    blocker.unlink()
+    blocker.mkdir()
+    app.write_metrics()
+    assert textfile.read_text().startswith("# HELP")
+    assert any("written again" in r.getMessage() for r in caplog.records)

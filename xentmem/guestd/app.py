@@ -11,6 +11,7 @@ loops, backend (swap pages repatriated), sockets; exit 0 only if nothing was lef
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -223,6 +224,8 @@ class Application:
         #: not land after the final one.
         self._metrics_lock = threading.Lock()
         self._metrics_final = False
+        #: The last failed write's error, said once (not a traceback every interval).
+        self._metrics_failed: str | None = None
 
     # -- start ------------------------------------------------------------------------------------
 
@@ -326,7 +329,28 @@ class Application:
             if self._metrics_final:
                 return
             self._metrics_final = final
-            write_textfile(Path(target), text)
+            try:
+                write_textfile(Path(target), text)
+            except OSError as exc:
+                self._metrics_write_failed(target, exc)
+                return
+            if self._metrics_failed is not None:
+                log.info("metrics textfile %s written again", target)
+                self._metrics_failed = None
+
+    def _metrics_write_failed(self, target: str, exc: OSError) -> None:
+        """Say once why the textfile cannot be written (again when the reason changes); the
+        daemon goes on, and tries again at the next interval."""
+        reason = f"{target}: {exc.strerror or exc}"
+        if reason == self._metrics_failed:
+            return
+        self._metrics_failed = reason
+        hint = ""
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            hint = ("; under the shipped unit (ProtectSystem=strict) its directory needs "
+                    "ReadWritePaths= in a drop-in")
+        log.error("cannot write the metrics textfile %s%s; trying again every "
+                  "metrics_interval, said again only if the reason changes", reason, hint)
 
     def reload(self, *, lock_wait_s: float | None = None) -> dict[str, Any]:
         """Re-read the config now (main thread); RELOADING=1 ... READY=1 around it.

@@ -136,3 +136,10 @@ def test_the_demo_load_moves_pages_through_the_host() -> None:
     assert (guest.returncode, guest.stdout) == (1, ""), "the demo stops the guest it started"
     shutdown = json.loads((directory / "guest-1" / "state" / "shutdown.json").read_text())
     assert shutdown["clean"] is True and shutdown["lost_pages"] == 0
+
+
+@pytest.mark.parametrize("command", ["run", "demo"])
+def test_the_capacity_help_shows_a_share_as_it_is_typed(command: str) -> None:
+    """click does not %-format help: "10%%" was printed, and typed back it was refused."""
+    output = CliRunner().invoke(cli, [command, "--help"]).output
+    assert "10% of RAM" in " ".join(output.split()) and "%%" not in output

@@ -115,6 +115,10 @@ log_level_option = click.option("--log-level", type=click.Choice(LOG_LEVELS), de
                                 show_default=True)
 
 
+#: click prints help as written (no %-formatting): "10%", which --capacity takes.
+CAPACITY_HELP = "Host-wide tmem capacity: 256M, 2G or 10% of RAM."
+
+
 @cli.command(epilog=f"It serves its control socket at --control, or ${SOCKET_ENV} "
                     f"[default: {DEFAULT_SOCKET}].")
 @click.option("--xenstore", "xenstore_path", envvar="XENSTORED_PATH",
@@ -123,7 +127,7 @@ log_level_option = click.option("--log-level", type=click.Choice(LOG_LEVELS), de
 @click.option("--xenbus", "xenbus_path", default=None,
               help="Use this xenbus device instead of a socket (e.g. /dev/xen/xenbus).")
 @click.option("--capacity", default=DEFAULT_CAPACITY, show_default=True,
-              help="Host-wide tmem capacity: 256M, 2G or 10%% of RAM.")
+              help=CAPACITY_HELP)
 @click.option("--domain", "domains", type=click.IntRange(1, MAX_DOMID), multiple=True,
               help="Serve only this guest (repeatable; default: every guest).")
 @click.option("--control-idle-timeout", "idle_timeout", type=click.IntRange(1, 3600),
@@ -307,7 +311,7 @@ def freeable(app: App, as_json: bool) -> None:
 @click.option("--flavour", type=click.Choice(["c-xenstored", "oxenstored"]),
               default="c-xenstored", show_default=True, help="Whose xenstore limits to apply.")
 @click.option("--capacity", default=DEFAULT_CAPACITY, show_default=True,
-              help="Host-wide tmem capacity: 256M, 2G or 10%% of RAM.")
+              help=CAPACITY_HELP)
 @click.option("--load", is_flag=True,
               help="Also start a guest daemon (xentmemd, xen backend) for the first guest "
                    "that swaps a few pages each second, so `list` shows pages moving.")

@@ -442,8 +442,14 @@ class Daemon:
             raise UnknownName(f"no cleancache filesystem with pool id {pool_id}") from None
 
     def _swap_type(self, swap_type: int) -> None:
+        """Refuse a type no area has, and an NBD export's: its pages are the export's
+        client's (a page written there would be read as that client's swap)."""
         if swap_type not in self.shim.frontswap.swap_types():
             raise UnknownName(f"swap type {swap_type} is not initialised (frontswap.init first)")
+        owner = self.swap.owner_of(swap_type)
+        if owner is not None:
+            raise AbiError(f"swap type {swap_type} belongs to NBD export {owner!r}; "
+                           "use nbd.remove")
 
     def cleancache_init_fs(self) -> int:
         return self.shim.cleancache.init_fs()
@@ -490,7 +496,8 @@ class Daemon:
         self.shim.frontswap.invalidate_page(swap_type, offset)
 
     def frontswap_invalidate_area(self, swap_type: int) -> None:
-        """``swapoff``: the area is forgotten, its file (if any) removed."""
+        """``swapoff``: the area is forgotten, its file (if any) removed; an NBD export's
+        area is refused (checked again under the areas' lock)."""
         self._swap_type(swap_type)
         self.swap.forget(swap_type)
 

@@ -19,7 +19,7 @@ import stat
 import threading
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from xentmem.control.protocol import SWAP_BACKINGS
 from xentmem.errors import AbiError, BackendError, DaemonStopping
@@ -153,6 +153,11 @@ def read_swap_area(swap_file: Path, this_boot: bytes | None = None) -> dict[int,
     return found.pages
 
 
+class AreaNotOwned(AbiError):
+    """A swap area turned off by someone other than its owner (an NBD export's area by a
+    frontswap client, or another export's); refused, the area is unchanged."""
+
+
 class SwapAreas:
     """Creates and forgets the daemon's swap areas; one lock keeps types unique."""
 
@@ -164,6 +169,9 @@ class SwapAreas:
         self.this_boot = this_boot
         self._lock = threading.Lock()
         self._stores: dict[int, BackingStore] = {}
+        #: Swap type -> the NBD export whose area it is: only that export's removal may
+        #: turn it off, and the socket's page API may not touch it (docs/nbd.md).
+        self._owners: dict[int, str] = {}
         #: Why no new area may be made (the daemon is stopping); None while they may.
         self._refusing: str | None = None
 
@@ -192,11 +200,13 @@ class SwapAreas:
         return None if path is None else self.check_path(path)
 
     def create(self, pages: int, backing: str = "memory", swap_type: int | None = None,
-               path: str | None = None) -> dict[str, Any]:
+               path: str | None = None, owner: Callable[[int], str] | None = None
+               ) -> dict[str, Any]:
         """``swapon``: a new area of ``pages`` slots; its type and backing description.
 
         ``path``: a file area's file, one the daemon creates (default: its own name for it
-        in :attr:`directory`)."""
+        in :attr:`directory`); ``owner``: the name, given the type, of the NBD export the
+        area is made for, recorded under the lock so no client can take it meanwhile."""
         chosen = self.check_new(pages, backing, path)
         with self._lock:
             if self._refusing is not None:
@@ -229,6 +239,8 @@ class SwapAreas:
                 store.close()
                 raise
             self._stores[swap_type] = store
+            if owner is not None:
+                self._owners[swap_type] = owner(swap_type)
             log.info("swap area %d: %d pages, %s backing", swap_type, pages, backing)
             return {"type": swap_type, "backing": store.describe()}
 
@@ -240,10 +252,32 @@ class SwapAreas:
             except KeyError:
                 raise AbiError(f"swap type {swap_type} is not initialised") from None
 
-    def forget(self, swap_type: int) -> None:
-        """``swapoff``: the frontend forgets the area; its file (if any) is removed."""
+    def claim(self, swap_type: int, export: str) -> None:
+        """Record a re-attached area as NBD export ``export``'s (its restore at start)."""
         with self._lock:
+            self._owners[swap_type] = export
+
+    def owner_of(self, swap_type: int) -> str | None:
+        """The NBD export whose area ``swap_type`` is; None for a frontswap client's."""
+        with self._lock:
+            return self._owners.get(swap_type)
+
+    def forget(self, swap_type: int, owner: str | None = None) -> None:
+        """``swapoff``: the frontend forgets the area; its file (if any) is removed.
+
+        ``owner``: the NBD export turning its own area off (None: a frontswap client).
+        AreaNotOwned, nothing changed, if the area is not the caller's: an export's area
+        stays until the export is removed, and an export never turns off another's."""
+        with self._lock:
+            found = self._owners.get(swap_type)
+            if found != owner:
+                if owner is None:
+                    raise AreaNotOwned(f"swap type {swap_type} belongs to NBD export "
+                                       f"{found!r}; use nbd.remove")
+                raise AreaNotOwned(f"swap type {swap_type} is not NBD export {owner!r}'s "
+                                   f"area" + (f" (it is {found!r}'s)" if found else ""))
             self._frontswap.invalidate_area(swap_type)
+            self._owners.pop(swap_type, None)
             store = self._stores.pop(swap_type, None)
             if isinstance(store, FileBacking):
                 try:

@@ -579,7 +579,7 @@ def test_a_remove_spares_an_export_that_took_the_name_meanwhile(export: Served,
         ended = real_detach(found, timeout_s)
         with exports._lock:
             del exports._exports["e"]
-            export.swap.forget(found.swap_type)
+            export.swap.forget(found.swap_type, owner="e")
         exports.add(8, "file", name="e")  # the lowest free swap type: the one just freed
         return ended
     monkeypatch.setattr(export.server, "detach", replaced_meanwhile)

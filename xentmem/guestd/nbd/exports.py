@@ -28,7 +28,7 @@ from xentmem.guest.frontends import FileBacking, Frontswap
 from xentmem.guestd.nbd.export import Export
 from xentmem.guestd.nbd.resident import Residency, SwapUnsafe
 from xentmem.guestd.nbd.server import STOP_GRACE_S, NbdServer
-from xentmem.guestd.swap import SwapAreas
+from xentmem.guestd.swap import AreaNotOwned, SwapAreas
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +101,13 @@ class Exports:
             if name is not None and name in self._exports:
                 raise AbiError(f"export {name!r} already exists")
             self.residency.lock_memory()  # SwapUnsafe: refused, nothing made
-            area = self.swap.create(pages, backing, swap_type, path)
+            chosen = name
+            area = self.swap.create(pages, backing, swap_type, path,
+                                    owner=lambda made: chosen or f"swap{made}")
             swap_type = int(area["type"])
             name = name or f"swap{swap_type}"
             if name in self._exports:  # a default name taken by a chosen one
-                self.swap.forget(swap_type)
+                self.swap.forget(swap_type, owner=name)
                 raise AbiError(f"export {name!r} already exists")
             export = Export(name, self.frontswap, swap_type, pages,
                             self.swap.store_of(swap_type))
@@ -138,7 +140,11 @@ class Exports:
                 log.warning("nbd export %s was removed by another call meanwhile", name)
                 raise KeyError(name)
             summary = self.describe_one(export)
-            self.swap.forget(export.swap_type)
+            try:
+                self.swap.forget(export.swap_type, owner=name)
+            except AreaNotOwned as exc:  # never expected: another's area is never touched
+                log.error("nbd export %s removed, its swap type %d left on: %s", name,
+                          export.swap_type, exc)
             del self._exports[name]
             self._save()
         log.info("nbd export %s removed (swap type %d)", name, export.swap_type)
@@ -208,6 +214,7 @@ class Exports:
                                 self.swap.store_of(row["type"]))
                 export.device = row["device"]
                 self._exports[export.name] = export
+                self.swap.claim(export.swap_type, export.name)
                 restored.append(export.name)
                 log.info("nbd export %s restored: swap type %d, %d pages, device %s",
                          export.name, export.swap_type, export.pages, export.device)

@@ -3,6 +3,7 @@ socket, and the loop-driven server ``xentmem-hostd`` uses."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -212,6 +213,39 @@ def test_a_polled_server_bounds_its_clients_and_closes_idle_ones(tmp_path: Path)
         clock.now = 13.9
         pump(server)
         assert second.recv(1) == b"" and server.clients == 0
+    finally:
+        for sock in socks:
+            sock.close()
+        server.close()
+
+
+def test_a_polled_server_drops_a_client_trickling_bytes_or_blank_lines(
+        tmp_path: Path) -> None:
+    """Fails before: any byte restarted the idle timeout, so a client sending a byte of an
+    unfinished line, or a blank line, every few seconds held its slot for good; now only
+    an answered request does."""
+    clock = FakeClock()
+    server = PolledServer(tmp_path / "p.sock", lambda line: respond(line, OPS, run),
+                          daemon="testd", idle_timeout_s=5.0, clock=clock).open()
+    socks = []
+    try:
+        for _ in range(2):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(5.0)
+            sock.connect(str(server.path))
+            socks.append(sock)
+        trickling, blank = socks
+        pump(server)
+        trickling.sendall(b'{"v":1,')
+        for now in (2.0, 4.0, 6.0):
+            clock.now = now
+            trickling.sendall(b" ")
+            blank.sendall(b"\n")
+            pump(server)
+        assert server.clients == 0
+        for sock in socks:  # closed with the last bytes unread: a reset, or an end
+            with contextlib.suppress(ConnectionResetError):
+                assert sock.recv(1) == b""
     finally:
         for sock in socks:
             sock.close()

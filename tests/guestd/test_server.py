@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from xentmem.clock import FakeClock
 from xentmem.control import ControlClient, ControlError, protocol
 from xentmem.guestd import handlers
 from xentmem.guestd.core import Daemon
@@ -478,3 +479,103 @@ def test_a_state_changing_request_the_daemon_never_read_is_sent_again(tmp_path: 
         assert fake.connections == 2
     finally:
         fake.close()
+
+
+@pytest.fixture
+def timed(tmp_path: Path, make_daemon: Any) -> Iterator[tuple[ControlServer, FakeClock]]:
+    """A server whose limits run on a FakeClock the test moves: limits far longer than any
+    wait here, so only the clock's jumps can end a connection."""
+    daemon = make_daemon(None, overrides=("selfballooning_at_load=0", "selfshrinking=0"))
+    clock = FakeClock(100.0)
+    server = ControlServer(tmp_path / "control.sock",
+                           lambda line: handlers.handle_line(daemon, line),
+                           idle_timeout_s=60.0, io_timeout_s=120.0, clock=clock)
+    server.start()
+    yield server, clock
+    server.stop()
+
+
+def connected(server: ControlServer, first: bytes) -> socket.socket:
+    """A connection that sent ``first`` (a request line, perhaps more) and read the reply:
+    the server has taken that chunk and read its clock for it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(str(server.path))
+    sock.sendall(first)
+    reply = b""
+    while not reply.endswith(b"\n"):
+        reply += sock.recv(65536)
+    assert json.loads(reply)["ok"]
+    return sock
+
+
+HELLO = b'{"v":1,"op":"hello"}\n'
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(65536) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_a_line_trickled_a_byte_at_a_time_is_cut_at_its_deadline(timed: Any) -> None:
+    """Fails before: the limit (10 s by default) was per receive, so a client sending one
+    byte of an unfinished line every few seconds held one of the 32 slots for good; now a
+    line must be whole within the limit from its first byte."""
+    server, clock = timed
+    slow = connected(server, HELLO + b"{")  # the line's first byte came with the reply
+    for _ in range(3):
+        clock.advance(50.0)  # each byte well within 120 s of the one before
+        slow.sendall(b" ")
+    assert closed_by_server(slow)
+    slow.close()
+    prompt = connected(server, HELLO + b'{"v":1,')
+    clock.advance(110.0)
+    prompt.sendall(b'"op":"hello"}\n')  # whole within its 120 s: answered
+    assert json.loads(prompt.recv(65536))["ok"]
+    prompt.close()
+
+
+def test_blank_lines_do_not_keep_an_idle_connection(timed: Any) -> None:
+    """Fails before: each blank line restarted the idle timeout, so a client sending only
+    blank lines held its slot for good; blank lines are not requests."""
+    server, clock = timed
+    blank = connected(server, HELLO)
+    for _ in range(3):
+        clock.advance(25.0)  # 75 s since the last request, 25 s since the last blank line
+        blank.sendall(b"\n")
+    assert closed_by_server(blank)
+    blank.close()
+    busy = connected(server, HELLO)
+    clock.advance(50.0)
+    busy.sendall(HELLO)  # a request within the idle timeout: answered, the clock restarts
+    assert json.loads(busy.recv(65536))["ok"]
+    clock.advance(50.0)
+    busy.sendall(HELLO)
+    assert json.loads(busy.recv(65536))["ok"]
+    busy.close()
+
+
+def test_the_time_the_server_takes_over_a_request_is_not_the_next_lines(
+        tmp_path: Path) -> None:
+    """A line begun in the chunk of a request that takes long (an unload: minutes) gets
+    its whole limit after that request's reply, not what the request left of it."""
+    clock = FakeClock(100.0)
+
+    def slow(line: bytes) -> bytes:
+        clock.advance(300.0)  # longer than the line limit and the idle timeout
+        return protocol.encode_result(None, "done")
+    server = ControlServer(tmp_path / "control.sock", slow, idle_timeout_s=60.0,
+                           io_timeout_s=120.0, clock=clock)
+    server.start()
+    try:
+        sock = connected(server, HELLO + b'{"v":1,')
+        clock.advance(100.0)
+        sock.sendall(b'"op":"hello"}\n')
+        assert json.loads(sock.recv(65536))["result"] == "done"
+        sock.close()
+    finally:
+        server.stop()

@@ -138,7 +138,8 @@ def too_long() -> bytes:
 
 
 class LineReader:
-    """Cuts one connection's byte stream into request lines (blank lines are skipped)."""
+    """Cuts one connection's byte stream into request lines (blank lines are skipped: they
+    are no request, and a server's idle timeout does not count them as activity)."""
 
     def __init__(self, limit: int = MAX_REQUEST_BYTES) -> None:
         self.limit = limit
@@ -277,7 +278,9 @@ class ControlSocket:
 class _Peer:
     conn: socket.socket
     reader: LineReader
-    #: The clock's reading when the peer last sent something (or connected).
+    #: The clock's reading when the peer's last request was answered (or it connected):
+    #: bytes of an unfinished line and blank lines do not count, so trickling them cannot
+    #: hold a slot.
     last_heard: float
 
 
@@ -286,7 +289,8 @@ class PolledServer:
     file descriptors and calls :meth:`ready` for each readable one.  No threads.
 
     The same bounds as ``xentmemd``'s server: at most ``max_clients`` connections (the next
-    is told ``busy``), a connection silent for ``idle_timeout_s`` is closed (checked each
+    is told ``busy``), a connection with no request answered for ``idle_timeout_s`` (a line
+    still coming or blank lines do not count) is closed (checked each
     time the loop asks for :meth:`filenos`, so the loop must wake at least every second or
     so, as ``xentmem-hostd``'s does), an answer not taken within ``send_timeout_s`` drops the
     client.  ``clock`` is injectable for tests.
@@ -359,12 +363,12 @@ class PolledServer:
         if not data:
             self._drop(fd)
             return
-        peer.last_heard = self._clock()
         peer.reader.feed(data)
         for line in peer.reader.lines():
             if not self._send(peer.conn, self.handle(line)):
                 self._drop(fd)
                 return
+            peer.last_heard = self._clock()
         if peer.reader.overlong:
             self._send(peer.conn, too_long())
             self._drop(fd)

@@ -5,11 +5,12 @@ other clients still get ``status``.  The socket itself (bound owner-only, ``0660
 group, never taken from a live daemon) is :class:`~xentmem.control.server.ControlSocket`.
 
 Every wait is bounded: the accept loop wakes at least every :data:`ACCEPT_POLL_S`, a client
-idle for ``idle_timeout_s`` (seconds, the ``control_idle_timeout`` setting) is dropped, a
-client that stops in the middle of a line or does not take its reply within ``io_timeout_s``
-is dropped, and at most ``max_clients`` connections are served (the next one is told
-``busy``).  A request line longer than the protocol's bound gets an error and the connection
-is closed.
+that sent no request for ``idle_timeout_s`` (seconds, the ``control_idle_timeout`` setting;
+blank lines are not requests) is dropped, a request line must arrive whole within
+``io_timeout_s`` of its first byte (each receive waits only for what is left, so trickled
+bytes cannot stretch it) and a reply be taken within ``io_timeout_s``, and at most
+``max_clients`` connections are served (the next one is told ``busy``).  A request line
+longer than the protocol's bound gets an error and the connection is closed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import socket
 import threading
 from pathlib import Path
 
+from xentmem.clock import Clock, SystemClock
 from xentmem.control.server import (
     DEFAULT_IDLE_TIMEOUT_S,
     DEFAULT_MAX_CLIENTS,
@@ -54,7 +56,10 @@ class ControlServer:
         max_clients: int = DEFAULT_MAX_CLIENTS,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
         io_timeout_s: float = DEFAULT_IO_TIMEOUT_S,
+        clock: Clock | None = None,
     ) -> None:
+        """``clock``: what the idle and per-line limits are counted on (the real clock
+        unless a test says otherwise)."""
         self.socket = ControlSocket(path, daemon="xentmemd", mode=mode, group=group)
         self.path = path
         self._handle = handle
@@ -62,6 +67,7 @@ class ControlServer:
         #: May change while serving (a config reload); each wait reads it anew.
         self.idle_timeout_s = idle_timeout_s
         self._io_timeout_s = io_timeout_s
+        self._clock: Clock = clock or SystemClock()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._wake_r, self._wake_w = -1, -1
@@ -127,11 +133,20 @@ class ControlServer:
         return True
 
     def _serve(self, conn: socket.socket) -> None:
+        """Answer ``conn``'s lines until it closes or overstays a limit.
+
+        Both limits are deadlines, not per-receive timeouts: a client trickling a byte at a
+        time, or sending blank lines, would otherwise hold its slot for good."""
         reader = LineReader()
+        clock = self._clock
+        last_request = line_started = clock.monotonic()
         try:
             while not self._stopping.is_set():
                 for line in reader.lines():
                     reply = self._handle(line)
+                    # The idle time starts with the reply, and so does the time of a line
+                    # already begun (the server's own time is not the client's).
+                    last_request = line_started = clock.monotonic()
                     conn.settimeout(self._io_timeout_s)
                     conn.sendall(reply)
                     self.served += 1
@@ -140,11 +155,20 @@ class ControlServer:
                 if reader.overlong:
                     conn.sendall(too_long())
                     return
-                conn.settimeout(self.idle_timeout_s if not reader.buffer
-                                else self._io_timeout_s)
+                if reader.buffer:  # in the middle of a line
+                    left = line_started + self._io_timeout_s - clock.monotonic()
+                else:
+                    left = last_request + self.idle_timeout_s - clock.monotonic()
+                if left <= 0:
+                    log.debug("control socket: client %s", "took too long over a line"
+                              if reader.buffer else "sent no request in time")
+                    return
+                conn.settimeout(left)
                 chunk = conn.recv(65536)
                 if not chunk:
                     return
+                if not reader.buffer or b"\n" in chunk:  # what is left began in this chunk
+                    line_started = clock.monotonic()
                 reader.feed(chunk)
         except socket.timeout:
             log.debug("control socket: client timed out")

@@ -7,8 +7,8 @@ import threading
 
 
 class RecordingLibc:
-    """``mlockall`` and ``prctl`` recorded as ``(name, args, thread name)``; a call named in
-    ``fail`` raises OSError with that errno instead."""
+    """``mlockall``, ``munlockall`` and ``prctl`` recorded as ``(name, args, thread
+    name)``; a call named in ``fail`` raises OSError with that errno instead."""
 
     def __init__(self, fail: dict[str, int] | None = None) -> None:
         self.fail = dict(fail or {})
@@ -23,6 +23,9 @@ class RecordingLibc:
 
     def mlockall(self, flags: int) -> None:
         self._call("mlockall", flags)
+
+    def munlockall(self) -> None:
+        self._call("munlockall")
 
     def prctl(self, option: int, arg2: int) -> int:
         self._call("prctl", option, arg2)

@@ -199,6 +199,27 @@ class SwapAreas:
             raise AbiError("a backing file's path goes with backing \"file\" only")
         return None if path is None else self.check_path(path)
 
+    def free_type(self, swap_type: int | None = None) -> int:
+        """The type :meth:`create` would use now (``swap_type``, or the lowest free one), or
+        what it would refuse with; an NBD export asks before it locks memory."""
+        with self._lock:
+            return self._free_type(swap_type)
+
+    def _free_type(self, swap_type: int | None) -> int:
+        if self._refusing is not None:
+            raise DaemonStopping(f"no new swap area: {self._refusing}")
+        in_use = set(self._frontswap.swap_types())
+        if swap_type is None:
+            free = [t for t in range(MAX_SWAP_TYPES) if t not in in_use]
+            if not free:
+                raise AbiError(f"all {MAX_SWAP_TYPES} swap types are in use")
+            return free[0]
+        if not 0 <= swap_type < MAX_SWAP_TYPES:
+            raise AbiError(f"swap type must be from 0 to {MAX_SWAP_TYPES - 1}")
+        if swap_type in in_use:
+            raise AbiError(f"swap type {swap_type} is already initialised")
+        return swap_type
+
     def create(self, pages: int, backing: str = "memory", swap_type: int | None = None,
                path: str | None = None, owner: Callable[[int], str] | None = None
                ) -> dict[str, Any]:
@@ -209,18 +230,7 @@ class SwapAreas:
         area is made for, recorded under the lock so no client can take it meanwhile."""
         chosen = self.check_new(pages, backing, path)
         with self._lock:
-            if self._refusing is not None:
-                raise DaemonStopping(f"no new swap area: {self._refusing}")
-            in_use = set(self._frontswap.swap_types())
-            if swap_type is None:
-                free = [t for t in range(MAX_SWAP_TYPES) if t not in in_use]
-                if not free:
-                    raise AbiError(f"all {MAX_SWAP_TYPES} swap types are in use")
-                swap_type = free[0]
-            elif not 0 <= swap_type < MAX_SWAP_TYPES:
-                raise AbiError(f"swap type must be from 0 to {MAX_SWAP_TYPES - 1}")
-            elif swap_type in in_use:
-                raise AbiError(f"swap type {swap_type} is already initialised")
+            swap_type = self._free_type(swap_type)
             store: BackingStore
             if chosen is not None:  # a new file, never one that exists (O_EXCL)
                 store = FileBacking(chosen, pages, swap_type, self.this_boot, exclusive=True)

@@ -186,7 +186,7 @@ def test_a_path_goes_with_a_file_backing_only(state: Path, disk: Path) -> None:
                                   {"pages": PAGES, "backing": "tape"}])
 def test_an_export_refused_for_its_size_or_backing_locks_nothing(
         state: Path, args: dict[str, Any]) -> None:
-    """Checked before the daemon locks itself in memory (an mlockall is never undone)."""
+    """Checked before the daemon locks itself in memory (it pins the whole daemon)."""
     g = guest(state)
     with pytest.raises(AbiError):
         g.exports.add(**args)

@@ -14,6 +14,7 @@ from fakes.libc import RecordingLibc
 from fakes.nbd_raw import RawClient
 from fakes.nbd_served import serve
 
+from xentmem.errors import AbiError, BackendError, DaemonStopping
 from xentmem.guestd.nbd.fanout import WORKERS
 from xentmem.guestd.nbd.resident import (
     MCL_CURRENT,
@@ -23,9 +24,11 @@ from xentmem.guestd.nbd.resident import (
     PR_SET_IO_FLUSHER,
     THREAD_STACK_BYTES,
     RealLibc,
+    Residency,
     SwapUnsafe,
     io_flusher_for_every_thread,
 )
+from xentmem.guestd.swap import MAX_SWAP_TYPES
 
 PAGE = 4096
 WRITE, DISC = 1, 2
@@ -68,6 +71,66 @@ def test_an_export_is_refused_when_memory_cannot_be_locked(
     finally:
         served.server.stop()
         served.swap.close()
+
+
+def test_an_add_refused_for_its_swap_type_locks_nothing(short_dir: Path) -> None:
+    """Fails before: the memory was locked before the swap area was made, so an add
+    refused for its swap type (taken, or none free) or because the daemon is stopping
+    left the whole daemon pinned in memory while it served no swap."""
+    served = serve(short_dir)
+    try:
+        served.swap.create(1, "memory", swap_type=1)  # a frontswap client's area
+        with pytest.raises(AbiError, match="swap type 1 is already initialised"):
+            served.exports.add(4, "memory", swap_type=1)
+        for swap_type in set(range(MAX_SWAP_TYPES)) - {1}:
+            served.swap.create(1, "memory", swap_type=swap_type)
+        with pytest.raises(AbiError, match="all 32 swap types are in use"):
+            served.exports.add(4, "memory", name="late")
+        served.swap.refuse_new("the daemon is stopping")
+        with pytest.raises(DaemonStopping):
+            served.exports.add(4, "memory", name="later")
+        assert served.libc.named("mlockall") == [] and served.exports.names() == []
+        assert served.server.describe()["memory_locked"] is False
+    finally:
+        served.server.stop()
+        served.swap.close()
+
+
+def test_an_add_that_fails_after_the_lock_undoes_it(short_dir: Path, monkeypatch) -> None:
+    """Fails before: an area that could not be made (a disk error, only trying tells) left
+    the memory locked; this add locked it, so it unlocks it, and the thread stacks are as
+    they were.  An add after an export exists never unlocks (that export needs the lock)."""
+    served = serve(short_dir)
+    try:
+        real_create = served.swap.create
+
+        def failing(*args, **kwargs):
+            raise BackendError("swap directory: No space left on device")
+        monkeypatch.setattr(served.swap, "create", failing)
+        with pytest.raises(BackendError):
+            served.exports.add(4, "file", name="a")
+        assert served.libc.named("mlockall") == [(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT,)]
+        assert served.libc.named("munlockall") == [()]
+        assert served.libc.named("stack_size") == [(THREAD_STACK_BYTES,), (0,)]
+        assert served.server.describe()["memory_locked"] is False
+        monkeypatch.setattr(served.swap, "create", real_create)
+        served.exports.add(4, "file", name="a")
+        monkeypatch.setattr(served.swap, "create", failing)
+        with pytest.raises(BackendError):
+            served.exports.add(4, "file", name="b")
+        assert served.libc.named("munlockall") == [()]  # only the first time
+        assert served.server.describe()["memory_locked"] is True
+    finally:
+        served.server.stop()
+        served.swap.close()
+
+
+def test_a_refused_munlockall_leaves_the_daemon_locked(short_dir: Path) -> None:
+    libc = RecordingLibc(fail={"munlockall": errno.EPERM})
+    residency = Residency(libc, set_stack_size=libc.stack_size)
+    assert residency.lock_memory() is True and residency.lock_memory() is False
+    residency.unlock_memory()
+    assert residency.locked and libc.named("stack_size") == [(THREAD_STACK_BYTES,)]
 
 
 def _serve_one_connection(served, handle: int) -> None:

@@ -98,24 +98,38 @@ class Exports:
             raise AbiError(f"an export name is 1-64 of A-Z a-z 0-9 . _ - (not starting with "
                            f"a punctuation mark), got {name!r}")
         with self._lock:
-            if name is not None and name in self._exports:
-                raise AbiError(f"export {name!r} already exists")
-            self.residency.lock_memory()  # SwapUnsafe: refused, nothing made
-            chosen = name
-            area = self.swap.create(pages, backing, swap_type, path,
-                                    owner=lambda made: chosen or f"swap{made}")
-            swap_type = int(area["type"])
-            name = name or f"swap{swap_type}"
-            if name in self._exports:  # a default name taken by a chosen one
-                self.swap.forget(swap_type, owner=name)
-                raise AbiError(f"export {name!r} already exists")
-            export = Export(name, self.frontswap, swap_type, pages,
-                            self.swap.store_of(swap_type))
+            # Every refusal that can be told now comes before the lock (an mlockall pins
+            # the whole daemon); what only trying tells undoes a lock this call took.
+            free = self.swap.free_type(swap_type)  # none free, stopping: refused
+            likely = name or f"swap{free}"
+            if likely in self._exports:
+                raise AbiError(f"export {likely!r} already exists")
+            locked_now = self.residency.lock_memory()  # SwapUnsafe: refused, nothing made
+            try:
+                export = self._make(pages, backing, name, swap_type, path)
+            except BaseException:
+                if locked_now:  # no other export (it would have locked): no swap served
+                    self.residency.unlock_memory()
+                raise
             export.device = device
-            self._exports[name] = export
+            self._exports[export.name] = export
             self._save()
+            name, swap_type = export.name, export.swap_type
         log.info("nbd export %s: swap type %d, %d pages (%s)", name, swap_type, pages, backing)
         return self.describe_one(export)
+
+    def _make(self, pages: int, backing: str, name: str | None, swap_type: int | None,
+              path: str | None) -> Export:
+        """The area and its export, not yet listed (under the lock); nothing made if refused."""
+        chosen = name
+        area = self.swap.create(pages, backing, swap_type, path,
+                                owner=lambda made: chosen or f"swap{made}")
+        swap_type = int(area["type"])
+        name = name or f"swap{swap_type}"
+        if name in self._exports:  # a default name taken by a chosen one meanwhile
+            self.swap.forget(swap_type, owner=name)
+            raise AbiError(f"export {name!r} already exists")
+        return Export(name, self.frontswap, swap_type, pages, self.swap.store_of(swap_type))
 
     def remove(self, name: str, timeout_s: float = STOP_GRACE_S) -> dict[str, Any]:
         """End the export's connections, then turn its swap area off.

@@ -12,7 +12,8 @@ for the process itself.  Two kernel interfaces prevent it:
   buffers are written when they are made, so they are resident before any pressure.
   Failure refuses the export (:class:`SwapUnsafe`): a swap device that can deadlock the
   guest under the very pressure swap is for is worse than none.  It needs ``CAP_IPC_LOCK``
-  or an ``RLIMIT_MEMLOCK`` above the daemon's size.
+  or an ``RLIMIT_MEMLOCK`` above the daemon's size.  A first export that fails after the
+  lock undoes it (``munlockall``): a daemon serving no swap need not pin its memory.
 * ``prctl(PR_SET_IO_FLUSHER, 1)`` on each thread that serves NBD (Linux >= 5.6, needs
   ``CAP_SYS_RESOURCE``): the thread's allocations never start I/O in direct reclaim
   (``PF_MEMALLOC_NOIO``), so reclaim cannot wait on a write to the device the thread
@@ -58,9 +59,11 @@ class SwapUnsafe(XentmemError):
 
 
 class Libc(Protocol):
-    """The two system calls; each raises OSError (with its errno) when it fails."""
+    """The system calls; each raises OSError (with its errno) when it fails."""
 
     def mlockall(self, flags: int) -> None: ...
+
+    def munlockall(self) -> None: ...
 
     def prctl(self, option: int, arg2: int) -> int: ...
 
@@ -74,6 +77,10 @@ class RealLibc:
     def mlockall(self, flags: int) -> None:
         if self._libc.mlockall(ctypes.c_int(flags)) != 0:
             self._raise("mlockall")
+
+    def munlockall(self) -> None:
+        if self._libc.munlockall() != 0:
+            self._raise("munlockall")
 
     def prctl(self, option: int, arg2: int) -> int:
         zero = ctypes.c_ulong(0)
@@ -104,6 +111,8 @@ class Residency:
         self._set_stack_size = set_stack_size
         self._lock = threading.Lock()
         self.locked = False
+        #: The thread stack size before :meth:`lock_memory` changed it (0: the default).
+        self._stack_before = 0
         #: Serving threads marked as I/O flushers, and those the kernel refused.
         self.io_flushers = 0
         self.io_flusher_refused = 0
@@ -115,12 +124,13 @@ class Residency:
             self._libc = RealLibc()
         return self._libc
 
-    def lock_memory(self) -> None:
+    def lock_memory(self) -> bool:
         """Lock every page of the process, now and to come; SwapUnsafe if the kernel refuses
-        (then nothing changed).  Once done, later calls return at once."""
+        (then nothing changed).  Once done, later calls return at once.  True if this call
+        locked (its caller undoes it, :meth:`unlock_memory`, should what it was for fail)."""
         with self._lock:
             if self.locked:
-                return
+                return False
             try:
                 self.libc.mlockall(LOCK_FLAGS)
             except OSError as exc:
@@ -130,9 +140,25 @@ class Residency:
                            f"CAP_IPC_LOCK (the unit does) or LimitMEMLOCK=infinity")
                 log.error("%s", message)
                 raise SwapUnsafe(message) from exc
-            self._set_stack_size(THREAD_STACK_BYTES)
+            self._stack_before = self._set_stack_size(THREAD_STACK_BYTES) or 0
             self.locked = True
         log.info("memory locked (mlockall MCL_CURRENT|MCL_FUTURE|MCL_ONFAULT): swap can be served")
+        return True
+
+    def unlock_memory(self) -> None:
+        """Undo :meth:`lock_memory` (the first export was refused after it locked): no swap is
+        served, so the daemon need not pin its memory.  A refusal is logged; it stays locked."""
+        with self._lock:
+            if not self.locked:
+                return
+            try:
+                self.libc.munlockall()
+            except OSError as exc:
+                log.warning("munlockall refused (%s): xentmemd stays locked in memory", exc)
+                return
+            self._set_stack_size(self._stack_before)
+            self.locked = False
+        log.info("memory unlocked (munlockall): no swap is served")
 
     def serving_thread(self) -> None:
         """Mark the calling thread an I/O flusher; a refusal is logged once, then counted."""
@@ -182,8 +208,12 @@ def io_flusher_for_every_thread(libc: Libc | None = None) -> bool:
 class NotResident(Residency):
     """For tests and benchmarks that serve no real swap: locks nothing, marks nothing."""
 
-    def lock_memory(self) -> None:
-        self.locked = True
+    def lock_memory(self) -> bool:
+        locked_now, self.locked = not self.locked, True
+        return locked_now
+
+    def unlock_memory(self) -> None:
+        self.locked = False
 
     def serving_thread(self) -> None:
         pass

@@ -579,3 +579,68 @@ def test_the_time_the_server_takes_over_a_request_is_not_the_next_lines(
         sock.close()
     finally:
         server.stop()
+
+
+def ask(path: Path) -> dict[str, Any]:
+    """One hello on a connection of its own; the answer line."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(HELLO)
+        reply = b""
+        while not reply.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    return json.loads(reply)
+
+
+def test_a_client_thread_that_cannot_start_costs_only_that_client(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fails before: one failed thread start (a tasks limit, no memory) ended the accept
+    loop for good (every later client queued, never answered), left its connection in a
+    slot, and stop() raised joining the thread that never started.  Now that client is
+    told busy, its slot is freed, and the next one is served."""
+    server = ControlServer(tmp_path / "control.sock",
+                           lambda line: protocol.encode_result(None, "pong"))
+    server.start()
+    real_start = threading.Thread.start
+    failures = [RuntimeError("can't start new thread")]
+
+    def flaky_start(thread: threading.Thread) -> None:
+        if thread.name == "xentmem-control-client" and failures:
+            raise failures.pop()
+        real_start(thread)
+    monkeypatch.setattr(threading.Thread, "start", flaky_start)
+    try:
+        refused = ask(server.path)
+        assert refused["error"]["code"] == protocol.BUSY
+        assert "could not start a thread" in refused["error"]["message"]
+        assert ask(server.path)["result"] == "pong"
+        assert server._thread is not None and server._thread.is_alive()
+    finally:
+        server.stop()  # raised RuntimeError: cannot join thread before it is started
+    assert server._clients == {}
+
+
+def test_an_unexpected_accept_failure_does_not_end_the_accept_loop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fails before: any exception of an accept ended the loop; now it is logged and the
+    loop goes on (after ``ACCEPT_RETRY_S``, so a failure that repeats cannot spin it)."""
+    server = ControlServer(tmp_path / "control.sock",
+                           lambda line: protocol.encode_result(None, "pong"))
+    real_accept = server.socket.accept
+    failures = [ValueError("a bug")]
+
+    def flaky_accept() -> socket.socket | None:
+        if failures:
+            raise failures.pop()
+        return real_accept()
+    monkeypatch.setattr(server.socket, "accept", flaky_accept)
+    server.start()
+    try:
+        assert ask(server.path)["result"] == "pong"  # the turn that failed is retried
+        assert failures == []
+    finally:
+        server.stop()

@@ -24,6 +24,7 @@ import threading
 from pathlib import Path
 
 from xentmem.clock import Clock, SystemClock
+from xentmem.control.protocol import BUSY, ControlError, encode_error
 from xentmem.control.server import (
     DEFAULT_IDLE_TIMEOUT_S,
     DEFAULT_MAX_CLIENTS,
@@ -38,6 +39,9 @@ from xentmem.control.server import (
 log = logging.getLogger(__name__)
 
 ACCEPT_POLL_S = 30.0
+#: After an accept that failed unexpectedly, the loop waits this long before the next one
+#: (so a failure that repeats does not spin it).
+ACCEPT_RETRY_S = 0.5
 DEFAULT_IO_TIMEOUT_S = 10.0
 
 __all__ = ["ControlServer", "LineHandler", "ServerError"]
@@ -101,7 +105,16 @@ class ControlServer:
             while not self._stopping.is_set():
                 for key, _ in selector.select(ACCEPT_POLL_S):
                     if key.fileobj is listener:
-                        self._accept_all()
+                        self._accept_guarded()
+
+    def _accept_guarded(self) -> None:
+        """:meth:`_accept_all`, whose failure (a bug, or a resource out) is logged and
+        ends only this turn: the loop, every later client's way in, goes on."""
+        try:
+            self._accept_all()
+        except Exception:
+            log.exception("control socket: accepting a client failed; accepting goes on")
+            self._stopping.wait(ACCEPT_RETRY_S)
 
     def _accept_all(self) -> None:
         """Take every connection waiting, so a burst is not left in the listen queue."""
@@ -129,7 +142,18 @@ class ControlServer:
             thread = threading.Thread(target=self._serve, args=(conn,),
                                       name="xentmem-control-client", daemon=True)
             self._clients[conn] = thread
-        thread.start()
+            try:  # under the lock: stop() never sees a thread not yet started
+                thread.start()
+                return True
+            except Exception as exc:  # no thread to be had (a tasks limit, no memory)
+                del self._clients[conn]  # the slot is free again
+                failure = exc
+        log.error("control socket: no thread for a client (%s); it is told busy", failure)
+        with contextlib.suppress(OSError):
+            conn.sendall(encode_error(None, ControlError(
+                BUSY, f"xentmemd could not start a thread for this client ({failure}); "
+                      "try again")))
+        conn.close()
         return True
 
     def _serve(self, conn: socket.socket) -> None:
@@ -196,7 +220,8 @@ class ControlServer:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
         for _, thread in clients:
-            thread.join(timeout_s)
+            if thread.ident is not None:  # a thread that never started has nothing to end
+                thread.join(timeout_s)
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
                 os.close(fd)

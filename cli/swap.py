@@ -16,14 +16,16 @@ from typing import Any
 
 import click
 
-from xentmem.control.protocol import SWAP_BACKINGS
+from xentmem.control.protocol import MAX_AREA_PAGES, SWAP_BACKINGS
 from xentmem.roots import Roots
 from xentmem_cli import render, swap_kernel
 from xentmem_cli.app import App, json_option
 from xentmem_cli.swap_kernel import Kernel, SwapStepFailed
 
 PAGE = 4096
-_SIZE = re.compile(r"(\d+)\s*([KMGT]?)(i?B)?", re.IGNORECASE)
+#: ASCII only: ``\d`` would take other scripts' digits (``٤G``), and IGNORECASE alone the
+#: Kelvin sign for a K.
+_SIZE = re.compile(r"([0-9]+)[ \t]*([KMGT]?)(i?B)?", re.IGNORECASE | re.ASCII)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 DEFAULT_SIZE = "1G"
 #: The export ``swap start`` makes from the config.
@@ -36,13 +38,24 @@ DEFAULT_PERSIST_S = 120
 
 
 def parse_size(ctx: click.Context, param: click.Parameter, text: str) -> int:
-    """``512M``, ``2G``, ``1048576`` -> pages; a whole number of pages, at least one."""
-    match = _SIZE.fullmatch(text.strip())
+    """``512M``, ``2G``, ``1048576`` -> pages; a whole number of pages, at least one, and
+    no more than the daemon's largest area: a usage error here, before ``swap add`` loads
+    a kernel module for an export the daemon would refuse."""
+    shown = text if len(text) <= 32 else text[:29] + "..."
+    match = _SIZE.fullmatch(text.strip(" \t"))
     if match is None:
-        raise click.BadParameter(f"{text!r} is not a size such as 512M or 2G", ctx, param)
-    size = int(match[1]) * _UNITS[match[2].upper()]
+        raise click.BadParameter(f"{shown!r} is not a size such as 512M or 2G", ctx, param)
+    largest = MAX_AREA_PAGES * PAGE
+    too_large = click.BadParameter(f"{shown} is more than the largest swap area, "
+                                   f"{largest >> 30} GiB", ctx, param)
+    digits = match[1].lstrip("0") or "0"
+    if len(digits) > len(str(largest)):  # and int() of thousands of digits is refused
+        raise too_large
+    size = int(digits) * _UNITS[match[2].upper()]
     if size < PAGE or size % PAGE:
-        raise click.BadParameter(f"{text} is not a whole number of 4 KiB pages", ctx, param)
+        raise click.BadParameter(f"{shown} is not a whole number of 4 KiB pages", ctx, param)
+    if size > largest:
+        raise too_large
     return size // PAGE
 
 
@@ -79,7 +92,8 @@ def swap() -> None:
 
 @swap.command()
 @click.option("--size", "pages", default=DEFAULT_SIZE, show_default=True,
-              callback=parse_size, metavar="SIZE", help="The swap area's size (K, M, G, T).")
+              callback=parse_size, metavar="SIZE",
+              help=f"The swap area's size (K, M, G, T), at most {MAX_AREA_PAGES * PAGE >> 30}G.")
 @click.option("--backing", default="file", show_default=True, callback=parse_backing,
               metavar="FILE|file|memory",
               help="Where pages go that tmem refuses: a new file at the path FILE (in a "

@@ -17,10 +17,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 
 from xentmem.control import ControlClient
 from xentmem_cli import swap_kernel
+from xentmem_cli.swap import parse_size
 
 PAGE = 4096
 
@@ -238,6 +240,25 @@ def test_without_the_nbd_module_nothing_is_made(xentmem, tmp_path: Path, tools: 
 def test_a_size_that_is_no_whole_number_of_pages_is_a_usage_error(xentmem, size: str,
                                                                   assert_error) -> None:
     assert_error(xentmem("swap", "add", "--size", size), 2, "--size")
+
+
+@pytest.mark.parametrize("size", ["\u0664G", "\uff14G", "\u0664\u0660\u0669\u0666", "4\u212a",
+                                  "4097M", "5T", "4294971392", "9" * 5000])
+def test_a_size_in_other_digits_or_beyond_the_largest_area_is_a_usage_error(
+        xentmem, size: str, tools: FakeTools, kernel_root: Path, assert_error) -> None:
+    """Fails before: ``\\d`` read Arabic-Indic and fullwidth digits as a size, and a size
+    over the daemon's largest area (4 GiB) went on to load the nbd module before the daemon
+    refused it; now both are refused first, with nothing run."""
+    assert_error(xentmem("swap", "add", "--size", size,
+                         env={"XENTMEM_ROOT": str(kernel_root)}), 2, "--size")
+    assert tools.calls == []
+
+
+def test_the_largest_size_is_the_daemons_largest_area() -> None:
+    from xentmem.control.protocol import MAX_AREA_PAGES  # one bound: the daemon's
+
+    ctx = click.Context(click.Command("add"))
+    assert parse_size(ctx, None, "4G") == parse_size(ctx, None, "4096MiB") == MAX_AREA_PAGES
 
 
 def test_start_attaches_what_the_config_asks_once_and_stop_turns_it_off(

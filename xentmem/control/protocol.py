@@ -35,6 +35,9 @@ DEFAULT_SOCKET_PATH = "/run/xentmem/" + SOCKET_NAME
 #: The backing stores of a swap area (``frontswap.init``, ``nbd.add``): a file the daemon
 #: names, or its memory; a file at a chosen path is ``"file"`` with a ``path``.
 SWAP_BACKINGS = ("file", "memory")
+#: The most pages a swap area may have (``frontswap.init``, ``nbd.add``): 4 GiB of slots.
+#: The one bound, which the daemon enforces and ``xentmem swap add --size`` checks first.
+MAX_AREA_PAGES = 1 << 20
 #: The content type of the ``metrics`` op's text (Prometheus text exposition format 0.0.4).
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

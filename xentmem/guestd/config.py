@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from xentmem.control.protocol import SWAP_BACKINGS
+from xentmem.control.protocol import MAX_AREA_PAGES, SWAP_BACKINGS
 from xentmem.control.server import DEFAULT_IDLE_TIMEOUT_S
 from xentmem.errors import AbiError, ConfigError, ParamError, XentmemError
 from xentmem.guest.shim import SHIM_PARAMS
@@ -114,7 +114,7 @@ DAEMON_PARAMS = ParamSet(
           "the run directory only"),
     Param("nbd_swap_mib", int, 0, "swap to attach when the service starts (`xentmem swap "
           "start`, the unit's ExecStartPost=): an export of this many MiB, as swap; 0: none",
-          min=0, max=4096, unit="MiB"),
+          min=0, max=MAX_AREA_PAGES * 4096 >> 20, unit="MiB"),
     Param("nbd_swap_backing", str, "file", "where that swap puts the pages tmem refuses, as "
           "`xentmem swap add --backing`: file (a file the daemon names in its state "
           "directory), memory, or the absolute path of a new file",

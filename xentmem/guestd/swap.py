@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from xentmem.control.protocol import SWAP_BACKINGS
+from xentmem.control.protocol import MAX_AREA_PAGES, SWAP_BACKINGS
 from xentmem.errors import AbiError, BackendError, DaemonStopping
 from xentmem.guest.frontends import FileBacking, Frontswap, MemoryBacking
 from xentmem.guest.frontends.backing import BackingStore
@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 
 #: Linux's MAX_SWAPFILES is 32 (less a few for migration entries): the same bound here.
 MAX_SWAP_TYPES = 32
-#: 4 GiB of slots per area; a memory area only costs what is stored in it.
-MAX_AREA_PAGES = 1 << 20
 #: The state directory (systemd's ``StateDirectory=xentmem``); swap files go in ``swap/``.
 DEFAULT_STATE_DIR = "/var/lib/xentmem"
 #: The name of an area file; what :meth:`SwapAreas.reattach` looks for.

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import click
 
 from xentmem.clock import SystemClock
-from xentmem.console import EXIT_FAILURE, Seconds
+from xentmem.console import EXIT_FAILURE, EXIT_SIGNAL_BASE, Seconds
 from xentmem.control.client import ControlClient
 from xentmem.control.protocol import DEFAULT_SOCKET_PATH, SOCKET_NAME, ControlError
 from xentmem_cli.app import App
@@ -281,6 +281,10 @@ def run(app: App, *, run_dir: Path | None, system: bool, root: str | None,
     its socket, lock, swap areas and shutdown record in a directory of its own (printed at
     start), never in the system service's unless --system.  Arguments after -- go to
     xentmemd unchanged (see `xentmemd --help`).
+
+    Exit status: xentmemd's own (0: a clean stop; 1: pages lost, or it did not start; 2: a
+    bad xentmemd argument; 78: its configuration refused), or 128+N when signal N killed it
+    (137: SIGKILL), as a shell reports it.
     """
     after_run_dir, after_state_dir, daemon_args = split_places(daemon_args)
     run_dir = after_run_dir or run_dir
@@ -380,7 +384,7 @@ def _watch(app: App, daemon: ForegroundDaemon, pid: int, socket_path: Path,
 def _exited(app: App, code: int, *, ready: bool, timed_out: float | None) -> int:
     """Say how the daemon ended; the status to exit with (128+N for signal N, as a shell)."""
     how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-    status = 128 - code if code < 0 else code
+    status = EXIT_SIGNAL_BASE - code if code < 0 else code
     if timed_out is not None:
         app.abort(f"xentmemd was not ready within {timed_out:g}s, so it was stopped "
                   f"(it {how}; its messages are above)", EXIT_FAILURE)

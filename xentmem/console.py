@@ -6,7 +6,8 @@
 - Failure: :func:`abort`, one line ``PROG: error: MESSAGE`` on stderr, never a traceback.
 - Exit codes, one table for ``xentmem``, ``xentmemd``, ``xentmem-hostd`` and the stand-in
   xenstored: :data:`EXIT_OK`, :data:`EXIT_FAILURE`, :data:`EXIT_USAGE`,
-  :data:`EXIT_UNREACHABLE`, :data:`EXIT_CONFIG`.
+  :data:`EXIT_UNREACHABLE`, :data:`EXIT_CONFIG`; and ``xentmem run``'s
+  :data:`EXIT_SIGNAL_BASE` + N.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ EXIT_UNREACHABLE = 3
 #: The configuration is refused (sysexits.h EX_CONFIG): a unit can say
 #: ``RestartPreventExitStatus=78``, since restarting cannot help.
 EXIT_CONFIG = 78
+#: ``xentmem run`` only: xentmemd was killed by signal N, and ``run`` exits 128+N, as a shell
+#: reports such a child, so a supervisor (or a script) can tell which signal it was.
+EXIT_SIGNAL_BASE = 128
 
 #: Every script's click context: ``-h`` as well as ``--help``, and a readable width.
 CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"],

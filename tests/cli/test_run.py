@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from xentmem_cli.foreground import Notification
 from xentmem_cli.main import cli
@@ -156,6 +157,30 @@ def test_readme_quick_start_lists_the_banners_commands() -> None:
     quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
     for words, _ in NEXT_COMMANDS:
         assert f"`{words}`" in quick or f" {words}`" in quick, words
+
+
+def exit_code_table() -> dict[str, str]:
+    """docs/control-protocol.md's one exit-code table: code -> meaning."""
+    doc = (Path(__file__).parents[2] / "docs" / "control-protocol.md").read_text()
+    table = doc.split("- Exit codes, one table for all:", 1)[1].split("\n\n", 2)[1]
+    rows = [line.split("|")[1:3] for line in table.splitlines()[2:]]
+    return {code.strip(): meaning.strip() for code, meaning in rows}
+
+
+def test_the_signal_exit_of_run_is_in_the_one_table_and_its_help() -> None:
+    """Fails before: ``xentmem run`` exits 128+N when xentmemd is killed by signal N (the
+    shell's convention, right for a supervisor), a code neither the table nor ``run
+    --help`` named."""
+    from xentmem import console
+
+    table = exit_code_table()
+    codes = {str(getattr(console, name)) for name in dir(console) if name.startswith("EXIT_")
+             and name != "EXIT_SIGNAL_BASE"}
+    assert set(table) == codes | {f"{console.EXIT_SIGNAL_BASE}+N"}
+    assert "xentmem run" in table["128+N"] and "signal N" in table["128+N"]
+    result = CliRunner().invoke(cli, ["run", "--help"], prog_name="xentmem")
+    assert result.exit_code == 0
+    assert "128+N when signal N killed it" in " ".join(result.stdout.split())
 
 
 # -- the command, end to end -----------------------------------------------------------------------

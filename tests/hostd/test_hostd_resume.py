@@ -21,7 +21,7 @@ import pytest
 from fakes.xenstore_hosts import outcome
 from xenhost import TIMEOUT_MS, WAIT_S, TmemHost
 
-from xentmem.guest.backends.xen import XenBackend
+from xentmem.guest.backends.xen import MAX_PENDING_FLUSHES, XenBackend
 from xentmem.hostd.control import HostControlClient
 from xentmem.hostd.tmemback import TmemBack
 from xentmem.tmem.abi import (
@@ -289,6 +289,38 @@ def test_a_flush_or_a_put_that_failed_in_an_outage_leaves_no_older_page_behind(
         assert guest.get_page(pers, Oid(1), 0) in gone
         assert guest.get_page(eph, Oid(1), 0) in gone
         assert guest.stats()["redelivered_flushes"] >= 1
+    finally:
+        guest.remove()
+
+
+def test_a_persistent_pool_s_flushes_past_the_bound_are_kept_not_dropped(
+        host: TmemHost, run_dir: Path) -> None:
+    """Past ``MAX_PENDING_FLUSHES`` kept flushes, an ephemeral pool is poisoned (its gets
+    miss), but a persistent pool's pages cannot be given up: its flushes were dropped, so a
+    swap slot whose newer put was refused in the outage answered with its older page."""
+    guest = connect(host, 5, stall_backoff_ms=60_000)
+    try:
+        pers = guest.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        assert guest.put_page(pers, Oid(1), 0, page(1)) == 1
+        assert guest.put_page(pers, Oid(1), 1, page(2)) == 1
+        host.crash()
+        guest.set_param("timeout_ms", 300)  # short only while nobody can answer
+        assert guest.get_page(pers, Oid(9), 9) == (-errno.ETIMEDOUT, None)  # the stall
+        # The slot reused: its newer page refused, so the older one must go.
+        assert guest.put_page(pers, Oid(1), 0, page(3)) == -errno.ETIMEDOUT
+        for index in range(MAX_PENDING_FLUSHES + 1):
+            assert guest.flush_page(pers, Oid(2), index) == -errno.ETIMEDOUT
+        assert guest.pools()[0]["poisoned"] is False
+        kept = guest.stats()["queued"]
+        assert kept == MAX_PENDING_FLUSHES + 2
+        for _ in range(3):  # a page flushed again and again is kept about once
+            for index in range(MAX_PENDING_FLUSHES + 1):
+                guest.flush_page(pers, Oid(2), index)
+        assert guest.stats()["queued"] <= 2 * kept
+        back_again(host, guest, run_dir)
+        gone = ((0, None), (-EEMPTY, None))
+        assert guest.get_page(pers, Oid(1), 0) in gone
+        assert guest.get_page(pers, Oid(1), 1) == (1, page(2))  # the rest is kept
     finally:
         guest.remove()
 

@@ -43,7 +43,8 @@ from xentmem.xenbus.xs import XsSession, default_xenstore
 
 log = logging.getLogger(__name__)
 
-#: Flushes kept for re-delivery before their pools are poisoned instead.
+#: Flushes kept for re-delivery before ephemeral pools are poisoned instead (a persistent
+#: pool's flushes are all kept, see :meth:`XenBackend._bound_pending`).
 MAX_PENDING_FLUSHES = 1024
 #: Longest fail-fast period after repeated timeouts.
 MAX_STALL_BACKOFF_S = 60.0
@@ -133,6 +134,8 @@ class XenBackend(Backend):
         self._queue: deque[_Slot] = deque()
         self._pool_flags: dict[int, int] = {}
         self._poisoned: set[int] = set()
+        #: Kept flushes past which :meth:`_bound_pending` looks at them again.
+        self._flush_bound = MAX_PENDING_FLUSHES
         self._stalled_until = 0.0
         self._backoff_s = 0.0
         self._last_error = ""
@@ -211,6 +214,7 @@ class XenBackend(Backend):
             self._pool_flags.clear()
             self._poisoned.clear()
             self._queue.clear()
+            self._flush_bound = MAX_PENDING_FLUSHES
 
     def describe(self) -> dict[str, Any]:
         front = self._front
@@ -590,18 +594,40 @@ class XenBackend(Backend):
                     self._counts["posted_failed"] += 1
 
     def _bound_pending(self) -> None:
-        """Too many undelivered flushes: poison their ephemeral pools instead.  Holds _lock."""
-        flushes = [s for s in self._queue if s.op.cmd in _INVALIDATIONS]
-        if len(flushes) <= MAX_PENDING_FLUSHES:
+        """Past ``MAX_PENDING_FLUSHES`` kept flushes, an ephemeral pool's are given up for
+        poisoning the pool (its gets miss; its pages may vanish anyway).  A persistent pool's
+        are all kept: its other pages must stay, so nothing can stand in for a flush, and a
+        lost one let an older page answer a later get.  Only a repeat of a kept flush with
+        nothing but flushes after it is merged (flushes commute and are idempotent), so an
+        outage keeps about two per page at most (the next look comes at twice what was left,
+        so a long outage does not go through the queue at every op).  A waiting caller's own
+        op stays.  Holds _lock."""
+        if sum(s.op.cmd in _INVALIDATIONS for s in self._queue) <= self._flush_bound:
             return
-        for slot in flushes:
-            flags = self._pool_flags.get(slot.op.pool_id, 0)
-            if not flags & TMEM_POOL_PERSIST and slot.op.pool_id not in self._poisoned:
-                self._poisoned.add(slot.op.pool_id)
-                self._counts["poisoned_pools"] += 1
-                log.error("xen: pool %d poisoned: %d flushes could not be delivered; its "
-                          "gets miss from now on", slot.op.pool_id, len(flushes))
-            self._queue.remove(slot)
+        kept: deque[_Slot] = deque()
+        later: set[tuple[int, int, Oid, int]] = set()  # flushes queued after this point
+        for slot in reversed(self._queue):
+            op = slot.op
+            if op.cmd not in _INVALIDATIONS or not slot.posted:
+                if op.cmd not in _INVALIDATIONS:
+                    later.clear()  # a put or get between: an earlier flush must go before it
+                kept.appendleft(slot)
+                continue
+            if not self._pool_flags.get(op.pool_id, 0) & TMEM_POOL_PERSIST:
+                if op.pool_id not in self._poisoned:
+                    self._poisoned.add(op.pool_id)
+                    self._counts["poisoned_pools"] += 1
+                    log.error("xen: pool %d poisoned: more than %d flushes could not be "
+                              "delivered; its gets miss from now on", op.pool_id,
+                              MAX_PENDING_FLUSHES)
+                continue
+            key = (op.pool_id, op.cmd, op.oid, op.index)
+            if key not in later:
+                later.add(key)
+                kept.appendleft(slot)
+        self._queue = kept
+        left = sum(s.op.cmd in _INVALIDATIONS for s in kept)
+        self._flush_bound = max(MAX_PENDING_FLUSHES, 2 * left)
 
     def _drop_posted_puts(self) -> None:
         """While stalled, posted puts are dropped (ephemeral pages may vanish anyway), each

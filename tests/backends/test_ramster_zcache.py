@@ -492,6 +492,63 @@ def test_a_shared_objects_failed_flush_is_remembered_until_it_is_done(
             made.remove()
 
 
+def test_a_clean_unload_while_the_cluster_is_down_keeps_its_pending_deletes(
+        cluster: redis_cluster.RedisClusterFixture, tmp_path: Path) -> None:
+    """Fails before: an unload whose deletes the cluster could not take removed
+    ramster.deletes with the arena, so the next load of the node served the shared pages it
+    had flushed once the cluster was back.  Now the file stays with what is still to be
+    deleted: those pages are misses until the deletes are done, then gone for every node."""
+    run = tmp_path / "run-a"
+    a = zcache(cluster, tmp_path, "zc-a", run=run)
+    b = zcache(cluster, tmp_path, "zc-b")
+    second: ZcacheBackend | None = None
+    try:
+        pa, pb = (n.new_pool(SHARED_UUID, POOL_SHARED_EPHEMERAL) for n in (a, b))
+        assert a.put_page(pa, Oid(7), 0, page(0)) == 1
+        assert a.put_page(pa, Oid(8), 0, page(1)) == 1
+        assert a._remote is not None
+
+        def down() -> redis.cluster.RedisCluster:
+            raise redis.ConnectionError("the cluster is down")
+
+        a._remote.tier._cluster = down  # type: ignore[method-assign]
+        assert a.flush_page(pa, Oid(7), 0) in (0, 1, -errno.EIO)
+        assert a.flush_object(pa, Oid(8)) == -errno.EIO
+        a.remove()  # clean, but the cluster took none of the deletes
+        assert (run / "ramster.deletes").exists()
+        second = zcache(cluster, tmp_path, "zc-a", run=run)
+        p2 = second.new_pool(SHARED_UUID, POOL_SHARED_EPHEMERAL)
+        assert second.get_page(p2, Oid(7), 0) == (0, None)
+        assert second.get_page(p2, Oid(8), 0) == (0, None)
+        assert second._remote is not None
+        second._remote._retry_stale()  # what a remotify does first
+        assert second.stats()["ramster_stale_keys"] == 0
+        assert b.get_page(pb, Oid(7), 0) == (0, None) and b.get_page(pb, Oid(8), 0) == (0, None)
+    finally:
+        for made in (second, b):
+            if made is not None:
+                made.remove()
+    assert not (run / "ramster.deletes").exists()  # nothing left to delete: no file
+
+
+def test_pending_deletes_of_another_node_id_are_not_kept(
+        cluster: redis_cluster.RedisClusterFixture, tmp_path: Path) -> None:
+    """ramster.deletes outlives an unload now, so a run directory loaded with another node
+    id may hold that node's names: the ACL refuses their deletes, so they are forgotten
+    (a shared pool's are kept: any node granted it may delete them)."""
+    run = tmp_path / "run-a"
+    run.mkdir()
+    other = record.RemoteKey("zc-b", 0, Oid(1), 0).name()
+    shared = record.RemoteKey(record.owner_of_shared(SHARED_HEX), 0, Oid(1), 0).name()
+    (run / "ramster.deletes").write_text(f"{other}\n{shared}\n")
+    made = zcache(cluster, tmp_path, "zc-a", run=run)
+    try:
+        assert made.stats()["ramster_stale_keys"] == 1
+        assert (run / "ramster.deletes").read_text().split() == [shared]
+    finally:
+        made.remove()
+
+
 def test_a_refused_shared_pool_leaves_its_slot_private_for_the_next_pool(
         cluster: redis_cluster.RedisClusterFixture, tmp_path: Path,
         admin: redis.cluster.RedisCluster) -> None:

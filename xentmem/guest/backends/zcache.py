@@ -343,16 +343,21 @@ class ZcacheBackend(Backend):
 
     def remove(self) -> None:
         """Drop every pool and page, and the arena with them (a clean unload repatriated
-        the persistent pages first); the counting twins go too (they reference ``self``)."""
+        the persistent pages first), but not RAMster's pending deletes, which the cluster
+        must still take; the counting twins go too (they reference ``self``)."""
         remote, self._remote = self._remote, None
+        pending = 0
         if remote is not None:
-            remote.drop_all()
+            pending = remote.drop_all()
         arena, self._arena = self._arena, None
         if arena is not None:  # remote copies left undeleted: the next load's SCAN drops them
             run = Path(arena.arena.path)
             arena.discard()
             run.with_name(POOLS_FILE).unlink(missing_ok=True)
-            run.with_name(DELETES_FILE).unlink(missing_ok=True)
+            # Deletes the cluster did not take stay for the next load of the node: a shared
+            # page flushed here is not in its SCAN, and would be served again.
+            if remote is not None and not pending:
+                run.with_name(DELETES_FILE).unlink(missing_ok=True)
         self._unclaimed.clear()
         self._store = self._new_store(self._store.capacity_bytes)
         self._switch_detailed(False)

@@ -36,12 +36,14 @@ from .fetch import Fetcher
 from .pending import PendingDeletes
 from .readahead import Flight, Readahead
 from .record import (
+    SHARED,
     RecordError,
     RemoteKey,
     marked_object,
     object_mark,
     object_tag,
     owner_of_shared,
+    page_name,
     parse_name,
 )
 from .tier import GetResult as GetMany
@@ -123,6 +125,7 @@ class RemotePages:
         self._local_puts = 0
         #: Key names whose delete failed (the cluster was down); retried, never served.
         self._stale = PendingDeletes(deletes_path)
+        self._forget_foreign_deletes()
         #: slot -> owner of the cluster-wide namespace of a shared pool.
         self._shared: dict[int, str] = {}
         self._remotify = threading.Lock()
@@ -179,6 +182,23 @@ class RemotePages:
             self._lru = OrderedDict((w, None) for w in self._lru if w[0] != slot)
             self._moving.difference_update([w for w in self._moving if w[0] == slot])
         self._delete(names)
+
+    def _forget_foreign_deletes(self) -> None:
+        """Pending deletes of another node's own keys (this run directory's node id was
+        changed) are not ours to retry: the ACL would refuse them, and hold up the rest."""
+        foreign = []
+        for name in self._stale:
+            tag = marked_object(name)
+            try:
+                owner = parse_name(name if tag is None else page_name(tag, 0)).owner
+            except ValueError:
+                owner = ""
+            if owner != self.owner and not owner.startswith(f"{SHARED}:"):
+                foreign.append(name)
+        if foreign:
+            log.warning("ramster: %d pending delete(s) of another node (not %s) forgotten",
+                        len(foreign), self.owner)
+            self._stale.difference_update(foreign)
 
     def _pool(self, slot: int) -> Any:
         slots = self._store.clients[self._cid].slots
@@ -683,12 +703,16 @@ class RemotePages:
 
     def _delete(self, names: list[str], *, deleting: Iterable[Where] = ()) -> None:
         """Remove remote copies no index entry points to; a failure keeps their names to
-        retry (they are never served: nothing points to them)."""
+        retry (they are never served: nothing points to them), a success ends their wait
+        (an unload keeps the file of pending deletes only while some are left)."""
         try:
             if names:
                 self.tier.delete_names(names)
         except BackendError:
             self._stale.update(names)
+        else:
+            if self._stale:
+                self._stale.difference_update(names)
         finally:
             if deleting:
                 with self._books:
@@ -750,9 +774,11 @@ class RemotePages:
         self._delete(drop)
         return {"remote_pages_adopted": adopted, "remote_pages_dropped": len(drop)}
 
-    def drop_all(self) -> None:
+    def drop_all(self) -> int:
         """Every remote page of this node goes (an unload: persistent ones were repatriated
-        already); what the cluster cannot delete now, the next load's SCAN deletes."""
+        already).  Answers how many deletes the cluster did not take: they stay in
+        ``ramster.deletes`` for the next load of this node (the SCAN of its own keys would
+        drop the private ones, but not a shared page flushed here, which it would serve)."""
         with self._books:
             names = [RemoteKey(self.owner, slot, oid, index).name()
                      for slot, objects in self._remote.items()
@@ -766,6 +792,12 @@ class RemotePages:
         for tag in filter(None, map(marked_object, pending)):
             self._shared_flush_object(tag)
         self.tier.close()
+        if self._stale:
+            where = "lost with this process (no run directory)" if self._stale.path is None \
+                else f"kept in {self._stale.path} for the next load of node {self.owner}"
+            log.error("ramster: unload: %d remote delete(s) the cluster did not take, %s",
+                      len(self._stale), where)
+        return len(self._stale)
 
     # -- reporting --------------------------------------------------------------------------------
 

@@ -40,7 +40,13 @@ from xentmem.tmem.abi import (
     TmemOp,
     XenbusState,
 )
-from xentmem.xenbus.body import WIRE_VERSION, OpRecord, PageEncoding
+from xentmem.xenbus.body import (
+    WIRE_VERSION,
+    OpRecord,
+    PageEncoding,
+    reply_size_bound,
+    request_size,
+)
 from xentmem.xenbus.framing import DEFAULT_INLINE_BYTES, MAX_NAME_PARTS, MAX_REQUEST_INLINE_BYTES
 from xentmem.xenbus.session_key import TAG_CHARS, SessionKey
 
@@ -521,6 +527,31 @@ def test_malformed_replies_are_rejected_with_a_clear_error(tmem_host: TmemHost, 
         assert b.stats()["rejected_replies"] == 1
         rogue.monitor.unwatch(rogue.req, b"rogue")
         tmem_host.resume()  # so that remove() gets its Closed at once
+
+
+def test_a_message_whose_reply_could_not_fit_is_refused_with_nothing_taken(
+        tmem_host: TmemHost) -> None:
+    """Fails before: the host ran every op of the message and only then found its reply too
+    big, answered -E2BIG for all of them, and the pages its exclusive gets had taken were
+    gone.  Now a message whose reply could outgrow its limit is refused before any op runs."""
+    roots = tmem_host.guest(5)
+    with connected(roots, batch=False) as backend:
+        eph = backend.new_pool(PRIVATE_UUID, POOL_PRIVATE_EPHEMERAL)
+        pers = backend.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        assert backend._front is not None
+        limits = backend._front.limits
+        count = min(limits.body_capacity(reply=True) // PAGE_SIZE + 2, limits.max_ops - 1)
+        pages = [os.urandom(PAGE_SIZE) for _ in range(count)]  # lz4 cannot shrink them
+        for index, data in enumerate(pages):
+            assert backend.put_page(eph, Oid(1), index, data) == 1
+        gets = [OpRecord.get_page(eph, Oid(1), index) for index in range(len(pages))]
+        ops = [OpRecord.put_page(pers, Oid(2), 0, TEXT), *gets]
+        assert reply_size_bound(ops) > limits.body_capacity(reply=True) >= request_size(ops)
+        results = backend._front.exchange(ops)
+        assert {r.rc for r in results} == {-errno.E2BIG}
+        assert backend.get_page(pers, Oid(2), 0) == (-EEMPTY, None)  # the put did not run
+        for index, data in enumerate(pages):  # and no get took its page
+            assert backend.get_page(eph, Oid(1), index) == (1, data), index
 
 
 def test_a_reply_to_no_request_is_rejected_and_the_op_times_out(tmem_host: TmemHost) -> None:

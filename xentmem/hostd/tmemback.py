@@ -60,6 +60,7 @@ from xentmem.xenbus.body import (
     WireError,
     decode_request,
     encode_reply,
+    reply_size_bound,
 )
 from xentmem.xenbus.device import ERROR_NODE, STATE, XenbusDevice
 from xentmem.xenbus.framing import (
@@ -588,7 +589,14 @@ class TmemBack(XenbusDevice):
                 status = -errno.EINVAL
             else:
                 counters.ops += len(ops)
-                results = [run(self.domid, op) for op in ops]
+                if reply_size_bound(ops) > self._reply_limits().body_capacity(reply=True):
+                    # Sized before anything runs: a refused message changes nothing (its
+                    # exclusive gets would have taken pages no reply could carry).
+                    log.warning("domain %d message %d refused: its reply could outgrow the "
+                                "reply limit", self.domid, envelope.seq)
+                    status = -errno.E2BIG
+                else:
+                    results = [run(self.domid, op) for op in ops]
         self._consumed()
         body, framed = self._framed_reply(envelope.seq, results, status)
         self.store.commit(self.domid, envelope.seq, body)  # before it is sent: see resume()

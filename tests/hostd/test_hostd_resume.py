@@ -301,16 +301,19 @@ def test_a_persistent_pool_s_flushes_past_the_bound_are_kept_not_dropped(
     guest = connect(host, 5, stall_backoff_ms=60_000)
     try:
         pers = guest.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        eph = guest.new_pool(PRIVATE_UUID, POOL_PRIVATE_EPHEMERAL)
         assert guest.put_page(pers, Oid(1), 0, page(1)) == 1
         assert guest.put_page(pers, Oid(1), 1, page(2)) == 1
+        assert guest.put_page(eph, Oid(3), 0, page(4)) == 1
         host.crash()
         guest.set_param("timeout_ms", 300)  # short only while nobody can answer
         assert guest.get_page(pers, Oid(9), 9) == (-errno.ETIMEDOUT, None)  # the stall
         # The slot reused: its newer page refused, so the older one must go.
         assert guest.put_page(pers, Oid(1), 0, page(3)) == -errno.ETIMEDOUT
+        assert guest.flush_page(eph, Oid(3), 0) == -errno.ETIMEDOUT
         for index in range(MAX_PENDING_FLUSHES + 1):
             assert guest.flush_page(pers, Oid(2), index) == -errno.ETIMEDOUT
-        assert guest.pools()[0]["poisoned"] is False
+        assert [p["poisoned"] for p in guest.pools()] == [False, True]  # eph's flush given up
         kept = guest.stats()["queued"]
         assert kept == MAX_PENDING_FLUSHES + 2
         for _ in range(3):  # a page flushed again and again is kept about once
@@ -321,6 +324,7 @@ def test_a_persistent_pool_s_flushes_past_the_bound_are_kept_not_dropped(
         gone = ((0, None), (-EEMPTY, None))
         assert guest.get_page(pers, Oid(1), 0) in gone
         assert guest.get_page(pers, Oid(1), 1) == (1, page(2))  # the rest is kept
+        assert guest.get_page(eph, Oid(3), 0) == (0, None)  # poisoned: a miss
     finally:
         guest.remove()
 

@@ -29,8 +29,10 @@ from xentmem.tmem.abi import (
     PAGE_SIZE,
     POOL_PRIVATE_EPHEMERAL,
     POOL_PRIVATE_PERSISTENT,
+    POOL_SHARED_EPHEMERAL,
     PRIVATE_UUID,
     Oid,
+    PoolUuid,
 )
 from xentmem.xenbus.area import REQ_SLOTS
 from xentmem.xenbus.body import OpRecord, encode_request
@@ -328,6 +330,34 @@ def test_a_persistent_pool_s_flushes_past_the_bound_are_kept_not_dropped(
     finally:
         guest.remove()
 
+
+
+def test_a_shared_pool_s_flushes_past_the_bound_are_kept_for_the_other_guests(
+        host: TmemHost, run_dir: Path) -> None:
+    """Poisoning a shared pool makes only this guest's gets miss: the guests sharing it
+    read on.  Its flushes were given up past ``MAX_PENDING_FLUSHES`` as a private ephemeral
+    pool's, so another guest read, after the outage, the page this one had invalidated."""
+    uuid = "a1b2c3d4-0000-1111-2222-333344445555"
+    a, b = connect(host, 5, stall_backoff_ms=60_000), connect(host, 6)
+    try:
+        with HostControlClient(host.control_path, timeout=WAIT_S) as control:
+            for domid in (5, 6):
+                control.call("shared-auth", domid=domid, uuid=uuid, auth=True)
+        pa = a.new_pool(PoolUuid.from_uuid(uuid), POOL_SHARED_EPHEMERAL)
+        pb = b.new_pool(PoolUuid.from_uuid(uuid), POOL_SHARED_EPHEMERAL)
+        assert a.put_page(pa, Oid(1), 0, page(1)) == 1
+        assert b.get_page(pb, Oid(1), 0) == (1, page(1))
+        host.crash()
+        a.set_param("timeout_ms", 300)  # short only while nobody can answer
+        assert a.flush_page(pa, Oid(1), 0) == -errno.ETIMEDOUT  # the file page changed
+        for index in range(MAX_PENDING_FLUSHES + 1):
+            assert a.flush_page(pa, Oid(2), index) == -errno.ETIMEDOUT
+        back_again(host, a, run_dir)
+        assert a.flush_page(pa, Oid(8), 8) in (0, 1)  # after the kept flushes
+        assert b.get_page(pb, Oid(1), 0) in ((0, None), (-EEMPTY, None))  # gone
+    finally:
+        a.remove()
+        b.remove()
 
 def test_a_resumed_session_clears_req_before_the_guest_s_quota_is_reached(
         host: TmemHost, run_dir: Path) -> None:

@@ -594,10 +594,12 @@ class XenBackend(Backend):
                     self._counts["posted_failed"] += 1
 
     def _bound_pending(self) -> None:
-        """Past ``MAX_PENDING_FLUSHES`` kept flushes, an ephemeral pool's are given up for
-        poisoning the pool (its gets miss; its pages may vanish anyway).  A persistent pool's
-        are all kept: its other pages must stay, so nothing can stand in for a flush, and a
-        lost one let an older page answer a later get.  Only a repeat of a kept flush with
+        """Past ``MAX_PENDING_FLUSHES`` kept flushes, a private ephemeral pool's are given up
+        for poisoning the pool (its gets miss; its pages may vanish anyway).  A persistent
+        pool's are all kept: its other pages must stay, so nothing can stand in for a flush,
+        and a lost one let an older page answer a later get.  So are a shared pool's: poison
+        makes only this guest's gets miss, and the guests sharing it would read the pages
+        this one invalidated.  Only a repeat of a kept flush with
         nothing but flushes after it is merged (flushes commute and are idempotent), so an
         outage keeps about two per page at most (the next look comes at twice what was left,
         so a long outage does not go through the queue at every op).  A waiting caller's own
@@ -613,7 +615,7 @@ class XenBackend(Backend):
                     later.clear()  # a put or get between: an earlier flush must go before it
                 kept.appendleft(slot)
                 continue
-            if not self._pool_flags.get(op.pool_id, 0) & TMEM_POOL_PERSIST:
+            if not self._pool_flags.get(op.pool_id, 0) & (TMEM_POOL_PERSIST | TMEM_POOL_SHARED):
                 if op.pool_id not in self._poisoned:
                     self._poisoned.add(op.pool_id)
                     self._counts["poisoned_pools"] += 1

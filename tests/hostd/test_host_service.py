@@ -459,7 +459,7 @@ def test_a_foreign_chunk_is_refused_while_the_request_nodes_permissions_are_know
     """The host knows the permissions of nodes below ``req/`` from its watch between bulk
     removals (docs/protocol.md §9), but ``data/`` is not watched: a chunk's are read every
     time, also when the request nodes' are not."""
-    from xentmem.xenbus.area import REQ_SLOTS
+    from xentmem.xenbus.area import REQ_NAMES
 
     g = HandGuest(tmem_host, 5)
     g.connect()
@@ -468,13 +468,15 @@ def test_a_foreign_chunk_is_refused_while_the_request_nodes_permissions_are_know
     device = tmem_host.service.devices[5]  # type: ignore[union-attr]
     pool = encode_request([OpRecord.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)])
     flush = encode_request([OpRecord.flush_page(0, Oid(1), 0)])
-    for seq in range(1, REQ_SLOTS + 3):  # the bulk removal after 8, then known from 9 on
+    # One name each: the bulk removal after the 61st (a next one of four names would pass
+    # REQ_NAMES), the 62nd checked, then known from the 63rd on.
+    for seq in range(1, REQ_NAMES):
         g.send(frame(seq, pool if seq == 1 else flush, LIMITS, reply=False, key=key)
                .envelope.name)
         assert status_of(g.reply(seq)) == 0
     checks = device.counters.perm_checks
     body = encode_request([OpRecord.put_page(0, Oid(1), i, os.urandom(4096)) for i in range(2)])
-    seq = REQ_SLOTS + 3
+    seq = REQ_NAMES
     framed = frame(seq, body, Limits(max_parts=1), reply=False, key=key)
     for i, value in framed.chunks:
         chunk = f"{g.fe}/data/{key.chunk(i, reply=False)}".encode()

@@ -34,7 +34,7 @@ from xentmem.tmem.abi import (
     Oid,
     PoolUuid,
 )
-from xentmem.xenbus.area import REQ_SLOTS
+from xentmem.xenbus.area import REQ_NAMES
 from xentmem.xenbus.body import OpRecord, encode_request
 from xentmem.xenbus.framing import Limits, frame
 from xentmem.xenbus.session_key import SessionKey
@@ -361,10 +361,10 @@ def test_a_shared_pool_s_flushes_past_the_bound_are_kept_for_the_other_guests(
 
 def test_a_resumed_session_clears_req_before_the_guest_s_quota_is_reached(
         host: TmemHost, run_dir: Path) -> None:
-    """The host removes ``req/`` once per ``REQ_SLOTS`` messages, and the crashed instance
-    may leave it holding ``REQ_SLOTS - 1`` served messages.  Before, the resumed host counted
-    from 0 again, so ``req/`` held up to 31 messages before its next removal: with messages
-    of four names each, that is 124 directory names, past C xenstored's 2048-byte record
+    """The host removes ``req/`` before the next message could take it past ``REQ_NAMES``
+    names, and the crashed instance may leave it holding ``REQ_NAMES - 4`` (15 messages of
+    four names).  Before, the resumed host counted from 0 again, so ``req/`` held up to 31
+    messages before its next removal: with messages of four names each, 124 directory names, past C xenstored's 2048-byte record
     quota for ``req/`` (our xenstored keeps the same), and a part's write was refused
     (ENOSPC), the message torn and lost.  Now the first message served after resuming
     clears ``req/``."""
@@ -396,16 +396,16 @@ def test_a_resumed_session_clears_req_before_the_guest_s_quota_is_reached(
 
         device = host.service.devices[5]  # type: ignore[union-attr]
         seq = device.last_seq + 1
-        while device._served != REQ_SLOTS - 1:  # the most a crash can find unremoved
+        while device._req_names != REQ_NAMES - 4:  # the most a crash can find unremoved
             send_and_wait(seq)
             seq += 1
         host.crash()
         host.start(run_dir=run_dir)
         assert host.service.devices[5].last_seq == seq - 1  # type: ignore[union-attr]
-        for _ in range(REQ_SLOTS + 1):
+        for _ in range(REQ_NAMES // 4 + 1):
             send_and_wait(seq)
             seq += 1
             req = f"{fe}/req".encode()
-            assert not guest.exists(req) or len(guest.list(req)) <= (REQ_SLOTS + 1) * 4
+            assert not guest.exists(req) or len(guest.list(req)) <= REQ_NAMES + 4
     finally:
         backend.remove()

@@ -18,7 +18,7 @@ from xenhost import TIMEOUT_MS, TmemHost
 from xentmem.guest.backends.xen import XenBackend
 from xentmem.roots import Roots
 from xentmem.tmem.abi import PAGE_SIZE, POOL_PRIVATE_PERSISTENT, PRIVATE_UUID, Oid
-from xentmem.xenbus.area import REQ_SLOTS
+from xentmem.xenbus.area import REQ_NAMES
 from xentmem.xenbus.session_key import SessionKey
 
 TOKEN = b"perms-watch"
@@ -82,19 +82,21 @@ def connected(roots: Roots) -> Iterator[XenBackend]:
 
 
 def test_a_steady_guest_costs_one_permission_read_per_bulk_removal(tmem_host: TmemHost) -> None:
-    """``req/`` is removed every REQ_SLOTS messages; the first message after that is checked
-    (it lands in a new ``req/``), the rest are known from it."""
+    """``req/`` is removed before it could hold more than REQ_NAMES names (at least every 15
+    messages of four names); the first message after that is checked (it lands in a new
+    ``req/``), the rest are known from it."""
     with connected(tmem_host.guest(5)) as b5:
         pool = b5.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
         device = tmem_host.service.devices[5]  # type: ignore[union-attr]
         before = device.counters.perm_checks
-        ops = 4 * REQ_SLOTS
+        every = REQ_NAMES // 4 - 1  # messages per removal, at the least
+        ops = 4 * every
         for i in range(ops):
             assert b5.put_page(pool, Oid(1), i, PAGE) == 1
             assert b5.get_page(pool, Oid(1), i) == (1, PAGE)
         checks = device.counters.perm_checks - before
         # 2 * ops messages: one check after each bulk removal (and one at the start).
-        assert checks <= 2 * ops // REQ_SLOTS + 2, checks
+        assert checks <= 2 * ops // every + 2, checks
 
 
 def test_a_steady_guest_costs_the_host_about_one_request_per_message(

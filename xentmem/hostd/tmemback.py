@@ -46,7 +46,7 @@ from xentmem.xenbus.area import (
     FE_VERSION,
     REQ_DATA_DIR,
     REQ_DIR,
-    REQ_SLOTS,
+    REQ_NAMES,
     RSP_DATA_DIR,
     RSP_DIR,
     backend_path,
@@ -166,7 +166,8 @@ class TmemBack(XenbusDevice):
         self.state_token = f"xentmem-hostd-fe-state-{domid}".encode()
         self.req_token = f"xentmem-hostd-fe-req-{domid}".encode()
         self._req_prefix = f"{self.otherend}/{REQ_DIR}/".encode()
-        self._served = 0
+        #: Request names (directories) the guest made in ``req/`` since it was last removed.
+        self._req_names = 0
         self._replies_kept = 0
         #: Name parts received for the next message, by part number, with their paths.
         self._parts: dict[int, tuple[Part, str]] = {}
@@ -310,10 +311,10 @@ class TmemBack(XenbusDevice):
         self.state = XenbusState.CONNECTED
         self.last_seq = seq
         self.last_reply = None
-        # req/ may still hold the directories of up to REQ_SLOTS - 1 served messages (one
-        # more if the crash came before the removal reached xenstore): the first message
-        # served now clears it, as the REQ_SLOTS-th would have, before its reply.
-        self._served = REQ_SLOTS - 1
+        # req/ may still hold up to REQ_NAMES directories of served messages (more if the
+        # crash came before the removal reached xenstore), uncounted now: the first message
+        # served clears it, before its reply.
+        self._req_names = REQ_NAMES
         self._replies_kept = 0
         self._parts.clear()
         self.conn.watch(f"{self.otherend}/{STATE}", self.state_token)
@@ -338,7 +339,7 @@ class TmemBack(XenbusDevice):
         except XsError:
             return
         waiting: list[tuple[int, bool, bytes]] = []  # seq, is the message, path
-        for untrusted_slot in untrusted_slots[:4 * REQ_SLOTS * 8]:
+        for untrusted_slot in untrusted_slots[:REQ_NAMES * 8]:
             slot = untrusted_slot.decode("ascii", "replace")
             try:
                 untrusted_names = conn.directory(f"{req}/{slot}")
@@ -444,7 +445,7 @@ class TmemBack(XenbusDevice):
                     raise
         self.last_seq = 0
         self.last_reply = None
-        self._served = self._replies_kept = 0
+        self._req_names = self._replies_kept = 0
         self._parts.clear()
         self._perms_known = False
         # A fresh key before InitWait: the guest reads it once it sees InitWait.
@@ -480,7 +481,7 @@ class TmemBack(XenbusDevice):
             return
         self.last_seq = 0
         self.last_reply = None
-        self._served = self._replies_kept = 0
+        self._req_names = self._replies_kept = 0
         self._parts.clear()
         self._perms_known = False
         self.counters.sessions += 1
@@ -541,6 +542,9 @@ class TmemBack(XenbusDevice):
         untrusted_slot, sep, untrusted_name = untrusted_rest.partition("/")
         if not sep or "/" in untrusted_name:
             return  # the directory itself, a slot directory, or something deeper
+        # A name below a slot: counted as a directory of req/ (an event for a node already
+        # counted, a change of its permissions, only brings the next removal earlier).
+        self._req_names += 1
         if is_part_name(untrusted_name):
             if self._part(untrusted_slot, untrusted_name, untrusted_path):
                 self._perms_known = perms_known
@@ -568,7 +572,7 @@ class TmemBack(XenbusDevice):
             # Not authenticated: a torn message, or one written without the key.  Nobody is
             # answered, and the sequence does not move (it is not the guest's word).
             counters.unauthentic += 1
-            self._consumed()
+            self._consumed(unauthentic=True)
             log.warning("domain %d message %d dropped: %s", self.domid, envelope.seq, exc)
             self._distrust()
             return
@@ -602,18 +606,24 @@ class TmemBack(XenbusDevice):
         self.store.commit(self.domid, envelope.seq, body)  # before it is sent: see resume()
         self._reply(envelope.seq, framed)
 
-    def _consumed(self) -> None:
+    def _consumed(self, *, unauthentic: bool = False) -> None:
         """Remove served requests in bulk, before the guest can add the next one.
 
-        Each slot directory holds one served request; once every slot has one, one removal
-        of ``req/`` (one request, one watch event back) clears :data:`REQ_SLOTS` of them.  It
-        happens before the reply is written, so the guest, waiting for that reply, cannot
+        Each name of a request sits in a directory of its own; one removal of ``req/`` (one
+        request, one watch event back) clears them all, once the guest's next message (at
+        most ``max_parts`` names) could take ``req/`` past :data:`REQ_NAMES` directories.
+        It happens before the reply is written, so the guest, waiting for that reply, cannot
         have added a new request in between.
+
+        A node that did not authenticate counts as a message of ``max_parts`` names: forged
+        nodes are then cleared at least once per ``REQ_NAMES // max_parts`` of them, not left
+        in ``req/`` to be served (and distrusted) again when a pause ends.
         """
-        self._served += 1
-        if self._served >= REQ_SLOTS:
+        if unauthentic:
+            self._req_names += self.limits.max_parts - 1
+        if self._req_names + self.limits.max_parts > REQ_NAMES:
             self.writer.post_rm(f"{self.otherend}/{REQ_DIR}")
-            self._served = 0
+            self._req_names = 0
 
     def _part(self, untrusted_slot: str, untrusted_name: str, untrusted_path: bytes) -> bool:
         """A name part of the next message: kept until its message node arrives (True).
@@ -774,7 +784,7 @@ class TmemBack(XenbusDevice):
         self.counters.malformed += 1
         log.warning("domain %d: request node %r is not a message: %s", self.domid,
                     untrusted_name[:60], exc)
-        self._consumed()
+        self._consumed(unauthentic=True)
         self._distrust()
 
     def _distrust(self) -> None:

@@ -28,10 +28,12 @@ RSP_DATA_DIR = "rsp-data"
 #: Each request name goes to a directory of its own, ``req/<slot>/<name>``, named from the
 #: session key (:meth:`~xentmem.xenbus.session_key.SessionKey.slot`): C xenstored counts a
 #: directory's child names against the 2048-byte record quota when a guest adds a child, so
-#: long names are spread over directories (one each), and the host clears ``req/`` once per
-#: ``REQ_SLOTS`` messages instead of once per message (16 messages of up to four names: 64
-#: directory names in ``req/``, 1128 bytes of the 2048-byte record).
-REQ_SLOTS = 16
+#: long names are spread over directories (one each), and the host clears ``req/`` in bulk
+#: before it could hold more than ``REQ_NAMES`` directories (64 names of 16 characters: 1128
+#: bytes of the 2048-byte record; 128 of the 1000 nodes a guest may own).  It counts names,
+#: not messages: messages of one or two names (a get, a text put) need the removal, and the
+#: permission read after it, a half or a quarter as often as the longest ones.
+REQ_NAMES = 64
 #: Frontend nodes the host writes at set-up (pointers to the other end, as libxl writes).
 FE_BACKEND = "backend"
 FE_BACKEND_ID = "backend-id"

@@ -364,10 +364,10 @@ def test_a_resumed_session_clears_req_before_the_guest_s_quota_is_reached(
     """The host removes ``req/`` before the next message could take it past ``REQ_NAMES``
     names, and the crashed instance may leave it holding ``REQ_NAMES - 4`` (15 messages of
     four names).  Before, the resumed host counted from 0 again, so ``req/`` held up to 31
-    messages before its next removal: with messages of four names each, 124 directory names, past C xenstored's 2048-byte record
-    quota for ``req/`` (our xenstored keeps the same), and a part's write was refused
-    (ENOSPC), the message torn and lost.  Now the first message served after resuming
-    clears ``req/``."""
+    messages before its next removal: with messages of four names each, 124 directory
+    names, past C xenstored's 2048-byte record quota for ``req/`` (our xenstored keeps the
+    same), and a part's write was refused (ENOSPC), the message torn and lost.  Now the
+    first message served after resuming clears ``req/``."""
     roots = host.guest(5)
     backend = XenBackend({"timeout_ms": TIMEOUT_MS * 4, "batch": False}, roots=roots)
     backend.connect()

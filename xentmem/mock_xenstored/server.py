@@ -821,11 +821,18 @@ class XsServer:
         """Send each connection an event per watch a change fires, if it may see it."""
         if not changes:  # a read
             return
+        # A removal notes every node below the removed one as an exact change, which fires
+        # only a watch on its very path: a connection watching none of those paths is not
+        # tried against them (a bulk removal of a few dozen nodes, one watch on the top).
+        exact_paths = {change.path for change in changes if change.exact}
+        broad = [change for change in changes if not change.exact] if exact_paths else changes
         for conn in list(self._connections):
             if conn.closed or not conn.watches:
                 continue
             caller = self._caller(conn)
-            for change in changes:
+            watched_exactly = exact_paths and any(
+                watch.path in exact_paths for watch in conn.watches)
+            for change in changes if watched_exactly else broad:
                 for watch in conn.watches:
                     if change.fires(watch.path) and change.visible_to(caller):
                         self._send_event(conn, watch, change.path)

@@ -82,14 +82,14 @@ def connected(roots: Roots) -> Iterator[XenBackend]:
 
 
 def test_a_steady_guest_costs_one_permission_read_per_bulk_removal(tmem_host: TmemHost) -> None:
-    """``req/`` is removed before it could hold more than REQ_NAMES names (at least every 15
+    """``req/`` is removed before it could hold more than REQ_NAMES names (at least every 16
     messages of four names); the first message after that is checked (it lands in a new
     ``req/``), the rest are known from it."""
     with connected(tmem_host.guest(5)) as b5:
         pool = b5.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
         device = tmem_host.service.devices[5]  # type: ignore[union-attr]
         before = device.counters.perm_checks
-        every = REQ_NAMES // 4 - 1  # messages per removal, at the least
+        every = REQ_NAMES // 4  # messages per removal, at the least
         ops = 4 * every
         for i in range(ops):
             assert b5.put_page(pool, Oid(1), i, PAGE) == 1

@@ -802,3 +802,58 @@ def test_a_guest_keeps_what_the_administrator_set_across_a_reload(ours: TmemHost
             assert len(client["auth"]) == 1
         finally:
             backend.remove()
+
+
+def test_a_set_up_whose_watch_times_out_is_tried_again_and_serves_the_guest(
+        tmem_host: TmemHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Set-up watches the guest's ``state``, then its ``req/``; the second watch may time
+    out (xenstore busy).  Before, the first watch stayed registered and the domain was tried
+    again only at the next @introduceDomain, where set-up failed for good ("already
+    watched"): the guest could never load.  Now set-up removes what it watched, and a later
+    tick tries again."""
+    from xentmem.xenbus.xs import XsTimeout
+
+    service = tmem_host.service
+    assert service is not None
+    real_watch = service.conn.watch
+    failed: list[bytes] = []
+
+    def watch_times_out_once(path: str, token: bytes) -> object:
+        if token == b"xentmem-hostd-fe-req-7" and not failed:
+            failed.append(token)
+            raise XsTimeout(f"watch {path}: no answer")
+        return real_watch(path, token)
+    monkeypatch.setattr(service.conn, "watch", watch_times_out_once)
+    roots = tmem_host.guest(7)  # its areas were made before the watch failed
+    guest = XenBackend({"timeout_ms": TIMEOUT_MS, "connect_timeout_ms": int(WAIT_S * 1000),
+                        "batch": False}, roots=roots)
+    guest.connect()  # served once a later tick set the device up again
+    try:
+        assert failed and 7 in service.devices
+        pool = guest.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        assert guest.put_page(pool, Oid(1), 0, TEXT) == 1
+    finally:
+        guest.remove()
+
+
+def test_a_domain_whose_set_up_fails_keeps_no_other_from_being_served(
+        tmem_host: TmemHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scan sets up every new domain in turn; an unexpected error in one domain's set-up
+    ended the scan there, so domains listed after it were never set up.  Now it is logged
+    and the scan goes on."""
+    real_setup = TmemBack.setup
+
+    def setup_fails_for_7(self: TmemBack) -> None:
+        if self.domid == 7:
+            raise RuntimeError("a bug in domain 7's set-up")
+        real_setup(self)
+    monkeypatch.setattr(TmemBack, "setup", setup_fails_for_7)
+    tmem_host.xs.introduce(7)
+    roots = tmem_host.guest(8)  # waits for domain 8's device
+    guest = XenBackend({"timeout_ms": TIMEOUT_MS, "batch": False}, roots=roots)
+    guest.connect()
+    try:
+        assert 7 not in tmem_host.service.devices  # type: ignore[union-attr]
+        assert guest.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT) >= 0
+    finally:
+        guest.remove()

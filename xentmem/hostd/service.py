@@ -50,6 +50,9 @@ DRAIN_AT = 16
 #: Longest one turn of the loop serves events before it polls again (an event that reads
 #: may take a round trip through xenstore).
 BURST_S = 0.25
+#: Longest wait before a domain whose set-up or resume failed is tried again (the first
+#: wait is ``IDLE_S``, doubled at each failure).
+RETRY_MAX_S = 60.0
 
 
 class HostService:
@@ -92,6 +95,8 @@ class HostService:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._by_token: dict[bytes, tuple[TmemBack, str]] = {}
+        #: Domains whose set-up (or resume) failed: when to try again, and the wait after.
+        self._retry: dict[int, tuple[float, float]] = {}
         self._scanned = False
         self.ready = threading.Event()
 
@@ -218,7 +223,17 @@ class HostService:
     # -- events ---------------------------------------------------------------------------------
 
     def _tick(self) -> None:
-        """Each device's :meth:`~TmemBack.tick` (a paused ``req/`` served again)."""
+        """Each device's :meth:`~TmemBack.tick` (a paused ``req/`` served again), and a scan
+        when a domain whose set-up failed is due to be tried again: a transient xenstore
+        error must not leave a guest unserved until the next @introduceDomain."""
+        now = time.monotonic()
+        if any(when <= now for when, _ in self._retry.values()):
+            try:
+                self.scan()
+            except XsConnectionLost:
+                raise
+            except (XsError, XsTimeout) as exc:
+                log.warning("scan: %s", exc)
         for device in list(self.devices.values()):
             try:
                 device.tick(self.run_op)
@@ -279,12 +294,18 @@ class HostService:
             try:
                 if not self._resume(device):
                     device.setup()
-            except (XsError, XsTimeout) as exc:
-                log.warning("cannot set up a tmem device for domain %d: %s", domid, exc)
+            except XsConnectionLost:
+                raise
+            except Exception as exc:  # one domain must not keep the others from being set up
+                self._try_later(domid, exc)
                 continue
+            self._retry.pop(domid, None)
             self.devices[domid] = device
             self._by_token[device.state_token] = (device, "state")
             self._by_token[device.req_token] = (device, "req")
+        for domid in list(self._retry):
+            if domid not in listed:
+                del self._retry[domid]
         for domid in self.devices:
             if self.conn.is_domain_introduced(domid):
                 self._seen_introduced.add(domid)
@@ -293,6 +314,19 @@ class HostService:
             self.store.drop_unresumed({d for d, dev in self.devices.items()
                                        if dev.state == dev.state.CONNECTED}, listed)
         self._scanned = True
+
+    def _try_later(self, domid: int, exc: Exception) -> None:
+        """Set-up (or resume) of ``domid`` failed: logged, and tried again after a wait
+        that doubles with each failure, up to ``RETRY_MAX_S``."""
+        _, wait = self._retry.get(domid, (0.0, IDLE_S / 2))
+        wait = min(wait * 2, RETRY_MAX_S)
+        self._retry[domid] = (time.monotonic() + wait, wait)
+        if isinstance(exc, (XsError, XsTimeout, WireError)):
+            log.warning("cannot set up a tmem device for domain %d: %s; tried again in "
+                        "%gs", domid, exc, wait)
+        else:
+            log.error("cannot set up a tmem device for domain %d; tried again in %gs",
+                      domid, wait, exc_info=exc)
 
     def _resume(self, device: TmemBack) -> bool:
         """Take up the session a crashed instance left for this guest, if it still stands."""

@@ -278,9 +278,7 @@ class TmemBack(XenbusDevice):
             log.error("%s: %s", self.nodename, STALE_SESSION)
         self.last_seq = 0
         self.last_reply = None
-        self.conn.watch(f"{self.otherend}/{STATE}", self.state_token)
-        self.conn.watch(f"{self.otherend}/{REQ_DIR}", self.req_token)
-        self._watching = True
+        self._watch_otherend()
         log.info("tmem device for domain %d: %s <-> %s", self.domid, self.otherend, self.nodename)
 
     def resume(self, key: SessionKey, seq: int, reply: bytes, vm: str,
@@ -317,9 +315,7 @@ class TmemBack(XenbusDevice):
         self._req_names = REQ_NAMES
         self._replies_kept = 0
         self._parts.clear()
-        self.conn.watch(f"{self.otherend}/{STATE}", self.state_token)
-        self.conn.watch(f"{self.otherend}/{REQ_DIR}", self.req_token)
-        self._watching = True
+        self._watch_otherend()
         if seq:
             self._reply(seq, frame(seq, reply, self._reply_limits(), reply=True, key=key))
         self._serve_waiting(run)
@@ -354,17 +350,33 @@ class TmemBack(XenbusDevice):
         for _, _, path in sorted(waiting):  # a message's parts before the message
             self.request(path, run)
 
+    def _watch_otherend(self) -> None:
+        """Watch the guest's ``state`` and ``req/``: both or neither, since a watch left
+        registered by a failed set-up makes every later one of this domain fail ("already
+        watched") and the guest could never be served again."""
+        try:
+            self.conn.watch(f"{self.otherend}/{STATE}", self.state_token)
+            self.conn.watch(f"{self.otherend}/{REQ_DIR}", self.req_token)
+        except BaseException:
+            self._unwatch_otherend()
+            raise
+        self._watching = True
+
+    def _unwatch_otherend(self) -> None:
+        """Remove both watches, as far as xenstore lets us (a failure is only logged)."""
+        for token in (self.state_token, self.req_token):
+            try:
+                self.conn.unwatch(token)
+            except (XsError, XsTimeout):
+                log.debug("unwatch %r failed", token, exc_info=True)
+        self._watching = False
+
     def teardown(self, *, remove_areas: bool) -> None:
         """The guest is gone (or the service stops): drop its pages, optionally its areas."""
         self._settle_writes()
         dropped = self.store.destroy_client(self.domid)
         if self._watching:
-            for token in (self.state_token, self.req_token):
-                try:
-                    self.conn.unwatch(token)
-                except (XsError, XsTimeout):
-                    log.debug("unwatch %r failed", token, exc_info=True)
-            self._watching = False
+            self._unwatch_otherend()
         if remove_areas:
             for path in (
                 f"/local/domain/{self.backend_domid}/backend/tmem/{self.domid}",

@@ -38,6 +38,7 @@ from xentmem.xenbus.area import REQ_NAMES
 from xentmem.xenbus.body import OpRecord, encode_request
 from xentmem.xenbus.framing import Limits, frame
 from xentmem.xenbus.session_key import SessionKey
+from xentmem.xenbus.xs import XsTimeout
 
 TEXT = (b"static int tmem_resume(struct tmem_pool *pool);\n" * 90)[:PAGE_SIZE]
 
@@ -409,3 +410,50 @@ def test_a_resumed_session_clears_req_before_the_guest_s_quota_is_reached(
             assert not guest.exists(req) or len(guest.list(req)) <= REQ_NAMES + 4
     finally:
         backend.remove()
+
+
+def test_a_resume_cut_short_by_a_timeout_keeps_the_pages_and_is_tried_again(
+        host: TmemHost, run_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """One xenstore timeout while resuming (here the writer's settle, after the recorded
+    reply and the waiting requests went out) made the scan give the device up: the first
+    scan then dropped every pool of the guest and its session file, and the two watches
+    resume had registered stayed, so every later set-up of the domain failed ("already
+    watched").  Now the watches are removed, the session waits and a later tick resumes it."""
+    guest = connect(host, 5)
+    try:
+        pers = guest.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        for i in range(8):
+            assert guest.put_page(pers, Oid(1), i, page(i)) == 1
+        host.crash()
+        real_resume = TmemBack.resume
+        failed: list[int] = []
+
+        def resume_slow_once(self: TmemBack, *args: Any, **kw: Any) -> str:
+            real_settle = self.writer.settle
+
+            def settle_then_time_out(timeout: float | None = None) -> None:
+                self.writer.settle = real_settle  # type: ignore[method-assign]
+                real_settle(timeout)
+                failed.append(self.domid)
+                raise XsTimeout("1 posted requests unanswered")  # xenstored slow, once
+
+            if not failed:
+                self.writer.settle = settle_then_time_out  # type: ignore[method-assign]
+            return real_resume(self, *args, **kw)
+
+        monkeypatch.setattr(TmemBack, "resume", resume_slow_once)
+        service = host.start(run_dir=run_dir)
+        assert failed == [5]
+        assert (run_dir / "session-5").exists()  # the session still waits for its guest
+        deadline = time.monotonic() + WAIT_S
+        while 5 not in service.devices:  # a later tick of the loop resumes it
+            assert time.monotonic() < deadline, "the session was never resumed"
+            threading.Event().wait(0.01)
+        assert service.devices[5].counters.sessions == 0  # resumed, not reconnected
+        assert "already watched" not in caplog.text  # the first try left no watch behind
+        for i in range(8):
+            assert guest.get_page(pers, Oid(1), i) == (1, page(i))
+        assert not guest.describe()["broken"]
+    finally:
+        guest.remove()

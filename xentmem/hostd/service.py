@@ -310,9 +310,11 @@ class HostService:
             if self.conn.is_domain_introduced(domid):
                 self._seen_introduced.add(domid)
         if self.store.resumable or not self._scanned:
-            # The first scan after a crash: sessions no device took up lose their pools.
+            # The first scan after a crash: sessions no device took up lose their pools,
+            # but those whose resume failed on an error (xenstore slow) wait for the next try.
             self.store.drop_unresumed({d for d, dev in self.devices.items()
-                                       if dev.state == dev.state.CONNECTED}, listed)
+                                       if dev.state == dev.state.CONNECTED}, listed,
+                                      waiting=set(self._retry), first=not self._scanned)
         self._scanned = True
 
     def _try_later(self, domid: int, exc: Exception) -> None:
@@ -321,12 +323,13 @@ class HostService:
         _, wait = self._retry.get(domid, (0.0, IDLE_S / 2))
         wait = min(wait * 2, RETRY_MAX_S)
         self._retry[domid] = (time.monotonic() + wait, wait)
+        waits = " (its session waits)" if domid in self.store.resumable else ""
         if isinstance(exc, (XsError, XsTimeout, WireError)):
-            log.warning("cannot set up a tmem device for domain %d: %s; tried again in "
-                        "%gs", domid, exc, wait)
+            log.warning("cannot set up a tmem device for domain %d%s: %s; tried again in "
+                        "%gs", domid, waits, exc, wait)
         else:
-            log.error("cannot set up a tmem device for domain %d; tried again in %gs",
-                      domid, wait, exc_info=exc)
+            log.error("cannot set up a tmem device for domain %d%s; tried again in %gs",
+                      domid, waits, wait, exc_info=exc)
 
     def _resume(self, device: TmemBack) -> bool:
         """Take up the session a crashed instance left for this guest, if it still stands."""
@@ -334,7 +337,13 @@ class HostService:
         if session is None:
             return False
         record = session.record
-        why = device.resume(session.key, record.seq, record.reply, session.vm, self.run_op)
+        try:
+            why = device.resume(session.key, record.seq, record.reply, session.vm, self.run_op)
+        except BaseException:
+            # Cut short: what it served is recorded (the session's record moved on), and
+            # the next try resumes from there; the guest's pages must not go for that.
+            self.store.resumable[device.domid] = session
+            raise
         if why:
             log.warning("domain %d: session not resumed: %s; its pools are dropped",
                         device.domid, why)

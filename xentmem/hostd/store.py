@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from collections.abc import Set
 from pathlib import Path
 from typing import Any
 
@@ -412,18 +413,26 @@ class HostStore:
                 tmem.authorise(cid, PoolUuid.checked(lo, hi), True)
         tmem.shared_auth = bool(table.get("shared_auth", True))
 
-    def drop_unresumed(self, kept: set[int], present: set[int]) -> None:
+    def drop_unresumed(self, kept: set[int], present: set[int],
+                       waiting: Set[int] = frozenset(), *, first: bool = True) -> None:
         """After the devices were set up: a client whose domain is no longer ``present``
         (it died while the service was down: no @releaseDomain will come) is forgotten with
         what the administrator set, so a domain given its domid later starts afresh; one
         whose session did not resume loses its pools (its guest is told the host lost them,
-        as before)."""
+        as before), unless its resume failed on an error and is ``waiting`` to be tried
+        again: its session stays resumable.  Not the ``first`` time, only the sessions
+        still resumable are looked at."""
         for domid, client in list(self.tmem.clients.items()):
+            if not first and domid not in self.resumable:
+                continue
             if domid not in present:
                 self.destroy_client(domid)
+            elif domid in waiting and domid in self.resumable:
+                continue
             elif domid not in kept and any(pool is not None for pool in client.slots):
                 self.drop_pools(domid)
-        self.resumable.clear()
+        self.resumable = {d: s for d, s in self.resumable.items()
+                          if d in waiting and d in present}
 
     # -- internals ------------------------------------------------------------------------------
 

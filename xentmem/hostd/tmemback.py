@@ -316,11 +316,17 @@ class TmemBack(XenbusDevice):
         self._replies_kept = 0
         self._parts.clear()
         self._watch_otherend()
-        if seq:
-            self._reply(seq, frame(seq, reply, self._reply_limits(), reply=True, key=key))
-        self._serve_waiting(run)
-        self.writer.settle()
-        self.conn.write(f"{self.nodename}/{STATE}", str(int(XenbusState.CONNECTED)).encode())
+        try:
+            if seq:
+                self._reply(seq, frame(seq, reply, self._reply_limits(), reply=True, key=key))
+            self._serve_waiting(run)
+            self.writer.settle()
+            self.conn.write(f"{self.nodename}/{STATE}", str(int(XenbusState.CONNECTED)).encode())
+        except BaseException:
+            # Cut short (xenstore slow or busy): the service keeps the session and tries
+            # again with a new device, which must be able to watch the guest.
+            self._unwatch_otherend()
+            raise
         log.info("tmem device of domain %d resumed after a restart of the service "
                  "(last message %d)", self.domid, seq)
         return ""

@@ -857,3 +857,36 @@ def test_a_domain_whose_set_up_fails_keeps_no_other_from_being_served(
         assert guest.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT) >= 0
     finally:
         guest.remove()
+
+
+def test_a_watch_whose_answer_timed_out_is_not_refused_at_the_next_try(
+        tmem_host: TmemHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A watch call that times out may still have been registered by xenstored (the
+    answer was only late).  The session does not know the watch, so the next set-up's watch
+    of that token was refused (EEXIST) at every try, and the guest never served.  Now a
+    refused watch is removed from xenstored and made again."""
+    from xentmem.xenbus.xs import XsTimeout
+
+    service = tmem_host.service
+    assert service is not None
+    real_watch = service.conn.watch
+    late: list[bytes] = []
+
+    def watch_answered_late_once(path: str, token: bytes) -> object:
+        watched = real_watch(path, token)
+        if token == b"xentmem-hostd-fe-req-7" and not late:
+            late.append(token)
+            service.conn._watches.pop(token)  # as if its answer never came
+            raise XsTimeout(f"watch {path}: no answer")
+        return watched
+    monkeypatch.setattr(service.conn, "watch", watch_answered_late_once)
+    roots = tmem_host.guest(7)
+    guest = XenBackend({"timeout_ms": TIMEOUT_MS, "connect_timeout_ms": int(WAIT_S * 1000),
+                        "batch": False}, roots=roots)
+    guest.connect()  # served once a later tick set the device up again
+    try:
+        assert late and 7 in service.devices
+        pool = guest.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        assert guest.put_page(pool, Oid(1), 0, TEXT) == 1
+    finally:
+        guest.remove()

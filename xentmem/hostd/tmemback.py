@@ -361,12 +361,25 @@ class TmemBack(XenbusDevice):
         registered by a failed set-up makes every later one of this domain fail ("already
         watched") and the guest could never be served again."""
         try:
-            self.conn.watch(f"{self.otherend}/{STATE}", self.state_token)
-            self.conn.watch(f"{self.otherend}/{REQ_DIR}", self.req_token)
+            self._watch(f"{self.otherend}/{STATE}", self.state_token)
+            self._watch(f"{self.otherend}/{REQ_DIR}", self.req_token)
         except BaseException:
             self._unwatch_otherend()
             raise
         self._watching = True
+
+    def _watch(self, path: str, token: bytes) -> None:
+        """Watch ``path``; if xenstore still holds a watch of ours with this token (a watch
+        or unwatch whose answer timed out), remove it and watch again, or every later try
+        would be refused (EEXIST) and the guest never served."""
+        try:
+            self.conn.watch(path, token)
+        except XsError as exc:
+            if exc.name != "EEXIST":
+                raise
+            log.info("domain %d: %s was still watched; watched again", self.domid, path)
+            self.conn.unwatch(token, path)
+            self.conn.watch(path, token)
 
     def _unwatch_otherend(self) -> None:
         """Remove both watches, as far as xenstore lets us (a failure is only logged)."""
@@ -835,7 +848,7 @@ class TmemBack(XenbusDevice):
             self.paused_until = None
             return
         if not self.conn.watching(self.req_token):  # raises: still paused, tried next tick
-            self.conn.watch(f"{self.otherend}/{REQ_DIR}", self.req_token)
+            self._watch(f"{self.otherend}/{REQ_DIR}", self.req_token)
         self.paused_until = None
         log.info("domain %d: its %s/ is served again", self.domid, REQ_DIR)
         if self.state == XenbusState.CONNECTED:

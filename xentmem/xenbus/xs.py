@@ -602,13 +602,19 @@ class XsSession:
         """Whether ``token`` is watched (by :meth:`watch`, not :meth:`unwatch` since)."""
         return token in self._watches
 
-    def unwatch(self, token: bytes) -> None:
+    def unwatch(self, token: bytes, path: PathLike | None = None) -> None:
+        """Stop watching ``token``.  With ``path``, xenstore is asked even if this session
+        does not know the watch: one whose watch (or unwatch) call timed out may still be
+        registered there, and would refuse the next watch of that token (EEXIST)."""
         watch = self._watches.pop(token, None)
-        if watch is None:
+        if watch is not None:
+            raw = watch.path
+        elif path is not None:
+            raw = _path(path)
+        else:
             return
         with self._lock:
-            _ack(self.call(XS.UNWATCH, watch.path + NUL + token + NUL,
-                           what=f"unwatch {watch.path.decode()}"))
+            _ack(self.call(XS.UNWATCH, raw + NUL + token + NUL, what=f"unwatch {raw.decode()}"))
             self._take_event(token, every=True)
 
     def _take_event(self, token: bytes, *, every: bool = False) -> Event | None:

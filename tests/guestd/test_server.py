@@ -559,6 +559,20 @@ def test_blank_lines_do_not_keep_an_idle_connection(timed: Any) -> None:
     busy.close()
 
 
+
+def test_blank_lines_with_a_space_left_behind_do_not_keep_an_idle_connection(
+        timed: Any) -> None:
+    """Fails before: a buffer holding only a space counted as a line begun, so its line
+    limit applied, not the idle timeout, and each chunk ``"\n "`` (a blank line, then a space
+    again) restarted that limit: a client that never sent a request held its slot for good."""
+    server, clock = timed
+    sock = connected(server, HELLO + b" ")
+    for _ in range(3):
+        clock.advance(25.0)  # 75 s since the last request
+        sock.sendall(b"\n ")
+    assert closed_by_server(sock)
+    sock.close()
+
 def test_the_time_the_server_takes_over_a_request_is_not_the_next_lines(
         tmp_path: Path) -> None:
     """A line begun in the chunk of a request that takes long (an unload: minutes) gets

@@ -179,7 +179,8 @@ class ControlServer:
                 if reader.overlong:
                     conn.sendall(too_long())
                     return
-                if reader.buffer:  # in the middle of a line
+                # Blank lines (whitespace) are no request begun: the idle timeout holds.
+                if reader.buffer.strip():  # in the middle of a line
                     left = line_started + self._io_timeout_s - clock.monotonic()
                 else:
                     left = last_request + self.idle_timeout_s - clock.monotonic()

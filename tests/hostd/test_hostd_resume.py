@@ -21,7 +21,7 @@ import pytest
 from fakes.xenstore_hosts import outcome
 from xenhost import TIMEOUT_MS, WAIT_S, TmemHost
 
-from xentmem.guest.backends.xen import MAX_PENDING_FLUSHES, XenBackend
+from xentmem.guest.backends.xen import MAX_PENDING_FLUSHES, XenBackend, _Slot
 from xentmem.hostd.control import HostControlClient
 from xentmem.hostd.tmemback import TmemBack
 from xentmem.tmem.abi import (
@@ -31,6 +31,7 @@ from xentmem.tmem.abi import (
     POOL_PRIVATE_PERSISTENT,
     POOL_SHARED_EPHEMERAL,
     PRIVATE_UUID,
+    TMEM_POOL_PERSIST,
     Oid,
     PoolUuid,
 )
@@ -332,6 +333,23 @@ def test_a_persistent_pool_s_flushes_past_the_bound_are_kept_not_dropped(
         guest.remove()
 
 
+
+
+def test_the_kept_flushes_bound_starts_again_once_the_queue_has_drained() -> None:
+    """An outage's persistent flushes raise the bound (the next look at twice what was
+    kept); it stayed raised for the rest of the connection, so in the next outage a private
+    ephemeral pool was poisoned only past that, not past ``MAX_PENDING_FLUSHES``."""
+    backend = XenBackend({})
+    backend._pool_flags = {0: TMEM_POOL_PERSIST, 1: 0}
+    for index in range(4 * MAX_PENDING_FLUSHES):  # an outage: every one kept
+        backend._queue.append(_Slot(OpRecord.flush_page(0, Oid(1), index), posted=True))
+        backend._bound_pending()
+    assert len(backend._queue) == 4 * MAX_PENDING_FLUSHES and not backend._poisoned
+    backend._queue.clear()  # delivered, the host back
+    for index in range(MAX_PENDING_FLUSHES + 1):  # the next outage
+        backend._queue.append(_Slot(OpRecord.flush_page(1, Oid(2), index), posted=True))
+        backend._bound_pending()
+    assert backend._poisoned == {1}
 
 def test_a_shared_pool_s_flushes_past_the_bound_are_kept_for_the_other_guests(
         host: TmemHost, run_dir: Path) -> None:

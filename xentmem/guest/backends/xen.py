@@ -602,10 +602,16 @@ class XenBackend(Backend):
         this one invalidated.  Only a repeat of a kept flush with
         nothing but flushes after it is merged (flushes commute and are idempotent), so an
         outage keeps about two per page at most (the next look comes at twice what was left,
-        so a long outage does not go through the queue at every op).  A waiting caller's own
-        op stays.  Holds _lock."""
-        if sum(s.op.cmd in _INVALIDATIONS for s in self._queue) <= self._flush_bound:
+        so a long outage does not go through the queue at every op; a private ephemeral
+        pool's flushes wait up to that raised bound too, until the queue drains).  A waiting
+        caller's own op stays.  Holds _lock."""
+        queued = len(self._queue)
+        if queued <= MAX_PENDING_FLUSHES:  # drained: the next outage starts from the bound
+            self._flush_bound = MAX_PENDING_FLUSHES
             return
+        if queued <= self._flush_bound or sum(
+                s.op.cmd in _INVALIDATIONS for s in self._queue) <= self._flush_bound:
+            return  # (flushes are at most the queue: counted only past the bound)
         kept: deque[_Slot] = deque()
         later: set[tuple[int, int, Oid, int]] = set()  # flushes queued after this point
         for slot in reversed(self._queue):

@@ -804,6 +804,21 @@ def test_a_guest_keeps_what_the_administrator_set_across_a_reload(ours: TmemHost
             backend.remove()
 
 
+def served_once_set_up_again(host: TmemHost, domid: int) -> None:
+    """A guest of ``domid`` connects, served once a later tick set its device up again
+    (its areas are made first), and puts a page."""
+    roots = host.guest(domid)
+    guest = XenBackend({"timeout_ms": TIMEOUT_MS, "connect_timeout_ms": int(WAIT_S * 1000),
+                        "batch": False}, roots=roots)
+    guest.connect()
+    try:
+        assert host.service is not None and domid in host.service.devices
+        pool = guest.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+        assert guest.put_page(pool, Oid(1), 0, TEXT) == 1
+    finally:
+        guest.remove()
+
+
 def test_a_set_up_whose_watch_times_out_is_tried_again_and_serves_the_guest(
         tmem_host: TmemHost, monkeypatch: pytest.MonkeyPatch) -> None:
     """Set-up watches the guest's ``state``, then its ``req/``; the second watch may time
@@ -824,16 +839,8 @@ def test_a_set_up_whose_watch_times_out_is_tried_again_and_serves_the_guest(
             raise XsTimeout(f"watch {path}: no answer")
         return real_watch(path, token)
     monkeypatch.setattr(service.conn, "watch", watch_times_out_once)
-    roots = tmem_host.guest(7)  # its areas were made before the watch failed
-    guest = XenBackend({"timeout_ms": TIMEOUT_MS, "connect_timeout_ms": int(WAIT_S * 1000),
-                        "batch": False}, roots=roots)
-    guest.connect()  # served once a later tick set the device up again
-    try:
-        assert failed and 7 in service.devices
-        pool = guest.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
-        assert guest.put_page(pool, Oid(1), 0, TEXT) == 1
-    finally:
-        guest.remove()
+    served_once_set_up_again(tmem_host, 7)
+    assert failed
 
 
 def test_a_domain_whose_set_up_fails_keeps_no_other_from_being_served(
@@ -880,13 +887,5 @@ def test_a_watch_whose_answer_timed_out_is_not_refused_at_the_next_try(
             raise XsTimeout(f"watch {path}: no answer")
         return watched
     monkeypatch.setattr(service.conn, "watch", watch_answered_late_once)
-    roots = tmem_host.guest(7)
-    guest = XenBackend({"timeout_ms": TIMEOUT_MS, "connect_timeout_ms": int(WAIT_S * 1000),
-                        "batch": False}, roots=roots)
-    guest.connect()  # served once a later tick set the device up again
-    try:
-        assert late and 7 in service.devices
-        pool = guest.new_pool(PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
-        assert guest.put_page(pool, Oid(1), 0, TEXT) == 1
-    finally:
-        guest.remove()
+    served_once_set_up_again(tmem_host, 7)
+    assert late

@@ -272,3 +272,37 @@ def test_the_service_refuses_to_start_over_a_foreign_arena_naming_it(tmp_path: P
     assert str(tmp_path / ARENA_FILE) in result.stderr
     assert "Traceback" not in result.stderr
     assert (tmp_path / ARENA_FILE).read_bytes() == b"not an arena\n" * 1000
+
+
+def test_pools_dropped_without_a_pool_record_stay_dropped_after_the_next_crash(
+        tmp_path: Path) -> None:
+    """A guest whose session did not come back (its file lost) has its pools dropped at the
+    first scan, with no record of its in the table to end: the table must be rewritten
+    then, or a second crash brings the pools back, empty, into the guest's next session
+    (pool slots it does not know it holds)."""
+    store = HostStore(64 << 20, run_dir=tmp_path)
+    assert store.new_pool(1, PRIVATE_UUID, POOL_PRIVATE_PERSISTENT) == 0
+    store.commit(1, 1, b"")  # no session file: open_session could not write it
+    put(store, 1, 0, 1, 1, page(1))
+    again = crash_and_restart(store, tmp_path)
+    assert not again.resumable and again.describe()["clients"][0]["pools"]
+    again.drop_unresumed(set(), {1})  # the first scan: domain 1 is there, no session
+    assert again.describe()["clients"][0]["pools"] == []
+    again.open_session(1, SessionKey.new(), "")  # the guest connects again, makes no pool
+    again.commit(1, 1, b"r1")
+    third = crash_and_restart(again, tmp_path)
+    assert 1 in third.resumable
+    assert third.describe()["clients"][0]["pools"] == []
+    third.close()
+
+
+def test_a_client_forgotten_with_its_settings_stays_forgotten_after_a_crash(
+        tmp_path: Path) -> None:
+    """A domain gone takes its client's settings with it; the table must say so at once,
+    or a crash brings them back for whichever domain is next given that domid."""
+    store = HostStore(64 << 20, run_dir=tmp_path)
+    store.set_weight(5, 7)  # saved: a control command
+    assert store.destroy_client(5) == 0  # no pool, no session, no record
+    again = crash_and_restart(store, tmp_path)
+    assert 5 not in again.clients
+    again.close()

@@ -98,17 +98,21 @@ class HostStore:
 
     def destroy_client(self, domid: int) -> int:
         """Forget ``domid``: every pool, its session and what the administrator set (the
-        domain is gone, or the service stops); answers the pools dropped."""
+        domain is gone, or the service stops); answers the pools dropped.  The state table
+        is rewritten whenever there was a client: a crash must not bring it back."""
+        known = domid in self.tmem.clients
         dropped = self.tmem.destroy_client(domid)
-        self.end_session(domid)
+        self.end_session(domid, changed=known)
         return dropped
 
     def drop_pools(self, domid: int) -> int:
         """Drop every pool of ``domid`` and its session (the guest closed its device or
         starts a new session): its weight, cap, freeze, compression and authorised uuids
-        stay, so a guest cannot shed them by reloading its backend; the pools dropped."""
+        stay, so a guest cannot shed them by reloading its backend; the pools dropped.  The
+        state table is rewritten if any went (a guest may hold pools with no record of its
+        in the table, after a restart), or a crash would bring them back."""
         dropped = self.tmem.drop_pools(domid)
-        self.end_session(domid)
+        self.end_session(domid, changed=dropped > 0)
         return dropped
 
     # -- the tmem ops ---------------------------------------------------------------------------
@@ -260,8 +264,9 @@ class HostStore:
                       "survive a crash of the service", domid, self.run.session_path(domid),
                       exc)
 
-    def end_session(self, domid: int) -> None:
-        """The guest's session ended (closed, a new one, gone): its file goes."""
+    def end_session(self, domid: int, *, changed: bool = False) -> None:
+        """The guest's session ended (closed, a new one, gone): its file goes, and its
+        record leaves the state table, rewritten then (or if the caller ``changed`` it)."""
         if self.run is None:
             return
         self.resumable.pop(domid, None)
@@ -270,7 +275,7 @@ class HostStore:
             session.remove()
         else:
             self.run.session_path(domid).unlink(missing_ok=True)
-        if self._table_records.pop(domid, None) is not None:
+        if self._table_records.pop(domid, None) is not None or changed:
             self._save_quietly()
 
     def commit(self, domid: int, seq: int, reply: bytes) -> None:

@@ -306,3 +306,23 @@ def test_a_client_forgotten_with_its_settings_stays_forgotten_after_a_crash(
     again = crash_and_restart(store, tmp_path)
     assert 5 not in again.clients
     again.close()
+
+
+def test_temporaries_a_crash_left_mid_write_are_removed_at_the_start_others_kept(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A kill between a temporary's creation and its rename leaves it in the run directory,
+    on tmpfs: memory lost across every crash unless the next start removes it."""
+    store = HostStore(64 << 20, run_dir=tmp_path)
+    store.new_pool(1, PRIVATE_UUID, POOL_PRIVATE_PERSISTENT)
+    store.commit(1, 1, b"")
+    store.close()
+    ours = [".state.k3x_9q2a.tmp", ".session-4.tmp", ".arena.new-4242"]
+    others = ["notes.tmp", ".state.tmp", ".session-x.tmp", ".arena.new-", "state.1.tmp"]
+    for name in ours + others:
+        (tmp_path / name).write_bytes(b"x" * 4096)
+    with caplog.at_level(logging.INFO):
+        again = HostStore(64 << 20, run_dir=tmp_path)
+    assert sorted(n for n in os.listdir(tmp_path) if n in ours + others) == sorted(others)
+    assert "3 temporary file(s)" in caplog.text
+    assert again.describe()["clients"][0]["pools"]  # the real files untouched
+    again.close()

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import mmap
 import os
+import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,6 +42,9 @@ ARENA_FILE = "arena"
 STATE_FILE = "state"
 STATE_MAGIC = "xentmem-hostd-state 1"
 SESSION_PREFIX = "session-"
+#: The temporaries of this directory's own atomic writes: the state table's
+#: (:func:`~xentmem.files.write_atomically`), a session file's header, the arena's header.
+_LEFTOVER = re.compile(r"\.state\.[a-z0-9_]+\.tmp|\.session-[0-9]+\.tmp|\.arena\.new-[0-9]+")
 
 _SESSION_MAGIC = b"XENTMEM-SESSION1"
 #: magic, domid, key (32 bytes), vm path length, vm path (up to 256 bytes); then its xxh3.
@@ -254,6 +258,25 @@ class RunState:
         self.pages = HeldPages(self.arena)
         self.table = TableFile(run_dir / STATE_FILE, STATE_MAGIC)
         self.sessions: dict[int, SessionFile] = {}
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """A kill between a temporary's creation and its rename leaves it here, on tmpfs:
+        memory lost at every crash.  Only our own names go, and only once the arena's lock
+        is ours (no other instance is writing here)."""
+        removed = 0
+        for path in self.dir.iterdir():
+            if _LEFTOVER.fullmatch(path.name):
+                try:
+                    path.unlink()
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    log.warning("leftover temporary file %s not removed: %s", path, exc)
+        if removed:
+            log.info("xentmem-hostd: removed %d temporary file(s) a crash left in %s",
+                     removed, self.dir)
 
     @property
     def report(self) -> Any:
